@@ -1,0 +1,52 @@
+# pylium: `make demo` and `make test` work on a fresh Debian 12 machine as root.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PYTEST_ARGS ?=
+B ?=
+
+APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 iputils-ping iperf3 iptables \
+	tcpdump netcat-openbsd socat ethtool etcd-server curl wrk prometheus
+PLUGINS := $(sort $(wildcard plugins/*))
+PROJECT_FILES := pyproject.toml $(wildcard plugins/*/pyproject.toml) $(wildcard examples/*/pyproject.toml)
+
+.PHONY: setup apt bpffs demo test bench lint wheels clean
+
+setup: apt bpffs $(VENV)/.installed
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get -o DPkg::Lock::Timeout=600 update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q \
+			--no-install-recommends $$missing; \
+	fi
+
+bpffs:
+	@mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+
+$(VENV)/.installed: $(PROJECT_FILES)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test]' $(addprefix -e ./,$(PLUGINS))
+	touch $@
+
+demo: setup
+	$(PY) -m pylium.demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/run.py $(B)
+
+lint: setup
+	$(VENV)/bin/ruff check core plugins tests bench examples
+
+wheels: setup
+	rm -rf dist && $(PIP) wheel -q --no-deps -w dist . $(PLUGINS)
+
+clean:
+	rm -rf $(VENV) dist build .pytest_cache .ruff_cache

@@ -1,0 +1,89 @@
+"""The agent: loads config and plugins, opens the KV store, and holds every subsystem.
+
+Subsystems attach themselves in `start()`; each API route module (`routes_*.py`) reads what
+it needs from the `Daemon`. Components are optional attributes so one concern can land at a
+time without the others knowing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from pylium import __version__
+from pylium.api import KVStore
+from pylium.config import AgentConfig
+from pylium.plugins import PluginManager, make_plugin_manager
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    def __init__(self, config: AgentConfig, plugins: PluginManager | None = None):
+        self.config = config
+        self.plugins = plugins or make_plugin_manager()
+        self.started_at = time.time()
+        self.kvstore: KVStore | None = None
+        #: named subsystems ("policy", "endpoints", "datapath", ...) added by later layers
+        self.components: dict[str, Any] = {}
+        self._tasks: list[asyncio.Task] = []
+
+    def selected(self) -> dict[str, list[str]]:
+        c = self.config
+        return {
+            "routing": [c.routing_mode],
+            "kvstore": [c.kvstore],
+            "orchestrator": [c.orchestrator],
+            "l7": list(c.l7_parsers),
+            "encryption": [c.encryption] if c.encryption else [],
+        }
+
+    def check_selection(self) -> None:
+        """Fail fast with one clear line if any selected plugin is missing or broken."""
+        for kind, names in self.selected().items():
+            for name in names:
+                self.plugins.select(kind, name)
+
+    async def start(self) -> None:
+        self.check_selection()
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        record = self.plugins.select("kvstore", self.config.kvstore)
+        options = self.config.kvstore_options or self.config.plugin_options.get(record.name, {})
+        self.kvstore = record.backend(options, self.config.state_dir / "kvstore")
+        await self.kvstore.open()
+        log.info("agent %s started on node %s (kvstore %s, routing %s)", __version__,
+                 self.config.node_name, self.config.kvstore, self.config.routing_mode)
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.append(task)
+        return task
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for name, component in reversed(list(self.components.items())):
+            close = getattr(component, "close", None)
+            if close is not None:
+                try:
+                    result = close()
+                    if asyncio.iscoroutine(result):
+                        await result
+                except Exception:
+                    log.exception("closing %s failed", name)
+        if self.kvstore is not None:
+            await self.kvstore.close()
+
+    async def status(self) -> dict[str, Any]:
+        kv = await self.kvstore.status() if self.kvstore else {"healthy": False}
+        return {
+            "version": __version__,
+            "node": self.config.node_name,
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "kvstore": kv,
+            "plugins": self.selected(),
+            "components": sorted(self.components),
+            "healthy": bool(kv.get("healthy")),
+        }

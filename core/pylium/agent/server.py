@@ -1,0 +1,96 @@
+"""The REST API on a unix socket (root only, 0600, like cilium.sock).
+
+Route modules `routes_*.py` in this package each expose `setup(app, daemon)`."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import pkgutil
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from pylium.agent.daemon import Daemon
+from pylium.errors import PyliumError, UserError
+
+log = logging.getLogger(__name__)
+
+DAEMON_KEY = web.AppKey("daemon", Daemon)
+
+
+class NotFound(UserError):
+    """A resource named in the request does not exist (HTTP 404)."""
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except NotFound as exc:
+        return web.json_response({"error": str(exc)}, status=404)
+    except UserError as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    except PyliumError as exc:
+        return web.json_response({"error": str(exc)}, status=503)
+    except Exception as exc:
+        log.exception("API %s %s failed", request.method, request.path)
+        return web.json_response({"error": f"internal error: {type(exc).__name__}: {exc}"},
+                                 status=500)
+
+
+async def read_json(request: web.Request) -> dict:
+    """The request body as a JSON object, or a 400 naming what is wrong."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise UserError("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise UserError("request body must be a JSON object")
+    return body
+
+
+def make_app(daemon: Daemon) -> web.Application:
+    app = web.Application(middlewares=[errors_as_json], client_max_size=16 * 1024 * 1024)
+    app[DAEMON_KEY] = daemon
+    import pylium.agent as package
+
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if info.name.startswith("routes_"):
+            importlib.import_module(f"pylium.agent.{info.name}").setup(app, daemon)
+    return app
+
+
+async def serve(daemon: Daemon, stop: asyncio.Event | None = None) -> None:
+    """Start the daemon and its API; run until SIGTERM/SIGINT or `stop` is set."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await daemon.start()
+    sock_path = Path(daemon.config.socket)
+    sock_path.parent.mkdir(parents=True, exist_ok=True)
+    if sock_path.exists() or sock_path.is_symlink():
+        sock_path.unlink()
+    runner = web.AppRunner(make_app(daemon), access_log=None)
+    await runner.setup()
+    old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
+    try:
+        site = web.UnixSite(runner, str(sock_path))
+        await site.start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(sock_path, 0o600)
+    log.info("API listening on %s", sock_path)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await daemon.stop()
+        if sock_path.exists():
+            sock_path.unlink()

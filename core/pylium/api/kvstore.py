@@ -1,0 +1,128 @@
+"""The KV-store contract every backend implements (embedded SQLite, etcd, Consul, ...).
+
+Semantics follow etcd, Cilium's reference store: one cluster-wide revision that increases on
+every change, per-key `mod_revision`, leases whose expiry deletes the keys attached to them,
+and prefix watches that can resume after a given revision so a reconnecting agent misses
+nothing. The conformance suite in `pylium.kvstore.conformance` pins this down; any backend,
+third-party ones included, runs it against itself."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+
+@attrs.frozen
+class KVItem:
+    key: str
+    value: bytes
+    mod_revision: int
+    create_revision: int
+    lease: int = 0
+
+
+@attrs.frozen
+class KVEvent:
+    type: Literal["put", "delete"]
+    key: str
+    value: bytes
+    revision: int
+
+
+@attrs.frozen
+class Lease:
+    id: int
+    ttl: float
+
+
+class KVStore(abc.ABC):
+    """Asynchronous key-value store. Keys are `str`, values `bytes`."""
+
+    #: backend name, e.g. "embedded", "etcd"
+    name: str = ""
+
+    def __init__(self, options: Mapping[str, Any], state_dir: Path):
+        self.options = dict(options)
+        self.state_dir = Path(state_dir)
+
+    # lifecycle -------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect / open files. Raises `PyliumError` with a clear message on failure."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> KVStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # reads -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def get(self, key: str) -> KVItem | None: ...
+
+    @abc.abstractmethod
+    async def list(self, prefix: str) -> list[KVItem]:
+        """All items whose key starts with `prefix`, sorted by key."""
+
+    @abc.abstractmethod
+    async def revision(self) -> int:
+        """The store's current revision (0 for an empty, new store)."""
+
+    # writes ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def put(self, key: str, value: bytes, lease: Lease | None = None) -> int:
+        """Write unconditionally; returns the new revision."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> bool:
+        """Delete one key; True if it existed."""
+
+    @abc.abstractmethod
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete every key under `prefix`; returns how many were deleted."""
+
+    @abc.abstractmethod
+    async def create(self, key: str, value: bytes, lease: Lease | None = None) -> bool:
+        """Write only if the key does not exist; True if this call created it."""
+
+    @abc.abstractmethod
+    async def compare_and_swap(
+        self, key: str, expected_mod_revision: int, value: bytes, lease: Lease | None = None
+    ) -> bool:
+        """Write only if the key's mod_revision equals `expected_mod_revision`
+        (0 means "must not exist"); True if written."""
+
+    @abc.abstractmethod
+    async def compare_and_delete(self, key: str, expected_mod_revision: int) -> bool: ...
+
+    # watches -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def watch(self, prefix: str, after_revision: int = 0) -> AsyncIterator[KVEvent]:
+        """Yield every change under `prefix` with revision > `after_revision`, in order,
+        then keep yielding new ones until the iterator is closed. `after_revision=0` means
+        "from now on"."""
+
+    # leases ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def grant_lease(self, ttl: float) -> Lease: ...
+
+    @abc.abstractmethod
+    async def keepalive(self, lease: Lease) -> bool:
+        """Refresh a lease once; False if it already expired."""
+
+    @abc.abstractmethod
+    async def revoke_lease(self, lease: Lease) -> None:
+        """End a lease now, deleting its keys."""
+
+    # health ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def status(self) -> dict[str, Any]:
+        """`{"backend": name, "healthy": bool, "revision": int, "detail": str}`"""

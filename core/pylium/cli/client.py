@@ -1,0 +1,71 @@
+"""Talks to the agent's REST API over its unix socket (stdlib only: the CLI starts fast)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from typing import Any
+
+from pylium.errors import AgentUnreachable, UserError
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class AgentClient:
+    def __init__(self, socket_path: str, timeout: float = 30.0):
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        try:
+            conn.request(method, path, body=payload, headers=headers)
+            response = conn.getresponse()
+            raw = response.read()
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise AgentUnreachable(
+                f"cannot reach the pylium agent at {self.socket_path}: {exc.strerror}; "
+                "is `pylium agent` running?"
+            ) from None
+        except PermissionError:
+            raise AgentUnreachable(
+                f"permission denied on {self.socket_path}: the agent API is root-only"
+            ) from None
+        except (TimeoutError, OSError) as exc:
+            raise AgentUnreachable(f"agent at {self.socket_path} did not answer: {exc}") from None
+        finally:
+            conn.close()
+        data = json.loads(raw) if raw else None
+        if response.status >= 400:
+            message = data.get("error") if isinstance(data, dict) else raw.decode(errors="replace")
+            raise UserError(message or f"agent answered HTTP {response.status}")
+        return data
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self.request("POST", path, body if body is not None else {})
+
+    def put(self, path: str, body: Any = None) -> Any:
+        return self.request("PUT", path, body if body is not None else {})
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
+
+
+def client_from(ctx) -> AgentClient:
+    return AgentClient(ctx.find_root().obj["socket"])

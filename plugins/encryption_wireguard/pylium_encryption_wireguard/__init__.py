@@ -1,0 +1,1 @@
+"""pylium plugin `wireguard`: Transparent node-to-node WireGuard encryption."""

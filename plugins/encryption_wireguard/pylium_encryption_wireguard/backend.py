@@ -1,0 +1,11 @@
+"""The `wireguard` backend. Registered now; its behaviour lands with the WireGuard issue."""
+
+from pylium.api import Encryption
+from pylium.errors import NotImplementedYet
+
+
+class EncryptionWireguard(Encryption):
+    name = "wireguard"
+
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedYet("encryption backend 'wireguard'", "the WireGuard issue")

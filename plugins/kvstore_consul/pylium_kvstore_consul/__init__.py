@@ -1,0 +1,1 @@
+"""pylium plugin `consul`: Consul KV cluster state through py-consul."""

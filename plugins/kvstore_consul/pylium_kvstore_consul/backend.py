@@ -1,0 +1,11 @@
+"""The `consul` backend. Registered now; its behaviour lands with the cluster-state issue."""
+
+from pylium.api import KVStore
+from pylium.errors import NotImplementedYet
+
+
+class KvstoreConsul(KVStore):
+    name = "consul"
+
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedYet("kvstore backend 'consul'", "the cluster-state issue")

@@ -1,0 +1,1 @@
+"""pylium plugin `etcd`: etcd v3 cluster state through aetcd."""

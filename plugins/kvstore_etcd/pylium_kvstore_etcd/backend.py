@@ -1,0 +1,11 @@
+"""The `etcd` backend. Registered now; its behaviour lands with the cluster-state issue."""
+
+from pylium.api import KVStore
+from pylium.errors import NotImplementedYet
+
+
+class KvstoreEtcd(KVStore):
+    name = "etcd"
+
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedYet("kvstore backend 'etcd'", "the cluster-state issue")

@@ -1,0 +1,11 @@
+"""The `http` backend. Registered now; its behaviour lands with the l7_http issue."""
+
+from pylium.api import L7Parser
+from pylium.errors import NotImplementedYet
+
+
+class L7Http(L7Parser):
+    name = "http"
+
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedYet("l7parser backend 'http'", "the l7_http issue")

@@ -1,0 +1,11 @@
+"""Hook implementations of the `geneve` plugin."""
+
+from pylium.api import RoutingModeRecord
+from pylium.hookspecs import hookimpl
+
+from pylium_overlay_geneve.backend import OverlayGeneve
+
+
+@hookimpl
+def pylium_routing_modes():
+    return [RoutingModeRecord(name="geneve", backend=OverlayGeneve, description="Geneve overlay encapsulated in BPF (VNI = source identity, UDP 6081)")]
