@@ -7,6 +7,7 @@ time without the others knowing."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import time
 from typing import Any
@@ -17,6 +18,16 @@ from pylium.config import AgentConfig
 from pylium.plugins import PluginManager, make_plugin_manager
 
 log = logging.getLogger(__name__)
+
+#: component start-up modules, started in this order after the KV store opens; each exposes
+#: `async def start(daemon) -> component` and stores nothing global
+COMPONENT_MODULES: tuple[str, ...] = (
+    "pylium.identity.component",
+    "pylium.policy.component",
+    "pylium.datapath.component",
+    "pylium.endpoint.component",
+    "pylium.flow.component",
+)
 
 
 class Daemon:
@@ -52,6 +63,16 @@ class Daemon:
         options = self.config.kvstore_options or self.config.plugin_options.get(record.name, {})
         self.kvstore = record.backend(options, self.config.state_dir / "kvstore")
         await self.kvstore.open()
+        for module_name in COMPONENT_MODULES:
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if exc.name != module_name:
+                    raise
+                continue  # that layer has not landed in this build
+            component = await module.start(self)
+            if component is not None:
+                self.components[module_name.split(".")[1]] = component
         log.info("agent %s started on node %s (kvstore %s, routing %s)", __version__,
                  self.config.node_name, self.config.kvstore, self.config.routing_mode)
 
