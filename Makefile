@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 B ?=
 
 APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 iputils-ping iperf3 iptables \
-	tcpdump netcat-openbsd socat ethtool etcd-server curl wrk prometheus
+	tcpdump netcat-openbsd socat ethtool etcd-server curl wrk prometheus chromium
 PLUGINS := $(sort $(wildcard plugins/*))
 PROJECT_FILES := pyproject.toml $(wildcard plugins/*/pyproject.toml) $(wildcard examples/*/pyproject.toml)
 
