@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -70,10 +71,77 @@ class AgentConfig:
 FIELDS = {f.name: f for f in attrs.fields(AgentConfig)}
 
 
+def _int(value: Any, _type) -> int:
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"expected an integer, got {value!r}")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected an integer, got {value!r}") from None
+
+
+def _str(value: Any, _type) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"expected a string, got {value!r}")
+    return str(value)
+
+
+def _path(value: Any, _type) -> Path:
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise ValueError(f"expected a path, got {value!r}")
+    return Path(value)
+
+
+def _names(value: Any, _type) -> tuple[str, ...]:
+    """A list of names: a YAML list, or one comma-separated string."""
+    if isinstance(value, str):
+        value = [p.strip() for p in value.split(",") if p.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of names, got {value!r}")
+    return tuple(value)
+
+
+def _mapping(value: Any, _type) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping, got {value!r}")
+    return dict(value)
+
+
 def _converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True)
-    conv.register_structure_hook(Path, lambda v, _t: Path(str(v)))
+    conv.register_structure_hook(Path, _path)
+    conv.register_structure_hook(int, _int)
+    conv.register_structure_hook(str, _str)
+    conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _names)
+    conv.register_structure_hook_func(
+        lambda t: typing.get_origin(t) is dict and t.__args__[0] is str, _mapping)
     return conv
+
+
+def _explain(exc: cattrs.ClassValidationError) -> tuple[str, str]:
+    """(field, message) for the first problem, without cattrs' internals."""
+    for leaf in _leaves(exc):
+        notes = getattr(leaf, "__notes__", [])
+        field = next((n.rsplit("@ attribute ", 1)[1] for n in notes if "@ attribute " in n), "")
+        message = str(leaf)
+        if isinstance(leaf, cattrs.errors.CattrsError) and "not in literal" in message:
+            choices = typing.get_args(typing.get_type_hints(AgentConfig)[field])
+            value = message.split(" not in literal", 1)[0]
+            message = f"must be one of {', '.join(choices)}, got {value!r}"
+        if not field:  # attrs validators raise "<field> ..." from __init__
+            head = message.split(" ", 1)[0].rstrip(":")
+            if head in FIELDS:
+                field, message = head, message[len(head):].lstrip(": ")
+        return field, message
+    return "", str(exc)
+
+
+def _leaves(exc: BaseException):
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            yield from _leaves(sub)
+    else:
+        yield exc
 
 
 CONVERTER = _converter()
@@ -137,6 +205,8 @@ def load(
     sources: dict[str, str] = {}
     if path is None and environ.get("PYLIUM_CONFIG"):
         path = Path(environ["PYLIUM_CONFIG"])
+    if path is None and DEFAULT_CONFIG_FILE.is_file():
+        path = DEFAULT_CONFIG_FILE
     if path is not None:
         for k, v in load_file(path).items():
             merged[k], sources[k] = v, f"config file {path}"
@@ -152,14 +222,15 @@ def load(
     if unknown:
         where = sources[unknown[0]]
         raise ConfigError(f"{where}: unknown setting {unknown[0]!r} (known: {', '.join(FIELDS)})")
+    for key, value in merged.items():
+        if value is None:
+            raise ConfigError(f"{sources[key]}: {key}: no value given")
     try:
         return CONVERTER.structure(merged, AgentConfig)
     except cattrs.ClassValidationError as exc:
-        messages = cattrs.transform_error(exc)
-        first = messages[0] if messages else str(exc)
-        key = first.split("$.", 1)[-1].split(" ", 1)[0].split("[", 1)[0].split(".", 1)[0]
-        where = sources.get(key, "config")
-        raise ConfigError(f"{where}: {first}") from None
+        field, message = _explain(exc)
+        where = sources.get(field, "config")
+        raise ConfigError(f"{where}: {field}: {message}" if field else f"{where}: {message}") from None
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"config: {exc}") from None
 
