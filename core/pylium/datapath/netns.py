@@ -1,0 +1,321 @@
+"""Netlink plumbing for namespaces, veth pairs, addresses, routes and neighbours (pyroute2).
+
+Besides the BPF loader this is the only module that speaks netlink. Every function takes a
+`netns` argument: None means the calling process's own namespace (the agent runs inside its
+node's namespace), otherwise a name under /run/netns or an absolute path to a netns file.
+Deleting things is idempotent: removing what is already gone is not an error."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+from pyroute2 import IPRoute, NetlinkError
+from pyroute2 import netns as _netns
+
+NETNS_RUN_DIR = Path("/run/netns")
+CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
+
+
+def netns_path(netns: str) -> Path:
+    """The file that names a namespace: `/run/netns/<name>` or the path given."""
+    return Path(netns) if netns.startswith("/") else NETNS_RUN_DIR / netns
+
+
+def netns_exists(netns: str) -> bool:
+    return netns_path(netns).exists()
+
+
+def create_netns(name: str) -> Path:
+    """Create a named network namespace with its loopback up; returns its path."""
+    if "/" in name or not name:
+        raise ValueError(f"bad netns name {name!r}")
+    _netns.create(name)
+    with ipr(name) as ip:
+        ip.link("set", index=ip.link_lookup(ifname="lo")[0], state="up")
+    return netns_path(name)
+
+
+def remove_netns(netns: str) -> bool:
+    """Delete a named namespace (its veth ends go with it); False if it was not there."""
+    path = netns_path(netns)
+    if not path.exists():
+        return False
+    _netns.remove(path.name) if path.parent == NETNS_RUN_DIR else os.unlink(path)
+    return True
+
+
+def list_netns() -> list[str]:
+    return sorted(_netns.listnetns())
+
+
+@contextmanager
+def ipr(netns: str | None = None) -> Iterator[IPRoute]:
+    """An `IPRoute` socket in `netns` (None: this process's namespace)."""
+    ip = IPRoute() if netns is None else IPRoute(netns=str(netns_path(netns)))
+    try:
+        yield ip
+    finally:
+        ip.close()
+
+
+def run_in_netns(netns: str, func: Callable[[], T]) -> T:
+    """Run `func` on a dedicated thread that `setns(2)`s into `netns` (only that thread
+    moves; the process stays where it is)."""
+    result: dict[str, Any] = {}
+
+    def body() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(netns_path(netns), os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns({netns}): {os.strerror(err)}")
+            result["value"] = func()
+        except BaseException as exc:  # handed back to the caller's thread
+            result["error"] = exc
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=body, name=f"netns-{netns}")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def write_sysctl(netns: str | None, key: str, value: str) -> None:
+    """Set `net.*` sysctl `key` (dotted) inside `netns` (never call with the root ns)."""
+    path = Path("/proc/sys") / key.replace(".", "/")
+
+    def write() -> None:
+        path.write_text(f"{value}\n")
+
+    write() if netns is None else run_in_netns(netns, write)
+
+
+def read_sysctl(netns: str | None, key: str) -> str:
+    path = Path("/proc/sys") / key.replace(".", "/")
+    return (path.read_text() if netns is None else run_in_netns(netns, path.read_text)).strip()
+
+
+# links ------------------------------------------------------------------------------------
+@attrs.frozen
+class LinkInfo:
+    ifname: str
+    ifindex: int
+    mac: str
+    up: bool
+
+
+def _link_info(ip: IPRoute, ifname: str) -> LinkInfo | None:
+    found = ip.link_lookup(ifname=ifname)
+    if not found:
+        return None
+    msg = ip.link("get", index=found[0])[0]
+    return LinkInfo(ifname=ifname, ifindex=msg["index"], mac=msg.get_attr("IFLA_ADDRESS"),
+                    up=bool(msg["flags"] & 1))
+
+
+def link_info(ifname: str, netns: str | None = None) -> LinkInfo | None:
+    """The link called `ifname` in `netns`, or None."""
+    with ipr(netns) as ip:
+        return _link_info(ip, ifname)
+
+
+def list_links(netns: str | None = None) -> list[LinkInfo]:
+    with ipr(netns) as ip:
+        out = []
+        for msg in ip.get_links():
+            out.append(LinkInfo(ifname=msg.get_attr("IFLA_IFNAME"), ifindex=msg["index"],
+                                mac=msg.get_attr("IFLA_ADDRESS") or "",
+                                up=bool(msg["flags"] & 1)))
+        return out
+
+
+def delete_link(ifname: str, netns: str | None = None) -> bool:
+    """Delete a link (a veth takes its peer with it); False if it did not exist."""
+    with ipr(netns) as ip:
+        found = ip.link_lookup(ifname=ifname)
+        if not found:
+            return False
+        try:
+            ip.link("del", index=found[0])
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise
+            return False
+        return True
+
+
+def set_link_up(ifname: str, netns: str | None = None, master: str | None = None) -> None:
+    with ipr(netns) as ip:
+        index = ip.link_lookup(ifname=ifname)[0]
+        if master is not None:
+            ip.link("set", index=index, master=ip.link_lookup(ifname=master)[0])
+        ip.link("set", index=index, state="up")
+
+
+def create_veth(a_name: str, a_netns: str | None, b_name: str, b_netns: str | None,
+                mtu: int = 1500) -> tuple[LinkInfo, LinkInfo]:
+    """A veth pair with one end `a_name` in `a_netns` and the other `b_name` in `b_netns`,
+    both up. The peer is born under a temporary name in `a_netns` and moved, so the final
+    name may already exist elsewhere (every pod's end is `eth0`)."""
+    tmp = f"pyt{os.getpid() % 100000}{threading.get_ident() % 1000}"[:15]
+    with ipr(a_netns) as ip:
+        ip.link("add", ifname=a_name, kind="veth", peer={"ifname": tmp}, mtu=mtu)
+        try:
+            peer = ip.link_lookup(ifname=tmp)[0]
+            if b_netns is not None or a_netns is not None:
+                fd = os.open(netns_path(b_netns) if b_netns else "/proc/self/ns/net", os.O_RDONLY)
+                try:
+                    ip.link("set", index=peer, net_ns_fd=fd)
+                finally:
+                    os.close(fd)
+            ip.link("set", index=ip.link_lookup(ifname=a_name)[0], state="up")
+            a_info = _link_info(ip, a_name)
+        except BaseException:
+            ip.link("del", ifname=a_name)
+            raise
+    try:
+        with ipr(b_netns) as ip:
+            index = ip.link_lookup(ifname=tmp)[0]
+            ip.link("set", index=index, ifname=b_name, mtu=mtu)
+            ip.link("set", index=index, state="up")
+            b_info = _link_info(ip, b_name)
+    except BaseException:
+        delete_link(a_name, a_netns)
+        raise
+    assert a_info is not None and b_info is not None
+    return a_info, b_info
+
+
+def create_bridge(name: str, netns: str | None) -> LinkInfo:
+    with ipr(netns) as ip:
+        ip.link("add", ifname=name, kind="bridge")
+        ip.link("set", index=ip.link_lookup(ifname=name)[0], state="up")
+        info = _link_info(ip, name)
+    assert info is not None
+    return info
+
+
+# addresses, routes, neighbours ------------------------------------------------------------
+def _index(ip: IPRoute, ifname: str) -> int:
+    found = ip.link_lookup(ifname=ifname)
+    if not found:
+        raise LookupError(f"no link {ifname!r}")
+    return found[0]
+
+
+def add_address(ifname: str, cidr: str, netns: str | None = None) -> None:
+    """Add `addr/len` to a link (already present is fine)."""
+    address, _, length = cidr.partition("/")
+    with ipr(netns) as ip:
+        try:
+            ip.addr("add", index=_index(ip, ifname), address=address, prefixlen=int(length or 32))
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+
+
+def addresses(ifname: str | None = None, netns: str | None = None) -> list[str]:
+    """IPv4 addresses (`addr/len`) in `netns`, of one link or all."""
+    with ipr(netns) as ip:
+        kwargs = {"index": _index(ip, ifname)} if ifname else {}
+        return [f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}"
+                for m in ip.get_addr(family=2, **kwargs)]
+
+
+def add_route(dst: str, netns: str | None = None, gateway: str | None = None,
+              ifname: str | None = None, onlink: bool = False) -> None:
+    """Add (or replace) a route; `dst` is a CIDR or "default"."""
+    spec: dict[str, Any] = {"dst": "0.0.0.0/0" if dst == "default" else dst}
+    with ipr(netns) as ip:
+        if ifname is not None:
+            spec["oif"] = _index(ip, ifname)
+        if gateway is not None:
+            spec["gateway"] = gateway
+        elif ifname is not None:
+            spec["scope"] = 253  # link
+        if onlink:
+            spec["flags"] = 4  # RTNH_F_ONLINK
+        ip.route("replace", **spec)
+
+
+def delete_route(dst: str, netns: str | None = None) -> bool:
+    with ipr(netns) as ip:
+        try:
+            ip.route("del", dst=dst)
+        except NetlinkError as exc:
+            if exc.code in (errno.ESRCH, errno.ENOENT):
+                return False
+            raise
+        return True
+
+
+def routes(netns: str | None = None) -> list[dict[str, Any]]:
+    """IPv4 main-table routes as `{"dst", "gateway", "oif"}` dicts."""
+    with ipr(netns) as ip:
+        out = []
+        for m in ip.get_routes(family=2, table=254):
+            dst = m.get_attr("RTA_DST")
+            out.append({"dst": f"{dst}/{m['dst_len']}" if dst else "default",
+                        "gateway": m.get_attr("RTA_GATEWAY"), "oif": m.get_attr("RTA_OIF")})
+        return out
+
+
+def add_static_neighbour(ifname: str, address: str, mac: str, netns: str | None = None) -> None:
+    """A permanent neighbour entry (replaces an existing one)."""
+    with ipr(netns) as ip:
+        ip.neigh("replace", dst=address, lladdr=mac, ifindex=_index(ip, ifname), state=0x80)
+
+
+def neighbours(ifname: str, netns: str | None = None) -> dict[str, str]:
+    """IPv4 neighbours of a link: {address: mac}."""
+    with ipr(netns) as ip:
+        return {m.get_attr("NDA_DST"): m.get_attr("NDA_LLADDR")
+                for m in ip.get_neighbours(family=2, ifindex=_index(ip, ifname))
+                if m.get_attr("NDA_LLADDR")}
+
+
+# endpoints --------------------------------------------------------------------------------
+@attrs.frozen
+class EndpointLinks:
+    host: LinkInfo
+    pod: LinkInfo
+
+
+def wire_endpoint(host_ifname: str, pod_netns: str, ip_address: str, gateway: str,
+                  pod_ifname: str = "eth0", mtu: int = 1500) -> EndpointLinks:
+    """Cilium-style endpoint plumbing. Pod side: `ip/32` on eth0, a static neighbour for the
+    gateway pointing at the host-side MAC, default route via the gateway `onlink`. Host side
+    (this namespace): `/32` route to the pod through the host-side veth and a static
+    neighbour for the pod. Undone on any failure."""
+    host, pod = create_veth(host_ifname, None, pod_ifname, pod_netns, mtu=mtu)
+    try:
+        add_address(pod_ifname, f"{ip_address}/32", pod_netns)
+        add_static_neighbour(pod_ifname, gateway, host.mac, pod_netns)
+        add_route("default", pod_netns, gateway=gateway, ifname=pod_ifname, onlink=True)
+        add_route(f"{ip_address}/32", None, ifname=host_ifname)
+        add_static_neighbour(host_ifname, ip_address, pod.mac, None)
+    except BaseException:
+        delete_link(host_ifname)
+        raise
+    return EndpointLinks(host=host, pod=pod)
+
+
+def unwire_endpoint(host_ifname: str, ip_address: str | None = None) -> bool:
+    """Remove the host-side veth (its pod end and the /32 route go with it)."""
+    gone = delete_link(host_ifname)
+    if ip_address:
+        delete_route(f"{ip_address}/32")
+    return gone

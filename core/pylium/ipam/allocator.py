@@ -1,0 +1,131 @@
+"""Host-scope IPAM like Cilium's cluster-pool mode on one node (and CNI's host-local): pod
+addresses come from the node's pod CIDR; the network address, the gateway (the CIDR's first
+address, the pods' default router) and the broadcast address are never handed out.
+
+State is one JSON file rewritten atomically (temp file + rename) under an exclusive `flock`,
+re-read on every operation, so several threads or processes sharing the file never hand out
+one address twice. Allocation continues after the last address handed out (host-local's
+habit), so a just-released address is not reused at once while stale conntrack entries or
+neighbours still name it."""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import json
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pylium.errors import UserError
+
+
+class IPAMError(UserError):
+    """The pool is exhausted, or an address is outside it or already taken."""
+
+
+class PodCIDRAllocator:
+    def __init__(self, cidr: str, state_file: Path):
+        self.network = ipaddress.IPv4Network(cidr)
+        if self.network.prefixlen > 30:
+            raise IPAMError(f"pod CIDR {cidr} is too small (need /30 or larger)")
+        self.gateway = self.network.network_address + 1
+        self.state_file = Path(state_file)
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        with self._locked() as state:
+            if state.get("cidr") not in (None, str(self.network)):
+                raise IPAMError(f"IPAM state {self.state_file} belongs to pod CIDR "
+                                f"{state['cidr']}, not {self.network}")
+
+    # persistence --------------------------------------------------------------------------
+    @contextmanager
+    def _locked(self) -> Iterator[dict]:
+        """The current state under an exclusive lock; written back if the body changed it."""
+        lock_path = self.state_file.with_suffix(self.state_file.suffix + ".lock")
+        with self._lock, open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                try:
+                    state = json.loads(self.state_file.read_text())
+                except FileNotFoundError:
+                    state = {}
+                state.setdefault("cidr", str(self.network))
+                state.setdefault("allocated", {})
+                state.setdefault("last", str(self.gateway))
+                before = json.dumps(state, sort_keys=True)
+                yield state
+                if json.dumps(state, sort_keys=True) != before or not self.state_file.exists():
+                    tmp = self.state_file.with_suffix(f".tmp{os.getpid()}")
+                    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+                    os.replace(tmp, self.state_file)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    # queries ------------------------------------------------------------------------------
+    def reserved(self) -> set[ipaddress.IPv4Address]:
+        return {self.network.network_address, self.gateway, self.network.broadcast_address}
+
+    @property
+    def capacity(self) -> int:
+        return self.network.num_addresses - 3
+
+    def allocated(self) -> dict[str, str]:
+        """{address: owner} of every address handed out."""
+        with self._locked() as state:
+            return dict(state["allocated"])
+
+    # changes ------------------------------------------------------------------------------
+    def allocate(self, owner: str) -> str:
+        """A free address for `owner`; the same one again if `owner` already holds one."""
+        if not owner:
+            raise IPAMError("an IP allocation needs an owner")
+        with self._locked() as state:
+            taken: dict[str, str] = state["allocated"]
+            for address, holder in taken.items():
+                if holder == owner:
+                    return address
+            if len(taken) >= self.capacity:
+                raise IPAMError(f"pod CIDR {self.network} is exhausted "
+                                f"({self.capacity} addresses in use)")
+            first = int(self.network.network_address)
+            size = self.network.num_addresses
+            start = int(ipaddress.IPv4Address(state["last"])) - first
+            for step in range(1, size + 1):
+                candidate = ipaddress.IPv4Address(first + (start + step) % size)
+                if candidate in self.reserved() or str(candidate) in taken:
+                    continue
+                taken[str(candidate)] = owner
+                state["last"] = str(candidate)
+                return str(candidate)
+        raise IPAMError(f"pod CIDR {self.network} is exhausted")  # pragma: no cover
+
+    def allocate_specific(self, address: str, owner: str) -> str:
+        """Claim `address` for `owner` (restore after a restart); fine if `owner` has it."""
+        try:
+            ip = ipaddress.IPv4Address(address)
+        except ValueError:
+            raise IPAMError(f"ip: {address!r} is not an IPv4 address") from None
+        if ip not in self.network or ip in self.reserved():
+            raise IPAMError(f"ip: {address} is not an allocatable address of {self.network}")
+        with self._locked() as state:
+            holder = state["allocated"].get(str(ip))
+            if holder not in (None, owner):
+                raise IPAMError(f"ip: {address} is already allocated to {holder}")
+            state["allocated"][str(ip)] = owner
+        return str(ip)
+
+    def release(self, address: str) -> bool:
+        """Give `address` back; False if it was not allocated (idempotent)."""
+        with self._locked() as state:
+            return state["allocated"].pop(address, None) is not None
+
+    def release_owner(self, owner: str) -> list[str]:
+        """Release every address `owner` holds; returns them."""
+        with self._locked() as state:
+            gone = [a for a, o in state["allocated"].items() if o == owner]
+            for address in gone:
+                del state["allocated"][address]
+            return gone
