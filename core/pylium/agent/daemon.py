@@ -15,6 +15,7 @@ from typing import Any
 from pylium import __version__
 from pylium.api import KVStore
 from pylium.config import AgentConfig
+from pylium.errors import ConfigError
 from pylium.plugins import PluginManager, make_plugin_manager
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,10 @@ class Daemon:
 
     async def start(self) -> None:
         self.check_selection()
-        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"state_dir {self.config.state_dir}: {exc.strerror}") from None
         record = self.plugins.select("kvstore", self.config.kvstore)
         options = self.config.kvstore_options or self.config.plugin_options.get(record.name, {})
         self.kvstore = record.backend(options, self.config.state_dir / "kvstore")

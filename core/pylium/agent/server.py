@@ -10,6 +10,7 @@ import logging
 import os
 import pkgutil
 import signal
+import socket
 from pathlib import Path
 
 from aiohttp import web
@@ -66,31 +67,58 @@ def make_app(daemon: Daemon) -> web.Application:
     return app
 
 
+def _claim_socket_path(sock_path: Path) -> None:
+    """Make room for our socket: refuse if another agent answers on it, remove a stale one."""
+    try:
+        sock_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {sock_path.parent} for the API socket: "
+                        f"{exc.strerror} (run as root or pass --socket)") from None
+    if not (sock_path.exists() or sock_path.is_symlink()):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(sock_path))
+    except OSError:
+        sock_path.unlink()  # left behind by an agent that died
+    else:
+        raise UserError(f"another agent is already listening on {sock_path}")
+    finally:
+        probe.close()
+
+
+async def _listen(runner: web.AppRunner, sock_path: Path) -> None:
+    old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
+    try:
+        await web.UnixSite(runner, str(sock_path)).start()
+    except OSError as exc:
+        raise UserError(f"cannot listen on {sock_path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(sock_path, 0o600)
+
+
 async def serve(daemon: Daemon, stop: asyncio.Event | None = None) -> None:
     """Start the daemon and its API; run until SIGTERM/SIGINT or `stop` is set."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await daemon.start()
     sock_path = Path(daemon.config.socket)
-    sock_path.parent.mkdir(parents=True, exist_ok=True)
-    if sock_path.exists() or sock_path.is_symlink():
-        sock_path.unlink()
-    runner = web.AppRunner(make_app(daemon), access_log=None)
-    await runner.setup()
-    old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
+    _claim_socket_path(sock_path)
+    runner: web.AppRunner | None = None
     try:
-        site = web.UnixSite(runner, str(sock_path))
-        await site.start()
-    finally:
-        os.umask(old_umask)
-    os.chmod(sock_path, 0o600)
-    log.info("API listening on %s", sock_path)
-    try:
+        await daemon.start()
+        runner = web.AppRunner(make_app(daemon), access_log=None)  # routes see components
+        await runner.setup()
+        await _listen(runner, sock_path)
+        log.info("API listening on %s", sock_path)
         await stop.wait()
     finally:
-        await runner.cleanup()
+        if runner is not None:
+            await runner.cleanup()
         await daemon.stop()
-        if sock_path.exists():
+        if sock_path.is_socket():
             sock_path.unlink()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
