@@ -3,7 +3,15 @@
 Plugins import from here (and from `pylium.hookspecs`); the core never imports a plugin."""
 
 from pylium.api.encryption import Encryption
-from pylium.api.kvstore import KVEvent, KVItem, KVStore, Lease
+from pylium.api.kvstore import (
+    KVEvent,
+    KVItem,
+    KVStore,
+    KVStoreCompacted,
+    KVStoreUnavailable,
+    Lease,
+    LeaseNotFound,
+)
 from pylium.api.l7 import L7Parser, L7Request, L7Verdict
 from pylium.api.orchestrator import Orchestrator
 from pylium.api.records import (
@@ -25,12 +33,15 @@ __all__ = [
     "KVEvent",
     "KVItem",
     "KVStore",
+    "KVStoreCompacted",
+    "KVStoreUnavailable",
     "KVStoreRecord",
     "L7Parser",
     "L7ParserRecord",
     "L7Request",
     "L7Verdict",
     "Lease",
+    "LeaseNotFound",
     "NodeInfo",
     "Orchestrator",
     "OrchestratorRecord",

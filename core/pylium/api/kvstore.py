@@ -15,6 +15,21 @@ from typing import Any, Literal
 
 import attrs
 
+from pylium.errors import PyliumError
+
+
+class KVStoreUnavailable(PyliumError):
+    """The store cannot be reached or has been closed (callers report "degraded" and retry)."""
+
+
+class KVStoreCompacted(PyliumError):
+    """A watch asked to resume after a revision whose history is no longer kept: list the
+    prefix again and watch from the current revision."""
+
+
+class LeaseNotFound(PyliumError):
+    """A write named a lease that expired or was revoked: grant a new one and rewrite."""
+
 
 @attrs.frozen
 class KVItem:
@@ -70,16 +85,23 @@ class KVStore(abc.ABC):
 
     @abc.abstractmethod
     async def list(self, prefix: str) -> list[KVItem]:
-        """All items whose key starts with `prefix`, sorted by key."""
+        """All items whose key starts with `prefix`, sorted by key (byte order of UTF-8).
+
+        To follow a prefix without missing changes: `rev = await revision()`, then `list()`,
+        then `watch(prefix, after_revision=rev)` (events already reflected in the list may be
+        delivered again; applying them is idempotent)."""
 
     @abc.abstractmethod
     async def revision(self) -> int:
-        """The store's current revision (0 for an empty, new store)."""
+        """The store's current revision: at least 1 (a new etcd or embedded store starts at 1),
+        so `watch(prefix, after_revision=await revision())` never means "from now on"."""
 
     # writes ------------------------------------------------------------------------------
     @abc.abstractmethod
     async def put(self, key: str, value: bytes, lease: Lease | None = None) -> int:
-        """Write unconditionally; returns the new revision."""
+        """Write unconditionally; returns the new revision. A write without `lease` detaches
+        the key from any lease it had (etcd semantics). Raises `LeaseNotFound` if `lease`
+        expired or was revoked."""
 
     @abc.abstractmethod
     async def delete(self, key: str) -> bool:
@@ -108,11 +130,16 @@ class KVStore(abc.ABC):
     def watch(self, prefix: str, after_revision: int = 0) -> AsyncIterator[KVEvent]:
         """Yield every change under `prefix` with revision > `after_revision`, in order,
         then keep yielding new ones until the iterator is closed. `after_revision=0` means
-        "from now on"."""
+        "from now on": from the store's revision when the watch is established (at the first
+        `__anext__`). One `delete_prefix` yields one delete event per key, all with the same
+        revision. Raises `KVStoreCompacted` if the history after `after_revision` is gone and
+        `KVStoreUnavailable` when the store is closed or unreachable."""
 
     # leases ------------------------------------------------------------------------------
     @abc.abstractmethod
-    async def grant_lease(self, ttl: float) -> Lease: ...
+    async def grant_lease(self, ttl: float) -> Lease:
+        """A new lease that expires `ttl` seconds from now unless kept alive. Backends may
+        round `ttl` up to their minimum (`Lease.ttl` says what was granted)."""
 
     @abc.abstractmethod
     async def keepalive(self, lease: Lease) -> bool:

@@ -1,0 +1,150 @@
+"""The embedded SQLite store: the shared conformance suite plus what only it promises
+(several processes on one file, crash-safe leases, compaction, option checking)."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from pathlib import Path
+
+import pytest
+from pylium.api.kvstore import KVStoreCompacted
+from pylium.errors import ConfigError
+from pylium.kvstore.conformance import KVStoreConformance, next_events, run
+from pylium.kvstore.embedded import EmbeddedKVStore, prefix_range
+
+FAST = {"poll_interval": 0.02, "sweep_interval": 0.1}
+
+
+class TestEmbeddedConformance(KVStoreConformance):
+    @pytest.fixture
+    def store_factory(self, tmp_path):
+        return lambda: EmbeddedKVStore(FAST, tmp_path / "state")
+
+
+def _race_creates(state_dir: str, worker: int, keys: int, queue) -> None:
+    async def body():
+        async with EmbeddedKVStore(FAST, Path(state_dir)) as kv:
+            won = [k for k in range(keys) if await kv.create(f"ids/{k}", f"{worker}".encode())]
+            counter_wins = 0
+            for _ in range(20):
+                item = await kv.get("counter")
+                value = int(item.value) + 1
+                if await kv.compare_and_swap("counter", item.mod_revision, b"%d" % value):
+                    counter_wins += 1
+            queue.put((worker, won, counter_wins))
+    asyncio.run(body())
+
+
+def test_processes_sharing_one_file_never_both_win(tmp_path):
+    """Four processes race create-if-absent on 40 keys and CAS-increment one counter:
+    each key has exactly one creator, and no increment is lost."""
+    state = tmp_path / "state"
+
+    async def init():
+        async with EmbeddedKVStore(FAST, state) as kv:
+            await kv.put("counter", b"0")
+    run(init())
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_race_creates, args=(str(state), w, 40, queue))
+             for w in range(4)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    owners: dict[int, int] = {}
+    for worker, won, _ in results:
+        for key in won:
+            assert key not in owners, f"key {key} created by {owners[key]} and {worker}"
+            owners[key] = worker
+    assert sorted(owners) == list(range(40))
+    total_increments = sum(wins for _, _, wins in results)
+
+    async def check():
+        async with EmbeddedKVStore(FAST, state) as kv:
+            for key, worker in owners.items():
+                assert (await kv.get(f"ids/{key}")).value == f"{worker}".encode()
+            assert int((await kv.get("counter")).value) == total_increments > 0
+    run(check())
+
+
+def test_lease_of_a_crashed_writer_expires_for_others(tmp_path):
+    """A writer that vanishes without revoking its lease: another store on the same file
+    reaps the lease on its own (background sweep) and its watcher sees the deletes."""
+    state = tmp_path / "state"
+
+    async def body():
+        observer = EmbeddedKVStore(FAST, state)
+        await observer.open()
+        writer = EmbeddedKVStore(FAST, state)
+        await writer.open()
+        lease = await writer.grant_lease(1.0)
+        await writer.put("nodes/a", b"a", lease=lease)
+        await writer.close()  # no revoke: like a killed agent
+        start = await observer.revision()
+        watch = observer.watch("nodes/", after_revision=start)
+        (event,) = await next_events(watch, 1, timeout=6)
+        assert (event.type, event.key) == ("delete", "nodes/a")
+        assert await observer.get("nodes/a") is None
+        await watch.aclose()
+        await observer.close()
+    run(body())
+
+
+def test_watch_behind_compacted_history_is_told_so(tmp_path):
+    async def body():
+        async with EmbeddedKVStore({**FAST, "history": 10}, tmp_path) as kv:
+            first = await kv.put("k", b"0")
+            for i in range(40):
+                await kv.put("k", f"{i}".encode())
+            last = await kv.revision()
+            with pytest.raises(KVStoreCompacted, match="compacted"):
+                await anext(kv.watch("k", after_revision=first))
+            watch = kv.watch("k", after_revision=last - 3)
+            events = await next_events(watch, 3)
+            await watch.aclose()
+            assert [e.revision for e in events] == [last - 2, last - 1, last]
+    run(body())
+
+
+def test_watch_ends_with_an_error_when_the_store_closes(tmp_path):
+    async def body():
+        kv = EmbeddedKVStore(FAST, tmp_path)
+        await kv.open()
+        watch = kv.watch("x/")
+        pending = asyncio.ensure_future(anext(watch))
+        await asyncio.sleep(0.2)
+        await kv.close()
+        with pytest.raises(Exception, match="closed"):
+            await asyncio.wait_for(pending, 5)
+    run(body())
+
+
+def test_state_dir_is_created_and_status_names_the_file(tmp_path):
+    async def body():
+        state = tmp_path / "deep" / "state"
+        async with EmbeddedKVStore({}, state) as kv:
+            status = await kv.status()
+            assert status["revision"] == 1 and status["keys"] == 0
+            assert str(state / "kvstore.sqlite3") in status["detail"]
+        assert (state / "kvstore.sqlite3").is_file()
+    run(body())
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"poll_interval": 0}, "poll_interval"),
+    ({"history": "lots"}, "history"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_bad_options_are_config_errors(tmp_path, options, field):
+    with pytest.raises(ConfigError, match=field):
+        EmbeddedKVStore(options, tmp_path)
+
+
+def test_prefix_range_covers_exactly_the_prefix():
+    assert prefix_range("a/") == (b"a/", b"a0")
+    assert prefix_range("") == (b"", None)
+    assert prefix_range("\U0010ffff") == ("\U0010ffff".encode(), b"\xf4\x8f\xbf\xc0")
