@@ -24,49 +24,53 @@ SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, cty
 
 _fallback_lib: ctypes.CDLL | None = None
 _fallback_lock = threading.Lock()
-_configured: set[int] = set()
+_fns: dict[int, _Functions] = {}
 
 
-def libbpf() -> ctypes.CDLL:
-    """The process's libbpf handle: `pylium.datapath.libbpf.lib` once the datapath module
-    provides it, else our own `CDLL("libbpf.so.1")` (the same shared object either way, so
-    pointers and fds cross freely)."""
+def _cdll() -> ctypes.CDLL:
+    """The process's libbpf: `pylium.datapath.libbpf.lib` when that module is present, else
+    our own `CDLL("libbpf.so.1")` (the same shared object either way, so pointers and fds
+    cross freely)."""
     try:
-        from pylium.datapath import libbpf as shared  # type: ignore[attr-defined]
+        from pylium.datapath import libbpf as shared
 
-        lib = shared.lib
+        return shared.lib
     except (ImportError, AttributeError):
         global _fallback_lib
         with _fallback_lock:
             if _fallback_lib is None:
                 _fallback_lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
-            lib = _fallback_lib
-    if id(lib) not in _configured:
-        _declare(lib)
-        _configured.add(id(lib))
-    return lib
+            return _fallback_lib
 
 
-def _declare(lib: ctypes.CDLL) -> None:
-    vp, c_int = ctypes.c_void_p, ctypes.c_int
-    lib.ring_buffer__new.restype = vp
-    lib.ring_buffer__new.argtypes = [c_int, SAMPLE_FN, vp, vp]
-    lib.ring_buffer__poll.restype = c_int
-    lib.ring_buffer__poll.argtypes = [vp, c_int]
-    lib.ring_buffer__consume.restype = c_int
-    lib.ring_buffer__consume.argtypes = [vp]
-    lib.ring_buffer__epoll_fd.restype = c_int
-    lib.ring_buffer__epoll_fd.argtypes = [vp]
-    lib.ring_buffer__free.restype = None
-    lib.ring_buffer__free.argtypes = [vp]
-    lib.bpf_obj_get.restype = c_int
-    lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
-    lib.bpf_map_lookup_elem.restype = c_int
-    lib.bpf_map_lookup_elem.argtypes = [c_int, vp, vp]
-    lib.bpf_map_update_elem.restype = c_int
-    lib.bpf_map_update_elem.argtypes = [c_int, vp, vp, ctypes.c_uint64]
-    lib.libbpf_num_possible_cpus.restype = c_int
-    lib.libbpf_num_possible_cpus.argtypes = []
+class _Functions:
+    """Our own typed function pointers (`lib[name]` makes a fresh one each time), so the
+    declarations here never change those another module set on the shared CDLL."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        vp, c_int = ctypes.c_void_p, ctypes.c_int
+
+        def fn(name, restype, *argtypes):
+            f = lib[name]
+            f.restype, f.argtypes = restype, list(argtypes)
+            return f
+
+        self.ring_buffer__new = fn("ring_buffer__new", vp, c_int, SAMPLE_FN, vp, vp)
+        self.ring_buffer__poll = fn("ring_buffer__poll", c_int, vp, c_int)
+        self.ring_buffer__consume = fn("ring_buffer__consume", c_int, vp)
+        self.ring_buffer__epoll_fd = fn("ring_buffer__epoll_fd", c_int, vp)
+        self.ring_buffer__free = fn("ring_buffer__free", None, vp)
+        self.bpf_obj_get = fn("bpf_obj_get", c_int, ctypes.c_char_p)
+        self.bpf_map_lookup_elem = fn("bpf_map_lookup_elem", c_int, c_int, vp, vp)
+        self.libbpf_num_possible_cpus = fn("libbpf_num_possible_cpus", c_int)
+
+
+def libbpf() -> _Functions:
+    lib = _cdll()
+    fns = _fns.get(id(lib))
+    if fns is None:
+        fns = _fns[id(lib)] = _Functions(lib)
+    return fns
 
 
 class RingBufferError(OSError):
