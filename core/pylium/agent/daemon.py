@@ -15,7 +15,7 @@ from typing import Any
 from pylium import __version__
 from pylium.api import KVStore
 from pylium.config import AgentConfig
-from pylium.errors import ConfigError
+from pylium.errors import ConfigError, PluginError, PyliumError
 from pylium.plugins import PluginManager, make_plugin_manager
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,15 @@ class Daemon:
             raise ConfigError(f"state_dir {self.config.state_dir}: {exc.strerror}") from None
         record = self.plugins.select("kvstore", self.config.kvstore)
         options = self.config.kvstore_options or self.config.plugin_options.get(record.name, {})
-        self.kvstore = record.backend(options, self.config.state_dir / "kvstore")
-        await self.kvstore.open()
+        try:
+            self.kvstore = record.backend(options, self.config.state_dir / "kvstore")
+            await self.kvstore.open()
+        except PyliumError:
+            raise
+        except Exception as exc:  # a plugin bug: one line naming the plugin, not a traceback
+            log.debug("kvstore %s failed to open", record.name, exc_info=True)
+            raise PluginError(f"kvstore {record.name!r} failed to open: "
+                              f"{type(exc).__name__}: {exc}") from exc
         for module_name in COMPONENT_MODULES:
             try:
                 module = importlib.import_module(module_name)

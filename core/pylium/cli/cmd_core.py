@@ -38,7 +38,7 @@ def _status_table(s):
         f"Health:        {'Ok' if s['healthy'] else 'Degraded'}",
         f"KVStore:       {kv.get('backend', '?')}  {'Ok' if kv.get('healthy') else 'Failure'}"
         f"  {kv.get('detail', '')}",
-        f"Plugins:       " + ", ".join(f"{k}={','.join(v) or '-'}" for k, v in s["plugins"].items()),
+        "Plugins:       " + ", ".join(f"{k}={','.join(v) or '-'}" for k, v in s["plugins"].items()),
         f"Uptime:        {s['uptime_seconds']}s",
     ]
     for key, value in s.items():

@@ -1,0 +1,1 @@
+"""Example third-party pylium plugin: the `file` KV-store backend."""
