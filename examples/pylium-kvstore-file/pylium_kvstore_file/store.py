@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from pylium.api import KVEvent, KVItem, KVStore, Lease
+from pylium.api import KVEvent, KVItem, KVStore, Lease, LeaseNotFound
 from pylium.errors import PyliumError
 
 
@@ -35,6 +35,8 @@ class FileKVStore(KVStore):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.exists():
                 self._load(json.loads(self.path.read_text()))
+            else:
+                self._save()
         except (OSError, ValueError) as exc:
             raise PyliumError(f"kvstore file {self.path}: {exc}") from None
         self._opened = True
@@ -92,7 +94,7 @@ class FileKVStore(KVStore):
 
     def _write(self, key: str, value: bytes, lease: Lease | None) -> int:
         if lease is not None and lease.id not in self._leases:
-            raise PyliumError(f"lease {lease.id} expired or was revoked")
+            raise LeaseNotFound(f"lease {lease.id} expired or was revoked")
         self._revision += 1
         old = self._items.get(key)
         self._items[key] = KVItem(key, bytes(value), self._revision,

@@ -163,10 +163,39 @@ def test_missing_selected_plugin_stops_agent_start_up(short_dir):
     assert not (short_dir / "a.sock").exists()
 
 
-def test_registered_only_plugin_fails_with_a_clear_line(short_dir):
+UNFINISHED_KV = """
+    from pylium.api import KVStoreRecord
+    from pylium.errors import NotImplementedYet
+    from pylium.hookspecs import hookimpl
+    from pylium.kvstore.embedded import EmbeddedKVStore
+
+    class Unfinished(EmbeddedKVStore):
+        def __new__(cls, *args, **kwargs):
+            raise NotImplementedYet("kvstore backend 'later'", "issue 99")
+
+    class Buggy(EmbeddedKVStore):
+        async def open(self):
+            raise KeyError("oops")
+
+    @hookimpl
+    def pylium_kvstores():
+        return [KVStoreRecord(name="later", backend=Unfinished),
+                KVStoreRecord(name="buggy", backend=Buggy)]
+"""
+
+
+@pytest.mark.parametrize("kvstore, code, needle", [
+    ("later", 1, "kvstore backend 'later' is not implemented yet (tracked in issue 99)"),
+    ("buggy", 3, "kvstore 'buggy' failed to open: KeyError: 'oops'"),
+])
+def test_selected_backend_that_cannot_start_fails_with_one_line(fake_site, short_dir, kvstore,
+                                                                 code, needle):
+    fake_site.add("acme-kv", UNFINISHED_KV)
     proc = run_pylium("agent", "--socket", str(short_dir / "a.sock"), "--state-dir",
-                      str(short_dir / "state"), "--kvstore", "etcd")
-    assert_one_line_error(proc, 1, "kvstore backend 'etcd' is not implemented yet")
+                      str(short_dir / "state"), "--kvstore", kvstore,
+                      pythonpath=[fake_site.root])
+    assert_one_line_error(proc, code, needle)
+    assert not (short_dir / "a.sock").exists()
 
 
 @pytest.mark.parametrize("args, code, needle", [
