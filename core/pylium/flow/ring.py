@@ -98,7 +98,8 @@ class FlowRing:
 
     async def follow(self, start: int | None = None, stop: asyncio.Event | None = None):
         """Async iterator over batches from `start` (default: now) forever; a batch begins
-        with a LostEvent when this reader fell behind the ring."""
+        with a LostEvent when this reader fell behind the ring; an empty batch each second
+        of silence."""
         loop = asyncio.get_running_loop()
         event = asyncio.Event()
         token = (loop, event)
@@ -121,7 +122,7 @@ class FlowRing:
                 try:
                     await asyncio.wait_for(event.wait(), timeout=1.0)
                 except TimeoutError:
-                    pass
+                    yield []  # a heartbeat: lets the consumer notice a gone client
         finally:
             self._waiters.discard(token)
 

@@ -1,0 +1,161 @@
+"""`pylium observe`: flows from the agent, like `hubble observe`. Filters are evaluated in
+the agent (passed as query parameters); this module only streams and prints."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from urllib.parse import urlencode
+
+import click
+
+from pylium.cli.client import _UnixConnection, client_from
+from pylium.errors import AgentUnreachable, UserError
+
+#: (option, query parameter, help)
+MULTI_FILTERS = (
+    ("--verdict", "verdict", "FORWARDED, DROPPED, REDIRECTED, AUDIT"),
+    ("--pod", "pod", "[namespace/]pod-name prefix, either side"),
+    ("--from-pod", "from_pod", "[namespace/]pod-name prefix, source"),
+    ("--to-pod", "to_pod", "[namespace/]pod-name prefix, destination"),
+    ("--label", "label", "label selector (k=v,k2!=v2,k3), either side"),
+    ("--from-label", "from_label", "label selector, source"),
+    ("--to-label", "to_label", "label selector, destination"),
+    ("--identity", "identity", "security identity, either side"),
+    ("--from-identity", "from_identity", "security identity, source"),
+    ("--to-identity", "to_identity", "security identity, destination"),
+    ("--ip", "ip", "IP or CIDR, either side"),
+    ("--from-ip", "from_ip", "IP or CIDR, source"),
+    ("--to-ip", "to_ip", "IP or CIDR, destination"),
+    ("--port", "port", "L4 port, either side"),
+    ("--from-port", "from_port", "L4 port, source"),
+    ("--to-port", "to_port", "L4 port, destination"),
+    ("--protocol", "protocol", "tcp, udp, icmp, http, kafka, dns"),
+    ("--http-method", "http_method", "HTTP method of L7 flows"),
+    ("--http-path", "http_path", "regular expression on the HTTP path of L7 flows"),
+    ("--traffic-direction", "traffic_direction", "ingress or egress"),
+)
+
+
+def _add_filters(func):
+    for opt, dest, text in reversed(MULTI_FILTERS):
+        func = click.option(opt, dest, multiple=True, help=text)(func)
+    return func
+
+
+def build_query(options: dict) -> dict[str, list[str]]:
+    params: dict[str, list[str]] = {}
+    for _opt, dest, _text in MULTI_FILTERS:
+        if options.get(dest):
+            params[dest] = list(options[dest])
+    for name in ("since", "until", "last", "first"):
+        if options.get(name) is not None:
+            params[name] = [str(options[name])]
+    if options.get("follow"):
+        params["follow"] = ["true"]
+    return params
+
+
+def stream_lines(socket_path: str, path: str, timeout: float | None):
+    """Yield NDJSON lines from the agent as they arrive (chunked responses included)."""
+    conn = _UnixConnection(socket_path, timeout if timeout else 30.0)
+    try:
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise AgentUnreachable(f"cannot reach the pylium agent at {socket_path}: "
+                                   f"{exc.strerror}; is `pylium agent` running?") from None
+        except PermissionError:
+            raise AgentUnreachable(f"permission denied on {socket_path}: the agent API is "
+                                   "root-only") from None
+        if response.status >= 400:
+            raw = response.read()
+            try:
+                message = json.loads(raw).get("error")
+            except (ValueError, AttributeError):
+                message = raw.decode(errors="replace")
+            raise UserError(message or f"agent answered HTTP {response.status}")
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)  # None while following: wait as long as it takes
+        while True:
+            line = response.readline()
+            if not line:
+                return
+            line = line.strip()
+            if line:
+                yield json.loads(line)
+    except (TimeoutError, socket.timeout):
+        return
+    finally:
+        conn.close()
+
+
+TABLE_COLUMNS = ("TIMESTAMP", "SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY")
+
+
+def table_row(resp: dict) -> tuple[str, ...]:
+    from pylium.flow.model import _endpoint_text, _parse_time, compact_time
+
+    if "lost_events" in resp:
+        lost = resp["lost_events"]
+        return ("", "", "", "EVENTS LOST", lost["source"], str(lost["num_events_lost"]))
+    f = resp["flow"]
+    l4 = f.get("l4", {})
+    proto = next(iter(l4), "")
+    ports = l4.get(proto, {}) if proto in ("TCP", "UDP") else {}
+    ip = f.get("IP", {})
+    kind = {1: "drop", 4: "trace", 5: "policy-verdict"}.get(
+        f.get("event_type", {}).get("type"), "")
+    return (compact_time(_parse_time(f["time"])),
+            _endpoint_text(f.get("source", {}), ip.get("source", ""), ports.get("source_port")),
+            _endpoint_text(f.get("destination", {}), ip.get("destination", ""),
+                           ports.get("destination_port")),
+            kind, f["verdict"], f.get("Summary", ""))
+
+
+def register(cli: click.Group) -> None:
+    @cli.command()
+    @click.option("-f", "--follow", is_flag=True, help="Follow flows as they happen.")
+    @click.option("--last", type=click.IntRange(min=0), default=None,
+                  help="Last N flows (default 20 without --since/--follow).")
+    @click.option("--first", type=click.IntRange(min=0), default=None,
+                  help="First N flows in the agent's ring.")
+    @click.option("--since", default=None, help="Flows since a duration ago (5m) or RFC 3339.")
+    @click.option("--until", default=None, help="Flows until a duration ago or RFC 3339.")
+    @_add_filters
+    @click.option("-o", "--output", type=click.Choice(["compact", "json", "jsonpb", "table"]),
+                  default="compact", show_default=True, help="Output format.")
+    @click.option("--timeout", type=float, default=None,
+                  help="Stop following after this many seconds without output.")
+    @click.pass_context
+    def observe(ctx, output, timeout, **options):
+        """Observe flows (Hubble-compatible JSON with -o json)."""
+        from pylium.flow.model import compact_line
+
+        params = build_query(options)
+        path = "/v1/flows"
+        if params:
+            path += "?" + urlencode(params, doseq=True)
+        socket_path = client_from(ctx).socket_path
+        follow = bool(options.get("follow"))
+        lines = stream_lines(socket_path, path, timeout if follow else 60.0)
+        if output == "table" and not follow:
+            from pylium.cli.output import emit, make_table
+
+            rows = [table_row(r) for r in lines]
+            emit(rows, "table", lambda rs: make_table(TABLE_COLUMNS, rs))
+            return
+        if output == "table":
+            click.echo("  ".join(TABLE_COLUMNS))
+        for resp in lines:
+            if output in ("json", "jsonpb"):
+                text = json.dumps(resp, separators=(",", ":"))
+            elif output == "table":
+                text = "  ".join(table_row(resp))
+            else:
+                text = compact_line(resp)
+            click.echo(text)
+            if follow:
+                sys.stdout.flush()

@@ -1,0 +1,266 @@
+"""Agent component "flow": reads the datapath's events ring buffer on a background thread,
+decodes batches into flows, keeps them in the flow ring, counts every lost event, and serves
+Prometheus metrics (+ the service-map page) on `prometheus_serve_addr`.
+
+Lost events, counted at every hop and appended to the ring as `LostEvent` records:
+- the kernel ring buffer was full: the BPF side bumps the per-CPU `events_lost` counter; the
+  reader turns each increase into a PERF_EVENT_RING_BUFFER record (exact, per poll);
+- a record the agent could not decode (wrong size): OBSERVER_EVENTS_QUEUE;
+- a reader of the flow ring (an `observe --follow` client) fell behind: HUBBLE_RING_BUFFER,
+  told to that reader and summed in `FlowRing.follower_lost`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pylium.datapath.ringbuf import LostCounter, RingBufferReader, pin_paths
+from pylium.flow.decode import EVENT_SIZE, Decoder, Resolver, monotonic_to_wall_offset
+from pylium.flow.model import LOST_AGENT, LOST_KERNEL, Peer
+from pylium.flow.ring import FlowRing
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RING_CAPACITY = 65536
+
+
+class FlowObserver:
+    """Everything the flow side holds for one agent. Usable without a kernel ring buffer
+    (`ingest` takes event bytes directly), which is how unit tests and the bench drive it."""
+
+    def __init__(self, node_name: str, resolver: Resolver | None = None,
+                 capacity: int = DEFAULT_RING_CAPACITY, batch_records: int = 4096):
+        self.node_name = node_name
+        self.ring = FlowRing(capacity, node_name)
+        self.decoder = Decoder(node_name, resolver)
+        self.batch_records = batch_records
+        self.reader: RingBufferReader | None = None
+        self.lost_counter: LostCounter | None = None
+        #: value of the kernel counter when we attached, and the last value we reported
+        self.kernel_lost_base = 0
+        self.kernel_lost_seen = 0
+        self.malformed = 0
+        self.status = "not attached: no datapath events ring buffer"
+        self.source = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ingest_lock = threading.Lock()
+        #: set by the agent: extra callables for metrics (endpoints, identities, datapath, kv)
+        self.daemon: Any = None
+        self.http: Any = None
+
+    # feeding --------------------------------------------------------------------------------
+    def ingest(self, buf, wall_offset_ns: int | None = None) -> int:
+        """Decode a buffer of 64-byte events into the ring; returns flows added."""
+        n = len(buf)
+        whole = n - n % EVENT_SIZE
+        if whole != n:
+            self.malformed += 1
+            self.ring.append_lost(LOST_AGENT, 1)
+            buf = memoryview(buf)[:whole]
+        if not whole:
+            return 0
+        with self._ingest_lock:
+            flows = self.decoder.decode(buf, wall_offset_ns)
+            self.ring.extend(flows)
+        return len(flows)
+
+    def check_kernel_lost(self) -> int:
+        """Report any increase of the kernel's `events_lost` counter; returns the increase."""
+        if self.lost_counter is None:
+            return 0
+        value = self.lost_counter.read()
+        delta = value - self.kernel_lost_seen
+        if delta > 0:
+            self.kernel_lost_seen = value
+            self.ring.append_lost(LOST_KERNEL, delta)
+        return max(delta, 0)
+
+    @property
+    def kernel_lost(self) -> int:
+        """Events the kernel could not put in the ring buffer since we attached."""
+        return self.kernel_lost_seen - self.kernel_lost_base
+
+    # the kernel side -----------------------------------------------------------------------
+    def attach(self, ringbuf: str | os.PathLike | int, lost: str | os.PathLike | int | None,
+               start_thread: bool = True) -> None:
+        """Open the ring buffer (pin path or map fd) and the lost counter, then start reading."""
+        if isinstance(ringbuf, int):
+            self.reader = RingBufferReader(ringbuf, EVENT_SIZE, self.batch_records)
+        else:
+            self.reader = RingBufferReader.open_pinned(ringbuf, record_size=EVENT_SIZE,
+                                                       batch_records=self.batch_records)
+        if lost is not None:
+            self.lost_counter = (LostCounter(lost, owned=False) if isinstance(lost, int)
+                                 else LostCounter.open_pinned(lost))
+            self.kernel_lost_base = self.kernel_lost_seen = self.lost_counter.read()
+        self.source = str(ringbuf)
+        self.status = f"reading {self.source}"
+        if start_thread:
+            self._thread = threading.Thread(target=self._run, name="pylium-flow-reader",
+                                            daemon=True)
+            self._thread.start()
+
+    def pump(self, timeout_ms: int = 100) -> int:
+        """One read round: poll, then drain whole batches; returns flows added."""
+        reader = self.reader
+        if reader is None:
+            return 0
+        added = 0
+        offset = monotonic_to_wall_offset()
+        view = reader.poll(timeout_ms)
+        while len(view):
+            added += self.ingest(view, offset)
+            if len(view) < reader.record_size * reader.batch_records:
+                break
+            view = reader.consume()
+        if reader.malformed > self.malformed:
+            new = reader.malformed - self.malformed
+            self.malformed = reader.malformed
+            self.ring.append_lost(LOST_AGENT, new)
+        self.check_kernel_lost()
+        return added
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.pump(100)
+            except Exception as exc:  # keep reading; say why in status
+                self.status = f"reader error: {exc}"
+                log.exception("flow reader")
+                time.sleep(0.5)
+
+    async def close(self) -> None:
+        """Stop reading (the daemon awaits this), then stop the metrics server."""
+        import asyncio
+
+        await asyncio.to_thread(self.stop_reader)
+        if self.http is not None:
+            await self.http.cleanup()
+            self.http = None
+
+    def stop_reader(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self.reader is not None:
+            try:
+                self.pump(0)  # whatever is still in the kernel ring
+            except Exception:
+                log.exception("final flow read")
+            self.reader.close()
+            self.reader = None
+        if self.lost_counter is not None:
+            self.lost_counter.close()
+            self.lost_counter = None
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "node_name": self.node_name,
+            "status": self.status,
+            "decoded": self.decoder.decoded,
+            "kernel_lost": self.kernel_lost,
+            "agent_lost": self.malformed,
+            "follower_lost": self.ring.follower_lost,
+            "ring": self.ring.stats(),
+        }
+
+
+def daemon_resolver(daemon) -> Resolver:
+    """Enrichment from the agent's endpoint and identity components, whichever are there."""
+    from pylium.identity.model import RESERVED_IDENTITIES
+
+    def identity_labels(identity: int) -> tuple[str, ...]:
+        ident = RESERVED_IDENTITIES.get(identity)
+        comp = daemon.components.get("identity")
+        if ident is None and comp is not None:
+            for name in ("lookup", "get", "get_by_id"):
+                fn = getattr(comp, name, None)
+                if fn is None:
+                    continue
+                try:
+                    ident = fn(identity)
+                except Exception:
+                    ident = None
+                if ident is not None and not hasattr(ident, "__await__"):
+                    break
+                ident = None
+        if ident is None:
+            return ()
+        labels = getattr(ident, "labels", ())
+        sorted_strings = getattr(labels, "sorted_strings", None)
+        return tuple(sorted_strings() if sorted_strings else sorted(map(str, labels)))
+
+    def endpoint_peer(ep) -> Peer:
+        labels = tuple(f"{k}={v}" for k, v in ep.identity_labels.items())
+        return Peer(ID=ep.id, identity=ep.identity, namespace=ep.namespace, labels=labels,
+                    pod_name=ep.name)
+
+    def resolve(ip: str, identity: int, ep_id: int) -> Peer | None:
+        endpoints = daemon.components.get("endpoint")
+        if endpoints is not None:
+            eps = endpoints.list()
+            for ep in eps:
+                if (ep_id and ep.id == ep_id) or (not ep_id and ep.ipv4 == ip):
+                    peer = endpoint_peer(ep)
+                    if identity and identity != ep.identity:
+                        peer = Peer(ID=peer.ID, identity=identity, namespace=peer.namespace,
+                                    labels=identity_labels(identity) or peer.labels,
+                                    pod_name=peer.pod_name)
+                    return peer
+        labels = identity_labels(identity)
+        namespace = ""
+        for label in labels:
+            key, _, value = label.partition("=")
+            if key.endswith("io.kubernetes.pod.namespace"):
+                namespace = value
+        return Peer(identity=identity, namespace=namespace, labels=labels)
+
+    return resolve
+
+
+def _datapath_paths(daemon) -> tuple[Any, Any] | None:
+    """Where the datapath keeps the events ring buffer and lost counter: asked of the
+    datapath component first (`events_ringbuf` / `events_lost` attributes or an
+    `event_maps()` method returning paths or fds), else the default pins under bpffs_root."""
+    datapath = daemon.components.get("datapath")
+    if datapath is not None:
+        fn = getattr(datapath, "event_maps", None)
+        if callable(fn):
+            got = fn()
+            if got:
+                return got[0], got[1]
+        rb = getattr(datapath, "events_ringbuf", None)
+        if rb is not None:
+            return rb, getattr(datapath, "events_lost", None)
+    ring, lost = pin_paths(daemon.config.bpffs_root)
+    if Path(ring).exists():
+        return ring, (lost if Path(lost).exists() else None)
+    return None
+
+
+async def start(daemon) -> FlowObserver:
+    observer = FlowObserver(daemon.config.node_name, daemon_resolver(daemon))
+    observer.daemon = daemon
+    if daemon.components.get("datapath") is None:
+        observer.status = "not attached: the datapath component is not running"
+    try:
+        paths = _datapath_paths(daemon)
+        if paths is not None:
+            observer.attach(*paths)
+        elif daemon.components.get("datapath") is not None:
+            observer.status = ("not attached: the datapath published no events ring buffer "
+                               f"(looked for {pin_paths(daemon.config.bpffs_root)[0]})")
+    except OSError as exc:
+        observer.status = f"not attached: {exc}"
+    log.info("flow observer: %s", observer.status)
+    if daemon.config.prometheus_serve_addr:
+        from pylium.flow.http import start_metrics_server
+
+        observer.http = await start_metrics_server(observer, daemon.config.prometheus_serve_addr)
+    return observer
