@@ -1,0 +1,108 @@
+"""The endpoint record: what the agent knows about one pod, persisted as JSON."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from typing import Any
+
+import attrs
+import cattrs
+
+from pylium.errors import UserError
+
+#: Cilium's endpoint id range (0 is "no endpoint", 4095 the highest an id may take)
+MIN_ENDPOINT_ID = 1
+MAX_ENDPOINT_ID = 4095
+LABEL_SOURCE = "k8s"
+NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
+
+#: endpoint states, after Cilium's (`cilium endpoint list` STATUS column)
+READY = "ready"
+NOT_READY = "not-ready"
+WAITING_FOR_IDENTITY = "waiting-for-identity"
+REGENERATING = "regenerating"
+
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$")
+_LABEL_KEY = re.compile(r"^([a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?/)?[a-zA-Z0-9]([-a-zA-Z0-9_.]{0,61}[a-zA-Z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([a-zA-Z0-9]([-a-zA-Z0-9_.]{0,61}[a-zA-Z0-9])?)?$")
+
+
+@attrs.frozen(kw_only=True)
+class Endpoint:
+    id: int
+    name: str
+    namespace: str
+    #: the pod's own labels, without source prefix ({"org": "empire"})
+    labels: dict[str, str]
+    #: netns name (under /run/netns) or absolute path of the pod's network namespace
+    netns: str
+    ipv4: str
+    #: host-side veth (in the node namespace) and the pod side's MAC
+    ifname: str
+    ifindex: int
+    mac: str
+    pod_mac: str
+    identity: int = 0
+    state: str = WAITING_FOR_IDENTITY
+    #: why the endpoint is not ready, "" when it is
+    error: str = ""
+    ingress_enforced: bool = False
+    egress_enforced: bool = False
+    policy_revision: int = 0
+    created_at: float = attrs.field(factory=time.time)
+
+    @property
+    def identity_labels(self) -> dict[str, str]:
+        """Labels with their source, as identities and selectors see them (Cilium's pod
+        labels plus the namespace label)."""
+        out = {f"{LABEL_SOURCE}:{k}": v for k, v in sorted(self.labels.items())}
+        out[f"{LABEL_SOURCE}:{NAMESPACE_LABEL}"] = self.namespace
+        return dict(sorted(out.items()))
+
+    def to_api(self) -> dict[str, Any]:
+        data = CONVERTER.unstructure(self)
+        data["identity_labels"] = [f"{k}={v}" for k, v in self.identity_labels.items()]
+        return data
+
+
+CONVERTER = cattrs.Converter(forbid_extra_keys=True)
+
+
+def endpoint_from_json(data: dict[str, Any]) -> Endpoint:
+    return CONVERTER.structure(data, Endpoint)
+
+
+def endpoint_to_json(endpoint: Endpoint) -> dict[str, Any]:
+    return CONVERTER.unstructure(endpoint)
+
+
+def host_ifname(namespace: str, name: str) -> str:
+    """`lxc` + 11 hex digits of a hash of namespace/name (15 chars, Linux's limit), the
+    way Cilium names the host side after the container id."""
+    return "lxc" + hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:11]
+
+
+def validate_name(field: str, value: Any) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise UserError(f"{field}: {value!r} is not a valid name (lowercase letters, digits, "
+                        "'-' and '.', at most 63 characters)")
+    return value
+
+
+def validate_labels(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError("labels: expected a mapping of label key to value")
+    out = {}
+    for key, val in value.items():
+        if not isinstance(key, str) or not _LABEL_KEY.match(key):
+            raise UserError(f"labels: {key!r} is not a valid label key")
+        if key.startswith(f"{LABEL_SOURCE}:") or key == NAMESPACE_LABEL:
+            raise UserError(f"labels: {key!r} is set by pylium; give the pod's own labels")
+        if not isinstance(val, str) or not _LABEL_VALUE.match(val):
+            raise UserError(f"labels.{key}: {val!r} is not a valid label value")
+        out[key] = val
+    return dict(sorted(out.items()))
