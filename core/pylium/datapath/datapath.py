@@ -1,0 +1,554 @@
+"""`Datapath`: the one object the rest of pylium uses to drive the endpoint BPF programs.
+
+Maps are pinned under `bpffs_root` and adopted on every `open()`: an agent restart keeps
+endpoints, policies, conntrack and counters. Programs are tc clsact filters on each
+endpoint's host-side veth, which the kernel keeps when the agent dies."""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import logging
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from pylium.datapath import libbpf, tc
+from pylium.datapath.compile import compile_object
+from pylium.datapath.libbpf import DatapathError, lib
+from pylium.datapath.maps.base import BpfMap
+from pylium.datapath.maps.conntrack import CT_F_CLOSING, CT_F_SEEN_REPLY, CtEntry, CtKey
+from pylium.datapath.maps.endpoints import (
+    EndpointInfoValue,
+    EndpointKey,
+    mac_bytes,
+    mac_str,
+)
+from pylium.datapath.maps.events import PROTOCOLS
+from pylium.datapath.maps.ipcache import IpcacheKey, RemoteEndpointInfo
+from pylium.datapath.maps.metrics import MetricsKey, MetricsValue, U32Key, U64Value, reason_name
+from pylium.datapath.maps.policy import (
+    POLICY_F_DENY,
+    PolicyMapEntry,
+    PolicyMapKey,
+    encode_entry,
+    encode_meta,
+)
+from pylium.datapath.packet import SkBuff, build
+from pylium.errors import UserError
+from pylium.policy.mapstate import (
+    PROTOCOL_NAMES,
+    Direction,
+    EndpointPolicy,
+)
+
+log = logging.getLogger(__name__)
+
+OBJECT_SOURCE = "bpf_lxc.c"
+PROGRAMS = ("from_container", "to_container")
+PINNED_MAPS = ("endpoints", "ipcache", "policy", "conntrack", "metrics", "events", "events_lost")
+MARK_MAGIC_DRYRUN = 0x0D00
+TRACE_CB_IDENTITY = 0x70796C6D
+TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
+CT_STATES = {0: "new", 1: "established", 2: "reply"}
+VERDICT_NAMES = {0: None, 1: "allowed", 2: "denied", 3: "redirected"}
+MAX_IDENTITY = 0xFFFFFFFE
+
+
+@attrs.frozen
+class EndpointInfo:
+    """One endpoint as the datapath needs it. `ifindex` is the host-side veth in the netns
+    the agent (and this Datapath) runs in."""
+
+    ep_id: int
+    ipv4: str
+    ifindex: int
+    ep_mac: str
+    host_mac: str
+    identity: int
+
+
+def _check_identity(identity: int, what: str) -> None:
+    if not 0 <= identity <= MAX_IDENTITY:
+        raise UserError(f"{what}: identity {identity} outside 0..{MAX_IDENTITY}")
+
+
+def _check_ep_id(ep_id: int) -> None:
+    if not 1 <= ep_id <= 0xFFFF:
+        raise UserError(f"ep_id: {ep_id} outside 1..65535")
+
+
+def _ensure_bpffs(root: Path) -> None:
+    if str(root).startswith("/sys/fs/bpf") and not os.path.ismount("/sys/fs/bpf"):
+        proc = subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0 and not os.path.ismount("/sys/fs/bpf"):
+            raise DatapathError(f"mounting bpffs on /sys/fs/bpf failed: {proc.stderr.strip()}")
+
+
+_PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_libc = ctypes.CDLL(None)
+_libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
+_libbpf_log: list[str] = []
+
+
+@_PRINT_FN
+def _libbpf_print(level: int, fmt: bytes, args: int) -> int:
+    buf = ctypes.create_string_buffer(4096)
+    _libc.vsnprintf(buf, len(buf), fmt, args)
+    text = buf.value.decode(errors="replace").rstrip()
+    if level == 0 or level == 1:  # LIBBPF_WARN, LIBBPF_INFO
+        _libbpf_log.append(text)
+        del _libbpf_log[:-200]
+        log.debug("libbpf: %s", text)
+    return 0
+
+
+lib.libbpf_set_print(ctypes.cast(_libbpf_print, ctypes.c_void_p))
+
+
+class Datapath:
+    def __init__(self, bpffs_root: Path, *, ct_timeouts: tuple[int, int, int] = (21600, 60, 60),
+                 cache_dir: Path | None = None):
+        self.root = Path(bpffs_root)
+        self.ct_timeouts = tuple(int(t) for t in ct_timeouts)
+        if len(self.ct_timeouts) != 3 or min(self.ct_timeouts) <= 0:
+            raise UserError(f"ct_timeouts: expected three positive seconds, got {ct_timeouts}")
+        self.cache_dir = cache_dir
+        self._obj: int | None = None
+        self._lock = threading.RLock()
+        self.prog_fds: dict[str, int] = {}
+        self.object_path: Path | None = None
+
+    # -- life cycle -----------------------------------------------------------------
+
+    @property
+    def defines(self) -> dict[str, int]:
+        tcp, non_tcp, syn = self.ct_timeouts
+        return {"CT_LIFETIME_TCP": tcp, "CT_LIFETIME_NONTCP": non_tcp, "CT_LIFETIME_SYN": syn}
+
+    def open(self) -> Datapath:
+        """Load the programs, creating or adopting the pinned maps, and re-attach the
+        programs of every endpoint already in the endpoints map."""
+        with self._lock:
+            if self._obj is not None:
+                return self
+            _ensure_bpffs(self.root)
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / "progs").mkdir(exist_ok=True)
+            self.object_path = compile_object(OBJECT_SOURCE, self.defines, self.cache_dir)
+            obj = lib.bpf_object__open_file(str(self.object_path).encode(), None)
+            if not obj or lib.libbpf_get_error(obj):
+                raise DatapathError(f"opening BPF object {self.object_path} failed")
+            try:
+                for name in PINNED_MAPS:
+                    m = lib.bpf_object__find_map_by_name(obj, name.encode())
+                    if not m:
+                        raise DatapathError(f"map {name} missing from {self.object_path}")
+                    libbpf.check(lib.bpf_map__set_pin_path(m, str(self.root / name).encode()),
+                                 f"setting pin path of {name}")
+                del _libbpf_log[:]
+                rc = lib.bpf_object__load(obj)
+                if rc < 0:
+                    detail = "\n".join(_libbpf_log[-30:])
+                    raise DatapathError(
+                        f"loading {OBJECT_SOURCE} failed ({os.strerror(libbpf.errno_of(rc))}); "
+                        f"if pinned maps under {self.root} have an old layout, remove them "
+                        f"(pylium lab down / Datapath.destroy()):\n{detail}")
+                self._bind_maps(obj)
+                for name in PROGRAMS:
+                    prog = lib.bpf_object__find_program_by_name(obj, name.encode())
+                    self.prog_fds[name] = libbpf.check(lib.bpf_program__fd(prog), f"fd of {name}")
+                    pin = self.root / "progs" / name
+                    if pin.exists():
+                        pin.unlink()
+                    libbpf.obj_pin(self.prog_fds[name], str(pin))
+            except BaseException:
+                lib.bpf_object__close(obj)
+                self.prog_fds.clear()
+                raise
+            self._obj = obj
+            self._readopt_endpoints()
+            return self
+
+    def _bind_maps(self, obj: int) -> None:
+        def fd(name: str) -> int:
+            return libbpf.check(lib.bpf_map__fd(lib.bpf_object__find_map_by_name(obj, name.encode())),
+                                f"fd of map {name}")
+
+        def typed(name, key, value, percpu=False):
+            return BpfMap(fd(name), name, key, value, percpu=percpu, owned=False)
+
+        self.endpoints = typed("endpoints", EndpointKey, EndpointInfoValue)
+        self.ipcache = typed("ipcache", IpcacheKey, RemoteEndpointInfo)
+        self.policy = typed("policy", U32Key, U32Key)
+        self.conntrack = typed("conntrack", CtKey, CtEntry)
+        self.metrics = typed("metrics", MetricsKey, MetricsValue, percpu=True)
+        self.events_lost_map = typed("events_lost", U32Key, U64Value, percpu=True)
+        self.events_fd = fd("events")
+
+    def _readopt_endpoints(self) -> None:
+        for key, value in list(self.endpoints.items()):
+            try:
+                self._attach_programs(value.ifindex)
+            except DatapathError as exc:
+                log.warning("endpoint %d (%s): programs not re-attached: %s", value.ep_id,
+                            key.ip, exc)
+
+    def _require_open(self) -> None:
+        if self._obj is None:
+            raise DatapathError("the datapath is not open (call Datapath.open())")
+
+    def close(self) -> None:
+        """Drop our fds; pins and attached programs stay (the datapath keeps running)."""
+        with self._lock:
+            if self._obj is not None:
+                lib.bpf_object__close(self._obj)
+            self._obj = None
+            self.prog_fds.clear()
+
+    def destroy(self) -> None:
+        """Detach every endpoint's programs and remove every pin (lab down, tests)."""
+        with self._lock:
+            if self._obj is None:
+                try:
+                    self.open()
+                except DatapathError as exc:
+                    log.warning("destroy: could not open the datapath (%s); removing pins only", exc)
+            if self._obj is not None:
+                for _key, value in list(self.endpoints.items()):
+                    self._detach_programs(value.ifindex)
+            self.close()
+            for name in (*PINNED_MAPS, *(f"progs/{p}" for p in PROGRAMS)):
+                path = self.root / name
+                if path.exists():
+                    path.unlink()
+            for d in (self.root / "progs", self.root):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+
+    def __enter__(self) -> Datapath:
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- endpoints ------------------------------------------------------------------
+
+    def _attach_programs(self, ifindex: int) -> None:
+        tc.attach(ifindex, tc.INGRESS, self.prog_fds["from_container"])
+        tc.attach(ifindex, tc.EGRESS, self.prog_fds["to_container"])
+
+    def _detach_programs(self, ifindex: int) -> None:
+        for point in (tc.INGRESS, tc.EGRESS):
+            try:
+                tc.detach(ifindex, point)
+            except DatapathError as exc:
+                log.warning("detaching from ifindex %d: %s", ifindex, exc)
+
+    def _find_endpoint(self, ep_id: int) -> tuple[EndpointKey, EndpointInfoValue] | None:
+        for key, value in self.endpoints.items():
+            if value.ep_id == ep_id:
+                return key, value
+        return None
+
+    def attach_endpoint(self, ep: EndpointInfo) -> None:
+        """Publish the endpoint in the endpoints map and attach both programs to its
+        host-side veth (idempotent: a re-attach replaces the entry and the filters)."""
+        _check_ep_id(ep.ep_id)
+        _check_identity(ep.identity, "identity")
+        try:
+            key = EndpointKey.of(ep.ipv4)
+            value = EndpointInfoValue(ep.ifindex, ep.ep_id, 0, ep.identity,
+                                      (ctypes.c_uint8 * 6)(*mac_bytes(ep.ep_mac)),
+                                      (ctypes.c_uint8 * 6)(*mac_bytes(ep.host_mac)))
+        except ValueError as exc:
+            raise UserError(f"endpoint {ep.ep_id}: {exc}") from None
+        if ep.ifindex <= 0:
+            raise UserError(f"endpoint {ep.ep_id}: ifindex {ep.ifindex} is not an interface")
+        with self._lock:
+            self._require_open()
+            old = self._find_endpoint(ep.ep_id)
+            if old is not None and old[0].ip != ep.ipv4:
+                self.endpoints.delete(old[0])
+                if old[1].ifindex != ep.ifindex:
+                    self._detach_programs(old[1].ifindex)
+            self.endpoints.update(key, value)
+            self._attach_programs(ep.ifindex)
+
+    def detach_endpoint(self, ep_id: int) -> bool:
+        """Detach the programs, forget the endpoint, its policy and its conntrack entries."""
+        with self._lock:
+            self._require_open()
+            found = self._find_endpoint(ep_id)
+            if found is not None:
+                self._detach_programs(found[1].ifindex)
+                self.endpoints.delete(found[0])
+            self.policy.delete(U32Key(ep_id))
+            for key, value in list(self.conntrack.items()):
+                if value.ep_id == ep_id:
+                    self.conntrack.delete(key)
+            return found is not None
+
+    # -- policy ---------------------------------------------------------------------
+
+    def _policy_inner_fd(self, ep_id: int) -> int | None:
+        inner_id = self.policy.lookup(U32Key(ep_id))
+        if inner_id is None:
+            return None
+        return libbpf.map_get_fd_by_id(inner_id.value)
+
+    def _current_revision(self, ep_id: int) -> int:
+        fd = self._policy_inner_fd(ep_id)
+        if fd is None:
+            return 0
+        try:
+            meta = BpfMap(fd, "policy-inner", PolicyMapKey, PolicyMapEntry).lookup(PolicyMapKey.meta())
+            return meta.revision if meta is not None else 0
+        finally:
+            libbpf.close(fd)
+
+    def update_policy(self, ep_id: int, policy: EndpointPolicy) -> int:
+        """Install `policy` for the endpoint atomically: a complete new inner map, then one
+        update of the outer slot. On any failure the old policy stays and DatapathError is
+        raised. Returns the datapath revision now in force (conntrack re-checks flows
+        allowed under an older one)."""
+        _check_ep_id(ep_id)
+        for key in policy.entries:
+            _check_identity(key.identity, f"policy key {key}")
+        with self._lock:
+            self._require_open()
+            old_rev = self._current_revision(ep_id)
+            revision = policy.revision if policy.revision > old_rev else old_rev + 1
+            revision &= 0xFFFFFFFF
+            max_entries = max(64, len(policy.entries) + 1)
+            inner_fd = libbpf.map_create(libbpf.BPF_MAP_TYPE_LPM_TRIE, f"pol_{ep_id}",
+                                         ctypes.sizeof(PolicyMapKey),
+                                         ctypes.sizeof(PolicyMapEntry), max_entries,
+                                         flags=libbpf.BPF_F_NO_PREALLOC)
+            try:
+                inner = BpfMap(inner_fd, f"policy of endpoint {ep_id}", PolicyMapKey,
+                               PolicyMapEntry)
+                for key, entry in policy.entries.items():
+                    inner.update(PolicyMapKey.of(key), encode_entry(key, entry))
+                meta = encode_meta(policy)
+                meta.revision = revision
+                inner.update(PolicyMapKey.meta(), meta)
+                self.policy.update(U32Key(ep_id), U32Key(inner_fd))
+            except DatapathError as exc:
+                raise DatapathError(f"policy of endpoint {ep_id} NOT updated (the previous "
+                                    f"policy stays in force): {exc}") from exc
+            finally:
+                libbpf.close(inner_fd)
+            return revision
+
+    def dump_policy(self, ep_id: int) -> dict[str, Any]:
+        with self._lock:
+            self._require_open()
+            fd = self._policy_inner_fd(ep_id)
+            if fd is None:
+                return {"ep_id": ep_id, "loaded": False, "entries": []}
+            try:
+                items = list(BpfMap(fd, "policy-inner", PolicyMapKey, PolicyMapEntry).items())
+            finally:
+                libbpf.close(fd)
+        out: dict[str, Any] = {"ep_id": ep_id, "loaded": True, "entries": []}
+        for key, value in items:
+            if key.is_meta:
+                out["ingress_enforced"] = bool(value.flags & 1)
+                out["egress_enforced"] = bool(value.flags & 2)
+                out["revision"] = value.revision
+                continue
+            port_prefix = max(0, key.prefixlen - 48)
+            port = key.port if key.prefixlen > 40 + 8 else 0
+            span = 1 << (16 - port_prefix)
+            out["entries"].append({
+                "verdict": "deny" if value.flags & POLICY_F_DENY else
+                           ("redirect" if value.proxy_port else "allow"),
+                "direction": Direction(key.direction).name.lower(),
+                "identity": key.identity,
+                "protocol": PROTOCOL_NAMES.get(key.protocol, str(key.protocol)) if key.prefixlen > 40 else "ANY",
+                "port": port if port_prefix else 0,
+                "port_prefix_len": port_prefix,
+                "port_range": [port, port + span - 1] if port_prefix else [0, 65535],
+                "proxy_port": value.proxy_port,
+                "prefix_len": value.lpm_prefix_len,
+            })
+        out["entries"].sort(key=lambda e: (e["direction"], e["identity"], e["protocol"], e["port"]))
+        return out
+
+    # -- ipcache --------------------------------------------------------------------
+
+    def upsert_ipcache(self, cidr: str, identity: int, tunnel_endpoint: str | None = None) -> None:
+        _check_identity(identity, f"ipcache {cidr}")
+        try:
+            key = IpcacheKey.of(cidr)
+            tunnel = ipaddress.IPv4Address(tunnel_endpoint).packed if tunnel_endpoint else bytes(4)
+        except ValueError as exc:
+            raise UserError(f"ipcache entry {cidr}: {exc}") from None
+        with self._lock:
+            self._require_open()
+            self.ipcache.update(key, RemoteEndpointInfo(identity, (ctypes.c_uint8 * 4)(*tunnel)))
+
+    def delete_ipcache(self, cidr: str) -> bool:
+        try:
+            key = IpcacheKey.of(cidr)
+        except ValueError as exc:
+            raise UserError(f"ipcache entry {cidr}: {exc}") from None
+        with self._lock:
+            self._require_open()
+            return self.ipcache.delete(key)
+
+    # -- listings -------------------------------------------------------------------
+
+    def dump_endpoints(self) -> list[dict[str, Any]]:
+        with self._lock:
+            self._require_open()
+            rows = [{"ep_id": v.ep_id, "ipv4": k.ip, "ifindex": v.ifindex,
+                     "identity": v.identity, "ep_mac": mac_str(v.mac),
+                     "host_mac": mac_str(v.host_mac)} for k, v in self.endpoints.items()]
+        return sorted(rows, key=lambda r: r["ep_id"])
+
+    def dump_ipcache(self) -> list[dict[str, Any]]:
+        with self._lock:
+            self._require_open()
+            rows = []
+            for k, v in self.ipcache.items():
+                tunnel = bytes(v.tunnel_endpoint)
+                rows.append({"cidr": k.cidr, "identity": v.identity,
+                             "tunnel_endpoint": str(ipaddress.IPv4Address(tunnel)) if any(tunnel) else None})
+        return sorted(rows, key=lambda r: (ipaddress.IPv4Network(r["cidr"]).network_address,
+                                           ipaddress.IPv4Network(r["cidr"]).prefixlen))
+
+    def dump_ct(self) -> list[dict[str, Any]]:
+        now = time.monotonic_ns()
+        with self._lock:
+            self._require_open()
+            rows = []
+            for k, v in self.conntrack.items():
+                proto = k.protocol
+                rows.append({
+                    "src": str(ipaddress.IPv4Address(bytes(k.saddr))),
+                    "dst": str(ipaddress.IPv4Address(bytes(k.daddr))),
+                    "sport": int.from_bytes(bytes(k.sport), "big"),
+                    "dport": int.from_bytes(bytes(k.dport), "big"),
+                    "protocol": PROTOCOLS.get(proto, str(proto)),
+                    "direction": "egress" if k.direction else "ingress",
+                    "ep_id": v.ep_id, "src_identity": v.src_identity,
+                    "expires_in_s": round((v.expires_ns - now) / 1e9, 1),
+                    "expired": v.expires_ns <= now,
+                    "packets": v.packets, "bytes": v.bytes,
+                    "seen_reply": bool(v.flags & CT_F_SEEN_REPLY),
+                    "closing": bool(v.flags & CT_F_CLOSING),
+                    "policy_revision": v.policy_rev, "proxy_port": v.proxy_port,
+                })
+        return rows
+
+    def dump_metrics(self) -> list[dict[str, Any]]:
+        with self._lock:
+            self._require_open()
+            rows = []
+            for k, per_cpu in self.metrics.items():
+                rows.append({"reason": k.reason, "reason_desc": reason_name(k.reason),
+                             "direction": "egress" if k.direction else "ingress",
+                             "packets": sum(v.packets for v in per_cpu),
+                             "bytes": sum(v.bytes for v in per_cpu)})
+        return sorted(rows, key=lambda r: (r["reason"], r["direction"]))
+
+    def event_maps(self) -> tuple[Path, Path]:
+        """Pin paths of the events ring buffer and its per-CPU lost counter."""
+        return self.root / "events", self.root / "events_lost"
+
+    def events_lost(self) -> int:
+        with self._lock:
+            self._require_open()
+            per_cpu = self.events_lost_map.lookup(U32Key(0)) or []
+            return sum(v.value for v in per_cpu)
+
+    def ct_gc(self) -> int:
+        """Delete expired conntrack entries; returns how many."""
+        removed = 0
+        with self._lock:
+            self._require_open()
+            now = time.monotonic_ns()
+            for key in list(self.conntrack.keys()):
+                value = self.conntrack.lookup(key)
+                if value is not None and value.expires_ns <= now:
+                    removed += self.conntrack.delete(key)
+        return removed
+
+    # -- trace ----------------------------------------------------------------------
+
+    def run_program(self, name: str, packet: bytes, ifindex: int, mark: int = 0,
+                    cb: tuple[int, ...] = (), repeat: int = 1) -> tuple[int, SkBuff, int]:
+        """BPF_PROG_TEST_RUN of one loaded program: (retval, ctx out, ns per run)."""
+        self._require_open()
+        ctx = SkBuff(mark=mark, ifindex=ifindex)
+        for i, value in enumerate(cb):
+            ctx.cb[i] = value
+        retval, duration, _data, ctx_out = libbpf.test_run(self.prog_fds[name], packet, ctx,
+                                                           repeat=repeat)
+        return retval, ctx_out, duration
+
+    def trace(self, ep_id: int, direction: Direction | str, src_ip: str, dst_ip: str,
+              sport: int, dport: int, proto: int, src_identity: int | None = None) -> dict[str, Any]:
+        """Run the endpoint's program on a synthesized packet (dry run: no conntrack
+        writes, events or metrics) and report what the kernel decided."""
+        if isinstance(direction, str):
+            try:
+                direction = Direction[direction.upper()]
+            except KeyError:
+                raise UserError(f"direction: {direction!r} is not ingress or egress") from None
+        if isinstance(proto, str):
+            from pylium.policy.mapstate import PROTOCOL_NUMBERS
+            proto = PROTOCOL_NUMBERS.get(proto.upper(), -1)
+        if proto not in PROTOCOLS:
+            raise UserError(f"proto: {proto} is not ICMP, TCP, UDP or SCTP")
+        if src_identity is not None:
+            _check_identity(src_identity, "src_identity")
+        with self._lock:
+            self._require_open()
+            found = self._find_endpoint(ep_id)
+            if found is None:
+                raise UserError(f"endpoint {ep_id} is not in the datapath")
+            _key, ep = found
+            ep_mac, host_mac = bytes(ep.mac), bytes(ep.host_mac)
+            try:
+                if direction == Direction.EGRESS:
+                    pkt = build(src_ip, dst_ip, proto, sport, dport, src_mac=ep_mac, dst_mac=host_mac)
+                    program, cb = "from_container", ()
+                else:
+                    pkt = build(src_ip, dst_ip, proto, sport, dport, src_mac=host_mac, dst_mac=ep_mac)
+                    program = "to_container"
+                    cb = (src_identity, TRACE_CB_IDENTITY) if src_identity is not None else ()
+            except (ValueError, OSError) as exc:
+                raise UserError(f"trace packet: {exc}") from None
+            retval, ctx, _ns = self.run_program(program, pkt, ep.ifindex,
+                                                mark=MARK_MAGIC_DRYRUN, cb=cb)
+        return decode_result(retval, ctx, program, direction)
+
+
+def decode_result(retval: int, ctx: SkBuff, program: str, direction: Direction) -> dict[str, Any]:
+    reason = ctx.cb[0]
+    verdict = ctx.cb[1] & 0xFF
+    action = {TC_ACT_OK: "forwarded", TC_ACT_SHOT: "dropped",
+              TC_ACT_REDIRECT: "redirected"}.get(retval, f"tc action {retval}")
+    return {
+        "program": program, "direction": direction.name.lower(), "retval": retval,
+        "action": action,
+        "verdict": VERDICT_NAMES.get(verdict, str(verdict)),
+        "proxy_port": ctx.cb[1] >> 16,
+        "drop_reason": reason if retval == TC_ACT_SHOT else 0,
+        "drop_reason_desc": reason_name(reason) if retval == TC_ACT_SHOT else "",
+        "peer_identity": ctx.cb[2],
+        "ct": CT_STATES.get(ctx.cb[3], str(ctx.cb[3])),
+        "target_ifindex": ctx.cb[4],
+    }
+

@@ -1,0 +1,38 @@
+"""Objects are cached by sources + defines + clang version; a compile error is loud."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from pylium.datapath.compile import bpf_source_dir, compile_object
+from pylium.datapath.libbpf import DatapathError
+
+pytestmark = pytest.mark.skipif(shutil.which("clang") is None, reason="needs clang")
+
+
+def test_same_inputs_hit_the_cache_and_defines_change_the_key(tmp_path):
+    first = compile_object("bpf_lxc.c", {"CT_LIFETIME_TCP": 10}, cache_dir=tmp_path)
+    mtime = first.stat().st_mtime_ns
+    again = compile_object("bpf_lxc.c", {"CT_LIFETIME_TCP": 10}, cache_dir=tmp_path)
+    other = compile_object("bpf_lxc.c", {"CT_LIFETIME_TCP": 11}, cache_dir=tmp_path)
+    assert again == first and again.stat().st_mtime_ns == mtime
+    assert other != first
+    assert first.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_source_change_changes_the_key(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(bpf_source_dir(), src)
+    a = compile_object("bpf_lxc.c", cache_dir=tmp_path / "c", src_dir=src)
+    (src / "lib" / "common.h").write_text((src / "lib" / "common.h").read_text() + "\n/* x */\n")
+    b = compile_object("bpf_lxc.c", cache_dir=tmp_path / "c", src_dir=src)
+    assert a != b
+
+
+def test_compile_error_names_the_source(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(bpf_source_dir(), src)
+    (src / "bpf_lxc.c").write_text("this is not C;\n")
+    with pytest.raises(DatapathError, match="compiling bpf_lxc.c failed"):
+        compile_object("bpf_lxc.c", cache_dir=tmp_path / "c", src_dir=src)
