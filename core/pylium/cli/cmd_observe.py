@@ -4,7 +4,6 @@ the agent (passed as query parameters); this module only streams and prints."""
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from urllib.parse import urlencode
 
@@ -86,7 +85,7 @@ def stream_lines(socket_path: str, path: str, timeout: float | None):
             line = line.strip()
             if line:
                 yield json.loads(line)
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return
     finally:
         conn.close()

@@ -1,0 +1,124 @@
+"""`pylium observe` against the agent's real flow routes on a unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import types
+
+import pytest
+from aiohttp import web
+from click.testing import CliRunner
+from flow_starwars import starwars_events, starwars_resolver
+from pylium.agent import routes_flow
+from pylium.agent.server import errors_as_json
+from pylium.cli.main import cli
+from pylium.flow.component import FlowObserver
+
+
+class AgentThread:
+    """The flow routes served on a unix socket from their own event loop."""
+
+    def __init__(self, observer, path):
+        self.daemon = types.SimpleNamespace(components={"flow": observer})
+        self.path = str(path)
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        app = web.Application(middlewares=[errors_as_json])  # as the agent's server
+        routes_flow.setup(app, self.daemon)
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        self.loop.run_until_complete(web.UnixSite(self.runner, self.path).start())
+        self.ready.set()
+        self.loop.run_forever()
+
+    def __enter__(self):
+        self.thread.start()
+        assert self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc):
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def agent(tmp_path):
+    observer = FlowObserver("node-a", starwars_resolver, capacity=1000)
+    observer.ingest(b"".join(starwars_events()))
+    with AgentThread(observer, tmp_path / "pylium.sock") as a:
+        a.observer = observer
+        yield a
+
+
+def observe(agent, *args):
+    result = CliRunner().invoke(cli, ["--socket", agent.path, "observe", *args])
+    return result
+
+
+def test_observe_json_dropped_is_hubble_shaped(agent):
+    result = observe(agent, "--verdict", "DROPPED", "-o", "json")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in result.output.splitlines()]
+    assert len(lines) == 2
+    flow = lines[1]["flow"]
+    assert flow["verdict"] == "DROPPED" and flow["drop_reason_desc"] == "POLICY_DENIED"
+    assert flow["source"]["pod_name"] == "xwing"
+    assert "k8s:org=alliance" in flow["source"]["labels"]
+    assert "k8s:org=empire" in flow["destination"]["labels"]
+    assert flow["l4"]["TCP"]["destination_port"] == 80
+    assert lines[1]["node_name"] == "node-a"
+
+
+def test_observe_compact_and_table(agent):
+    result = observe(agent, "--pod", "default/tiefighter")
+    assert result.exit_code == 0, result.output
+    out = result.output.splitlines()
+    assert len(out) == 2 and all("default/tiefighter:40000 (ID:1002) -> " in x for x in out)
+    assert out[1].endswith("to-endpoint FORWARDED (TCP Flags: SYN)")
+    result = observe(agent, "-o", "table", "--from-label", "org=alliance")
+    assert result.exit_code == 0, result.output
+    rows = result.output.splitlines()
+    assert rows[0].split() == ["TIMESTAMP", "SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY"]
+    assert len(rows) == 3 and all("DROPPED" in r for r in rows[1:])
+
+
+def test_observe_bad_filter_is_one_line_error(agent):
+    result = observe(agent, "--since", "last tuesday")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: since: 'last tuesday' is neither a duration")
+    assert "Traceback" not in result.output
+
+
+def test_observe_follow_streams_new_flows_and_losses(agent):
+    def feed():
+        time.sleep(0.5)
+        agent.observer.ingest(b"".join(starwars_events()))
+        agent.observer.ring.append_lost("PERF_EVENT_RING_BUFFER", 7)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    result = observe(agent, "--follow", "--verdict", "DROPPED", "--timeout", "2", "-o", "json")
+    feeder.join()
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in result.output.splitlines()]
+    # only what happened after the follow started: 2 drops, then the loss record
+    assert [("flow" in x) for x in lines] == [True, True, False]
+    assert lines[2]["lost_events"] == {"source": "PERF_EVENT_RING_BUFFER", "num_events_lost": 7}
+    compact = CliRunner().invoke(cli, ["--socket", agent.path, "observe", "--last", "1",
+                                       "--since", "1h"])
+    last = compact.output.splitlines()
+    assert len(last) == 2 and "xwing" in last[0]  # the last flow, and the loss after it
+    assert last[1] == "EVENTS LOST: PERF_EVENT_RING_BUFFER 7"
+
+
+def test_no_agent_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(cli, ["--socket", str(tmp_path / "none.sock"), "observe"])
+    assert result.exit_code != 0 and "cannot reach the pylium agent" in result.output
