@@ -36,8 +36,11 @@ $(VENV)/.installed: $(PROJECT_FILES)
 demo: setup
 	$(PY) -m pylium.demo
 
+# pytest exits 5 when it collected no tests: a failure here, with a message (make itself
+# turns every failing exit code into 2, so the message is the only trace of the cause)
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 bench: setup
 	$(PY) bench/run.py $(B)

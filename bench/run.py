@@ -18,6 +18,9 @@ def main(argv: list[str]) -> int:
     if unknown:
         print(f"unknown benchmark {unknown[0]!r}; have: {', '.join(names)}", file=sys.stderr)
         return 2
+    if not names:
+        print("no benchmarks yet (bench/bench_*.py)", file=sys.stderr)
+        return 0
     failed = 0
     results = HERE / "results.jsonl"
     for name in wanted or names:
