@@ -48,7 +48,11 @@ class AgentClient:
             raise AgentUnreachable(f"agent at {self.socket_path} did not answer: {exc}") from None
         finally:
             conn.close()
-        data = json.loads(raw) if raw else None
+        try:
+            data = json.loads(raw) if raw else None
+        except ValueError:
+            raise AgentUnreachable(f"{self.socket_path} answered HTTP {response.status} with "
+                                   "something that is not JSON: is it a pylium agent?") from None
         if response.status >= 400:
             message = data.get("error") if isinstance(data, dict) else raw.decode(errors="replace")
             raise UserError(message or f"agent answered HTTP {response.status}")

@@ -39,6 +39,7 @@ def _status_table(s):
         f"KVStore:       {kv.get('backend', '?')}  {'Ok' if kv.get('healthy') else 'Failure'}"
         f"  {kv.get('detail', '')}",
         "Plugins:       " + ", ".join(f"{k}={','.join(v) or '-'}" for k, v in s["plugins"].items()),
+        f"Components:    {', '.join(s.get('components', [])) or '-'}",
         f"Uptime:        {s['uptime_seconds']}s",
     ]
     for key, value in s.items():
