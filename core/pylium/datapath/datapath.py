@@ -321,8 +321,10 @@ class Datapath:
         raised. Returns the datapath revision now in force (conntrack re-checks flows
         allowed under an older one)."""
         _check_ep_id(ep_id)
-        for key in policy.entries:
+        for key, entry in policy.entries.items():
             _check_identity(key.identity, f"policy key {key}")
+            if not 0 <= entry.proxy_port <= 0xFFFF:
+                raise UserError(f"policy key {key}: proxy_port {entry.proxy_port} outside 0..65535")
         with self._lock:
             self._require_open()
             old_rev = self._current_revision(ep_id)
