@@ -114,15 +114,23 @@ class AgentCollector:
         if datapath is None:
             return None
         try:
-            raw = _call(datapath, "read_metrics", "metrics")
+            raw = _call(datapath, "dump_metrics", "read_metrics")
         except Exception:
             log.exception("reading datapath metrics")
             return None
         if raw is None:
             return None
+        out: dict[tuple[int, int], tuple[int, int]] = {}
+        if isinstance(raw, list) and all(isinstance(r, dict) for r in raw):
+            # Datapath.dump_metrics(): [{"reason", "direction": "ingress"|"egress", ...}]
+            for row in raw:
+                direction = 1 if str(row["direction"]).lower() == "egress" else 0
+                key = (int(row["reason"]), direction)
+                packets, nbytes = out.get(key, (0, 0))
+                out[key] = (packets + int(row["packets"]), nbytes + int(row["bytes"]))
+            return out
         items = raw.items() if isinstance(raw, dict) else ((tuple(r[:2]), tuple(r[2:4]))
                                                             for r in raw)
-        out: dict[tuple[int, int], tuple[int, int]] = {}
         for key, value in items:
             reason, direction = (key.reason, key.direction) if hasattr(key, "reason") else key
             if hasattr(value, "packets"):
