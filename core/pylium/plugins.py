@@ -144,6 +144,9 @@ def _records_of(impl, info: PluginInfo, hook_name: str, record_type: type) -> li
             f"plugin {info.name} ({info.dist}) failed in {hook_name}: "
             f"{type(exc).__name__}: {one_line(exc)}"
         ) from exc
+    if _tracing():
+        _trace_log().info("hook %s in %s (%s) -> %s", hook_name, info.name, info.dist,
+                          [getattr(r, "name", r) for r in records])
     for record in records:
         if not isinstance(record, record_type):
             raise PluginError(
@@ -161,10 +164,20 @@ def _entry_points() -> Iterable:
     return entry_points(group=ENTRY_POINT_GROUP)
 
 
-def _trace_hook_calls(pm: pluggy.PluginManager) -> None:
-    """`PYLIUM_TRACE_PLUGINS=1`: log every hook call, who answered and how long it took."""
+def _tracing() -> bool:
+    return os.environ.get("PYLIUM_TRACE_PLUGINS") == "1"
+
+
+def _trace_log() -> logging.Logger:
+    """The trace logger, on even when the rest of logging is quiet (the switch asked for it)."""
     trace = logging.getLogger("pylium.plugins.trace")
     trace.setLevel(logging.DEBUG)
+    return trace
+
+
+def _trace_hook_calls(pm: pluggy.PluginManager) -> None:
+    """`PYLIUM_TRACE_PLUGINS=1`: log every hook call, who answered and how long it took."""
+    trace = _trace_log()
     started: dict[int, float] = {}
 
     def before(hook_name, impls, kwargs):
@@ -245,8 +258,10 @@ def make_plugin_manager(load_entry_points: bool = True) -> PluginManager:
                 raise PluginError(f"plugin validation failed: {one_line(exc)}") from exc
             manager._mark_broken(name, info.dist, f"PluginValidationError: {exc}")
     manager._drop_broken_providers()
+    for kind in CAPABILITY_KINDS:  # conflicts surface now, not at the first lookup
+        manager.capabilities(kind)
 
-    if os.environ.get("PYLIUM_TRACE_PLUGINS") == "1":
+    if _tracing():
         _trace_hook_calls(pm)
 
     manager.infos = [attrs.evolve(i, hooks=manager.hooks_of(i.name)) for i in manager.infos]

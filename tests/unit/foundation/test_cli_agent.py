@@ -234,3 +234,10 @@ def test_unreachable_agent(tmp_path):
 def test_version():
     proc = run_pylium("version", "-o", "json")
     assert proc.returncode == 0 and json.loads(proc.stdout)["version"] == "0.1.0"
+
+
+def test_trace_switch_shows_which_plugin_answered_each_hook():
+    traced = run_pylium("plugins", "-o", "json", env={"PYLIUM_TRACE_PLUGINS": "1"})
+    assert traced.returncode == 0
+    assert "hook pylium_kvstores in kvstore_etcd (pylium-kvstore-etcd) -> ['etcd']" in traced.stderr
+    assert "trace" not in run_pylium("plugins", "-o", "json").stderr
