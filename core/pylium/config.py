@@ -147,7 +147,7 @@ def _leaves(exc: BaseException):
 CONVERTER = _converter()
 
 
-def _parse_scalar(name: str, raw: str) -> Any:
+def _parse_scalar(name: str, raw: str, where: str) -> Any:
     """Turn an env/flag string into the field's shape (lists comma-separated, dicts YAML)."""
     field = FIELDS[name]
     text = str(field.type)
@@ -157,9 +157,10 @@ def _parse_scalar(name: str, raw: str) -> Any:
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{name}: not valid YAML/JSON: {exc}") from None
+            raise ConfigError(f"{where}: {name}: not valid YAML/JSON: "
+                              f"{' '.join(str(exc).split())}") from None
         if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {raw!r}")
+            raise ConfigError(f"{where}: {name}: expected a mapping, got {raw!r}")
         return value
     return raw
 
@@ -190,7 +191,7 @@ def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         name = key[len(ENV_PREFIX):].lower()
         if name not in FIELDS:
             continue  # other tools' PYLIUM_* variables (e.g. PYLIUM_SOCKET for the CLI) pass
-        out[name] = _parse_scalar(name, raw)
+        out[name] = _parse_scalar(name, raw, f"environment {key}")
     return out
 
 
@@ -216,7 +217,7 @@ def load(
         if v is None:
             continue
         if isinstance(v, str) and k in FIELDS:
-            v = _parse_scalar(k, v)
+            v = _parse_scalar(k, v, f"flag --{k.replace('_', '-')}")
         merged[k], sources[k] = v, f"flag --{k.replace('_', '-')}"
     unknown = sorted(set(merged) - set(FIELDS))
     if unknown:
