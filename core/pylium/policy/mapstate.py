@@ -123,6 +123,9 @@ class EndpointPolicy:
     egress_enforced: bool
     entries: Mapping[PolicyKey, PolicyEntry] = attrs.field(factory=dict)
     revision: int = 0
+    #: for each redirect entry, the L7 allows that apply to it (`resolve.L7Grant`s): what
+    #: the L7 proxy judges requests against; not part of the datapath's map
+    l7: Mapping[PolicyKey, tuple] = attrs.field(factory=dict, eq=False)
 
     def enforced(self, direction: Direction) -> bool:
         return self.ingress_enforced if direction == Direction.INGRESS else self.egress_enforced

@@ -1,0 +1,142 @@
+"""Cluster-wide identity allocation through the KV store, safe with many nodes at once.
+
+Layout under `pylium/state/identities/v1/` (Cilium's kvstore allocator, simplified):
+
+* `id/<number>`      → the label set (JSON list); created with create-if-absent, so one
+                       number never names two label sets;
+* `value/<labels>`   → the number; created with create-if-absent, so one label set never
+                       gets two numbers (a node that loses the race drops its `id/` key and
+                       takes the winner's number);
+* `refs/<number>/<node>` → empty, written under the node's lease: which nodes use it.
+
+`release` drops the node's reference; `collect_garbage` deletes numbers nobody references
+(value key first, so no new user can find it, then a re-check of the references)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from urllib.parse import quote
+
+from pylium.api.kvstore import KVStore, Lease
+from pylium.identity.labels import LabelSet, parse_label
+from pylium.identity.model import MAX_ALLOCATED, MIN_ALLOCATED, RESERVED_IDENTITIES, Identity
+
+log = logging.getLogger(__name__)
+
+IDENTITY_PREFIX = "pylium/state/identities/v1/"
+ID_PREFIX = IDENTITY_PREFIX + "id/"
+VALUE_PREFIX = IDENTITY_PREFIX + "value/"
+REFS_PREFIX = IDENTITY_PREFIX + "refs/"
+
+
+class AllocationError(RuntimeError):
+    pass
+
+
+def _value_key(labels: LabelSet) -> str:
+    return VALUE_PREFIX + quote(labels.key_string(), safe="")
+
+
+def encode_labels(labels: LabelSet) -> bytes:
+    return json.dumps(labels.sorted_strings()).encode()
+
+
+def decode_labels(raw: bytes) -> LabelSet:
+    return LabelSet(parse_label(text, "unspec") for text in json.loads(raw))
+
+
+class IdentityAllocator:
+    def __init__(self, kvstore: KVStore, node: str, lease: Lease | None = None,
+                 min_id: int = MIN_ALLOCATED, max_id: int = MAX_ALLOCATED):
+        self.kvstore = kvstore
+        self.node = node
+        self.lease = lease
+        self.min_id = min_id
+        self.max_id = max_id
+
+    async def lookup(self, labels: LabelSet) -> Identity | None:
+        item = await self.kvstore.get(_value_key(LabelSet(labels)))
+        return Identity(int(item.value), labels) if item is not None else None
+
+    async def get(self, number: int) -> Identity | None:
+        item = await self.kvstore.get(f"{ID_PREFIX}{number}")
+        return Identity(number, decode_labels(item.value)) if item is not None else None
+
+    async def list(self) -> list[Identity]:
+        return sorted((Identity(int(i.key[len(ID_PREFIX):]), decode_labels(i.value))
+                       for i in await self.kvstore.list(ID_PREFIX)), key=lambda i: i.id)
+
+    async def _ref(self, number: int) -> None:
+        await self.kvstore.put(f"{REFS_PREFIX}{number}/{self.node}", b"", lease=self.lease)
+
+    async def allocate(self, labels: LabelSet) -> Identity:
+        """The cluster-wide identity of `labels`, allocating it if new; this node now
+        references it."""
+        labels = LabelSet(labels)
+        for reserved in RESERVED_IDENTITIES.values():
+            if reserved.labels == labels:
+                return reserved
+        value_key = _value_key(labels)
+        for _attempt in range(64):
+            item = await self.kvstore.get(value_key)
+            if item is None:
+                number = await self._claim_number(labels)
+                if await self.kvstore.create(value_key, str(number).encode()):
+                    await self._ref(number)
+                    return Identity(number, labels)
+                # another node won the label set: give our number back, use theirs
+                await self._drop_id(number)
+                continue
+            number = int(item.value)
+            await self._ref(number)
+            # the number may have been garbage-collected between our read and our ref
+            if await self.kvstore.get(value_key) is not None and \
+                    await self.kvstore.get(f"{ID_PREFIX}{number}") is not None:
+                return Identity(number, labels)
+        raise AllocationError(f"could not allocate an identity for {labels!r}")
+
+    async def _claim_number(self, labels: LabelSet) -> int:
+        used = {int(i.key[len(ID_PREFIX):]) for i in await self.kvstore.list(ID_PREFIX)}
+        number = self.min_id
+        encoded = encode_labels(labels)
+        while number <= self.max_id:
+            if number not in used:
+                if await self.kvstore.create(f"{ID_PREFIX}{number}", encoded):
+                    return number
+                used.add(number)  # someone took it meanwhile
+            number += 1
+        raise AllocationError("identity space exhausted")
+
+    async def _drop_id(self, number: int) -> None:
+        item = await self.kvstore.get(f"{ID_PREFIX}{number}")
+        if item is not None:
+            await self.kvstore.compare_and_delete(f"{ID_PREFIX}{number}", item.mod_revision)
+
+    async def release(self, identity: Identity | int) -> None:
+        """This node no longer uses the identity (it stays until garbage-collected)."""
+        number = identity.id if isinstance(identity, Identity) else identity
+        await self.kvstore.delete(f"{REFS_PREFIX}{number}/{self.node}")
+
+    async def references(self, number: int) -> list[str]:
+        prefix = f"{REFS_PREFIX}{number}/"
+        return [i.key[len(prefix):] for i in await self.kvstore.list(prefix)]
+
+    async def collect_garbage(self) -> list[int]:
+        """Delete identities no node references; returns the numbers deleted."""
+        deleted: list[int] = []
+        for identity in await self.list():
+            if await self.references(identity.id):
+                continue
+            value_key = _value_key(identity.labels)
+            item = await self.kvstore.get(value_key)
+            if item is not None and int(item.value) == identity.id:
+                if not await self.kvstore.compare_and_delete(value_key, item.mod_revision):
+                    continue
+            if await self.references(identity.id):
+                # someone started using it while we deleted: put the index back
+                await self.kvstore.create(value_key, str(identity.id).encode())
+                continue
+            await self._drop_id(identity.id)
+            deleted.append(identity.id)
+        return deleted

@@ -1,0 +1,73 @@
+"""The node's identity manager: allocates through the KV store, keeps the `IdentityCache`
+(reserved + allocated + local CIDR identities) current, and follows other nodes'
+allocations with a KV-store watch."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from pylium.api.kvstore import KVStore, Lease
+from pylium.identity.allocator import ID_PREFIX, IdentityAllocator, decode_labels
+from pylium.identity.cache import IdentityCache
+from pylium.identity.labels import LabelSet
+from pylium.identity.model import Identity
+
+log = logging.getLogger(__name__)
+
+
+class IdentityManager:
+    def __init__(self, kvstore: KVStore, node: str, lease: Lease | None = None):
+        self.kvstore = kvstore
+        self.allocator = IdentityAllocator(kvstore, node, lease)
+        self.cache = IdentityCache()
+        self._watch_task: asyncio.Task | None = None
+
+    async def sync(self) -> int:
+        """Load every allocated identity; returns the store revision read at."""
+        revision = await self.kvstore.revision()
+        for identity in await self.allocator.list():
+            if identity.id not in self.cache:
+                self.cache.add(identity)
+        return revision
+
+    async def allocate(self, labels: LabelSet | Iterable) -> Identity:
+        identity = await self.allocator.allocate(LabelSet(labels))
+        if identity.id not in self.cache:
+            self.cache.add(identity)
+        return identity
+
+    async def release(self, identity: Identity | int) -> None:
+        await self.allocator.release(identity)
+
+    def lookup(self, number: int) -> Identity | None:
+        return self.cache.get(number)
+
+    def lookup_labels(self, labels: LabelSet) -> Identity | None:
+        return self.cache.by_labels(labels)
+
+    def list(self) -> list[Identity]:
+        return self.cache.all()
+
+    async def watch(self, after_revision: int) -> None:
+        """Follow other nodes' allocations and garbage collection (runs until cancelled)."""
+        async for event in self.kvstore.watch(ID_PREFIX, after_revision):
+            number = int(event.key[len(ID_PREFIX):])
+            try:
+                if event.type == "put":
+                    if number not in self.cache:
+                        self.cache.add(Identity(number, decode_labels(event.value)))
+                else:
+                    self.cache.remove(number)
+            except Exception:
+                log.exception("identity event %s %s", event.type, event.key)
+
+    def start_watch(self, revision: int) -> asyncio.Task:
+        self._watch_task = asyncio.get_running_loop().create_task(self.watch(revision))
+        return self._watch_task
+
+    async def close(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)

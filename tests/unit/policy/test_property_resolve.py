@@ -1,0 +1,191 @@
+"""Property tests: the map state computed by `resolve` and looked up the way the datapath
+does (`mapstate.lookup`) agrees with the reference evaluator on random policies, endpoints
+and packets; and rule order never changes the result (Cilium's distillery tests do the
+same with permutations of small rule sets)."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pylium.identity.cache import IdentityCache
+from pylium.identity.labels import Label, LabelSet
+from pylium.identity.model import RESERVED_IDENTITIES, Identity
+from pylium.policy import evaluate
+from pylium.policy.http import PortRuleHTTP
+from pylium.policy.l4 import (
+    ICMPField,
+    ICMPRule,
+    IcmpType,
+    L7Rules,
+    PortDenyRule,
+    PortProtocol,
+    PortRule,
+    PortValue,
+    ProtocolName,
+)
+from pylium.policy.mapstate import Direction, Verdict, lookup
+from pylium.policy.resolve import l7_allows, resolve
+from pylium.policy.rule import (
+    CIDR,
+    CIDRRule,
+    DefaultDeny,
+    EgressDenyRule,
+    EgressRule,
+    Entity,
+    IngressDenyRule,
+    IngressRule,
+    Rule,
+)
+from pylium.policy.selector import EndpointSelector, Requirement
+
+NS = "k8s:io.kubernetes.pod.namespace"
+LABEL_SETS = [
+    LabelSet([Label("k8s", "app", a), Label("k8s", "role", r),
+              Label("k8s", "io.kubernetes.pod.namespace", n)])
+    for a in ("a", "b") for r in ("x", "y") for n in ("default", "other")
+]
+ENDPOINT_IDENTITIES = [Identity(256 + i, labels) for i, labels in enumerate(LABEL_SETS)]
+PREFIXES = ["10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "192.168.0.0/24"]
+NAMED_PORTS = {"http": 80, "dns": 53}
+
+selectors = st.builds(
+    lambda labels, exprs: EndpointSelector(tuple(sorted(labels.items())), tuple(exprs)),
+    st.dictionaries(st.sampled_from(["app", "k8s:role", "any:app", NS]),
+                    st.sampled_from(["a", "b", "x", "default"]), max_size=2),
+    st.lists(st.one_of(
+        st.builds(Requirement, st.sampled_from(["app", "role"]), st.sampled_from(["In", "NotIn"]),
+                  st.sampled_from([("a",), ("x",), ("a", "b")])),
+        st.builds(Requirement, st.sampled_from(["app", NS, "reserved:host"]),
+                  st.sampled_from(["Exists", "DoesNotExist"]))), max_size=1),
+)
+ports = st.builds(
+    PortProtocol,
+    st.sampled_from([PortValue(p) for p in ("0", "80", "81", "53", "443", "http", "dns")]),
+    st.sampled_from([0, 0, 90, 1000]),
+    st.sampled_from([ProtocolName(p) for p in ("TCP", "UDP", "ANY", "SCTP")]),
+).filter(lambda p: not p.end_port or (not p.is_named and p.end_port >= int(p.port)))
+http_rules = st.lists(st.builds(PortRuleHTTP, st.sampled_from(["", "GET", "POST"]),
+                                st.sampled_from(["", "/a", "/b.*"])), min_size=1, max_size=2)
+
+
+@st.composite
+def port_rules(draw, deny: bool):
+    pps = tuple(draw(st.lists(ports, min_size=0, max_size=2)))
+    if deny:
+        return PortDenyRule(pps)
+    if pps and draw(st.booleans()):
+        l7_ports = tuple(PortProtocol(p.port, 0, ProtocolName("TCP")) for p in pps
+                         if p.port != "0")
+        if l7_ports:
+            return PortRule(l7_ports, L7Rules(http=tuple(draw(http_rules))))
+    return PortRule(pps)
+
+
+cidr_sets = st.builds(lambda c, e: CIDRRule(CIDR(c), tuple(CIDR(x) for x in e)),
+                      st.sampled_from(["10.0.0.0/8", "0.0.0.0/0"]),
+                      st.sampled_from([(), ("10.1.0.0/16",)]))
+icmps = st.builds(lambda t: ICMPRule((ICMPField(IcmpType(t)),)), st.sampled_from([0, 8]))
+
+
+@st.composite
+def items(draw, cls, deny: bool):
+    ingress = cls in (IngressRule, IngressDenyRule)
+    pre = "from" if ingress else "to"
+    kwargs = {}
+    if draw(st.booleans()):
+        kwargs[f"{pre}_endpoints"] = tuple(draw(st.lists(selectors, max_size=2)))
+    if draw(st.integers(0, 4)) == 0:
+        kwargs[f"{pre}_requires"] = (draw(selectors),)
+    if draw(st.integers(0, 3)) == 0:
+        kwargs[f"{pre}_cidr"] = tuple(CIDR(c) for c in draw(st.lists(
+            st.sampled_from(PREFIXES), max_size=2)))
+    if draw(st.integers(0, 3)) == 0:
+        kwargs[f"{pre}_cidr_set"] = (draw(cidr_sets),)
+    if draw(st.integers(0, 2)) == 0:
+        kwargs[f"{pre}_entities"] = tuple(Entity(e) for e in draw(st.lists(st.sampled_from(
+            ["all", "world", "cluster", "host", "health", "remote-node"]), max_size=2)))
+    choice = draw(st.integers(0, 3))
+    if choice == 1:
+        kwargs["icmps"] = (draw(icmps),)
+    elif choice >= 2:
+        kwargs["to_ports"] = tuple(draw(st.lists(port_rules(deny), min_size=1, max_size=2)))
+    return cls(**kwargs)
+
+
+@st.composite
+def rules(draw):
+    kw = {"endpoint_selector": draw(selectors)}
+    for name, cls, deny in (("ingress", IngressRule, False),
+                            ("ingress_deny", IngressDenyRule, True),
+                            ("egress", EgressRule, False),
+                            ("egress_deny", EgressDenyRule, True)):
+        if draw(st.integers(0, 2)) == 0:
+            continue
+        kw[name] = tuple(draw(st.lists(items(cls, deny), max_size=2)))
+    if draw(st.integers(0, 4)) == 0:
+        kw["enable_default_deny"] = DefaultDeny(draw(st.sampled_from([None, True, False])),
+                                                draw(st.sampled_from([None, True, False])))
+    return Rule(**kw)
+
+
+def universe(rule_list) -> IdentityCache:
+    cache = IdentityCache(ENDPOINT_IDENTITIES)
+    for prefix in PREFIXES:
+        cache.cidr_identity(prefix)
+    return cache
+
+
+packets = st.tuples(st.sampled_from([6, 17, 132, 1]),
+                    st.sampled_from([0, 8, 53, 79, 80, 81, 85, 90, 443, 1000, 8080]))
+modes = st.sampled_from(["default", "default", "always", "never"])
+requests = st.builds(evaluate.HTTPRequest, st.sampled_from(["GET", "POST", "PUT"]),
+                     st.sampled_from(["/a", "/b", "/bc"]))
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(rules(), min_size=1, max_size=4), st.sampled_from(LABEL_SETS),
+       st.lists(st.tuples(st.integers(0, 20), packets, requests), min_size=1, max_size=6),
+       modes)
+def test_map_state_agrees_with_reference_evaluator(rule_list, subject, cases, mode):
+    cache = universe(rule_list)
+    policy = resolve(rule_list, subject, cache, mode=mode, named_ports=NAMED_PORTS)
+    peers = cache.all()
+    for pick, (proto, port), request in cases:
+        peer = peers[pick % len(peers)]
+        for direction in Direction:
+            got = lookup(policy, peer.id, direction, proto, port)
+            want = evaluate.direction_verdict(rule_list, subject, peer, direction, proto, port,
+                                              mode, NAMED_PORTS)
+            context = (f"peer={peer.id} {sorted(map(str, peer.labels))} {direction.name} "
+                       f"proto={proto} port={port} mode={mode}")
+            assert got.verdict == want.verdict, f"{context}: {got} vs {want}"
+            assert got.proxy_port == want.proxy_port, context
+            if got.verdict == Verdict.REDIRECT:
+                judged = evaluate.direction_verdict(rule_list, subject, peer, direction,
+                                                    proto, port, mode, NAMED_PORTS, request)
+                assert l7_allows(policy, got.key, request) == (
+                    judged.verdict == Verdict.REDIRECT), context
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(rules(), min_size=2, max_size=3), st.sampled_from(LABEL_SETS), packets, modes)
+def test_rule_order_never_changes_the_result(rule_list, subject, packet, mode):
+    cache = universe(rule_list)
+    baseline = resolve(rule_list, subject, cache, mode=mode, named_ports=NAMED_PORTS)
+    peer = cache.all()[hash(packet) % len(cache)]
+    want = evaluate.direction_verdict(rule_list, subject, peer, Direction.INGRESS, *packet,
+                                      mode, NAMED_PORTS)
+    for perm in itertools.permutations(rule_list):
+        got = resolve(list(perm), subject, cache, mode=mode, named_ports=NAMED_PORTS)
+        assert got.entries == baseline.entries
+        assert (got.ingress_enforced, got.egress_enforced) == (
+            baseline.ingress_enforced, baseline.egress_enforced)
+        again = evaluate.direction_verdict(list(perm), subject, peer, Direction.INGRESS,
+                                           *packet, mode, NAMED_PORTS)
+        assert again.verdict == want.verdict
+
+
+def test_reserved_identities_are_in_the_universe():
+    assert set(RESERVED_IDENTITIES) <= {i.id for i in universe([]).all()}
