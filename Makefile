@@ -48,8 +48,11 @@ bench: setup
 lint: setup
 	$(VENV)/bin/ruff check core plugins tests bench examples
 
+# stale build/ trees would leak deleted modules into the wheels: start and end clean
 wheels: setup
-	rm -rf dist && $(PIP) wheel -q --no-deps -w dist . $(PLUGINS)
+	rm -rf dist build $(addsuffix /build,$(PLUGINS))
+	$(PIP) wheel -q --no-deps -w dist . $(PLUGINS)
+	rm -rf build $(addsuffix /build,$(PLUGINS))
 
 clean:
 	rm -rf $(VENV) dist build .pytest_cache .ruff_cache
