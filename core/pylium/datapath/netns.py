@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
+import inspect
+import itertools
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -18,11 +21,12 @@ from typing import Any, TypeVar
 
 import attrs
 from pyroute2 import IPRoute, NetlinkError
-from pyroute2 import netns as _netns
 
 NETNS_RUN_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
+MS_BIND, MS_REC, MS_SHARED, MNT_DETACH = 4096, 16384, 1 << 20, 2
 T = TypeVar("T")
+_TMP_NAMES = itertools.count(1)
 
 
 def netns_path(netns: str) -> Path:
@@ -34,14 +38,53 @@ def netns_exists(netns: str) -> bool:
     return netns_path(netns).exists()
 
 
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _share_run_dir() -> None:
+    """Make /run/netns a shared mount point, as iproute2 does, so a namespace bound there
+    is visible in every mount namespace."""
+    NETNS_RUN_DIR.mkdir(parents=True, exist_ok=True)
+    libc = _libc()
+    if libc.mount(b"", str(NETNS_RUN_DIR).encode(), b"none", MS_SHARED | MS_REC, None) == 0:
+        return
+    path = str(NETNS_RUN_DIR).encode()
+    _check(libc.mount(path, path, b"none", MS_BIND | MS_REC, None), "bind-mounting /run/netns")
+    _check(libc.mount(b"", path, b"none", MS_SHARED | MS_REC, None), "sharing /run/netns")
+
+
 def create_netns(name: str) -> Path:
-    """Create a named network namespace with its loopback up; returns its path."""
-    if "/" in name or not name:
+    """Create a named network namespace with its loopback up; returns its path.
+
+    A helper thread `unshare`s a new netns for itself alone and bind-mounts it at
+    /run/netns/<name>; nothing forks (forking an agent that runs threads and an event loop
+    is what pyroute2's netns helpers do, and it is not safe here)."""
+    if "/" in name or not name or len(name) > 64:
         raise ValueError(f"bad netns name {name!r}")
-    _netns.create(name)
-    with ipr(name) as ip:
-        ip.link("set", index=ip.link_lookup(ifname="lo")[0], state="up")
-    return netns_path(name)
+    _share_run_dir()
+    path = NETNS_RUN_DIR / name
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444))
+
+    def body() -> None:
+        libc = _libc()
+        _check(libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        _check(libc.mount(b"/proc/thread-self/ns/net", str(path).encode(), b"none",
+                          MS_BIND, None), f"binding netns at {path}")
+
+    try:
+        _on_thread(body)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    set_link_up("lo", name)
+    return path
 
 
 def remove_netns(netns: str) -> bool:
@@ -49,48 +92,72 @@ def remove_netns(netns: str) -> bool:
     path = netns_path(netns)
     if not path.exists():
         return False
-    _netns.remove(path.name) if path.parent == NETNS_RUN_DIR else os.unlink(path)
+    _libc().umount2(str(path).encode(), MNT_DETACH)
+    path.unlink(missing_ok=True)
     return True
 
 
 def list_netns() -> list[str]:
-    return sorted(_netns.listnetns())
+    return sorted(p.name for p in NETNS_RUN_DIR.iterdir()) if NETNS_RUN_DIR.is_dir() else []
 
 
-@contextmanager
-def ipr(netns: str | None = None) -> Iterator[IPRoute]:
-    """An `IPRoute` socket in `netns` (None: this process's namespace)."""
-    ip = IPRoute() if netns is None else IPRoute(netns=str(netns_path(netns)))
-    try:
-        yield ip
-    finally:
-        ip.close()
-
-
-def run_in_netns(netns: str, func: Callable[[], T]) -> T:
-    """Run `func` on a dedicated thread that `setns(2)`s into `netns` (only that thread
-    moves; the process stays where it is)."""
+def _on_thread(func: Callable[[], T], netns: str | None = None) -> T:
+    """Run `func` on a fresh thread, first `setns(2)`-ed into `netns` if given (only that
+    thread moves; the process stays where it is)."""
     result: dict[str, Any] = {}
 
     def body() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(netns_path(netns), os.O_RDONLY)
         try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns({netns}): {os.strerror(err)}")
+            if netns is not None:
+                fd = os.open(netns_path(netns), os.O_RDONLY)
+                try:
+                    _check(_libc().setns(fd, CLONE_NEWNET), f"setns({netns})")
+                finally:
+                    os.close(fd)
             result["value"] = func()
         except BaseException as exc:  # handed back to the caller's thread
             result["error"] = exc
-        finally:
-            os.close(fd)
 
-    thread = threading.Thread(target=body, name=f"netns-{netns}")
+    thread = threading.Thread(target=body, name=f"netns-{netns or 'new'}")
     thread.start()
     thread.join()
     if "error" in result:
         raise result["error"]
     return result["value"]
+
+
+def run_in_netns(netns: str, func: Callable[[], T]) -> T:
+    """Run `func` with its thread inside `netns` (sockets it opens live there)."""
+    return _on_thread(func, netns)
+
+
+def _netlink(func: Callable[..., T]) -> Callable[..., T]:
+    """Run a netlink helper in the namespace named by its `netns` keyword argument: on a
+    thread that entered it, where `IPRoute()` opens its socket (pyroute2's own `netns=`
+    forks a child process for that, which an agent with threads must not do)."""
+
+    signature = inspect.signature(func)
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        netns = bound.arguments.get("netns")
+        if netns is None:
+            return func(*args, **kwargs)
+        bound.arguments["netns"] = None
+        return _on_thread(lambda: func(*bound.args, **bound.kwargs), netns)
+
+    return wrapper
+
+
+@contextmanager
+def ipr() -> Iterator[IPRoute]:
+    """An `IPRoute` socket in the calling thread's namespace."""
+    ip = IPRoute()
+    try:
+        yield ip
+    finally:
+        ip.close()
 
 
 def write_sysctl(netns: str | None, key: str, value: str) -> None:
@@ -100,12 +167,12 @@ def write_sysctl(netns: str | None, key: str, value: str) -> None:
     def write() -> None:
         path.write_text(f"{value}\n")
 
-    write() if netns is None else run_in_netns(netns, write)
+    write() if netns is None else _on_thread(write, netns)
 
 
 def read_sysctl(netns: str | None, key: str) -> str:
     path = Path("/proc/sys") / key.replace(".", "/")
-    return (path.read_text() if netns is None else run_in_netns(netns, path.read_text)).strip()
+    return (path.read_text() if netns is None else _on_thread(path.read_text, netns)).strip()
 
 
 # links ------------------------------------------------------------------------------------
@@ -126,14 +193,16 @@ def _link_info(ip: IPRoute, ifname: str) -> LinkInfo | None:
                     up=bool(msg["flags"] & 1))
 
 
+@_netlink
 def link_info(ifname: str, netns: str | None = None) -> LinkInfo | None:
     """The link called `ifname` in `netns`, or None."""
-    with ipr(netns) as ip:
+    with ipr() as ip:
         return _link_info(ip, ifname)
 
 
+@_netlink
 def list_links(netns: str | None = None) -> list[LinkInfo]:
-    with ipr(netns) as ip:
+    with ipr() as ip:
         out = []
         for msg in ip.get_links():
             out.append(LinkInfo(ifname=msg.get_attr("IFLA_IFNAME"), ifindex=msg["index"],
@@ -142,9 +211,10 @@ def list_links(netns: str | None = None) -> list[LinkInfo]:
         return out
 
 
+@_netlink
 def delete_link(ifname: str, netns: str | None = None) -> bool:
     """Delete a link (a veth takes its peer with it); False if it did not exist."""
-    with ipr(netns) as ip:
+    with ipr() as ip:
         found = ip.link_lookup(ifname=ifname)
         if not found:
             return False
@@ -157,50 +227,65 @@ def delete_link(ifname: str, netns: str | None = None) -> bool:
         return True
 
 
+@_netlink
 def set_link_up(ifname: str, netns: str | None = None, master: str | None = None) -> None:
-    with ipr(netns) as ip:
+    with ipr() as ip:
         index = ip.link_lookup(ifname=ifname)[0]
         if master is not None:
             ip.link("set", index=index, master=ip.link_lookup(ifname=master)[0])
         ip.link("set", index=index, state="up")
 
 
-def create_veth(a_name: str, a_netns: str | None, b_name: str, b_netns: str | None,
-                mtu: int = 1500) -> tuple[LinkInfo, LinkInfo]:
-    """A veth pair with one end `a_name` in `a_netns` and the other `b_name` in `b_netns`,
-    both up. The peer is born under a temporary name in `a_netns` and moved, so the final
-    name may already exist elsewhere (every pod's end is `eth0`)."""
-    tmp = f"pyt{os.getpid() % 100000}{threading.get_ident() % 1000}"[:15]
-    with ipr(a_netns) as ip:
+@_netlink
+def _add_veth(a_name: str, tmp: str, b_netns: str | None, mtu: int,
+              netns: str | None = None) -> LinkInfo:
+    with ipr() as ip:
         ip.link("add", ifname=a_name, kind="veth", peer={"ifname": tmp}, mtu=mtu)
         try:
             peer = ip.link_lookup(ifname=tmp)[0]
-            if b_netns is not None or a_netns is not None:
-                fd = os.open(netns_path(b_netns) if b_netns else "/proc/self/ns/net", os.O_RDONLY)
-                try:
-                    ip.link("set", index=peer, net_ns_fd=fd)
-                finally:
-                    os.close(fd)
+            fd = os.open(netns_path(b_netns) if b_netns else "/proc/self/ns/net", os.O_RDONLY)
+            try:
+                ip.link("set", index=peer, net_ns_fd=fd)
+            finally:
+                os.close(fd)
             ip.link("set", index=ip.link_lookup(ifname=a_name)[0], state="up")
-            a_info = _link_info(ip, a_name)
+            info = _link_info(ip, a_name)
         except BaseException:
             ip.link("del", ifname=a_name)
             raise
+    assert info is not None
+    return info
+
+
+@_netlink
+def _rename_up(tmp: str, name: str, mtu: int, netns: str | None = None) -> LinkInfo:
+    with ipr() as ip:
+        index = _index(ip, tmp)
+        ip.link("set", index=index, ifname=name, mtu=mtu)
+        ip.link("set", index=index, state="up")
+        info = _link_info(ip, name)
+    assert info is not None
+    return info
+
+
+def create_veth(a_name: str, a_netns: str | None, b_name: str, b_netns: str | None,
+                mtu: int = 1500) -> tuple[LinkInfo, LinkInfo]:
+    """A veth pair with one end `a_name` in `a_netns` and the other `b_name` in `b_netns`,
+    both up (None: the caller's namespace). The peer is born under a temporary name and
+    moved, so the final name may exist elsewhere already (every pod's end is `eth0`)."""
+    tmp = f"pyt{os.getpid() % 10000}{next(_TMP_NAMES) % 100000}"
+    a_info = _add_veth(a_name, tmp, b_netns, mtu, netns=a_netns)
     try:
-        with ipr(b_netns) as ip:
-            index = ip.link_lookup(ifname=tmp)[0]
-            ip.link("set", index=index, ifname=b_name, mtu=mtu)
-            ip.link("set", index=index, state="up")
-            b_info = _link_info(ip, b_name)
+        b_info = _rename_up(tmp, b_name, mtu, netns=b_netns)
     except BaseException:
-        delete_link(a_name, a_netns)
+        delete_link(a_name, netns=a_netns)
         raise
-    assert a_info is not None and b_info is not None
     return a_info, b_info
 
 
+@_netlink
 def create_bridge(name: str, netns: str | None) -> LinkInfo:
-    with ipr(netns) as ip:
+    with ipr() as ip:
         ip.link("add", ifname=name, kind="bridge")
         ip.link("set", index=ip.link_lookup(ifname=name)[0], state="up")
         info = _link_info(ip, name)
@@ -216,10 +301,11 @@ def _index(ip: IPRoute, ifname: str) -> int:
     return found[0]
 
 
+@_netlink
 def add_address(ifname: str, cidr: str, netns: str | None = None) -> None:
     """Add `addr/len` to a link (already present is fine)."""
     address, _, length = cidr.partition("/")
-    with ipr(netns) as ip:
+    with ipr() as ip:
         try:
             ip.addr("add", index=_index(ip, ifname), address=address, prefixlen=int(length or 32))
         except NetlinkError as exc:
@@ -227,19 +313,21 @@ def add_address(ifname: str, cidr: str, netns: str | None = None) -> None:
                 raise
 
 
+@_netlink
 def addresses(ifname: str | None = None, netns: str | None = None) -> list[str]:
     """IPv4 addresses (`addr/len`) in `netns`, of one link or all."""
-    with ipr(netns) as ip:
+    with ipr() as ip:
         kwargs = {"index": _index(ip, ifname)} if ifname else {}
         return [f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}"
                 for m in ip.get_addr(family=2, **kwargs)]
 
 
+@_netlink
 def add_route(dst: str, netns: str | None = None, gateway: str | None = None,
               ifname: str | None = None, onlink: bool = False) -> None:
     """Add (or replace) a route; `dst` is a CIDR or "default"."""
     spec: dict[str, Any] = {"dst": "0.0.0.0/0" if dst == "default" else dst}
-    with ipr(netns) as ip:
+    with ipr() as ip:
         if ifname is not None:
             spec["oif"] = _index(ip, ifname)
         if gateway is not None:
@@ -251,8 +339,9 @@ def add_route(dst: str, netns: str | None = None, gateway: str | None = None,
         ip.route("replace", **spec)
 
 
+@_netlink
 def delete_route(dst: str, netns: str | None = None) -> bool:
-    with ipr(netns) as ip:
+    with ipr() as ip:
         try:
             ip.route("del", dst=dst)
         except NetlinkError as exc:
@@ -262,9 +351,10 @@ def delete_route(dst: str, netns: str | None = None) -> bool:
         return True
 
 
+@_netlink
 def routes(netns: str | None = None) -> list[dict[str, Any]]:
     """IPv4 main-table routes as `{"dst", "gateway", "oif"}` dicts."""
-    with ipr(netns) as ip:
+    with ipr() as ip:
         out = []
         for m in ip.get_routes(family=2, table=254):
             dst = m.get_attr("RTA_DST")
@@ -273,15 +363,17 @@ def routes(netns: str | None = None) -> list[dict[str, Any]]:
         return out
 
 
+@_netlink
 def add_static_neighbour(ifname: str, address: str, mac: str, netns: str | None = None) -> None:
     """A permanent neighbour entry (replaces an existing one)."""
-    with ipr(netns) as ip:
+    with ipr() as ip:
         ip.neigh("replace", dst=address, lladdr=mac, ifindex=_index(ip, ifname), state=0x80)
 
 
+@_netlink
 def neighbours(ifname: str, netns: str | None = None) -> dict[str, str]:
     """IPv4 neighbours of a link: {address: mac}."""
-    with ipr(netns) as ip:
+    with ipr() as ip:
         return {m.get_attr("NDA_DST"): m.get_attr("NDA_LLADDR")
                 for m in ip.get_neighbours(family=2, ifindex=_index(ip, ifname))
                 if m.get_attr("NDA_LLADDR")}

@@ -15,51 +15,65 @@ log = logging.getLogger(__name__)
 
 
 class IdentityAdapter:
+    """`pylium.identity.manager.IdentityManager`: labels → numeric identity via the KV store."""
+
     def __init__(self, identities: Any):
         self.identities = identities
 
     async def allocate(self, labels: dict[str, str]) -> int:
-        result = self.identities.allocate(labels)
-        if asyncio.iscoroutine(result):
-            result = await result
-        return int(getattr(result, "id", result))
+        from pylium.identity.labels import LabelSet
+
+        identity = await self.identities.allocate(
+            LabelSet.parse([f"{k}={v}" for k, v in labels.items()]))
+        return int(identity.id)
 
     async def release(self, identity: int) -> None:
-        release = getattr(self.identities, "release", None)
-        if release is None:
-            return
-        result = release(identity)
-        if asyncio.iscoroutine(result):
-            await result
+        await self.identities.release(identity)
 
 
 class PolicyAdapter:
-    def __init__(self, repository: Any, identities: Any):
-        self.repository = repository
-        self.identities = identities
+    """`pylium.policy.component.PolicyService`: the engine's per-identity map state."""
+
+    def __init__(self, service: Any):
+        self.engine = service.engine
 
     async def compute(self, endpoint: Endpoint) -> Any:
-        result = self.repository.endpoint_policy(endpoint.identity_labels, endpoint.identity)
-        if asyncio.iscoroutine(result):
-            result = await result
-        return result
+        return self.engine.endpoint_policy(endpoint.identity)
+
+
+class NoRulesPolicy:
+    """Stands in while no policy repository runs in this agent: the policy of an empty
+    repository (Cilium's enforcement modes: `always` enforces with nothing allowed,
+    `default` and `never` enforce nothing)."""
+
+    def __init__(self, enforcement: str):
+        self.enforce = enforcement == "always"
+
+    async def compute(self, endpoint: Endpoint) -> Any:
+        from pylium.policy.mapstate import EndpointPolicy
+
+        return EndpointPolicy(ingress_enforced=self.enforce, egress_enforced=self.enforce)
 
 
 class DatapathAdapter:
+    """`pylium.datapath.Datapath`: the endpoints map + programs on the host-side veth, the
+    endpoint's /32 in the ipcache (Cilium keeps local endpoints there too), and the
+    per-endpoint policy map."""
+
     def __init__(self, datapath: Any):
         self.datapath = datapath
 
-    def _info(self, ep: Endpoint) -> Any:
-        from pylium.datapath import EndpointInfo  # the datapath component's record
-
-        return EndpointInfo(id=ep.id, ifindex=ep.ifindex, ifname=ep.ifname, ipv4=ep.ipv4,
-                            mac=ep.mac, pod_mac=ep.pod_mac, identity=ep.identity)
-
     async def attach(self, ep: Endpoint) -> None:
-        await asyncio.to_thread(self.datapath.attach_endpoint, self._info(ep))
+        from pylium.datapath import EndpointInfo
+
+        info = EndpointInfo(ep_id=ep.id, ipv4=ep.ipv4, ifindex=ep.ifindex, ep_mac=ep.pod_mac,
+                            host_mac=ep.mac, identity=ep.identity)
+        await asyncio.to_thread(self.datapath.attach_endpoint, info)
+        await asyncio.to_thread(self.datapath.upsert_ipcache, f"{ep.ipv4}/32", ep.identity)
 
     async def detach(self, ep: Endpoint) -> None:
         await asyncio.to_thread(self.datapath.detach_endpoint, ep.id)
+        await asyncio.to_thread(self.datapath.delete_ipcache, f"{ep.ipv4}/32")
 
     async def update_policy(self, ep: Endpoint, policy: Any) -> None:
         await asyncio.to_thread(self.datapath.update_policy, ep.id, policy)
@@ -75,14 +89,58 @@ async def start(daemon) -> EndpointManager:
     manager = EndpointManager(
         cfg.state_dir, ipam,
         identities=IdentityAdapter(identities) if identities is not None else None,
-        policy=PolicyAdapter(policy, identities) if policy is not None else None,
+        policy=(PolicyAdapter(policy) if policy is not None
+                else NoRulesPolicy(cfg.enforcement)),
         datapath=DatapathAdapter(datapath) if datapath is not None else None,
         on_created=lambda ep: hook.pylium_endpoint_created(endpoint=ep),
         on_deleted=lambda ep: hook.pylium_endpoint_deleted(endpoint=ep),
     )
+    if policy is None:
+        manager.missing.append("policy")
     if manager.missing:
         log.warning("endpoint manager running without: %s", ", ".join(manager.missing))
     restored = await manager.restore()
-    await manager.regenerate_all("agent start")
     log.info("endpoints: adopted %s, dropped %s", restored["adopted"], restored["dropped"])
+    if identities is not None and datapath is not None:
+        _sync_cidr_identities(identities.cache, datapath)
+    if policy is not None:
+        _follow_policy_changes(daemon, manager, policy.engine)
+    await manager.regenerate_all("agent start")
     return manager
+
+
+def _sync_cidr_identities(cache: Any, datapath: Any) -> None:
+    """CIDR identities (made for `toCIDR`/`fromCIDR` rules) go into the ipcache, so the
+    datapath gives packets from/to those prefixes that identity instead of world."""
+
+    def push(added: list, removed: list) -> None:
+        for identity in removed:
+            if getattr(identity, "cidr", None) is not None:
+                datapath.delete_ipcache(str(identity.cidr))
+        for identity in added:
+            if getattr(identity, "cidr", None) is not None and identity.cidr.version == 4:
+                datapath.upsert_ipcache(str(identity.cidr), identity.id)
+
+    push(cache.all(), [])
+    cache.subscribe(push)
+
+
+def _follow_policy_changes(daemon, manager: EndpointManager, engine: Any) -> None:
+    """Regenerate the endpoints whose identity the engine says changed. Changes arriving
+    while a regeneration runs are coalesced into one more pass."""
+    pending: set[int] = set()
+    state = {"task": None}
+
+    async def run() -> None:
+        while pending:
+            numbers = set(pending)
+            pending.clear()
+            await manager.regenerate_identities(numbers, "policy or identity change")
+
+    def on_change(change: Any) -> None:
+        pending.update(change.identities)
+        task = state["task"]
+        if task is None or task.done():
+            state["task"] = daemon.spawn(run())
+
+    engine.subscribe(on_change)

@@ -244,6 +244,19 @@ class EndpointManager:
                                       "failed": failed}
             return self.last_regeneration
 
+    async def regenerate_identities(self, identities: set[int], reason: str) -> dict[str, Any]:
+        """Regenerate only the endpoints whose identity is in `identities`."""
+        async with self._lock:
+            failed = {}
+            for ep in list(self._endpoints.values()):
+                if ep.identity in identities:
+                    error = await self._regenerate(ep)
+                    if error:
+                        failed[ep.id] = error
+            self.last_regeneration = {"reason": reason, "endpoints": len(self._endpoints),
+                                      "failed": failed}
+            return self.last_regeneration
+
     async def _regenerate(self, ep: Endpoint) -> str:
         if self.policy is None or self.datapath is None:
             if ep.state != READY:
