@@ -3,9 +3,11 @@
 from pylium.api import KVStoreRecord
 from pylium.hookspecs import hookimpl
 
-from pylium_kvstore_consul.backend import KvstoreConsul
+from pylium_kvstore_consul.backend import ConsulKVStore
 
 
 @hookimpl
 def pylium_kvstores():
-    return [KVStoreRecord(name="consul", backend=KvstoreConsul, description="Consul KV cluster state through py-consul")]
+    return [KVStoreRecord(name="consul", backend=ConsulKVStore,
+                          description="Consul KV cluster state through py-consul "
+                                      "(tested against pylium's Consul API emulator only)")]
