@@ -58,6 +58,7 @@ TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 CT_STATES = {0: "new", 1: "established", 2: "reply"}
 VERDICT_NAMES = {0: None, 1: "allowed", 2: "denied", 3: "redirected"}
 MAX_IDENTITY = 0xFFFFFFFE
+ENDPOINT_IDENTITY_LIMIT = 1 << 24
 
 
 @attrs.frozen
@@ -263,7 +264,9 @@ class Datapath:
         """Publish the endpoint in the endpoints map and attach both programs to its
         host-side veth (idempotent: a re-attach replaces the entry and the filters)."""
         _check_ep_id(ep.ep_id)
-        _check_identity(ep.identity, "identity")
+        if not 0 < ep.identity < ENDPOINT_IDENTITY_LIMIT:
+            # it travels in 24 bits of skb->mark to a local destination (Cilium does the same)
+            raise UserError(f"endpoint {ep.ep_id}: identity {ep.identity} outside 1..{ENDPOINT_IDENTITY_LIMIT - 1}")
         try:
             key = EndpointKey.of(ep.ipv4)
             value = EndpointInfoValue(ep.ifindex, ep.ep_id, 0, ep.identity,

@@ -1,0 +1,125 @@
+"""Real packets between two pod namespaces through a node namespace running the programs:
+ping and TCP allowed, then denied by a policy update; and the datapath outliving its
+agent (kill -9): the stream survives, policy stays enforced, the next agent adopts it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from netns_helpers import in_ns
+from pylium.datapath import Datapath
+from pylium.policy.mapstate import PROTO_TCP, Direction, EndpointPolicy, PolicyEntry, PolicyKey
+
+ING, EGR = Direction.INGRESS, Direction.EGRESS
+PODS = {"a": ("10.211.0.10", 1100), "b": ("10.211.0.11", 1101)}
+
+
+def allow_all(revision=1) -> EndpointPolicy:
+    return EndpointPolicy(True, True, {PolicyKey(0, ING): PolicyEntry(),
+                                       PolicyKey(0, EGR): PolicyEntry()}, revision)
+
+
+def ping(n, src: str, dst_ip: str) -> bool:
+    return in_ns(n.pods[src]["ns"], "ping", "-c1", "-W1", dst_ip, check=False).returncode == 0
+
+
+def tcp_ok(n, src: str, dst: str, port: int) -> bool:
+    server = subprocess.Popen(["nsenter", f"--net=/run/netns/{n.pods[dst]['ns']}", "nc", "-d",
+                               "-l", "-p", str(port)], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.2)
+        client = subprocess.run(["nsenter", f"--net=/run/netns/{n.pods[src]['ns']}", "sh", "-c",
+                                 f"echo hello | nc -N -w 2 {n.pods[dst]['ip']} {port}"],
+                                capture_output=True, timeout=10)
+        out, _ = server.communicate(timeout=5) if client.returncode == 0 else (b"", None)
+        return client.returncode == 0 and b"hello" in out
+    except subprocess.TimeoutExpired:
+        return False
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_ping_and_tcp_allowed_then_denied_by_a_policy_update(node):
+    n = node("traffic", PODS)
+    n.dp.update_policy(1, allow_all())
+    n.dp.update_policy(2, allow_all())
+    b_ip = PODS["b"][0]
+    assert ping(n, "a", b_ip)
+    assert tcp_ok(n, "a", "b", 8080)
+    # b now accepts only TCP 8080 from a: ping is denied, TCP still works both ways
+    n.dp.update_policy(2, EndpointPolicy(True, True, {
+        PolicyKey(1100, ING, PROTO_TCP, 8080, 16): PolicyEntry(),
+        PolicyKey(0, EGR): PolicyEntry()}, 2))
+    assert not ping(n, "a", b_ip)
+    assert tcp_ok(n, "a", "b", 8080)
+    assert not tcp_ok(n, "a", "b", 8081)
+    drops = {(m["reason"], m["direction"]): m["packets"] for m in n.dp.dump_metrics()}
+    assert drops.get((133, "ingress"), 0) >= 2
+
+
+AGENT = r"""
+import json, sys, time
+from pathlib import Path
+from pylium.datapath import Datapath, EndpointInfo
+from pylium.policy.mapstate import *
+cfg = json.loads(sys.argv[1])
+dp = Datapath(Path(cfg["root"]), cache_dir=Path(cfg["cache"])).open()
+for ep in cfg["eps"]:
+    dp.attach_endpoint(EndpointInfo(**ep))
+only_5201 = lambda d, ident: EndpointPolicy(True, True, {
+    PolicyKey(ident, d, PROTO_TCP, 5201, 16): PolicyEntry()}, 1)
+dp.update_policy(1, only_5201(Direction.EGRESS, 1101))
+dp.update_policy(2, only_5201(Direction.INGRESS, 1100))
+print("READY", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_kill_9_of_the_agent_keeps_stream_policy_and_state(node):
+    from conftest import BPF_CACHE
+
+    n = node("kill9", PODS)
+    n.dp.close()  # the "agent" below owns the datapath now
+    cfg = {"root": str(n.root), "cache": str(BPF_CACHE),
+           "eps": [{"ep_id": e.ep_id, "ipv4": e.ipv4, "ifindex": e.ifindex, "ep_mac": e.ep_mac,
+                    "host_mac": e.host_mac, "identity": e.identity} for e in n.eps.values()]}
+    agent = subprocess.Popen(["nsenter", f"--net=/run/netns/{n.topo.node}", sys.executable, "-c",
+                              AGENT, json.dumps(cfg)], stdout=subprocess.PIPE, text=True)
+    server = client = None
+    try:
+        assert agent.stdout.readline().strip() == "READY"
+        server = subprocess.Popen(["nsenter", f"--net=/run/netns/{n.pods['b']['ns']}", "iperf3",
+                                   "-s", "-1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        client = subprocess.Popen(["nsenter", f"--net=/run/netns/{n.pods['a']['ns']}", "iperf3",
+                                   "-c", PODS["b"][0], "-t", "4", "-J"], stdout=subprocess.PIPE,
+                                  text=True)
+        time.sleep(1.5)
+        os.kill(agent.pid, signal.SIGKILL)
+        agent.wait(timeout=10)
+        out, _ = client.communicate(timeout=30)
+        assert client.returncode == 0, out[-500:]
+        result = json.loads(out)
+        assert result["end"]["sum_received"]["seconds"] >= 3.5
+        assert result["end"]["sum_received"]["bytes"] > 0
+        assert not ping(n, "a", PODS["b"][0]), "policy no longer enforced after kill -9"
+        # a new agent adopts: same endpoints, policy revision and the stream's conntrack
+        n.raw = Datapath(n.root, cache_dir=BPF_CACHE)
+        n.dp._dp = n.raw
+        n.dp.open()
+        assert {e["ep_id"] for e in n.dp.dump_endpoints()} == {1, 2}
+        assert n.dp.dump_policy(2)["revision"] == 1
+        assert any(c["dport"] == 5201 and c["seen_reply"] for c in n.dp.dump_ct())
+        assert not ping(n, "a", PODS["b"][0])
+    finally:
+        for proc in (agent, server, client):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
