@@ -214,14 +214,14 @@ class AgentCollector:
                                         "this agent (Cilium: cilium_identity).", value=count)
         policy = comps.get("policy")
         if policy is not None:
-            count = _count(policy)
+            count = _count(getattr(policy, "repository", None) or policy, ("policies",))
             if count is not None:
                 yield GaugeMetricFamily("pylium_policy", "Policy rules loaded "
                                         "(Cilium: cilium_policy).", value=count)
         datapath = comps.get("datapath")
         if datapath is not None:
             try:
-                pressure = _call(datapath, "map_pressure")
+                pressure = _call(datapath, "map_pressure") or _map_pressure(datapath)
             except Exception:
                 log.exception("reading map pressure")
                 pressure = None
@@ -239,8 +239,29 @@ class AgentCollector:
                                 "started.", value=round(time.time() - daemon.started_at, 3))
 
 
-def _count(component: Any) -> int | None:
-    for name in ("count", "list", "rules", "all"):
+#: the datapath's hash maps whose fill ratio Cilium reports as map pressure
+PRESSURE_MAPS = ("endpoints", "ipcache", "conntrack", "policy")
+
+
+def _map_pressure(datapath: Any) -> dict[str, float]:
+    """entries / max_entries of the datapath's hash maps (counted by key iteration)."""
+    from pylium.datapath import libbpf
+
+    out: dict[str, float] = {}
+    for attr in PRESSURE_MAPS:
+        bpf_map = getattr(datapath, attr, None)
+        fd = getattr(bpf_map, "fd", None)
+        if fd is None or fd < 0 or not hasattr(bpf_map, "keys"):
+            continue
+        max_entries = libbpf.map_info(fd).max_entries
+        if max_entries:
+            out[attr] = sum(1 for _ in bpf_map.keys()) / max_entries
+    return out
+
+
+def _count(component: Any, names: tuple[str, ...] = ("count", "list", "rules", "all")
+           ) -> int | None:
+    for name in names:
         attr = getattr(component, name, None)
         try:
             value = attr() if callable(attr) else attr

@@ -193,7 +193,15 @@ def l4_json(flow: Flow) -> dict[str, Any]:
 ICMP_TYPES = {0: "EchoReply", 3: "DestinationUnreachable", 8: "EchoRequest", 11: "TimeExceeded"}
 
 
+def is_non_ipv4(flow: Flow) -> bool:
+    """The datapath reports packets it did not parse as IPv4 (e.g. IPv6, dropped as an
+    unsupported L3 protocol) with zero addresses and protocol."""
+    return flow.protocol == 0 and flow.src_ip == "0.0.0.0" and flow.dst_ip == "0.0.0.0"
+
+
 def summary(flow: Flow) -> str:
+    if is_non_ipv4(flow):
+        return "non-IPv4 packet"
     if flow.l7 and flow.l7.get("http"):
         http = flow.l7["http"]
         return f"HTTP/1.1 {http.get('method', '')} {http.get('url', '')}".strip()
@@ -214,7 +222,8 @@ def to_hubble(flow: Flow) -> dict[str, Any]:
     }
     if flow.verdict == "DROPPED":
         out["drop_reason"] = flow.drop_reason
-    out["IP"] = {"source": flow.src_ip, "destination": flow.dst_ip, "ipVersion": "IPv4"}
+    if not is_non_ipv4(flow):
+        out["IP"] = {"source": flow.src_ip, "destination": flow.dst_ip, "ipVersion": "IPv4"}
     l4 = l4_json(flow)
     if l4:
         out["l4"] = l4
@@ -266,7 +275,7 @@ def _endpoint_text(peer: dict, ip: str, port: int | None) -> str:
     if peer.get("pod_name"):
         ns = peer.get("namespace")
         name = f"{ns}/{peer['pod_name']}" if ns else peer["pod_name"]
-    text = name or ip
+    text = name or ip or "?"
     if port:
         text += f":{port}"
     ident = peer.get("identity")

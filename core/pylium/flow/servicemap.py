@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from pylium.flow.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Flow, Peer
+from pylium.flow.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Flow, Peer, is_non_ipv4
 
 PROTO_NAMES = {PROTO_TCP: "TCP", PROTO_UDP: "UDP", PROTO_ICMP: "ICMP"}
 
@@ -27,7 +27,7 @@ def build_graph(records: Iterable[Any], endpoints: Iterable[Any] = ()) -> dict[s
                       "identity": ep.identity, "endpoint": True}
     edges: dict[tuple[str, str, str], dict[str, Any]] = {}
     for f in records:
-        if type(f) is not Flow or f.is_reply:
+        if type(f) is not Flow or f.is_reply or is_non_ipv4(f):
             continue
         src = node_key(f.source, f.src_ip, f.src_identity)
         dst = node_key(f.destination, f.dst_ip, f.dst_identity)
