@@ -1,0 +1,92 @@
+"""Policy API: import, list, delete, trace.
+
+    GET    /v1/policy                      → {"revision", "policies": [...]}
+    GET    /v1/policy/{name}               → the policy (namespace/name or name)
+    POST   /v1/policy      {"text", "name"} → import YAML/JSON text; {"revision", "imported"}
+    DELETE /v1/policy?name=N[&namespace=NS] | ?labels=k=v,.. | ?all=true
+    POST   /v1/policy/trace {TraceQuery fields} → the trace result
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from pylium.agent.daemon import Daemon
+from pylium.agent.server import NotFound, read_json
+from pylium.errors import PyliumError, UserError
+from pylium.policy.parse import load_text
+from pylium.policy.rule import Policy
+from pylium.policy.trace import TraceQuery, trace
+
+
+def policy_summary(p: Policy, with_source: bool = False) -> dict:
+    out = {"kind": p.kind, "namespace": p.namespace, "name": p.name, "rules": len(p.rules),
+           "description": p.description}
+    if with_source:
+        out["source"] = p.source
+    return out
+
+
+def setup(app: web.Application, daemon: Daemon) -> None:
+    def service():
+        svc = daemon.components.get("policy")
+        if svc is None:
+            raise PyliumError("the policy engine is not running")
+        return svc
+
+    async def list_policies(request):
+        svc = service()
+        full = request.query.get("source") in ("1", "true")
+        return web.json_response({
+            "revision": svc.repository.revision,
+            "policies": [policy_summary(p, full) for p in svc.repository.policies()]})
+
+    async def get_policy(request):
+        svc = service()
+        name = request.match_info["name"]
+        found = svc.repository.find(name, request.query.get("namespace"))
+        if not found:
+            raise NotFound(f"no policy named {name!r}")
+        return web.json_response({"revision": svc.repository.revision,
+                                  "policies": [policy_summary(p, True) for p in found]})
+
+    async def import_policy(request):
+        svc = service()
+        body = await read_json(request)
+        text = body.get("text")
+        if not isinstance(text, str):
+            raise UserError("request needs \"text\": the policy YAML or JSON")
+        policies = load_text(text, str(body.get("name") or "rules"))
+        revision = await svc.store.add(policies)
+        return web.json_response({"revision": revision,
+                                  "imported": [policy_summary(p) for p in policies]})
+
+    async def delete_policy(request):
+        svc = service()
+        q = request.query
+        if q.get("all") in ("1", "true"):
+            gone = await svc.store.delete_all()
+        elif q.get("labels"):
+            gone = await svc.store.delete_by_labels(q["labels"].split(","))
+        elif q.get("name"):
+            try:
+                gone = await svc.store.delete(q["name"], q.get("namespace"))
+            except UserError as exc:
+                raise NotFound(str(exc)) from None
+        else:
+            raise UserError("say which policy: name=, labels= or all=true")
+        return web.json_response({"revision": svc.repository.revision,
+                                  "deleted": [policy_summary(p) for p in gone]})
+
+    async def trace_policy(request):
+        svc = service()
+        query = TraceQuery.from_dict(await read_json(request))
+        result = trace(query, svc.repository.policies(), svc.engine.identities.all(),
+                       svc.engine.mode)
+        return web.json_response(result.to_dict())
+
+    app.router.add_get("/v1/policy", list_policies)
+    app.router.add_post("/v1/policy", import_policy)
+    app.router.add_delete("/v1/policy", delete_policy)
+    app.router.add_post("/v1/policy/trace", trace_policy)
+    app.router.add_get("/v1/policy/{name:.+}", get_policy)

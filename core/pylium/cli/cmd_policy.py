@@ -1,0 +1,132 @@
+"""`pylium policy validate | import | get | delete | trace`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import click
+
+from pylium.cli.client import client_from
+from pylium.cli.output import emit, make_table, output_option
+from pylium.errors import UserError
+from pylium.policy.parse import PolicyError, load_file, load_files
+from pylium.policy.trace import TraceQuery, trace
+
+
+def _policies_table(data):
+    return make_table(["KIND", "NAMESPACE", "NAME", "RULES", "DESCRIPTION"],
+                      [[p["kind"], p["namespace"] or "-", p["name"], p["rules"],
+                        p["description"]] for p in data["policies"]],
+                      title=f"revision {data['revision']}")
+
+
+def _trace_text(data) -> str:
+    lines = [f"Verdict:  {data['verdict']}", f"Reason:   {data['reason']}",
+             f"Rules:    {', '.join(data['rules']) or '-'}",
+             f"Source:   identity {data['src_identity']['id']} "
+             f"({', '.join(data['src_identity']['labels'])})",
+             f"Dest:     identity {data['dst_identity']['id']} "
+             f"({', '.join(data['dst_identity']['labels'])})"]
+    for side in ("egress", "ingress"):
+        d = data.get(side)
+        if d is not None:
+            lines.append(f"{side.capitalize() + ':':<10}{d['verdict']} - {d['reason']}"
+                         + (f" [{', '.join(d['rules'])}]" if d["rules"] else ""))
+    lines.append(f"Map state: {data['mapstate_verdict']}")
+    return "\n".join(lines)
+
+
+def register(cli: click.Group) -> None:
+    @cli.group("policy")
+    def policy() -> None:
+        """CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy and NetworkPolicy."""
+
+    @policy.command("validate")
+    @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+    def validate(files: tuple[Path, ...]) -> None:
+        """Check policy files offline; one `path: message` line per problem."""
+        failed = False
+        for path in files:
+            try:
+                policies = load_file(path)
+            except PolicyError as exc:
+                failed = True
+                for line in exc.errors:
+                    click.echo(line, err=True)
+                continue
+            rules = sum(len(p.rules) for p in policies)
+            click.echo(f"{path}: valid ({len(policies)} policies, {rules} rules)")
+        if failed:
+            raise click.exceptions.Exit(1)
+
+    @policy.command("import")
+    @click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+    @output_option
+    @click.pass_context
+    def import_(ctx, file: Path, output: str) -> None:
+        """Validate FILE and add its policies to the agent (replacing same-named ones)."""
+        load_file(file)  # refuse locally first, with the file name in each message
+        data = client_from(ctx).post("/v1/policy", {"text": file.read_text(),
+                                                    "name": file.stem})
+        emit(data, output, lambda d: f"imported {len(d['imported'])} policies, "
+                                     f"revision {d['revision']}")
+
+    @policy.command("get")
+    @click.argument("name", required=False)
+    @click.option("--namespace", "-n")
+    @output_option
+    @click.pass_context
+    def get(ctx, name: str | None, namespace: str | None, output: str) -> None:
+        """List the agent's policies, or show one (NAME or NAMESPACE/NAME)."""
+        client = client_from(ctx)
+        if name is None:
+            emit(client.get("/v1/policy"), output, _policies_table)
+            return
+        path = f"/v1/policy/{name}" + (f"?namespace={namespace}" if namespace else "")
+        data = client.get(path)
+        emit(data, output if output != "table" else "yaml")
+
+    @policy.command("delete")
+    @click.argument("name", required=False)
+    @click.option("--namespace", "-n")
+    @click.option("--all", "all_", is_flag=True, help="Delete every policy.")
+    @output_option
+    @click.pass_context
+    def delete(ctx, name: str | None, namespace: str | None, all_: bool, output: str) -> None:
+        """Delete the policy NAME (or NAMESPACE/NAME), or --all."""
+        if bool(name) == all_:
+            raise UserError("give a policy NAME or --all")
+        query = "all=true" if all_ else f"name={name}" + (
+            f"&namespace={namespace}" if namespace else "")
+        data = client_from(ctx).delete(f"/v1/policy?{query}")
+        emit(data, output, lambda d: f"deleted {len(d['deleted'])} policies, "
+                                     f"revision {d['revision']}")
+
+    @policy.command("trace")
+    @click.option("--src", default="", help="Source endpoint labels: k=v,k2=v2.")
+    @click.option("--dst", default="", help="Destination endpoint labels.")
+    @click.option("--src-cidr", default="", help="Source IP outside the cluster.")
+    @click.option("--dst-cidr", default="", help="Destination IP outside the cluster.")
+    @click.option("--dport", type=int, required=True)
+    @click.option("--proto", default="TCP", show_default=True)
+    @click.option("--namespace", default="default", show_default=True,
+                  help="Pod namespace of --src/--dst endpoints.")
+    @click.option("--http-method", default="")
+    @click.option("--http-path", default="")
+    @click.option("--policy-file", "policy_files", multiple=True,
+                  type=click.Path(path_type=Path), help="Trace offline against these files.")
+    @click.option("--enforcement", type=click.Choice(["default", "always", "never"]),
+                  default="default", show_default=True, help="Offline enforcement mode.")
+    @output_option
+    @click.pass_context
+    def trace_cmd(ctx, policy_files: tuple[Path, ...], enforcement: str, output: str,
+                  **fields) -> None:
+        """Would this packet (and HTTP request) pass, and which rules decide?"""
+        query = TraceQuery(**fields)
+        if policy_files:
+            data = trace(query, load_files(policy_files), mode=enforcement).to_dict()
+        else:
+            data = client_from(ctx).post("/v1/policy/trace", attrs.asdict(query))
+        emit(data, output, _trace_text)
+

@@ -1,0 +1,149 @@
+"""The identity allocator on the real embedded KV store (SQLite), with two "nodes" opening
+the same database file as separate stores, allocating at the same time."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pylium.identity.allocator import ID_PREFIX, VALUE_PREFIX, IdentityAllocator
+from pylium.identity.labels import LabelSet
+from pylium.identity.manager import IdentityManager
+from pylium.identity.model import IDENTITY_HOST, MIN_ALLOCATED
+from pylium.kvstore.embedded import EmbeddedKVStore
+
+
+async def _stores(tmp_path, n=2):
+    stores = []
+    for _ in range(n):
+        store = EmbeddedKVStore({"path": str(tmp_path / "kv.sqlite3")}, tmp_path)
+        await store.open()
+        stores.append(store)
+    return stores
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_same_labels_get_one_number_and_numbers_start_at_256(tmp_path):
+    async def go():
+        a, b = await _stores(tmp_path)
+        try:
+            node_a = IdentityAllocator(a, "node-a")
+            node_b = IdentityAllocator(b, "node-b")
+            labels = LabelSet.parse("app=web,k8s:io.kubernetes.pod.namespace=default")
+            first = await node_a.allocate(labels)
+            second = await node_b.allocate(labels)
+            assert first.id == second.id == MIN_ALLOCATED
+            assert sorted(await node_a.references(first.id)) == ["node-a", "node-b"]
+            other = await node_b.allocate(LabelSet.parse("app=db"))
+            assert other.id == MIN_ALLOCATED + 1
+            assert (await node_a.get(other.id)).labels == LabelSet.parse("app=db")
+        finally:
+            await a.close()
+            await b.close()
+    run(go())
+
+
+def test_concurrent_allocation_never_splits_or_shares_a_number(tmp_path):
+    label_sets = [LabelSet.parse(f"app=a{i % 7},tier=t{i % 3}") for i in range(40)]
+
+    async def go():
+        a, b = await _stores(tmp_path)
+        try:
+            node_a = IdentityAllocator(a, "node-a")
+            node_b = IdentityAllocator(b, "node-b")
+            results = await asyncio.gather(
+                *[node_a.allocate(ls) for ls in label_sets],
+                *[node_b.allocate(ls) for ls in reversed(label_sets)])
+            by_labels: dict = {}
+            by_number: dict = {}
+            for identity in results:
+                by_labels.setdefault(identity.labels, set()).add(identity.id)
+                by_number.setdefault(identity.id, set()).add(identity.labels)
+            assert all(len(v) == 1 for v in by_labels.values()), by_labels
+            assert all(len(v) == 1 for v in by_number.values()), by_number
+            assert len(by_labels) == len(set(label_sets))
+            # the store agrees with what callers were told, with no orphan numbers
+            stored = {i.id: i.labels for i in await node_a.list()}
+            assert stored == {next(iter(v)): k for k, v in by_labels.items()}
+            assert len(await a.list(VALUE_PREFIX)) == len(stored)
+        finally:
+            await a.close()
+            await b.close()
+    run(go())
+
+
+def test_release_and_garbage_collection(tmp_path):
+    async def go():
+        (a,) = await _stores(tmp_path, 1)
+        try:
+            node = IdentityAllocator(a, "node-a")
+            kept = await node.allocate(LabelSet.parse("app=kept"))
+            dropped = await node.allocate(LabelSet.parse("app=dropped"))
+            await node.release(dropped)
+            assert await node.collect_garbage() == [dropped.id]
+            assert await a.get(f"{ID_PREFIX}{dropped.id}") is None
+            assert await node.get(kept.id) is not None
+            again = await node.allocate(LabelSet.parse("app=dropped"))
+            assert again.labels == dropped.labels
+        finally:
+            await a.close()
+    run(go())
+
+
+def test_references_expire_with_the_node_lease(tmp_path):
+    async def go():
+        (a,) = await _stores(tmp_path, 1)
+        try:
+            lease = await a.grant_lease(60)
+            node = IdentityAllocator(a, "node-a", lease)
+            identity = await node.allocate(LabelSet.parse("app=web"))
+            assert await node.references(identity.id) == ["node-a"]
+            await a.revoke_lease(lease)
+            assert await node.references(identity.id) == []
+            assert await node.collect_garbage() == [identity.id]
+        finally:
+            await a.close()
+    run(go())
+
+
+def test_reserved_label_sets_keep_reserved_numbers(tmp_path):
+    async def go():
+        (a,) = await _stores(tmp_path, 1)
+        try:
+            node = IdentityAllocator(a, "node-a")
+            host = await node.allocate(LabelSet.parse("reserved:host"))
+            assert host.id == IDENTITY_HOST
+            assert await a.list(ID_PREFIX) == []
+        finally:
+            await a.close()
+    run(go())
+
+
+def test_manager_follows_other_nodes_through_the_watch(tmp_path):
+    async def go():
+        a, b = await _stores(tmp_path)
+        try:
+            watcher = IdentityManager(a, "node-a")
+            revision = await watcher.sync()
+            watcher.start_watch(revision)
+            seen = asyncio.Event()
+            watcher.cache.subscribe(lambda added, removed: seen.set() if added else None)
+            other = IdentityManager(b, "node-b")
+            identity = await other.allocate(LabelSet.parse("app=remote"))
+            await asyncio.wait_for(seen.wait(), timeout=10)
+            assert watcher.lookup(identity.id).labels == LabelSet.parse("app=remote")
+            await watcher.close()
+        finally:
+            await a.close()
+            await b.close()
+    run(go())
+
+
+@pytest.mark.parametrize("text", ["app=web,tier=db", ["k8s:app=web", "k8s:tier=db"]])
+def test_label_parsing_defaults_to_the_k8s_source(text):
+    labels = LabelSet.parse(text)
+    assert labels.sorted_strings() == ["k8s:app=web", "k8s:tier=db"]
