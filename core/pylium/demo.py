@@ -1,8 +1,16 @@
-"""`make demo`: start an agent on embedded defaults (no servers), show what a user sees with
-`pylium status`, `pylium plugins` and `pylium config view`, and stop it.
+"""`make demo`: the Star Wars story on a one-node lab, told with the real `pylium` commands.
 
-The foundation demo only. It does no networking: the Star Wars lab demo (pods in network
-namespaces, policy enforced in BPF) replaces this body once the lab and datapath land."""
+1. `pylium lab up --demo starwars`: a node namespace running an agent; deathstar (an HTTP
+   server on :80), tiefighter and xwing pods wired as endpoints.
+2. Before any policy, both ships land (`POST /v1/request-landing` → "Ship landed").
+3. `pylium policy import l3-l4-rule1.yaml`: only `org=empire` may reach the deathstar on
+   TCP/80. The tiefighter still lands; the xwing's SYN is dropped in the kernel by the BPF
+   program on the deathstar's veth (curl times out).
+4. The evidence: the drop in `pylium monitor`, the `Policy denied` counter in
+   `pylium bpf metrics list`, ingress enforcement on the deathstar in `pylium endpoint list`.
+5. `pylium lab down`, always, and a check that nothing is left behind.
+
+Exits 0 only if every step happened; a piece of pylium that is missing says so by name."""
 
 from __future__ import annotations
 
@@ -11,48 +19,200 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-PYLIUM = Path(sys.executable).with_name("pylium")
+LAB = "sw"
+SOCKET = f"/var/run/pylium/{LAB}-node1.sock"
+SEED = Path(__file__).resolve().parents[2].parent / "shared" / "seed-policies"
+RULE1 = "l3-l4-rule1.yaml"
+PYLIUM = str(Path(sys.executable).with_name("pylium"))
+ENV = {**os.environ, "PYLIUM_LAB": LAB, "PYLIUM_SOCKET": SOCKET, "COLUMNS": "200"}
+LANDING = "/v1/request-landing"
 
 
-def _pylium(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([str(PYLIUM), *args], capture_output=True, text=True, check=check)
+class Story:
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+        self.missing: list[str] = []
+
+    def say(self, text: str) -> None:
+        print(f"\n\033[1m== {text}\033[0m", flush=True)
+
+    def run(self, *args: str, timeout: float = 120, show: bool = True,
+            check: bool = False) -> subprocess.CompletedProcess:
+        shown = "pylium " + " ".join(args)
+        print(f"$ {shown}", flush=True)
+        proc = subprocess.run([PYLIUM, *args], capture_output=True, text=True, env=ENV,
+                              timeout=timeout, check=False)
+        if show:
+            out = (proc.stdout + proc.stderr).rstrip()
+            if out:
+                print(out, flush=True)
+        if check and proc.returncode != 0:
+            raise StoryError(f"`{shown}` failed with exit code {proc.returncode}")
+        return proc
+
+    def has_command(self, *words: str) -> bool:
+        proc = subprocess.run([PYLIUM, *words, "--help"], capture_output=True, text=True,
+                              env=ENV, check=False)
+        return proc.returncode == 0
+
+    def expect(self, ok: bool, what: str) -> None:
+        print(("   \033[32m✔ " if ok else "   \033[31m✘ ") + what + "\033[0m", flush=True)
+        if not ok:
+            self.failures.append(what)
+
+    def lack(self, what: str) -> None:
+        print(f"   \033[33mMISSING: {what}\033[0m", flush=True)
+        self.missing.append(what)
 
 
-def _show(title: str, *args: str) -> None:
-    print(f"\n$ pylium {' '.join(args)}    # {title}", flush=True)
-    print(_pylium(*args).stdout.rstrip(), flush=True)
+class StoryError(Exception):
+    pass
+
+
+def _land(story: Story, ship: str, ip: str) -> subprocess.CompletedProcess:
+    return story.run("lab", "exec", ship, "--", "curl", "-s", "--max-time", "2", "-XPOST",
+                     f"http://{ip}{LANDING}")
+
+
+def _import_policy(story: Story, path: Path) -> None:
+    if story.has_command("policy", "import"):
+        story.run("policy", "import", str(path), check=True)
+        return
+    story.lack("`pylium policy import` (the policy engine's CLI); importing through the "
+               "agent API (POST /v1/policy) instead")
+    from pylium.cli.client import AgentClient
+
+    result = AgentClient(SOCKET).post("/v1/policy", {"text": path.read_text(),
+                                                     "name": path.name})
+    print(f"   imported {[p['name'] for p in result['imported']]} "
+          f"(revision {result['revision']})")
+
+
+def _start_monitor(story: Story) -> subprocess.Popen | None:
+    if not story.has_command("monitor"):
+        story.lack("`pylium monitor` (the datapath's event stream CLI); showing drops with "
+                   "`pylium observe --verdict DROPPED` instead")
+        return None
+    print("$ pylium monitor --type drop   (in the background)", flush=True)
+    argv = [PYLIUM, "monitor"]
+    if "--type" in subprocess.run([PYLIUM, "monitor", "--help"], capture_output=True,
+                                  text=True, env=ENV, check=False).stdout:
+        argv += ["--type", "drop"]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=ENV, start_new_session=True)
+
+
+def _stop_monitor(proc: subprocess.Popen) -> str:
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        out, _ = proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+    return out
+
+
+def tell(story: Story) -> None:
+    story.say("1. A one-node lab with the Star Wars pods")
+    story.run("lab", "up", "--demo", "starwars", check=True)
+    import json
+
+    status = json.loads(story.run("lab", "status", "-o", "json", show=False).stdout)
+    ips = {p["name"]: p["ip"] for p in status["pods"]}
+    deathstar = ips["deathstar"]
+    story.run("endpoint", "list")
+
+    story.say("2. No policy yet: every ship may land")
+    for ship in ("tiefighter", "xwing"):
+        proc = _land(story, ship, deathstar)
+        story.expect(proc.returncode == 0 and "Ship landed" in proc.stdout,
+                     f"{ship} lands before any policy")
+
+    story.say(f"3. Import {RULE1}: only the empire may reach the deathstar on TCP/80")
+    print((SEED / RULE1).read_text().rstrip())
+    _import_policy(story, SEED / RULE1)
+    time.sleep(0.5)  # regeneration is asynchronous to the import
+    monitor = _start_monitor(story)
+    time.sleep(1.0)
+    proc = _land(story, "tiefighter", deathstar)
+    story.expect(proc.returncode == 0 and "Ship landed" in proc.stdout,
+                 "tiefighter (org=empire) still lands")
+    proc = _land(story, "xwing", deathstar)
+    story.expect(proc.returncode == 28 and "Ship landed" not in proc.stdout,
+                 f"xwing (org=alliance) is dropped: curl timed out (exit {proc.returncode})")
+
+    story.say("4. The evidence")
+    if monitor is not None:
+        out = _stop_monitor(monitor)
+        drops = [line for line in out.splitlines()
+                 if deathstar in line and ("drop" in line.lower() or "denied" in line.lower())]
+        print("   pylium monitor saw:")
+        print("\n".join(f"   | {line}" for line in (drops or out.splitlines())[-8:]))
+        story.expect(bool(drops), "pylium monitor shows the xwing's packets dropped by policy")
+    else:
+        proc = story.run("observe", "--verdict", "DROPPED", "--to-pod", "default/deathstar",
+                         "--last", "5")
+        story.expect("xwing" in proc.stdout, "the flow log shows the xwing dropped")
+    proc = story.run("bpf", "metrics", "list")
+    denied = [line for line in proc.stdout.splitlines() if "policy denied" in line.lower()]
+    story.expect(bool(denied), "bpf metrics count the 'Policy denied' drops")
+    proc = story.run("endpoint", "get", "deathstar")
+    story.expect("Enabled" in proc.stdout.split("Ingress policy:")[-1].splitlines()[0],
+                 "the deathstar endpoint enforces ingress policy")
+
+
+def _leftovers() -> list[str]:
+    left = [f"netns {n}" for n in (os.listdir("/run/netns") if os.path.isdir("/run/netns")
+                                   else []) if n.startswith(f"{LAB}-")]
+    for path in (SOCKET, f"/sys/fs/bpf/pylium/{LAB}-node1", f"/var/lib/pylium/lab/{LAB}-node1",
+                 f"/var/run/pylium/lab/{LAB}.json"):
+        if os.path.lexists(path):
+            left.append(path)
+    return left
 
 
 def main() -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="pylium-demo-"))
-    sock = workdir / "pylium.sock"
-    print(f"starting `pylium agent` on embedded defaults (state and socket in {workdir})")
-    agent = subprocess.Popen(
-        [str(PYLIUM), "agent", "--socket", str(sock), "--state-dir", str(workdir / "state"),
-         "--node-name", "demo-node", "--log-level", "warning"],
-        env={k: v for k, v in os.environ.items() if not k.startswith("PYLIUM_")},
-    )
+    if os.geteuid() != 0:
+        print("the demo creates network namespaces and loads BPF: run it as root", flush=True)
+        return 1
+    for tool in ("nsenter", "curl"):
+        if shutil.which(tool) is None:
+            print(f"the demo needs `{tool}` (make setup installs it)")
+            return 1
+    story = Story()
+    print("pylium Star Wars demo: identity-based L3/L4 policy enforced by eBPF, "
+          "on a lab of network namespaces (the host's own network is not touched)")
+    if os.path.exists(f"/var/run/pylium/lab/{LAB}.json"):
+        print(f"a previous demo lab ({LAB}) was left up: removing it first")
+        story.run("lab", "down")
     try:
-        deadline = time.monotonic() + 60
-        while _pylium("-H", str(sock), "status", check=False).returncode != 0:
-            if agent.poll() is not None or time.monotonic() > deadline:
-                print("the agent did not come up", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
-        _show("the agent answers on its 0600 unix socket", "-H", str(sock), "status")
-        _show("every plugin, its distribution and whether config selects it", "plugins")
-        _show("the effective configuration", "-H", str(sock), "config", "view")
+        tell(story)
+    except StoryError as exc:
+        story.failures.append(str(exc))
+        print(f"   \033[31m✘ {exc}\033[0m")
+    except Exception as exc:  # the lab still comes down, and the reason is shown
+        story.failures.append(f"{type(exc).__name__}: {exc}")
+        print(f"   \033[31m✘ {type(exc).__name__}: {exc}\033[0m")
     finally:
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(timeout=30)
-        shutil.rmtree(workdir, ignore_errors=True)
-    print("\nagent stopped. No traffic was sent: the networking demo (pods, policy in BPF) "
-          "is not wired into `make demo` yet.")
-    return 0 if agent.returncode == 0 else 1
+        story.say("5. Tear down")
+        story.run("lab", "down")
+        left = _leftovers()
+        story.expect(not left, "lab down left nothing behind" +
+                     (f" (left: {', '.join(left)})" if left else ""))
+    print()
+    if story.missing:
+        print("Missing pieces: " + "; ".join(story.missing))
+    if story.failures or story.missing:
+        print(f"\033[31mThe story did not fully happen ({len(story.failures)} failed, "
+              f"{len(story.missing)} missing).\033[0m")
+        return 1
+    print("\033[32mThe story happened: empire ships land, the alliance is dropped in the "
+          "kernel, and the drop is on record.\033[0m")
+    return 0
 
 
 if __name__ == "__main__":

@@ -392,8 +392,12 @@ def wire_endpoint(host_ifname: str, pod_netns: str, ip_address: str, gateway: st
     gateway pointing at the host-side MAC, default route via the gateway `onlink`. Host side
     (this namespace): `/32` route to the pod through the host-side veth and a static
     neighbour for the pod. Undone on any failure."""
+    # IPv4-only pods: no IPv6 router/neighbour solicitations for the datapath to drop
+    for scope in ("default", "all"):
+        write_sysctl(pod_netns, f"net.ipv6.conf.{scope}.disable_ipv6", "1")
     host, pod = create_veth(host_ifname, None, pod_ifname, pod_netns, mtu=mtu)
     try:
+        write_sysctl(None, f"net.ipv6.conf.{host_ifname}.disable_ipv6", "1")
         add_address(pod_ifname, f"{ip_address}/32", pod_netns)
         add_static_neighbour(pod_ifname, gateway, host.mac, pod_netns)
         add_route("default", pod_netns, gateway=gateway, ifname=pod_ifname, onlink=True)
