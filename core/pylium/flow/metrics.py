@@ -214,7 +214,8 @@ class AgentCollector:
                                         "this agent (Cilium: cilium_identity).", value=count)
         policy = comps.get("policy")
         if policy is not None:
-            count = _count(getattr(policy, "repository", None) or policy, ("policies",))
+            repository = getattr(policy, "repository", None)
+            count = _count(policy if repository is None else repository, ("policies",))
             if count is not None:
                 yield GaugeMetricFamily("pylium_policy", "Policy rules loaded "
                                         "(Cilium: cilium_policy).", value=count)

@@ -228,9 +228,11 @@ def to_hubble(flow: Flow) -> dict[str, Any]:
     if l4:
         out["l4"] = l4
     src = flow.source.to_json()
-    src.setdefault("identity", flow.src_identity)
+    if flow.src_identity:
+        src.setdefault("identity", flow.src_identity)
     dst = flow.destination.to_json()
-    dst.setdefault("identity", flow.dst_identity)
+    if flow.dst_identity:
+        dst.setdefault("identity", flow.dst_identity)
     out["source"] = src
     out["destination"] = dst
     out["Type"] = "L7" if flow.l7 else "L3_L4"
