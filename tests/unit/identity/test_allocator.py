@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from pylium.identity.allocator import ID_PREFIX, VALUE_PREFIX, IdentityAllocator
 from pylium.identity.labels import LabelSet
 from pylium.identity.manager import IdentityManager
