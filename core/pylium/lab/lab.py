@@ -49,6 +49,7 @@ WORLD_IP = UNDERLAY_PREFIX + "1"
 #: addresses "in the world" for CIDR-rule tests (TEST-NET-2), on the world's loopback
 WORLD_EXTRA_IPS = ("198.51.100.10", "198.51.100.20")
 AGENT_START_TIMEOUT = 60.0
+DEFAULT_NAME = "pyl"
 
 STARWARS_PODS: tuple[dict[str, Any], ...] = (
     {"name": "deathstar", "labels": {"org": "empire", "class": "deathstar"},
@@ -91,7 +92,7 @@ def _stop_process(pid: int, needle: str, timeout: float = 5.0) -> None:
 
 
 class Lab:
-    def __init__(self, name: str = "pyl"):
+    def __init__(self, name: str = DEFAULT_NAME):
         if not name or len(name) > 8 or not name.replace("-", "").isalnum():
             raise UserError(f"lab name {name!r}: 1-8 letters, digits or '-'")
         self.name = name
@@ -181,7 +182,8 @@ class Lab:
         state["paths"] += [node["socket"], node["state_dir"], node["bpffs_root"]]
         self._save(state)
         self._start_agent(state, node, settings)
-        if index == 1 and not DEFAULT_SOCKET.exists() and not DEFAULT_SOCKET.is_symlink():
+        if (index == 1 and self.name == DEFAULT_NAME and not DEFAULT_SOCKET.exists()
+                and not DEFAULT_SOCKET.is_symlink()):
             # `pylium endpoint list` etc. reach the lab's first agent without -H
             DEFAULT_SOCKET.parent.mkdir(parents=True, exist_ok=True)
             state["symlink"] = str(DEFAULT_SOCKET)
@@ -256,25 +258,32 @@ class Lab:
         state["pods"].append(pod)
         self._save(state)
         if server == "deathstar":
-            self._start_server(state, pod, [sys.executable, "-m", "pylium.lab.deathstar",
-                                            "--port", "80"], port=80)
+            self._start_server(state, pod["netns"], [sys.executable, "-m",
+                                                     "pylium.lab.deathstar", "--port", "80"],
+                               port=80)
         return pod
 
-    def _start_server(self, state: dict[str, Any], pod: dict[str, Any], argv: list[str],
-                      port: int) -> None:
-        cmd = ["nsenter", f"--net={plumbing.netns_path(pod['netns'])}", "--", *argv]
+    def start_server(self, target: str, argv: list[str], port: int) -> int:
+        """Run a long-lived server (`argv`) in a pod's, node's or the world's netns, wait
+        until it listens on TCP `port`; `down` stops it. Returns its pid."""
+        netns = self.exec_argv(target, ["true"])[1].split("=", 1)[1]
+        return self._start_server(self._require(), netns, argv, port)
+
+    def _start_server(self, state: dict[str, Any], netns: str, argv: list[str],
+                      port: int) -> int:
+        cmd = ["nsenter", f"--net={netns}", "--", *argv]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
-        state["processes"].append({"pid": proc.pid, "match": "pylium.lab."})
+        state["processes"].append({"pid": proc.pid, "match": " ".join(argv)})
         self._save(state)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise PyliumError(f"server in pod {pod['name']} exited with {proc.returncode}")
-            if plumbing.run_in_netns(pod["netns"], lambda: _listening(port)):
-                return
+                raise PyliumError(f"server {argv} in {netns} exited with {proc.returncode}")
+            if plumbing.run_in_netns(netns, lambda: _listening(port)):
+                return proc.pid
             time.sleep(0.05)
-        raise PyliumError(f"server in pod {pod['name']} did not listen on {port}")
+        raise PyliumError(f"server {argv} in {netns} did not listen on {port}")
 
     def remove_pod(self, name: str) -> None:
         state = self._require()
@@ -312,7 +321,7 @@ class Lab:
     def exec(self, target: str, argv: list[str], timeout: float = 60.0,
              ) -> subprocess.CompletedProcess:
         return subprocess.run(self.exec_argv(target, argv), capture_output=True, text=True,
-                              timeout=timeout, check=False)
+                              stdin=subprocess.DEVNULL, timeout=timeout, check=False)
 
     # status --------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
