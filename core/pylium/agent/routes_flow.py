@@ -1,5 +1,6 @@
 """Flows: `GET /v1/flows` (filters as query parameters, NDJSON `{"flow": ...}` /
-`{"lost_events": ...}` lines like `hubble observe -o json`; `follow=true` streams chunked),
+`{"lost_events": ...}` lines like `hubble observe -o json`; `follow=true` streams chunked;
+`all_nodes=true` merges every agent's answer, see `pylium.flow.relay`),
 `GET /v1/flows/status`, and the service map `GET /v1/ui` + `GET /v1/ui/graph`."""
 
 from __future__ import annotations
@@ -39,8 +40,12 @@ def setup(app: web.Application, daemon: Daemon) -> None:
     from pylium.flow.filters import parse_query
 
     async def flows(request: web.Request) -> web.StreamResponse:
+        params = _params(request)
+        all_nodes = params.pop("all_nodes", ["false"])[-1].lower() in ("1", "true", "yes")
+        query = parse_query(params)  # refuse bad filters here, before asking anyone else
+        if all_nodes:
+            return await relay_flows(request, params, query.follow)
         observer = _observer(daemon)
-        query = parse_query(_params(request))
         ring = observer.ring
         if not query.follow:
             records = query.select(ring.snapshot())
@@ -63,6 +68,31 @@ def setup(app: web.Application, daemon: Daemon) -> None:
                     await response.write(_lines(matched))
         except ConnectionResetError:
             pass
+        return response
+
+    async def relay_flows(request: web.Request, params, follow: bool) -> web.StreamResponse:
+        from pylium.flow import relay
+
+        if not follow:
+            lines = await relay.query(daemon, params)
+            body = b"".join(json.dumps(x, separators=(",", ":")).encode() + b"\n" for x in lines)
+            return web.Response(body=body, content_type=NDJSON)
+        response = web.StreamResponse(headers={"Content-Type": NDJSON})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        stream = relay.follow(daemon, params)
+        try:
+            async for line in stream:
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    break
+                if line:
+                    await response.write(json.dumps(line, separators=(",", ":")).encode()
+                                         + b"\n")
+        except ConnectionResetError:
+            pass
+        finally:
+            await stream.aclose()
         return response
 
     async def status(_request):

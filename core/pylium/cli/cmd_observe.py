@@ -34,6 +34,7 @@ MULTI_FILTERS = (
     ("--http-method", "http_method", "HTTP method of L7 flows"),
     ("--http-path", "http_path", "regular expression on the HTTP path of L7 flows"),
     ("--traffic-direction", "traffic_direction", "ingress or egress"),
+    ("--node-name", "node_name", "only flows observed on this node"),
 )
 
 
@@ -53,6 +54,8 @@ def build_query(options: dict) -> dict[str, list[str]]:
             params[name] = [str(options[name])]
     if options.get("follow"):
         params["follow"] = ["true"]
+    if options.get("all_nodes"):
+        params["all_nodes"] = ["true"]
     return params
 
 
@@ -97,6 +100,10 @@ TABLE_COLUMNS = ("TIMESTAMP", "SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMA
 def table_row(resp: dict) -> tuple[str, ...]:
     from pylium.flow.model import _endpoint_text, _parse_time, compact_time
 
+    if "node_status" in resp:
+        st = resp["node_status"]
+        return ("", "", "", st.get("state_change", ""), ", ".join(st.get("node_names", [])),
+                st.get("message", ""))
     if "lost_events" in resp:
         lost = resp["lost_events"]
         return ("", "", "", "EVENTS LOST", lost["source"], str(lost["num_events_lost"]))
@@ -117,6 +124,8 @@ def table_row(resp: dict) -> tuple[str, ...]:
 def register(cli: click.Group) -> None:
     @cli.command()
     @click.option("-f", "--follow", is_flag=True, help="Follow flows as they happen.")
+    @click.option("--all-nodes", is_flag=True,
+                  help="Flows of every agent registered in the KV store, merged.")
     @click.option("--last", type=click.IntRange(min=0), default=None,
                   help="Last N flows (default 20 without --since/--follow).")
     @click.option("--first", type=click.IntRange(min=0), default=None,

@@ -259,6 +259,13 @@ async def start(daemon) -> FlowObserver:
     except OSError as exc:
         observer.status = f"not attached: {exc}"
     log.info("flow observer: %s", observer.status)
+    if daemon.kvstore is not None:
+        from pylium.flow.relay import register
+
+        try:
+            await register(daemon)
+        except Exception as exc:  # observe --all-nodes will not see this node; say so
+            log.warning("flow peer registration failed: %s", exc)
     if daemon.config.prometheus_serve_addr:
         from pylium.flow.http import start_metrics_server
 

@@ -289,6 +289,10 @@ def _endpoint_text(peer: dict, ip: str, port: int | None) -> str:
 def compact_line(response: dict[str, Any]) -> str:
     """One line like `hubble observe` prints, from a response dict (so the CLI can render
     what the API sent without importing the agent side)."""
+    if "node_status" in response:
+        st = response["node_status"]
+        names = ", ".join(st.get("node_names", []))
+        return f"{st.get('state_change', 'NODE_STATUS')}: {names} {st.get('message', '')}".rstrip()
     if "lost_events" in response:
         lost = response["lost_events"]
         cpu = lost.get("cpu", {}).get("value") if lost.get("cpu") else None
