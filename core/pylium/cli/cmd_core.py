@@ -107,7 +107,8 @@ def register(cli: click.Group) -> None:
     @click.option("--enforcement", type=click.Choice(["default", "always", "never"]))
     @click.option("--prometheus-serve-addr")
     @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
-    def agent(config_file: Path | None, **flags) -> None:
+    @click.pass_context
+    def agent(ctx, config_file: Path | None, **flags) -> None:
         """Run the pylium agent (foreground)."""
         from pylium.agent.daemon import Daemon
         from pylium.agent.server import serve
@@ -116,7 +117,9 @@ def register(cli: click.Group) -> None:
         if "socket_path" in overrides:
             overrides["socket"] = overrides.pop("socket_path")
         cfg = config_mod.load(config_file, overrides)
-        logging.getLogger().setLevel(cfg.log_level.upper())
+        debug = ctx.find_root().obj["debug"]
+        logging.basicConfig(force=True, level="DEBUG" if debug else cfg.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         daemon = Daemon(cfg)
         daemon.check_selection()
         asyncio.run(serve(daemon))
