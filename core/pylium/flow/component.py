@@ -20,7 +20,15 @@ from typing import Any
 
 from pylium.datapath.ringbuf import LostCounter, RingBufferReader, pin_paths
 from pylium.flow.decode import EVENT_SIZE, Decoder, Resolver, monotonic_to_wall_offset
-from pylium.flow.model import LOST_AGENT, LOST_KERNEL, Peer
+from pylium.flow.model import (
+    DROP_POLICY_DENIED,
+    EVENT_L7,
+    LOST_AGENT,
+    LOST_KERNEL,
+    VERDICTS,
+    Flow,
+    Peer,
+)
 from pylium.flow.ring import FlowRing
 
 log = logging.getLogger(__name__)
@@ -68,6 +76,27 @@ class FlowObserver:
             flows = self.decoder.decode(buf, wall_offset_ns)
             self.ring.extend(flows)
         return len(flows)
+
+    def record_l7(self, *, src_ip: str, dst_ip: str, sport: int, dport: int,
+                  src_identity: int, dst_identity: int, verdict: str, l7: dict[str, Any],
+                  ep_id: int = 0, direction: int = 0, is_reply: bool = False,
+                  protocol: int = 6, proxy_port: int = 0) -> Flow:
+        """An L7 flow from a proxy (e.g. the HTTP plugin): `l7` is Hubble's Layer7 JSON,
+        `{"type": "REQUEST"|"RESPONSE", "http": {"code", "method", "url"}}`."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict: {verdict!r} is not one of {', '.join(VERDICTS)}")
+        dec = self.decoder
+        src = dec._peer(src_ip, src_identity, ep_id if direction == 1 else 0)
+        dst = dec._peer(dst_ip, dst_identity, ep_id if direction == 0 else 0)
+        flow = Flow(time.time_ns(), self.node_name, EVENT_L7, 0, verdict,
+                    DROP_POLICY_DENIED if verdict == "DROPPED" else 0, direction, is_reply,
+                    ep_id, proxy_port, src_identity, dst_identity, src_ip, dst_ip, sport, dport,
+                    protocol, 0, 0, 0, src, dst, dict(l7))
+        with self._ingest_lock:
+            key = (EVENT_L7, verdict, flow.drop_reason, direction)
+            dec.counts[key] = dec.counts.get(key, 0) + 1
+            self.ring.extend([flow])
+        return flow
 
     def check_kernel_lost(self) -> int:
         """Report any increase of the kernel's `events_lost` counter; returns the increase."""

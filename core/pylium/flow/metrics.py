@@ -20,6 +20,7 @@ from pylium.flow.model import (
     DROP_REASON_TEXT,
     EVENT_DROP,
     EVENT_POLICY_VERDICT,
+    EVENT_TRACE,
     LOST_AGENT,
     LOST_FOLLOWER,
     LOST_KERNEL,
@@ -75,8 +76,9 @@ class AgentCollector:
             labels=["action", "direction", "match"])
         by_verdict: dict[tuple[str, str, str], int] = {}
         for (kind, verdict, _drop, direction), n in counts.items():
-            subtype = {1: "drop", 2: "trace", 3: "policy-verdict"}.get(kind, "unknown")
-            key = ("L3_L4", subtype, verdict)
+            subtype = {1: "drop", 2: "trace", 3: "policy-verdict", 129: "l7"}.get(kind,
+                                                                                  "unknown")
+            key = ("L7" if kind == 129 else "L3_L4", subtype, verdict)
             by_label[key] = by_label.get(key, 0) + n
             if kind == EVENT_POLICY_VERDICT:
                 action = POLICY_ACTION.get(verdict, "unknown")
@@ -178,7 +180,7 @@ class AgentCollector:
                 if kind == EVENT_DROP:
                     k = (drop_reason_label(drop), d)
                     drops[k] = drops.get(k, 0) + n
-                elif verdict == "FORWARDED" and kind != EVENT_POLICY_VERDICT:
+                elif verdict == "FORWARDED" and kind == EVENT_TRACE:
                     forwards[d] = forwards.get(d, 0) + n
         for k, n in sorted(drops.items()):
             drop_count.add_metric(list(k), n)

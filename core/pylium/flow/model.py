@@ -16,9 +16,12 @@ import attrs
 EVENT_DROP = 1
 EVENT_TRACE = 2
 EVENT_POLICY_VERDICT = 3
+#: an L7 record reported by a proxy (not a datapath event; Cilium's access-log message type)
+EVENT_L7 = 129
 
 #: Cilium monitor message types (pkg/monitor/api/types.go), Hubble's `event_type.type`
-CILIUM_MESSAGE_TYPE = {EVENT_DROP: 1, EVENT_TRACE: 4, EVENT_POLICY_VERDICT: 5}
+CILIUM_MESSAGE_TYPE = {EVENT_DROP: 1, EVENT_TRACE: 4, EVENT_POLICY_VERDICT: 5,
+                       EVENT_L7: 129}
 
 # POLICY_VERDICT reason codes
 PV_ALLOW, PV_DENY, PV_REDIRECT, PV_AUDIT = 1, 2, 3, 4
@@ -310,7 +313,11 @@ def compact_line(response: dict[str, Any]) -> str:
     arrow = "<-" if f.get("is_reply") else "->"
     verdict = f["verdict"]
     event = f.get("event_type", {}).get("type")
-    if event == 5:
+    if event == 129:
+        l7 = f.get("l7", {})
+        proto = "http" if "http" in l7 else "l7"
+        what = f"{proto}-{str(l7.get('type', 'request')).lower()} {verdict}"
+    elif event == 5:
         decision = {"FORWARDED": "ALLOWED", "DROPPED": "DENIED"}.get(verdict, verdict)
         match = "none" if verdict == "DROPPED" else "L3-L4"
         what = f"policy-verdict:{match} {f.get('traffic_direction', '')} {decision}"

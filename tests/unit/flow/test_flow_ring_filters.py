@@ -127,3 +127,36 @@ def test_default_is_last_20():
     flows = Decoder("n").decode(raw)
     assert len(parse_query({}).select(flows)) == 20
     assert len(parse_query({"since": ["1h"]}).select(flows)) == 40
+
+
+def test_l7_flows_from_a_proxy_are_hubble_l7_and_filterable():
+    from pylium.flow.model import compact_line, to_response
+
+    obs = FlowObserver("n", starwars_resolver)
+    obs.ingest(b"".join(starwars_events()))
+    obs.record_l7(src_ip="10.200.0.11", dst_ip="10.200.0.10", sport=40000, dport=80,
+                  src_identity=1002, dst_identity=1001, ep_id=11, verdict="DROPPED",
+                  l7={"type": "REQUEST", "http": {"method": "PUT",
+                                                  "url": "http://deathstar/v1/exhaust-port"}})
+    obs.record_l7(src_ip="10.200.0.11", dst_ip="10.200.0.10", sport=40001, dport=80,
+                  src_identity=1002, dst_identity=1001, ep_id=11, verdict="FORWARDED",
+                  l7={"type": "REQUEST", "http": {"method": "POST",
+                                                  "url": "http://deathstar/v1/request-landing"}})
+    records = obs.ring.snapshot()
+
+    def sel(**params):
+        return parse_query({k: [v] for k, v in params.items()}).select(records)
+
+    (put,) = sel(http_method="put")
+    f = to_response(put)["flow"]
+    assert f["Type"] == "L7" and f["event_type"] == {"type": 129}
+    assert f["l7"]["http"] == {"method": "PUT", "url": "http://deathstar/v1/exhaust-port"}
+    assert f["source"]["pod_name"] == "tiefighter" and f["verdict"] == "DROPPED"
+    assert compact_line(to_response(put)).endswith(
+        "http-request DROPPED (HTTP/1.1 PUT http://deathstar/v1/exhaust-port)")
+    assert [r.sport for r in sel(http_path="^/v1/request")] == [40001]
+    assert len(sel(protocol="http")) == 2
+    assert len(parse_query({"protocol": ["tcp"], "last": ["100"]}).select(records)) == 6
+    with pytest.raises(ValueError, match="verdict"):
+        obs.record_l7(src_ip="1.1.1.1", dst_ip="2.2.2.2", sport=1, dport=2, src_identity=0,
+                      dst_identity=0, verdict="MAYBE", l7={})
