@@ -1,4 +1,5 @@
-"""Endpoints: `PUT/GET/PATCH/DELETE /v1/endpoint/{id-or-name}`, `GET /v1/endpoint`."""
+"""Endpoints: `PUT/GET/PATCH/DELETE /v1/endpoint/{id-or-name}`, `GET /v1/endpoint`, and
+`GET /v1/endpoint-regeneration` (`busy` until a policy change reached every endpoint)."""
 
 from __future__ import annotations
 
@@ -57,7 +58,11 @@ def setup(app: web.Application, daemon: Daemon) -> None:
         ep = await _manager(daemon).delete(ep.id)
         return web.json_response({"deleted": ep.id, "name": ep.name})
 
+    async def regeneration(_request):
+        return web.json_response(_manager(daemon).regeneration_status())
+
     app.router.add_get("/v1/endpoint", list_endpoints)
+    app.router.add_get("/v1/endpoint-regeneration", regeneration)
     app.router.add_get("/v1/endpoint/{ref}", get_endpoint)
     app.router.add_put("/v1/endpoint/{ref}", put_endpoint)
     app.router.add_patch("/v1/endpoint/{ref}", patch_endpoint)

@@ -128,7 +128,7 @@ def _sync_cidr_identities(cache: Any, datapath: Any) -> None:
 def _follow_policy_changes(daemon, manager: EndpointManager, engine: Any) -> None:
     """Regenerate the endpoints whose identity the engine says changed. Changes arriving
     while a regeneration runs are coalesced into one more pass."""
-    pending: set[int] = set()
+    pending = manager.pending_identities
     state = {"task": None}
 
     async def run() -> None:
@@ -142,5 +142,6 @@ def _follow_policy_changes(daemon, manager: EndpointManager, engine: Any) -> Non
         task = state["task"]
         if task is None or task.done():
             state["task"] = daemon.spawn(run())
+            manager.regeneration_tasks.append(state["task"])
 
     engine.subscribe(on_change)

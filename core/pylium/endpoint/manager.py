@@ -97,6 +97,17 @@ class EndpointManager:
                         (("identity", identities), ("policy", policy), ("datapath", datapath))
                         if part is None]
         self.last_regeneration: dict[str, Any] = {}
+        #: identities whose endpoints await regeneration, and the tasks doing it
+        self.pending_identities: set[int] = set()
+        self.regeneration_tasks: list[asyncio.Task] = []
+
+    def regeneration_status(self) -> dict[str, Any]:
+        """`busy` while a policy or identity change has not reached every endpoint yet."""
+        self.regeneration_tasks = [t for t in self.regeneration_tasks if not t.done()]
+        return {"busy": bool(self.pending_identities or self.regeneration_tasks
+                             or self._lock.locked()),
+                "not_ready": [ep.id for ep in self._endpoints.values() if ep.state != READY],
+                "last": self.last_regeneration}
 
     # queries ------------------------------------------------------------------------------
     def list(self) -> list[Endpoint]:
