@@ -122,3 +122,58 @@ def test_observe_follow_streams_new_flows_and_losses(agent):
 def test_no_agent_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(cli, ["--socket", str(tmp_path / "none.sock"), "observe"])
     assert result.exit_code != 0 and "cannot reach the pylium agent" in result.output
+
+
+def dechunk(raw: bytes) -> bytes:
+    """The body of a chunked HTTP/1.1 response (complete chunks only)."""
+    _head, _, rest = raw.partition(b"\r\n\r\n")
+    body = b""
+    while rest:
+        size_line, sep, rest = rest.partition(b"\r\n")
+        if not sep:
+            break
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0 or len(rest) < size + 2:
+            break
+        body += rest[:size]
+        rest = rest[size + 2:]
+    return body
+
+
+def test_slow_follow_client_is_told_exactly_what_it_missed(tmp_path):
+    """A follower that stops reading: every flow appended after it started is either
+    delivered to it or counted in a HUBBLE_RING_BUFFER lost-events line."""
+    import socket as socketlib
+
+    observer = FlowObserver("node-a", starwars_resolver, capacity=500)
+    with AgentThread(observer, tmp_path / "slow.sock") as agent:
+        client = socketlib.socket(socketlib.AF_UNIX)
+        client.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_RCVBUF, 4096)
+        client.connect(agent.path)
+        client.sendall(b"GET /v1/flows?follow=true HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.5)  # the follow starts at the ring's head
+        start = observer.ring.head
+        batch = b"".join(starwars_events() * 250)  # 1000 events
+        for _ in range(40):
+            observer.ingest(batch)
+        appended = observer.ring.head - start
+        assert appended == 40_000
+        client.settimeout(3)
+        data = b""
+        try:
+            while True:
+                chunk = client.recv(1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            pass
+        client.close()
+    lines = [json.loads(x) for x in dechunk(data).split(b"\n") if x.strip()]
+    delivered = sum(1 for x in lines if "flow" in x)
+    lost = sum(int(x["lost_events"]["num_events_lost"]) for x in lines if "lost_events" in x)
+    assert lost > 0, "the client never fell behind: the test did not exercise anything"
+    assert {x["lost_events"]["source"] for x in lines if "lost_events" in x} == \
+        {"HUBBLE_RING_BUFFER"}
+    assert delivered + lost == appended
+    assert observer.ring.follower_lost == lost
