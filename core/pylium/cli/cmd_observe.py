@@ -1,5 +1,6 @@
-"""`pylium observe`: flows from the agent, like `hubble observe`. Filters are evaluated in
-the agent (passed as query parameters); this module only streams and prints."""
+"""`pylium observe`: flows from the agent, like `hubble observe`, and `pylium ui`: the service
+map page on a loopback port. Filters are evaluated in the agent (passed as query
+parameters); this module only streams, prints and relays."""
 
 from __future__ import annotations
 
@@ -122,6 +123,11 @@ def table_row(resp: dict) -> tuple[str, ...]:
 
 
 def register(cli: click.Group) -> None:
+    register_observe(cli)
+    register_ui(cli)
+
+
+def register_observe(cli: click.Group) -> None:
     @cli.command()
     @click.option("-f", "--follow", is_flag=True, help="Follow flows as they happen.")
     @click.option("--all-nodes", is_flag=True,
@@ -167,3 +173,58 @@ def register(cli: click.Group) -> None:
             click.echo(text)
             if follow:
                 sys.stdout.flush()
+
+
+def _ui_proxy(socket_path: str, host: str, port: int):
+    """An HTTP server on host:port that relays the service-map page and its data from the
+    agent's socket (`/ui` → `/v1/ui`, `/ui/graph` → `/v1/ui/graph`)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    routes = {"/": "/v1/ui", "/ui": "/v1/ui", "/ui/graph": "/v1/ui/graph"}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            target = routes.get(self.path.split("?", 1)[0])
+            if target is None:
+                self.send_error(404)
+                return
+            conn = _UnixConnection(socket_path, 30.0)
+            try:
+                conn.request("GET", target)
+                resp = conn.getresponse()
+                body = resp.read()
+                status, ctype = resp.status, resp.getheader("Content-Type", "text/plain")
+            except OSError as exc:
+                body, status, ctype = f"agent unreachable: {exc}".encode(), 502, "text/plain"
+            finally:
+                conn.close()
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args):
+            pass
+
+    return ThreadingHTTPServer((host, port), Handler)
+
+
+def register_ui(cli: click.Group) -> None:
+    @cli.command()
+    @click.option("--port", type=click.IntRange(1, 65535), default=12000, show_default=True)
+    @click.option("--address", default="127.0.0.1", show_default=True,
+                  help="Listen address (loopback by default: the agent API is root-only).")
+    @click.pass_context
+    def ui(ctx, port: int, address: str):
+        """Serve the service map page on http://ADDRESS:PORT/ui (relayed from the agent)."""
+        socket_path = client_from(ctx).socket_path
+        try:
+            server = _ui_proxy(socket_path, address, port)
+        except OSError as exc:
+            raise UserError(f"port: cannot listen on {address}:{port}: {exc.strerror}") from None
+        click.echo(f"service map on http://{address}:{port}/ui (Ctrl-C to stop)")
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()

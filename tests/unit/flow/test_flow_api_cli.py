@@ -177,3 +177,31 @@ def test_slow_follow_client_is_told_exactly_what_it_missed(tmp_path):
         {"HUBBLE_RING_BUFFER"}
     assert delivered + lost == appended
     assert observer.ring.follower_lost == lost
+
+
+def test_pylium_ui_relays_the_page_and_graph(agent):
+    import socket as socketlib
+    import urllib.request
+
+    from pylium.cli.cmd_observe import _ui_proxy
+
+    with socketlib.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = _ui_proxy(agent.path, "127.0.0.1", port)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui", timeout=10) as r:
+            assert b"pylium service map" in r.read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui/graph", timeout=10) as r:
+            graph = json.load(r)
+        verdicts = {(e["from"], e["to"]): e["verdict"] for e in graph["edges"]}
+        assert verdicts == {("default/tiefighter", "default/deathstar"): "FORWARDED",
+                            ("default/xwing", "default/deathstar"): "DROPPED"}
+        # the port is taken now: a second `pylium ui` says so in one line
+        result = CliRunner().invoke(cli, ["--socket", agent.path, "ui", "--port", str(port)])
+        assert result.exit_code == 1 and result.output.startswith("Error: port: cannot listen")
+    finally:
+        server.shutdown()
+        server.server_close()
