@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PYLIUM, assert_one_line_error, run_pylium
 from pylium.cli.client import AgentClient
+
+from ._helpers import PYLIUM, assert_one_line_error, run_pylium
 
 REPO_DISTS = {
     "pylium-overlay-vxlan", "pylium-overlay-geneve", "pylium-native-routing",

@@ -7,8 +7,9 @@ from __future__ import annotations
 import sys
 
 import pytest
-from conftest import REPO
 from pylium.kvstore.conformance import KVStoreConformance
+
+from ._helpers import REPO
 
 sys.path.insert(0, str(REPO / "examples" / "pylium-kvstore-file"))
 from pylium_kvstore_file.store import FileKVStore  # noqa: E402

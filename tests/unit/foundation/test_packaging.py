@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+
+from ._helpers import REPO
 
 pytestmark = pytest.mark.slow
 
