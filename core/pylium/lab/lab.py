@@ -271,7 +271,7 @@ class Lab:
 
     def _start_server(self, state: dict[str, Any], netns: str, argv: list[str],
                       port: int) -> int:
-        cmd = ["nsenter", f"--net={netns}", "--", *argv]
+        cmd = ["nsenter", f"--net={plumbing.netns_path(netns)}", "--", *argv]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         state["processes"].append({"pid": proc.pid, "match": " ".join(argv)})

@@ -1,0 +1,81 @@
+"""The Star Wars lab through the CLI, as a user runs it: `lab up --demo starwars`, both ships
+land, rule1 imported, tiefighter lands and xwing is dropped (seen in `bpf metrics`), then
+`lab down` leaves no netns, link, pin, process, socket or state behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PYLIUM = str(Path(sys.executable).with_name("pylium"))
+
+
+def _leftovers(name: str, status: dict) -> list[str]:
+    left = [f"netns {n}" for n in os.listdir("/run/netns") if n.startswith(f"{name}-")]
+    for node in status["nodes"]:
+        for path in (node["socket"], f"/sys/fs/bpf/pylium/{name}-{node['name']}",
+                     f"/var/lib/pylium/lab/{name}-{node['name']}"):
+            if os.path.lexists(path):
+                left.append(path)
+    if os.path.exists(f"/var/run/pylium/lab/{name}.json"):
+        left.append("lab state file")
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    left += [f"process {line}" for line in ps.splitlines() if f"/{name}-node" in line]
+    return left
+
+
+def test_starwars_story_and_clean_teardown(shared_dir):
+    name = "s" + secrets.token_hex(3)
+    env = {**os.environ, "PYLIUM_LAB": name, "PYLIUM_SOCKET": f"/var/run/pylium/{name}-node1.sock"}
+
+    def pylium(*args, check=True, timeout=120):
+        return subprocess.run([PYLIUM, *args], capture_output=True, text=True, env=env,
+                              check=check, timeout=timeout)
+
+    status = None
+    try:
+        pylium("lab", "up", "--demo", "starwars")
+        status = json.loads(pylium("lab", "status", "-o", "json").stdout)
+        assert [n["name"] for n in status["nodes"]] == ["node1"]
+        assert status["nodes"][0]["ip"]
+        pods = {p["name"]: p for p in status["pods"]}
+        assert set(pods) == {"deathstar", "tiefighter", "xwing"}
+        assert pods["deathstar"]["labels"] == {"org": "empire", "class": "deathstar"}
+        assert pods["xwing"]["node"] == "node1"
+        url = f"http://{pods['deathstar']['ip']}/v1/request-landing"
+
+        def land(ship):
+            return pylium("lab", "exec", ship, "--", "curl", "-s", "--max-time", "2",
+                          "-XPOST", url, check=False)
+
+        for ship in ("tiefighter", "xwing"):
+            proc = land(ship)
+            assert proc.returncode == 0 and proc.stdout == "Ship landed\n", proc
+        # lab exec hands back the command's exit code
+        assert pylium("lab", "exec", "xwing", "--", "sh", "-c", "exit 7",
+                      check=False).returncode == 7
+
+        pylium("policy", "import", str(shared_dir / "seed-policies" / "l3-l4-rule1.yaml"))
+        deadline = time.monotonic() + 10  # regeneration is asynchronous to the import
+        while True:
+            deathstar = json.loads(pylium("endpoint", "get", "deathstar", "-o", "json").stdout)
+            if deathstar["ingress_enforced"] and deathstar["state"] == "ready":
+                break
+            assert time.monotonic() < deadline, deathstar
+            time.sleep(0.1)
+        proc = land("tiefighter")
+        assert proc.returncode == 0 and proc.stdout == "Ship landed\n"
+        proc = land("xwing")
+        assert proc.returncode == 28 and proc.stdout == ""  # timed out: SYN dropped
+        metrics = json.loads(pylium("bpf", "metrics", "list", "-o", "json").stdout)
+        denied = [m for m in metrics if "denied" in m["reason_desc"].lower()]
+        assert denied and denied[0]["packets"] >= 1
+    finally:
+        pylium("lab", "down", check=False)
+    assert _leftovers(name, status or {"nodes": [{"name": "node1", "socket":
+                                                  env["PYLIUM_SOCKET"]}]}) == []
