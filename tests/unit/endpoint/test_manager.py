@@ -1,0 +1,231 @@
+"""EndpointManager semantics with the netlink plumbing replaced by a fake (no root needed):
+ids, persistence/restore, rollback, and regeneration that never leaves an endpoint with an
+empty or partial policy."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pylium.datapath import netns as plumbing
+from pylium.endpoint import manager as manager_mod
+from pylium.endpoint.manager import EndpointManager, EndpointNotFound
+from pylium.endpoint.model import host_ifname
+from pylium.errors import UserError
+from pylium.ipam import PodCIDRAllocator
+from pylium.policy.mapstate import Direction, EndpointPolicy, PolicyEntry, PolicyKey
+
+
+class FakeLinks:
+    """Stands in for the veths: remembers which host-side links exist."""
+
+    def __init__(self):
+        self.links: dict[str, plumbing.LinkInfo] = {}
+        self.next_index = 10
+
+    def wire(self, ifname, netns, ip, gateway):
+        self.next_index += 1
+        host = plumbing.LinkInfo(ifname, self.next_index, f"02:00:00:00:00:{self.next_index:02x}", True)
+        self.links[ifname] = host
+        return plumbing.EndpointLinks(host=host, pod=plumbing.LinkInfo("eth0", 2, "02:aa:00:00:00:01", True))
+
+    def unwire(self, ifname, ip=None):
+        return self.links.pop(ifname, None) is not None
+
+    def info(self, ifname, netns=None):
+        return self.links.get(ifname)
+
+
+@pytest.fixture
+def links(monkeypatch):
+    fake = FakeLinks()
+    monkeypatch.setattr(manager_mod.plumbing, "wire_endpoint", fake.wire)
+    monkeypatch.setattr(manager_mod.plumbing, "unwire_endpoint", fake.unwire)
+    monkeypatch.setattr(manager_mod.plumbing, "link_info", fake.info)
+    monkeypatch.setattr(manager_mod.plumbing, "netns_exists", lambda ns: not ns.endswith("gone"))
+    return fake
+
+
+class Identities:
+    def __init__(self):
+        self.ids: dict[tuple, int] = {}
+        self.released: list[int] = []
+
+    async def allocate(self, labels):
+        return self.ids.setdefault(tuple(sorted(labels.items())), 256 + len(self.ids))
+
+    async def release(self, identity):
+        self.released.append(identity)
+
+
+class Policy:
+    def __init__(self):
+        self.fail: Exception | None = None
+        self.revision = 1
+
+    async def compute(self, ep):
+        if self.fail is not None:
+            raise self.fail
+        key = PolicyKey(identity=0, direction=Direction.INGRESS)
+        return EndpointPolicy(True, False, {key: PolicyEntry()}, revision=self.revision)
+
+
+class Datapath:
+    def __init__(self):
+        self.attached: dict[int, object] = {}
+        self.policies: dict[int, EndpointPolicy] = {}
+        self.fail_attach = False
+        self.fail_update = False
+
+    async def attach(self, ep):
+        if self.fail_attach:
+            raise RuntimeError("attach exploded")
+        self.attached[ep.id] = ep
+
+    async def detach(self, ep):
+        self.attached.pop(ep.id, None)
+        self.policies.pop(ep.id, None)
+
+    async def update_policy(self, ep, policy):
+        if self.fail_update:
+            raise RuntimeError("map update failed")
+        self.policies[ep.id] = policy
+
+
+def make(tmp_path, **kw):
+    parts = {"identities": Identities(), "policy": Policy(), "datapath": Datapath()}
+    parts.update(kw)
+    ipam = PodCIDRAllocator("10.77.0.0/24", tmp_path / "ipam.json")
+    return EndpointManager(tmp_path, ipam, **parts), parts
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_create_assigns_small_ids_ips_identities_and_fires_hooks(tmp_path, links):
+    created = []
+    mgr, parts = make(tmp_path, on_created=created.append)
+
+    async def go():
+        a = await mgr.create("a", "default", {"app": "x"}, "pod-a")
+        b = await mgr.create("b", "default", {"app": "x"}, "pod-b")
+        c = await mgr.create("c", "prod", {"app": "x"}, "pod-c")
+        return a, b, c
+
+    a, b, c = run(go())
+    assert [e.id for e in (a, b, c)] == [1, 2, 3]
+    assert len({a.ipv4, b.ipv4, c.ipv4}) == 3 and "10.77.0.1" not in (a.ipv4, b.ipv4, c.ipv4)
+    assert a.identity == b.identity != c.identity  # the namespace label is part of identity
+    assert c.identity_labels == {"k8s:app": "x", "k8s:io.kubernetes.pod.namespace": "prod"}
+    assert a.ifname == host_ifname("default", "a") and len(a.ifname) <= 15
+    assert [e.name for e in created] == ["a", "b", "c"]
+    assert all(mgr.get(i).state == "ready" and mgr.get(i).ingress_enforced for i in (1, 2, 3))
+    assert set(parts["datapath"].policies) == {1, 2, 3}
+
+
+def test_ids_are_reused_lowest_first_after_delete(tmp_path, links):
+    mgr, _ = make(tmp_path)
+
+    async def go():
+        for n in "abc":
+            await mgr.create(n, "default", {}, f"pod-{n}")
+        await mgr.delete("b")
+        return await mgr.create("d", "default", {}, "pod-d")
+
+    assert run(go()).id == 2
+
+
+def test_delete_releases_everything_and_is_not_found_after(tmp_path, links):
+    deleted = []
+    mgr, parts = make(tmp_path, on_deleted=deleted.append)
+
+    async def go():
+        ep = await mgr.create("a", "default", {"app": "x"}, "pod-a")
+        await mgr.delete(str(ep.id))
+        return ep
+
+    ep = run(go())
+    assert links.links == {} and mgr.ipam.allocated() == {}
+    assert parts["datapath"].attached == {} and parts["identities"].released == [ep.identity]
+    assert not (tmp_path / "endpoints" / "1.json").exists()
+    assert [e.name for e in deleted] == ["a"]
+    with pytest.raises(EndpointNotFound):
+        mgr.get("a")
+
+
+def test_failed_create_is_rolled_back(tmp_path, links):
+    datapath = Datapath()
+    datapath.fail_attach = True
+    mgr, parts = make(tmp_path, datapath=datapath)
+    with pytest.raises(RuntimeError, match="attach exploded"):
+        run(mgr.create("a", "default", {"app": "x"}, "pod-a"))
+    assert links.links == {} and mgr.ipam.allocated() == {} and mgr.list() == []
+    assert list((tmp_path / "endpoints").glob("*.json")) == []
+    assert parts["identities"].released == [256]
+
+
+def test_bad_input_is_refused_before_anything_is_made(tmp_path, links):
+    mgr, _ = make(tmp_path)
+    for args, field in [(("A_b", "default", {}, "pod"), "name"),
+                        (("a", "default", {"x": "a b"}, "pod"), "labels.x"),
+                        (("a", "default", {"k8s:x": "1"}, "pod"), "labels"),
+                        (("a", "default", {}, "pod-gone"), "netns"),
+                        (("a", "default", {}, ""), "netns")]:
+        with pytest.raises(UserError) as err:
+            run(mgr.create(*args))
+        assert str(err.value).startswith(field)
+    assert links.links == {} and mgr.ipam.allocated() == {}
+
+
+def test_failed_regeneration_keeps_the_old_policy_and_is_loud(tmp_path, links, caplog):
+    mgr, parts = make(tmp_path)
+    ep = run(mgr.create("a", "default", {"app": "x"}, "pod-a"))
+    installed = parts["datapath"].policies[ep.id]
+    parts["policy"].fail = RuntimeError("selector exploded")
+    parts["policy"].revision = 2
+    result = run(mgr.regenerate_all("policy import"))
+    assert result["failed"] and "selector exploded" in result["failed"][ep.id]
+    assert parts["datapath"].policies[ep.id] is installed  # never replaced, never emptied
+    now = mgr.get(ep.id)
+    assert now.state == "not-ready" and "previous policy kept" in now.error
+    assert any("selector exploded" in r.message for r in caplog.records if r.levelname == "ERROR")
+    # the datapath refusing the new map is handled the same way
+    parts["policy"].fail = None
+    parts["datapath"].fail_update = True
+    run(mgr.regenerate_all("retry"))
+    assert parts["datapath"].policies[ep.id] is installed and mgr.get(ep.id).state == "not-ready"
+    # and once it works again the endpoint recovers
+    parts["datapath"].fail_update = False
+    run(mgr.regenerate_all("retry"))
+    assert mgr.get(ep.id).state == "ready" and mgr.get(ep.id).policy_revision == 2
+    assert mgr.regeneration_status()["not_ready"] == []
+
+
+def test_restore_adopts_live_endpoints_and_drops_gone_ones(tmp_path, links):
+    mgr, _ = make(tmp_path)
+
+    async def go():
+        a = await mgr.create("a", "default", {"app": "x"}, "pod-a")
+        b = await mgr.create("b", "default", {"app": "y"}, "pod-b")
+        return a, b
+
+    a, b = run(go())
+    links.links.pop(b.ifname)  # pod b went away while the agent was down
+    again, parts = make(tmp_path)  # a new agent process on the same state dir
+    result = run(again.restore())
+    assert result == {"adopted": [a.id], "dropped": [b.id]}
+    assert again.get(a.id).ipv4 == a.ipv4 and again.get(a.id).ifindex == a.ifindex
+    assert again.ipam.allocated() == {a.ipv4: "endpoint:default/a"}
+    assert list(parts["datapath"].attached) == [a.id]  # maps re-published, not re-wired
+    assert len(links.links) == 1
+    # the next endpoint does not reuse a's id or address
+    c = run(again.create("c", "default", {}, "pod-c"))
+    assert c.id != a.id and c.ipv4 != a.ipv4
+
+
+def test_without_datapath_endpoints_are_wired_but_carry_no_policy(tmp_path, links):
+    mgr, _ = make(tmp_path, datapath=None, policy=None)
+    ep = run(mgr.create("a", "default", {}, "pod-a"))
+    assert ep.state == "ready" and not ep.ingress_enforced
+    assert mgr.missing == ["policy", "datapath"]
