@@ -1,6 +1,7 @@
 /* Per-endpoint policy: an outer hash (endpoint id -> inner LPM trie). The agent builds a
  * complete new inner trie and swaps the outer slot in one update, so traffic never sees an
- * empty or partial policy. The lookup is pylium.policy.mapstate.lookup, step for step. */
+ * empty or partial policy. The lookup is pylium.policy.mapstate.lookup, step for step.
+ */
 #ifndef PYLIUM_POLICY_H
 #define PYLIUM_POLICY_H
 
@@ -10,10 +11,15 @@
 #define POLICY_ENTRIES_MAX 65536
 #define POLICY_FULL_PREFIX 64
 
-/* LPM key: prefixlen, then identity(32) direction(8) protocol(8) port(16, network order) */
+/* LPM key: prefixlen, then identity(32) direction(8) protocol(8) port(16), all in network
+ * byte order. The identity is big-endian (unlike Cilium's host-order sec_label) so that the
+ * trie branches on its high bits first: real identities (< 2^24) share a zero top byte and
+ * the reserved meta key (0xFFFFFFFF) sits right under the root, one step away however many
+ * identities the policy holds. Identities are always matched whole, so the order changes
+ * no verdict. */
 struct policy_key {
 	__u32 prefixlen;
-	__u32 identity;
+	__be32 identity;
 	__u8 direction;
 	__u8 protocol;
 	__be16 dport;
@@ -23,6 +29,8 @@ struct policy_key {
 /* flags of the meta entry */
 #define POLICY_META_INGRESS_ENFORCED 0x01
 #define POLICY_META_EGRESS_ENFORCED 0x02
+#define POLICY_META_INGRESS_WILDCARDS 0x04 /* there are identity-0 ingress entries */
+#define POLICY_META_EGRESS_WILDCARDS 0x08
 
 struct policy_entry {
 	__u16 proxy_port;     /* host order; != 0: redirect to the L7 proxy */
@@ -85,19 +93,20 @@ static __always_inline struct policy_entry *policy_longest(void *inner, __u32 id
 {
 	struct policy_key key = {
 		.prefixlen = POLICY_FULL_PREFIX,
-		.identity = identity,
+		.identity = bpf_htonl(identity),
 		.direction = direction,
 		.protocol = protocol,
 		.dport = port,
 	};
-
 	return bpf_map_lookup_elem(inner, &key);
 }
 
-/* mapstate.lookup: unenforced -> allow; A = identity's longest match, B = wildcard's;
- * a deny in A or B wins; else the longer prefix decides (A on a tie); proxy port ->
+/* mapstate.lookup: unenforced -> allow; A = identity's longest match, B = wildcard's
+ * (looked up only when the policy has wildcard entries in that direction); a deny in A or
+ * B wins; else the longer prefix decides (A on a tie); proxy port ->
  * redirect; nothing -> default deny. */
-static __always_inline struct policy_verdict policy_decide(void *inner, struct policy_entry *meta,
+static __always_inline struct policy_verdict policy_decide(void *inner,
+							   struct policy_entry *meta,
 							   __u32 identity, __u8 direction,
 							   __u8 protocol, __be16 port)
 {
@@ -105,13 +114,17 @@ static __always_inline struct policy_verdict policy_decide(void *inner, struct p
 	struct policy_entry *specific, *wildcard, *chosen;
 	__u8 enforced = direction == DIR_INGRESS ? POLICY_META_INGRESS_ENFORCED
 						 : POLICY_META_EGRESS_ENFORCED;
+	__u8 wildcards = direction == DIR_INGRESS ? POLICY_META_INGRESS_WILDCARDS
+						  : POLICY_META_EGRESS_WILDCARDS;
 
 	if (!(meta->flags & enforced)) {
 		v.verdict = VERDICT_ALLOW;
 		return v;
 	}
 	specific = policy_longest(inner, identity, direction, protocol, port);
-	wildcard = policy_longest(inner, IDENTITY_ANY, direction, protocol, port);
+	wildcard = NULL;
+	if (meta->flags & wildcards)
+		wildcard = policy_longest(inner, IDENTITY_ANY, direction, protocol, port);
 	if ((specific && (specific->flags & POLICY_F_DENY)) ||
 	    (wildcard && (wildcard->flags & POLICY_F_DENY))) {
 		v.deny_entry = 1;

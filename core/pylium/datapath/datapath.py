@@ -333,26 +333,30 @@ class Datapath:
             old_rev = self._current_revision(ep_id)
             revision = policy.revision if policy.revision > old_rev else old_rev + 1
             revision &= 0xFFFFFFFF
-            max_entries = max(64, len(policy.entries) + 1)
-            inner_fd = libbpf.map_create(libbpf.BPF_MAP_TYPE_LPM_TRIE, f"pol_{ep_id}",
-                                         ctypes.sizeof(PolicyMapKey),
-                                         ctypes.sizeof(PolicyMapEntry), max_entries,
-                                         flags=libbpf.BPF_F_NO_PREALLOC)
-            try:
-                inner = BpfMap(inner_fd, f"policy of endpoint {ep_id}", PolicyMapKey,
-                               PolicyMapEntry)
-                for key, entry in policy.entries.items():
-                    inner.update(PolicyMapKey.of(key), encode_entry(key, entry))
-                meta = encode_meta(policy)
-                meta.revision = revision
-                inner.update(PolicyMapKey.meta(), meta)
-                self.policy.update(U32Key(ep_id), U32Key(inner_fd))
-            except DatapathError as exc:
-                raise DatapathError(f"policy of endpoint {ep_id} NOT updated (the previous "
-                                    f"policy stays in force): {exc}") from exc
-            finally:
-                libbpf.close(inner_fd)
+            meta = encode_meta(policy)
+            meta.revision = revision
+            entries = [(PolicyMapKey.of(k), encode_entry(k, e)) for k, e in policy.entries.items()]
+            self._install_inner(ep_id, self.policy, libbpf.BPF_MAP_TYPE_LPM_TRIE, "pol",
+                                entries, meta)
             return revision
+
+    def _install_inner(self, ep_id: int, outer: BpfMap, map_type: int, prefix: str,
+                       entries: list, meta: PolicyMapEntry) -> None:
+        """Fill a new inner map completely, then swap it into `outer` in one update."""
+        inner_fd = libbpf.map_create(map_type, f"{prefix}_{ep_id}", ctypes.sizeof(PolicyMapKey),
+                                     ctypes.sizeof(PolicyMapEntry), max(64, len(entries) + 1),
+                                     flags=libbpf.BPF_F_NO_PREALLOC)
+        try:
+            inner = BpfMap(inner_fd, f"policy of endpoint {ep_id}", PolicyMapKey, PolicyMapEntry)
+            for key, value in entries:
+                inner.update(key, value)
+            inner.update(PolicyMapKey.meta(), meta)
+            outer.update(U32Key(ep_id), U32Key(inner_fd))
+        except DatapathError as exc:
+            raise DatapathError(f"policy of endpoint {ep_id} NOT updated (the previous "
+                                f"policy stays in force): {exc}") from exc
+        finally:
+            libbpf.close(inner_fd)
 
     def dump_policy(self, ep_id: int) -> dict[str, Any]:
         with self._lock:
@@ -378,7 +382,7 @@ class Datapath:
                 "verdict": "deny" if value.flags & POLICY_F_DENY else
                            ("redirect" if value.proxy_port else "allow"),
                 "direction": Direction(key.direction).name.lower(),
-                "identity": key.identity,
+                "identity": key.identity_value,
                 "protocol": PROTOCOL_NAMES.get(key.protocol, str(key.protocol)) if key.prefixlen > 40 else "ANY",
                 "port": port if port_prefix else 0,
                 "port_prefix_len": port_prefix,

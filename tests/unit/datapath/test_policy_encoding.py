@@ -17,10 +17,10 @@ from pylium.policy.mapstate import (
 )
 
 
-def test_key_bytes_are_prefixlen_identity_direction_protocol_port_big_endian():
+def test_key_bytes_are_prefixlen_then_big_endian_identity_direction_protocol_port():
     key = PolicyKey(1234, Direction.EGRESS, PROTO_TCP, 0x1F00, 8)
     raw = bytes(PolicyMapKey.of(key))
-    assert raw == (56).to_bytes(4, "little") + (1234).to_bytes(4, "little") + bytes([1, 6]) + b"\x1f\x00"
+    assert raw == (56).to_bytes(4, "little") + (1234).to_bytes(4, "big") + bytes([1, 6]) + b"\x1f\x00"
 
 
 def test_any_protocol_key_has_the_l3_prefix():
@@ -39,3 +39,10 @@ def test_meta_entry_records_enforcement_and_revision():
     meta = encode_meta(EndpointPolicy(ingress_enforced=True, egress_enforced=False, revision=9))
     assert (meta.flags, meta.revision) == (1, 9)
     assert PolicyMapKey.meta().is_meta and not PolicyMapKey.of(PolicyKey(0, Direction.EGRESS)).is_meta
+
+
+def test_meta_entry_flags_directions_with_wildcard_entries():
+    only_ingress_wildcard = EndpointPolicy(True, True, {
+        PolicyKey(0, Direction.INGRESS, PROTO_TCP, 80, 16): PolicyEntry(),
+        PolicyKey(5, Direction.EGRESS): PolicyEntry()})
+    assert encode_meta(only_ingress_wildcard).flags == 0x01 | 0x02 | 0x04

@@ -10,26 +10,33 @@ from pylium.policy.mapstate import FULL_PREFIX_BITS, EndpointPolicy, PolicyEntry
 POLICY_F_DENY = 0x01
 META_INGRESS_ENFORCED = 0x01
 META_EGRESS_ENFORCED = 0x02
+META_INGRESS_WILDCARDS = 0x04
+META_EGRESS_WILDCARDS = 0x08
 META_IDENTITY = 0xFFFFFFFF
 META_DIRECTION = 0xFF
 META_PROTOCOL = 0xFF
 
 
-class PolicyMapKey(ctypes.Structure):
-    """C `struct policy_key` (bpf/lib/policy.h). `dport` is kept in network byte order."""
+def _be32(value: int):
+    return (ctypes.c_uint8 * 4)(*value.to_bytes(4, "big"))
 
-    _fields_ = [("prefixlen", ctypes.c_uint32), ("identity", ctypes.c_uint32),
+
+class PolicyMapKey(ctypes.Structure):
+    """C `struct policy_key` (bpf/lib/policy.h). `identity` and `dport` are big-endian
+    (read them through `identity_value` and `port`)."""
+
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("identity", ctypes.c_uint8 * 4),
                 ("direction", ctypes.c_uint8), ("protocol", ctypes.c_uint8),
                 ("dport", ctypes.c_uint8 * 2)]
 
     @classmethod
     def of(cls, key: PolicyKey) -> PolicyMapKey:
-        return cls(key.lpm_prefixlen, key.identity, int(key.direction), key.protocol,
+        return cls(key.lpm_prefixlen, _be32(key.identity), int(key.direction), key.protocol,
                    (ctypes.c_uint8 * 2)(*key.port.to_bytes(2, "big")))
 
     @classmethod
     def meta(cls) -> PolicyMapKey:
-        return cls(FULL_PREFIX_BITS, META_IDENTITY, META_DIRECTION, META_PROTOCOL,
+        return cls(FULL_PREFIX_BITS, _be32(META_IDENTITY), META_DIRECTION, META_PROTOCOL,
                    (ctypes.c_uint8 * 2)(0xFF, 0xFF))
 
     @property
@@ -38,7 +45,11 @@ class PolicyMapKey(ctypes.Structure):
 
     @property
     def is_meta(self) -> bool:
-        return self.identity == META_IDENTITY and self.direction == META_DIRECTION
+        return self.identity_value == META_IDENTITY and self.direction == META_DIRECTION
+
+    @property
+    def identity_value(self) -> int:
+        return int.from_bytes(bytes(self.identity), "big")
 
 
 class PolicyMapEntry(ctypes.Structure):
@@ -56,6 +67,9 @@ def encode_entry(key: PolicyKey, entry: PolicyEntry) -> PolicyMapEntry:
 def encode_meta(policy: EndpointPolicy) -> PolicyMapEntry:
     flags = (META_INGRESS_ENFORCED if policy.ingress_enforced else 0) | (
         META_EGRESS_ENFORCED if policy.egress_enforced else 0)
+    for key in policy.entries:
+        if key.identity == 0:
+            flags |= META_INGRESS_WILDCARDS if key.direction == 0 else META_EGRESS_WILDCARDS
     return PolicyMapEntry(0, flags, FULL_PREFIX_BITS, policy.revision & 0xFFFFFFFF)
 
 
