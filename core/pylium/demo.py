@@ -29,6 +29,36 @@ RULE1 = "l3-l4-rule1.yaml"
 PYLIUM = str(Path(sys.executable).with_name("pylium"))
 ENV = {**os.environ, "PYLIUM_LAB": LAB, "PYLIUM_SOCKET": SOCKET, "COLUMNS": "200"}
 LANDING = "/v1/request-landing"
+#: used only when ../shared/seed-policies is not beside the checkout
+RULE1_TEXT = """apiVersion: "cilium.io/v2"
+kind: CiliumNetworkPolicy
+description: "L3-L4 policy to restrict deathstar access to empire ships only"
+metadata:
+  name: "rule1"
+spec:
+  endpointSelector:
+    matchLabels:
+      org: empire
+      class: deathstar
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        org: empire
+    toPorts:
+    - ports:
+      - port: "80"
+        protocol: TCP
+"""
+
+
+def _rule1_path() -> Path:
+    path = SEED / RULE1
+    if path.is_file():
+        return path
+    fallback = Path("/var/run/pylium") / RULE1
+    fallback.parent.mkdir(parents=True, exist_ok=True)
+    fallback.write_text(RULE1_TEXT)
+    return fallback
 
 
 class Story:
@@ -133,8 +163,9 @@ def tell(story: Story) -> None:
                      f"{ship} lands before any policy")
 
     story.say(f"3. Import {RULE1}: only the empire may reach the deathstar on TCP/80")
-    print((SEED / RULE1).read_text().rstrip())
-    _import_policy(story, SEED / RULE1)
+    rule1 = _rule1_path()
+    print(rule1.read_text().rstrip())
+    _import_policy(story, rule1)
     time.sleep(0.5)  # regeneration is asynchronous to the import
     monitor = _start_monitor(story)
     time.sleep(1.0)
