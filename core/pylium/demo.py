@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-LAB = "sw"
+#: unique per run, so demos run side by side (CI, several shells) never share a lab
+LAB = f"sw{os.getpid() & 0xFFFF:04x}"
 SOCKET = f"/var/run/pylium/{LAB}-node1.sock"
 SEED = Path(__file__).resolve().parents[2].parent / "shared" / "seed-policies"
 RULE1 = "l3-l4-rule1.yaml"
@@ -217,9 +218,6 @@ def main() -> int:
     story = Story()
     print("pylium Star Wars demo: identity-based L3/L4 policy enforced by eBPF, "
           "on a lab of network namespaces (the host's own network is not touched)")
-    if os.path.exists(f"/var/run/pylium/lab/{LAB}.json"):
-        print(f"a previous demo lab ({LAB}) was left up: removing it first")
-        story.run("lab", "down")
     try:
         tell(story)
     except StoryError as exc:
