@@ -277,3 +277,25 @@ def test_lost_events_are_counted_exactly(node):
         reader.close()
     assert lost > 0
     assert delivered + lost == 2 * runs
+
+
+def test_trace_runs_the_attached_program_and_reattach_replaces_cleanly(node):
+    from pylium.datapath import EndpointInfo, libbpf, tc
+
+    n = node("attach", PODS)
+    ep = n.eps["a"]
+    attached = n.worker.run(tc.query, ep.ifindex, tc.INGRESS)
+    loaded = libbpf.prog_info(n.raw.prog_fds["from_container"]).id
+    assert attached == loaded
+    assert n.worker.run(tc.query, ep.ifindex, tc.EGRESS) == libbpf.prog_info(n.raw.prog_fds["to_container"]).id
+    # same endpoint id, new address: one entry, still attached
+    moved = EndpointInfo(ep.ep_id, "10.210.0.99", ep.ifindex, ep.ep_mac, ep.host_mac, ep.identity)
+    n.dp.attach_endpoint(moved)
+    n.dp.attach_endpoint(moved)
+    rows = [r for r in n.dp.dump_endpoints() if r["ep_id"] == ep.ep_id]
+    assert [r["ipv4"] for r in rows] == ["10.210.0.99"]
+    assert n.worker.run(tc.query, ep.ifindex, tc.INGRESS) == loaded
+    assert n.dp.detach_endpoint(ep.ep_id)
+    assert n.worker.run(tc.query, ep.ifindex, tc.INGRESS) is None
+    assert n.worker.run(tc.query, ep.ifindex, tc.EGRESS) is None
+    assert ep.ep_id not in {r["ep_id"] for r in n.dp.dump_endpoints()}
