@@ -166,6 +166,11 @@ class EndpointManager:
             address = self.ipam.allocate(owner)
             ifname = host_ifname(namespace, name)
             undo: list[Callable[[], Any]] = [lambda: self.ipam.release(address)]
+            if await asyncio.to_thread(plumbing.link_info, ifname) is not None:
+                # named after this namespace/name and owned by no endpoint: left by an
+                # agent that died half way through creating it
+                log.warning("removing stale %s left by an unfinished create", ifname)
+                await asyncio.to_thread(plumbing.unwire_endpoint, ifname)
             try:
                 links = await asyncio.to_thread(plumbing.wire_endpoint, ifname, netns,
                                                 address, str(self.ipam.gateway))

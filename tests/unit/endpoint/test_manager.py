@@ -229,3 +229,11 @@ def test_without_datapath_endpoints_are_wired_but_carry_no_policy(tmp_path, link
     ep = run(mgr.create("a", "default", {}, "pod-a"))
     assert ep.state == "ready" and not ep.ingress_enforced
     assert mgr.missing == ["policy", "datapath"]
+
+
+def test_a_stale_veth_from_an_unfinished_create_is_replaced(tmp_path, links):
+    mgr, _ = make(tmp_path)
+    stale = host_ifname("default", "a")
+    links.links[stale] = plumbing.LinkInfo(stale, 99, "02:00:00:00:00:99", True)
+    ep = run(mgr.create("a", "default", {}, "pod-a"))
+    assert ep.ifindex != 99 and links.links[stale].ifindex == ep.ifindex
