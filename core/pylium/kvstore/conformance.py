@@ -41,7 +41,10 @@ StoreFactory = Callable[[], KVStore]
 
 def run(coro: Awaitable, timeout: float = 60.0):
     """Run one test coroutine on a fresh event loop, failing after `timeout` seconds."""
-    return asyncio.run(asyncio.wait_for(coro, timeout))
+    async def bounded():
+        async with asyncio.timeout(timeout):
+            return await coro
+    return asyncio.run(bounded())
 
 
 async def next_events(watch: AsyncIterator[KVEvent], count: int,
@@ -52,7 +55,8 @@ async def next_events(watch: AsyncIterator[KVEvent], count: int,
     while len(events) < count:
         remaining = deadline - time.monotonic()
         try:
-            events.append(await asyncio.wait_for(anext(watch), max(remaining, 0.01)))
+            async with asyncio.timeout(max(remaining, 0.01)):
+                events.append(await anext(watch))
         except TimeoutError:
             pytest.fail(f"watch delivered {len(events)} of {count} events in {timeout}s: "
                         f"{events}")
@@ -263,7 +267,8 @@ class KVStoreConformance:
                 first = asyncio.ensure_future(anext(watch))
                 await asyncio.sleep(0.5)  # let the watch establish itself
                 rev = await kv.put(ns + "n/new", b"new")
-                event = await asyncio.wait_for(first, 10)
+                async with asyncio.timeout(10):
+                    event = await first
                 await watch.aclose()
                 assert (event.type, event.key, event.value) == ("put", ns + "n/new", b"new")
                 assert event.revision == rev

@@ -7,14 +7,15 @@ revision, and leases whose expiry deletes their keys.
 Safety: the database runs in WAL mode with a busy timeout, and every write is one
 `BEGIN IMMEDIATE` transaction (read-check-write under SQLite's write lock), so create and
 compare-and-swap stay atomic even when several processes open the same file. Watchers in this
-process are woken right after each write; changes made by other processes are noticed by
-polling `PRAGMA data_version` every `poll_interval` seconds. Expired leases are reaped before
+process (of any store open on the same file) are woken right after each write; changes made
+by other processes are noticed by polling `PRAGMA data_version` every `poll_interval`
+seconds. Expired leases are reaped before
 every operation and by a background sweeper, so watchers see the delete events even when
 nobody touches the store.
 
 Options (all optional):
   `path`            database file (default `<state_dir>/kvstore.sqlite3`)
-  `poll_interval`   seconds between cross-process change checks (default 0.05)
+  `poll_interval`   seconds between cross-process change checks (default 0.02)
   `sweep_interval`  seconds between lease-expiry sweeps (default 0.25)
   `history`         revisions of event log kept for resuming watches (default 100000)
   `busy_timeout`    seconds a write waits for another process's lock (default 30)
@@ -28,7 +29,9 @@ import functools
 import logging
 import secrets
 import sqlite3
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -79,6 +82,11 @@ CREATE INDEX IF NOT EXISTS leases_by_expiry ON leases (expires_at);
 WATCH_BATCH = 1000
 #: compact the event log every this many revisions
 COMPACT_EVERY = 1000
+
+#: open stores per database file in this process, so a write wakes the watchers of every
+#: store on that file at once (other processes are noticed by polling)
+_OPEN_STORES: dict[Path, weakref.WeakSet] = {}
+_OPEN_STORES_LOCK = threading.Lock()
 
 
 def prefix_range(prefix: str) -> tuple[bytes, bytes | None]:
@@ -144,7 +152,7 @@ class EmbeddedKVStore(KVStore):
         super().__init__(options, state_dir)
         path = self.options.get("path")
         self.path = Path(path) if path else self.state_dir / "kvstore.sqlite3"
-        self.poll_interval = _options(self.options, "poll_interval", 0.05)
+        self.poll_interval = _options(self.options, "poll_interval", 0.02)
         self.sweep_interval = _options(self.options, "sweep_interval", 0.25)
         self.history = int(_options(self.options, "history", 100_000))
         self.busy_timeout = _options(self.options, "busy_timeout", 30.0)
@@ -157,6 +165,8 @@ class EmbeddedKVStore(KVStore):
         self._background: asyncio.Task | None = None
         self._wakeup = asyncio.Event()
         self._closed = True
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._key = self.path.absolute()
 
     # plumbing ----------------------------------------------------------------------------
     async def _run(self, fn: Callable[[], T]) -> T:
@@ -167,6 +177,21 @@ class EmbeddedKVStore(KVStore):
     def _wake_watchers(self) -> None:
         event, self._wakeup = self._wakeup, asyncio.Event()
         event.set()
+
+    def _changed(self) -> None:
+        """This store committed a change: wake its watchers and those of every other store
+        open on the same file in this process (they may run on other threads' loops)."""
+        self._wake_watchers()
+        with _OPEN_STORES_LOCK:
+            peers = [s for s in _OPEN_STORES.get(self._key, ()) if s is not self]
+        for peer in peers:
+            loop = peer._loop
+            if peer._closed or loop is None or loop.is_closed():
+                continue
+            try:
+                loop.call_soon_threadsafe(peer._wake_watchers)
+            except RuntimeError:  # that loop closed meanwhile
+                pass
 
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -247,13 +272,13 @@ class EmbeddedKVStore(KVStore):
     async def _mutate(self, fn: Callable[[_Txn], T]) -> T:
         result, changed = await self._run(lambda: self._write(fn))
         if changed:
-            self._wake_watchers()
+            self._changed()
         return result
 
     async def _query(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         result, changed = await self._run(lambda: self._read(fn))
         if changed:
-            self._wake_watchers()
+            self._changed()
         return result
 
     # lifecycle ---------------------------------------------------------------------------
@@ -268,12 +293,21 @@ class EmbeddedKVStore(KVStore):
         except (sqlite3.Error, OSError) as exc:
             await self.close()
             raise KVStoreUnavailable(f"cannot open embedded kvstore {self.path}: {exc}") from None
-        self._background = asyncio.get_running_loop().create_task(self._watch_for_changes())
+        self._loop = asyncio.get_running_loop()
+        with _OPEN_STORES_LOCK:
+            _OPEN_STORES.setdefault(self._key, weakref.WeakSet()).add(self)
+        self._background = self._loop.create_task(self._watch_for_changes())
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        with _OPEN_STORES_LOCK:
+            peers = _OPEN_STORES.get(self._key)
+            if peers is not None:
+                peers.discard(self)
+                if not peers:
+                    del _OPEN_STORES[self._key]
         if self._background is not None:
             self._background.cancel()
             await asyncio.gather(self._background, return_exceptions=True)
@@ -429,8 +463,11 @@ class EmbeddedKVStore(KVStore):
             if len(rows) == WATCH_BATCH:
                 continue
             last_seq = max(last_seq, end_seq)
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
+            # races with the wake-up, leaving the consumer's task looping here forever
             try:
-                await asyncio.wait_for(wakeup.wait(), timeout=1.0)
+                async with asyncio.timeout(1.0):
+                    await wakeup.wait()
             except TimeoutError:
                 pass
 

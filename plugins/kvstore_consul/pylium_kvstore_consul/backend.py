@@ -144,7 +144,9 @@ class ConsulKVStore(KVStore):
 
     async def _call(self, coro, timeout: float | None = None):
         try:
-            return await asyncio.wait_for(coro, timeout or self.timeout)
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+            async with asyncio.timeout(timeout or self.timeout):
+                return await coro
         except (aiohttp.ClientError, TimeoutError, consul.ConsulException) as exc:
             raise self._unavailable(exc) from None
 
@@ -308,7 +310,8 @@ class ConsulKVStore(KVStore):
 
     async def keepalive(self, lease: Lease) -> bool:
         try:
-            await asyncio.wait_for(self.client.session.renew(session_id(lease)), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await self.client.session.renew(session_id(lease))
         except consul.NotFound:
             return False
         except (aiohttp.ClientError, TimeoutError, consul.ConsulException) as exc:

@@ -308,7 +308,8 @@ class ConsulEmulator:
                         if remaining <= 0:
                             break
                         try:
-                            await asyncio.wait_for(state.changed.wait(), remaining)
+                            async with asyncio.timeout(remaining):
+                                await state.changed.wait()
                         except TimeoutError:
                             break
             if "recurse" in q or "keys" in q:

@@ -163,7 +163,8 @@ class EtcdKVStore(KVStore):
         self._closed = False
         try:
             await self._call(self._client.connect())
-            await asyncio.wait_for(self._range(b"\0", count_only=True), self.connect_timeout)
+            async with asyncio.timeout(self.connect_timeout):
+                await self._range(b"\0", count_only=True)
         except (KVStoreUnavailable, TimeoutError) as exc:
             await self.close()
             reason = str(exc).split(": ", 1)[-1] if isinstance(exc, KVStoreUnavailable) \

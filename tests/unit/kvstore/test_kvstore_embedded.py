@@ -71,6 +71,35 @@ def test_processes_sharing_one_file_never_both_win(tmp_path):
     run(check())
 
 
+def _write_keys(state_dir: str, count: int) -> None:
+    async def body():
+        async with EmbeddedKVStore(FAST, Path(state_dir)) as kv:
+            for i in range(count):
+                await kv.put(f"xproc/{i}", b"%d" % i)
+            await kv.delete("xproc/0")
+    asyncio.run(body())
+
+
+def test_watch_sees_writes_of_another_process(tmp_path):
+    """No in-process wake-up can help here: the watcher notices the other process's commits
+    by polling, and still gets every event in order."""
+    state = tmp_path / "state"
+
+    async def body():
+        async with EmbeddedKVStore(FAST, state) as kv:
+            watch = kv.watch("xproc/", after_revision=await kv.revision())
+            proc = multiprocessing.get_context("spawn").Process(
+                target=_write_keys, args=(str(state), 20))
+            proc.start()
+            events = await next_events(watch, 21, timeout=30)
+            await asyncio.to_thread(proc.join, 30)
+            await watch.aclose()
+            assert proc.exitcode == 0
+            assert [(e.type, e.key) for e in events] == (
+                [("put", f"xproc/{i}") for i in range(20)] + [("delete", "xproc/0")])
+    run(body())
+
+
 def test_lease_of_a_crashed_writer_expires_for_others(tmp_path):
     """A writer that vanishes without revoking its lease: another store on the same file
     reaps the lease on its own (background sweep) and its watcher sees the deletes."""
