@@ -35,8 +35,6 @@ from pylium.policy.mapstate import (  # noqa: E402
 SIZES = (10, 1000, 10000)
 REPEAT = 100_000
 PEER_IDENTITY = 424242
-MARK_MAGIC_DRYRUN = 0x0D00
-TRACE_CB_IDENTITY = 0x70796C6D
 
 
 def policy_of(size: int) -> EndpointPolicy:
@@ -73,8 +71,8 @@ def bpf_costs(rounds: int = 15) -> dict[int, float]:
         for _ in range(rounds):
             for size in SIZES:
                 _r, _ctx, ns = worker.run(dp.run_program, "to_container", packets[size],
-                                          eps[size].ifindex, mark=MARK_MAGIC_DRYRUN,
-                                          cb=(PEER_IDENTITY, TRACE_CB_IDENTITY), repeat=REPEAT)
+                                          eps[size].ifindex, dry_run=True,
+                                          src_identity=PEER_IDENTITY, repeat=REPEAT)
                 best[size] = min(best[size], ns)
         return best
     finally:

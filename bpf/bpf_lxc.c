@@ -159,7 +159,7 @@ int from_container(struct __sk_buff *skb)
 	int ret;
 	__u8 reason;
 
-	ec.dry_run = (skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_DRYRUN;
+	ec.dry_run = is_dry_run(skb);
 	ret = parse_packet(skb, &p);
 	if (ret == PARSE_PASS)
 		return TC_ACT_OK;
@@ -220,7 +220,7 @@ int to_container(struct __sk_buff *skb)
 	int ret;
 	__u8 reason;
 
-	ec.dry_run = magic == MARK_MAGIC_DRYRUN;
+	ec.dry_run = is_dry_run(skb);
 	ret = parse_packet(skb, &p);
 	if (ret == PARSE_PASS)
 		return TC_ACT_OK;

@@ -39,12 +39,20 @@
 
 /* skb->mark: Cilium's MARK_MAGIC_IDENTITY idea. 0x0F00 = the source identity is carried in
  * the other bits (from-container sets it before redirecting to a local endpoint).
- * 0x0D00 = dry run (`pylium policy trace --datapath`): no CT writes, no events, no metrics;
- * a dry run may carry a source identity in cb[0] when cb[1] == TRACE_CB_IDENTITY. */
+ * Dry run (`pylium policy trace --datapath`, BPF_PROG_TEST_RUN): mark 0x0D00 AND
+ * cb[2] == TRACE_CB_DRYRUN; no CT writes, no events, no metrics. A dry run may carry the
+ * source identity in cb[0] when cb[1] == TRACE_CB_IDENTITY. */
 #define MARK_MAGIC_MASK 0x0F00
 #define MARK_MAGIC_IDENTITY 0x0F00
 #define MARK_MAGIC_DRYRUN 0x0D00
 #define TRACE_CB_IDENTITY 0x70796c6d /* "pylm" */
+#define TRACE_CB_DRYRUN 0x64727972   /* "dryr" */
+
+static __always_inline int is_dry_run(const struct __sk_buff *skb)
+{
+	return (skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_DRYRUN &&
+	       skb->cb[2] == TRACE_CB_DRYRUN;
+}
 
 /* cb[] slots the programs write on exit (read back by BPF_PROG_TEST_RUN's ctx_out) */
 #define CB_RESULT_REASON 0    /* 0 forwarded, else drop reason */

@@ -54,6 +54,7 @@ PROGRAMS = ("from_container", "to_container")
 PINNED_MAPS = ("endpoints", "ipcache", "policy", "conntrack", "metrics", "events", "events_lost")
 MARK_MAGIC_DRYRUN = 0x0D00
 TRACE_CB_IDENTITY = 0x70796C6D
+TRACE_CB_DRYRUN = 0x64727972
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 CT_STATES = {0: "new", 1: "established", 2: "reply"}
 VERDICT_NAMES = {0: None, 1: "allowed", 2: "denied", 3: "redirected"}
@@ -496,12 +497,17 @@ class Datapath:
     # -- trace ----------------------------------------------------------------------
 
     def run_program(self, name: str, packet: bytes, ifindex: int, mark: int = 0,
-                    cb: tuple[int, ...] = (), repeat: int = 1) -> tuple[int, SkBuff, int]:
-        """BPF_PROG_TEST_RUN of one loaded program: (retval, ctx out, ns per run)."""
+                    repeat: int = 1, dry_run: bool = False,
+                    src_identity: int | None = None) -> tuple[int, SkBuff, int]:
+        """BPF_PROG_TEST_RUN of one loaded program: (retval, ctx out, ns per run). A dry run
+        writes no conntrack, events or metrics and may impose the source identity."""
         self._require_open()
         ctx = SkBuff(mark=mark, ifindex=ifindex)
-        for i, value in enumerate(cb):
-            ctx.cb[i] = value
+        if dry_run:
+            ctx.mark = MARK_MAGIC_DRYRUN
+            ctx.cb[2] = TRACE_CB_DRYRUN
+            if src_identity is not None:
+                ctx.cb[0], ctx.cb[1] = src_identity, TRACE_CB_IDENTITY
         retval, duration, _data, ctx_out = libbpf.test_run(self.prog_fds[name], packet, ctx,
                                                            repeat=repeat)
         return retval, ctx_out, duration
@@ -532,15 +538,15 @@ class Datapath:
             try:
                 if direction == Direction.EGRESS:
                     pkt = build(src_ip, dst_ip, proto, sport, dport, src_mac=ep_mac, dst_mac=host_mac)
-                    program, cb = "from_container", ()
+                    program = "from_container"
                 else:
                     pkt = build(src_ip, dst_ip, proto, sport, dport, src_mac=host_mac, dst_mac=ep_mac)
                     program = "to_container"
-                    cb = (src_identity, TRACE_CB_IDENTITY) if src_identity is not None else ()
             except (ValueError, OSError) as exc:
                 raise UserError(f"trace packet: {exc}") from None
-            retval, ctx, _ns = self.run_program(program, pkt, ep.ifindex,
-                                                mark=MARK_MAGIC_DRYRUN, cb=cb)
+            retval, ctx, _ns = self.run_program(
+                program, pkt, ep.ifindex, dry_run=True,
+                src_identity=src_identity if direction == Direction.INGRESS else None)
         return decode_result(retval, ctx, program, direction)
 
 

@@ -299,3 +299,16 @@ def test_trace_runs_the_attached_program_and_reattach_replaces_cleanly(node):
     assert n.worker.run(tc.query, ep.ifindex, tc.INGRESS) is None
     assert n.worker.run(tc.query, ep.ifindex, tc.EGRESS) is None
     assert ep.ep_id not in {r["ep_id"] for r in n.dp.dump_endpoints()}
+
+
+def test_dry_run_needs_both_mark_and_cb_magic(node):
+    n = node("dryrun", PODS)
+    a, b = PODS["a"][0], PODS["b"][0]
+    n.dp.update_policy(1, allow_all())
+    pkt = build(a, b, PROTO_TCP, 40100, 80)
+    ifindex = n.eps["a"].ifindex
+    n.worker.run(n.raw.run_program, "from_container", pkt, ifindex, dry_run=True)
+    assert not [c for c in n.dp.dump_ct() if c["sport"] == 40100]
+    # the mark alone (e.g. set by something else on the node) is not a dry run
+    n.worker.run(n.raw.run_program, "from_container", pkt, ifindex, mark=0x0D00)
+    assert [c for c in n.dp.dump_ct() if c["sport"] == 40100]
