@@ -48,6 +48,8 @@ def cnp(name: str, spec: str) -> str:
 
 
 def test_without_policy_everything_flows(lab):
+    assert ping(lab, "client", ip(lab, "server")) and ping(lab, "server", ip(lab, "other"))
+    assert ping(lab, "client", "198.51.100.20")
     assert tcp(lab, "client", ip(lab, "server"), 80)
     assert tcp(lab, "other", ip(lab, "server"), 9000)
     assert tcp(lab, "server", ip(lab, "client"), 7000)
