@@ -6,6 +6,7 @@ A selector key written without a source means `any`."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 
 import attrs
@@ -35,6 +36,7 @@ class Label:
         return f"{text}={self.value}" if self.value else text
 
 
+@functools.lru_cache(maxsize=65536)
 def split_source(text: str, default: str) -> tuple[str, str]:
     """`"k8s:app"` → (`"k8s"`, `"app"`); `"app"` → (default, `"app"`)."""
     source, sep, rest = text.partition(":")
@@ -76,14 +78,22 @@ class LabelSet(frozenset):
         """Canonical text form, used as the KV-store key of this label set."""
         return ";".join(self.sorted_strings())
 
+    def _index(self) -> dict[str, list[Label]]:
+        index = self.__dict__.get("_by_key")
+        if index is None:
+            index = {}
+            for lb in self:
+                index.setdefault(lb.key, []).append(lb)
+            self.__dict__["_by_key"] = index
+        return index
+
     def values_for(self, source: str, key: str) -> list[str]:
         """Values of labels named `key` from `source` (`any` = every source)."""
-        return [lb.value for lb in self
-                if lb.key == key and (source == SOURCE_ANY or lb.source == source)]
+        return [lb.value for lb in self._index().get(key, ())
+                if source == SOURCE_ANY or lb.source == source]
 
     def has(self, source: str, key: str) -> bool:
-        return any(lb.key == key and (source == SOURCE_ANY or lb.source == source)
-                   for lb in self)
+        return bool(self.values_for(source, key))
 
     def __repr__(self) -> str:
         return f"LabelSet({self.sorted_strings()!r})"

@@ -22,6 +22,8 @@ class IdentityManager:
         self.kvstore = kvstore
         self.allocator = IdentityAllocator(kvstore, node, lease)
         self.cache = IdentityCache()
+        #: identity number → how many local users (endpoints) hold it
+        self._local_refs: dict[int, int] = {}
         self._watch_task: asyncio.Task | None = None
 
     async def sync(self) -> int:
@@ -36,10 +38,23 @@ class IdentityManager:
         identity = await self.allocator.allocate(LabelSet(labels))
         if identity.id not in self.cache:
             self.cache.add(identity)
+        if not identity.reserved:
+            self._local_refs[identity.id] = self._local_refs.get(identity.id, 0) + 1
         return identity
 
     async def release(self, identity: Identity | int) -> None:
-        await self.allocator.release(identity)
+        """One local user is done; the node's reference goes when the last one is."""
+        number = identity.id if isinstance(identity, Identity) else identity
+        count = self._local_refs.get(number, 0) - 1
+        if count > 0:
+            self._local_refs[number] = count
+            return
+        self._local_refs.pop(number, None)
+        await self.allocator.release(number)
+
+    def referenced(self) -> list[Identity]:
+        """Identities this node holds references to."""
+        return [i for n in self._local_refs if (i := self.cache.get(n)) is not None]
 
     def lookup(self, number: int) -> Identity | None:
         return self.cache.get(number)

@@ -49,6 +49,8 @@ class PolicyEngine:
         #: identity → the rules selecting it (rebuilt lazily per identity)
         self._selecting: dict[int, list[NamedRule]] = {}
         self._subscribers: list[Subscriber] = []
+        #: rules grouped by their subject selector (None = rebuild)
+        self._by_subject: dict | None = None
         self._ensure_cidr_identities(repository.rules())
         self._unsubs = [repository.subscribe(self._on_rules),
                         identities.subscribe(self._on_identities)]
@@ -71,12 +73,25 @@ class PolicyEngine:
             raise KeyError(f"identity {number} is not known")
         rules = self._selecting.get(number)
         if rules is None:
-            rules = [nr for nr in self.repository.rules() if rule_selects(nr.rule, ident.labels)]
+            rules = self._rules_selecting(ident)
             self._selecting[number] = rules
         policy, used = compute(rules, ident.labels, self.selectors.selections, self.mode,
                                dict(ports), self.repository.revision)
         self._cache[(number, ports)] = (policy, used)
         return policy
+
+    def _rules_selecting(self, identity: Identity) -> list[NamedRule]:
+        """Rules whose subject selector matches; each distinct selector is tested once."""
+        if self._by_subject is None:
+            self._by_subject = {}
+            for nr in self.repository.rules():
+                subject = (nr.rule.endpoint_selector, nr.rule.node_selector)
+                self._by_subject.setdefault(subject, []).append(nr)
+        out: list[NamedRule] = []
+        for group in self._by_subject.values():
+            if rule_selects(group[0].rule, identity.labels):
+                out += group
+        return out
 
     def cached_identities(self) -> set[int]:
         return {number for number, _ in self._cache}
@@ -99,10 +114,12 @@ class PolicyEngine:
             self.identities.cidr_identity(prefix)
 
     def _on_rules(self, change: RepositoryChange) -> None:
+        self._by_subject = None
         self._ensure_cidr_identities(list(change.added))
-        touched = list(change.removed) + list(change.added)
+        touched = {(nr.rule.endpoint_selector, nr.rule.node_selector): nr.rule
+                   for nr in list(change.removed) + list(change.added)}
         affected = {i.id for i in self.identities
-                    if any(rule_selects(nr.rule, i.labels) for nr in touched)}
+                    if any(rule_selects(rule, i.labels) for rule in touched.values())}
         for number in affected:
             self._selecting.pop(number, None)
         self._invalidate(affected)

@@ -125,18 +125,18 @@ def test_reserved_label_sets_keep_reserved_numbers(tmp_path):
 def test_manager_follows_other_nodes_through_the_watch(tmp_path):
     async def go():
         a, b = await _stores(tmp_path)
+        watcher = IdentityManager(a, "node-a")
         try:
-            watcher = IdentityManager(a, "node-a")
             revision = await watcher.sync()
             watcher.start_watch(revision)
             seen = asyncio.Event()
             watcher.cache.subscribe(lambda added, removed: seen.set() if added else None)
             other = IdentityManager(b, "node-b")
             identity = await other.allocate(LabelSet.parse("app=remote"))
-            await asyncio.wait_for(seen.wait(), timeout=10)
+            await asyncio.wait_for(seen.wait(), timeout=20)
             assert watcher.lookup(identity.id).labels == LabelSet.parse("app=remote")
-            await watcher.close()
         finally:
+            await watcher.close()
             await a.close()
             await b.close()
     run(go())
@@ -146,3 +146,21 @@ def test_manager_follows_other_nodes_through_the_watch(tmp_path):
 def test_label_parsing_defaults_to_the_k8s_source(text):
     labels = LabelSet.parse(text)
     assert labels.sorted_strings() == ["k8s:app=web", "k8s:tier=db"]
+
+
+def test_manager_keeps_the_reference_until_the_last_local_user_releases(tmp_path):
+    async def go():
+        (a,) = await _stores(tmp_path, 1)
+        try:
+            manager = IdentityManager(a, "node-a")
+            labels = LabelSet.parse("app=web")
+            one = await manager.allocate(labels)
+            two = await manager.allocate(labels)
+            assert one == two and manager.referenced() == [one]
+            await manager.release(one)
+            assert await manager.allocator.references(one.id) == ["node-a"]
+            await manager.release(two)
+            assert await manager.allocator.references(one.id) == []
+        finally:
+            await a.close()
+    run(go())
