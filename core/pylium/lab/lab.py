@@ -123,6 +123,8 @@ class Lab:
     # up ------------------------------------------------------------------------------------
     def up(self, nodes: int = 1, demo: str | None = None,
            agent_settings: dict[str, Any] | None = None) -> dict[str, Any]:
+        if os.geteuid() != 0:
+            raise UserError("the lab creates network namespaces and loads BPF: run it as root")
         if self.load() is not None:
             raise UserError(f"lab {self.name} is already up (state in {self.state_file}); "
                             "run `pylium lab down` first")
