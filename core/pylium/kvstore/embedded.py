@@ -172,7 +172,11 @@ class EmbeddedKVStore(KVStore):
     async def _run(self, fn: Callable[[], T]) -> T:
         if self._closed or self._executor is None:
             raise KVStoreUnavailable(f"embedded kvstore {self.path} is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        except (sqlite3.OperationalError, sqlite3.ProgrammingError) as exc:
+            # "database is locked" past the busy timeout, disk full, closed meanwhile...
+            raise KVStoreUnavailable(f"embedded kvstore {self.path}: {exc}") from None
 
     def _wake_watchers(self) -> None:
         event, self._wakeup = self._wakeup, asyncio.Event()
@@ -290,9 +294,11 @@ class EmbeddedKVStore(KVStore):
         self._closed = False
         try:
             await self._run(self._connect)
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, KVStoreUnavailable) as exc:
             await self.close()
-            raise KVStoreUnavailable(f"cannot open embedded kvstore {self.path}: {exc}") from None
+            reason = str(exc).removeprefix(f"embedded kvstore {self.path}: ")
+            raise KVStoreUnavailable(
+                f"cannot open embedded kvstore {self.path}: {reason}") from None
         self._loop = asyncio.get_running_loop()
         with _OPEN_STORES_LOCK:
             _OPEN_STORES.setdefault(self._key, weakref.WeakSet()).add(self)

@@ -8,7 +8,7 @@ import multiprocessing
 from pathlib import Path
 
 import pytest
-from pylium.api.kvstore import KVStoreCompacted
+from pylium.api.kvstore import KVStoreCompacted, KVStoreUnavailable
 from pylium.errors import ConfigError
 from pylium.kvstore.conformance import KVStoreConformance, next_events, run
 from pylium.kvstore.embedded import EmbeddedKVStore, prefix_range
@@ -161,6 +161,19 @@ def test_state_dir_is_created_and_status_names_the_file(tmp_path):
             assert str(state / "kvstore.sqlite3") in status["detail"]
         assert (state / "kvstore.sqlite3").is_file()
     run(body())
+
+
+def test_unusable_state_dir_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    store = EmbeddedKVStore({}, blocker / "state")
+    with pytest.raises(KVStoreUnavailable, match=r"^cannot open embedded kvstore .*not-a-dir"):
+        run(store.open())
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "kvstore.sqlite3").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(KVStoreUnavailable, match="not a database"):
+        run(EmbeddedKVStore({}, garbage).open())
 
 
 @pytest.mark.parametrize("options, field", [
