@@ -91,3 +91,49 @@ def test_node_metrics_endpoint(lab):
     check = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True,
                            timeout=60)
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+
+
+def test_starwars_acceptance_xwing_dropped_by_policy(lab, tmp_path):
+    """The issue's acceptance: with rule1 (only org=empire may reach deathstar:80),
+    `pylium observe --verdict DROPPED -o json` shows xwing → deathstar:80 DROPPED with
+    POLICY_DENIED and both sides' labels; tiefighter's flows stay FORWARDED."""
+    from pylium.demo import RULE1_TEXT
+
+    rule = tmp_path / "rule1.yaml"
+    rule.write_text(RULE1_TEXT)
+    sock = lab.node()["socket"]
+    proc = subprocess.run([PYLIUM, "-H", sock, "policy", "import", str(rule)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    deathstar = lab.pod("deathstar")["ip"]
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
+
+    def land(pod: str) -> subprocess.CompletedProcess:
+        return lab.exec(pod, ["curl", "-s", "-m", "2", "-XPOST",
+                              f"http://{deathstar}/v1/request-landing"], timeout=30)
+
+    def denied():
+        land("xwing")
+        return [r["flow"] for r in observe(lab, "--verdict", "DROPPED", "--since", since)
+                if "flow" in r and r["flow"].get("drop_reason_desc") == "POLICY_DENIED"]
+
+    drops = wait_for(denied, timeout=30)  # regeneration after the import is asynchronous
+    assert drops, "no POLICY_DENIED drop observed for the xwing"
+    f = drops[-1]
+    assert f["verdict"] == "DROPPED" and f["drop_reason"] == 133
+    assert f["source"]["pod_name"] == "xwing" and f["destination"]["pod_name"] == "deathstar"
+    assert f["l4"]["TCP"]["destination_port"] == 80
+    assert "k8s:org=alliance" in f["source"]["labels"]
+    assert {"k8s:org=empire", "k8s:class=deathstar"} <= set(f["destination"]["labels"])
+    assert f["traffic_direction"] == "INGRESS"
+
+    assert "Ship landed" in land("tiefighter").stdout
+    tie = [r["flow"] for r in observe(lab, "--from-pod", "default/tiefighter", "--to-port", "80",
+                                      "--since", since) if "flow" in r]
+    assert tie and {x["verdict"] for x in tie} == {"FORWARDED"}
+
+    # the compact form reads like hubble observe
+    proc = subprocess.run([PYLIUM, "-H", sock, "observe", "--verdict", "DROPPED", "--from-pod",
+                           "xwing", "--last", "1"], capture_output=True, text=True, timeout=60)
+    assert "default/xwing:" in proc.stdout and "-> default/deathstar:80" in proc.stdout
+    assert "DROPPED" in proc.stdout
