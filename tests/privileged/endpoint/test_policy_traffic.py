@@ -9,7 +9,15 @@ import socket
 import time
 
 import pytest
-from eplab import delete_policies, import_policy, make_lab, ping, serve_ports, tcp
+from eplab import (
+    delete_policies,
+    import_policy,
+    make_lab,
+    ping,
+    serve_ports,
+    tcp,
+    wait_regenerated,
+)
 from pylium.datapath import netns as plumbing
 
 CT_TIMEOUT_NON_TCP = 2
@@ -76,6 +84,28 @@ def test_deleting_the_policy_lifts_enforcement(lab, pol):
     assert not tcp(lab, "other", ip(lab, "server"), 80)
     delete_policies(lab)
     assert tcp(lab, "other", ip(lab, "server"), 80)
+
+
+def test_a_pod_created_after_the_policy_is_admitted(lab, pol):
+    """A new identity changes what `fromEndpoints` selects: the server's policy map is
+    regenerated when the pod appears."""
+    pol(cnp("allow-late", """
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {role: late}}]
+"""))
+    server_policy = f"/v1/bpf/policy/{lab.pod('server')['endpoint_id']}"
+    try:
+        lab.add_pod("late", {"app": "late", "role": "late"})
+        wait_regenerated(lab)
+        late_identity = lab.client().get("/v1/endpoint/late")["identity"]
+        assert tcp(lab, "late", ip(lab, "server"), 80)
+        assert not tcp(lab, "client", ip(lab, "server"), 80)
+        assert late_identity in {e["identity"] for e in lab.client().get(server_policy)["entries"]}
+    finally:
+        lab.remove_pod("late")
+    wait_regenerated(lab)  # (the identity itself lives on until identity GC, as in Cilium)
+    assert tcp(lab, "client", ip(lab, "server"), 80) is False
 
 
 def test_deny_beats_allow(lab, pol):
