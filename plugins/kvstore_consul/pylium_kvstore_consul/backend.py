@@ -274,6 +274,7 @@ class ConsulKVStore(KVStore):
             for item in sorted(items, key=lambda i: (i.mod_revision, i.key.encode())):
                 if item.mod_revision > after_revision:
                     yield KVEvent("put", item.key, item.value, item.mod_revision)
+        failures = 0
         while True:
             try:
                 new_index, items = await self._list(prefix, index=index)
@@ -281,9 +282,15 @@ class ConsulKVStore(KVStore):
                 if self._closed:
                     raise KVStoreUnavailable(f"consul kvstore ({self.where}) was closed") \
                         from None
-                log.warning("consul watch of %r: %s; retrying", prefix, exc)
+                failures += 1
+                (log.warning if failures == 1 else log.debug)(
+                    "consul watch of %r: %s; retrying", prefix, exc)
                 await asyncio.sleep(self.retry_interval)
                 continue
+            if failures:
+                log.info("consul watch of %r resumed after %d failed attempts", prefix,
+                         failures)
+                failures = 0
             if new_index < index:
                 new_index = 0  # Consul reset its index (e.g. restored snapshot): start over
             current = {i.key: i for i in items}

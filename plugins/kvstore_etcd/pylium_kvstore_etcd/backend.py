@@ -260,11 +260,16 @@ class EtcdKVStore(KVStore):
         # resume point: the revision being delivered, and the keys of it already yielded
         # (one revision can hold many events, e.g. a delete_prefix)
         resume_revision, delivered = after_revision + 1, set()
+        failures = 0
         while True:
             watch = None
             try:
                 watch = await self.client.watch(key, range_end=range_end,
                                                 start_revision=resume_revision)
+                if failures:
+                    log.info("etcd watch of %r resumed at revision %d after %d failed "
+                             "attempts", prefix, resume_revision, failures)
+                    failures = 0
                 async for event in watch:
                     kv = event.kv
                     if kv.mod_revision == resume_revision and kv.key in delivered:
@@ -283,8 +288,10 @@ class EtcdKVStore(KVStore):
             except (etcd_errors.ClientError, TimeoutError) as exc:
                 if self._closed:
                     raise KVStoreUnavailable(f"etcd kvstore ({self.where}) was closed") from None
-                log.warning("etcd watch of %r broke (%s); resuming at revision %d",
-                            prefix, self._unavailable(exc), resume_revision)
+                failures += 1
+                (log.warning if failures == 1 else log.debug)(
+                    "etcd watch of %r broke (%s); resuming at revision %d", prefix,
+                    self._unavailable(exc), resume_revision)
             finally:
                 if watch is not None and not self._closed:
                     try:
