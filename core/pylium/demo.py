@@ -73,7 +73,8 @@ class Story:
     def run(self, *args: str, timeout: float = 120, show: bool = True,
             check: bool = False) -> subprocess.CompletedProcess:
         shown = "pylium " + " ".join(args)
-        print(f"$ {shown}", flush=True)
+        if show:
+            print(f"$ {shown}", flush=True)
         proc = subprocess.run([PYLIUM, *args], capture_output=True, text=True, env=ENV,
                               timeout=timeout, check=False)
         if show:

@@ -105,7 +105,7 @@ def test_a_pod_created_after_the_policy_is_admitted(lab, pol):
     finally:
         lab.remove_pod("late")
     wait_regenerated(lab)  # (the identity itself lives on until identity GC, as in Cilium)
-    assert tcp(lab, "client", ip(lab, "server"), 80) is False
+    assert not tcp(lab, "client", ip(lab, "server"), 80)
 
 
 def test_deny_beats_allow(lab, pol):
