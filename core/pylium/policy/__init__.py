@@ -1,1 +1,17 @@
-"""policy"""
+"""policy: CiliumNetworkPolicy in, per-endpoint map states and explained verdicts out.
+
+    parse       YAML/JSON → `rule.Policy` (errors: `parse.PolicyError.errors`, one
+                `path: message` each); `load_text`, `load_file`, `load_files`
+    rule, selector, l4, http, kafka, dns, k8s
+                the frozen model, split like Cilium's pkg/policy/api
+    repository  `PolicyRepository` (revision, subscribers) + `PolicyStore` (KV persistence)
+    engine      `PolicyEngine`: incremental per-identity map states
+    resolve     the semantics, `resolve(...)` one-shot, `l7_allows(...)` for the proxy
+    evaluate    the reference evaluator (oracle): `verdict`, `direction_verdict`
+    trace       `trace(TraceQuery, policies)`; `register_datapath_tracer` for the BPF half
+    component   agent start-up: `PolicyService(repository, store, engine)`
+
+For the endpoint manager (agent): `svc = daemon.components["policy"]`, then
+`svc.engine.endpoint_policy(identity_number, named_ports=None) -> mapstate.EndpointPolicy`
+and `svc.engine.subscribe(callback)` where `callback(PolicyChange)` names the identity
+numbers whose policy may have changed (returns an unsubscribe function)."""

@@ -12,8 +12,6 @@ import attrs
 class HeaderMatch:
     name: str
     value: str = ""
-    #: Cilium's mismatch actions (LOG, ADD, DELETE, REPLACE) need a proxy that rewrites
-    mismatch: str = ""
 
 
 @attrs.frozen

@@ -90,6 +90,7 @@ UNSUPPORTED = {
     "l7": "generic L7 rules (l7) are not supported yet",
     "log": "policy logging is not supported yet",
     "secret": "header values from secrets are not supported",
+    "mismatch": "header mismatch actions (LOG, ADD, DELETE, REPLACE) are not supported",
 }
 
 
@@ -369,7 +370,15 @@ def _check_rule(rule: Rule) -> Rule:
     return rule
 
 
+def _check_np_spec(spec: k8s.NetworkPolicySpec) -> k8s.NetworkPolicySpec:
+    for i, kind in enumerate(spec.policy_types):
+        if kind not in ("Ingress", "Egress"):
+            raise FieldError(f"policyTypes[{i}]", f'"{kind}" is not Ingress or Egress')
+    return spec
+
+
 CHECKS: dict[type, Callable[[Any], Any]] = {
+    k8s.NetworkPolicySpec: _check_np_spec,
     Requirement: _check_requirement,
     PortProtocol: _check_port_protocol,
     k8s.NetworkPolicyPort: lambda p: _check_port_protocol(

@@ -6,25 +6,11 @@ from __future__ import annotations
 import asyncio
 
 from aiohttp.test_utils import TestClient, TestServer
-from pylium.agent.daemon import Daemon
 from pylium.agent.server import make_app
-from pylium.config import AgentConfig
-from pylium.identity import component as identity_component
 from pylium.identity.labels import LabelSet
-from pylium.policy import component as policy_component
 
 
-async def start_daemon(state_dir) -> Daemon:
-    daemon = Daemon(AgentConfig(node_name="n1", state_dir=state_dir))
-    record = daemon.plugins.select("kvstore", "embedded")
-    daemon.kvstore = record.backend({}, state_dir / "kvstore")
-    await daemon.kvstore.open()
-    daemon.components["identity"] = await identity_component.start(daemon)
-    daemon.components["policy"] = await policy_component.start(daemon)
-    return daemon
-
-
-def test_import_get_trace_delete_and_restart(tmp_path, shared_dir):
+def test_import_get_trace_delete_and_restart(tmp_path, shared_dir, start_daemon):
     rule1 = (shared_dir / "seed-policies" / "l3-l4-rule1.yaml").read_text()
 
     async def go():

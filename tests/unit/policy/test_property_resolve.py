@@ -151,6 +151,11 @@ requests = st.builds(evaluate.HTTPRequest, st.sampled_from(["GET", "POST", "PUT"
 def test_map_state_agrees_with_reference_evaluator(rule_list, subject, cases, mode):
     cache = universe(rule_list)
     policy = resolve(rule_list, subject, cache, mode=mode, named_ports=NAMED_PORTS)
+    # the map-state contract: no allow entry hides under a deny entry of its identity
+    denies = [k for k, e in policy.entries.items() if e.deny]
+    for key, entry in policy.entries.items():
+        if not entry.deny:
+            assert not any(d.covers(key) for d in denies), key
     peers = cache.all()
     for pick, (proto, port), request in cases:
         peer = peers[pick % len(peers)]
