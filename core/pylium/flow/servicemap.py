@@ -19,13 +19,16 @@ def node_key(peer: Peer, ip: str, identity: int) -> str:
 
 
 def build_graph(records: Iterable[Any], endpoints: Iterable[Any] = ()) -> dict[str, Any]:
-    """Nodes and edges from flow records (reply packets fold into their request's edge)."""
+    """Nodes and edges from flow records. An edge counts connections (5-tuples): one is
+    dropped if any observation point dropped it; reply packets are left out."""
     nodes: dict[str, dict[str, Any]] = {}
     for ep in endpoints:
         key = f"{ep.namespace}/{ep.name}"
         nodes[key] = {"id": key, "label": ep.name, "namespace": ep.namespace,
                       "identity": ep.identity, "endpoint": True}
     edges: dict[tuple[str, str, str], dict[str, Any]] = {}
+    #: per edge, per connection (5-tuple): did any observation point drop it?
+    conns: dict[tuple[str, str, str], dict[tuple, bool]] = {}
     for f in records:
         if type(f) is not Flow or f.is_reply or is_non_ipv4(f):
             continue
@@ -39,26 +42,23 @@ def build_graph(records: Iterable[Any], endpoints: Iterable[Any] = ()) -> dict[s
                               "endpoint": False}
         proto = PROTO_NAMES.get(f.protocol, str(f.protocol))
         port = f"{f.dport}/{proto}" if f.protocol in (PROTO_TCP, PROTO_UDP) else proto
-        edge = edges.get((src, dst, port))
+        ekey = (src, dst, port)
+        edge = edges.get(ekey)
         if edge is None:
-            edge = edges[(src, dst, port)] = {"from": src, "to": dst, "port": port,
-                                              "forwarded": 0, "dropped": 0, "other": 0}
-        if f.verdict == "FORWARDED":
-            edge["forwarded"] += 1
-        elif f.verdict == "DROPPED":
-            edge["dropped"] += 1
-        else:
-            edge["other"] += 1
-        edge["last_verdict"] = f.verdict
+            edge = edges[ekey] = {"from": src, "to": dst, "port": port, "flows": 0}
+            conns[ekey] = {}
+        edge["flows"] += 1
         edge["last_time_ns"] = f.time_ns
+        conn = (f.src_ip, f.dst_ip, f.sport, f.dport, f.protocol)
+        # a connection allowed on the sender's egress but dropped at the receiver is dropped
+        conns[ekey][conn] = conns[ekey].get(conn, False) or f.verdict == "DROPPED"
     out_edges = []
-    for edge in edges.values():
-        if edge["dropped"] and not edge["forwarded"]:
-            edge["verdict"] = "DROPPED"
-        elif edge["forwarded"] and not edge["dropped"]:
-            edge["verdict"] = "FORWARDED"
-        else:
-            edge["verdict"] = "MIXED" if edge["dropped"] else edge["last_verdict"]
+    for ekey, edge in edges.items():
+        dropped = sum(conns[ekey].values())
+        forwarded = len(conns[ekey]) - dropped
+        edge["forwarded"], edge["dropped"] = forwarded, dropped
+        edge["verdict"] = ("DROPPED" if not forwarded else "FORWARDED" if not dropped
+                           else "MIXED")
         out_edges.append(edge)
     out_edges.sort(key=lambda e: (e["from"], e["to"], e["port"]))
     return {"nodes": sorted(nodes.values(), key=lambda n: n["id"]), "edges": out_edges}

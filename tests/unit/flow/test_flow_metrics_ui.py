@@ -182,3 +182,21 @@ def test_service_map_page_in_headless_chromium(server, tmp_path):
     assert shot.exists() and shot.stat().st_size > 5000
     keep = Path("/tmp/pylium-servicemap.png")
     shutil.copy(shot, keep)  # for a human to look at after the run
+
+
+def test_service_map_edge_is_dropped_when_the_receiver_drops_what_the_sender_allowed():
+    from pylium.flow.decode import Decoder, encode_event
+    from pylium.flow.servicemap import build_graph
+
+    xw = dict(ep_id=13, src_identity=1003, dst_identity=1001, saddr="10.200.0.12",
+              daddr="10.200.0.10", sport=43210, dport=80, protocol=6, tcp_flags=2)
+    raw = b"".join([
+        encode_event(type=3, reason=1, direction=1, **xw),           # xwing egress: allowed
+        encode_event(type=2, reason=5, direction=1, **xw),           # from-endpoint
+        *starwars_events(),                                          # deathstar ingress
+    ])
+    graph = build_graph(Decoder("n", starwars_resolver).decode(raw))
+    edges = {(e["from"], e["to"]): e for e in graph["edges"]}
+    xwing = edges[("default/xwing", "default/deathstar")]
+    assert (xwing["verdict"], xwing["forwarded"], xwing["dropped"]) == ("DROPPED", 0, 1)
+    assert edges[("default/tiefighter", "default/deathstar")]["verdict"] == "FORWARDED"
