@@ -8,10 +8,12 @@ import logging
 from typing import Any
 
 from pylium.endpoint.manager import EndpointManager
-from pylium.endpoint.model import Endpoint
+from pylium.endpoint.model import NOT_READY, Endpoint
 from pylium.ipam import PodCIDRAllocator
 
 log = logging.getLogger(__name__)
+
+RETRY_INTERVAL_S = 10.0
 
 
 class IdentityAdapter:
@@ -106,7 +108,22 @@ async def start(daemon) -> EndpointManager:
     if policy is not None:
         _follow_policy_changes(daemon, manager, policy.engine)
     await manager.regenerate_all("agent start")
+    daemon.spawn(_retry_not_ready(manager))
     return manager
+
+
+async def _retry_not_ready(manager: EndpointManager, interval: float = RETRY_INTERVAL_S) -> None:
+    """Endpoints whose regeneration failed keep their old policy; try them again now and
+    then (Cilium retries failed regenerations too)."""
+    while True:
+        await asyncio.sleep(interval)
+        stuck = {ep.id: ep.identity for ep in manager.list() if ep.state == NOT_READY}
+        if stuck:
+            log.info("retrying regeneration of not-ready endpoints %s", sorted(stuck))
+            try:
+                await manager.regenerate_identities(set(stuck.values()), "retry")
+            except Exception:
+                log.exception("regeneration retry failed")
 
 
 def _sync_cidr_identities(cache: Any, datapath: Any) -> None:
