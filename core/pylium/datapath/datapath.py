@@ -7,9 +7,12 @@ endpoint's host-side veth, which the kernel keeps when the agent dies."""
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import ipaddress
 import logging
 import os
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -83,6 +86,23 @@ def _check_identity(identity: int, what: str) -> None:
 def _check_ep_id(ep_id: int) -> None:
     if not 1 <= ep_id <= 0xFFFF:
         raise UserError(f"ep_id: {ep_id} outside 1..65535")
+
+
+SIOCGIFHWADDR = 0x8927
+
+
+def interface_mac(ifindex: int) -> str | None:
+    """MAC address of `ifindex` in the calling thread's netns, or None if there is none."""
+    try:
+        name = socket.if_indextoname(ifindex)
+    except OSError:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            raw = fcntl.ioctl(sock.fileno(), SIOCGIFHWADDR, struct.pack("256s", name.encode()[:15]))
+        except OSError:
+            return None
+    return ":".join(f"{b:02x}" for b in raw[18:24])
 
 
 def _ensure_bpffs(root: Path) -> None:
@@ -194,8 +214,18 @@ class Datapath:
         self.events_lost_map = typed("events_lost", U32Key, U64Value, percpu=True)
         self.events_fd = fd("events")
 
+    def _ours(self, value: EndpointInfoValue) -> bool:
+        """The interface at the endpoint's ifindex, in this netns, is its host-side veth
+        (same MAC): never attach to or detach from another netns' namesake interface."""
+        return interface_mac(value.ifindex) == mac_str(value.host_mac)
+
     def _readopt_endpoints(self) -> None:
         for key, value in list(self.endpoints.items()):
+            if not self._ours(value):
+                log.warning("endpoint %d (%s): ifindex %d here is not its veth (%s); programs "
+                            "not re-attached (is the datapath opened in the node's netns?)",
+                            value.ep_id, key.ip, value.ifindex, mac_str(value.host_mac))
+                continue
             try:
                 self._attach_programs(value.ifindex)
             except DatapathError as exc:
@@ -224,7 +254,8 @@ class Datapath:
                     log.warning("destroy: could not open the datapath (%s); removing pins only", exc)
             if self._obj is not None:
                 for _key, value in list(self.endpoints.items()):
-                    self._detach_programs(value.ifindex)
+                    if self._ours(value):
+                        self._detach_programs(value.ifindex)
             self.close()
             for name in (*PINNED_MAPS, *(f"progs/{p}" for p in PROGRAMS)):
                 path = self.root / name
@@ -277,12 +308,18 @@ class Datapath:
             raise UserError(f"endpoint {ep.ep_id}: {exc}") from None
         if ep.ifindex <= 0:
             raise UserError(f"endpoint {ep.ep_id}: ifindex {ep.ifindex} is not an interface")
+        found_mac = interface_mac(ep.ifindex)
+        if found_mac != mac_str(value.host_mac):
+            raise UserError(
+                f"endpoint {ep.ep_id}: host_mac {ep.host_mac} is not the MAC of ifindex "
+                f"{ep.ifindex} in this network namespace ({found_mac or 'no such interface'}); "
+                "the datapath must run in the node netns that holds the host-side veth")
         with self._lock:
             self._require_open()
             old = self._find_endpoint(ep.ep_id)
             if old is not None and old[0].ip != ep.ipv4:
                 self.endpoints.delete(old[0])
-                if old[1].ifindex != ep.ifindex:
+                if old[1].ifindex != ep.ifindex and self._ours(old[1]):
                     self._detach_programs(old[1].ifindex)
             self.endpoints.update(key, value)
             self._attach_programs(ep.ifindex)
@@ -293,7 +330,8 @@ class Datapath:
             self._require_open()
             found = self._find_endpoint(ep_id)
             if found is not None:
-                self._detach_programs(found[1].ifindex)
+                if self._ours(found[1]):
+                    self._detach_programs(found[1].ifindex)
                 self.endpoints.delete(found[0])
             self.policy.delete(U32Key(ep_id))
             for key, value in list(self.conntrack.items()):

@@ -312,3 +312,33 @@ def test_dry_run_needs_both_mark_and_cb_magic(node):
     # the mark alone (e.g. set by something else on the node) is not a dry run
     n.worker.run(n.raw.run_program, "from_container", pkt, ifindex, mark=0x0D00)
     assert [c for c in n.dp.dump_ct() if c["sport"] == 40100]
+
+
+def test_opening_from_another_netns_never_touches_its_namesake_interfaces(node):
+    from netns_helpers import NetnsWorker, in_ns, sh, unique
+    from pylium.datapath import Datapath, EndpointInfo, tc
+
+    n = node("netnsguard", PODS)
+    decoy = unique("decoy")
+    sh("ip", "netns", "add", decoy)
+    worker = NetnsWorker(decoy)
+    other = Datapath(n.root, cache_dir=n.raw.cache_dir)
+    try:
+        # fresh namespaces number their interfaces from the same small integers
+        for i in range(4):
+            in_ns(decoy, "ip", "link", "add", f"d{i}", "type", "veth", "peer", "name", f"e{i}")
+        ifindexes = {ep.ifindex for ep in n.eps.values()}
+        worker.run(other.open)  # adopts the pinned maps but must not re-attach here
+        for ifindex in ifindexes:
+            assert worker.run(tc.query, ifindex, tc.INGRESS) is None
+            assert worker.run(tc.query, ifindex, tc.EGRESS) is None
+        ep = n.eps["a"]
+        with pytest.raises(UserError, match="not the MAC of ifindex"):
+            worker.run(other.attach_endpoint, EndpointInfo(9, "10.210.0.50", ep.ifindex,
+                                                          ep.ep_mac, ep.host_mac, 5))
+        # in the node netns the programs are still attached
+        assert n.worker.run(tc.query, ep.ifindex, tc.INGRESS) is not None
+    finally:
+        worker.run(other.close)
+        worker.close()
+        sh("ip", "netns", "del", decoy, check=False)
