@@ -15,7 +15,8 @@ nobody touches the store.
 
 Options (all optional):
   `path`            database file (default `<state_dir>/kvstore.sqlite3`)
-  `poll_interval`   seconds between cross-process change checks (default 0.02)
+  `poll_interval`   seconds between cross-process change checks while a watch is
+                    active (default 0.02)
   `sweep_interval`  seconds between lease-expiry sweeps (default 0.25)
   `history`         revisions of event log kept for resuming watches (default 100000)
   `busy_timeout`    seconds a write waits for another process's lock (default 30)
@@ -166,6 +167,7 @@ class EmbeddedKVStore(KVStore):
         self._wakeup = asyncio.Event()
         self._closed = True
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._active_watches = 0
         self._key = self.path.absolute()
 
     # plumbing ----------------------------------------------------------------------------
@@ -345,7 +347,9 @@ class EmbeddedKVStore(KVStore):
                 return
             except Exception:
                 log.exception("embedded kvstore background check failed")
-            await asyncio.sleep(self.poll_interval)
+            # poll fast only while someone watches: idle stores just sweep leases
+            await asyncio.sleep(self.poll_interval if self._active_watches
+                                else min(self.sweep_interval, 1.0))
 
     # reads -------------------------------------------------------------------------------
     async def get(self, key: str) -> KVItem | None:
@@ -457,25 +461,30 @@ class EmbeddedKVStore(KVStore):
             return rows, end_seq
 
         last_seq, _ = await self._query(first_seq)
-        while True:
-            wakeup = self._wakeup
-            if self._closed:
-                raise KVStoreUnavailable(f"embedded kvstore {self.path} was closed")
-            rows, end_seq = await self._query(functools.partial(fetch, after_seq=last_seq))
-            for seq, revision, kind, key, value in rows:
-                last_seq = seq
-                yield KVEvent(type=kind, key=key.decode(), value=bytes(value),
-                              revision=revision)
-            if len(rows) == WATCH_BATCH:
-                continue
-            last_seq = max(last_seq, end_seq)
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
-            # races with the wake-up, leaving the consumer's task looping here forever
-            try:
-                async with asyncio.timeout(1.0):
-                    await wakeup.wait()
-            except TimeoutError:
-                pass
+        self._active_watches += 1
+        try:
+            while True:
+                wakeup = self._wakeup
+                if self._closed:
+                    raise KVStoreUnavailable(f"embedded kvstore {self.path} was closed")
+                rows, end_seq = await self._query(
+                    functools.partial(fetch, after_seq=last_seq))
+                for seq, revision, kind, key, value in rows:
+                    last_seq = seq
+                    yield KVEvent(type=kind, key=key.decode(), value=bytes(value),
+                                  revision=revision)
+                if len(rows) == WATCH_BATCH:
+                    continue
+                last_seq = max(last_seq, end_seq)
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+                # that races with the wake-up, leaving the consumer's task looping forever
+                try:
+                    async with asyncio.timeout(1.0):
+                        await wakeup.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            self._active_watches -= 1
 
     # leases ------------------------------------------------------------------------------
     async def grant_lease(self, ttl: float) -> Lease:
