@@ -5,6 +5,7 @@ passes promtool, and the service map has the demo's edges."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -87,7 +88,16 @@ def test_node_metrics_endpoint(lab):
     text = body.decode()
     assert "pylium_endpoint 3.0" in text
     assert "pylium_flow_reader_attached 1.0" in text
-    assert 'pylium_events_lost_total{source="datapath_ring_buffer"}' in text
+    assert 'pylium_events_lost_total{source="datapath_ring_buffer"} 0.0' in text
+    # the other components answer too: policies, identities, BPF map pressure, datapath
+    # packet counters (its metrics map: bytes are only known there)
+    for pattern in (r"^pylium_policy \d", r"^pylium_identity [1-9]",
+                    r'^pylium_bpf_map_pressure\{map_name="endpoints"\} 0\.\d+',
+                    r'^pylium_forward_count_total\{direction="INGRESS"\} [1-9]',
+                    r'^pylium_forward_bytes_total\{direction="INGRESS"\} [1-9]',
+                    r'^pylium_flows_processed_total\{subtype="trace",type="L3_L4",'
+                    r'verdict="FORWARDED"\} [1-9]'):
+        assert re.search(pattern, text, re.M), pattern
     check = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True,
                            timeout=60)
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
