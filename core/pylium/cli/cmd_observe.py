@@ -99,7 +99,7 @@ TABLE_COLUMNS = ("TIMESTAMP", "SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMA
 
 
 def table_row(resp: dict) -> tuple[str, ...]:
-    from pylium.flow.model import _endpoint_text, _parse_time, compact_time
+    from pylium.flow.model import compact_time, endpoint_text, parse_rfc3339
 
     if "node_status" in resp:
         st = resp["node_status"]
@@ -115,9 +115,9 @@ def table_row(resp: dict) -> tuple[str, ...]:
     ip = f.get("IP", {})
     kind = {1: "drop", 4: "trace", 5: "policy-verdict"}.get(
         f.get("event_type", {}).get("type"), "")
-    return (compact_time(_parse_time(f["time"])),
-            _endpoint_text(f.get("source", {}), ip.get("source", ""), ports.get("source_port")),
-            _endpoint_text(f.get("destination", {}), ip.get("destination", ""),
+    return (compact_time(parse_rfc3339(f["time"])),
+            endpoint_text(f.get("source", {}), ip.get("source", ""), ports.get("source_port")),
+            endpoint_text(f.get("destination", {}), ip.get("destination", ""),
                            ports.get("destination_port")),
             kind, f["verdict"], f.get("Summary", ""))
 

@@ -3,7 +3,7 @@
 libbpf's `ring_buffer__new/poll/consume/free` through ctypes. A ctypes callback per record is
 the unavoidable cost of libbpf's API, so the callback does the least it can: it copies the
 record into one pre-allocated batch buffer (`memmove`) and returns; the caller then decodes
-the whole batch at once (`pylium.flow.decode.decode_batch`). When the batch buffer is full the
+the whole batch at once (`pylium.flow.decode.Decoder.decode`). When the batch buffer is full the
 callback stops the consume loop (libbpf advances the consumer position only past records it
 handed over), so nothing is lost on the Python side: the rest stays in the kernel ring.
 

@@ -92,7 +92,8 @@ class Decoder:
         self.decoded = 0
         self.resolver_errors = 0
 
-    def _peer(self, ip: str, identity: int, ep_id: int) -> Peer:
+    def peer(self, ip: str, identity: int, ep_id: int) -> Peer:
+        """The enriched side of a flow (cached; see `Resolver`)."""
         key = (ip, identity, ep_id)
         peer = self._peers.get(key)
         if peer is not None:
@@ -126,7 +127,7 @@ class Decoder:
             self._ip_text.clear()
         ip_text = self._ip_text
         peers = self._peers
-        peer_of = self._peer
+        peer_of = self.peer
         verdicts = VERDICT
         swap = SWAP16
         counts = self.counts

@@ -275,7 +275,7 @@ def to_response(record: Flow | LostEvent) -> dict[str, Any]:
             "time": rfc3339(record.time_ns)}
 
 
-def _endpoint_text(peer: dict, ip: str, port: int | None) -> str:
+def endpoint_text(peer: dict, ip: str, port: int | None) -> str:
     name = ""
     if peer.get("pod_name"):
         ns = peer.get("namespace")
@@ -302,13 +302,13 @@ def compact_line(response: dict[str, Any]) -> str:
         where = f" CPU({cpu})" if cpu is not None else ""
         return f"EVENTS LOST: {lost['source']}{where} {lost['num_events_lost']}"
     f = response["flow"]
-    secs = _parse_time(f["time"])
+    secs = parse_rfc3339(f["time"])
     l4 = f.get("l4", {})
     proto = next(iter(l4), "")
     ports = l4.get(proto, {}) if proto in ("TCP", "UDP") else {}
     ip = f.get("IP", {})
-    src = _endpoint_text(f.get("source", {}), ip.get("source", ""), ports.get("source_port"))
-    dst = _endpoint_text(f.get("destination", {}), ip.get("destination", ""),
+    src = endpoint_text(f.get("source", {}), ip.get("source", ""), ports.get("source_port"))
+    dst = endpoint_text(f.get("destination", {}), ip.get("destination", ""),
                          ports.get("destination_port"))
     arrow = "<-" if f.get("is_reply") else "->"
     verdict = f["verdict"]
@@ -330,7 +330,7 @@ def compact_line(response: dict[str, Any]) -> str:
     return f"{compact_time(secs)}: {src} {arrow} {dst} {what} ({f.get('Summary', '')})"
 
 
-def _parse_time(text: str) -> int:
+def parse_rfc3339(text: str) -> int:
     """RFC 3339 with nanoseconds (what `rfc3339` writes) back to epoch nanoseconds."""
     import calendar
 
