@@ -28,8 +28,8 @@ from pylium.policy.mapstate import (  # noqa: E402
     PolicyKey,
 )
 
-ROUNDS = 3
-SECONDS = 4
+ROUNDS = 5
+SECONDS = 3
 A_ID, B_ID = 2001, 2002
 
 

@@ -135,6 +135,10 @@ lib.libbpf_set_print(ctypes.cast(_libbpf_print, ctypes.c_void_p))
 
 
 class Datapath:
+    """The endpoint datapath of one node, pinned under `bpffs_root`. Use it from the netns
+    that holds the endpoints' host-side veths (the node netns the agent runs in); every
+    method is thread-safe. Lifetimes: `ct_timeouts` = (tcp, non_tcp, syn) seconds."""
+
     def __init__(self, bpffs_root: Path, *, ct_timeouts: tuple[int, int, int] = (21600, 60, 60),
                  cache_dir: Path | None = None):
         self.root = Path(bpffs_root)
@@ -158,8 +162,13 @@ class Datapath:
         """Load the programs, creating or adopting the pinned maps, and re-attach the
         programs of every endpoint already in the endpoints map."""
         with self._lock:
-            if self._obj is not None:
-                return self
+            if self._obj is None:
+                self._load()
+                self._readopt_endpoints()
+            return self
+
+    def _load(self) -> None:
+        with self._lock:
             _ensure_bpffs(self.root)
             self.root.mkdir(parents=True, exist_ok=True)
             (self.root / "progs").mkdir(exist_ok=True)
@@ -195,8 +204,6 @@ class Datapath:
                 self.prog_fds.clear()
                 raise
             self._obj = obj
-            self._readopt_endpoints()
-            return self
 
     def _bind_maps(self, obj: int) -> None:
         def fd(name: str) -> int:
@@ -249,7 +256,7 @@ class Datapath:
         with self._lock:
             if self._obj is None:
                 try:
-                    self.open()
+                    self._load()
                 except DatapathError as exc:
                     log.warning("destroy: could not open the datapath (%s); removing pins only", exc)
             if self._obj is not None:
