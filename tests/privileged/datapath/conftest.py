@@ -40,13 +40,17 @@ class Node:
         self.dp = InNetns(self.raw, self.worker)
         self.eps: dict[str, EndpointInfo] = {}
         self.pods = {}
+        self._wanted = pods
+
+    def setup(self) -> Node:
         self.dp.open()
-        for ep_id, (name, (ip, identity)) in enumerate(pods.items(), start=1):
+        for ep_id, (name, (ip, identity)) in enumerate(self._wanted.items(), start=1):
             pod = self.topo.add_pod(name, ip)
             self.pods[name] = pod
             ep = EndpointInfo(ep_id, ip, pod["ifindex"], pod["mac"], pod["host_mac"], identity)
             self.eps[name] = ep
             self.dp.attach_endpoint(ep)
+        return self
 
     def close(self) -> None:
         try:
@@ -62,8 +66,8 @@ def node():
 
     def make(purpose: str, pods: dict[str, tuple[str, int]], **kw) -> Node:
         n = Node(purpose, pods, **kw)
-        made.append(n)
-        return n
+        made.append(n)  # cleaned up even if setting it up fails half-way
+        return n.setup()
 
     yield make
     for n in made:

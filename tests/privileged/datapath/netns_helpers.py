@@ -66,6 +66,7 @@ class Topology:
     def __init__(self, purpose: str):
         self.node = unique(purpose)
         self.pods: dict[str, dict] = {}
+        self._namespaces = [self.node]
         sh("ip", "netns", "add", self.node)
         in_ns(self.node, "ip", "link", "set", "lo", "up")
         in_ns(self.node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
@@ -74,6 +75,7 @@ class Topology:
         ns = f"{self.node}-{name}"[:30]
         host_if = f"lxc{uuid.uuid4().hex[:8]}"
         sh("ip", "netns", "add", ns)
+        self._namespaces.append(ns)
         in_ns(ns, "ip", "link", "set", "lo", "up")
         in_ns(self.node, "ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0",
               "netns", ns)
@@ -97,9 +99,8 @@ class Topology:
         return pod
 
     def destroy(self) -> None:
-        for pod in self.pods.values():
-            sh("ip", "netns", "del", pod["ns"], check=False)
-        sh("ip", "netns", "del", self.node, check=False)
+        for ns in reversed(self._namespaces):
+            sh("ip", "netns", "del", ns, check=False)
 
 
 def bpffs_root() -> Path:
