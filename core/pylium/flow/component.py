@@ -74,7 +74,7 @@ class FlowObserver:
             return 0
         with self._ingest_lock:
             flows = self.decoder.decode(buf, wall_offset_ns)
-            self.ring.extend(flows)
+            self.ring.extend(flows, flows_only=True)
         return len(flows)
 
     def record_l7(self, *, src_ip: str, dst_ip: str, sport: int, dport: int,

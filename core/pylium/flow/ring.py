@@ -42,13 +42,14 @@ class FlowRing:
     def __len__(self) -> int:
         return self.head - self.oldest
 
-    def extend(self, records: Iterable[Record]) -> None:
-        records = list(records)
+    def extend(self, records: Iterable[Record], flows_only: bool = False) -> None:
+        """Append in order; `flows_only` (the decoder's batches) skips the LostEvent scan."""
+        records = records if type(records) is list else list(records)
         if not records:
             return
         cap = self.capacity
         total = len(records)
-        lost = [r for r in records if type(r) is LostEvent]
+        lost = [] if flows_only else [r for r in records if type(r) is LostEvent]
         if total > cap:
             records = records[-cap:]  # only the newest fit; readers see the rest as missed
         with self._lock:
