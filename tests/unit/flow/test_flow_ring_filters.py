@@ -160,3 +160,18 @@ def test_l7_flows_from_a_proxy_are_hubble_l7_and_filterable():
     with pytest.raises(ValueError, match="verdict"):
         obs.record_l7(src_ip="1.1.1.1", dst_ip="2.2.2.2", sport=1, dport=2, src_identity=0,
                       dst_identity=0, verdict="MAYBE", l7={})
+
+
+def test_component_without_a_datapath_says_why(tmp_path):
+    import types
+
+    from pylium.flow import component
+
+    daemon = types.SimpleNamespace(
+        components={}, kvstore=None,
+        config=types.SimpleNamespace(node_name="n1", bpffs_root=tmp_path / "nothing",
+                                     prometheus_serve_addr=""))
+    observer = asyncio.run(component.start(daemon))
+    assert observer.status == "not attached: the datapath component is not running"
+    assert observer.reader is None and observer.stats()["decoded"] == 0
+    asyncio.run(observer.close())
