@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pylium.identity.cache import IdentityCache
 from pylium.identity.labels import Label, LabelSet
@@ -60,22 +60,26 @@ selectors = st.builds(
         st.builds(Requirement, st.sampled_from(["app", NS, "reserved:host"]),
                   st.sampled_from(["Exists", "DoesNotExist"]))), max_size=1),
 )
-ports = st.builds(
-    PortProtocol,
-    st.sampled_from([PortValue(p) for p in ("0", "80", "81", "53", "443", "http", "dns")]),
-    st.sampled_from([0, 0, 90, 1000]),
-    st.sampled_from([ProtocolName(p) for p in ("TCP", "UDP", "ANY", "SCTP")]),
-).filter(lambda p: not p.end_port or (not p.is_named and p.end_port >= int(p.port)))
+@st.composite
+def ports(draw):
+    port = draw(st.sampled_from(["0", "80", "80", "81", "53", "443", "http", "dns"]))
+    end = 0
+    if port.isdigit() and draw(st.integers(0, 3)) == 0:
+        end = draw(st.sampled_from([e for e in (90, 1000) if e >= int(port)]))
+    proto = draw(st.sampled_from(["TCP", "TCP", "UDP", "ANY", "SCTP"]))
+    return PortProtocol(PortValue(port), end, ProtocolName(proto))
+
+
 http_rules = st.lists(st.builds(PortRuleHTTP, st.sampled_from(["", "GET", "POST"]),
                                 st.sampled_from(["", "/a", "/b.*"])), min_size=1, max_size=2)
 
 
 @st.composite
-def port_rules(draw, deny: bool):
-    pps = tuple(draw(st.lists(ports, min_size=0, max_size=2)))
+def port_rules(draw, deny: bool, l7_odds: int):
+    pps = tuple(draw(st.lists(ports(), min_size=0, max_size=2)))
     if deny:
         return PortDenyRule(pps)
-    if pps and draw(st.booleans()):
+    if pps and draw(st.integers(0, 99)) < l7_odds:
         l7_ports = tuple(PortProtocol(p.port, 0, ProtocolName("TCP")) for p in pps
                          if p.port != "0")
         if l7_ports:
@@ -90,12 +94,13 @@ icmps = st.builds(lambda t: ICMPRule((ICMPField(IcmpType(t)),)), st.sampled_from
 
 
 @st.composite
-def items(draw, cls, deny: bool):
+def items(draw, cls, deny: bool, l7_odds: int):
     ingress = cls in (IngressRule, IngressDenyRule)
     pre = "from" if ingress else "to"
     kwargs = {}
     if draw(st.booleans()):
-        kwargs[f"{pre}_endpoints"] = tuple(draw(st.lists(selectors, max_size=2)))
+        kwargs[f"{pre}_endpoints"] = tuple(draw(st.lists(
+            st.one_of(st.just(EndpointSelector()), selectors), max_size=2)))
     if draw(st.integers(0, 4)) == 0:
         kwargs[f"{pre}_requires"] = (draw(selectors),)
     if draw(st.integers(0, 3)) == 0:
@@ -110,20 +115,21 @@ def items(draw, cls, deny: bool):
     if choice == 1:
         kwargs["icmps"] = (draw(icmps),)
     elif choice >= 2:
-        kwargs["to_ports"] = tuple(draw(st.lists(port_rules(deny), min_size=1, max_size=2)))
+        kwargs["to_ports"] = tuple(draw(st.lists(port_rules(deny, l7_odds), min_size=1,
+                                                 max_size=2)))
     return cls(**kwargs)
 
 
 @st.composite
-def rules(draw):
-    kw = {"endpoint_selector": draw(selectors)}
+def rules(draw, l7_odds: int = 50):
+    kw = {"endpoint_selector": draw(st.one_of(st.just(EndpointSelector()), selectors))}
     for name, cls, deny in (("ingress", IngressRule, False),
                             ("ingress_deny", IngressDenyRule, True),
                             ("egress", EgressRule, False),
                             ("egress_deny", EgressDenyRule, True)):
         if draw(st.integers(0, 2)) == 0:
             continue
-        kw[name] = tuple(draw(st.lists(items(cls, deny), max_size=2)))
+        kw[name] = tuple(draw(st.lists(items(cls, deny, l7_odds), max_size=2)))
     if draw(st.integers(0, 4)) == 0:
         kw["enable_default_deny"] = DefaultDeny(draw(st.sampled_from([None, True, False])),
                                                 draw(st.sampled_from([None, True, False])))
@@ -137,18 +143,30 @@ def universe(rule_list) -> IdentityCache:
     return cache
 
 
-packets = st.tuples(st.sampled_from([6, 17, 132, 1]),
-                    st.sampled_from([0, 8, 53, 79, 80, 81, 85, 90, 443, 1000, 8080]))
+packets = st.tuples(st.sampled_from([6, 6, 17, 132, 1]),
+                    st.sampled_from([80, 80, 53, 0, 8, 79, 81, 85, 90, 443, 1000, 8080]))
 modes = st.sampled_from(["default", "default", "always", "never"])
 requests = st.builds(evaluate.HTTPRequest, st.sampled_from(["GET", "POST", "PUT"]),
                      st.sampled_from(["/a", "/b", "/bc"]))
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(rules(), min_size=1, max_size=4), st.sampled_from(LABEL_SETS),
        st.lists(st.tuples(st.integers(0, 20), packets, requests), min_size=1, max_size=6),
        modes)
 def test_map_state_agrees_with_reference_evaluator(rule_list, subject, cases, mode):
+    check_agreement(rule_list, subject, cases, mode)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(rules(l7_odds=60), min_size=1, max_size=4), st.sampled_from(LABEL_SETS),
+       st.lists(st.tuples(st.integers(0, 20), st.tuples(st.just(6), st.sampled_from(
+           [80, 80, 80, 81, 53])), requests), min_size=4, max_size=12))
+def test_l7_redirects_and_proxy_decisions_agree(rule_list, subject, cases):
+    check_agreement(rule_list, subject, cases, "default")
+
+
+def check_agreement(rule_list, subject, cases, mode):
     cache = universe(rule_list)
     policy = resolve(rule_list, subject, cache, mode=mode, named_ports=NAMED_PORTS)
     # the map-state contract: no allow entry hides under a deny entry of its identity
@@ -166,6 +184,8 @@ def test_map_state_agrees_with_reference_evaluator(rule_list, subject, cases, mo
             context = (f"peer={peer.id} {sorted(map(str, peer.labels))} {direction.name} "
                        f"proto={proto} port={port} mode={mode}")
             assert got.verdict == want.verdict, f"{context}: {got} vs {want}"
+            event(f"{direction.name} {got.verdict.value}"
+                  + (" (deny rule)" if want.rules and got.verdict == Verdict.DENY else ""))
             assert got.proxy_port == want.proxy_port, context
             if got.verdict == Verdict.REDIRECT:
                 judged = evaluate.direction_verdict(rule_list, subject, peer, direction,
