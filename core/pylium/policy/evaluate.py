@@ -201,10 +201,11 @@ def direction_verdict(policies: Iterable[Policy | Rule], subject: LabelSet, peer
     allow_attr, deny_attr = ("ingress", "ingress_deny") if ingress else ("egress", "egress_deny")
     selecting = []
     for rule, name in _named(policies):
+        host = any(lb.source == "reserved" and lb.key == "host" for lb in subject)
         if rule.endpoint_selector is not None:
-            applies = rule.endpoint_selector.matches(subject)
+            applies = not host and rule.endpoint_selector.matches(subject)
         else:
-            applies = subject.has("reserved", "host") and rule.node_selector.matches(subject)
+            applies = host and rule.node_selector.matches(subject)
         if applies:
             selecting.append((rule, name))
     if mode == "never":

@@ -95,10 +95,12 @@ def named_rules(policies: Iterable[Policy]) -> list[NamedRule]:
 
 
 def rule_selects(rule: Rule, labels: LabelSet) -> bool:
+    """Cilium: endpointSelector rules never select the host endpoint; nodeSelector (host
+    policy) rules select only it."""
+    is_host = labels.has("reserved", "host")
     if rule.endpoint_selector is not None:
-        return rule.endpoint_selector.matches(labels)
-    # host policies: the node selector applies to the host endpoint
-    return labels.has("reserved", "host") and rule.node_selector.matches(labels)
+        return not is_host and rule.endpoint_selector.matches(labels)
+    return is_host and rule.node_selector.matches(labels)
 
 
 # items → contributions ----------------------------------------------------------------

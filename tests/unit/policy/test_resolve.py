@@ -206,3 +206,16 @@ spec:
     s = Scenario(policies, DB)
     assert s.check(peer, IN, 6, 5432) == expected
     assert s.check(API, IN, 17, 5432) == DENY
+
+
+def test_host_is_selected_only_by_node_selectors():
+    host = Identity(IDENTITY_HOST, LabelSet.parse("reserved:host"))
+    everyone = cnp("  endpointSelector: {}\n  ingress: [{}]", kind="CiliumClusterwideNetworkPolicy")
+    assert not Scenario(everyone, host).policy.ingress_enforced
+    nodes = cnp("  nodeSelector: {}\n  ingress: [{fromEntities: [cluster]}]",
+                kind="CiliumClusterwideNetworkPolicy")
+    s = Scenario(nodes, host)
+    assert s.policy.ingress_enforced
+    assert s.check(API, IN, 6, 22) == ALLOW
+    assert s.check(s.cache.get(IDENTITY_WORLD), IN, 6, 22) == DENY
+    assert not Scenario(nodes, WEB).policy.ingress_enforced
