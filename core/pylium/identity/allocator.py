@@ -10,7 +10,13 @@ Layout under `pylium/state/identities/v1/` (Cilium's kvstore allocator, simplifi
 * `refs/<number>/<node>` → empty, written under the node's lease: which nodes use it.
 
 `release` drops the node's reference; `collect_garbage` deletes numbers nobody references
-(value key first, so no new user can find it, then a re-check of the references)."""
+(value key first, so no new user can find it, then a re-check of the references). An
+allocation that raced with garbage collection notices it (the value key no longer names
+its number) and drops the reference it just wrote before trying again, so no reference is
+left on a number that lost its label set. `restore` puts back the keys of an identity this
+node still uses after they were lost (its lease expired during a KV-store outage and
+another node collected the number): same number, or — if the label set got a new number
+meanwhile — the caller learns that number."""
 
 from __future__ import annotations
 
@@ -91,9 +97,13 @@ class IdentityAllocator:
             number = int(item.value)
             await self._ref(number)
             # the number may have been garbage-collected between our read and our ref
-            if await self.kvstore.get(value_key) is not None and \
-                    await self.kvstore.get(f"{ID_PREFIX}{number}") is not None:
-                return Identity(number, labels)
+            again = await self.kvstore.get(value_key)
+            if again is not None and int(again.value) == number:
+                if await self.kvstore.get(f"{ID_PREFIX}{number}") is not None:
+                    return Identity(number, labels)
+                # two collectors raced: the index names a deleted number; drop the index
+                await self.kvstore.compare_and_delete(value_key, again.mod_revision)
+            await self.release(number)  # no reference may outlive the number's label set
         raise AllocationError(f"could not allocate an identity for {labels!r}")
 
     async def _claim_number(self, labels: LabelSet) -> int:
@@ -118,15 +128,47 @@ class IdentityAllocator:
         number = identity.id if isinstance(identity, Identity) else identity
         await self.kvstore.delete(f"{REFS_PREFIX}{number}/{self.node}")
 
+    async def restore(self, identity: Identity) -> Identity:
+        """Re-reference an identity this node uses, re-creating its keys if they were
+        collected meanwhile. Returns the identity the label set has now (normally the same)."""
+        if identity.reserved:
+            return identity
+        labels = LabelSet(identity.labels)
+        value_key = _value_key(labels)
+        id_key = f"{ID_PREFIX}{identity.id}"
+        await self.kvstore.create(id_key, encode_labels(labels))
+        held = await self.kvstore.get(id_key)
+        if held is None or decode_labels(held.value) != labels:
+            # the number went to another label set while we were away
+            return await self.allocate(labels)
+        await self._ref(identity.id)
+        if not await self.kvstore.create(value_key, str(identity.id).encode()):
+            item = await self.kvstore.get(value_key)
+            if item is not None and int(item.value) != identity.id:
+                await self.release(identity.id)
+                return await self.allocate(labels)
+        return identity
+
+    async def all_references(self) -> dict[int, list[str]]:
+        """Identity number → the nodes referencing it (one list of the store)."""
+        refs: dict[int, list[str]] = {}
+        for item in await self.kvstore.list(REFS_PREFIX):
+            number, _, node = item.key[len(REFS_PREFIX):].partition("/")
+            if number.isdigit():
+                refs.setdefault(int(number), []).append(node)
+        return refs
+
     async def references(self, number: int) -> list[str]:
         prefix = f"{REFS_PREFIX}{number}/"
         return [i.key[len(prefix):] for i in await self.kvstore.list(prefix)]
 
-    async def collect_garbage(self) -> list[int]:
-        """Delete identities no node references; returns the numbers deleted."""
+    async def collect_garbage(self, only: set[int] | None = None) -> list[int]:
+        """Delete identities no node references (of `only`, if given); returns the numbers
+        deleted. Safe while other nodes allocate or collect at the same time."""
         deleted: list[int] = []
+        referenced = await self.all_references()
         for identity in await self.list():
-            if await self.references(identity.id):
+            if identity.id in referenced or (only is not None and identity.id not in only):
                 continue
             value_key = _value_key(identity.labels)
             item = await self.kvstore.get(value_key)

@@ -22,7 +22,8 @@ async def _keepalive(daemon, manager: IdentityManager) -> None:
                 log.warning("identity lease expired; taking a new one")
                 manager.allocator.lease = await daemon.kvstore.grant_lease(LEASE_TTL)
                 for identity in manager.referenced():
-                    await manager.allocator.allocate(identity.labels)
+                    # same number if it is still (or again) free for these labels
+                    await manager.allocator.restore(identity)
         except Exception:
             log.exception("identity lease keepalive failed")
 

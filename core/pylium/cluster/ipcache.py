@@ -1,0 +1,305 @@
+"""ipcache sync: every agent publishes its local endpoints under `pylium/state/ip/v1/<ip>`
+(on its cluster lease) and keeps the others' in its ipcache as `<ip>/32 → identity`, with
+the owning node's address as tunnel endpoint — Cilium's `cilium/state/ip/v1`.
+
+Only entries of nodes the registry knows are installed, so a node that leaves takes its
+endpoints with it even before their keys expire. After every (re-)list the installed
+entries are reconciled with what the sink really holds: a remote /32 with a tunnel
+endpoint that the store no longer has is removed, so nothing stale survives an outage or
+an agent restart."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+from typing import Any, Protocol
+
+from pylium.api import NodeInfo
+from pylium.api.kvstore import KVStore, KVStoreUnavailable, Lease
+from pylium.cluster.mirror import PrefixMirror
+from pylium.cluster.session import ClusterSession
+
+log = logging.getLogger(__name__)
+
+IP_PREFIX = "pylium/state/ip/v1/"
+
+
+class IPCacheSink(Protocol):
+    """Where remote entries go: the BPF ipcache, or a dict for agents without datapath."""
+
+    def upsert(self, cidr: str, identity: int, tunnel_endpoint: str | None) -> None: ...
+
+    def delete(self, cidr: str) -> None: ...
+
+    def dump(self) -> list[dict[str, Any]]:
+        """[{"cidr", "identity", "tunnel_endpoint"}] of every entry."""
+
+
+class DatapathSink:
+    """`pylium.datapath.Datapath`'s ipcache map."""
+
+    def __init__(self, datapath: Any):
+        self.datapath = datapath
+
+    def upsert(self, cidr: str, identity: int, tunnel_endpoint: str | None) -> None:
+        self.datapath.upsert_ipcache(cidr, identity, tunnel_endpoint)
+
+    def delete(self, cidr: str) -> None:
+        self.datapath.delete_ipcache(cidr)
+
+    def dump(self) -> list[dict[str, Any]]:
+        return self.datapath.dump_ipcache()
+
+
+class MemorySink:
+    """An ipcache in a dict (simulated nodes, agents without datapath)."""
+
+    def __init__(self):
+        self.entries: dict[str, tuple[int, str | None]] = {}
+
+    def upsert(self, cidr: str, identity: int, tunnel_endpoint: str | None) -> None:
+        self.entries[cidr] = (identity, tunnel_endpoint)
+
+    def delete(self, cidr: str) -> None:
+        self.entries.pop(cidr, None)
+
+    def dump(self) -> list[dict[str, Any]]:
+        return [{"cidr": c, "identity": i, "tunnel_endpoint": t}
+                for c, (i, t) in sorted(self.entries.items())]
+
+
+def ip_key(ip: str) -> str:
+    return IP_PREFIX + ip
+
+
+def encode_entry(ip: str, identity: int, node: str, node_ip: str, endpoint: str = "") -> bytes:
+    return json.dumps({"ip": ip, "identity": identity, "node": node, "node_ip": node_ip,
+                       "endpoint": endpoint}, sort_keys=True).encode()
+
+
+def _cidr(ip: str) -> str:
+    return f"{ip}/32"
+
+
+class IPCacheSync:
+    def __init__(self, kvstore: KVStore, session: ClusterSession, local: NodeInfo,
+                 sink: IPCacheSink, nodes: Any | None = None, retry_interval: float = 0.5):
+        self.kvstore = kvstore
+        self.session = session
+        self.local = local
+        self.sink = sink
+        #: the `NodeRegistry` (None: install every remote entry, whatever its node)
+        self.nodes = nodes
+        self.retry_interval = retry_interval
+        #: local endpoints: ip → encoded record we want in the store, and what is there
+        self.local_entries: dict[str, bytes] = {}
+        self.published: dict[str, bytes] = {}
+        #: remote entries from the store: ip → (identity, node, node_ip)
+        self.remote: dict[str, tuple[int, str, str]] = {}
+        self.by_node: dict[str, set[str]] = {}
+        #: what this sync put in the sink: ip → (identity, tunnel endpoint)
+        self.installed: dict[str, tuple[int, str | None]] = {}
+        self.mirror = PrefixMirror(kvstore, IP_PREFIX, self._changed, on_synced=self.reconcile)
+        self._dirty = asyncio.Event()
+        self._publisher: asyncio.Task | None = None
+        self.publish_errors = 0
+        session.on_new_lease(self.republish)
+        session.on_resync(self.resync)
+        if nodes is not None:
+            nodes.subscribe(self._node_joined, self._node_left)
+
+    # local side ------------------------------------------------------------------------------
+    def set_local(self, ip: str, identity: int, endpoint: str = "") -> None:
+        self.local_entries[ip] = encode_entry(ip, int(identity), self.local.name,
+                                              str(self.local.ipv4), endpoint)
+        self._dirty.set()
+
+    def remove_local(self, ip: str) -> None:
+        if self.local_entries.pop(ip, None) is not None:
+            self._dirty.set()
+
+    def replace_local(self, entries: dict[str, tuple[int, str]]) -> None:
+        """The whole local set at once: ip → (identity, endpoint name)."""
+        wanted = {ip: encode_entry(ip, int(identity), self.local.name, str(self.local.ipv4),
+                                   name) for ip, (identity, name) in entries.items()}
+        if wanted != self.local_entries:
+            self.local_entries = wanted
+            self._dirty.set()
+
+    async def flush(self) -> None:
+        """Write local changes to the store (raises KVStoreUnavailable if it is down)."""
+        self._dirty.clear()
+        lease = self.session.lease
+        try:
+            for ip in [ip for ip in self.published if ip not in self.local_entries]:
+                await self.kvstore.delete(ip_key(ip))
+                del self.published[ip]
+            for ip, value in list(self.local_entries.items()):
+                if self.published.get(ip) != value:
+                    await self.kvstore.put(ip_key(ip), value, lease=lease)
+                    self.published[ip] = value
+        except BaseException:
+            self._dirty.set()
+            raise
+
+    async def _publish_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            try:
+                await self.flush()
+            except KVStoreUnavailable:
+                self.publish_errors += 1
+                await asyncio.sleep(self.retry_interval)
+            except Exception:
+                self.publish_errors += 1
+                log.exception("publishing local endpoints failed")
+                await asyncio.sleep(self.retry_interval)
+
+    async def republish(self, lease: Lease) -> None:
+        """The lease was replaced: every local key is gone or on the dead lease; rewrite."""
+        self.published.clear()
+        await self.flush()
+
+    async def _forget_own_stale(self) -> None:
+        """Delete keys naming this node that no local endpoint backs (an endpoint deleted
+        while the store was down, or before this agent restarted)."""
+        for item in await self.kvstore.list(IP_PREFIX):
+            ip = item.key[len(IP_PREFIX):]
+            try:
+                node = json.loads(item.value).get("node")
+            except ValueError:
+                continue
+            if node == self.local.name and ip not in self.local_entries:
+                await self.kvstore.compare_and_delete(item.key, item.mod_revision)
+                self.published.pop(ip, None)
+            elif node == self.local.name and self.local_entries.get(ip) == item.value:
+                self.published[ip] = item.value
+
+    # lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._forget_own_stale()
+        self.published = {ip: v for ip, v in self.published.items()
+                          if self.local_entries.get(ip) == v}
+        await self.flush()
+        self._publisher = asyncio.get_running_loop().create_task(self._publish_loop())
+        self.mirror.start()
+        await self.mirror.synced.wait()
+
+    async def resync(self) -> None:
+        self.published.clear()
+        await self._forget_own_stale()
+        await self.flush()
+        await self.mirror.resync()
+
+    async def close(self) -> None:
+        await self.mirror.close()
+        if self._publisher is not None:
+            self._publisher.cancel()
+            await asyncio.gather(self._publisher, return_exceptions=True)
+
+    # remote side -----------------------------------------------------------------------------
+    def _changed(self, key: str, old: bytes | None, new: bytes | None) -> None:
+        ip = key[len(IP_PREFIX):]
+        previous = self.remote.pop(ip, None)
+        if previous is not None:
+            self.by_node.get(previous[1], set()).discard(ip)
+        if new is not None:
+            try:
+                data = json.loads(new)
+                ipaddress.IPv4Address(ip)
+                entry = (int(data["identity"]), str(data["node"]), str(data["node_ip"]))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring unreadable ipcache record %s: %s", key, exc)
+                entry = None
+            if entry is not None and entry[1] != self.local.name:
+                self.remote[ip] = entry
+                self.by_node.setdefault(entry[1], set()).add(ip)
+        self._apply(ip)
+
+    def desired(self, ip: str) -> tuple[int, str | None] | None:
+        entry = self.remote.get(ip)
+        if entry is None:
+            return None
+        identity, node, node_ip = entry
+        if self.nodes is not None:
+            known = self.nodes.nodes.get(node)
+            if known is None:
+                return None  # not (or no longer) a member: its endpoints are not reachable
+            node_ip = str(known.ipv4)
+        return identity, node_ip
+
+    def _apply(self, ip: str) -> None:
+        want = self.desired(ip)
+        have = self.installed.get(ip)
+        if want == have:
+            return
+        if want is None:
+            self.sink.delete(_cidr(ip))
+            del self.installed[ip]
+        else:
+            self.sink.upsert(_cidr(ip), want[0], want[1])
+            self.installed[ip] = want
+
+    def _node_joined(self, node: NodeInfo) -> None:
+        for ip in list(self.by_node.get(node.name, ())):
+            self._apply(ip)
+
+    def _node_left(self, node: NodeInfo) -> None:
+        for ip in list(self.by_node.get(node.name, ())):
+            self._apply(ip)
+
+    def reconcile(self) -> dict[str, int]:
+        """Make the sink hold exactly the desired remote entries: remove remote-looking /32s
+        (tunnel endpoint set) nobody wants, (re)install missing or different ones."""
+        removed = added = 0
+        actual = {}
+        for row in self.sink.dump():
+            cidr = row["cidr"]
+            if cidr.endswith("/32") and row.get("tunnel_endpoint"):
+                actual[cidr[:-3]] = (int(row["identity"]), row["tunnel_endpoint"])
+        for ip in set(actual) | set(self.installed):
+            if self.desired(ip) is None and ip not in self.local_entries:
+                if ip in actual or ip in self.installed:
+                    self.sink.delete(_cidr(ip))
+                    self.installed.pop(ip, None)
+                    removed += 1
+        for ip in self.remote:
+            want = self.desired(ip)
+            if want is not None and actual.get(ip) != want:
+                self.sink.upsert(_cidr(ip), want[0], want[1])
+                self.installed[ip] = want
+                added += 1
+            elif want is not None:
+                self.installed[ip] = want
+        if removed or added:
+            log.info("ipcache reconciled with the store: %d stale removed, %d (re)installed",
+                     removed, added)
+        return {"removed": removed, "installed": added}
+
+    # checks ----------------------------------------------------------------------------------
+    async def compare_with_store(self) -> dict[str, Any]:
+        """This node's ipcache against the store right now: what is missing, stale or
+        different (all empty when converged)."""
+        items = await self.kvstore.list(IP_PREFIX)
+        known = set(self.nodes.nodes) if self.nodes is not None else None
+        want: dict[str, tuple[int, str]] = {}
+        for item in items:
+            data = json.loads(item.value)
+            if data["node"] == self.local.name or (known is not None and
+                                                   data["node"] not in known):
+                continue
+            want[item.key[len(IP_PREFIX):]] = (int(data["identity"]), data["node_ip"])
+        have = {row["cidr"][:-3]: (int(row["identity"]), row["tunnel_endpoint"])
+                for row in self.sink.dump()
+                if row["cidr"].endswith("/32") and row.get("tunnel_endpoint")}
+        return {"store": len(want), "ipcache": len(have),
+                "missing": sorted(ip for ip in want if ip not in have),
+                "stale": sorted(ip for ip in have if ip not in want),
+                "different": sorted(ip for ip in want if ip in have and have[ip] != want[ip])}
+
+    def status(self) -> dict[str, Any]:
+        return {"local_endpoints": len(self.local_entries), "published": len(self.published),
+                "remote_endpoints": len(self.installed), "lists": self.mirror.lists,
+                "events": self.mirror.events}

@@ -1,0 +1,114 @@
+"""Follow one KV prefix: list it, then watch from the revision read before the list, and
+report every key whose value changed (Cilium's list-then-watch with a resume revision).
+
+`resync()` drops the watch and lists again: keys that changed or vanished while the watch
+could not see them (an outage, a compacted history) are reported as such, so whoever
+follows the mirror converges on exactly the store's contents."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from pylium.api.kvstore import KVStore, KVStoreCompacted, KVStoreUnavailable
+
+log = logging.getLogger(__name__)
+
+#: on_change(key, old value or None, new value or None)
+ChangeCallback = Callable[[str, bytes | None, bytes | None], None]
+
+
+class PrefixMirror:
+    def __init__(self, kvstore: KVStore, prefix: str, on_change: ChangeCallback,
+                 on_synced: Callable[[], Awaitable[None] | None] | None = None,
+                 retry_interval: float = 0.5):
+        self.kvstore = kvstore
+        self.prefix = prefix
+        self.on_change = on_change
+        self.on_synced = on_synced
+        self.retry_interval = retry_interval
+        self.items: dict[str, bytes] = {}
+        #: set once the first list has been applied
+        self.synced = asyncio.Event()
+        self.lists = 0
+        self.events = 0
+        self.revision = 0
+        self._task: asyncio.Task | None = None
+        self._inner: asyncio.Task | None = None
+        self._resync_requested = False
+        self._listed = asyncio.Event()
+
+    def start(self) -> asyncio.Task:
+        self._task = asyncio.get_running_loop().create_task(self.run())
+        return self._task
+
+    async def run(self) -> None:
+        while True:
+            self._inner = asyncio.get_running_loop().create_task(self._list_and_watch())
+            try:
+                await self._inner
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling() or not self._resync_requested:
+                    raise
+                self._resync_requested = False
+                continue  # resync(): list again right away
+            except (KVStoreUnavailable, KVStoreCompacted) as exc:
+                log.debug("following %s: %s; listing again", self.prefix, exc)
+            except Exception:
+                log.exception("following %s failed; listing again", self.prefix)
+            await asyncio.sleep(self.retry_interval)
+
+    async def resync(self, wait: float | None = 10.0) -> None:
+        """List the prefix again now; waits (up to `wait` s) until the new list is applied."""
+        self._listed.clear()
+        if self._inner is not None and not self._inner.done():
+            self._resync_requested = True
+            self._inner.cancel()
+        if wait:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._listed.wait()
+
+    async def _list_and_watch(self) -> None:
+        revision = await self.kvstore.revision()
+        listed = {item.key: item.value for item in await self.kvstore.list(self.prefix)}
+        self.lists += 1
+        self.revision = revision
+        for key in [k for k in self.items if k not in listed]:
+            self._set(key, None)
+        for key, value in listed.items():
+            self._set(key, value)
+        self.synced.set()
+        self._listed.set()
+        if self.on_synced is not None:
+            result = self.on_synced()
+            if asyncio.iscoroutine(result):
+                await result
+        async with contextlib.aclosing(self.kvstore.watch(self.prefix, revision)) as events:
+            async for event in events:
+                self.events += 1
+                self.revision = max(self.revision, event.revision)
+                self._set(event.key, event.value if event.type == "put" else None)
+
+    def _set(self, key: str, value: bytes | None) -> None:
+        old = self.items.get(key)
+        if value is None:
+            if old is None:
+                return
+            del self.items[key]
+        else:
+            if old == value:
+                return
+            self.items[key] = value
+        try:
+            self.on_change(key, old, value)
+        except Exception:
+            log.exception("applying %s of %s failed", "delete" if value is None else "put", key)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
