@@ -51,13 +51,18 @@ def register(cli: click.Group) -> None:
     @click.option("--demo", type=click.Choice(["starwars"]), help="Create the demo's pods.")
     @click.option("--agent-setting", "settings", multiple=True, metavar="KEY=VALUE",
                   help="Extra agent config setting (e.g. ct_timeout_tcp=10); repeatable.")
+    @click.option("--routing", help="Routing mode plugin for cross-node traffic "
+                  "(vxlan, geneve, native); with several nodes the agents share one "
+                  "embedded KV store.")
     @output_option
     @click.pass_context
-    def lab_up(ctx, nodes: int, demo: str | None, settings: tuple[str, ...], output: str):
+    def lab_up(ctx, nodes: int, demo: str | None, settings: tuple[str, ...], output: str,
+               routing: str | None):
         """Create the lab's namespaces and start one agent per node."""
         subprocess.run("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf",
                        shell=True, check=False)
-        emit(_lab(ctx).up(nodes=nodes, demo=demo, agent_settings=_settings(settings)),
+        emit(_lab(ctx).up(nodes=nodes, demo=demo, agent_settings=_settings(settings),
+                          routing=routing),
              output, _status_table)
 
     @lab_group.command("status")

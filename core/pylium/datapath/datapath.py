@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 
 OBJECT_SOURCE = "bpf_lxc.c"
 PROGRAMS = ("from_container", "to_container")
-PINNED_MAPS = ("endpoints", "ipcache", "policy", "conntrack", "metrics", "events", "events_lost")
+PINNED_MAPS = ("endpoints", "ipcache", "policy", "conntrack", "metrics", "events", "events_lost",
+               "routing_progs")
 MARK_MAGIC_DRYRUN = 0x0D00
 TRACE_CB_IDENTITY = 0x70796C6D
 TRACE_CB_DRYRUN = 0x64727972
@@ -220,6 +221,7 @@ class Datapath:
         self.metrics = typed("metrics", MetricsKey, MetricsValue, percpu=True)
         self.events_lost_map = typed("events_lost", U32Key, U64Value, percpu=True)
         self.events_fd = fd("events")
+        self.routing_progs_fd = fd("routing_progs")
 
     def _ours(self, value: EndpointInfoValue) -> bool:
         """The interface at the endpoint's ifindex, in this netns, is its host-side veth
@@ -273,6 +275,22 @@ class Datapath:
                     d.rmdir()
                 except OSError:
                     pass
+
+    def set_routing_slot(self, slot: int, prog_fd: int | None) -> None:
+        """Fill (or, with None, empty) a routing-mode slot of `routing_progs`: from_container
+        tail-calls slot 0 for destinations behind a tunnel endpoint."""
+        with self._lock:
+            self._require_open()
+            key = ctypes.c_uint32(slot)
+            if prog_fd is None:
+                rc = lib.bpf_map_delete_elem(self.routing_progs_fd, ctypes.byref(key))
+                if rc < 0 and libbpf.errno_of(rc) != 2:  # ENOENT: already empty
+                    libbpf.check(rc, f"emptying routing slot {slot}")
+                return
+            value = ctypes.c_uint32(prog_fd)
+            libbpf.check(lib.bpf_map_update_elem(self.routing_progs_fd, ctypes.byref(key),
+                                                 ctypes.byref(value), 0),
+                         f"filling routing slot {slot}")
 
     def __enter__(self) -> Datapath:
         return self.open()

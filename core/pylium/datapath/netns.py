@@ -415,3 +415,43 @@ def unwire_endpoint(host_ifname: str, ip_address: str | None = None) -> bool:
     if ip_address:
         delete_route(f"{ip_address}/32")
     return gone
+
+
+# routing modes ----------------------------------------------------------------------------
+@_netlink
+def link_mtu(ifname: str, netns: str | None = None) -> int:
+    with ipr() as ip:
+        return int(ip.link("get", index=_index(ip, ifname))[0].get_attr("IFLA_MTU"))
+
+
+@_netlink
+def link_with_address(address: str, netns: str | None = None) -> str | None:
+    """The name of the link holding IPv4 `address`, or None."""
+    with ipr() as ip:
+        for m in ip.get_addr(family=2):
+            if m.get_attr("IFA_ADDRESS") == address:
+                return ip.link("get", index=m["index"])[0].get_attr("IFLA_IFNAME")
+    return None
+
+
+@_netlink
+def create_vxlan_external(ifname: str, port: int, mtu: int, netns: str | None = None) -> LinkInfo:
+    """A VXLAN device in collect_md (`external`) mode listening on UDP `port`, up; an
+    existing one with that name is replaced only if its port differs."""
+    with ipr() as ip:
+        found = ip.link_lookup(ifname=ifname)
+        if found:
+            msg = ip.link("get", index=found[0])[0]
+            data = (msg.get_attr("IFLA_LINKINFO") or {}).get_attr("IFLA_INFO_DATA")
+            if data is None or data.get_attr("IFLA_VXLAN_PORT") != port:
+                ip.link("del", index=found[0])
+                found = []
+        if not found:
+            ip.link("add", ifname=ifname, kind="vxlan", vxlan_collect_metadata=1,
+                    vxlan_port=port, vxlan_learning=0)
+        index = _index(ip, ifname)
+        ip.link("set", index=index, mtu=mtu)
+        ip.link("set", index=index, state="up")
+        info = _link_info(ip, ifname)
+    assert info is not None
+    return info

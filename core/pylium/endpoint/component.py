@@ -97,6 +97,9 @@ async def start(daemon) -> EndpointManager:
         on_created=lambda ep: hook.pylium_endpoint_created(endpoint=ep),
         on_deleted=lambda ep: hook.pylium_endpoint_deleted(endpoint=ep),
     )
+    routing = daemon.components.get("routing")
+    if routing is not None:
+        manager.mtu = routing.pod_mtu
     if policy is None:
         manager.missing.append("policy")
     if manager.missing:

@@ -91,6 +91,8 @@ class EndpointManager:
         self.on_created = on_created
         self.on_deleted = on_deleted
         self._endpoints: dict[int, Endpoint] = {}
+        #: veth MTU of new endpoints (the routing component's pod MTU)
+        self.mtu = 1500
         self._lock = asyncio.Lock()
         #: what the manager could not do for want of a component ("" when all are there)
         self.missing = [name for name, part in
@@ -173,7 +175,8 @@ class EndpointManager:
                 await asyncio.to_thread(plumbing.unwire_endpoint, ifname)
             try:
                 links = await asyncio.to_thread(plumbing.wire_endpoint, ifname, netns,
-                                                address, str(self.ipam.gateway))
+                                                address, str(self.ipam.gateway),
+                                                mtu=self.mtu)
                 undo.append(lambda: plumbing.unwire_endpoint(ifname, address))
                 ep = Endpoint(id=ep_id, name=name, namespace=namespace, labels=labels,
                               netns=netns, ipv4=address, ifname=ifname,

@@ -124,7 +124,8 @@ class Lab:
 
     # up ------------------------------------------------------------------------------------
     def up(self, nodes: int = 1, demo: str | None = None,
-           agent_settings: dict[str, Any] | None = None) -> dict[str, Any]:
+           agent_settings: dict[str, Any] | None = None,
+           routing: str | None = None) -> dict[str, Any]:
         if os.geteuid() != 0:
             raise UserError("the lab creates network namespaces and loads BPF: run it as root")
         if self.load() is not None:
@@ -136,11 +137,21 @@ class Lab:
             raise UserError(f"--demo: unknown demo {demo!r} (known: {', '.join(DEMOS)})")
         state: dict[str, Any] = {"name": self.name, "netns": [], "nodes": [], "pods": [],
                                  "processes": [], "paths": [], "symlink": None}
+        settings = dict(agent_settings or {})
+        if routing is not None:
+            state["routing"] = routing
+            settings.setdefault("routing_mode", routing)
+            if (nodes > 1 and settings.get("kvstore", "embedded") == "embedded"
+                    and "kvstore_options" not in settings):
+                # one cluster: identities (and the node registry) shared by every agent
+                shared = STATE_ROOT / f"{self.name}-kvstore.sqlite3"
+                settings["kvstore_options"] = {"path": str(shared)}
+                state["paths"] += [str(shared), f"{shared}-wal", f"{shared}-shm"]
         self._save(state)
         try:
             self._make_underlay(state)
             for index in range(1, nodes + 1):
-                self._make_node(state, index, agent_settings or {})
+                self._make_node(state, index, settings)
             for pod in DEMOS.get(demo or "", ()):
                 self.add_pod(pod["name"], pod["labels"], server=pod.get("server"), state=state)
         except BaseException:
@@ -228,12 +239,49 @@ class Lab:
                 raise PyliumError(f"agent on {node['name']} exited with {proc.returncode}:\n"
                                   + _tail(log_path))
             try:
-                client.get("/v1/status")
+                status = client.get("/v1/status")
+                if state.get("routing") and "cluster" not in status.get("components", ()):
+                    self._announce_nodes(state, node)
                 return proc.pid
             except (AgentUnreachable, UserError):
                 time.sleep(0.1)
         raise PyliumError(f"agent on {node['name']} did not answer within "
                           f"{AGENT_START_TIMEOUT:.0f}s:\n" + _tail(log_path))
+
+    # routing without a node registry -------------------------------------------------------
+    def _announce_nodes(self, state: dict[str, Any], node: dict[str, Any]) -> None:
+        """Static node entries: tell `node`'s agent about every other node, and them about
+        it (agents that run the cluster's node registry learn this from the KV store)."""
+        def entry(n):
+            return {"ipv4": n["ip"], "pod_cidr": n["pod_cidr"]}
+
+        client = AgentClient(node["socket"])
+        for other in state["nodes"]:
+            if other["name"] == node["name"] or not other.get("agent_pid"):
+                continue
+            client.put(f"/v1/routing/nodes/{other['name']}", entry(other))
+            try:
+                AgentClient(other["socket"]).put(f"/v1/routing/nodes/{node['name']}",
+                                                 entry(node))
+            except (AgentUnreachable, UserError) as exc:
+                log.warning("node %s not told about %s: %s", other["name"], node["name"], exc)
+        # remote pods this (possibly restarted) node's ipcache should have
+        for pod in state["pods"]:
+            if pod["node"] != node["name"] and "identity" in pod:
+                client.put("/v1/routing/ipcache", self._ipcache_entry(state, pod))
+
+    def _ipcache_entry(self, state: dict[str, Any], pod: dict[str, Any]) -> dict[str, Any]:
+        return {"cidr": f"{pod['ip']}/32", "identity": pod["identity"],
+                "tunnel_endpoint": self.node(pod["node"], state)["ip"]}
+
+    def _publish_pod(self, state: dict[str, Any], pod: dict[str, Any]) -> None:
+        for other in state["nodes"]:
+            if other["name"] == pod["node"]:
+                continue
+            client = AgentClient(other["socket"])
+            if "cluster" in client.get("/v1/status").get("components", ()):
+                continue
+            client.put("/v1/routing/ipcache", self._ipcache_entry(state, pod))
 
     # pods ----------------------------------------------------------------------------------
     def node(self, name: str | None = None, state: dict[str, Any] | None = None) -> dict:
@@ -259,8 +307,12 @@ class Lab:
             f"/v1/endpoint/{name}", {"namespace": namespace, "labels": labels, "netns": netns})
         pod = {"name": name, "node": target["name"], "netns": netns, "ip": ep["ipv4"],
                "namespace": namespace, "labels": labels, "endpoint_id": ep["id"]}
+        if state.get("routing"):
+            pod["identity"] = ep["identity"]
         state["pods"].append(pod)
         self._save(state)
+        if state.get("routing") and len(state["nodes"]) > 1:
+            self._publish_pod(state, pod)
         if server == "deathstar":
             self._start_server(state, pod["netns"], [sys.executable, "-m",
                                                      "pylium.lab.deathstar", "--port", "80"],

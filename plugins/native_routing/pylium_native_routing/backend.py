@@ -1,11 +1,48 @@
-"""The `native` backend. Registered now; its behaviour lands with the routing-modes issue."""
+"""The `native` backend: a route per remote node (its pod CIDR via its underlay IP). No
+encapsulation and no BPF of its own: the endpoint program's remote slot stays empty, so the
+node's stack forwards; the receiving node's to_container program finds the source identity
+in the ipcache by source IP (the cluster's node registry fills it with remote pods)."""
 
-from pylium.api import RoutingMode
-from pylium.errors import NotImplementedYet
+from __future__ import annotations
+
+from typing import Any
+
+from pylium.api.routing import NodeInfo
+from pylium.datapath import netns as plumbing
+from pylium.errors import UserError
+from pylium.routing.base import RoutedNodes
 
 
-class NativeRouting(RoutingMode):
+class NativeRouting(RoutedNodes):
     name = "native"
+    mtu_overhead = 0
 
-    def __new__(cls, *args, **kwargs):  # before the abstract-class check
-        raise NotImplementedYet("routingmode backend 'native'", "the routing-modes issue")
+    def __init__(self, context, options: dict[str, Any] | None = None):
+        super().__init__(context, options)
+        if self.options:
+            raise UserError(f"plugin_options.native: unknown option(s) "
+                            f"{', '.join(sorted(self.options))}")
+        self.local: NodeInfo | None = None
+
+    def setup_node(self, local: NodeInfo) -> None:
+        self.local = local
+        plumbing.write_sysctl(None, "net.ipv4.ip_forward", "1")
+
+    def node_joined(self, node: NodeInfo) -> None:
+        if self.local is not None and node.name == self.local.name:
+            return
+        self.check_remote(node)
+        old = self.nodes.get(node.name)
+        if old is not None and old.pod_cidr != node.pod_cidr:
+            self.delete_node_route(old)
+        self.nodes[node.name] = node
+        self.add_node_route(node)
+
+    def node_left(self, node: NodeInfo) -> None:
+        known = self.nodes.pop(node.name, None)
+        if known is not None:
+            self.delete_node_route(known)
+
+    def teardown(self) -> None:
+        for node in list(self.nodes.values()):
+            self.node_left(node)

@@ -3,9 +3,12 @@
 from pylium.api import RoutingModeRecord
 from pylium.hookspecs import hookimpl
 
-from pylium_overlay_geneve.backend import OverlayGeneve
+from pylium_overlay_geneve.backend import BPF_DIR, BPF_SOURCE, DEFINES, OverlayGeneve
 
 
 @hookimpl
 def pylium_routing_modes():
-    return [RoutingModeRecord(name="geneve", backend=OverlayGeneve, description="Geneve overlay encapsulated in BPF (VNI = source identity, UDP 6081)")]
+    return [RoutingModeRecord(
+        name="geneve", backend=OverlayGeneve,
+        description="Geneve overlay encapsulated in BPF (VNI = source identity, UDP 6081)",
+        bpf_sources=(BPF_DIR / BPF_SOURCE,), defines=DEFINES)]

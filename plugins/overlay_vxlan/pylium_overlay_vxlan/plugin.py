@@ -3,9 +3,13 @@
 from pylium.api import RoutingModeRecord
 from pylium.hookspecs import hookimpl
 
-from pylium_overlay_vxlan.backend import OverlayVxlan
+from pylium_overlay_vxlan.backend import BPF_DIR, BPF_SOURCE, DEFINES, OverlayVxlan
 
 
 @hookimpl
 def pylium_routing_modes():
-    return [RoutingModeRecord(name="vxlan", backend=OverlayVxlan, description="VXLAN overlay (collect_md device, VNI = source identity, UDP 8472)")]
+    return [RoutingModeRecord(
+        name="vxlan", backend=OverlayVxlan,
+        description="VXLAN overlay (collect_md device, VNI = source identity, UDP 8472)",
+        bpf_sources=(BPF_DIR / BPF_SOURCE,),
+        defines=DEFINES)]
