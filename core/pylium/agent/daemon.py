@@ -27,6 +27,7 @@ COMPONENT_MODULES: tuple[str, ...] = (
     "pylium.policy.component",
     "pylium.datapath.component",
     "pylium.endpoint.component",
+    "pylium.cluster.component",
     "pylium.flow.component",
 )
 
@@ -110,6 +111,9 @@ class Daemon:
 
     async def status(self) -> dict[str, Any]:
         kv = await self.kvstore.status() if self.kvstore else {"healthy": False}
+        cluster = self.components.get("cluster")
+        if cluster is not None:
+            kv = {**kv, "cluster": cluster.session.state}
         return {
             "version": __version__,
             "node": self.config.node_name,

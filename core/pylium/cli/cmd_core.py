@@ -37,7 +37,8 @@ def _status_table(s):
         f"Node:          {s['node']}",
         f"Health:        {'Ok' if s['healthy'] else 'Degraded'}",
         f"KVStore:       {kv.get('backend', '?')}  {'Ok' if kv.get('healthy') else 'Failure'}"
-        f"  {kv.get('detail', '')}",
+        f"  {kv.get('detail', '')}"
+        + (f"  (cluster state: {kv['cluster']})" if kv.get("cluster") else ""),
         "Plugins:       " + ", ".join(f"{k}={','.join(v) or '-'}" for k, v in s["plugins"].items()),
         f"Components:    {', '.join(s.get('components', [])) or '-'}",
         f"Uptime:        {s['uptime_seconds']}s",
