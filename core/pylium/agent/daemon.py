@@ -26,6 +26,7 @@ COMPONENT_MODULES: tuple[str, ...] = (
     "pylium.identity.component",
     "pylium.policy.component",
     "pylium.datapath.component",
+    "pylium.routing.component",
     "pylium.endpoint.component",
     "pylium.cluster.component",
     "pylium.flow.component",
