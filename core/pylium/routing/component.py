@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 from typing import Any
 
 from pylium.api.routing import NodeInfo
@@ -41,7 +42,7 @@ class Routing:
         if node.name == self.local.name:
             return
         try:
-            self.backend.node_joined(node)
+            off_loop(self.backend.node_joined, node)
         except PyliumError as exc:
             self.errors[node.name] = str(exc)
             raise
@@ -53,7 +54,7 @@ class Routing:
     def node_left(self, node: NodeInfo) -> None:
         if node.name == self.local.name:
             return
-        self.backend.node_left(node)
+        off_loop(self.backend.node_left, node)
         self.nodes.pop(node.name, None)
         self.errors.pop(node.name, None)
         log.info("routing %s: node %s left", self.name, node.name)
@@ -79,6 +80,30 @@ class Routing:
         close = getattr(self.backend, "close", None)
         if close is not None:
             close()
+
+
+def off_loop(func, *args):
+    """Run a backend call to completion, on a worker thread when called from the event
+    loop's thread (pyroute2's synchronous API runs an event loop of its own, which cannot
+    nest in a running one). Node events are rare and netlink calls take milliseconds."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return func(*args)
+    result: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            result["value"] = func(*args)
+        except BaseException as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=body, name="routing-node-event")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
 
 
 def _reset_previous_mode(datapath: Any, underlay_ifname: str) -> None:
