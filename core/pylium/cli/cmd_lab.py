@@ -54,15 +54,18 @@ def register(cli: click.Group) -> None:
     @click.option("--routing", help="Routing mode plugin for cross-node traffic "
                   "(vxlan, geneve, native); with several nodes the agents share one "
                   "embedded KV store.")
+    @click.option("--kvstore", type=click.Choice(["embedded", "etcd"]), default="embedded",
+                  show_default=True, help="Cluster store: one embedded SQLite file the node "
+                  "agents share, or a real etcd in the lab's own namespace.")
     @output_option
     @click.pass_context
     def lab_up(ctx, nodes: int, demo: str | None, settings: tuple[str, ...], output: str,
-               routing: str | None):
+               routing: str | None, kvstore: str):
         """Create the lab's namespaces and start one agent per node."""
         subprocess.run("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf",
                        shell=True, check=False)
         emit(_lab(ctx).up(nodes=nodes, demo=demo, agent_settings=_settings(settings),
-                          routing=routing),
+                          routing=routing, kvstore=kvstore),
              output, _status_table)
 
     @lab_group.command("status")

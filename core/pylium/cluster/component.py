@@ -133,7 +133,7 @@ class Cluster:
             try:
                 routing.node_joined(node)
             except Exception as exc:
-                log.error("routing mode could not add node %s: %s", node.name, exc)
+                log.warning("routing mode could not add node %s: %s", node.name, exc)
         self.daemon.plugins.hook.pylium_node_joined(node=node)
 
     def _left(self, node: NodeInfo) -> None:

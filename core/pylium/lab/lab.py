@@ -52,6 +52,11 @@ WORLD_IP = UNDERLAY_PREFIX + "1"
 WORLD_EXTRA_IPS = ("198.51.100.10", "198.51.100.20")
 AGENT_START_TIMEOUT = 60.0
 DEFAULT_NAME = "pyl"
+#: `lab up --kvstore`: embedded (one SQLite file all node agents share) or a real etcd in the
+#: lab's `<name>-kv` namespace on the underlay
+KVSTORES = ("embedded", "etcd")
+KVSTORE_IP = UNDERLAY_PREFIX + "2"
+ETCD_PORTS = (2379, 2380)
 
 STARWARS_PODS: tuple[dict[str, Any], ...] = (
     {"name": "deathstar", "labels": {"org": "empire", "class": "deathstar"},
@@ -125,7 +130,7 @@ class Lab:
     # up ------------------------------------------------------------------------------------
     def up(self, nodes: int = 1, demo: str | None = None,
            agent_settings: dict[str, Any] | None = None,
-           routing: str | None = None) -> dict[str, Any]:
+           routing: str | None = None, kvstore: str = "embedded") -> dict[str, Any]:
         if os.geteuid() != 0:
             raise UserError("the lab creates network namespaces and loads BPF: run it as root")
         if self.load() is not None:
@@ -135,21 +140,25 @@ class Lab:
             raise UserError(f"--nodes: {nodes} outside 1..8")
         if demo is not None and demo not in DEMOS:
             raise UserError(f"--demo: unknown demo {demo!r} (known: {', '.join(DEMOS)})")
+        if kvstore not in KVSTORES:
+            raise UserError(f"--kvstore: {kvstore!r} is not one of {', '.join(KVSTORES)}")
         state: dict[str, Any] = {"name": self.name, "netns": [], "nodes": [], "pods": [],
                                  "processes": [], "paths": [], "symlink": None}
         settings = dict(agent_settings or {})
         if routing is not None:
             state["routing"] = routing
             settings.setdefault("routing_mode", routing)
-            if (nodes > 1 and settings.get("kvstore", "embedded") == "embedded"
-                    and "kvstore_options" not in settings):
-                # one cluster: identities (and the node registry) shared by every agent
-                shared = STATE_ROOT / f"{self.name}-kvstore.sqlite3"
-                settings["kvstore_options"] = {"path": str(shared)}
-                state["paths"] += [str(shared), f"{shared}-wal", f"{shared}-shm"]
+        if (nodes > 1 and kvstore == "embedded" and settings.get("kvstore", "embedded")
+                == "embedded" and "kvstore_options" not in settings):
+            # one cluster: identities, nodes and endpoint IPs shared by every agent
+            shared = STATE_ROOT / f"{self.name}-kvstore.sqlite3"
+            settings["kvstore_options"] = {"path": str(shared)}
+            state["paths"] += [str(shared), f"{shared}-wal", f"{shared}-shm"]
         self._save(state)
         try:
             self._make_underlay(state)
+            if kvstore == "etcd":
+                settings.update(self._make_etcd(state))
             for index in range(1, nodes + 1):
                 self._make_node(state, index, settings)
             for pod in DEMOS.get(demo or "", ()):
@@ -177,6 +186,51 @@ class Lab:
             plumbing.add_address("lo", f"{extra}/32", world)
         state["world"] = {"netns": world, "ip": WORLD_IP, "extra_ips": list(WORLD_EXTRA_IPS)}
         self._save(state)
+
+    # KV store ------------------------------------------------------------------------------
+    def _etcd_server(self, state: dict[str, Any]):
+        from pylium.kvstore.testing import EtcdServer
+
+        kv = state["kvstore"]
+        return EtcdServer(name=self.ns("etcd"), data_dir=Path(kv["data_dir"]), host=KVSTORE_IP,
+                          netns=kv["netns"], client_port=ETCD_PORTS[0],
+                          peer_port=ETCD_PORTS[1])
+
+    def _make_etcd(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A real etcd in its own namespace on the underlay (KVSTORE_IP), reachable from every
+        node; returns the agent settings that select it."""
+        netns = self._add_netns(state, self.ns("kv"))
+        plumbing.create_veth("kv", self.ns("underlay"), "eth0", netns)
+        plumbing.set_link_up("kv", self.ns("underlay"), master="br0")
+        plumbing.add_address("eth0", f"{KVSTORE_IP}/24", netns)
+        data_dir = STATE_ROOT / self.ns("etcd")
+        shutil.rmtree(data_dir, ignore_errors=True)
+        state["paths"].append(str(data_dir))
+        state["kvstore"] = {"backend": "etcd", "netns": netns, "data_dir": str(data_dir),
+                            "endpoint": f"http://{KVSTORE_IP}:{ETCD_PORTS[0]}"}
+        self._save(state)
+        self.kvstore_start(state)
+        return {"kvstore": "etcd", "kvstore_options": {"endpoints": [state["kvstore"]["endpoint"]]}}
+
+    def kvstore_start(self, state: dict[str, Any] | None = None) -> None:
+        """(Re)start the lab's etcd on the same address and data (after `kvstore_stop`)."""
+        state = state or self._require()
+        if state.get("kvstore", {}).get("backend") != "etcd":
+            raise UserError(f"lab {self.name} runs no etcd (use `lab up --kvstore etcd`)")
+        server = self._etcd_server(state)
+        server.start()
+        state["kvstore"]["pid"] = server.process.pid
+        state["processes"].append({"pid": server.process.pid,
+                                   "match": state["kvstore"]["data_dir"]})
+        self._save(state)
+
+    def kvstore_stop(self) -> None:
+        """Stop the lab's etcd (an outage: agents go degraded until `kvstore_start`)."""
+        state = self._require()
+        kv = state.get("kvstore", {})
+        if kv.get("backend") != "etcd":
+            raise UserError(f"lab {self.name} runs no etcd (use `lab up --kvstore etcd`)")
+        _stop_process(kv.get("pid", 0), kv["data_dir"])
 
     def _make_node(self, state: dict[str, Any], index: int, settings: dict[str, Any]) -> None:
         name = f"node{index}"
@@ -393,6 +447,7 @@ class Lab:
                       "endpoint_id": p["endpoint_id"], "netns": p["netns"]}
                      for p in state["pods"]],
             "world": state.get("world"),
+            "kvstore": state.get("kvstore", {"backend": "embedded"}),
         }
 
     # down ----------------------------------------------------------------------------------
