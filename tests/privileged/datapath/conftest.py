@@ -3,15 +3,12 @@ runs on a worker thread that joined it), pinned under a unique /sys/fs/bpf/pyliu
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from netns_helpers import NetnsWorker, Topology, bpffs_root  # noqa: E402
 from pylium.datapath import Datapath, EndpointInfo  # noqa: E402
+
+from .netns_helpers import NetnsWorker, Topology, bpffs_root  # noqa: E402
 
 BPF_CACHE = Path("/tmp/pylium-test-bpf-cache")
 

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from pylium.agent import routes_datapath
 from pylium.cli.main import cli
 from pylium.policy.mapstate import PROTO_TCP, Direction, EndpointPolicy, PolicyEntry, PolicyKey
-from test_policy_scenarios import real_run
+
+from .test_policy_scenarios import real_run
 
 PODS = {"a": ("10.212.0.10", 1200), "b": ("10.212.0.11", 1201)}
 

@@ -9,8 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from netns_helpers import in_ns
 from pylium.policy.mapstate import Direction, EndpointPolicy, PolicyEntry, PolicyKey
+
+from .netns_helpers import in_ns
 
 PODS = {"a": ("10.213.0.10", 1300), "b": ("10.213.0.11", 1301)}
 

@@ -315,8 +315,9 @@ def test_dry_run_needs_both_mark_and_cb_magic(node):
 
 
 def test_opening_from_another_netns_never_touches_its_namesake_interfaces(node):
-    from netns_helpers import NetnsWorker, in_ns, sh, unique
     from pylium.datapath import Datapath, EndpointInfo, tc
+
+    from .netns_helpers import NetnsWorker, in_ns, sh, unique
 
     n = node("netnsguard", PODS)
     decoy = unique("decoy")

@@ -11,9 +11,10 @@ import subprocess
 import sys
 import time
 
-from netns_helpers import in_ns
 from pylium.datapath import Datapath
 from pylium.policy.mapstate import PROTO_TCP, Direction, EndpointPolicy, PolicyEntry, PolicyKey
+
+from .netns_helpers import in_ns
 
 ING, EGR = Direction.INGRESS, Direction.EGRESS
 PODS = {"a": ("10.211.0.10", 1100), "b": ("10.211.0.11", 1101)}
@@ -83,7 +84,7 @@ time.sleep(3600)
 
 
 def test_kill_9_of_the_agent_keeps_stream_policy_and_state(node):
-    from conftest import BPF_CACHE
+    from .conftest import BPF_CACHE
 
     n = node("kill9", PODS)
     n.dp.close()  # the "agent" below owns the datapath now

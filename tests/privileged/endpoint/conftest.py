@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from eplab import make_lab  # noqa: E402
+from .eplab import make_lab  # noqa: E402
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ import signal
 import subprocess
 import time
 
-from eplab import api, import_policy, make_lab, serve_ports, tcp
 from pylium.datapath import netns as plumbing
+
+from .eplab import api, import_policy, make_lab, serve_ports, tcp
 
 STREAM_SECONDS = 8
 

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from eplab import api, ping
 from pylium.datapath import netns as plumbing
 from pylium.errors import UserError
+
+from .eplab import api, ping
 
 
 def _lxc_links(lab) -> set[str]:

@@ -9,7 +9,9 @@ import socket
 import time
 
 import pytest
-from eplab import (
+from pylium.datapath import netns as plumbing
+
+from .eplab import (
     delete_policies,
     import_policy,
     make_lab,
@@ -18,7 +20,6 @@ from eplab import (
     tcp,
     wait_regenerated,
 )
-from pylium.datapath import netns as plumbing
 
 CT_TIMEOUT_NON_TCP = 2
 

@@ -11,11 +11,12 @@ import types
 import pytest
 from aiohttp import web
 from click.testing import CliRunner
-from flow_starwars import starwars_events, starwars_resolver
 from pylium.agent import routes_flow
 from pylium.agent.server import errors_as_json
 from pylium.cli.main import cli
 from pylium.flow.component import FlowObserver
+
+from .flow_starwars import starwars_events, starwars_resolver
 
 
 class AgentThread:

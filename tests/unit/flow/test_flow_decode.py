@@ -8,9 +8,10 @@ import struct
 import time
 from pathlib import Path
 
-from flow_starwars import starwars_events, starwars_resolver
 from pylium.flow.decode import EVENT_SIZE, FIELDS, Decoder, encode_event
 from pylium.flow.model import compact_line, to_response
+
+from .flow_starwars import starwars_events, starwars_resolver
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -16,9 +16,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from flow_starwars import starwars_events, starwars_resolver
 from pylium.flow.component import FlowObserver
 from pylium.flow.http import start_metrics_server
+
+from .flow_starwars import starwars_events, starwars_resolver
 
 
 def free_port() -> int:

@@ -12,13 +12,14 @@ import types
 import pytest
 from aiohttp import web
 from click.testing import CliRunner
-from flow_starwars import starwars_events, starwars_resolver
 from pylium.agent import routes_flow
 from pylium.agent.server import errors_as_json
 from pylium.cli.main import cli
 from pylium.flow import relay
 from pylium.flow.component import FlowObserver
 from pylium.kvstore.embedded import EmbeddedKVStore
+
+from .flow_starwars import starwars_events, starwars_resolver
 
 
 class Agent:

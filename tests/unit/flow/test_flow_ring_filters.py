@@ -6,13 +6,14 @@ import asyncio
 import time
 
 import pytest
-from flow_starwars import starwars_events, starwars_resolver
 from pylium.errors import UserError
 from pylium.flow.component import FlowObserver
 from pylium.flow.decode import Decoder, encode_event
 from pylium.flow.filters import parse_query, parse_time
 from pylium.flow.model import LOST_AGENT, LOST_FOLLOWER, Flow, LostEvent
 from pylium.flow.ring import FlowRing
+
+from .flow_starwars import starwars_events, starwars_resolver
 
 
 def _flows(n: int) -> list[Flow]:
