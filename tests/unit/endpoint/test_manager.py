@@ -23,7 +23,7 @@ class FakeLinks:
         self.links: dict[str, plumbing.LinkInfo] = {}
         self.next_index = 10
 
-    def wire(self, ifname, netns, ip, gateway):
+    def wire(self, ifname, netns, ip, gateway, mtu=1500):
         self.next_index += 1
         host = plumbing.LinkInfo(ifname, self.next_index, f"02:00:00:00:00:{self.next_index:02x}", True)
         self.links[ifname] = host
