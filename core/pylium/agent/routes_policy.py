@@ -4,7 +4,8 @@
     GET    /v1/policy/{name}               → the policy (namespace/name or name)
     POST   /v1/policy      {"text", "name"} → import YAML/JSON text; {"revision", "imported"}
     DELETE /v1/policy?name=N[&namespace=NS] | ?labels=k=v,.. | ?all=true
-    POST   /v1/policy/trace {TraceQuery fields} → the trace result
+    POST   /v1/policy/trace {TraceQuery fields, "datapath": bool} → the trace result (with
+           the loaded BPF programs' answer under "datapath" when asked)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from aiohttp import web
 
 from pylium.agent.daemon import Daemon
 from pylium.agent.server import NotFound, read_json
+from pylium.agent.trace_datapath import datapath_trace
 from pylium.errors import PyliumError, UserError
 from pylium.policy.parse import load_text
 from pylium.policy.rule import Policy
@@ -80,10 +82,15 @@ def setup(app: web.Application, daemon: Daemon) -> None:
 
     async def trace_policy(request):
         svc = service()
-        query = TraceQuery.from_dict(await read_json(request))
+        body = await read_json(request)
+        ask_datapath = bool(body.pop("datapath", False))
+        query = TraceQuery.from_dict(body)
         result = trace(query, svc.repository.policies(), svc.engine.identities.all(),
                        svc.engine.mode)
-        return web.json_response(result.to_dict())
+        out = result.to_dict()
+        if ask_datapath:
+            out["datapath"] = await datapath_trace(daemon, result)
+        return web.json_response(out)
 
     app.router.add_get("/v1/policy", list_policies)
     app.router.add_post("/v1/policy", import_policy)

@@ -34,6 +34,21 @@ def _trace_text(data) -> str:
             lines.append(f"{side.capitalize() + ':':<10}{d['verdict']} - {d['reason']}"
                          + (f" [{', '.join(d['rules'])}]" if d["rules"] else ""))
     lines.append(f"Map state: {data['mapstate_verdict']}")
+    dp = data.get("datapath")
+    if dp is not None:
+        if dp["verdict"] is None:
+            lines.append("Datapath: not traced")
+        else:
+            lines.append(f"Datapath: {dp['verdict']} "
+                         f"({'agrees' if dp['agrees'] else 'DISAGREES'} with {dp['expected']})")
+        for side in ("egress", "ingress"):
+            d = dp.get(side)
+            if d is not None:
+                reason = f", {d['drop_reason_desc']}" if d.get("drop_reason_desc") else ""
+                lines.append(f"  {side} program of endpoint {d['endpoint']}: {d['action']}"
+                             f" (verdict {d['verdict']}, conntrack {d['ct']}{reason})")
+        for note in dp.get("notes", []):
+            lines.append(f"  note: {note}")
     return "\n".join(lines)
 
 
@@ -118,15 +133,22 @@ def register(cli: click.Group) -> None:
                   type=click.Path(path_type=Path), help="Trace offline against these files.")
     @click.option("--enforcement", type=click.Choice(["default", "always", "never"]),
                   default="default", show_default=True, help="Offline enforcement mode.")
+    @click.option("--datapath", "ask_datapath", is_flag=True,
+                  help="Also run the loaded BPF programs on the packet (BPF_PROG_TEST_RUN) "
+                       "for live endpoints with these labels.")
     @output_option
     @click.pass_context
-    def trace_cmd(ctx, policy_files: tuple[Path, ...], enforcement: str, output: str,
-                  **fields) -> None:
+    def trace_cmd(ctx, policy_files: tuple[Path, ...], enforcement: str, ask_datapath: bool,
+                  output: str, **fields) -> None:
         """Would this packet (and HTTP request) pass, and which rules decide?"""
         query = TraceQuery(**fields)
         if policy_files:
+            if ask_datapath:
+                raise UserError("--datapath asks the agent's loaded programs; "
+                                "it cannot be combined with --policy-file")
             data = trace(query, load_files(policy_files), mode=enforcement).to_dict()
         else:
-            data = client_from(ctx).post("/v1/policy/trace", attrs.asdict(query))
+            data = client_from(ctx).post("/v1/policy/trace",
+                                         {**attrs.asdict(query), "datapath": ask_datapath})
         emit(data, output, _trace_text)
 

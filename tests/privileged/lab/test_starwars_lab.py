@@ -72,6 +72,18 @@ def test_starwars_story_and_clean_teardown(shared_dir):
         assert proc.returncode == 0 and proc.stdout == "Ship landed\n"
         proc = land("xwing")
         assert proc.returncode == 28 and proc.stdout == ""  # timed out: SYN dropped
+        # `policy trace --datapath`: the attached programs agree with the reference evaluator
+        for ship, verdict in (("tiefighter", "allowed"), ("xwing", "denied")):
+            labels = ",".join(f"{k}={v}" for k, v in pods[ship]["labels"].items())
+            traced = json.loads(pylium("policy", "trace", "--src", labels, "--dst",
+                                       "org=empire,class=deathstar", "--dport", "80",
+                                       "--datapath", "-o", "json").stdout)
+            assert traced["verdict"] == verdict, traced
+            assert traced["datapath"]["verdict"] == verdict, traced
+            assert traced["datapath"]["agrees"] is True, traced
+            ingress = traced["datapath"]["ingress"]
+            assert ingress["endpoint"] == deathstar["id"]
+            assert ingress["action"] == ("dropped" if verdict == "denied" else "forwarded")
         metrics = json.loads(pylium("bpf", "metrics", "list", "-o", "json").stdout)
         denied = [m for m in metrics if "denied" in m["reason_desc"].lower()]
         assert denied and denied[0]["packets"] >= 1
