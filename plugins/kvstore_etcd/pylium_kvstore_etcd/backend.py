@@ -159,7 +159,11 @@ class EtcdKVStore(KVStore):
         if not self._closed:
             return
         host, port = _grpc_target(self.endpoints)
-        self._client = aetcd.Client(host=host, port=port, timeout=self.timeout)
+        # gRPC's default reconnect backoff grows to 120 s: after a long outage the agent
+        # would stay degraded well after etcd is back. Retry at most every 2 s instead.
+        self._client = aetcd.Client(host=host, port=port, timeout=self.timeout, options={
+            "grpc.initial_reconnect_backoff_ms": 200, "grpc.min_reconnect_backoff_ms": 200,
+            "grpc.max_reconnect_backoff_ms": 2000})
         self._closed = False
         try:
             await self._call(self._client.connect())

@@ -28,7 +28,6 @@ OUTAGE_S = 30
 
 
 def until(predicate, timeout=30.0, what="condition"):
-    print("UNTIL", what, time.strftime("%X"), flush=True)
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -154,7 +153,6 @@ def test_etcd_outage_keeps_enforcement_reports_degraded_and_resyncs(lab, shared_
     ipcaches = {n: _bpf_ipcache(lab, n) for n in agents}
     ids_before = check_identities_unique(lab)
     web2_ip = lab.pod("web2")["ip"]
-    print("STOP", time.strftime("%X"))
     lab.kvstore_stop()
     try:
         for name, client in agents.items():
@@ -174,9 +172,7 @@ def test_etcd_outage_keeps_enforcement_reports_degraded_and_resyncs(lab, shared_
         for name in ("node1", "node3"):
             assert _bpf_ipcache(lab, name) == ipcaches[name]
     finally:
-        print("START", time.strftime("%X"))
         lab.kvstore_start()
-        print("STARTED", time.strftime("%X"))
     for name, client in agents.items():
         until(lambda c=client: c.get("/v1/status")["kvstore"].get("cluster") == "ok",
               what=f"{name} recovered")
