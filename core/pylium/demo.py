@@ -85,19 +85,10 @@ class Story:
             raise StoryError(f"`{shown}` failed with exit code {proc.returncode}")
         return proc
 
-    def has_command(self, *words: str) -> bool:
-        proc = subprocess.run([PYLIUM, *words, "--help"], capture_output=True, text=True,
-                              env=ENV, check=False)
-        return proc.returncode == 0
-
     def expect(self, ok: bool, what: str) -> None:
         print(("   \033[32m✔ " if ok else "   \033[31m✘ ") + what + "\033[0m", flush=True)
         if not ok:
             self.failures.append(what)
-
-    def lack(self, what: str) -> None:
-        print(f"   \033[33mMISSING: {what}\033[0m", flush=True)
-        self.missing.append(what)
 
 
 class StoryError(Exception):
@@ -109,32 +100,11 @@ def _land(story: Story, ship: str, ip: str) -> subprocess.CompletedProcess:
                      f"http://{ip}{LANDING}")
 
 
-def _import_policy(story: Story, path: Path) -> None:
-    if story.has_command("policy", "import"):
-        story.run("policy", "import", str(path), check=True)
-        return
-    story.lack("`pylium policy import` (the policy engine's CLI); importing through the "
-               "agent API (POST /v1/policy) instead")
-    from pylium.cli.client import AgentClient
-
-    result = AgentClient(SOCKET).post("/v1/policy", {"text": path.read_text(),
-                                                     "name": path.name})
-    print(f"   imported {[p['name'] for p in result['imported']]} "
-          f"(revision {result['revision']})")
-
-
-def _start_monitor(story: Story) -> subprocess.Popen | None:
-    if not story.has_command("monitor"):
-        story.lack("`pylium monitor` (the datapath's event stream CLI); showing drops with "
-                   "`pylium observe --verdict DROPPED` instead")
-        return None
+def _start_monitor() -> subprocess.Popen:
     print("$ pylium monitor --type drop   (in the background)", flush=True)
-    argv = [PYLIUM, "monitor"]
-    if "--type" in subprocess.run([PYLIUM, "monitor", "--help"], capture_output=True,
-                                  text=True, env=ENV, check=False).stdout:
-        argv += ["--type", "drop"]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=ENV, start_new_session=True)
+    return subprocess.Popen([PYLIUM, "monitor", "--type", "drop"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=ENV,
+                            start_new_session=True)
 
 
 def _stop_monitor(proc: subprocess.Popen) -> str:
@@ -167,9 +137,9 @@ def tell(story: Story) -> None:
     story.say(f"3. Import {RULE1}: only the empire may reach the deathstar on TCP/80")
     rule1 = _rule1_path()
     print(rule1.read_text().rstrip())
-    _import_policy(story, rule1)
+    story.run("policy", "import", str(rule1), check=True)
     time.sleep(0.5)  # regeneration is asynchronous to the import
-    monitor = _start_monitor(story)
+    monitor = _start_monitor()
     time.sleep(1.0)
     proc = _land(story, "tiefighter", deathstar)
     story.expect(proc.returncode == 0 and "Ship landed" in proc.stdout,
@@ -179,17 +149,21 @@ def tell(story: Story) -> None:
                  f"xwing (org=alliance) is dropped: curl timed out (exit {proc.returncode})")
 
     story.say("4. The evidence")
-    if monitor is not None:
-        out = _stop_monitor(monitor)
-        drops = [line for line in out.splitlines()
-                 if deathstar in line and ("drop" in line.lower() or "denied" in line.lower())]
-        print("   pylium monitor saw:")
-        print("\n".join(f"   | {line}" for line in (drops or out.splitlines())[-8:]))
-        story.expect(bool(drops), "pylium monitor shows the xwing's packets dropped by policy")
-    else:
-        proc = story.run("observe", "--verdict", "DROPPED", "--to-pod", "default/deathstar",
-                         "--last", "5")
-        story.expect("xwing" in proc.stdout, "the flow log shows the xwing dropped")
+    out = _stop_monitor(monitor)
+    drops = [line for line in out.splitlines()
+             if deathstar in line and ("drop" in line.lower() or "denied" in line.lower())]
+    print("   pylium monitor saw:")
+    print("\n".join(f"   | {line}" for line in (drops or out.splitlines())[-8:]))
+    story.expect(bool(drops), "pylium monitor shows the xwing's packets dropped by policy")
+    proc = story.run("observe", "--verdict", "DROPPED", "--to-pod", "default/deathstar",
+                     "--last", "3", "-o", "compact")
+    story.expect("xwing" in proc.stdout and "DROPPED" in proc.stdout,
+                 "pylium observe (Hubble-style flows) shows xwing -> deathstar DROPPED")
+    proc = story.run("policy", "trace", "--src", "org=alliance,class=xwing", "--dst",
+                     "org=empire,class=deathstar", "--dport", "80", "--datapath")
+    story.expect(proc.returncode == 0 and "Verdict:  denied" in proc.stdout
+                 and "Datapath: denied (agrees" in proc.stdout,
+                 "policy trace: the reference evaluator and the loaded BPF program both deny")
     proc = story.run("bpf", "metrics", "list")
     denied = [line for line in proc.stdout.splitlines() if "policy denied" in line.lower()]
     story.expect(bool(denied), "bpf metrics count the 'Policy denied' drops")

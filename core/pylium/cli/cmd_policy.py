@@ -45,7 +45,9 @@ def _trace_text(data) -> str:
             d = dp.get(side)
             if d is not None:
                 reason = f", {d['drop_reason_desc']}" if d.get("drop_reason_desc") else ""
-                lines.append(f"  {side} program of endpoint {d['endpoint']}: {d['action']}"
+                action = ("forwarded (bpf_redirect to the peer)" if d["action"] == "redirected"
+                          else d["action"])
+                lines.append(f"  {side} program of endpoint {d['endpoint']}: {action}"
                              f" (verdict {d['verdict']}, conntrack {d['ct']}{reason})")
         for note in dp.get("notes", []):
             lines.append(f"  note: {note}")
