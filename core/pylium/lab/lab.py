@@ -142,6 +142,13 @@ class Lab:
             raise UserError(f"--demo: unknown demo {demo!r} (known: {', '.join(DEMOS)})")
         if kvstore not in KVSTORES:
             raise UserError(f"--kvstore: {kvstore!r} is not one of {', '.join(KVSTORES)}")
+        if routing is not None:
+            from pylium.plugins import make_plugin_manager
+
+            modes = make_plugin_manager().capabilities("routing")
+            if routing not in modes:
+                raise UserError(f"--routing: {routing!r} is not an installed routing mode "
+                                f"(installed: {', '.join(modes)})")
         state: dict[str, Any] = {"name": self.name, "netns": [], "nodes": [], "pods": [],
                                  "processes": [], "paths": [], "symlink": None}
         settings = dict(agent_settings or {})

@@ -142,8 +142,9 @@ async def start(daemon) -> Routing:
     record = daemon.plugins.select("routing", cfg.routing_mode)
     options = cfg.plugin_options.get(record.name, {})
     context = await asyncio.to_thread(_context, daemon, record.name)
-    if record.name != "local":
-        await asyncio.to_thread(_reset_previous_mode, context.datapath, context.underlay_ifname)
+    # what a previous mode left must not carry traffic; "local" never touches interfaces
+    await asyncio.to_thread(_reset_previous_mode, context.datapath,
+                            context.underlay_ifname if record.name != "local" else "")
     try:
         backend = record.backend(context, options)
         await asyncio.to_thread(backend.setup_node, context.node)
