@@ -9,14 +9,20 @@ Layout under `pylium/state/identities/v1/` (Cilium's kvstore allocator, simplifi
                        takes the winner's number);
 * `refs/<number>/<node>` → empty, written under the node's lease: which nodes use it.
 
-`release` drops the node's reference; `collect_garbage` deletes numbers nobody references
-(value key first, so no new user can find it, then a re-check of the references). An
-allocation that raced with garbage collection notices it (the value key no longer names
-its number) and drops the reference it just wrote before trying again, so no reference is
-left on a number that lost its label set. `restore` puts back the keys of an identity this
-node still uses after they were lost (its lease expired during a KV-store outage and
-another node collected the number): same number, or — if the label set got a new number
-meanwhile — the caller learns that number."""
+`release` drops the node's reference; `collect_garbage` deletes numbers nobody references.
+
+Why garbage collection cannot delete a number in use (the fence): an allocation writes its
+reference first and then *touches* `id/<number>` (a compare-and-swap that rewrites the same
+label set, bumping its mod revision); it only returns the number once the touch succeeded.
+The collector lists `id/` first, then the references, and deletes `id/<number>` only by
+compare-and-delete at the revision it listed. So either the touch came before the
+collector's listing — then the reference did too and the collector sees it — or after it —
+then the collector's delete fails — or the collector deleted first — then the touch fails
+and the allocation starts over. Index entries (`value/`) naming a deleted number are
+dropped by whoever finds them. `restore` puts back the keys of an identity this node still
+uses after they were lost (its lease expired during a KV-store outage and another node
+collected the number): same number, or — if the label set got a new number meanwhile — the
+caller learns that number."""
 
 from __future__ import annotations
 
@@ -88,23 +94,36 @@ class IdentityAllocator:
             item = await self.kvstore.get(value_key)
             if item is None:
                 number = await self._claim_number(labels)
+                await self._ref(number)
+                if not await self._touch(number, labels):
+                    await self.release(number)  # collected before we fenced it: again
+                    continue
                 if await self.kvstore.create(value_key, str(number).encode()):
-                    await self._ref(number)
                     return Identity(number, labels)
                 # another node won the label set: give our number back, use theirs
+                await self.release(number)
                 await self._drop_id(number)
                 continue
             number = int(item.value)
             await self._ref(number)
-            # the number may have been garbage-collected between our read and our ref
-            again = await self.kvstore.get(value_key)
-            if again is not None and int(again.value) == number:
-                if await self.kvstore.get(f"{ID_PREFIX}{number}") is not None:
-                    return Identity(number, labels)
-                # two collectors raced: the index names a deleted number; drop the index
-                await self.kvstore.compare_and_delete(value_key, again.mod_revision)
+            if await self._touch(number, labels):
+                return Identity(number, labels)
+            # the index names a number that was collected (or reused): drop the index
+            await self.kvstore.compare_and_delete(value_key, item.mod_revision)
             await self.release(number)  # no reference may outlive the number's label set
         raise AllocationError(f"could not allocate an identity for {labels!r}")
+
+    async def _touch(self, number: int, labels: LabelSet) -> bool:
+        """Bump `id/<number>`'s revision if it still names `labels` (the fence against a
+        concurrent garbage collection, see the module docstring); False if it does not."""
+        key = f"{ID_PREFIX}{number}"
+        for _attempt in range(64):
+            held = await self.kvstore.get(key)
+            if held is None or decode_labels(held.value) != labels:
+                return False
+            if await self.kvstore.compare_and_swap(key, held.mod_revision, held.value):
+                return True
+        raise AllocationError(f"identity {number} keeps changing; giving up")
 
     async def _claim_number(self, labels: LabelSet) -> int:
         used = {int(i.key[len(ID_PREFIX):]) for i in await self.kvstore.list(ID_PREFIX)}
@@ -135,13 +154,12 @@ class IdentityAllocator:
             return identity
         labels = LabelSet(identity.labels)
         value_key = _value_key(labels)
-        id_key = f"{ID_PREFIX}{identity.id}"
-        await self.kvstore.create(id_key, encode_labels(labels))
-        held = await self.kvstore.get(id_key)
-        if held is None or decode_labels(held.value) != labels:
-            # the number went to another label set while we were away
-            return await self.allocate(labels)
+        await self.kvstore.create(f"{ID_PREFIX}{identity.id}", encode_labels(labels))
         await self._ref(identity.id)
+        if not await self._touch(identity.id, labels):
+            # the number went to another label set while we were away
+            await self.release(identity.id)
+            return await self.allocate(labels)
         if not await self.kvstore.create(value_key, str(identity.id).encode()):
             item = await self.kvstore.get(value_key)
             if item is not None and int(item.value) != identity.id:
@@ -164,21 +182,21 @@ class IdentityAllocator:
 
     async def collect_garbage(self, only: set[int] | None = None) -> list[int]:
         """Delete identities no node references (of `only`, if given); returns the numbers
-        deleted. Safe while other nodes allocate or collect at the same time."""
-        deleted: list[int] = []
+        deleted. Safe while other nodes allocate or collect at the same time: `id/` is
+        listed before the references and deleted only at the revision listed (the fence in
+        the module docstring)."""
+        identities = await self.kvstore.list(ID_PREFIX)
         referenced = await self.all_references()
-        for identity in await self.list():
-            if identity.id in referenced or (only is not None and identity.id not in only):
+        deleted: list[int] = []
+        for item in identities:
+            number = int(item.key[len(ID_PREFIX):])
+            if number in referenced or (only is not None and number not in only):
                 continue
-            value_key = _value_key(identity.labels)
-            item = await self.kvstore.get(value_key)
-            if item is not None and int(item.value) == identity.id:
-                if not await self.kvstore.compare_and_delete(value_key, item.mod_revision):
-                    continue
-            if await self.references(identity.id):
-                # someone started using it while we deleted: put the index back
-                await self.kvstore.create(value_key, str(identity.id).encode())
-                continue
-            await self._drop_id(identity.id)
-            deleted.append(identity.id)
+            if not await self.kvstore.compare_and_delete(item.key, item.mod_revision):
+                continue  # touched (someone started using it) or collected by another node
+            deleted.append(number)
+            value_key = _value_key(decode_labels(item.value))
+            index = await self.kvstore.get(value_key)
+            if index is not None and int(index.value) == number:
+                await self.kvstore.compare_and_delete(value_key, index.mod_revision)
         return deleted
