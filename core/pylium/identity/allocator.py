@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from urllib.parse import quote
 
 from pylium.api.kvstore import KVStore, Lease
@@ -40,6 +41,8 @@ IDENTITY_PREFIX = "pylium/state/identities/v1/"
 ID_PREFIX = IDENTITY_PREFIX + "id/"
 VALUE_PREFIX = IDENTITY_PREFIX + "value/"
 REFS_PREFIX = IDENTITY_PREFIX + "refs/"
+#: how many free numbers a claim that lost a race picks from at random
+CLAIM_SPREAD = 64
 
 
 class AllocationError(RuntimeError):
@@ -126,16 +129,26 @@ class IdentityAllocator:
         raise AllocationError(f"identity {number} keeps changing; giving up")
 
     async def _claim_number(self, labels: LabelSet) -> int:
+        """The lowest free number; after losing a race for one, a random one among the
+        next free ones (many nodes allocating at once would otherwise all fight over the
+        same lowest number, one winner per round)."""
         used = {int(i.key[len(ID_PREFIX):]) for i in await self.kvstore.list(ID_PREFIX)}
-        number = self.min_id
         encoded = encode_labels(labels)
-        while number <= self.max_id:
-            if number not in used:
-                if await self.kvstore.create(f"{ID_PREFIX}{number}", encoded):
-                    return number
-                used.add(number)  # someone took it meanwhile
-            number += 1
-        raise AllocationError("identity space exhausted")
+        collisions = 0
+        while True:
+            free = []
+            number = self.min_id
+            while number <= self.max_id and len(free) < CLAIM_SPREAD:
+                if number not in used:
+                    free.append(number)
+                number += 1
+            if not free:
+                raise AllocationError("identity space exhausted")
+            number = free[0] if not collisions else random.choice(free)
+            if await self.kvstore.create(f"{ID_PREFIX}{number}", encoded):
+                return number
+            used.add(number)  # someone took it meanwhile
+            collisions += 1
 
     async def _drop_id(self, number: int) -> None:
         item = await self.kvstore.get(f"{ID_PREFIX}{number}")
