@@ -12,10 +12,12 @@ Topology (for lab name `pyl`; every name starts with the lab name, so labs never
 The world namespace stands for "outside the cluster": nodes route there by default and it
 routes each node's pod CIDR back to that node. Traffic never leaves namespaces the lab made;
 the root namespace's interfaces and routes are not touched. The underlay bridge is where the
-routing-mode plugins (native routes, VXLAN, Geneve) will carry pod traffic between nodes;
-with one node nothing crosses it but world traffic. The world does not forward between
-nodes, so with `--nodes 2` and no routing mode, pods on different nodes do not reach each
-other (each node's pods do reach the world, and the world reaches them).
+routing mode (`--routing vxlan|geneve|native`) carries pod traffic between nodes; with one
+node nothing crosses it but world traffic. The world does not forward between nodes, so
+with `--nodes 2` and no routing mode, pods on different nodes do not reach each other (each
+node's pods do reach the world, and the world reaches them). With a routing mode, agents
+learn the other nodes and their pods from the shared KV store (the cluster component);
+agents without one get static entries from the lab (`/v1/routing/nodes`, `/ipcache`).
 
 Every resource is written to the lab's state file before it is created, so `down` removes
 exactly what `up` made, even after an `up` that failed half way."""
