@@ -91,6 +91,11 @@ def test_nodes_register_and_remote_endpoints_reach_every_bpf_ipcache(lab):
                           "json"], capture_output=True, text=True, check=True).stdout
     assert sorted(n["pod_cidr"] for n in json.loads(out)) == [
         "10.200.1.0/24", "10.200.2.0/24", "10.200.3.0/24"]
+    table = subprocess.run([PYLIUM, "-H", lab.node("node2")["socket"], "node", "list"],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert table[0].split()[:3] == ["NAME", "IPV4", "ADDRESS"]
+    assert [line.split()[0] for line in table[1:]] == ["node1", "node2", "node3"]
+    assert table[2].split()[-1] == "local" and table[1].split()[-1] == "kvstore"
     web2, db3 = lab.pod("web2"), lab.pod("db3")
     for client in agents.values():
         until(lambda c=client: ipcache_in_sync(c), what="ipcache in sync")
@@ -98,8 +103,18 @@ def test_nodes_register_and_remote_endpoints_reach_every_bpf_ipcache(lab):
     rows = _bpf_ipcache(lab, "node1")
     assert rows[f"{db3['ip']}/32"]["tunnel_endpoint"] == "192.168.100.13"
     assert rows[f"{web2['ip']}/32"]["tunnel_endpoint"] == "192.168.100.12"
-    assert rows[f"{db3['ip']}/32"]["identity"] == lab.client("node3").get(
-        "/v1/endpoint")[0]["identity"]
+    db3_identity = lab.client("node3").get("/v1/endpoint")[0]["identity"]
+    assert rows[f"{db3['ip']}/32"]["identity"] == db3_identity
+    # cluster-wide identities, with the nodes that use them
+    out = subprocess.run([PYLIUM, "-H", lab.node("node1")["socket"], "node", "identities",
+                          "-o", "json"], capture_output=True, text=True, check=True).stdout
+    refs = {i["id"]: i["references"] for i in json.loads(out)}
+    assert refs[db3_identity] == ["node3"]
+    assert "k8s:app=db" in {lab_id["id"]: " ".join(lab_id["labels"]) for lab_id in
+                            agents["node1"].get("/v1/identity")}[db3_identity]
+    text = subprocess.run([PYLIUM, "-H", lab.node("node3")["socket"], "status"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "KVStore:       etcd  Ok" in text and "(cluster state: ok)" in text
 
 
 def _bpf_ipcache(lab, node):
