@@ -168,6 +168,17 @@ def test_label_policy_denies_exactly_one_cross_node_pair(cluster, tmp_path):
         drops = [m for m in lab.client("node2").get("/v1/bpf/metrics")
                  if m["reason"] == 181 and m["direction"] == "ingress"]
         assert drops and drops[0]["packets"] >= 1
+        # Where the receiver takes the sender's identity from: node2's ipcache now lies that
+        # p1's address is p2. Overlays still deny (the VNI says p1); native routing, which
+        # knows senders only by address, now lets p1 in.
+        node2 = lab.client("node2")
+        p1, p2 = lab.pod("p1"), lab.pod("p2")
+        entry = {"cidr": f"{p1['ip']}/32", "tunnel_endpoint": lab.node("node1")["ip"]}
+        node2.put("/v1/routing/ipcache", {**entry, "identity": p2["identity"]})
+        try:
+            assert _ping(lab, "p1", "p3", count=2) is (mode == "native")
+        finally:
+            node2.put("/v1/routing/ipcache", {**entry, "identity": p1["identity"]})
     finally:
         for pylium in agents:
             subprocess.run([*pylium, "policy", "delete", "routing-deny-p1-p3"],
