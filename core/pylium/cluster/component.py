@@ -122,6 +122,13 @@ class Cluster:
         self.gc = IdentityCollector(identities.allocator) if identities is not None else None
         self._events = _EndpointEvents(self)
         self._tasks: list[asyncio.Task] = []
+        if identities is not None and hasattr(identities, "retry_releases"):
+            self.session.on_resync(self._retry_releases)
+
+    async def _retry_releases(self) -> None:
+        released = await self.daemon.components["identity"].retry_releases()
+        if released:
+            log.info("released identity references an outage had kept: %s", released)
 
     # node events -----------------------------------------------------------------------------
     def _routing(self):
@@ -168,6 +175,7 @@ class Cluster:
             if not self.session.healthy:
                 continue
             try:
+                await self.daemon.components["identity"].retry_releases()
                 await self.gc.run_once()
             except KVStoreUnavailable as exc:
                 log.info("identity gc skipped: %s", exc)

@@ -8,7 +8,7 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
-from pylium.api.kvstore import KVStore, Lease
+from pylium.api.kvstore import KVStore, KVStoreUnavailable, Lease
 from pylium.identity.allocator import ID_PREFIX, IdentityAllocator, decode_labels
 from pylium.identity.cache import IdentityCache
 from pylium.identity.labels import LabelSet
@@ -25,6 +25,8 @@ class IdentityManager:
         #: identity number → how many local users (endpoints) hold it
         self._local_refs: dict[int, int] = {}
         self._watch_task: asyncio.Task | None = None
+        #: numbers whose release failed because the store was down
+        self.pending_releases: set[int] = set()
 
     async def sync(self) -> int:
         """Load every allocated identity; returns the store revision read at."""
@@ -50,7 +52,23 @@ class IdentityManager:
             self._local_refs[number] = count
             return
         self._local_refs.pop(number, None)
-        await self.allocator.release(number)
+        try:
+            await self.allocator.release(number)
+        except KVStoreUnavailable:
+            # the store is down: drop the reference once it is back (`retry_releases`),
+            # or it would keep the number from garbage collection for as long as we live
+            self.pending_releases.add(number)
+            raise
+
+    async def retry_releases(self) -> list[int]:
+        """Release references a KV-store outage kept (unless used again meanwhile)."""
+        done = []
+        for number in sorted(self.pending_releases):
+            if number not in self._local_refs:
+                await self.allocator.release(number)
+            self.pending_releases.discard(number)
+            done.append(number)
+        return done
 
     def referenced(self) -> list[Identity]:
         """Identities this node holds references to."""

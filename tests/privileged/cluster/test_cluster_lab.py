@@ -168,6 +168,7 @@ def test_etcd_outage_keeps_enforcement_reports_degraded_and_resyncs(lab, shared_
     ipcaches = {n: _bpf_ipcache(lab, n) for n in agents}
     ids_before = check_identities_unique(lab)
     web2_ip = lab.pod("web2")["ip"]
+    web2_identity = agents["node2"].get("/v1/endpoint/web2")["identity"]
     lab.kvstore_stop()
     try:
         for name, client in agents.items():
@@ -197,6 +198,10 @@ def test_etcd_outage_keeps_enforcement_reports_degraded_and_resyncs(lab, shared_
         until(lambda c=client: ipcache_in_sync(c), what=f"{name} ipcache == store")
         assert f"{web2_ip}/32" not in _bpf_ipcache(lab, name), "stale entry after outage"
     assert not [i for i in kv_list(lab, "pylium/state/ip/v1/") if web2_ip in i["key"]]
+    # the reference the outage kept is dropped, and nobody else uses web2's identity: it is
+    # collected (two gc passes, 2 s apart)
+    until(lambda: web2_identity not in check_identities_unique(lab), timeout=30,
+          what="web2's identity collected")
     ids_after = check_identities_unique(lab)
     # nothing in use was lost: every identity before the outage is still there
     in_use = {e["identity"] for n in agents.values() for e in n.get("/v1/endpoint")}
