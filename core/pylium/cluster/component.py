@@ -3,8 +3,9 @@ endpoints and keeps remote ones in the BPF ipcache, and collects unused identiti
 
 Options (`plugin_options: {cluster: {...}}` in the agent config):
   `lease_ttl`            seconds the node's lease lives without keepalive (default 15); a
-                         node killed without cleanup disappears from the others this long
-                         after its last keepalive
+                         node killed without cleanup disappears from the others (node
+                         entry, endpoints, identity references) this long after its last
+                         keepalive
   `identity_gc_interval` seconds between identity garbage collections (default 60); an
                          identity is deleted when no node referenced it in two runs in a
                          row
@@ -125,6 +126,19 @@ class Cluster:
         if identities is not None and hasattr(identities, "retry_releases"):
             self.session.on_resync(self._retry_releases)
 
+    async def _adopt_identity_references(self, lease) -> None:
+        """This node's identity references live under the node's cluster lease: one lease
+        per node, so a dead node's references go with its node entry and endpoints."""
+        manager = self.daemon.components["identity"]
+        manager.lease_owner = "cluster"
+        manager.allocator.lease = lease
+        for identity in manager.referenced():
+            restored = await manager.allocator.restore(identity)
+            if restored.id != identity.id:
+                log.error("identity %d of %s was lost and is now %d; endpoints keep the "
+                          "old number until regenerated", identity.id, identity.labels,
+                          restored.id)
+
     async def _retry_releases(self) -> None:
         released = await self.daemon.components["identity"].retry_releases()
         if released:
@@ -185,6 +199,9 @@ class Cluster:
     # lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         await self.session.open()
+        if self.gc is not None:
+            await self._adopt_identity_references(self.session.lease)
+            self.session.on_new_lease(self._adopt_identity_references)
         local = self._local_endpoints()
         if local:
             self.ipcache.replace_local(local)

@@ -17,6 +17,8 @@ LEASE_TTL = 60.0
 async def _keepalive(daemon, manager: IdentityManager) -> None:
     while True:
         await asyncio.sleep(LEASE_TTL / 3)
+        if manager.lease_owner != "identity":
+            return  # the cluster component moved the references onto the node's lease
         try:
             if not await daemon.kvstore.keepalive(manager.allocator.lease):
                 log.warning("identity lease expired; taking a new one")

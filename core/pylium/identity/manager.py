@@ -27,6 +27,9 @@ class IdentityManager:
         self._watch_task: asyncio.Task | None = None
         #: numbers whose release failed because the store was down
         self.pending_releases: set[int] = set()
+        #: who keeps `allocator.lease` alive: this component, or "cluster" once the node's
+        #: cluster lease carries the references
+        self.lease_owner = "identity"
 
     async def sync(self) -> int:
         """Load every allocated identity; returns the store revision read at."""
