@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 import aetcd
 import aetcd.exceptions as etcd_errors
+import aetcd.watcher as aetcd_watcher
 from aetcd import rpc
 from aetcd.rtypes import EventKind
 from pylium.api import KVStore
@@ -98,6 +99,35 @@ def _grpc_target(endpoints: list[tuple[str, int]]) -> tuple[str, int]:
 def _item(kv) -> KVItem:
     return KVItem(key=kv.key.decode(), value=bytes(kv.value), mod_revision=kv.mod_revision,
                   create_revision=kv.create_revision, lease=kv.lease)
+
+
+class _Misrouted(Exception):
+    """A watch delivered an event for a key outside its range."""
+
+
+class _WatchStream:
+    """The events of one watch on its own aetcd `Watcher` (one gRPC stream)."""
+
+    def __init__(self, watcher: aetcd_watcher.Watcher):
+        self.watcher = watcher
+        self.events: asyncio.Queue = asyncio.Queue()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        item = await self.events.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item is None:
+            raise etcd_errors.ClientError("watch stream ended")
+        return item
+
+    async def close(self) -> None:
+        try:
+            await self.watcher.shutdown()
+        except Exception:
+            log.debug("closing an etcd watch stream failed", exc_info=True)
 
 
 class EtcdKVStore(KVStore):
@@ -266,16 +296,17 @@ class EtcdKVStore(KVStore):
         resume_revision, delivered = after_revision + 1, set()
         failures = 0
         while True:
-            watch = None
+            stream = None
             try:
-                watch = await self.client.watch(key, range_end=range_end,
-                                                start_revision=resume_revision)
+                stream = await self._open_watch(key, range_end, resume_revision)
                 if failures:
                     log.info("etcd watch of %r resumed at revision %d after %d failed "
                              "attempts", prefix, resume_revision, failures)
                     failures = 0
-                async for event in watch:
+                async for event in stream:
                     kv = event.kv
+                    if not (kv.key >= key and (range_end == b"\0" or kv.key < range_end)):
+                        raise _Misrouted(f"event for {kv.key!r} outside the watched range")
                     if kv.mod_revision == resume_revision and kv.key in delivered:
                         continue  # replayed after a reconnect
                     if kv.mod_revision != resume_revision:
@@ -289,7 +320,7 @@ class EtcdKVStore(KVStore):
                 raise KVStoreCompacted(
                     f"cannot resume etcd watch of {prefix!r} at revision {resume_revision}: "
                     f"compacted up to {exc.compacted_revision}") from None
-            except (etcd_errors.ClientError, TimeoutError) as exc:
+            except (etcd_errors.ClientError, rpc.AioRpcError, TimeoutError, _Misrouted) as exc:
                 if self._closed:
                     raise KVStoreUnavailable(f"etcd kvstore ({self.where}) was closed") from None
                 failures += 1
@@ -297,14 +328,30 @@ class EtcdKVStore(KVStore):
                     "etcd watch of %r broke (%s); resuming at revision %d", prefix,
                     self._unavailable(exc), resume_revision)
             finally:
-                if watch is not None and not self._closed:
-                    try:
-                        await watch.cancel()
-                    except Exception:
-                        log.debug("cancelling etcd watch failed", exc_info=True)
+                if stream is not None:
+                    await stream.close()
             if self._closed:
                 raise KVStoreUnavailable(f"etcd kvstore ({self.where}) was closed")
             await asyncio.sleep(self.retry_interval)
+
+    async def _open_watch(self, key: bytes, range_end: bytes,
+                          start_revision: int) -> _WatchStream:
+        """One watch on its own gRPC stream. aetcd multiplexes every watch of a client on one
+        stream and binds a "created" answer to whichever watch is being created at that
+        moment: a watch cancelled (or timed out) while being created can leave another
+        watch receiving its events — seen after etcd outages, when watches are re-created
+        at once. A stream per watch cannot mix watches up."""
+        client = self.client
+        stream = _WatchStream(aetcd_watcher.Watcher(rpc.WatchStub(client.channel),
+                                                    timeout=self.timeout,
+                                                    metadata=client.metadata))
+        try:
+            await stream.watcher.add_callback(key, stream.events.put, range_end=range_end,
+                                              start_revision=start_revision)
+        except BaseException:
+            await stream.close()
+            raise
+        return stream
 
     # leases ------------------------------------------------------------------------------
     async def grant_lease(self, ttl: float) -> Lease:
