@@ -123,11 +123,14 @@ def _bpf_ipcache(lab, node):
     return {r["cidr"]: r for r in json.loads(out)}
 
 
-def test_200_concurrent_allocations_from_three_agents_give_one_identity_per_label_set(lab):
-    agents = list(clients(lab).values())
-    label_sets = [[f"app=svc{i % 40}", f"tier=t{i % 3}"] for i in range(60)]
-    rng = random.Random(5)
-    jobs = [(agents[i % 3], rng.choice(label_sets)) for i in range(200)]
+@pytest.mark.parametrize("count", [2, 3])
+def test_200_concurrent_allocations_from_several_agents_give_one_identity_per_label_set(
+        lab, count):
+    agents = list(clients(lab).values())[:count]
+    label_sets = [[f"app=svc{i % 40}", f"tier=t{i % 3}", f"agents={count}"]
+                  for i in range(60)]
+    rng = random.Random(count)
+    jobs = [(agents[i % count], rng.choice(label_sets)) for i in range(200)]
 
     def allocate(job):
         client, labels = job
