@@ -17,7 +17,7 @@ import logging
 from typing import Any, Protocol
 
 from pylium.api import NodeInfo
-from pylium.api.kvstore import KVStore, KVStoreUnavailable, Lease
+from pylium.api.kvstore import KVStore, KVStoreUnavailable, Lease, LeaseNotFound
 from pylium.cluster.mirror import PrefixMirror
 from pylium.cluster.session import ClusterSession
 
@@ -149,7 +149,8 @@ class IPCacheSync:
             await self._dirty.wait()
             try:
                 await self.flush()
-            except KVStoreUnavailable:
+            except (KVStoreUnavailable, LeaseNotFound):
+                # the session notices too: it renews the lease and republishes
                 self.publish_errors += 1
                 await asyncio.sleep(self.retry_interval)
             except Exception:

@@ -77,14 +77,21 @@ class ClusterSession:
         """One keepalive; handles expiry, outage and recovery. True if the store answered."""
         try:
             async with asyncio.timeout(max(self.probe_interval * 3, 2.0)):
-                alive = await self.kvstore.keepalive(self.lease)
-                if not alive:
+                if not await self.kvstore.keepalive(self.lease):
                     await self._renew()
-        except (KVStoreUnavailable, LeaseNotFound, TimeoutError, OSError) as exc:
+            if self.state != OK:
+                await self._recover()
+        except LeaseNotFound:
+            # the lease ran out between the keepalive and a write (e.g. while the store
+            # restarted): take a new one now, the next probe recovers
+            try:
+                await self._renew()
+            except (KVStoreUnavailable, LeaseNotFound, TimeoutError, OSError) as exc:
+                self._degraded(str(exc) or type(exc).__name__)
+            return False
+        except (KVStoreUnavailable, TimeoutError, OSError) as exc:
             self._degraded(str(exc) or type(exc).__name__)
             return False
-        if self.state != OK:
-            await self._recover()
         return self.state == OK
 
     async def _renew(self) -> None:
@@ -110,6 +117,10 @@ class ClusterSession:
             await self._run_resyncers()
         except (KVStoreUnavailable, TimeoutError, OSError) as exc:
             self._degraded(str(exc) or type(exc).__name__)
+            return
+        except Exception:
+            # a resyncer's own bug must not stop the session: stay degraded, retry next probe
+            log.exception("cluster resync failed")
             return
         log.info("kvstore reachable again after %.1fs: cluster state resynced",
                  time.time() - self.since)
