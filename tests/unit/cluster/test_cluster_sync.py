@@ -211,3 +211,27 @@ def test_etcd_outage_degrades_then_resyncs_without_stale_entries(etcd_server, tm
                 etcd_server.start()
             await _close([a, b, c])
     run(go())
+
+
+def test_a_lost_lease_is_replaced_and_everything_republished(open_store):
+    """The node's lease ends under it (expired during a long outage, revoked by an
+    operator): the others drop the node, then it takes a new lease, rewrites its node entry
+    and endpoints, and the others add it back."""
+    async def go():
+        a, b = await _nodes(open_store, 2)
+        try:
+            a.ipcache.set_local("10.77.1.44", 900, "default/p")
+            await until(lambda: "10.77.1.44/32" in _remote(b), what="a's endpoint at b")
+            old = a.session.lease
+            await b.kvstore.revoke_lease(old)
+            await until(lambda: a.info.name not in b.registry.nodes or
+                        a.session.lease_renewals, what="a gone or renewed")
+            await until(lambda: a.session.lease_renewals == 1, what="a renews its lease")
+            assert a.session.lease.id != old.id
+            await until(lambda: a.info.name in b.registry.nodes
+                        and "10.77.1.44/32" in _remote(b), what="a back at b")
+            item = await b.kvstore.get(IP_PREFIX + "10.77.1.44")
+            assert item is not None and item.lease == a.session.lease.id
+        finally:
+            await _close([a, b])
+    run(go())
