@@ -69,6 +69,11 @@ class IdentityAllocator:
         self.lease = lease
         self.min_id = min_id
         self.max_id = max_id
+        #: numbers this node holds (allocated or restored, not released) and allocations in
+        #: flight per number: one reference key stands for all of them, so undoing a failed
+        #: attempt must not delete the key another use of the same number still needs
+        self._held: set[int] = set()
+        self._in_flight: dict[int, int] = {}
 
     async def lookup(self, labels: LabelSet) -> Identity | None:
         item = await self.kvstore.get(_value_key(LabelSet(labels)))
@@ -85,6 +90,25 @@ class IdentityAllocator:
     async def _ref(self, number: int) -> None:
         await self.kvstore.put(f"{REFS_PREFIX}{number}/{self.node}", b"", lease=self.lease)
 
+    async def _attempt(self, number: int, labels: LabelSet) -> bool:
+        """Reference `number` and fence it for `labels`; on failure take the reference back
+        unless another use of the number on this node still needs it."""
+        self._in_flight[number] = self._in_flight.get(number, 0) + 1
+        try:
+            await self._ref(number)
+            if await self._touch(number, labels):
+                return True
+        finally:
+            self._in_flight[number] -= 1
+            if not self._in_flight[number]:
+                del self._in_flight[number]
+        await self._unref(number)
+        return False
+
+    async def _unref(self, number: int) -> None:
+        if number not in self._held and number not in self._in_flight:
+            await self.kvstore.delete(f"{REFS_PREFIX}{number}/{self.node}")
+
     async def allocate(self, labels: LabelSet) -> Identity:
         """The cluster-wide identity of `labels`, allocating it if new; this node now
         references it."""
@@ -97,23 +121,21 @@ class IdentityAllocator:
             item = await self.kvstore.get(value_key)
             if item is None:
                 number = await self._claim_number(labels)
-                await self._ref(number)
-                if not await self._touch(number, labels):
-                    await self.release(number)  # collected before we fenced it: again
-                    continue
+                if not await self._attempt(number, labels):
+                    continue  # collected before we fenced it: again
                 if await self.kvstore.create(value_key, str(number).encode()):
+                    self._held.add(number)
                     return Identity(number, labels)
                 # another node won the label set: give our number back, use theirs
-                await self.release(number)
+                await self._unref(number)
                 await self._drop_id(number)
                 continue
             number = int(item.value)
-            await self._ref(number)
-            if await self._touch(number, labels):
+            if await self._attempt(number, labels):
+                self._held.add(number)
                 return Identity(number, labels)
             # the index names a number that was collected (or reused): drop the index
             await self.kvstore.compare_and_delete(value_key, item.mod_revision)
-            await self.release(number)  # no reference may outlive the number's label set
         raise AllocationError(f"could not allocate an identity for {labels!r}")
 
     async def _touch(self, number: int, labels: LabelSet) -> bool:
@@ -158,7 +180,8 @@ class IdentityAllocator:
     async def release(self, identity: Identity | int) -> None:
         """This node no longer uses the identity (it stays until garbage-collected)."""
         number = identity.id if isinstance(identity, Identity) else identity
-        await self.kvstore.delete(f"{REFS_PREFIX}{number}/{self.node}")
+        self._held.discard(number)
+        await self._unref(number)
 
     async def restore(self, identity: Identity) -> Identity:
         """Re-reference an identity this node uses, re-creating its keys if they were
@@ -168,16 +191,15 @@ class IdentityAllocator:
         labels = LabelSet(identity.labels)
         value_key = _value_key(labels)
         await self.kvstore.create(f"{ID_PREFIX}{identity.id}", encode_labels(labels))
-        await self._ref(identity.id)
-        if not await self._touch(identity.id, labels):
+        if not await self._attempt(identity.id, labels):
             # the number went to another label set while we were away
-            await self.release(identity.id)
             return await self.allocate(labels)
         if not await self.kvstore.create(value_key, str(identity.id).encode()):
             item = await self.kvstore.get(value_key)
             if item is not None and int(item.value) != identity.id:
-                await self.release(identity.id)
+                await self._unref(identity.id)
                 return await self.allocate(labels)
+        self._held.add(identity.id)
         return identity
 
     async def all_references(self) -> dict[int, list[str]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from pylium.identity.allocator import ID_PREFIX, VALUE_PREFIX, IdentityAllocator
+from pylium.identity.allocator import ID_PREFIX, VALUE_PREFIX, IdentityAllocator, _value_key
 from pylium.identity.labels import LabelSet
 from pylium.identity.manager import IdentityManager
 from pylium.identity.model import IDENTITY_HOST, MIN_ALLOCATED
@@ -163,4 +163,31 @@ def test_manager_keeps_the_reference_until_the_last_local_user_releases(tmp_path
             assert await manager.allocator.references(one.id) == []
         finally:
             await a.close()
+    run(go())
+
+
+def test_a_stale_index_does_not_take_away_the_reference_of_a_number_in_use(tmp_path):
+    """A node holds number N for one label set; another label set's index still names N
+    (its old number, collected and reused). Allocating that label set must not delete the
+    node's one reference key for N, or garbage collection would take N while it is in use."""
+    async def go():
+        (store,) = await _stores(tmp_path, n=1)
+        try:
+            node = IdentityAllocator(store, "node-a")
+            old = LabelSet.parse("app=old")
+            held = LabelSet.parse("app=held")
+            first = await node.allocate(old)
+            await node.release(first)
+            assert first.id in await node.collect_garbage()
+            reused = await node.allocate(held)
+            assert reused.id == first.id
+            # the old label set's index entry, as a node that missed the collection left it
+            await store.put(_value_key(old), str(first.id).encode())
+            fresh = await node.allocate(old)
+            assert fresh.id != reused.id
+            assert await node.references(reused.id) == ["node-a"]
+            assert reused.id not in await node.collect_garbage()
+            assert (await node.get(reused.id)).labels == held
+        finally:
+            await store.close()
     run(go())
