@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 from pylium.errors import AgentUnreachable, UserError
@@ -27,14 +28,13 @@ class AgentClient:
         self.socket_path = socket_path
         self.timeout = timeout
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        conn = _UnixConnection(self.socket_path, self.timeout)
+    def _send(self, conn: _UnixConnection, method: str, path: str, body: Any = None):
+        """Send one request; connection problems become one-line `AgentUnreachable`."""
         payload = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if payload is not None else {}
         try:
             conn.request(method, path, body=payload, headers=headers)
-            response = conn.getresponse()
-            raw = response.read()
+            return conn.getresponse()
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise AgentUnreachable(
                 f"cannot reach the pylium agent at {self.socket_path}: {exc.strerror}; "
@@ -46,17 +46,56 @@ class AgentClient:
             ) from None
         except (TimeoutError, OSError) as exc:
             raise AgentUnreachable(f"agent at {self.socket_path} did not answer: {exc}") from None
+
+    @staticmethod
+    def _raise_for_status(status: int, raw: bytes) -> None:
+        if status < 400:
+            return
+        try:
+            message = json.loads(raw).get("error")
+        except (ValueError, AttributeError):
+            message = raw.decode(errors="replace")
+        raise UserError(message or f"agent answered HTTP {status}")
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            response = self._send(conn, method, path, body)
+            try:
+                raw = response.read()
+            except (TimeoutError, OSError) as exc:
+                raise AgentUnreachable(
+                    f"agent at {self.socket_path} did not answer: {exc}") from None
         finally:
             conn.close()
+        self._raise_for_status(response.status, raw)
         try:
-            data = json.loads(raw) if raw else None
+            return json.loads(raw) if raw else None
         except ValueError:
             raise AgentUnreachable(f"{self.socket_path} answered HTTP {response.status} with "
                                    "something that is not JSON: is it a pylium agent?") from None
-        if response.status >= 400:
-            message = data.get("error") if isinstance(data, dict) else raw.decode(errors="replace")
-            raise UserError(message or f"agent answered HTTP {response.status}")
-        return data
+
+    def stream(self, path: str, timeout: float | None = None) -> Iterator[Any]:
+        """GET a newline-delimited JSON response and yield its objects as they arrive
+        (chunked streams included). `timeout` bounds each wait for a line (None: forever);
+        when it runs out the stream just ends."""
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            response = self._send(conn, "GET", path)
+            if response.status >= 400:
+                self._raise_for_status(response.status, response.read())
+            if conn.sock is not None:
+                conn.sock.settimeout(timeout)
+            while True:
+                line = response.readline()
+                if not line:
+                    return
+                if line.strip():
+                    yield json.loads(line)
+        except TimeoutError:
+            return
+        finally:
+            conn.close()
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)

@@ -8,9 +8,9 @@ from urllib.parse import urlencode
 
 import click
 
-from pylium.cli.client import AgentClient, _UnixConnection, client_from
+from pylium.cli.client import AgentClient, client_from
 from pylium.cli.output import emit, make_table, output_option
-from pylium.errors import AgentUnreachable, UserError
+from pylium.errors import UserError
 
 
 def _show(value: Any) -> str:
@@ -36,35 +36,11 @@ def _event_line(event: dict) -> str:
 
 
 def _stream(client: AgentClient, path: str):
-    """Yield the JSON objects of a newline-delimited JSON response as they arrive."""
-    conn = _UnixConnection(client.socket_path, timeout=None)
-    try:
-        try:
-            conn.request("GET", path)
-            response = conn.getresponse()
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise AgentUnreachable(
-                f"cannot reach the pylium agent at {client.socket_path}: {exc.strerror}; "
-                "is `pylium agent` running?") from None
-        except PermissionError:
-            raise AgentUnreachable(
-                f"permission denied on {client.socket_path}: the agent API is root-only"
-            ) from None
-        if response.status >= 400:
-            raw = response.read()
-            try:
-                message = json.loads(raw).get("error")
-            except (ValueError, AttributeError):
-                message = raw.decode(errors="replace")
-            raise UserError(message or f"agent answered HTTP {response.status}")
-        for line in response:
-            if line.strip():
-                data = json.loads(line)
-                if "error" in data:
-                    raise UserError(data["error"])
-                yield data
-    finally:
-        conn.close()
+    """Watch events as they arrive; an error reported mid-stream ends it with that error."""
+    for data in client.stream(path):
+        if "error" in data:
+            raise UserError(data["error"])
+        yield data
 
 
 def register(cli: click.Group) -> None:

@@ -10,8 +10,8 @@ from urllib.parse import urlencode
 
 import click
 
-from pylium.cli.client import _UnixConnection, client_from
-from pylium.errors import AgentUnreachable, UserError
+from pylium.cli.client import AgentClient, _UnixConnection, client_from
+from pylium.errors import UserError
 
 #: (option, query parameter, help)
 MULTI_FILTERS = (
@@ -61,38 +61,8 @@ def build_query(options: dict) -> dict[str, list[str]]:
 
 
 def stream_lines(socket_path: str, path: str, timeout: float | None):
-    """Yield NDJSON lines from the agent as they arrive (chunked responses included)."""
-    conn = _UnixConnection(socket_path, timeout if timeout else 30.0)
-    try:
-        try:
-            conn.request("GET", path)
-            response = conn.getresponse()
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise AgentUnreachable(f"cannot reach the pylium agent at {socket_path}: "
-                                   f"{exc.strerror}; is `pylium agent` running?") from None
-        except PermissionError:
-            raise AgentUnreachable(f"permission denied on {socket_path}: the agent API is "
-                                   "root-only") from None
-        if response.status >= 400:
-            raw = response.read()
-            try:
-                message = json.loads(raw).get("error")
-            except (ValueError, AttributeError):
-                message = raw.decode(errors="replace")
-            raise UserError(message or f"agent answered HTTP {response.status}")
-        if conn.sock is not None:
-            conn.sock.settimeout(timeout)  # None while following: wait as long as it takes
-        while True:
-            line = response.readline()
-            if not line:
-                return
-            line = line.strip()
-            if line:
-                yield json.loads(line)
-    except TimeoutError:
-        return
-    finally:
-        conn.close()
+    """Yield NDJSON records from the agent as they arrive (None timeout: follow forever)."""
+    return AgentClient(socket_path).stream(path, timeout)
 
 
 TABLE_COLUMNS = ("TIMESTAMP", "SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY")
