@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from pylium.endpoint.component import served_proxy_ports
 from pylium.errors import PyliumError
 from pylium.policy.trace import TraceResult
 
@@ -67,5 +68,8 @@ async def datapath_trace(daemon, result: TraceResult) -> dict[str, Any]:
     verdict = _combine(sides)
     # the datapath cannot see HTTP: an L7 redirect is its whole answer for such a request
     expected = result.mapstate_verdict.value if query.request is not None else result.result.verdict.value
+    if expected == "redirected" and not served_proxy_ports(daemon):
+        expected = "denied"
+        notes.append("no L7 proxy runs on this node: L7 rules are enforced as deny (fail closed)")
     return {"verdict": verdict, "agrees": verdict == expected, "expected": expected,
             **sides, "notes": notes}

@@ -34,13 +34,28 @@ class IdentityAdapter:
 
 
 class PolicyAdapter:
-    """`pylium.policy.component.PolicyService`: the engine's per-identity map state."""
+    """`pylium.policy.component.PolicyService`: the engine's per-identity map state, with
+    L7 redirects that no running proxy serves turned into denies (fail closed)."""
 
-    def __init__(self, service: Any):
+    def __init__(self, service: Any, served_proxy_ports):
         self.engine = service.engine
+        self.served_proxy_ports = served_proxy_ports
 
     async def compute(self, endpoint: Endpoint) -> Any:
-        return self.engine.endpoint_policy(endpoint.identity)
+        from pylium.policy.mapstate import deny_unserved_redirects
+
+        policy, turned = deny_unserved_redirects(
+            self.engine.endpoint_policy(endpoint.identity), self.served_proxy_ports())
+        if turned:
+            ports = sorted({k.port_range[0] for k in turned})
+            log.warning("endpoint %s: L7 rules on port(s) %s are enforced as deny: no L7 "
+                        "proxy runs for them (select an L7 parser plugin)", endpoint.id, ports)
+        return policy
+
+
+def served_proxy_ports(daemon) -> set[int]:
+    """Proxy ports an L7 proxy listens on: an `l7` component publishes `proxy_ports`."""
+    return set(getattr(daemon.components.get("l7"), "proxy_ports", ()))
 
 
 class NoRulesPolicy:
@@ -91,7 +106,7 @@ async def start(daemon) -> EndpointManager:
     manager = EndpointManager(
         cfg.state_dir, ipam,
         identities=IdentityAdapter(identities) if identities is not None else None,
-        policy=(PolicyAdapter(policy) if policy is not None
+        policy=(PolicyAdapter(policy, lambda: served_proxy_ports(daemon)) if policy is not None
                 else NoRulesPolicy(cfg.enforcement)),
         datapath=DatapathAdapter(datapath) if datapath is not None else None,
         on_created=lambda ep: hook.pylium_endpoint_created(endpoint=ep),

@@ -192,3 +192,18 @@ def lookup(policy: EndpointPolicy, identity: int, direction: Direction, protocol
         return Decision(Verdict.REDIRECT, proxy_port=entry.proxy_port, key=key,
                         reason="redirected to the L7 proxy")
     return Decision(Verdict.ALLOW, key=key, reason="allowed by an allow entry")
+
+
+def deny_unserved_redirects(policy: EndpointPolicy,
+                            served_ports: set[int]) -> tuple[EndpointPolicy, list[PolicyKey]]:
+    """Fail closed for L7 rules no proxy can enforce: every redirect entry whose proxy port
+    no running L7 proxy serves becomes a deny entry (the L7 rules must never turn into an
+    L4 allow). Returns the policy to load and the keys that were turned."""
+    turned = [k for k, e in policy.entries.items()
+              if not e.deny and e.proxy_port and e.proxy_port not in served_ports]
+    if not turned:
+        return policy, []
+    entries = dict(policy.entries)
+    for key in turned:
+        entries[key] = PolicyEntry(deny=True, derived_from=entries[key].derived_from)
+    return attrs.evolve(policy, entries=entries), turned

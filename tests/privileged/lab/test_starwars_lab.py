@@ -84,6 +84,25 @@ def test_starwars_story_and_clean_teardown(shared_dir):
             ingress = traced["datapath"]["ingress"]
             assert ingress["endpoint"] == deathstar["id"]
             assert ingress["action"] == ("dropped" if verdict == "denied" else "forwarded")
+        # fail closed: with no L7 proxy running, the L7 variant of rule1 may not turn into an
+        # L4 allow of port 80 — even the empire's POST is dropped, and the trace says why
+        revision = deathstar["policy_revision"]
+        pylium("policy", "import", str(shared_dir / "seed-policies" / "l7-rule1.yaml"))
+        deadline = time.monotonic() + 10
+        while True:
+            deathstar = json.loads(pylium("endpoint", "get", "deathstar", "-o", "json").stdout)
+            if deathstar["policy_revision"] > revision and deathstar["state"] == "ready":
+                break
+            assert time.monotonic() < deadline, deathstar
+            time.sleep(0.1)
+        proc = land("tiefighter")
+        assert proc.returncode == 28 and proc.stdout == "", proc
+        traced = json.loads(pylium("policy", "trace", "--src", "org=empire,class=tiefighter",
+                                   "--dst", "org=empire,class=deathstar", "--dport", "80",
+                                   "--http-method", "POST", "--http-path",
+                                   "/v1/request-landing", "--datapath", "-o", "json").stdout)
+        assert traced["verdict"] == "redirected"
+        assert traced["datapath"]["verdict"] == "denied" and traced["datapath"]["agrees"], traced
         metrics = json.loads(pylium("bpf", "metrics", "list", "-o", "json").stdout)
         denied = [m for m in metrics if "denied" in m["reason_desc"].lower()]
         assert denied and denied[0]["packets"] >= 1
