@@ -43,7 +43,7 @@ def run_pylium(*args: str, env: dict | None = None, timeout: float = 60,
                pythonpath: list[Path] = ()) -> subprocess.CompletedProcess:
     """Run the `pylium` CLI in a subprocess, as a user would."""
     full_env = {k: v for k, v in os.environ.items()
-                if not k.startswith("PYLIUM_") and k != "PYTHONPATH"}
+                if (not k.startswith("PYLIUM_") or k == "PYLIUM_BPFFS_ROOT") and k != "PYTHONPATH"}
     if pythonpath:
         full_env["PYTHONPATH"] = os.pathsep.join(str(p) for p in pythonpath)
     full_env.update(env or {})

@@ -37,7 +37,7 @@ def short_dir():
 
 def start_agent(workdir: Path, *flags: str) -> tuple[subprocess.Popen, Path]:
     sock = workdir / "agent.sock"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYLIUM_")}
+    env = {k: v for k, v in os.environ.items() if (not k.startswith("PYLIUM_") or k == "PYLIUM_BPFFS_ROOT")}
     proc = subprocess.Popen(
         [str(PYLIUM), "agent", "--socket", str(sock), "--state-dir", str(workdir / "state"),
          "--node-name", "node-a", *flags],

@@ -31,7 +31,7 @@ PROJECT_SITE = Path(sysconfig.get_paths()["purelib"])
 
 
 def sh(*cmd, timeout: float = 180, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYLIUM_")}
+    env = {k: v for k, v in os.environ.items() if (not k.startswith("PYLIUM_") or k == "PYLIUM_BPFFS_ROOT")}
     env.pop("PYTHONPATH", None)
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
                           timeout=timeout, env=env, **kw)
@@ -125,7 +125,7 @@ def test_core_and_one_plugin_alone_then_a_third_party_plugin(wheelhouse, work):
     config.write_text(f"kvstore: file\nkvstore_options: {{path: {state_file}}}\n"
                       f"node_name: ext-node\nstate_dir: {work / 'state'}\n")
     sock = work / "ext.sock"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYLIUM_")}
+    env = {k: v for k, v in os.environ.items() if (not k.startswith("PYLIUM_") or k == "PYLIUM_BPFFS_ROOT")}
     agent = subprocess.Popen([pylium, "agent", "--config", config, "--socket", sock],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:

@@ -23,7 +23,7 @@ PYLIUM = str(Path(sys.executable).with_name("pylium"))
 
 
 def agent_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("PYLIUM_")}
+    return {k: v for k, v in os.environ.items() if (not k.startswith("PYLIUM_") or k == "PYLIUM_BPFFS_ROOT")}
 
 
 @pytest.fixture
