@@ -289,7 +289,8 @@ class Lab:
         log_path = Path(node["state_dir"]) / "agent.log"
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(self.agent_command(node), stdout=out, stderr=out,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    env=_agent_environment())
         for n in state["nodes"]:
             if n["name"] == node["name"]:
                 n["agent_pid"] = proc.pid
@@ -500,3 +501,11 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no agent log)"
+
+
+def _agent_environment() -> dict[str, str]:
+    """The lab's agents take their whole config from the file the lab writes: `PYLIUM_*`
+    settings in the caller's environment (e.g. `PYLIUM_SOCKET` meant for the CLI) would
+    override it (env beats file) and put every node's agent on one socket or pin root."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("PYLIUM_") or k == "PYLIUM_TRACE_PLUGINS"}

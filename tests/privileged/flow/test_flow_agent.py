@@ -5,6 +5,7 @@ on prometheus_serve_addr, and stops cleanly on SIGTERM."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -37,8 +38,9 @@ def test_agent_flow_component_lifecycle(tmp_path):
         "node_name": "flow-node", "socket": str(sock), "state_dir": str(tmp_path / "state"),
         "bpffs_root": str(bpffs), "prometheus_serve_addr": f"127.0.0.1:{port}"}))
     log = open(tmp_path / "agent.log", "wb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYLIUM_")}
     proc = subprocess.Popen([PYLIUM, "agent", "--config", str(config)], stdout=log,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 60
         status = None
