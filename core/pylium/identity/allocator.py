@@ -227,11 +227,15 @@ class IdentityAllocator:
             number = int(item.key[len(ID_PREFIX):])
             if number in referenced or (only is not None and number not in only):
                 continue
+            before_delete = await self.kvstore.revision()
             if not await self.kvstore.compare_and_delete(item.key, item.mod_revision):
                 continue  # touched (someone started using it) or collected by another node
             deleted.append(number)
             value_key = _value_key(decode_labels(item.value))
             index = await self.kvstore.get(value_key)
-            if index is not None and int(index.value) == number:
+            # only the index entry of the number just deleted: once it is gone, another node
+            # may re-claim the same number for the same label set and write a fresh entry
+            if (index is not None and int(index.value) == number
+                    and index.mod_revision <= before_delete):
                 await self.kvstore.compare_and_delete(value_key, index.mod_revision)
         return deleted

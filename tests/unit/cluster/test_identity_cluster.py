@@ -125,10 +125,18 @@ def test_garbage_collection_racing_allocations_never_loses_an_identity_in_use(op
                     await collector.run_once()
                     await asyncio.sleep(0)
 
+            async def keep_leases_alive() -> None:
+                # as agents do: a slow run (a loaded CI machine) must not outlive the leases
+                while not stop.is_set():
+                    for allocator, store in zip(allocators, stores, strict=True):
+                        await store.keepalive(allocator.lease)
+                    await asyncio.sleep(1)
+
             collectors = [asyncio.create_task(collect(i)) for i in range(3)]
+            keeper = asyncio.create_task(keep_leases_alive())
             await asyncio.gather(*(churn(i) for i in range(3)))
             stop.set()
-            await asyncio.gather(*collectors)
+            await asyncio.gather(*collectors, keeper)
             ids = await _check_store(stores[0])
             for mine in held:
                 for labels, identity in mine.items():
