@@ -8,6 +8,7 @@ import struct
 import time
 from pathlib import Path
 
+from pylium.datapath.maps.events import Event
 from pylium.flow.decode import EVENT_SIZE, FIELDS, Decoder, encode_event
 from pylium.flow.model import compact_line, to_response
 
@@ -29,18 +30,7 @@ def test_layout_matches_events_h():
 
 
 def test_encoder_matches_a_ctypes_mirror_of_the_c_struct():
-    class Event(ctypes.LittleEndianStructure):
-        """Mirror of struct pylium_event (bpf/lib/events.h)."""
-        _fields_ = [("ts_ns", ctypes.c_uint64), ("type", ctypes.c_uint8),
-                    ("reason", ctypes.c_uint8), ("direction", ctypes.c_uint8),
-                    ("flags", ctypes.c_uint8), ("ep_id", ctypes.c_uint16),
-                    ("proxy_port", ctypes.c_uint16), ("src_identity", ctypes.c_uint32),
-                    ("dst_identity", ctypes.c_uint32), ("saddr", ctypes.c_uint8 * 4),
-                    ("daddr", ctypes.c_uint8 * 4), ("sport", ctypes.c_uint16),
-                    ("dport", ctypes.c_uint16), ("protocol", ctypes.c_uint8),
-                    ("tcp_flags", ctypes.c_uint8), ("pad", ctypes.c_uint16),
-                    ("ifindex", ctypes.c_uint32), ("pkt_len", ctypes.c_uint32),
-                    ("pad2", ctypes.c_uint64), ("pad3", ctypes.c_uint64)]
+    # the datapath's mirror, itself checked against the compiled C (tests/unit/datapath)
     assert ctypes.sizeof(Event) == EVENT_SIZE
     raw = encode_event(ts_ns=5, type=1, reason=133, direction=1, flags=3, ep_id=9,
                        proxy_port=15001, src_identity=70000, dst_identity=2, saddr="10.0.0.1",
