@@ -12,6 +12,8 @@ from typing import Any, NamedTuple
 
 import attrs
 
+from pylium.datapath.maps.metrics import REASONS
+
 # struct pylium_event.type (bpf/lib/events.h)
 EVENT_DROP = 1
 EVENT_TRACE = 2
@@ -61,20 +63,8 @@ DROP_REASON_NAMES: dict[int, str] = {
     202: "DROP_HOST_NOT_READY", 203: "DROP_EP_NOT_READY",
 }
 
-#: human text for the common ones (Cilium's pkg/monitor/api/drop.go wording)
-DROP_REASON_TEXT: dict[int, str] = {
-    130: "Invalid source mac", 131: "Invalid destination mac", 132: "Invalid source ip",
-    133: "Policy denied", 134: "Invalid packet", 135: "CT: Truncated or invalid header",
-    136: "CT: Missing TCP ACK flag", 137: "CT: Unknown L4 protocol",
-    138: "CT: Can't create entry from packet", 139: "Unsupported L3 protocol",
-    140: "Missed tail call", 141: "Error writing to packet", 142: "Unknown L4 protocol",
-    143: "Unknown ICMPv4 code", 144: "Unknown ICMPv4 type", 151: "Stale or unroutable IP",
-    152: "No matching local container found", 155: "CT: Map insertion failed",
-    158: "Service backend not found", 160: "No tunnel/encapsulation endpoint (datapath BUG!)",
-    165: "No configuration available to perform policy decision",
-    169: "FIB lookup failed", 171: "Invalid identity", 181: "Policy denied by denylist",
-    189: "Authentication required", 196: "TTL exceeded", 203: "Endpoint policy program not available",
-}
+#: human text per drop reason: the datapath's table (one place for Cilium's wording)
+DROP_REASON_TEXT = REASONS
 
 #: Cilium trace observation point codes → Hubble `TraceObservationPoint` names
 TRACE_POINT_NAMES: dict[int, str] = {

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import ctypes
 
-#: reason 0 = forwarded; the others are Cilium drop reasons (pkg/monitor/api/drop.go)
+#: reason 0 = forwarded; the others are Cilium drop reasons, with Cilium's wording
+#: (pkg/monitor/api/drop.go); the flow layer prints the same text
 REASONS = {
     0: "Forwarded",
-    132: "Invalid source ip",
-    133: "Policy denied",
-    134: "Invalid packet",
-    139: "Unsupported L3 protocol",
-    141: "Error writing to packet",
-    152: "No matching local container found",
+    130: "Invalid source mac", 131: "Invalid destination mac", 132: "Invalid source ip",
+    133: "Policy denied", 134: "Invalid packet", 135: "CT: Truncated or invalid header",
+    136: "CT: Missing TCP ACK flag", 137: "CT: Unknown L4 protocol",
+    138: "CT: Can't create entry from packet", 139: "Unsupported L3 protocol",
+    140: "Missed tail call", 141: "Error writing to packet", 142: "Unknown L4 protocol",
+    143: "Unknown ICMPv4 code", 144: "Unknown ICMPv4 type", 151: "Stale or unroutable IP",
+    152: "No matching local container found", 155: "CT: Map insertion failed",
     157: "IP fragmentation not supported",
+    158: "Service backend not found", 160: "No tunnel/encapsulation endpoint (datapath BUG!)",
     165: "No configuration available to perform policy decision",
-    181: "Policy denied by denylist",
+    169: "FIB lookup failed", 171: "Invalid identity", 181: "Policy denied by denylist",
+    189: "Authentication required", 196: "TTL exceeded", 203: "Endpoint policy program not available",
 }
 
 
