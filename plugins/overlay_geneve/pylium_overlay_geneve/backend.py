@@ -14,7 +14,7 @@ from typing import Any
 
 from pylium.api.routing import NodeInfo
 from pylium.datapath import tc
-from pylium.datapath.plugin_object import PluginObject
+from pylium.datapath.loader import LoadedObject
 from pylium.errors import UserError
 from pylium.routing.tunnel import TunnelRouting
 
@@ -36,19 +36,18 @@ class OverlayGeneve(TunnelRouting):
         unknown = set(self.options) - {"port"}
         if unknown:
             raise UserError(f"plugin_options.geneve: unknown option(s) {', '.join(sorted(unknown))}")
-        self.obj: PluginObject | None = None
+        self.obj: LoadedObject | None = None
 
     def setup_tunnel(self) -> None:
         datapath = self.context.datapath
         if datapath is None:
             raise UserError("routing mode geneve needs the datapath component")
         node_ip = int(ipaddress.IPv4Address(self.context.node.ipv4))
-        self.obj = PluginObject(datapath, BPF_DIR, BPF_SOURCE,
-                                {**DEFINES, "GENEVE_PORT": self.port, "NODE_IP": f"{node_ip}u"})
-        fds = self.obj.load(("geneve_egress", "geneve_ingress"))
+        self.obj = datapath.load_object(
+            BPF_DIR / BPF_SOURCE, {**DEFINES, "GENEVE_PORT": self.port, "NODE_IP": f"{node_ip}u"})
         index = socket.if_nametoindex(self.context.underlay_ifname)
-        tc.attach(index, tc.EGRESS, fds["geneve_egress"])
-        tc.attach(index, tc.INGRESS, fds["geneve_ingress"])
+        tc.attach(index, tc.EGRESS, self.obj.program("geneve_egress"))
+        tc.attach(index, tc.INGRESS, self.obj.program("geneve_ingress"))
         log.info("geneve: BPF encap/decap on %s (UDP %d)", self.context.underlay_ifname, self.port)
 
     def program_node(self, node: NodeInfo) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from pylium.api.routing import NodeInfo
 from pylium.datapath import netns as plumbing
 from pylium.datapath import tc
-from pylium.datapath.plugin_object import PluginObject
+from pylium.datapath.loader import LoadedObject
 from pylium.errors import UserError
 from pylium.routing.tunnel import TunnelRouting
 
@@ -35,7 +35,7 @@ class OverlayVxlan(TunnelRouting):
         if unknown:
             raise UserError(f"plugin_options.vxlan: unknown option(s) {', '.join(sorted(unknown))}")
         self.device = str(self.options.get("device", DEVICE))
-        self.obj: PluginObject | None = None
+        self.obj: LoadedObject | None = None
 
     def setup_tunnel(self) -> None:
         datapath = self.context.datapath
@@ -44,10 +44,10 @@ class OverlayVxlan(TunnelRouting):
         mtu = self.context.underlay_mtu - self.mtu_overhead
         link = plumbing.create_vxlan_external(self.device, self.port, mtu)
         plumbing.write_sysctl(None, f"net.ipv6.conf.{self.device}.disable_ipv6", "1")
-        self.obj = PluginObject(datapath, BPF_DIR, BPF_SOURCE, {**DEFINES, "VXLAN_IFINDEX": link.ifindex})
-        fds = self.obj.load(("to_overlay", "from_overlay"))
-        tc.attach(link.ifindex, tc.INGRESS, fds["from_overlay"])
-        datapath.set_routing_slot(0, fds["to_overlay"])
+        self.obj = datapath.load_object(BPF_DIR / BPF_SOURCE,
+                                        {**DEFINES, "VXLAN_IFINDEX": link.ifindex})
+        tc.attach(link.ifindex, tc.INGRESS, self.obj.program("from_overlay"))
+        datapath.set_routing_slot(0, self.obj.program("to_overlay"))
         self.ifindex = link.ifindex
         log.info("vxlan: device %s (ifindex %d, UDP %d, mtu %d)", self.device, link.ifindex,
                  self.port, mtu)
