@@ -272,7 +272,7 @@ class CapabilityLifecycle:
         started = {(r.kind, r.name): r for r in self.started}
         selected = self.daemon.selected()
         for kind in self.drivers:
-            for name, (record, info) in self.daemon.plugins.capabilities(kind).items():
+            for name, (_record, info) in self.daemon.plugins.capabilities(kind).items():
                 running = started.get((kind, name))
                 if running is not None:
                     rows.append(running.describe())
