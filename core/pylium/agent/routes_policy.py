@@ -16,7 +16,7 @@ from pylium.agent.daemon import Daemon
 from pylium.agent.server import NotFound, read_json
 from pylium.agent.trace_datapath import datapath_trace
 from pylium.errors import PyliumError, UserError
-from pylium.policy.parse import load_text
+from pylium.policy.load import load_text
 from pylium.policy.rule import Policy
 from pylium.policy.trace import TraceQuery, trace
 

@@ -10,7 +10,8 @@ import click
 from pylium.cli.client import client_from
 from pylium.cli.output import emit, make_table, output_option
 from pylium.errors import UserError
-from pylium.policy.parse import PolicyError, load_file, load_files
+from pylium.policy.errors import PolicyError
+from pylium.policy.load import load_file, load_files
 from pylium.policy.trace import TraceQuery, trace
 
 

@@ -2,7 +2,7 @@
 what may reach it (`ingress`, `ingressDeny`) or what it may reach (`egress`, `egressDeny`).
 
 `Policy` is one named document (a CNP, CCNP, NetworkPolicy, or a bare JSON rule list) holding
-its rules after Cilium's namespace translation (see `parse.translate_namespace`)."""
+its rules after Cilium's namespace translation (see `namespace.translate_namespace`)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from pylium.policy.parse import PolicyError, load_file, load_text
+from pylium.policy.errors import PolicyError
+from pylium.policy.load import load_file, load_text
 from pylium.policy.selector import Requirement
 
 CNP = """
