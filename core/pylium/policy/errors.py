@@ -1,9 +1,13 @@
 """Problems found in policy input, shared by the parser, the validator and the loader.
 
 `PolicyError` refuses input (one `path: message` per problem); `FieldError` is raised by a
-check deep in the model and gets its full path when the parser unwinds."""
+check deep in the model and gets its full path when the parser unwinds. `PolicyWarning` is
+input that is accepted but not (fully) enforced: it travels with the `Policy` so the API and
+the CLI can say so at import instead of leaving the user to find out from dropped traffic."""
 
 from __future__ import annotations
+
+import attrs
 
 from pylium.errors import UserError
 
@@ -31,3 +35,17 @@ def join_path(path: str, sub: str) -> str:
     if sub.startswith("[") or not path:
         return f"{path}{sub}"
     return f"{path}.{sub}"
+
+
+@attrs.frozen
+class PolicyWarning:
+    """Accepted input that pylium does not enforce as Cilium would: `path: message`."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path or '(top)'}: {self.message}"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "message": self.message}

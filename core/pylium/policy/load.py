@@ -6,7 +6,8 @@ CiliumClusterwideNetworkPolicy with `spec` and/or `specs`; `networking.k8s.io/v1
 NetworkPolicy; bare JSON lists of rules (what `cilium policy import` takes). Each rule is
 structured and validated by `parse.structure` (errors name their path:
 `spec.ingress[0].toPorts[0].ports[0].port: "99999" is not a port`), then translated for its
-namespace (`namespace.translate_namespace`, `k8s.translate`)."""
+namespace (`namespace.translate_namespace`, `k8s.translate`). What is accepted but not
+enforced yet comes back in `Policy.warnings` (`parse.warnings`), never silently."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from typing import Any
 import yaml
 
 from pylium.policy import k8s
-from pylium.policy.errors import PolicyError
+from pylium.policy.errors import PolicyError, PolicyWarning
 from pylium.policy.namespace import translate_namespace
-from pylium.policy.parse import structure
+from pylium.policy.parse import structure, warnings
 from pylium.policy.rule import Policy, Rule
 
 CILIUM_API = "cilium.io/v2"
@@ -40,7 +41,8 @@ def _document(doc: Any, prefix: str, default_name: str) -> list[Policy]:
     if isinstance(doc, list):
         rules = structure(doc, tuple[Rule, ...], prefix)
         name = default_name or "rules"
-        return [Policy("RuleList", name, "", rules, source=doc)]
+        return [Policy("RuleList", name, "", rules, source=doc,
+                       warnings=tuple(warnings(rules, prefix)))]
     if not isinstance(doc, dict):
         raise PolicyError([f"{prefix or '(top)'}: expected a policy document or a list of "
                            "rules"])
@@ -77,28 +79,31 @@ def _document(doc: Any, prefix: str, default_name: str) -> list[Policy]:
         namespace = str(meta.get("namespace") or "default")
         spec = structure(top.get("spec"), k8s.NetworkPolicySpec, f"{p}spec")
         return [Policy(kind, name, namespace, (k8s.translate(spec, namespace),),
-                       description, source=doc)]
+                       description, source=doc, warnings=tuple(warnings(spec, f"{p}spec")))]
     namespace = "" if kind == CCNP else str(meta.get("namespace") or "default")
     if kind == CCNP and meta.get("namespace"):
         raise PolicyError([f"{p}metadata.namespace: a cluster-wide policy has no namespace"])
     rules: list[Rule] = []
     errors: list[str] = []
+    found: list[PolicyWarning] = []
     if "spec" not in top and "specs" not in top:
         raise PolicyError([f"{p}spec: required field missing (spec or specs)"])
     for field in ("spec", "specs"):
         if field not in top:
             continue
         try:
-            if field == "spec":
-                rules.append(structure(top["spec"], Rule, f"{p}spec"))
-            else:
-                rules.extend(structure(top["specs"], tuple[Rule, ...], f"{p}specs"))
+            got = structure(top[field], Rule if field == "spec" else tuple[Rule, ...],
+                            f"{p}{field}")
         except PolicyError as exc:
             errors += exc.errors
+            continue
+        found += warnings(got, f"{p}{field}")
+        rules += [got] if field == "spec" else got
     if errors:
         raise PolicyError(errors)
     rules = [translate_namespace(r, namespace) for r in rules]
-    return [Policy(kind, name, namespace, tuple(rules), description, source=doc)]
+    return [Policy(kind, name, namespace, tuple(rules), description, source=doc,
+                   warnings=tuple(found))]
 
 
 def _template_error(text: str) -> str | None:

@@ -3,7 +3,8 @@ converter (camelCase keys, unknown keys refused), with every problem reported by
 
 Keys match case-insensitively when they are not exact, as Go's JSON decoder (and so Cilium)
 does. Each model is checked right after it is built (`validate.CHECKS`); every error names
-its path: `spec.ingress[0].toPorts[0].ports[0].port: "99999" is not a port`. Reading
+its path: `spec.ingress[0].toPorts[0].ports[0].port: "99999" is not a port`. `warnings`
+names, the same way, what was accepted but is not enforced (`validate.WARNINGS`). Reading
 documents and files is `load`'s job."""
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from cattrs.gen import make_dict_structure_fn, override
 
 from pylium.policy import k8s
 from pylium.policy.dns import FQDNSelector
-from pylium.policy.errors import FieldError, PolicyError, join_path
+from pylium.policy.errors import FieldError, PolicyError, PolicyWarning, join_path
 from pylium.policy.http import HeaderMatch, PortRuleHTTP
 from pylium.policy.kafka import PortRuleKafka
 from pylium.policy.l4 import (
@@ -53,7 +54,7 @@ from pylium.policy.rule import (
     ServiceSelector,
 )
 from pylium.policy.selector import EndpointSelector, Requirement
-from pylium.policy.validate import CHECKS, ICMP_TYPES, UNSUPPORTED
+from pylium.policy.validate import CHECKS, ICMP_TYPES, UNSUPPORTED, WARNINGS
 
 
 def _camel(name: str) -> str:
@@ -264,3 +265,20 @@ def structure(data: Any, model: type, path: str):
             KeyError, TypeError) as exc:
         raise PolicyError(_paths(exc, path)) from None
 
+
+def warnings(obj: Any, path: str) -> list[PolicyWarning]:
+    """Every `validate.WARNINGS` finding in `obj` (a structured model or a tuple of them)
+    and the models inside it, each named by its document path."""
+    if isinstance(obj, tuple):
+        return [w for i, item in enumerate(obj) for w in warnings(item, f"{path}[{i}]")]
+    keys = KEYS.get(type(obj))
+    if keys is None:
+        return []
+    check = WARNINGS.get(type(obj))
+    out = [PolicyWarning(join_path(path, sub), message)
+           for sub, message in (check(obj) if check else ())]
+    for name, key in keys.items():
+        value = getattr(obj, name)
+        if isinstance(value, tuple) or type(value) in KEYS:
+            out += warnings(value, join_path(path, key))
+    return out

@@ -3,13 +3,15 @@ checks that run on each model right after it is structured, so a refusal names i
 
 `CHECKS` maps a model to the check the parser runs on every instance of it; a check returns
 the (possibly normalized) object or raises `FieldError` with the path below that object.
-`UNSUPPORTED` lists Cilium fields pylium refuses by name rather than ignores."""
+`UNSUPPORTED` lists Cilium fields pylium refuses by name rather than ignores.
+`WARNINGS` maps a model to what is accepted in it but not enforced yet (`NOT_ENFORCED`):
+each yields `(path below the object, message)`; the loader attaches them to the `Policy`."""
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -51,6 +53,15 @@ UNSUPPORTED = {
     "log": "policy logging is not supported yet",
     "secret": "header values from secrets are not supported",
     "mismatch": "header mismatch actions (LOG, ADD, DELETE, REPLACE) are not supported",
+}
+
+#: Cilium peer fields pylium accepts but cannot enforce yet. In an allow rule they select no
+#: peers, so what they would allow stays denied (fail closed) and each use is a warning.
+NOT_ENFORCED = {
+    "toFQDNs": "not enforced yet by pylium (no DNS proxy learns the names' addresses): "
+               "selects no peers, so the traffic it would allow is denied",
+    "toServices": "not enforced yet by pylium (service backends are not tracked yet): "
+                  "selects no peers, so the traffic it would allow is denied",
 }
 
 #: ICMP type names per family, as Cilium accepts them in `icmps[].fields[].type`
@@ -231,4 +242,16 @@ CHECKS: dict[type, Callable[[Any], Any]] = {
     EgressRule: lambda r: _check_peer_rule(r, False),
     EgressDenyRule: lambda r: _check_peer_rule(r, False),
     Rule: _check_rule,
+}
+
+
+def _egress_warnings(rule: EgressRule) -> Iterator[tuple[str, str]]:
+    for key, selected in (("toFQDNs", rule.to_fqdns), ("toServices", rule.to_services)):
+        if selected:
+            yield key, NOT_ENFORCED[key]
+
+
+#: model → what its instances hold that is accepted but not enforced (exact type)
+WARNINGS: dict[type, Callable[[Any], Iterable[tuple[str, str]]]] = {
+    EgressRule: _egress_warnings,
 }
