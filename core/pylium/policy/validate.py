@@ -56,7 +56,8 @@ UNSUPPORTED = {
 }
 
 #: Cilium peer fields pylium accepts but cannot enforce yet. In an allow rule they select no
-#: peers, so what they would allow stays denied (fail closed) and each use is a warning.
+#: peers, so what they would allow stays denied (fail closed) and each use is a warning; in a
+#: deny rule they would deny nothing, so there they are refused (`_check_egress_deny`).
 NOT_ENFORCED = {
     "toFQDNs": "not enforced yet by pylium (no DNS proxy learns the names' addresses): "
                "selects no peers, so the traffic it would allow is denied",
@@ -200,6 +201,15 @@ def _check_peer_rule(rule, ingress: bool):
     return rule
 
 
+def _check_egress_deny(rule: EgressDenyRule) -> EgressDenyRule:
+    if rule.to_fqdns:  # Cilium's EgressDenyRule has no toFQDNs
+        raise FieldError("toFQDNs", "toFQDNs is not allowed in egressDeny rules")
+    if rule.to_services:
+        raise FieldError("toServices", "toServices is not enforced yet by pylium: in a deny "
+                                       "rule it would deny nothing, so it is refused")
+    return _check_peer_rule(rule, False)
+
+
 def _check_rule(rule: Rule) -> Rule:
     if rule.endpoint_selector is None and rule.node_selector is None:
         raise FieldError("", "rule must have one of endpointSelector or nodeSelector")
@@ -240,7 +250,7 @@ CHECKS: dict[type, Callable[[Any], Any]] = {
     IngressRule: lambda r: _check_peer_rule(r, True),
     IngressDenyRule: lambda r: _check_peer_rule(r, True),
     EgressRule: lambda r: _check_peer_rule(r, False),
-    EgressDenyRule: lambda r: _check_peer_rule(r, False),
+    EgressDenyRule: _check_egress_deny,
     Rule: _check_rule,
 }
 
@@ -251,7 +261,8 @@ def _egress_warnings(rule: EgressRule) -> Iterator[tuple[str, str]]:
             yield key, NOT_ENFORCED[key]
 
 
-#: model → what its instances hold that is accepted but not enforced (exact type)
+#: model → what its instances hold that is accepted but not enforced (exact type: an
+#: EgressDenyRule is refused by CHECKS instead)
 WARNINGS: dict[type, Callable[[Any], Iterable[tuple[str, str]]]] = {
     EgressRule: _egress_warnings,
 }

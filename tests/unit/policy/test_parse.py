@@ -102,6 +102,16 @@ def errors_of(text: str) -> list[str]:
     ("""  endpointSelector: {}
   ingress: {fromEndpoints: []}""",
      "spec.ingress: must be a list"),
+    # a deny rule pylium cannot enforce would deny nothing: refused, never a silent allow
+    ("""  endpointSelector: {}
+  egressDeny:
+  - toServices: [{k8sService: {serviceName: db, namespace: prod}}]""",
+     "spec.egressDeny[0].toServices: toServices is not enforced yet by pylium: in a deny "
+     "rule it would deny nothing"),
+    ("""  endpointSelector: {}
+  egressDeny:
+  - toFQDNs: [{matchName: example.com}]""",
+     "spec.egressDeny[0].toFQDNs: toFQDNs is not allowed in egressDeny rules"),
 ])
 def test_errors_name_the_path(spec, expected):
     errors = errors_of(cnp(spec))
