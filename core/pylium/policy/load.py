@@ -7,7 +7,7 @@ NetworkPolicy; bare JSON lists of rules (what `cilium policy import` takes). Eac
 structured and validated by `parse.structure` (errors name their path:
 `spec.ingress[0].toPorts[0].ports[0].port: "99999" is not a port`), then translated for its
 namespace (`namespace.translate_namespace`, `k8s.translate`). What is accepted but not
-enforced yet comes back in `Policy.warnings` (`parse.warnings`), never silently."""
+enforced yet comes back in `Policy.warnings` (`parse.warnings_in`), never silently."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import yaml
 from pylium.policy import k8s
 from pylium.policy.errors import PolicyError, PolicyWarning
 from pylium.policy.namespace import translate_namespace
-from pylium.policy.parse import structure, warnings
+from pylium.policy.parse import structure, warnings_in
 from pylium.policy.rule import Policy, Rule
 
 CILIUM_API = "cilium.io/v2"
@@ -42,7 +42,7 @@ def _document(doc: Any, prefix: str, default_name: str) -> list[Policy]:
         rules = structure(doc, tuple[Rule, ...], prefix)
         name = default_name or "rules"
         return [Policy("RuleList", name, "", rules, source=doc,
-                       warnings=tuple(warnings(rules, prefix)))]
+                       warnings=tuple(warnings_in(rules, prefix)))]
     if not isinstance(doc, dict):
         raise PolicyError([f"{prefix or '(top)'}: expected a policy document or a list of "
                            "rules"])
@@ -79,7 +79,7 @@ def _document(doc: Any, prefix: str, default_name: str) -> list[Policy]:
         namespace = str(meta.get("namespace") or "default")
         spec = structure(top.get("spec"), k8s.NetworkPolicySpec, f"{p}spec")
         return [Policy(kind, name, namespace, (k8s.translate(spec, namespace),),
-                       description, source=doc, warnings=tuple(warnings(spec, f"{p}spec")))]
+                       description, source=doc, warnings=tuple(warnings_in(spec, f"{p}spec")))]
     namespace = "" if kind == CCNP else str(meta.get("namespace") or "default")
     if kind == CCNP and meta.get("namespace"):
         raise PolicyError([f"{p}metadata.namespace: a cluster-wide policy has no namespace"])
@@ -97,7 +97,7 @@ def _document(doc: Any, prefix: str, default_name: str) -> list[Policy]:
         except PolicyError as exc:
             errors += exc.errors
             continue
-        found += warnings(got, f"{p}{field}")
+        found += warnings_in(got, f"{p}{field}")
         rules += [got] if field == "spec" else got
     if errors:
         raise PolicyError(errors)

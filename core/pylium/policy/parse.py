@@ -3,7 +3,7 @@ converter (camelCase keys, unknown keys refused), with every problem reported by
 
 Keys match case-insensitively when they are not exact, as Go's JSON decoder (and so Cilium)
 does. Each model is checked right after it is built (`validate.CHECKS`); every error names
-its path: `spec.ingress[0].toPorts[0].ports[0].port: "99999" is not a port`. `warnings`
+its path: `spec.ingress[0].toPorts[0].ports[0].port: "99999" is not a port`. `warnings_in`
 names, the same way, what was accepted but is not enforced (`validate.WARNINGS`). Reading
 documents and files is `load`'s job."""
 
@@ -266,11 +266,11 @@ def structure(data: Any, model: type, path: str):
         raise PolicyError(_paths(exc, path)) from None
 
 
-def warnings(obj: Any, path: str) -> list[PolicyWarning]:
+def warnings_in(obj: Any, path: str) -> list[PolicyWarning]:
     """Every `validate.WARNINGS` finding in `obj` (a structured model or a tuple of them)
     and the models inside it, each named by its document path."""
     if isinstance(obj, tuple):
-        return [w for i, item in enumerate(obj) for w in warnings(item, f"{path}[{i}]")]
+        return [w for i, item in enumerate(obj) for w in warnings_in(item, f"{path}[{i}]")]
     keys = KEYS.get(type(obj))
     if keys is None:
         return []
@@ -280,5 +280,5 @@ def warnings(obj: Any, path: str) -> list[PolicyWarning]:
     for name, key in keys.items():
         value = getattr(obj, name)
         if isinstance(value, tuple) or type(value) in KEYS:
-            out += warnings(value, join_path(path, key))
+            out += warnings_in(value, join_path(path, key))
     return out
