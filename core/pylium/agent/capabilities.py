@@ -360,7 +360,7 @@ class EncryptionDriver(KindDriver):
                 **underlay_of(daemon, daemon.config.routing_mode)}
 
     async def start(self, daemon, running: RunningCapability) -> None:
-        from pylium.routing.component import NodeEvents
+        from pylium.agent.node_events import NodeEvents
 
         events = NodeEvents("encryption", running.name, running.backend,
                             running.backend.context)
