@@ -145,10 +145,9 @@ class Datapath:
                     ) -> LoadedObject:
         """Compile and load a plugin's object with this datapath's cache, its maps bound to
         the core's pins (endpoints, ipcache, ... shared, not copies). The caller closes it."""
-        with self._lock:
-            self._require_open()
-            return load_object(source, defines, pin_root=self.root, pinned_maps=PINNED_MAPS,
-                               cache_dir=self.cache_dir)
+        self._require_open()  # the pins exist: the object adopts them rather than making its own
+        return load_object(source, defines, pin_root=self.root, pinned_maps=PINNED_MAPS,
+                           cache_dir=self.cache_dir)
 
     def _bind_maps(self, loaded: LoadedObject) -> None:
         def typed(name, key, value, percpu=False):
