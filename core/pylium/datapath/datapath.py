@@ -409,6 +409,17 @@ class Datapath:
             self._require_open()
             self.ipcache.update(key, RemoteEndpointInfo(identity, (ctypes.c_uint8 * 4)(*tunnel)))
 
+    def lookup_ipcache(self, address: str) -> int | None:
+        """The identity the ipcache gives `address` (longest prefix match), or None."""
+        try:
+            key = IpcacheKey.of(f"{address}/32")
+        except ValueError as exc:
+            raise UserError(f"ipcache lookup {address}: {exc}") from None
+        with self._lock:
+            self._require_open()
+            found = self.ipcache.lookup(key)
+        return int(found.identity) if found is not None else None
+
     def delete_ipcache(self, cidr: str) -> bool:
         try:
             key = IpcacheKey.of(cidr)
