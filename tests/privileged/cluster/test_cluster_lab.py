@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pylium.cli.client import AgentClient
+from pylium.agent.client import AgentClient
 from pylium.lab.lab import Lab
 
 PYLIUM = str(Path(sys.executable).with_name("pylium"))

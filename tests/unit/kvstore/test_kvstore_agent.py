@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pylium.cli.client import AgentClient
+from pylium.agent.client import AgentClient
 from pylium.kvstore.conformance import run
 from pylium.kvstore.testing import EtcdServer, free_port
 from pylium_kvstore_etcd.backend import EtcdKVStore
