@@ -21,6 +21,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,19 @@ def plugin_rows(python: Path) -> list[dict]:
 
 def wheel(wheels: Path, dist: str) -> Path:
     return next(wheels.glob(f"{dist.replace('-', '_')}-*.whl"))
+
+
+def test_the_wheel_ships_the_example_policies(wheelhouse):
+    """`python -m pylium.demo` from a wheel install imports rule1 from package data: the
+    wheel holds examples/policies (linked into the package in the checkout) byte for byte."""
+    shipped = {}
+    with zipfile.ZipFile(wheel(wheelhouse, "pylium")) as whl:
+        for name in whl.namelist():
+            if name.startswith("pylium/lab/example_policies/"):
+                shipped[name.rsplit("/", 1)[1]] = whl.read(name)
+    expected = {p.name: p.read_bytes() for p in (REPO / "examples/policies").glob("*.yaml")}
+    assert {"l3-l4-rule1.yaml", "l7-rule1.yaml", "cidr-rule.yaml"} <= set(expected)
+    assert shipped == expected
 
 
 def test_core_and_one_plugin_alone_then_a_third_party_plugin(wheelhouse, work):
