@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 B ?=
 
-APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 iputils-ping iperf3 iptables \
+APT_PACKAGES := python3-venv clang llvm libbpf-dev bpftool iproute2 iputils-ping iperf3 iptables \
 	tcpdump netcat-openbsd socat ethtool etcd-server curl wrk prometheus chromium
 PLUGINS := $(sort $(wildcard plugins/*))
 CONSTRAINTS := constraints.txt
