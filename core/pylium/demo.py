@@ -3,7 +3,7 @@
 1. `pylium lab up --demo starwars`: a node namespace running an agent; deathstar (an HTTP
    server on :80), tiefighter and xwing pods wired as endpoints.
 2. Before any policy, both ships land (`POST /v1/request-landing` → "Ship landed").
-3. `pylium policy import l3-l4-rule1.yaml`: only `org=empire` may reach the deathstar on
+3. `pylium policy import examples/policies/l3-l4-rule1.yaml`: only `org=empire` may reach the deathstar on
    TCP/80. The tiefighter still lands; the xwing's SYN is dropped in the kernel by the BPF
    program on the deathstar's veth (curl times out).
 4. The evidence: the drop in `pylium monitor`, the `Policy denied` counter in
@@ -32,6 +32,15 @@ RULE1 = "l3-l4-rule1.yaml"
 PYLIUM = str(Path(sys.executable).with_name("pylium"))
 ENV = {**os.environ, "PYLIUM_LAB": LAB, "PYLIUM_SOCKET": SOCKET, "COLUMNS": "200"}
 LANDING = "/v1/request-landing"
+
+
+def _shown_path(path: Path) -> str:
+    """In a checkout, the path the README uses (examples/policies/...); else the absolute one."""
+    real = path.resolve()
+    try:
+        return str(real.relative_to(Path.cwd()))
+    except ValueError:
+        return str(real)
 
 
 class Story:
@@ -109,7 +118,7 @@ def tell(story: Story) -> None:
     story.say(f"3. Import {RULE1}: only the empire may reach the deathstar on TCP/80")
     with resources.as_file(POLICIES / RULE1) as rule1:
         print(rule1.read_text().rstrip())
-        story.run("policy", "import", str(rule1), check=True)
+        story.run("policy", "import", _shown_path(rule1), check=True)
     time.sleep(0.5)  # regeneration is asynchronous to the import
     monitor = _start_monitor()
     time.sleep(1.0)
