@@ -3,9 +3,9 @@
 1. `pylium lab up --demo starwars`: a node namespace running an agent; deathstar (an HTTP
    server on :80), tiefighter and xwing pods wired as endpoints.
 2. Before any policy, both ships land (`POST /v1/request-landing` → "Ship landed").
-3. `pylium policy import examples/policies/l3-l4-rule1.yaml`: only `org=empire` may reach the deathstar on
-   TCP/80. The tiefighter still lands; the xwing's SYN is dropped in the kernel by the BPF
-   program on the deathstar's veth (curl times out).
+3. `pylium policy import examples/policies/l3-l4-rule1.yaml`: only `org=empire` may reach
+   the deathstar on TCP/80. The tiefighter still lands; the xwing's SYN is dropped in the
+   kernel by the BPF program on the deathstar's veth (curl times out).
 4. The evidence: the drop in `pylium monitor`, the `Policy denied` counter in
    `pylium bpf metrics list`, ingress enforcement on the deathstar in `pylium endpoint list`.
 5. `pylium lab down`, always, and a check that nothing is left behind.
