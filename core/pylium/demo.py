@@ -37,10 +37,9 @@ LANDING = "/v1/request-landing"
 def _shown_path(path: Path) -> str:
     """In a checkout, the path the README uses (examples/policies/...); else the absolute one."""
     real = path.resolve()
-    try:
+    if real.is_relative_to(Path.cwd()) and real.relative_to(Path.cwd()).parts[0] == "examples":
         return str(real.relative_to(Path.cwd()))
-    except ValueError:
-        return str(real)
+    return str(real)
 
 
 class Story:
