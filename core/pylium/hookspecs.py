@@ -43,7 +43,7 @@ def pylium_orchestrators() -> Iterable[Any]:
 # event hooks -----------------------------------------------------------------------------
 @hookspec
 def pylium_endpoint_created(endpoint: Any) -> None:
-    """An endpoint got its IP, identity and datapath."""
+    """An endpoint got its IP, identity and datapath (called after it is ready)."""
 
 
 @hookspec
@@ -63,9 +63,12 @@ def pylium_node_left(node: Any) -> None:
 
 @hookspec
 def pylium_policy_changed(revision: int, added: list[Any], deleted: list[Any]) -> None:
-    """The policy repository changed to `revision`."""
+    """The policy repository changed to `revision` (every import and delete, and the
+    policies loaded at agent start): `added`/`deleted` are `NamedRule`s (`.rule`, `.name`)."""
 
 
 @hookspec(firstresult=True)
 def pylium_l7_parser_for_port(port: int, protocol: str) -> str | None:
-    """Which L7 parser claims this port when a policy does not say (first answer wins)."""
+    """Which L7 parser (by name) takes redirected traffic to `port` when no running parser
+    is named like the rule's protocol (first answer wins; None: nobody, the redirect is
+    enforced as deny). Asked by the core's L7 component."""

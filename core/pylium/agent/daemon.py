@@ -1,8 +1,8 @@
-"""The agent: loads config and plugins, opens the KV store, and holds every subsystem.
+"""The agent: loads config and plugins, then starts, in one defined order, the core's
+components and the selected capabilities (KV store, routing mode, encryption, L7 parsers,
+orchestrator: built and started by `pylium.agent.capabilities`), and stops them in reverse.
 
-Subsystems attach themselves in `start()`; each API route module (`routes_*.py`) reads what
-it needs from the `Daemon`. Components are optional attributes so one concern can land at a
-time without the others knowing."""
+Each API route module (`routes_*.py`) reads what it needs from the `Daemon`."""
 
 from __future__ import annotations
 
@@ -12,24 +12,32 @@ import logging
 import time
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from pylium import __version__
+from pylium.agent.capabilities import CapabilityLifecycle
 from pylium.api import KVStore
+from pylium.api.node import NodeInfo
 from pylium.config import AgentConfig
-from pylium.errors import ConfigError, PluginError, PyliumError
+from pylium.errors import ConfigError
 from pylium.plugins import PluginManager, make_plugin_manager
 
 log = logging.getLogger(__name__)
 
-#: component start-up modules, started in this order after the KV store opens; each exposes
-#: `async def start(daemon) -> component` and stores nothing global
-COMPONENT_MODULES: tuple[str, ...] = (
+#: start order: a capability kind (started by the capability lifecycle) or a core component
+#: module (exposing `async def start(daemon) -> component`). Stop runs in reverse.
+START_ORDER: tuple[str, ...] = (
+    "kvstore",
     "pylium.identity.component",
     "pylium.policy.component",
     "pylium.datapath.component",
-    "pylium.routing.component",
+    "routing",
+    "encryption",
+    "l7",
     "pylium.endpoint.component",
     "pylium.cluster.component",
     "pylium.flow.component",
+    "orchestrator",
 )
 
 
@@ -39,8 +47,12 @@ class Daemon:
         self.plugins = plugins or make_plugin_manager()
         self.started_at = time.time()
         self.kvstore: KVStore | None = None
-        #: named subsystems ("policy", "endpoints", "datapath", ...) added by later layers
+        #: named subsystems ("policy", "endpoint", "datapath", "routing", "l7", ...)
         self.components: dict[str, Any] = {}
+        #: every collector the agent serves on its Prometheus endpoint (plugins' too)
+        self.metrics = CollectorRegistry(auto_describe=False)
+        self.capabilities = CapabilityLifecycle(self)
+        self._started: list[str] = []
         self._tasks: list[asyncio.Task] = []
 
     def selected(self) -> dict[str, list[str]]:
@@ -59,33 +71,35 @@ class Daemon:
             for name in names:
                 self.plugins.select(kind, name)
 
+    def node_info(self) -> NodeInfo:
+        """This node as capability contexts see it (the cluster publishes the same)."""
+        from pylium.cluster.component import local_address
+
+        c = self.config
+        return NodeInfo(name=c.node_name, ipv4=c.node_ip or local_address(),
+                        pod_cidr=c.pod_cidr)
+
     async def start(self) -> None:
         self.check_selection()
         try:
             self.config.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"state_dir {self.config.state_dir}: {exc.strerror}") from None
-        record = self.plugins.select("kvstore", self.config.kvstore)
-        options = self.config.kvstore_options or self.config.plugin_options.get(record.name, {})
-        try:
-            self.kvstore = record.backend(options, self.config.state_dir / "kvstore")
-            await self.kvstore.open()
-        except PyliumError:
-            raise
-        except Exception as exc:  # a plugin bug: one line naming the plugin, not a traceback
-            log.debug("kvstore %s failed to open", record.name, exc_info=True)
-            raise PluginError(f"kvstore {record.name!r} failed to open: "
-                              f"{type(exc).__name__}: {exc}") from exc
-        for module_name in COMPONENT_MODULES:
+        for step in START_ORDER:
+            if step in self.capabilities.drivers:
+                await self.capabilities.start_kind(step)
+                self._started.append(step)
+                continue
             try:
-                module = importlib.import_module(module_name)
+                module = importlib.import_module(step)
             except ModuleNotFoundError as exc:
-                if exc.name != module_name:
+                if exc.name != step:
                     raise
                 continue  # that layer has not landed in this build
             component = await module.start(self)
             if component is not None:
-                self.components[module_name.split(".")[1]] = component
+                self.components[step.split(".")[1]] = component
+            self._started.append(step)
         log.info("agent %s started on node %s (kvstore %s, routing %s)", __version__,
                  self.config.node_name, self.config.kvstore, self.config.routing_mode)
 
@@ -95,10 +109,17 @@ class Daemon:
         return task
 
     async def stop(self) -> None:
+        """Cancel background tasks, then stop what started, in reverse start order:
+        capabilities through the lifecycle, components through their `close()`."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for name, component in reversed(list(self.components.items())):
+        for step in reversed(self._started):
+            if step in self.capabilities.drivers:
+                await self.capabilities.stop(step)
+                continue
+            name = step.split(".")[1]
+            component = self.components.pop(name, None)
             close = getattr(component, "close", None)
             if close is not None:
                 try:
@@ -107,8 +128,8 @@ class Daemon:
                         await result
                 except Exception:
                     log.exception("closing %s failed", name)
-        if self.kvstore is not None:
-            await self.kvstore.close()
+        self._started.clear()
+        await self.capabilities.stop()  # any of a kind whose start failed part-way
 
     async def status(self) -> dict[str, Any]:
         kv = await self.kvstore.status() if self.kvstore else {"healthy": False}
@@ -121,6 +142,7 @@ class Daemon:
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "kvstore": kv,
             "plugins": self.selected(),
+            "capabilities": self.capabilities.report(),
             "components": sorted(self.components),
             "healthy": bool(kv.get("healthy")),
         }

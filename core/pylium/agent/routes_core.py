@@ -22,7 +22,8 @@ def setup(app: web.Application, daemon: Daemon) -> None:
         return web.json_response(to_dict(daemon.config))
 
     async def plugins(_request):
-        return web.json_response(plugin_report(daemon.plugins, daemon.selected()))
+        states = {(r["kind"], r["name"]): r["state"] for r in daemon.capabilities.report()}
+        return web.json_response(plugin_report(daemon.plugins, daemon.selected(), states))
 
     app.router.add_get("/v1/healthz", healthz)
     app.router.add_get("/v1/status", status)

@@ -36,7 +36,7 @@ def setup(app: web.Application, daemon: Daemon) -> None:
             raise UserError(f"node {name}: missing field {exc.args[0]!r}") from None
         except ValueError as exc:
             raise UserError(f"node {name}: {exc}") from None
-        await asyncio.to_thread(routing().node_joined, node)
+        await asyncio.to_thread(daemon.capabilities.node_joined, node, True)
         return web.json_response(routing().status())
 
     async def delete_node(request):
@@ -44,7 +44,7 @@ def setup(app: web.Application, daemon: Daemon) -> None:
         node = routing().nodes.get(name)
         if node is None:
             raise NotFound(f"no node {name!r} known to the routing mode")
-        await asyncio.to_thread(routing().node_left, node)
+        await asyncio.to_thread(daemon.capabilities.node_left, node, True)
         return web.json_response(routing().status())
 
     async def put_ipcache(request):

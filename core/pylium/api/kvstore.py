@@ -64,6 +64,12 @@ class KVStore(abc.ABC):
         self.options = dict(options)
         self.state_dir = Path(state_dir)
 
+    @classmethod
+    def from_context(cls, context: Any) -> KVStore:
+        """How the core builds the backend from a `pylium.api.context.KVStoreContext` (the
+        constructor keeps its (options, state_dir) form for direct use in tests)."""
+        return cls(context.options, context.state_dir)
+
     # lifecycle -------------------------------------------------------------------------
     @abc.abstractmethod
     async def open(self) -> None:

@@ -31,15 +31,28 @@ class L7Parser(abc.ABC):
 
     def __init__(self, context: Any, options: dict[str, Any] | None = None):
         self.context = context
-        self.options = dict(options or {})
+        self.options = dict(options if options is not None else getattr(context, "options", {}))
+
+    @classmethod
+    def from_context(cls, context: Any) -> L7Parser:
+        """How the core builds the backend from a `pylium.api.context.L7Context`."""
+        return cls(context, dict(context.options))
 
     @abc.abstractmethod
     def judge(self, rules: list[Any], request: L7Request) -> L7Verdict:
         """Decide one request against the L7 rules that apply to its connection."""
 
     @abc.abstractmethod
-    async def start(self, proxy_port: int) -> None:
-        """Start the proxy listening on `proxy_port`."""
+    async def start(self) -> None:
+        """Start (or adopt) the proxy on the context's `proxy_ports`."""
 
     @abc.abstractmethod
     async def stop(self) -> None: ...
+
+    @abc.abstractmethod
+    def served_ports(self) -> set[int]:
+        """Proxy ports a healthy proxy listens on right now. Redirects to any other port
+        load as deny (fail closed), so answer honestly: a dead proxy serves nothing."""
+
+    def status(self) -> dict[str, Any]:
+        return {}

@@ -12,7 +12,12 @@ class Orchestrator(abc.ABC):
 
     def __init__(self, context: Any, options: dict[str, Any] | None = None):
         self.context = context
-        self.options = dict(options or {})
+        self.options = dict(options if options is not None else getattr(context, "options", {}))
+
+    @classmethod
+    def from_context(cls, context: Any) -> Orchestrator:
+        """How the core builds the backend from a `pylium.api.context.OrchestratorContext`."""
+        return cls(context, dict(context.options))
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -20,3 +25,6 @@ class Orchestrator(abc.ABC):
 
     @abc.abstractmethod
     async def stop(self) -> None: ...
+
+    def status(self) -> dict[str, Any]:
+        return {}

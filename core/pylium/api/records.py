@@ -2,7 +2,7 @@
 
 Each record names one capability, the backend class implementing the core's abstract base
 for that kind, the BPF C sources the plugin contributes and the `-D` defines to compile
-them with. Validation happens at construction so a bad plugin fails where it is written."""
+them with (the core compiles and loads them; a plugin never calls libbpf). Validation happens at construction so a bad plugin fails where it is written."""
 
 from __future__ import annotations
 
@@ -54,6 +54,18 @@ class Capability:
     description: str = ""
     bpf_sources: tuple[Path, ...] = attrs.field(default=(), converter=_to_paths)
     defines: dict = attrs.field(factory=dict, validator=_check_defines)
+    #: defines only the backend can know (an ifindex it creates, an address it is given):
+    #: the core then loads `bpf_sources` when the backend calls `context.load_bpf(**values)`
+    #: with exactly these names, instead of before building it
+    runtime_defines: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+
+    @runtime_defines.validator
+    def _check_runtime_defines(self, _attr, value) -> None:
+        for name in value:
+            if not isinstance(name, str) or not DEFINE_RE.match(name):
+                raise ValueError(f"invalid runtime define name {name!r}")
+        if value and not self.bpf_sources:
+            raise ValueError(f"{self.kind} {self.name!r}: runtime_defines without bpf_sources")
 
     @backend.validator
     def _check_backend(self, _attr, value) -> None:

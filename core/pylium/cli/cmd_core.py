@@ -12,6 +12,7 @@ from pylium import __version__
 from pylium import config as config_mod
 from pylium.cli.client import client_from
 from pylium.cli.output import emit, make_table, output_option
+from pylium.errors import AgentUnreachable
 from pylium.plugin_report import plugin_report
 from pylium.plugins import make_plugin_manager
 
@@ -26,8 +27,17 @@ def _plugins_table(rows):
     return make_table(
         ["NAME", "DISTRIBUTION", "VERSION", "CAPABILITIES", "SELECTED", "STATUS"],
         [[r["name"], r["dist"], r["version"],
-          ", ".join(f"{c['kind']}:{c['name']}" for c in r["capabilities"]),
+          ", ".join(f"{c['kind']}:{c['name']}"
+                    + (f" ({c['state']})" if c.get("selected") or c.get("state", "")
+                       .startswith("failed") else "") for c in r["capabilities"]),
           "yes" if r["selected"] else "", r["status"]] for r in rows])
+
+
+def _capabilities_lines(rows) -> list[str]:
+    return [f"  {r['kind'] + ':':<14}{r['name']:<12}{r['state']}"
+            + (f"  [{r['dist']} {r['version']}]" if r.get("dist") else "")
+            + (f"  bpf: {', '.join(r['bpf']['programs'])}" if r.get("bpf") else "")
+            for r in rows if r.get("selected")]
 
 
 def _status_table(s):
@@ -40,11 +50,13 @@ def _status_table(s):
         f"  {kv.get('detail', '')}"
         + (f"  (cluster state: {kv['cluster']})" if kv.get("cluster") else ""),
         "Plugins:       " + ", ".join(f"{k}={','.join(v) or '-'}" for k, v in s["plugins"].items()),
+        "Capabilities:",
+        *_capabilities_lines(s.get("capabilities", [])),
         f"Components:    {', '.join(s.get('components', [])) or '-'}",
         f"Uptime:        {s['uptime_seconds']}s",
     ]
     for key, value in s.items():
-        if isinstance(value, dict) and key not in ("kvstore", "plugins"):
+        if isinstance(value, dict) and key not in ("kvstore", "plugins", "capabilities"):
             lines.append(f"{key.capitalize() + ':':<15}" + ", ".join(f"{k}={v}" for k, v in value.items()))
     return "\n".join(lines)
 
@@ -67,10 +79,21 @@ def register(cli: click.Group) -> None:
     @output_option
     @click.option("--config", "config_file", type=click.Path(path_type=Path),
                   help="Config file whose selection to show (offline).")
-    def plugins(output: str, config_file: Path | None) -> None:
-        """Installed plugins: distribution, version, hooks, capabilities, selected."""
-        cfg = config_mod.load(config_file)
-        rows = plugin_report(make_plugin_manager(), _selected_from(cfg))
+    @click.pass_context
+    def plugins(ctx, output: str, config_file: Path | None) -> None:
+        """Installed plugins: distribution, version, hooks, capabilities, selected, state.
+
+        Asks the running agent for each capability's state; with --config, or when no agent
+        answers, lists what is installed and what the config selects."""
+        rows = None
+        if config_file is None:
+            try:
+                rows = client_from(ctx).get("/v1/plugins")
+            except AgentUnreachable:
+                rows = None
+        if rows is None:
+            cfg = config_mod.load(config_file)
+            rows = plugin_report(make_plugin_manager(), _selected_from(cfg))
         emit(rows, output, _plugins_table)
 
     @cli.group("config")

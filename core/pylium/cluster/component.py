@@ -12,8 +12,9 @@ Options (`plugin_options: {cluster: {...}}` in the agent config):
   `resync_interval`      seconds between checks of local endpoints against what is
                          published (default 5)
 
-Node join/leave reaches `pylium_node_joined/left(node=...)` hook implementations and the
-routing mode (`daemon.components["routing"]`, if one runs)."""
+Node join/leave reaches the routing mode and encryption (if selected), then
+`pylium_node_joined/left(node=...)` hook implementations (`daemon.capabilities`). The node
+record carries the public key the encryption published."""
 
 from __future__ import annotations
 
@@ -108,8 +109,11 @@ class Cluster:
         self.daemon = daemon
         self.options = options
         cfg = daemon.config
+        encryption = daemon.components.get("encryption")
         self.local = NodeInfo(name=cfg.node_name, ipv4=cfg.node_ip or local_address(),
-                              pod_cidr=cfg.pod_cidr)
+                              pod_cidr=cfg.pod_cidr,
+                              encryption_key=str(encryption.setup_result or "")
+                              if encryption is not None else "")
         self.session = ClusterSession(daemon.kvstore, ttl=options["lease_ttl"])
         self.nodes = NodeRegistry(daemon.kvstore, self.session, self.local,
                                   on_joined=self._joined, on_left=self._left,
@@ -145,26 +149,12 @@ class Cluster:
             log.info("released identity references an outage had kept: %s", released)
 
     # node events -----------------------------------------------------------------------------
-    def _routing(self):
-        return self.daemon.components.get("routing")
-
     def _joined(self, node: NodeInfo) -> None:
-        routing = self._routing()
-        if routing is not None:
-            try:
-                routing.node_joined(node)
-            except Exception as exc:
-                log.warning("routing mode could not add node %s: %s", node.name, exc)
-        self.daemon.plugins.hook.pylium_node_joined(node=node)
+        """Routing mode, encryption, then plugins' hooks (the capability lifecycle's order)."""
+        self.daemon.capabilities.node_joined(node)
 
     def _left(self, node: NodeInfo) -> None:
-        routing = self._routing()
-        if routing is not None:
-            try:
-                routing.node_left(node)
-            except Exception as exc:
-                log.error("routing mode could not remove node %s: %s", node.name, exc)
-        self.daemon.plugins.hook.pylium_node_left(node=node)
+        self.daemon.capabilities.node_left(node)
 
     # local endpoints -------------------------------------------------------------------------
     def _local_endpoints(self) -> dict[str, tuple[int, str]] | None:

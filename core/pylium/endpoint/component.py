@@ -114,7 +114,8 @@ async def start(daemon) -> EndpointManager:
     )
     routing = daemon.components.get("routing")
     if routing is not None:
-        manager.mtu = routing.pod_mtu
+        encryption = daemon.components.get("encryption")
+        manager.mtu = routing.pod_mtu - (encryption.mtu_overhead if encryption else 0)
     if policy is None:
         manager.missing.append("policy")
     if manager.missing:

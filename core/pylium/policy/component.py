@@ -1,4 +1,6 @@
-"""Agent start-up: the policy repository (loaded from the KV store) and the engine."""
+"""Agent start-up: the policy repository (loaded from the KV store) and the engine. Every
+repository change reaches `pylium_policy_changed(revision, added, deleted)` hook
+implementations (added/deleted: the `NamedRule`s, each a rule and its policy's name)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ async def start(daemon) -> PolicyService:
     cache = identities.cache if identities is not None else IdentityCache()
     repository = PolicyRepository()
     store = PolicyStore(repository, daemon.kvstore)
+    hook = daemon.plugins.hook
+    # subscribed before the load: plugins hear of the policies the agent starts with too
+    repository.subscribe(lambda change: hook.pylium_policy_changed(
+        revision=change.revision, added=list(change.added), deleted=list(change.removed)))
     await store.load()
     engine = PolicyEngine(repository, cache, daemon.config.enforcement)
     return PolicyService(repository, store, engine)

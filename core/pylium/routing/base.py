@@ -1,29 +1,19 @@
-"""What every routing backend is handed, and the pieces more than one backend uses."""
+"""The pieces more than one routing backend uses (the context they are handed lives in
+`pylium.api.context`)."""
 
 from __future__ import annotations
 
+import abc
 import ipaddress
 import logging
 from typing import Any
 
-import attrs
-
+from pylium.api.context import RoutingContext
 from pylium.api.routing import NodeInfo, RoutingMode
 from pylium.datapath import netns as plumbing
 from pylium.errors import UserError
 
 log = logging.getLogger(__name__)
-
-
-@attrs.frozen
-class RoutingContext:
-    """The node as a backend sees it: the opened endpoint datapath (None in unit tests),
-    the underlay link (the one holding the node IP) and its MTU."""
-
-    datapath: Any
-    node: NodeInfo
-    underlay_ifname: str
-    underlay_mtu: int
 
 
 def option_int(options: dict[str, Any], key: str, default: int, low: int, high: int,
@@ -36,13 +26,42 @@ def option_int(options: dict[str, Any], key: str, default: int, low: int, high: 
 
 
 class RoutedNodes(RoutingMode):
-    """Keeps one route per remote node: its pod CIDR via its underlay IP on the underlay
-    link. Native routing carries pod traffic on these routes; the BPF Geneve overlay uses
-    them to pick the outer next hop (and its MAC)."""
+    """The per-node bookkeeping every cross-node mode needs, in one place: remote nodes are
+    checked, remembered, programmed when they join (re-programmed when their address or pod
+    CIDR changes) and unprogrammed when they leave. Subclasses say what programming a node
+    means (`program_node`/`unprogram_node`); `add_node_route`/`delete_node_route` keep one
+    route per remote node (its pod CIDR via its underlay IP on the underlay link): native
+    routing carries pod traffic on it, the BPF Geneve overlay picks the outer next hop."""
 
     def __init__(self, context: RoutingContext, options: dict[str, Any] | None = None):
         super().__init__(context, options)
         self.nodes: dict[str, NodeInfo] = {}
+        self.local: NodeInfo | None = None
+
+    @abc.abstractmethod
+    def program_node(self, node: NodeInfo) -> None: ...
+
+    @abc.abstractmethod
+    def unprogram_node(self, node: NodeInfo) -> None: ...
+
+    def node_joined(self, node: NodeInfo) -> None:
+        if self.local is not None and node.name == self.local.name:
+            return
+        self.check_remote(node)
+        old = self.nodes.get(node.name)
+        if old is not None and (old.ipv4, old.pod_cidr) != (node.ipv4, node.pod_cidr):
+            self.unprogram_node(old)
+        self.nodes[node.name] = node
+        self.program_node(node)
+
+    def node_left(self, node: NodeInfo) -> None:
+        known = self.nodes.pop(node.name, None)
+        if known is not None:
+            self.unprogram_node(known)
+
+    def teardown(self) -> None:
+        for node in list(self.nodes.values()):
+            self.node_left(node)
 
     def add_node_route(self, node: NodeInfo) -> None:
         plumbing.add_route(str(node.pod_cidr), None, gateway=str(node.ipv4),

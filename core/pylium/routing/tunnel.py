@@ -19,7 +19,8 @@ VNI_MAX = (1 << 24) - 1
 
 class TunnelRouting(RoutedNodes):
     """Subclasses set `name`, `default_port` and implement the tunnel: `setup_tunnel()`,
-    `program_node()`/`unprogram_node()` (per remote node), `teardown_tunnel()`."""
+    `program_node()`/`unprogram_node()` (per remote node, from `RoutedNodes`),
+    `teardown_tunnel()`."""
 
     mtu_overhead = TUNNEL_OVERHEAD
     default_port = 0
@@ -27,7 +28,6 @@ class TunnelRouting(RoutedNodes):
     def __init__(self, context: RoutingContext, options: dict[str, Any] | None = None):
         super().__init__(context, options)
         self.port = option_int(self.options, "port", self.default_port, 1, 65535, self.name)
-        self.local: NodeInfo | None = None
 
     @property
     def overhead(self) -> int:
@@ -37,24 +37,8 @@ class TunnelRouting(RoutedNodes):
         self.local = local
         self.setup_tunnel()
 
-    def node_joined(self, node: NodeInfo) -> None:
-        if self.local is not None and node.name == self.local.name:
-            return
-        self.check_remote(node)
-        old = self.nodes.get(node.name)
-        if old is not None and old != node:
-            self.unprogram_node(old)
-        self.nodes[node.name] = node
-        self.program_node(node)
-
-    def node_left(self, node: NodeInfo) -> None:
-        known = self.nodes.pop(node.name, None)
-        if known is not None:
-            self.unprogram_node(known)
-
     def teardown(self) -> None:
-        for node in list(self.nodes.values()):
-            self.node_left(node)
+        super().teardown()
         self.teardown_tunnel()
 
     def status(self) -> dict[str, Any]:
@@ -62,12 +46,6 @@ class TunnelRouting(RoutedNodes):
 
     @abc.abstractmethod
     def setup_tunnel(self) -> None: ...
-
-    @abc.abstractmethod
-    def program_node(self, node: NodeInfo) -> None: ...
-
-    @abc.abstractmethod
-    def unprogram_node(self, node: NodeInfo) -> None: ...
 
     @abc.abstractmethod
     def teardown_tunnel(self) -> None: ...

@@ -22,27 +22,13 @@ class NativeRouting(RoutedNodes):
         if self.options:
             raise UserError(f"plugin_options.native: unknown option(s) "
                             f"{', '.join(sorted(self.options))}")
-        self.local: NodeInfo | None = None
 
     def setup_node(self, local: NodeInfo) -> None:
         self.local = local
         plumbing.write_sysctl(None, "net.ipv4.ip_forward", "1")
 
-    def node_joined(self, node: NodeInfo) -> None:
-        if self.local is not None and node.name == self.local.name:
-            return
-        self.check_remote(node)
-        old = self.nodes.get(node.name)
-        if old is not None and old.pod_cidr != node.pod_cidr:
-            self.delete_node_route(old)
-        self.nodes[node.name] = node
+    def program_node(self, node: NodeInfo) -> None:
         self.add_node_route(node)
 
-    def node_left(self, node: NodeInfo) -> None:
-        known = self.nodes.pop(node.name, None)
-        if known is not None:
-            self.delete_node_route(known)
-
-    def teardown(self) -> None:
-        for node in list(self.nodes.values()):
-            self.node_left(node)
+    def unprogram_node(self, node: NodeInfo) -> None:
+        self.delete_node_route(node)

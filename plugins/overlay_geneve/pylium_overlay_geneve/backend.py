@@ -14,7 +14,6 @@ from typing import Any
 
 from pylium.api.routing import NodeInfo
 from pylium.datapath import tc
-from pylium.datapath.plugin_object import PluginObject
 from pylium.errors import UserError
 from pylium.routing.tunnel import TunnelRouting
 
@@ -23,8 +22,10 @@ log = logging.getLogger(__name__)
 BPF_DIR = Path(__file__).resolve().parent / "bpf"
 BPF_SOURCE = "bpf_geneve.c"
 DEFAULT_PORT = 6081  # IANA
-#: compile-time defines (the record lists them; NODE_IP and GENEVE_PORT are set at load)
+#: compile-time defines (the record lists them); the node's address and the configured
+#: port are the backend's to know, so the core loads the object on `context.load_bpf`
 DEFINES = {"TUNNEL_TTL": 64, "GENEVE_PORT": DEFAULT_PORT}
+RUNTIME_DEFINES = ("GENEVE_PORT", "NODE_IP")
 
 
 class OverlayGeneve(TunnelRouting):
@@ -36,19 +37,16 @@ class OverlayGeneve(TunnelRouting):
         unknown = set(self.options) - {"port"}
         if unknown:
             raise UserError(f"plugin_options.geneve: unknown option(s) {', '.join(sorted(unknown))}")
-        self.obj: PluginObject | None = None
 
     def setup_tunnel(self) -> None:
         datapath = self.context.datapath
         if datapath is None:
             raise UserError("routing mode geneve needs the datapath component")
         node_ip = int(ipaddress.IPv4Address(self.context.node.ipv4))
-        self.obj = PluginObject(datapath, BPF_DIR, BPF_SOURCE,
-                                {**DEFINES, "GENEVE_PORT": self.port, "NODE_IP": f"{node_ip}u"})
-        fds = self.obj.load(("geneve_egress", "geneve_ingress"))
+        bpf = self.context.load_bpf(GENEVE_PORT=self.port, NODE_IP=f"{node_ip}u")
         index = socket.if_nametoindex(self.context.underlay_ifname)
-        tc.attach(index, tc.EGRESS, fds["geneve_egress"])
-        tc.attach(index, tc.INGRESS, fds["geneve_ingress"])
+        tc.attach(index, tc.EGRESS, bpf.program("geneve_egress"))
+        tc.attach(index, tc.INGRESS, bpf.program("geneve_ingress"))
         log.info("geneve: BPF encap/decap on %s (UDP %d)", self.context.underlay_ifname, self.port)
 
     def program_node(self, node: NodeInfo) -> None:
@@ -61,13 +59,7 @@ class OverlayGeneve(TunnelRouting):
         index = socket.if_nametoindex(self.context.underlay_ifname)
         for point in (tc.EGRESS, tc.INGRESS):
             tc.detach(index, point)
-        self.close()
 
     def status(self) -> dict[str, Any]:
         return {**super().status(), "device": self.context.underlay_ifname,
                 "encapsulation": "bpf"}
-
-    def close(self) -> None:
-        if self.obj is not None:
-            self.obj.close()
-            self.obj = None

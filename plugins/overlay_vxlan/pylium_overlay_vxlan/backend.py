@@ -11,7 +11,6 @@ from typing import Any
 from pylium.api.routing import NodeInfo
 from pylium.datapath import netns as plumbing
 from pylium.datapath import tc
-from pylium.datapath.plugin_object import PluginObject
 from pylium.errors import UserError
 from pylium.routing.tunnel import TunnelRouting
 
@@ -21,8 +20,10 @@ BPF_DIR = Path(__file__).resolve().parent / "bpf"
 BPF_SOURCE = "bpf_vxlan.c"
 DEFAULT_PORT = 8472  # Cilium's
 DEVICE = "pylium_vxlan"
-#: compile-time defines (the record lists them; VXLAN_IFINDEX is added at load)
+#: compile-time defines (the record lists them); VXLAN_IFINDEX is the device this backend
+#: creates, so the core loads the object when the backend calls `context.load_bpf`
 DEFINES = {"TUNNEL_TTL": 64}
+RUNTIME_DEFINES = ("VXLAN_IFINDEX",)
 
 
 class OverlayVxlan(TunnelRouting):
@@ -35,7 +36,6 @@ class OverlayVxlan(TunnelRouting):
         if unknown:
             raise UserError(f"plugin_options.vxlan: unknown option(s) {', '.join(sorted(unknown))}")
         self.device = str(self.options.get("device", DEVICE))
-        self.obj: PluginObject | None = None
 
     def setup_tunnel(self) -> None:
         datapath = self.context.datapath
@@ -44,10 +44,9 @@ class OverlayVxlan(TunnelRouting):
         mtu = self.context.underlay_mtu - self.mtu_overhead
         link = plumbing.create_vxlan_external(self.device, self.port, mtu)
         plumbing.write_sysctl(None, f"net.ipv6.conf.{self.device}.disable_ipv6", "1")
-        self.obj = PluginObject(datapath, BPF_DIR, BPF_SOURCE, {**DEFINES, "VXLAN_IFINDEX": link.ifindex})
-        fds = self.obj.load(("to_overlay", "from_overlay"))
-        tc.attach(link.ifindex, tc.INGRESS, fds["from_overlay"])
-        datapath.set_routing_slot(0, fds["to_overlay"])
+        bpf = self.context.load_bpf(VXLAN_IFINDEX=link.ifindex)
+        tc.attach(link.ifindex, tc.INGRESS, bpf.program("from_overlay"))
+        datapath.set_routing_slot(0, bpf.program("to_overlay"))
         self.ifindex = link.ifindex
         log.info("vxlan: device %s (ifindex %d, UDP %d, mtu %d)", self.device, link.ifindex,
                  self.port, mtu)
@@ -63,12 +62,6 @@ class OverlayVxlan(TunnelRouting):
         if self.context.datapath is not None:
             self.context.datapath.set_routing_slot(0, None)
         plumbing.delete_link(self.device)
-        self.close()
 
     def status(self) -> dict[str, Any]:
         return {**super().status(), "device": self.device}
-
-    def close(self) -> None:
-        if self.obj is not None:
-            self.obj.close()
-            self.obj = None

@@ -186,8 +186,10 @@ UNFINISHED_KV = """
 
 
 @pytest.mark.parametrize("kvstore, code, needle", [
-    ("later", 1, "kvstore backend 'later' is not implemented yet (tracked in issue 99)"),
-    ("buggy", 3, "kvstore 'buggy' failed to open: KeyError: 'oops'"),
+    # a placeholder is a plugin problem (exit 3), named with its distribution
+    ("later", 3, "kvstore 'later' (acme-kv 1.0) is selected but is a placeholder: kvstore "
+                 "backend 'later' is not implemented yet (tracked in issue 99)"),
+    ("buggy", 3, "kvstore 'buggy' (acme-kv 1.0) failed to start: KeyError: 'oops'"),
 ])
 def test_selected_backend_that_cannot_start_fails_with_one_line(fake_site, short_dir, kvstore,
                                                                  code, needle):
