@@ -43,6 +43,7 @@ from pylium.datapath.maps.policy import (
     encode_meta,
 )
 from pylium.datapath.packet import SkBuff, build
+from pylium.datapath.proxy import install_proxy_routing, remove_proxy_routing
 from pylium.errors import UserError
 from pylium.policy.mapstate import (
     PROTOCOL_NAMES,
@@ -61,6 +62,8 @@ TRACE_CB_IDENTITY = 0x70796C6D
 TRACE_CB_DRYRUN = 0x64727972
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 CT_STATES = {0: "new", 1: "established", 2: "reply"}
+#: CB_RESULT_TARGET of a packet the program sent to the L7 proxy (bpf/lib/proxy.h)
+TARGET_PROXY = 0xFFFFFFFF
 VERDICT_NAMES = {0: None, 1: "allowed", 2: "denied", 3: "redirected"}
 MAX_IDENTITY = 0xFFFFFFFE
 ENDPOINT_IDENTITY_LIMIT = 1 << 24
@@ -151,6 +154,7 @@ class Datapath:
         self._lock = threading.RLock()
         self.prog_fds: dict[str, int] = {}
         self.object_path: Path | None = None
+        self._proxy_routing = False  # installed in this netns by this object
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -265,6 +269,10 @@ class Datapath:
                 for _key, value in list(self.endpoints.items()):
                     if self._ours(value):
                         self._detach_programs(value.ifindex)
+                        self._proxy_routing = True
+            if self._proxy_routing:
+                remove_proxy_routing()
+                self._proxy_routing = False
             self.close()
             for name in (*PINNED_MAPS, *(f"progs/{p}" for p in PROGRAMS)):
                 path = self.root / name
@@ -301,6 +309,10 @@ class Datapath:
     # -- endpoints ------------------------------------------------------------------
 
     def _attach_programs(self, ifindex: int) -> None:
+        # the netns holding endpoint veths is the node's: flows the programs send to the L7
+        # proxy need its policy routing there (never installed by an agent without pods)
+        install_proxy_routing()
+        self._proxy_routing = True
         tc.attach(ifindex, tc.INGRESS, self.prog_fds["from_container"])
         tc.attach(ifindex, tc.EGRESS, self.prog_fds["to_container"])
 
@@ -629,6 +641,8 @@ def decode_result(retval: int, ctx: SkBuff, program: str, direction: Direction) 
     verdict = ctx.cb[1] & 0xFF
     action = {TC_ACT_OK: "forwarded", TC_ACT_SHOT: "dropped",
               TC_ACT_REDIRECT: "redirected"}.get(retval, f"tc action {retval}")
+    if retval != TC_ACT_SHOT and ctx.cb[4] == TARGET_PROXY:
+        action = "to-proxy"
     return {
         "program": program, "direction": direction.name.lower(), "retval": retval,
         "action": action,
@@ -638,6 +652,6 @@ def decode_result(retval: int, ctx: SkBuff, program: str, direction: Direction) 
         "drop_reason_desc": reason_name(reason) if retval == TC_ACT_SHOT else "",
         "peer_identity": ctx.cb[2],
         "ct": CT_STATES.get(ctx.cb[3], str(ctx.cb[3])),
-        "target_ifindex": ctx.cb[4],
+        "target_ifindex": 0 if ctx.cb[4] == TARGET_PROXY else ctx.cb[4],
     }
 

@@ -1,0 +1,285 @@
+"""The datapath's redirect to the node's L7 proxy, on real traffic: a real agent in a lab node
+netns, pods wired through its API, policies with HTTP rules imported over the API, curl from
+a pod. The proxy is a tiny transparent listener (redirect_listener.py) in the node netns; a
+test L7 plugin (redirect_plugin.py) tells the agent honestly whether it listens. Asserted:
+the listener receives the connection with the original destination as getsockname(), its
+upstream (SO_MARK = client identity) is judged by the destination's policy as the client,
+and without a listening proxy nothing gets through (fail closed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from pylium.datapath import netns as plumbing
+from pylium.datapath.marks import (
+    MARK_MAGIC_MASK,
+    MARK_MAGIC_TO_PROXY,
+    PROXY_ROUTE_TABLE,
+    PROXY_RULE_PRIORITY,
+)
+from pylium.lab.lab import _listening
+
+from ..endpoint.eplab import api, delete_policies, import_policy, make_lab
+
+HERE = Path(__file__).parent
+INGRESS_PROXY, EGRESS_PROXY = 10080, 10081
+PLUGIN_MODULE = "pylium_test_redirect_plugin"
+
+INGRESS_L7 = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: rd-ingress-l7}
+spec:
+  endpointSelector: {matchLabels: {app: rdserver}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: rdclient}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http: [{method: POST, path: /v1/request-landing}]
+"""
+
+EGRESS_L7 = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: rd-egress-l7}
+spec:
+  endpointSelector: {matchLabels: {app: rdclient}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: rdserver}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http: [{method: POST, path: /v1/request-landing}]
+"""
+
+SERVER_ALLOWS = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: rd-server-l4}
+spec:
+  endpointSelector: {matchLabels: {app: rdserver}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: %s}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+"""
+
+
+def _install_plugin(site: Path) -> None:
+    """A dist-info + module on PYTHONPATH: the agent discovers the plugin like a pip install."""
+    shutil.copy(HERE / "redirect_plugin.py", site / f"{PLUGIN_MODULE}.py")
+    info = site / "pylium_test_redirect-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pylium-test-redirect\n"
+                                   "Version: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[pylium]\nredirecttest = {PLUGIN_MODULE}\n")
+
+
+class Listener:
+    """The test proxy on one port in the node netns, started and stopped by pid."""
+
+    def __init__(self, lab, port: int, identities: dict[str, int], log: Path):
+        self.lab, self.port, self.log = lab, port, log
+        self.log.write_text("")
+        args = [f"{ip}={identity}" for ip, identity in identities.items()]
+        self.pid = lab.start_server("node1", [sys.executable, str(HERE / "redirect_listener.py"),
+                                              str(port), str(log), *args], port=port)
+
+    def connections(self) -> list[dict]:
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+    def stop(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        netns = self.lab.node("node1")["netns"]
+        deadline = time.monotonic() + 5
+        while plumbing.run_in_netns(netns, lambda: _listening(self.port)):
+            assert time.monotonic() < deadline, f"listener on {self.port} did not stop"
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    site = Path(tempfile.mkdtemp(prefix="pylium-l7-redirect-"))
+    _install_plugin(site)
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), old) if p)
+    lab = None
+    try:
+        lab = make_lab(l7_parsers=["redirecttest"])
+        for name in ("rdclient", "rdserver", "rdother"):
+            lab.add_pod(name, {"app": name}, server="deathstar" if name == "rdserver" else None)
+        lab.logs = site  # listener logs live next to the plugin
+        yield lab
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+        if lab is not None:
+            lab.down()
+        shutil.rmtree(site, ignore_errors=True)
+
+
+def pods(lab) -> dict[str, dict]:
+    eps = {ep["name"]: ep for ep in api(lab).get("/v1/endpoint")}
+    return {p["name"]: {**p, "identity": eps[p["name"]]["identity"]} for p in lab.status()["pods"]}
+
+
+def land(lab, src: str, ip: str) -> subprocess.CompletedProcess:
+    return lab.exec(src, ["curl", "-s", "-m", "3", "-X", "POST",
+                          f"http://{ip}/v1/request-landing"], timeout=20)
+
+
+def metric(lab, reason: int) -> int:
+    return sum(m["packets"] for m in api(lab).get("/v1/bpf/metrics") if m["reason"] == reason)
+
+
+def redirect_entries(lab, ep_id: int) -> list[dict]:
+    return [e for e in api(lab).get(f"/v1/bpf/policy/{ep_id}")["entries"]
+            if e["verdict"] == "redirect"]
+
+
+@pytest.fixture
+def fresh(lab):
+    delete_policies(lab)
+    listeners: list[Listener] = []
+
+    def listen(port: int, identities: dict[str, int]) -> Listener:
+        made = Listener(lab, port, identities, lab.logs / f"listener-{port}-{len(listeners)}.log")
+        listeners.append(made)
+        return made
+
+    yield listen
+    for made in listeners:
+        made.stop()
+    delete_policies(lab)
+
+
+def test_ingress_rule_sends_the_connection_to_the_proxy_with_its_original_destination(lab, fresh):
+    p = pods(lab)
+    client, server = p["rdclient"], p["rdserver"]
+    proxy = fresh(INGRESS_PROXY, {client["ip"]: client["identity"]})
+    import_policy(lab, INGRESS_L7)
+    assert [e["proxy_port"] for e in redirect_entries(lab, server["endpoint_id"])] == [INGRESS_PROXY]
+
+    got = land(lab, "rdclient", server["ip"])
+    assert got.returncode == 0 and got.stdout == "Ship landed\n", got
+    [conn] = proxy.connections()
+    assert conn["sockname"] == [server["ip"], 80]       # the original destination
+    assert conn["peername"][0] == client["ip"]          # the client, not the node
+    assert conn["upstream"] == "connected"
+    ct = api(lab).get("/v1/bpf/ct")
+    redirected = [c for c in ct if c["src"] == client["ip"] and c["dport"] == 80
+                  and c["direction"] == "ingress"]
+    assert redirected and all(c["proxy_port"] == INGRESS_PROXY for c in redirected)
+    # the proxy's own upstream (from the node) was judged as the client by the server
+    upstream = [c for c in ct if c["dst"] == server["ip"] and c["dport"] == 80
+                and c["src"] == lab.node("node1")["ip"] and c["direction"] == "ingress"]
+    assert upstream and {c["src_identity"] for c in upstream} == {client["identity"]}
+    assert all(c["proxy_port"] == 0 for c in upstream)  # not sent to the proxy again
+
+    # a pod the policy does not name is dropped at L3/L4: it never reaches the proxy
+    assert land(lab, "rdother", server["ip"]).returncode != 0
+    assert len(proxy.connections()) == 1
+
+
+def test_proxy_cannot_launder_a_denied_identity(lab, fresh):
+    """The upstream's identity comes from its mark: a proxy speaking for an identity the
+    server does not allow gets dropped by the server's policy."""
+    p = pods(lab)
+    client, server, other = p["rdclient"], p["rdserver"], p["rdother"]
+    proxy = fresh(INGRESS_PROXY, {client["ip"]: other["identity"]})
+    import_policy(lab, INGRESS_L7)
+    before = metric(lab, 133)
+    assert land(lab, "rdclient", server["ip"]).returncode != 0
+    [conn] = proxy.connections()
+    assert conn["sockname"] == [server["ip"], 80]
+    assert conn["upstream"].startswith("error"), conn
+    assert metric(lab, 133) > before  # "Policy denied" at the server's ingress
+
+
+def test_egress_rule_sends_the_connection_to_the_egress_proxy(lab, fresh):
+    p = pods(lab)
+    client, server = p["rdclient"], p["rdserver"]
+    proxy = fresh(EGRESS_PROXY, {client["ip"]: client["identity"]})
+    import_policy(lab, EGRESS_L7)
+    import_policy(lab, SERVER_ALLOWS % "rdclient")
+    assert [e["proxy_port"] for e in redirect_entries(lab, client["endpoint_id"])] == [EGRESS_PROXY]
+
+    got = land(lab, "rdclient", server["ip"])
+    assert got.returncode == 0 and got.stdout == "Ship landed\n", got
+    [conn] = proxy.connections()
+    assert conn["sockname"] == [server["ip"], 80] and conn["peername"][0] == client["ip"]
+    redirected = [c for c in api(lab).get("/v1/bpf/ct") if c["src"] == client["ip"]
+                  and c["dport"] == 80 and c["direction"] == "egress"]
+    assert redirected and all(c["proxy_port"] == EGRESS_PROXY for c in redirected)
+
+    # the server now allows nobody it knows: the proxied upstream (as the client) is dropped
+    api(lab).delete("/v1/policy?name=rd-server-l4")
+    import_policy(lab, SERVER_ALLOWS % "nobody")
+    assert land(lab, "rdclient", server["ip"]).returncode != 0
+    assert proxy.connections()[-1]["upstream"].startswith("error")
+
+
+def test_without_a_listening_proxy_redirects_load_as_deny(lab, fresh):
+    p = pods(lab)
+    server = p["rdserver"]
+    import_policy(lab, INGRESS_L7)  # nothing listens on the proxy port
+    assert redirect_entries(lab, server["endpoint_id"]) == []
+    assert land(lab, "rdclient", server["ip"]).returncode != 0
+
+
+def test_proxy_that_dies_leaves_redirected_flows_dropped(lab, fresh):
+    """The policy still says redirect (nobody re-computed it yet) but no socket listens:
+    the datapath drops ("Socket lookup failed") instead of forwarding."""
+    p = pods(lab)
+    client, server = p["rdclient"], p["rdserver"]
+    proxy = fresh(INGRESS_PROXY, {client["ip"]: client["identity"]})
+    import_policy(lab, INGRESS_L7)
+    assert land(lab, "rdclient", server["ip"]).stdout == "Ship landed\n"
+    proxy.stop()
+    assert redirect_entries(lab, server["endpoint_id"])  # still loaded as redirect
+    before = metric(lab, 178)
+    assert land(lab, "rdclient", server["ip"]).returncode != 0
+    assert metric(lab, 178) > before
+
+
+def test_trace_reports_the_redirect_and_its_proxy_port(lab, fresh):
+    p = pods(lab)
+    client = p["rdclient"]
+    fresh(INGRESS_PROXY, {client["ip"]: client["identity"]})
+    import_policy(lab, INGRESS_L7)
+    out = api(lab).post("/v1/policy/trace", {"src": "app=rdclient", "dst": "app=rdserver",
+                                             "dport": 80, "datapath": True})
+    dp = out["datapath"]
+    assert (dp["verdict"], dp["agrees"], dp["proxy_port"]) == ("redirected", True, INGRESS_PROXY), dp
+    assert (dp["ingress"]["action"], dp["ingress"]["proxy_port"]) == ("to-proxy", INGRESS_PROXY)
+    assert dp["notes"] == []
+
+
+def test_lab_down_leaves_no_rules_netns_or_pins(lab):
+    node = lab.node("node1")
+    state = plumbing.fwmark_local_table_present(MARK_MAGIC_TO_PROXY, MARK_MAGIC_MASK,
+                                                PROXY_ROUTE_TABLE, PROXY_RULE_PRIORITY,
+                                                netns=node["netns"])
+    assert state == {"rule": True, "route": True}
+    netns = [n["netns"] for n in lab.status()["nodes"]] + [q["netns"] for q in lab.status()["pods"]]
+    lab.down()
+    assert not any(plumbing.netns_exists(n) for n in netns)
+    assert not Path(node["bpffs_root"]).exists()
+    root = plumbing.fwmark_local_table_present(MARK_MAGIC_TO_PROXY, MARK_MAGIC_MASK,
+                                               PROXY_ROUTE_TABLE, PROXY_RULE_PRIORITY)
+    assert root == {"rule": False, "route": False}  # never installed in this (root) netns
