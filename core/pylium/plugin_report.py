@@ -10,7 +10,6 @@ from typing import Any
 from pylium.api.records import CAPABILITY_KINDS
 from pylium.plugins import PluginManager
 
-
 OFFLINE_SELECTED = "selected (agent not running)"
 
 

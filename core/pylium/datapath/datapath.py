@@ -16,14 +16,16 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 
 from pylium.datapath import libbpf, tc
-from pylium.datapath.compile import compile_object
+from pylium.datapath.compile import bpf_source_dir
 from pylium.datapath.libbpf import DatapathError, lib
+from pylium.datapath.loader import LoadedObject, load_object
 from pylium.datapath.maps.base import BpfMap
 from pylium.datapath.maps.conntrack import CT_F_CLOSING, CT_F_SEEN_REPLY, CtEntry, CtKey
 from pylium.datapath.maps.endpoints import (
@@ -117,27 +119,6 @@ def _ensure_bpffs(root: Path) -> None:
             raise DatapathError(f"mounting bpffs on /sys/fs/bpf failed: {proc.stderr.strip()}")
 
 
-_PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
-_libc = ctypes.CDLL(None)
-_libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
-_libbpf_log: list[str] = []
-
-
-@_PRINT_FN
-def _libbpf_print(level: int, fmt: bytes, args: int) -> int:
-    buf = ctypes.create_string_buffer(4096)
-    _libc.vsnprintf(buf, len(buf), fmt, args)
-    text = buf.value.decode(errors="replace").rstrip()
-    if level == 0 or level == 1:  # LIBBPF_WARN, LIBBPF_INFO
-        _libbpf_log.append(text)
-        del _libbpf_log[:-200]
-        log.debug("libbpf: %s", text)
-    return 0
-
-
-lib.libbpf_set_print(ctypes.cast(_libbpf_print, ctypes.c_void_p))
-
-
 class Datapath:
     """The endpoint datapath of one node, pinned under `bpffs_root`. Use it from the netns
     that holds the endpoints' host-side veths (the node netns the agent runs in); every
@@ -150,7 +131,7 @@ class Datapath:
         if len(self.ct_timeouts) != 3 or min(self.ct_timeouts) <= 0:
             raise UserError(f"ct_timeouts: expected three positive seconds, got {ct_timeouts}")
         self.cache_dir = cache_dir
-        self._obj: int | None = None
+        self._obj: LoadedObject | None = None
         self._lock = threading.RLock()
         self.prog_fds: dict[str, int] = {}
         self.object_path: Path | None = None
@@ -177,46 +158,36 @@ class Datapath:
             _ensure_bpffs(self.root)
             self.root.mkdir(parents=True, exist_ok=True)
             (self.root / "progs").mkdir(exist_ok=True)
-            self.object_path = compile_object(OBJECT_SOURCE, self.defines, self.cache_dir)
-            obj = lib.bpf_object__open_file(str(self.object_path).encode(), None)
-            if not obj or lib.libbpf_get_error(obj):
-                raise DatapathError(f"opening BPF object {self.object_path} failed")
+            loaded = load_object(bpf_source_dir() / OBJECT_SOURCE, self.defines,
+                                 pin_root=self.root, pinned_maps=PINNED_MAPS,
+                                 require_pinned=True, cache_dir=self.cache_dir)
             try:
-                for name in PINNED_MAPS:
-                    m = lib.bpf_object__find_map_by_name(obj, name.encode())
-                    if not m:
-                        raise DatapathError(f"map {name} missing from {self.object_path}")
-                    libbpf.check(lib.bpf_map__set_pin_path(m, str(self.root / name).encode()),
-                                 f"setting pin path of {name}")
-                del _libbpf_log[:]
-                rc = lib.bpf_object__load(obj)
-                if rc < 0:
-                    detail = "\n".join(_libbpf_log[-30:])
-                    raise DatapathError(
-                        f"loading {OBJECT_SOURCE} failed ({os.strerror(libbpf.errno_of(rc))}); "
-                        f"if pinned maps under {self.root} have an old layout, remove them "
-                        f"(pylium lab down / Datapath.destroy()):\n{detail}")
-                self._bind_maps(obj)
+                self._bind_maps(loaded)
                 for name in PROGRAMS:
-                    prog = lib.bpf_object__find_program_by_name(obj, name.encode())
-                    self.prog_fds[name] = libbpf.check(lib.bpf_program__fd(prog), f"fd of {name}")
+                    self.prog_fds[name] = loaded.program(name)
                     pin = self.root / "progs" / name
                     if pin.exists():
                         pin.unlink()
                     libbpf.obj_pin(self.prog_fds[name], str(pin))
             except BaseException:
-                lib.bpf_object__close(obj)
+                loaded.close()
                 self.prog_fds.clear()
                 raise
-            self._obj = obj
+            self.object_path = loaded.object_path
+            self._obj = loaded
 
-    def _bind_maps(self, obj: int) -> None:
-        def fd(name: str) -> int:
-            return libbpf.check(lib.bpf_map__fd(lib.bpf_object__find_map_by_name(obj, name.encode())),
-                                f"fd of map {name}")
+    def load_object(self, source: Path, defines: Mapping[str, object] | None = None
+                    ) -> LoadedObject:
+        """Compile and load a plugin's object with this datapath's cache, its maps bound to
+        the core's pins (endpoints, ipcache, ... shared, not copies). The caller closes it."""
+        with self._lock:
+            self._require_open()
+            return load_object(source, defines, pin_root=self.root, pinned_maps=PINNED_MAPS,
+                               cache_dir=self.cache_dir)
 
+    def _bind_maps(self, loaded: LoadedObject) -> None:
         def typed(name, key, value, percpu=False):
-            return BpfMap(fd(name), name, key, value, percpu=percpu, owned=False)
+            return BpfMap(loaded.map(name), name, key, value, percpu=percpu, owned=False)
 
         self.endpoints = typed("endpoints", EndpointKey, EndpointInfoValue)
         self.ipcache = typed("ipcache", IpcacheKey, RemoteEndpointInfo)
@@ -224,8 +195,8 @@ class Datapath:
         self.conntrack = typed("conntrack", CtKey, CtEntry)
         self.metrics = typed("metrics", MetricsKey, MetricsValue, percpu=True)
         self.events_lost_map = typed("events_lost", U32Key, U64Value, percpu=True)
-        self.events_fd = fd("events")
-        self.routing_progs_fd = fd("routing_progs")
+        self.events_fd = loaded.map("events")
+        self.routing_progs_fd = loaded.map("routing_progs")
 
     def _ours(self, value: EndpointInfoValue) -> bool:
         """The interface at the endpoint's ifindex, in this netns, is its host-side veth
@@ -253,7 +224,7 @@ class Datapath:
         """Drop our fds; pins and attached programs stay (the datapath keeps running)."""
         with self._lock:
             if self._obj is not None:
-                lib.bpf_object__close(self._obj)
+                self._obj.close()
             self._obj = None
             self.prog_fds.clear()
 

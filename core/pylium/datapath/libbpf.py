@@ -9,7 +9,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
+import threading
 from ctypes import (
     POINTER,
     Structure,
@@ -148,8 +150,63 @@ _declare("bpf_tc_query", c_int, POINTER(BpfTcHook), POINTER(BpfTcOpts))
 _declare("libbpf_num_possible_cpus", c_int)
 _declare("libbpf_get_error", ctypes.c_long, c_void_p)
 _declare("libbpf_set_print", c_void_p, c_void_p)
+_declare("bpf_object__next_program", c_void_p, c_void_p, c_void_p)
+_declare("bpf_object__next_map", c_void_p, c_void_p, c_void_p)
+_declare("bpf_program__name", c_char_p, c_void_p)
+_declare("bpf_map__name", c_char_p, c_void_p)
 
 _ = (c_bool, c_uint)  # re-exported types for modules building on `lib`
+
+
+log = logging.getLogger(__name__)
+
+# -- libbpf's own messages ------------------------------------------------------------
+# libbpf prints its warnings (verifier log, BTF mismatches) through one process-wide
+# callback. `capture_log()` installs ours the first time something is loaded, never at
+# import: importing pylium must not change what libbpf does for the rest of the process.
+
+_PRINT_FN = ctypes.CFUNCTYPE(c_int, c_int, c_char_p, c_void_p)
+LOG_KEEP = 200
+_log_lines: list[str] = []
+_log_lock = threading.Lock()
+_vsnprintf = None
+_printer = None  # the installed callback; kept referenced so ctypes does not free it
+
+
+def _libbpf_print(level: int, fmt: bytes, args: int) -> int:
+    buf = ctypes.create_string_buffer(4096)
+    _vsnprintf(buf, len(buf), fmt, args)
+    text = buf.value.decode(errors="replace").rstrip()
+    if level in (0, 1):  # LIBBPF_WARN, LIBBPF_INFO (LIBBPF_DEBUG is dropped)
+        with _log_lock:
+            _log_lines.append(text)
+            del _log_lines[:-LOG_KEEP]
+        log.debug("libbpf: %s", text)
+    return 0
+
+
+def capture_log() -> None:
+    """Route libbpf's messages into our buffer (read with `log_tail`). Idempotent."""
+    global _vsnprintf, _printer
+    with _log_lock:
+        if _printer is not None:
+            return
+        vsnprintf = ctypes.CDLL(None).vsnprintf
+        vsnprintf.argtypes = [c_char_p, c_size_t, c_char_p, c_void_p]
+        _vsnprintf = vsnprintf
+        _printer = _PRINT_FN(_libbpf_print)
+        lib.libbpf_set_print(ctypes.cast(_printer, c_void_p))
+
+
+def clear_log() -> None:
+    with _log_lock:
+        del _log_lines[:]
+
+
+def log_tail(lines: int = 30) -> list[str]:
+    """The last libbpf messages captured (after `capture_log()`)."""
+    with _log_lock:
+        return list(_log_lines[-lines:])
 
 
 def check(rc: int, what: str) -> int:

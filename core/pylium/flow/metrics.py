@@ -280,8 +280,11 @@ def _count(component: Any, names: tuple[str, ...] = ("count", "list", "rules", "
         return None
 
 
-def make_registry(observer) -> tuple[CollectorRegistry, AgentCollector]:
-    registry = CollectorRegistry(auto_describe=False)
+def make_registry(observer, registry: CollectorRegistry | None = None
+                  ) -> tuple[CollectorRegistry, AgentCollector]:
+    """The agent's collector in `registry` (the daemon's, which plugins' collectors share)
+    or a new one."""
+    registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
     collector = AgentCollector(observer)
     registry.register(collector)
     return registry, collector

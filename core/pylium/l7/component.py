@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from pylium.api.records import Capability
+from pylium.policy.mapstate import PROTOCOL_NAMES
 from pylium.policy.resolve import PROXY_PORTS
 
 log = logging.getLogger(__name__)
@@ -51,18 +52,17 @@ class L7Proxies:
                 log.warning("l7 parser %s: served_ports failed: %s", running.name, exc)
         return ports
 
-    def parser_for(self, protocol: str, port: int, transport: str = "TCP") -> Any | None:
-        """The running parser that handles a redirect of `protocol` traffic to `port`."""
-        by_protocol = {getattr(r.backend, "protocol", "") or r.name: r for r in self.parsers
-                       if r.state == "running"}
-        if protocol in by_protocol:
-            return by_protocol[protocol].backend
+    def parser_name_for(self, protocol: str, port: int, transport: str = "TCP") -> str | None:
+        """Which running parser judges `protocol` requests redirected from `port`: the one
+        whose `protocol` it is, else the one a plugin names through
+        `pylium_l7_parser_for_port` (None: nobody; the redirect stays fail-closed)."""
+        running = [r for r in self.parsers if r.state == "running"]
+        for r in running:
+            if (getattr(r.backend, "protocol", "") or r.name) == protocol:
+                return r.name
         claimed = self.daemon.plugins.hook.pylium_l7_parser_for_port(port=port,
                                                                      protocol=transport)
-        by_name = {r.name: r for r in self.parsers if r.state == "running"}
-        if claimed in by_name:
-            return by_name[claimed].backend
-        return None
+        return claimed if any(r.name == claimed for r in running) else None
 
 
 class IdentityLookup:
@@ -99,11 +99,22 @@ class IdentityLookup:
 
 
 class L7PolicySource:
-    """What L7 proxies judge requests against: for every local endpoint, the L7 grants of
-    each redirected policy key (from the policy engine), and a way to hear of changes."""
+    """What one L7 parser judges requests against: for every local endpoint, the L7 grants
+    of each redirected policy key (from the policy engine) whose protocol this parser
+    handles (`L7Proxies.parser_for`), and a way to hear of changes."""
 
-    def __init__(self, daemon):
+    def __init__(self, daemon, parser: str):
         self.daemon = daemon
+        self.parser = parser
+
+    def _handled_here(self, key: Any, grants: tuple) -> bool:
+        proxies = self.daemon.components.get("l7")
+        if proxies is None:
+            return False
+        kinds = {g.kind for g in grants if g.kind}
+        transport = PROTOCOL_NAMES.get(key.protocol, str(key.protocol))
+        return any(proxies.parser_name_for(kind, key.port, transport) == self.parser
+                   for kind in kinds)
 
     def snapshot(self) -> list[dict[str, Any]]:
         """[{ep_id, ipv4, identity, entries: [(PolicyKey, (L7Grant, ...)), ...]}]"""
@@ -120,8 +131,10 @@ class L7PolicySource:
             except Exception as exc:
                 log.warning("L7 policy of endpoint %s not computed: %s", ep.id, exc)
                 continue
+            entries = [(key, grants) for key, grants in computed.l7.items()
+                       if self._handled_here(key, grants)]
             out.append({"ep_id": ep.id, "ipv4": ep.ipv4, "identity": int(ep.identity),
-                        "entries": sorted(computed.l7.items(), key=lambda kv: str(kv[0]))})
+                        "entries": sorted(entries, key=lambda kv: str(kv[0]))})
         return out
 
     def subscribe(self, callback) -> Any:
@@ -150,7 +163,7 @@ def l7_context_handles(daemon, record: Capability) -> dict[str, Any]:
     protocol = getattr(record.backend, "protocol", "") or record.name
     return {"datapath": daemon.components.get("datapath"),
             "proxy_ports": proxy_ports_of(protocol),
-            "policy": L7PolicySource(daemon),
+            "policy": L7PolicySource(daemon, record.name),
             "identities": IdentityLookup(daemon),
             "flows": LazyFlowRecorder(daemon)}
 

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 
 import pytest
-from pylium.datapath.compile import compile_object
+from pylium.datapath.compile import bpf_source_dir, compile_object
 from pylium.datapath.maps.conntrack import CtEntry, CtKey
 from pylium.datapath.maps.endpoints import EndpointInfoValue, EndpointKey
 from pylium.datapath.maps.events import Event
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(shutil.which("clang") is None or shutil.which("b
 
 @pytest.fixture(scope="module")
 def btf_structs(tmp_path_factory) -> dict[str, dict]:
-    obj = compile_object("bpf_alignchecker.c", cache_dir=tmp_path_factory.mktemp("bpfcache"))
+    obj = compile_object(bpf_source_dir() / "bpf_alignchecker.c", cache_dir=tmp_path_factory.mktemp("bpfcache"))
     out = subprocess.run(["bpftool", "btf", "dump", "file", str(obj), "-j"], check=True,
                          capture_output=True, text=True).stdout
     return {t["name"]: t for t in json.loads(out)["types"] if t["kind"] == "STRUCT"}

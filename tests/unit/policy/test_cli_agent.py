@@ -80,3 +80,23 @@ def test_import_get_trace_delete_and_identities(agent_socket, shared_dir):
     gone = run(agent_socket, "policy", "delete", "--all", "-o", "json")
     assert len(json.loads(gone.output)["deleted"]) == 2
     assert json.loads(run(agent_socket, "policy", "get", "-o", "json").output)["policies"] == []
+
+
+def test_import_prints_the_agents_warnings_on_stderr_and_exits_0(agent_socket, tmp_path):
+    fqdn = tmp_path / "fqdn.yaml"
+    fqdn.write_text("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\n"
+                    "metadata: {name: fqdn}\nspec:\n  endpointSelector: {}\n  egress:\n"
+                    "  - toEndpoints: [{}]\n  - toFQDNs: [{matchPattern: '*.example.com'}]\n")
+    imported = run(agent_socket, "policy", "import", str(fqdn))
+    assert imported.exit_code == 0
+    assert imported.stdout.startswith("imported 1 policies, revision ")
+    assert imported.stderr.splitlines() == [
+        f"warning: {fqdn}: spec.egress[1].toFQDNs: not enforced yet by pylium (no DNS proxy "
+        "learns the names' addresses): selects no peers, so the traffic it would allow is "
+        "denied"]
+    as_json = run(agent_socket, "policy", "import", str(fqdn), "-o", "json")
+    assert as_json.exit_code == 0
+    assert [w["path"] for w in json.loads(as_json.stdout)["warnings"]] == [
+        "spec.egress[1].toFQDNs"]
+    listing = json.loads(run(agent_socket, "policy", "get", "-o", "json").stdout)
+    assert [p["name"] for p in listing["policies"]] == ["fqdn"]  # imported all the same

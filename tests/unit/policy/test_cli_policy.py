@@ -93,6 +93,31 @@ def test_validate_prints_one_line_per_error_and_exits_1(tmp_path, shared_dir):
     assert good.exit_code == 0 and "valid (1 policies, 1 rules)" in good.output
 
 
+def test_validate_warns_about_fields_it_does_not_enforce_and_exits_0(tmp_path):
+    fqdn = tmp_path / "fqdn.yaml"
+    fqdn.write_text("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\n"
+                    "spec:\n  endpointSelector: {}\n  egress:\n"
+                    "  - toFQDNs: [{matchName: api.example.com}]\n"
+                    "  - toServices: [{k8sService: {serviceName: db}}]\n")
+    result = CliRunner().invoke(cli, ["policy", "validate", str(fqdn)])
+    assert result.exit_code == 0
+    assert result.stdout == f"{fqdn}: valid (1 policies, 1 rules)\n"
+    assert result.stderr.splitlines() == [
+        f"warning: {fqdn}: spec.egress[0].toFQDNs: not enforced yet by pylium (no DNS proxy "
+        "learns the names' addresses): selects no peers, so the traffic it would allow is "
+        "denied",
+        f"warning: {fqdn}: spec.egress[1].toServices: not enforced yet by pylium (service "
+        "backends are not tracked yet): selects no peers, so the traffic it would allow is "
+        "denied"]
+    # a warning does not hide an error in another file, and errors still exit 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(fqdn.read_text().replace("matchName: api.example.com", 'matchName: "a b"'))
+    both = CliRunner().invoke(cli, ["policy", "validate", str(fqdn), str(bad)])
+    assert both.exit_code == 1
+    assert f'{bad}: spec.egress[0].toFQDNs[0].matchName: "a b" is not a DNS name' \
+        in both.stderr.splitlines()
+
+
 def test_trace_needs_one_source(shared_dir):
     result = CliRunner().invoke(cli, ["policy", "trace", "--dst", DEATHSTAR, "--dport", "80",
                                       "--policy-file", "x.yaml"])

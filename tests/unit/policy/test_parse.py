@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from pylium.policy.parse import PolicyError, load_file, load_text
+from pylium.policy.errors import PolicyError, PolicyWarning
+from pylium.policy.load import from_source, load_file, load_text
 from pylium.policy.selector import Requirement
+from pylium.policy.validate import NOT_ENFORCED
 
 CNP = """
 apiVersion: cilium.io/v2
@@ -100,6 +102,16 @@ def errors_of(text: str) -> list[str]:
     ("""  endpointSelector: {}
   ingress: {fromEndpoints: []}""",
      "spec.ingress: must be a list"),
+    # a deny rule pylium cannot enforce would deny nothing: refused, never a silent allow
+    ("""  endpointSelector: {}
+  egressDeny:
+  - toServices: [{k8sService: {serviceName: db, namespace: prod}}]""",
+     "spec.egressDeny[0].toServices: toServices is not enforced yet by pylium: in a deny "
+     "rule it would deny nothing"),
+    ("""  endpointSelector: {}
+  egressDeny:
+  - toFQDNs: [{matchName: example.com}]""",
+     "spec.egressDeny[0].toFQDNs: toFQDNs is not allowed in egressDeny rules"),
 ])
 def test_errors_name_the_path(spec, expected):
     errors = errors_of(cnp(spec))
@@ -113,6 +125,56 @@ def test_all_errors_of_a_document_are_reported():
   egress:
   - toEntities: [moon]"""))
     assert len(errors) == 2
+
+
+FQDN_RULE = """  endpointSelector: {matchLabels: {app: x}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: y}}]
+  - toFQDNs: [{matchName: api.example.com}]
+    toPorts: [{ports: [{port: "443"}]}]
+  - toServices: [{k8sService: {serviceName: db, namespace: prod}}]
+    toEndpoints: [{matchLabels: {app: z}}]"""
+
+
+def test_fields_accepted_but_not_enforced_are_warnings_naming_rule_and_field():
+    (policy,) = load_text(cnp(FQDN_RULE))
+    assert policy.warnings == (
+        PolicyWarning("spec.egress[1].toFQDNs", NOT_ENFORCED["toFQDNs"]),
+        PolicyWarning("spec.egress[2].toServices", NOT_ENFORCED["toServices"]))
+    assert str(policy.warnings[0]) == (
+        "spec.egress[1].toFQDNs: not enforced yet by pylium (no DNS proxy learns the names' "
+        "addresses): selects no peers, so the traffic it would allow is denied")
+    assert len(policy.rules[0].egress) == 3  # accepted: the rule is kept, not dropped
+    # the store re-parses the document it persisted: the warnings come back with it
+    (again,) = from_source(policy.kind, policy.name, policy.source)
+    assert again.warnings == policy.warnings
+
+
+def test_warning_paths_follow_specs_documents_and_rule_lists():
+    text = cnp("  endpointSelector: {}") + """specs:
+- endpointSelector: {}
+- endpointSelector: {}
+  egress: [{toFQDNs: [{matchPattern: "*.example.com"}]}]
+---
+""" + cnp(FQDN_RULE).replace("name: p1", "name: p2")
+    first, second = load_text(text)
+    assert [w.path for w in first.warnings] == ["documents[0].specs[1].egress[0].toFQDNs"]
+    assert [w.path for w in second.warnings] == ["documents[1].spec.egress[1].toFQDNs",
+                                                 "documents[1].spec.egress[2].toServices"]
+    (rules,) = load_text(json.dumps([{"endpointSelector": {}},
+                                     {"endpointSelector": {},
+                                      "egress": [{"toServices": [{"k8sService": {
+                                          "serviceName": "db"}}]}]}]))
+    assert [w.path for w in rules.warnings] == ["[1].egress[0].toServices"]
+
+
+def test_policies_without_such_fields_have_no_warnings():
+    (policy,) = load_text(cnp("""  endpointSelector: {}
+  egress:
+  - toEndpoints: [{}]
+    toPorts: [{ports: [{port: "53", protocol: UDP}], rules: {dns: [{matchPattern: "*"}]}}]
+  - toFQDNs: []"""))
+    assert policy.warnings == ()
 
 
 def test_kinds_api_versions_and_top_level_keys():
