@@ -40,6 +40,9 @@ def pump(src: socket.socket, dst: socket.socket) -> None:
 
 def serve(conn: socket.socket, path: str, identities: dict[str, int], port: int) -> None:
     sockname, peername = conn.getsockname(), conn.getpeername()
+    if sockname[0].startswith("127."):  # a readiness probe, not a redirected connection
+        conn.close()
+        return
     identity = identities.get(peername[0], 2)
     up = socket.socket()
     up.setsockopt(socket.SOL_SOCKET, SO_MARK, mark_encode_identity(identity))

@@ -95,8 +95,15 @@ class Listener:
         self.pid = lab.start_server("node1", [sys.executable, str(HERE / "redirect_listener.py"),
                                               str(port), str(log), *args], port=port)
 
-    def connections(self) -> list[dict]:
-        return [json.loads(line) for line in self.log.read_text().splitlines()]
+    def connections(self, wait_for: int = 0) -> list[dict]:
+        """The connections logged so far (waiting up to 6 s until there are `wait_for`: an
+        upstream connect that is dropped is logged when it times out)."""
+        deadline = time.monotonic() + 6
+        while True:
+            seen = [json.loads(line) for line in self.log.read_text().splitlines()]
+            if len(seen) >= wait_for or time.monotonic() > deadline:
+                return seen
+            time.sleep(0.1)
 
     def stop(self) -> None:
         try:
@@ -182,8 +189,8 @@ def test_ingress_rule_sends_the_connection_to_the_proxy_with_its_original_destin
     assert conn["peername"][0] == client["ip"]          # the client, not the node
     assert conn["upstream"] == "connected"
     ct = api(lab).get("/v1/bpf/ct")
-    redirected = [c for c in ct if c["src"] == client["ip"] and c["dport"] == 80
-                  and c["direction"] == "ingress"]
+    redirected = [c for c in ct if c["src"] == client["ip"]
+                  and c["sport"] == conn["peername"][1] and c["direction"] == "ingress"]
     assert redirected and all(c["proxy_port"] == INGRESS_PROXY for c in redirected)
     # the proxy's own upstream (from the node) was judged as the client by the server
     upstream = [c for c in ct if c["dst"] == server["ip"] and c["dport"] == 80
@@ -205,7 +212,7 @@ def test_proxy_cannot_launder_a_denied_identity(lab, fresh):
     import_policy(lab, INGRESS_L7)
     before = metric(lab, 133)
     assert land(lab, "rdclient", server["ip"]).returncode != 0
-    [conn] = proxy.connections()
+    [conn] = proxy.connections(wait_for=1)
     assert conn["sockname"] == [server["ip"], 80]
     assert conn["upstream"].startswith("error"), conn
     assert metric(lab, 133) > before  # "Policy denied" at the server's ingress
@@ -224,14 +231,15 @@ def test_egress_rule_sends_the_connection_to_the_egress_proxy(lab, fresh):
     [conn] = proxy.connections()
     assert conn["sockname"] == [server["ip"], 80] and conn["peername"][0] == client["ip"]
     redirected = [c for c in api(lab).get("/v1/bpf/ct") if c["src"] == client["ip"]
-                  and c["dport"] == 80 and c["direction"] == "egress"]
+                  and c["sport"] == conn["peername"][1] and c["direction"] == "egress"]
     assert redirected and all(c["proxy_port"] == EGRESS_PROXY for c in redirected)
 
     # the server now allows nobody it knows: the proxied upstream (as the client) is dropped
     api(lab).delete("/v1/policy?name=rd-server-l4")
     import_policy(lab, SERVER_ALLOWS % "nobody")
     assert land(lab, "rdclient", server["ip"]).returncode != 0
-    assert proxy.connections()[-1]["upstream"].startswith("error")
+    _first, second = proxy.connections(wait_for=2)
+    assert second["sockname"] == [server["ip"], 80] and second["upstream"].startswith("error")
 
 
 def test_without_a_listening_proxy_redirects_load_as_deny(lab, fresh):
