@@ -555,11 +555,13 @@ class Datapath:
 
     def run_program(self, name: str, packet: bytes, ifindex: int, mark: int = 0,
                     repeat: int = 1, dry_run: bool = False,
-                    src_identity: int | None = None) -> tuple[int, SkBuff, int]:
+                    src_identity: int | None = None,
+                    ingress_ifindex: int = 0) -> tuple[int, SkBuff, int]:
         """BPF_PROG_TEST_RUN of one loaded program: (retval, ctx out, ns per run). A dry run
-        writes no conntrack, events or metrics and may impose the source identity."""
+        writes no conntrack, events or metrics and may impose the source identity.
+        `ingress_ifindex` 0 = a packet sent by a socket of the node, else received there."""
         self._require_open()
-        ctx = SkBuff(mark=mark, ifindex=ifindex)
+        ctx = SkBuff(mark=mark, ifindex=ifindex, ingress_ifindex=ingress_ifindex)
         if dry_run:
             ctx.mark = MARK_MAGIC_DRYRUN
             ctx.cb[2] = TRACE_CB_DRYRUN
