@@ -26,6 +26,9 @@ MARK_MAGIC_DRYRUN = 0x0D00
 PROXY_ROUTE_TABLE = 2004
 PROXY_RULE_PRIORITY = 9
 
+#: endpoint identities fit; local-scope (CIDR) identities (>= 2**24) do not: a proxy speaking
+#: for such a client marks it as reserved:world (2): rules naming its CIDR then deny it
+#: (fail closed), rules allowing the world still allow it
 MAX_MARK_IDENTITY = (1 << 24) - 1
 
 
