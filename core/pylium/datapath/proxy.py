@@ -16,16 +16,24 @@ from pylium.datapath.marks import (
     PROXY_RULE_PRIORITY,
 )
 
+EARLY_DEMUX = "net.ipv4.ip_early_demux"
 _RULE = (MARK_MAGIC_TO_PROXY, MARK_MAGIC_MASK, PROXY_ROUTE_TABLE, PROXY_RULE_PRIORITY)
 
 
 def install_proxy_routing(netns: str | None = None) -> None:
     """`ip rule add fwmark 0x200/0xf00 lookup 2004 pref 9` + `ip route replace local
-    0.0.0.0/0 dev lo table 2004` in `netns` (None: the caller's, the agent's node netns)."""
+    0.0.0.0/0 dev lo table 2004` in `netns` (None: the caller's, the agent's node netns),
+    and IP early demux off there: the proxy's sockets hold pod addresses, so early demux
+    would attach them to a redirected flow's later packets arriving from outside the node
+    (before they reach the pod's program), and the kernel drops forwarded packets that
+    carry a socket. Without early demux they are routed to the pod's veth, whose program
+    sends them to the proxy like the first."""
     plumbing.add_fwmark_local_table(*_RULE, netns=netns)
+    plumbing.write_sysctl(netns, EARLY_DEMUX, "0")
 
 
 def remove_proxy_routing(netns: str | None = None) -> bool:
+    plumbing.write_sysctl(netns, EARLY_DEMUX, "1")  # the kernel's default
     return plumbing.delete_fwmark_local_table(*_RULE, netns=netns)
 
 

@@ -62,6 +62,20 @@ spec:
         http: [{method: POST, path: /v1/request-landing}]
 """
 
+WORLD_L7 = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: rd-world-l7}
+spec:
+  endpointSelector: {matchLabels: {app: rdserver}}
+  ingress:
+  - fromEntities: [world]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http: [{method: POST, path: /v1/request-landing}]
+"""
+
 SERVER_ALLOWS = """
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -201,6 +215,20 @@ def test_ingress_rule_sends_the_connection_to_the_proxy_with_its_original_destin
     # a pod the policy does not name is dropped at L3/L4: it never reaches the proxy
     assert land(lab, "rdother", server["ip"]).returncode != 0
     assert len(proxy.connections()) == 1
+
+
+def test_ingress_rule_redirects_a_client_outside_the_node(lab, fresh):
+    """From the world the packet comes through the node's stack (not from a pod's
+    program): the server's to_container still hands it to the proxy."""
+    server = pods(lab)["rdserver"]
+    world_ip = lab.status()["world"]["ip"]
+    proxy = fresh(INGRESS_PROXY, {world_ip: 2})
+    import_policy(lab, WORLD_L7)
+    got = land(lab, "world", server["ip"])
+    assert got.returncode == 0 and got.stdout == "Ship landed\n", got
+    [conn] = proxy.connections()
+    assert conn["sockname"] == [server["ip"], 80] and conn["peername"][0] == world_ip
+    assert conn["identity"] == 2 and conn["upstream"] == "connected"
 
 
 def test_proxy_cannot_launder_a_denied_identity(lab, fresh):
