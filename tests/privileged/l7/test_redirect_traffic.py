@@ -8,14 +8,6 @@ and without a listening proxy nothing gets through (fail closed)."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -26,13 +18,18 @@ from pylium.datapath.marks import (
     PROXY_ROUTE_TABLE,
     PROXY_RULE_PRIORITY,
 )
-from pylium.lab.lab import _listening
 
 from ..endpoint.eplab import api, delete_policies, import_policy, make_lab
-
-HERE = Path(__file__).parent
-INGRESS_PROXY, EGRESS_PROXY = 10080, 10081
-PLUGIN_MODULE = "pylium_test_redirect_plugin"
+from .redirect_lab import (
+    EGRESS_PROXY,
+    INGRESS_PROXY,
+    Listener,
+    land,
+    metric,
+    plugin_site,
+    pods,
+    redirect_entries,
+)
 
 INGRESS_L7 = """
 apiVersion: cilium.io/v2
@@ -89,88 +86,20 @@ spec:
 """
 
 
-def _install_plugin(site: Path) -> None:
-    """A dist-info + module on PYTHONPATH: the agent discovers the plugin like a pip install."""
-    shutil.copy(HERE / "redirect_plugin.py", site / f"{PLUGIN_MODULE}.py")
-    info = site / "pylium_test_redirect-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pylium-test-redirect\n"
-                                   "Version: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[pylium]\nredirecttest = {PLUGIN_MODULE}\n")
-
-
-class Listener:
-    """The test proxy on one port in the node netns, started and stopped by pid."""
-
-    def __init__(self, lab, port: int, identities: dict[str, int], log: Path):
-        self.lab, self.port, self.log = lab, port, log
-        self.log.write_text("")
-        args = [f"{ip}={identity}" for ip, identity in identities.items()]
-        self.pid = lab.start_server("node1", [sys.executable, str(HERE / "redirect_listener.py"),
-                                              str(port), str(log), *args], port=port)
-
-    def connections(self, wait_for: int = 0) -> list[dict]:
-        """The connections logged so far (waiting up to 6 s until there are `wait_for`: an
-        upstream connect that is dropped is logged when it times out)."""
-        deadline = time.monotonic() + 6
-        while True:
-            seen = [json.loads(line) for line in self.log.read_text().splitlines()]
-            if len(seen) >= wait_for or time.monotonic() > deadline:
-                return seen
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        netns = self.lab.node("node1")["netns"]
-        deadline = time.monotonic() + 5
-        while plumbing.run_in_netns(netns, lambda: _listening(self.port)):
-            assert time.monotonic() < deadline, f"listener on {self.port} did not stop"
-            time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def lab():
-    site = Path(tempfile.mkdtemp(prefix="pylium-l7-redirect-"))
-    _install_plugin(site)
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), old) if p)
-    lab = None
-    try:
-        lab = make_lab(l7_parsers=["redirecttest"])
-        for name in ("rdclient", "rdserver", "rdother"):
-            lab.add_pod(name, {"app": name}, server="deathstar" if name == "rdserver" else None)
-        lab.logs = site  # listener logs live next to the plugin
-        yield lab
-    finally:
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
-        if lab is not None:
-            lab.down()
-        shutil.rmtree(site, ignore_errors=True)
-
-
-def pods(lab) -> dict[str, dict]:
-    eps = {ep["name"]: ep for ep in api(lab).get("/v1/endpoint")}
-    return {p["name"]: {**p, "identity": eps[p["name"]]["identity"]} for p in lab.status()["pods"]}
-
-
-def land(lab, src: str, ip: str) -> subprocess.CompletedProcess:
-    return lab.exec(src, ["curl", "-s", "-m", "3", "-X", "POST",
-                          f"http://{ip}/v1/request-landing"], timeout=20)
-
-
-def metric(lab, reason: int) -> int:
-    return sum(m["packets"] for m in api(lab).get("/v1/bpf/metrics") if m["reason"] == reason)
-
-
-def redirect_entries(lab, ep_id: int) -> list[dict]:
-    return [e for e in api(lab).get(f"/v1/bpf/policy/{ep_id}")["entries"]
-            if e["verdict"] == "redirect"]
+    with plugin_site() as site:
+        lab = None
+        try:
+            lab = make_lab(l7_parsers=["redirecttest"])
+            for name in ("rdclient", "rdserver", "rdother"):
+                lab.add_pod(name, {"app": name},
+                            server="deathstar" if name == "rdserver" else None)
+            lab.logs = site
+            yield lab
+        finally:
+            if lab is not None:
+                lab.down()
 
 
 @pytest.fixture
