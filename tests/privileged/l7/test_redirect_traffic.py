@@ -8,6 +8,8 @@ and without a listening proxy nothing gets through (fail closed)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -233,6 +235,14 @@ def test_trace_reports_the_redirect_and_its_proxy_port(lab, fresh):
     assert (dp["verdict"], dp["agrees"], dp["proxy_port"]) == ("redirected", True, INGRESS_PROXY), dp
     assert (dp["ingress"]["action"], dp["ingress"]["proxy_port"]) == ("to-proxy", INGRESS_PROXY)
     assert dp["notes"] == []
+    text = subprocess.run([str(Path(sys.executable).with_name("pylium")), "-H",
+                           lab.node("node1")["socket"], "policy", "trace", "--src",
+                           "app=rdclient", "--dst", "app=rdserver", "--dport", "80",
+                           "--datapath"], capture_output=True, text=True, timeout=60)
+    assert text.returncode == 0, text.stderr
+    assert "Datapath: redirected (agrees" in text.stdout
+    assert f"ingress program of endpoint {p['rdserver']['endpoint_id']}: to the L7 proxy on " \
+           f"port {INGRESS_PROXY}" in text.stdout, text.stdout
 
 
 def test_lab_down_leaves_no_rules_netns_or_pins(lab):
