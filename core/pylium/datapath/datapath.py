@@ -45,7 +45,11 @@ from pylium.datapath.maps.policy import (
     encode_meta,
 )
 from pylium.datapath.packet import SkBuff, build
-from pylium.datapath.proxy import install_proxy_routing, remove_proxy_routing
+from pylium.datapath.proxy import (
+    accept_hairpinned_local_sources,
+    install_proxy_routing,
+    remove_proxy_routing,
+)
 from pylium.errors import UserError
 from pylium.policy.mapstate import (
     PROTOCOL_NAMES,
@@ -284,6 +288,7 @@ class Datapath:
         # proxy need its policy routing there (never installed by an agent without pods)
         install_proxy_routing()
         self._proxy_routing = True
+        accept_hairpinned_local_sources(socket.if_indextoname(ifindex))
         tc.attach(ifindex, tc.INGRESS, self.prog_fds["from_container"])
         tc.attach(ifindex, tc.EGRESS, self.prog_fds["to_container"])
 

@@ -32,6 +32,15 @@ def install_proxy_routing(netns: str | None = None) -> None:
     plumbing.write_sysctl(netns, EARLY_DEMUX, "0")
 
 
+def accept_hairpinned_local_sources(ifname: str) -> None:
+    """`accept_local` on an endpoint's host-side veth (in the caller's netns): a flow that a
+    socket of the node itself opened (the egress proxy's upstream, a node process) and that
+    the pod's ingress policy redirects comes back in through this veth with a source
+    address of the node, which the kernel otherwise drops as martian. Pods cannot use it to
+    spoof the node: from_container drops any source but the endpoint's own address."""
+    plumbing.write_sysctl(None, f"net.ipv4.conf.{ifname}.accept_local", "1")
+
+
 def remove_proxy_routing(netns: str | None = None) -> bool:
     plumbing.write_sysctl(netns, EARLY_DEMUX, "1")  # the kernel's default
     return plumbing.delete_fwmark_local_table(*_RULE, netns=netns)

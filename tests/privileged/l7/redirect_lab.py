@@ -38,10 +38,13 @@ def install_plugin(site: Path) -> None:
 class Listener:
     """The test proxy on one port in the node netns, started and stopped by pid."""
 
-    def __init__(self, lab, port: int, identities: dict[str, int], log: Path):
+    def __init__(self, lab, port: int, identities: dict[str, int], log: Path,
+                 egress_magic: bool = False):
         self.lab, self.port, self.log = lab, port, log
         self.log.write_text("")
         args = [f"{ip}={identity}" for ip, identity in identities.items()]
+        if egress_magic:
+            args.append("--egress-magic")
         self.pid = lab.start_server("node1", [sys.executable, str(HERE / "redirect_listener.py"),
                                               str(port), str(log), *args], port=port)
 

@@ -4,7 +4,10 @@ per connection (`sockname` = the original destination, `peername` = the client),
 upstream to the original destination with SO_MARK = mark_encode_identity(identity of the
 client) and relays bytes both ways. It judges nothing: the datapath is what is tested.
 
-    redirect_listener.py PORT LOG [CLIENT_IP=IDENTITY ...]
+    redirect_listener.py PORT LOG [--egress-magic] [CLIENT_IP=IDENTITY ...]
+
+--egress-magic marks with MARK_MAGIC_PROXY_EGRESS (the destination applies its own L7
+ingress rules to the upstream again) instead of MARK_MAGIC_IDENTITY.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ import socket
 import sys
 import threading
 
-from pylium.datapath.marks import mark_encode_identity
+from pylium.datapath.marks import (
+    MARK_MAGIC_IDENTITY,
+    MARK_MAGIC_PROXY_EGRESS,
+    mark_encode_identity,
+)
 
 IP_TRANSPARENT = 19
 SO_MARK = 36
@@ -38,14 +45,15 @@ def pump(src: socket.socket, dst: socket.socket) -> None:
             pass
 
 
-def serve(conn: socket.socket, path: str, identities: dict[str, int], port: int) -> None:
+def serve(conn: socket.socket, path: str, identities: dict[str, int], port: int,
+          magic: int) -> None:
     sockname, peername = conn.getsockname(), conn.getpeername()
     if sockname[0].startswith("127."):  # a readiness probe, not a redirected connection
         conn.close()
         return
     identity = identities.get(peername[0], 2)
     up = socket.socket()
-    up.setsockopt(socket.SOL_SOCKET, SO_MARK, mark_encode_identity(identity))
+    up.setsockopt(socket.SOL_SOCKET, SO_MARK, mark_encode_identity(identity, magic))
     up.settimeout(3)
     try:
         up.connect(sockname)
@@ -67,8 +75,9 @@ def serve(conn: socket.socket, path: str, identities: dict[str, int], port: int)
 
 
 def main() -> None:
-    port, path = int(sys.argv[1]), sys.argv[2]
-    identities = {ip: int(i) for ip, i in (a.split("=") for a in sys.argv[3:])}
+    port, path, rest = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    magic = MARK_MAGIC_PROXY_EGRESS if "--egress-magic" in rest else MARK_MAGIC_IDENTITY
+    identities = {ip: int(i) for ip, i in (a.split("=") for a in rest if "=" in a)}
     srv = socket.socket()
     srv.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -76,7 +85,7 @@ def main() -> None:
     srv.listen(64)
     while True:
         conn, _ = srv.accept()
-        threading.Thread(target=serve, args=(conn, path, identities, port), daemon=True).start()
+        threading.Thread(target=serve, args=(conn, path, identities, port, magic), daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -109,8 +109,9 @@ def fresh(lab):
     delete_policies(lab)
     listeners: list[Listener] = []
 
-    def listen(port: int, identities: dict[str, int]) -> Listener:
-        made = Listener(lab, port, identities, lab.logs / f"listener-{port}-{len(listeners)}.log")
+    def listen(port: int, identities: dict[str, int], egress_magic: bool = False) -> Listener:
+        made = Listener(lab, port, identities, lab.logs / f"listener-{port}-{len(listeners)}.log",
+                        egress_magic)
         listeners.append(made)
         return made
 
@@ -199,6 +200,26 @@ def test_egress_rule_sends_the_connection_to_the_egress_proxy(lab, fresh):
     assert land(lab, "rdclient", server["ip"]).returncode != 0
     _first, second = proxy.connections(wait_for=2)
     assert second["sockname"] == [server["ip"], 80] and second["upstream"].startswith("error")
+
+
+def test_egress_proxy_magic_sends_its_upstream_through_the_ingress_proxy(lab, fresh):
+    """Egress and ingress L7 rules on one connection: an egress proxy that marks its
+    upstream MARK_MAGIC_PROXY_EGRESS gets the server's own ingress redirect applied (with
+    the plain identity mark the server would take the upstream as already proxied)."""
+    p = pods(lab)
+    client, server = p["rdclient"], p["rdserver"]
+    node_ip = lab.node("node1")["ip"]
+    egress = fresh(EGRESS_PROXY, {client["ip"]: client["identity"]}, egress_magic=True)
+    ingress = fresh(INGRESS_PROXY, {node_ip: client["identity"]})
+    import_policy(lab, EGRESS_L7)
+    import_policy(lab, INGRESS_L7)
+    got = land(lab, "rdclient", server["ip"])
+    assert got.returncode == 0 and got.stdout == "Ship landed\n", got
+    [first] = egress.connections(wait_for=1)
+    [second] = ingress.connections(wait_for=1)
+    assert first["sockname"] == second["sockname"] == [server["ip"], 80]
+    assert first["peername"][0] == client["ip"] and second["peername"][0] == node_ip
+    assert first["upstream"] == second["upstream"] == "connected"
 
 
 def test_without_a_listening_proxy_redirects_load_as_deny(lab, fresh):
