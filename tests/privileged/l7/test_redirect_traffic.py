@@ -8,6 +8,7 @@ and without a listening proxy nothing gets through (fail closed)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,14 @@ spec:
 """
 
 
+def observe(lab, *args: str) -> list[dict]:
+    proc = subprocess.run([str(Path(sys.executable).with_name("pylium")), "-H",
+                           lab.node("node1")["socket"], "observe", "-o", "json", *args],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line)["flow"] for line in proc.stdout.splitlines() if line.strip()]
+
+
 @pytest.fixture(scope="module")
 def lab():
     with plugin_site() as site:
@@ -143,6 +152,13 @@ def test_ingress_rule_sends_the_connection_to_the_proxy_with_its_original_destin
                 and c["src"] == lab.node("node1")["ip"] and c["direction"] == "ingress"]
     assert upstream and {c["src_identity"] for c in upstream} == {client["identity"]}
     assert all(c["proxy_port"] == 0 for c in upstream)  # not sent to the proxy again
+
+    # Hubble's view: the policy verdict REDIRECTED and a trace to the proxy, with its port
+    seen = observe(lab, "--from-pod", "default/rdclient", "--to-port", "80")
+    assert any(f["verdict"] == "REDIRECTED" and f.get("proxy_port") == INGRESS_PROXY
+               for f in seen), seen
+    assert any(f.get("trace_observation_point") == "TO_PROXY"
+               and f["traffic_direction"] == "INGRESS" for f in seen), seen
 
     # a pod the policy does not name is dropped at L3/L4: it never reaches the proxy
     assert land(lab, "rdother", server["ip"]).returncode != 0
