@@ -47,7 +47,11 @@ static __always_inline __u8 proxy_assign(struct __sk_buff *skb, const struct pkt
 	tuple.ipv4.daddr = p->daddr;
 	tuple.ipv4.sport = p->sport;
 	tuple.ipv4.dport = p->dport;
-	/* an established (or half-open) proxy connection: its socket, by the original tuple */
+	/* an established (or half-open) proxy connection: its socket, by the original tuple.
+	 * A TIME_WAIT one too: for a reused tuple's SYN the kernel's TIME_WAIT handling sends
+	 * a challenge ACK, the client's RST ends the TIME_WAIT and its next SYN reaches the
+	 * listener (handed to the listener directly, the SYN would be dropped: the kernel
+	 * refuses a request socket whose tuple a TIME_WAIT socket holds). */
 	sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
 	if (sk) {
 		if (sk->state != BPF_TCP_LISTEN)

@@ -165,6 +165,44 @@ def test_ingress_rule_sends_the_connection_to_the_proxy_with_its_original_destin
     assert len(proxy.connections()) == 1
 
 
+#: a client that reads until the server closes (so the proxy's side closes first and
+#: lingers in TIME_WAIT) from a fixed source port
+FIXED_PORT_CLIENT = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 40321))
+s.settimeout(3)
+s.connect((sys.argv[1], 80))
+s.sendall(b"POST /v1/request-landing HTTP/1.0\\r\\nContent-Length: 0\\r\\n\\r\\n")
+data = b""
+while chunk := s.recv(4096):
+    data += chunk
+print(data.decode().split("\\r\\n\\r\\n", 1)[1], end="")
+"""
+
+
+def test_a_reused_client_port_reaches_the_proxy_again(lab, fresh):
+    """The proxy closes first, so its socket of the last connection lingers in TIME_WAIT
+    under the same tuple: a new connection from the same client port must still reach
+    the proxy's listener (the kernel refuses a new socket beside the TIME_WAIT one, so
+    the datapath lets TIME_WAIT handling end it first)."""
+    p = pods(lab)
+    client, server = p["rdclient"], p["rdserver"]
+    proxy = fresh(INGRESS_PROXY, {client["ip"]: client["identity"]})
+    import_policy(lab, INGRESS_L7)
+    for attempt in range(2):
+        got = lab.exec("rdclient", [sys.executable, "-c", FIXED_PORT_CLIENT, server["ip"]],
+                       timeout=20)
+        assert got.returncode == 0 and got.stdout == "Ship landed\n", (attempt, got)
+        if attempt == 0:
+            waiting = subprocess.run(["nsenter", f"--net=/run/netns/{lab.node('node1')['netns']}",
+                                      "ss", "-Htan", "state", "time-wait", "sport", "= :80"],
+                                     capture_output=True, text=True).stdout
+            assert f"{client['ip']}:40321" in waiting  # the proxy's side of the last one
+    assert [c["peername"] for c in proxy.connections(wait_for=2)] == [[client["ip"], 40321]] * 2
+
+
 def test_ingress_rule_redirects_a_client_outside_the_node(lab, fresh):
     """From the world the packet comes through the node's stack (not from a pod's
     program): the server's to_container still hands it to the proxy."""
