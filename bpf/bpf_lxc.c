@@ -205,9 +205,11 @@ int from_container(struct __sk_buff *skb)
 			return drop_packet(skb, &ec, &p, &r, DROP_NO_LOCAL_ENDPOINT);
 		ec.ep_id = dst->ep_id;
 		ec.dst_identity = dst->identity;
-		r.proxy_port = skb->mark >> 16;
-		r.ct = CT_ESTABLISHED; /* to_container emitted the new flow's events */
-		return to_proxy(skb, &ec, &p, &r);
+		/* to_container counted the packet and emitted the flow's events */
+		reason = proxy_assign(skb, &p, skb->mark >> 16, 0);
+		if (reason)
+			return drop_packet(skb, &ec, &p, &r, reason);
+		return TC_ACT_OK;
 	}
 
 	src = lookup_endpoint(p.saddr);
@@ -305,7 +307,7 @@ int to_container(struct __sk_buff *skb)
 		/* tc egress cannot assign a socket: hairpin into this veth's ingress, where
 		 * from_container hands the packet to the proxy. The destination MAC becomes the
 		 * veth's own, so the stack takes the packet as addressed to this host. */
-		reason = proxy_assign(skb, &p, r.proxy_port, 1);
+		reason = proxy_supports(&p);
 		if (reason)
 			return drop_packet(skb, &ec, &p, &r, reason);
 		count_forward(&ec, &p);

@@ -29,6 +29,12 @@ static __always_inline int is_to_proxy_mark(__u32 mark)
 	return (mark & MARK_MAGIC_MASK) == MARK_MAGIC_TO_PROXY;
 }
 
+/* 0 if the proxies can take this packet's protocol (TCP), else the drop reason. */
+static __always_inline __u8 proxy_supports(const struct pkt *p)
+{
+	return p->protocol == IPPROTO_TCP ? 0 : DROP_PROXY_UNKNOWN_PROTO;
+}
+
 /* Hand the packet to the proxy socket on this node. Returns 0 (assigned: pass it to the
  * stack with TC_ACT_OK) or a drop reason. A dry run only asks whether the program would:
  * no lookup, no assign. */
@@ -39,8 +45,8 @@ static __always_inline __u8 proxy_assign(struct __sk_buff *skb, const struct pkt
 	struct bpf_sock *sk;
 	long ret;
 
-	if (p->protocol != IPPROTO_TCP)
-		return DROP_PROXY_UNKNOWN_PROTO;
+	if (proxy_supports(p))
+		return proxy_supports(p);
 	if (dry_run)
 		return 0;
 	tuple.ipv4.saddr = p->saddr;
