@@ -10,7 +10,8 @@ from urllib.parse import urlencode
 
 import click
 
-from pylium.cli.client import AgentClient, _UnixConnection, client_from
+from pylium.agent.client import AgentClient, UnixHTTPConnection
+from pylium.cli.client import client_from
 from pylium.errors import UserError
 
 #: (option, query parameter, help)
@@ -158,7 +159,7 @@ def _ui_proxy(socket_path: str, host: str, port: int):
             if target is None:
                 self.send_error(404)
                 return
-            conn = _UnixConnection(socket_path, 30.0)
+            conn = UnixHTTPConnection(socket_path, 30.0)
             try:
                 conn.request("GET", target)
                 resp = conn.getresponse()

@@ -7,13 +7,8 @@ endpoint's host-side veth, which the kernel keeps when the agent dies."""
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import ipaddress
 import logging
-import os
-import socket
-import struct
-import subprocess
 import threading
 import time
 from collections.abc import Mapping
@@ -22,8 +17,10 @@ from typing import Any
 
 import attrs
 
-from pylium.datapath import libbpf, tc
+from pylium.datapath import libbpf, tc, testrun
+from pylium.datapath.bpffs import ensure_bpffs
 from pylium.datapath.compile import bpf_source_dir
+from pylium.datapath.hwaddr import interface_mac
 from pylium.datapath.libbpf import DatapathError, lib
 from pylium.datapath.loader import LoadedObject, load_object
 from pylium.datapath.maps.base import BpfMap
@@ -44,12 +41,13 @@ from pylium.datapath.maps.policy import (
     encode_entry,
     encode_meta,
 )
-from pylium.datapath.packet import SkBuff, build
+from pylium.datapath.packet import SkBuff
 from pylium.datapath.proxy import (
     accept_hairpinned_local_sources,
     install_proxy_routing,
     remove_proxy_routing,
 )
+from pylium.datapath.testrun import decode_result
 from pylium.errors import UserError
 from pylium.policy.mapstate import (
     PROTOCOL_NAMES,
@@ -63,14 +61,8 @@ OBJECT_SOURCE = "bpf_lxc.c"
 PROGRAMS = ("from_container", "to_container")
 PINNED_MAPS = ("endpoints", "ipcache", "policy", "conntrack", "metrics", "events", "events_lost",
                "routing_progs")
-MARK_MAGIC_DRYRUN = 0x0D00
-TRACE_CB_IDENTITY = 0x70796C6D
-TRACE_CB_DRYRUN = 0x64727972
-TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
-CT_STATES = {0: "new", 1: "established", 2: "reply"}
-#: CB_RESULT_TARGET of a packet the program sent to the L7 proxy (bpf/lib/proxy.h)
-TARGET_PROXY = 0xFFFFFFFF
-VERDICT_NAMES = {0: None, 1: "allowed", 2: "denied", 3: "redirected"}
+#: the hash maps whose fill ratio Cilium reports as map pressure
+PRESSURE_MAPS = ("endpoints", "ipcache", "conntrack", "policy")
 MAX_IDENTITY = 0xFFFFFFFE
 ENDPOINT_IDENTITY_LIMIT = 1 << 24
 
@@ -96,31 +88,6 @@ def _check_identity(identity: int, what: str) -> None:
 def _check_ep_id(ep_id: int) -> None:
     if not 1 <= ep_id <= 0xFFFF:
         raise UserError(f"ep_id: {ep_id} outside 1..65535")
-
-
-SIOCGIFHWADDR = 0x8927
-
-
-def interface_mac(ifindex: int) -> str | None:
-    """MAC address of `ifindex` in the calling thread's netns, or None if there is none."""
-    try:
-        name = socket.if_indextoname(ifindex)
-    except OSError:
-        return None
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            raw = fcntl.ioctl(sock.fileno(), SIOCGIFHWADDR, struct.pack("256s", name.encode()[:15]))
-        except OSError:
-            return None
-    return ":".join(f"{b:02x}" for b in raw[18:24])
-
-
-def _ensure_bpffs(root: Path) -> None:
-    if str(root).startswith("/sys/fs/bpf") and not os.path.ismount("/sys/fs/bpf"):
-        proc = subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"],
-                              capture_output=True, text=True)
-        if proc.returncode != 0 and not os.path.ismount("/sys/fs/bpf"):
-            raise DatapathError(f"mounting bpffs on /sys/fs/bpf failed: {proc.stderr.strip()}")
 
 
 class Datapath:
@@ -159,7 +126,7 @@ class Datapath:
 
     def _load(self) -> None:
         with self._lock:
-            _ensure_bpffs(self.root)
+            ensure_bpffs(self.root)
             self.root.mkdir(parents=True, exist_ok=True)
             (self.root / "progs").mkdir(exist_ok=True)
             loaded = load_object(bpf_source_dir() / OBJECT_SOURCE, self.defines,
@@ -184,10 +151,9 @@ class Datapath:
                     ) -> LoadedObject:
         """Compile and load a plugin's object with this datapath's cache, its maps bound to
         the core's pins (endpoints, ipcache, ... shared, not copies). The caller closes it."""
-        with self._lock:
-            self._require_open()
-            return load_object(source, defines, pin_root=self.root, pinned_maps=PINNED_MAPS,
-                               cache_dir=self.cache_dir)
+        self._require_open()  # the pins exist: the object adopts them rather than making its own
+        return load_object(source, defines, pin_root=self.root, pinned_maps=PINNED_MAPS,
+                           cache_dir=self.cache_dir)
 
     def _bind_maps(self, loaded: LoadedObject) -> None:
         def typed(name, key, value, percpu=False):
@@ -288,7 +254,7 @@ class Datapath:
         # proxy need its policy routing there (never installed by an agent without pods)
         install_proxy_routing()
         self._proxy_routing = True
-        accept_hairpinned_local_sources(socket.if_indextoname(ifindex))
+        accept_hairpinned_local_sources(ifindex)
         tc.attach(ifindex, tc.INGRESS, self.prog_fds["from_container"])
         tc.attach(ifindex, tc.EGRESS, self.prog_fds["to_container"])
 
@@ -534,6 +500,18 @@ class Datapath:
                              "bytes": sum(v.bytes for v in per_cpu)})
         return sorted(rows, key=lambda r: (r["reason"], r["direction"]))
 
+    def map_pressure(self) -> dict[str, float]:
+        """Fill ratio (entries / max_entries) of each of PRESSURE_MAPS, by map name."""
+        with self._lock:
+            self._require_open()
+            out: dict[str, float] = {}
+            for name in PRESSURE_MAPS:
+                bpf_map: BpfMap = getattr(self, name)
+                max_entries = libbpf.map_info(bpf_map.fd).max_entries
+                if max_entries:
+                    out[name] = sum(1 for _ in bpf_map.keys()) / max_entries
+            return out
+
     def event_maps(self) -> tuple[Path, Path]:
         """Pin paths of the events ring buffer and its per-CPU lost counter."""
         return self.root / "events", self.root / "events_lost"
@@ -566,30 +544,17 @@ class Datapath:
         writes no conntrack, events or metrics and may impose the source identity.
         `ingress_ifindex` 0 = a packet sent by a socket of the node, else received there."""
         self._require_open()
-        ctx = SkBuff(mark=mark, ifindex=ifindex, ingress_ifindex=ingress_ifindex)
-        if dry_run:
-            ctx.mark = MARK_MAGIC_DRYRUN
-            ctx.cb[2] = TRACE_CB_DRYRUN
-            if src_identity is not None:
-                ctx.cb[0], ctx.cb[1] = src_identity, TRACE_CB_IDENTITY
-        retval, duration, _data, ctx_out = libbpf.test_run(self.prog_fds[name], packet, ctx,
-                                                           repeat=repeat)
-        return retval, ctx_out, duration
+        return testrun.run_program(self.prog_fds[name], packet, ifindex, mark=mark,
+                                   repeat=repeat, dry_run=dry_run, src_identity=src_identity,
+                                   ingress_ifindex=ingress_ifindex)
 
     def trace(self, ep_id: int, direction: Direction | str, src_ip: str, dst_ip: str,
-              sport: int, dport: int, proto: int, src_identity: int | None = None) -> dict[str, Any]:
+              sport: int, dport: int, proto: int | str,
+              src_identity: int | None = None) -> dict[str, Any]:
         """Run the endpoint's program on a synthesized packet (dry run: no conntrack
         writes, events or metrics) and report what the kernel decided."""
-        if isinstance(direction, str):
-            try:
-                direction = Direction[direction.upper()]
-            except KeyError:
-                raise UserError(f"direction: {direction!r} is not ingress or egress") from None
-        if isinstance(proto, str):
-            from pylium.policy.mapstate import PROTOCOL_NUMBERS
-            proto = PROTOCOL_NUMBERS.get(proto.upper(), -1)
-        if proto not in PROTOCOLS:
-            raise UserError(f"proto: {proto} is not ICMP, TCP, UDP or SCTP")
+        direction = testrun.parse_direction(direction)
+        proto = testrun.parse_protocol(proto)
         if src_identity is not None:
             _check_identity(src_identity, "src_identity")
         with self._lock:
@@ -598,38 +563,9 @@ class Datapath:
             if found is None:
                 raise UserError(f"endpoint {ep_id} is not in the datapath")
             _key, ep = found
-            ep_mac, host_mac = bytes(ep.mac), bytes(ep.host_mac)
-            try:
-                if direction == Direction.EGRESS:
-                    pkt = build(src_ip, dst_ip, proto, sport, dport, src_mac=ep_mac, dst_mac=host_mac)
-                    program = "from_container"
-                else:
-                    pkt = build(src_ip, dst_ip, proto, sport, dport, src_mac=host_mac, dst_mac=ep_mac)
-                    program = "to_container"
-            except (ValueError, OSError) as exc:
-                raise UserError(f"trace packet: {exc}") from None
+            program, pkt = testrun.trace_packet(direction, bytes(ep.mac), bytes(ep.host_mac),
+                                                src_ip, dst_ip, sport, dport, proto)
             retval, ctx, _ns = self.run_program(
                 program, pkt, ep.ifindex, dry_run=True,
                 src_identity=src_identity if direction == Direction.INGRESS else None)
         return decode_result(retval, ctx, program, direction)
-
-
-def decode_result(retval: int, ctx: SkBuff, program: str, direction: Direction) -> dict[str, Any]:
-    reason = ctx.cb[0]
-    verdict = ctx.cb[1] & 0xFF
-    action = {TC_ACT_OK: "forwarded", TC_ACT_SHOT: "dropped",
-              TC_ACT_REDIRECT: "redirected"}.get(retval, f"tc action {retval}")
-    if retval != TC_ACT_SHOT and ctx.cb[4] == TARGET_PROXY:
-        action = "to-proxy"
-    return {
-        "program": program, "direction": direction.name.lower(), "retval": retval,
-        "action": action,
-        "verdict": VERDICT_NAMES.get(verdict, str(verdict)),
-        "proxy_port": ctx.cb[1] >> 16,
-        "drop_reason": reason if retval == TC_ACT_SHOT else 0,
-        "drop_reason_desc": reason_name(reason) if retval == TC_ACT_SHOT else "",
-        "peer_identity": ctx.cb[2],
-        "ct": CT_STATES.get(ctx.cb[3], str(ctx.cb[3])),
-        "target_ifindex": 0 if ctx.cb[4] == TARGET_PROXY else ctx.cb[4],
-    }
-

@@ -1,8 +1,9 @@
 """ctypes binding over Debian's `libbpf.so.1` (libbpf 1.1): the only module that calls it.
 
-`lib` is the CDLL with argument/result types declared for every function pylium uses; other
-modules (e.g. `pylium.datapath.ringbuf`) may declare more on it. The thin wrappers below turn
-libbpf's negative-errno results into `DatapathError`s that name the operation."""
+`lib` opens the library on first use (never at import) with argument/result types declared
+for every function pylium uses; `capture_log()` routes libbpf's messages into a buffer the
+loader reads on failure. The thin wrappers below turn libbpf's negative-errno results into
+`DatapathError`s that name the operation."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class DatapathError(PyliumError):
     """A BPF or netlink operation failed; the message names the operation and errno."""
 
 
-def _load() -> ctypes.CDLL:
+def _open_cdll() -> ctypes.CDLL:
     for name in ("libbpf.so.1", ctypes.util.find_library("bpf")):
         if not name:
             continue
@@ -43,7 +44,42 @@ def _load() -> ctypes.CDLL:
     raise DatapathError("libbpf.so.1 not found: install Debian's libbpf1 (apt-get install libbpf-dev)")
 
 
-lib = _load()
+#: name -> (restype, argtypes) of every function pylium calls through `lib`
+_SIGNATURES: dict[str, tuple[object, list]] = {}
+
+
+class _Library:
+    """libbpf.so.1, opened on first use rather than at import (importing pylium must work,
+    and change nothing, on a host without libbpf). Declared functions become plain
+    attributes once open, so a call costs no more than on the CDLL itself."""
+
+    def __init__(self) -> None:
+        self._cdll: ctypes.CDLL | None = None
+        self._lock = threading.Lock()
+
+    def _open(self) -> ctypes.CDLL:
+        with self._lock:
+            if self._cdll is None:
+                cdll = _open_cdll()
+                for name, (restype, argtypes) in _SIGNATURES.items():
+                    fn = getattr(cdll, name)
+                    fn.restype, fn.argtypes = restype, argtypes
+                    setattr(self, name, fn)
+                self._cdll = cdll
+            return self._cdll
+
+    @property
+    def loaded(self) -> bool:
+        return self._cdll is not None
+
+    def __getattr__(self, name: str):
+        return getattr(self._cdll or self._open(), name)
+
+    def __getitem__(self, name: str):
+        return (self._cdll or self._open())[name]
+
+
+lib = _Library()
 
 # map types / flags / attach points used by pylium
 BPF_MAP_TYPE_HASH = 1
@@ -115,9 +151,7 @@ class BpfProgInfo(Structure):
 
 
 def _declare(name: str, restype, *argtypes) -> None:
-    fn = getattr(lib, name)
-    fn.restype = restype
-    fn.argtypes = list(argtypes)
+    _SIGNATURES[name] = (restype, list(argtypes))
 
 
 _declare("bpf_object__open_file", c_void_p, c_char_p, c_void_p)

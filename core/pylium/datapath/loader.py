@@ -94,6 +94,8 @@ def load_object(source: Path, defines: Mapping[str, object] | None = None, *,
     if pinned and pin_root is None:
         raise DatapathError(f"loading {source.name}: pinned maps {', '.join(pinned)} "
                             "need a pin_root")
+    if pinned and not Path(pin_root).is_dir():
+        raise DatapathError(f"loading {source.name}: pin directory {pin_root} does not exist")
     object_path = compile_object(source, defines, cache_dir, include_dirs=include_dirs)
     libbpf.capture_log()
     with _load_lock:
@@ -110,7 +112,7 @@ def load_object(source: Path, defines: Mapping[str, object] | None = None, *,
                         raise DatapathError(f"map {name} missing from {source.name} "
                                             f"({object_path})")
                     continue
-                libbpf.check(lib.bpf_map__set_pin_path(bpf_map, str(pin_root / name).encode()),
+                libbpf.check(lib.bpf_map__set_pin_path(bpf_map, str(Path(pin_root) / name).encode()),
                              f"setting pin path of {name}")
             rc = lib.bpf_object__load(obj)
             if rc < 0:

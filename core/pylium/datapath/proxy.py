@@ -8,6 +8,8 @@ netns) remove it."""
 
 from __future__ import annotations
 
+import socket
+
 from pylium.datapath import netns as plumbing
 from pylium.datapath.marks import (
     MARK_MAGIC_MASK,
@@ -32,12 +34,13 @@ def install_proxy_routing(netns: str | None = None) -> None:
     plumbing.write_sysctl(netns, EARLY_DEMUX, "0")
 
 
-def accept_hairpinned_local_sources(ifname: str) -> None:
+def accept_hairpinned_local_sources(ifindex: int) -> None:
     """`accept_local` on an endpoint's host-side veth (in the caller's netns): a flow that a
     socket of the node itself opened (the egress proxy's upstream, a node process) and that
     the pod's ingress policy redirects comes back in through this veth with a source
     address of the node, which the kernel otherwise drops as martian. Pods cannot use it to
     spoof the node: from_container drops any source but the endpoint's own address."""
+    ifname = socket.if_indextoname(ifindex)
     plumbing.write_sysctl(None, f"net.ipv4.conf.{ifname}.accept_local", "1")
 
 

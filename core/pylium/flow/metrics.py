@@ -224,7 +224,7 @@ class AgentCollector:
         datapath = comps.get("datapath")
         if datapath is not None:
             try:
-                pressure = _call(datapath, "map_pressure") or _map_pressure(datapath)
+                pressure = _call(datapath, "map_pressure")
             except Exception:
                 log.exception("reading map pressure")
                 pressure = None
@@ -240,26 +240,6 @@ class AgentCollector:
                                     value=1 if kv.get("healthy") else 0)
         yield GaugeMetricFamily("pylium_agent_uptime_seconds", "Seconds since the agent "
                                 "started.", value=round(time.time() - daemon.started_at, 3))
-
-
-#: the datapath's hash maps whose fill ratio Cilium reports as map pressure
-PRESSURE_MAPS = ("endpoints", "ipcache", "conntrack", "policy")
-
-
-def _map_pressure(datapath: Any) -> dict[str, float]:
-    """entries / max_entries of the datapath's hash maps (counted by key iteration)."""
-    from pylium.datapath import libbpf
-
-    out: dict[str, float] = {}
-    for attr in PRESSURE_MAPS:
-        bpf_map = getattr(datapath, attr, None)
-        fd = getattr(bpf_map, "fd", None)
-        if fd is None or fd < 0 or not hasattr(bpf_map, "keys"):
-            continue
-        max_entries = libbpf.map_info(fd).max_entries
-        if max_entries:
-            out[attr] = sum(1 for _ in bpf_map.keys()) / max_entries
-    return out
 
 
 def _count(component: Any, names: tuple[str, ...] = ("count", "list", "rules", "all")

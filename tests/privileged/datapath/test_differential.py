@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import random
 
-from pylium.datapath.datapath import decode_result
 from pylium.datapath.packet import build
+from pylium.datapath.testrun import decode_result
 from pylium.policy.mapstate import (
     PROTO_ANY,
     PROTO_ICMP,

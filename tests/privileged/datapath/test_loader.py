@@ -137,6 +137,12 @@ def test_require_pinned_refuses_an_object_without_the_map(plugin_source):
         root.rmdir()
 
 
+def test_pinning_into_a_missing_directory_is_refused(plugin_source, tmp_path):
+    with pytest.raises(DatapathError, match="pin directory .*/absent does not exist"):
+        load_object(plugin_source, {"PROBE_IP": "1"}, pin_root=tmp_path / "absent",
+                    pinned_maps=("endpoints",), cache_dir=BPF_CACHE)
+
+
 def test_verifier_rejection_carries_the_libbpf_log(tmp_path):
     src = tmp_path / "bpf_rejected.c"
     src.write_text(REJECTED_C)

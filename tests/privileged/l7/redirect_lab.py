@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pylium.datapath import netns as plumbing
-from pylium.lab.lab import _listening
 
 from ..endpoint.eplab import api
 
@@ -33,6 +33,13 @@ def install_plugin(site: Path) -> None:
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pylium-test-redirect\n"
                                    "Version: 1.0\n")
     (info / "entry_points.txt").write_text(f"[pylium]\nredirecttest = {PLUGIN_MODULE}\n")
+
+
+def listening(port: int) -> bool:
+    """Does something accept TCP on `port` (in the calling thread's netns)?"""
+    with socket.socket() as probe:
+        probe.settimeout(0.2)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 class Listener:
@@ -65,7 +72,7 @@ class Listener:
             return
         netns = self.lab.node("node1")["netns"]
         deadline = time.monotonic() + 5
-        while plumbing.run_in_netns(netns, lambda: _listening(self.port)):
+        while plumbing.run_in_netns(netns, lambda: listening(self.port)):
             assert time.monotonic() < deadline, f"listener on {self.port} did not stop"
             time.sleep(0.05)
 

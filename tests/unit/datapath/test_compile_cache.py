@@ -37,3 +37,28 @@ def test_compile_error_names_the_source(tmp_path):
     (src / "bpf_lxc.c").write_text("this is not C;\n")
     with pytest.raises(DatapathError, match="compiling bpf_lxc.c failed"):
         compile_object(src / "bpf_lxc.c", cache_dir=tmp_path / "c")
+
+
+PLUGIN_C = '#include "lib/common.h"\n#include "extra.h"\nchar LICENSE[] SEC("license") = "GPL";\n' \
+           'SEC("tc") int prog(struct __sk_buff *skb) { return EXTRA_VALUE; }\n'
+
+
+def test_plugin_source_sees_the_core_headers_and_its_include_dirs_key_the_cache(tmp_path):
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    (plugin / "bpf_plugin.c").write_text(PLUGIN_C)
+    extra = tmp_path / "include"
+    extra.mkdir()
+    (extra / "extra.h").write_text("#define EXTRA_VALUE 0\n")
+    a = compile_object(plugin / "bpf_plugin.c", cache_dir=tmp_path / "c", include_dirs=[extra])
+    assert a.name.startswith("bpf_plugin-") and a.read_bytes()[:4] == b"\x7fELF"
+    (extra / "extra.h").write_text("#define EXTRA_VALUE 2\n")
+    b = compile_object(plugin / "bpf_plugin.c", cache_dir=tmp_path / "c", include_dirs=[extra])
+    assert a != b
+
+
+def test_source_must_be_an_existing_absolute_path(tmp_path):
+    with pytest.raises(DatapathError, match="expected an absolute path"):
+        compile_object("bpf_lxc.c", cache_dir=tmp_path)
+    with pytest.raises(DatapathError, match="not found"):
+        compile_object(tmp_path / "missing.c", cache_dir=tmp_path)

@@ -10,8 +10,8 @@ from pylium.agent.server import make_app
 from pylium.identity.labels import LabelSet
 
 
-def test_import_get_trace_delete_and_restart(tmp_path, shared_dir, start_daemon):
-    rule1 = (shared_dir / "seed-policies" / "l3-l4-rule1.yaml").read_text()
+def test_import_get_trace_delete_and_restart(tmp_path, example_policies, start_daemon):
+    rule1 = (example_policies / "l3-l4-rule1.yaml").read_text()
 
     async def go():
         daemon = await start_daemon(tmp_path)

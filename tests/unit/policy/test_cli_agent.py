@@ -56,11 +56,10 @@ def run(sock: str, *args: str):
     return result
 
 
-def test_import_get_trace_delete_and_identities(agent_socket, shared_dir):
-    seed = shared_dir / "seed-policies"
-    imported = run(agent_socket, "policy", "import", str(seed / "l7-rule1.yaml"))
+def test_import_get_trace_delete_and_identities(agent_socket, example_policies):
+    imported = run(agent_socket, "policy", "import", str(example_policies / "l7-rule1.yaml"))
     assert imported.exit_code == 0 and "imported 1 policies" in imported.output
-    assert run(agent_socket, "policy", "import", str(seed / "cidr-rule.yaml")).exit_code == 0
+    assert run(agent_socket, "policy", "import", str(example_policies / "cidr-rule.yaml")).exit_code == 0
     listing = json.loads(run(agent_socket, "policy", "get", "-o", "json").output)
     assert sorted(p["name"] for p in listing["policies"]) == ["cidr-rule", "rule1"]
     one = json.loads(run(agent_socket, "policy", "get", "default/rule1", "-o", "json").output)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from pylium.policy.errors import PolicyError, PolicyWarning
@@ -300,8 +299,8 @@ def test_templates_and_bad_yaml_are_refused_with_a_line():
     assert errors_of("a: [\n")[0].startswith("line ")
 
 
-def test_corpus_every_file_loads_or_is_refused_naming_a_field(shared_dir, capsys):
-    corpus = shared_dir / "corpus"
+def test_corpus_every_file_loads_or_is_refused_naming_a_field(cilium_corpus, capsys):
+    corpus = cilium_corpus
     files = sorted(p for p in corpus.rglob("*") if p.suffix in (".yaml", ".json"))
     assert len(files) > 150
     loaded, refused = [], []
@@ -329,7 +328,9 @@ def test_corpus_every_file_loads_or_is_refused_naming_a_field(shared_dir, capsys
     assert len(loaded) >= 140
 
 
-def test_seed_policies_load(shared_dir):
-    for path in sorted(Path(shared_dir / "seed-policies").glob("*.yaml")):
+def test_example_policies_load(example_policies):
+    paths = sorted(example_policies.glob("*.yaml"))
+    assert [p.name for p in paths] == ["cidr-rule.yaml", "l3-l4-rule1.yaml", "l7-rule1.yaml"]
+    for path in paths:
         (policy,) = load_file(path)
-        assert policy.namespace == "default"
+        assert policy.namespace == "default" and policy.description
