@@ -43,8 +43,8 @@ from pylium.datapath.maps.policy import (
 )
 from pylium.datapath.packet import SkBuff
 from pylium.datapath.proxy import (
-    accept_hairpinned_local_sources,
     install_proxy_routing,
+    prepare_endpoint_veth,
     remove_proxy_routing,
 )
 from pylium.datapath.testrun import decode_result
@@ -254,7 +254,7 @@ class Datapath:
         # proxy need its policy routing there (never installed by an agent without pods)
         install_proxy_routing()
         self._proxy_routing = True
-        accept_hairpinned_local_sources(ifindex)
+        prepare_endpoint_veth(ifindex)
         tc.attach(ifindex, tc.INGRESS, self.prog_fds["from_container"])
         tc.attach(ifindex, tc.EGRESS, self.prog_fds["to_container"])
 

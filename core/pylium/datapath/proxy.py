@@ -8,6 +8,7 @@ netns) remove it."""
 
 from __future__ import annotations
 
+import logging
 import socket
 
 from pylium.datapath import netns as plumbing
@@ -18,7 +19,10 @@ from pylium.datapath.marks import (
     PROXY_RULE_PRIORITY,
 )
 
+log = logging.getLogger(__name__)
+
 EARLY_DEMUX = "net.ipv4.ip_early_demux"
+ALL_RP_FILTER = "net.ipv4.conf.all.rp_filter"
 _RULE = (MARK_MAGIC_TO_PROXY, MARK_MAGIC_MASK, PROXY_ROUTE_TABLE, PROXY_RULE_PRIORITY)
 
 
@@ -32,15 +36,22 @@ def install_proxy_routing(netns: str | None = None) -> None:
     sends them to the proxy like the first."""
     plumbing.add_fwmark_local_table(*_RULE, netns=netns)
     plumbing.write_sysctl(netns, EARLY_DEMUX, "0")
+    if plumbing.read_sysctl(netns, ALL_RP_FILTER) != "0":
+        log.warning("%s is on in the node netns: flows an ingress policy redirects to the "
+                    "L7 proxy from sources routed through other interfaces are dropped",
+                    ALL_RP_FILTER)
 
 
-def accept_hairpinned_local_sources(ifindex: int) -> None:
-    """`accept_local` on an endpoint's host-side veth (in the caller's netns): a flow that a
-    socket of the node itself opened (the egress proxy's upstream, a node process) and that
-    the pod's ingress policy redirects comes back in through this veth with a source
-    address of the node, which the kernel otherwise drops as martian. Pods cannot use it to
-    spoof the node: from_container drops any source but the endpoint's own address."""
+def prepare_endpoint_veth(ifindex: int) -> None:
+    """Let flows a pod's ingress policy redirects come back in through its host-side veth
+    (in the caller's netns), whatever their source: `rp_filter` 0 (their source is routed
+    elsewhere: another pod, the world) and `accept_local` 1 (a socket of the node itself
+    opened them: the egress proxy's upstream, a node process; the kernel would drop that
+    source as martian). Pods cannot use either to spoof: from_container drops any source
+    but the endpoint's own address. (`net.ipv4.conf.all.rp_filter` 1 would still win:
+    such flows are then dropped, never forwarded.)"""
     ifname = socket.if_indextoname(ifindex)
+    plumbing.write_sysctl(None, f"net.ipv4.conf.{ifname}.rp_filter", "0")
     plumbing.write_sysctl(None, f"net.ipv4.conf.{ifname}.accept_local", "1")
 
 
