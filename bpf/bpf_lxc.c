@@ -14,6 +14,7 @@
 #include "lib/events.h"
 #include "lib/metrics.h"
 #include "lib/routing.h"
+#include "lib/proxy.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -23,6 +24,7 @@ struct result {
 	__u32 identity;
 	__u32 ct;
 	__u32 target;
+	__u16 proxy_port; /* != 0: send the packet to the L7 proxy on this port */
 };
 
 static __always_inline void write_result(struct __sk_buff *skb, const struct result *r)
@@ -53,9 +55,12 @@ static __always_inline void count_forward(const struct event_ctx *ec, const stru
 }
 
 /* Conntrack, then (for new flows, or flows whose endpoint policy changed) the endpoint's
- * policy about `peer_identity`. Returns 0 to forward, else a drop reason. */
+ * policy about `peer_identity`. Returns 0 to pass, else a drop reason; r->proxy_port says
+ * the flow goes to the L7 proxy (a redirect entry, remembered in conntrack so the flow's
+ * later packets follow). `proxied`: the packet comes from this node's L7 proxy, which
+ * already judged the L7 rules for `peer_identity`: a redirect entry lets it through. */
 static __always_inline __u8 enforce(const struct event_ctx *ec, const struct pkt *p,
-				    __u32 peer_identity, struct result *r)
+				    __u32 peer_identity, struct result *r, int proxied)
 {
 	struct policy_verdict v;
 	struct policy_entry *meta;
@@ -78,6 +83,7 @@ static __always_inline __u8 enforce(const struct event_ctx *ec, const struct pkt
 	if (ct && ct->expires_ns > now) {
 		r->ct = CT_ESTABLISHED;
 		if (ct->policy_rev == meta->revision) {
+			r->proxy_port = ct->proxy_port;
 			if (!ec->dry_run)
 				ct_refresh(ct, p, now, 0);
 			return 0;
@@ -85,6 +91,9 @@ static __always_inline __u8 enforce(const struct event_ctx *ec, const struct pkt
 		/* the endpoint's policy changed since this flow was allowed: ask again */
 		v = policy_decide(inner, meta, peer_identity, ec->direction, p->protocol,
 				  p->policy_port);
+		if (proxied)
+			v.proxy_port = 0;
+		r->proxy_port = v.proxy_port;
 		r->verdict = v.verdict | ((__u32)v.proxy_port << 16);
 		emit_event(ec, p, EVENT_POLICY_VERDICT, v.verdict, 0, v.proxy_port);
 		if (v.verdict == VERDICT_DENY) {
@@ -111,6 +120,9 @@ static __always_inline __u8 enforce(const struct event_ctx *ec, const struct pkt
 
 	r->ct = CT_NEW;
 	v = policy_decide(inner, meta, peer_identity, ec->direction, p->protocol, p->policy_port);
+	if (proxied)
+		v.proxy_port = 0;
+	r->proxy_port = v.proxy_port;
 	r->verdict = v.verdict | ((__u32)v.proxy_port << 16);
 	emit_event(ec, p, EVENT_POLICY_VERDICT, v.verdict, EVENT_F_CT_NEW, v.proxy_port);
 	if (v.verdict == VERDICT_DENY)
@@ -136,6 +148,23 @@ static __always_inline __u8 enforce(const struct event_ctx *ec, const struct pkt
 static __always_inline int lb4_translate(struct __sk_buff *skb, struct pkt *p)
 {
 	return 0;
+}
+
+/* The flow goes to the L7 proxy (lib/proxy.h): assign it to the proxy socket and pass it up
+ * the node's stack. Only at tc ingress (from_container). */
+static __always_inline int to_proxy(struct __sk_buff *skb, const struct event_ctx *ec,
+				    const struct pkt *p, struct result *r)
+{
+	__u8 reason = proxy_assign(skb, p, r->proxy_port, ec->dry_run);
+
+	if (reason)
+		return drop_packet(skb, ec, p, r, reason);
+	count_forward(ec, p);
+	r->target = TARGET_PROXY;
+	write_result(skb, r);
+	if (r->ct == CT_NEW)
+		emit_event(ec, p, EVENT_TRACE, TRACE_TO_PROXY, EVENT_F_CT_NEW, r->proxy_port);
+	return TC_ACT_OK;
 }
 
 static __always_inline int redirect_to_endpoint(struct __sk_buff *skb,
@@ -167,6 +196,22 @@ int from_container(struct __sk_buff *skb)
 	if (ret != PARSE_OK)
 		return drop_packet(skb, &ec, &p, &r, ret);
 
+	if (is_to_proxy_mark(skb->mark) && !ec.dry_run) {
+		/* hairpinned by to_container of this veth: the ingress policy of the endpoint
+		 * behind it redirected the flow to the proxy (port in the mark) */
+		ec.direction = DIR_INGRESS;
+		dst = lookup_endpoint(p.daddr);
+		if (!dst || dst->ifindex != skb->ifindex)
+			return drop_packet(skb, &ec, &p, &r, DROP_NO_LOCAL_ENDPOINT);
+		ec.ep_id = dst->ep_id;
+		ec.dst_identity = dst->identity;
+		/* to_container counted the packet and emitted the flow's events */
+		reason = proxy_assign(skb, &p, skb->mark >> 16, 0);
+		if (reason)
+			return drop_packet(skb, &ec, &p, &r, reason);
+		return TC_ACT_OK;
+	}
+
 	src = lookup_endpoint(p.saddr);
 	if (!src || src->ifindex != skb->ifindex)
 		return drop_packet(skb, &ec, &p, &r, DROP_INVALID_SIP);
@@ -184,9 +229,11 @@ int from_container(struct __sk_buff *skb)
 		ec.dst_identity = remote ? remote->identity : IDENTITY_WORLD;
 	}
 
-	reason = enforce(&ec, &p, ec.dst_identity, &r);
+	reason = enforce(&ec, &p, ec.dst_identity, &r, 0);
 	if (reason)
 		return drop_packet(skb, &ec, &p, &r, reason);
+	if (r.proxy_port)
+		return to_proxy(skb, &ec, &p, &r);
 	count_forward(&ec, &p);
 
 	if (dst) {
@@ -224,6 +271,7 @@ int to_container(struct __sk_buff *skb)
 	struct endpoint_info *dst;
 	__u32 mark = skb->mark;
 	__u32 magic = mark & MARK_MAGIC_MASK;
+	int proxied = 0;
 	int ret;
 	__u8 reason;
 
@@ -240,8 +288,11 @@ int to_container(struct __sk_buff *skb)
 	ec.ep_id = dst->ep_id;
 	ec.dst_identity = dst->identity;
 
-	if (magic == MARK_MAGIC_IDENTITY) {
+	if (magic == MARK_MAGIC_IDENTITY || magic == MARK_MAGIC_PROXY_EGRESS) {
 		ec.src_identity = mark_decode_identity(mark);
+		/* sent by a socket of this node (not received on any interface, as packets
+		 * from_container redirects are): the L7 proxy's upstream for that identity */
+		proxied = magic == MARK_MAGIC_IDENTITY && skb->ingress_ifindex == 0;
 		skb->mark = 0;
 	} else if (ec.dry_run && skb->cb[1] == TRACE_CB_IDENTITY) {
 		ec.src_identity = skb->cb[0];
@@ -249,9 +300,28 @@ int to_container(struct __sk_buff *skb)
 		ec.src_identity = resolve_identity(p.saddr);
 	}
 
-	reason = enforce(&ec, &p, ec.src_identity, &r);
+	reason = enforce(&ec, &p, ec.src_identity, &r, proxied);
 	if (reason)
 		return drop_packet(skb, &ec, &p, &r, reason);
+	if (r.proxy_port) {
+		/* tc egress cannot assign a socket: hairpin into this veth's ingress, where
+		 * from_container hands the packet to the proxy. The destination MAC becomes the
+		 * veth's own, so the stack takes the packet as addressed to this host. */
+		reason = proxy_supports(&p);
+		if (reason)
+			return drop_packet(skb, &ec, &p, &r, reason);
+		count_forward(&ec, &p);
+		r.target = TARGET_PROXY;
+		write_result(skb, &r);
+		if (r.ct == CT_NEW)
+			emit_event(&ec, &p, EVENT_TRACE, TRACE_TO_PROXY, EVENT_F_CT_NEW, r.proxy_port);
+		if (ec.dry_run)
+			return TC_ACT_REDIRECT;
+		if (bpf_skb_store_bytes(skb, 0, dst->host_mac, 6, 0) < 0)
+			return drop_packet(skb, &ec, &p, &r, DROP_WRITE_ERROR);
+		skb->mark = mark_encode_to_proxy(r.proxy_port);
+		return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+	}
 	count_forward(&ec, &p);
 	r.target = dst->ifindex;
 	write_result(skb, &r);

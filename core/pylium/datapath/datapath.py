@@ -42,6 +42,11 @@ from pylium.datapath.maps.policy import (
     encode_meta,
 )
 from pylium.datapath.packet import SkBuff
+from pylium.datapath.proxy import (
+    install_proxy_routing,
+    prepare_endpoint_veth,
+    remove_proxy_routing,
+)
 from pylium.datapath.testrun import decode_result
 from pylium.errors import UserError
 from pylium.policy.mapstate import (
@@ -101,6 +106,7 @@ class Datapath:
         self._lock = threading.RLock()
         self.prog_fds: dict[str, int] = {}
         self.object_path: Path | None = None
+        self._proxy_routing = False  # installed in this netns by this object
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -204,6 +210,10 @@ class Datapath:
                 for _key, value in list(self.endpoints.items()):
                     if self._ours(value):
                         self._detach_programs(value.ifindex)
+                        self._proxy_routing = True
+            if self._proxy_routing:
+                remove_proxy_routing()
+                self._proxy_routing = False
             self.close()
             for name in (*PINNED_MAPS, *(f"progs/{p}" for p in PROGRAMS)):
                 path = self.root / name
@@ -240,6 +250,11 @@ class Datapath:
     # -- endpoints ------------------------------------------------------------------
 
     def _attach_programs(self, ifindex: int) -> None:
+        # the netns holding endpoint veths is the node's: flows the programs send to the L7
+        # proxy need its policy routing there (never installed by an agent without pods)
+        install_proxy_routing()
+        self._proxy_routing = True
+        prepare_endpoint_veth(ifindex)
         tc.attach(ifindex, tc.INGRESS, self.prog_fds["from_container"])
         tc.attach(ifindex, tc.EGRESS, self.prog_fds["to_container"])
 
@@ -523,12 +538,15 @@ class Datapath:
 
     def run_program(self, name: str, packet: bytes, ifindex: int, mark: int = 0,
                     repeat: int = 1, dry_run: bool = False,
-                    src_identity: int | None = None) -> tuple[int, SkBuff, int]:
+                    src_identity: int | None = None,
+                    ingress_ifindex: int = 0) -> tuple[int, SkBuff, int]:
         """BPF_PROG_TEST_RUN of one loaded program: (retval, ctx out, ns per run). A dry run
-        writes no conntrack, events or metrics and may impose the source identity."""
+        writes no conntrack, events or metrics and may impose the source identity.
+        `ingress_ifindex` 0 = a packet sent by a socket of the node, else received there."""
         self._require_open()
         return testrun.run_program(self.prog_fds[name], packet, ifindex, mark=mark,
-                                   repeat=repeat, dry_run=dry_run, src_identity=src_identity)
+                                   repeat=repeat, dry_run=dry_run, src_identity=src_identity,
+                                   ingress_ifindex=ingress_ifindex)
 
     def trace(self, ep_id: int, direction: Direction | str, src_ip: str, dst_ip: str,
               sport: int, dport: int, proto: int | str,
