@@ -158,8 +158,9 @@ def test_every_kind_is_built_started_hooked_and_stopped_by_the_core(world):
 
         plugins = cli(sock, "plugins")
         (row,) = [r for r in plugins if r["dist"] == "pylium-recording"]
-        assert {(c["kind"], c["state"]) for c in row["capabilities"]} == \
-            {(k, "running") for k in KINDS}
+        assert {(c["kind"], c["dist"], c["version"], c["selected"], c["state"])
+                for c in row["capabilities"]} == \
+            {(k, "pylium-recording", "2.3", True, "running") for k in KINDS}
         http = [c for r in plugins for c in r["capabilities"] if c["name"] == "http"]
         assert http and http[0]["state"] == "not selected"
 
