@@ -14,6 +14,7 @@
 #include "lib/events.h"
 #include "lib/metrics.h"
 #include "lib/routing.h"
+#include "lib/lb.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -23,6 +24,9 @@ struct result {
 	__u32 identity;
 	__u32 ct;
 	__u32 target;
+	__u16 rev_nat;   /* service flow: its rev-NAT index (new flows: set by lb4_translate) */
+	__u8 ct_flags;   /* CT_F_* of the entry a reply matched */
+	__u8 pad;
 };
 
 static __always_inline void write_result(struct __sk_buff *skb, const struct result *r)
@@ -104,6 +108,8 @@ static __always_inline __u8 enforce(const struct event_ctx *ec, const struct pkt
 	ct = bpf_map_lookup_elem(&conntrack, &key);
 	if (ct && ct->expires_ns > now) {
 		r->ct = CT_REPLY;
+		r->rev_nat = ct->rev_nat_index;
+		r->ct_flags = ct->flags;
 		if (!ec->dry_run)
 			ct_refresh(ct, p, now, 1);
 		return 0;
@@ -121,6 +127,8 @@ static __always_inline __u8 enforce(const struct event_ctx *ec, const struct pkt
 			.policy_rev = meta->revision,
 			.ep_id = ec->ep_id,
 			.proxy_port = v.proxy_port,
+			.rev_nat_index = r->rev_nat,
+			.flags = r->ct_flags,
 		};
 
 		ct_key_forward(&key, p, ec->direction);
@@ -131,10 +139,98 @@ static __always_inline __u8 enforce(const struct event_ctx *ec, const struct pkt
 	return 0;
 }
 
-/* Service translation slot (load balancing, later): rewrite the destination of `p` and the
- * packet to a backend before the policy lookup, which then sees the backend. */
-static __always_inline int lb4_translate(struct __sk_buff *skb, struct pkt *p)
+/* Service translation (lib/lb.h): a new flow to a VIP gets a backend (affinity, Maglev or
+ * random) remembered in a service-scope conntrack entry; every packet of the flow is then
+ * DNATed to it before the policy lookup, which sees the backend. Returns 0 or a drop
+ * reason. Sets r->rev_nat (and CT_F_LOOPBACK for a hairpin) for the endpoint's CT entry. */
+static __always_inline int lb4_translate(struct __sk_buff *skb, struct pkt *p,
+					 const struct event_ctx *ec, struct result *r)
 {
+	struct lb4_service *svc = lb4_lookup_service(p);
+	struct lb4_backend *be = NULL;
+	struct ct_entry *ct;
+	struct ct_key key;
+	__u64 now;
+	__u32 backend_id = 0;
+	__be32 new_saddr;
+
+	if (!svc)
+		return 0;
+	now = bpf_ktime_get_ns();
+	ct_key_forward(&key, p, CT_DIR_SERVICE);
+	ct = bpf_map_lookup_elem(&conntrack, &key);
+	if (ct && ct->expires_ns > now) {
+		be = lb4_usable_backend(ct->backend_id, 0);
+		if (be) {
+			backend_id = ct->backend_id;
+			if (!ec->dry_run)
+				ct_refresh(ct, p, now, 0);
+		}
+	}
+	if (!be) {
+		if (svc->flags & SVC_F_AFFINITY) {
+			backend_id = lb4_affinity_backend(p, svc, now);
+			be = lb4_usable_backend(backend_id, 1);
+		}
+		if (!be) {
+			backend_id = lb4_select(p, svc);
+			be = lb4_usable_backend(backend_id, 1);
+		}
+		if (!be)
+			return DROP_NO_SERVICE;
+		if (!ec->dry_run) {
+			struct ct_entry entry = {
+				.src_identity = ec->src_identity,
+				.ep_id = ec->ep_id,
+				.rev_nat_index = svc->rev_nat_index,
+				.backend_id = backend_id,
+			};
+
+			ct_refresh(&entry, p, now, 0);
+			bpf_map_update_elem(&conntrack, &key, &entry, BPF_ANY);
+			if (svc->flags & SVC_F_AFFINITY)
+				lb4_affinity_update(p, svc, backend_id, now);
+		}
+	}
+	/* hairpin: the pod is its own backend; it would drop a packet from itself */
+	new_saddr = be->address == p->saddr ? LB_LOOPBACK_IP : p->saddr;
+	if (lb4_rewrite(skb, p->protocol, 1, p->daddr, be->address, p->dport, be->port) < 0)
+		return DROP_WRITE_ERROR;
+	if (new_saddr != p->saddr &&
+	    lb4_rewrite(skb, p->protocol, 0, p->saddr, new_saddr, p->sport, p->sport) < 0)
+		return DROP_WRITE_ERROR;
+	if (new_saddr != p->saddr)
+		r->ct_flags = CT_F_LOOPBACK;
+	p->saddr = new_saddr;
+	p->daddr = be->address;
+	p->dport = be->port;
+	p->policy_port = be->port;
+	p->event_dport = be->port;
+	r->rev_nat = svc->rev_nat_index;
+	return 0;
+}
+
+/* Reverse NAT of a reply to a service flow (found as CT_REPLY in to_container): the
+ * backend's address and port become the VIP's again; a hairpinned reply also goes back
+ * to the pod's own address. Returns 0 or a drop reason. */
+static __always_inline int lb4_rev_nat(struct __sk_buff *skb, struct pkt *p,
+				       const struct result *r)
+{
+	struct lb4_reverse_nat *nat;
+	__u16 index = r->rev_nat;
+
+	nat = bpf_map_lookup_elem(&lb4_reverse_nat, &index);
+	if (!nat)
+		return 0; /* the service is gone: nothing to rewrite to */
+	if (lb4_rewrite(skb, p->protocol, 0, p->saddr, nat->address, p->sport, nat->port) < 0)
+		return DROP_WRITE_ERROR;
+	if ((r->ct_flags & CT_F_LOOPBACK) && p->daddr == LB_LOOPBACK_IP) {
+		if (lb4_rewrite(skb, p->protocol, 1, p->daddr, p->saddr, p->dport, p->dport) < 0)
+			return DROP_WRITE_ERROR;
+		p->daddr = p->saddr;
+	}
+	p->saddr = nat->address;
+	p->sport = nat->port;
 	return 0;
 }
 
@@ -173,10 +269,12 @@ int from_container(struct __sk_buff *skb)
 	ec.ep_id = src->ep_id;
 	ec.src_identity = src->identity;
 
-	if (lb4_translate(skb, &p) < 0)
-		return drop_packet(skb, &ec, &p, &r, DROP_WRITE_ERROR);
+	reason = lb4_translate(skb, &p, &ec, &r);
+	if (reason)
+		return drop_packet(skb, &ec, &p, &r, reason);
 
-	dst = lookup_endpoint(p.daddr);
+	/* a hairpinned reply (to LB_LOOPBACK_IP) goes back to the pod that sent it */
+	dst = lookup_endpoint(p.daddr == LB_LOOPBACK_IP ? p.saddr : p.daddr);
 	if (dst) {
 		ec.dst_identity = dst->identity;
 	} else {
@@ -234,7 +332,7 @@ int to_container(struct __sk_buff *skb)
 	if (ret != PARSE_OK)
 		return drop_packet(skb, &ec, &p, &r, ret);
 
-	dst = lookup_endpoint(p.daddr);
+	dst = lookup_endpoint(p.daddr == LB_LOOPBACK_IP ? p.saddr : p.daddr);
 	if (!dst || dst->ifindex != skb->ifindex)
 		return drop_packet(skb, &ec, &p, &r, DROP_NO_LOCAL_ENDPOINT);
 	ec.ep_id = dst->ep_id;
@@ -252,6 +350,11 @@ int to_container(struct __sk_buff *skb)
 	reason = enforce(&ec, &p, ec.src_identity, &r);
 	if (reason)
 		return drop_packet(skb, &ec, &p, &r, reason);
+	if (r.ct == CT_REPLY && r.rev_nat) {
+		reason = lb4_rev_nat(skb, &p, &r);
+		if (reason)
+			return drop_packet(skb, &ec, &p, &r, reason);
+	}
 	count_forward(&ec, &p);
 	r.target = dst->ifindex;
 	write_result(skb, &r);

@@ -55,12 +55,14 @@ log = logging.getLogger(__name__)
 OBJECT_SOURCE = "bpf_lxc.c"
 PROGRAMS = ("from_container", "to_container")
 PINNED_MAPS = ("endpoints", "ipcache", "policy", "conntrack", "metrics", "events", "events_lost",
-               "routing_progs")
+               "routing_progs", "lb4_services", "lb4_backends", "lb4_reverse_nat", "lb4_maglev",
+               "lb4_affinity")
 MARK_MAGIC_DRYRUN = 0x0D00
 TRACE_CB_IDENTITY = 0x70796C6D
 TRACE_CB_DRYRUN = 0x64727972
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 CT_STATES = {0: "new", 1: "established", 2: "reply"}
+CT_DIRECTIONS = {0: "ingress", 1: "egress", 2: "service"}
 VERDICT_NAMES = {0: None, 1: "allowed", 2: "denied", 3: "redirected"}
 MAX_IDENTITY = 0xFFFFFFFE
 ENDPOINT_IDENTITY_LIMIT = 1 << 24
@@ -513,7 +515,7 @@ class Datapath:
                     "sport": int.from_bytes(bytes(k.sport), "big"),
                     "dport": int.from_bytes(bytes(k.dport), "big"),
                     "protocol": PROTOCOLS.get(proto, str(proto)),
-                    "direction": "egress" if k.direction else "ingress",
+                    "direction": CT_DIRECTIONS.get(k.direction, str(k.direction)),
                     "ep_id": v.ep_id, "src_identity": v.src_identity,
                     "expires_in_s": round((v.expires_ns - now) / 1e9, 1),
                     "expired": v.expires_ns <= now,
@@ -530,7 +532,7 @@ class Datapath:
             rows = []
             for k, per_cpu in self.metrics.items():
                 rows.append({"reason": k.reason, "reason_desc": reason_name(k.reason),
-                             "direction": "egress" if k.direction else "ingress",
+                             "direction": CT_DIRECTIONS.get(k.direction, str(k.direction)),
                              "packets": sum(v.packets for v in per_cpu),
                              "bytes": sum(v.bytes for v in per_cpu)})
         return sorted(rows, key=lambda r: (r["reason"], r["direction"]))

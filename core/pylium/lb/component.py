@@ -1,0 +1,227 @@
+"""Agent component "lb": follows the services in the KV store and writes them into this
+node's LB maps (`pylium.datapath.lb.LbMaps`), so a service added through any node's API
+works from pods on every node.
+
+Options (`plugin_options: {lb: {...}}` in the agent config):
+  `algorithm`           backend selection of services that do not name one: `random`
+                        (default, as Cilium) or `maglev`
+  `maglev_table_size`   entries in each Maglev lookup table: one of Cilium's primes
+                        (default 16381); the seed is shared through the KV store
+
+Backend ids are local to the node (the datapath's lb4_backends keys) and survive agent
+restarts: they are read back from the pinned map at start, so conntrack entries of
+established flows keep naming the right backend."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from pylium.cluster.mirror import PrefixMirror
+from pylium.errors import ConfigError
+from pylium.lb import maglev
+from pylium.lb.model import ALGORITHMS, PROTOCOLS, Service
+from pylium.lb.store import SVC_PREFIX, ServiceStore, decode
+
+log = logging.getLogger(__name__)
+
+OPTIONS: dict[str, Any] = {"algorithm": "random",
+                           "maglev_table_size": maglev.DEFAULT_TABLE_SIZE}
+APPLY_WAIT_S = 10.0
+
+
+def lb_options(config) -> dict[str, Any]:
+    given = dict(config.plugin_options.get("lb", {}) or {})
+    unknown = set(given) - set(OPTIONS)
+    if unknown:
+        raise ConfigError(f"plugin_options.lb: unknown option(s) {', '.join(sorted(unknown))} "
+                          f"(known: {', '.join(OPTIONS)})")
+    out = {**OPTIONS, **given}
+    if out["algorithm"] not in ALGORITHMS:
+        raise ConfigError(f"plugin_options.lb.algorithm: {out['algorithm']!r} is not one of "
+                          f"{', '.join(ALGORITHMS)}")
+    try:
+        maglev.check_table_size(out["maglev_table_size"])
+    except Exception as exc:
+        raise ConfigError(f"plugin_options.lb.{exc}") from None
+    return out
+
+
+def backend_name(ip: str, port: int, protocol: str) -> str:
+    """A backend's name in the Maglev permutation: the same on every node."""
+    return f"{ip}:{port}/{protocol}"
+
+
+class LoadBalancer:
+    def __init__(self, daemon, options: dict[str, Any]):
+        self.daemon = daemon
+        self.options = options
+        self.store = ServiceStore(daemon.kvstore)
+        datapath = daemon.components.get("datapath")
+        self.maps = None
+        if datapath is not None:
+            from pylium.datapath.lb import LbMaps
+
+            self.maps = LbMaps(datapath.root)
+        self.seed = ""
+        #: services as applied to this node's maps, by name
+        self.applied: dict[str, Service] = {}
+        #: (ip, port, proto number) -> backend id in lb4_backends
+        self.backend_ids: dict[tuple[str, int, int], int] = {}
+        self._last_backend_id = 0
+        self.events = {"add": 0, "update": 0, "delete": 0, "errors": 0}
+        self.mirror = PrefixMirror(daemon.kvstore, SVC_PREFIX, self._changed,
+                                   on_synced=self._synced)
+
+    # lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        self.seed = await self.store.maglev_seed()
+        if self.maps is not None:
+            for backend_id, info in self.maps.dump_backends().items():
+                self.backend_ids[(info["ip"], info["port"], info["proto"])] = backend_id
+        self.mirror.start()
+        try:
+            async with asyncio.timeout(APPLY_WAIT_S):
+                await self.mirror.synced.wait()
+        except TimeoutError:
+            log.warning("lb: services not listed within %.0fs; applying them when the KV "
+                        "store answers", APPLY_WAIT_S)
+        log.info("lb: %d service(s), selection %s, maglev table size %d", len(self.applied),
+                 self.options["algorithm"], self.options["maglev_table_size"])
+
+    async def close(self) -> None:
+        await self.mirror.close()
+        if self.maps is not None:
+            self.maps.close()  # the maps stay pinned: translation goes on without us
+
+    # following the store ---------------------------------------------------------------
+    def _changed(self, key: str, old: bytes | None, new: bytes | None) -> None:
+        name = key[len(SVC_PREFIX):]
+        try:
+            if new is None:
+                self._remove(name)
+                self.events["delete"] += 1
+            else:
+                self._apply(decode(key, new))
+                self.events["update" if old is not None else "add"] += 1
+        except Exception:
+            self.events["errors"] += 1
+            raise
+
+    def _synced(self) -> None:
+        """After a (re)list: drop frontends the maps hold that no service names any more
+        (deleted while this agent was down)."""
+        if self.maps is None:
+            return
+        wanted = {(str(s.frontend), s.id) for s in self.applied.values()}
+        for row in self.maps.dump():
+            if (row["frontend"], row["id"]) not in wanted:
+                ip, _, rest = row["frontend"].partition(":")
+                port, _, proto = rest.partition("/")
+                self.maps.delete_service(row["id"], ip, int(port), PROTOCOLS[proto])
+                log.info("lb: removed stale frontend %s (id %d)", row["frontend"], row["id"])
+        self._collect_backends()
+
+    def _backend_id(self, ip: str, port: int, proto: int) -> int:
+        key = (ip, port, proto)
+        if key not in self.backend_ids:
+            # never the id of a backend just removed: its flows' conntrack entries still
+            # name it and must find it gone (and pick again), not find a stranger
+            self._last_backend_id = max(self._last_backend_id,
+                                        *self.backend_ids.values(), 0) + 1
+            self.backend_ids[key] = self._last_backend_id
+        return self.backend_ids[key]
+
+    def _apply(self, svc: Service) -> None:
+        old = self.applied.get(svc.name)
+        fe = svc.frontend
+        proto = fe.proto_number
+        if self.maps is not None:
+            if old is not None and (old.frontend != fe or old.id != svc.id):
+                self.maps.delete_service(old.id, old.frontend.ip, old.frontend.port,
+                                         old.frontend.proto_number)
+            for b in svc.backends:
+                self.maps.upsert_backend(self._backend_id(b.ip, b.port, proto), b.ip, b.port,
+                                         proto, b.state)
+            active = [b for b in svc.backends if b.state == "active"]
+            ids = [self._backend_id(b.ip, b.port, proto) for b in active]
+            algorithm = svc.algorithm or self.options["algorithm"]
+            lut = None
+            if algorithm == "maglev" and active:
+                table = maglev.compute_table(
+                    [backend_name(b.ip, b.port, fe.protocol) for b in active],
+                    self.options["maglev_table_size"], self.seed)
+                lut = [ids[i] for i in table]
+            from pylium.datapath.maps.lb import ALGORITHMS as ALG_NUMBERS
+
+            self.maps.upsert_service(svc.id, fe.ip, fe.port, proto, ids,
+                                     algorithm=ALG_NUMBERS[algorithm], lut=lut,
+                                     affinity_timeout=svc.affinity_timeout,
+                                     nodeport=svc.type == "NodePort",
+                                     local=svc.traffic_policy == "Local")
+        self.applied[svc.name] = svc
+        self._collect_backends()
+        log.info("lb: service %s (id %d) %s -> %d backend(s)", svc.name, svc.id, fe,
+                 len(svc.backends))
+
+    def _remove(self, name: str) -> None:
+        old = self.applied.pop(name, None)
+        if old is None:
+            return
+        if self.maps is not None:
+            self.maps.delete_service(old.id, old.frontend.ip, old.frontend.port,
+                                     old.frontend.proto_number)
+        self._collect_backends()
+        log.info("lb: service %s (id %d) removed", name, old.id)
+
+    def _collect_backends(self) -> None:
+        """Forget backends no applied service names (after the slots that named them).
+        Not before the first full list: services not yet applied still use theirs."""
+        if not self.mirror.synced.is_set():
+            return
+        wanted = {(b.ip, b.port, s.frontend.proto_number)
+                  for s in self.applied.values() for b in s.backends}
+        for key in [k for k in self.backend_ids if k not in wanted]:
+            backend_id = self.backend_ids.pop(key)
+            if self.maps is not None:
+                self.maps.delete_backend(backend_id)
+
+    # API -------------------------------------------------------------------------------
+    async def upsert(self, svc: Service) -> Service:
+        stored = await self.store.put(svc)
+        await self._wait_applied(lambda: self.applied.get(stored.name) == stored)
+        return stored
+
+    async def delete(self, name_or_id: str) -> Service | None:
+        removed = await self.store.delete(name_or_id)
+        if removed is not None:
+            await self._wait_applied(lambda: removed.name not in self.applied)
+        return removed
+
+    async def _wait_applied(self, done) -> None:
+        """The API answers once this node's maps carry the change (other nodes follow
+        through their own watch)."""
+        try:
+            async with asyncio.timeout(APPLY_WAIT_S):
+                while not done():
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            log.warning("lb: change stored but not yet applied after %.0fs", APPLY_WAIT_S)
+
+    def list(self) -> list[Service]:
+        return sorted(self.applied.values(), key=lambda s: s.id)
+
+    def status(self) -> dict[str, Any]:
+        return {"services": len(self.applied), "backends": len(self.backend_ids),
+                "algorithm": self.options["algorithm"],
+                "maglev_table_size": self.options["maglev_table_size"],
+                "events": dict(self.events), "datapath": self.maps is not None}
+
+
+async def start(daemon) -> LoadBalancer | None:
+    if daemon.kvstore is None:
+        return None
+    lb = LoadBalancer(daemon, lb_options(daemon.config))
+    await lb.start()
+    return lb
