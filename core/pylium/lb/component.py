@@ -149,10 +149,7 @@ class LoadBalancer:
             algorithm = svc.algorithm or self.options["algorithm"]
             lut = None
             if algorithm == "maglev" and active:
-                table = maglev.compute_table(
-                    [backend_name(b.ip, b.port, fe.protocol) for b in active],
-                    self.options["maglev_table_size"], self.seed)
-                lut = [ids[i] for i in table]
+                lut = [ids[i] for i in self._maglev_indexes(active, fe.protocol)]
             from pylium.datapath.maps.lb import ALGORITHMS as ALG_NUMBERS
 
             self.maps.upsert_service(svc.id, fe.ip, fe.port, proto, ids,
@@ -164,6 +161,15 @@ class LoadBalancer:
         self._collect_backends()
         log.info("lb: service %s (id %d) %s -> %d backend(s)", svc.name, svc.id, fe,
                  len(svc.backends))
+
+    def _maglev_indexes(self, active, protocol: str) -> list[int]:
+        return maglev.compute_table([backend_name(b.ip, b.port, protocol) for b in active],
+                                    self.options["maglev_table_size"], self.seed)
+
+    def maglev_table(self, svc: Service) -> list[str]:
+        """The service's Maglev table as backend addresses, as every node computes it."""
+        active = [b for b in svc.backends if b.state == "active"]
+        return [active[i].address for i in self._maglev_indexes(active, svc.frontend.protocol)]
 
     def _remove(self, name: str) -> None:
         old = self.applied.pop(name, None)
