@@ -29,6 +29,7 @@ COMPONENT_MODULES: tuple[str, ...] = (
     "pylium.routing.component",
     "pylium.endpoint.component",
     "pylium.cluster.component",
+    "pylium.lb.component",
     "pylium.flow.component",
 )
 

@@ -523,6 +523,7 @@ class Datapath:
                     "seen_reply": bool(v.flags & CT_F_SEEN_REPLY),
                     "closing": bool(v.flags & CT_F_CLOSING),
                     "policy_revision": v.policy_rev, "proxy_port": v.proxy_port,
+                    "rev_nat_index": v.rev_nat_index, "backend_id": v.backend_id,
                 })
         return rows
 

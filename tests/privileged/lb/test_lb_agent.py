@@ -1,0 +1,167 @@
+"""Services through a real agent: `pylium service add/list/delete` over the API, the lb
+component writing the maps, pods in lab netns reaching the VIP (TCP, UDP, hairpin),
+backend removal, and two agents sharing one KV store that both apply a service added on
+one of them and compute the same Maglev table."""
+
+from __future__ import annotations
+
+import collections
+import json
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pylium.lab.lab import Lab
+
+from ..endpoint.eplab import make_lab
+from .conftest import CLIENT, SERVER
+
+VIP = "10.96.9.10"
+PYLIUM = str(Path(sys.executable).with_name("pylium"))
+
+
+def cli(lab: Lab, *args: str, node: str | None = None, check: bool = True):
+    proc = subprocess.run([PYLIUM, "-H", lab.node(node)["socket"], *args],
+                          capture_output=True, text=True, timeout=60)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def answers(lab: Lab, pod: str, proto: str, ip: str, port: int, count: int = 1) -> list[str]:
+    proc = lab.exec(pod, [sys.executable, str(CLIENT), proto, ip, str(port), str(count)],
+                    timeout=20 + 3 * count)
+    return proc.stdout.splitlines()
+
+
+def served_by(lines: list[str]) -> collections.Counter:
+    return collections.Counter(line.split()[0] for line in lines)
+
+
+def serve(lab: Lab, pod: str, port: int = 8080) -> None:
+    lab.start_server(pod, [sys.executable, str(SERVER), pod, str(port)], port=port)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    lab = make_lab()
+    try:
+        for name in ("client", "web1", "web2"):
+            lab.add_pod(name, {"app": name})
+        for name in ("client", "web1", "web2"):
+            serve(lab, name)
+        yield lab
+    finally:
+        lab.down()
+
+
+def ip(lab: Lab, pod: str) -> str:
+    return lab.pod(pod)["ip"]
+
+
+def test_clusterip_through_the_cli_tcp_udp_and_listing(lab):
+    w1, w2 = ip(lab, "web1"), ip(lab, "web2")
+    cli(lab, "service", "add", "--name", "default/web", "--frontend", f"{VIP}:80",
+        "--backend", f"{w1}:8080", "--backend", f"{w2}:8080")
+    cli(lab, "service", "add", "--name", "default/dns", "--frontend", f"{VIP}:53/UDP",
+        "--backend", f"{w1}:8080", "--backend", f"{w2}:8080")
+    try:
+        listed = json.loads(cli(lab, "service", "list", "-o", "json").stdout)
+        web = next(s for s in listed if s["spec"]["flags"]["name"] == "web")
+        assert web["spec"]["frontend-address"] == {"ip": VIP, "port": 80, "protocol": "TCP",
+                                                   "scope": "external"}
+        assert [b["ip"] for b in web["spec"]["backend-addresses"]] == [w1, w2]
+        table = cli(lab, "service", "list").stdout
+        assert "Frontend" in table and "Service Type" in table
+        assert f"1 => {w1}:8080/TCP (active)" in table
+        bpf = json.loads(cli(lab, "bpf", "lb", "list", "-o", "json").stdout)
+        assert {r["frontend"] for r in bpf} >= {f"{VIP}:80/TCP", f"{VIP}:53/UDP"}
+
+        tcp = answers(lab, "client", "tcp", VIP, 80, 16)
+        assert set(served_by(tcp)) == {"web1", "web2"}, tcp
+        assert {line.split()[1] for line in tcp} == {ip(lab, "client")}
+        udp = answers(lab, "client", "udp", VIP, 53, 12)
+        assert set(served_by(udp)) == {"web1", "web2"}, udp
+
+        # web1 leaves the service: new flows all go to web2
+        cli(lab, "service", "add", "--name", "default/web", "--frontend", f"{VIP}:80",
+            "--backend", f"{w2}:8080")
+        assert served_by(answers(lab, "client", "tcp", VIP, 80, 8)) == {"web2": 8}
+    finally:
+        cli(lab, "service", "delete", "default/web", check=False)
+        cli(lab, "service", "delete", "default/dns", check=False)
+    # deleted: the VIP no longer answers, and the maps no longer hold it
+    assert answers(lab, "client", "tcp", VIP, 80) == ["ERR TimeoutError"]
+    assert json.loads(cli(lab, "bpf", "lb", "list", "-o", "json").stdout) == []
+
+
+def test_hairpin_and_bad_input(lab):
+    c = ip(lab, "client")
+    cli(lab, "service", "add", "--name", "default/self", "--frontend", f"{VIP}:81",
+        "--backend", f"{c}:8080")
+    try:
+        assert answers(lab, "client", "tcp", VIP, 81, 3) == ["client 169.254.42.1"] * 3
+        assert answers(lab, "web1", "tcp", VIP, 81) == [f"client {ip(lab, 'web1')}"]
+        bad = cli(lab, "service", "add", "--name", "default/x", "--frontend", "10.96.9.300:80",
+                  check=False)
+        assert bad.returncode != 0 and "not an IPv4 address" in bad.stderr
+        assert "Traceback" not in bad.stderr
+        dup = cli(lab, "service", "add", "--name", "default/y", "--frontend", f"{VIP}:81",
+                  check=False)
+        assert dup.returncode != 0 and "already service default/self" in dup.stderr
+        missing = cli(lab, "service", "delete", "default/nope", check=False)
+        assert missing.returncode != 0 and "no service" in missing.stderr
+    finally:
+        cli(lab, "service", "delete", "default/self", check=False)
+
+
+@pytest.fixture(scope="module")
+def lab2():
+    subprocess.run("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf", shell=True,
+                   check=True)
+    lab = Lab("l" + secrets.token_hex(3))
+    try:
+        lab.up(nodes=2, routing="vxlan")
+        lab.add_pod("client", {"app": "client"}, node="node1")
+        lab.add_pod("near", {"app": "web"}, node="node1")
+        lab.add_pod("far", {"app": "web"}, node="node2")
+        for name in ("near", "far"):
+            serve(lab, name)
+        yield lab
+    finally:
+        lab.down()
+
+
+def _maglev_by_address(lab: Lab, node: str) -> list[str]:
+    """The node's Maglev table for the one maglev service, as backend addresses."""
+    rows = json.loads(cli(lab, "bpf", "lb", "list", "-o", "json", node=node).stdout)
+    addresses = {b["backend_id"]: b["address"] for r in rows for b in r["backends"]}
+    tables = json.loads(cli(lab, "bpf", "lb", "maglev", "list", "-o", "json", node=node).stdout)
+    assert len(tables) == 1
+    return [addresses[i] for i in tables[0]["table"]]
+
+
+def test_service_added_on_one_node_works_on_the_other_with_the_same_maglev_table(lab2):
+    near, far = ip(lab2, "near"), ip(lab2, "far")
+    cli(lab2, "service", "add", "--name", "default/mag", "--frontend", f"{VIP}:80",
+        "--backend", f"{near}:8080", "--backend", f"{far}:8080", "--algorithm", "maglev",
+        node="node2")
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            listed = json.loads(cli(lab2, "service", "list", "-o", "json", node="node1").stdout)
+            if listed:
+                break
+            time.sleep(0.2)
+        assert listed and listed[0]["spec"]["algorithm"] == "maglev"
+        t1, t2 = _maglev_by_address(lab2, "node1"), _maglev_by_address(lab2, "node2")
+        assert t1 == t2 and len(t1) == 16381 and set(t1) == {f"{near}:8080", f"{far}:8080"}
+        # from a pod on node1: both the local and the cross-node (vxlan) backend answer
+        got = answers(lab2, "client", "tcp", VIP, 80, 20)
+        assert set(served_by(got)) == {"near", "far"}, got
+        assert {line.split()[1] for line in got} == {ip(lab2, "client")}
+    finally:
+        cli(lab2, "service", "delete", "default/mag", node="node1", check=False)
