@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -116,6 +118,38 @@ def test_hairpin_and_bad_input(lab):
         assert missing.returncode != 0 and "no service" in missing.stderr
     finally:
         cli(lab, "service", "delete", "default/self", check=False)
+
+
+def test_agent_kill_and_restart_keeps_the_service_and_its_open_connection(lab):
+    w1 = ip(lab, "web1")
+    lab.start_server("web1", ["iperf3", "-s", "-p", "5201"], port=5201)
+    cli(lab, "service", "add", "--name", "default/perf", "--frontend", f"{VIP}:5201",
+        "--backend", f"{w1}:5201")
+    cli(lab, "service", "add", "--name", "default/side", "--frontend", f"{VIP}:82",
+        "--backend", f"{ip(lab, 'web2')}:8080")
+    try:
+        before = json.loads(cli(lab, "bpf", "lb", "list", "-o", "json").stdout)
+        stream = subprocess.Popen(
+            lab.exec_argv("client", ["iperf3", "-c", VIP, "-p", "5201", "-t", "6", "-J"]),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2)
+        agent_pid = lab.node()["agent_pid"]
+        os.kill(agent_pid, signal.SIGKILL)
+        time.sleep(0.5)
+        # no agent: the pinned maps keep translating new connections too
+        assert answers(lab, "client", "tcp", VIP, 82) == [f"web2 {ip(lab, 'client')}"]
+        lab.start_agent(lab.node())
+        out, err = stream.communicate(timeout=30)
+        assert stream.returncode == 0, err
+        result = json.loads(out)
+        assert "error" not in result, result.get("error")
+        assert result["end"]["sum_received"]["bytes"] > 0
+        assert result["start"]["connected"][0]["remote_host"] == VIP
+        # the restarted agent adopted the maps: same frontends, same backend ids
+        assert json.loads(cli(lab, "bpf", "lb", "list", "-o", "json").stdout) == before
+    finally:
+        cli(lab, "service", "delete", "default/perf", check=False)
+        cli(lab, "service", "delete", "default/side", check=False)
 
 
 @pytest.fixture(scope="module")

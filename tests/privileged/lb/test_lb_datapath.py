@@ -6,6 +6,7 @@ the VIP, so it proves the reply was reverse-NATed."""
 from __future__ import annotations
 
 import collections
+import time
 
 from pylium.datapath.lb import LbMaps
 from pylium.datapath.maps.lb import LB_ALG_MAGLEV, LB_ALG_RANDOM
@@ -112,5 +113,25 @@ def test_maglev_sends_flows_where_the_table_says(node, servers):
         # a table naming only c: every new flow goes to c
         maps.upsert_service(9, VIP, 83, TCP, ids, algorithm=LB_ALG_MAGLEV, lut=[2] * 251)
         assert served_by(client(n.pods["a"]["ns"], "tcp", VIP, 83, 6)) == {"c": 6}
+    finally:
+        maps.close()
+
+
+def test_client_ip_affinity_keeps_a_client_on_one_backend_until_timeout(node, servers):
+    n, maps = setup(node, servers)
+    try:
+        maps.upsert_service(10, VIP, 84, TCP, [1, 2], algorithm=LB_ALG_RANDOM, lut=None,
+                            affinity_timeout=1)
+        first = served_by(client(n.pods["a"]["ns"], "tcp", VIP, 84, 12))
+        assert len(first) == 1, first  # every new connection: the same backend
+        # after the timeout the client may land elsewhere: over a few rounds, both serve
+        seen = set(first)
+        for _ in range(12):
+            time.sleep(1.1)
+            seen |= set(served_by(client(n.pods["a"]["ns"], "tcp", VIP, 84, 1)))
+            if len(seen) == 2:
+                break
+        assert seen == {"b", "c"}
+        assert [r["affinity_timeout"] for r in maps.dump() if r["id"] == 10] == [1]
     finally:
         maps.close()
