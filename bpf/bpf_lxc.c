@@ -234,6 +234,46 @@ static __always_inline int lb4_rev_nat(struct __sk_buff *skb, struct pkt *p,
 	return 0;
 }
 
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
+/* A reply from a local NodePort backend (a CT_DIR_NODEPORT entry names its flow): back to
+ * the node's address and NodePort, then straight out of the interface the kernel's FIB
+ * names (the stack would drop a packet from the node's own address arriving on a veth).
+ * Returns -1 when the packet is not such a reply, else a tc action or -2 on error. */
+static __always_inline int lb4_nodeport_reply(struct __sk_buff *skb, struct pkt *p,
+					      const struct event_ctx *ec, struct result *r)
+{
+	struct ct_key key = { .saddr = p->daddr, .daddr = p->saddr, .sport = p->dport,
+			      .dport = p->sport, .protocol = p->protocol,
+			      .direction = CT_DIR_NODEPORT };
+	struct bpf_fib_lookup fib = {};
+	struct ct_entry *ct;
+	long rc;
+
+	ct = bpf_map_lookup_elem(&conntrack, &key);
+	if (!ct || !ct->rev_nat_index || ct->expires_ns <= bpf_ktime_get_ns())
+		return -1;
+	r->rev_nat = ct->rev_nat_index;
+	if (lb4_rev_nat(skb, p, r))
+		return -2;
+	if (ec->dry_run)
+		return TC_ACT_REDIRECT;
+	fib.family = AF_INET;
+	fib.l4_protocol = p->protocol;
+	fib.ipv4_src = p->saddr;
+	fib.ipv4_dst = p->daddr;
+	fib.ifindex = skb->ifindex;
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+		return -2;
+	if (bpf_skb_store_bytes(skb, 0, fib.dmac, 6, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, 6, fib.smac, 6, 0) < 0)
+		return -2;
+	return bpf_redirect(fib.ifindex, 0);
+}
+
 static __always_inline int redirect_to_endpoint(struct __sk_buff *skb,
 						const struct endpoint_info *dst,
 						__u32 src_identity)
@@ -299,6 +339,15 @@ int from_container(struct __sk_buff *skb)
 			return drop_packet(skb, &ec, &p, &r, DROP_WRITE_ERROR);
 		return ret;
 	}
+	if (r.ct == CT_REPLY && !r.rev_nat) {
+		ret = lb4_nodeport_reply(skb, &p, &ec, &r);
+		if (ret == -2)
+			return drop_packet(skb, &ec, &p, &r, DROP_WRITE_ERROR);
+		if (ret >= 0) {
+			write_result(skb, &r);
+			return ret;
+		}
+	}
 	/* Remote destination: behind a tunnel endpoint, the routing plugin's program (if its
 	 * slot is filled) encapsulates; otherwise the node's stack routes the packet. */
 	write_result(skb, &r);
@@ -361,4 +410,63 @@ int to_container(struct __sk_buff *skb)
 	if (r.ct == CT_NEW)
 		emit_event(&ec, &p, EVENT_TRACE, TRACE_TO_LXC, EVENT_F_CT_NEW, 0);
 	return TC_ACT_OK;
+}
+
+/* NodePort (lib/lb.h), tc ingress of the node's external interface: a packet to a NodePort
+ * frontend (the node's address) is DNATed to a backend on this node and handed to its
+ * endpoint (to_container enforces its ingress policy against the client's identity); the
+ * client's source address is kept. Everything else passes untouched: this is the host's
+ * interface, not ours to judge. */
+SEC("tc")
+int from_netdev(struct __sk_buff *skb)
+{
+	struct event_ctx ec = { .ifindex = skb->ifindex, .direction = DIR_INGRESS };
+	struct result r = {};
+	struct pkt p = {};
+	struct lb4_service *svc;
+	struct endpoint_info *dst;
+	struct ct_entry *ct;
+	struct ct_key key;
+	__u64 now;
+	int ret;
+	__u8 reason;
+
+	ec.dry_run = is_dry_run(skb);
+	if (parse_packet(skb, &p) != PARSE_OK)
+		return TC_ACT_OK;
+	svc = lb4_lookup_service(&p);
+	if (!svc || !(svc->flags & SVC_F_NODEPORT))
+		return TC_ACT_OK;
+	ec.src_identity = resolve_identity(p.saddr);
+	reason = lb4_translate(skb, &p, &ec, &r);
+	if (reason)
+		return drop_packet(skb, &ec, &p, &r, reason);
+	dst = lookup_endpoint(p.daddr);
+	if (!dst) /* only local backends are NodePort slots (the agent's choice) */
+		return drop_packet(skb, &ec, &p, &r, DROP_NO_SERVICE);
+	ec.ep_id = dst->ep_id;
+	ec.dst_identity = dst->identity;
+	if (!ec.dry_run) {
+		now = bpf_ktime_get_ns();
+		ct_key_forward(&key, &p, CT_DIR_NODEPORT);
+		ct = bpf_map_lookup_elem(&conntrack, &key);
+		if (ct) {
+			ct_refresh(ct, &p, now, 0);
+		} else {
+			struct ct_entry entry = {
+				.src_identity = ec.src_identity,
+				.ep_id = dst->ep_id,
+				.rev_nat_index = r.rev_nat,
+			};
+
+			ct_refresh(&entry, &p, now, 0);
+			bpf_map_update_elem(&conntrack, &key, &entry, BPF_ANY);
+		}
+	}
+	if (ec.dry_run)
+		return TC_ACT_REDIRECT;
+	ret = redirect_to_endpoint(skb, dst, ec.src_identity);
+	if (ret < 0)
+		return drop_packet(skb, &ec, &p, &r, DROP_WRITE_ERROR);
+	return ret;
 }

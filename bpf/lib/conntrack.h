@@ -37,6 +37,9 @@ struct ct_key {
 /* Service-scope entries (lib/lb.h): keyed by the original tuple towards the VIP, they
  * remember which backend the flow was sent to. */
 #define CT_DIR_SERVICE 2
+/* NodePort entries (keyed by the post-DNAT tuple client -> backend): the backend's reply
+ * leaving its endpoint is rewritten back to the node's address and NodePort. */
+#define CT_DIR_NODEPORT 3
 
 struct ct_entry {
 	__u64 expires_ns;   /* CLOCK_MONOTONIC (bpf_ktime_get_ns) */

@@ -21,7 +21,10 @@ def service_table(services):
         spec = entry["spec"]
         backends = [f"{i} => {b['ip']}:{b['port']}/{b['protocol']} ({b['state']})"
                     for i, b in enumerate(spec["backend-addresses"], start=1)]
-        rows.append([spec["id"], _frontend(spec), spec["flags"]["type"],
+        frontend = _frontend(spec)
+        if spec["flags"].get("nodePort"):
+            frontend += f"\n(node):{spec['flags']['nodePort']}/{spec['frontend-address']['protocol']}"
+        rows.append([spec["id"], frontend, spec["flags"]["type"],
                      "\n".join(backends)])
     return make_table(["ID", "Frontend", "Service Type", "Backend"], rows)
 
@@ -59,15 +62,19 @@ def register(cli: click.Group) -> None:
                   help="ClientIP session affinity timeout in seconds (0 = none).")
     @click.option("--traffic-policy", type=click.Choice(["Cluster", "Local"]),
                   default="Cluster", show_default=True)
+    @click.option("--node-port", type=click.IntRange(1, 65535), default=None,
+                  help="Type NodePort: the port on every node's address.")
     @output_option
     @click.pass_context
     def add(ctx, name, frontend, backends, svc_type, algorithm, affinity, traffic_policy,
-            output) -> None:
+            node_port, output) -> None:
         """Create or update a service (`cilium service update` with a name)."""
         name = name or "svc-" + frontend.lower().replace(":", "-").replace("/", "-")
         body = {"frontend": frontend, "backends": list(backends), "type": svc_type,
                 "algorithm": algorithm, "affinity_timeout": affinity,
                 "traffic_policy": traffic_policy}
+        if node_port:
+            body["node_port"] = node_port
         emit(client_from(ctx).put(f"/v1/service/{name}", body), output,
              lambda s: service_table([s]))
 

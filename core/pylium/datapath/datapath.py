@@ -53,7 +53,7 @@ from pylium.policy.mapstate import (
 log = logging.getLogger(__name__)
 
 OBJECT_SOURCE = "bpf_lxc.c"
-PROGRAMS = ("from_container", "to_container")
+PROGRAMS = ("from_container", "to_container", "from_netdev")
 PINNED_MAPS = ("endpoints", "ipcache", "policy", "conntrack", "metrics", "events", "events_lost",
                "routing_progs", "lb4_services", "lb4_backends", "lb4_reverse_nat", "lb4_maglev",
                "lb4_affinity")

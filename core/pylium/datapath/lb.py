@@ -190,3 +190,39 @@ def _backend_row(slot: int, backend_id: int, be: Lb4Backend | None) -> dict[str,
         return {"slot": slot, "backend_id": backend_id, "address": None, "state": "missing"}
     return {"slot": slot, "backend_id": backend_id, "address": f"{be.ip}:{be.port_value}",
             "state": _STATE_NAMES.get(be.flags, str(be.flags))}
+
+
+#: our tc filter on the node's external interface: its own handle/priority, so it never
+#: replaces a routing mode's filter (which uses tc.HANDLE/tc.PRIORITY there)
+NODEPORT_HANDLE = 0x2
+NODEPORT_PRIORITY = 0x2
+
+
+def attach_nodeport(prog_fd: int, node_ip: str) -> str | None:
+    """Attach `from_netdev` to the ingress of the interface holding `node_ip` (in the
+    calling thread's netns); returns the interface name, or None if no interface holds it.
+    A routing-mode filter already there runs first and may hide NodePort traffic: logged."""
+    import logging
+
+    from pylium.datapath import netns as plumbing
+    from pylium.datapath import tc
+    from pylium.datapath.libbpf import BpfTcOpts
+
+    ifname = plumbing.link_with_address(node_ip)
+    if ifname is None:
+        return None
+    ifindex = plumbing.link_info(ifname).ifindex
+    if tc.query(ifindex, tc.INGRESS) is not None:
+        logging.getLogger(__name__).warning(
+            "NodePort: %s already runs a pylium ingress filter (routing mode); it runs "
+            "first and NodePort traffic it passes on is not translated", ifname)
+    hook = tc._hook(ifindex, tc.INGRESS)
+    rc = lib.bpf_tc_hook_create(ctypes.byref(hook))
+    if rc < 0 and libbpf.errno_of(rc) != 17:  # EEXIST
+        libbpf.check(rc, f"creating clsact qdisc on {ifname}")
+    opts = BpfTcOpts(sz=ctypes.sizeof(BpfTcOpts), prog_fd=prog_fd,
+                     flags=libbpf.BPF_TC_F_REPLACE, handle=NODEPORT_HANDLE,
+                     priority=NODEPORT_PRIORITY)
+    libbpf.check(lib.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts)),
+                 f"attaching from_netdev to {ifname}")
+    return ifname

@@ -20,6 +20,7 @@ from typing import Any
 
 from pylium.cluster.mirror import PrefixMirror
 from pylium.errors import ConfigError
+from pylium.hookspecs import hookimpl
 from pylium.lb import maglev
 from pylium.lb.model import ALGORITHMS, PROTOCOLS, Service
 from pylium.lb.store import SVC_PREFIX, ServiceStore, decode
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 OPTIONS: dict[str, Any] = {"algorithm": "random",
                            "maglev_table_size": maglev.DEFAULT_TABLE_SIZE}
 APPLY_WAIT_S = 10.0
+#: a NodePort frontend's rev-NAT index: the service id plus this (ids stay below it)
+NODEPORT_INDEX_OFFSET = 0x8000
 
 
 def lb_options(config) -> dict[str, Any]:
@@ -53,10 +56,28 @@ def backend_name(ip: str, port: int, protocol: str) -> str:
     return f"{ip}:{port}/{protocol}"
 
 
+class _EndpointEvents:
+    """Local endpoints come and go: NodePort frontends carry only this node's backends."""
+
+    def __init__(self, lb: LoadBalancer):
+        self.lb = lb
+
+    @hookimpl
+    def pylium_endpoint_created(self, endpoint: Any) -> None:
+        self.lb.refresh_nodeports()
+
+    @hookimpl
+    def pylium_endpoint_deleted(self, endpoint: Any) -> None:
+        self.lb.refresh_nodeports()
+
+
 class LoadBalancer:
     def __init__(self, daemon, options: dict[str, Any]):
         self.daemon = daemon
         self.options = options
+        self.node_ip = daemon.config.node_ip or ""
+        self.nodeport_device: str | None = None
+        self._events = _EndpointEvents(self)
         self.store = ServiceStore(daemon.kvstore)
         datapath = daemon.components.get("datapath")
         self.maps = None
@@ -64,6 +85,7 @@ class LoadBalancer:
             from pylium.datapath.lb import LbMaps
 
             self.maps = LbMaps(datapath.root)
+            self.datapath = datapath
         self.seed = ""
         #: services as applied to this node's maps, by name
         self.applied: dict[str, Service] = {}
@@ -80,6 +102,9 @@ class LoadBalancer:
         if self.maps is not None:
             for backend_id, info in self.maps.dump_backends().items():
                 self.backend_ids[(info["ip"], info["port"], info["proto"])] = backend_id
+        if self.maps is not None:
+            await asyncio.to_thread(self._attach_nodeport)  # netlink: off the event loop
+        self.daemon.plugins.pm.register(self._events, name="pylium.lb.endpoint-events")
         self.mirror.start()
         try:
             async with asyncio.timeout(APPLY_WAIT_S):
@@ -90,7 +115,24 @@ class LoadBalancer:
         log.info("lb: %d service(s), selection %s, maglev table size %d", len(self.applied),
                  self.options["algorithm"], self.options["maglev_table_size"])
 
+    def _attach_nodeport(self) -> None:
+        from pylium.cluster.component import local_address
+        from pylium.datapath.lb import attach_nodeport
+
+        self.node_ip = self.node_ip or local_address()
+        try:
+            self.nodeport_device = attach_nodeport(self.datapath.prog_fds["from_netdev"],
+                                                   self.node_ip)
+        except Exception as exc:
+            log.error("lb: NodePort not available: attaching from_netdev failed: %s", exc)
+            return
+        if self.nodeport_device is None:
+            log.warning("lb: no interface holds node address %s: NodePort not available",
+                        self.node_ip)
+
     async def close(self) -> None:
+        if self.daemon.plugins.pm.is_registered(self._events):
+            self.daemon.plugins.pm.unregister(self._events)
         await self.mirror.close()
         if self.maps is not None:
             self.maps.close()  # the maps stay pinned: translation goes on without us
@@ -115,6 +157,8 @@ class LoadBalancer:
         if self.maps is None:
             return
         wanted = {(str(s.frontend), s.id) for s in self.applied.values()}
+        wanted |= {(f"{self.node_ip}:{s.node_port}/{s.frontend.protocol}",
+                    s.id + NODEPORT_INDEX_OFFSET) for s in self.applied.values() if s.node_port}
         for row in self.maps.dump():
             if (row["frontend"], row["id"]) not in wanted:
                 ip, _, rest = row["frontend"].partition(":")
@@ -157,10 +201,50 @@ class LoadBalancer:
                                      affinity_timeout=svc.affinity_timeout,
                                      nodeport=svc.type == "NodePort",
                                      local=svc.traffic_policy == "Local")
+            self._apply_nodeport(svc, old)
         self.applied[svc.name] = svc
         self._collect_backends()
         log.info("lb: service %s (id %d) %s -> %d backend(s)", svc.name, svc.id, fe,
                  len(svc.backends))
+
+    def _local_ips(self) -> set[str]:
+        manager = self.daemon.components.get("endpoint")
+        return {str(ep.ipv4) for ep in manager.list()} if manager is not None else set()
+
+    def _apply_nodeport(self, svc: Service, old: Service | None) -> None:
+        """The node's own frontend (node address, node_port): only backends on this node
+        (traffic policy Local keeps the client's address; Cluster as well, since
+        forwarding NodePort traffic to other nodes is not built yet)."""
+        if old is not None and old.node_port and (old.node_port != svc.node_port
+                                                  or old.frontend.protocol
+                                                  != svc.frontend.protocol):
+            self.maps.delete_service(old.id + NODEPORT_INDEX_OFFSET, self.node_ip,
+                                     old.node_port, old.frontend.proto_number)
+        if not svc.node_port or not self.node_ip:
+            return
+        fe = svc.frontend
+        local = self._local_ips()
+        active = [b for b in svc.backends if b.state == "active" and b.ip in local]
+        ids = [self._backend_id(b.ip, b.port, fe.proto_number) for b in active]
+        algorithm = svc.algorithm or self.options["algorithm"]
+        lut = ([ids[i] for i in self._maglev_indexes(active, fe.protocol)]
+               if algorithm == "maglev" and active else None)
+        from pylium.datapath.maps.lb import ALGORITHMS as ALG_NUMBERS
+
+        self.maps.upsert_service(svc.id + NODEPORT_INDEX_OFFSET, self.node_ip, svc.node_port,
+                                 fe.proto_number, ids, algorithm=ALG_NUMBERS[algorithm],
+                                 lut=lut, affinity_timeout=svc.affinity_timeout,
+                                 nodeport=True, local=svc.traffic_policy == "Local")
+
+    def refresh_nodeports(self) -> None:
+        if self.maps is None:
+            return
+        for svc in list(self.applied.values()):
+            if svc.node_port:
+                try:
+                    self._apply_nodeport(svc, svc)
+                except Exception:
+                    log.exception("lb: refreshing NodePort of %s failed", svc.name)
 
     def _maglev_indexes(self, active, protocol: str) -> list[int]:
         return maglev.compute_table([backend_name(b.ip, b.port, protocol) for b in active],
@@ -178,6 +262,9 @@ class LoadBalancer:
         if self.maps is not None:
             self.maps.delete_service(old.id, old.frontend.ip, old.frontend.port,
                                      old.frontend.proto_number)
+            if old.node_port and self.node_ip:
+                self.maps.delete_service(old.id + NODEPORT_INDEX_OFFSET, self.node_ip,
+                                         old.node_port, old.frontend.proto_number)
         self._collect_backends()
         log.info("lb: service %s (id %d) removed", name, old.id)
 
@@ -222,7 +309,8 @@ class LoadBalancer:
         return {"services": len(self.applied), "backends": len(self.backend_ids),
                 "algorithm": self.options["algorithm"],
                 "maglev_table_size": self.options["maglev_table_size"],
-                "events": dict(self.events), "datapath": self.maps is not None}
+                "events": dict(self.events), "datapath": self.maps is not None,
+                "nodeport_device": self.nodeport_device}
 
 
 async def start(daemon) -> LoadBalancer | None:

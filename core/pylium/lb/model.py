@@ -100,13 +100,15 @@ class Service:
     affinity_timeout: int = 0
     traffic_policy: str = "Cluster"
     id: int = 0
+    #: NodePort services: the port on every node's address
+    node_port: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "id": self.id, "frontend": str(self.frontend),
                 "backends": [{"address": b.address, "state": b.state} for b in self.backends],
                 "type": self.type, "algorithm": self.algorithm,
                 "affinity_timeout": self.affinity_timeout,
-                "traffic_policy": self.traffic_policy}
+                "traffic_policy": self.traffic_policy, "node_port": self.node_port}
 
     @classmethod
     def from_json(cls, name: str, body: dict[str, Any], id: int = 0) -> Service:
@@ -115,7 +117,7 @@ class Service:
             raise UserError(f"service name {name!r}: lower-case letters, digits, '-', '.' "
                             "or '/' (e.g. default/deathstar)")
         known = {"name", "id", "frontend", "backends", "type", "algorithm",
-                 "affinity_timeout", "traffic_policy"}
+                 "affinity_timeout", "traffic_policy", "node_port"}
         unknown = set(body) - known
         if unknown:
             raise UserError(f"service {name}: unknown field(s) {', '.join(sorted(unknown))} "
@@ -146,5 +148,14 @@ class Service:
         if policy not in TRAFFIC_POLICIES:
             raise UserError(f"service {name}: traffic_policy {policy!r} is not one of "
                             f"{', '.join(TRAFFIC_POLICIES)}")
+        node_port = body.get("node_port", 0)
+        if isinstance(node_port, bool) or not isinstance(node_port, int) or not (
+                0 <= node_port <= 65535):
+            raise UserError(f"service {name}: node_port must be 1..65535, got {node_port!r}")
+        if svc_type == "NodePort" and not node_port:
+            raise UserError(f"service {name}: a NodePort service needs node_port "
+                            "(Kubernetes uses 30000-32767)")
+        if svc_type != "NodePort" and node_port:
+            raise UserError(f"service {name}: node_port is for type NodePort only")
         return cls(name, frontend, backends, svc_type, algorithm, affinity, policy,
-                   int(body.get("id", id) or id))
+                   int(body.get("id", id) or id), node_port)

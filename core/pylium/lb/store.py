@@ -21,7 +21,8 @@ PREFIX = "pylium/state/services/v1/"
 SVC_PREFIX = PREFIX + "svc/"
 ID_PREFIX = PREFIX + "id/"
 SEED_KEY = PREFIX + "maglev-seed"
-MAX_SERVICE_ID = 0xFFFF  # the rev-NAT index is 16 bits in the datapath
+#: the rev-NAT index is 16 bits in the datapath; a NodePort frontend uses id + 0x8000
+MAX_SERVICE_ID = 0x7FFF
 
 
 class ServiceStore:
@@ -50,6 +51,10 @@ class ServiceStore:
             if other.frontend == service.frontend:
                 raise UserError(f"frontend {service.frontend} is already service "
                                 f"{other.name} (id {other.id})")
+            if (service.node_port and other.node_port == service.node_port
+                    and other.frontend.protocol == service.frontend.protocol):
+                raise UserError(f"node port {service.node_port}/{service.frontend.protocol} "
+                                f"is already service {other.name} (id {other.id})")
         existing = await self.kv.get(SVC_PREFIX + service.name)
         if existing is not None:
             svc_id = decode(existing.key, existing.value).id
@@ -57,7 +62,7 @@ class ServiceStore:
             svc_id = await self._claim_id(service.name, {s.id for s in others})
         stored = Service(service.name, service.frontend, service.backends, service.type,
                          service.algorithm, service.affinity_timeout, service.traffic_policy,
-                         svc_id)
+                         svc_id, service.node_port)
         await self.kv.put(SVC_PREFIX + service.name, json.dumps(stored.to_json()).encode())
         return stored
 

@@ -120,6 +120,30 @@ def test_hairpin_and_bad_input(lab):
         cli(lab, "service", "delete", "default/self", check=False)
 
 
+def test_nodeport_from_the_world_keeps_the_client_address(lab):
+    w1, w2 = ip(lab, "web1"), ip(lab, "web2")
+    node_ip = lab.node()["ip"]
+    world_ip = lab.status()["world"]["ip"]
+    for proto in ("TCP", "UDP"):
+        cli(lab, "service", "add", "--name", f"default/np-{proto.lower()}", "--frontend",
+            f"{VIP}:90/{proto}", "--backend", f"{w1}:8080", "--backend", f"{w2}:8080",
+            "--type", "NodePort", "--node-port", "30080", "--traffic-policy", "Local")
+    try:
+        table = cli(lab, "service", "list").stdout
+        assert "NodePort" in table and "(node):30080/TCP" in table
+        got = answers(lab, "world", "tcp", node_ip, 30080, 16)
+        assert set(served_by(got)) == {"web1", "web2"}, got
+        assert {line.split()[1] for line in got} == {world_ip}  # client address kept
+        got = answers(lab, "world", "udp", node_ip, 30080, 10)
+        assert set(served_by(got)) == {"web1", "web2"}, got
+        # the ClusterIP frontend of a NodePort service serves pods as before
+        assert served_by(answers(lab, "client", "tcp", VIP, 90, 4)).keys() <= {"web1", "web2"}
+    finally:
+        cli(lab, "service", "delete", "default/np-tcp", check=False)
+        cli(lab, "service", "delete", "default/np-udp", check=False)
+    assert answers(lab, "world", "tcp", node_ip, 30080) != ["web1 " + world_ip]
+
+
 def test_agent_kill_and_restart_keeps_the_service_and_its_open_connection(lab):
     w1 = ip(lab, "web1")
     lab.start_server("web1", ["iperf3", "-s", "-p", "5201"], port=5201)

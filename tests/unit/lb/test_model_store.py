@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import types
 
+import pluggy
 import pytest
 from pylium.errors import UserError
 from pylium.kvstore.embedded import EmbeddedKVStore
@@ -31,6 +32,9 @@ def svc(name="default/web", frontend="10.96.0.10:80", backends=("10.200.1.2:80",
     ({"frontend": "10.96.0.1:80", "algorithm": "rr"}, "algorithm 'rr'"),
     ({"frontend": "10.96.0.1:80", "affinity_timeout": -1}, "affinity_timeout"),
     ({"frontend": "10.96.0.1:80", "colour": "red"}, "unknown field"),
+    ({"frontend": "10.96.0.1:80", "type": "NodePort"}, "needs node_port"),
+    ({"frontend": "10.96.0.1:80", "node_port": 30080}, "for type NodePort only"),
+    ({"frontend": "10.96.0.1:80", "type": "NodePort", "node_port": 70000}, "1..65535"),
 ])
 def test_bad_service_bodies_are_one_line_errors(body, message):
     with pytest.raises(UserError, match=message):
@@ -38,14 +42,16 @@ def test_bad_service_bodies_are_one_line_errors(body, message):
 
 
 def test_service_round_trips_through_json():
-    s = svc(type="NodePort", algorithm="maglev", affinity_timeout=30, traffic_policy="Local")
+    s = svc(type="NodePort", algorithm="maglev", affinity_timeout=30, traffic_policy="Local",
+            node_port=30080)
     assert Service.from_json(s.name, s.to_json()) == s
     assert str(s.frontend) == "10.96.0.10:80/TCP"
 
 
 def _daemon(store, tmp_path, **lb):
-    config = types.SimpleNamespace(plugin_options={"lb": lb})
-    return types.SimpleNamespace(kvstore=store, components={}, config=config)
+    config = types.SimpleNamespace(plugin_options={"lb": lb}, node_ip="192.0.2.10")
+    return types.SimpleNamespace(kvstore=store, components={}, config=config,
+                                 plugins=types.SimpleNamespace(pm=pluggy.PluginManager("pylium")))
 
 
 async def _open(path, tmp_path):
@@ -66,6 +72,12 @@ def test_store_ids_frontends_and_seed(tmp_path):
             assert again.id == 1 and again.backends[0].ip == "10.200.1.9"
             with pytest.raises(UserError, match="already service default/a"):
                 await store.put(svc("default/c", "10.96.0.10:80"))
+            await store.put(svc("default/np", "10.96.0.12:80", type="NodePort",
+                                node_port=30080))
+            with pytest.raises(UserError, match="node port 30080/TCP is already service"):
+                await store.put(svc("default/np2", "10.96.0.13:80", type="NodePort",
+                                    node_port=30080))
+            await store.delete("default/np")
             assert (await store.get("2")).name == "default/b"
             assert (await store.delete("default/a")).id == 1
             assert (await store.put(svc("default/c", "10.96.0.10:80"))).id == 1  # id reused
