@@ -81,6 +81,13 @@ static __always_inline __u8 enforce(const struct event_ctx *ec, const struct pkt
 	ct = bpf_map_lookup_elem(&conntrack, &key);
 	if (ct && ct->expires_ns > now) {
 		r->ct = CT_ESTABLISHED;
+		/* a reused tuple: the flow now goes (or no longer goes) through a service */
+		if (ec->direction == DIR_EGRESS && !ec->dry_run &&
+		    (ct->rev_nat_index != r->rev_nat ||
+		     (ct->flags & CT_F_LOOPBACK) != r->ct_flags)) {
+			ct->rev_nat_index = r->rev_nat;
+			ct->flags = (ct->flags & ~CT_F_LOOPBACK) | r->ct_flags;
+		}
 		if (ct->policy_rev == meta->revision) {
 			if (!ec->dry_run)
 				ct_refresh(ct, p, now, 0);

@@ -46,9 +46,10 @@ def servers():
         proc.wait()
 
 
-def client(ns: str, proto: str, ip: str, port: int, count: int = 1) -> list[str]:
+def client(ns: str, proto: str, ip: str, port: int, count: int = 1,
+           sport: int = 0) -> list[str]:
     """Answers of `count` fresh connections from netns `ns` ("NAME PEER_IP" or "ERR ...")."""
     out = subprocess.run(nsenter(ns, sys.executable, str(CLIENT), proto, ip, str(port),
-                                 str(count)),
+                                 str(count), str(sport)),
                          capture_output=True, text=True, timeout=20 + 3 * count)
     return out.stdout.splitlines()

@@ -1,4 +1,4 @@
-"""`lb_client.py tcp|udp IP PORT COUNT`: COUNT new connections (or connected UDP sockets,
+"""`lb_client.py tcp|udp IP PORT COUNT [SPORT]`: COUNT new connections (or connected UDP sockets,
 each from a new source port) to IP:PORT; prints one line per answer: "NAME PEER_IP", or
 "ERR <reason>". A connected socket accepts answers only from IP:PORT, so every answer
 proves the reply carried the service address as its source."""
@@ -9,11 +9,14 @@ import socket
 import sys
 
 
-def once(proto: str, ip: str, port: int) -> str:
+def once(proto: str, ip: str, port: int, sport: int = 0) -> str:
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
     with socket.socket(socket.AF_INET, kind) as sock:
         sock.settimeout(2)
         try:
+            if sport:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("0.0.0.0", sport))
             sock.connect((ip, port))
             if proto == "udp":
                 sock.send(b"hi")
@@ -35,8 +38,9 @@ def once(proto: str, ip: str, port: int) -> str:
 
 def main() -> None:
     proto, ip, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    sport = int(sys.argv[5]) if len(sys.argv) > 5 else 0
     for _ in range(count):
-        print(once(proto, ip, port), flush=True)
+        print(once(proto, ip, port, sport), flush=True)
 
 
 if __name__ == "__main__":

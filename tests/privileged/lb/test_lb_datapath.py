@@ -135,3 +135,19 @@ def test_client_ip_affinity_keeps_a_client_on_one_backend_until_timeout(node, se
         assert [r["affinity_timeout"] for r in maps.dump() if r["id"] == 10] == [1]
     finally:
         maps.close()
+
+
+def test_a_reused_tuple_that_no_longer_goes_through_the_service_is_not_rewritten(node, servers):
+    """The same source port first to the VIP (conntrack keeps the backend tuple marked as
+    a service flow), then straight to that backend: the reply must keep the backend's
+    address (a stale reverse NAT would turn it into the VIP and the client would drop it)."""
+    n, maps = setup(node, servers)
+    try:
+        maps.upsert_service(11, VIP, 85, TCP, [1], algorithm=LB_ALG_RANDOM, lut=None)
+        a_ns, a_ip = n.pods["a"]["ns"], PODS["a"][0]
+        assert client(a_ns, "tcp", VIP, 85, sport=41000) == [f"b {a_ip}"]
+        time.sleep(0.2)
+        assert client(a_ns, "tcp", PODS["b"][0], 8080, sport=41000) == [f"b {a_ip}"]
+        assert client(a_ns, "tcp", VIP, 85, sport=41000) == [f"b {a_ip}"]
+    finally:
+        maps.close()
