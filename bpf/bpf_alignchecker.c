@@ -31,3 +31,5 @@ struct lb4_backend anchor_lb4_backend __attribute__((used));
 struct lb4_reverse_nat anchor_lb4_reverse_nat __attribute__((used));
 struct lb4_affinity_key anchor_lb4_affinity_key __attribute__((used));
 struct lb4_affinity_val anchor_lb4_affinity_val __attribute__((used));
+struct lb4_sock_key anchor_lb4_sock_key __attribute__((used));
+struct lb4_sock_val anchor_lb4_sock_val __attribute__((used));

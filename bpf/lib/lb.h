@@ -145,6 +145,28 @@ struct {
 	__type(value, struct lb4_affinity_val);
 } lb4_affinity SEC(".maps");
 
+/* Socket LB (bpf_sock.c): what a socket's backend stands for, so getpeername() and
+ * recvmsg() show the service address (Cilium's lb4_reverse_sk). */
+struct lb4_sock_key {
+	__u64 cookie;       /* bpf_get_socket_cookie() */
+	__be32 address;     /* backend */
+	__be16 port;
+	__u16 pad;
+};
+
+struct lb4_sock_val {
+	__be32 address;     /* service VIP */
+	__be16 port;
+	__u16 rev_nat_index;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, LB_AFFINITY_MAX);
+	__type(key, struct lb4_sock_key);
+	__type(value, struct lb4_sock_val);
+} lb4_sock_revnat SEC(".maps");
+
 /* The flow hash Maglev indexes with: a function of the 5-tuple only (not the kernel's
  * per-boot skb hash), so every node sends one flow to the same backend. */
 static __always_inline __u32 lb4_hash(const struct pkt *p)

@@ -56,7 +56,7 @@ OBJECT_SOURCE = "bpf_lxc.c"
 PROGRAMS = ("from_container", "to_container", "from_netdev")
 PINNED_MAPS = ("endpoints", "ipcache", "policy", "conntrack", "metrics", "events", "events_lost",
                "routing_progs", "lb4_services", "lb4_backends", "lb4_reverse_nat", "lb4_maglev",
-               "lb4_affinity")
+               "lb4_affinity", "lb4_sock_revnat")
 MARK_MAGIC_DRYRUN = 0x0D00
 TRACE_CB_IDENTITY = 0x70796C6D
 TRACE_CB_DRYRUN = 0x64727972

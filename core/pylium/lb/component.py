@@ -7,6 +7,9 @@ Options (`plugin_options: {lb: {...}}` in the agent config):
                         (default, as Cilium) or `maglev`
   `maglev_table_size`   entries in each Maglev lookup table: one of Cilium's primes
                         (default 16381); the seed is shared through the KV store
+  `socket_lb_cgroup`    a cgroup v2 directory holding the pods' processes: socket-level
+                        LB (bpf_sock.c: connect/sendmsg/recvmsg/getpeername) is attached
+                        there (default: none; never a host's root cgroup)
 
 Backend ids are local to the node (the datapath's lb4_backends keys) and survive agent
 restarts: they are read back from the pinned map at start, so conntrack entries of
@@ -28,7 +31,8 @@ from pylium.lb.store import SVC_PREFIX, ServiceStore, decode
 log = logging.getLogger(__name__)
 
 OPTIONS: dict[str, Any] = {"algorithm": "random",
-                           "maglev_table_size": maglev.DEFAULT_TABLE_SIZE}
+                           "maglev_table_size": maglev.DEFAULT_TABLE_SIZE,
+                           "socket_lb_cgroup": ""}
 APPLY_WAIT_S = 10.0
 #: a NodePort frontend's rev-NAT index: the service id plus this (ids stay below it)
 NODEPORT_INDEX_OFFSET = 0x8000
@@ -48,6 +52,8 @@ def lb_options(config) -> dict[str, Any]:
         maglev.check_table_size(out["maglev_table_size"])
     except Exception as exc:
         raise ConfigError(f"plugin_options.lb.{exc}") from None
+    if not isinstance(out["socket_lb_cgroup"], str):
+        raise ConfigError("plugin_options.lb.socket_lb_cgroup: must be a path")
     return out
 
 
@@ -77,6 +83,7 @@ class LoadBalancer:
         self.options = options
         self.node_ip = daemon.config.node_ip or ""
         self.nodeport_device: str | None = None
+        self.socket_lb = None
         self._events = _EndpointEvents(self)
         self.store = ServiceStore(daemon.kvstore)
         datapath = daemon.components.get("datapath")
@@ -104,6 +111,12 @@ class LoadBalancer:
                 self.backend_ids[(info["ip"], info["port"], info["proto"])] = backend_id
         if self.maps is not None:
             await asyncio.to_thread(self._attach_nodeport)  # netlink: off the event loop
+            if self.options["socket_lb_cgroup"]:
+                from pylium.datapath.sock import SocketLB
+
+                self.socket_lb = SocketLB(self.datapath)
+                # a cgroup that cannot take the programs is a config error: fail start-up
+                self.socket_lb.attach(self.options["socket_lb_cgroup"])
         self.daemon.plugins.pm.register(self._events, name="pylium.lb.endpoint-events")
         self.mirror.start()
         try:
@@ -134,6 +147,8 @@ class LoadBalancer:
         if self.daemon.plugins.pm.is_registered(self._events):
             self.daemon.plugins.pm.unregister(self._events)
         await self.mirror.close()
+        if self.socket_lb is not None:
+            self.socket_lb.close()  # stays attached, like the tc programs
         if self.maps is not None:
             self.maps.close()  # the maps stay pinned: translation goes on without us
 
@@ -310,7 +325,8 @@ class LoadBalancer:
                 "algorithm": self.options["algorithm"],
                 "maglev_table_size": self.options["maglev_table_size"],
                 "events": dict(self.events), "datapath": self.maps is not None,
-                "nodeport_device": self.nodeport_device}
+                "nodeport_device": self.nodeport_device,
+                "socket_lb_cgroup": self.options["socket_lb_cgroup"] or None}
 
 
 async def start(daemon) -> LoadBalancer | None:

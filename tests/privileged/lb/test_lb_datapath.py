@@ -6,14 +6,18 @@ the VIP, so it proves the reply was reverse-NATed."""
 from __future__ import annotations
 
 import collections
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from pylium.datapath.lb import LbMaps
 from pylium.datapath.maps.lb import LB_ALG_MAGLEV, LB_ALG_RANDOM
 from pylium.lb import maglev
 from pylium.policy.mapstate import Direction, EndpointPolicy, PolicyEntry, PolicyKey
 
-from .conftest import client
+from .conftest import CLIENT, client, nsenter
 
 PODS = {"a": ("10.212.0.10", 1200), "b": ("10.212.0.11", 1201), "c": ("10.212.0.12", 1202)}
 VIP = "10.96.7.10"
@@ -151,3 +155,41 @@ def test_a_reused_tuple_that_no_longer_goes_through_the_service_is_not_rewritten
         assert client(a_ns, "tcp", VIP, 85, sport=41000) == [f"b {a_ip}"]
     finally:
         maps.close()
+
+
+def test_socket_lb_connects_straight_to_a_backend_and_getpeername_shows_the_vip(node, servers):
+    """bpf_sock.c on a cgroup of our own: the client's connect() to the VIP is rewritten
+    before any packet exists (no service-scope conntrack entry: the tc path saw no VIP),
+    and the connected socket still reports the VIP as its peer (lb_client checks)."""
+    from pylium.datapath.sock import SocketLB
+
+    n, maps = setup(node, servers)
+    cgroup = Path("/sys/fs/cgroup/unified") / f"pylium-lbtest-{os.getpid()}-{time.time_ns()}"
+    cgroup.mkdir()
+    sock = SocketLB(n.raw)
+    try:
+        maps.upsert_backend(21, PODS["b"][0], 8080, UDP)
+        maps.upsert_backend(22, PODS["c"][0], 8080, UDP)
+        maps.upsert_service(12, VIP, 86, TCP, [1, 2], algorithm=LB_ALG_RANDOM, lut=None)
+        maps.upsert_service(13, VIP, 87, UDP, [21, 22], algorithm=LB_ALG_RANDOM, lut=None)
+        maps.upsert_service(14, VIP, 88, TCP, [], algorithm=LB_ALG_RANDOM, lut=None)
+        sock.attach(cgroup)
+
+        def in_cgroup(proto, port, count=1):
+            argv = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh",
+                    *nsenter(n.pods["a"]["ns"], sys.executable, str(CLIENT), proto, VIP,
+                             str(port), str(count))]
+            return subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout.split("\n")[:-1]
+
+        tcp = in_cgroup("tcp", 86, 12)
+        assert set(served_by(tcp)) == {"b", "c"}, tcp  # no "ERR peer ...": getpeername = VIP
+        udp = in_cgroup("udp", 87, 8)
+        assert set(served_by(udp)) <= {"b", "c"} and "ERR" not in served_by(udp), udp
+        assert not [e for e in n.dp.dump_ct() if e["direction"] == "service"]
+        # no backend: connect() is refused at once (no SYN into the void)
+        assert in_cgroup("tcp", 88) == ["ERR PermissionError"]
+    finally:
+        sock.detach()
+        sock.close()
+        maps.close()
+        cgroup.rmdir()

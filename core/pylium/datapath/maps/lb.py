@@ -110,6 +110,20 @@ class Lb4AffinityVal(ctypes.Structure):
                 ("pad", ctypes.c_uint32)]
 
 
+class Lb4SockKey(ctypes.Structure):
+    """C `struct lb4_sock_key` (bpf/lib/lb.h): a socket (cookie) and its backend."""
+
+    _fields_ = [("cookie", ctypes.c_uint64), ("address", ctypes.c_uint8 * 4),
+                ("port", ctypes.c_uint8 * 2), ("pad", ctypes.c_uint16)]
+
+
+class Lb4SockVal(ctypes.Structure):
+    """C `struct lb4_sock_val` (bpf/lib/lb.h): the service address the socket asked for."""
+
+    _fields_ = [("address", ctypes.c_uint8 * 4), ("port", ctypes.c_uint8 * 2),
+                ("rev_nat_index", ctypes.c_uint16)]
+
+
 class U16Key(ctypes.Structure):
     """A bare `__u16` key (the rev-NAT index)."""
 
