@@ -2,6 +2,8 @@
 ClusterIP service (2 backends) while N services exist (N = 100, 1,000, 10,000), through
 
 - pylium: the endpoint programs' translation (lib/lb.h maps), allow-all policy loaded;
+- pylium-socket: the same, plus socket LB (bpf_sock.c on a cgroup the client runs in): the
+  connect() itself goes to a backend;
 - iptables: a nat chain built as kube-proxy's iptables mode does (KUBE-SERVICES with one
   rule per service -> KUBE-SVC-* with `statistic --mode random` -> KUBE-SEP-* DNAT), with
   Debian's default iptables (nft backend), no BPF;
@@ -95,9 +97,12 @@ def allow_all() -> EndpointPolicy:
                                        PolicyKey(0, Direction.EGRESS): PolicyEntry()}, 1)
 
 
-def measure(topo: Topology, target: str) -> dict:
-    out = in_ns(topo.pods["client"]["ns"], sys.executable, "-c", CLIENT, target, str(PORT),
-                str(CONNECTIONS), str(WARMUP), timeout=600).stdout
+def measure(topo: Topology, target: str, cgroup: Path | None = None) -> dict:
+    argv = ["nsenter", f"--net=/run/netns/{topo.pods['client']['ns']}", sys.executable, "-c",
+            CLIENT, target, str(PORT), str(CONNECTIONS), str(WARMUP)]
+    if cgroup is not None:  # the client runs inside the socket-LB cgroup
+        argv = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *argv]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=600).stdout
     return json.loads(out)
 
 
@@ -112,6 +117,12 @@ class Pylium:
         self.worker.run(self.dp.open)
         self.maps = LbMaps(self.root)
         self.installed = 0
+        from pylium.datapath.sock import SocketLB
+
+        self.cgroup = Path("/sys/fs/cgroup/unified") / f"pylium-benchlb-{os.getpid()}"
+        self.cgroup.mkdir()
+        self.sock = SocketLB(self.dp)
+        self.sock.attach(self.cgroup)
 
     def enable(self) -> None:
         for ep in self.eps.values():
@@ -138,6 +149,9 @@ class Pylium:
         self.installed = 0
 
     def close(self) -> None:
+        self.sock.detach()
+        self.sock.close()
+        self.cgroup.rmdir()
         self.maps.close()
         self.worker.run(self.dp.destroy)
 
@@ -254,6 +268,8 @@ def main() -> None:
             pyl.enable()
             res["pylium"] = {**measure(topo, target), "install_s": install}
             print(n, "pylium", res["pylium"], file=sys.stderr, flush=True)
+            res["pylium-socket"] = {**measure(topo, target, pyl.cgroup), "install_s": install}
+            print(n, "pylium-socket", res["pylium-socket"], file=sys.stderr, flush=True)
             pyl.disable()
             # iptables
             install = ipt.install(n)
@@ -291,6 +307,12 @@ def main() -> None:
            big["pylium"]["p99_us"], big["iptables"]["p99_us"], "kube-proxy iptables", "<= 1.0")
     report("lb", f"p99 connect latency at {at} services vs nftables", "us",
            big["pylium"]["p99_us"], big["nftables"]["p99_us"], "kube-proxy nftables", "<= 1.0")
+    report("lb", f"socket LB new connections/s at {at} services vs nftables", "conn/s",
+           big["pylium-socket"]["rate"], big["nftables"]["rate"], "kube-proxy nftables",
+           ">= 1.0")
+    report("lb", f"socket LB p99 connect latency at {at} services vs nftables", "us",
+           big["pylium-socket"]["p99_us"], big["nftables"]["p99_us"], "kube-proxy nftables",
+           "<= 1.0")
     report("lb", f"pylium new connections/s: {SIZES[0]:,} vs {at} services", "conn/s",
            small["pylium"]["rate"], big["pylium"]["rate"], f"pylium at {at} services",
            "<= 1.2")
