@@ -245,6 +245,52 @@ static __always_inline int lb4_rev_nat(struct __sk_buff *skb, struct pkt *p,
 #define AF_INET 2
 #endif
 
+/* A TCP SYN to a service with no usable backend is answered with a RST (Cilium's
+ * "Service backend not found" rejects rather than blackholes): the SYN is turned around in
+ * place (addresses, ports and MACs swapped; seq 0, ack = seq + 1, RST|ACK; the checksum
+ * sum is unchanged by the swaps) and handed straight back into the pod. Counted as a drop
+ * with reason DROP_NO_SERVICE. */
+static __always_inline int lb4_reject_tcp(struct __sk_buff *skb, const struct event_ctx *ec,
+					  const struct pkt *p, struct result *r)
+{
+	__u8 macs[12], swapped[12];
+	__be32 seq, ack, old_ack, zero = 0;
+	__be16 old_word, new_word;
+	__u32 l4_off, csum_off;
+	int i;
+
+	r->reason = DROP_NO_SERVICE;
+	write_result(skb, r);
+	metrics_count(DROP_NO_SERVICE, ec->direction, p->len);
+	emit_event(ec, p, EVENT_DROP, DROP_NO_SERVICE, 0, 0);
+	if (lb4_l4_off(skb, &l4_off) < 0 || bpf_skb_load_bytes(skb, 0, macs, 12) < 0 ||
+	    bpf_skb_load_bytes(skb, l4_off + 4, &seq, 4) < 0 ||
+	    bpf_skb_load_bytes(skb, l4_off + 8, &old_ack, 4) < 0 ||
+	    bpf_skb_load_bytes(skb, l4_off + 12, &old_word, 2) < 0)
+		return TC_ACT_SHOT;
+	csum_off = l4_off + 16;
+#pragma unroll
+	for (i = 0; i < 6; i++) {
+		swapped[i] = macs[i + 6];
+		swapped[i + 6] = macs[i];
+	}
+	ack = bpf_htonl(bpf_ntohl(seq) + 1);
+	new_word = (old_word & bpf_htons(0xFF00)) | bpf_htons(TCP_FLAG_RST | TCP_FLAG_ACK);
+	if (bpf_skb_store_bytes(skb, 0, swapped, 12, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, LB_IP_SADDR_OFF, &p->daddr, 4, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, LB_IP_DADDR_OFF, &p->saddr, 4, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, l4_off, &p->dport, 2, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, l4_off + 2, &p->sport, 2, 0) < 0 ||
+	    bpf_l4_csum_replace(skb, csum_off, seq, zero, 4) < 0 ||
+	    bpf_skb_store_bytes(skb, l4_off + 4, &zero, 4, 0) < 0 ||
+	    bpf_l4_csum_replace(skb, csum_off, old_ack, ack, 4) < 0 ||
+	    bpf_skb_store_bytes(skb, l4_off + 8, &ack, 4, 0) < 0 ||
+	    bpf_l4_csum_replace(skb, csum_off, old_word, new_word, 2) < 0 ||
+	    bpf_skb_store_bytes(skb, l4_off + 12, &new_word, 2, 0) < 0)
+		return TC_ACT_SHOT;
+	return bpf_redirect_peer(skb->ifindex, 0);
+}
+
 /* A reply from a local NodePort backend (a CT_DIR_NODEPORT entry names its flow): back to
  * the node's address and NodePort, then straight out of the interface the kernel's FIB
  * names (the stack would drop a packet from the node's own address arriving on a veth).
@@ -317,6 +363,9 @@ int from_container(struct __sk_buff *skb)
 	ec.src_identity = src->identity;
 
 	reason = lb4_translate(skb, &p, &ec, &r);
+	if (reason == DROP_NO_SERVICE && !ec.dry_run && p.protocol == IPPROTO_TCP &&
+	    (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
+		return lb4_reject_tcp(skb, &ec, &p, &r);
 	if (reason)
 		return drop_packet(skb, &ec, &p, &r, reason);
 

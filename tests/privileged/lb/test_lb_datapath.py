@@ -92,13 +92,19 @@ def test_hairpin_pod_reaches_itself_through_its_service(node, servers):
         maps.close()
 
 
-def test_service_without_backends_drops_with_reason_158(node, servers):
+def test_service_without_backends_rejects_tcp_and_drops_udp_with_reason_158(node, servers):
     n, maps = setup(node, servers)
     try:
         maps.upsert_service(8, VIP, 82, TCP, [], algorithm=LB_ALG_RANDOM, lut=None)
-        assert client(n.pods["a"]["ns"], "tcp", VIP, 82) == ["ERR TimeoutError"]
+        maps.upsert_service(15, VIP, 82, UDP, [], algorithm=LB_ALG_RANDOM, lut=None)
+        started = time.monotonic()
+        # TCP: a RST comes back at once (no waiting for a timeout)
+        assert client(n.pods["a"]["ns"], "tcp", VIP, 82, 3) == ["ERR ConnectionRefusedError"] * 3
+        assert time.monotonic() - started < 1.5
+        # UDP: dropped (no ICMP unreachable yet), never forwarded anywhere
+        assert client(n.pods["a"]["ns"], "udp", VIP, 82) == ["ERR TimeoutError"]
         drops = {m["reason"]: m["packets"] for m in n.dp.dump_metrics()}
-        assert drops.get(158, 0) >= 1, drops
+        assert drops.get(158, 0) >= 4, drops
     finally:
         maps.close()
 
