@@ -468,6 +468,107 @@ int to_container(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
+/* Send a packet the stack would refuse (its source is the node's own address) straight out
+ * of the interface the FIB names for its destination. */
+static __always_inline int fib_redirect(struct __sk_buff *skb, const struct pkt *p)
+{
+	struct bpf_fib_lookup fib = {};
+
+	fib.family = AF_INET;
+	fib.l4_protocol = p->protocol;
+	fib.ipv4_src = p->saddr;
+	fib.ipv4_dst = p->daddr;
+	fib.ifindex = skb->ifindex;
+	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, 0, fib.dmac, 6, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, 6, fib.smac, 6, 0) < 0)
+		return TC_ACT_SHOT;
+	return bpf_redirect(fib.ifindex, 0);
+}
+
+/* NodePort, traffic policy Cluster, backend on another node: SNAT to the node's address
+ * (the client's port kept) so the reply comes back here, remembered in a
+ * CT_DIR_NODEPORT_SNAT entry; then to the backend's node through the routing mode
+ * (tunnel slot) or the FIB. */
+static __always_inline int nodeport_snat_forward(struct __sk_buff *skb, struct pkt *p,
+						 struct event_ctx *ec, struct result *r,
+						 __be32 node_addr)
+{
+	struct remote_endpoint_info *remote;
+	struct ct_entry *ct;
+	struct ct_key key;
+	__u64 now;
+
+	if (lb4_rewrite(skb, p->protocol, 0, p->saddr, node_addr, p->sport, p->sport) < 0)
+		return drop_packet(skb, ec, p, r, DROP_WRITE_ERROR);
+	key.saddr = node_addr;
+	key.daddr = p->daddr;
+	key.sport = p->sport;
+	key.dport = p->dport;
+	key.protocol = p->protocol;
+	key.direction = CT_DIR_NODEPORT_SNAT;
+	key.pad = 0;
+	if (!ec->dry_run) {
+		now = bpf_ktime_get_ns();
+		ct = bpf_map_lookup_elem(&conntrack, &key);
+		if (ct && ct->nat_addr == p->saddr) {
+			ct_refresh(ct, p, now, 0);
+		} else {
+			struct ct_entry entry = {
+				.src_identity = ec->src_identity,
+				.rev_nat_index = r->rev_nat,
+				.nat_addr = p->saddr,
+			};
+
+			ct_refresh(&entry, p, now, 0);
+			bpf_map_update_elem(&conntrack, &key, &entry, BPF_ANY);
+		}
+	}
+	p->saddr = node_addr;
+	if (ec->dry_run)
+		return TC_ACT_OK;
+	metrics_count(REASON_FORWARDED, ec->direction, p->len);
+	remote = ipcache_lookup(p->daddr);
+	if (remote && remote->tunnel_endpoint) {
+		skb->cb[CB_ROUTING_IDENTITY] = ec->src_identity;
+		skb->cb[CB_ROUTING_TUNNEL] = remote->tunnel_endpoint;
+		bpf_tail_call(skb, &routing_progs, ROUTING_SLOT_REMOTE);
+	}
+	return fib_redirect(skb, p);
+}
+
+/* The reply of a SNATed NodePort flow, back at the node: to the client again, from the
+ * node's address and NodePort, out of the interface towards the client. Anything else
+ * passes untouched. */
+static __always_inline int nodeport_snat_reply(struct __sk_buff *skb, struct pkt *p,
+					       struct event_ctx *ec, struct result *r)
+{
+	struct ct_key key = { .saddr = p->daddr, .daddr = p->saddr, .sport = p->dport,
+			      .dport = p->sport, .protocol = p->protocol,
+			      .direction = CT_DIR_NODEPORT_SNAT };
+	struct ct_entry *ct;
+	__be32 client;
+
+	if (p->protocol != IPPROTO_TCP && p->protocol != IPPROTO_UDP)
+		return TC_ACT_OK;
+	ct = bpf_map_lookup_elem(&conntrack, &key);
+	if (!ct || ct->expires_ns <= bpf_ktime_get_ns())
+		return TC_ACT_OK;
+	client = ct->nat_addr;
+	r->rev_nat = ct->rev_nat_index;
+	if (!ec->dry_run)
+		ct_refresh(ct, p, bpf_ktime_get_ns(), 1);
+	if (lb4_rewrite(skb, p->protocol, 1, p->daddr, client, p->dport, p->dport) < 0)
+		return TC_ACT_SHOT;
+	p->daddr = client;
+	if (lb4_rev_nat(skb, p, r))
+		return TC_ACT_SHOT;
+	if (ec->dry_run)
+		return TC_ACT_OK;
+	return fib_redirect(skb, p);
+}
+
 /* NodePort (lib/lb.h), tc ingress of the node's external interface: a packet to a NodePort
  * frontend (the node's address) is DNATed to a backend on this node and handed to its
  * endpoint (to_container enforces its ingress policy against the client's identity); the
@@ -483,6 +584,7 @@ int from_netdev(struct __sk_buff *skb)
 	struct endpoint_info *dst;
 	struct ct_entry *ct;
 	struct ct_key key;
+	__be32 node_addr;
 	__u64 now;
 	int ret;
 	__u8 reason;
@@ -492,14 +594,18 @@ int from_netdev(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	svc = lb4_lookup_service(&p);
 	if (!svc || !(svc->flags & SVC_F_NODEPORT))
-		return TC_ACT_OK;
+		return nodeport_snat_reply(skb, &p, &ec, &r);
 	ec.src_identity = resolve_identity(p.saddr);
+	node_addr = p.daddr;
 	reason = lb4_translate(skb, &p, &ec, &r);
 	if (reason)
 		return drop_packet(skb, &ec, &p, &r, reason);
 	dst = lookup_endpoint(p.daddr);
-	if (!dst) /* only local backends are NodePort slots (the agent's choice) */
-		return drop_packet(skb, &ec, &p, &r, DROP_NO_SERVICE);
+	if (!dst) {
+		if (svc->flags & SVC_F_LOCAL) /* Local: never another node's backend */
+			return drop_packet(skb, &ec, &p, &r, DROP_NO_SERVICE);
+		return nodeport_snat_forward(skb, &p, &ec, &r, node_addr);
+	}
 	ec.ep_id = dst->ep_id;
 	ec.dst_identity = dst->identity;
 	if (!ec.dry_run) {

@@ -40,6 +40,9 @@ struct ct_key {
 /* NodePort entries (keyed by the post-DNAT tuple client -> backend): the backend's reply
  * leaving its endpoint is rewritten back to the node's address and NodePort. */
 #define CT_DIR_NODEPORT 3
+/* NodePort SNAT entries (keyed by the tuple node address -> remote backend): the reply
+ * coming back to the node is rewritten to the client (nat_addr) and the NodePort. */
+#define CT_DIR_NODEPORT_SNAT 4
 
 struct ct_entry {
 	__u64 expires_ns;   /* CLOCK_MONOTONIC (bpf_ktime_get_ns) */
@@ -53,7 +56,7 @@ struct ct_entry {
 	__u8 tcp_flags_seen;
 	__u16 rev_nat_index; /* != 0: a service flow; replies are rewritten back to its VIP */
 	__u32 backend_id;    /* service-scope entries: the backend the flow goes to */
-	__u32 pad;
+	__be32 nat_addr;     /* NodePort SNAT entries: the client's address */
 };
 
 struct {

@@ -227,9 +227,10 @@ class LoadBalancer:
         return {str(ep.ipv4) for ep in manager.list()} if manager is not None else set()
 
     def _apply_nodeport(self, svc: Service, old: Service | None) -> None:
-        """The node's own frontend (node address, node_port): only backends on this node
-        (traffic policy Local keeps the client's address; Cluster as well, since
-        forwarding NodePort traffic to other nodes is not built yet)."""
+        """The node's own frontend (node address, node_port). Local: only this node's
+        backends, the client's address kept. Cluster: every backend; one on another node
+        is reached with the source NATed to this node's address (the datapath's
+        nodeport_snat_forward), a local one keeps the client's address."""
         if old is not None and old.node_port and (old.node_port != svc.node_port
                                                   or old.frontend.protocol
                                                   != svc.frontend.protocol):
@@ -239,7 +240,8 @@ class LoadBalancer:
             return
         fe = svc.frontend
         local = self._local_ips()
-        active = [b for b in svc.backends if b.state == "active" and b.ip in local]
+        active = [b for b in svc.backends if b.state == "active"
+                  and (svc.traffic_policy == "Cluster" or b.ip in local)]
         ids = [self._backend_id(b.ip, b.port, fe.proto_number) for b in active]
         algorithm = svc.algorithm or self.options["algorithm"]
         lut = ([ids[i] for i in self._maglev_indexes(active, fe.protocol)]

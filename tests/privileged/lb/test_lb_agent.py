@@ -223,3 +223,38 @@ def test_service_added_on_one_node_works_on_the_other_with_the_same_maglev_table
         assert {line.split()[1] for line in got} == {ip(lab2, "client")}
     finally:
         cli(lab2, "service", "delete", "default/mag", node="node1", check=False)
+
+
+def test_nodeport_local_and_cluster_across_two_nodes(lab2):
+    """Local: each node's NodePort reaches only its own backend and the backend sees the
+    client (world) address. Cluster on a node without a backend: forwarded to the other
+    node with the source NATed to the first node's address; replies come back through it."""
+    near, far = ip(lab2, "near"), ip(lab2, "far")
+    world_ip = lab2.status()["world"]["ip"]
+    n1, n2 = lab2.node("node1")["ip"], lab2.node("node2")["ip"]
+    cli(lab2, "service", "add", "--name", "default/np-local", "--frontend", f"{VIP}:91",
+        "--backend", f"{near}:8080", "--backend", f"{far}:8080", "--type", "NodePort",
+        "--node-port", "30091", "--traffic-policy", "Local", node="node1")
+    cli(lab2, "service", "add", "--name", "default/np-cluster", "--frontend", f"{VIP}:92",
+        "--backend", f"{far}:8080", "--type", "NodePort", "--node-port", "30092",
+        node="node1")
+    cli(lab2, "service", "add", "--name", "default/np-cluster-udp", "--frontend",
+        f"{VIP}:92/UDP", "--backend", f"{far}:8080", "--type", "NodePort", "--node-port",
+        "30092", node="node1")
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and len(json.loads(
+                cli(lab2, "service", "list", "-o", "json", node="node2").stdout)) < 3:
+            time.sleep(0.2)
+        assert answers(lab2, "world", "tcp", n1, 30091, 6) == [f"near {world_ip}"] * 6
+        assert answers(lab2, "world", "tcp", n2, 30091, 6) == [f"far {world_ip}"] * 6
+        # Cluster, entering node1 whose only backend is on node2: SNAT to node1
+        got = answers(lab2, "world", "tcp", n1, 30092, 6)
+        assert got == [f"far {n1}"] * 6, got
+        assert answers(lab2, "world", "udp", n1, 30092, 4) == [f"far {n1}"] * 4
+        # entering node2 (backend local there): the client's address is kept
+        assert answers(lab2, "world", "tcp", n2, 30092, 4) == [f"far {world_ip}"] * 4
+    finally:
+        cli(lab2, "service", "delete", "default/np-local", node="node1", check=False)
+        cli(lab2, "service", "delete", "default/np-cluster", node="node1", check=False)
+        cli(lab2, "service", "delete", "default/np-cluster-udp", node="node1", check=False)

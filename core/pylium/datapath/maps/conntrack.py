@@ -28,4 +28,4 @@ class CtEntry(ctypes.Structure):
                 ("policy_rev", ctypes.c_uint32), ("ep_id", ctypes.c_uint16),
                 ("proxy_port", ctypes.c_uint16), ("flags", ctypes.c_uint8),
                 ("tcp_flags_seen", ctypes.c_uint8), ("rev_nat_index", ctypes.c_uint16),
-                ("backend_id", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+                ("backend_id", ctypes.c_uint32), ("nat_addr", ctypes.c_uint8 * 4)]
