@@ -120,6 +120,55 @@ def test_hairpin_and_bad_input(lab):
         cli(lab, "service", "delete", "default/self", check=False)
 
 
+def test_backends_change_while_a_client_loops_without_errors(lab):
+    """Backends added, removed, marked terminating while new connections keep coming: no
+    connection fails (every backend server stays up, so any error would be the update's
+    fault: a slot naming a missing backend, an empty window)."""
+    w1, w2, c = ip(lab, "web1"), ip(lab, "web2"), ip(lab, "client")
+
+    def put(*backends):
+        body = {"frontend": f"{VIP}:93", "backends": list(backends)}
+        lab.client().put("/v1/service/default/churn", body)
+
+    put(f"{w1}:8080")
+    loop = subprocess.Popen(lab.exec_argv("client", [sys.executable, str(CLIENT), "tcp", VIP,
+                                                     "93", "1000000"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for backends in ([f"{w1}:8080", f"{w2}:8080"], [f"{w2}:8080"],
+                         [f"{w2}:8080", f"{c}:8080"],
+                         [{"address": f"{w2}:8080", "state": "terminating"}, f"{c}:8080"],
+                         [f"{w1}:8080"]):
+            time.sleep(0.3)
+            put(*backends)
+        time.sleep(0.3)
+        loop.terminate()
+        out, _ = loop.communicate(timeout=30)
+        lines = out.splitlines()[:-1]  # the last one may be cut short
+        assert len(lines) > 200 and not [x for x in lines if x.startswith("ERR")], lines
+        assert set(served_by(lines)) >= {"web1", "web2"}
+        # terminating backends take no new flows: after the last update only web1 serves
+        assert served_by(answers(lab, "client", "tcp", VIP, 93, 6)) == {"web1": 6}
+    finally:
+        loop.kill()
+        lab.client().delete("/v1/service/default/churn")
+
+
+def test_terminating_backend_takes_no_new_flows(lab):
+    w1, w2 = ip(lab, "web1"), ip(lab, "web2")
+    lab.client().put("/v1/service/default/drain", {
+        "frontend": f"{VIP}:94",
+        "backends": [f"{w1}:8080", {"address": f"{w2}:8080", "state": "terminating"}]})
+    try:
+        assert served_by(answers(lab, "client", "tcp", VIP, 94, 10)) == {"web1": 10}
+        listed = json.loads(cli(lab, "service", "list", "-o", "json").stdout)
+        states = {b["ip"]: b["state"] for s in listed if s["spec"]["id"]
+                  for b in s["spec"]["backend-addresses"] if s["spec"]["flags"]["name"] == "drain"}
+        assert states == {w1: "active", w2: "terminating"}
+    finally:
+        lab.client().delete("/v1/service/default/drain")
+
+
 def test_nodeport_from_the_world_keeps_the_client_address(lab):
     w1, w2 = ip(lab, "web1"), ip(lab, "web2")
     node_ip = lab.node()["ip"]
