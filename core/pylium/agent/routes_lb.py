@@ -88,6 +88,10 @@ def setup(app: web.Application, daemon: Daemon) -> None:
                         "table": table})
         return web.json_response(out)
 
+    async def lb_status(_request):
+        return web.json_response(lb().status())
+
+    app.router.add_get("/v1/lb", lb_status)
     app.router.add_get("/v1/service", list_services)
     app.router.add_get("/v1/service/{name:.+}", get_service)
     app.router.add_put("/v1/service/{name:.+}", put_service)

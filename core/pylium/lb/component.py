@@ -322,6 +322,19 @@ class LoadBalancer:
     def list(self) -> list[Service]:
         return sorted(self.applied.values(), key=lambda s: s.id)
 
+    def metric_families(self):
+        """Prometheus families, collected at scrape time by the agent's collector."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        events = CounterMetricFamily("pylium_services_events", "Service changes applied "
+                                     "to this node (Cilium: cilium_services_events_total).",
+                                     labels=["action"])
+        for action in ("add", "update", "delete"):
+            events.add_metric([action], self.events[action])
+        yield events
+        yield GaugeMetricFamily("pylium_services", "Services applied to this node.",
+                                value=len(self.applied))
+
     def status(self) -> dict[str, Any]:
         return {"services": len(self.applied), "backends": len(self.backend_ids),
                 "algorithm": self.options["algorithm"],

@@ -114,6 +114,11 @@ def test_two_nodes_follow_the_store_and_compute_the_same_maglev_table(tmp_path):
                     break
                 await asyncio.sleep(0.05)
             assert n1.list() == [] and n1.events["delete"] == 1
+            families = {f.name: f for f in n1.metric_families()}
+            samples = {s.labels["action"]: s.value
+                       for s in families["pylium_services_events"].samples
+                       if s.name.endswith("_total")}
+            assert samples == {"add": 1, "update": 0, "delete": 1}
         finally:
             for node in (n1, n2):
                 await node.close()
