@@ -8,6 +8,7 @@ process below it would have its connections to VIPs rewritten."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 from pylium.datapath import libbpf
@@ -71,3 +72,19 @@ class SocketLB:
         """Drop our fds; attached programs stay (socket LB goes on without the agent)."""
         self.object.close()
         self.prog_fds = {}
+
+
+def destroy_udp_sockets(netns: str, ip: str, port: int) -> int:
+    """Destroy (SOCK_DESTROY, `ss -K`) the UDP sockets in `netns` connected to ip:port: a
+    connected UDP socket keeps the backend its connect() picked, so when that backend goes
+    away its owner gets an error and connects again, which picks a live backend (the
+    problem of cilium#24417). Returns how many sockets were destroyed."""
+    from pylium.datapath.netns import netns_path
+
+    proc = subprocess.run(["nsenter", f"--net={netns_path(netns)}", "ss", "-K", "-u", "-n",
+                           "-H", "dst", f"{ip}:{port}"],
+                          capture_output=True, text=True, timeout=10)
+    if proc.returncode != 0:
+        raise DatapathError(f"destroying UDP sockets to {ip}:{port} in {netns}: "
+                            f"{proc.stderr.strip()}")
+    return len([line for line in proc.stdout.splitlines() if line.strip()])

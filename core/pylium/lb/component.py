@@ -84,6 +84,7 @@ class LoadBalancer:
         self.node_ip = daemon.config.node_ip or ""
         self.nodeport_device: str | None = None
         self.socket_lb = None
+        self._background: set[asyncio.Task] = set()
         self._events = _EndpointEvents(self)
         self.store = ServiceStore(daemon.kvstore)
         datapath = daemon.components.get("datapath")
@@ -217,6 +218,8 @@ class LoadBalancer:
                                      nodeport=svc.type == "NodePort",
                                      local=svc.traffic_policy == "Local")
             self._apply_nodeport(svc, old)
+            if old is not None and self.socket_lb is not None and fe.protocol == "UDP":
+                self._reset_udp_sockets(old, svc)
         self.applied[svc.name] = svc
         self._collect_backends()
         log.info("lb: service %s (id %d) %s -> %d backend(s)", svc.name, svc.id, fe,
@@ -271,6 +274,33 @@ class LoadBalancer:
         """The service's Maglev table as backend addresses, as every node computes it."""
         active = [b for b in svc.backends if b.state == "active"]
         return [active[i].address for i in self._maglev_indexes(active, svc.frontend.protocol)]
+
+    def _reset_udp_sockets(self, old: Service, new: Service) -> None:
+        """Backends that left selection: pods' connected UDP sockets to them are destroyed
+        so their owners reconnect (socket LB picks again)."""
+        still = {b.address for b in new.backends if b.state == "active"}
+        gone = [b for b in old.backends if b.state == "active" and b.address not in still]
+        manager = self.daemon.components.get("endpoint")
+        if not gone or manager is None:
+            return
+        netns = [ep.netns for ep in manager.list() if ep.netns]
+
+        def destroy() -> None:
+            from pylium.datapath.sock import destroy_udp_sockets
+
+            for ns in netns:
+                for b in gone:
+                    try:
+                        n = destroy_udp_sockets(ns, b.ip, b.port)
+                    except Exception as exc:
+                        log.warning("lb: %s", exc)
+                        continue
+                    if n:
+                        log.info("lb: %d UDP socket(s) to %s reset in %s", n, b.address, ns)
+
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(destroy))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _remove(self, name: str) -> None:
         old = self.applied.pop(name, None)
