@@ -307,3 +307,28 @@ def test_nodeport_local_and_cluster_across_two_nodes(lab2):
         cli(lab2, "service", "delete", "default/np-local", node="node1", check=False)
         cli(lab2, "service", "delete", "default/np-cluster", node="node1", check=False)
         cli(lab2, "service", "delete", "default/np-cluster-udp", node="node1", check=False)
+
+
+@pytest.mark.parametrize("routing", ["native", "geneve"])
+def test_clusterip_cross_node_in_other_routing_modes(routing):
+    """The translated packet's destination is a pod IP: each routing mode carries it."""
+    subprocess.run("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf", shell=True,
+                   check=True)
+    lab = Lab("r" + secrets.token_hex(3))
+    try:
+        lab.up(nodes=2, routing=routing)
+        lab.add_pod("client", {"app": "client"}, node="node1")
+        lab.add_pod("far", {"app": "web"}, node="node2")
+        serve(lab, "far")
+        lab.client("node1").put("/v1/service/default/x", {
+            "frontend": f"{VIP}:80", "backends": [f"{ip(lab, 'far')}:8080"]})
+        got = []
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # node2 learns the client's pod from the KV store
+            got = answers(lab, "client", "tcp", VIP, 80, 3)
+            if got == [f"far {ip(lab, 'client')}"] * 3:
+                break
+            time.sleep(0.5)
+        assert got == [f"far {ip(lab, 'client')}"] * 3, got
+    finally:
+        lab.down()
