@@ -154,51 +154,14 @@ static __always_inline int lb4_translate(struct __sk_buff *skb, struct pkt *p,
 					 const struct event_ctx *ec, struct result *r)
 {
 	struct lb4_service *svc = lb4_lookup_service(p);
-	struct lb4_backend *be = NULL;
-	struct ct_entry *ct;
-	struct ct_key key;
-	__u64 now;
-	__u32 backend_id = 0;
+	struct lb4_backend *be;
 	__be32 new_saddr;
 
 	if (!svc)
 		return 0;
-	now = bpf_ktime_get_ns();
-	ct_key_forward(&key, p, CT_DIR_SERVICE);
-	ct = bpf_map_lookup_elem(&conntrack, &key);
-	if (ct && ct->expires_ns > now) {
-		be = lb4_usable_backend(ct->backend_id, 0);
-		if (be) {
-			backend_id = ct->backend_id;
-			if (!ec->dry_run)
-				ct_refresh(ct, p, now, 0);
-		}
-	}
-	if (!be) {
-		if (svc->flags & SVC_F_AFFINITY) {
-			backend_id = lb4_affinity_backend(p, svc, now);
-			be = lb4_usable_backend(backend_id, 1);
-		}
-		if (!be) {
-			backend_id = lb4_select(p, svc);
-			be = lb4_usable_backend(backend_id, 1);
-		}
-		if (!be)
-			return DROP_NO_SERVICE;
-		if (!ec->dry_run) {
-			struct ct_entry entry = {
-				.src_identity = ec->src_identity,
-				.ep_id = ec->ep_id,
-				.rev_nat_index = svc->rev_nat_index,
-				.backend_id = backend_id,
-			};
-
-			ct_refresh(&entry, p, now, 0);
-			bpf_map_update_elem(&conntrack, &key, &entry, BPF_ANY);
-			if (svc->flags & SVC_F_AFFINITY)
-				lb4_affinity_update(p, svc, backend_id, now);
-		}
-	}
+	be = lb4_pick_backend(p, svc, ec->src_identity, ec->ep_id, ec->dry_run);
+	if (!be)
+		return DROP_NO_SERVICE;
 	/* hairpin: the pod is its own backend; it would drop a packet from itself */
 	new_saddr = be->address == p->saddr ? LB_LOOPBACK_IP : p->saddr;
 	if (lb4_rewrite(skb, p->protocol, 1, p->daddr, be->address, p->dport, be->port) < 0)
@@ -582,10 +545,7 @@ int from_netdev(struct __sk_buff *skb)
 	struct pkt p = {};
 	struct lb4_service *svc;
 	struct endpoint_info *dst;
-	struct ct_entry *ct;
-	struct ct_key key;
 	__be32 node_addr;
-	__u64 now;
 	int ret;
 	__u8 reason;
 
@@ -608,23 +568,8 @@ int from_netdev(struct __sk_buff *skb)
 	}
 	ec.ep_id = dst->ep_id;
 	ec.dst_identity = dst->identity;
-	if (!ec.dry_run) {
-		now = bpf_ktime_get_ns();
-		ct_key_forward(&key, &p, CT_DIR_NODEPORT);
-		ct = bpf_map_lookup_elem(&conntrack, &key);
-		if (ct) {
-			ct_refresh(ct, &p, now, 0);
-		} else {
-			struct ct_entry entry = {
-				.src_identity = ec.src_identity,
-				.ep_id = dst->ep_id,
-				.rev_nat_index = r.rev_nat,
-			};
-
-			ct_refresh(&entry, &p, now, 0);
-			bpf_map_update_elem(&conntrack, &key, &entry, BPF_ANY);
-		}
-	}
+	if (!ec.dry_run)
+		lb4_nodeport_remember(&p, r.rev_nat, ec.src_identity, dst->ep_id);
 	if (ec.dry_run)
 		return TC_ACT_REDIRECT;
 	ret = redirect_to_endpoint(skb, dst, ec.src_identity);

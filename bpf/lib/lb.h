@@ -261,6 +261,82 @@ static __always_inline void lb4_affinity_update(const struct pkt *p,
 	bpf_map_update_elem(&lb4_affinity, &key, &val, BPF_ANY);
 }
 
+/* The backend of the flow `p` (to the service `svc`): the one its service-scope conntrack
+ * entry remembers while that backend still exists, else a new pick (affinity, Maglev or
+ * random) that is remembered (unless dry_run). NULL: no usable backend. */
+static __always_inline struct lb4_backend *lb4_pick_backend(const struct pkt *p,
+							    const struct lb4_service *svc,
+							    __u32 src_identity, __u16 ep_id,
+							    int dry_run)
+{
+	struct lb4_backend *be = NULL;
+	struct ct_entry *ct;
+	struct ct_key key;
+	__u32 backend_id = 0;
+	__u64 now = bpf_ktime_get_ns();
+
+	ct_key_forward(&key, p, CT_DIR_SERVICE);
+	ct = bpf_map_lookup_elem(&conntrack, &key);
+	if (ct && ct->expires_ns > now) {
+		be = lb4_usable_backend(ct->backend_id, 0);
+		if (be) {
+			if (!dry_run)
+				ct_refresh(ct, p, now, 0);
+			return be;
+		}
+	}
+	if (svc->flags & SVC_F_AFFINITY) {
+		backend_id = lb4_affinity_backend(p, svc, now);
+		be = lb4_usable_backend(backend_id, 1);
+	}
+	if (!be) {
+		backend_id = lb4_select(p, svc);
+		be = lb4_usable_backend(backend_id, 1);
+	}
+	if (!be)
+		return NULL;
+	if (!dry_run) {
+		struct ct_entry entry = {
+			.src_identity = src_identity,
+			.ep_id = ep_id,
+			.rev_nat_index = svc->rev_nat_index,
+			.backend_id = backend_id,
+		};
+
+		ct_refresh(&entry, p, now, 0);
+		bpf_map_update_elem(&conntrack, &key, &entry, BPF_ANY);
+		if (svc->flags & SVC_F_AFFINITY)
+			lb4_affinity_update(p, svc, backend_id, now);
+	}
+	return be;
+}
+
+/* A NodePort flow to a local backend (post-DNAT tuple client -> backend): the backend's
+ * reply is rewritten back to the node's address and NodePort (bpf_lxc's
+ * lb4_nodeport_reply). */
+static __always_inline void lb4_nodeport_remember(const struct pkt *p, __u16 rev_nat,
+						  __u32 src_identity, __u16 ep_id)
+{
+	__u64 now = bpf_ktime_get_ns();
+	struct ct_entry *ct;
+	struct ct_key key;
+
+	ct_key_forward(&key, p, CT_DIR_NODEPORT);
+	ct = bpf_map_lookup_elem(&conntrack, &key);
+	if (ct && ct->rev_nat_index == rev_nat) {
+		ct_refresh(ct, p, now, 0);
+	} else {
+		struct ct_entry entry = {
+			.src_identity = src_identity,
+			.ep_id = ep_id,
+			.rev_nat_index = rev_nat,
+		};
+
+		ct_refresh(&entry, p, now, 0);
+		bpf_map_update_elem(&conntrack, &key, &entry, BPF_ANY);
+	}
+}
+
 /* Offsets of the IPv4 and L4 checksums (Ethernet framing; options honoured). */
 #define LB_IP_OFF 14
 #define LB_IP_CSUM_OFF (LB_IP_OFF + 10)

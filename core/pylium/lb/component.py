@@ -7,6 +7,9 @@ Options (`plugin_options: {lb: {...}}` in the agent config):
                         (default, as Cilium) or `maglev`
   `maglev_table_size`   entries in each Maglev lookup table: one of Cilium's primes
                         (default 16381); the seed is shared through the KV store
+  `acceleration`        NodePort at XDP on the node's external interface: `disabled`
+                        (default), `native` (falls back to generic where the driver
+                        refuses) or `generic` (Cilium's --bpf-lb-acceleration)
   `socket_lb_cgroup`    a cgroup v2 directory holding the pods' processes: socket-level
                         LB (bpf_sock.c: connect/sendmsg/recvmsg/getpeername) is attached
                         there (default: none; never a host's root cgroup)
@@ -32,7 +35,7 @@ log = logging.getLogger(__name__)
 
 OPTIONS: dict[str, Any] = {"algorithm": "random",
                            "maglev_table_size": maglev.DEFAULT_TABLE_SIZE,
-                           "socket_lb_cgroup": ""}
+                           "socket_lb_cgroup": "", "acceleration": "disabled"}
 APPLY_WAIT_S = 10.0
 #: a NodePort frontend's rev-NAT index: the service id plus this (ids stay below it)
 NODEPORT_INDEX_OFFSET = 0x8000
@@ -52,6 +55,9 @@ def lb_options(config) -> dict[str, Any]:
         maglev.check_table_size(out["maglev_table_size"])
     except Exception as exc:
         raise ConfigError(f"plugin_options.lb.{exc}") from None
+    if out["acceleration"] not in ("disabled", "native", "generic"):
+        raise ConfigError(f"plugin_options.lb.acceleration: {out['acceleration']!r} is not "
+                          "disabled, native or generic")
     if not isinstance(out["socket_lb_cgroup"], str):
         raise ConfigError("plugin_options.lb.socket_lb_cgroup: must be a path")
     return out
@@ -84,6 +90,8 @@ class LoadBalancer:
         self.node_ip = daemon.config.node_ip or ""
         self.nodeport_device: str | None = None
         self.socket_lb = None
+        self.xdp = None
+        self.xdp_mode: str | None = None
         self._background: set[asyncio.Task] = set()
         self._events = _EndpointEvents(self)
         self.store = ServiceStore(daemon.kvstore)
@@ -140,6 +148,14 @@ class LoadBalancer:
         except Exception as exc:
             log.error("lb: NodePort not available: attaching from_netdev failed: %s", exc)
             return
+        if self.nodeport_device is not None and self.options["acceleration"] != "disabled":
+            from pylium.datapath import netns as plumbing
+            from pylium.datapath.xdp import NodePortXDP
+
+            self.xdp = NodePortXDP(self.datapath)
+            # asked for and not possible: a config error, not a silent slow path
+            self.xdp_mode = self.xdp.attach(plumbing.link_info(self.nodeport_device).ifindex,
+                                            self.options["acceleration"])
         if self.nodeport_device is None:
             log.warning("lb: no interface holds node address %s: NodePort not available",
                         self.node_ip)
@@ -150,6 +166,8 @@ class LoadBalancer:
         await self.mirror.close()
         if self.socket_lb is not None:
             self.socket_lb.close()  # stays attached, like the tc programs
+        if self.xdp is not None:
+            self.xdp.close()
         if self.maps is not None:
             self.maps.close()  # the maps stay pinned: translation goes on without us
 
@@ -371,7 +389,8 @@ class LoadBalancer:
                 "maglev_table_size": self.options["maglev_table_size"],
                 "events": dict(self.events), "datapath": self.maps is not None,
                 "nodeport_device": self.nodeport_device,
-                "socket_lb_cgroup": self.options["socket_lb_cgroup"] or None}
+                "socket_lb_cgroup": self.options["socket_lb_cgroup"] or None,
+                "acceleration": self.xdp_mode or "disabled"}
 
 
 async def start(daemon) -> LoadBalancer | None:
