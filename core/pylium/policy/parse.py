@@ -34,7 +34,7 @@ from pylium.identity.labels import (
 )
 from pylium.policy import k8s
 from pylium.policy.dns import FQDNSelector
-from pylium.policy.http import HeaderMatch, PortRuleHTTP
+from pylium.policy.http import MISMATCH_ACTIONS, SUPPORTED_MISMATCH, HeaderMatch, PortRuleHTTP
 from pylium.policy.kafka import API_KEYS, ROLES, PortRuleKafka
 from pylium.policy.l4 import (
     PORT_PROTOCOLS,
@@ -90,7 +90,6 @@ UNSUPPORTED = {
     "l7": "generic L7 rules (l7) are not supported yet",
     "log": "policy logging is not supported yet",
     "secret": "header values from secrets are not supported",
-    "mismatch": "header mismatch actions (LOG, ADD, DELETE, REPLACE) are not supported",
 }
 
 
@@ -292,6 +291,19 @@ def _check_http(rule: PortRuleHTTP) -> PortRuleHTTP:
     return rule
 
 
+def _check_header_match(match: HeaderMatch) -> HeaderMatch:
+    if not match.name:
+        raise FieldError("name", "a header name is required")
+    action = match.mismatch.upper()
+    if action and action not in MISMATCH_ACTIONS:
+        raise FieldError("mismatch", f'"{match.mismatch}" is not one of '
+                                     f"{', '.join(MISMATCH_ACTIONS)}")
+    if action not in SUPPORTED_MISMATCH:
+        raise FieldError("mismatch", f"{action} is not supported (pylium's proxy does not "
+                                     "rewrite requests); use LOG or leave it empty")
+    return attrs.evolve(match, mismatch=action)
+
+
 def _check_kafka(rule: PortRuleKafka) -> PortRuleKafka:
     if rule.role and rule.api_key:
         raise FieldError("role", "role and apiKey cannot be used together")
@@ -385,6 +397,7 @@ CHECKS: dict[type, Callable[[Any], Any]] = {
         PortProtocol(p.port, p.end_port, p.protocol)) and p,
     PortRule: _check_port_rule,
     PortRuleHTTP: _check_http,
+    HeaderMatch: _check_header_match,
     PortRuleKafka: _check_kafka,
     FQDNSelector: _check_fqdn,
     CIDRRule: _check_cidr_rule,
