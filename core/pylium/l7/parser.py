@@ -112,6 +112,13 @@ class ConnectionParser(abc.ABC):
     def on_data(self, reply: bool, data: bytes | memoryview, end_stream: bool) -> list[Op]:
         """See the module docstring."""
 
+    def on_upstream_failure(self, reason: str) -> list[Op]:
+        """The original destination refused or could not be reached (`reason`, e.g.
+        "connection refused"): ops for the client direction (a protocol error reply, then
+        CLOSE). The proxy opens the upstream only when the first byte is passed, so a
+        connection whose requests are all denied never reaches the destination."""
+        return [CLOSE]
+
 
 class ParserFactory(abc.ABC):
     """One protocol inside the proxy process."""
