@@ -18,8 +18,9 @@ CLIENT_IP = "10.231.1.2"
 ROUTER_CLIENT_IP = "10.231.1.1"
 SERVER_IP = "10.231.2.2"
 ROUTER_SERVER_IP = "10.231.2.1"
-#: destination ports the router sends to the proxy: 80 -> ingress listener, 8080 -> egress
-INGRESS_DPORT, EGRESS_DPORT = 80, 8080
+#: destination ports the router sends to the proxy: 80 -> ingress listener, 8080 -> egress,
+#: 81 -> ingress with nothing listening behind it
+INGRESS_DPORT, EGRESS_DPORT, REFUSED_DPORT = 80, 8080, 81
 INGRESS_PROXY, EGRESS_PROXY = 10080, 10081
 
 
@@ -75,7 +76,8 @@ class TproxyTopology:
         self.ns(self.router, "ip", "rule", "add", "fwmark", "0x1/0x1", "lookup", "100")
         self.ns(self.router, "ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo",
                 "table", "100")
-        for dport, proxy_port in ((INGRESS_DPORT, INGRESS_PROXY), (EGRESS_DPORT, EGRESS_PROXY)):
+        for dport, proxy_port in ((INGRESS_DPORT, INGRESS_PROXY), (EGRESS_DPORT, EGRESS_PROXY),
+                                  (REFUSED_DPORT, INGRESS_PROXY)):
             self.ns(self.router, "iptables", "-t", "mangle", "-A", "PREROUTING", "-i", "eth-c",
                     "-p", "tcp", "--dport", str(dport), "-j", "TPROXY", "--on-port",
                     str(proxy_port), "--tproxy-mark", "0x1/0x1")

@@ -1,0 +1,173 @@
+"""The L7 proxy process with real sockets: a client netns, the proxy in a router netns
+behind a TPROXY rule (transparent: the proxy sees the original destination), a real HTTP
+server behind it. The `l7_http` backend feeds it the policy, as the agent does."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from pylium.policy.http import HeaderMatch, PortRuleHTTP
+
+from .conftest import CLIENT_ID, SERVER_ID, http_rules
+from .topology import (
+    CLIENT_IP,
+    EGRESS_DPORT,
+    INGRESS_DPORT,
+    SERVER_IP,
+)
+
+FORBIDDEN_BODY = b"Access denied\r\n"
+pytestmark = pytest.mark.timeout(300) if hasattr(pytest.mark, "timeout") else []
+
+
+def curl(topo, *args: str, port: int = INGRESS_DPORT, path: str = "/") -> tuple[int, str]:
+    out = topo.ns(topo.client, "curl", "-s", "-o", "/dev/stdout", "-w", "|%{http_code}",
+                  "--max-time", "20", *args, f"http://{SERVER_IP}:{port}{path}", check=False)
+    body, _, code = out.stdout.rpartition("|")
+    return int(code or 0), body
+
+
+class Reader:
+    """Responses off one client socket, in order (pipelined ones may arrive together)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = b""
+
+    def _fill(self) -> None:
+        piece = self.sock.recv(65536)
+        if not piece:
+            raise ConnectionError(f"closed after {self.buf!r}")
+        self.buf += piece
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in
+                   (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", 0))
+        while len(self.buf) < length:
+            self._fill()
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return status, headers, body
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    return Reader(sock).response()
+
+
+def request(method: str, path: str, extra: str = "") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: deathstar\r\n{extra}\r\n".encode()
+
+
+def seen_paths(server) -> list[str]:
+    return [r["path"] for r in server.seen()]
+
+
+@pytest.fixture
+def landing(agent):
+    """The Star Wars rule: POST /v1/request-landing only, from the client identity."""
+    agent.apply(ingress={CLIENT_ID: http_rules(PortRuleHTTP(method="POST",
+                                                            path="/v1/request-landing"))})
+    return agent
+
+
+def test_allowed_lands_denied_gets_403_access_denied(topo, server, landing):
+    code, body = curl(topo, "-X", "POST", path="/v1/request-landing")
+    assert (code, body) == (200, "ok POST /v1/request-landing 0\n")
+    sock = topo.connect()
+    try:
+        sock.sendall(request("PUT", "/v1/exhaust-port"))
+        raw = b""
+        while not raw.endswith(b"Access denied\r\n"):
+            raw += sock.recv(4096)
+    finally:
+        sock.close()
+    assert raw == (b"HTTP/1.1 403 Forbidden\r\ncontent-length: 15\r\n"
+                   b"content-type: text/plain\r\n\r\nAccess denied\r\n")
+    assert "/v1/exhaust-port" not in seen_paths(server)
+    # the transparent socket kept the addresses: the flow names the real client and server
+    time.sleep(0.3)
+    flows = [f for f in landing.flows.items if f["l7"]["type"] == "REQUEST"]
+    denied = [f for f in flows if f["verdict"] == "DROPPED"][-1]
+    assert (denied["src_ip"], denied["dst_ip"], denied["dport"]) == (CLIENT_IP, SERVER_IP, 80)
+    assert (denied["src_identity"], denied["dst_identity"]) == (CLIENT_ID, SERVER_ID)
+    assert denied["l7"]["http"]["method"] == "PUT"
+    response = [f for f in landing.flows.items if f["l7"]["type"] == "RESPONSE"][-1]
+    assert response["l7"]["http"]["code"] == 200 and response["l7"]["latency_ns"] > 0
+    assert response["is_reply"] and response["src_ip"] == SERVER_IP
+    assert landing.metric("pylium_policy_l7_total", {"rule": "denied"}) >= 1
+    assert landing.metric("hubble_http_requests_total", {
+        "method": "POST", "protocol": "HTTP/1.1", "status": "200", "reporter": "server"}) >= 1
+    assert landing.metric("pylium_proxy_redirects", {"protocol": "http"}) == 2
+
+
+def test_other_identities_are_denied(topo, server, agent):
+    agent.apply(ingress={CLIENT_ID + 1: http_rules(PortRuleHTTP())})
+    code, body = curl(topo, path="/anything")
+    assert (code, body.strip()) == (403, "Access denied")
+
+
+def test_header_and_host_rules(topo, server, agent):
+    agent.apply(ingress={0: http_rules(
+        PortRuleHTTP(path="/h", headers=("X-Has-Force: true",)),
+        PortRuleHTTP(path="/host", host="deathstar(\\.empire)?"),
+        PortRuleHTTP(path="/m", header_matches=(HeaderMatch("X-Ship", "tie"),)))})
+    assert curl(topo, "-H", "X-Has-Force: true", path="/h")[0] == 200
+    assert curl(topo, "-H", "X-Has-Force: false", path="/h")[0] == 403
+    assert curl(topo, path="/h")[0] == 403
+    assert curl(topo, "-H", "Host: deathstar.empire", path="/host")[0] == 200
+    assert curl(topo, "-H", "Host: alderaan", path="/host")[0] == 403
+    assert curl(topo, "-H", "X-Ship: tie", path="/m")[0] == 200
+    assert curl(topo, "-H", "X-Ship: xwing", path="/m")[0] == 403
+
+
+def test_egress_rules_judge_the_client_side_endpoint(topo, server, agent):
+    agent.apply(egress={SERVER_ID: http_rules(PortRuleHTTP(method="GET", path="/out"))})
+    assert curl(topo, port=EGRESS_DPORT, path="/out")[0] == 200
+    assert curl(topo, port=EGRESS_DPORT, path="/elsewhere")[0] == 403
+    assert curl(topo, path="/out")[0] == 403  # no ingress policy pushed: nothing allowed
+    time.sleep(0.3)
+    egress = [f for f in agent.flows.items if f["l7"]["type"] == "REQUEST"
+              and f.get("proxy_port") == 10081][-1]
+    assert egress["direction"] == 1 and egress["ep_id"] == 2
+
+
+def test_keep_alive_mixes_allowed_and_denied_and_a_policy_change_applies_next(topo, server,
+                                                                              agent):
+    agent.apply(ingress={0: http_rules(PortRuleHTTP(method="GET", path="/ok.*"))})
+    sock = topo.connect()
+    try:
+        for path, want in (("/ok1", 200), ("/no", 403), ("/ok2", 200), ("/no2", 403),
+                           ("/ok3", 200)):
+            sock.sendall(request("GET", path))
+            status, _, body = read_response(sock)
+            assert status == want, path
+            assert body == (FORBIDDEN_BODY if want == 403 else f"ok GET {path} 0\n".encode())
+        agent.apply(ingress={0: http_rules(PortRuleHTTP(method="GET", path="/new"))})
+        sock.sendall(request("GET", "/ok4"))
+        assert read_response(sock)[0] == 403  # same connection, the new policy
+        sock.sendall(request("GET", "/new"))
+        assert read_response(sock)[0] == 200
+    finally:
+        sock.close()
+    assert "/no" not in seen_paths(server) and "/ok4" not in seen_paths(server)
+
+
+def test_pipelined_requests_answer_in_order(topo, server, agent):
+    agent.apply(ingress={0: http_rules(PortRuleHTTP(method="GET", path="/p[0-9]"))})
+    sock = topo.connect()
+    try:
+        paths = ["/p1", "/deny1", "/p2", "/p3", "/deny2", "/p4"]
+        sock.sendall(b"".join(request("GET", p) for p in paths))
+        reader = Reader(sock)
+        got = [reader.response()[::2] for _ in paths]
+        assert [s for s, _ in got] == [200, 403, 200, 200, 403, 200]
+        assert got[2][1] == b"ok GET /p2 0\n"
+    finally:
+        sock.close()
