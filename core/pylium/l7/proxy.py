@@ -416,8 +416,12 @@ class Connection:
             transport, _ = await loop.create_connection(lambda: _Upstream(self), sock=sock)
         except (TimeoutError, OSError) as exc:
             sock.close()
-            reason = (exc.strerror or str(exc)).lower() if isinstance(exc, OSError) and \
-                not isinstance(exc, asyncio.TimeoutError) else "connection timed out"
+            if isinstance(exc, asyncio.TimeoutError):
+                reason = "connection timed out"
+            elif exc.errno:
+                reason = os.strerror(exc.errno).lower()
+            else:
+                reason = str(exc)
             self.proxy.stats["upstream_errors"] += 1
             self.up_state = "failed"
             self.up_pending.clear()

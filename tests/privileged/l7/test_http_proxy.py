@@ -4,22 +4,25 @@ server behind it. The `l7_http` backend feeds it the policy, as the agent does."
 
 from __future__ import annotations
 
+import hashlib
 import socket
+import struct
+import threading
 import time
 
 import pytest
+from pylium.datapath.marks import mark_encode_identity
 from pylium.policy.http import HeaderMatch, PortRuleHTTP
+from pylium.policy.resolve import L7Grant
 
 from .conftest import CLIENT_ID, SERVER_ID, http_rules
-from .topology import (
-    CLIENT_IP,
-    EGRESS_DPORT,
-    INGRESS_DPORT,
-    SERVER_IP,
-)
+from .topology import CLIENT_IP, EGRESS_DPORT, INGRESS_DPORT, REFUSED_DPORT, SERVER_IP
 
 FORBIDDEN_BODY = b"Access denied\r\n"
-pytestmark = pytest.mark.timeout(300) if hasattr(pytest.mark, "timeout") else []
+#: a key redirected for another rule's HTTP rules, where one rule allows the port at L4
+#: only: every request passes (Cilium's semantics for an L7-less allow on the same port)
+ALLOW_ALL = (L7Grant("test/l4-only[0]", allow_all=True),
+             L7Grant("test/l7[0]", "http", (PortRuleHTTP(path="/unused"),)))
 
 
 def curl(topo, *args: str, port: int = INGRESS_DPORT, path: str = "/") -> tuple[int, str]:
@@ -171,3 +174,129 @@ def test_pipelined_requests_answer_in_order(topo, server, agent):
         assert got[2][1] == b"ok GET /p2 0\n"
     finally:
         sock.close()
+
+
+def proxy_pid(agent) -> int:
+    return int(agent.backend.status()["pid"])
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_100mb_chunked_upload_streams_with_flat_memory(topo, server, agent):
+    agent.apply(ingress={0: http_rules(PortRuleHTTP(method="POST", path="/upload"))})
+    pid = proxy_pid(agent)
+    size = 100 * 1024 * 1024
+    before = rss_kib(pid)
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_kib(pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        out = topo.ns(topo.client, "sh", "-c",
+                      f"head -c {size} /dev/zero | curl -s --max-time 120 -X POST "
+                      "-H 'Transfer-Encoding: chunked' --data-binary @- "
+                      f"http://{SERVER_IP}/upload", timeout=150)
+    finally:
+        done.set()
+        sampler.join()
+    assert out.stdout == f"ok POST /upload {size}\n"
+    seen = [r for r in server.seen() if r["path"] == "/upload"][-1]
+    assert seen["body_size"] == size
+    assert seen["body_sha256"] == hashlib.sha256(b"\0" * size).hexdigest()
+    grown = peak[0] - before
+    print(f"proxy RSS {before} KiB before, peak {peak[0]} KiB during a {size >> 20} MiB upload")
+    assert grown < 16 * 1024, f"proxy RSS grew {grown} KiB during the upload"
+
+
+def test_content_length_upload_and_expect_100_continue(topo, server, agent):
+    agent.apply(ingress={0: http_rules(PortRuleHTTP(method="PUT"))})
+    size = 5 * 1024 * 1024
+    out = topo.ns(topo.client, "sh", "-c",
+                  f"head -c {size} /dev/urandom > /tmp/l7-proxy-up.$$ && curl -s -X PUT "
+                  "-H 'Expect: 100-continue' --data-binary @/tmp/l7-proxy-up.$$ "
+                  f"http://{SERVER_IP}/put; rm -f /tmp/l7-proxy-up.$$")
+    assert out.stdout == f"ok PUT /put {size}\n"
+    sock = topo.connect()
+    try:  # denied with Expect: the 403 comes at once, the body is never asked for
+        sock.sendall(b"POST /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 1000000\r\n\r\n")
+        status, headers, body = read_response(sock)
+        assert (status, body, headers.get("connection")) == (403, FORBIDDEN_BODY, "close")
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /smuggle HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nTransfer-Encoding: chunked"
+    b"\r\n\r\n0\r\n\r\n",
+    b"GARBAGE /malformed\r\n\r\n",
+    b"GET /malformed2 HTTP/1.1\r\nNo colon here\r\n\r\n",
+])
+def test_malformed_request_gets_400_and_the_server_never_sees_it(topo, server, agent, raw):
+    agent.apply(ingress={0: ALLOW_ALL})
+    sock = topo.connect()
+    try:
+        sock.sendall(raw)
+        status, headers, _ = read_response(sock)
+        assert status == 400 and headers.get("connection") == "close"
+        assert sock.recv(10) == b""  # closed after the 400
+    finally:
+        sock.close()
+    assert not {"/smuggle", "/malformed", "/malformed2"} & set(seen_paths(server))
+
+
+def test_upstream_refused_is_503_with_a_reason(topo, server, agent):
+    agent.apply(ingress={0: ALLOW_ALL})
+    code, body = curl(topo, port=REFUSED_DPORT, path="/nobody-home")
+    assert code == 503
+    assert body == "upstream connect error: connection refused\n"
+
+
+def test_client_and_server_resets_leave_the_proxy_serving(topo, server, agent):
+    agent.apply(ingress={0: ALLOW_ALL})
+    # client reset in the middle of a request body
+    sock = topo.connect()
+    sock.sendall(b"POST /half HTTP/1.1\r\nHost: h\r\nContent-Length: 100000\r\n\r\nabc")
+    time.sleep(0.1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    # server reset: the client sees its connection end, not a hang
+    sock = topo.connect()
+    try:
+        sock.sendall(request("GET", "/reset"))
+        with pytest.raises((ConnectionError, OSError)):
+            read_response(sock)
+    finally:
+        sock.close()
+    assert curl(topo, path="/after-resets")[0] == 200
+    time.sleep(0.2)
+    status = agent.call(agent.backend.supervisor.refresh())
+    assert status["active_connections"] == 0
+
+
+def test_upstream_carries_the_client_identity_mark(topo, server, agent):
+    agent.apply(ingress={0: ALLOW_ALL})
+    mark = mark_encode_identity(CLIENT_ID)
+    topo.ns(topo.router, "iptables", "-t", "mangle", "-A", "OUTPUT", "-d", SERVER_IP, "-p",
+            "tcp", "--dport", "80", "--syn", "-m", "mark", "--mark", hex(mark))
+    try:
+        assert curl(topo, path="/marked")[0] == 200
+        out = topo.ns(topo.router, "iptables", "-t", "mangle", "-L", "OUTPUT", "-v", "-n",
+                      "-x").stdout
+        counted = [line.split() for line in out.splitlines() if f"mark match {hex(mark)}"
+                   in line]
+        assert counted and int(counted[0][0]) >= 1, out
+    finally:
+        topo.ns(topo.router, "iptables", "-t", "mangle", "-F", "OUTPUT")
