@@ -132,6 +132,15 @@ class L7PolicySource:
         return policy.engine.subscribe(lambda _change: callback())
 
 
+    async def proxy_ports_changed(self, reason: str) -> None:
+        """A proxy started or stopped serving its ports: reload every endpoint's policy, so
+        redirects to a port no proxy serves load as deny again (and as redirects once it
+        serves again)."""
+        endpoints = self.daemon.components.get("endpoint")
+        if endpoints is not None:
+            await endpoints.regenerate_all(reason)
+
+
 class LazyFlowRecorder:
     """The flow layer starts after the L7 parsers; proxies record through this."""
 

@@ -5,6 +5,8 @@ server behind it. The `l7_http` backend feeds it the policy, as the agent does."
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import socket
 import struct
 import threading
@@ -300,3 +302,25 @@ def test_upstream_carries_the_client_identity_mark(topo, server, agent):
         assert counted and int(counted[0][0]) >= 1, out
     finally:
         topo.ns(topo.router, "iptables", "-t", "mangle", "-F", "OUTPUT")
+
+
+def test_a_dead_proxy_serves_no_port_until_it_is_respawned_with_the_policy(topo, server,
+                                                                            agent):
+    agent.apply(ingress={0: http_rules(PortRuleHTTP(path="/again"))})
+    old = proxy_pid(agent)
+    assert agent.backend.served_ports() == {10080, 10081}
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while agent.backend.served_ports() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert agent.backend.served_ports() == set()  # fail closed: the redirects load as deny
+    deadline = time.monotonic() + 20
+    while not agent.backend.served_ports() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agent.backend.served_ports() == {10080, 10081}
+    assert proxy_pid(agent) != old
+    assert agent.policy.port_changes[-2:] == ["http L7 proxy gone",
+                                              "http L7 proxy serving again"]
+    # the respawned proxy got the last policy back
+    assert curl(topo, path="/again")[0] == 200
+    assert curl(topo, path="/not-again")[0] == 403
