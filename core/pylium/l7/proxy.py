@@ -56,6 +56,8 @@ WORLD = 2
 PROTO_TCP = 6
 #: flow records kept while no agent listens (oldest dropped first, counted as lost)
 FLOW_BUFFER = 20000
+#: bytes of flow records queued to a connected agent before further ones are dropped
+CONTROL_BACKLOG = 16 << 20
 CONNECT_TIMEOUT = 5.0
 #: per-direction bytes read ahead of the other side before reading pauses
 HIGH_WATER = 1 << 20
@@ -249,6 +251,9 @@ class Connection:
         self.closed = False
         self.closing = False
         sock = transport.get_extra_info("socket")
+        # asyncio sets TCP_NODELAY only on sockets made with proto=IPPROTO_TCP: a head and
+        # a body written separately must not wait for the client's delayed ACK
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         dst_ip, dst_port = sock.getsockname()[:2]  # the original destination (transparent)
         src_ip, src_port = sock.getpeername()[:2]
         table = proxy.policy
@@ -406,7 +411,7 @@ class Connection:
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         info = self.info
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark_encode_identity(info.src_identity))
@@ -517,7 +522,7 @@ class Proxy:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for direction, port in self.listen.items():
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             sock.bind((self.bind, port))
@@ -568,8 +573,12 @@ class Proxy:
             self.stats["denied" if record["verdict"] == "DROPPED" else "forwarded"] += 1
         if "error" in record:
             self.stats["parse_errors"] += 1
-        if self.controller is not None and not self.controller.is_closing():
-            self._send(self.controller, message)
+        controller = self.controller
+        if controller is not None and not controller.is_closing():
+            if controller.transport.get_write_buffer_size() > CONTROL_BACKLOG:
+                self.stats["flows_lost"] += 1  # an agent that stalls must not grow us
+            else:
+                self._send(controller, message)
         else:
             if len(self.flows) == self.flows.maxlen:
                 self.stats["flows_lost"] += 1
