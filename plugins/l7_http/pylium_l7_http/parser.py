@@ -150,7 +150,9 @@ def parse_head(data: bytes, response: bool) -> Head:
     except httptools.HttpParserUpgrade:
         pass  # the head is complete; what follows belongs to another protocol
     except httptools.HttpParserError as exc:
-        raise BadMessage(str(exc) or type(exc).__name__) from None
+        # llhttp pauses after the head of a 101 / CONNECT answer: the head itself is fine
+        if not (collector.complete and "upgrade" in str(exc).lower()):
+            raise BadMessage(str(exc) or type(exc).__name__) from None
     if not collector.complete:
         raise BadMessage("incomplete head")
     head = Head(size=len(data), version=parser.get_http_version(),
