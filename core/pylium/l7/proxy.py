@@ -302,6 +302,9 @@ class Connection:
         self.flush()
         if len(side.buf) > HIGH_WATER:
             self.pause_reading_of(side)
+        for each in (self.request, self.reply):
+            if each.paused and len(each.buf) <= HIGH_WATER:
+                self._resume_if_drained(each)
 
     def eof(self, side: Side) -> None:
         side.eof = True
@@ -470,6 +473,15 @@ class Connection:
         if transport is not None and not side.paused and not self.closed:
             side.paused = True
             transport.pause_reading()
+
+    def _resume_if_drained(self, side: Side) -> None:
+        """Reading paused for a full buffer resumes once it drained — unless the other
+        end is still too slow to take more."""
+        target = self.down if side.reply else self.up
+        if target is not None and target.get_write_buffer_size() > \
+                target.get_write_buffer_limits()[1]:
+            return
+        self.resume_reading_of(side)
 
     def resume_reading_of(self, side: Side) -> None:
         transport = self.up if side.reply else self.down
