@@ -129,7 +129,7 @@ class ParserFactory(abc.ABC):
     @abc.abstractmethod
     def rules_from_json(self, rules: list[Mapping[str, Any]]) -> tuple[Any, ...]:
         """Rebuild rule objects from the JSON the agent pushed; raise ValueError if one
-        cannot be enforced (the grant then denies everything: fail closed)."""
+        cannot be enforced (that grant then allows nothing: fail closed)."""
 
     @abc.abstractmethod
     def new_connection(self, info: ConnectionInfo, grants: GrantsNow,
