@@ -177,6 +177,7 @@ class ProxySupervisor:
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
         self.reader = self.writer = None
+        self.info = {}  # nothing is known of a proxy we do not talk to
 
     async def close(self) -> None:
         """Stop talking to the proxy; the process keeps serving for the next agent."""
@@ -186,7 +187,6 @@ class ProxySupervisor:
                 await self._watch_task
             self._watch_task = None
         await self._disconnect()
-        self.info = {}
 
     async def shutdown(self) -> None:
         """Stop the proxy process itself (its connections end)."""
@@ -260,9 +260,10 @@ class ProxySupervisor:
 
     # health -------------------------------------------------------------------------------
     def healthy(self) -> bool:
-        return (self.writer is not None and not self.writer.is_closing()
+        """Talking to the proxy whose pid its pidfile names, and it answered hello."""
+        return (bool(self.info) and self.writer is not None and not self.writer.is_closing()
                 and self._read_task is not None and not self._read_task.done()
-                and proxy_process.running_pid(self.state_dir) is not None)
+                and proxy_process.running_pid(self.state_dir) == self.info.get("pid"))
 
     def served_ports(self) -> set[int]:
         if not self.healthy():
