@@ -28,7 +28,7 @@ import abc
 import enum
 import importlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 
@@ -42,8 +42,9 @@ class OpType(enum.Enum):
     CLOSE = "close"
 
 
-@attrs.frozen
-class Op:
+class Op(NamedTuple):
+    """One operation (a tuple: parsers make several per request)."""
+
     type: OpType
     n: int = 0
     data: bytes = b""
