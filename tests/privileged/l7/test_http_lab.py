@@ -4,6 +4,10 @@ redirect to it, rule1's L7 variant imported over the API, curl from the pods."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -74,3 +78,30 @@ def test_tiefighter_lands_exhaust_port_is_403_xwing_is_dropped(lab, example_poli
         <= kinds, flows
     denied = [f for f in flows if f["l7"]["type"] == "REQUEST" and f["verdict"] == "DROPPED"]
     assert denied[0]["l7"]["http"]["method"] == "PUT"
+
+
+def test_kill_9_of_the_agent_during_wrk_fails_no_request_and_the_new_agent_adopts(
+        lab, example_policies):
+    deathstar = pods(lab)["deathstar"]
+    import_policy(lab, (example_policies / "l7-rule1.yaml").read_text())
+    proxy_dir = Path(lab.node("node1")["state_dir"]) / "plugins" / "l7-http" / "proxy"
+    proxy = running_pid(proxy_dir)
+    assert proxy is not None
+    script = lab.node("node1")["state_dir"] + "/l7-wrk-post.lua"
+    Path(script).write_text('wrk.method = "POST"\n')
+    wrk = subprocess.Popen(lab.exec_argv("tiefighter", [
+        "wrk", "-t1", "-c8", "-d5s", "-s", script,
+        f"http://{deathstar['ip']}/v1/request-landing"]), stdout=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    agent = lab.node()["agent_pid"]
+    os.kill(agent, signal.SIGKILL)
+    out, _ = wrk.communicate(timeout=40)
+    print(out)
+    assert int(re.search(r"(\d+) requests in", out).group(1)) > 100, out
+    assert "Non-2xx" not in out and "Socket errors" not in out, out
+    lab.start_agent(lab.node())
+    status = [c for c in api(lab).get("/v1/status")["capabilities"] if c["kind"] == "l7"
+              and c["name"] == "http"][0]["status"]
+    assert (status["how"], status["pid"]) == ("adopted", proxy)
+    assert curl(lab, "tiefighter", "POST", f"http://{deathstar['ip']}/v1/request-landing") \
+        == (200, "Ship landed\n")
