@@ -48,7 +48,9 @@ def register(cli: click.Group) -> None:
 
     @lab_group.command("up")
     @click.option("--nodes", default=1, show_default=True, help="How many node namespaces.")
-    @click.option("--demo", type=click.Choice(["starwars"]), help="Create the demo's pods.")
+    @click.option("--demo", type=click.Choice(["starwars", "starwars-l7"]),
+                  help="Create the demo's pods (starwars-l7: also run the HTTP L7 proxy and "
+                  "import the L7 rule1).")
     @click.option("--agent-setting", "settings", multiple=True, metavar="KEY=VALUE",
                   help="Extra agent config setting (e.g. ct_timeout_tcp=10); repeatable.")
     @click.option("--routing", help="Routing mode plugin for cross-node traffic "
