@@ -12,6 +12,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def _num(value) -> str:
+    return f"{value:.4g}" if isinstance(value, int | float) else str(value or "")
+
+
 def table(lines: list[dict]) -> str:
     """Every result line as one row: bench, metric, pylium, baseline, ratio, goal, met."""
     head = ("bench", "metric", "pylium", "baseline", "ratio", "met", "goal")
@@ -19,8 +23,8 @@ def table(lines: list[dict]) -> str:
     for item in lines:
         met = item.get("met")
         rows.append((item.get("bench", ""), item.get("metric", ""),
-                     f"{item.get('pylium', '')} {item.get('unit', '')}".strip(),
-                     f"{item.get('baseline', '')}",
+                     f"{_num(item.get('pylium'))} {item.get('unit', '')}".strip(),
+                     _num(item.get("baseline")),
                      "" if item.get("ratio") is None else f"{item['ratio']}",
                      {True: "met", False: "NOT MET", None: "?"}[met],
                      item.get("goal", "")))
