@@ -11,9 +11,11 @@ once. Only what a change can affect is regenerated: a create, delete or label ch
 regenerates that endpoint plus the endpoints of the identities the policy side queued in
 `pending_identities` (a new identity matters only to the endpoints whose selectors select it;
 an identity the node already knows changes nothing for the others), so creating the 250th
-endpoint costs what the first did. If computing or loading fails the endpoint keeps the policy it had (the datapath never
-sees an empty or partial map), goes `not-ready` with the error, and the error is logged —
-Cilium issue #38998 was an endpoint silently left with an empty map.
+endpoint costs what the first did.
+
+If computing or loading fails the endpoint keeps the policy it had (the datapath never sees
+an empty or partial map), goes `not-ready` with the error, and the error is logged — Cilium
+issue #38998 was an endpoint silently left with an empty map.
 
 Restore (Cilium's `restoreOldEndpoints`): endpoints are persisted one JSON file each under
 `<state_dir>/endpoints/`. On start the manager adopts every endpoint whose veth and netns are
