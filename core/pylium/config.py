@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 import attrs
 import cattrs
-import yaml
 
+from pylium.documents import DocumentError, load_yaml
 from pylium.errors import ConfigError
 
 ENV_PREFIX = "PYLIUM_"
@@ -154,11 +154,12 @@ def _parse_scalar(name: str, raw: str, where: str) -> Any:
     if text.startswith("tuple"):
         return [p.strip() for p in raw.split(",") if p.strip()]
     if text.startswith("dict"):
+        what = f"{where}: {name}"
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: {name}: not valid YAML/JSON: "
-                              f"{' '.join(str(exc).split())}") from None
+            value = load_yaml(raw, what)
+        except DocumentError as exc:
+            detail = str(exc).removeprefix(f"{what}: ")
+            raise ConfigError(f"{what}: not valid YAML/JSON: {detail}") from None
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {name}: expected a mapping, got {raw!r}")
         return value
@@ -167,15 +168,13 @@ def _parse_scalar(name: str, raw: str, where: str) -> Any:
 
 def load_file(path: Path) -> dict[str, Any]:
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"config file {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path}{where}: not valid YAML") from None
+        data = load_yaml(raw, f"config file {path}")
+    except DocumentError as exc:
+        raise ConfigError(str(exc)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
