@@ -18,6 +18,7 @@ import cattrs
 
 from pylium.documents import DocumentError, load_yaml
 from pylium.errors import ConfigError
+from pylium.hardening import check_config_file
 
 ENV_PREFIX = "PYLIUM_"
 DEFAULT_SOCKET = Path("/var/run/pylium/pylium.sock")
@@ -167,6 +168,7 @@ def _parse_scalar(name: str, raw: str, where: str) -> Any:
 
 
 def load_file(path: Path) -> dict[str, Any]:
+    check_config_file(Path(path))
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:

@@ -136,11 +136,13 @@ def register(cli: click.Group) -> None:
         """Run the pylium agent (foreground)."""
         from pylium.agent.daemon import Daemon
         from pylium.agent.server import serve
+        from pylium.hardening import check_state_dir
 
         overrides = {k: v for k, v in flags.items() if v is not None}
         if "socket_path" in overrides:
             overrides["socket"] = overrides.pop("socket_path")
         cfg = config_mod.load(config_file, overrides)
+        check_state_dir(cfg.state_dir)
         debug = ctx.find_root().obj["debug"]
         logging.basicConfig(force=True, level="DEBUG" if debug else cfg.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
