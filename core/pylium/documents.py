@@ -25,7 +25,18 @@ import json
 from typing import Any
 
 import yaml
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, SequenceNode
+from yaml.parser import Parser
+from yaml.reader import Reader
+from yaml.resolver import Resolver
+from yaml.scanner import Scanner
+
+try:
+    from yaml._yaml import CParser
+except ImportError:  # pragma: no cover - PyYAML wheels ship libyaml
+    CParser = None
 
 from pylium.errors import UserError, one_line
 
@@ -98,16 +109,21 @@ def load_json(text: str | bytes, what: str = "input") -> Any:
     return value
 
 
-class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, pure Python, stopping at `MAX_DEPTH` while it composes."""
+class _Bounded(Composer, SafeConstructor, Resolver):
+    """PyYAML's safe loading with events from libyaml's C parser (fast and lazy: the
+    pure-Python scanner looks ahead over a whole run of `[[[[` before it yields a token,
+    seconds for a few KB) composed here in Python, stopping at `MAX_DEPTH` (libyaml's own
+    C composer recurses without a bound and overflows the C stack). Timestamps stay text."""
 
     yaml_implicit_resolvers = {
         first: [(tag, regexp) for tag, regexp in resolvers
                 if tag != "tag:yaml.org,2002:timestamp"]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+        for first, resolvers in Resolver.yaml_implicit_resolvers.items()}
 
-    def __init__(self, stream: str, what: str):
-        super().__init__(stream)
+    def _bounded_init(self, what: str) -> None:
+        Composer.__init__(self)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
         self._depth = 0
         self._what = what
 
@@ -123,8 +139,20 @@ class _BoundedLoader(yaml.SafeLoader):
             self._depth -= 1
 
 
-_BoundedLoader.add_constructor("tag:yaml.org,2002:timestamp",
-                               yaml.SafeLoader.construct_scalar)
+_Bounded.add_constructor("tag:yaml.org,2002:timestamp", SafeConstructor.construct_scalar)
+
+if CParser is not None:
+    class _BoundedLoader(_Bounded, CParser):
+        def __init__(self, stream: str, what: str):
+            CParser.__init__(self, stream)
+            self._bounded_init(what)
+else:  # PyYAML built without libyaml: correct, slower on deep flow collections
+    class _BoundedLoader(_Bounded, Reader, Scanner, Parser):
+        def __init__(self, stream: str, what: str):
+            Reader.__init__(self, stream)
+            Scanner.__init__(self)
+            Parser.__init__(self)
+            self._bounded_init(what)
 
 
 def _expanded(node: Node, what: str) -> None:
