@@ -30,6 +30,11 @@ def _pos(_inst, attr, value) -> None:
         raise ValueError(f"{attr.name} must be positive")
 
 
+def _policy_map_max(_inst, attr, value) -> None:
+    if not 2 <= value <= 65536:  # the meta entry and one rule; C POLICY_ENTRIES_MAX
+        raise ValueError(f"{attr.name} must be between 2 and 65536, got {value}")
+
+
 def _cidr(_inst, attr, value) -> None:
     try:
         ipaddress.IPv4Network(value)
@@ -64,6 +69,9 @@ class AgentConfig:
     ct_timeout_tcp: int = attrs.field(default=21600, validator=_pos)
     ct_timeout_non_tcp: int = attrs.field(default=60, validator=_pos)
     ct_timeout_syn: int = attrs.field(default=60, validator=_pos)
+    #: entries each endpoint's policy map holds (Cilium: --bpf-policy-map-max, 16384 there);
+    #: at most the compiled POLICY_ENTRIES_MAX (65536)
+    bpf_policy_map_max: int = attrs.field(default=65536, validator=_policy_map_max)
     #: Prometheus metrics listen address ("" = off); Cilium's agent uses :9962
     prometheus_serve_addr: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -129,6 +129,7 @@ def register(cli: click.Group) -> None:
     @click.option("--pod-cidr")
     @click.option("--node-ip")
     @click.option("--enforcement", type=click.Choice(["default", "always", "never"]))
+    @click.option("--bpf-policy-map-max", help="Entries each endpoint's policy map holds.")
     @click.option("--prometheus-serve-addr")
     @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
     @click.pass_context
