@@ -129,6 +129,7 @@ def register(cli: click.Group) -> None:
     @click.option("--pod-cidr")
     @click.option("--node-ip")
     @click.option("--enforcement", type=click.Choice(["default", "always", "never"]))
+    @click.option("--bpf-policy-map-max", help="Entries each endpoint's policy map holds.")
     @click.option("--prometheus-serve-addr")
     @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
     @click.pass_context
@@ -136,11 +137,13 @@ def register(cli: click.Group) -> None:
         """Run the pylium agent (foreground)."""
         from pylium.agent.daemon import Daemon
         from pylium.agent.server import serve
+        from pylium.hardening import check_state_dir
 
         overrides = {k: v for k, v in flags.items() if v is not None}
         if "socket_path" in overrides:
             overrides["socket"] = overrides.pop("socket_path")
         cfg = config_mod.load(config_file, overrides)
+        check_state_dir(cfg.state_dir)
         debug = ctx.find_root().obj["debug"]
         logging.basicConfig(force=True, level="DEBUG" if debug else cfg.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")

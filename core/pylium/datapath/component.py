@@ -29,7 +29,8 @@ async def start(daemon) -> Datapath:
     cfg = daemon.config
     datapath = Datapath(cfg.bpffs_root,
                         ct_timeouts=(cfg.ct_timeout_tcp, cfg.ct_timeout_non_tcp, cfg.ct_timeout_syn),
-                        cache_dir=cfg.state_dir / "bpf-cache")
+                        cache_dir=cfg.state_dir / "bpf-cache",
+                        policy_capacity=cfg.bpf_policy_map_max)
     datapath.open()
     endpoints = datapath.dump_endpoints()
     log.info("datapath open at %s (%d endpoints adopted)", cfg.bpffs_root, len(endpoints))

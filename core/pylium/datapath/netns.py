@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import functools
 import inspect
 import itertools
 import os
 import socket
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +27,7 @@ from pyroute2 import IPRoute, NetlinkError
 
 NETNS_RUN_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3), linux/nsfs.h
 MS_BIND, MS_REC, MS_SHARED, MNT_DETACH = 4096, 16384, 1 << 20, 2
 T = TypeVar("T")
 _TMP_NAMES = itertools.count(1)
@@ -35,8 +38,37 @@ def netns_path(netns: str) -> Path:
     return Path(netns) if netns.startswith("/") else NETNS_RUN_DIR / netns
 
 
+def netns_problem(netns: str) -> str | None:
+    """Why `netns` cannot be an endpoint's namespace ("does not exist", "is not a network
+    namespace"), or None when it is one. The kernel answers (ioctl NS_GET_NSTYPE), so a
+    regular file, a directory or another kind of namespace is refused before any wiring;
+    nothing but regular files (what nsfs files look like) is opened, so a FIFO or a
+    device named by mistake is never touched."""
+    try:
+        path = netns_path(netns)
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except (OSError, ValueError) as exc:
+        return f"cannot be read: {getattr(exc, 'strerror', None) or exc}"
+    if not stat.S_ISREG(mode):
+        return "is not a network namespace (not an nsfs file)"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"cannot be opened: {exc.strerror}"
+    try:
+        kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        return "is not a network namespace (a regular file)"
+    finally:
+        os.close(fd)
+    return None if kind == CLONE_NEWNET else "is a namespace but not a network namespace"
+
+
 def netns_exists(netns: str) -> bool:
-    return netns_path(netns).exists()
+    """True when `netns` names a network namespace (not merely an existing file)."""
+    return netns_problem(netns) is None
 
 
 def _libc() -> ctypes.CDLL:

@@ -160,8 +160,9 @@ class EndpointManager:
         if not isinstance(netns, str) or not netns:
             raise UserError("netns: give the pod's network namespace (a name under "
                             "/run/netns or an absolute path)")
-        if not plumbing.netns_exists(netns):
-            raise UserError(f"netns: {netns} does not exist")
+        problem = plumbing.netns_problem(netns)
+        if problem:
+            raise UserError(f"netns: {netns} {problem}")
         async with self._lock:
             for ep in self._endpoints.values():
                 if (ep.namespace, ep.name) == (namespace, name):
