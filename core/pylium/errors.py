@@ -12,6 +12,11 @@ class UserError(PyliumError):
     exit_code = 1
 
 
+class Conflict(UserError):
+    """The request clashes with something being made or torn down (HTTP 409): the caller
+    may try again later."""
+
+
 class ConfigError(UserError):
     """The agent configuration (file, env or flags) is invalid."""
 

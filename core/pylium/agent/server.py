@@ -16,7 +16,7 @@ from pathlib import Path
 from aiohttp import web
 
 from pylium.agent.daemon import Daemon
-from pylium.errors import PyliumError, UserError
+from pylium.errors import Conflict, PyliumError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ async def errors_as_json(request: web.Request, handler):
         raise
     except NotFound as exc:
         return web.json_response({"error": str(exc)}, status=404)
+    except Conflict as exc:
+        return web.json_response({"error": str(exc)}, status=409)
     except UserError as exc:
         return web.json_response({"error": str(exc)}, status=400)
     except PyliumError as exc:

@@ -38,6 +38,16 @@ def netns_exists(netns: str) -> bool:
     return netns_path(netns).exists()
 
 
+def same_netns(a: str, b: str) -> bool:
+    """Do `a` and `b` name one namespace? Compared by inode, so `/run/netns/x`, `x` and
+    `/proc/<pid>/ns/net` of a process inside it all match; by path if one is gone."""
+    try:
+        sa, sb = netns_path(a).stat(), netns_path(b).stat()
+    except OSError:
+        return netns_path(a) == netns_path(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
