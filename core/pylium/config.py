@@ -65,6 +65,9 @@ class AgentConfig:
     ct_timeout_syn: int = attrs.field(default=60, validator=_pos)
     #: Prometheus metrics listen address ("" = off); Cilium's agent uses :9962
     prometheus_serve_addr: str = ""
+    #: where the agent writes the CNI conflist `05-pylium.conflist` once its API answers
+    #: (the runtime's CNI config dir, e.g. /etc/cni/net.d; "" = write none)
+    cni_conf_dir: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 

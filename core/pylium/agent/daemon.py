@@ -38,6 +38,7 @@ START_ORDER: tuple[str, ...] = (
     "pylium.cluster.component",
     "pylium.flow.component",
     "orchestrator",
+    "pylium.cni.component",
 )
 
 

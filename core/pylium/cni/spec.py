@@ -203,7 +203,7 @@ def add_result(version: str, endpoint: Mapping[str, Any], netns: str,
                dns: Mapping[str, Any]) -> dict[str, Any]:
     """The ADD result for an endpoint as the agent describes it, in `version`'s shape:
     the host-side veth and the pod's interface (with its sandbox), the pod's /32 with the
-    gateway, the default route, and the config's DNS. 0.3.x/0.4.0 carry `ips[].version`."""
+    gateway, the default route (via that gateway), and the config's DNS. 0.3.x/0.4.0 carry `ips[].version`."""
     gateway = endpoint["gateway"]
     ip = {"address": f"{endpoint['ipv4']}/32", "gateway": gateway, "interface": 1}
     if not at_least(version, "1.0.0"):
@@ -214,7 +214,8 @@ def add_result(version: str, endpoint: Mapping[str, Any], netns: str,
                        {"name": endpoint["pod_ifname"], "mac": endpoint["pod_mac"],
                         "sandbox": netns}],
         "ips": [ip],
-        "routes": [{"dst": "0.0.0.0/0", "gw": gateway}],
+        # no `gw`: the spec says the route then goes via the ips' gateway (as bridge does)
+        "routes": [{"dst": "0.0.0.0/0"}],
     }
     result["dns"] = {k: v for k, v in dns.items() if v} if dns else {}
     return result
