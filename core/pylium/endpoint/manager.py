@@ -105,11 +105,10 @@ class EndpointManager:
         #: identities whose endpoints await regeneration, and the tasks doing it
         self.pending_identities: set[int] = set()
         self.regeneration_tasks: list[asyncio.Task] = []
-        #: creates per container id still running, and the ticket up to which a DEL
-        #: cancelled them (see `create_endpoint`)
+        #: creates per container id still running
         self._pending: dict[str, int] = {}
-        self._cancelled: dict[str, int] = {}
-        self._tickets = 0
+        #: the policy each endpoint's datapath map holds (as last loaded by this agent)
+        self._installed: dict[int, Any] = {}
 
     def regeneration_status(self) -> dict[str, Any]:
         """`busy` while a policy or identity change has not reached every endpoint yet."""
@@ -150,6 +149,7 @@ class EndpointManager:
 
     def _forget(self, ep: Endpoint) -> None:
         self._endpoints.pop(ep.id, None)
+        self._installed.pop(ep.id, None)
         (self.dir / f"{ep.id}.json").unlink(missing_ok=True)
 
     def _free_id(self) -> int:
@@ -176,8 +176,9 @@ class EndpointManager:
 
         With a `container_id` (a CNI ADD) the operation is idempotent: asking again for the
         same container returns the endpoint made the first time (a runtime retrying an ADD
-        whose answer it missed gets the same IP, nothing leaks: Cilium #9913). A DEL for
-        the container that arrives before a pending create got to run cancels it."""
+        whose answer it missed gets the same IP, nothing leaks: Cilium #9913). Creates and
+        deletes take the lock in arrival order, so a DEL sent after an ADD the runtime gave
+        up on deletes what that ADD made; the late ADD then answers 409."""
         validate_name("name", name)
         validate_name("namespace", namespace)
         labels = validate_labels(labels)
@@ -189,13 +190,10 @@ class EndpointManager:
                             "/run/netns or an absolute path)")
         if not plumbing.netns_exists(netns):
             raise UserError(f"netns: {netns} does not exist")
-        ticket = self._begin(container_id)
+        self._begin(container_id)
         try:
             async with self._lock:
                 if container_id:
-                    if ticket <= self._cancelled.get(container_id, 0):
-                        raise Conflict(f"the create of container {container_id} was cancelled "
-                                       "by a delete that arrived first")
                     existing = self.find_container(container_id)
                     if existing is not None:
                         return self._same_attachment(existing, netns, pod_ifname), False
@@ -205,7 +203,10 @@ class EndpointManager:
             self._end(container_id)
         # a new identity can change what other endpoints' selectors select
         await self.regenerate_all(f"endpoint {ep.id} created")
-        ep = self._endpoints[ep.id]
+        current = self._endpoints.get(ep.id)
+        if current is None or (current.created_at, current.name) != (ep.created_at, ep.name):
+            raise Conflict(f"endpoint {ep.id} was deleted while it was being created")
+        ep = current
         if self.on_deleted is not None:
             for old in replaced:
                 self.on_deleted(old)
@@ -213,12 +214,10 @@ class EndpointManager:
             self.on_created(ep)
         return ep, True
 
-    def _begin(self, container_id: str) -> int:
-        """Register a pending create of `container_id`; its ticket orders it against DELs."""
-        self._tickets += 1
+    def _begin(self, container_id: str) -> None:
+        """Count a pending create of `container_id` (GC leaves its address alone)."""
         if container_id:
             self._pending[container_id] = self._pending.get(container_id, 0) + 1
-        return self._tickets
 
     def _end(self, container_id: str) -> None:
         if not container_id:
@@ -226,7 +225,6 @@ class EndpointManager:
         self._pending[container_id] -= 1
         if not self._pending[container_id]:
             del self._pending[container_id]
-            self._cancelled.pop(container_id, None)
 
     @staticmethod
     def _same_attachment(ep: Endpoint, netns: str, pod_ifname: str) -> Endpoint:
@@ -317,11 +315,9 @@ class EndpointManager:
 
     async def delete_container(self, container_id: str, pod_ifname: str = "") -> Endpoint | None:
         """Delete the endpoint of a container (a CNI DEL): idempotent, None if there was
-        none. Creates of that container still waiting to run are cancelled."""
+        none."""
         validate_container_id(container_id)
         async with self._lock:
-            if container_id in self._pending:
-                self._cancelled[container_id] = self._tickets
             ep = self.find_container(container_id)
             if ep is not None and pod_ifname and ep.pod_ifname != pod_ifname:
                 ep = None  # another attachment of the container: not ours to delete
@@ -459,17 +455,28 @@ class EndpointManager:
         self._endpoints[ep.id] = attrs.evolve(ep, state=REGENERATING)
         try:
             policy = await self.policy.compute(ep)
-            await self.datapath.update_policy(ep, policy)
+            installed = self._installed.get(ep.id)
+            # the same policy as the one in the datapath (map entries, revision and L7
+            # grants): nothing to load. Pod churn regenerates every endpoint; without this
+            # each create would rebuild every endpoint's map (Cilium skips unchanged ones too)
+            if installed is None or installed != policy or \
+                    getattr(installed, "l7", None) != getattr(policy, "l7", None):
+                await self.datapath.update_policy(ep, policy)
+                self._installed[ep.id] = policy
         except Exception as exc:
             error = f"policy regeneration failed, previous policy kept: {exc}"
             log.error("endpoint %d %s/%s: %s", ep.id, ep.namespace, ep.name, error)
             self._save(attrs.evolve(ep, state=NOT_READY, error=error))
             return error
-        self._save(attrs.evolve(
+        done = attrs.evolve(
             ep, state=READY, error="",
             ingress_enforced=bool(getattr(policy, "ingress_enforced", False)),
             egress_enforced=bool(getattr(policy, "egress_enforced", False)),
-            policy_revision=int(getattr(policy, "revision", 0))))
+            policy_revision=int(getattr(policy, "revision", 0)))
+        if done == ep:
+            self._endpoints[ep.id] = ep  # unchanged: no state file to rewrite
+        else:
+            self._save(done)
         return ""
 
     # restore ------------------------------------------------------------------------------
