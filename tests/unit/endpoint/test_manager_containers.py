@@ -1,6 +1,6 @@
 """Endpoints keyed by container id (what CNI ADD/DEL/GC ask for), with the netlink plumbing
-replaced by the fake of test_manager: idempotent creates, DELs that cancel creates still
-deletes racing them, GC, restore of container endpoints, and regeneration that skips unchanged maps."""
+replaced by the fake of test_manager: idempotent creates, deletes racing them, GC, restore
+of container endpoints, and regeneration that skips unchanged maps."""
 
 from __future__ import annotations
 
