@@ -206,6 +206,7 @@ def test_two_cni_pods_ping_each_other_with_any_ifname(pcni):
 
 
 # concurrency, retries, abandoned ADDs, GC -----------------------------------------------------
+@pytest.mark.slow
 def test_100_concurrent_add_del_leak_nothing(pcni):
     n = 100
     netns = [pcni.pod_netns(f"k{i}") for i in range(n)]
