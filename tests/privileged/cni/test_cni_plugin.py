@@ -6,6 +6,7 @@ leaks, retried and abandoned ADDs, GC, STATUS and the conflist the agent writes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -296,4 +297,37 @@ def test_status_version_and_the_conflist_the_agent_wrote(pcni, conf_dir):
     rc, out, err = pcni.call(cni_env("ADD", "conf1", ns), plugin_conf)
     assert rc == 0 and out["cniVersion"] == conflist["cniVersion"], err
     assert pcni.call(cni_env("DEL", "conf1", ns), plugin_conf)[0] == 0
+    assert _empty(pcni)
+
+
+# agent restart --------------------------------------------------------------------------------
+def test_cni_endpoints_survive_an_agent_restart(pcni):
+    """kill -9 the agent: while it is down ADD/DEL answer "try again later"; the restarted
+    agent adopts the container's endpoint (same IP, veth), so CHECK passes with the old
+    result, a retried ADD returns it, and DEL frees it."""
+    ns = pcni.pod_netns("restart")
+    rc, result, _ = pcni.call(cni_env("ADD", "restart1", ns), pcni.conf())
+    assert rc == 0
+    before = pcni.api().get("/v1/endpoint/container/restart1")
+    pid = pcni.lab.node()["agent_pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    other = pcni.pod_netns("restart2")
+    for env in (cni_env("ADD", "restart2", other), cni_env("DEL", "restart1", ns)):
+        rc, err, _ = pcni.call(env, pcni.conf())
+        assert rc == 1 and err["code"] == 11, err
+    pcni.lab.start_agent(pcni.lab.node())
+    after = pcni.api().get("/v1/endpoint/container/restart1")
+    for key in ("id", "ipv4", "ifname", "ifindex", "mac", "pod_mac", "container_id", "netns"):
+        assert after[key] == before[key], key
+    assert pcni.call(cni_env("CHECK", "restart1", ns), pcni.conf(prevResult=result))[0] == 0
+    rc, again, _ = pcni.call(cni_env("ADD", "restart1", ns), pcni.conf())
+    assert rc == 0 and again == result
+    assert pcni.call(cni_env("DEL", "restart1", ns), pcni.conf())[0] == 0
     assert _empty(pcni)
