@@ -331,3 +331,37 @@ def test_cni_endpoints_survive_an_agent_restart(pcni):
     assert rc == 0 and again == result
     assert pcni.call(cni_env("DEL", "restart1", ns), pcni.conf())[0] == 0
     assert _empty(pcni)
+
+
+def test_netns_given_as_a_process_path(pcni):
+    """Runtimes may name the sandbox by `/proc/<pid>/ns/net` (a process holding a netns
+    nobody bind-mounted); the same namespace under two names is one endpoint."""
+    holder = subprocess.Popen(["unshare", "--net", "sleep", "120"])
+    bound = ""
+    try:
+        path = f"/proc/{holder.pid}/ns/net"
+        deadline = time.monotonic() + 5
+        while os.readlink(path) == os.readlink("/proc/self/ns/net") and \
+                time.monotonic() < deadline:
+            time.sleep(0.01)  # unshare has not switched yet
+        env = {**cni_env("ADD", "procns1"), "CNI_NETNS": path}
+        rc, result, err = pcni.call(env, pcni.conf())
+        assert rc == 0, (result, err)
+        assert result["interfaces"][1]["sandbox"] == path
+        assert pcni.api().get("/v1/endpoint/container/procns1")["netns"] == path
+        # the lab's world address, through the node
+        ping = subprocess.run(["nsenter", f"--net={path}", "ping", "-c", "1", "-W", "2",
+                               "198.51.100.10"], capture_output=True, text=True, timeout=20)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        # another container id for the same netns (bind-mounted elsewhere) is refused
+        bound = pcni.pod_netns("procbind")
+        subprocess.run(["mount", "--bind", path, f"/run/netns/{bound}"], check=True)
+        rc, out, _ = pcni.call(cni_env("ADD", "procns2", bound), pcni.conf())
+        assert rc == 1 and "already belongs" in out["details"]
+        assert pcni.call({**cni_env("DEL", "procns1"), "CNI_NETNS": path}, pcni.conf())[0] == 0
+    finally:
+        if bound:  # the bind over the lab's own (teardown removes that one)
+            subprocess.run(["umount", f"/run/netns/{bound}"], check=False)
+        holder.kill()
+        holder.wait()
+    assert _empty(pcni)
