@@ -31,11 +31,11 @@ class FakeLinks:
         self.links: dict[str, plumbing.LinkInfo] = {}
         self.next_index = 10
 
-    def wire(self, ifname, netns, ip, gateway, mtu=1500):
+    def wire(self, ifname, netns, ip, gateway, pod_ifname="eth0", mtu=1500):
         self.next_index += 1
         host = plumbing.LinkInfo(ifname, self.next_index, f"02:00:00:00:00:{self.next_index:02x}", True)
         self.links[ifname] = host
-        return plumbing.EndpointLinks(host=host, pod=plumbing.LinkInfo("eth0", 2, "02:aa:00:00:00:01", True))
+        return plumbing.EndpointLinks(host=host, pod=plumbing.LinkInfo(pod_ifname, 2, "02:aa:00:00:00:01", True))
 
     def unwire(self, ifname, ip=None):
         return self.links.pop(ifname, None) is not None
