@@ -61,6 +61,7 @@ DROP_REASON_NAMES: dict[int, str] = {
     192: "INVALID_CLUSTER_ID", 193: "UNSUPPORTED_PROTOCOL_FOR_DSR_ENCAP",
     194: "NO_EGRESS_GATEWAY", 196: "TTL_EXCEEDED", 197: "NO_NODE_ID",
     202: "DROP_HOST_NOT_READY", 203: "DROP_EP_NOT_READY",
+    220: "UNENCRYPTED_TRAFFIC",  # pylium's own code (bpf/lib/common.h DROP_UNENCRYPTED)
 }
 
 #: human text per drop reason: the datapath's table (one place for Cilium's wording)

@@ -20,6 +20,7 @@ REASONS = {
     165: "No configuration available to perform policy decision",
     169: "FIB lookup failed", 171: "Invalid identity", 181: "Policy denied by denylist",
     189: "Authentication required", 196: "TTL exceeded", 203: "Endpoint policy program not available",
+    220: "Unencrypted traffic to a node without encryption key",
 }
 
 
