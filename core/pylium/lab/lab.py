@@ -24,7 +24,7 @@ from pylium.errors import UserError
 from pylium.lab.agents import Agents
 from pylium.lab.kvstore import KVSTORES, LabKVStore
 from pylium.lab.pods import DEMOS, Pods
-from pylium.lab.processes import in_netns, stop_process
+from pylium.lab.processes import in_netns, stop_in_netns, stop_process
 from pylium.lab.state import DEFAULT_NAME, STATE_ROOT, LabState, State
 from pylium.lab.topology import Topology
 
@@ -100,6 +100,8 @@ class Lab:
             return {"removed": False}
         for proc in reversed(state.get("processes", [])):
             stop_process(proc["pid"], proc["match"])
+        for netns in state.get("netns", []):
+            stop_in_netns(netns)  # what lab processes left running there (wireguard-go)
         self.topology.teardown(state)
         for path in state.get("paths", []):
             p = Path(path)
