@@ -114,8 +114,16 @@ class EncryptionWireguard(Encryption):
         plumbing.write_sysctl(None, f"net.ipv6.conf.{name}.disable_ipv6", "1")
         plumbing.set_link_mtu(name, self.context.underlay_mtu - WIREGUARD_OVERHEAD)
         plumbing.set_link_up(name)
-        uapi.set_(name, [f"private_key={uapi.b64_to_hex(private)}",
-                         f"listen_port={self.port}"])
+        # only what differs: re-setting the port rebinds the socket (a restart would drop
+        # packets in flight)
+        current = uapi.get(name)
+        changes = []
+        if current.get("private_key") != private:
+            changes.append(f"private_key={uapi.b64_to_hex(private)}")
+        if current.get("listen_port") != self.port:
+            changes.append(f"listen_port={self.port}")
+        if changes:
+            uapi.set_(name, changes)
         self.public_key = device.public_key(private)
         bpf = self.context.load_bpf(WG_IFINDEX=plumbing.link_info(name).ifindex,
                                     ALLOW_PLAINTEXT=int(self.allow_plaintext))
