@@ -9,6 +9,7 @@ marker on the wire."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -143,6 +144,14 @@ def _restart_agent(lab: Lab, node: str, edit=None) -> None:
     lab.start_agent(lab.node(node))
 
 
+def _flows(lab: Lab, node: str) -> list[dict]:
+    out = subprocess.run(["curl", "-s", "--unix-socket", lab.node(node)["socket"],
+                          "http://agent/v1/flows"], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    return [json.loads(line)["flow"] for line in out.splitlines()
+            if line.strip() and "flow" in json.loads(line)]
+
+
 def _drops_unencrypted(lab: Lab, node: str) -> int:
     return sum(m["packets"] for m in lab.client(node).get("/v1/bpf/metrics")
                if m["reason"] == 220)
@@ -215,6 +224,12 @@ def test_underlay_carries_only_wireguard(cluster, tmp_path):
     assert "10.200." not in out  # no pod address, not even inside a tunnel header
     # ... and the marker did arrive (in the 404 answer the server logged)
     assert _get(lab, "p2", "p5", marker).stdout.strip() != ""
+    # the new connection's flow says it left node1 encrypted
+    dst = lab.pod("p5")["ip"]
+    crypto = [f for f in _flows(lab, "node1")
+              if f.get("trace_observation_point") == "TO_CRYPTO"
+              and f.get("IP", {}).get("destination") == dst]
+    assert crypto and all(f["IP"].get("encrypted") is True for f in crypto)
 
 
 # lifecycle (native) ---------------------------------------------------------------------------
@@ -294,6 +309,9 @@ def test_withheld_key_means_dropped_not_plaintext_unless_allowed(life, tmp_path)
         assert "10.200." not in out
         assert not _ping(lab, "a", "b", count=2)
         assert _drops_unencrypted(lab, "node1") > drops  # dropped and counted
+        dropped = [f for f in _flows(lab, "node1") if f.get("drop_reason") == 220
+                   and f.get("IP", {}).get("destination") == lab.pod("b")["ip"]]
+        assert dropped and dropped[0]["verdict"] == "DROPPED"  # and shown in flows
         # a rollout: node2 runs without encryption, and node1 is told explicitly to accept
         # that; then the pods talk, in plaintext, and the marker shows
         def disable(config):

@@ -14,6 +14,7 @@
  * -D WG_IFINDEX=<the WireGuard device's ifindex>  -D ALLOW_PLAINTEXT=0|1 */
 
 #include "lib/common.h"
+#include "lib/conntrack.h"
 #include "lib/events.h"
 #include "lib/metrics.h"
 #include "lib/routing.h"
@@ -56,16 +57,28 @@ static __always_inline int plaintext(struct __sk_buff *skb)
 	return TC_ACT_OK; /* the routing slot is empty: the node's stack routes it */
 }
 
-static __always_inline int drop_unencrypted(struct __sk_buff *skb)
+/* An event about this packet, from the endpoint that sent it (from_container left the
+ * source identity in cb[] and its conntrack result in the result slots). */
+static __always_inline int event(struct __sk_buff *skb, __u8 type, __u8 reason, __u8 flags,
+				 __u32 *len)
 {
 	struct event_ctx ec = { .ifindex = skb->ifindex, .direction = DIR_EGRESS,
 				.src_identity = skb->cb[CB_ROUTING_IDENTITY] };
 	struct pkt p = {};
 
-	if (parse_packet(skb, &p) == PARSE_OK) {
-		metrics_count(DROP_UNENCRYPTED, DIR_EGRESS, p.len);
-		emit_event(&ec, &p, EVENT_DROP, DROP_UNENCRYPTED, 0, 0);
-	}
+	if (parse_packet(skb, &p) != PARSE_OK)
+		return -1;
+	*len = p.len;
+	emit_event(&ec, &p, type, reason, flags, 0);
+	return 0;
+}
+
+static __always_inline int drop_unencrypted(struct __sk_buff *skb)
+{
+	__u32 len = 0;
+
+	if (event(skb, EVENT_DROP, DROP_UNENCRYPTED, 0, &len) == 0)
+		metrics_count(DROP_UNENCRYPTED, DIR_EGRESS, len);
 	return TC_ACT_SHOT;
 }
 
@@ -83,8 +96,15 @@ int to_wireguard(struct __sk_buff *skb)
 		return plaintext(skb); /* from_container parsed it already: cannot happen */
 	key.ip4 = ip.daddr;
 	node = bpf_map_lookup_elem(&wg_nodes, &key);
-	if (node && (node->flags & WG_NODE_F_PEER))
+	if (node && (node->flags & WG_NODE_F_PEER)) {
+		__u32 len;
+
+		/* a new connection's flow says it left encrypted (Hubble's IP.encrypted) */
+		if (skb->cb[CB_RESULT_CT] == CT_NEW)
+			event(skb, EVENT_TRACE, TRACE_TO_CRYPTO, EVENT_F_CT_NEW | EVENT_F_ENCRYPTED,
+			      &len);
 		return bpf_redirect(WG_IFINDEX, 0);
+	}
 	if (!node && !skb->cb[CB_ROUTING_TUNNEL])
 		return plaintext(skb); /* not a pod of another node: the world, a node address */
 	if (ALLOW_PLAINTEXT)
