@@ -47,7 +47,8 @@ def _trace_text(data) -> str:
             if d is not None:
                 reason = f", {d['drop_reason_desc']}" if d.get("drop_reason_desc") else ""
                 action = ("forwarded (bpf_redirect to the peer)" if d["action"] == "redirected"
-                          else d["action"])
+                          else f"to the L7 proxy on port {d['proxy_port']}"
+                          if d["action"] == "to-proxy" else d["action"])
                 lines.append(f"  {side} program of endpoint {d['endpoint']}: {action}"
                              f" (verdict {d['verdict']}, conntrack {d['ct']}{reason})")
         for note in dp.get("notes", []):

@@ -42,6 +42,11 @@ from pylium.datapath.maps.policy import (
     encode_meta,
 )
 from pylium.datapath.packet import SkBuff
+from pylium.datapath.proxy import (
+    install_proxy_routing,
+    prepare_endpoint_veth,
+    remove_proxy_routing,
+)
 from pylium.datapath.testrun import decode_result
 from pylium.errors import UserError
 from pylium.policy.mapstate import (
@@ -53,15 +58,17 @@ from pylium.policy.mapstate import (
 log = logging.getLogger(__name__)
 
 OBJECT_SOURCE = "bpf_lxc.c"
-PROGRAMS = ("from_container", "to_container")
+PROGRAMS = ("from_container", "to_container", "from_netdev")
 #: slots of the pinned `routing_progs` (bpf/lib/routing.h): the routing mode's program for
 #: destinations behind a tunnel endpoint, and the encryption's steering, tail-called first
 ROUTING_SLOT_REMOTE = 0
 ROUTING_SLOT_ENCRYPT = 1
 PINNED_MAPS = ("endpoints", "ipcache", "policy", "conntrack", "metrics", "events", "events_lost",
-               "routing_progs")
+               "routing_progs", "lb4_services", "lb4_backends", "lb4_reverse_nat", "lb4_maglev",
+               "lb4_affinity", "lb4_sock_revnat")
 #: the hash maps whose fill ratio Cilium reports as map pressure
 PRESSURE_MAPS = ("endpoints", "ipcache", "conntrack", "policy")
+CT_DIRECTIONS = {0: "ingress", 1: "egress", 2: "service", 3: "nodeport", 4: "nodeport-snat"}
 MAX_IDENTITY = 0xFFFFFFFE
 ENDPOINT_IDENTITY_LIMIT = 1 << 24
 
@@ -105,6 +112,7 @@ class Datapath:
         self._lock = threading.RLock()
         self.prog_fds: dict[str, int] = {}
         self.object_path: Path | None = None
+        self._proxy_routing = False  # installed in this netns by this object
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -208,6 +216,10 @@ class Datapath:
                 for _key, value in list(self.endpoints.items()):
                     if self._ours(value):
                         self._detach_programs(value.ifindex)
+                        self._proxy_routing = True
+            if self._proxy_routing:
+                remove_proxy_routing()
+                self._proxy_routing = False
             self.close()
             for name in (*PINNED_MAPS, *(f"progs/{p}" for p in PROGRAMS)):
                 path = self.root / name
@@ -244,6 +256,11 @@ class Datapath:
     # -- endpoints ------------------------------------------------------------------
 
     def _attach_programs(self, ifindex: int) -> None:
+        # the netns holding endpoint veths is the node's: flows the programs send to the L7
+        # proxy need its policy routing there (never installed by an agent without pods)
+        install_proxy_routing()
+        self._proxy_routing = True
+        prepare_endpoint_veth(ifindex)
         tc.attach(ifindex, tc.INGRESS, self.prog_fds["from_container"])
         tc.attach(ifindex, tc.EGRESS, self.prog_fds["to_container"])
 
@@ -467,7 +484,7 @@ class Datapath:
                     "sport": int.from_bytes(bytes(k.sport), "big"),
                     "dport": int.from_bytes(bytes(k.dport), "big"),
                     "protocol": PROTOCOLS.get(proto, str(proto)),
-                    "direction": "egress" if k.direction else "ingress",
+                    "direction": CT_DIRECTIONS.get(k.direction, str(k.direction)),
                     "ep_id": v.ep_id, "src_identity": v.src_identity,
                     "expires_in_s": round((v.expires_ns - now) / 1e9, 1),
                     "expired": v.expires_ns <= now,
@@ -475,6 +492,7 @@ class Datapath:
                     "seen_reply": bool(v.flags & CT_F_SEEN_REPLY),
                     "closing": bool(v.flags & CT_F_CLOSING),
                     "policy_revision": v.policy_rev, "proxy_port": v.proxy_port,
+                    "rev_nat_index": v.rev_nat_index, "backend_id": v.backend_id,
                 })
         return rows
 
@@ -484,7 +502,7 @@ class Datapath:
             rows = []
             for k, per_cpu in self.metrics.items():
                 rows.append({"reason": k.reason, "reason_desc": reason_name(k.reason),
-                             "direction": "egress" if k.direction else "ingress",
+                             "direction": CT_DIRECTIONS.get(k.direction, str(k.direction)),
                              "packets": sum(v.packets for v in per_cpu),
                              "bytes": sum(v.bytes for v in per_cpu)})
         return sorted(rows, key=lambda r: (r["reason"], r["direction"]))
@@ -527,12 +545,15 @@ class Datapath:
 
     def run_program(self, name: str, packet: bytes, ifindex: int, mark: int = 0,
                     repeat: int = 1, dry_run: bool = False,
-                    src_identity: int | None = None) -> tuple[int, SkBuff, int]:
+                    src_identity: int | None = None,
+                    ingress_ifindex: int = 0) -> tuple[int, SkBuff, int]:
         """BPF_PROG_TEST_RUN of one loaded program: (retval, ctx out, ns per run). A dry run
-        writes no conntrack, events or metrics and may impose the source identity."""
+        writes no conntrack, events or metrics and may impose the source identity.
+        `ingress_ifindex` 0 = a packet sent by a socket of the node, else received there."""
         self._require_open()
         return testrun.run_program(self.prog_fds[name], packet, ifindex, mark=mark,
-                                   repeat=repeat, dry_run=dry_run, src_identity=src_identity)
+                                   repeat=repeat, dry_run=dry_run, src_identity=src_identity,
+                                   ingress_ifindex=ingress_ifindex)
 
     def trace(self, ep_id: int, direction: Direction | str, src_ip: str, dst_ip: str,
               sport: int, dport: int, proto: int | str,

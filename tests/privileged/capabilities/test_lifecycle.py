@@ -158,8 +158,9 @@ def test_every_kind_is_built_started_hooked_and_stopped_by_the_core(world):
 
         plugins = cli(sock, "plugins")
         (row,) = [r for r in plugins if r["dist"] == "pylium-recording"]
-        assert {(c["kind"], c["state"]) for c in row["capabilities"]} == \
-            {(k, "running") for k in KINDS}
+        assert {(c["kind"], c["dist"], c["version"], c["selected"], c["state"])
+                for c in row["capabilities"]} == \
+            {(k, "pylium-recording", "2.3", True, "running") for k in KINDS}
         http = [c for r in plugins for c in r["capabilities"] if c["name"] == "http"]
         assert http and http[0]["state"] == "not selected"
 
@@ -180,6 +181,25 @@ def test_every_kind_is_built_started_hooked_and_stopped_by_the_core(world):
                    and e["port"] == 80 and e["protocol"] == "TCP")
         wait_event(recording, lambda e: e["event"] == "l7_snapshot" and e["entries"] == [
             {"ipv4": ep["ipv4"], "port": 80, "kinds": ["http"]}])
+
+        # the redirect loads as deny while no proxy serves port 10080; once the parser says
+        # it serves it, the L7 component regenerates and the entry redirects; and back
+        def verdict_80() -> set[str]:
+            dump = run_api(sock, "GET", f"/v1/bpf/policy/{ep['id']}")
+            return {e["verdict"] for e in dump["entries"] if e["port"] == 80}
+
+        def wait_verdict(expected: str) -> None:
+            deadline = time.monotonic() + 10
+            while verdict_80() != {expected} and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert verdict_80() == {expected}
+
+        wait_verdict("deny")
+        claim = world["tmp"] / "state" / "plugins" / "l7-recording-l7" / "serve"
+        claim.write_text("10080")
+        wait_verdict("redirect")
+        claim.unlink()
+        wait_verdict("deny")
 
         # node joined / left reach routing, encryption, then the hook, in that order
         run_api(sock, "PUT", "/v1/routing/nodes/n2",
