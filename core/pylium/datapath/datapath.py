@@ -63,6 +63,10 @@ log = logging.getLogger(__name__)
 
 OBJECT_SOURCE = "bpf_lxc.c"
 PROGRAMS = ("from_container", "to_container", "from_netdev")
+#: slots of the pinned `routing_progs` (bpf/lib/routing.h): the routing mode's program for
+#: destinations behind a tunnel endpoint, and the encryption's steering, tail-called first
+ROUTING_SLOT_REMOTE = 0
+ROUTING_SLOT_ENCRYPT = 1
 PINNED_MAPS = ("endpoints", "ipcache", "policy", "conntrack", "metrics", "events", "events_lost",
                "routing_progs", "lb4_services", "lb4_backends", "lb4_reverse_nat", "lb4_maglev",
                "lb4_affinity", "lb4_sock_revnat")

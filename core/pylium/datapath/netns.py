@@ -505,6 +505,12 @@ def link_mtu(ifname: str, netns: str | None = None) -> int:
 
 
 @_netlink
+def set_link_mtu(ifname: str, mtu: int, netns: str | None = None) -> None:
+    with ipr() as ip:
+        ip.link("set", index=_index(ip, ifname), mtu=mtu)
+
+
+@_netlink
 def link_with_address(address: str, netns: str | None = None) -> str | None:
     """The name of the link holding IPv4 `address`, or None."""
     with ipr() as ip:

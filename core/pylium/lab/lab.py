@@ -26,7 +26,7 @@ from pylium.l7.proxy import stop_running
 from pylium.lab.agents import Agents
 from pylium.lab.kvstore import KVSTORES, LabKVStore
 from pylium.lab.pods import DEMO_POLICIES, DEMO_SETTINGS, DEMOS, Pods
-from pylium.lab.processes import in_netns, stop_process
+from pylium.lab.processes import in_netns, stop_in_netns, stop_process
 from pylium.lab.state import DEFAULT_NAME, STATE_ROOT, LabState, State
 from pylium.lab.topology import Topology
 
@@ -114,6 +114,8 @@ class Lab:
         for node in state.get("nodes", []):
             for proxy_dir in Path(node["state_dir"]).glob("plugins/l7-*/proxy"):
                 stop_running(proxy_dir)
+        for netns in state.get("netns", []):
+            stop_in_netns(netns)  # what lab processes left running there (wireguard-go)
         self.topology.teardown(state)
         for path in state.get("paths", []):
             p = Path(path)
