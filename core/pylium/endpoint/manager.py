@@ -102,6 +102,10 @@ class EndpointManager:
         #: identities whose endpoints await regeneration, and the tasks doing it
         self.pending_identities: set[int] = set()
         self.regeneration_tasks: list[asyncio.Task] = []
+        #: set by an orchestrator that knows pods' labels (Kubernetes): called as
+        #: `await label_resolver(namespace, name)` before a new endpoint gets its identity, so
+        #: a pod never runs under a label-less identity that policies do not select
+        self.label_resolver: Callable[[str, str], Any] | None = None
 
     def regeneration_status(self) -> dict[str, Any]:
         """`busy` while a policy or identity change has not reached every endpoint yet."""
@@ -151,6 +155,9 @@ class EndpointManager:
         validate_name("name", name)
         validate_name("namespace", namespace)
         labels = validate_labels(labels)
+        if self.label_resolver is not None:
+            resolved = validate_labels(await self.label_resolver(namespace, name))
+            labels = dict(sorted({**resolved, **labels}.items()))
         if not isinstance(netns, str) or not netns:
             raise UserError("netns: give the pod's network namespace (a name under "
                             "/run/netns or an absolute path)")
