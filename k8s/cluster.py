@@ -198,6 +198,13 @@ def make_pki(p: Paths) -> str:
     sh("openssl", "x509", "-req", "-in", str(k / "apiserver.csr"), "-CA", str(k / "ca.crt"),
        "-CAkey", str(k / "ca.key"), "-CAcreateserial", "-days", "30", "-extfile", str(ext),
        "-out", str(k / "apiserver.crt"))
+    # the API server's client certificate towards the kubelet (logs, exec)
+    sh("openssl", "req", "-newkey", "rsa:2048", "-nodes",
+       "-subj", "/O=system:masters/CN=kube-apiserver-kubelet-client",
+       "-keyout", str(k / "kubelet-client.key"), "-out", str(k / "kubelet-client.csr"))
+    sh("openssl", "x509", "-req", "-in", str(k / "kubelet-client.csr"), "-CA", str(k / "ca.crt"),
+       "-CAkey", str(k / "ca.key"), "-CAcreateserial", "-days", "30",
+       "-out", str(k / "kubelet-client.crt"))
     sh("openssl", "genrsa", "-out", str(k / "sa.key"), "2048")
     sh("openssl", "rsa", "-in", str(k / "sa.key"), "-pubout", "-out", str(k / "sa.pub"))
     token = secrets.token_hex(16)
@@ -310,7 +317,7 @@ def setup_cni(p: Paths, cni: str) -> None:
         raise ClusterError(f"--cni pylium: {pylium_cni} is not installed (use --cni bridge)")
 
 
-def agent_config(p: Paths) -> dict:
+def agent_config(p: Paths, cni: str) -> dict:
     return {
         "node_name": "pylium-node",
         "socket": str(p.agent_sock),
@@ -320,7 +327,9 @@ def agent_config(p: Paths) -> dict:
         "node_ip": NODE_IP,
         "orchestrator": "kubernetes",
         "plugin_options": {"kubernetes": {
-            "kubeconfig": str(p.kubeconfig), "cni_conf_dir": str(p.cni_conf),
+            # with the bridge plugins the agent must not put its conflist first
+            "kubeconfig": str(p.kubeconfig),
+            "cni_conf_dir": str(p.cni_conf) if cni == "pylium" else "",
             "cni_socket": str(p.agent_sock), "sync_timeout": 60}},
     }
 
@@ -386,6 +395,8 @@ def up(p: Paths, cni: str, with_agent: bool) -> None:
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
         f"--service-cluster-ip-range={SERVICE_CIDR}", "--allow-privileged=true",
         "--kubelet-preferred-address-types=InternalIP", "--profiling=false",
+        f"--kubelet-client-certificate={k / 'kubelet-client.crt'}",
+        f"--kubelet-client-key={k / 'kubelet-client.key'}",
         "--watch-cache=true", "--v=1",
     ]
     state["apiserver_args"] = apiserver_args
@@ -419,7 +430,7 @@ def up(p: Paths, cni: str, with_agent: bool) -> None:
            "--no-unpack", str(CACHE / "images" / image))
     log(f"containerd up, images imported ({time.monotonic() - t0:.1f}s)")
     if with_agent:
-        start_agent(p, state)
+        start_agent(p, state, cni)
         log(f"pylium agent up ({time.monotonic() - t0:.1f}s)")
     elif cni == "pylium":
         log("no agent: the node stays NotReady until one writes 05-pylium.conflist")
@@ -452,10 +463,10 @@ def up(p: Paths, cni: str, with_agent: bool) -> None:
           f"{Path(__file__).resolve()} kubectl --name {p.name} -- get nodes")
 
 
-def start_agent(p: Paths, state: dict) -> None:
+def start_agent(p: Paths, state: dict, cni: str) -> None:
     p.agent_dir.mkdir(parents=True, exist_ok=True)
     config = p.agent_dir / "config.yaml"
-    config.write_text(json.dumps(agent_config(p), indent=1))  # JSON is YAML
+    config.write_text(json.dumps(agent_config(p, cni), indent=1))  # JSON is YAML
     pylium = str(Path(sys.executable).with_name("pylium"))
     proc = Runner(p, state).start("pylium-agent", [pylium, "agent", "--config", str(config)],
                                   needle=str(config))

@@ -12,7 +12,6 @@ from click.testing import CliRunner
 from pylium.cli.main import cli
 from pylium.policy.errors import PolicyError
 from pylium.policy.load import CCNP, CNP, load_text
-
 from pylium_orchestrator_k8s import manifest
 
 #: the oldest schemas kubernetes-validate ships; the privileged tests apply the same objects
@@ -106,7 +105,7 @@ def _policy_documents(paths):
 def test_crd_schemas_accept_the_example_policies(example_policies):
     docs = list(_policy_documents(sorted(example_policies.glob("*.yaml"))))
     assert docs, "examples/policies holds Cilium policies"
-    for path, doc in docs:
+    for _path, doc in docs:
         jsonschema.validate(doc, _crd_schema(doc["kind"]))
 
 
