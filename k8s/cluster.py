@@ -427,7 +427,7 @@ def up(p: Paths, cni: str, with_agent: bool) -> None:
         p.logs / "containerd.log")
     for image in ("pause.tar", "busybox.tar"):
         sh("ctr", "-a", str(p.containerd_sock), "-n", "k8s.io", "images", "import",
-           "--no-unpack", str(CACHE / "images" / image))
+           str(CACHE / "images" / image))
     log(f"containerd up, images imported ({time.monotonic() - t0:.1f}s)")
     if with_agent:
         start_agent(p, state, cni)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 from pylium.errors import UserError
@@ -65,3 +66,17 @@ def health_cmd(ctx: click.Context) -> None:
                    err=True)
         sys.exit(1)
     click.echo("ok")
+
+
+@k8s.command("image")
+@click.option("--plugins", "plugins", default="", help="Comma-separated plugins to install.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="docker-archive to write (import with `ctr -n k8s.io images import`).")
+@click.option("--name", default=None, help="Image name:tag (default registry.local/pylium:0.1.0).")
+def image_cmd(plugins: str, out: Path, name: str | None) -> None:
+    """Build the agent image (core + orchestrator + chosen plugins) as a docker-archive."""
+    from pylium_orchestrator_k8s import image, manifest
+
+    selected = manifest.parse_plugins(plugins)
+    click.echo(image.build(manifest.distributions(selected), out,
+                           name or manifest.DEFAULT_IMAGE))
