@@ -405,6 +405,7 @@ def up(p: Paths, cni: str, with_agent: bool) -> None:
     wait_for("kube-apiserver /readyz", lambda: api_get(p, "/readyz", token)[0] == 200, 90,
              None, p.logs / "kube-apiserver.log")
     log(f"API server ready ({time.monotonic() - t0:.1f}s)")
+    apply_crds(p, bins["kubectl"])
     kc = str(p.kubeconfig)
     common = [f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
               f"--authorization-kubeconfig={kc}", "--leader-elect=false",
@@ -461,6 +462,18 @@ def up(p: Paths, cni: str, with_agent: bool) -> None:
     write_state(p, state)
     print(f"cluster {p.name} up in {state['ready_seconds']}s; kubectl: "
           f"{Path(__file__).resolve()} kubectl --name {p.name} -- get nodes")
+
+
+def apply_crds(p: Paths, kubectl: str) -> None:
+    """The CiliumNetworkPolicy CRDs, as `pylium k8s manifest` writes them."""
+    from pylium_orchestrator_k8s.manifest import crds
+
+    path = p.data / "crds.json"
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": crds()}))
+    base = [kubectl, f"--kubeconfig={p.kubeconfig}"]
+    sh(*base, "apply", "-f", str(path))
+    sh(*base, "wait", "--for=condition=established", "--timeout=60s",
+       "crd/ciliumnetworkpolicies.cilium.io", "crd/ciliumclusterwidenetworkpolicies.cilium.io")
 
 
 def start_agent(p: Paths, state: dict, cni: str) -> None:
@@ -630,7 +643,7 @@ def _rmdir_tree(root: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="single-node Kubernetes for pylium")
     ap.add_argument("command", choices=["up", "down", "status", "kubectl", "restart-apiserver",
-                                        "env"])
+                                        "env", "stop-agent", "start-agent"])
     ap.add_argument("--name", default="dev")
     ap.add_argument("--cni", choices=["pylium", "bridge"], default="pylium")
     ap.add_argument("--no-agent", action="store_true")
@@ -658,6 +671,11 @@ def main(argv: list[str] | None = None) -> int:
             down(p, graceful=not a.fast)
         elif a.command == "restart-apiserver":
             restart_apiserver(p, float(a.args[0]) if a.args else 0.0)
+        elif a.command == "stop-agent":
+            stop_named(p, "pylium-agent")
+        elif a.command == "start-agent":
+            enter_netns(p)
+            start_agent(p, read_state(p), a.cni)
         elif a.command == "status":
             print(json.dumps({k: v for k, v in read_state(p).items() if k != "token"},
                              indent=1))

@@ -25,8 +25,15 @@ def k8s() -> None:
 @click.option("--pull-policy", type=click.Choice(["Always", "IfNotPresent", "Never"]),
               default="IfNotPresent", show_default=True)
 @click.option("--no-crds", is_flag=True, help="Leave the CiliumNetworkPolicy CRDs out.")
+@click.option("--host-run-dir", default="/var/run/pylium", show_default=True,
+              help="Node directory of the agent socket (pylium-cni connects there).")
+@click.option("--host-state-dir", default="/var/lib/pylium", show_default=True)
+@click.option("--cni-conf-dir", default="/etc/cni/net.d", show_default=True,
+              help="Node directory the runtime reads CNI configs from.")
+@click.option("--bpffs-root", default="/sys/fs/bpf/pylium", show_default=True)
 def manifest_cmd(plugins: str, image: str | None, pod_cidr: str, api_server: str,
-                 kvstore_endpoints: str, pull_policy: str, no_crds: bool) -> None:
+                 kvstore_endpoints: str, pull_policy: str, no_crds: bool, host_run_dir: str,
+                 host_state_dir: str, cni_conf_dir: str, bpffs_root: str) -> None:
     """Print CRDs, RBAC, ConfigMap and the agent DaemonSet as one YAML stream."""
     import ipaddress
 
@@ -42,7 +49,9 @@ def manifest_cmd(plugins: str, image: str | None, pod_cidr: str, api_server: str
     docs = manifest.manifests(selected, image=image or manifest.DEFAULT_IMAGE,
                               pod_cidr=pod_cidr, api_server=api_server,
                               pull_policy=pull_policy, kvstore_endpoints=kvstore_endpoints,
-                              with_crds=not no_crds)
+                              with_crds=not no_crds,
+                              paths=manifest.HostPaths(host_run_dir, host_state_dir,
+                                                       cni_conf_dir, bpffs_root))
     click.echo(manifest.dump(docs), nl=False)
 
 

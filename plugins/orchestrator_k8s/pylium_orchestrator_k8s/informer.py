@@ -53,12 +53,15 @@ class Informer:
     ADDED / MODIFIED / DELETED in order. `synced` is set after the first complete list."""
 
     def __init__(self, kind: str, api_version: str, lister: Lister, handler: Handler, *,
-                 watch_timeout: int = WATCH_TIMEOUT_S):
+                 watch_timeout: int = WATCH_TIMEOUT_S, optional: bool = False):
         self.kind = kind
         self.api_version = api_version
         self.lister = lister
         self.handler = handler
         self.watch_timeout = watch_timeout
+        #: a custom resource whose CRD may not be installed: a 404 means "none exist" (the
+        #: informer counts as synced, empty) and it keeps asking until the CRD appears
+        self.optional = optional
         self.cache: dict[Key, dict[str, Any]] = {}
         self.resource_version = ""
         self.synced = asyncio.Event()
@@ -101,6 +104,10 @@ class Informer:
         try:
             body = await resp.read()
             if resp.status != 200:
+                if resp.status == 404 and self.optional:
+                    for key in list(self.cache):
+                        await self._deliver("DELETED", self.cache.pop(key))
+                    self.synced.set()
                 raise ApiError(resp.status, body.decode(errors="replace"))
         finally:
             resp.release()

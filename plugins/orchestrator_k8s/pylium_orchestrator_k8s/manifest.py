@@ -12,6 +12,7 @@ import copy
 from collections.abc import Iterable
 from typing import Any
 
+import attrs
 import yaml
 from pylium.errors import UserError
 
@@ -55,14 +56,28 @@ def distributions(plugins: Iterable[str]) -> list[str]:
     return ["pylium", ORCHESTRATOR_DIST] + [PLUGINS[p][2] for p in plugins]
 
 
+@attrs.frozen
+class HostPaths:
+    """Where the agent's files live on the node (the container sees them at fixed paths).
+    `run` holds the API socket `pylium-cni` talks to, so the conflist names it there."""
+
+    run: str = "/var/run/pylium"
+    state: str = "/var/lib/pylium"
+    cni_conf: str = "/etc/cni/net.d"
+    bpffs_root: str = "/sys/fs/bpf/pylium"
+
+
 def agent_config(plugins: Iterable[str], *, pod_cidr: str, kvstore_endpoints: str = "",
-                 cni_conf_dir: str = "/host/etc/cni/net.d") -> dict[str, Any]:
+                 paths: HostPaths = HostPaths()) -> dict[str, Any]:
     config: dict[str, Any] = {
         "socket": SOCKET,
         "state_dir": "/var/lib/pylium",
+        "bpffs_root": paths.bpffs_root,
         "orchestrator": "kubernetes",
         "pod_cidr": pod_cidr,
-        "plugin_options": {"kubernetes": {"cni_conf_dir": cni_conf_dir, "cni_socket": SOCKET}},
+        "plugin_options": {"kubernetes": {
+            "cni_conf_dir": "/host/etc/cni/net.d",
+            "cni_socket": f"{paths.run.rstrip('/')}/{SOCKET.rsplit('/', 1)[1]}"}},
     }
     for name in plugins:
         kind, capability, _dist = PLUGINS[name]
@@ -208,7 +223,7 @@ def _host_path(name: str, path: str, kind: str = "DirectoryOrCreate") -> dict[st
 
 
 def daemonset(*, image: str, plugins: list[str], api_server: str = "",
-              pull_policy: str = "IfNotPresent") -> dict[str, Any]:
+              pull_policy: str = "IfNotPresent", paths: HostPaths = HostPaths()) -> dict[str, Any]:
     env: list[dict[str, Any]] = [
         {"name": "PYLIUM_NODE_NAME",
          "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
@@ -230,15 +245,13 @@ def daemonset(*, image: str, plugins: list[str], api_server: str = "",
         {"name": "cni-conf", "mountPath": "/host/etc/cni/net.d"},
         {"name": "netns", "mountPath": "/var/run/netns", "mountPropagation": "HostToContainer"},
         {"name": "config", "mountPath": "/etc/pylium", "readOnly": True},
-        {"name": "lib-modules", "mountPath": "/lib/modules", "readOnly": True},
     ]
     volumes = [
         _host_path("bpf-maps", "/sys/fs/bpf"),
-        _host_path("run", "/var/run/pylium"),
-        _host_path("state", "/var/lib/pylium"),
-        _host_path("cni-conf", "/etc/cni/net.d"),
+        _host_path("run", paths.run),
+        _host_path("state", paths.state),
+        _host_path("cni-conf", paths.cni_conf),
         _host_path("netns", "/var/run/netns"),
-        _host_path("lib-modules", "/lib/modules", "Directory"),
         {"name": "config", "configMap": {"name": f"{NAME}-config"}},
     ]
     probe_cmd = ["pylium", "-H", SOCKET, "k8s", "health"]
@@ -271,10 +284,10 @@ def daemonset(*, image: str, plugins: list[str], api_server: str = "",
                         "securityContext": {"privileged": True},
                         "readinessProbe": {"exec": {"command": probe_cmd},
                                            "initialDelaySeconds": 1, "periodSeconds": 2,
-                                           "timeoutSeconds": 5, "failureThreshold": 3},
+                                           "timeoutSeconds": 10, "failureThreshold": 3},
                         "livenessProbe": {"exec": {"command": probe_cmd},
                                           "initialDelaySeconds": 60, "periodSeconds": 10,
-                                          "timeoutSeconds": 5, "failureThreshold": 10},
+                                          "timeoutSeconds": 10, "failureThreshold": 10},
                         "volumeMounts": mounts,
                     }],
                     "volumes": volumes,
@@ -286,14 +299,15 @@ def daemonset(*, image: str, plugins: list[str], api_server: str = "",
 
 def manifests(plugins: list[str], *, image: str = DEFAULT_IMAGE, pod_cidr: str = "10.200.0.0/24",
               api_server: str = "", pull_policy: str = "IfNotPresent",
-              kvstore_endpoints: str = "", with_crds: bool = True) -> list[dict[str, Any]]:
+              kvstore_endpoints: str = "", with_crds: bool = True,
+              paths: HostPaths = HostPaths()) -> list[dict[str, Any]]:
     """Every object, in the order `kubectl apply` needs them."""
     docs = crds() if with_crds else []
     docs += rbac()
     docs.append(configmap(agent_config(plugins, pod_cidr=pod_cidr,
-                                       kvstore_endpoints=kvstore_endpoints)))
+                                       kvstore_endpoints=kvstore_endpoints, paths=paths)))
     docs.append(daemonset(image=image, plugins=plugins, api_server=api_server,
-                          pull_policy=pull_policy))
+                          pull_policy=pull_policy, paths=paths))
     return docs
 
 

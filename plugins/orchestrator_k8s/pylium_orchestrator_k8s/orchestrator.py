@@ -111,7 +111,8 @@ class KubernetesOrchestrator(Orchestrator):
         ]
         for kind, api_version, lister, handler in specs:
             self.informers[kind] = Informer(kind, api_version, lister, handler,
-                                            watch_timeout=self.watch_timeout)
+                                            watch_timeout=self.watch_timeout,
+                                            optional=kind in CRD_PLURALS)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(inf.run(), name=f"k8s-watch-{kind}")
                        for kind, inf in self.informers.items()]

@@ -220,6 +220,60 @@ def test_pods_are_pylium_endpoints_with_labels_policy_and_ip_release(cluster, tw
         e["ipv4"] != old_ip for e in cluster.agent("/v1/endpoint")), timeout=30)
 
 
+def test_the_agent_as_a_daemonset_from_pylium_k8s_manifest(cluster, tmp_path):
+    """The image from `pylium k8s image`, the objects from `pylium k8s manifest`: the agent
+    the DaemonSet runs (not the one k8s/cluster.py started) follows the API server."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pylium = str(Path(sys.executable).with_name("pylium"))
+    env = cluster.env
+    archive = tmp_path / "pylium.tar"
+    t0 = time.monotonic()
+    subprocess.run([pylium, "k8s", "image", "--out", str(archive)], check=True,
+                   capture_output=True, text=True, timeout=600)
+    built = time.monotonic() - t0
+    subprocess.run(["ctr", "-a", env["containerd_socket"], "-n", "k8s.io", "images", "import",
+                    str(archive)], check=True, capture_output=True, timeout=600)
+    imported = time.monotonic() - t0 - built
+    run_dir = str(Path(env["agent_socket"]).parent)
+    state = Path(f"/var/lib/pylium-k8s/{cluster.name}/ds-state")
+    cni_conf = (f"/var/lib/pylium-k8s/{cluster.name}/cni/net.d" if cluster.cni == "pylium"
+                else str(state / "cni-unused"))
+    text = subprocess.run(
+        [pylium, "k8s", "manifest", "--image", "registry.local/pylium:0.1.0",
+         "--pull-policy", "Never", "--pod-cidr", env["pod_cidr"],
+         "--api-server", "127.0.0.1:6443", "--host-run-dir", run_dir,
+         "--host-state-dir", str(state), "--cni-conf-dir", cni_conf,
+         "--bpffs-root", f"/sys/fs/bpf/pylium-k8s-{cluster.name}"],
+        check=True, capture_output=True, text=True).stdout
+    cluster.run("stop-agent")
+    try:
+        t1 = time.monotonic()
+        cluster.kubectl("apply", "-f", "-", input=text)
+        cluster.kubectl("-n", "kube-system", "rollout", "status", "daemonset/pylium",
+                        "--timeout=240s", timeout=300)
+        ready = time.monotonic() - t1
+        config = cluster.agent("/v1/config")
+        assert config["socket"] == "/var/run/pylium/pylium.sock"  # the container's view
+        assert config["node_name"] == "pylium-node" and config["orchestrator"] == "kubernetes"
+        seconds = _apply_and_time(cluster, CCNP.replace("deathstar-cw", "from-daemonset"),
+                                  "CiliumClusterwideNetworkPolicy//from-daemonset")
+        print(f"\nagent image built {built:.0f}s, imported {imported:.0f}s; DaemonSet ready "
+              f"{ready:.1f}s; policy reached it in {seconds:.2f}s")
+        assert seconds <= 2.0
+        status = wait_until("status written by the DaemonSet's agent", lambda: cluster.kubectl_json(
+            "get", "ccnp", "from-daemonset").get("status", {}).get("nodes", {}).get(
+            "pylium-node"))
+        assert status["ok"] is True
+        cluster.kubectl("delete", "ccnp", "from-daemonset")
+    finally:
+        cluster.kubectl("delete", "-f", "-", "--wait=true", "--timeout=60s", input=text,
+                        check=False)
+        cluster.run("start-agent", "--cni", cluster.cni)
+
+
 def test_up_timing_recorded(cluster):
     state = json.loads(cluster.run("status").stdout)
     assert state["ready_seconds"] > 0

@@ -156,3 +156,30 @@ def test_list_error_is_retried_and_not_synced(monkeypatch):
 
     inf = asyncio.run(run())
     assert "HTTP 403" in inf.last_error
+
+
+def test_missing_crd_counts_as_none_and_is_asked_again(monkeypatch):
+    monkeypatch.setattr(informer_mod, "BACKOFF_MIN_S", 0.001)
+    server = Server([_Resp(404, {"message": "the server could not find the resource"}),
+                     _Resp(404, {"message": "still not there"}),
+                     _Resp(200, {"metadata": {"resourceVersion": "4"},
+                                 "items": [_obj("rule1", 3)]}),
+                     _Resp(200, block=True)])
+    seen = []
+
+    async def handler(kind, obj):
+        seen.append((kind, obj["metadata"]["name"]))
+
+    async def run():
+        inf = Informer("CiliumNetworkPolicy", "cilium.io/v2", server, handler, optional=True)
+        task = asyncio.create_task(inf.run())
+        await asyncio.wait_for(inf.synced.wait(), 5)
+        for _ in range(200):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(run())
+    assert seen == [("ADDED", "rule1")]
