@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pylium.api import Orchestrator
-from pylium.errors import PluginError
+from pylium.errors import PluginError, UserError
 from pylium.policy.errors import PolicyError
 from pylium.policy.load import CCNP, CNP, KNP
 
@@ -235,8 +235,11 @@ class KubernetesOrchestrator(Orchestrator):
         repository = self.context.policy.repository
         if event == "DELETED":
             if self._imported.pop(pid, None) is not None:
-                repository.delete(name, namespace, kind)
-                log.info("%s deleted", ref)
+                try:
+                    repository.delete(name, namespace, kind)
+                    log.info("%s deleted", ref)
+                except UserError:  # already removed through the agent API
+                    pass
             self.policy_errors.pop(ref, None)
             return
         meta = obj.get("metadata") or {}
