@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A real single-node Kubernetes 1.20 on this machine, inside one network namespace.
 
-    cluster.py up [--name N] [--cni pylium|bridge] [--no-agent]
+    cluster.py up [--name N] [--cni auto|pylium|bridge] [--no-agent]
     cluster.py down [--name N]
     cluster.py status [--name N]
     cluster.py kubectl [--name N] -- ARGS...     (kubectl inside the node's namespace)
@@ -645,12 +645,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=["up", "down", "status", "kubectl", "restart-apiserver",
                                         "env", "stop-agent", "start-agent"])
     ap.add_argument("--name", default="dev")
-    ap.add_argument("--cni", choices=["pylium", "bridge"], default="pylium")
+    ap.add_argument("--cni", choices=["auto", "pylium", "bridge"], default="auto",
+                    help="auto: pylium-cni when installed, else the reference bridge plugins")
     ap.add_argument("--no-agent", action="store_true")
     ap.add_argument("--fast", action="store_true", help="down: do not delete pods first")
     ap.add_argument("args", nargs="*")
     a = ap.parse_args(argv)
     p = Paths(a.name)
+    if a.cni == "auto":
+        a.cni = "pylium" if Path(sys.executable).with_name("pylium-cni").exists() else "bridge"
     try:
         if a.command == "up":
             import fcntl
