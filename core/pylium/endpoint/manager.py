@@ -115,6 +115,10 @@ class EndpointManager:
         self._pending: dict[str, int] = {}
         #: the policy each endpoint's datapath map holds (as last loaded by this agent)
         self._installed: dict[int, Any] = {}
+        #: set by an orchestrator that knows pods' labels (Kubernetes): called as
+        #: `await label_resolver(namespace, name)` before a new endpoint gets its identity, so
+        #: a pod never runs under a label-less identity that policies do not select
+        self.label_resolver: Callable[[str, str], Any] | None = None
 
     def regeneration_status(self) -> dict[str, Any]:
         """`busy` while a policy or identity change has not reached every endpoint yet."""
@@ -191,6 +195,9 @@ class EndpointManager:
         pod_ifname = validate_ifname(pod_ifname)
         if container_id:
             validate_container_id(container_id)
+        if self.label_resolver is not None:
+            resolved = validate_labels(await self.label_resolver(namespace, name))
+            labels = dict(sorted({**resolved, **labels}.items()))
         if not isinstance(netns, str) or not netns:
             raise UserError("netns: give the pod's network namespace (a name under "
                             "/run/netns or an absolute path)")
