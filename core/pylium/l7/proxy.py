@@ -269,6 +269,9 @@ class Connection:
                               else self.info.dst_identity)
         self.parser: ConnectionParser = proxy.factory.new_connection(
             self.info, self._grants, self._emit)
+        #: bytes buffered before reading pauses: a parser that decides on whole frames
+        #: (Kafka) must see one whole, or reading would pause waiting for itself
+        self.read_limit = max(HIGH_WATER, int(getattr(proxy.factory, "max_buffer", 0)))
         proxy.stats["connections"] += 1
         proxy.active.add(self)
 
@@ -297,7 +300,7 @@ class Connection:
                 side.buf += rest
         side.need_call = True
         self._run(side)
-        if len(side.buf) > HIGH_WATER:
+        if len(side.buf) > self.read_limit:
             self.pause_reading_of(side)
 
     def eof(self, side: Side) -> None:
