@@ -106,8 +106,8 @@ async def aiokafka_consume(bootstrap: str, topic: str, n: int) -> None:
             batch = await consumer.getmany(timeout_ms=500)
             for records in batch.values():
                 values += [r.value.decode() for r in records]
-    except Exception as exc:  # the error's name is what the test checks
-        error = type(exc).__name__
+    except Exception as exc:  # the error's name and text are what the test checks
+        error = f"{type(exc).__name__}: {exc}"
     finally:
         await consumer.stop()
     print(json.dumps({"topic": topic, "values": values, "error": error}), flush=True)

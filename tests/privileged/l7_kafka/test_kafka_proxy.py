@@ -33,6 +33,9 @@ def test_confluent_produce_role_allowed_denied_allowed(kafka_netns, agent):
     produced = [f for f in requests if f["l7"]["kafka"]["api_key"] == 0
                 and f["verdict"] == "FORWARDED"]
     assert {f["l7"]["kafka"]["topic"] for f in produced} == {ALLOWED}
+    # librdkafka negotiates flexible versions (Produce v9+, Metadata v9+: compact, tagged)
+    assert min(f["l7"]["kafka"]["api_version"] for f in produced) >= 9
+    assert min(f["l7"]["kafka"]["api_version"] for f in denied) >= 9
     # no connection was cut for a denial
     assert not [f for f in flows if "error" in f]
     assert agent.metric("hubble_kafka_requests_total", {
@@ -70,3 +73,48 @@ def test_denied_produce_request_answered_29_connection_keeps_working(kafka_netns
     last = requests.index(denied[-1])
     assert any(f["l7"]["kafka"]["api_key"] == 0 and f["verdict"] == "FORWARDED"
                and f["sport"] == denied[-1]["sport"] for f in requests[last + 1:])
+
+
+def consume_only(topic: str) -> tuple[PortRuleKafka, ...]:
+    return (PortRuleKafka(role="consume", topic=topic),)
+
+
+@pytest.mark.parametrize("client", ["confluent", "aiokafka"])
+def test_consume_role_allowed_and_denied(kafka_netns, agent, client):
+    topic = f"{ALLOWED}-{client}"
+    agent.apply(PortRuleKafka(role="produce"))  # seed the topic through the proxy
+    seeded = kafka_netns.client(f"{client}-produce", kafka_netns.bootstrap,
+                                f"{topic},{DENIED}", "4")
+    assert [s["ok"] for s in seeded] == [4, 4], seeded
+    agent.apply(*consume_only(topic))
+    agent.flows.clear()
+    out = kafka_netns.client(f"{client}-consume", kafka_netns.bootstrap, topic, "4")
+    assert sorted(out[0]["values"]) == [f"{topic}-{i}" for i in range(4)], out
+    keys = {f["l7"]["kafka"]["api_key"] for f in agent.flows.kafka()
+            if not f["is_reply"] and f["verdict"] == "FORWARDED"}
+    assert {1, 3, 10, 11, 14} <= keys, keys  # fetch, metadata, coordinator, join, sync
+    # a topic the consume rule does not name (metadata of every topic allowed, so the
+    # group's offset and fetch requests are what gets denied): an authorization error
+    agent.apply(*consume_only(topic), PortRuleKafka(api_key="metadata"))
+    agent.flows.clear()
+    out = kafka_netns.client(f"{client}-consume", kafka_netns.bootstrap, DENIED, "1")
+    assert out[0]["values"] == []
+    assert "TOPIC_AUTHORIZATION_FAILED" in out[0]["error"] or \
+        "TopicAuthorizationFailedError" in out[0]["error"], out
+    denied = [f for f in agent.flows.kafka() if not f["is_reply"]
+              and f["verdict"] == "DROPPED" and f["l7"]["kafka"]["api_key"] != 71]
+    assert denied and {f["l7"]["kafka"]["topic"] for f in denied} == {DENIED}
+
+
+def test_kcat_produce_and_consume(kafka_netns, agent):
+    topic = f"{ALLOWED}-kcat"
+    agent.apply(PortRuleKafka(role="produce", topic=topic),
+                PortRuleKafka(role="consume", topic=topic))
+    done = kafka_netns.kcat("-P", "-t", topic, stdin="one\ntwo\nthree\n")
+    assert done.returncode == 0, done.stderr
+    got = kafka_netns.kcat("-C", "-t", topic, "-o", "beginning", "-e", "-c", "3")
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.split() == ["one", "two", "three"]
+    denied = kafka_netns.kcat("-P", "-t", DENIED, stdin="x\n")
+    assert denied.returncode != 0 or "authorization" in denied.stderr.lower()
+    assert "authoriz" in denied.stderr.lower(), denied.stderr
