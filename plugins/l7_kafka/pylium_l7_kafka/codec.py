@@ -181,9 +181,15 @@ def decode(api_key: int, kind: str, version: int, body: bytes | memoryview) -> d
 
 
 def topics_in(api_key: int, kind: str, version: int, value: dict[str, Any]) -> list[str | None]:
-    """Every topic name the message carries, in order (None for a topic named only by id)."""
+    """Every topic name the message carries, in order; None stands for topics that
+    cannot be named: named by id only, or a null list meaning every topic."""
     found = MESSAGES.get((api_key, kind))
     return list(_topics(found[3], value, version)) if found else []
+
+
+def _names_topics(fields: tuple) -> bool:
+    return any(f[TOPIC] or (f[FIELDS] is not None and _names_topics(f[FIELDS]))
+               for f in fields)
 
 
 def _topics(fields: tuple, value: dict[str, Any], version: int) -> Iterator[str | None]:
@@ -196,8 +202,18 @@ def _topics(fields: tuple, value: dict[str, Any], version: int) -> Iterator[str 
                 yield from v
             else:
                 yield v
-        elif field[FIELDS] is not None and v is not None:
+        elif field[FIELDS] is not None and v is None:
+            if _names_topics(field[FIELDS]):
+                yield None  # a null topic list means "every topic" (Metadata, OffsetFetch)
+        elif field[FIELDS] is not None:
+            # a struct that names its topic in other versions but not in this one (Fetch
+            # v13+: by id only) names a topic nobody can match by name
+            by_id = any(f[TOPIC] and f[NAME] not in (v[0] if isinstance(v, list) and v
+                                                     else v if isinstance(v, dict) else {})
+                        for f in field[FIELDS])
             for item in (v if isinstance(v, list) else [v]):
+                if by_id:
+                    yield None
                 yield from _topics(field[FIELDS], item, version)
 
 

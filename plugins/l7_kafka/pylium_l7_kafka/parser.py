@@ -144,10 +144,10 @@ class KafkaConnection(ConnectionParser):
                 value = codec.decode(head.api_key, "request", head.api_version,
                                      memoryview(frame)[head.body_offset:])
                 named = codec.topics_in(head.api_key, "request", head.api_version, value)
-                if head.api_key == METADATA and value.get("Topics") is None:
-                    topics = None  # every topic of the cluster
+                if head.api_key == METADATA and head.api_version == 0 and not named:
+                    topics = None  # Metadata v0: an empty list asks for every topic
                 elif any(t is None for t in named):
-                    topics = None  # a topic named by id only
+                    topics = None  # by id only, or "every topic": topic-less rules only
                 else:
                     topics = tuple(named)
         except codec.Malformed as exc:
