@@ -28,7 +28,7 @@ import abc
 import enum
 import importlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 
@@ -42,8 +42,9 @@ class OpType(enum.Enum):
     CLOSE = "close"
 
 
-@attrs.frozen
-class Op:
+class Op(NamedTuple):
+    """One operation (a tuple: parsers make several per request)."""
+
     type: OpType
     n: int = 0
     data: bytes = b""
@@ -132,7 +133,7 @@ class ParserFactory(abc.ABC):
     @abc.abstractmethod
     def rules_from_json(self, rules: list[Mapping[str, Any]]) -> tuple[Any, ...]:
         """Rebuild rule objects from the JSON the agent pushed; raise ValueError if one
-        cannot be enforced (the grant then denies everything: fail closed)."""
+        cannot be enforced (that grant then allows nothing: fail closed)."""
 
     @abc.abstractmethod
     def new_connection(self, info: ConnectionInfo, grants: GrantsNow,

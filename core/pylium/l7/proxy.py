@@ -54,7 +54,7 @@ LOGFILE = "proxy.log"
 CONTROL_PROTOCOL = 1
 WORLD = 2
 PROTO_TCP = 6
-#: flow records kept while no agent listens (oldest dropped first, counted as lost)
+#: flow records kept until an agent acknowledges them (oldest dropped first, counted lost)
 FLOW_BUFFER = 20000
 #: bytes of flow records queued to a connected agent before further ones are dropped
 CONTROL_BACKLOG = 16 << 20
@@ -249,7 +249,9 @@ class Connection:
         self.request = Side(False)
         self.reply = Side(True)
         self.closed = False
-        self.closing = False
+        #: bytes decided during one event, written with one send per side at its end
+        self.out_client: list[bytes] = []
+        self.out_up: list[bytes] = []
         sock = transport.get_extra_info("socket")
         # asyncio sets TCP_NODELAY only on sockets made with proto=IPPROTO_TCP: a head and
         # a body written separately must not wait for the client's delayed ACK
@@ -300,13 +302,18 @@ class Connection:
                 side.buf += rest
         side.need_call = True
         self._run(side)
+        self.flush()
         if len(side.buf) > self.read_limit:
             self.pause_reading_of(side)
+        for each in (self.request, self.reply):
+            if each.paused and len(each.buf) <= self.read_limit:
+                self._resume_if_drained(each)
 
     def eof(self, side: Side) -> None:
         side.eof = True
         side.need_call = True
         self._run(side)
+        self.flush()
         if self.closed:
             return
         if not side.reply and not side.buf and self.up is not None and self.up_state == "open":
@@ -396,11 +403,23 @@ class Connection:
             self._write(False, data)
 
     def _write(self, to_client: bool, data: bytes) -> None:
-        if not data or self.closed:
-            return
-        if to_client:
-            self.down.write(data)
-            return
+        if data and not self.closed:
+            (self.out_client if to_client else self.out_up).append(data)
+
+    def flush(self) -> None:
+        """Write what this event decided: one send per side, not one per op."""
+        if self.out_client:
+            data = b"".join(self.out_client) if len(self.out_client) > 1 else self.out_client[0]
+            self.out_client = []
+            if not self.closed:
+                self.down.write(data)
+        if self.out_up:
+            data = b"".join(self.out_up) if len(self.out_up) > 1 else self.out_up[0]
+            self.out_up = []
+            if not self.closed:
+                self._write_upstream(data)
+
+    def _write_upstream(self, data: bytes) -> None:
         if self.up_state == "open":
             self.up.write(data)
         elif self.up_state in ("none", "connecting"):
@@ -437,6 +456,7 @@ class Connection:
                 return
             for op in self.parser.on_upstream_failure(reason):
                 self._apply(self.request, op)
+            self.flush()
             return
         if self.closed:
             transport.close()
@@ -456,6 +476,15 @@ class Connection:
         if transport is not None and not side.paused and not self.closed:
             side.paused = True
             transport.pause_reading()
+
+    def _resume_if_drained(self, side: Side) -> None:
+        """Reading paused for a full buffer resumes once it drained — unless the other
+        end is still too slow to take more."""
+        target = self.down if side.reply else self.up
+        if target is not None and target.get_write_buffer_size() > \
+                target.get_write_buffer_limits()[1]:
+            return
+        self.resume_reading_of(side)
 
     def resume_reading_of(self, side: Side) -> None:
         transport = self.up if side.reply else self.down
@@ -478,6 +507,8 @@ class Connection:
     def close(self, abort: bool = False) -> None:
         if self.closed:
             return
+        if not abort:
+            self.flush()  # a local reply decided just before CLOSE still goes out
         self.closed = True
         self.proxy.active.discard(self)
         for transport in (self.down, self.up):
@@ -516,7 +547,10 @@ class Proxy:
                             ipcache, exc)
         self.active: set[Connection] = set()
         self.servers: list[asyncio.AbstractServer] = []
+        #: flow records not yet acknowledged by an agent (sent or not), oldest first
         self.flows: collections.deque[dict[str, Any]] = collections.deque(maxlen=FLOW_BUFFER)
+        self.out_flows: list[bytes] = []
+        self.seq = 0
         self.controller: asyncio.StreamWriter | None = None
         self.stats = collections.Counter()
         self.started = time.time()
@@ -576,16 +610,33 @@ class Proxy:
             self.stats["denied" if record["verdict"] == "DROPPED" else "forwarded"] += 1
         if "error" in record:
             self.stats["parse_errors"] += 1
+        self.seq += 1
+        message["seq"] = self.seq
+        if len(self.flows) == self.flows.maxlen:
+            self.stats["flows_lost"] += 1  # the oldest unacknowledged record goes
+        self.flows.append(message)
         controller = self.controller
         if controller is not None and not controller.is_closing():
             if controller.transport.get_write_buffer_size() > CONTROL_BACKLOG:
-                self.stats["flows_lost"] += 1  # an agent that stalls must not grow us
-            else:
-                self._send(controller, message)
-        else:
-            if len(self.flows) == self.flows.maxlen:
-                self.stats["flows_lost"] += 1
-            self.flows.append(message)
+                return  # an agent that stalls gets it later (or it is lost by the bound)
+            self._send_flow(controller, message)
+
+    def _send_flow(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+        """Flow records go out in one write per loop iteration, not one per record."""
+        self.out_flows.append(json.dumps(message, separators=(",", ":")).encode())
+        if len(self.out_flows) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_flows, writer)
+
+    def _flush_flows(self, writer: asyncio.StreamWriter) -> None:
+        lines, self.out_flows = self.out_flows, []
+        if lines and writer is self.controller and not writer.is_closing():
+            writer.write(b"\n".join(lines) + b"\n")
+
+    def _acked(self, seq: int) -> None:
+        """The agent recorded every flow up to `seq`: they leave the buffer (records sent
+        to an agent that died before acknowledging are sent again to the next one)."""
+        while self.flows and self.flows[0]["seq"] <= seq:
+            self.flows.popleft()
 
     # control ------------------------------------------------------------------------------
     def _send(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
@@ -617,8 +668,12 @@ class Proxy:
                         self.controller.close()  # the newest agent is the one that listens
                     self.controller = writer
                     self._send(writer, {"op": "hello", **self.describe()})
-                    while self.flows:
-                        self._send(writer, self.flows.popleft())
+                    self.out_flows = []
+                    for flow in self.flows:  # unacknowledged ones, oldest first
+                        self._send_flow(writer, flow)
+                elif op == "ack_flows":  # no answer: the agent does not wait for one
+                    self._acked(int(message.get("seq", 0)))
+                    continue
                 elif op == "policy":
                     try:
                         problems = self.policy.load(message)

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 SPAWN_TIMEOUT = 30.0
 REQUEST_TIMEOUT = 10.0
 WATCH_INTERVAL = 1.0
+ACK_DELAY = 0.05
 
 
 def policy_message(snapshot: Iterable[Mapping[str, Any]], protocol: str,
@@ -87,6 +88,8 @@ class ProxySupervisor:
         self.on_health = on_health
         self._was_healthy = False
         self._wake = asyncio.Event()
+        self.acked_upto = 0
+        self._ack_pending = False
 
     # lifecycle ----------------------------------------------------------------------------
     async def start(self) -> str:
@@ -156,6 +159,7 @@ class ProxySupervisor:
             asyncio.open_unix_connection(path, limit=1 << 24), REQUEST_TIMEOUT)
         self.reader, self.writer = reader, writer
         self.replies = asyncio.Queue()
+        self.acked_upto = 0  # sequence numbers are the proxy process's own
         self._read_task = asyncio.get_running_loop().create_task(self._read(reader))
         hello = await self._request({"op": "hello", "version": self.version})
         self.info = hello
@@ -173,6 +177,7 @@ class ProxySupervisor:
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
         self.reader = self.writer = None
+        self.info = {}  # nothing is known of a proxy we do not talk to
 
     async def close(self) -> None:
         """Stop talking to the proxy; the process keeps serving for the next agent."""
@@ -182,7 +187,6 @@ class ProxySupervisor:
                 await self._watch_task
             self._watch_task = None
         await self._disconnect()
-        self.info = {}
 
     async def shutdown(self) -> None:
         """Stop the proxy process itself (its connections end)."""
@@ -202,6 +206,7 @@ class ProxySupervisor:
                         self.on_flow(message)
                     except Exception:  # a flow we cannot record must not stop the reader
                         self.log.exception("recording an L7 flow failed")
+                    self._ack(int(message.get("seq", 0)))
                 else:
                     self.replies.put_nowait(message)
         except (ConnectionError, ValueError, asyncio.IncompleteReadError) as exc:
@@ -209,6 +214,19 @@ class ProxySupervisor:
         finally:
             self.replies.put_nowait({"op": "closed"})
             self._wake.set()  # the proxy may be gone: the watchdog looks now
+
+    def _ack(self, seq: int) -> None:
+        """Acknowledge recorded flows, at most every ACK_DELAY (the proxy keeps what is
+        not acknowledged and sends it again to the next agent)."""
+        self.acked_upto = max(self.acked_upto, seq)
+        if not self._ack_pending:
+            self._ack_pending = True
+            asyncio.get_running_loop().call_later(ACK_DELAY, self._send_ack)
+
+    def _send_ack(self) -> None:
+        self._ack_pending = False
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(b'{"op":"ack_flows","seq":%d}\n' % self.acked_upto)
 
     async def _request(self, message: dict[str, Any]) -> dict[str, Any]:
         async with self._lock:
@@ -242,9 +260,10 @@ class ProxySupervisor:
 
     # health -------------------------------------------------------------------------------
     def healthy(self) -> bool:
-        return (self.writer is not None and not self.writer.is_closing()
+        """Talking to the proxy whose pid its pidfile names, and it answered hello."""
+        return (bool(self.info) and self.writer is not None and not self.writer.is_closing()
                 and self._read_task is not None and not self._read_task.done()
-                and proxy_process.running_pid(self.state_dir) is not None)
+                and proxy_process.running_pid(self.state_dir) == self.info.get("pid"))
 
     def served_ports(self) -> set[int]:
         if not self.healthy():

@@ -99,36 +99,30 @@ class Head:
     keep_alive: bool = True
     upgrade: bool = False
 
+    #: lower-case name -> values in order (built once per head: framing and rules ask)
+    by_name: dict[str, list[str]] = attrs.field(factory=dict)
+
     def get(self, name: str) -> str | None:
-        name = name.lower()
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
+        found = self.by_name.get(name.lower())
+        return found[0] if found else None
 
     def all(self, name: str) -> list[str]:
-        name = name.lower()
-        return [v for k, v in self.headers if k.lower() == name]
+        return self.by_name.get(name.lower(), [])
 
 
 class _Collector:
     """httptools callbacks: keep the pieces of one head."""
 
     def __init__(self):
-        self.url = bytearray()
-        self.status = bytearray()
-        self.headers: list[tuple[bytearray, bytearray]] = []
-        self._in_value = False
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
         self.complete = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
-    def on_status(self, status: bytes) -> None:
-        self.status += status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((bytearray(name), bytearray(value)))
+    def on_header(self, name: bytes, value: bytes) -> None:  # whole name and value
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.complete = True
@@ -136,7 +130,8 @@ class _Collector:
 
 def find_head_end(data: bytes | memoryview) -> int:
     """Bytes up to and including the blank line ending the head, or -1."""
-    found = bytes(data[:MAX_HEAD + 4]).find(b"\r\n\r\n")
+    found = data.find(b"\r\n\r\n", 0, MAX_HEAD + 4) if isinstance(data, bytes) else \
+        bytes(data[:MAX_HEAD + 4]).find(b"\r\n\r\n")
     return found + 4 if found >= 0 else -1
 
 
@@ -150,13 +145,19 @@ def parse_head(data: bytes, response: bool) -> Head:
     except httptools.HttpParserUpgrade:
         pass  # the head is complete; what follows belongs to another protocol
     except httptools.HttpParserError as exc:
-        raise BadMessage(str(exc) or type(exc).__name__) from None
+        # llhttp pauses after the head of a 101 / CONNECT answer: the head itself is fine
+        if not (collector.complete and "upgrade" in str(exc).lower()):
+            raise BadMessage(str(exc) or type(exc).__name__) from None
     if not collector.complete:
         raise BadMessage("incomplete head")
+    headers = [(k.decode("latin-1"), v.decode("latin-1").strip(" \t"))
+               for k, v in collector.headers]
+    by_name: dict[str, list[str]] = {}
+    for key, value in headers:
+        by_name.setdefault(key.lower(), []).append(value)
     head = Head(size=len(data), version=parser.get_http_version(),
                 keep_alive=parser.should_keep_alive(), upgrade=parser.should_upgrade(),
-                headers=[(k.decode("latin-1"), v.decode("latin-1").strip(" \t"))
-                         for k, v in collector.headers])
+                headers=headers, by_name=by_name)
     if response:
         try:
             head.status = int(bytes(data[9:12]))
@@ -326,7 +327,7 @@ class HttpConnection(ConnectionParser):
             return self._bad_request(len(data), str(exc))
         path, host = self._target(head)
         verdict = judge(self.grants(), head.method, path, host,
-                        {k: v for k, v in reversed(head.headers)})
+                        {k: v[0] for k, v in head.by_name.items()})
         now = time.monotonic_ns()
         l7 = {"type": "REQUEST",
               "http": {"method": head.method, "url": self._url(head, host),

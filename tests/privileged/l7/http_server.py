@@ -1,7 +1,7 @@
 """The HTTP server behind the proxy in the l7 tests (run inside the server netns):
 HTTP/1.1 keep-alive, Content-Length and chunked bodies read in pieces (never whole),
 `Expect: 100-continue`, every request it sees appended to a JSON-lines log.
-`/reset` resets the connection instead of answering."""
+`/reset` resets the connection instead of answering; `/big/N` answers N bytes."""
 
 from __future__ import annotations
 
@@ -58,6 +58,17 @@ class Handler(BaseHTTPRequestHandler):
                                        struct.pack("ii", 1, 0))
             self.connection.close()
             self.close_connection = True
+            return
+        if self.path.startswith("/big/"):  # /big/N: N bytes of zeros, written in pieces
+            total = int(self.path[5:])
+            self.send_response(200)
+            self.send_header("content-length", str(total))
+            self.end_headers()
+            piece = b"\0" * (1 << 16)
+            left = total
+            while left:
+                self.wfile.write(piece[:min(left, len(piece))])
+                left -= min(left, len(piece))
             return
         size, digest = self._body()
         with self.lock, open(self.log_path, "a") as log:

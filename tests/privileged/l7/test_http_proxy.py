@@ -324,3 +324,26 @@ def test_a_dead_proxy_serves_no_port_until_it_is_respawned_with_the_policy(topo,
     # the respawned proxy got the last policy back
     assert curl(topo, path="/again")[0] == 200
     assert curl(topo, path="/not-again")[0] == 403
+
+
+def test_large_response_to_a_slow_client_keeps_the_proxy_small(topo, server, agent):
+    agent.apply(ingress={0: ALLOW_ALL})
+    pid = proxy_pid(agent)
+    size = 64 * 1024 * 1024
+    before = rss_kib(pid)
+    sock = topo.connect(timeout=60)
+    try:
+        sock.sendall(request("GET", f"/big/{size}"))
+        time.sleep(1.5)  # the client reads nothing: the server must be held back, not us
+        stalled = rss_kib(pid)
+        got = 0
+        while got < size + 40:
+            piece = sock.recv(1 << 20)
+            if not piece:
+                break
+            got += len(piece)
+    finally:
+        sock.close()
+    assert got > size
+    print(f"proxy RSS {before} KiB before, {stalled} KiB with a stalled 64 MiB download")
+    assert stalled - before < 16 * 1024

@@ -242,3 +242,20 @@ def test_rules_from_json_refuse_what_cannot_be_enforced():
         rule_from_json({"header_matches": [{"name": "X", "value": "1", "mismatch": "ADD"}]})
     with pytest.raises(ValueError, match="unknown"):
         rule_from_json({"methdo": "GET"})
+
+
+def test_allowed_upgrade_tunnels_after_101_and_a_refused_one_stays_http():
+    d = Drive((Grant(rule="r", allow_all=True),))
+    d.feed(False, b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket"
+                  b"\r\n\r\n")
+    assert d.conn.on_data(False, b"early", False)[-1].type is OpType.MORE  # held for the 101
+    d.feed(True, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\nsrv")
+    d.feed(False, b"\x81\x05hello not http")
+    assert d.upstream.endswith(b"\x81\x05hello not http")
+    assert d.client.endswith(b"\r\n\r\nsrv")
+    d2 = Drive(RULES)
+    d2.feed(False, b"GET /public HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\n"
+                   b"Upgrade: websocket\r\n\r\n")
+    d2.feed(True, response(b"no"))
+    d2.feed(False, GET_DENIED)  # still HTTP, still judged
+    assert d2.client.endswith(FORBIDDEN)
