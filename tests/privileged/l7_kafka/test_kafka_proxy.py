@@ -114,7 +114,7 @@ def test_kcat_produce_and_consume(kafka_netns, agent):
     assert done.returncode == 0, done.stderr
     got = kafka_netns.kcat("-C", "-t", topic, "-o", "beginning", "-e", "-c", "3")
     assert got.returncode == 0, got.stderr
-    assert got.stdout.split() == ["one", "two", "three"]
+    assert sorted(got.stdout.split()) == ["one", "three", "two"]  # across partitions
     denied = kafka_netns.kcat("-P", "-t", DENIED, stdin="x\n")
     assert denied.returncode != 0 or "authorization" in denied.stderr.lower()
     assert "authoriz" in denied.stderr.lower(), denied.stderr
