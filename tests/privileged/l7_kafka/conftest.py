@@ -59,11 +59,15 @@ class KafkaNetns:
         self.port = int(self.bootstrap.rsplit(":", 1)[1])
         self.run("ip", "rule", "add", "fwmark", "0x1/0x1", "lookup", "100")
         self.run("ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
-        # only unmarked packets: the proxy's upstream carries the client's identity mark
-        self.run("iptables", "-t", "mangle", "-A", "PREROUTING", "-i", "lo", "-p", "tcp",
-                 "--dport", str(self.port), "-m", "mark", "--mark", "0", "-j", "TPROXY",
-                 "--on-port", str(PROXY_PORT), "--tproxy-mark", "0x1/0x1")
+        self.tproxy(True)
         return self
+
+    def tproxy(self, on: bool) -> None:
+        """Send new client connections to the broker through the proxy (or not)."""
+        # only unmarked packets: the proxy's upstream carries the client's identity mark
+        self.run("iptables", "-t", "mangle", "-A" if on else "-D", "PREROUTING", "-i", "lo",
+                 "-p", "tcp", "--dport", str(self.port), "-m", "mark", "--mark", "0", "-j",
+                 "TPROXY", "--on-port", str(PROXY_PORT), "--tproxy-mark", "0x1/0x1")
 
     def down(self) -> None:
         if self.mock is not None:

@@ -5,6 +5,7 @@
     python kafka_clients.py confluent-consume BOOTSTRAP TOPIC N
     python kafka_clients.py aiokafka-produce BOOTSTRAP TOPIC[,TOPIC...] [N]
     python kafka_clients.py aiokafka-consume BOOTSTRAP TOPIC N
+    python kafka_clients.py confluent-bench BOOTSTRAP TOPIC N M   # bench/bench_l7_kafka.py
 
 Producers send N messages to each topic in turn with ONE client (so one connection to the
 broker) and print one JSON line per topic: {"topic", "ok", "errors": [error names]}.
@@ -113,6 +114,41 @@ async def aiokafka_consume(bootstrap: str, topic: str, n: int) -> None:
     print(json.dumps({"topic": topic, "values": values, "error": error}), flush=True)
 
 
+def confluent_bench(bootstrap: str, topic: str, n: int, m: int) -> None:
+    """{"msgs_per_s": n messages produced as fast as the client goes (acks=all),
+    "p99_ms"/"p50_ms": latency of m messages produced one at a time}."""
+    import confluent_kafka
+
+    producer = confluent_kafka.Producer({
+        "bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5, "log_level": 0,
+        "queue.buffering.max.messages": 1000000})
+    producer.produce(topic, b"warm-up")
+    producer.flush(10)
+    failed = []
+
+    def report(err, _msg):
+        if err is not None:
+            failed.append(err.name())
+
+    payload = b"x" * 100
+    start = time.perf_counter()
+    for _ in range(n):
+        producer.produce(topic, payload, on_delivery=report)
+        producer.poll(0)
+    producer.flush(60)
+    rate = n / (time.perf_counter() - start)
+    latencies = []
+    for _ in range(m):
+        t0 = time.perf_counter()
+        producer.produce(topic, payload, on_delivery=report)
+        producer.flush(10)
+        latencies.append((time.perf_counter() - t0) * 1000)
+    latencies.sort()
+    print(json.dumps({"msgs_per_s": rate, "p50_ms": latencies[len(latencies) // 2],
+                      "p99_ms": latencies[int(len(latencies) * 0.99) - 1],
+                      "errors": sorted(set(failed))}), flush=True)
+
+
 def main(argv: list[str]) -> None:
     command, *args = argv
     if command == "mock":
@@ -124,6 +160,8 @@ def main(argv: list[str]) -> None:
     elif command == "aiokafka-produce":
         asyncio.run(aiokafka_produce(args[0], args[1].split(","),
                                      int(args[2]) if len(args) > 2 else 3))
+    elif command == "confluent-bench":
+        confluent_bench(args[0], args[1], int(args[2]), int(args[3]))
     elif command == "aiokafka-consume":
         asyncio.run(aiokafka_consume(args[0], args[1], int(args[2])))
     else:
