@@ -4,7 +4,8 @@ proxy reads or writes, per api key and version; this module walks those tables.
 Decoding is strict (every byte of a frame must belong to a field, counts and lengths must
 fit in what is left), because a frame the proxy cannot account for is never passed on.
 Flexible versions (KIP-482) use compact strings/arrays (unsigned varint length + 1) and a
-tagged-field section after every struct; tagged fields are skipped, never interpreted."""
+tagged-field section after every struct; tagged fields are never interpreted, only kept
+raw (`TAGS`) so a message the proxy rewrites carries them on."""
 
 from __future__ import annotations
 
@@ -102,13 +103,22 @@ class Reader:
         return self.end - self.pos
 
 
-def _read_tags(r: Reader) -> None:
-    for _ in range(r.uvarint()):
+#: key under which a decoded struct keeps its tagged fields (raw), so a rewritten message
+#: (ApiVersions' SupportedFeatures, ...) carries them on unchanged
+TAGS = "_tagged"
+
+
+def read_tags(r: Reader) -> bytes:
+    """Skip a tagged-field section; returns its raw bytes when it held any field."""
+    start = r.pos
+    count = r.uvarint()
+    for _ in range(count):
         r.uvarint()  # tag
         size = r.uvarint()
         if size > r.left():
             raise Malformed("tagged field longer than the frame")
         r.pos += size
+    return bytes(r.buf[start:r.pos]) if count else b""
 
 
 def _read_value(r: Reader, field: tuple, kind: str, version: int, flexible: bool) -> Any:
@@ -159,7 +169,9 @@ def _read_struct(r: Reader, fields: tuple, version: int, flexible: bool) -> dict
             continue
         out[field[NAME]] = _read_value(r, field, field[TYPE], version, flexible)
     if flexible:
-        _read_tags(r)
+        tags = read_tags(r)
+        if tags:
+            out[TAGS] = tags
     return out
 
 
@@ -287,7 +299,7 @@ def _write_struct(out: bytearray, fields: tuple, value: dict[str, Any], version:
         v = value.get(field[NAME]) if field[NAME] in value else _zero(field, kind, version)
         _write_value(out, field, kind, v, version, flexible)
     if flexible:
-        out += b"\x00"  # no tagged fields
+        out += value.get(TAGS) or b"\x00"  # the tagged fields read, or none
 
 
 def encode(api_key: int, kind: str, version: int, value: dict[str, Any]) -> bytes:

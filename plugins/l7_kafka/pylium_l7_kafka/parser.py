@@ -92,7 +92,7 @@ def parse_header(frame: bytes | memoryview) -> Header:
         raise codec.Malformed(f"bad client id length {n}")
     client_id = None if n == -1 else r.take(n).decode("utf-8", "replace")
     if codec.is_flexible(api_key, version):
-        codec._read_tags(r)
+        codec.read_tags(r)
     return Header(len(frame), api_key, version, correlation_id, client_id, r.pos)
 
 
@@ -252,7 +252,7 @@ class KafkaConnection(ConnectionParser):
                                                            request.api_version) else 0)
         try:
             if codec.response_header_flexible(request.api_key, request.api_version):
-                codec._read_tags(codec.Reader(frame, 8))
+                codec.read_tags(codec.Reader(frame, 8))
             return codec.decode(request.api_key, "response", request.api_version,
                                 memoryview(frame)[offset:])
         except (codec.Malformed, IndexError):

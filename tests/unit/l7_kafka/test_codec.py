@@ -118,6 +118,13 @@ def test_encoder_writes_the_fixture_bytes():
     assert request(0, 9, 7, value, "c") == PRODUCE_V9
 
 
+def test_tagged_fields_are_kept_through_a_rewrite():
+    _, _, value = decode_frame(METADATA_V12_TAGGED)
+    assert value[codec.TAGS] == b"\x01\x07\x01x"
+    body = codec.encode(3, "request", 12, value)
+    assert body == METADATA_V12_TAGGED[-len(body):]
+
+
 def test_fetch_by_topic_id_names_unknown_topics():
     value = sample(MESSAGES[(1, "request")][3], 13, "topic")
     assert set(codec.topics_in(1, "request", 13, value)) == {None}
