@@ -6,12 +6,13 @@ PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 B ?=
 
-APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 iputils-ping iperf3 iptables \
+APT_PACKAGES := python3-venv clang llvm libbpf-dev bpftool iproute2 iputils-ping iperf3 iptables \
 	tcpdump netcat-openbsd socat ethtool etcd-server curl wrk prometheus chromium
 PLUGINS := $(sort $(wildcard plugins/*))
-PROJECT_FILES := pyproject.toml $(wildcard plugins/*/pyproject.toml) $(wildcard examples/*/pyproject.toml)
+CONSTRAINTS := constraints.txt
+PROJECT_FILES := $(CONSTRAINTS) pyproject.toml $(wildcard plugins/*/pyproject.toml) $(wildcard examples/*/pyproject.toml)
 
-.PHONY: setup apt bpffs demo test bench lint wheels clean
+.PHONY: setup apt bpffs demo test bench lint wheels constraints clean
 
 setup: apt bpffs $(VENV)/.installed
 
@@ -30,7 +31,7 @@ bpffs:
 $(VENV)/.installed: $(PROJECT_FILES)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test]' $(addprefix -e ./,$(PLUGINS))
+	$(PIP) install -q -c $(CONSTRAINTS) -e '.[test]' $(addprefix -e ./,$(PLUGINS))
 	touch $@
 
 demo: setup
@@ -53,6 +54,15 @@ wheels: setup
 	rm -rf dist build $(addsuffix /build,$(PLUGINS))
 	$(PIP) wheel -q --no-deps -w dist . $(PLUGINS)
 	rm -rf build $(addsuffix /build,$(PLUGINS))
+
+# pyproject.toml files declare ranges; constraints.txt pins the one set that is tested. To move
+# it: upgrade packages in the venv (e.g. `.venv/bin/pip install -U aiohttp`), `make test`, then
+# `make constraints` writes what the venv holds now (pylium's own distributions left out).
+constraints:
+	@{ echo "# The tested set: every third-party distribution .venv holds after 'make setup'."; \
+	   echo "# Written by 'make constraints'; pyproject.toml files declare the compatible ranges."; \
+	   $(PIP) freeze --exclude-editable | grep -vi '^pylium'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) dist build .pytest_cache .ruff_cache

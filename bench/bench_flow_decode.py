@@ -190,22 +190,16 @@ def kernel_ring_buffer_bench() -> None:
         print("kernel ring-buffer line skipped: needs root", file=sys.stderr)
         return
     from pylium.datapath import libbpf
-    from pylium.datapath.compile import bpf_source_dir, compile_object
-    from pylium.datapath.libbpf import lib
+    from pylium.datapath.loader import load_object
     from pylium.datapath.ringbuf import SAMPLE_FN, RingBufferReader
     from pylium.datapath.ringbuf import libbpf as rb_fns
 
     src = Path(__file__).resolve().parents[1] / "tests/privileged/flow"
-    obj_path = compile_object("burst.bpf.c", cache_dir=Path(tempfile.gettempdir())
-                              / "pylium-bench-bpf-cache", src_dir=src,
-                              extra_include=(bpf_source_dir(),))
-    obj = lib.bpf_object__open_file(str(obj_path).encode(), None)
-    if not obj or lib.libbpf_get_error(obj):
-        raise SystemExit(f"cannot open {obj_path}")
-    libbpf.check(lib.bpf_object__load(obj), "loading burst.bpf.c")
+    obj = load_object(src / "burst.bpf.c",
+                      cache_dir=Path(tempfile.gettempdir()) / "pylium-bench-bpf-cache")
     try:
-        ring_fd = lib.bpf_map__fd(lib.bpf_object__find_map_by_name(obj, b"events"))
-        prog_fd = lib.bpf_program__fd(lib.bpf_object__find_program_by_name(obj, b"burst"))
+        ring_fd = obj.map("events")
+        prog_fd = obj.program("burst")
         per_round = 14_000  # fits the 1 MiB ring: nothing is lost while nobody reads
         rounds = 5
         packet = bytes(64)
@@ -263,7 +257,7 @@ def kernel_ring_buffer_bench() -> None:
                "libbpf per-event callback decoding each record (bcc style)",
                "higher is better; goal >= 200000", events=per_round * rounds)
     finally:
-        lib.bpf_object__close(obj)
+        obj.close()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pylium.identity.cache import IdentityCache  # noqa: E402
 from pylium.identity.labels import LabelSet  # noqa: E402
 from pylium.identity.model import Identity  # noqa: E402
 from pylium.policy.engine import PolicyEngine  # noqa: E402
-from pylium.policy.parse import load_text  # noqa: E402
+from pylium.policy.load import load_text  # noqa: E402
 from pylium.policy.repository import PolicyRepository  # noqa: E402
 from pylium.policy.resolve import resolve  # noqa: E402
 

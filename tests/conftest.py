@@ -10,14 +10,24 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+#: the Star Wars policies the project ships (README, demo and tests use these)
+EXAMPLE_POLICIES = REPO / "examples" / "policies"
+#: Cilium's own policy examples: present beside the repository in CI, not in a bare clone
+CILIUM_CORPUS = REPO.parent / "shared" / "corpus"
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.fail(f"{SHARED} is missing: the project expects ../shared beside the checkout")
-    return SHARED
+def example_policies() -> Path:
+    return EXAMPLE_POLICIES
+
+
+@pytest.fixture(scope="session")
+def cilium_corpus() -> Path:
+    """Tests that read the corpus run where it is (CI) and are reported skipped elsewhere."""
+    if not CILIUM_CORPUS.is_dir():
+        pytest.skip("../shared/corpus not found: the Cilium corpus lives beside the "
+                    "repository in CI")
+    return CILIUM_CORPUS
 
 
 @pytest.fixture(scope="session", autouse=True)

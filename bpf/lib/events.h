@@ -11,6 +11,7 @@
 
 /* TRACE observation points (Cilium's numbering) */
 #define TRACE_TO_LXC 0
+#define TRACE_TO_PROXY 1
 #define TRACE_TO_STACK 3
 #define TRACE_FROM_LXC 5
 

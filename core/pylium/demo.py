@@ -3,9 +3,9 @@
 1. `pylium lab up --demo starwars`: a node namespace running an agent; deathstar (an HTTP
    server on :80), tiefighter and xwing pods wired as endpoints.
 2. Before any policy, both ships land (`POST /v1/request-landing` → "Ship landed").
-3. `pylium policy import l3-l4-rule1.yaml`: only `org=empire` may reach the deathstar on
-   TCP/80. The tiefighter still lands; the xwing's SYN is dropped in the kernel by the BPF
-   program on the deathstar's veth (curl times out).
+3. `pylium policy import examples/policies/l3-l4-rule1.yaml`: only `org=empire` may reach
+   the deathstar on TCP/80. The tiefighter still lands; the xwing's SYN is dropped in the
+   kernel by the BPF program on the deathstar's veth (curl times out).
 4. The evidence: the drop in `pylium monitor`, the `Policy denied` counter in
    `pylium bpf metrics list`, ingress enforcement on the deathstar in `pylium endpoint list`.
 5. `pylium lab down`, always, and a check that nothing is left behind.
@@ -20,46 +20,26 @@ import signal
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 #: unique per run, so demos run side by side (CI, several shells) never share a lab
 LAB = f"sw{os.getpid() & 0xFFFF:04x}"
 SOCKET = f"/var/run/pylium/{LAB}-node1.sock"
-SEED = Path(__file__).resolve().parents[2].parent / "shared" / "seed-policies"
+#: the project's own Star Wars policies (examples/policies), shipped as package data
+POLICIES = resources.files("pylium.lab") / "example_policies"
 RULE1 = "l3-l4-rule1.yaml"
 PYLIUM = str(Path(sys.executable).with_name("pylium"))
 ENV = {**os.environ, "PYLIUM_LAB": LAB, "PYLIUM_SOCKET": SOCKET, "COLUMNS": "200"}
 LANDING = "/v1/request-landing"
-#: used only when ../shared/seed-policies is not beside the checkout
-RULE1_TEXT = """apiVersion: "cilium.io/v2"
-kind: CiliumNetworkPolicy
-description: "L3-L4 policy to restrict deathstar access to empire ships only"
-metadata:
-  name: "rule1"
-spec:
-  endpointSelector:
-    matchLabels:
-      org: empire
-      class: deathstar
-  ingress:
-  - fromEndpoints:
-    - matchLabels:
-        org: empire
-    toPorts:
-    - ports:
-      - port: "80"
-        protocol: TCP
-"""
 
 
-def _rule1_path() -> Path:
-    path = SEED / RULE1
-    if path.is_file():
-        return path
-    fallback = Path("/var/run/pylium") / RULE1
-    fallback.parent.mkdir(parents=True, exist_ok=True)
-    fallback.write_text(RULE1_TEXT)
-    return fallback
+def _shown_path(path: Path) -> str:
+    """In a checkout, the path the README uses (examples/policies/...); else the absolute one."""
+    real = path.resolve()
+    if real.is_relative_to(Path.cwd()) and real.relative_to(Path.cwd()).parts[0] == "examples":
+        return str(real.relative_to(Path.cwd()))
+    return str(real)
 
 
 class Story:
@@ -135,9 +115,9 @@ def tell(story: Story) -> None:
                      f"{ship} lands before any policy")
 
     story.say(f"3. Import {RULE1}: only the empire may reach the deathstar on TCP/80")
-    rule1 = _rule1_path()
-    print(rule1.read_text().rstrip())
-    story.run("policy", "import", str(rule1), check=True)
+    with resources.as_file(POLICIES / RULE1) as rule1:
+        print(rule1.read_text().rstrip())
+        story.run("policy", "import", _shown_path(rule1), check=True)
     time.sleep(0.5)  # regeneration is asynchronous to the import
     monitor = _start_monitor()
     time.sleep(1.0)

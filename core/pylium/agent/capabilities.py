@@ -11,6 +11,7 @@ each capability reports (`running`, `failed: <reason>`, `not selected`)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -148,8 +149,8 @@ class CapabilityLifecycle:
         running = RunningCapability(kind, name, record, dist, version, plugin)
         label = f"{record.kind} {name!r} ({dist} {version})"
         try:
-            context = self._context(driver, record, running)
-            running.backend = record.backend.from_context(context)
+            # off the loop: netlink (pyroute2 runs a loop of its own), clang, libbpf
+            running.backend = await asyncio.to_thread(self._build, driver, record, running)
             await driver.start(self.daemon, running)
         except NotImplementedYet as exc:
             self._give_back(running)
@@ -166,6 +167,9 @@ class CapabilityLifecycle:
         self.started.append(running)
         log.info("%s %s running (%s %s)", kind, name, dist, version)
         return running
+
+    def _build(self, driver: KindDriver, record: Capability, running: RunningCapability) -> Any:
+        return record.backend.from_context(self._context(driver, record, running))
 
     def _give_back(self, running: RunningCapability) -> None:
         running.state = "failed"
@@ -268,7 +272,7 @@ class CapabilityLifecycle:
         started = {(r.kind, r.name): r for r in self.started}
         selected = self.daemon.selected()
         for kind in self.drivers:
-            for name, (record, info) in self.daemon.plugins.capabilities(kind).items():
+            for name, (_record, info) in self.daemon.plugins.capabilities(kind).items():
                 running = started.get((kind, name))
                 if running is not None:
                     rows.append(running.describe())
@@ -356,7 +360,7 @@ class EncryptionDriver(KindDriver):
                 **underlay_of(daemon, daemon.config.routing_mode)}
 
     async def start(self, daemon, running: RunningCapability) -> None:
-        from pylium.routing.component import NodeEvents
+        from pylium.agent.node_events import NodeEvents
 
         events = NodeEvents("encryption", running.name, running.backend,
                             running.backend.context)

@@ -12,9 +12,9 @@ import logging
 import time
 from typing import Any
 
-from pylium import __version__
 from prometheus_client import CollectorRegistry
 
+from pylium import __version__
 from pylium.agent.capabilities import CapabilityLifecycle
 from pylium.api import KVStore
 from pylium.api.node import NodeInfo
@@ -36,6 +36,7 @@ START_ORDER: tuple[str, ...] = (
     "l7",
     "pylium.endpoint.component",
     "pylium.cluster.component",
+    "pylium.lb.component",
     "pylium.flow.component",
     "orchestrator",
 )

@@ -2,7 +2,8 @@
 
     GET    /v1/policy                      → {"revision", "policies": [...]}
     GET    /v1/policy/{name}               → the policy (namespace/name or name)
-    POST   /v1/policy      {"text", "name"} → import YAML/JSON text; {"revision", "imported"}
+    POST   /v1/policy      {"text", "name"} → import YAML/JSON text; {"revision", "imported",
+           "warnings": [{"path", "message"}]} (accepted but not enforced yet, e.g. toFQDNs)
     DELETE /v1/policy?name=N[&namespace=NS] | ?labels=k=v,.. | ?all=true
     POST   /v1/policy/trace {TraceQuery fields, "datapath": bool} → the trace result (with
            the loaded BPF programs' answer under "datapath" when asked)
@@ -10,15 +11,19 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 
 from pylium.agent.daemon import Daemon
 from pylium.agent.server import NotFound, read_json
 from pylium.agent.trace_datapath import datapath_trace
 from pylium.errors import PyliumError, UserError
-from pylium.policy.parse import load_text
+from pylium.policy.load import load_text
 from pylium.policy.rule import Policy
 from pylium.policy.trace import TraceQuery, trace
+
+log = logging.getLogger(__name__)
 
 
 def policy_summary(p: Policy, with_source: bool = False) -> dict:
@@ -60,8 +65,12 @@ def setup(app: web.Application, daemon: Daemon) -> None:
             raise UserError("request needs \"text\": the policy YAML or JSON")
         policies = load_text(text, str(body.get("name") or "rules"))
         revision = await svc.store.add(policies)
+        warnings = [(p, w) for p in policies for w in p.warnings]
+        for p, w in warnings:
+            log.warning("policy %s: %s", p.ref, w)
         return web.json_response({"revision": revision,
-                                  "imported": [policy_summary(p) for p in policies]})
+                                  "imported": [policy_summary(p) for p in policies],
+                                  "warnings": [w.to_dict() for _, w in warnings]})
 
     async def delete_policy(request):
         svc = service()

@@ -51,7 +51,7 @@ class NodeCapability(abc.ABC):
     def teardown(self) -> None:
         """Undo `setup_node` and every node (deselection, lab down)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: most backends hold nothing to drop
         """Agent stop: drop fds and handles only; nothing stops carrying traffic."""
 
     def status(self) -> dict[str, Any]:

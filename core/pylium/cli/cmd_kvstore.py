@@ -8,7 +8,8 @@ from urllib.parse import urlencode
 
 import click
 
-from pylium.cli.client import AgentClient, client_from
+from pylium.agent.client import AgentClient
+from pylium.cli.client import client_from
 from pylium.cli.output import emit, make_table, output_option
 from pylium.errors import UserError
 

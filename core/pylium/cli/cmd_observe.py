@@ -10,7 +10,8 @@ from urllib.parse import urlencode
 
 import click
 
-from pylium.cli.client import AgentClient, _UnixConnection, client_from
+from pylium.agent.client import AgentClient, UnixHTTPConnection
+from pylium.cli.client import client_from
 from pylium.errors import UserError
 
 #: (option, query parameter, help)
@@ -34,6 +35,7 @@ MULTI_FILTERS = (
     ("--protocol", "protocol", "tcp, udp, icmp, http, kafka, dns"),
     ("--http-method", "http_method", "HTTP method of L7 flows"),
     ("--http-path", "http_path", "regular expression on the HTTP path of L7 flows"),
+    ("--http-status", "http_status", "HTTP status code (404) or prefix (5+) of L7 responses"),
     ("--traffic-direction", "traffic_direction", "ingress or egress"),
     ("--node-name", "node_name", "only flows observed on this node"),
 )
@@ -158,7 +160,7 @@ def _ui_proxy(socket_path: str, host: str, port: int):
             if target is None:
                 self.send_error(404)
                 return
-            conn = _UnixConnection(socket_path, 30.0)
+            conn = UnixHTTPConnection(socket_path, 30.0)
             try:
                 conn.request("GET", target)
                 resp = conn.getresponse()

@@ -10,7 +10,8 @@ import click
 from pylium.cli.client import client_from
 from pylium.cli.output import emit, make_table, output_option
 from pylium.errors import UserError
-from pylium.policy.parse import PolicyError, load_file, load_files
+from pylium.policy.errors import PolicyError
+from pylium.policy.load import load_file, load_files
 from pylium.policy.trace import TraceQuery, trace
 
 
@@ -46,12 +47,19 @@ def _trace_text(data) -> str:
             if d is not None:
                 reason = f", {d['drop_reason_desc']}" if d.get("drop_reason_desc") else ""
                 action = ("forwarded (bpf_redirect to the peer)" if d["action"] == "redirected"
-                          else d["action"])
+                          else f"to the L7 proxy on port {d['proxy_port']}"
+                          if d["action"] == "to-proxy" else d["action"])
                 lines.append(f"  {side} program of endpoint {d['endpoint']}: {action}"
                              f" (verdict {d['verdict']}, conntrack {d['ct']}{reason})")
         for note in dp.get("notes", []):
             lines.append(f"  note: {note}")
     return "\n".join(lines)
+
+
+def _echo_warnings(path: Path, warnings: list[dict]) -> None:
+    """Accepted-but-not-enforced fields, on stderr so `-o json` stays parseable."""
+    for w in warnings:
+        click.echo(f"warning: {path}: {w['path']}: {w['message']}", err=True)
 
 
 def register(cli: click.Group) -> None:
@@ -62,7 +70,8 @@ def register(cli: click.Group) -> None:
     @policy.command("validate")
     @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
     def validate(files: tuple[Path, ...]) -> None:
-        """Check policy files offline; one `path: message` line per problem."""
+        """Check policy files offline; one `path: message` line per problem, and one
+        `warning: ...` line per field accepted but not enforced yet (exit 0 for those)."""
         failed = False
         for path in files:
             try:
@@ -72,6 +81,7 @@ def register(cli: click.Group) -> None:
                 for line in exc.errors:
                     click.echo(line, err=True)
                 continue
+            _echo_warnings(path, [w.to_dict() for p in policies for w in p.warnings])
             rules = sum(len(p.rules) for p in policies)
             click.echo(f"{path}: valid ({len(policies)} policies, {rules} rules)")
         if failed:
@@ -86,6 +96,7 @@ def register(cli: click.Group) -> None:
         load_file(file)  # refuse locally first, with the file name in each message
         data = client_from(ctx).post("/v1/policy", {"text": file.read_text(),
                                                     "name": file.stem})
+        _echo_warnings(file, data.get("warnings", []))
         emit(data, output, lambda d: f"imported {len(d['imported'])} policies, "
                                      f"revision {d['revision']}")
 

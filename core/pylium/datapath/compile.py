@@ -9,7 +9,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -52,29 +52,42 @@ def _sources_digest(src_dir: Path) -> hashlib._Hash:
     return digest
 
 
-def compile_object(source: str, defines: Mapping[str, object] | None = None,
-                   cache_dir: Path | None = None, src_dir: Path | None = None,
-                   extra_include: tuple[Path, ...] = ()) -> Path:
-    """Compile `source` (a file name under the BPF source dir) and return the object path."""
-    src_dir = src_dir or bpf_source_dir()
+def compile_object(source: Path, defines: Mapping[str, object] | None = None,
+                   cache_dir: Path | None = None, include_dirs: Iterable[Path] = ()) -> Path:
+    """Compile the C file `source` and return the cached object's path.
+
+    The core's `bpf/` is always on the include path (a plugin's program includes the core's
+    `lib/*.h`, so both see one definition of the shared maps). The cache key covers every
+    `.c`/`.h` beside `source` and in each include dir, the defines and the clang version."""
+    source = Path(source)
+    if not source.is_absolute():
+        raise DatapathError(f"BPF source {source}: expected an absolute path")
+    if not source.is_file():
+        raise DatapathError(f"BPF source {source} not found")
     cache_dir = cache_dir or default_cache_dir()
+    includes: list[Path] = []
+    for inc in (*include_dirs, bpf_source_dir()):
+        inc = Path(inc).resolve()
+        if inc not in includes:
+            includes.append(inc)
     define_args = [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
-    digest = _sources_digest(src_dir)
-    for inc in extra_include:
-        digest.update(_sources_digest(inc).digest())
-    digest.update(source.encode() + b"\0" + "\0".join(define_args).encode() + b"\0")
+    digest = _sources_digest(source.parent)
+    for inc in includes:
+        if inc != source.parent.resolve():
+            digest.update(_sources_digest(inc).digest())
+    digest.update(source.name.encode() + b"\0" + "\0".join(define_args).encode() + b"\0")
     digest.update(clang_version().encode())
-    obj = cache_dir / f"{Path(source).stem}-{digest.hexdigest()[:32]}.o"
+    obj = cache_dir / f"{source.stem}-{digest.hexdigest()[:32]}.o"
     if obj.is_file():
         return obj
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".o.tmp")
     os.close(fd)
-    cmd = [CLANG, *BASE_FLAGS, *define_args, *(f"-I{p}" for p in extra_include),
-           "-c", str(src_dir / source), "-o", tmp]
+    cmd = [CLANG, *BASE_FLAGS, *define_args, *(f"-I{p}" for p in includes),
+           "-c", str(source), "-o", tmp]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         Path(tmp).unlink(missing_ok=True)
-        raise DatapathError(f"compiling {source} failed:\n{proc.stderr.strip()}")
+        raise DatapathError(f"compiling {source.name} failed:\n{proc.stderr.strip()}")
     os.replace(tmp, obj)  # atomic: concurrent compilers never see a half-written object
     return obj

@@ -7,23 +7,22 @@ endpoint's host-side veth, which the kernel keeps when the agent dies."""
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import ipaddress
 import logging
-import os
-import socket
-import struct
-import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from pylium.datapath import libbpf, tc
-from pylium.datapath.compile import compile_object
+from pylium.datapath import libbpf, tc, testrun
+from pylium.datapath.bpffs import ensure_bpffs
+from pylium.datapath.compile import bpf_source_dir
+from pylium.datapath.hwaddr import interface_mac
 from pylium.datapath.libbpf import DatapathError, lib
+from pylium.datapath.loader import LoadedObject, load_object
 from pylium.datapath.maps.base import BpfMap
 from pylium.datapath.maps.conntrack import CT_F_CLOSING, CT_F_SEEN_REPLY, CtEntry, CtKey
 from pylium.datapath.maps.endpoints import (
@@ -42,7 +41,13 @@ from pylium.datapath.maps.policy import (
     encode_entry,
     encode_meta,
 )
-from pylium.datapath.packet import SkBuff, build
+from pylium.datapath.packet import SkBuff
+from pylium.datapath.proxy import (
+    install_proxy_routing,
+    prepare_endpoint_veth,
+    remove_proxy_routing,
+)
+from pylium.datapath.testrun import decode_result
 from pylium.errors import UserError
 from pylium.policy.mapstate import (
     PROTOCOL_NAMES,
@@ -53,15 +58,13 @@ from pylium.policy.mapstate import (
 log = logging.getLogger(__name__)
 
 OBJECT_SOURCE = "bpf_lxc.c"
-PROGRAMS = ("from_container", "to_container")
+PROGRAMS = ("from_container", "to_container", "from_netdev")
 PINNED_MAPS = ("endpoints", "ipcache", "policy", "conntrack", "metrics", "events", "events_lost",
-               "routing_progs")
-MARK_MAGIC_DRYRUN = 0x0D00
-TRACE_CB_IDENTITY = 0x70796C6D
-TRACE_CB_DRYRUN = 0x64727972
-TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
-CT_STATES = {0: "new", 1: "established", 2: "reply"}
-VERDICT_NAMES = {0: None, 1: "allowed", 2: "denied", 3: "redirected"}
+               "routing_progs", "lb4_services", "lb4_backends", "lb4_reverse_nat", "lb4_maglev",
+               "lb4_affinity", "lb4_sock_revnat")
+#: the hash maps whose fill ratio Cilium reports as map pressure
+PRESSURE_MAPS = ("endpoints", "ipcache", "conntrack", "policy")
+CT_DIRECTIONS = {0: "ingress", 1: "egress", 2: "service", 3: "nodeport", 4: "nodeport-snat"}
 MAX_IDENTITY = 0xFFFFFFFE
 ENDPOINT_IDENTITY_LIMIT = 1 << 24
 
@@ -89,52 +92,6 @@ def _check_ep_id(ep_id: int) -> None:
         raise UserError(f"ep_id: {ep_id} outside 1..65535")
 
 
-SIOCGIFHWADDR = 0x8927
-
-
-def interface_mac(ifindex: int) -> str | None:
-    """MAC address of `ifindex` in the calling thread's netns, or None if there is none."""
-    try:
-        name = socket.if_indextoname(ifindex)
-    except OSError:
-        return None
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            raw = fcntl.ioctl(sock.fileno(), SIOCGIFHWADDR, struct.pack("256s", name.encode()[:15]))
-        except OSError:
-            return None
-    return ":".join(f"{b:02x}" for b in raw[18:24])
-
-
-def _ensure_bpffs(root: Path) -> None:
-    if str(root).startswith("/sys/fs/bpf") and not os.path.ismount("/sys/fs/bpf"):
-        proc = subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"],
-                              capture_output=True, text=True)
-        if proc.returncode != 0 and not os.path.ismount("/sys/fs/bpf"):
-            raise DatapathError(f"mounting bpffs on /sys/fs/bpf failed: {proc.stderr.strip()}")
-
-
-_PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
-_libc = ctypes.CDLL(None)
-_libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
-_libbpf_log: list[str] = []
-
-
-@_PRINT_FN
-def _libbpf_print(level: int, fmt: bytes, args: int) -> int:
-    buf = ctypes.create_string_buffer(4096)
-    _libc.vsnprintf(buf, len(buf), fmt, args)
-    text = buf.value.decode(errors="replace").rstrip()
-    if level == 0 or level == 1:  # LIBBPF_WARN, LIBBPF_INFO
-        _libbpf_log.append(text)
-        del _libbpf_log[:-200]
-        log.debug("libbpf: %s", text)
-    return 0
-
-
-lib.libbpf_set_print(ctypes.cast(_libbpf_print, ctypes.c_void_p))
-
-
 class Datapath:
     """The endpoint datapath of one node, pinned under `bpffs_root`. Use it from the netns
     that holds the endpoints' host-side veths (the node netns the agent runs in); every
@@ -147,10 +104,11 @@ class Datapath:
         if len(self.ct_timeouts) != 3 or min(self.ct_timeouts) <= 0:
             raise UserError(f"ct_timeouts: expected three positive seconds, got {ct_timeouts}")
         self.cache_dir = cache_dir
-        self._obj: int | None = None
+        self._obj: LoadedObject | None = None
         self._lock = threading.RLock()
         self.prog_fds: dict[str, int] = {}
         self.object_path: Path | None = None
+        self._proxy_routing = False  # installed in this netns by this object
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -170,49 +128,38 @@ class Datapath:
 
     def _load(self) -> None:
         with self._lock:
-            _ensure_bpffs(self.root)
+            ensure_bpffs(self.root)
             self.root.mkdir(parents=True, exist_ok=True)
             (self.root / "progs").mkdir(exist_ok=True)
-            self.object_path = compile_object(OBJECT_SOURCE, self.defines, self.cache_dir)
-            obj = lib.bpf_object__open_file(str(self.object_path).encode(), None)
-            if not obj or lib.libbpf_get_error(obj):
-                raise DatapathError(f"opening BPF object {self.object_path} failed")
+            loaded = load_object(bpf_source_dir() / OBJECT_SOURCE, self.defines,
+                                 pin_root=self.root, pinned_maps=PINNED_MAPS,
+                                 require_pinned=True, cache_dir=self.cache_dir)
             try:
-                for name in PINNED_MAPS:
-                    m = lib.bpf_object__find_map_by_name(obj, name.encode())
-                    if not m:
-                        raise DatapathError(f"map {name} missing from {self.object_path}")
-                    libbpf.check(lib.bpf_map__set_pin_path(m, str(self.root / name).encode()),
-                                 f"setting pin path of {name}")
-                del _libbpf_log[:]
-                rc = lib.bpf_object__load(obj)
-                if rc < 0:
-                    detail = "\n".join(_libbpf_log[-30:])
-                    raise DatapathError(
-                        f"loading {OBJECT_SOURCE} failed ({os.strerror(libbpf.errno_of(rc))}); "
-                        f"if pinned maps under {self.root} have an old layout, remove them "
-                        f"(pylium lab down / Datapath.destroy()):\n{detail}")
-                self._bind_maps(obj)
+                self._bind_maps(loaded)
                 for name in PROGRAMS:
-                    prog = lib.bpf_object__find_program_by_name(obj, name.encode())
-                    self.prog_fds[name] = libbpf.check(lib.bpf_program__fd(prog), f"fd of {name}")
+                    self.prog_fds[name] = loaded.program(name)
                     pin = self.root / "progs" / name
                     if pin.exists():
                         pin.unlink()
                     libbpf.obj_pin(self.prog_fds[name], str(pin))
             except BaseException:
-                lib.bpf_object__close(obj)
+                loaded.close()
                 self.prog_fds.clear()
                 raise
-            self._obj = obj
+            self.object_path = loaded.object_path
+            self._obj = loaded
 
-    def _bind_maps(self, obj: int) -> None:
-        def fd(name: str) -> int:
-            return libbpf.check(lib.bpf_map__fd(lib.bpf_object__find_map_by_name(obj, name.encode())),
-                                f"fd of map {name}")
+    def load_object(self, source: Path, defines: Mapping[str, object] | None = None
+                    ) -> LoadedObject:
+        """Compile and load a plugin's object with this datapath's cache, its maps bound to
+        the core's pins (endpoints, ipcache, ... shared, not copies). The caller closes it."""
+        self._require_open()  # the pins exist: the object adopts them rather than making its own
+        return load_object(source, defines, pin_root=self.root, pinned_maps=PINNED_MAPS,
+                           cache_dir=self.cache_dir)
 
+    def _bind_maps(self, loaded: LoadedObject) -> None:
         def typed(name, key, value, percpu=False):
-            return BpfMap(fd(name), name, key, value, percpu=percpu, owned=False)
+            return BpfMap(loaded.map(name), name, key, value, percpu=percpu, owned=False)
 
         self.endpoints = typed("endpoints", EndpointKey, EndpointInfoValue)
         self.ipcache = typed("ipcache", IpcacheKey, RemoteEndpointInfo)
@@ -220,8 +167,8 @@ class Datapath:
         self.conntrack = typed("conntrack", CtKey, CtEntry)
         self.metrics = typed("metrics", MetricsKey, MetricsValue, percpu=True)
         self.events_lost_map = typed("events_lost", U32Key, U64Value, percpu=True)
-        self.events_fd = fd("events")
-        self.routing_progs_fd = fd("routing_progs")
+        self.events_fd = loaded.map("events")
+        self.routing_progs_fd = loaded.map("routing_progs")
 
     def _ours(self, value: EndpointInfoValue) -> bool:
         """The interface at the endpoint's ifindex, in this netns, is its host-side veth
@@ -249,7 +196,7 @@ class Datapath:
         """Drop our fds; pins and attached programs stay (the datapath keeps running)."""
         with self._lock:
             if self._obj is not None:
-                lib.bpf_object__close(self._obj)
+                self._obj.close()
             self._obj = None
             self.prog_fds.clear()
 
@@ -265,6 +212,10 @@ class Datapath:
                 for _key, value in list(self.endpoints.items()):
                     if self._ours(value):
                         self._detach_programs(value.ifindex)
+                        self._proxy_routing = True
+            if self._proxy_routing:
+                remove_proxy_routing()
+                self._proxy_routing = False
             self.close()
             for name in (*PINNED_MAPS, *(f"progs/{p}" for p in PROGRAMS)):
                 path = self.root / name
@@ -301,6 +252,11 @@ class Datapath:
     # -- endpoints ------------------------------------------------------------------
 
     def _attach_programs(self, ifindex: int) -> None:
+        # the netns holding endpoint veths is the node's: flows the programs send to the L7
+        # proxy need its policy routing there (never installed by an agent without pods)
+        install_proxy_routing()
+        self._proxy_routing = True
+        prepare_endpoint_veth(ifindex)
         tc.attach(ifindex, tc.INGRESS, self.prog_fds["from_container"])
         tc.attach(ifindex, tc.EGRESS, self.prog_fds["to_container"])
 
@@ -524,7 +480,7 @@ class Datapath:
                     "sport": int.from_bytes(bytes(k.sport), "big"),
                     "dport": int.from_bytes(bytes(k.dport), "big"),
                     "protocol": PROTOCOLS.get(proto, str(proto)),
-                    "direction": "egress" if k.direction else "ingress",
+                    "direction": CT_DIRECTIONS.get(k.direction, str(k.direction)),
                     "ep_id": v.ep_id, "src_identity": v.src_identity,
                     "expires_in_s": round((v.expires_ns - now) / 1e9, 1),
                     "expired": v.expires_ns <= now,
@@ -532,6 +488,7 @@ class Datapath:
                     "seen_reply": bool(v.flags & CT_F_SEEN_REPLY),
                     "closing": bool(v.flags & CT_F_CLOSING),
                     "policy_revision": v.policy_rev, "proxy_port": v.proxy_port,
+                    "rev_nat_index": v.rev_nat_index, "backend_id": v.backend_id,
                 })
         return rows
 
@@ -541,10 +498,22 @@ class Datapath:
             rows = []
             for k, per_cpu in self.metrics.items():
                 rows.append({"reason": k.reason, "reason_desc": reason_name(k.reason),
-                             "direction": "egress" if k.direction else "ingress",
+                             "direction": CT_DIRECTIONS.get(k.direction, str(k.direction)),
                              "packets": sum(v.packets for v in per_cpu),
                              "bytes": sum(v.bytes for v in per_cpu)})
         return sorted(rows, key=lambda r: (r["reason"], r["direction"]))
+
+    def map_pressure(self) -> dict[str, float]:
+        """Fill ratio (entries / max_entries) of each of PRESSURE_MAPS, by map name."""
+        with self._lock:
+            self._require_open()
+            out: dict[str, float] = {}
+            for name in PRESSURE_MAPS:
+                bpf_map: BpfMap = getattr(self, name)
+                max_entries = libbpf.map_info(bpf_map.fd).max_entries
+                if max_entries:
+                    out[name] = sum(1 for _ in bpf_map.keys()) / max_entries
+            return out
 
     def event_maps(self) -> tuple[Path, Path]:
         """Pin paths of the events ring buffer and its per-CPU lost counter."""
@@ -572,34 +541,23 @@ class Datapath:
 
     def run_program(self, name: str, packet: bytes, ifindex: int, mark: int = 0,
                     repeat: int = 1, dry_run: bool = False,
-                    src_identity: int | None = None) -> tuple[int, SkBuff, int]:
+                    src_identity: int | None = None,
+                    ingress_ifindex: int = 0) -> tuple[int, SkBuff, int]:
         """BPF_PROG_TEST_RUN of one loaded program: (retval, ctx out, ns per run). A dry run
-        writes no conntrack, events or metrics and may impose the source identity."""
+        writes no conntrack, events or metrics and may impose the source identity.
+        `ingress_ifindex` 0 = a packet sent by a socket of the node, else received there."""
         self._require_open()
-        ctx = SkBuff(mark=mark, ifindex=ifindex)
-        if dry_run:
-            ctx.mark = MARK_MAGIC_DRYRUN
-            ctx.cb[2] = TRACE_CB_DRYRUN
-            if src_identity is not None:
-                ctx.cb[0], ctx.cb[1] = src_identity, TRACE_CB_IDENTITY
-        retval, duration, _data, ctx_out = libbpf.test_run(self.prog_fds[name], packet, ctx,
-                                                           repeat=repeat)
-        return retval, ctx_out, duration
+        return testrun.run_program(self.prog_fds[name], packet, ifindex, mark=mark,
+                                   repeat=repeat, dry_run=dry_run, src_identity=src_identity,
+                                   ingress_ifindex=ingress_ifindex)
 
     def trace(self, ep_id: int, direction: Direction | str, src_ip: str, dst_ip: str,
-              sport: int, dport: int, proto: int, src_identity: int | None = None) -> dict[str, Any]:
+              sport: int, dport: int, proto: int | str,
+              src_identity: int | None = None) -> dict[str, Any]:
         """Run the endpoint's program on a synthesized packet (dry run: no conntrack
         writes, events or metrics) and report what the kernel decided."""
-        if isinstance(direction, str):
-            try:
-                direction = Direction[direction.upper()]
-            except KeyError:
-                raise UserError(f"direction: {direction!r} is not ingress or egress") from None
-        if isinstance(proto, str):
-            from pylium.policy.mapstate import PROTOCOL_NUMBERS
-            proto = PROTOCOL_NUMBERS.get(proto.upper(), -1)
-        if proto not in PROTOCOLS:
-            raise UserError(f"proto: {proto} is not ICMP, TCP, UDP or SCTP")
+        direction = testrun.parse_direction(direction)
+        proto = testrun.parse_protocol(proto)
         if src_identity is not None:
             _check_identity(src_identity, "src_identity")
         with self._lock:
@@ -608,36 +566,9 @@ class Datapath:
             if found is None:
                 raise UserError(f"endpoint {ep_id} is not in the datapath")
             _key, ep = found
-            ep_mac, host_mac = bytes(ep.mac), bytes(ep.host_mac)
-            try:
-                if direction == Direction.EGRESS:
-                    pkt = build(src_ip, dst_ip, proto, sport, dport, src_mac=ep_mac, dst_mac=host_mac)
-                    program = "from_container"
-                else:
-                    pkt = build(src_ip, dst_ip, proto, sport, dport, src_mac=host_mac, dst_mac=ep_mac)
-                    program = "to_container"
-            except (ValueError, OSError) as exc:
-                raise UserError(f"trace packet: {exc}") from None
+            program, pkt = testrun.trace_packet(direction, bytes(ep.mac), bytes(ep.host_mac),
+                                                src_ip, dst_ip, sport, dport, proto)
             retval, ctx, _ns = self.run_program(
                 program, pkt, ep.ifindex, dry_run=True,
                 src_identity=src_identity if direction == Direction.INGRESS else None)
         return decode_result(retval, ctx, program, direction)
-
-
-def decode_result(retval: int, ctx: SkBuff, program: str, direction: Direction) -> dict[str, Any]:
-    reason = ctx.cb[0]
-    verdict = ctx.cb[1] & 0xFF
-    action = {TC_ACT_OK: "forwarded", TC_ACT_SHOT: "dropped",
-              TC_ACT_REDIRECT: "redirected"}.get(retval, f"tc action {retval}")
-    return {
-        "program": program, "direction": direction.name.lower(), "retval": retval,
-        "action": action,
-        "verdict": VERDICT_NAMES.get(verdict, str(verdict)),
-        "proxy_port": ctx.cb[1] >> 16,
-        "drop_reason": reason if retval == TC_ACT_SHOT else 0,
-        "drop_reason_desc": reason_name(reason) if retval == TC_ACT_SHOT else "",
-        "peer_identity": ctx.cb[2],
-        "ct": CT_STATES.get(ctx.cb[3], str(ctx.cb[3])),
-        "target_ifindex": ctx.cb[4],
-    }
-

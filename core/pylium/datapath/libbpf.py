@@ -1,15 +1,18 @@
 """ctypes binding over Debian's `libbpf.so.1` (libbpf 1.1): the only module that calls it.
 
-`lib` is the CDLL with argument/result types declared for every function pylium uses; other
-modules (e.g. `pylium.datapath.ringbuf`) may declare more on it. The thin wrappers below turn
-libbpf's negative-errno results into `DatapathError`s that name the operation."""
+`lib` opens the library on first use (never at import) with argument/result types declared
+for every function pylium uses; `capture_log()` routes libbpf's messages into a buffer the
+loader reads on failure. The thin wrappers below turn libbpf's negative-errno results into
+`DatapathError`s that name the operation."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
+import threading
 from ctypes import (
     POINTER,
     Structure,
@@ -30,7 +33,7 @@ class DatapathError(PyliumError):
     """A BPF or netlink operation failed; the message names the operation and errno."""
 
 
-def _load() -> ctypes.CDLL:
+def _open_cdll() -> ctypes.CDLL:
     for name in ("libbpf.so.1", ctypes.util.find_library("bpf")):
         if not name:
             continue
@@ -41,7 +44,42 @@ def _load() -> ctypes.CDLL:
     raise DatapathError("libbpf.so.1 not found: install Debian's libbpf1 (apt-get install libbpf-dev)")
 
 
-lib = _load()
+#: name -> (restype, argtypes) of every function pylium calls through `lib`
+_SIGNATURES: dict[str, tuple[object, list]] = {}
+
+
+class _Library:
+    """libbpf.so.1, opened on first use rather than at import (importing pylium must work,
+    and change nothing, on a host without libbpf). Declared functions become plain
+    attributes once open, so a call costs no more than on the CDLL itself."""
+
+    def __init__(self) -> None:
+        self._cdll: ctypes.CDLL | None = None
+        self._lock = threading.Lock()
+
+    def _open(self) -> ctypes.CDLL:
+        with self._lock:
+            if self._cdll is None:
+                cdll = _open_cdll()
+                for name, (restype, argtypes) in _SIGNATURES.items():
+                    fn = getattr(cdll, name)
+                    fn.restype, fn.argtypes = restype, argtypes
+                    setattr(self, name, fn)
+                self._cdll = cdll
+            return self._cdll
+
+    @property
+    def loaded(self) -> bool:
+        return self._cdll is not None
+
+    def __getattr__(self, name: str):
+        return getattr(self._cdll or self._open(), name)
+
+    def __getitem__(self, name: str):
+        return (self._cdll or self._open())[name]
+
+
+lib = _Library()
 
 # map types / flags / attach points used by pylium
 BPF_MAP_TYPE_HASH = 1
@@ -113,9 +151,7 @@ class BpfProgInfo(Structure):
 
 
 def _declare(name: str, restype, *argtypes) -> None:
-    fn = getattr(lib, name)
-    fn.restype = restype
-    fn.argtypes = list(argtypes)
+    _SIGNATURES[name] = (restype, list(argtypes))
 
 
 _declare("bpf_object__open_file", c_void_p, c_char_p, c_void_p)
@@ -148,8 +184,63 @@ _declare("bpf_tc_query", c_int, POINTER(BpfTcHook), POINTER(BpfTcOpts))
 _declare("libbpf_num_possible_cpus", c_int)
 _declare("libbpf_get_error", ctypes.c_long, c_void_p)
 _declare("libbpf_set_print", c_void_p, c_void_p)
+_declare("bpf_object__next_program", c_void_p, c_void_p, c_void_p)
+_declare("bpf_object__next_map", c_void_p, c_void_p, c_void_p)
+_declare("bpf_program__name", c_char_p, c_void_p)
+_declare("bpf_map__name", c_char_p, c_void_p)
 
 _ = (c_bool, c_uint)  # re-exported types for modules building on `lib`
+
+
+log = logging.getLogger(__name__)
+
+# -- libbpf's own messages ------------------------------------------------------------
+# libbpf prints its warnings (verifier log, BTF mismatches) through one process-wide
+# callback. `capture_log()` installs ours the first time something is loaded, never at
+# import: importing pylium must not change what libbpf does for the rest of the process.
+
+_PRINT_FN = ctypes.CFUNCTYPE(c_int, c_int, c_char_p, c_void_p)
+LOG_KEEP = 200
+_log_lines: list[str] = []
+_log_lock = threading.Lock()
+_vsnprintf = None
+_printer = None  # the installed callback; kept referenced so ctypes does not free it
+
+
+def _libbpf_print(level: int, fmt: bytes, args: int) -> int:
+    buf = ctypes.create_string_buffer(4096)
+    _vsnprintf(buf, len(buf), fmt, args)
+    text = buf.value.decode(errors="replace").rstrip()
+    if level in (0, 1):  # LIBBPF_WARN, LIBBPF_INFO (LIBBPF_DEBUG is dropped)
+        with _log_lock:
+            _log_lines.append(text)
+            del _log_lines[:-LOG_KEEP]
+        log.debug("libbpf: %s", text)
+    return 0
+
+
+def capture_log() -> None:
+    """Route libbpf's messages into our buffer (read with `log_tail`). Idempotent."""
+    global _vsnprintf, _printer
+    with _log_lock:
+        if _printer is not None:
+            return
+        vsnprintf = ctypes.CDLL(None).vsnprintf
+        vsnprintf.argtypes = [c_char_p, c_size_t, c_char_p, c_void_p]
+        _vsnprintf = vsnprintf
+        _printer = _PRINT_FN(_libbpf_print)
+        lib.libbpf_set_print(ctypes.cast(_printer, c_void_p))
+
+
+def clear_log() -> None:
+    with _log_lock:
+        del _log_lines[:]
+
+
+def log_tail(lines: int = 30) -> list[str]:
+    """The last libbpf messages captured (after `capture_log()`)."""
+    with _log_lock:
+        return list(_log_lines[-lines:])
 
 
 def check(rc: int, what: str) -> int:

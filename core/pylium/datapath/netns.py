@@ -13,6 +13,7 @@ import functools
 import inspect
 import itertools
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -455,3 +456,68 @@ def create_vxlan_external(ifname: str, port: int, mtu: int, netns: str | None = 
         info = _link_info(ip, ifname)
     assert info is not None
     return info
+
+
+# policy routing ---------------------------------------------------------------------------
+# These run on a helper thread even for the caller's own netns: the datapath calls them from
+# wherever it is used, the agent's event loop included (pyroute2's sync API cannot run there).
+def add_fwmark_local_table(mark: int, mask: int, table: int, priority: int,
+                           netns: str | None = None) -> None:
+    """Deliver packets whose mark matches `mark/mask` locally, whatever their destination:
+    rule `fwmark mark/mask lookup table` + `local 0.0.0.0/0 dev lo table table` (how a
+    transparent proxy receives connections to addresses that are not the host's).
+    Idempotent."""
+
+    def add() -> None:
+        with ipr() as ip:
+            if not _fwmark_rules(ip, mark, mask, table, priority):
+                ip.rule("add", family=socket.AF_INET, fwmark=mark, fwmask=mask, table=table,
+                        priority=priority)
+            ip.route("replace", dst="0.0.0.0/0", table=table, type="local", scope="host",
+                     oif=_index(ip, "lo"))
+
+    _on_thread(add, netns)
+
+
+def delete_fwmark_local_table(mark: int, mask: int, table: int, priority: int,
+                              netns: str | None = None) -> bool:
+    """Remove what `add_fwmark_local_table` added; False if none of it was there."""
+
+    def delete() -> bool:
+        removed = False
+        with ipr() as ip:
+            for _rule in _fwmark_rules(ip, mark, mask, table, priority):
+                ip.rule("del", family=socket.AF_INET, fwmark=mark, fwmask=mask, table=table,
+                        priority=priority)
+                removed = True
+            try:
+                ip.route("del", dst="0.0.0.0/0", table=table, type="local", scope="host",
+                         oif=_index(ip, "lo"))
+                removed = True
+            except NetlinkError as exc:
+                if exc.code not in (errno.ESRCH, errno.ENOENT):
+                    raise
+        return removed
+
+    return _on_thread(delete, netns)
+
+
+def fwmark_local_table_present(mark: int, mask: int, table: int, priority: int,
+                               netns: str | None = None) -> dict[str, bool]:
+    """{"rule": ..., "route": ...}: which parts of `add_fwmark_local_table` are in place."""
+
+    def present() -> dict[str, bool]:
+        with ipr() as ip:
+            rule = bool(_fwmark_rules(ip, mark, mask, table, priority))
+            route = any(m.get_attr("RTA_TABLE") == table
+                        for m in ip.get_routes(family=socket.AF_INET, table=table))
+        return {"rule": rule, "route": route}
+
+    return _on_thread(present, netns)
+
+
+def _fwmark_rules(ip: IPRoute, mark: int, mask: int, table: int, priority: int) -> list:
+    return [r for r in ip.get_rules(family=socket.AF_INET)
+            if r.get_attr("FRA_FWMARK") == mark and r.get_attr("FRA_FWMASK") == mask
+            and (r.get_attr("FRA_TABLE") or r["table"]) == table
+            and r.get_attr("FRA_PRIORITY") == priority]

@@ -253,26 +253,23 @@ class EndpointManager:
     async def regenerate_all(self, reason: str) -> dict[str, Any]:
         """Recompute and load every endpoint's policy. One failing endpoint does not stop the
         others; each failure leaves that endpoint's previous policy in place."""
-        async with self._lock:
-            failed = {}
-            for ep in list(self._endpoints.values()):
-                error = await self._regenerate(ep)
-                if error:
-                    failed[ep.id] = error
-            self.last_regeneration = {"reason": reason, "endpoints": len(self._endpoints),
-                                      "failed": failed}
-            return self.last_regeneration
+        return await self._regenerate_where(lambda ep: True, reason)
 
     async def regenerate_identities(self, identities: set[int], reason: str) -> dict[str, Any]:
         """Regenerate only the endpoints whose identity is in `identities`."""
+        return await self._regenerate_where(lambda ep: ep.identity in identities, reason)
+
+    async def _regenerate_where(self, selected, reason: str) -> dict[str, Any]:
+        """`last_regeneration` reports how many endpoints this pass regenerated (not how
+        many exist) and which of them failed."""
         async with self._lock:
             failed = {}
-            for ep in list(self._endpoints.values()):
-                if ep.identity in identities:
-                    error = await self._regenerate(ep)
-                    if error:
-                        failed[ep.id] = error
-            self.last_regeneration = {"reason": reason, "endpoints": len(self._endpoints),
+            chosen = [ep for ep in self._endpoints.values() if selected(ep)]
+            for ep in chosen:
+                error = await self._regenerate(ep)
+                if error:
+                    failed[ep.id] = error
+            self.last_regeneration = {"reason": reason, "endpoints": len(chosen),
                                       "failed": failed}
             return self.last_regeneration
 

@@ -41,7 +41,8 @@ def parse_addr(addr: str) -> tuple[str, int]:
 
 
 def make_metrics_app(observer) -> web.Application:
-    registry, collector = make_registry(observer)
+    daemon = getattr(observer, "daemon", None)
+    registry, collector = make_registry(observer, getattr(daemon, "metrics", None))
     app = web.Application()
     app[OBSERVER_KEY] = observer
 

@@ -224,7 +224,7 @@ class AgentCollector:
         datapath = comps.get("datapath")
         if datapath is not None:
             try:
-                pressure = _call(datapath, "map_pressure") or _map_pressure(datapath)
+                pressure = _call(datapath, "map_pressure")
             except Exception:
                 log.exception("reading map pressure")
                 pressure = None
@@ -234,32 +234,15 @@ class AgentCollector:
                 for name, ratio in sorted(pressure.items()):
                     fam.add_metric([name], float(ratio))
                 yield fam
+        lb = comps.get("lb")
+        if lb is not None and callable(getattr(lb, "metric_families", None)):
+            yield from lb.metric_families()
         kv = self.kvstore_status
         if kv is not None:
             yield GaugeMetricFamily("pylium_kvstore_healthy", "1 when the KV store answers.",
                                     value=1 if kv.get("healthy") else 0)
         yield GaugeMetricFamily("pylium_agent_uptime_seconds", "Seconds since the agent "
                                 "started.", value=round(time.time() - daemon.started_at, 3))
-
-
-#: the datapath's hash maps whose fill ratio Cilium reports as map pressure
-PRESSURE_MAPS = ("endpoints", "ipcache", "conntrack", "policy")
-
-
-def _map_pressure(datapath: Any) -> dict[str, float]:
-    """entries / max_entries of the datapath's hash maps (counted by key iteration)."""
-    from pylium.datapath import libbpf
-
-    out: dict[str, float] = {}
-    for attr in PRESSURE_MAPS:
-        bpf_map = getattr(datapath, attr, None)
-        fd = getattr(bpf_map, "fd", None)
-        if fd is None or fd < 0 or not hasattr(bpf_map, "keys"):
-            continue
-        max_entries = libbpf.map_info(fd).max_entries
-        if max_entries:
-            out[attr] = sum(1 for _ in bpf_map.keys()) / max_entries
-    return out
 
 
 def _count(component: Any, names: tuple[str, ...] = ("count", "list", "rules", "all")
@@ -280,8 +263,11 @@ def _count(component: Any, names: tuple[str, ...] = ("count", "list", "rules", "
         return None
 
 
-def make_registry(observer) -> tuple[CollectorRegistry, AgentCollector]:
-    registry = CollectorRegistry(auto_describe=False)
+def make_registry(observer, registry: CollectorRegistry | None = None
+                  ) -> tuple[CollectorRegistry, AgentCollector]:
+    """The agent's collector in `registry` (the daemon's, which plugins' collectors share)
+    or a new one."""
+    registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
     collector = AgentCollector(observer)
     registry.register(collector)
     return registry, collector

@@ -8,11 +8,13 @@ parser has that name, plugins may claim it through `pylium_l7_parser_for_port`."
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from typing import Any
 
 from pylium.api.records import Capability
+from pylium.policy.mapstate import PROTOCOL_NAMES
 from pylium.policy.resolve import PROXY_PORTS
 
 log = logging.getLogger(__name__)
@@ -24,19 +26,52 @@ def proxy_ports_of(protocol: str) -> dict[str, int]:
             if kind == protocol}
 
 
+#: how often the served proxy ports are compared with what the policy maps were built for
+SERVED_PORTS_CHECK_S = 1.0
+
+
 class L7Proxies:
-    """`daemon.components["l7"]`."""
+    """`daemon.components["l7"]`. Watches the ports the parsers' proxies serve: when a proxy
+    comes up or dies, every endpoint is regenerated, so redirects to it load as redirects or
+    turn back into denies (fail closed) within about a second."""
 
     def __init__(self, daemon):
         self.daemon = daemon
         self.parsers: list[Any] = []  # RunningCapability of kind "l7"
+        self.last_served: set[int] = set()
+        self._watch: Any = None
 
     def add(self, running: Any) -> None:
         self.parsers.append(running)
+        self.last_served = self.proxy_ports
+        if self._watch is None:
+            self._watch = self.daemon.spawn(self._watch_served_ports())
 
     def remove(self, running: Any) -> None:
         if running in self.parsers:
             self.parsers.remove(running)
+
+    async def _watch_served_ports(self) -> None:
+        while True:
+            await asyncio.sleep(SERVED_PORTS_CHECK_S)
+            try:
+                await self.check_served_ports()
+            except Exception:
+                log.exception("checking the L7 proxies' ports failed")
+
+    async def check_served_ports(self) -> bool:
+        """Regenerate the endpoints if the served ports changed; True if they did."""
+        served = self.proxy_ports
+        if served == self.last_served:
+            return False
+        gone, came = sorted(self.last_served - served), sorted(served - self.last_served)
+        self.last_served = served
+        log.warning("L7 proxy ports changed (now serving %s; gone %s, new %s): "
+                    "regenerating endpoints", sorted(served) or "none", gone or "-", came or "-")
+        endpoints = self.daemon.components.get("endpoint")
+        if endpoints is not None:
+            await endpoints.regenerate_all("L7 proxy ports changed")
+        return True
 
     @property
     def proxy_ports(self) -> set[int]:
@@ -51,18 +86,17 @@ class L7Proxies:
                 log.warning("l7 parser %s: served_ports failed: %s", running.name, exc)
         return ports
 
-    def parser_for(self, protocol: str, port: int, transport: str = "TCP") -> Any | None:
-        """The running parser that handles a redirect of `protocol` traffic to `port`."""
-        by_protocol = {getattr(r.backend, "protocol", "") or r.name: r for r in self.parsers
-                       if r.state == "running"}
-        if protocol in by_protocol:
-            return by_protocol[protocol].backend
+    def parser_name_for(self, protocol: str, port: int, transport: str = "TCP") -> str | None:
+        """Which running parser judges `protocol` requests redirected from `port`: the one
+        whose `protocol` it is, else the one a plugin names through
+        `pylium_l7_parser_for_port` (None: nobody; the redirect stays fail-closed)."""
+        running = [r for r in self.parsers if r.state == "running"]
+        for r in running:
+            if (getattr(r.backend, "protocol", "") or r.name) == protocol:
+                return r.name
         claimed = self.daemon.plugins.hook.pylium_l7_parser_for_port(port=port,
                                                                      protocol=transport)
-        by_name = {r.name: r for r in self.parsers if r.state == "running"}
-        if claimed in by_name:
-            return by_name[claimed].backend
-        return None
+        return claimed if any(r.name == claimed for r in running) else None
 
 
 class IdentityLookup:
@@ -99,11 +133,22 @@ class IdentityLookup:
 
 
 class L7PolicySource:
-    """What L7 proxies judge requests against: for every local endpoint, the L7 grants of
-    each redirected policy key (from the policy engine), and a way to hear of changes."""
+    """What one L7 parser judges requests against: for every local endpoint, the L7 grants
+    of each redirected policy key (from the policy engine) whose protocol this parser
+    handles (`L7Proxies.parser_for`), and a way to hear of changes."""
 
-    def __init__(self, daemon):
+    def __init__(self, daemon, parser: str):
         self.daemon = daemon
+        self.parser = parser
+
+    def _handled_here(self, key: Any, grants: tuple) -> bool:
+        proxies = self.daemon.components.get("l7")
+        if proxies is None:
+            return False
+        kinds = {g.kind for g in grants if g.kind}
+        transport = PROTOCOL_NAMES.get(key.protocol, str(key.protocol))
+        return any(proxies.parser_name_for(kind, key.port, transport) == self.parser
+                   for kind in kinds)
 
     def snapshot(self) -> list[dict[str, Any]]:
         """[{ep_id, ipv4, identity, entries: [(PolicyKey, (L7Grant, ...)), ...]}]"""
@@ -120,8 +165,10 @@ class L7PolicySource:
             except Exception as exc:
                 log.warning("L7 policy of endpoint %s not computed: %s", ep.id, exc)
                 continue
+            entries = [(key, grants) for key, grants in computed.l7.items()
+                       if self._handled_here(key, grants)]
             out.append({"ep_id": ep.id, "ipv4": ep.ipv4, "identity": int(ep.identity),
-                        "entries": sorted(computed.l7.items(), key=lambda kv: str(kv[0]))})
+                        "entries": sorted(entries, key=lambda kv: str(kv[0]))})
         return out
 
     def subscribe(self, callback) -> Any:
@@ -130,15 +177,6 @@ class L7PolicySource:
         if policy is None:
             return lambda: None
         return policy.engine.subscribe(lambda _change: callback())
-
-
-    async def proxy_ports_changed(self, reason: str) -> None:
-        """A proxy started or stopped serving its ports: reload every endpoint's policy, so
-        redirects to a port no proxy serves load as deny again (and as redirects once it
-        serves again)."""
-        endpoints = self.daemon.components.get("endpoint")
-        if endpoints is not None:
-            await endpoints.regenerate_all(reason)
 
 
 class LazyFlowRecorder:
@@ -159,7 +197,7 @@ def l7_context_handles(daemon, record: Capability) -> dict[str, Any]:
     protocol = getattr(record.backend, "protocol", "") or record.name
     return {"datapath": daemon.components.get("datapath"),
             "proxy_ports": proxy_ports_of(protocol),
-            "policy": L7PolicySource(daemon),
+            "policy": L7PolicySource(daemon, record.name),
             "identities": IdentityLookup(daemon),
             "flows": LazyFlowRecorder(daemon)}
 

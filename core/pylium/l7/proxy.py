@@ -31,7 +31,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pylium.datapath.marks import mark_encode_identity
+from pylium.datapath.marks import (
+    MARK_MAGIC_IDENTITY,
+    MARK_MAGIC_PROXY_EGRESS,
+    MAX_MARK_IDENTITY,
+    mark_encode_identity,
+)
 from pylium.l7.parser import (
     ConnectionInfo,
     ConnectionParser,
@@ -436,7 +441,7 @@ class Connection:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark_encode_identity(info.src_identity))
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, upstream_mark(info))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await asyncio.wait_for(loop.sock_connect(sock, (info.dst_ip, info.dst_port)),
                                    CONNECT_TIMEOUT)
@@ -522,6 +527,16 @@ class Connection:
     def _name(self) -> str:
         i = self.info
         return f"{i.src_ip}:{i.src_port} -> {i.dst_ip}:{i.dst_port}"
+
+
+def upstream_mark(info: ConnectionInfo) -> int:
+    """SO_MARK of the upstream socket: the client's identity, so the destination's policy
+    judges the client. From the egress proxy with the magic that makes the destination
+    apply its own L7 ingress rules again (its ingress proxy is a separate judge). A
+    local-scope (CIDR) identity does not fit a mark: it travels as world (fail closed)."""
+    identity = info.src_identity if info.src_identity <= MAX_MARK_IDENTITY else WORLD
+    magic = MARK_MAGIC_PROXY_EGRESS if info.direction == "egress" else MARK_MAGIC_IDENTITY
+    return mark_encode_identity(identity, magic)
 
 
 # the process --------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +60,7 @@ class ProxySupervisor:
     def __init__(self, state_dir: Path, parser_spec: str, listen: Mapping[str, int],
                  version: str, *, on_flow: Callable[[dict[str, Any]], None],
                  ipcache_pin: str | None = None, launcher: Iterable[str] = (),
-                 logger: logging.Logger | None = None,
-                 on_health: Callable[[bool], Awaitable[None]] | None = None):
+                 logger: logging.Logger | None = None):
         self.state_dir = Path(state_dir)
         self.parser_spec = parser_spec
         self.listen = dict(listen)
@@ -83,10 +82,6 @@ class ProxySupervisor:
         self._watch_task: asyncio.Task | None = None
         self.restarts = 0
         self.error = ""
-        #: awaited with the new health whenever it changes (the agent reloads policy maps:
-        #: a dead proxy's redirects must load as deny)
-        self.on_health = on_health
-        self._was_healthy = False
         self._wake = asyncio.Event()
         self.acked_upto = 0
         self._ack_pending = False
@@ -97,7 +92,6 @@ class ProxySupervisor:
         "adopted", "spawned" or "replaced"."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.how = await self._connect_or_spawn()
-        self._was_healthy = True
         self._watch_task = asyncio.get_running_loop().create_task(self._watch())
         return self.how
 
@@ -271,8 +265,9 @@ class ProxySupervisor:
         return {int(p) for p in (self.info.get("ports") or {}).values()}
 
     async def _watch(self) -> None:
-        """Reconnect to (or respawn) a proxy that went away, then re-push the policy; tell
-        `on_health` about every change in between."""
+        """Reconnect to (or respawn) a proxy that went away, then re-push the policy. While
+        it is away `served_ports()` is empty: the agent's L7 component sees that within a
+        second and reloads the endpoints' policy maps (redirects load as deny)."""
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), WATCH_INTERVAL)
@@ -282,7 +277,6 @@ class ProxySupervisor:
                     await self.refresh()
                 continue
             self.log.warning("l7 proxy is gone (%s): restarting it", self.error or "no answer")
-            await self._health(False)
             await self._disconnect()
             try:
                 self.how = await self._connect_or_spawn()
@@ -292,18 +286,6 @@ class ProxySupervisor:
             except Exception as exc:
                 self.error = str(exc)
                 self.log.error("l7 proxy restart failed: %s", exc)
-                continue
-            await self._health(True)
-
-    async def _health(self, healthy: bool) -> None:
-        if healthy == self._was_healthy:
-            return
-        self._was_healthy = healthy
-        if self.on_health is not None:
-            try:
-                await self.on_health(healthy)
-            except Exception:
-                self.log.exception("reacting to the l7 proxy's health failed")
 
     def status(self) -> dict[str, Any]:
         info = self.info or {}

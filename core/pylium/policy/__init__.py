@@ -1,7 +1,11 @@
 """policy: CiliumNetworkPolicy in, per-endpoint map states and explained verdicts out.
 
-    parse       YAML/JSON → `rule.Policy` (errors: `parse.PolicyError.errors`, one
-                `path: message` each); `load_text`, `load_file`, `load_files`
+    load        YAML/JSON text and files → `rule.Policy`: `load_text`, `load_file`,
+                `load_files`, `from_source` (errors: `errors.PolicyError.errors`, one
+                `path: message` each)
+    parse       the cattrs converter: plain data → models, errors named by path
+    validate    Cilium's rule validation (`CHECKS` per model, refused `UNSUPPORTED` fields)
+    namespace   Cilium's namespace translation of CNP/CCNP rules
     rule, selector, l4, http, kafka, dns, k8s
                 the frozen model, split like Cilium's pkg/policy/api
     repository  `PolicyRepository` (revision, subscribers) + `PolicyStore` (KV persistence)

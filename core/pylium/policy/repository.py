@@ -12,7 +12,7 @@ import attrs
 
 from pylium.api.kvstore import KVStore
 from pylium.errors import UserError
-from pylium.policy.parse import from_source
+from pylium.policy.load import from_source
 from pylium.policy.resolve import NamedRule, named_rules
 from pylium.policy.rule import Policy
 

@@ -2,7 +2,7 @@
 what may reach it (`ingress`, `ingressDeny`) or what it may reach (`egress`, `egressDeny`).
 
 `Policy` is one named document (a CNP, CCNP, NetworkPolicy, or a bare JSON rule list) holding
-its rules after Cilium's namespace translation (see `parse.translate_namespace`)."""
+its rules after Cilium's namespace translation (see `namespace.translate_namespace`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import NewType
 import attrs
 
 from pylium.policy.dns import FQDNSelector
+from pylium.policy.errors import PolicyWarning
 from pylium.policy.l4 import ICMPRule, PortDenyRule, PortRule
 from pylium.policy.selector import EndpointSelector
 
@@ -178,6 +179,8 @@ class Policy:
     description: str = ""
     #: the document as given (kept so the store can persist and re-parse it)
     source: dict | list | None = attrs.field(default=None, eq=False, repr=False)
+    #: what the document holds that is accepted but not enforced yet (re-derived on re-parse)
+    warnings: tuple[PolicyWarning, ...] = attrs.field(default=(), eq=False)
 
     @property
     def ref(self) -> str:

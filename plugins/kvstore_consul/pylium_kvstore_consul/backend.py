@@ -1,9 +1,9 @@
 """The `consul` backend: pylium's KV-store contract on Consul's KV store via `py-consul`.
 
-TESTED ONLY AGAINST AN EMULATOR: no Consul agent can run on pylium's build machines, so this
-backend has been exercised solely against `pylium_kvstore_consul.emulator`, an in-process
-emulation of Consul's HTTP API, using the real `py-consul` client. Expect surprises on a real
-Consul cluster.
+TESTED ONLY AGAINST AN EMULATOR: no Consul agent runs on pylium's build machines, so this
+backend has been exercised solely against the test suite's Consul HTTP API emulator
+(`tests/support/consul_emulator.py`, not shipped), using the real `py-consul` client. Expect
+surprises on a real Consul cluster.
 
 Mapping (Consul has no revision history, so some etcd semantics degrade):
 - revision  → Consul's KV index (`X-Consul-Index`); `mod_revision`/`create_revision` →

@@ -129,8 +129,7 @@ class L7Http(L7Parser):
         self.supervisor = ProxySupervisor(
             Path(ctx.state_dir) / "proxy", PARSER_SPEC, ports, _version(),
             on_flow=self._flow, ipcache_pin=str(Path(pin) / "ipcache") if pin else None,
-            launcher=self.options.get("launcher") or (), logger=ctx.log,
-            on_health=self._health_changed)
+            launcher=self.options.get("launcher") or (), logger=ctx.log)
         how = await self.supervisor.start()
         ctx.log.info("http L7 proxy %s (pid %s, ports %s)", how,
                      self.supervisor.info.get("pid"), ports)
@@ -155,11 +154,6 @@ class L7Http(L7Parser):
                 await self.supervisor.shutdown()
             else:
                 await self.supervisor.close()
-
-    async def _health_changed(self, healthy: bool) -> None:
-        changed = getattr(self.context.policy, "proxy_ports_changed", None)
-        if changed is not None:
-            await changed(f"http L7 proxy {'serving again' if healthy else 'gone'}")
 
     async def _push_loop(self) -> None:
         while True:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pylium.cli.client import AgentClient
+from pylium.agent.client import AgentClient
 from pylium.lab.lab import Lab
 
 PYLIUM = str(Path(sys.executable).with_name("pylium"))
@@ -160,11 +160,11 @@ def _land(lab, ship):
     return proc.returncode == 0 and proc.stdout == "Ship landed\n"
 
 
-def test_etcd_outage_keeps_enforcement_reports_degraded_and_resyncs(lab, shared_dir):
+def test_etcd_outage_keeps_enforcement_reports_degraded_and_resyncs(lab, example_policies):
     agents = clients(lab)
     sock1 = lab.node("node1")["socket"]
     subprocess.run([PYLIUM, "-H", sock1, "policy", "import",
-                    str(shared_dir / "seed-policies" / "l3-l4-rule1.yaml")],
+                    str(example_policies / "l3-l4-rule1.yaml")],
                    capture_output=True, text=True, check=True)
     until(lambda: _land(lab, "tiefighter") and not _land(lab, "xwing"),
           what="rule1 enforced")

@@ -83,7 +83,7 @@ def test_bpf_commands_and_trace_route(node, tmp_path):
         eps = json.loads(run("bpf", "endpoint", "list", "-o", "json"))
         assert [(e["ep_id"], e["ipv4"], e["identity"]) for e in eps] == [
             (1, "10.212.0.10", 1200), (2, "10.212.0.11", 1201)]
-        from pylium.cli.client import AgentClient
+        from pylium.agent.client import AgentClient
 
         client = AgentClient(server.sock)
         verdict = client.post("/v1/bpf/trace", {"ep_id": 2, "direction": "ingress",

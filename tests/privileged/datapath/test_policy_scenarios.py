@@ -7,17 +7,18 @@ import threading
 import time
 
 import pytest
-from pylium.datapath.datapath import Direction, decode_result
 from pylium.datapath.libbpf import DatapathError
 from pylium.datapath.maps.base import BpfMap
 from pylium.datapath.maps.events import decode as decode_event
 from pylium.datapath.packet import build
 from pylium.datapath.ringbuf import RingBufferReader
+from pylium.datapath.testrun import decode_result
 from pylium.errors import UserError
 from pylium.policy.mapstate import (
     PROTO_ICMP,
     PROTO_TCP,
     PROTO_UDP,
+    Direction,
     EndpointPolicy,
     PolicyEntry,
     PolicyKey,

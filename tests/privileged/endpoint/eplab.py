@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from pylium.cli.client import AgentClient
+from pylium.agent.client import AgentClient
 from pylium.lab.lab import Lab
 
 #: a TCP server answering "ok <port>" on every port given, for policy tests

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 from pylium.datapath import libbpf
-from pylium.datapath.compile import bpf_source_dir, compile_object
-from pylium.datapath.libbpf import lib
+from pylium.datapath.loader import load_object
 from pylium.flow.component import FlowObserver
 from pylium.flow.metrics import make_registry
 from pylium.flow.model import LOST_KERNEL, Flow, LostEvent
@@ -29,22 +28,11 @@ def burst_prog(tmp_path):
                    check=True)
     pin_dir = Path(f"/sys/fs/bpf/pylium-test-flow-{uuid.uuid4().hex[:8]}")
     pin_dir.mkdir()
-    obj_path = compile_object("burst.bpf.c", cache_dir=tmp_path, src_dir=HERE,
-                              extra_include=(bpf_source_dir(),))
-    obj = lib.bpf_object__open_file(str(obj_path).encode(), None)
-    assert obj and not lib.libbpf_get_error(obj)
     try:
-        libbpf.check(lib.bpf_object__load(obj), "loading burst.bpf.c")
-        fds = {}
-        for name in ("events", "events_lost"):
-            m = lib.bpf_object__find_map_by_name(obj, name.encode())
-            fds[name] = libbpf.check(lib.bpf_map__fd(m), name)
-            libbpf.obj_pin(fds[name], str(pin_dir / name))
-        prog = lib.bpf_object__find_program_by_name(obj, b"burst")
-        prog_fd = libbpf.check(lib.bpf_program__fd(prog), "burst fd")
-        yield prog_fd, pin_dir / "events", pin_dir / "events_lost"
+        with load_object(HERE / "burst.bpf.c", cache_dir=tmp_path, pin_root=pin_dir,
+                         pinned_maps=("events", "events_lost"), require_pinned=True) as obj:
+            yield obj.program("burst"), pin_dir / "events", pin_dir / "events_lost"
     finally:
-        lib.bpf_object__close(obj)
         shutil.rmtree(pin_dir, ignore_errors=True)
 
 

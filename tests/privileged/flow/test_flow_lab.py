@@ -103,14 +103,11 @@ def test_node_metrics_endpoint(lab):
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
 
 
-def test_starwars_acceptance_xwing_dropped_by_policy(lab, tmp_path):
+def test_starwars_acceptance_xwing_dropped_by_policy(lab, example_policies):
     """The issue's acceptance: with rule1 (only org=empire may reach deathstar:80),
     `pylium observe --verdict DROPPED -o json` shows xwing → deathstar:80 DROPPED with
     POLICY_DENIED and both sides' labels; tiefighter's flows stay FORWARDED."""
-    from pylium.demo import RULE1_TEXT
-
-    rule = tmp_path / "rule1.yaml"
-    rule.write_text(RULE1_TEXT)
+    rule = example_policies / "l3-l4-rule1.yaml"
     sock = lab.node()["socket"]
     proc = subprocess.run([PYLIUM, "-H", sock, "policy", "import", str(rule)],
                           capture_output=True, text=True, timeout=60)

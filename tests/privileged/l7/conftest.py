@@ -43,7 +43,6 @@ class PolicySource:
     def __init__(self):
         self.entries_by_ip: dict[str, list] = {SERVER_IP: [], CLIENT_IP: []}
         self.callbacks = []
-        self.port_changes: list[str] = []
 
     def snapshot(self):
         ids = {SERVER_IP: (1, SERVER_ID), CLIENT_IP: (2, CLIENT_ID)}
@@ -53,9 +52,6 @@ class PolicySource:
     def subscribe(self, callback):
         self.callbacks.append(callback)
         return lambda: self.callbacks.remove(callback)
-
-    async def proxy_ports_changed(self, reason: str) -> None:
-        self.port_changes.append(reason)
 
     def set(self, ingress=None, egress=None) -> None:
         """ingress/egress: {peer identity (0 = any): (L7Grant, ...)}, on the test ports."""

@@ -29,7 +29,7 @@ def _leftovers(name: str, status: dict) -> list[str]:
     return left
 
 
-def test_starwars_story_and_clean_teardown(shared_dir):
+def test_starwars_story_and_clean_teardown(example_policies):
     name = "s" + secrets.token_hex(3)
     env = {**os.environ, "PYLIUM_LAB": name, "PYLIUM_SOCKET": f"/var/run/pylium/{name}-node1.sock"}
 
@@ -60,7 +60,7 @@ def test_starwars_story_and_clean_teardown(shared_dir):
         assert pylium("lab", "exec", "xwing", "--", "sh", "-c", "exit 7",
                       check=False).returncode == 7
 
-        pylium("policy", "import", str(shared_dir / "seed-policies" / "l3-l4-rule1.yaml"))
+        pylium("policy", "import", str(example_policies / "l3-l4-rule1.yaml"))
         deadline = time.monotonic() + 10  # regeneration is asynchronous to the import
         while True:
             deathstar = json.loads(pylium("endpoint", "get", "deathstar", "-o", "json").stdout)
@@ -87,7 +87,7 @@ def test_starwars_story_and_clean_teardown(shared_dir):
         # fail closed: with no L7 proxy running, the L7 variant of rule1 may not turn into an
         # L4 allow of port 80 — even the empire's POST is dropped, and the trace says why
         revision = deathstar["policy_revision"]
-        pylium("policy", "import", str(shared_dir / "seed-policies" / "l7-rule1.yaml"))
+        pylium("policy", "import", str(example_policies / "l7-rule1.yaml"))
         deadline = time.monotonic() + 10
         while True:
             deathstar = json.loads(pylium("endpoint", "get", "deathstar", "-o", "json").stdout)

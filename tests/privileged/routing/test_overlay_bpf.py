@@ -15,7 +15,6 @@ import pytest
 from pylium.datapath import Datapath, libbpf
 from pylium.datapath.maps.endpoints import EndpointInfoValue, EndpointKey
 from pylium.datapath.packet import SkBuff, build
-from pylium.datapath.plugin_object import PluginObject
 from pylium.policy.mapstate import PROTO_TCP, PROTO_UDP
 from pylium_overlay_geneve.backend import BPF_DIR, BPF_SOURCE
 
@@ -42,10 +41,9 @@ def geneve():
         dp.endpoints.update(EndpointKey.of(LOCAL_POD), EndpointInfoValue(
             41, 1, 0, LOCAL_ID, (ctypes.c_uint8 * 6)(*POD_MAC), (ctypes.c_uint8 * 6)(*HOST_MAC)))
         dp.upsert_ipcache(f"{REMOTE_POD}/32", REMOTE_ID, PEER_IP)
-        obj = PluginObject(dp, BPF_DIR, BPF_SOURCE,
-                           {"GENEVE_PORT": 6081, "NODE_IP": f"{int(ipaddress.IPv4Address(NODE_IP))}u"})
-        fds = obj.load(("geneve_egress", "geneve_ingress"))
-        yield fds
+        obj = dp.load_object(BPF_DIR / BPF_SOURCE, {
+            "GENEVE_PORT": 6081, "NODE_IP": f"{int(ipaddress.IPv4Address(NODE_IP))}u"})
+        yield obj.prog_fds
         obj.close()
     finally:
         dp.destroy()

@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from pylium.cli.client import AgentClient
-from pylium.lab.lab import Lab, _stop_process
+from pylium.agent.client import AgentClient
+from pylium.lab.lab import Lab
+from pylium.lab.processes import stop_process
 
 PYLIUM = str(Path(sys.executable).with_name("pylium"))
 MODES = ("vxlan", "geneve", "native")
@@ -191,7 +192,7 @@ def test_switching_mode_is_config_and_restart():
         assert _ping(lab, "a", "b", count=2)
         state = lab.load()
         for node in state["nodes"]:
-            _stop_process(node["agent_pid"], node["state_dir"])
+            stop_process(node["agent_pid"], node["state_dir"])
             config = Path(node["state_dir"]) / "config.yaml"
             config.write_text(config.read_text().replace("routing_mode: vxlan",
                                                          "routing_mode: geneve"))

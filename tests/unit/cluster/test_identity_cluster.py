@@ -15,8 +15,9 @@ from pylium.identity.labels import LabelSet
 from pylium.identity.model import Identity
 from pylium.kvstore.embedded import EmbeddedKVStore
 from pylium_kvstore_consul.backend import ConsulKVStore
-from pylium_kvstore_consul.emulator import ConsulEmulator
 from pylium_kvstore_etcd.backend import EtcdKVStore
+
+from tests.support.consul_emulator import ConsulEmulator
 
 pytestmark = pytest.mark.filterwarnings("ignore:verify_ssl is deprecated:DeprecationWarning")
 

@@ -9,16 +9,27 @@ import shutil
 import subprocess
 
 import pytest
-from pylium.datapath.compile import compile_object
+from pylium.datapath.compile import bpf_source_dir, compile_object
 from pylium.datapath.maps.conntrack import CtEntry, CtKey
 from pylium.datapath.maps.endpoints import EndpointInfoValue, EndpointKey
 from pylium.datapath.maps.events import Event
 from pylium.datapath.maps.ipcache import IpcacheKey, RemoteEndpointInfo
+from pylium.datapath.maps.lb import (
+    Lb4AffinityKey,
+    Lb4AffinityVal,
+    Lb4Backend,
+    Lb4Key,
+    Lb4ReverseNat,
+    Lb4Service,
+    Lb4SockKey,
+    Lb4SockVal,
+)
 from pylium.datapath.maps.metrics import MetricsKey, MetricsValue
 from pylium.datapath.maps.policy import PolicyMapEntry, PolicyMapKey
 
 MIRRORS = [EndpointKey, EndpointInfoValue, IpcacheKey, RemoteEndpointInfo, PolicyMapKey,
-           PolicyMapEntry, CtKey, CtEntry, MetricsKey, MetricsValue, Event]
+           PolicyMapEntry, CtKey, CtEntry, MetricsKey, MetricsValue, Event, Lb4Key, Lb4Service,
+           Lb4Backend, Lb4ReverseNat, Lb4AffinityKey, Lb4AffinityVal, Lb4SockKey, Lb4SockVal]
 
 pytestmark = pytest.mark.skipif(shutil.which("clang") is None or shutil.which("bpftool") is None,
                                 reason="needs clang and bpftool")
@@ -26,7 +37,7 @@ pytestmark = pytest.mark.skipif(shutil.which("clang") is None or shutil.which("b
 
 @pytest.fixture(scope="module")
 def btf_structs(tmp_path_factory) -> dict[str, dict]:
-    obj = compile_object("bpf_alignchecker.c", cache_dir=tmp_path_factory.mktemp("bpfcache"))
+    obj = compile_object(bpf_source_dir() / "bpf_alignchecker.c", cache_dir=tmp_path_factory.mktemp("bpfcache"))
     out = subprocess.run(["bpftool", "btf", "dump", "file", str(obj), "-j"], check=True,
                          capture_output=True, text=True).stdout
     return {t["name"]: t for t in json.loads(out)["types"] if t["kind"] == "STRUCT"}

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pylium.cli.client import AgentClient
+from pylium.agent.client import AgentClient
 
 from ._helpers import PYLIUM, assert_one_line_error, run_pylium
 

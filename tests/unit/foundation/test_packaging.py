@@ -1,12 +1,14 @@
 """Packaging as a user meets it: the core and one plugin installed alone into a fresh venv,
 a third-party plugin (`examples/pylium-kvstore-file`) installed, discovered, selected and
 called by a running agent, uninstalling plugins, and root extras resolved from `make wheels`
-output (`pip install -f dist 'pylium[etcd]'`).
+output (`pip install -f dist 'pylium[etcd]'`), and the core plus two plugins resolved against the
+package index with no constraints file (the newest releases their ranges admit).
 
 Real pip, real wheels, a real venv. To stay fast and offline the venv borrows the project
 venv's third-party libraries (pluggy, attrs, aiohttp, ...) through a `.pth` file pointing at a
 directory of symlinks that leaves out every pylium distribution; pylium itself and its plugins
-are installed as wheels built from a copy of this checkout."""
+are installed as wheels built from a copy of this checkout. The one exception is the resolution
+test, which must see the index's newest releases: it installs them into an empty venv."""
 
 from __future__ import annotations
 
@@ -19,9 +21,12 @@ import sys
 import sysconfig
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from ._helpers import REPO
 
@@ -33,6 +38,7 @@ PROJECT_SITE = Path(sysconfig.get_paths()["purelib"])
 def sh(*cmd, timeout: float = 180, check: bool = True, **kw) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if (not k.startswith("PYLIUM_") or k == "PYLIUM_BPFFS_ROOT")}
     env.pop("PYTHONPATH", None)
+    env.pop("PIP_CONSTRAINT", None)  # what a test installs is what it says, nothing pinned
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
                           timeout=timeout, env=env, **kw)
     if check and proc.returncode != 0:
@@ -63,11 +69,12 @@ def wheelhouse(work) -> Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, src / name)
     shutil.copytree(REPO / "core", src / "core", ignore=ignore)
-    for sub in ("plugins/kvstore_etcd", "examples/pylium-kvstore-file"):
+    subs = ("plugins/kvstore_etcd", "plugins/l7_http", "examples/pylium-kvstore-file")
+    for sub in subs:
         shutil.copytree(REPO / sub, src / sub, ignore=ignore)
     wheels = work / "dist"
     sh(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", wheels, src,
-       src / "plugins/kvstore_etcd", src / "examples/pylium-kvstore-file")
+       *(src / sub for sub in subs))
     return wheels
 
 
@@ -96,6 +103,19 @@ def plugin_rows(python: Path) -> list[dict]:
 
 def wheel(wheels: Path, dist: str) -> Path:
     return next(wheels.glob(f"{dist.replace('-', '_')}-*.whl"))
+
+
+def test_the_wheel_ships_the_example_policies(wheelhouse):
+    """`python -m pylium.demo` from a wheel install imports rule1 from package data: the
+    wheel holds examples/policies (linked into the package in the checkout) byte for byte."""
+    shipped = {}
+    with zipfile.ZipFile(wheel(wheelhouse, "pylium")) as whl:
+        for name in whl.namelist():
+            if name.startswith("pylium/lab/example_policies/"):
+                shipped[name.rsplit("/", 1)[1]] = whl.read(name)
+    expected = {p.name: p.read_bytes() for p in (REPO / "examples/policies").glob("*.yaml")}
+    assert {"l3-l4-rule1.yaml", "l7-rule1.yaml", "cidr-rule.yaml"} <= set(expected)
+    assert shipped == expected
 
 
 def test_core_and_one_plugin_alone_then_a_third_party_plugin(wheelhouse, work):
@@ -167,3 +187,42 @@ def test_root_extras_resolve_from_built_wheels(wheelhouse, work):
     pip(python, "install", "-q", "--no-index", "-f", wheelhouse, "pylium[etcd]")
     rows = plugin_rows(python)
     assert [r["dist"] for r in rows] == ["pylium", "pylium-kvstore-etcd"]
+
+
+def test_core_and_two_plugins_resolve_with_the_newest_releases_in_range(wheelhouse, work):
+    """`pip install -f dist pylium pylium-kvstore-etcd pylium-l7-http` in an empty venv, with
+    the package index and without constraints.txt: pip resolves the declared ranges on its own,
+    picks the newest release each range admits (an outdated direct dependency is one whose
+    newest release lies outside its range, i.e. a new major), and the plugins then load."""
+    python = work / "venv-newest" / "bin/python"
+    sh(sys.executable, "-m", "venv", "--without-pip", python.parent.parent)
+    dists = ("pylium", "pylium-kvstore-etcd", "pylium-l7-http")
+    proc = sh(sys.executable, "-m", "pip", "--python", python, "install", "-q", "-f", wheelhouse,
+              *(wheel(wheelhouse, d) for d in dists), timeout=600, check=False)
+    assert proc.returncode == 0, f"pip could not resolve the declared ranges:\n{proc.stderr}"
+
+    rows = {r["dist"]: r for r in plugin_rows(python)}
+    assert {d: rows[d]["status"] for d in dists[1:]} == {d: "ok" for d in dists[1:]}
+
+    installed = {canonicalize_name(r["name"]): r["version"] for r in json.loads(
+        pip(python, "list", "--format", "json").stdout)}
+    outdated = {canonicalize_name(r["name"]): r["latest_version"] for r in json.loads(
+        sh(sys.executable, "-m", "pip", "--python", python, "list", "--outdated",
+           "--format", "json").stdout)}
+    requires = json.loads(sh(python, "-c", "import importlib.metadata as m, json, sys; "
+                             "print(json.dumps({d: m.requires(d) for d in sys.argv[1:]}))",
+                             *dists).stdout)
+    checked = []
+    for dist in dists:
+        for spec in requires[dist] or []:
+            req = Requirement(spec)
+            name = canonicalize_name(req.name)
+            if req.marker is not None or name.startswith("pylium"):
+                continue  # extras (test, plugin names) and our own distributions
+            assert installed[name] in req.specifier, (req, installed[name])
+            if name in outdated:
+                assert outdated[name] not in req.specifier, (
+                    f"{req.name} {installed[name]} was chosen though {outdated[name]} is in "
+                    f"range {req.specifier}: the ranges do not resolve with the newest")
+            checked.append(name)
+    assert {"pluggy", "aiohttp", "aetcd", "httptools"} <= set(checked)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pylium.cli.client import AgentClient
+from pylium.agent.client import AgentClient
 from pylium.kvstore.conformance import run
 from pylium.kvstore.testing import EtcdServer, free_port
 from pylium_kvstore_etcd.backend import EtcdKVStore
@@ -89,7 +89,10 @@ def test_agent_refuses_to_start_without_its_etcd(workdir):
          "--state-dir", str(workdir / "state"), "--kvstore", "etcd",
          "--kvstore-options", json.dumps({"endpoints": [dead], "connect_timeout": 2})],
         capture_output=True, text=True, timeout=60, env=agent_env())
-    assert out.returncode != 0
+    assert out.returncode == 3  # a selected plugin that cannot start
     assert "Traceback" not in out.stderr
     errors = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
-    assert errors == [f"Error: cannot reach etcd at {dead}: " + errors[0].split(": ", 2)[2]]
+    assert len(errors) == 1, out.stderr
+    prefix = "Error: kvstore 'etcd' (pylium-kvstore-etcd "
+    assert errors[0].startswith(prefix), errors
+    assert f") failed to start: cannot reach etcd at {dead}: " in errors[0], errors

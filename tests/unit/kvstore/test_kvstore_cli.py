@@ -146,7 +146,7 @@ def test_watch_replays_after_a_revision_as_text(api):
 def test_bad_query_is_a_user_error(api):
     out = subprocess.run(
         [sys.executable, "-c",
-         "from pylium.cli.client import AgentClient; import sys;"
+         "from pylium.agent.client import AgentClient; import sys;"
          f"AgentClient({str(api.sock)!r}).get('/v1/kvstore/watch?after_revision=x')"],
         capture_output=True, text=True, timeout=30)
     assert "after_revision" in out.stderr and "integer" in out.stderr

@@ -4,10 +4,13 @@ API emulator (no Consul agent can run here), plus the emulator's own Consul beha
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import time
+from pathlib import Path
 
 import consul
 import consul.aio
+import pylium_kvstore_consul
 import pytest
 from pylium.api.kvstore import KVStoreUnavailable
 from pylium.errors import ConfigError
@@ -15,7 +18,8 @@ from pylium.kvstore.conformance import KVStoreConformance, run
 from pylium.kvstore.testing import free_port
 from pylium.plugins import make_plugin_manager
 from pylium_kvstore_consul.backend import ConsulKVStore, parse_address
-from pylium_kvstore_consul.emulator import ConsulEmulator, parse_duration
+
+from tests.support.consul_emulator import ConsulEmulator, parse_duration
 
 # py-consul 1.8.0 passes aiohttp a deprecated argument on every client it creates
 pytestmark = pytest.mark.filterwarnings("ignore:verify_ssl is deprecated:DeprecationWarning")
@@ -43,6 +47,13 @@ def test_plugin_registers_the_consul_backend():
     record = make_plugin_manager().select("kvstore", "consul")
     assert record.backend is ConsulKVStore
     assert "emulator" in record.description
+
+
+def test_the_emulator_is_not_shipped_with_the_plugin():
+    """The emulator is a test double: the runtime package must not carry it."""
+    package = Path(pylium_kvstore_consul.__file__).parent
+    assert importlib.util.find_spec("pylium_kvstore_consul.emulator") is None
+    assert not [p for p in package.rglob("*.py") if "class ConsulEmulator" in p.read_text()]
 
 
 def test_unreachable_consul_is_one_clear_line(tmp_path):

@@ -3,8 +3,15 @@
 
 from __future__ import annotations
 
-from pylium.datapath.marks import mark_decode_identity, mark_encode_identity
-from pylium.l7.proxy import PolicyTable
+from pylium.datapath.marks import (
+    MARK_MAGIC_IDENTITY,
+    MARK_MAGIC_MASK,
+    MARK_MAGIC_PROXY_EGRESS,
+    mark_decode_identity,
+    mark_encode_identity,
+)
+from pylium.l7.parser import ConnectionInfo
+from pylium.l7.proxy import PolicyTable, upstream_mark
 from pylium.l7.supervisor import policy_message
 from pylium.policy.http import PortRuleHTTP
 from pylium.policy.mapstate import Direction, PolicyKey
@@ -70,9 +77,16 @@ def test_bad_rules_deny_instead_of_allowing():
     assert t.grants("ingress", "10.0.0.2", 1, 80) == ()  # key known, nothing allowed
 
 
-def test_mark_twin_round_trips_and_sets_the_magic():
-    for identity in (1, 2, 256, 1000, 65535, 65536, 0xABCDEF):
-        mark = mark_encode_identity(identity)
-        assert mark & 0x0F00 == 0x0F00
-        assert mark_decode_identity(mark) == identity
-    assert mark_encode_identity(0x123456) == 0x34560F12
+def test_upstream_mark_carries_the_client_identity_with_the_directions_magic():
+    def info(direction, identity):
+        return ConnectionInfo(direction=direction, src_ip="10.0.0.1", src_port=1,
+                              dst_ip="10.0.0.2", dst_port=80, src_identity=identity,
+                              dst_identity=1000)
+
+    ingress = upstream_mark(info("ingress", 0x123456))
+    assert ingress == mark_encode_identity(0x123456, MARK_MAGIC_IDENTITY) == 0x34560F12
+    egress = upstream_mark(info("egress", 2001))
+    assert egress & MARK_MAGIC_MASK == MARK_MAGIC_PROXY_EGRESS
+    assert mark_decode_identity(egress) == 2001
+    # a CIDR identity (local scope, >= 2**24) does not fit: it goes as world
+    assert mark_decode_identity(upstream_mark(info("ingress", 1 << 24))) == 2

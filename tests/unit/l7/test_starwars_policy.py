@@ -1,4 +1,4 @@
-"""The Star Wars L7 rule (../shared/seed-policies/l7-rule1.yaml) from policy text to the
+"""The Star Wars L7 rule (examples/policies/l7-rule1.yaml) from policy text to the
 proxy's answer: resolve -> L7 grants -> the JSON pushed to the proxy -> its policy table ->
 the HTTP parser's judgement, and the backend's `judge` for `policy trace` agrees."""
 
@@ -13,7 +13,7 @@ from pylium.identity.labels import LabelSet
 from pylium.identity.model import Identity
 from pylium.l7.proxy import PolicyTable
 from pylium.l7.supervisor import policy_message
-from pylium.policy.parse import load_file
+from pylium.policy.load import load_file
 from pylium.policy.resolve import resolve
 from pylium_l7_http.backend import HttpMetrics, L7Http
 from pylium_l7_http.parser import HttpParserFactory, judge
@@ -24,8 +24,8 @@ TIEFIGHTER = Identity(301, LabelSet.parse("org=empire,class=tiefighter" + NS))
 XWING = Identity(302, LabelSet.parse("org=alliance,class=xwing" + NS))
 
 
-def test_rule1_from_yaml_to_the_proxys_verdicts(shared_dir):
-    policies = load_file(shared_dir / "seed-policies" / "l7-rule1.yaml")
+def test_rule1_from_yaml_to_the_proxys_verdicts(example_policies):
+    policies = load_file(example_policies / "l7-rule1.yaml")
     cache = IdentityCache([DEATHSTAR, TIEFIGHTER, XWING])
     computed = resolve(policies, DEATHSTAR, cache)
     snapshot = [{"ep_id": 9, "ipv4": "10.0.0.9", "identity": 300,

@@ -56,11 +56,10 @@ def run(sock: str, *args: str):
     return result
 
 
-def test_import_get_trace_delete_and_identities(agent_socket, shared_dir):
-    seed = shared_dir / "seed-policies"
-    imported = run(agent_socket, "policy", "import", str(seed / "l7-rule1.yaml"))
+def test_import_get_trace_delete_and_identities(agent_socket, example_policies):
+    imported = run(agent_socket, "policy", "import", str(example_policies / "l7-rule1.yaml"))
     assert imported.exit_code == 0 and "imported 1 policies" in imported.output
-    assert run(agent_socket, "policy", "import", str(seed / "cidr-rule.yaml")).exit_code == 0
+    assert run(agent_socket, "policy", "import", str(example_policies / "cidr-rule.yaml")).exit_code == 0
     listing = json.loads(run(agent_socket, "policy", "get", "-o", "json").output)
     assert sorted(p["name"] for p in listing["policies"]) == ["cidr-rule", "rule1"]
     one = json.loads(run(agent_socket, "policy", "get", "default/rule1", "-o", "json").output)
@@ -80,3 +79,23 @@ def test_import_get_trace_delete_and_identities(agent_socket, shared_dir):
     gone = run(agent_socket, "policy", "delete", "--all", "-o", "json")
     assert len(json.loads(gone.output)["deleted"]) == 2
     assert json.loads(run(agent_socket, "policy", "get", "-o", "json").output)["policies"] == []
+
+
+def test_import_prints_the_agents_warnings_on_stderr_and_exits_0(agent_socket, tmp_path):
+    fqdn = tmp_path / "fqdn.yaml"
+    fqdn.write_text("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\n"
+                    "metadata: {name: fqdn}\nspec:\n  endpointSelector: {}\n  egress:\n"
+                    "  - toEndpoints: [{}]\n  - toFQDNs: [{matchPattern: '*.example.com'}]\n")
+    imported = run(agent_socket, "policy", "import", str(fqdn))
+    assert imported.exit_code == 0
+    assert imported.stdout.startswith("imported 1 policies, revision ")
+    assert imported.stderr.splitlines() == [
+        f"warning: {fqdn}: spec.egress[1].toFQDNs: not enforced yet by pylium (no DNS proxy "
+        "learns the names' addresses): selects no peers, so the traffic it would allow is "
+        "denied"]
+    as_json = run(agent_socket, "policy", "import", str(fqdn), "-o", "json")
+    assert as_json.exit_code == 0
+    assert [w["path"] for w in json.loads(as_json.stdout)["warnings"]] == [
+        "spec.egress[1].toFQDNs"]
+    listing = json.loads(run(agent_socket, "policy", "get", "-o", "json").stdout)
+    assert [p["name"] for p in listing["policies"]] == ["fqdn"]  # imported all the same

@@ -10,7 +10,7 @@ from pylium.identity.labels import LabelSet
 from pylium.identity.model import Identity
 from pylium.kvstore.embedded import EmbeddedKVStore
 from pylium.policy.engine import PolicyEngine
-from pylium.policy.parse import load_text
+from pylium.policy.load import load_text
 from pylium.policy.repository import POLICY_PREFIX, PolicyRepository, PolicyStore
 from pylium.policy.resolve import resolve
 

@@ -8,8 +8,8 @@ from pylium.identity.cache import IdentityCache
 from pylium.identity.labels import LabelSet
 from pylium.identity.model import IDENTITY_HOST, IDENTITY_WORLD, Identity
 from pylium.policy import evaluate
+from pylium.policy.load import load_text
 from pylium.policy.mapstate import Direction, Verdict, lookup
-from pylium.policy.parse import load_text
 from pylium.policy.resolve import PROXY_PORTS, l7_allows, resolve
 
 IN, OUT = Direction.INGRESS, Direction.EGRESS

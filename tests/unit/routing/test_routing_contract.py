@@ -9,12 +9,13 @@ import subprocess
 import threading
 
 import pytest
+from pylium.agent.node_events import off_loop
 from pylium.api.routing import NodeInfo
 from pylium.datapath.compile import BASE_FLAGS, bpf_source_dir
 from pylium.errors import UserError
 from pylium.plugins import make_plugin_manager
 from pylium.routing.base import RoutingContext
-from pylium.routing.component import Routing, off_loop
+from pylium.routing.component import Routing
 from pylium.routing.tunnel import TUNNEL_OVERHEAD, TunnelRouting
 from pylium_native_routing.backend import NativeRouting
 from pylium_overlay_geneve.backend import OverlayGeneve

@@ -1,8 +1,9 @@
-"""An emulator of the parts of Consul's HTTP API that the `consul` plugin uses.
+"""A Consul HTTP API emulator: a test double for the `consul` KV-store plugin's tests.
 
-No Consul agent can run on pylium's build machines (no binary in Debian, PyPI or npm), so the
+No Consul agent runs on pylium's build machines (no binary in Debian, PyPI or npm), so the
 plugin is tested against this in-memory server, driven by the real `py-consul` client. It is
 a test double, not a Consul: one node, no Raft, no ACLs, no datacenters, nothing persisted.
+It lives under `tests/` so that no distribution ships it (the lab does not use Consul).
 
 What it implements, following Consul's documented behaviour:
 - `GET/PUT/DELETE /v1/kv/<key>` with `recurse`, `keys`, `cas`, `flags`, `acquire`,
@@ -24,7 +25,8 @@ a prefix read with the prefix's own, smaller, max index; both only ever grow wit
 which is all a client may rely on), and a blocking KV read wakes on any KV change.
 `min_ttl` defaults to Consul's 10 s; tests lower it to keep lease tests short.
 
-Run one by hand: `python -m pylium_kvstore_consul.emulator --port 8500`.
+Run one by hand from the repository root:
+`python -m tests.support.consul_emulator --port 8500`.
 """
 
 from __future__ import annotations
