@@ -1,6 +1,7 @@
 """`ProxiedParser`: the lifecycle every L7 parser plugin that runs pylium's proxy process
 shares (spawn or adopt it through `ProxySupervisor`, push it the policy on every change,
-tell the agent when it stops or starts serving, hand its flow records to the flow layer).
+answer `served_ports` honestly — the L7 component watches it —, hand the proxy's flow
+records to the flow layer).
 A plugin names its parser spec and metrics; the protocol work stays in the plugin."""
 
 from __future__ import annotations
@@ -57,8 +58,7 @@ class ProxiedParser(L7Parser):
         self.supervisor = ProxySupervisor(
             Path(ctx.state_dir) / "proxy", self.parser_spec, ports, self.version(),
             on_flow=self._flow, ipcache_pin=str(Path(pin) / "ipcache") if pin else None,
-            launcher=self.options.get("launcher") or (), logger=ctx.log,
-            on_health=self._health_changed)
+            launcher=self.options.get("launcher") or (), logger=ctx.log)
         how = await self.supervisor.start()
         ctx.log.info("%s L7 proxy %s (pid %s, ports %s)", self.protocol, how,
                      self.supervisor.info.get("pid"), ports)
@@ -83,11 +83,6 @@ class ProxiedParser(L7Parser):
                 await self.supervisor.shutdown()
             else:
                 await self.supervisor.close()
-
-    async def _health_changed(self, healthy: bool) -> None:
-        changed = getattr(self.context.policy, "proxy_ports_changed", None)
-        if changed is not None:
-            await changed(f"{self.protocol} L7 proxy {'serving again' if healthy else 'gone'}")
 
     async def _push_loop(self) -> None:
         while True:

@@ -235,7 +235,6 @@ def run_api(sock: Path, method: str, path: str, body: dict | None = None) -> dic
 
 
 @pytest.mark.parametrize("flag, value, dist", [
-    ("--l7-parsers", "kafka", "pylium-l7-kafka"),
     ("--encryption", "wireguard", "pylium-encryption-wireguard"),
 ])
 def test_selecting_a_placeholder_stops_start_up_with_one_line(tmp_path, flag, value, dist):

@@ -101,9 +101,6 @@ class PolicySource:
         self.callbacks.append(callback)
         return lambda: self.callbacks.remove(callback)
 
-    async def proxy_ports_changed(self, reason: str) -> None:
-        pass
-
     def set(self, grants: tuple[L7Grant, ...]) -> None:
         self.entries = [(PolicyKey(0, Direction.INGRESS, TCP, self.port, 16), grants)]
         for callback in list(self.callbacks):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from pylium.errors import UserError
-from pylium.policy.parse import load_files
+from pylium.policy.load import load_files
 from pylium.policy.trace import TraceQuery, trace
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "plugins/l7_kafka/examples/kafka-empire.yaml"
