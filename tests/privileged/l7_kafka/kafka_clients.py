@@ -1,7 +1,7 @@
 """Real Kafka clients, run inside the test's network namespace by the tests:
 
     python kafka_clients.py mock SECONDS              # librdkafka's mock cluster; prints its bootstrap
-    python kafka_clients.py confluent-produce BOOTSTRAP TOPIC[,TOPIC...] [N]
+    python kafka_clients.py confluent-produce BOOTSTRAP TOPIC[,TOPIC...] [N [plain]]
     python kafka_clients.py confluent-consume BOOTSTRAP TOPIC N
     python kafka_clients.py aiokafka-produce BOOTSTRAP TOPIC[,TOPIC...] [N]
     python kafka_clients.py aiokafka-consume BOOTSTRAP TOPIC N
@@ -30,12 +30,13 @@ def mock(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def confluent_produce(bootstrap: str, topics: list[str], n: int) -> None:
+def confluent_produce(bootstrap: str, topics: list[str], n: int,
+                      idempotent: bool = True) -> None:
     import confluent_kafka
 
     producer = confluent_kafka.Producer({
         "bootstrap.servers": bootstrap, "message.timeout.ms": 8000,
-        "enable.idempotence": True, "log_level": 0, "linger.ms": 0})
+        "enable.idempotence": idempotent, "log_level": 0, "linger.ms": 0})
     for topic in topics:
         results: list[str | None] = []
 
@@ -154,7 +155,8 @@ def main(argv: list[str]) -> None:
     if command == "mock":
         mock(float(args[0]))
     elif command == "confluent-produce":
-        confluent_produce(args[0], args[1].split(","), int(args[2]) if len(args) > 2 else 3)
+        confluent_produce(args[0], args[1].split(","), int(args[2]) if len(args) > 2 else 3,
+                          idempotent=args[3:4] != ["plain"])
     elif command == "confluent-consume":
         confluent_consume(args[0], args[1], int(args[2]))
     elif command == "aiokafka-produce":
