@@ -200,6 +200,8 @@ def summary(flow: Flow) -> str:
     if flow.l7 and flow.l7.get("http"):
         http = flow.l7["http"]
         return f"HTTP/1.1 {http.get('method', '')} {http.get('url', '')}".strip()
+    if flow.l7 and flow.l7.get("kafka"):
+        return kafka_summary(flow.l7)
     if flow.protocol == PROTO_TCP:
         return "TCP Flags: " + ", ".join(tcp_flag_names(flow.tcp_flags))
     if flow.protocol == PROTO_UDP:
@@ -207,6 +209,23 @@ def summary(flow: Flow) -> str:
     if flow.protocol == PROTO_ICMP:
         return "ICMPv4 " + ICMP_TYPES.get(flow.sport, f"type {flow.sport}")
     return f"IP protocol {flow.protocol}"
+
+
+def kafka_summary(l7: dict[str, Any]) -> str:
+    """Hubble's wording: `Kafka request produce correlation id 8 topic 'orders'`."""
+    from pylium.policy.kafka import API_KEY_NAMES
+
+    kafka = l7["kafka"]
+    key = kafka.get("api_key")
+    name = API_KEY_NAMES.get(key, str(key)) if key is not None else "?"
+    text = f"Kafka {str(l7.get('type', 'request')).lower()} {name}"
+    if "correlation_id" in kafka:
+        text += f" correlation id {kafka['correlation_id']}"
+    if kafka.get("topic"):
+        text += f" topic '{kafka['topic']}'"
+    if kafka.get("error_code"):
+        text += f" error {kafka['error_code']}"
+    return text
 
 
 def to_hubble(flow: Flow) -> dict[str, Any]:
@@ -309,7 +328,7 @@ def compact_line(response: dict[str, Any]) -> str:
     event = f.get("event_type", {}).get("type")
     if event == 129:
         l7 = f.get("l7", {})
-        proto = "http" if "http" in l7 else "l7"
+        proto = "http" if "http" in l7 else "kafka" if "kafka" in l7 else "l7"
         what = f"{proto}-{str(l7.get('type', 'request')).lower()} {verdict}"
     elif event == 5:
         decision = {"FORWARDED": "ALLOWED", "DROPPED": "DENIED"}.get(verdict, verdict)

@@ -126,6 +126,9 @@ class ParserFactory(abc.ABC):
 
     #: the `rules.<protocol>` key this factory enforces ("http", "kafka", ...)
     protocol: str = ""
+    #: the most bytes of one direction a parser may need buffered before it can decide
+    #: (it must refuse larger messages itself); the proxy pauses reading only beyond this
+    max_buffer: int = 0
 
     @abc.abstractmethod
     def rules_from_json(self, rules: list[Mapping[str, Any]]) -> tuple[Any, ...]:

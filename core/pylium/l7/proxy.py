@@ -276,6 +276,9 @@ class Connection:
                               else self.info.dst_identity)
         self.parser: ConnectionParser = proxy.factory.new_connection(
             self.info, self._grants, self._emit)
+        #: bytes buffered before reading pauses: a parser that decides on whole frames
+        #: (Kafka) must see one whole, or reading would pause waiting for itself
+        self.read_limit = max(HIGH_WATER, int(getattr(proxy.factory, "max_buffer", 0)))
         proxy.stats["connections"] += 1
         proxy.active.add(self)
 
@@ -305,10 +308,10 @@ class Connection:
         side.need_call = True
         self._run(side)
         self.flush()
-        if len(side.buf) > HIGH_WATER:
+        if len(side.buf) > self.read_limit:
             self.pause_reading_of(side)
         for each in (self.request, self.reply):
-            if each.paused and len(each.buf) <= HIGH_WATER:
+            if each.paused and len(each.buf) <= self.read_limit:
                 self._resume_if_drained(each)
 
     def eof(self, side: Side) -> None:
