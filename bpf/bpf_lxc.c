@@ -422,8 +422,14 @@ int from_container(struct __sk_buff *skb)
 	if (r.ct == CT_NEW)
 		emit_event(&ec, &p, EVENT_TRACE, TRACE_TO_STACK, EVENT_F_CT_NEW, 0);
 	if (!ec.dry_run) {
+		__u32 tunnel = remote ? remote->tunnel_endpoint : 0;
+
+		/* the verifier refuses a store through a ctx pointer clang offset beforehand
+		 * ("dereference of modified ctx ptr"): hide skb's provenance so each store is
+		 * addressed from skb itself */
+		asm volatile("" : "+r"(skb));
 		skb->cb[CB_ROUTING_IDENTITY] = ec.src_identity;
-		skb->cb[CB_ROUTING_TUNNEL] = remote ? remote->tunnel_endpoint : 0;
+		skb->cb[CB_ROUTING_TUNNEL] = tunnel;
 		bpf_tail_call(skb, &routing_progs, ROUTING_SLOT_ENCRYPT);
 		if (remote && remote->tunnel_endpoint)
 			bpf_tail_call(skb, &routing_progs, ROUTING_SLOT_REMOTE);
