@@ -16,6 +16,7 @@ from pathlib import Path
 from aiohttp import web
 
 from pylium.agent.daemon import Daemon
+from pylium.documents import MAX_BYTES, load_json
 from pylium.errors import Conflict, PyliumError, UserError
 
 log = logging.getLogger(__name__)
@@ -48,18 +49,16 @@ async def errors_as_json(request: web.Request, handler):
 
 
 async def read_json(request: web.Request) -> dict:
-    """The request body as a JSON object, or a 400 naming what is wrong."""
-    try:
-        body = await request.json()
-    except ValueError:
-        raise UserError("request body is not valid JSON") from None
+    """The request body as a JSON object, or a 400 naming what is wrong (bounded like every
+    untrusted document: size, UTF-8, nesting; see `pylium.documents`)."""
+    body = load_json(await request.read(), "request body")
     if not isinstance(body, dict):
         raise UserError("request body must be a JSON object")
     return body
 
 
 def make_app(daemon: Daemon) -> web.Application:
-    app = web.Application(middlewares=[errors_as_json], client_max_size=16 * 1024 * 1024)
+    app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BYTES)
     app[DAEMON_KEY] = daemon
     import pylium.agent as package
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import functools
 import inspect
 import itertools
 import os
+import socket
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +27,7 @@ from pyroute2 import IPRoute, NetlinkError
 
 NETNS_RUN_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3), linux/nsfs.h
 MS_BIND, MS_REC, MS_SHARED, MNT_DETACH = 4096, 16384, 1 << 20, 2
 T = TypeVar("T")
 _TMP_NAMES = itertools.count(1)
@@ -34,8 +38,37 @@ def netns_path(netns: str) -> Path:
     return Path(netns) if netns.startswith("/") else NETNS_RUN_DIR / netns
 
 
+def netns_problem(netns: str) -> str | None:
+    """Why `netns` cannot be an endpoint's namespace ("does not exist", "is not a network
+    namespace"), or None when it is one. The kernel answers (ioctl NS_GET_NSTYPE), so a
+    regular file, a directory or another kind of namespace is refused before any wiring;
+    nothing but regular files (what nsfs files look like) is opened, so a FIFO or a
+    device named by mistake is never touched."""
+    try:
+        path = netns_path(netns)
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except (OSError, ValueError) as exc:
+        return f"cannot be read: {getattr(exc, 'strerror', None) or exc}"
+    if not stat.S_ISREG(mode):
+        return "is not a network namespace (not an nsfs file)"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"cannot be opened: {exc.strerror}"
+    try:
+        kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        return "is not a network namespace (a regular file)"
+    finally:
+        os.close(fd)
+    return None if kind == CLONE_NEWNET else "is a namespace but not a network namespace"
+
+
 def netns_exists(netns: str) -> bool:
-    return netns_path(netns).exists()
+    """True when `netns` names a network namespace (not merely an existing file)."""
+    return netns_problem(netns) is None
 
 
 def same_netns(a: str, b: str) -> bool:
@@ -472,6 +505,12 @@ def link_mtu(ifname: str, netns: str | None = None) -> int:
 
 
 @_netlink
+def set_link_mtu(ifname: str, mtu: int, netns: str | None = None) -> None:
+    with ipr() as ip:
+        ip.link("set", index=_index(ip, ifname), mtu=mtu)
+
+
+@_netlink
 def link_with_address(address: str, netns: str | None = None) -> str | None:
     """The name of the link holding IPv4 `address`, or None."""
     with ipr() as ip:
@@ -502,3 +541,68 @@ def create_vxlan_external(ifname: str, port: int, mtu: int, netns: str | None = 
         info = _link_info(ip, ifname)
     assert info is not None
     return info
+
+
+# policy routing ---------------------------------------------------------------------------
+# These run on a helper thread even for the caller's own netns: the datapath calls them from
+# wherever it is used, the agent's event loop included (pyroute2's sync API cannot run there).
+def add_fwmark_local_table(mark: int, mask: int, table: int, priority: int,
+                           netns: str | None = None) -> None:
+    """Deliver packets whose mark matches `mark/mask` locally, whatever their destination:
+    rule `fwmark mark/mask lookup table` + `local 0.0.0.0/0 dev lo table table` (how a
+    transparent proxy receives connections to addresses that are not the host's).
+    Idempotent."""
+
+    def add() -> None:
+        with ipr() as ip:
+            if not _fwmark_rules(ip, mark, mask, table, priority):
+                ip.rule("add", family=socket.AF_INET, fwmark=mark, fwmask=mask, table=table,
+                        priority=priority)
+            ip.route("replace", dst="0.0.0.0/0", table=table, type="local", scope="host",
+                     oif=_index(ip, "lo"))
+
+    _on_thread(add, netns)
+
+
+def delete_fwmark_local_table(mark: int, mask: int, table: int, priority: int,
+                              netns: str | None = None) -> bool:
+    """Remove what `add_fwmark_local_table` added; False if none of it was there."""
+
+    def delete() -> bool:
+        removed = False
+        with ipr() as ip:
+            for _rule in _fwmark_rules(ip, mark, mask, table, priority):
+                ip.rule("del", family=socket.AF_INET, fwmark=mark, fwmask=mask, table=table,
+                        priority=priority)
+                removed = True
+            try:
+                ip.route("del", dst="0.0.0.0/0", table=table, type="local", scope="host",
+                         oif=_index(ip, "lo"))
+                removed = True
+            except NetlinkError as exc:
+                if exc.code not in (errno.ESRCH, errno.ENOENT):
+                    raise
+        return removed
+
+    return _on_thread(delete, netns)
+
+
+def fwmark_local_table_present(mark: int, mask: int, table: int, priority: int,
+                               netns: str | None = None) -> dict[str, bool]:
+    """{"rule": ..., "route": ...}: which parts of `add_fwmark_local_table` are in place."""
+
+    def present() -> dict[str, bool]:
+        with ipr() as ip:
+            rule = bool(_fwmark_rules(ip, mark, mask, table, priority))
+            route = any(m.get_attr("RTA_TABLE") == table
+                        for m in ip.get_routes(family=socket.AF_INET, table=table))
+        return {"rule": rule, "route": route}
+
+    return _on_thread(present, netns)
+
+
+def _fwmark_rules(ip: IPRoute, mark: int, mask: int, table: int, priority: int) -> list:
+    return [r for r in ip.get_rules(family=socket.AF_INET)
+            if r.get_attr("FRA_FWMARK") == mark and r.get_attr("FRA_FWMASK") == mask
+            and (r.get_attr("FRA_TABLE") or r["table"]) == table
+            and r.get_attr("FRA_PRIORITY") == priority]

@@ -5,11 +5,17 @@ The manager talks to its neighbours through three small ports (`IdentityPort`, `
 `DatapathPort`, below); `endpoint.component` adapts the agent's identity, policy and datapath
 components to them, and tests can hand in their own.
 
-Regeneration (Cilium's `regenerateEndpoint`): every endpoint's policy is recomputed from the
+Regeneration (Cilium's `regenerateEndpoint`): an endpoint's policy is recomputed from the
 policy repository and handed to the datapath, which swaps the endpoint's whole policy map at
-once. If computing or loading fails the endpoint keeps the policy it had (the datapath never
-sees an empty or partial map), goes `not-ready` with the error, and the error is logged —
-Cilium issue #38998 was an endpoint silently left with an empty map.
+once. Only what a change can affect is regenerated: a create, delete or label change
+regenerates that endpoint plus the endpoints of the identities the policy side queued in
+`pending_identities` (a new identity matters only to the endpoints whose selectors select it;
+an identity the node already knows changes nothing for the others), so creating the 250th
+endpoint costs what the first did.
+
+If computing or loading fails the endpoint keeps the policy it had (the datapath never sees
+an empty or partial map), goes `not-ready` with the error, and the error is logged — Cilium
+issue #38998 was an endpoint silently left with an empty map.
 
 Restore (Cilium's `restoreOldEndpoints`): endpoints are persisted one JSON file each under
 `<state_dir>/endpoints/`. On start the manager adopts every endpoint whose veth and netns are
@@ -109,6 +115,10 @@ class EndpointManager:
         self._pending: dict[str, int] = {}
         #: the policy each endpoint's datapath map holds (as last loaded by this agent)
         self._installed: dict[int, Any] = {}
+        #: set by an orchestrator that knows pods' labels (Kubernetes): called as
+        #: `await label_resolver(namespace, name)` before a new endpoint gets its identity, so
+        #: a pod never runs under a label-less identity that policies do not select
+        self.label_resolver: Callable[[str, str], Any] | None = None
 
     def regeneration_status(self) -> dict[str, Any]:
         """`busy` while a policy or identity change has not reached every endpoint yet."""
@@ -185,11 +195,15 @@ class EndpointManager:
         pod_ifname = validate_ifname(pod_ifname)
         if container_id:
             validate_container_id(container_id)
+        if self.label_resolver is not None:
+            resolved = validate_labels(await self.label_resolver(namespace, name))
+            labels = dict(sorted({**resolved, **labels}.items()))
         if not isinstance(netns, str) or not netns:
             raise UserError("netns: give the pod's network namespace (a name under "
                             "/run/netns or an absolute path)")
-        if not plumbing.netns_exists(netns):
-            raise UserError(f"netns: {netns} does not exist")
+        problem = plumbing.netns_problem(netns)
+        if problem:
+            raise UserError(f"netns: {netns} {problem}")
         self._begin(container_id)
         try:
             async with self._lock:
@@ -201,8 +215,9 @@ class EndpointManager:
                 ep = await self._wire(name, namespace, labels, netns, container_id, pod_ifname)
         finally:
             self._end(container_id)
-        # a new identity can change what other endpoints' selectors select
-        await self.regenerate_all(f"endpoint {ep.id} created")
+        # this endpoint, and the endpoints whose selectors select its identity if that is new
+        # (the policy side queued those in pending_identities when the identity appeared)
+        await self.regenerate_changed({ep.id}, f"endpoint {ep.id} created")
         current = self._endpoints.get(ep.id)
         if current is None or (current.created_at, current.name) != (ep.created_at, ep.name):
             raise Conflict(f"endpoint {ep.id} was deleted while it was being created")
@@ -350,7 +365,7 @@ class EndpointManager:
         log.info("endpoint %d %s/%s deleted", ep.id, ep.namespace, ep.name)
 
     async def _after_delete(self, ep: Endpoint) -> None:
-        await self.regenerate_all(f"endpoint {ep.id} deleted")
+        await self.regenerate_changed(set(), f"endpoint {ep.id} deleted")
         if self.on_deleted is not None:
             self.on_deleted(ep)
 
@@ -414,7 +429,7 @@ class EndpointManager:
                 await self.datapath.attach(ep)  # re-publishes the endpoint's identity
             if self.identities is not None and old_identity and old_identity != ep.identity:
                 await self.identities.release(old_identity)
-        await self.regenerate_all(f"endpoint {ep.id} labels changed")
+        await self.regenerate_changed({ep.id}, f"endpoint {ep.id} labels changed")
         return self._endpoints[ep.id]
 
     async def _resolve_identity(self, ep: Endpoint) -> Endpoint:
@@ -433,10 +448,27 @@ class EndpointManager:
         """Regenerate only the endpoints whose identity is in `identities`."""
         return await self._regenerate_where(lambda ep: ep.identity in identities, reason)
 
-    async def _regenerate_where(self, selected, reason: str) -> dict[str, Any]:
+    async def regenerate_changed(self, endpoint_ids: set[int], reason: str) -> dict[str, Any]:
+        """Regenerate the endpoints `endpoint_ids` and those of every identity queued in
+        `pending_identities` (taken under the lock, so whichever pass runs first does the
+        queued work and a create returns only once its peers' policies know it)."""
+        queued: set[int] = set()
+        return await self._regenerate_where(
+            lambda ep: ep.id in endpoint_ids or ep.identity in queued, reason, drain=queued)
+
+    async def regenerate_pending(self, reason: str) -> dict[str, Any]:
+        """Regenerate the endpoints of the identities queued in `pending_identities`."""
+        return await self.regenerate_changed(set(), reason)
+
+    async def _regenerate_where(self, selected, reason: str,
+                                drain: set[int] | None = None) -> dict[str, Any]:
         """`last_regeneration` reports how many endpoints this pass regenerated (not how
-        many exist) and which of them failed."""
+        many exist) and which of them failed. With `drain`, the queued identities are moved
+        into it first, once the lock is held."""
         async with self._lock:
+            if drain is not None:
+                drain.update(self.pending_identities)
+                self.pending_identities.clear()
             failed = {}
             chosen = [ep for ep in self._endpoints.values() if selected(ep)]
             for ep in chosen:
