@@ -167,7 +167,7 @@ class Agent:
         return self.registry.get_sample_value(name, labels or {}) or 0.0
 
     def close(self) -> None:
-        self.call(self.backend.stop())
+        self.call(self.backend.stop(), timeout=120)  # the machine may be loaded
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
