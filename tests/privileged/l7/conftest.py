@@ -105,14 +105,18 @@ class Agent:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def apply(self, ingress=None, egress=None) -> dict:
-        """Set the policy and wait until the proxy acknowledged it."""
-        before = self.backend.supervisor.last_ack.get("revision", 0)
+        """Set the policy (announced through `subscribe`, as the agent does) and wait until
+        the proxy acknowledged exactly that snapshot."""
+        from pylium.l7.supervisor import policy_message
+
         self.loop.call_soon_threadsafe(self.policy.set, ingress, egress)
-        for _ in range(200):
-            ack = self.backend.supervisor.last_ack
-            if ack.get("revision", 0) > before:
-                return ack
+        backend = self.backend
+        for _ in range(250):
             threading.Event().wait(0.02)
+            want = policy_message(self.policy.snapshot(), "http", (), 0)
+            ack = backend.supervisor.last_ack
+            if backend._last_sent == want and ack.get("revision") == backend._revision:
+                return ack
         raise AssertionError("the proxy never acknowledged the policy")
 
     def metric(self, name: str, labels: dict | None = None) -> float:
