@@ -414,16 +414,20 @@ int from_container(struct __sk_buff *skb)
 			return ret;
 		}
 	}
-	/* Remote destination: behind a tunnel endpoint, the routing plugin's program (if its
-	 * slot is filled) encapsulates; otherwise the node's stack routes the packet. */
+	/* Remote destination: the encryption plugin's program (if its slot is filled) sends
+	 * it into the encryption device, or hands it on to the routing slot itself; behind a
+	 * tunnel endpoint, the routing plugin's program (if its slot is filled) encapsulates;
+	 * otherwise the node's stack routes the packet. */
 	write_result(skb, &r);
 	if (r.ct == CT_NEW)
 		emit_event(&ec, &p, EVENT_TRACE, TRACE_TO_STACK, EVENT_F_CT_NEW, 0);
-	if (remote && remote->tunnel_endpoint && !ec.dry_run) {
+	if (!ec.dry_run) {
 		skb->cb[CB_ROUTING_IDENTITY] = ec.src_identity;
-		skb->cb[CB_ROUTING_TUNNEL] = remote->tunnel_endpoint;
-		bpf_tail_call(skb, &routing_progs, ROUTING_SLOT_REMOTE);
-		write_result(skb, &r); /* empty slot: restore the result slots */
+		skb->cb[CB_ROUTING_TUNNEL] = remote ? remote->tunnel_endpoint : 0;
+		bpf_tail_call(skb, &routing_progs, ROUTING_SLOT_ENCRYPT);
+		if (remote && remote->tunnel_endpoint)
+			bpf_tail_call(skb, &routing_progs, ROUTING_SLOT_REMOTE);
+		write_result(skb, &r); /* empty slots: restore the result slots */
 	}
 	return TC_ACT_OK;
 }

@@ -39,6 +39,7 @@ START_ORDER: tuple[str, ...] = (
     "pylium.lb.component",
     "pylium.flow.component",
     "orchestrator",
+    "pylium.cni.component",
 )
 
 

@@ -9,6 +9,7 @@ import click
 
 from pylium.cli.client import client_from
 from pylium.cli.output import emit, make_table, output_option
+from pylium.documents import decode_text
 from pylium.errors import UserError
 from pylium.policy.errors import PolicyError
 from pylium.policy.load import load_file, load_files
@@ -20,6 +21,13 @@ def _policies_table(data):
                       [[p["kind"], p["namespace"] or "-", p["name"], p["rules"],
                         p["description"]] for p in data["policies"]],
                       title=f"revision {data['revision']}")
+
+
+def _capacity_table(data):
+    return make_table(["ENDPOINT", "NAME", "IDENTITY", "ENTRIES", "CAPACITY", "FITS"],
+                      [[e["endpoint_id"], e["name"], e["identity"], e["entries"],
+                        e["capacity"], "yes" if e["fits"] else "NO"] for e in data["endpoints"]],
+                      title=f"dry run: {len(data['would_import'])} policies, nothing imported")
 
 
 def _trace_text(data) -> str:
@@ -89,13 +97,25 @@ def register(cli: click.Group) -> None:
 
     @policy.command("import")
     @click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+    @click.option("--dry-run", is_flag=True,
+                  help="Import nothing: show, per local endpoint, the policy-map entries the "
+                       "result would need against the map's capacity (exit 1 if one would "
+                       "overflow).")
     @output_option
     @click.pass_context
-    def import_(ctx, file: Path, output: str) -> None:
+    def import_(ctx, file: Path, dry_run: bool, output: str) -> None:
         """Validate FILE and add its policies to the agent (replacing same-named ones)."""
         load_file(file)  # refuse locally first, with the file name in each message
-        data = client_from(ctx).post("/v1/policy", {"text": file.read_text(),
-                                                    "name": file.stem})
+        body = {"text": decode_text(file.read_bytes(), str(file)), "name": file.stem}
+        if dry_run:
+            data = client_from(ctx).post("/v1/policy?dry_run=true", body)
+            _echo_warnings(file, data.get("warnings", []))
+            emit(data, output, _capacity_table)
+            if data["refused"]:
+                click.echo(f"Error: {data['refused']}", err=True)
+                raise click.exceptions.Exit(1)
+            return
+        data = client_from(ctx).post("/v1/policy", body)
         _echo_warnings(file, data.get("warnings", []))
         emit(data, output, lambda d: f"imported {len(d['imported'])} policies, "
                                      f"revision {d['revision']}")

@@ -7,8 +7,10 @@ endpoint's host-side veth, which the kernel keeps when the agent dies."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
 import logging
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -35,11 +37,13 @@ from pylium.datapath.maps.events import PROTOCOLS
 from pylium.datapath.maps.ipcache import IpcacheKey, RemoteEndpointInfo
 from pylium.datapath.maps.metrics import MetricsKey, MetricsValue, U32Key, U64Value, reason_name
 from pylium.datapath.maps.policy import (
+    POLICY_ENTRIES_MAX,
     POLICY_F_DENY,
     PolicyMapEntry,
     PolicyMapKey,
     encode_entry,
     encode_meta,
+    entries_needed,
 )
 from pylium.datapath.packet import SkBuff
 from pylium.datapath.proxy import (
@@ -59,6 +63,10 @@ log = logging.getLogger(__name__)
 
 OBJECT_SOURCE = "bpf_lxc.c"
 PROGRAMS = ("from_container", "to_container", "from_netdev")
+#: slots of the pinned `routing_progs` (bpf/lib/routing.h): the routing mode's program for
+#: destinations behind a tunnel endpoint, and the encryption's steering, tail-called first
+ROUTING_SLOT_REMOTE = 0
+ROUTING_SLOT_ENCRYPT = 1
 PINNED_MAPS = ("endpoints", "ipcache", "policy", "conntrack", "metrics", "events", "events_lost",
                "routing_progs", "lb4_services", "lb4_backends", "lb4_reverse_nat", "lb4_maglev",
                "lb4_affinity", "lb4_sock_revnat")
@@ -82,6 +90,16 @@ class EndpointInfo:
     identity: int
 
 
+def _errno(exc: DatapathError) -> int | None:
+    """The errno a libbpf failure names ("... (errno 7)"), if any."""
+    found = re.search(r"\(errno (\d+)\)", str(exc))
+    return int(found.group(1)) if found else None
+
+
+class MapFull(DatapathError):
+    """A BPF map cannot take what was asked; nothing was changed (fail closed)."""
+
+
 def _check_identity(identity: int, what: str) -> None:
     if not 0 <= identity <= MAX_IDENTITY:
         raise UserError(f"{what}: identity {identity} outside 0..{MAX_IDENTITY}")
@@ -98,8 +116,13 @@ class Datapath:
     method is thread-safe. Lifetimes: `ct_timeouts` = (tcp, non_tcp, syn) seconds."""
 
     def __init__(self, bpffs_root: Path, *, ct_timeouts: tuple[int, int, int] = (21600, 60, 60),
-                 cache_dir: Path | None = None):
+                 cache_dir: Path | None = None, policy_capacity: int = POLICY_ENTRIES_MAX):
         self.root = Path(bpffs_root)
+        #: entries an endpoint's policy map holds (meta entry included): a policy that
+        #: needs more is refused whole and the previous one stays (tests use a small one)
+        self.policy_capacity = min(int(policy_capacity), POLICY_ENTRIES_MAX)
+        #: refusals because a map was full, by map name (the `pylium_bpf_map_full` metric)
+        self.map_full: dict[str, int] = {}
         self.ct_timeouts = tuple(int(t) for t in ct_timeouts)
         if len(self.ct_timeouts) != 3 or min(self.ct_timeouts) <= 0:
             raise UserError(f"ct_timeouts: expected three positive seconds, got {ct_timeouts}")
@@ -348,6 +371,11 @@ class Datapath:
             _check_identity(key.identity, f"policy key {key}")
             if not 0 <= entry.proxy_port <= 0xFFFF:
                 raise UserError(f"policy key {key}: proxy_port {entry.proxy_port} outside 0..65535")
+        needed = entries_needed(policy)
+        if needed > self.policy_capacity:
+            self._full("policy", f"policy of endpoint {ep_id} NOT updated: it needs {needed} "
+                                 f"policy map entries, more than the map holds "
+                                 f"({self.policy_capacity}); the previous policy stays in force")
         with self._lock:
             self._require_open()
             old_rev = self._current_revision(ep_id)
@@ -364,7 +392,7 @@ class Datapath:
                        entries: list, meta: PolicyMapEntry) -> None:
         """Fill a new inner map completely, then swap it into `outer` in one update."""
         inner_fd = libbpf.map_create(map_type, f"{prefix}_{ep_id}", ctypes.sizeof(PolicyMapKey),
-                                     ctypes.sizeof(PolicyMapEntry), max(64, len(entries) + 1),
+                                     ctypes.sizeof(PolicyMapEntry), self.policy_capacity,
                                      flags=libbpf.BPF_F_NO_PREALLOC)
         try:
             inner = BpfMap(inner_fd, f"policy of endpoint {ep_id}", PolicyMapKey, PolicyMapEntry)
@@ -424,7 +452,22 @@ class Datapath:
             raise UserError(f"ipcache entry {cidr}: {exc}") from None
         with self._lock:
             self._require_open()
-            self.ipcache.update(key, RemoteEndpointInfo(identity, (ctypes.c_uint8 * 4)(*tunnel)))
+            try:
+                self.ipcache.update(key, RemoteEndpointInfo(identity,
+                                                            (ctypes.c_uint8 * 4)(*tunnel)))
+            except DatapathError as exc:
+                if _errno(exc) not in (errno.E2BIG, errno.ENOSPC):  # LPM trie full: E2BIG
+                    raise
+                size = libbpf.map_info(self.ipcache.fd).max_entries
+                self._full("ipcache", f"ipcache entry {cidr} NOT added: the ipcache is full "
+                                      f"({size} entries); traffic from that address keeps "
+                                      "the identity it had (world when new)")
+
+    def _full(self, name: str, message: str) -> None:
+        """Count, log and raise a map-full refusal (nothing was changed)."""
+        self.map_full[name] = self.map_full.get(name, 0) + 1
+        log.error("%s", message)
+        raise MapFull(message)
 
     def lookup_ipcache(self, address: str) -> int | None:
         """The identity the ipcache gives `address` (longest prefix match), or None."""

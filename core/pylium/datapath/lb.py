@@ -35,10 +35,6 @@ from pylium.datapath.maps.metrics import U32Key
 
 MAP_NAMES = ("lb4_services", "lb4_backends", "lb4_reverse_nat", "lb4_maglev", "lb4_affinity")
 
-lib.bpf_map_update_batch.restype = ctypes.c_int
-lib.bpf_map_update_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                     ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
-
 _STATE_NAMES = {v: k for k, v in BACKEND_STATES.items()}
 
 

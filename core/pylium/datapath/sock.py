@@ -14,7 +14,6 @@ from pathlib import Path
 from pylium.datapath import libbpf
 from pylium.datapath.compile import bpf_source_dir
 from pylium.datapath.libbpf import DatapathError, lib
-from pylium.datapath.plugin_object import PluginObject
 
 #: program -> kernel attach type (enum bpf_attach_type)
 PROGRAMS = {"sock4_connect": 10,       # BPF_CGROUP_INET4_CONNECT
@@ -24,15 +23,11 @@ PROGRAMS = {"sock4_connect": 10,       # BPF_CGROUP_INET4_CONNECT
 #: exclusive attachment: a restarted agent's attach replaces its predecessor's program
 ATTACH_FLAGS = 0
 
-lib.bpf_prog_attach.restype = libbpf.c_int
-lib.bpf_prog_attach.argtypes = [libbpf.c_int, libbpf.c_int, libbpf.c_uint, libbpf.c_uint]
-lib.bpf_prog_detach2.restype = libbpf.c_int
-lib.bpf_prog_detach2.argtypes = [libbpf.c_int, libbpf.c_int, libbpf.c_uint]
-
 
 class SocketLB:
     def __init__(self, datapath):
-        self.object = PluginObject(datapath, bpf_source_dir(), "bpf_sock.c")
+        self.datapath = datapath
+        self.object = None  # LoadedObject, on first attach
         self.prog_fds: dict[str, int] = {}
         self.cgroup: Path | None = None
 
@@ -42,7 +37,8 @@ class SocketLB:
         if not (cgroup / "cgroup.procs").is_file():
             raise DatapathError(f"socket LB: {cgroup} is not a cgroup v2 directory")
         if not self.prog_fds:
-            self.prog_fds = self.object.load(tuple(PROGRAMS))
+            self.object = self.datapath.load_object(bpf_source_dir() / "bpf_sock.c")
+            self.prog_fds = {name: self.object.program(name) for name in PROGRAMS}
         fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for name, attach_type in PROGRAMS.items():
@@ -70,7 +66,9 @@ class SocketLB:
 
     def close(self) -> None:
         """Drop our fds; attached programs stay (socket LB goes on without the agent)."""
-        self.object.close()
+        if self.object is not None:
+            self.object.close()
+            self.object = None
         self.prog_fds = {}
 
 

@@ -4,13 +4,11 @@ node's external interface, native (in the driver) or generic (in the stack); Cil
 
 from __future__ import annotations
 
-import ctypes
 import logging
 
 from pylium.datapath import libbpf
 from pylium.datapath.compile import bpf_source_dir
 from pylium.datapath.libbpf import DatapathError, lib
-from pylium.datapath.plugin_object import PluginObject
 
 log = logging.getLogger(__name__)
 
@@ -18,15 +16,11 @@ XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 
-lib.bpf_xdp_attach.restype = ctypes.c_int
-lib.bpf_xdp_attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p]
-lib.bpf_xdp_detach.restype = ctypes.c_int
-lib.bpf_xdp_detach.argtypes = [ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p]
-
 
 class NodePortXDP:
     def __init__(self, datapath):
-        self.object = PluginObject(datapath, bpf_source_dir(), "bpf_xdp.c")
+        self.datapath = datapath
+        self.object = None  # LoadedObject, on first attach
         self.ifindex = 0
         self.mode = ""
 
@@ -35,7 +29,9 @@ class NodePortXDP:
         returns the mode in force."""
         if mode not in MODES:
             raise DatapathError(f"XDP mode {mode!r}: native or generic")
-        fd = self.object.load(("xdp_nodeport",))["xdp_nodeport"]
+        if self.object is None:
+            self.object = self.datapath.load_object(bpf_source_dir() / "bpf_xdp.c")
+        fd = self.object.program("xdp_nodeport")
         rc = lib.bpf_xdp_attach(ifindex, fd, MODES[mode], None)
         if rc < 0 and mode == "native":
             log.warning("native XDP refused on ifindex %d (%s); using generic XDP", ifindex,
@@ -53,4 +49,6 @@ class NodePortXDP:
 
     def close(self) -> None:
         """Drop our fds; the program stays attached (NodePort goes on without the agent)."""
-        self.object.close()
+        if self.object is not None:
+            self.object.close()
+            self.object = None

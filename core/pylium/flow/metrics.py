@@ -228,6 +228,14 @@ class AgentCollector:
             except Exception:
                 log.exception("reading map pressure")
                 pressure = None
+            full = getattr(datapath, "map_full", None)
+            if isinstance(full, dict):
+                refused = CounterMetricFamily(
+                    "pylium_bpf_map_full", "Updates refused because a BPF map was full "
+                    "(nothing changed: the previous state stays in force).", labels=["map_name"])
+                for name in sorted({"policy", "ipcache", *full}):
+                    refused.add_metric([name], full.get(name, 0))
+                yield refused
             if pressure:
                 fam = GaugeMetricFamily("pylium_bpf_map_pressure", "Fill ratio of BPF maps "
                                         "(Cilium: cilium_bpf_map_pressure).", labels=["map_name"])

@@ -61,6 +61,7 @@ DROP_REASON_NAMES: dict[int, str] = {
     192: "INVALID_CLUSTER_ID", 193: "UNSUPPORTED_PROTOCOL_FOR_DSR_ENCAP",
     194: "NO_EGRESS_GATEWAY", 196: "TTL_EXCEEDED", 197: "NO_NODE_ID",
     202: "DROP_HOST_NOT_READY", 203: "DROP_EP_NOT_READY",
+    220: "UNENCRYPTED_TRAFFIC",  # pylium's own code (bpf/lib/common.h DROP_UNENCRYPTED)
 }
 
 #: human text per drop reason: the datapath's table (one place for Cilium's wording)
@@ -70,7 +71,7 @@ DROP_REASON_TEXT = REASONS
 TRACE_POINT_NAMES: dict[int, str] = {
     0: "TO_ENDPOINT", 1: "TO_PROXY", 2: "TO_HOST", 3: "TO_STACK", 4: "TO_OVERLAY",
     5: "FROM_ENDPOINT", 6: "FROM_PROXY", 7: "FROM_HOST", 8: "FROM_STACK", 9: "FROM_OVERLAY",
-    10: "FROM_NETWORK", 11: "TO_NETWORK",
+    10: "FROM_NETWORK", 11: "TO_NETWORK", 12: "TO_CRYPTO", 13: "FROM_CRYPTO",
 }
 
 PROTO_TCP, PROTO_UDP, PROTO_ICMP = 6, 17, 1
@@ -146,6 +147,7 @@ class Flow(NamedTuple):
     source: Peer
     destination: Peer
     l7: dict | None = None   # {"type": ..., "http": {...}} once L7 events land
+    encrypted: bool = False  # the packet left the node encrypted (Hubble IP.encrypted)
 
 
 class LostEvent(NamedTuple):
@@ -236,6 +238,8 @@ def to_hubble(flow: Flow) -> dict[str, Any]:
         out["drop_reason"] = flow.drop_reason
     if not is_non_ipv4(flow):
         out["IP"] = {"source": flow.src_ip, "destination": flow.dst_ip, "ipVersion": "IPv4"}
+        if flow.encrypted:
+            out["IP"]["encrypted"] = True
     l4 = l4_json(flow)
     if l4:
         out["l4"] = l4

@@ -1,8 +1,11 @@
 """Differential test: for >= 10,000 random (policy, packet) cases, the verdict of the real
 program (BPF_PROG_TEST_RUN on the attached from/to-container programs) equals
 `pylium.policy.mapstate.lookup` — zero mismatches — and the program does what the verdict
-says: drop, forward, or send the flow to the L7 proxy (which does not run here, so a real
-packet redirected to it is dropped: fail closed)."""
+says, strictly: drop (with the reason), deliver to the local pod by bpf_redirect to its veth
+(`redirected`, target = that veth; every allowed egress flow to the node's second pod),
+pass to the stack (`forwarded`, every other allowed flow), or send the flow to the L7 proxy
+on the policy's proxy port (which does not run here, so a real packet redirected to it is
+dropped: fail closed). Every one of these outcomes is reached >= 50 times."""
 
 from __future__ import annotations
 
@@ -37,7 +40,14 @@ PROXIED_SHARE = 0.3  # of real ingress packets: sent by the node's L7 proxy (a n
 DROP_PROXY_LOOKUP_FAILED, DROP_PROXY_UNKNOWN_PROTO = 178, 180
 
 
+#: the identity of the second pod on the node: packets to it go to its real address, so an
+#: allowed egress flow is delivered by bpf_redirect to its veth ("redirected")
+LOCAL_PEER, LOCAL_PEER_IP = 1001, "10.98.0.11"
+
+
 def peer_ip(identity: int) -> str:
+    if identity == LOCAL_PEER:
+        return LOCAL_PEER_IP
     return "203.0.113.7" if identity == 2 else f"10.99.{identity % 251}.{identity % 7 + 1}"
 
 
@@ -74,8 +84,10 @@ def expected(want, direction: Direction, identity: int, proto: int, real: bool,
     """(actions, drop reasons, proxy port) the program may report for a case."""
     if want.verdict == Verdict.DENY:
         return ("dropped",), (133, 181), want.proxy_port
-    forward = ("forwarded",) if direction == Direction.INGRESS or identity != 1001 else (
-        "forwarded", "redirected")  # a local peer: bpf_redirect (real) or not (dry run)
+    # to a local pod: bpf_redirect to its veth (a dry run answers TC_ACT_REDIRECT too);
+    # anything else is passed to the stack
+    local = direction == Direction.EGRESS and identity == LOCAL_PEER
+    forward = ("redirected",) if local else ("forwarded",)
     if want.verdict == Verdict.ALLOW:
         return forward, (0,), 0
     if proxied:  # the proxy already judged this identity's L7 rules: no second redirect
@@ -90,11 +102,11 @@ def expected(want, direction: Direction, identity: int, proto: int, real: bool,
 
 
 def test_kernel_verdicts_equal_mapstate_lookup(node):
-    pods = {"ep": ("10.98.0.10", 1500), "peer": ("10.98.0.11", 1001)}
+    pods = {"ep": ("10.98.0.10", 1500), "peer": (LOCAL_PEER_IP, LOCAL_PEER)}
     n = node("diff", pods)
     ep, ep_ip = n.eps["ep"], pods["ep"][0]
     for identity in IDENTITIES:
-        if identity != 2:
+        if identity not in (2, LOCAL_PEER):  # world: no entry; the pod: endpoints map
             n.dp.upsert_ipcache(f"{peer_ip(identity)}/32", identity)
     rng = random.Random(20260404)
 
@@ -125,6 +137,7 @@ def test_kernel_verdicts_equal_mapstate_lookup(node):
 
     mismatches, total, sport = [], 0, 1024
     seen_verdicts: dict[str, int] = {}
+    seen_actions: dict[str, int] = {}
     for p in range(POLICIES):
         policy = random_policy(rng, revision=p + 1)
         n.dp.update_policy(ep.ep_id, policy)
@@ -148,14 +161,20 @@ def test_kernel_verdicts_equal_mapstate_lookup(node):
             want = lookup(policy, identity, direction, proto, port)
             action, reason, proxy_port = expected(want, direction, identity, proto, real,
                                                   proxied)
+            target = n.eps["peer"].ifindex if got["action"] == "redirected" else 0
             ok = (got["verdict"] == want.verdict.value and got["proxy_port"] == proxy_port
                   and got["action"] in action and got["drop_reason"] in reason
-                  and got["peer_identity"] == identity and got["ct"] == "new")
+                  and got["peer_identity"] == identity and got["ct"] == "new"
+                  and (not target or got["target_ifindex"] == target))
             total += 1
             seen_verdicts[want.verdict.value] = seen_verdicts.get(want.verdict.value, 0) + 1
+            seen_actions[got["action"]] = seen_actions.get(got["action"], 0) + 1
             if not ok:
                 mismatches.append((policy, case, want, got))
     assert total >= 10_000
     # the random policies exercise every outcome, not just default deny
     assert min(seen_verdicts.get(v.value, 0) for v in Verdict) >= 500, seen_verdicts
+    # and every action: delivery to the local pod, to the stack, to the proxy, drops
+    assert min(seen_actions.get(a, 0) for a in ("redirected", "forwarded", "to-proxy",
+                                                "dropped")) >= 50, seen_actions
     assert not mismatches, f"{len(mismatches)} mismatches, first: {mismatches[0]}"
