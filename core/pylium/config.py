@@ -57,6 +57,10 @@ class AgentConfig:
     orchestrator: str = "standalone"
     l7_parsers: tuple[str, ...] = ()
     encryption: str = ""
+    #: with encryption selected, pods may still reach nodes that published no key, in
+    #: plaintext (Cilium's rollout gap, opened on purpose only); default: such nodes are
+    #: unreachable from pods
+    encryption_allow_plaintext: bool = False
     #: per-plugin options: {capability name: {option: value}}
     plugin_options: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     kvstore_options: dict[str, Any] = attrs.field(factory=dict)
@@ -92,6 +96,17 @@ def _int(value: Any, _type) -> int:
         raise ValueError(f"expected an integer, got {value!r}") from None
 
 
+def _bool(value: Any, _type) -> bool:
+    """YAML booleans, or the words an environment variable or flag carries."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 def _str(value: Any, _type) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError(f"expected a string, got {value!r}")
@@ -123,6 +138,7 @@ def _converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True)
     conv.register_structure_hook(Path, _path)
     conv.register_structure_hook(int, _int)
+    conv.register_structure_hook(bool, _bool)
     conv.register_structure_hook(str, _str)
     conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _names)
     conv.register_structure_hook_func(

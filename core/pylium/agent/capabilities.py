@@ -357,6 +357,7 @@ class EncryptionDriver(KindDriver):
 
         return {"datapath": daemon.components.get("datapath"),
                 "routing_mode": daemon.config.routing_mode,
+                "allow_plaintext": daemon.config.encryption_allow_plaintext,
                 **underlay_of(daemon, daemon.config.routing_mode)}
 
     async def start(self, daemon, running: RunningCapability) -> None:

@@ -83,6 +83,9 @@ class Daemon:
 
     async def start(self) -> None:
         self.check_selection()
+        from pylium.hardening import check_state_dir
+
+        check_state_dir(self.config.state_dir)  # refuses a world-writable one, one line
         try:
             self.config.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

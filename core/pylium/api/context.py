@@ -96,9 +96,12 @@ class RoutingContext(NodeDatapathContext):
 
 @attrs.frozen(kw_only=True)
 class EncryptionContext(NodeDatapathContext):
-    """Encryption also knows the selected routing mode (tunnel inside or instead)."""
+    """Encryption also knows the selected routing mode (tunnel inside or instead) and
+    whether the agent config opens the plaintext gap to nodes without a published key
+    (`encryption_allow_plaintext`)."""
 
     routing_mode: str = "local"
+    allow_plaintext: bool = False
 
 
 @attrs.frozen(kw_only=True)

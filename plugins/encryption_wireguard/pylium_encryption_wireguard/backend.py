@@ -18,7 +18,8 @@ Options (`plugin_options.wireguard`):
                      another namespace of this host already has that name)
   `port`             UDP listen port of every node (default 51871, Cilium's)
   `allow_plaintext`  send pod traffic to nodes without a published key in plaintext
-                     instead of dropping it (default false)
+                     instead of dropping it (default false; the agent setting
+                     `encryption_allow_plaintext: true` does the same)
   `withhold_key`     test hook: do not publish this node's key (as a node that has not
                      set up encryption yet); others then cannot reach its pods"""
 
@@ -81,7 +82,9 @@ class EncryptionWireguard(Encryption):
             raise UserError(f"plugin_options.wireguard.device: {wanted!r} is not an "
                             "interface name (1-15 characters)")
         self.wanted_device = wanted
-        self.allow_plaintext = _bool_option(self.options, "allow_plaintext")
+        # the agent's `encryption_allow_plaintext`, or this plugin's own option
+        self.allow_plaintext = (bool(getattr(context, "allow_plaintext", False))
+                                or _bool_option(self.options, "allow_plaintext"))
         self.withhold_key = _bool_option(self.options, "withhold_key")
         if context.state_dir is None:
             raise UserError("encryption wireguard needs a state directory for its key")

@@ -106,7 +106,10 @@ def test_plugin_object_shares_the_core_maps(datapath, plugin_source):
 
 
 def test_core_object_exposes_every_program_and_map(datapath):
-    assert set(datapath.prog_fds) == {"from_container", "to_container"}
+    from pylium.datapath.datapath import PROGRAMS
+
+    assert set(datapath.prog_fds) == set(PROGRAMS) >= {"from_container", "to_container",
+                                                        "from_netdev"}
     assert datapath.object_path is not None and datapath.object_path.is_file()
     assert {"endpoints", "ipcache", "policy", "conntrack"} <= set(datapath._obj.map_fds)
 

@@ -206,3 +206,15 @@ def test_status_text_reads_like_cilium_encrypt_status():
     assert "Latest handshake: 7s ago" in text and "348 B received, 404 B sent" in text
     assert "Node without key: node3" in text
     assert status_text({"enabled": False, "mode": "disabled"}) == "Encryption: Disabled"
+
+
+def test_the_agent_setting_opens_the_plaintext_gap_like_the_plugin_option(tmp_path):
+    """`encryption_allow_plaintext: true` in the agent config reaches the backend through
+    its context; without it or the plugin option, keyless nodes stay unreachable."""
+    from pylium_encryption_wireguard.backend import EncryptionWireguard
+
+    closed = EncryptionContext(node=LOCAL, name="wireguard", state_dir=tmp_path / "a")
+    opened = EncryptionContext(node=LOCAL, name="wireguard", state_dir=tmp_path / "b",
+                               allow_plaintext=True)
+    assert EncryptionWireguard.from_context(closed).allow_plaintext is False
+    assert EncryptionWireguard.from_context(opened).allow_plaintext is True

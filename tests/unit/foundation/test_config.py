@@ -102,3 +102,17 @@ def test_to_dict_round_trips(tmp_path):
     data = config.to_dict(cfg)
     assert data["l7_parsers"] == ["http"] and data["kvstore_options"] == {"path": "/x"}
     assert config.load(write(tmp_path, __import__("yaml").safe_dump(data)), environ={}) == cfg
+
+
+@pytest.mark.parametrize("text, expected", [("true", True), ("false", False), ("1", True),
+                                            ("no", False)])
+def test_encryption_allow_plaintext_reads_booleans_from_env(text, expected):
+    cfg = config.load(None, environ={"PYLIUM_ENCRYPTION_ALLOW_PLAINTEXT": text})
+    assert cfg.encryption_allow_plaintext is expected
+
+
+def test_a_bad_boolean_names_the_setting_and_its_source(tmp_path):
+    path = write(tmp_path, "encryption_allow_plaintext: maybe\n")
+    with pytest.raises(ConfigError, match="encryption_allow_plaintext"):
+        config.load(path, environ={})
+    assert config.load(None, environ={}).encryption_allow_plaintext is False
