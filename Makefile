@@ -12,7 +12,7 @@ PLUGINS := $(sort $(wildcard plugins/*))
 CONSTRAINTS := constraints.txt
 PROJECT_FILES := $(CONSTRAINTS) pyproject.toml $(wildcard plugins/*/pyproject.toml) $(wildcard examples/*/pyproject.toml)
 
-.PHONY: setup apt bpffs demo test bench lint wheels constraints clean
+.PHONY: setup apt bpffs demo test bench soak lint wheels constraints clean
 
 setup: apt bpffs $(VENV)/.installed
 
@@ -45,6 +45,11 @@ test: setup
 
 bench: setup
 	$(PY) bench/run.py $(B)
+
+# reliability parts of issue 15 together for SOAK_SECONDS, one table (bench/soak.py)
+SOAK_SECONDS ?= 600
+soak: setup
+	$(PY) bench/soak.py $(SOAK_SECONDS)
 
 lint: setup
 	$(VENV)/bin/ruff check core plugins tests bench examples
