@@ -7,12 +7,19 @@ PYTEST_ARGS ?=
 B ?=
 
 APT_PACKAGES := python3-venv clang llvm libbpf-dev bpftool iproute2 iputils-ping iperf3 iptables \
-	tcpdump netcat-openbsd socat ethtool etcd-server curl wrk prometheus chromium
+	tcpdump netcat-openbsd socat ethtool etcd-server curl wrk prometheus chromium \
+	nginx containernetworking-plugins wireguard-go wireguard-tools kcat
 PLUGINS := $(sort $(wildcard plugins/*))
 CONSTRAINTS := constraints.txt
 PROJECT_FILES := $(CONSTRAINTS) pyproject.toml $(wildcard plugins/*/pyproject.toml) $(wildcard examples/*/pyproject.toml)
 
-.PHONY: setup apt bpffs demo test bench soak lint wheels constraints clean
+# Kubernetes 1.20 binaries and images for tests/privileged/k8s and `make k8s-up`: built once
+# (k8s/build.sh, 12-25 min cold, ~1 min with the Go build cache) into a cache outside the
+# repository. K8S_CACHE=0 skips building it (those tests are then reported skipped).
+K8S_CACHE ?= /var/cache/pylium-k8s
+K8S_NAME ?= dev
+
+.PHONY: setup apt bpffs demo test bench soak lint wheels constraints clean k8s-cache k8s-up k8s-down
 
 setup: apt bpffs $(VENV)/.installed
 
@@ -39,9 +46,21 @@ demo: setup
 
 # pytest exits 5 when it collected no tests: a failure here, with a message (make itself
 # turns every failing exit code into 2, so the message is the only trace of the cause)
-test: setup
+test: setup k8s-cache
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+k8s-cache:
+	@if [ "$(K8S_CACHE)" = 0 ]; then echo "k8s-cache: skipped (K8S_CACHE=0)"; \
+	elif [ -f "$(K8S_CACHE)/VERSION" ]; then :; \
+	else PYLIUM_K8S_CACHE=$(K8S_CACHE) k8s/build.sh; fi
+
+# a single-node cluster in the netns pk8s-$(K8S_NAME); kubectl: k8s/cluster.py kubectl -- get pods
+k8s-up: setup k8s-cache
+	PYLIUM_K8S_CACHE=$(K8S_CACHE) $(PY) k8s/cluster.py up --name $(K8S_NAME)
+
+k8s-down:
+	PYLIUM_K8S_CACHE=$(K8S_CACHE) $(PY) k8s/cluster.py down --name $(K8S_NAME)
 
 bench: setup
 	$(PY) bench/run.py $(B)

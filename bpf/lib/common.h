@@ -39,6 +39,9 @@
 #define DROP_PROXY_SET_FAILED 179    /* "Socket assign failed" */
 #define DROP_PROXY_UNKNOWN_PROTO 180 /* "Proxy redirection not supported for protocol" */
 #define DROP_POLICY_DENY 181
+/* pylium's own: a pod packet to a node without an encryption key (encryption on, plaintext
+ * not allowed); Cilium has no code for it */
+#define DROP_UNENCRYPTED 220
 
 /* skb->mark: Cilium's MARK_MAGIC_IDENTITY idea. 0x0F00 = the source identity is carried in
  * the other bits (from-container sets it before redirecting to a local endpoint; the node's

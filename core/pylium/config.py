@@ -74,6 +74,9 @@ class AgentConfig:
     bpf_policy_map_max: int = attrs.field(default=65536, validator=_policy_map_max)
     #: Prometheus metrics listen address ("" = off); Cilium's agent uses :9962
     prometheus_serve_addr: str = ""
+    #: where the agent writes the CNI conflist `05-pylium.conflist` once its API answers
+    #: (the runtime's CNI config dir, e.g. /etc/cni/net.d; "" = write none)
+    cni_conf_dir: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 

@@ -26,6 +26,11 @@ class UserError(PyliumError):
         super().__init__(one_line(str(message)), *args)
 
 
+class Conflict(UserError):
+    """The request clashes with something being made or torn down (HTTP 409): the caller
+    may try again later."""
+
+
 class ConfigError(UserError):
     """The agent configuration (file, env or flags) is invalid."""
 

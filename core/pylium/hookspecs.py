@@ -72,3 +72,11 @@ def pylium_l7_parser_for_port(port: int, protocol: str) -> str | None:
     """Which L7 parser (by name) takes redirected traffic to `port` when no running parser
     is named like the rule's protocol (first answer wins; None: nobody, the redirect is
     enforced as deny). Asked by the core's L7 component."""
+
+
+# command-line hooks ----------------------------------------------------------------------
+@hookspec
+def pylium_cli_commands() -> Iterable[Any]:
+    """Return `click.Command`s to add to the `pylium` CLI (e.g. `pylium k8s ...`). Asked only
+    when a command name is not one of the core's, so plain commands stay fast; a plugin
+    command never replaces a core one."""

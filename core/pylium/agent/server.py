@@ -17,7 +17,7 @@ from aiohttp import web
 
 from pylium.agent.daemon import Daemon
 from pylium.documents import MAX_BYTES, load_json
-from pylium.errors import PyliumError, UserError
+from pylium.errors import Conflict, PyliumError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ async def errors_as_json(request: web.Request, handler):
         raise
     except NotFound as exc:
         return web.json_response({"error": str(exc)}, status=404)
+    except Conflict as exc:
+        return web.json_response({"error": str(exc)}, status=409)
     except UserError as exc:
         return web.json_response({"error": str(exc)}, status=400)
     except PyliumError as exc:

@@ -40,6 +40,20 @@ def _capabilities_lines(rows) -> list[str]:
             for r in rows if r.get("selected")]
 
 
+def _encryption_line(rows) -> str:
+    """Cilium's `Encryption:` line of `cilium status`."""
+    for r in rows:
+        if r.get("kind") == "encryption" and r.get("selected"):
+            st = r.get("status") or {}
+            if not st.get("interface"):
+                return f"Encryption:    {r['name']} ({r['state']})"
+            return (f"Encryption:    {st.get('mode', r['name']).capitalize()} "
+                    f"[{st.get('implementation', '')}, {st['interface']} "
+                    f"(Pubkey: {st.get('public_key', '-')}, Port: {st.get('port', '-')}, "
+                    f"Peers: {len(st.get('peers', []))})]")
+    return "Encryption:    Disabled"
+
+
 def _status_table(s):
     kv = s.get("kvstore", {})
     lines = [
@@ -52,6 +66,7 @@ def _status_table(s):
         "Plugins:       " + ", ".join(f"{k}={','.join(v) or '-'}" for k, v in s["plugins"].items()),
         "Capabilities:",
         *_capabilities_lines(s.get("capabilities", [])),
+        _encryption_line(s.get("capabilities", [])),
         f"Components:    {', '.join(s.get('components', [])) or '-'}",
         f"Uptime:        {s['uptime_seconds']}s",
     ]

@@ -162,6 +162,11 @@ def register(cli: click.Group) -> None:
                   help="Pod namespace of --src/--dst endpoints.")
     @click.option("--http-method", default="")
     @click.option("--http-path", default="")
+    @click.option("--kafka-api-key", default="", help="Kafka request: api key (produce, "
+                  "fetch, metadata, ... or a number).")
+    @click.option("--kafka-api-version", type=int, default=0, show_default=True)
+    @click.option("--kafka-client-id", default="")
+    @click.option("--kafka-topic", default="", help="Topics of the Kafka request, a,b,...")
     @click.option("--policy-file", "policy_files", multiple=True,
                   type=click.Path(path_type=Path), help="Trace offline against these files.")
     @click.option("--enforcement", type=click.Choice(["default", "always", "never"]),
@@ -173,7 +178,7 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     def trace_cmd(ctx, policy_files: tuple[Path, ...], enforcement: str, ask_datapath: bool,
                   output: str, **fields) -> None:
-        """Would this packet (and HTTP request) pass, and which rules decide?"""
+        """Would this packet (and HTTP or Kafka request) pass, and which rules decide?"""
         query = TraceQuery(**fields)
         if policy_files:
             if ask_datapath:

@@ -14,7 +14,31 @@ from pylium.errors import PyliumError
 
 
 class PyliumGroup(click.Group):
-    """Turns every `PyliumError` into one line on stderr and its exit code."""
+    """Turns every `PyliumError` into one line on stderr and its exit code; finds commands
+    that plugins add (`pylium_cli_commands`) when a name is not a core command."""
+
+    _plugin_commands: dict[str, click.Command] | None = None
+
+    def plugin_commands(self) -> dict[str, click.Command]:
+        if self._plugin_commands is None:
+            from pylium.plugins import make_plugin_manager
+
+            found: dict[str, click.Command] = {}
+            try:
+                for batch in make_plugin_manager().hook.pylium_cli_commands():
+                    for command in batch or ():
+                        if command.name not in self.commands:
+                            found.setdefault(command.name, command)
+            except PyliumError as exc:
+                logging.getLogger(__name__).warning("plugin commands unavailable: %s", exc)
+            self._plugin_commands = found
+        return self._plugin_commands
+
+    def get_command(self, ctx: click.Context, cmd_name: str):
+        return super().get_command(ctx, cmd_name) or self.plugin_commands().get(cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.plugin_commands()))
 
     def invoke(self, ctx: click.Context):
         try:

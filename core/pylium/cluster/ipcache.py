@@ -199,7 +199,10 @@ class IPCacheSync:
             if node == self.local.name and ip not in self.local_entries:
                 await self.kvstore.compare_and_delete(item.key, item.mod_revision)
                 self.published.pop(ip, None)
-            elif node == self.local.name and self.local_entries.get(ip) == item.value:
+            elif (node == self.local.name and self.local_entries.get(ip) == item.value
+                  and self.session.lease is not None and item.lease == self.session.lease.id):
+                # already there on this session's lease; a previous run's key (its lease
+                # runs out soon after a restart) is rewritten onto ours by the next flush
                 self.published[ip] = item.value
 
     # lifecycle ------------------------------------------------------------------------------

@@ -62,11 +62,17 @@ from pylium.policy.mapstate import (
 log = logging.getLogger(__name__)
 
 OBJECT_SOURCE = "bpf_lxc.c"
-PROGRAMS = ("from_container", "to_container")
+PROGRAMS = ("from_container", "to_container", "from_netdev")
+#: slots of the pinned `routing_progs` (bpf/lib/routing.h): the routing mode's program for
+#: destinations behind a tunnel endpoint, and the encryption's steering, tail-called first
+ROUTING_SLOT_REMOTE = 0
+ROUTING_SLOT_ENCRYPT = 1
 PINNED_MAPS = ("endpoints", "ipcache", "policy", "conntrack", "metrics", "events", "events_lost",
-               "routing_progs")
+               "routing_progs", "lb4_services", "lb4_backends", "lb4_reverse_nat", "lb4_maglev",
+               "lb4_affinity", "lb4_sock_revnat")
 #: the hash maps whose fill ratio Cilium reports as map pressure
 PRESSURE_MAPS = ("endpoints", "ipcache", "conntrack", "policy")
+CT_DIRECTIONS = {0: "ingress", 1: "egress", 2: "service", 3: "nodeport", 4: "nodeport-snat"}
 MAX_IDENTITY = 0xFFFFFFFE
 ENDPOINT_IDENTITY_LIMIT = 1 << 24
 
@@ -517,7 +523,7 @@ class Datapath:
                     "sport": int.from_bytes(bytes(k.sport), "big"),
                     "dport": int.from_bytes(bytes(k.dport), "big"),
                     "protocol": PROTOCOLS.get(proto, str(proto)),
-                    "direction": "egress" if k.direction else "ingress",
+                    "direction": CT_DIRECTIONS.get(k.direction, str(k.direction)),
                     "ep_id": v.ep_id, "src_identity": v.src_identity,
                     "expires_in_s": round((v.expires_ns - now) / 1e9, 1),
                     "expired": v.expires_ns <= now,
@@ -525,6 +531,7 @@ class Datapath:
                     "seen_reply": bool(v.flags & CT_F_SEEN_REPLY),
                     "closing": bool(v.flags & CT_F_CLOSING),
                     "policy_revision": v.policy_rev, "proxy_port": v.proxy_port,
+                    "rev_nat_index": v.rev_nat_index, "backend_id": v.backend_id,
                 })
         return rows
 
@@ -534,7 +541,7 @@ class Datapath:
             rows = []
             for k, per_cpu in self.metrics.items():
                 rows.append({"reason": k.reason, "reason_desc": reason_name(k.reason),
-                             "direction": "egress" if k.direction else "ingress",
+                             "direction": CT_DIRECTIONS.get(k.direction, str(k.direction)),
                              "packets": sum(v.packets for v in per_cpu),
                              "bytes": sum(v.bytes for v in per_cpu)})
         return sorted(rows, key=lambda r: (r["reason"], r["direction"]))

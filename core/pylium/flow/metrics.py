@@ -242,6 +242,9 @@ class AgentCollector:
                 for name, ratio in sorted(pressure.items()):
                     fam.add_metric([name], float(ratio))
                 yield fam
+        lb = comps.get("lb")
+        if lb is not None and callable(getattr(lb, "metric_families", None)):
+            yield from lb.metric_families()
         kv = self.kvstore_status
         if kv is not None:
             yield GaugeMetricFamily("pylium_kvstore_healthy", "1 when the KV store answers.",

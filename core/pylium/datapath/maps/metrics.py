@@ -22,6 +22,7 @@ REASONS = {
     179: "Socket assign failed", 180: "Proxy redirection not supported for protocol",
     181: "Policy denied by denylist",
     189: "Authentication required", 196: "TTL exceeded", 203: "Endpoint policy program not available",
+    220: "Unencrypted traffic to a node without encryption key",
 }
 
 

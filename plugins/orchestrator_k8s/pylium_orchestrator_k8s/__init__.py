@@ -1,0 +1,1 @@
+"""pylium's Kubernetes orchestrator: follows the API server and feeds the agent."""
