@@ -104,6 +104,31 @@ def flow_events(data: bytes) -> None:
         compact_line(response)
 
 
+_CNI_ENV = {"CNI_CONTAINERID": "fuzzreliability0", "CNI_NETNS": "/var/run/netns/nope-fuzz",
+            "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin"}
+_CNI_VERBS = ("VERSION", "ADD", "DEL", "CHECK", "STATUS", "GC")
+
+
+def cni_stdin(data: bytes) -> None:
+    """`pylium-cni` with these bytes as the network config on stdin, for every verb. Its
+    agent is a socket path that does not exist, whatever the config names (a fuzzer must
+    never create endpoints on an agent that happens to run here): the answer must be a
+    CNI result or a CNI error object, never the plugin's "internal error"."""
+    from pylium.cni import plugin
+
+    real_agent = plugin.Agent
+    plugin.Agent = lambda _path, *a, **kw: real_agent(f"/nonexistent/fuzz-{os.getpid()}.sock",
+                                                      *a, **kw)
+    try:
+        for verb in _CNI_VERBS:
+            code, out = plugin.run({**_CNI_ENV, "CNI_COMMAND": verb}, data)
+            json.dumps(out)
+            if code != 0 and (not isinstance(out, dict) or out.get("code") == 999):
+                raise Finding(f"cni {verb}: {out}")
+    finally:
+        plugin.Agent = real_agent
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "policy": policy_bytes,
     "config": config_bytes,
@@ -113,6 +138,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "ipcache_record": ipcache_record,
     "policy_record": policy_record,
     "flow_events": flow_events,
+    "cni_stdin": cni_stdin,
 }
 
 
@@ -183,6 +209,10 @@ def seeds(name: str) -> list[bytes]:
                             "source": p.source}).encode() for p in docs]
     elif name == "flow_events":
         out += [_valid_event() * 3]
+    elif name == "cni_stdin":
+        out += [b'{"cniVersion": "1.0.0", "name": "pylium", "type": "pylium-cni", '
+                b'"socket": "/var/run/pylium/pylium.sock", "labels": {"app": "web"}, '
+                b'"runtimeConfig": {"portMappings": []}}']
     return out or [b""]
 
 
