@@ -129,6 +129,37 @@ def cni_stdin(data: bytes) -> None:
         plugin.Agent = real_agent
 
 
+def l7_http(data: bytes) -> None:
+    """The HTTP proxy's parsing of what a client or server sends: the head (request and
+    response), the body framing (smuggling refused) and chunked framing. `BadMessage` is
+    the proxy's refusal (it answers 400 / closes); anything else is a finding."""
+    from pylium_l7_http.parser import (
+        BadMessage,
+        ChunkedBody,
+        body_framing,
+        find_head_end,
+        parse_head,
+    )
+
+    end = find_head_end(data)
+    if end < 0:
+        return
+    for response in (False, True):
+        try:
+            head = parse_head(data[:end], response)
+            framing, length = body_framing(head, response, "GET")
+            if framing == "chunked":
+                body, chunks = memoryview(data)[end:], ChunkedBody()
+                while body and not chunks.done:
+                    step = chunks.step(body)
+                    if step is None:
+                        break
+                    body = body[step[0] + step[1]:]
+            assert length >= 0
+        except BadMessage as exc:
+            _one_line(exc)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "policy": policy_bytes,
     "config": config_bytes,
@@ -139,6 +170,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "policy_record": policy_record,
     "flow_events": flow_events,
     "cni_stdin": cni_stdin,
+    "l7_http": l7_http,
 }
 
 
@@ -209,6 +241,11 @@ def seeds(name: str) -> list[bytes]:
                             "source": p.source}).encode() for p in docs]
     elif name == "flow_events":
         out += [_valid_event() * 3]
+    elif name == "l7_http":
+        out += [b"GET /v1/request-landing HTTP/1.1\r\nHost: deathstar\r\nX-A: 1\r\n\r\n",
+                b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+                b"0\r\nT: 1\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
     elif name == "cni_stdin":
         out += [b'{"cniVersion": "1.0.0", "name": "pylium", "type": "pylium-cni", '
                 b'"socket": "/var/run/pylium/pylium.sock", "labels": {"app": "web"}, '
