@@ -10,9 +10,11 @@ fuzzers save the input under tests/fuzz_corpus/<target>/ so it is replayed forev
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
 import random
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +58,7 @@ def policy_bytes(data: bytes) -> None:
 
 
 _CONFIG_DIR = Path(tempfile.mkdtemp(prefix="pylium-fuzz-reliability-"))
+atexit.register(shutil.rmtree, _CONFIG_DIR, True)
 
 
 def config_bytes(data: bytes) -> None:
