@@ -19,7 +19,7 @@ PROJECT_FILES := $(CONSTRAINTS) pyproject.toml $(wildcard plugins/*/pyproject.to
 K8S_CACHE ?= /var/cache/pylium-k8s
 K8S_NAME ?= dev
 
-.PHONY: setup apt bpffs demo test bench lint wheels constraints clean k8s-cache k8s-up k8s-down
+.PHONY: setup apt bpffs demo test bench soak lint wheels constraints clean k8s-cache k8s-up k8s-down
 
 setup: apt bpffs $(VENV)/.installed
 
@@ -64,6 +64,11 @@ k8s-down:
 
 bench: setup
 	$(PY) bench/run.py $(B)
+
+# reliability parts of issue 15 together for SOAK_SECONDS, one table (bench/soak.py)
+SOAK_SECONDS ?= 600
+soak: setup
+	$(PY) bench/soak.py $(SOAK_SECONDS)
 
 lint: setup
 	$(VENV)/bin/ruff check core plugins tests bench examples

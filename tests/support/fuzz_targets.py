@@ -10,9 +10,11 @@ fuzzers save the input under tests/fuzz_corpus/<target>/ so it is replayed forev
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
 import random
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +58,7 @@ def policy_bytes(data: bytes) -> None:
 
 
 _CONFIG_DIR = Path(tempfile.mkdtemp(prefix="pylium-fuzz-reliability-"))
+atexit.register(shutil.rmtree, _CONFIG_DIR, True)
 
 
 def config_bytes(data: bytes) -> None:
@@ -104,6 +107,62 @@ def flow_events(data: bytes) -> None:
         compact_line(response)
 
 
+_CNI_ENV = {"CNI_CONTAINERID": "fuzzreliability0", "CNI_NETNS": "/var/run/netns/nope-fuzz",
+            "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin"}
+_CNI_VERBS = ("VERSION", "ADD", "DEL", "CHECK", "STATUS", "GC")
+
+
+def cni_stdin(data: bytes) -> None:
+    """`pylium-cni` with these bytes as the network config on stdin, for every verb. Its
+    agent is a socket path that does not exist, whatever the config names (a fuzzer must
+    never create endpoints on an agent that happens to run here): the answer must be a
+    CNI result or a CNI error object, never the plugin's "internal error"."""
+    from pylium.cni import plugin
+
+    real_agent = plugin.Agent
+    plugin.Agent = lambda _path, *a, **kw: real_agent(f"/nonexistent/fuzz-{os.getpid()}.sock",
+                                                      *a, **kw)
+    try:
+        for verb in _CNI_VERBS:
+            code, out = plugin.run({**_CNI_ENV, "CNI_COMMAND": verb}, data)
+            json.dumps(out)
+            if code != 0 and (not isinstance(out, dict) or out.get("code") == 999):
+                raise Finding(f"cni {verb}: {out}")
+    finally:
+        plugin.Agent = real_agent
+
+
+def l7_http(data: bytes) -> None:
+    """The HTTP proxy's parsing of what a client or server sends: the head (request and
+    response), the body framing (smuggling refused) and chunked framing. `BadMessage` is
+    the proxy's refusal (it answers 400 / closes); anything else is a finding."""
+    from pylium_l7_http.parser import (
+        BadMessage,
+        ChunkedBody,
+        body_framing,
+        find_head_end,
+        parse_head,
+    )
+
+    end = find_head_end(data)
+    if end < 0:
+        return
+    for response in (False, True):
+        try:
+            head = parse_head(data[:end], response)
+            framing, length = body_framing(head, response, "GET")
+            if framing == "chunked":
+                body, chunks = memoryview(data)[end:], ChunkedBody()
+                while body and not chunks.done:
+                    step = chunks.step(body)
+                    if step is None:
+                        break
+                    body = body[step[0] + step[1]:]
+            assert length >= 0
+        except BadMessage as exc:
+            _one_line(exc)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "policy": policy_bytes,
     "config": config_bytes,
@@ -113,6 +172,8 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "ipcache_record": ipcache_record,
     "policy_record": policy_record,
     "flow_events": flow_events,
+    "cni_stdin": cni_stdin,
+    "l7_http": l7_http,
 }
 
 
@@ -183,6 +244,15 @@ def seeds(name: str) -> list[bytes]:
                             "source": p.source}).encode() for p in docs]
     elif name == "flow_events":
         out += [_valid_event() * 3]
+    elif name == "l7_http":
+        out += [b"GET /v1/request-landing HTTP/1.1\r\nHost: deathstar\r\nX-A: 1\r\n\r\n",
+                b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+                b"0\r\nT: 1\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+    elif name == "cni_stdin":
+        out += [b'{"cniVersion": "1.0.0", "name": "pylium", "type": "pylium-cni", '
+                b'"socket": "/var/run/pylium/pylium.sock", "labels": {"app": "web"}, '
+                b'"runtimeConfig": {"portMappings": []}}']
     return out or [b""]
 
 

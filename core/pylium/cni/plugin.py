@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from pylium.cni import spec
 from pylium.cni.spec import CNIError
+from pylium.documents import DocumentError, load_json
 
 #: the agent's default API socket (pylium.config.DEFAULT_SOCKET, not imported: it pulls in
 #: the whole config machinery)
@@ -217,8 +218,8 @@ def run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, Any]:
 def _reported_version(stdin: bytes) -> str:
     """The cniVersion error objects carry: the config's, when it is one we speak."""
     try:
-        asked = json.loads(stdin).get("cniVersion")
-    except (ValueError, AttributeError, UnicodeDecodeError):
+        asked = load_json(stdin, "network config").get("cniVersion")
+    except (DocumentError, AttributeError):
         return spec.LATEST
     return asked if asked in spec.SUPPORTED_VERSIONS else spec.LATEST
 

@@ -13,6 +13,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from pylium.documents import DocumentError, load_json
+
 #: versions whose configs and results this plugin understands, oldest first
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST = SUPPORTED_VERSIONS[-1]
@@ -117,11 +119,10 @@ def parse_cni_args(text: str) -> dict[str, str]:
 # network config ---------------------------------------------------------------------------
 def decode_config(raw: bytes) -> dict[str, Any]:
     """The network config on stdin: a JSON object (6 when it cannot be decoded)."""
-    try:
-        conf = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CNIError(DECODING_FAILURE, "error decoding network config",
-                       f"{type(exc).__name__}: {exc}") from None
+    try:  # bounded (size, UTF-8, nesting): a hostile stdin is a decoding error, not a crash
+        conf = load_json(bytes(raw), "network config")
+    except DocumentError as exc:
+        raise CNIError(DECODING_FAILURE, "error decoding network config", str(exc)) from None
     if not isinstance(conf, dict):
         raise CNIError(DECODING_FAILURE, "error decoding network config",
                        f"expected a JSON object, got {type(conf).__name__}")

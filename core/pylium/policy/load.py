@@ -54,7 +54,7 @@ def _document(doc: Any, prefix: str, default_name: str) -> list[Policy]:
     kind = top.get("kind")
     if kind is None:
         raise PolicyError([f"{p}kind: required field missing"])
-    if kind not in POLICY_KINDS:
+    if not isinstance(kind, str) or kind not in POLICY_KINDS:
         raise PolicyError([f"{p}kind: {kind!r} is not a policy kind (expected "
                            f"{', '.join(POLICY_KINDS)})"])
     api = top.get("apiVersion")

@@ -5,6 +5,7 @@ ipcache refuses the new entry the same way and keeps every entry it had."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from types import SimpleNamespace
@@ -103,3 +104,44 @@ def test_full_ipcache_refuses_the_new_entry_and_keeps_the_others(small_node, cap
     # an existing entry can still change (no new slot needed)
     n.worker.run(n.dp.upsert_ipcache, "10.100.0.7/32", 5002)
     assert n.worker.run(n.dp.lookup_ipcache, "10.100.0.7") == 5002
+
+
+def test_full_conntrack_still_enforces_policy(small_node):
+    """The conntrack map is an LRU hash: when it is full a new flow evicts the oldest entry
+    (no failure to insert), and the policy decides new flows exactly as before."""
+    from pylium.datapath.maps.conntrack import CtEntry, CtKey
+    from pylium.datapath.packet import build
+    from pylium.datapath.testrun import decode_result
+
+    n = small_node
+    b = n.eps["b"]
+    n.worker.run(n.dp.update_policy, b.ep_id, _ports([80], 1))
+    size = map_info(n.dp.conntrack.fd).max_entries
+    far = time.clock_gettime_ns(time.CLOCK_MONOTONIC) + 3600 * 10**9
+
+    def fill():
+        for i in range(size):
+            key = CtKey(saddr=(ctypes.c_uint8 * 4)(10, 251, (i >> 8) & 255, i & 255),
+                        daddr=(ctypes.c_uint8 * 4)(10, 214, 0, 11),
+                        sport=(ctypes.c_uint8 * 2)(i >> 8 & 255, i & 255),
+                        dport=(ctypes.c_uint8 * 2)(0, 80), protocol=6, direction=0)
+            n.dp.conntrack.update(key, CtEntry(expires_ns=far, ep_id=b.ep_id))
+    n.worker.run(fill)
+    assert len(n.worker.run(n.dp.dump_ct)) >= size * 0.99  # the LRU evicts a little early
+    mark = ((A[1] & 0xFFFF) << 16) | ((A[1] >> 16) & 0xFF) | 0x0F00
+
+    def real(port: int, sport: int) -> dict:
+        pkt = build(A[0], B[0], PROTO_TCP, sport, port)
+        retval, ctx, _ = n.dp.run_program("to_container", pkt, b.ifindex, mark=mark,
+                                          ingress_ifindex=n.eps["a"].ifindex)
+        return decode_result(retval, ctx, "to_container", ING)
+
+    for sport in range(41000, 41050):  # new flows while full: allowed ones pass
+        got = n.worker.run(real, 80, sport)
+        assert (got["action"], got["verdict"]) == ("forwarded", "allowed"), got
+        denied = n.worker.run(real, 81, sport)
+        assert (denied["action"], denied["drop_reason"]) == ("dropped", 133), denied
+    # the new flows took their place in the full table (the LRU evicted old entries)
+    rows = n.worker.run(n.dp.dump_ct)
+    assert any(41049 in (r["sport"], r["dport"]) for r in rows)
+    assert len(rows) <= size
