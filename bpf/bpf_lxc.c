@@ -283,6 +283,73 @@ static __always_inline int lb4_reject_tcp(struct __sk_buff *skb, const struct ev
 	return bpf_redirect_peer(skb->ifindex, 0);
 }
 
+static __always_inline __u16 csum_fold32(__s64 csum)
+{
+	__u64 c = (__u64)csum;
+
+	c = (c & 0xffff) + (c >> 16);
+	c = (c & 0xffff) + (c >> 16);
+	c = (c & 0xffff) + (c >> 16);
+	return ~c;
+}
+
+/* UDP to a service with no usable backend: an ICMP port unreachable goes straight back
+ * into the pod (its connected socket sees ECONNREFUSED). The datagram becomes the error in
+ * place: 28 bytes (a new IPv4 header and the ICMP header) are inserted before its IPv4
+ * header and the rest is cut after that header + 8 bytes, the quote RFC 792 asks for.
+ * Counted as a drop with reason DROP_NO_SERVICE. */
+static __always_inline int lb4_reject_udp(struct __sk_buff *skb, const struct event_ctx *ec,
+					  const struct pkt *p, struct result *r)
+{
+	struct {
+		struct iphdr ip;
+		__u8 icmp[8];
+	} hdr = {};
+	__u8 macs[12], swapped[12], quote[28];
+	__s64 csum;
+	int i;
+
+	r->reason = DROP_NO_SERVICE;
+	write_result(skb, r);
+	metrics_count(DROP_NO_SERVICE, ec->direction, p->len);
+	emit_event(ec, p, EVENT_DROP, DROP_NO_SERVICE, 0, 0);
+	if (bpf_skb_load_bytes(skb, 0, macs, 12) < 0 ||
+	    bpf_skb_load_bytes(skb, LB_IP_OFF, quote, 28) < 0 || (quote[0] & 0x0F) != 5)
+		return TC_ACT_SHOT; /* IP options: just drop */
+#pragma unroll
+	for (i = 0; i < 6; i++) {
+		swapped[i] = macs[i + 6];
+		swapped[i + 6] = macs[i];
+	}
+	hdr.ip.version = 4;
+	hdr.ip.ihl = 5;
+	hdr.ip.tos = 0xc0;
+	hdr.ip.tot_len = bpf_htons(20 + 8 + 28);
+	hdr.ip.ttl = 64;
+	hdr.ip.protocol = IPPROTO_ICMP;
+	hdr.ip.saddr = p->daddr;
+	hdr.ip.daddr = p->saddr;
+	csum = bpf_csum_diff(NULL, 0, (__be32 *)&hdr.ip, 20, 0);
+	if (csum < 0)
+		return TC_ACT_SHOT;
+	hdr.ip.check = csum_fold32(csum);
+	hdr.icmp[0] = 3; /* destination unreachable */
+	hdr.icmp[1] = 3; /* port unreachable */
+	csum = bpf_csum_diff(NULL, 0, (__be32 *)hdr.icmp, 8, 0);
+	if (csum < 0)
+		return TC_ACT_SHOT;
+	csum = bpf_csum_diff(NULL, 0, (__be32 *)quote, 28, csum);
+	if (csum < 0)
+		return TC_ACT_SHOT;
+	*(__u16 *)&hdr.icmp[2] = csum_fold32(csum);
+	if (bpf_skb_adjust_room(skb, sizeof(hdr), BPF_ADJ_ROOM_MAC, 0) < 0 ||
+	    bpf_skb_change_tail(skb, LB_IP_OFF + sizeof(hdr) + sizeof(quote), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, 0, swapped, 12, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, LB_IP_OFF, &hdr, sizeof(hdr), 0) < 0)
+		return TC_ACT_SHOT;
+	return bpf_redirect_peer(skb->ifindex, 0);
+}
+
 /* A reply from a local NodePort backend (a CT_DIR_NODEPORT entry names its flow): back to
  * the node's address and NodePort, then straight out of the interface the kernel's FIB
  * names (the stack would drop a packet from the node's own address arriving on a veth).
@@ -374,6 +441,8 @@ int from_container(struct __sk_buff *skb)
 	if (reason == DROP_NO_SERVICE && !ec.dry_run && p.protocol == IPPROTO_TCP &&
 	    (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
 		return lb4_reject_tcp(skb, &ec, &p, &r);
+	if (reason == DROP_NO_SERVICE && !ec.dry_run && p.protocol == IPPROTO_UDP)
+		return lb4_reject_udp(skb, &ec, &p, &r);
 	if (reason)
 		return drop_packet(skb, &ec, &p, &r, reason);
 

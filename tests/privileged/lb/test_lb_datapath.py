@@ -92,7 +92,7 @@ def test_hairpin_pod_reaches_itself_through_its_service(node, servers):
         maps.close()
 
 
-def test_service_without_backends_rejects_tcp_and_drops_udp_with_reason_158(node, servers):
+def test_service_without_backends_rejects_tcp_and_udp_with_reason_158(node, servers):
     n, maps = setup(node, servers)
     try:
         maps.upsert_service(8, VIP, 82, TCP, [], algorithm=LB_ALG_RANDOM, lut=None)
@@ -101,8 +101,10 @@ def test_service_without_backends_rejects_tcp_and_drops_udp_with_reason_158(node
         # TCP: a RST comes back at once (no waiting for a timeout)
         assert client(n.pods["a"]["ns"], "tcp", VIP, 82, 3) == ["ERR ConnectionRefusedError"] * 3
         assert time.monotonic() - started < 1.5
-        # UDP: dropped (no ICMP unreachable yet), never forwarded anywhere
-        assert client(n.pods["a"]["ns"], "udp", VIP, 82) == ["ERR TimeoutError"]
+        # UDP: an ICMP port unreachable comes back (ECONNREFUSED on the connected socket)
+        started = time.monotonic()
+        assert client(n.pods["a"]["ns"], "udp", VIP, 82, 2) == ["ERR ConnectionRefusedError"] * 2
+        assert time.monotonic() - started < 1.5
         drops = {m["reason"]: m["packets"] for m in n.dp.dump_metrics()}
         assert drops.get(158, 0) >= 4, drops
     finally:
