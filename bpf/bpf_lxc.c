@@ -188,6 +188,7 @@ static __always_inline int lb4_translate(struct __sk_buff *skb, struct pkt *p,
 	p->dport = be->port;
 	p->policy_port = be->port;
 	p->event_dport = be->port;
+	p->rev_nat = svc->rev_nat_index;
 	r->rev_nat = svc->rev_nat_index;
 	return 0;
 }
@@ -230,6 +231,7 @@ static __always_inline int lb4_rev_nat(struct __sk_buff *skb, struct pkt *p,
 	}
 	p->saddr = nat->address;
 	p->sport = nat->port;
+	p->rev_nat = index;
 	return 0;
 }
 

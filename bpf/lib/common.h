@@ -94,7 +94,7 @@ struct pkt {
 	__be16 event_dport;  /* dport, or ICMP type << 8 | code, for events */
 	__u8 protocol;
 	__u8 tcp_flags;
-	__u16 pad;
+	__u16 rev_nat;       /* service flow: its rev-NAT index, carried into events (0: none) */
 	__u32 len;
 };
 

@@ -370,6 +370,18 @@ class LoadBalancer:
     def list(self) -> list[Service]:
         return sorted(self.applied.values(), key=lambda s: s.id)
 
+    def by_rev_nat(self, index: int) -> tuple[Service, str] | None:
+        """The service a datapath rev-NAT index names, and the frontend that index is for
+        (the VIP, or this node's NodePort): how flows name the service they went through."""
+        nodeport = index >= NODEPORT_INDEX_OFFSET
+        wanted = index - NODEPORT_INDEX_OFFSET if nodeport else index
+        for svc in self.applied.values():
+            if svc.id == wanted and (not nodeport or svc.node_port):
+                if nodeport:
+                    return svc, f"{self.node_ip}:{svc.node_port}/{svc.frontend.protocol}"
+                return svc, str(svc.frontend)
+        return None
+
     def metric_families(self):
         """Prometheus families, collected at scrape time by the agent's collector."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily

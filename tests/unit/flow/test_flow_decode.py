@@ -121,3 +121,41 @@ def test_decoder_counts_for_metrics():
     assert dec.counts[(3, "FORWARDED", 0, 0)] == 3
     assert dec.counts[(2, "FORWARDED", 0, 0)] == 3
     assert dec.decoded == 12
+
+
+def test_service_flows_name_their_service_and_show_the_translation():
+    """A translated flow's event carries the service's rev-NAT index; the decoder names the
+    service (Hubble's destination_service) and the compact line shows VIP => backend."""
+    from pylium.flow.model import ServiceRef
+
+    asked = []
+
+    def services(index):
+        asked.append(index)
+        return {7: ServiceRef("deathstar", "default", "10.96.0.10:80/TCP")}.get(index)
+
+    ts = time.monotonic_ns()
+    events = [encode_event(ts_ns=ts, type=2, reason=5, direction=1, flags=2, saddr="10.200.0.12",
+                           daddr="10.200.0.10", sport=43210, dport=80, tcp_flags=0x02,
+                           rev_nat=7),
+              encode_event(ts_ns=ts, type=1, reason=133, flags=1, saddr="10.96.0.10",
+                           daddr="10.200.0.12", sport=80, dport=43210, rev_nat=7),
+              encode_event(ts_ns=ts, type=2, reason=5, direction=1, saddr="10.200.0.12",
+                           daddr="10.200.0.10", sport=43211, dport=80, rev_nat=9),
+              encode_event(ts_ns=ts, type=2, reason=5, direction=1, saddr="10.200.0.12",
+                           daddr="10.200.0.10", sport=43212, dport=80)]
+    decoder = Decoder("node-a", services=services)
+    forward, reply, unknown, plain = (to_response(f) for f in decoder.decode(b"".join(events)))
+    assert asked == [7, 9]  # cached per index; index 0 (no service) never asked
+    f = forward["flow"]
+    assert f["destination_service"] == {"name": "deathstar", "namespace": "default"}
+    assert f["service_frontend"] == "10.96.0.10:80/TCP" and "source_service" not in f
+    assert f["IP"]["destination"] == "10.200.0.10"  # the event saw the backend
+    line = compact_line(forward)
+    assert "-> 10.96.0.10:80 (service default/deathstar) => 10.200.0.10:80" in line, line
+    r = reply["flow"]
+    assert r["source_service"] == {"name": "deathstar", "namespace": "default"}
+    assert "destination_service" not in r
+    assert "10.96.0.10:80 (service default/deathstar) <- 10.200.0.12:43210" in compact_line(reply)
+    for resp in (unknown, plain):  # a stale index (service gone) and a plain flow
+        assert "destination_service" not in resp["flow"] and "=>" not in compact_line(resp)
