@@ -33,6 +33,7 @@ struct result {
 
 static __always_inline void write_result(struct __sk_buff *skb, const struct result *r)
 {
+	ctx_opaque(skb);
 	skb->cb[CB_RESULT_REASON] = r->reason;
 	skb->cb[CB_RESULT_VERDICT] = r->verdict;
 	skb->cb[CB_RESULT_IDENTITY] = r->identity;
@@ -493,6 +494,7 @@ int from_container(struct __sk_buff *skb)
 	if (r.ct == CT_NEW)
 		emit_event(&ec, &p, EVENT_TRACE, TRACE_TO_STACK, EVENT_F_CT_NEW, 0);
 	if (!ec.dry_run) {
+		ctx_opaque(skb);
 		skb->cb[CB_ROUTING_IDENTITY] = ec.src_identity;
 		skb->cb[CB_ROUTING_TUNNEL] = remote ? remote->tunnel_endpoint : 0;
 		bpf_tail_call(skb, &routing_progs, ROUTING_SLOT_ENCRYPT);
@@ -639,6 +641,7 @@ static __always_inline int nodeport_snat_forward(struct __sk_buff *skb, struct p
 	metrics_count(REASON_FORWARDED, ec->direction, p->len);
 	remote = ipcache_lookup(p->daddr);
 	if (remote && remote->tunnel_endpoint) {
+		ctx_opaque(skb);
 		skb->cb[CB_ROUTING_IDENTITY] = ec->src_identity;
 		skb->cb[CB_ROUTING_TUNNEL] = remote->tunnel_endpoint;
 		bpf_tail_call(skb, &routing_progs, ROUTING_SLOT_REMOTE);

@@ -89,6 +89,8 @@ class Decoder:
         self.node_name = node_name
         self.resolver = resolver
         self.services = services
+        #: per batch only: service ids are reused after a delete, so a longer-lived cache
+        #: could name a new service's flows after the old one
         self._services: dict[int, ServiceRef | None] = {}
         self.cache_ttl = cache_ttl
         self.cache_max = cache_max
@@ -121,7 +123,7 @@ class Decoder:
         return peer
 
     def service(self, rev_nat: int) -> ServiceRef | None:
-        """The service behind a rev-NAT index (cached like peers; None: unknown)."""
+        """The service behind a rev-NAT index (None: unknown), asked once per batch."""
         if rev_nat in self._services:
             return self._services[rev_nat]
         ref = None
@@ -134,9 +136,8 @@ class Decoder:
         return ref
 
     def invalidate(self) -> None:
-        """Forget cached enrichment (labels, pods or services changed)."""
+        """Forget cached enrichment (labels or pods changed)."""
         self._peers.clear()
-        self._services.clear()
         self._peers_at = time.monotonic()
 
     def decode(self, buf: Any, wall_offset_ns: int | None = None) -> list[Flow]:
@@ -147,6 +148,7 @@ class Decoder:
             self.invalidate()
         if len(self._ip_text) > self.cache_max:
             self._ip_text.clear()
+        self._services.clear()
         ip_text = self._ip_text
         peers = self._peers
         peer_of = self.peer

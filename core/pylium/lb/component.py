@@ -375,12 +375,14 @@ class LoadBalancer:
         (the VIP, or this node's NodePort): how flows name the service they went through."""
         nodeport = index >= NODEPORT_INDEX_OFFSET
         wanted = index - NODEPORT_INDEX_OFFSET if nodeport else index
-        for svc in self.applied.values():
-            if svc.id == wanted and (not nodeport or svc.node_port):
-                if nodeport:
-                    return svc, f"{self.node_ip}:{svc.node_port}/{svc.frontend.protocol}"
-                return svc, str(svc.frontend)
-        return None
+        # list() copies in one step: the flow reader thread asks while the loop applies
+        by_id = {s.id: s for s in list(self.applied.values())}
+        svc = by_id.get(wanted)
+        if svc is None or (nodeport and not svc.node_port):
+            return None
+        if nodeport:
+            return svc, f"{self.node_ip}:{svc.node_port}/{svc.frontend.protocol}"
+        return svc, str(svc.frontend)
 
     def metric_families(self):
         """Prometheus families, collected at scrape time by the agent's collector."""

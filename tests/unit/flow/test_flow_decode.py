@@ -146,7 +146,9 @@ def test_service_flows_name_their_service_and_show_the_translation():
                            daddr="10.200.0.10", sport=43212, dport=80)]
     decoder = Decoder("node-a", services=services)
     forward, reply, unknown, plain = (to_response(f) for f in decoder.decode(b"".join(events)))
-    assert asked == [7, 9]  # cached per index; index 0 (no service) never asked
+    assert asked == [7, 9]  # once per index in a batch; index 0 (no service) never asked
+    decoder.decode(events[0])
+    assert asked == [7, 9, 7]  # asked again next batch: a deleted service's id is reused
     f = forward["flow"]
     assert f["destination_service"] == {"name": "deathstar", "namespace": "default"}
     assert f["service_frontend"] == "10.96.0.10:80/TCP" and "source_service" not in f
