@@ -51,6 +51,8 @@ def test_starwars_story_and_clean_teardown(example_policies):
         assert [(s["name"], s["frontend"], s["backends"]) for s in status["services"]] == [
             ("default/deathstar", "10.96.0.10:80/TCP",
              [f"{pods['deathstar']['ip']}:80", f"{pods['deathstar-2']['ip']}:80"])]
+        table = pylium("lab", "status").stdout
+        assert "default/deathstar" in table and "10.96.0.10:80/TCP" in table, table
         assert pods["xwing"]["node"] == "node1"
         url = "http://10.96.0.10/v1/request-landing"  # through the service VIP
 
