@@ -132,11 +132,11 @@ def test_observe_names_the_service_and_shows_the_translation(lab):
         deadline = time.monotonic() + 20
         while not flows and time.monotonic() < deadline:
             out = cli(lab, "observe", "-o", "json", "--from-pod", "default/client",
-                      "--since", "5m").stdout
+                      "--to-service", "default/seen", "--since", "5m").stdout
             flows = [json.loads(line)["flow"] for line in out.splitlines()]
-            flows = [f for f in flows if f.get("service_frontend") == f"{VIP}:82/TCP"]
             time.sleep(0.3)
         assert flows, "no flow of the client through the service was observed"
+        assert all(f["service_frontend"] == f"{VIP}:82/TCP" for f in flows), flows
         f = flows[-1]
         assert f["destination_service"] == {"name": "seen", "namespace": "default"}
         assert f["service_frontend"] == f"{VIP}:82/TCP"

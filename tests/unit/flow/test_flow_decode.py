@@ -161,3 +161,27 @@ def test_service_flows_name_their_service_and_show_the_translation():
     assert "10.96.0.10:80 (service default/deathstar) <- 10.200.0.12:43210" in compact_line(reply)
     for resp in (unknown, plain):  # a stale index (service gone) and a plain flow
         assert "destination_service" not in resp["flow"] and "=>" not in compact_line(resp)
+
+
+def test_service_filters_match_the_side_the_service_is_on():
+    """`observe --to-service ns/name` (Hubble's flag): forward flows through the service;
+    `--from-service` its replies; `--service` either."""
+    from pylium.flow.filters import parse_query
+    from pylium.flow.model import ServiceRef
+
+    ref = {7: ServiceRef("deathstar", "default", "10.96.0.10:80/TCP")}
+    ts = time.monotonic_ns()
+    fwd, reply, plain = Decoder("n", services=ref.get).decode(b"".join([
+        encode_event(ts_ns=ts, type=2, direction=1, rev_nat=7, dport=80),
+        encode_event(ts_ns=ts, type=1, reason=133, flags=1, rev_nat=7, sport=80),
+        encode_event(ts_ns=ts, type=2, direction=1, dport=80)]))
+    flows = [fwd, reply, plain]
+
+    def pick(**params):
+        return parse_query({k: [v] for k, v in params.items()}).select(flows)
+
+    assert pick(to_service="default/deathstar") == [fwd]
+    assert pick(to_service="deathst") == [fwd]  # a name prefix, any namespace
+    assert pick(from_service="default/") == [reply]
+    assert pick(service="default/death") == [fwd, reply]
+    assert pick(to_service="kube-system/deathstar") == []
