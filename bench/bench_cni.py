@@ -3,7 +3,8 @@ node) vs the reference `bridge` + `host-local` plugins (Debian's containernetwor
 on the same machine in the same run. Each ADD is timed as a runtime sees it: from exec
 (inside the node netns, config on stdin) to exit. Rounds alternate the two so drift hits
 both; every round ends with a DEL of each pod. Goal (issue 17): p50 <= 50 ms and
-p99 <= 200 ms for pylium-cni; the ratio lines are pylium / reference (lower is better)."""
+p99 <= 200 ms for pylium-cni; the ratio lines are pylium / reference (lower is better).
+A third line is the latency of one ADD at a time (no queueing behind other pods)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from pylium.lab.lab import Lab  # noqa: E402
 
 PODS = 20
 ROUNDS = 3
+SERIAL = 10
 PLUGIN = str(Path(sys.executable).with_name("pylium-cni"))
 REFERENCE = "/usr/lib/cni/bridge"
 
@@ -95,6 +97,14 @@ def main() -> None:
         for r in range(ROUNDS):
             ref += round_of([REFERENCE], ref_node, ref_conf, ref_pods, f"ref{r}x")
             ours += round_of([PLUGIN], node["netns"], ours_conf, ours_pods, f"pyl{r}x")
+        # one pod at a time: the latency of a lone ADD, without queueing behind others
+        ours_one = [round_of([PLUGIN], node["netns"], ours_conf, [pod], f"one{i}x")[0]
+                    for i, pod in enumerate(ours_pods[:SERIAL])]
+        ref_one = [round_of([REFERENCE], ref_node, ref_conf, [pod], f"one{i}x")[0]
+                   for i, pod in enumerate(ref_pods[:SERIAL])]
+        report("cni", "add_latency_single_p50", "ms", statistics.median(ours_one),
+               statistics.median(ref_one), "bridge+host-local",
+               "one ADD at a time (ratio: lower is better)", samples=SERIAL)
         extra = {"pods": PODS, "rounds": ROUNDS, "samples": len(ours)}
         report("cni", "add_latency_p50", "ms", statistics.median(ours), statistics.median(ref),
                "bridge+host-local", "pylium p50 <= 50 ms (ratio: lower is better)", **extra)

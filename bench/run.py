@@ -33,7 +33,10 @@ def table(lines: list[dict]) -> str:
     for r in rows:
         out.append("  ".join(str(c).ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + str(r[-1]))
     met = sum(1 for i in lines if i.get("met") is True)
-    out.append(f"{met} of {len(lines)} goals met")
+    unknown = sum(1 for i in lines if i.get("met") is None)
+    out.append(f"{met} of {len(lines)} goals met"
+               + (f"; {unknown} line(s) do not say (`met` missing: the bench must pass met=)"
+                  if unknown else ""))
     return "\n".join(out)
 
 

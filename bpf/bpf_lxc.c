@@ -494,9 +494,11 @@ int from_container(struct __sk_buff *skb)
 	if (r.ct == CT_NEW)
 		emit_event(&ec, &p, EVENT_TRACE, TRACE_TO_STACK, EVENT_F_CT_NEW, 0);
 	if (!ec.dry_run) {
-		ctx_opaque(skb);
+		__u32 tunnel = remote ? remote->tunnel_endpoint : 0;
+
+		ctx_opaque(skb); /* each cb store addressed from skb itself (lib/common.h) */
 		skb->cb[CB_ROUTING_IDENTITY] = ec.src_identity;
-		skb->cb[CB_ROUTING_TUNNEL] = remote ? remote->tunnel_endpoint : 0;
+		skb->cb[CB_ROUTING_TUNNEL] = tunnel;
 		bpf_tail_call(skb, &routing_progs, ROUTING_SLOT_ENCRYPT);
 		if (remote && remote->tunnel_endpoint)
 			bpf_tail_call(skb, &routing_progs, ROUTING_SLOT_REMOTE);

@@ -132,6 +132,9 @@ class Datapath:
         self.prog_fds: dict[str, int] = {}
         self.object_path: Path | None = None
         self._proxy_routing = False  # installed in this netns by this object
+        #: endpoint id → its key in the endpoints map (built by one scan on first use, kept by
+        #: attach/detach): finding an endpoint must not cost a walk of every endpoint
+        self._ep_index: dict[int, EndpointKey] | None = None
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -185,6 +188,7 @@ class Datapath:
             return BpfMap(loaded.map(name), name, key, value, percpu=percpu, owned=False)
 
         self.endpoints = typed("endpoints", EndpointKey, EndpointInfoValue)
+        self._ep_index = None
         self.ipcache = typed("ipcache", IpcacheKey, RemoteEndpointInfo)
         self.policy = typed("policy", U32Key, U32Key)
         self.conntrack = typed("conntrack", CtKey, CtEntry)
@@ -291,10 +295,23 @@ class Datapath:
                 log.warning("detaching from ifindex %d: %s", ifindex, exc)
 
     def _find_endpoint(self, ep_id: int) -> tuple[EndpointKey, EndpointInfoValue] | None:
-        for key, value in self.endpoints.items():
-            if value.ep_id == ep_id:
+        """The endpoint's map entry. This object is the map's one writer (the agent), so
+        the index is trusted; an indexed key that no longer names the endpoint (written
+        behind our back) makes it scan and rebuild instead."""
+        if self._ep_index is not None:
+            key = self._ep_index.get(ep_id)
+            if key is None:
+                return None
+            value = self.endpoints.lookup(key)
+            if value is not None and value.ep_id == ep_id:
                 return key, value
-        return None
+        self._ep_index = {}
+        found = None
+        for key, value in self.endpoints.items():
+            self._ep_index[value.ep_id] = key
+            if value.ep_id == ep_id:
+                found = key, value
+        return found
 
     def attach_endpoint(self, ep: EndpointInfo) -> None:
         """Publish the endpoint in the endpoints map and attach both programs to its
@@ -326,6 +343,8 @@ class Datapath:
                 if old[1].ifindex != ep.ifindex and self._ours(old[1]):
                     self._detach_programs(old[1].ifindex)
             self.endpoints.update(key, value)
+            if self._ep_index is not None:
+                self._ep_index[ep.ep_id] = key
             self._attach_programs(ep.ifindex)
 
     def detach_endpoint(self, ep_id: int) -> bool:
@@ -337,6 +356,8 @@ class Datapath:
                 if self._ours(found[1]):
                     self._detach_programs(found[1].ifindex)
                 self.endpoints.delete(found[0])
+                if self._ep_index is not None:
+                    self._ep_index.pop(ep_id, None)
             self.policy.delete(U32Key(ep_id))
             for key, value in list(self.conntrack.items()):
                 if value.ep_id == ep_id:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,12 @@ from pylium.api import L7Parser
 from pylium.errors import PluginError
 from pylium.l7.supervisor import ProxySupervisor, policy_message
 
+#: how often the snapshot is compared with what the proxy has (endpoints come and go
+#: without policy changes)
+RESYNC_INTERVAL = 1.0
+#: how long an agent that adopted a proxy waits for its endpoints before it may push an
+#: empty policy over the one the proxy enforces
+ADOPT_GRACE = 30.0
 FLOW_FIELDS = ("src_ip", "dst_ip", "sport", "dport", "src_identity", "dst_identity",
                "verdict", "l7", "ep_id", "direction", "is_reply", "proxy_port")
 
@@ -33,6 +40,8 @@ class ProxiedParser(L7Parser):
         self._changed = asyncio.Event()
         self._pusher: asyncio.Task | None = None
         self._revision = 0
+        self._last_sent: dict[str, Any] | None = None
+        self._hold_until = 0.0
         self.flows_recorded = 0
 
     # what a plugin provides ---------------------------------------------------------------
@@ -62,6 +71,7 @@ class ProxiedParser(L7Parser):
         how = await self.supervisor.start()
         ctx.log.info("%s L7 proxy %s (pid %s, ports %s)", self.protocol, how,
                      self.supervisor.info.get("pid"), ports)
+        self._hold_until = time.monotonic() + ADOPT_GRACE
         await self.push_policy()
         if ctx.policy is not None:  # policy changes may be announced from another thread
             loop = asyncio.get_running_loop()
@@ -85,19 +95,38 @@ class ProxiedParser(L7Parser):
                 await self.supervisor.close()
 
     async def _push_loop(self) -> None:
+        """Push on every policy change, and look again every second: endpoints that
+        appear (restored after an agent restart, created) change the snapshot without a
+        policy change. An unchanged snapshot is not sent again."""
         while True:
-            await self._changed.wait()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), RESYNC_INTERVAL)
             self._changed.clear()
             await self.push_policy()
 
-    async def push_policy(self) -> dict[str, Any] | None:
-        """Send the newest policy of this protocol for every local endpoint to the proxy."""
+    async def push_policy(self, force: bool = False) -> dict[str, Any] | None:
+        """Send the newest policy of this protocol for every local endpoint to the proxy
+        (if it differs from the last one sent). Right after adopting a proxy that enforces
+        a policy, an agent that has not restored its endpoints yet holds back its empty
+        snapshot (up to ADOPT_GRACE): the proxy keeps judging by the last policy rather
+        than denying all."""
         ctx = self.context
         snapshot = ctx.policy.snapshot() if ctx.policy is not None else []
+        message = policy_message(snapshot, self.protocol, self._ipcache(), 0)
+        if message == self._last_sent and not force:
+            return None
+        if (not message["endpoints"] and self.supervisor.how == "adopted"
+                and self._last_sent is None and time.monotonic() < self._hold_until
+                and (self.supervisor.info.get("redirects") or 0) > 0):
+            return None
+        self._last_sent = dict(message)
         self._revision += 1
-        message = policy_message(snapshot, self.protocol, self._ipcache(), self._revision)
+        message["revision"] = self._revision
         self.redirects_changed(sum(len(ep["entries"]) for ep in message["endpoints"]))
-        return await self.supervisor.push(message)
+        ack = await self.supervisor.push(message)
+        if ack is None:
+            self._last_sent = None  # not delivered: send again next time
+        return ack
 
     def _ipcache(self) -> list[tuple[str, int]]:
         datapath = getattr(self.context, "datapath", None)

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -150,24 +149,22 @@ class Agent:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def apply(self, *rules: PortRuleKafka, name: str = "test/kafka[0]") -> dict:
-        """Set the rules and wait until the proxy acknowledged them."""
-        before = self.backend.supervisor.last_ack.get("revision", 0)
+        """Set the rules and push them now (even if unchanged); the proxy's ack."""
         grants = (L7Grant(name, "kafka", tuple(rules)),)
-        self.loop.call_soon_threadsafe(self.policy.set, grants)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            ack = self.backend.supervisor.last_ack
-            if ack.get("revision", 0) > before:
-                assert not ack.get("problems"), ack
-                return ack
-            time.sleep(0.02)
-        raise AssertionError("the proxy never acknowledged the policy")
+
+        async def push():
+            self.policy.set(grants)
+            return await self.backend.push_policy(force=True)
+
+        ack = self.call(push())
+        assert ack is not None and not ack.get("problems"), ack
+        return ack
 
     def metric(self, name: str, labels: dict | None = None) -> float:
         return self.registry.get_sample_value(name, labels or {}) or 0.0
 
     def close(self) -> None:
-        self.call(self.backend.stop())
+        self.call(self.backend.stop(), timeout=120)  # the machine may be loaded
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 

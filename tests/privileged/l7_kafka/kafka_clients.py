@@ -6,6 +6,7 @@
     python kafka_clients.py aiokafka-produce BOOTSTRAP TOPIC[,TOPIC...] [N]
     python kafka_clients.py aiokafka-consume BOOTSTRAP TOPIC N
     python kafka_clients.py confluent-bench BOOTSTRAP TOPIC N M   # bench/bench_l7_kafka.py
+    python kafka_clients.py confluent-big BOOTSTRAP TOPIC BYTES
 
 Producers send N messages to each topic in turn with ONE client (so one connection to the
 broker) and print one JSON line per topic: {"topic", "ok", "errors": [error names]}.
@@ -150,6 +151,21 @@ def confluent_bench(bootstrap: str, topic: str, n: int, m: int) -> None:
                       "errors": sorted(set(failed))}), flush=True)
 
 
+def confluent_big(bootstrap: str, topic: str, size: int) -> None:
+    """One message of `size` bytes: a Produce frame far larger than the proxy's read-ahead
+    (1 MiB), which it must buffer whole to decide on it."""
+    import confluent_kafka
+
+    producer = confluent_kafka.Producer({
+        "bootstrap.servers": bootstrap, "message.max.bytes": size + 100000,
+        "compression.type": "none", "log_level": 0, "message.timeout.ms": 15000})
+    results = []
+    producer.produce(topic, b"b" * size, on_delivery=lambda err, _m: results.append(
+        err.name() if err is not None else None))
+    producer.flush(30)
+    print(json.dumps({"topic": topic, "results": results}), flush=True)
+
+
 def main(argv: list[str]) -> None:
     command, *args = argv
     if command == "mock":
@@ -162,6 +178,8 @@ def main(argv: list[str]) -> None:
     elif command == "aiokafka-produce":
         asyncio.run(aiokafka_produce(args[0], args[1].split(","),
                                      int(args[2]) if len(args) > 2 else 3))
+    elif command == "confluent-big":
+        confluent_big(args[0], args[1], int(args[2]))
     elif command == "confluent-bench":
         confluent_bench(args[0], args[1], int(args[2]), int(args[3]))
     elif command == "aiokafka-consume":

@@ -67,6 +67,16 @@ def lab():
             lab.down()
 
 
+def trace(lab, src: str, api_key: str, topic: str) -> str:
+    proc = subprocess.run([str(Path(sys.executable).with_name("pylium")), "-H",
+                           lab.node()["socket"], "policy", "trace", "--src", f"app={src}",
+                           "--dst", "app=kafka", "--dport", "9092", "--kafka-api-key", api_key,
+                           "--kafka-topic", topic, "-o", "json"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["verdict"]
+
+
 def client(lab, pod: str, *args: str) -> list[dict]:
     done = lab.exec(pod, [sys.executable, str(CLIENTS), *args], timeout=90)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -110,3 +120,6 @@ def test_empire_policy_through_the_datapath_redirect(lab):
                    and f["l7"]["kafka"].get("api_key") == 0)
     assert dropped["source"]["labels"] and any(
         "empire-outpost" in label for label in dropped["source"]["labels"])
+    # the agent's trace answers what the proxy did
+    assert trace(lab, "empire-outpost", "produce", "empire-announce") == "denied"
+    assert trace(lab, "empire-outpost", "fetch", "empire-announce") == "redirected"

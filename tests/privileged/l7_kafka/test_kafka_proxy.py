@@ -118,3 +118,14 @@ def test_kcat_produce_and_consume(kafka_netns, agent):
     denied = kafka_netns.kcat("-P", "-t", DENIED, stdin="x\n")
     assert denied.returncode != 0 or "authorization" in denied.stderr.lower()
     assert "authoriz" in denied.stderr.lower(), denied.stderr
+
+
+def test_produce_frame_larger_than_the_read_ahead(kafka_netns, agent):
+    """A 3 MB Produce request is buffered whole and judged (the proxy's read-ahead is 1 MiB:
+    the parser's `max_buffer` keeps reading from pausing on it)."""
+    agent.apply(*produce_only(ALLOWED))
+    agent.flows.clear()
+    [out] = kafka_netns.client("confluent-big", kafka_netns.bootstrap, ALLOWED, "3000000")
+    assert out["results"] == [None], out
+    [out] = kafka_netns.client("confluent-big", kafka_netns.bootstrap, DENIED, "3000000")
+    assert out["results"] == ["TOPIC_AUTHORIZATION_FAILED"], out

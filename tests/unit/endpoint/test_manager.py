@@ -51,6 +51,8 @@ def links(monkeypatch):
     monkeypatch.setattr(manager_mod.plumbing, "unwire_endpoint", fake.unwire)
     monkeypatch.setattr(manager_mod.plumbing, "link_info", fake.info)
     monkeypatch.setattr(manager_mod.plumbing, "netns_exists", lambda ns: not ns.endswith("gone"))
+    monkeypatch.setattr(manager_mod.plumbing, "netns_problem",
+                        lambda ns: "does not exist" if ns.endswith("gone") else None)
     return fake
 
 

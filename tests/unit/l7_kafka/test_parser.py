@@ -213,3 +213,16 @@ def test_factory_rules_from_json():
         factory.rules_from_json([{"role": "admin"}])
     with pytest.raises(ValueError):
         factory.rules_from_json([{"topic": "a", "group": "g"}])
+
+
+def test_backend_judge_agrees_with_the_proxy():
+    from pylium.api import L7Request
+    from pylium.policy.resolve import L7Grant
+    from pylium_l7_kafka.backend import L7Kafka
+
+    backend = L7Kafka.__new__(L7Kafka)
+    grants = [L7Grant("r", "kafka", (PortRuleKafka(role="consume", topic="a"),))]
+    allowed = backend.judge(grants, L7Request("kafka", {"api_key": "fetch", "topics": ["a"]}))
+    assert allowed.allowed and "r" in allowed.reason
+    denied = backend.judge(grants, L7Request("kafka", {"api_key": 1, "topic": "b"}))
+    assert not denied.allowed and "b" in denied.reason
