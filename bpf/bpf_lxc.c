@@ -33,6 +33,7 @@ struct result {
 
 static __always_inline void write_result(struct __sk_buff *skb, const struct result *r)
 {
+	ctx_opaque(skb);
 	skb->cb[CB_RESULT_REASON] = r->reason;
 	skb->cb[CB_RESULT_VERDICT] = r->verdict;
 	skb->cb[CB_RESULT_IDENTITY] = r->identity;
@@ -188,6 +189,7 @@ static __always_inline int lb4_translate(struct __sk_buff *skb, struct pkt *p,
 	p->dport = be->port;
 	p->policy_port = be->port;
 	p->event_dport = be->port;
+	p->rev_nat = svc->rev_nat_index;
 	r->rev_nat = svc->rev_nat_index;
 	return 0;
 }
@@ -230,6 +232,7 @@ static __always_inline int lb4_rev_nat(struct __sk_buff *skb, struct pkt *p,
 	}
 	p->saddr = nat->address;
 	p->sport = nat->port;
+	p->rev_nat = index;
 	return 0;
 }
 
@@ -493,10 +496,7 @@ int from_container(struct __sk_buff *skb)
 	if (!ec.dry_run) {
 		__u32 tunnel = remote ? remote->tunnel_endpoint : 0;
 
-		/* the verifier refuses a store through a ctx pointer clang offset beforehand
-		 * ("dereference of modified ctx ptr"): hide skb's provenance so each store is
-		 * addressed from skb itself */
-		asm volatile("" : "+r"(skb));
+		ctx_opaque(skb); /* each cb store addressed from skb itself (lib/common.h) */
 		skb->cb[CB_ROUTING_IDENTITY] = ec.src_identity;
 		skb->cb[CB_ROUTING_TUNNEL] = tunnel;
 		bpf_tail_call(skb, &routing_progs, ROUTING_SLOT_ENCRYPT);
@@ -643,6 +643,7 @@ static __always_inline int nodeport_snat_forward(struct __sk_buff *skb, struct p
 	metrics_count(REASON_FORWARDED, ec->direction, p->len);
 	remote = ipcache_lookup(p->daddr);
 	if (remote && remote->tunnel_endpoint) {
+		ctx_opaque(skb);
 		skb->cb[CB_ROUTING_IDENTITY] = ec->src_identity;
 		skb->cb[CB_ROUTING_TUNNEL] = remote->tunnel_endpoint;
 		bpf_tail_call(skb, &routing_progs, ROUTING_SLOT_REMOTE);

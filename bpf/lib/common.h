@@ -85,6 +85,11 @@ static __always_inline __u32 mark_decode_identity(__u32 mark)
 }
 
 /* Everything the programs need from a packet's headers. */
+/* Make clang forget what it knows about a ctx pointer: it may otherwise compute
+ * &skb->cb[i] once, keep it in a register and store through that copy later, which the
+ * verifier rejects ("dereference of modified ctx ptr"). Used before groups of cb stores. */
+#define ctx_opaque(ctx) asm volatile("" : "+r"(ctx))
+
 struct pkt {
 	__be32 saddr;
 	__be32 daddr;
@@ -94,7 +99,7 @@ struct pkt {
 	__be16 event_dport;  /* dport, or ICMP type << 8 | code, for events */
 	__u8 protocol;
 	__u8 tcp_flags;
-	__u16 pad;
+	__u16 rev_nat;       /* service flow: its rev-NAT index, carried into events (0: none) */
 	__u32 len;
 };
 

@@ -39,8 +39,10 @@ struct pylium_event {
 	__u16 pad;            /* 38 */
 	__u32 ifindex;        /* 40 */
 	__u32 pkt_len;        /* 44 */
-	__u64 pad2;           /* 48 */
-	__u64 pad3;           /* 56 */
+	__u16 rev_nat;        /* 48: service flow: rev-NAT index of its service (0: none) */
+	__u16 pad2;           /* 50 */
+	__u32 pad3;           /* 52 */
+	__u64 pad4;           /* 56 */
 };
 
 struct {
@@ -99,8 +101,10 @@ static __always_inline void emit_event(const struct event_ctx *ec, const struct 
 	e->pad = 0;
 	e->ifindex = ec->ifindex;
 	e->pkt_len = p->len;
+	e->rev_nat = p->rev_nat;
 	e->pad2 = 0;
 	e->pad3 = 0;
+	e->pad4 = 0;
 	bpf_ringbuf_submit(e, 0);
 }
 

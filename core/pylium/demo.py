@@ -1,8 +1,10 @@
 """`make demo`: the Star Wars story on a one-node lab, told with the real `pylium` commands.
 
-1. `pylium lab up --demo starwars`: a node namespace running an agent; deathstar (an HTTP
-   server on :80), tiefighter and xwing pods wired as endpoints.
-2. Before any policy, both ships land (`POST /v1/request-landing` → "Ship landed").
+1. `pylium lab up --demo starwars`: a node namespace running an agent; two deathstar
+   replicas (HTTP servers on :80) behind the `deathstar` service at 10.96.0.10:80, and
+   tiefighter and xwing pods, all wired as endpoints.
+2. Before any policy, both ships land (`POST /v1/request-landing` → "Ship landed"),
+   through the service VIP (the BPF program picks a replica; `pylium observe` shows it).
 3. `pylium policy import examples/policies/l3-l4-rule1.yaml`: only `org=empire` may reach
    the deathstar on TCP/80. The tiefighter still lands; the xwing's SYN is dropped in the
    kernel by the BPF program on the deathstar's veth (curl times out).
@@ -108,14 +110,27 @@ def tell(story: Story) -> None:
 
     status = json.loads(story.run("lab", "status", "-o", "json", show=False).stdout)
     ips = {p["name"]: p["ip"] for p in status["pods"]}
-    deathstar = ips["deathstar"]
+    replicas = [ips[name] for name in ("deathstar", "deathstar-2")]
+    service = next((s for s in status.get("services", []) if s["name"] == "default/deathstar"),
+                   None)
+    if service is None:
+        raise StoryError("the lab has no deathstar service (lab status lists no services)")
+    deathstar = service["frontend"].split(":")[0]  # the VIP: ships land through the service
     story.run("endpoint", "list")
+    proc = story.run("service", "list")
+    story.expect(all(f"{ip}:80/TCP" in proc.stdout for ip in replicas),
+                 f"the deathstar service {service['frontend']} has both replicas as backends")
 
-    story.say("2. No policy yet: every ship may land")
+    story.say(f"2. No policy yet: every ship may land (through the service VIP {deathstar})")
     for ship in ("tiefighter", "xwing"):
         proc = _land(story, ship, deathstar)
         story.expect(proc.returncode == 0 and "Ship landed" in proc.stdout,
                      f"{ship} lands before any policy")
+    proc = story.run("observe", "--from-pod", "default/tiefighter", "--to-port", "80",
+                     "--last", "10", "-o", "compact")
+    story.expect(f"{deathstar}:80 (service default/deathstar) => default/deathstar"
+                 in proc.stdout,
+                 "pylium observe shows the landing translated: VIP => a deathstar replica")
 
     story.say(f"3. Import {RULE1}: only the empire may reach the deathstar on TCP/80")
     with resources.as_file(POLICIES / RULE1) as rule1:
@@ -133,8 +148,10 @@ def tell(story: Story) -> None:
 
     story.say("4. The evidence")
     out = _stop_monitor(monitor)
+    # the kernel saw the packet after the service translation: addressed to a replica
     drops = [line for line in out.splitlines()
-             if deathstar in line and ("drop" in line.lower() or "denied" in line.lower())]
+             if any(ip in line for ip in replicas)
+             and ("drop" in line.lower() or "denied" in line.lower())]
     print("   pylium monitor saw:")
     print("\n".join(f"   | {line}" for line in (drops or out.splitlines())[-8:]))
     story.expect(bool(drops), "pylium monitor shows the xwing's packets dropped by policy")

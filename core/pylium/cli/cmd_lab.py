@@ -23,6 +23,8 @@ def _status_table(status):
              "agent running" if n["agent_running"] else "AGENT DOWN"] for n in status["nodes"]]
     rows += [["pod", p["name"], p["ip"], f"on {p['node']} (endpoint {p['endpoint_id']})",
               ",".join(f"{k}={v}" for k, v in p["labels"].items())] for p in status["pods"]]
+    rows += [["service", s["name"], s["frontend"], f"id {s['id']}",
+              "backends " + ", ".join(s["backends"])] for s in status.get("services", [])]
     return make_table(["KIND", "NAME", "IP", "WHERE", "INFO"], rows,
                       title=f"lab {status['name']}")
 

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from pylium.datapath.ringbuf import LostCounter, RingBufferReader, pin_paths
-from pylium.flow.decode import EVENT_SIZE, Decoder, Resolver, monotonic_to_wall_offset
+from pylium.flow.decode import (
+    EVENT_SIZE,
+    Decoder,
+    Resolver,
+    ServiceResolver,
+    monotonic_to_wall_offset,
+)
 from pylium.flow.model import (
     DROP_POLICY_DENIED,
     EVENT_L7,
@@ -28,6 +34,7 @@ from pylium.flow.model import (
     VERDICTS,
     Flow,
     Peer,
+    ServiceRef,
 )
 from pylium.flow.ring import FlowRing
 
@@ -41,10 +48,11 @@ class FlowObserver:
     (`ingest` takes event bytes directly), which is how unit tests and the bench drive it."""
 
     def __init__(self, node_name: str, resolver: Resolver | None = None,
-                 capacity: int = DEFAULT_RING_CAPACITY, batch_records: int = 4096):
+                 capacity: int = DEFAULT_RING_CAPACITY, batch_records: int = 4096,
+                 services: ServiceResolver | None = None):
         self.node_name = node_name
         self.ring = FlowRing(capacity, node_name)
-        self.decoder = Decoder(node_name, resolver)
+        self.decoder = Decoder(node_name, resolver, services=services)
         self.batch_records = batch_records
         self.reader: RingBufferReader | None = None
         self.lost_counter: LostCounter | None = None
@@ -255,6 +263,22 @@ def daemon_resolver(daemon) -> Resolver:
     return resolve
 
 
+def daemon_services(daemon) -> ServiceResolver:
+    """Service names for translated flows, from the lb component when it runs. A service
+    named "namespace/name" (as Kubernetes names them) splits into Hubble's two fields."""
+
+    def service_of(rev_nat: int) -> ServiceRef | None:
+        lb = daemon.components.get("lb")
+        found = lb.by_rev_nat(rev_nat) if lb is not None else None
+        if found is None:
+            return None
+        svc, frontend = found
+        namespace, _, name = svc.name.rpartition("/")
+        return ServiceRef(name=name, namespace=namespace, frontend=frontend)
+
+    return service_of
+
+
 def _datapath_paths(daemon) -> tuple[Any, Any] | None:
     """Where the datapath keeps the events ring buffer and lost counter: asked of the
     datapath component first (`events_ringbuf` / `events_lost` attributes or an
@@ -276,7 +300,8 @@ def _datapath_paths(daemon) -> tuple[Any, Any] | None:
 
 
 async def start(daemon) -> FlowObserver:
-    observer = FlowObserver(daemon.config.node_name, daemon_resolver(daemon))
+    observer = FlowObserver(daemon.config.node_name, daemon_resolver(daemon),
+                            services=daemon_services(daemon))
     observer.daemon = daemon
     if daemon.components.get("datapath") is None:
         observer.status = "not attached: the datapath component is not running"

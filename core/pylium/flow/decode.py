@@ -24,11 +24,12 @@ from pylium.flow.model import (
     PV_REDIRECT,
     Flow,
     Peer,
+    ServiceRef,
 )
 
 #: struct pylium_event, little-endian host layout; saddr/daddr kept as raw network-order bytes,
 #: sport/dport read little-endian and byte-swapped through a table (they are be16)
-EVENT_FORMAT = "<QBBBBHHII4s4sHHBB2xII16x"
+EVENT_FORMAT = "<QBBBBHHII4s4sHHBB2xIIH14x"
 EVENT = struct.Struct(EVENT_FORMAT)
 EVENT_SIZE = 64
 assert EVENT.size == EVENT_SIZE
@@ -39,7 +40,7 @@ FIELDS = (
     ("flags", 11, "B"), ("ep_id", 12, "H"), ("proxy_port", 14, "H"),
     ("src_identity", 16, "I"), ("dst_identity", 20, "I"), ("saddr", 24, "4s"),
     ("daddr", 28, "4s"), ("sport", 32, "H"), ("dport", 34, "H"), ("protocol", 36, "B"),
-    ("tcp_flags", 37, "B"), ("ifindex", 40, "I"), ("pkt_len", 44, "I"),
+    ("tcp_flags", 37, "B"), ("ifindex", 40, "I"), ("pkt_len", 44, "I"), ("rev_nat", 48, "H"),
 )
 
 FLAG_REPLY = 0x1
@@ -68,6 +69,9 @@ VERDICT = _verdict_table()
 #: resolve(ip, identity, ep_id) → Peer | None. `ep_id` is the local endpoint's id when this
 #: side is the event's endpoint, else 0. Supplied by the agent (endpoints + identities).
 Resolver = Callable[[str, int, int], "Peer | None"]
+#: service_of(rev_nat_index) → ServiceRef | None: the service a translated flow went
+#: through. Supplied by the agent (the lb component).
+ServiceResolver = Callable[[int], "ServiceRef | None"]
 
 
 def monotonic_to_wall_offset() -> int:
@@ -80,9 +84,14 @@ class Decoder:
     for metrics (read at scrape time, so counting costs one dict update per event)."""
 
     def __init__(self, node_name: str, resolver: Resolver | None = None,
-                 cache_ttl: float = 2.0, cache_max: int = 65536):
+                 cache_ttl: float = 2.0, cache_max: int = 65536,
+                 services: ServiceResolver | None = None):
         self.node_name = node_name
         self.resolver = resolver
+        self.services = services
+        #: per batch only: service ids are reused after a delete, so a longer-lived cache
+        #: could name a new service's flows after the old one
+        self._services: dict[int, ServiceRef | None] = {}
         self.cache_ttl = cache_ttl
         self.cache_max = cache_max
         self._ip_text: dict[bytes, str] = {}
@@ -113,6 +122,19 @@ class Decoder:
         self._peers[key] = peer
         return peer
 
+    def service(self, rev_nat: int) -> ServiceRef | None:
+        """The service behind a rev-NAT index (None: unknown), asked once per batch."""
+        if rev_nat in self._services:
+            return self._services[rev_nat]
+        ref = None
+        if self.services is not None:
+            try:
+                ref = self.services(rev_nat)
+            except Exception:
+                self.resolver_errors += 1
+        self._services[rev_nat] = ref
+        return ref
+
     def invalidate(self) -> None:
         """Forget cached enrichment (labels or pods changed)."""
         self._peers.clear()
@@ -126,6 +148,7 @@ class Decoder:
             self.invalidate()
         if len(self._ip_text) > self.cache_max:
             self._ip_text.clear()
+        self._services.clear()
         ip_text = self._ip_text
         peers = self._peers
         peer_of = self.peer
@@ -137,7 +160,8 @@ class Decoder:
         out: list[Flow] = []
         append = out.append
         for (ts, kind, reason, direction, flags, ep_id, proxy_port, sid, did, saddr, daddr,
-             sport, dport, proto, tcp_flags, ifindex, pkt_len) in EVENT.iter_unpack(buf):
+             sport, dport, proto, tcp_flags, ifindex, pkt_len,
+             rev_nat) in EVENT.iter_unpack(buf):
             src_ip = ip_text.get(saddr)
             if src_ip is None:
                 src_ip = ip_text[saddr] = ntoa(saddr)
@@ -161,7 +185,8 @@ class Decoder:
             append(Flow(ts + wall_offset_ns, node, kind, reason, verdict, drop, direction,
                         bool(flags & FLAG_REPLY), ep_id, proxy_port, sid, did, src_ip, dst_ip,
                         sport, dport, proto, tcp_flags, ifindex, pkt_len, src, dst, None,
-                        bool(flags & FLAG_ENCRYPTED)))
+                        bool(flags & FLAG_ENCRYPTED),
+                        self.service(rev_nat) if rev_nat else None))
         self.decoded += len(out)
         return out
 
@@ -171,7 +196,7 @@ def encode_event(*, ts_ns: int = 0, type: int = EVENT_TRACE, reason: int = 0,
                  src_identity: int = 0, dst_identity: int = 0, saddr: str = "0.0.0.0",
                  daddr: str = "0.0.0.0", sport: int = 0, dport: int = 0, protocol: int = 6,
                  tcp_flags: int = 0, ifindex: int = 0, pkt_len: int = 0,
-                 icmp_type: int | None = None, icmp_code: int = 0) -> bytes:
+                 icmp_type: int | None = None, icmp_code: int = 0, rev_nat: int = 0) -> bytes:
     """Bytes of one `struct pylium_event` exactly as the datapath writes it (for tests and
     the bench). For ICMP pass `icmp_type`/`icmp_code` (sent as dport = type << 8 | code)."""
     if icmp_type is not None:
@@ -182,5 +207,5 @@ def encode_event(*, ts_ns: int = 0, type: int = EVENT_TRACE, reason: int = 0,
     raw[24:28] = socket.inet_aton(saddr)
     raw[28:32] = socket.inet_aton(daddr)
     struct.pack_into(">HH", raw, 32, sport, dport)
-    struct.pack_into("<BBHII", raw, 36, protocol, tcp_flags, 0, ifindex, pkt_len)
+    struct.pack_into("<BBHIIH", raw, 36, protocol, tcp_flags, 0, ifindex, pkt_len, rev_nat)
     return bytes(raw)

@@ -16,12 +16,22 @@ from typing import Any
 import attrs
 
 from pylium.errors import UserError
-from pylium.flow.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP, VERDICTS, Flow, LostEvent, Peer
+from pylium.flow.model import (
+    PROTO_ICMP,
+    PROTO_TCP,
+    PROTO_UDP,
+    VERDICTS,
+    Flow,
+    LostEvent,
+    Peer,
+    ServiceRef,
+)
 
 Predicate = Callable[[Flow], bool]
 
 #: query parameter → how many values it takes (list ones repeat: ?verdict=A&verdict=B)
 LIST_PARAMS = ("verdict", "pod", "from_pod", "to_pod", "label", "from_label", "to_label",
+               "service", "from_service", "to_service",
                "identity", "from_identity", "to_identity", "ip", "from_ip", "to_ip", "port",
                "from_port", "to_port", "protocol", "http_method", "http_path",
                "http_status", "traffic_direction", "node_name")
@@ -70,6 +80,14 @@ def _pod_matcher(spec: str) -> Callable[[Peer], bool]:
         return lambda p: bool(p.namespace) and p.namespace == ns and \
             p.pod_name.startswith(prefix)
     return lambda p: bool(p.pod_name) and p.pod_name.startswith(spec)
+
+
+def _service_matcher(spec: str) -> Callable[[ServiceRef | None], bool]:
+    """`[ns/]name-prefix` on the service a translated flow went through (as pods match)."""
+    if "/" in spec:
+        ns, _, prefix = spec.partition("/")
+        return lambda s: s is not None and s.namespace == ns and s.name.startswith(prefix)
+    return lambda s: s is not None and s.name.startswith(spec)
 
 
 def _label_matcher(selector: str) -> Callable[[Peer], bool]:
@@ -257,6 +275,10 @@ def parse_query(params: Mapping[str, Sequence[str]], default_last: int | None = 
           lambda f: f.source, lambda f: f.destination)
     sided("label", "from_label", "to_label", lambda v, _n: _label_matcher(v),
           lambda f: f.source, lambda f: f.destination)
+    # a forward packet went to the service (destination_service); a reply comes from it
+    sided("service", "from_service", "to_service", lambda v, _n: _service_matcher(v),
+          lambda f: f.service if f.is_reply else None,
+          lambda f: None if f.is_reply else f.service)
 
     def identity_eq(v: str, field: str):
         n = _int(v, field, 0, 2**32 - 1)

@@ -121,6 +121,26 @@ class Peer:
 NO_PEER = Peer()
 
 
+@attrs.frozen
+class ServiceRef:
+    """The service a translated flow went through: Hubble's `Service` message (name,
+    namespace) plus the frontend the client addressed (VIP:PORT/PROTO), which Hubble does
+    not carry; pylium shows it so a flow to a backend still says which VIP it was for."""
+
+    name: str
+    namespace: str = ""
+    frontend: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"name": self.name}
+        if self.namespace:
+            out["namespace"] = self.namespace
+        return out
+
+    def display(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+
 class Flow(NamedTuple):
     """One decoded datapath event. `time_ns` is wall-clock (UNIX epoch) nanoseconds."""
 
@@ -148,6 +168,7 @@ class Flow(NamedTuple):
     destination: Peer
     l7: dict | None = None   # {"type": ..., "http": {...}} once L7 events land
     encrypted: bool = False  # the packet left the node encrypted (Hubble IP.encrypted)
+    service: ServiceRef | None = None  # service flow: the service its rev-NAT index names
 
 
 class LostEvent(NamedTuple):
@@ -251,6 +272,12 @@ def to_hubble(flow: Flow) -> dict[str, Any]:
         dst.setdefault("identity", flow.dst_identity)
     out["source"] = src
     out["destination"] = dst
+    if flow.service is not None:
+        # forward packets were DNATed to a backend; replies already carry the VIP again
+        side = "source_service" if flow.is_reply else "destination_service"
+        out[side] = flow.service.to_json()
+        if flow.service.frontend:
+            out["service_frontend"] = flow.service.frontend
     out["Type"] = "L7" if flow.l7 else "L3_L4"
     out["node_name"] = flow.node_name
     if flow.l7:
@@ -324,6 +351,15 @@ def compact_line(response: dict[str, Any]) -> str:
     dst = endpoint_text(f.get("destination", {}), ip.get("destination", ""),
                          ports.get("destination_port"))
     arrow = "<-" if f.get("is_reply") else "->"
+    for side in ("destination_service", "source_service"):
+        svc = f.get(side)
+        if svc:
+            name = f"{svc['namespace']}/{svc['name']}" if svc.get("namespace") else svc["name"]
+            vip = f.get("service_frontend", "").rsplit("/", 1)[0]
+            if side == "destination_service":  # the VIP the client addressed => the backend
+                dst = f"{vip + ' ' if vip else ''}(service {name}) => {dst}"
+            else:
+                src = f"{src} (service {name})"
     verdict = f["verdict"]
     event = f.get("event_type", {}).get("type")
     if event == 129:

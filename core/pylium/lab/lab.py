@@ -25,7 +25,7 @@ from pylium.errors import UserError
 from pylium.l7.proxy import stop_running
 from pylium.lab.agents import Agents
 from pylium.lab.kvstore import KVSTORES, LabKVStore
-from pylium.lab.pods import DEMO_POLICIES, DEMO_SETTINGS, DEMOS, Pods
+from pylium.lab.pods import DEMO_POLICIES, DEMO_SERVICES, DEMO_SETTINGS, DEMOS, Pods
 from pylium.lab.processes import in_netns, stop_in_netns, stop_process
 from pylium.lab.state import DEFAULT_NAME, STATE_ROOT, LabState, State
 from pylium.lab.topology import Topology
@@ -88,6 +88,8 @@ class Lab:
                 self.agents.add(state, self.topology.make_node(state, index), settings)
             for pod in DEMOS.get(demo or "", ()):
                 self.pods.add(state, pod["name"], pod["labels"], server=pod.get("server"))
+            for svc in DEMO_SERVICES.get(demo or "", ()):
+                self._add_service(state, svc)
             if demo in DEMO_POLICIES:
                 self._import_example_policy(DEMO_POLICIES[demo])
         except BaseException:
@@ -95,6 +97,18 @@ class Lab:
             self.down()
             raise
         return self.status()
+
+    def _add_service(self, state: State, svc: dict[str, Any]) -> None:
+        """A demo's service over its pods, through the first node's agent (the KV store
+        carries it to every node); kept in the lab state for `lab status`."""
+        backends = [f"{self._state.pod(state, pod)['ip']}:{svc['target_port']}"
+                    for pod in svc["backends"]]
+        got = AgentClient(self._state.node(state)["socket"]).put(
+            f"/v1/service/{svc['name']}", {"frontend": svc["frontend"], "backends": backends})
+        state.setdefault("services", []).append(
+            {"name": svc["name"], "id": got["spec"]["id"], "frontend": svc["frontend"],
+             "backends": backends, "pods": list(svc["backends"])})
+        self._state.save(state)
 
     def _import_example_policy(self, file_name: str) -> None:
         """Import one of the project's example policies (package data) on the first node."""
@@ -143,6 +157,7 @@ class Lab:
                      for p in state["pods"]],
             "world": state.get("world"),
             "kvstore": state.get("kvstore", {"backend": "embedded"}),
+            "services": state.get("services", []),
         }
 
     # KV store ------------------------------------------------------------------------------

@@ -22,10 +22,19 @@ SERVER_START_TIMEOUT = 15.0
 STARWARS_PODS: tuple[dict[str, Any], ...] = (
     {"name": "deathstar", "labels": {"org": "empire", "class": "deathstar"},
      "server": "deathstar"},
+    {"name": "deathstar-2", "labels": {"org": "empire", "class": "deathstar"},
+     "server": "deathstar"},
     {"name": "tiefighter", "labels": {"org": "empire", "class": "tiefighter"}},
     {"name": "xwing", "labels": {"org": "alliance", "class": "xwing"}},
 )
 DEMOS = {"starwars": STARWARS_PODS, "starwars-l7": STARWARS_PODS}
+#: Cilium's Star Wars demo puts both deathstar replicas behind the `deathstar` ClusterIP;
+#: `backends` name pods, each reached on `target_port`
+STARWARS_SERVICES: tuple[dict[str, Any], ...] = (
+    {"name": "default/deathstar", "frontend": "10.96.0.10:80/TCP",
+     "backends": ("deathstar", "deathstar-2"), "target_port": 80},
+)
+DEMO_SERVICES = {"starwars": STARWARS_SERVICES, "starwars-l7": STARWARS_SERVICES}
 #: what a demo adds to every node agent's config, and the example policy it imports
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {"starwars-l7": {"l7_parsers": ["http"]}}
 DEMO_POLICIES: dict[str, str] = {"starwars-l7": "l7-rule1.yaml"}

@@ -370,6 +370,20 @@ class LoadBalancer:
     def list(self) -> list[Service]:
         return sorted(self.applied.values(), key=lambda s: s.id)
 
+    def by_rev_nat(self, index: int) -> tuple[Service, str] | None:
+        """The service a datapath rev-NAT index names, and the frontend that index is for
+        (the VIP, or this node's NodePort): how flows name the service they went through."""
+        nodeport = index >= NODEPORT_INDEX_OFFSET
+        wanted = index - NODEPORT_INDEX_OFFSET if nodeport else index
+        # list() copies in one step: the flow reader thread asks while the loop applies
+        by_id = {s.id: s for s in list(self.applied.values())}
+        svc = by_id.get(wanted)
+        if svc is None or (nodeport and not svc.node_port):
+            return None
+        if nodeport:
+            return svc, f"{self.node_ip}:{svc.node_port}/{svc.frontend.protocol}"
+        return svc, str(svc.frontend)
+
     def metric_families(self):
         """Prometheus families, collected at scrape time by the agent's collector."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily

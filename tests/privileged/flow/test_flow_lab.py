@@ -86,7 +86,7 @@ def test_node_metrics_endpoint(lab):
                            "http://127.0.0.1:9962/metrics"], capture_output=True,
                           timeout=30).stdout
     text = body.decode()
-    assert "pylium_endpoint 3.0" in text
+    assert "pylium_endpoint 4.0" in text  # two deathstar replicas, tiefighter, xwing
     assert "pylium_flow_reader_attached 1.0" in text
     assert 'pylium_events_lost_total{source="datapath_ring_buffer"} 0.0' in text
     # the other components answer too: policies, identities, BPF map pressure, datapath

@@ -44,10 +44,17 @@ def test_starwars_story_and_clean_teardown(example_policies):
         assert [n["name"] for n in status["nodes"]] == ["node1"]
         assert status["nodes"][0]["ip"]
         pods = {p["name"]: p for p in status["pods"]}
-        assert set(pods) == {"deathstar", "tiefighter", "xwing"}
+        assert set(pods) == {"deathstar", "deathstar-2", "tiefighter", "xwing"}
         assert pods["deathstar"]["labels"] == {"org": "empire", "class": "deathstar"}
+        assert pods["deathstar-2"]["labels"] == pods["deathstar"]["labels"]
+        # Cilium's demo: both deathstar replicas behind the `deathstar` ClusterIP
+        assert [(s["name"], s["frontend"], s["backends"]) for s in status["services"]] == [
+            ("default/deathstar", "10.96.0.10:80/TCP",
+             [f"{pods['deathstar']['ip']}:80", f"{pods['deathstar-2']['ip']}:80"])]
+        table = pylium("lab", "status").stdout
+        assert "default/deathstar" in table and "10.96.0.10:80/TCP" in table, table
         assert pods["xwing"]["node"] == "node1"
-        url = f"http://{pods['deathstar']['ip']}/v1/request-landing"
+        url = "http://10.96.0.10/v1/request-landing"  # through the service VIP
 
         def land(ship):
             return pylium("lab", "exec", ship, "--", "curl", "-s", "--max-time", "2",
@@ -62,9 +69,10 @@ def test_starwars_story_and_clean_teardown(example_policies):
 
         pylium("policy", "import", str(example_policies / "l3-l4-rule1.yaml"))
         deadline = time.monotonic() + 10  # regeneration is asynchronous to the import
-        while True:
-            deathstar = json.loads(pylium("endpoint", "get", "deathstar", "-o", "json").stdout)
-            if deathstar["ingress_enforced"] and deathstar["state"] == "ready":
+        while True:  # both replicas: the service may pick either
+            deathstar, replica = (json.loads(pylium("endpoint", "get", ep, "-o", "json").stdout)
+                                  for ep in ("deathstar", "deathstar-2"))
+            if all(e["ingress_enforced"] and e["state"] == "ready" for e in (deathstar, replica)):
                 break
             assert time.monotonic() < deadline, deathstar
             time.sleep(0.1)
@@ -86,12 +94,14 @@ def test_starwars_story_and_clean_teardown(example_policies):
             assert ingress["action"] == ("dropped" if verdict == "denied" else "forwarded")
         # fail closed: with no L7 proxy running, the L7 variant of rule1 may not turn into an
         # L4 allow of port 80 — even the empire's POST is dropped, and the trace says why
-        revision = deathstar["policy_revision"]
+        revisions = (deathstar["policy_revision"], replica["policy_revision"])
         pylium("policy", "import", str(example_policies / "l7-rule1.yaml"))
         deadline = time.monotonic() + 10
         while True:
-            deathstar = json.loads(pylium("endpoint", "get", "deathstar", "-o", "json").stdout)
-            if deathstar["policy_revision"] > revision and deathstar["state"] == "ready":
+            deathstar, replica = (json.loads(pylium("endpoint", "get", ep, "-o", "json").stdout)
+                                  for ep in ("deathstar", "deathstar-2"))
+            if all(e["policy_revision"] > rev and e["state"] == "ready"
+                   for e, rev in zip((deathstar, replica), revisions, strict=True)):
                 break
             assert time.monotonic() < deadline, deathstar
             time.sleep(0.1)
@@ -128,7 +138,8 @@ def test_starwars_l7_demo_lab_and_its_proxy_goes_with_lab_down():
     try:
         pylium("lab", "up", "--demo", "starwars-l7")
         status = json.loads(pylium("lab", "status", "-o", "json").stdout)
-        deathstar = next(p["ip"] for p in status["pods"] if p["name"] == "deathstar")
+        (service,) = status["services"]
+        deathstar = service["frontend"].split(":")[0]  # the VIP: the proxy sees a replica
 
         def curl(ship: str, method: str, path: str) -> subprocess.CompletedProcess:
             # bytes: the proxy's body ends in CRLF, which text mode would fold
@@ -143,6 +154,9 @@ def test_starwars_l7_demo_lab_and_its_proxy_goes_with_lab_down():
             time.sleep(0.5)  # the proxy's policy push follows the import asynchronously
             landed = curl("tiefighter", "POST", "/v1/request-landing")
         assert landed.stdout == b"Ship landed\n 200", landed
+        for _ in range(6):  # whichever replica the service picks, the proxy is in the path
+            again = curl("tiefighter", "POST", "/v1/request-landing")
+            assert again.stdout == b"Ship landed\n 200", again
         denied = curl("tiefighter", "PUT", "/v1/exhaust-port")
         assert denied.stdout == b"Access denied\r\n 403", denied
         assert curl("xwing", "POST", "/v1/request-landing").returncode == 28

@@ -120,6 +120,34 @@ def test_hairpin_and_bad_input(lab):
         cli(lab, "service", "delete", "default/self", check=False)
 
 
+def test_observe_names_the_service_and_shows_the_translation(lab):
+    """Real connections to a VIP: their flows carry the service (Hubble's
+    destination_service), the VIP they addressed, and the backend they went to."""
+    w1 = ip(lab, "web1")
+    cli(lab, "service", "add", "--name", "default/seen", "--frontend", f"{VIP}:82",
+        "--backend", f"{w1}:8080")
+    try:
+        assert served_by(answers(lab, "client", "tcp", VIP, 82, 3)) == {"web1": 3}
+        flows: list[dict] = []
+        deadline = time.monotonic() + 20
+        while not flows and time.monotonic() < deadline:
+            out = cli(lab, "observe", "-o", "json", "--from-pod", "default/client",
+                      "--to-service", "default/seen", "--since", "5m").stdout
+            flows = [json.loads(line)["flow"] for line in out.splitlines()]
+            time.sleep(0.3)
+        assert flows, "no flow of the client through the service was observed"
+        assert all(f["service_frontend"] == f"{VIP}:82/TCP" for f in flows), flows
+        f = flows[-1]
+        assert f["destination_service"] == {"name": "seen", "namespace": "default"}
+        assert f["service_frontend"] == f"{VIP}:82/TCP"
+        assert f["IP"]["destination"] == w1  # translated: the datapath saw the backend
+        assert f["l4"]["TCP"]["destination_port"] == 8080
+        compact = cli(lab, "observe", "--from-pod", "default/client", "--since", "5m").stdout
+        assert f"-> {VIP}:82 (service default/seen) => default/web1:8080" in compact, compact
+    finally:
+        cli(lab, "service", "delete", "default/seen", check=False)
+
+
 def test_backends_change_while_a_client_loops_without_errors(lab):
     """Backends added, removed, marked terminating while new connections keep coming: no
     connection fails (every backend server stays up, so any error would be the update's

@@ -62,6 +62,7 @@ def test_event_record_is_the_agreed_64_byte_layout():
     expected = {"ts_ns": 0, "type": 8, "reason": 9, "direction": 10, "flags": 11, "ep_id": 12,
                 "proxy_port": 14, "src_identity": 16, "dst_identity": 20, "saddr": 24,
                 "daddr": 28, "sport": 32, "dport": 34, "protocol": 36, "tcp_flags": 37,
-                "pad": 38, "ifindex": 40, "pkt_len": 44, "pad2": 48, "pad3": 56}
+                "pad": 38, "ifindex": 40, "pkt_len": 44, "rev_nat": 48, "pad2": 50,
+                "pad3": 52, "pad4": 56}
     assert ctypes.sizeof(Event) == 64
     assert {name: getattr(Event, name).offset for name in expected} == expected

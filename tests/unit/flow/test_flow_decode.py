@@ -121,3 +121,67 @@ def test_decoder_counts_for_metrics():
     assert dec.counts[(3, "FORWARDED", 0, 0)] == 3
     assert dec.counts[(2, "FORWARDED", 0, 0)] == 3
     assert dec.decoded == 12
+
+
+def test_service_flows_name_their_service_and_show_the_translation():
+    """A translated flow's event carries the service's rev-NAT index; the decoder names the
+    service (Hubble's destination_service) and the compact line shows VIP => backend."""
+    from pylium.flow.model import ServiceRef
+
+    asked = []
+
+    def services(index):
+        asked.append(index)
+        return {7: ServiceRef("deathstar", "default", "10.96.0.10:80/TCP")}.get(index)
+
+    ts = time.monotonic_ns()
+    events = [encode_event(ts_ns=ts, type=2, reason=5, direction=1, flags=2, saddr="10.200.0.12",
+                           daddr="10.200.0.10", sport=43210, dport=80, tcp_flags=0x02,
+                           rev_nat=7),
+              encode_event(ts_ns=ts, type=1, reason=133, flags=1, saddr="10.96.0.10",
+                           daddr="10.200.0.12", sport=80, dport=43210, rev_nat=7),
+              encode_event(ts_ns=ts, type=2, reason=5, direction=1, saddr="10.200.0.12",
+                           daddr="10.200.0.10", sport=43211, dport=80, rev_nat=9),
+              encode_event(ts_ns=ts, type=2, reason=5, direction=1, saddr="10.200.0.12",
+                           daddr="10.200.0.10", sport=43212, dport=80)]
+    decoder = Decoder("node-a", services=services)
+    forward, reply, unknown, plain = (to_response(f) for f in decoder.decode(b"".join(events)))
+    assert asked == [7, 9]  # once per index in a batch; index 0 (no service) never asked
+    decoder.decode(events[0])
+    assert asked == [7, 9, 7]  # asked again next batch: a deleted service's id is reused
+    f = forward["flow"]
+    assert f["destination_service"] == {"name": "deathstar", "namespace": "default"}
+    assert f["service_frontend"] == "10.96.0.10:80/TCP" and "source_service" not in f
+    assert f["IP"]["destination"] == "10.200.0.10"  # the event saw the backend
+    line = compact_line(forward)
+    assert "-> 10.96.0.10:80 (service default/deathstar) => 10.200.0.10:80" in line, line
+    r = reply["flow"]
+    assert r["source_service"] == {"name": "deathstar", "namespace": "default"}
+    assert "destination_service" not in r
+    assert "10.96.0.10:80 (service default/deathstar) <- 10.200.0.12:43210" in compact_line(reply)
+    for resp in (unknown, plain):  # a stale index (service gone) and a plain flow
+        assert "destination_service" not in resp["flow"] and "=>" not in compact_line(resp)
+
+
+def test_service_filters_match_the_side_the_service_is_on():
+    """`observe --to-service ns/name` (Hubble's flag): forward flows through the service;
+    `--from-service` its replies; `--service` either."""
+    from pylium.flow.filters import parse_query
+    from pylium.flow.model import ServiceRef
+
+    ref = {7: ServiceRef("deathstar", "default", "10.96.0.10:80/TCP")}
+    ts = time.monotonic_ns()
+    fwd, reply, plain = Decoder("n", services=ref.get).decode(b"".join([
+        encode_event(ts_ns=ts, type=2, direction=1, rev_nat=7, dport=80),
+        encode_event(ts_ns=ts, type=1, reason=133, flags=1, rev_nat=7, sport=80),
+        encode_event(ts_ns=ts, type=2, direction=1, dport=80)]))
+    flows = [fwd, reply, plain]
+
+    def pick(**params):
+        return parse_query({k: [v] for k, v in params.items()}).select(flows)
+
+    assert pick(to_service="default/deathstar") == [fwd]
+    assert pick(to_service="deathst") == [fwd]  # a name prefix, any namespace
+    assert pick(from_service="default/") == [reply]
+    assert pick(service="default/death") == [fwd, reply]
+    assert pick(to_service="kube-system/deathstar") == []

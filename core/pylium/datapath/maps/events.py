@@ -32,7 +32,8 @@ class Event(ctypes.Structure):
                 ("dport", ctypes.c_uint16), ("protocol", ctypes.c_uint8),
                 ("tcp_flags", ctypes.c_uint8), ("pad", ctypes.c_uint16),
                 ("ifindex", ctypes.c_uint32), ("pkt_len", ctypes.c_uint32),
-                ("pad2", ctypes.c_uint64), ("pad3", ctypes.c_uint64)]
+                ("rev_nat", ctypes.c_uint16), ("pad2", ctypes.c_uint16),
+                ("pad3", ctypes.c_uint32), ("pad4", ctypes.c_uint64)]
 
 
 def decode(raw: bytes) -> dict[str, Any]:
@@ -49,6 +50,7 @@ def decode(raw: bytes) -> dict[str, Any]:
         "sport": socket.ntohs(e.sport), "dport": dport,
         "protocol": PROTOCOLS.get(e.protocol, str(e.protocol)),
         "tcp_flags": e.tcp_flags, "ifindex": e.ifindex, "pkt_len": e.pkt_len,
+        "rev_nat": e.rev_nat,
     }
     if e.type == EVENT_DROP:
         out["reason"] = e.reason
