@@ -227,6 +227,8 @@ def daemonset(*, image: str, plugins: list[str], api_server: str = "",
     env: list[dict[str, Any]] = [
         {"name": "PYLIUM_NODE_NAME",
          "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "PYLIUM_NODE_IP",
+         "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
         {"name": "PYLIUM_CONFIG", "value": CONFIG_PATH},
         {"name": "AWS_EC2_METADATA_DISABLED", "value": "true"},
     ]
@@ -239,7 +241,9 @@ def daemonset(*, image: str, plugins: list[str], api_server: str = "",
         env += [{"name": "KUBERNETES_SERVICE_HOST", "value": host},
                 {"name": "KUBERNETES_SERVICE_PORT", "value": port}]
     mounts = [
-        {"name": "bpf-maps", "mountPath": "/sys/fs/bpf", "mountPropagation": "Bidirectional"},
+        # the node's bpffs itself (pins land there and outlive the pod); no propagation, so
+        # the node's /sys/fs/bpf need not be a shared mount (Bidirectional would require it)
+        {"name": "bpf-maps", "mountPath": "/sys/fs/bpf"},
         {"name": "run", "mountPath": "/var/run/pylium"},
         {"name": "state", "mountPath": "/var/lib/pylium"},
         {"name": "cni-conf", "mountPath": "/host/etc/cni/net.d"},
@@ -251,7 +255,8 @@ def daemonset(*, image: str, plugins: list[str], api_server: str = "",
         _host_path("run", paths.run),
         _host_path("state", paths.state),
         _host_path("cni-conf", paths.cni_conf),
-        _host_path("netns", "/var/run/netns"),
+        # the mount itself (shared), not through the /var/run link: HostToContainer needs it
+        _host_path("netns", "/run/netns"),
         {"name": "config", "configMap": {"name": f"{NAME}-config"}},
     ]
     probe_cmd = ["pylium", "-H", SOCKET, "k8s", "health"]
