@@ -7,7 +7,8 @@ PYTEST_ARGS ?=
 B ?=
 
 APT_PACKAGES := python3-venv clang llvm libbpf-dev bpftool iproute2 iputils-ping iperf3 iptables \
-	tcpdump netcat-openbsd socat ethtool etcd-server curl wrk prometheus chromium
+	tcpdump netcat-openbsd socat ethtool etcd-server curl wrk prometheus chromium \
+	nginx containernetworking-plugins wireguard-go wireguard-tools kcat
 PLUGINS := $(sort $(wildcard plugins/*))
 CONSTRAINTS := constraints.txt
 PROJECT_FILES := $(CONSTRAINTS) pyproject.toml $(wildcard plugins/*/pyproject.toml) $(wildcard examples/*/pyproject.toml)

@@ -1,22 +1,62 @@
-"""Shared by every benchmark: print one JSON result line the way `bench/run.py` collects."""
+"""Shared by every benchmark: the result line `bench/run.py` collects, and interleaved rounds.
+
+A result line is one JSON object: `bench`, `metric`, `unit`, `pylium`, `baseline`,
+`baseline_name` (a real alternative a user could pick, or the goal itself when nothing
+honest can be raced here; the line says which), `ratio` = pylium / baseline, `goal` (what
+better means) and `met` (whether the goal was reached), plus whatever else explains it."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
+from collections.abc import Callable
 
 
 def report(bench: str, metric: str, unit: str, pylium: float, baseline: float,
-           baseline_name: str, goal: str, **extra) -> dict:
-    """Print the result line: `ratio` is pylium / baseline (what "better" means is in `goal`)."""
+           baseline_name: str, goal: str, met: bool | None = None, **extra) -> dict:
+    """Print the result line: `ratio` is pylium / baseline (what "better" means is in `goal`),
+    `met` whether the goal was reached."""
     line = {
         "bench": bench, "metric": metric, "unit": unit,
         "pylium": round(pylium, 6), "baseline": round(baseline, 6),
         "baseline_name": baseline_name,
         "ratio": round(pylium / baseline, 4) if baseline else None,
-        "goal": goal, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra,
+        "goal": goal, "met": None if met is None else bool(met),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra,
     }
     print(json.dumps(line), flush=True)
     sys.stdout.flush()
     return line
+
+
+def interleave(pylium: Callable[[], float], baseline: Callable[[], float],
+               rounds: int = 5) -> tuple[list[float], list[float]]:
+    """Run the two sides alternately `rounds` times each (baseline first, then pylium, so
+    drift on a shared machine hits both alike); returns each side's samples in order."""
+    ours, theirs = [], []
+    for _ in range(rounds):
+        theirs.append(baseline())
+        ours.append(pylium())
+    return ours, theirs
+
+
+def spread(samples: list[float]) -> dict[str, float]:
+    """Median, min, max and the relative spread (max - min) / median of one side's rounds."""
+    mid = statistics.median(samples)
+    return {"median": round(mid, 6), "min": round(min(samples), 6),
+            "max": round(max(samples), 6),
+            "rel_spread": round((max(samples) - min(samples)) / mid, 4) if mid else None,
+            "runs": [round(s, 6) for s in samples]}
+
+
+def report_rounds(bench: str, metric: str, unit: str, ours: list[float], theirs: list[float],
+                  baseline_name: str, goal: str, met: Callable[[float, float], bool],
+                  **extra) -> dict:
+    """A result line from interleaved rounds: medians compared, both spreads attached;
+    `met(pylium_median, baseline_median)` decides the goal."""
+    a, b = statistics.median(ours), statistics.median(theirs)
+    return report(bench, metric, unit, a, b, baseline_name, goal, met=met(a, b),
+                  rounds=len(ours), pylium_spread=spread(ours), baseline_spread=spread(theirs),
+                  **extra)

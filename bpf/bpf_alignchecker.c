@@ -10,6 +10,7 @@
 #include "lib/conntrack.h"
 #include "lib/events.h"
 #include "lib/metrics.h"
+#include "lib/lb.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -24,3 +25,11 @@ struct ct_entry anchor_ct_entry __attribute__((used));
 struct metrics_key anchor_metrics_key __attribute__((used));
 struct metrics_value anchor_metrics_value __attribute__((used));
 struct pylium_event anchor_pylium_event __attribute__((used));
+struct lb4_key anchor_lb4_key __attribute__((used));
+struct lb4_service anchor_lb4_service __attribute__((used));
+struct lb4_backend anchor_lb4_backend __attribute__((used));
+struct lb4_reverse_nat anchor_lb4_reverse_nat __attribute__((used));
+struct lb4_affinity_key anchor_lb4_affinity_key __attribute__((used));
+struct lb4_affinity_val anchor_lb4_affinity_val __attribute__((used));
+struct lb4_sock_key anchor_lb4_sock_key __attribute__((used));
+struct lb4_sock_val anchor_lb4_sock_val __attribute__((used));

@@ -35,15 +35,28 @@
 #define DROP_NO_LOCAL_ENDPOINT 152
 #define DROP_FRAG_NOSUPPORT 157
 #define DROP_NO_CONFIG 165
+#define DROP_PROXY_LOOKUP_FAILED 178 /* "Socket lookup failed": no proxy listens */
+#define DROP_PROXY_SET_FAILED 179    /* "Socket assign failed" */
+#define DROP_PROXY_UNKNOWN_PROTO 180 /* "Proxy redirection not supported for protocol" */
 #define DROP_POLICY_DENY 181
+/* pylium's own: a pod packet to a node without an encryption key (encryption on, plaintext
+ * not allowed); Cilium has no code for it */
+#define DROP_UNENCRYPTED 220
 
 /* skb->mark: Cilium's MARK_MAGIC_IDENTITY idea. 0x0F00 = the source identity is carried in
- * the other bits (from-container sets it before redirecting to a local endpoint).
+ * the other bits (from-container sets it before redirecting to a local endpoint; the node's
+ * L7 proxy sets it, with SO_MARK, on its upstream socket: the identity of the client it
+ * speaks for). 0x0B00 = the same from an egress proxy that wants the destination's own L7
+ * ingress rules applied again (Cilium's MARK_MAGIC_PROXY_EGRESS). 0x0200 = to the proxy,
+ * its port in the upper 16 bits (lib/proxy.h; Cilium's MARK_MAGIC_TO_PROXY). Marks never
+ * cross into a pod's netns (the kernel clears them), so a pod cannot forge one.
  * Dry run (`pylium policy trace --datapath`, BPF_PROG_TEST_RUN): mark 0x0D00 AND
  * cb[2] == TRACE_CB_DRYRUN; no CT writes, no events, no metrics. A dry run may carry the
  * source identity in cb[0] when cb[1] == TRACE_CB_IDENTITY. */
 #define MARK_MAGIC_MASK 0x0F00
 #define MARK_MAGIC_IDENTITY 0x0F00
+#define MARK_MAGIC_PROXY_EGRESS 0x0B00
+#define MARK_MAGIC_TO_PROXY 0x0200
 #define MARK_MAGIC_DRYRUN 0x0D00
 #define TRACE_CB_IDENTITY 0x70796c6d /* "pylm" */
 #define TRACE_CB_DRYRUN 0x64727972   /* "dryr" */

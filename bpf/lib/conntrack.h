@@ -26,12 +26,23 @@ struct ct_key {
 	__be16 sport;
 	__be16 dport;
 	__u8 protocol;
-	__u8 direction; /* DIR_* of the endpoint that created the entry */
+	__u8 direction; /* DIR_* of the endpoint that created the entry, or CT_DIR_SERVICE */
 	__u16 pad;
 };
 
 #define CT_F_SEEN_REPLY 0x01
 #define CT_F_CLOSING 0x02
+#define CT_F_LOOPBACK 0x04 /* hairpinned service flow: source rewritten to LB_LOOPBACK_IP */
+
+/* Service-scope entries (lib/lb.h): keyed by the original tuple towards the VIP, they
+ * remember which backend the flow was sent to. */
+#define CT_DIR_SERVICE 2
+/* NodePort entries (keyed by the post-DNAT tuple client -> backend): the backend's reply
+ * leaving its endpoint is rewritten back to the node's address and NodePort. */
+#define CT_DIR_NODEPORT 3
+/* NodePort SNAT entries (keyed by the tuple node address -> remote backend): the reply
+ * coming back to the node is rewritten to the client (nat_addr) and the NodePort. */
+#define CT_DIR_NODEPORT_SNAT 4
 
 struct ct_entry {
 	__u64 expires_ns;   /* CLOCK_MONOTONIC (bpf_ktime_get_ns) */
@@ -43,7 +54,9 @@ struct ct_entry {
 	__u16 proxy_port;
 	__u8 flags;
 	__u8 tcp_flags_seen;
-	__u16 pad;
+	__u16 rev_nat_index; /* != 0: a service flow; replies are rewritten back to its VIP */
+	__u32 backend_id;    /* service-scope entries: the backend the flow goes to */
+	__be32 nat_addr;     /* NodePort SNAT entries: the client's address */
 };
 
 struct {

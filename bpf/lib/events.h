@@ -11,11 +11,14 @@
 
 /* TRACE observation points (Cilium's numbering) */
 #define TRACE_TO_LXC 0
+#define TRACE_TO_PROXY 1
 #define TRACE_TO_STACK 3
 #define TRACE_FROM_LXC 5
+#define TRACE_TO_CRYPTO 12 /* into the encryption device */
 
 #define EVENT_F_REPLY 0x01
 #define EVENT_F_CT_NEW 0x02
+#define EVENT_F_ENCRYPTED 0x04 /* the packet leaves the node encrypted (Hubble IP.encrypted) */
 
 struct pylium_event {
 	__u64 ts_ns;          /* 0 */

@@ -9,6 +9,7 @@
 #include "common.h"
 
 #define ROUTING_SLOT_REMOTE 0
+#define ROUTING_SLOT_ENCRYPT 1 /* the encryption plugin's steering, before the routing mode */
 #define ROUTING_SLOTS 4
 
 #define CB_ROUTING_IDENTITY 0 /* source security identity */

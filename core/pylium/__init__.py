@@ -1,8 +1,18 @@
 """pylium: a plugin-based eBPF networking, security and observability agent."""
 
-from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
-try:
-    __version__ = version("pylium")
-except PackageNotFoundError:  # running from a source tree without install
-    __version__ = "0.0.0+unknown"
+
+def __getattr__(name: str) -> Any:
+    """`__version__` is looked up on first use: importlib.metadata costs ~25 ms at import,
+    which every `pylium-cni` exec (one per pod sandbox operation) would pay."""
+    if name != "__version__":
+        raise AttributeError(f"module 'pylium' has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        value = version("pylium")
+    except PackageNotFoundError:  # running from a source tree without install
+        value = "0.0.0+unknown"
+    globals()["__version__"] = value
+    return value

@@ -15,9 +15,10 @@ from typing import Any, Literal
 
 import attrs
 import cattrs
-import yaml
 
+from pylium.documents import DocumentError, load_yaml
 from pylium.errors import ConfigError
+from pylium.hardening import check_config_file
 
 ENV_PREFIX = "PYLIUM_"
 DEFAULT_SOCKET = Path("/var/run/pylium/pylium.sock")
@@ -27,6 +28,11 @@ DEFAULT_CONFIG_FILE = Path("/etc/pylium/config.yaml")
 def _pos(_inst, attr, value) -> None:
     if value <= 0:
         raise ValueError(f"{attr.name} must be positive")
+
+
+def _policy_map_max(_inst, attr, value) -> None:
+    if not 2 <= value <= 65536:  # the meta entry and one rule; C POLICY_ENTRIES_MAX
+        raise ValueError(f"{attr.name} must be between 2 and 65536, got {value}")
 
 
 def _cidr(_inst, attr, value) -> None:
@@ -63,8 +69,14 @@ class AgentConfig:
     ct_timeout_tcp: int = attrs.field(default=21600, validator=_pos)
     ct_timeout_non_tcp: int = attrs.field(default=60, validator=_pos)
     ct_timeout_syn: int = attrs.field(default=60, validator=_pos)
+    #: entries each endpoint's policy map holds (Cilium: --bpf-policy-map-max, 16384 there);
+    #: at most the compiled POLICY_ENTRIES_MAX (65536)
+    bpf_policy_map_max: int = attrs.field(default=65536, validator=_policy_map_max)
     #: Prometheus metrics listen address ("" = off); Cilium's agent uses :9962
     prometheus_serve_addr: str = ""
+    #: where the agent writes the CNI conflist `05-pylium.conflist` once its API answers
+    #: (the runtime's CNI config dir, e.g. /etc/cni/net.d; "" = write none)
+    cni_conf_dir: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -154,11 +166,12 @@ def _parse_scalar(name: str, raw: str, where: str) -> Any:
     if text.startswith("tuple"):
         return [p.strip() for p in raw.split(",") if p.strip()]
     if text.startswith("dict"):
+        what = f"{where}: {name}"
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: {name}: not valid YAML/JSON: "
-                              f"{' '.join(str(exc).split())}") from None
+            value = load_yaml(raw, what)
+        except DocumentError as exc:
+            detail = str(exc).removeprefix(f"{what}: ")
+            raise ConfigError(f"{what}: not valid YAML/JSON: {detail}") from None
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {name}: expected a mapping, got {raw!r}")
         return value
@@ -166,16 +179,15 @@ def _parse_scalar(name: str, raw: str, where: str) -> Any:
 
 
 def load_file(path: Path) -> dict[str, Any]:
+    check_config_file(Path(path))
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"config file {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path}{where}: not valid YAML") from None
+        data = load_yaml(raw, f"config file {path}")
+    except DocumentError as exc:
+        raise ConfigError(str(exc)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

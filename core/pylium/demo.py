@@ -29,6 +29,7 @@ SOCKET = f"/var/run/pylium/{LAB}-node1.sock"
 #: the project's own Star Wars policies (examples/policies), shipped as package data
 POLICIES = resources.files("pylium.lab") / "example_policies"
 RULE1 = "l3-l4-rule1.yaml"
+L7_RULE1 = "l7-rule1.yaml"
 PYLIUM = str(Path(sys.executable).with_name("pylium"))
 ENV = {**os.environ, "PYLIUM_LAB": LAB, "PYLIUM_SOCKET": SOCKET, "COLUMNS": "200"}
 LANDING = "/v1/request-landing"
@@ -99,8 +100,10 @@ def _stop_monitor(proc: subprocess.Popen) -> str:
 
 
 def tell(story: Story) -> None:
-    story.say("1. A one-node lab with the Star Wars pods")
-    story.run("lab", "up", "--demo", "starwars", check=True)
+    story.say("1. A one-node lab with the Star Wars pods (its agent also runs the HTTP proxy "
+              "plugin, for chapter 5)")
+    story.run("lab", "up", "--demo", "starwars", "--agent-setting", "l7_parsers=[http]",
+              check=True)
     import json
 
     status = json.loads(story.run("lab", "status", "-o", "json", show=False).stdout)
@@ -150,6 +153,32 @@ def tell(story: Story) -> None:
     proc = story.run("endpoint", "get", "deathstar")
     story.expect("Enabled" in proc.stdout.split("Ingress policy:")[-1].splitlines()[0],
                  "the deathstar endpoint enforces ingress policy")
+    l7_chapter(story, deathstar)
+
+
+def l7_chapter(story: Story, deathstar: str) -> None:
+    story.say(f"5. Import {L7_RULE1}: the empire may only POST {LANDING} (HTTP-aware, "
+              "through the L7 proxy)")
+    with resources.as_file(POLICIES / L7_RULE1) as rule:
+        story.run("policy", "import", _shown_path(rule), check=True)
+    deadline = time.monotonic() + 10
+    proc = _land(story, "tiefighter", deathstar)
+    while "Ship landed" not in proc.stdout and time.monotonic() < deadline:
+        time.sleep(0.5)  # regeneration and the proxy's policy push are asynchronous
+        proc = _land(story, "tiefighter", deathstar)
+    story.expect(proc.returncode == 0 and "Ship landed" in proc.stdout,
+                 f"tiefighter POST {LANDING}: Ship landed")
+    proc = story.run("lab", "exec", "tiefighter", "--", "curl", "-s", "--max-time", "2",
+                     "-w", " (HTTP %{http_code})", "-XPUT", f"http://{deathstar}/v1/exhaust-port")
+    story.expect(proc.returncode == 0 and proc.stdout.startswith("Access denied")
+                 and proc.stdout.endswith("(HTTP 403)"),
+                 "tiefighter PUT /v1/exhaust-port: 403 Access denied from the proxy")
+    proc = _land(story, "xwing", deathstar)
+    story.expect(proc.returncode == 28, "xwing is still dropped at L3/L4 (curl timed out)")
+    proc = story.run("observe", "--protocol", "http", "--to-pod", "default/deathstar",
+                     "--last", "4", "-o", "compact")
+    story.expect("exhaust-port" in proc.stdout and "DROPPED" in proc.stdout,
+                 "pylium observe --protocol http shows the denied PUT as an L7 flow")
 
 
 def _leftovers() -> list[str]:
@@ -159,6 +188,13 @@ def _leftovers() -> list[str]:
                  f"/var/run/pylium/lab/{LAB}.json"):
         if os.path.lexists(path):
             left.append(path)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"pylium.l7.proxy" in cmdline and f"/{LAB}-node1/".encode() in cmdline:
+            left.append(f"L7 proxy process {pid}")
     return left
 
 
@@ -182,7 +218,7 @@ def main() -> int:
         story.failures.append(f"{type(exc).__name__}: {exc}")
         print(f"   \033[31m✘ {type(exc).__name__}: {exc}\033[0m")
     finally:
-        story.say("5. Tear down")
+        story.say("6. Tear down")
         story.run("lab", "down")
         left = _leftovers()
         story.expect(not left, "lab down left nothing behind" +
@@ -195,7 +231,7 @@ def main() -> int:
               f"{len(story.missing)} missing).\033[0m")
         return 1
     print("\033[32mThe story happened: empire ships land, the alliance is dropped in the "
-          "kernel, and the drop is on record.\033[0m")
+          "kernel, the proxy refuses the exhaust port, and the drops are on record.\033[0m")
     return 0
 
 

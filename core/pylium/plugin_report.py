@@ -33,7 +33,8 @@ def plugin_report(manager: PluginManager, selected: dict[str, list[str]],
             else:
                 state = OFFLINE_SELECTED if is_selected else "not selected"
             rows[info.name]["capabilities"].append(
-                {"kind": kind, "name": cap_name, "selected": is_selected,
+                {"kind": kind, "name": cap_name, "dist": info.dist, "version": info.version,
+                 "selected": is_selected,
                  "description": record.description, "state": state,
                  "bpf_sources": [str(p) for p in record.bpf_sources]})
             rows[info.name]["selected"] |= is_selected

@@ -36,8 +36,10 @@ START_ORDER: tuple[str, ...] = (
     "l7",
     "pylium.endpoint.component",
     "pylium.cluster.component",
+    "pylium.lb.component",
     "pylium.flow.component",
     "orchestrator",
+    "pylium.cni.component",
 )
 
 

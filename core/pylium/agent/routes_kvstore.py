@@ -22,6 +22,7 @@ from aiohttp import web
 from pylium.agent.daemon import Daemon
 from pylium.agent.server import NotFound
 from pylium.api.kvstore import KVEvent, KVItem, KVStore, KVStoreUnavailable
+from pylium.documents import DocumentError, load_json
 from pylium.errors import UserError
 
 
@@ -32,8 +33,8 @@ def decode_value(raw: bytes) -> tuple[Any, str]:
     except UnicodeDecodeError:
         return base64.b64encode(raw).decode(), "base64"
     try:
-        return json.loads(text), "json"
-    except ValueError:
+        return load_json(text, "value"), "json"
+    except DocumentError:  # not JSON, or JSON nested too deep to show as such: the text
         return text, "utf-8"
 
 
@@ -102,6 +103,7 @@ def setup(app: web.Application, daemon: Daemon) -> None:
             return request.transport is None or request.transport.is_closing()
 
         sent = 0
+        next_event: asyncio.Future | None = None
         try:
             while not count or sent < count:
                 next_event = asyncio.ensure_future(anext(events))
@@ -121,6 +123,11 @@ def setup(app: web.Application, daemon: Daemon) -> None:
         except KVStoreUnavailable as exc:
             await response.write(json.dumps({"error": str(exc)}).encode() + b"\n")
         finally:
+            if next_event is not None and not next_event.done():
+                # cancelled (the server stops) while waiting: the generator is still
+                # running inside that future and cannot be closed before it ends
+                next_event.cancel()
+                await asyncio.gather(next_event, return_exceptions=True)
             close = getattr(events, "aclose", None)
             if close is not None:
                 await close()

@@ -16,7 +16,8 @@ from pathlib import Path
 from aiohttp import web
 
 from pylium.agent.daemon import Daemon
-from pylium.errors import PyliumError, UserError
+from pylium.documents import MAX_BYTES, load_json
+from pylium.errors import Conflict, PyliumError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ async def errors_as_json(request: web.Request, handler):
         raise
     except NotFound as exc:
         return web.json_response({"error": str(exc)}, status=404)
+    except Conflict as exc:
+        return web.json_response({"error": str(exc)}, status=409)
     except UserError as exc:
         return web.json_response({"error": str(exc)}, status=400)
     except PyliumError as exc:
@@ -46,18 +49,16 @@ async def errors_as_json(request: web.Request, handler):
 
 
 async def read_json(request: web.Request) -> dict:
-    """The request body as a JSON object, or a 400 naming what is wrong."""
-    try:
-        body = await request.json()
-    except ValueError:
-        raise UserError("request body is not valid JSON") from None
+    """The request body as a JSON object, or a 400 naming what is wrong (bounded like every
+    untrusted document: size, UTF-8, nesting; see `pylium.documents`)."""
+    body = load_json(await request.read(), "request body")
     if not isinstance(body, dict):
         raise UserError("request body must be a JSON object")
     return body
 
 
 def make_app(daemon: Daemon) -> web.Application:
-    app = web.Application(middlewares=[errors_as_json], client_max_size=16 * 1024 * 1024)
+    app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BYTES)
     app[DAEMON_KEY] = daemon
     import pylium.agent as package
 

@@ -31,9 +31,19 @@ def _combine(sides: dict[str, dict]) -> str:
     actions = [s["action"] for s in sides.values()]
     if "dropped" in actions:
         return "denied"
-    if any(s.get("verdict") == "redirected" or s.get("proxy_port") for s in sides.values()):
+    if any(s["action"] == "to-proxy" or s.get("verdict") == "redirected" or s.get("proxy_port")
+           for s in sides.values()):
         return "redirected"
     return "allowed"
+
+
+def _proxy_port(sides: dict[str, dict]) -> int | None:
+    """The port of the L7 proxy a program sends the connection to (egress side first: a
+    flow redirected there never reaches the destination's program)."""
+    for side in ("egress", "ingress"):
+        if side in sides and sides[side]["action"] == "to-proxy":
+            return sides[side]["proxy_port"]
+    return None
 
 
 async def datapath_trace(daemon, result: TraceResult) -> dict[str, Any]:
@@ -72,4 +82,4 @@ async def datapath_trace(daemon, result: TraceResult) -> dict[str, Any]:
         expected = "denied"
         notes.append("no L7 proxy runs on this node: L7 rules are enforced as deny (fail closed)")
     return {"verdict": verdict, "agrees": verdict == expected, "expected": expected,
-            **sides, "notes": notes}
+            "proxy_port": _proxy_port(sides), **sides, "notes": notes}

@@ -1,4 +1,5 @@
-"""`pylium bpf policy get | ipcache list | ct list | metrics list | endpoint list`: what
+"""`pylium bpf policy get | ipcache list | ct list | metrics list | endpoint list | lb list |
+lb maglev list`: what
 the kernel holds, like `cilium bpf ...` (asks the agent)."""
 
 from __future__ import annotations
@@ -53,6 +54,24 @@ def _endpoint_table(rows):
                         r["host_mac"]] for r in rows])
 
 
+def _lb_table(rows):
+    out = []
+    for r in rows:
+        out.append([r["frontend"], f"0 (id {r['id']}) [{r['algorithm']}"
+                    + (f", affinity {r['affinity_timeout']}s" if r["affinity_timeout"] else "")
+                    + "]"])
+        out += [["", f"{b['slot']} => {b['address'] or '?'} (backend {b['backend_id']}, "
+                 f"{b['state']})"] for b in r["backends"]]
+    return make_table(["SERVICE ADDRESS", "BACKEND ADDRESS (SLOT)"], out)
+
+
+def _maglev_table(rows):
+    return make_table(["ID", "FRONTEND", "TABLE SIZE", "SLOTS PER BACKEND ID"],
+                      [[r["id"], r["frontend"], r["table_size"],
+                        ", ".join(f"{k}: {v}" for k, v in r["backend_slots"].items())]
+                       for r in rows])
+
+
 def register(cli: click.Group) -> None:
     @cli.group("bpf")
     def bpf() -> None:
@@ -86,3 +105,25 @@ def register(cli: click.Group) -> None:
     lister("metrics", "/v1/bpf/metrics", _metrics_table,
            "Datapath packet/byte counters by reason and direction.")
     lister("endpoint", "/v1/bpf/endpoints", _endpoint_table, "Local endpoints map.")
+
+    @bpf.group("lb")
+    def lb() -> None:
+        """Service load-balancing maps."""
+
+    @lb.command("list")
+    @output_option
+    @click.pass_context
+    def lb_list(ctx, output: str) -> None:
+        """Frontends and their backend slots (`cilium bpf lb list`)."""
+        emit(client_from(ctx).get("/v1/bpf/lb"), output, _lb_table)
+
+    @lb.group("maglev")
+    def maglev() -> None:
+        """Maglev lookup tables."""
+
+    @maglev.command("list")
+    @output_option
+    @click.pass_context
+    def maglev_list(ctx, output: str) -> None:
+        """Each Maglev service's lookup table (table output: slots per backend id)."""
+        emit(client_from(ctx).get("/v1/bpf/lb/maglev"), output, _maglev_table)

@@ -40,6 +40,20 @@ def _capabilities_lines(rows) -> list[str]:
             for r in rows if r.get("selected")]
 
 
+def _encryption_line(rows) -> str:
+    """Cilium's `Encryption:` line of `cilium status`."""
+    for r in rows:
+        if r.get("kind") == "encryption" and r.get("selected"):
+            st = r.get("status") or {}
+            if not st.get("interface"):
+                return f"Encryption:    {r['name']} ({r['state']})"
+            return (f"Encryption:    {st.get('mode', r['name']).capitalize()} "
+                    f"[{st.get('implementation', '')}, {st['interface']} "
+                    f"(Pubkey: {st.get('public_key', '-')}, Port: {st.get('port', '-')}, "
+                    f"Peers: {len(st.get('peers', []))})]")
+    return "Encryption:    Disabled"
+
+
 def _status_table(s):
     kv = s.get("kvstore", {})
     lines = [
@@ -52,6 +66,7 @@ def _status_table(s):
         "Plugins:       " + ", ".join(f"{k}={','.join(v) or '-'}" for k, v in s["plugins"].items()),
         "Capabilities:",
         *_capabilities_lines(s.get("capabilities", [])),
+        _encryption_line(s.get("capabilities", [])),
         f"Components:    {', '.join(s.get('components', [])) or '-'}",
         f"Uptime:        {s['uptime_seconds']}s",
     ]
@@ -129,6 +144,7 @@ def register(cli: click.Group) -> None:
     @click.option("--pod-cidr")
     @click.option("--node-ip")
     @click.option("--enforcement", type=click.Choice(["default", "always", "never"]))
+    @click.option("--bpf-policy-map-max", help="Entries each endpoint's policy map holds.")
     @click.option("--prometheus-serve-addr")
     @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
     @click.pass_context
@@ -136,11 +152,13 @@ def register(cli: click.Group) -> None:
         """Run the pylium agent (foreground)."""
         from pylium.agent.daemon import Daemon
         from pylium.agent.server import serve
+        from pylium.hardening import check_state_dir
 
         overrides = {k: v for k, v in flags.items() if v is not None}
         if "socket_path" in overrides:
             overrides["socket"] = overrides.pop("socket_path")
         cfg = config_mod.load(config_file, overrides)
+        check_state_dir(cfg.state_dir)
         debug = ctx.find_root().obj["debug"]
         logging.basicConfig(force=True, level="DEBUG" if debug else cfg.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -30,6 +30,8 @@ def _detail(ep: dict) -> str:
         ("Identity", ep["identity"]), ("IPv4", ep["ipv4"]),
         ("Interface", f"{ep['ifname']} (ifindex {ep['ifindex']}, {ep['mac']})"),
         ("Pod MAC", ep["pod_mac"]), ("Netns", ep["netns"]),
+        ("Container", f"{ep['container_id']} ({ep['pod_ifname']})"
+         if ep.get("container_id") else "-"),
         ("Ingress policy", "Enabled" if ep["ingress_enforced"] else "Disabled"),
         ("Egress policy", "Enabled" if ep["egress_enforced"] else "Disabled"),
         ("Policy revision", ep["policy_revision"]))]

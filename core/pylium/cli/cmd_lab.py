@@ -48,7 +48,9 @@ def register(cli: click.Group) -> None:
 
     @lab_group.command("up")
     @click.option("--nodes", default=1, show_default=True, help="How many node namespaces.")
-    @click.option("--demo", type=click.Choice(["starwars"]), help="Create the demo's pods.")
+    @click.option("--demo", type=click.Choice(["starwars", "starwars-l7"]),
+                  help="Create the demo's pods (starwars-l7: also run the HTTP L7 proxy and "
+                  "import the L7 rule1).")
     @click.option("--agent-setting", "settings", multiple=True, metavar="KEY=VALUE",
                   help="Extra agent config setting (e.g. ct_timeout_tcp=10); repeatable.")
     @click.option("--routing", help="Routing mode plugin for cross-node traffic "
@@ -57,14 +59,19 @@ def register(cli: click.Group) -> None:
     @click.option("--kvstore", type=click.Choice(["embedded", "etcd"]), default="embedded",
                   show_default=True, help="Cluster store: one embedded SQLite file the node "
                   "agents share, or a real etcd in the lab's own namespace.")
+    @click.option("--encryption", help="Encryption plugin for pod traffic between nodes "
+                  "(wireguard); the same as --agent-setting encryption=NAME.")
     @output_option
     @click.pass_context
     def lab_up(ctx, nodes: int, demo: str | None, settings: tuple[str, ...], output: str,
-               routing: str | None, kvstore: str):
+               routing: str | None, kvstore: str, encryption: str | None):
         """Create the lab's namespaces and start one agent per node."""
         subprocess.run("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf",
                        shell=True, check=False)
-        emit(_lab(ctx).up(nodes=nodes, demo=demo, agent_settings=_settings(settings),
+        agent_settings = _settings(settings)
+        if encryption:
+            agent_settings["encryption"] = encryption
+        emit(_lab(ctx).up(nodes=nodes, demo=demo, agent_settings=agent_settings,
                           routing=routing, kvstore=kvstore),
              output, _status_table)
 

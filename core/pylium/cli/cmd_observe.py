@@ -35,6 +35,7 @@ MULTI_FILTERS = (
     ("--protocol", "protocol", "tcp, udp, icmp, http, kafka, dns"),
     ("--http-method", "http_method", "HTTP method of L7 flows"),
     ("--http-path", "http_path", "regular expression on the HTTP path of L7 flows"),
+    ("--http-status", "http_status", "HTTP status code (404) or prefix (5+) of L7 responses"),
     ("--traffic-direction", "traffic_direction", "ingress or egress"),
     ("--node-name", "node_name", "only flows observed on this node"),
 )

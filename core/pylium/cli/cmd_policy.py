@@ -9,6 +9,7 @@ import click
 
 from pylium.cli.client import client_from
 from pylium.cli.output import emit, make_table, output_option
+from pylium.documents import decode_text
 from pylium.errors import UserError
 from pylium.policy.errors import PolicyError
 from pylium.policy.load import load_file, load_files
@@ -20,6 +21,13 @@ def _policies_table(data):
                       [[p["kind"], p["namespace"] or "-", p["name"], p["rules"],
                         p["description"]] for p in data["policies"]],
                       title=f"revision {data['revision']}")
+
+
+def _capacity_table(data):
+    return make_table(["ENDPOINT", "NAME", "IDENTITY", "ENTRIES", "CAPACITY", "FITS"],
+                      [[e["endpoint_id"], e["name"], e["identity"], e["entries"],
+                        e["capacity"], "yes" if e["fits"] else "NO"] for e in data["endpoints"]],
+                      title=f"dry run: {len(data['would_import'])} policies, nothing imported")
 
 
 def _trace_text(data) -> str:
@@ -47,7 +55,8 @@ def _trace_text(data) -> str:
             if d is not None:
                 reason = f", {d['drop_reason_desc']}" if d.get("drop_reason_desc") else ""
                 action = ("forwarded (bpf_redirect to the peer)" if d["action"] == "redirected"
-                          else d["action"])
+                          else f"to the L7 proxy on port {d['proxy_port']}"
+                          if d["action"] == "to-proxy" else d["action"])
                 lines.append(f"  {side} program of endpoint {d['endpoint']}: {action}"
                              f" (verdict {d['verdict']}, conntrack {d['ct']}{reason})")
         for note in dp.get("notes", []):
@@ -88,13 +97,25 @@ def register(cli: click.Group) -> None:
 
     @policy.command("import")
     @click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+    @click.option("--dry-run", is_flag=True,
+                  help="Import nothing: show, per local endpoint, the policy-map entries the "
+                       "result would need against the map's capacity (exit 1 if one would "
+                       "overflow).")
     @output_option
     @click.pass_context
-    def import_(ctx, file: Path, output: str) -> None:
+    def import_(ctx, file: Path, dry_run: bool, output: str) -> None:
         """Validate FILE and add its policies to the agent (replacing same-named ones)."""
         load_file(file)  # refuse locally first, with the file name in each message
-        data = client_from(ctx).post("/v1/policy", {"text": file.read_text(),
-                                                    "name": file.stem})
+        body = {"text": decode_text(file.read_bytes(), str(file)), "name": file.stem}
+        if dry_run:
+            data = client_from(ctx).post("/v1/policy?dry_run=true", body)
+            _echo_warnings(file, data.get("warnings", []))
+            emit(data, output, _capacity_table)
+            if data["refused"]:
+                click.echo(f"Error: {data['refused']}", err=True)
+                raise click.exceptions.Exit(1)
+            return
+        data = client_from(ctx).post("/v1/policy", body)
         _echo_warnings(file, data.get("warnings", []))
         emit(data, output, lambda d: f"imported {len(d['imported'])} policies, "
                                      f"revision {d['revision']}")
@@ -141,6 +162,11 @@ def register(cli: click.Group) -> None:
                   help="Pod namespace of --src/--dst endpoints.")
     @click.option("--http-method", default="")
     @click.option("--http-path", default="")
+    @click.option("--kafka-api-key", default="", help="Kafka request: api key (produce, "
+                  "fetch, metadata, ... or a number).")
+    @click.option("--kafka-api-version", type=int, default=0, show_default=True)
+    @click.option("--kafka-client-id", default="")
+    @click.option("--kafka-topic", default="", help="Topics of the Kafka request, a,b,...")
     @click.option("--policy-file", "policy_files", multiple=True,
                   type=click.Path(path_type=Path), help="Trace offline against these files.")
     @click.option("--enforcement", type=click.Choice(["default", "always", "never"]),
@@ -152,7 +178,7 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     def trace_cmd(ctx, policy_files: tuple[Path, ...], enforcement: str, ask_datapath: bool,
                   output: str, **fields) -> None:
-        """Would this packet (and HTTP request) pass, and which rules decide?"""
+        """Would this packet (and HTTP or Kafka request) pass, and which rules decide?"""
         query = TraceQuery(**fields)
         if policy_files:
             if ask_datapath:

@@ -23,6 +23,8 @@ import logging
 import socket
 from typing import Any
 
+import attrs
+
 from pylium.api import NodeInfo
 from pylium.api.kvstore import KVStoreUnavailable
 from pylium.cluster.ipcache import DatapathSink, IPCacheSync, MemorySink
@@ -155,6 +157,14 @@ class Cluster:
 
     def _left(self, node: NodeInfo) -> None:
         self.daemon.capabilities.node_left(node)
+
+    async def set_encryption_key(self, key: str) -> None:
+        """This node's encryption key changed (`pylium encrypt rotate`): republish the node
+        record; every other node's encryption updates its peer on that event."""
+        self.local = attrs.evolve(self.local, encryption_key=key)
+        self.nodes.local = self.local
+        self.ipcache.local = self.local
+        await self.nodes.publish()
 
     # local endpoints -------------------------------------------------------------------------
     def _local_endpoints(self) -> dict[str, tuple[int, str]] | None:

@@ -20,6 +20,7 @@ from pylium.api import NodeInfo
 from pylium.api.kvstore import KVStore, KVStoreUnavailable, Lease, LeaseNotFound
 from pylium.cluster.mirror import PrefixMirror
 from pylium.cluster.session import ClusterSession
+from pylium.documents import RecordError, load_record
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,29 @@ def ip_key(ip: str) -> str:
 def encode_entry(ip: str, identity: int, node: str, node_ip: str, endpoint: str = "") -> bytes:
     return json.dumps({"ip": ip, "identity": identity, "node": node, "node_ip": node_ip,
                        "endpoint": endpoint}, sort_keys=True).encode()
+
+
+def decode_entry(key: str, raw: bytes) -> tuple[int, str, str]:
+    """(identity, node, node_ip) of an ipcache record; `RecordError` when it is not one
+    (the key must be an IPv4 address, the identity fit the map's u32, node_ip be IPv4)."""
+    data = load_record(raw, f"ipcache record {key}")
+    if not isinstance(data, dict):
+        raise RecordError(f"ipcache record {key}: expected a JSON object")
+    try:
+        ipaddress.IPv4Address(key[len(IP_PREFIX):])
+        identity, node, node_ip = data["identity"], data["node"], data["node_ip"]
+        ipaddress.IPv4Address(node_ip)
+    except KeyError as exc:
+        raise RecordError(f"ipcache record {key}: {exc.args[0]}: required field "
+                          "missing") from None
+    except ValueError as exc:
+        raise RecordError(f"ipcache record {key}: {exc}") from None
+    if isinstance(identity, bool) or not isinstance(identity, int) or \
+            not 0 < identity <= 0xFFFFFFFF:
+        raise RecordError(f"ipcache record {key}: identity: {identity!r} is not an identity")
+    if not isinstance(node, str) or not node:
+        raise RecordError(f"ipcache record {key}: node: expected a non-empty string")
+    return identity, node, node_ip
 
 
 def _cidr(ip: str) -> str:
@@ -169,13 +193,16 @@ class IPCacheSync:
         for item in await self.kvstore.list(IP_PREFIX):
             ip = item.key[len(IP_PREFIX):]
             try:
-                node = json.loads(item.value).get("node")
-            except ValueError:
+                node = decode_entry(item.key, item.value)[1]
+            except RecordError:
                 continue
             if node == self.local.name and ip not in self.local_entries:
                 await self.kvstore.compare_and_delete(item.key, item.mod_revision)
                 self.published.pop(ip, None)
-            elif node == self.local.name and self.local_entries.get(ip) == item.value:
+            elif (node == self.local.name and self.local_entries.get(ip) == item.value
+                  and self.session.lease is not None and item.lease == self.session.lease.id):
+                # already there on this session's lease; a previous run's key (its lease
+                # runs out soon after a restart) is rewritten onto ours by the next flush
                 self.published[ip] = item.value
 
     # lifecycle ------------------------------------------------------------------------------
@@ -208,10 +235,8 @@ class IPCacheSync:
             self.by_node.get(previous[1], set()).discard(ip)
         if new is not None:
             try:
-                data = json.loads(new)
-                ipaddress.IPv4Address(ip)
-                entry = (int(data["identity"]), str(data["node"]), str(data["node_ip"]))
-            except (ValueError, KeyError, TypeError) as exc:
+                entry = decode_entry(key, new)
+            except RecordError as exc:
                 log.warning("ignoring unreadable ipcache record %s: %s", key, exc)
                 entry = None
             if entry is not None and entry[1] != self.local.name:
@@ -287,11 +312,13 @@ class IPCacheSync:
         known = set(self.nodes.nodes) if self.nodes is not None else None
         want: dict[str, tuple[int, str]] = {}
         for item in items:
-            data = json.loads(item.value)
-            if data["node"] == self.local.name or (known is not None and
-                                                   data["node"] not in known):
+            try:
+                identity, node, node_ip = decode_entry(item.key, item.value)
+            except RecordError:
+                continue  # never installed either (`_changed` skips it)
+            if node == self.local.name or (known is not None and node not in known):
                 continue
-            want[item.key[len(IP_PREFIX):]] = (int(data["identity"]), data["node_ip"])
+            want[item.key[len(IP_PREFIX):]] = (identity, node_ip)
         have = {row["cidr"][:-3]: (int(row["identity"]), row["tunnel_endpoint"])
                 for row in self.sink.dump()
                 if row["cidr"].endswith("/32") and row.get("tunnel_endpoint")}

@@ -7,7 +7,6 @@ update); its key goes (deregistered, or its lease expired because the agent died
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import time
@@ -18,6 +17,7 @@ from pylium.api import NodeInfo
 from pylium.api.kvstore import KVStore, Lease
 from pylium.cluster.mirror import PrefixMirror
 from pylium.cluster.session import ClusterSession
+from pylium.documents import RecordError, load_record
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,26 @@ def encode_node(node: NodeInfo, **extra: Any) -> bytes:
 
 
 def decode_node(raw: bytes) -> tuple[NodeInfo, dict[str, Any]]:
-    """(NodeInfo, the record's other fields)."""
-    data = json.loads(raw)
-    node = NodeInfo(name=data.pop("name"), ipv4=data.pop("ipv4"),
-                    pod_cidr=data.pop("pod_cidr"), labels=dict(data.pop("labels", {}) or {}),
-                    encryption_key=data.pop("encryption_key", "") or "")
+    """(NodeInfo, the record's other fields); `RecordError` when the record is not one."""
+    data = load_record(raw, "node record")
+    if not isinstance(data, dict):
+        raise RecordError("node record: expected a JSON object")
+    name, labels = data.pop("name", None), data.pop("labels", None) or {}
+    key = data.pop("encryption_key", None) or ""
+    if not isinstance(name, str) or not name:
+        raise RecordError("node record: name: expected a non-empty string")
+    if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise RecordError("node record: labels: expected a mapping of strings")
+    if not isinstance(key, str):
+        raise RecordError("node record: encryption_key: expected a string")
+    try:
+        node = NodeInfo(name=name, ipv4=str(data.pop("ipv4")),
+                        pod_cidr=str(data.pop("pod_cidr")), labels=labels, encryption_key=key)
+    except KeyError as exc:
+        raise RecordError(f"node record: {exc.args[0]}: required field missing") from None
+    except ValueError as exc:
+        raise RecordError(f"node record: {exc}") from None
     return node, data
 
 
@@ -99,8 +114,11 @@ class NodeRegistry:
             return
         try:
             node, extra = decode_node(new)
-        except (ValueError, KeyError, TypeError, ipaddress.AddressValueError) as exc:
+        except RecordError as exc:
             log.warning("ignoring unreadable node record %s: %s", key, exc)
+            return
+        if node.name != name:
+            log.warning("ignoring node record %s: it names node %r", key, node.name)
             return
         previous = self.nodes.get(name)
         self.nodes[name] = node

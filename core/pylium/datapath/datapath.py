@@ -7,8 +7,10 @@ endpoint's host-side veth, which the kernel keeps when the agent dies."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
 import logging
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -35,13 +37,20 @@ from pylium.datapath.maps.events import PROTOCOLS
 from pylium.datapath.maps.ipcache import IpcacheKey, RemoteEndpointInfo
 from pylium.datapath.maps.metrics import MetricsKey, MetricsValue, U32Key, U64Value, reason_name
 from pylium.datapath.maps.policy import (
+    POLICY_ENTRIES_MAX,
     POLICY_F_DENY,
     PolicyMapEntry,
     PolicyMapKey,
     encode_entry,
     encode_meta,
+    entries_needed,
 )
 from pylium.datapath.packet import SkBuff
+from pylium.datapath.proxy import (
+    install_proxy_routing,
+    prepare_endpoint_veth,
+    remove_proxy_routing,
+)
 from pylium.datapath.testrun import decode_result
 from pylium.errors import UserError
 from pylium.policy.mapstate import (
@@ -53,11 +62,17 @@ from pylium.policy.mapstate import (
 log = logging.getLogger(__name__)
 
 OBJECT_SOURCE = "bpf_lxc.c"
-PROGRAMS = ("from_container", "to_container")
+PROGRAMS = ("from_container", "to_container", "from_netdev")
+#: slots of the pinned `routing_progs` (bpf/lib/routing.h): the routing mode's program for
+#: destinations behind a tunnel endpoint, and the encryption's steering, tail-called first
+ROUTING_SLOT_REMOTE = 0
+ROUTING_SLOT_ENCRYPT = 1
 PINNED_MAPS = ("endpoints", "ipcache", "policy", "conntrack", "metrics", "events", "events_lost",
-               "routing_progs")
+               "routing_progs", "lb4_services", "lb4_backends", "lb4_reverse_nat", "lb4_maglev",
+               "lb4_affinity", "lb4_sock_revnat")
 #: the hash maps whose fill ratio Cilium reports as map pressure
 PRESSURE_MAPS = ("endpoints", "ipcache", "conntrack", "policy")
+CT_DIRECTIONS = {0: "ingress", 1: "egress", 2: "service", 3: "nodeport", 4: "nodeport-snat"}
 MAX_IDENTITY = 0xFFFFFFFE
 ENDPOINT_IDENTITY_LIMIT = 1 << 24
 
@@ -73,6 +88,16 @@ class EndpointInfo:
     ep_mac: str
     host_mac: str
     identity: int
+
+
+def _errno(exc: DatapathError) -> int | None:
+    """The errno a libbpf failure names ("... (errno 7)"), if any."""
+    found = re.search(r"\(errno (\d+)\)", str(exc))
+    return int(found.group(1)) if found else None
+
+
+class MapFull(DatapathError):
+    """A BPF map cannot take what was asked; nothing was changed (fail closed)."""
 
 
 def _check_identity(identity: int, what: str) -> None:
@@ -91,8 +116,13 @@ class Datapath:
     method is thread-safe. Lifetimes: `ct_timeouts` = (tcp, non_tcp, syn) seconds."""
 
     def __init__(self, bpffs_root: Path, *, ct_timeouts: tuple[int, int, int] = (21600, 60, 60),
-                 cache_dir: Path | None = None):
+                 cache_dir: Path | None = None, policy_capacity: int = POLICY_ENTRIES_MAX):
         self.root = Path(bpffs_root)
+        #: entries an endpoint's policy map holds (meta entry included): a policy that
+        #: needs more is refused whole and the previous one stays (tests use a small one)
+        self.policy_capacity = min(int(policy_capacity), POLICY_ENTRIES_MAX)
+        #: refusals because a map was full, by map name (the `pylium_bpf_map_full` metric)
+        self.map_full: dict[str, int] = {}
         self.ct_timeouts = tuple(int(t) for t in ct_timeouts)
         if len(self.ct_timeouts) != 3 or min(self.ct_timeouts) <= 0:
             raise UserError(f"ct_timeouts: expected three positive seconds, got {ct_timeouts}")
@@ -101,6 +131,10 @@ class Datapath:
         self._lock = threading.RLock()
         self.prog_fds: dict[str, int] = {}
         self.object_path: Path | None = None
+        self._proxy_routing = False  # installed in this netns by this object
+        #: endpoint id → its key in the endpoints map (built by one scan on first use, kept by
+        #: attach/detach): finding an endpoint must not cost a walk of every endpoint
+        self._ep_index: dict[int, EndpointKey] | None = None
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -154,6 +188,7 @@ class Datapath:
             return BpfMap(loaded.map(name), name, key, value, percpu=percpu, owned=False)
 
         self.endpoints = typed("endpoints", EndpointKey, EndpointInfoValue)
+        self._ep_index = None
         self.ipcache = typed("ipcache", IpcacheKey, RemoteEndpointInfo)
         self.policy = typed("policy", U32Key, U32Key)
         self.conntrack = typed("conntrack", CtKey, CtEntry)
@@ -204,6 +239,10 @@ class Datapath:
                 for _key, value in list(self.endpoints.items()):
                     if self._ours(value):
                         self._detach_programs(value.ifindex)
+                        self._proxy_routing = True
+            if self._proxy_routing:
+                remove_proxy_routing()
+                self._proxy_routing = False
             self.close()
             for name in (*PINNED_MAPS, *(f"progs/{p}" for p in PROGRAMS)):
                 path = self.root / name
@@ -240,6 +279,11 @@ class Datapath:
     # -- endpoints ------------------------------------------------------------------
 
     def _attach_programs(self, ifindex: int) -> None:
+        # the netns holding endpoint veths is the node's: flows the programs send to the L7
+        # proxy need its policy routing there (never installed by an agent without pods)
+        install_proxy_routing()
+        self._proxy_routing = True
+        prepare_endpoint_veth(ifindex)
         tc.attach(ifindex, tc.INGRESS, self.prog_fds["from_container"])
         tc.attach(ifindex, tc.EGRESS, self.prog_fds["to_container"])
 
@@ -251,10 +295,23 @@ class Datapath:
                 log.warning("detaching from ifindex %d: %s", ifindex, exc)
 
     def _find_endpoint(self, ep_id: int) -> tuple[EndpointKey, EndpointInfoValue] | None:
-        for key, value in self.endpoints.items():
-            if value.ep_id == ep_id:
+        """The endpoint's map entry. This object is the map's one writer (the agent), so
+        the index is trusted; an indexed key that no longer names the endpoint (written
+        behind our back) makes it scan and rebuild instead."""
+        if self._ep_index is not None:
+            key = self._ep_index.get(ep_id)
+            if key is None:
+                return None
+            value = self.endpoints.lookup(key)
+            if value is not None and value.ep_id == ep_id:
                 return key, value
-        return None
+        self._ep_index = {}
+        found = None
+        for key, value in self.endpoints.items():
+            self._ep_index[value.ep_id] = key
+            if value.ep_id == ep_id:
+                found = key, value
+        return found
 
     def attach_endpoint(self, ep: EndpointInfo) -> None:
         """Publish the endpoint in the endpoints map and attach both programs to its
@@ -286,6 +343,8 @@ class Datapath:
                 if old[1].ifindex != ep.ifindex and self._ours(old[1]):
                     self._detach_programs(old[1].ifindex)
             self.endpoints.update(key, value)
+            if self._ep_index is not None:
+                self._ep_index[ep.ep_id] = key
             self._attach_programs(ep.ifindex)
 
     def detach_endpoint(self, ep_id: int) -> bool:
@@ -297,6 +356,8 @@ class Datapath:
                 if self._ours(found[1]):
                     self._detach_programs(found[1].ifindex)
                 self.endpoints.delete(found[0])
+                if self._ep_index is not None:
+                    self._ep_index.pop(ep_id, None)
             self.policy.delete(U32Key(ep_id))
             for key, value in list(self.conntrack.items()):
                 if value.ep_id == ep_id:
@@ -331,6 +392,11 @@ class Datapath:
             _check_identity(key.identity, f"policy key {key}")
             if not 0 <= entry.proxy_port <= 0xFFFF:
                 raise UserError(f"policy key {key}: proxy_port {entry.proxy_port} outside 0..65535")
+        needed = entries_needed(policy)
+        if needed > self.policy_capacity:
+            self._full("policy", f"policy of endpoint {ep_id} NOT updated: it needs {needed} "
+                                 f"policy map entries, more than the map holds "
+                                 f"({self.policy_capacity}); the previous policy stays in force")
         with self._lock:
             self._require_open()
             old_rev = self._current_revision(ep_id)
@@ -347,7 +413,7 @@ class Datapath:
                        entries: list, meta: PolicyMapEntry) -> None:
         """Fill a new inner map completely, then swap it into `outer` in one update."""
         inner_fd = libbpf.map_create(map_type, f"{prefix}_{ep_id}", ctypes.sizeof(PolicyMapKey),
-                                     ctypes.sizeof(PolicyMapEntry), max(64, len(entries) + 1),
+                                     ctypes.sizeof(PolicyMapEntry), self.policy_capacity,
                                      flags=libbpf.BPF_F_NO_PREALLOC)
         try:
             inner = BpfMap(inner_fd, f"policy of endpoint {ep_id}", PolicyMapKey, PolicyMapEntry)
@@ -407,7 +473,22 @@ class Datapath:
             raise UserError(f"ipcache entry {cidr}: {exc}") from None
         with self._lock:
             self._require_open()
-            self.ipcache.update(key, RemoteEndpointInfo(identity, (ctypes.c_uint8 * 4)(*tunnel)))
+            try:
+                self.ipcache.update(key, RemoteEndpointInfo(identity,
+                                                            (ctypes.c_uint8 * 4)(*tunnel)))
+            except DatapathError as exc:
+                if _errno(exc) not in (errno.E2BIG, errno.ENOSPC):  # LPM trie full: E2BIG
+                    raise
+                size = libbpf.map_info(self.ipcache.fd).max_entries
+                self._full("ipcache", f"ipcache entry {cidr} NOT added: the ipcache is full "
+                                      f"({size} entries); traffic from that address keeps "
+                                      "the identity it had (world when new)")
+
+    def _full(self, name: str, message: str) -> None:
+        """Count, log and raise a map-full refusal (nothing was changed)."""
+        self.map_full[name] = self.map_full.get(name, 0) + 1
+        log.error("%s", message)
+        raise MapFull(message)
 
     def lookup_ipcache(self, address: str) -> int | None:
         """The identity the ipcache gives `address` (longest prefix match), or None."""
@@ -463,7 +544,7 @@ class Datapath:
                     "sport": int.from_bytes(bytes(k.sport), "big"),
                     "dport": int.from_bytes(bytes(k.dport), "big"),
                     "protocol": PROTOCOLS.get(proto, str(proto)),
-                    "direction": "egress" if k.direction else "ingress",
+                    "direction": CT_DIRECTIONS.get(k.direction, str(k.direction)),
                     "ep_id": v.ep_id, "src_identity": v.src_identity,
                     "expires_in_s": round((v.expires_ns - now) / 1e9, 1),
                     "expired": v.expires_ns <= now,
@@ -471,6 +552,7 @@ class Datapath:
                     "seen_reply": bool(v.flags & CT_F_SEEN_REPLY),
                     "closing": bool(v.flags & CT_F_CLOSING),
                     "policy_revision": v.policy_rev, "proxy_port": v.proxy_port,
+                    "rev_nat_index": v.rev_nat_index, "backend_id": v.backend_id,
                 })
         return rows
 
@@ -480,7 +562,7 @@ class Datapath:
             rows = []
             for k, per_cpu in self.metrics.items():
                 rows.append({"reason": k.reason, "reason_desc": reason_name(k.reason),
-                             "direction": "egress" if k.direction else "ingress",
+                             "direction": CT_DIRECTIONS.get(k.direction, str(k.direction)),
                              "packets": sum(v.packets for v in per_cpu),
                              "bytes": sum(v.bytes for v in per_cpu)})
         return sorted(rows, key=lambda r: (r["reason"], r["direction"]))
@@ -523,12 +605,15 @@ class Datapath:
 
     def run_program(self, name: str, packet: bytes, ifindex: int, mark: int = 0,
                     repeat: int = 1, dry_run: bool = False,
-                    src_identity: int | None = None) -> tuple[int, SkBuff, int]:
+                    src_identity: int | None = None,
+                    ingress_ifindex: int = 0) -> tuple[int, SkBuff, int]:
         """BPF_PROG_TEST_RUN of one loaded program: (retval, ctx out, ns per run). A dry run
-        writes no conntrack, events or metrics and may impose the source identity."""
+        writes no conntrack, events or metrics and may impose the source identity.
+        `ingress_ifindex` 0 = a packet sent by a socket of the node, else received there."""
         self._require_open()
         return testrun.run_program(self.prog_fds[name], packet, ifindex, mark=mark,
-                                   repeat=repeat, dry_run=dry_run, src_identity=src_identity)
+                                   repeat=repeat, dry_run=dry_run, src_identity=src_identity,
+                                   ingress_ifindex=ingress_ifindex)
 
     def trace(self, ep_id: int, direction: Direction | str, src_ip: str, dst_ip: str,
               sport: int, dport: int, proto: int | str,

@@ -154,6 +154,11 @@ def _declare(name: str, restype, *argtypes) -> None:
     _SIGNATURES[name] = (restype, list(argtypes))
 
 
+_declare("bpf_map_update_batch", c_int, c_int, c_void_p, c_void_p, POINTER(c_uint32), c_void_p)
+_declare("bpf_prog_attach", c_int, c_int, c_int, c_uint, c_uint)
+_declare("bpf_prog_detach2", c_int, c_int, c_int, c_uint)
+_declare("bpf_xdp_attach", c_int, c_int, c_int, c_uint32, c_void_p)
+_declare("bpf_xdp_detach", c_int, c_int, c_uint32, c_void_p)
 _declare("bpf_object__open_file", c_void_p, c_char_p, c_void_p)
 _declare("bpf_object__load", c_int, c_void_p)
 _declare("bpf_object__close", None, c_void_p)

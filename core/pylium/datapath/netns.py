@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import functools
 import inspect
 import itertools
 import os
+import socket
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +27,7 @@ from pyroute2 import IPRoute, NetlinkError
 
 NETNS_RUN_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3), linux/nsfs.h
 MS_BIND, MS_REC, MS_SHARED, MNT_DETACH = 4096, 16384, 1 << 20, 2
 T = TypeVar("T")
 _TMP_NAMES = itertools.count(1)
@@ -34,8 +38,47 @@ def netns_path(netns: str) -> Path:
     return Path(netns) if netns.startswith("/") else NETNS_RUN_DIR / netns
 
 
+def netns_problem(netns: str) -> str | None:
+    """Why `netns` cannot be an endpoint's namespace ("does not exist", "is not a network
+    namespace"), or None when it is one. The kernel answers (ioctl NS_GET_NSTYPE), so a
+    regular file, a directory or another kind of namespace is refused before any wiring;
+    nothing but regular files (what nsfs files look like) is opened, so a FIFO or a
+    device named by mistake is never touched."""
+    try:
+        path = netns_path(netns)
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except (OSError, ValueError) as exc:
+        return f"cannot be read: {getattr(exc, 'strerror', None) or exc}"
+    if not stat.S_ISREG(mode):
+        return "is not a network namespace (not an nsfs file)"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"cannot be opened: {exc.strerror}"
+    try:
+        kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        return "is not a network namespace (a regular file)"
+    finally:
+        os.close(fd)
+    return None if kind == CLONE_NEWNET else "is a namespace but not a network namespace"
+
+
 def netns_exists(netns: str) -> bool:
-    return netns_path(netns).exists()
+    """True when `netns` names a network namespace (not merely an existing file)."""
+    return netns_problem(netns) is None
+
+
+def same_netns(a: str, b: str) -> bool:
+    """Do `a` and `b` name one namespace? Compared by inode, so `/run/netns/x`, `x` and
+    `/proc/<pid>/ns/net` of a process inside it all match; by path if one is gone."""
+    try:
+        sa, sb = netns_path(a).stat(), netns_path(b).stat()
+    except OSError:
+        return netns_path(a) == netns_path(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def _libc() -> ctypes.CDLL:
@@ -388,25 +431,62 @@ class EndpointLinks:
 
 def wire_endpoint(host_ifname: str, pod_netns: str, ip_address: str, gateway: str,
                   pod_ifname: str = "eth0", mtu: int = 1500) -> EndpointLinks:
-    """Cilium-style endpoint plumbing. Pod side: `ip/32` on eth0, a static neighbour for the
-    gateway pointing at the host-side MAC, default route via the gateway `onlink`. Host side
-    (this namespace): `/32` route to the pod through the host-side veth and a static
-    neighbour for the pod. Undone on any failure."""
-    # IPv4-only pods: no IPv6 router/neighbour solicitations for the datapath to drop
-    for scope in ("default", "all"):
-        write_sysctl(pod_netns, f"net.ipv6.conf.{scope}.disable_ipv6", "1")
-    host, pod = create_veth(host_ifname, None, pod_ifname, pod_netns, mtu=mtu)
-    try:
-        write_sysctl(None, f"net.ipv6.conf.{host_ifname}.disable_ipv6", "1")
-        add_address(pod_ifname, f"{ip_address}/32", pod_netns)
-        add_static_neighbour(pod_ifname, gateway, host.mac, pod_netns)
-        add_route("default", pod_netns, gateway=gateway, ifname=pod_ifname, onlink=True)
-        add_route(f"{ip_address}/32", None, ifname=host_ifname)
-        add_static_neighbour(host_ifname, ip_address, pod.mac, None)
-    except BaseException:
-        delete_link(host_ifname)
-        raise
+    """Cilium-style endpoint plumbing. Pod side: `ip/32` on `pod_ifname`, a static neighbour
+    for the gateway pointing at the host-side MAC, default route via the gateway `onlink`.
+    Host side (this namespace): `/32` route to the pod through the host-side veth and a
+    static neighbour for the pod. Undone on any failure.
+
+    The pod's end is born in its namespace under its final name (no move between
+    namespaces: a move waits for RCU grace periods, ~100 ms on a busy node) and each side
+    is configured over one netlink socket — this runs once per pod start (CNI ADD)."""
+    with ipr() as ip:
+        fd = os.open(netns_path(pod_netns), os.O_RDONLY)
+        try:
+            ip.link("add", ifname=host_ifname, kind="veth", mtu=mtu,
+                    peer={"ifname": pod_ifname, "net_ns_fd": fd, "mtu": mtu})
+        finally:
+            os.close(fd)
+        try:
+            # IPv4-only pods: no IPv6 router/neighbour solicitations for the datapath to drop
+            _disable_ipv6(host_ifname, whole_namespace=False)
+            index = _index(ip, host_ifname)
+            ip.link("set", index=index, state="up")
+            host = _link_info(ip, host_ifname)
+            assert host is not None
+            pod = _wire_pod_side(pod_ifname, ip_address, gateway, host.mac, netns=pod_netns)
+            ip.route("replace", dst=f"{ip_address}/32", oif=index, scope=253)
+            ip.neigh("replace", dst=ip_address, lladdr=pod.mac, ifindex=index, state=0x80)
+        except BaseException:
+            try:
+                ip.link("del", ifname=host_ifname)
+            except NetlinkError:
+                pass
+            raise
     return EndpointLinks(host=host, pod=pod)
+
+
+def _disable_ipv6(ifname: str, whole_namespace: bool = True) -> None:
+    """`disable_ipv6` on `ifname` in the calling thread's namespace, and with
+    `whole_namespace` (a pod's) on every link there and every link made later."""
+    for scope in (("default", "all") if whole_namespace else ()) + (ifname,):
+        (Path("/proc/sys/net/ipv6/conf") / scope / "disable_ipv6").write_text("1\n")
+
+
+@_netlink
+def _wire_pod_side(ifname: str, ip_address: str, gateway: str, host_mac: str,
+                   netns: str | None = None) -> LinkInfo:
+    """Inside the pod: the veth end up with `ip/32`, the gateway as a static neighbour at
+    the host-side MAC, and the default route via it `onlink`."""
+    _disable_ipv6(ifname)
+    with ipr() as ip:
+        index = _index(ip, ifname)
+        ip.link("set", index=index, state="up")
+        ip.addr("add", index=index, address=ip_address, prefixlen=32)
+        ip.neigh("replace", dst=gateway, lladdr=host_mac, ifindex=index, state=0x80)
+        ip.route("replace", dst="0.0.0.0/0", gateway=gateway, oif=index, flags=4)  # ONLINK
+        info = _link_info(ip, ifname)
+    assert info is not None
+    return info
 
 
 def unwire_endpoint(host_ifname: str, ip_address: str | None = None) -> bool:
@@ -422,6 +502,12 @@ def unwire_endpoint(host_ifname: str, ip_address: str | None = None) -> bool:
 def link_mtu(ifname: str, netns: str | None = None) -> int:
     with ipr() as ip:
         return int(ip.link("get", index=_index(ip, ifname))[0].get_attr("IFLA_MTU"))
+
+
+@_netlink
+def set_link_mtu(ifname: str, mtu: int, netns: str | None = None) -> None:
+    with ipr() as ip:
+        ip.link("set", index=_index(ip, ifname), mtu=mtu)
 
 
 @_netlink
@@ -455,3 +541,68 @@ def create_vxlan_external(ifname: str, port: int, mtu: int, netns: str | None = 
         info = _link_info(ip, ifname)
     assert info is not None
     return info
+
+
+# policy routing ---------------------------------------------------------------------------
+# These run on a helper thread even for the caller's own netns: the datapath calls them from
+# wherever it is used, the agent's event loop included (pyroute2's sync API cannot run there).
+def add_fwmark_local_table(mark: int, mask: int, table: int, priority: int,
+                           netns: str | None = None) -> None:
+    """Deliver packets whose mark matches `mark/mask` locally, whatever their destination:
+    rule `fwmark mark/mask lookup table` + `local 0.0.0.0/0 dev lo table table` (how a
+    transparent proxy receives connections to addresses that are not the host's).
+    Idempotent."""
+
+    def add() -> None:
+        with ipr() as ip:
+            if not _fwmark_rules(ip, mark, mask, table, priority):
+                ip.rule("add", family=socket.AF_INET, fwmark=mark, fwmask=mask, table=table,
+                        priority=priority)
+            ip.route("replace", dst="0.0.0.0/0", table=table, type="local", scope="host",
+                     oif=_index(ip, "lo"))
+
+    _on_thread(add, netns)
+
+
+def delete_fwmark_local_table(mark: int, mask: int, table: int, priority: int,
+                              netns: str | None = None) -> bool:
+    """Remove what `add_fwmark_local_table` added; False if none of it was there."""
+
+    def delete() -> bool:
+        removed = False
+        with ipr() as ip:
+            for _rule in _fwmark_rules(ip, mark, mask, table, priority):
+                ip.rule("del", family=socket.AF_INET, fwmark=mark, fwmask=mask, table=table,
+                        priority=priority)
+                removed = True
+            try:
+                ip.route("del", dst="0.0.0.0/0", table=table, type="local", scope="host",
+                         oif=_index(ip, "lo"))
+                removed = True
+            except NetlinkError as exc:
+                if exc.code not in (errno.ESRCH, errno.ENOENT):
+                    raise
+        return removed
+
+    return _on_thread(delete, netns)
+
+
+def fwmark_local_table_present(mark: int, mask: int, table: int, priority: int,
+                               netns: str | None = None) -> dict[str, bool]:
+    """{"rule": ..., "route": ...}: which parts of `add_fwmark_local_table` are in place."""
+
+    def present() -> dict[str, bool]:
+        with ipr() as ip:
+            rule = bool(_fwmark_rules(ip, mark, mask, table, priority))
+            route = any(m.get_attr("RTA_TABLE") == table
+                        for m in ip.get_routes(family=socket.AF_INET, table=table))
+        return {"rule": rule, "route": route}
+
+    return _on_thread(present, netns)
+
+
+def _fwmark_rules(ip: IPRoute, mark: int, mask: int, table: int, priority: int) -> list:
+    return [r for r in ip.get_rules(family=socket.AF_INET)
+            if r.get_attr("FRA_FWMARK") == mark and r.get_attr("FRA_FWMASK") == mask
+            and (r.get_attr("FRA_TABLE") or r["table"]) == table
+            and r.get_attr("FRA_PRIORITY") == priority]

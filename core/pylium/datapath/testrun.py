@@ -23,14 +23,17 @@ TRACE_CB_DRYRUN = 0x64727972
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 TC_ACTIONS = {TC_ACT_OK: "forwarded", TC_ACT_SHOT: "dropped", TC_ACT_REDIRECT: "redirected"}
 CT_STATES = {0: "new", 1: "established", 2: "reply"}
+#: CB_RESULT_TARGET of a packet the program sent to the L7 proxy (bpf/lib/proxy.h)
+TARGET_PROXY = 0xFFFFFFFF
 VERDICT_NAMES = {0: None, 1: "allowed", 2: "denied", 3: "redirected"}
 
 
 def run_program(prog_fd: int, packet: bytes, ifindex: int, mark: int = 0, repeat: int = 1,
-                dry_run: bool = False, src_identity: int | None = None
-                ) -> tuple[int, SkBuff, int]:
-    """BPF_PROG_TEST_RUN of one program: (retval, ctx out, ns per run)."""
-    ctx = SkBuff(mark=mark, ifindex=ifindex)
+                dry_run: bool = False, src_identity: int | None = None,
+                ingress_ifindex: int = 0) -> tuple[int, SkBuff, int]:
+    """BPF_PROG_TEST_RUN of one program: (retval, ctx out, ns per run). `ingress_ifindex`
+    0 = a packet sent by a socket of the node, else the interface it was received on."""
+    ctx = SkBuff(mark=mark, ifindex=ifindex, ingress_ifindex=ingress_ifindex)
     if dry_run:
         ctx.mark = MARK_MAGIC_DRYRUN
         ctx.cb[2] = TRACE_CB_DRYRUN
@@ -75,14 +78,15 @@ def decode_result(retval: int, ctx: SkBuff, program: str, direction: Direction) 
     """What the program decided, as `pylium bpf trace` shows it."""
     reason = ctx.cb[0]
     verdict = ctx.cb[1] & 0xFF
+    to_proxy = retval != TC_ACT_SHOT and ctx.cb[4] == TARGET_PROXY
     return {
         "program": program, "direction": direction.name.lower(), "retval": retval,
-        "action": TC_ACTIONS.get(retval, f"tc action {retval}"),
+        "action": "to-proxy" if to_proxy else TC_ACTIONS.get(retval, f"tc action {retval}"),
         "verdict": VERDICT_NAMES.get(verdict, str(verdict)),
         "proxy_port": ctx.cb[1] >> 16,
         "drop_reason": reason if retval == TC_ACT_SHOT else 0,
         "drop_reason_desc": reason_name(reason) if retval == TC_ACT_SHOT else "",
         "peer_identity": ctx.cb[2],
         "ct": CT_STATES.get(ctx.cb[3], str(ctx.cb[3])),
-        "target_ifindex": ctx.cb[4],
+        "target_ifindex": 0 if to_proxy else ctx.cb[4],
     }

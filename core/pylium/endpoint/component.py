@@ -162,16 +162,16 @@ def _sync_cidr_identities(cache: Any, datapath: Any) -> None:
 
 
 def _follow_policy_changes(daemon, manager: EndpointManager, engine: Any) -> None:
-    """Regenerate the endpoints whose identity the engine says changed. Changes arriving
-    while a regeneration runs are coalesced into one more pass."""
+    """Queue the identities the engine says changed and regenerate their endpoints. Changes
+    arriving while a regeneration runs are coalesced into one more pass."""
     pending = manager.pending_identities
     state = {"task": None}
 
     async def run() -> None:
+        # the queue is taken under the manager's lock: a create that got the lock first
+        # regenerates the queued identities itself, and this pass finds nothing left
         while pending:
-            numbers = set(pending)
-            pending.clear()
-            await manager.regenerate_identities(numbers, "policy or identity change")
+            await manager.regenerate_pending("policy or identity change")
 
     def on_change(change: Any) -> None:
         pending.update(change.identities)

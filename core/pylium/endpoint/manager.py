@@ -5,11 +5,17 @@ The manager talks to its neighbours through three small ports (`IdentityPort`, `
 `DatapathPort`, below); `endpoint.component` adapts the agent's identity, policy and datapath
 components to them, and tests can hand in their own.
 
-Regeneration (Cilium's `regenerateEndpoint`): every endpoint's policy is recomputed from the
+Regeneration (Cilium's `regenerateEndpoint`): an endpoint's policy is recomputed from the
 policy repository and handed to the datapath, which swaps the endpoint's whole policy map at
-once. If computing or loading fails the endpoint keeps the policy it had (the datapath never
-sees an empty or partial map), goes `not-ready` with the error, and the error is logged —
-Cilium issue #38998 was an endpoint silently left with an empty map.
+once. Only what a change can affect is regenerated: a create, delete or label change
+regenerates that endpoint plus the endpoints of the identities the policy side queued in
+`pending_identities` (a new identity matters only to the endpoints whose selectors select it;
+an identity the node already knows changes nothing for the others), so creating the 250th
+endpoint costs what the first did.
+
+If computing or loading fails the endpoint keeps the policy it had (the datapath never sees
+an empty or partial map), goes `not-ready` with the error, and the error is logged — Cilium
+issue #38998 was an endpoint silently left with an empty map.
 
 Restore (Cilium's `restoreOldEndpoints`): endpoints are persisted one JSON file each under
 `<state_dir>/endpoints/`. On start the manager adopts every endpoint whose veth and netns are
@@ -36,13 +42,16 @@ from pylium.endpoint.model import (
     READY,
     REGENERATING,
     Endpoint,
+    container_owner,
     endpoint_from_json,
     endpoint_to_json,
     host_ifname,
+    validate_container_id,
+    validate_ifname,
     validate_labels,
     validate_name,
 )
-from pylium.errors import PyliumError, UserError
+from pylium.errors import Conflict, PyliumError, UserError
 from pylium.ipam import PodCIDRAllocator
 
 log = logging.getLogger(__name__)
@@ -102,6 +111,10 @@ class EndpointManager:
         #: identities whose endpoints await regeneration, and the tasks doing it
         self.pending_identities: set[int] = set()
         self.regeneration_tasks: list[asyncio.Task] = []
+        #: creates per container id still running
+        self._pending: dict[str, int] = {}
+        #: the policy each endpoint's datapath map holds (as last loaded by this agent)
+        self._installed: dict[int, Any] = {}
         #: set by an orchestrator that knows pods' labels (Kubernetes): called as
         #: `await label_resolver(namespace, name)` before a new endpoint gets its identity, so
         #: a pod never runs under a label-less identity that policies do not select
@@ -129,6 +142,13 @@ class EndpointManager:
                 return ep
         raise EndpointNotFound(f"endpoint {text} not found")
 
+    def find_container(self, container_id: str) -> Endpoint | None:
+        """The endpoint a CNI ADD made for `container_id`, or None."""
+        for ep in self._endpoints.values():
+            if ep.container_id and ep.container_id == container_id:
+                return ep
+        return None
+
     # persistence --------------------------------------------------------------------------
     def _save(self, ep: Endpoint) -> None:
         self._endpoints[ep.id] = ep
@@ -139,6 +159,7 @@ class EndpointManager:
 
     def _forget(self, ep: Endpoint) -> None:
         self._endpoints.pop(ep.id, None)
+        self._installed.pop(ep.id, None)
         (self.dir / f"{ep.id}.json").unlink(missing_ok=True)
 
     def _free_id(self) -> int:
@@ -151,90 +172,251 @@ class EndpointManager:
 
     # lifecycle ----------------------------------------------------------------------------
     async def create(self, name: str, namespace: str, labels: dict[str, str] | None,
-                     netns: str) -> Endpoint:
+                     netns: str, container_id: str = "", pod_ifname: str = "eth0") -> Endpoint:
+        """A new endpoint (see `create_endpoint`)."""
+        ep, _created = await self.create_endpoint(name, namespace, labels, netns,
+                                                  container_id=container_id,
+                                                  pod_ifname=pod_ifname)
+        return ep
+
+    async def create_endpoint(self, name: str, namespace: str, labels: dict[str, str] | None,
+                              netns: str, container_id: str = "", pod_ifname: str = "eth0",
+                              ) -> tuple[Endpoint, bool]:
+        """Wire `netns` as an endpoint; returns it and whether it is new.
+
+        With a `container_id` (a CNI ADD) the operation is idempotent: asking again for the
+        same container returns the endpoint made the first time (a runtime retrying an ADD
+        whose answer it missed gets the same IP, nothing leaks: Cilium #9913). Creates and
+        deletes take the lock in arrival order, so a DEL sent after an ADD the runtime gave
+        up on deletes what that ADD made; the late ADD then answers 409."""
         validate_name("name", name)
         validate_name("namespace", namespace)
         labels = validate_labels(labels)
+        pod_ifname = validate_ifname(pod_ifname)
+        if container_id:
+            validate_container_id(container_id)
         if self.label_resolver is not None:
             resolved = validate_labels(await self.label_resolver(namespace, name))
             labels = dict(sorted({**resolved, **labels}.items()))
         if not isinstance(netns, str) or not netns:
             raise UserError("netns: give the pod's network namespace (a name under "
                             "/run/netns or an absolute path)")
-        if not plumbing.netns_exists(netns):
-            raise UserError(f"netns: {netns} does not exist")
-        async with self._lock:
-            for ep in self._endpoints.values():
-                if (ep.namespace, ep.name) == (namespace, name):
-                    raise UserError(f"endpoint {namespace}/{name} already exists (id {ep.id})")
-                if plumbing.netns_path(ep.netns) == plumbing.netns_path(netns):
-                    raise UserError(f"netns: {netns} already belongs to endpoint "
-                                    f"{ep.namespace}/{ep.name}")
-            ep_id = self._free_id()
-            owner = f"endpoint:{namespace}/{name}"
-            address = self.ipam.allocate(owner)
-            ifname = host_ifname(namespace, name)
-            undo: list[Callable[[], Any]] = [lambda: self.ipam.release(address)]
-            if await asyncio.to_thread(plumbing.link_info, ifname) is not None:
-                # named after this namespace/name and owned by no endpoint: left by an
-                # agent that died half way through creating it
-                log.warning("removing stale %s left by an unfinished create", ifname)
-                await asyncio.to_thread(plumbing.unwire_endpoint, ifname)
-            try:
-                links = await asyncio.to_thread(plumbing.wire_endpoint, ifname, netns,
-                                                address, str(self.ipam.gateway),
-                                                mtu=self.mtu)
-                undo.append(lambda: plumbing.unwire_endpoint(ifname, address))
-                ep = Endpoint(id=ep_id, name=name, namespace=namespace, labels=labels,
-                              netns=netns, ipv4=address, ifname=ifname,
-                              ifindex=links.host.ifindex, mac=links.host.mac,
-                              pod_mac=links.pod.mac)
-                ep = await self._resolve_identity(ep)
-                if self.identities is not None:
-                    undo.append(lambda: self.identities.release(ep.identity))
-                self._save(ep)
-                undo.append(lambda: self._forget(ep))
-                if self.datapath is not None:
-                    await self.datapath.attach(ep)
-            except BaseException:
-                for step in reversed(undo):
-                    try:
-                        result = step()
-                        if asyncio.iscoroutine(result):
-                            await result
-                    except Exception:
-                        log.exception("undoing a failed endpoint create")
-                raise
-            log.info("endpoint %d %s/%s created: %s on %s, identity %d",
-                     ep.id, namespace, name, address, ifname, ep.identity)
-        # a new identity can change what other endpoints' selectors select
-        await self.regenerate_all(f"endpoint {ep.id} created")
-        ep = self._endpoints[ep.id]
+        problem = plumbing.netns_problem(netns)
+        if problem:
+            raise UserError(f"netns: {netns} {problem}")
+        self._begin(container_id)
+        try:
+            async with self._lock:
+                if container_id:
+                    existing = self.find_container(container_id)
+                    if existing is not None:
+                        return self._same_attachment(existing, netns, pod_ifname), False
+                replaced = await self._make_room(name, namespace, netns, container_id)
+                ep = await self._wire(name, namespace, labels, netns, container_id, pod_ifname)
+        finally:
+            self._end(container_id)
+        # this endpoint, and the endpoints whose selectors select its identity if that is new
+        # (the policy side queued those in pending_identities when the identity appeared)
+        await self.regenerate_changed({ep.id}, f"endpoint {ep.id} created")
+        current = self._endpoints.get(ep.id)
+        if current is None or (current.created_at, current.name) != (ep.created_at, ep.name):
+            raise Conflict(f"endpoint {ep.id} was deleted while it was being created")
+        ep = current
+        if self.on_deleted is not None:
+            for old in replaced:
+                self.on_deleted(old)
         if self.on_created is not None:
             self.on_created(ep)
+        return ep, True
+
+    def _begin(self, container_id: str) -> None:
+        """Count a pending create of `container_id` (GC leaves its address alone)."""
+        if container_id:
+            self._pending[container_id] = self._pending.get(container_id, 0) + 1
+
+    def _end(self, container_id: str) -> None:
+        if not container_id:
+            return
+        self._pending[container_id] -= 1
+        if not self._pending[container_id]:
+            del self._pending[container_id]
+
+    @staticmethod
+    def _same_attachment(ep: Endpoint, netns: str, pod_ifname: str) -> Endpoint:
+        if ep.pod_ifname != pod_ifname or not plumbing.same_netns(ep.netns, netns):
+            raise Conflict(f"container {ep.container_id} already has endpoint {ep.id} "
+                           f"({ep.pod_ifname} in {ep.netns}); one interface per container")
+        return ep
+
+    async def _make_room(self, name: str, namespace: str, netns: str,
+                         container_id: str) -> list[Endpoint]:
+        """Refuse a create that clashes with an existing endpoint by name or netns. A CNI
+        endpoint whose pod netns is gone (its sandbox died without a DEL) makes way; the
+        ones replaced are returned."""
+        replaced = []
+        for ep in list(self._endpoints.values()):
+            clash_name = (ep.namespace, ep.name) == (namespace, name)
+            clash_netns = plumbing.same_netns(ep.netns, netns)
+            if not (clash_name or clash_netns):
+                continue
+            if container_id and ep.container_id and not plumbing.netns_exists(ep.netns):
+                log.warning("endpoint %d of container %s: its netns %s is gone, replacing it",
+                            ep.id, ep.container_id, ep.netns)
+                await self._delete_locked(ep)
+                replaced.append(ep)
+                continue
+            if clash_name:
+                if container_id and ep.container_id:
+                    raise Conflict(f"endpoint {namespace}/{name} already exists for container "
+                                   f"{ep.container_id} (id {ep.id}); try again once it is "
+                                   "deleted")
+                raise UserError(f"endpoint {namespace}/{name} already exists (id {ep.id})")
+            raise UserError(f"netns: {netns} already belongs to endpoint "
+                            f"{ep.namespace}/{ep.name}")
+        return replaced
+
+    async def _wire(self, name: str, namespace: str, labels: dict[str, str], netns: str,
+                    container_id: str, pod_ifname: str) -> Endpoint:
+        """veth, address, identity, state file and datapath for a new endpoint (under the
+        lock); everything done is undone if a step fails."""
+        ep_id = self._free_id()
+        owner = (container_owner(container_id) if container_id
+                 else f"endpoint:{namespace}/{name}")
+        address = self.ipam.allocate(owner)
+        ifname = host_ifname(namespace, name, container_id)
+        undo: list[Callable[[], Any]] = [lambda: self.ipam.release(address)]
+        if await asyncio.to_thread(plumbing.link_info, ifname) is not None:
+            # named after this endpoint and owned by none: left by an agent that died
+            # half way through creating it
+            log.warning("removing stale %s left by an unfinished create", ifname)
+            await asyncio.to_thread(plumbing.unwire_endpoint, ifname)
+        try:
+            links = await asyncio.to_thread(plumbing.wire_endpoint, ifname, netns,
+                                            address, str(self.ipam.gateway),
+                                            pod_ifname=pod_ifname, mtu=self.mtu)
+            undo.append(lambda: plumbing.unwire_endpoint(ifname, address))
+            ep = Endpoint(id=ep_id, name=name, namespace=namespace, labels=labels,
+                          netns=netns, ipv4=address, ifname=ifname,
+                          ifindex=links.host.ifindex, mac=links.host.mac,
+                          pod_mac=links.pod.mac, container_id=container_id,
+                          pod_ifname=pod_ifname)
+            ep = await self._resolve_identity(ep)
+            if self.identities is not None:
+                undo.append(lambda: self.identities.release(ep.identity))
+            self._save(ep)
+            undo.append(lambda: self._forget(ep))
+            if self.datapath is not None:
+                await self.datapath.attach(ep)
+        except BaseException:
+            for step in reversed(undo):
+                try:
+                    result = step()
+                    if asyncio.iscoroutine(result):
+                        await result
+                except Exception:
+                    log.exception("undoing a failed endpoint create")
+            raise
+        log.info("endpoint %d %s/%s created: %s on %s, identity %d%s", ep.id, namespace, name,
+                 address, ifname, ep.identity,
+                 f", container {container_id}" if container_id else "")
         return ep
 
     async def delete(self, ref: str | int) -> Endpoint:
         async with self._lock:
             ep = self.get(ref)
-            if self.datapath is not None:
-                try:
-                    await self.datapath.detach(ep)
-                except Exception:
-                    log.exception("detaching endpoint %d from the datapath failed", ep.id)
-            await asyncio.to_thread(plumbing.unwire_endpoint, ep.ifname, ep.ipv4)
-            self.ipam.release(ep.ipv4)
-            self._forget(ep)
-            if self.identities is not None and ep.identity:
-                try:
-                    await self.identities.release(ep.identity)
-                except Exception:
-                    log.exception("releasing identity %d failed", ep.identity)
-            log.info("endpoint %d %s/%s deleted", ep.id, ep.namespace, ep.name)
-        await self.regenerate_all(f"endpoint {ep.id} deleted")
+            await self._delete_locked(ep)
+        await self._after_delete(ep)
+        return ep
+
+    async def delete_container(self, container_id: str, pod_ifname: str = "") -> Endpoint | None:
+        """Delete the endpoint of a container (a CNI DEL): idempotent, None if there was
+        none."""
+        validate_container_id(container_id)
+        async with self._lock:
+            ep = self.find_container(container_id)
+            if ep is not None and pod_ifname and ep.pod_ifname != pod_ifname:
+                ep = None  # another attachment of the container: not ours to delete
+            if ep is None:
+                # an address a create took before it failed half way, if any
+                leaked = self.ipam.release_owner(container_owner(container_id))
+                if leaked:
+                    log.info("released %s held by container %s", leaked, container_id)
+                return None
+            await self._delete_locked(ep)
+        await self._after_delete(ep)
+        return ep
+
+    async def _delete_locked(self, ep: Endpoint) -> None:
+        if self.datapath is not None:
+            try:
+                await self.datapath.detach(ep)
+            except Exception:
+                log.exception("detaching endpoint %d from the datapath failed", ep.id)
+        await asyncio.to_thread(plumbing.unwire_endpoint, ep.ifname, ep.ipv4)
+        self.ipam.release(ep.ipv4)
+        if ep.container_id:
+            self.ipam.release_owner(ep.ipam_owner)
+        self._forget(ep)
+        if self.identities is not None and ep.identity:
+            try:
+                await self.identities.release(ep.identity)
+            except Exception:
+                log.exception("releasing identity %d failed", ep.identity)
+        log.info("endpoint %d %s/%s deleted", ep.id, ep.namespace, ep.name)
+
+    async def _after_delete(self, ep: Endpoint) -> None:
+        await self.regenerate_changed(set(), f"endpoint {ep.id} deleted")
         if self.on_deleted is not None:
             self.on_deleted(ep)
-        return ep
+
+    async def gc(self, valid: set[tuple[str, str]]) -> dict[str, list]:
+        """CNI GC: delete the endpoints of containers whose (container id, ifname) is not in
+        `valid` and release addresses held by containers without an endpoint. Endpoints
+        made without a container id (the lab's) and creates still running are kept."""
+        async with self._lock:
+            stale = [ep for ep in self._endpoints.values() if ep.container_id
+                     and (ep.container_id, ep.pod_ifname) not in valid
+                     and ep.container_id not in self._pending]
+            for ep in stale:
+                await self._delete_locked(ep)
+            held = {ep.ipam_owner for ep in self._endpoints.values()}
+            pending = {container_owner(cid) for cid in self._pending}
+            released = []
+            for address, owner in self.ipam.allocated().items():
+                if owner.startswith("container:") and owner not in held | pending:
+                    self.ipam.release(address)
+                    released.append(address)
+        for ep in stale:
+            await self._after_delete(ep)
+        if stale or released:
+            log.info("GC: deleted endpoints %s, released addresses %s",
+                     [ep.id for ep in stale], released)
+        return {"deleted": [ep.id for ep in stale], "released": sorted(released)}
+
+    async def check(self, container_id: str) -> list[str]:
+        """What is wrong with a container's endpoint (CNI CHECK): [] when its veth, netns,
+        pod interface and address are all in place."""
+        ep = self.find_container(container_id)
+        if ep is None:
+            return [f"container {container_id} has no endpoint"]
+        problems = []
+        link = await asyncio.to_thread(plumbing.link_info, ep.ifname)
+        if link is None or link.ifindex != ep.ifindex:
+            problems.append(f"host veth {ep.ifname} is missing or was replaced")
+        if not plumbing.netns_exists(ep.netns):
+            return [*problems, f"netns {ep.netns} is gone"]
+        pod = await asyncio.to_thread(plumbing.link_info, ep.pod_ifname, ep.netns)
+        if pod is None or not pod.up:
+            problems.append(f"{ep.pod_ifname} in {ep.netns} is missing or down")
+        elif pod.mac != ep.pod_mac:
+            problems.append(f"{ep.pod_ifname} has MAC {pod.mac}, expected {ep.pod_mac}")
+        else:
+            addresses = await asyncio.to_thread(plumbing.addresses, ep.pod_ifname, ep.netns)
+            if f"{ep.ipv4}/32" not in addresses:
+                problems.append(f"{ep.pod_ifname} lacks {ep.ipv4}/32")
+        if ep.state == NOT_READY:
+            problems.append(f"endpoint {ep.id} is not ready: {ep.error}")
+        return problems
 
     async def set_labels(self, ref: str | int, labels: dict[str, str]) -> Endpoint:
         labels = validate_labels(labels)
@@ -247,7 +429,7 @@ class EndpointManager:
                 await self.datapath.attach(ep)  # re-publishes the endpoint's identity
             if self.identities is not None and old_identity and old_identity != ep.identity:
                 await self.identities.release(old_identity)
-        await self.regenerate_all(f"endpoint {ep.id} labels changed")
+        await self.regenerate_changed({ep.id}, f"endpoint {ep.id} labels changed")
         return self._endpoints[ep.id]
 
     async def _resolve_identity(self, ep: Endpoint) -> Endpoint:
@@ -266,10 +448,27 @@ class EndpointManager:
         """Regenerate only the endpoints whose identity is in `identities`."""
         return await self._regenerate_where(lambda ep: ep.identity in identities, reason)
 
-    async def _regenerate_where(self, selected, reason: str) -> dict[str, Any]:
+    async def regenerate_changed(self, endpoint_ids: set[int], reason: str) -> dict[str, Any]:
+        """Regenerate the endpoints `endpoint_ids` and those of every identity queued in
+        `pending_identities` (taken under the lock, so whichever pass runs first does the
+        queued work and a create returns only once its peers' policies know it)."""
+        queued: set[int] = set()
+        return await self._regenerate_where(
+            lambda ep: ep.id in endpoint_ids or ep.identity in queued, reason, drain=queued)
+
+    async def regenerate_pending(self, reason: str) -> dict[str, Any]:
+        """Regenerate the endpoints of the identities queued in `pending_identities`."""
+        return await self.regenerate_changed(set(), reason)
+
+    async def _regenerate_where(self, selected, reason: str,
+                                drain: set[int] | None = None) -> dict[str, Any]:
         """`last_regeneration` reports how many endpoints this pass regenerated (not how
-        many exist) and which of them failed."""
+        many exist) and which of them failed. With `drain`, the queued identities are moved
+        into it first, once the lock is held."""
         async with self._lock:
+            if drain is not None:
+                drain.update(self.pending_identities)
+                self.pending_identities.clear()
             failed = {}
             chosen = [ep for ep in self._endpoints.values() if selected(ep)]
             for ep in chosen:
@@ -288,17 +487,28 @@ class EndpointManager:
         self._endpoints[ep.id] = attrs.evolve(ep, state=REGENERATING)
         try:
             policy = await self.policy.compute(ep)
-            await self.datapath.update_policy(ep, policy)
+            installed = self._installed.get(ep.id)
+            # the same policy as the one in the datapath (map entries, revision and L7
+            # grants): nothing to load. Pod churn regenerates every endpoint; without this
+            # each create would rebuild every endpoint's map (Cilium skips unchanged ones too)
+            if installed is None or installed != policy or \
+                    getattr(installed, "l7", None) != getattr(policy, "l7", None):
+                await self.datapath.update_policy(ep, policy)
+                self._installed[ep.id] = policy
         except Exception as exc:
             error = f"policy regeneration failed, previous policy kept: {exc}"
             log.error("endpoint %d %s/%s: %s", ep.id, ep.namespace, ep.name, error)
             self._save(attrs.evolve(ep, state=NOT_READY, error=error))
             return error
-        self._save(attrs.evolve(
+        done = attrs.evolve(
             ep, state=READY, error="",
             ingress_enforced=bool(getattr(policy, "ingress_enforced", False)),
             egress_enforced=bool(getattr(policy, "egress_enforced", False)),
-            policy_revision=int(getattr(policy, "revision", 0))))
+            policy_revision=int(getattr(policy, "revision", 0)))
+        if done == ep:
+            self._endpoints[ep.id] = ep  # unchanged: no state file to rewrite
+        else:
+            self._save(done)
         return ""
 
     # restore ------------------------------------------------------------------------------
@@ -323,7 +533,7 @@ class EndpointManager:
                     path.unlink(missing_ok=True)
                     dropped.append(ep.id)
                     continue
-                self.ipam.allocate_specific(ep.ipv4, f"endpoint:{ep.namespace}/{ep.name}")
+                self.ipam.allocate_specific(ep.ipv4, ep.ipam_owner)
                 try:
                     ep = await self._resolve_identity(ep)
                     self._save(ep)
@@ -336,9 +546,9 @@ class EndpointManager:
                 self._save(ep)
                 adopted.append(ep.id)
             # addresses held for endpoints that no longer have a state file leak otherwise
-            owners = {f"endpoint:{e.namespace}/{e.name}" for e in self._endpoints.values()}
+            owners = {e.ipam_owner for e in self._endpoints.values()}
             for address, owner in self.ipam.allocated().items():
-                if owner.startswith("endpoint:") and owner not in owners:
+                if owner.startswith(("endpoint:", "container:")) and owner not in owners:
                     self.ipam.release(address)
         if adopted:
             log.info("restored endpoints %s", adopted)

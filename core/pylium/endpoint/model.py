@@ -44,6 +44,10 @@ class Endpoint:
     ifindex: int
     mac: str
     pod_mac: str
+    #: the runtime's container id when a CNI ADD made the endpoint ("" for the lab's API
+    #: calls), and the pod-side interface name (CNI_IFNAME)
+    container_id: str = ""
+    pod_ifname: str = "eth0"
     identity: int = 0
     state: str = WAITING_FOR_IDENTITY
     #: why the endpoint is not ready, "" when it is
@@ -52,6 +56,13 @@ class Endpoint:
     egress_enforced: bool = False
     policy_revision: int = 0
     created_at: float = attrs.field(factory=time.time)
+
+    @property
+    def ipam_owner(self) -> str:
+        """Who holds the endpoint's address in IPAM: the container (CNI) or namespace/name."""
+        if self.container_id:
+            return container_owner(self.container_id)
+        return f"endpoint:{self.namespace}/{self.name}"
 
     @property
     def identity_labels(self) -> dict[str, str]:
@@ -78,10 +89,36 @@ def endpoint_to_json(endpoint: Endpoint) -> dict[str, Any]:
     return CONVERTER.unstructure(endpoint)
 
 
-def host_ifname(namespace: str, name: str) -> str:
-    """`lxc` + 11 hex digits of a hash of namespace/name (15 chars, Linux's limit), the
-    way Cilium names the host side after the container id."""
-    return "lxc" + hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:11]
+def host_ifname(namespace: str, name: str, container_id: str = "") -> str:
+    """`lxc` + 11 hex digits of a hash (15 chars, Linux's limit) of the container id, as
+    Cilium names the host side, or of namespace/name for endpoints without one."""
+    key = container_id or f"{namespace}/{name}"
+    return "lxc" + hashlib.sha256(key.encode()).hexdigest()[:11]
+
+
+def container_owner(container_id: str) -> str:
+    """The IPAM owner string of a CNI container's address."""
+    return f"container:{container_id}"
+
+
+#: what CNI_CONTAINERID and CNI_IFNAME may hold (the spec: "alphanumeric, '_', '.', '-'",
+#: a Linux interface name: at most 15 bytes, no '/', ':' or whitespace)
+_CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}$")
+_IFNAME = re.compile(r"^[^/:\s]{1,15}$")
+
+
+def validate_container_id(value: Any) -> str:
+    if not isinstance(value, str) or not _CONTAINER_ID.match(value):
+        raise UserError(f"container_id: {value!r} is not a valid container id (letters, "
+                        "digits, '_', '.' and '-', starting with a letter or digit)")
+    return value
+
+
+def validate_ifname(value: Any) -> str:
+    if not isinstance(value, str) or not _IFNAME.match(value) or value in (".", ".."):
+        raise UserError(f"ifname: {value!r} is not a valid interface name (1-15 characters, "
+                        "no '/', ':' or spaces)")
+    return value
 
 
 def validate_name(field: str, value: Any) -> str:

@@ -86,8 +86,10 @@ class FlowObserver:
         if verdict not in VERDICTS:
             raise ValueError(f"verdict: {verdict!r} is not one of {', '.join(VERDICTS)}")
         dec = self.decoder
-        src = dec.peer(src_ip, src_identity, ep_id if direction == 1 else 0)
-        dst = dec.peer(dst_ip, dst_identity, ep_id if direction == 0 else 0)
+        # the local endpoint sends egress requests and ingress responses
+        local_is_src = (direction == 1) != bool(is_reply)
+        src = dec.peer(src_ip, src_identity, ep_id if local_is_src else 0)
+        dst = dec.peer(dst_ip, dst_identity, 0 if local_is_src else ep_id)
         flow = Flow(time.time_ns(), self.node_name, EVENT_L7, 0, verdict,
                     DROP_POLICY_DENIED if verdict == "DROPPED" else 0, direction, is_reply,
                     ep_id, proxy_port, src_identity, dst_identity, src_ip, dst_ip, sport, dport,

@@ -43,6 +43,7 @@ FIELDS = (
 )
 
 FLAG_REPLY = 0x1
+FLAG_ENCRYPTED = 0x4  # bpf/lib/events.h EVENT_F_ENCRYPTED
 FLAG_CT_NEW = 0x2
 
 SWAP16 = tuple(((p & 0xFF) << 8) | (p >> 8) for p in range(65536))
@@ -159,7 +160,8 @@ class Decoder:
             counts[key] = counts.get(key, 0) + 1
             append(Flow(ts + wall_offset_ns, node, kind, reason, verdict, drop, direction,
                         bool(flags & FLAG_REPLY), ep_id, proxy_port, sid, did, src_ip, dst_ip,
-                        sport, dport, proto, tcp_flags, ifindex, pkt_len, src, dst))
+                        sport, dport, proto, tcp_flags, ifindex, pkt_len, src, dst, None,
+                        bool(flags & FLAG_ENCRYPTED)))
         self.decoded += len(out)
         return out
 

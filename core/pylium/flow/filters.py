@@ -24,7 +24,7 @@ Predicate = Callable[[Flow], bool]
 LIST_PARAMS = ("verdict", "pod", "from_pod", "to_pod", "label", "from_label", "to_label",
                "identity", "from_identity", "to_identity", "ip", "from_ip", "to_ip", "port",
                "from_port", "to_port", "protocol", "http_method", "http_path",
-               "traffic_direction", "node_name")
+               "http_status", "traffic_direction", "node_name")
 SCALAR_PARAMS = ("since", "until", "last", "first", "follow")
 PROTOCOLS = {"tcp": PROTO_TCP, "udp": PROTO_UDP, "icmp": PROTO_ICMP, "icmpv4": PROTO_ICMP}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h|d)")
@@ -124,6 +124,32 @@ def _ip_matcher(spec: str, field: str) -> Callable[[str], bool]:
     except ValueError:
         raise UserError(f"{field}: {spec!r} is not an IP address or CIDR") from None
     return lambda ip: ip == exact
+
+
+_HTTP_STATUS = re.compile(r"^(\d{3}|\d{1,2}\+)$")
+
+
+def http_status_matcher(specs: Sequence[str]) -> Callable[[Flow], bool]:
+    """Hubble's `--http-status`: an exact code ("404") or a prefix ("5+", "40+"); matches
+    L7 responses only (requests carry no code)."""
+    exact, prefixes = set(), []
+    for spec in specs:
+        spec = spec.strip()
+        if not _HTTP_STATUS.match(spec):
+            raise UserError(f"http_status: {spec!r} is not a status code (404) or a prefix "
+                            "(5+, 40+)")
+        if spec.endswith("+"):
+            prefixes.append(spec[:-1])
+        else:
+            exact.add(int(spec))
+
+    def match(f: Flow) -> bool:
+        code = (f.l7 or {}).get("http", {}).get("code") if f.l7 else None
+        if not code:
+            return False
+        return int(code) in exact or any(str(code).startswith(p) for p in prefixes)
+
+    return match
 
 
 def _int(value: str, field: str, lo: int, hi: int) -> int:
@@ -283,6 +309,9 @@ def parse_query(params: Mapping[str, Sequence[str]], default_last: int | None = 
             return any(p.search(path) for p in paths)
 
         preds.append(path_ok)
+
+    if vals("http_status"):
+        preds.append(http_status_matcher(vals("http_status")))
 
     if vals("traffic_direction"):
         dirs = set()

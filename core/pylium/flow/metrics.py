@@ -228,12 +228,23 @@ class AgentCollector:
             except Exception:
                 log.exception("reading map pressure")
                 pressure = None
+            full = getattr(datapath, "map_full", None)
+            if isinstance(full, dict):
+                refused = CounterMetricFamily(
+                    "pylium_bpf_map_full", "Updates refused because a BPF map was full "
+                    "(nothing changed: the previous state stays in force).", labels=["map_name"])
+                for name in sorted({"policy", "ipcache", *full}):
+                    refused.add_metric([name], full.get(name, 0))
+                yield refused
             if pressure:
                 fam = GaugeMetricFamily("pylium_bpf_map_pressure", "Fill ratio of BPF maps "
                                         "(Cilium: cilium_bpf_map_pressure).", labels=["map_name"])
                 for name, ratio in sorted(pressure.items()):
                     fam.add_metric([name], float(ratio))
                 yield fam
+        lb = comps.get("lb")
+        if lb is not None and callable(getattr(lb, "metric_families", None)):
+            yield from lb.metric_families()
         kv = self.kvstore_status
         if kv is not None:
             yield GaugeMetricFamily("pylium_kvstore_healthy", "1 when the KV store answers.",

@@ -61,6 +61,7 @@ DROP_REASON_NAMES: dict[int, str] = {
     192: "INVALID_CLUSTER_ID", 193: "UNSUPPORTED_PROTOCOL_FOR_DSR_ENCAP",
     194: "NO_EGRESS_GATEWAY", 196: "TTL_EXCEEDED", 197: "NO_NODE_ID",
     202: "DROP_HOST_NOT_READY", 203: "DROP_EP_NOT_READY",
+    220: "UNENCRYPTED_TRAFFIC",  # pylium's own code (bpf/lib/common.h DROP_UNENCRYPTED)
 }
 
 #: human text per drop reason: the datapath's table (one place for Cilium's wording)
@@ -70,7 +71,7 @@ DROP_REASON_TEXT = REASONS
 TRACE_POINT_NAMES: dict[int, str] = {
     0: "TO_ENDPOINT", 1: "TO_PROXY", 2: "TO_HOST", 3: "TO_STACK", 4: "TO_OVERLAY",
     5: "FROM_ENDPOINT", 6: "FROM_PROXY", 7: "FROM_HOST", 8: "FROM_STACK", 9: "FROM_OVERLAY",
-    10: "FROM_NETWORK", 11: "TO_NETWORK",
+    10: "FROM_NETWORK", 11: "TO_NETWORK", 12: "TO_CRYPTO", 13: "FROM_CRYPTO",
 }
 
 PROTO_TCP, PROTO_UDP, PROTO_ICMP = 6, 17, 1
@@ -146,6 +147,7 @@ class Flow(NamedTuple):
     source: Peer
     destination: Peer
     l7: dict | None = None   # {"type": ..., "http": {...}} once L7 events land
+    encrypted: bool = False  # the packet left the node encrypted (Hubble IP.encrypted)
 
 
 class LostEvent(NamedTuple):
@@ -198,6 +200,8 @@ def summary(flow: Flow) -> str:
     if flow.l7 and flow.l7.get("http"):
         http = flow.l7["http"]
         return f"HTTP/1.1 {http.get('method', '')} {http.get('url', '')}".strip()
+    if flow.l7 and flow.l7.get("kafka"):
+        return kafka_summary(flow.l7)
     if flow.protocol == PROTO_TCP:
         return "TCP Flags: " + ", ".join(tcp_flag_names(flow.tcp_flags))
     if flow.protocol == PROTO_UDP:
@@ -205,6 +209,23 @@ def summary(flow: Flow) -> str:
     if flow.protocol == PROTO_ICMP:
         return "ICMPv4 " + ICMP_TYPES.get(flow.sport, f"type {flow.sport}")
     return f"IP protocol {flow.protocol}"
+
+
+def kafka_summary(l7: dict[str, Any]) -> str:
+    """Hubble's wording: `Kafka request produce correlation id 8 topic 'orders'`."""
+    from pylium.policy.kafka import API_KEY_NAMES
+
+    kafka = l7["kafka"]
+    key = kafka.get("api_key")
+    name = API_KEY_NAMES.get(key, str(key)) if key is not None else "?"
+    text = f"Kafka {str(l7.get('type', 'request')).lower()} {name}"
+    if "correlation_id" in kafka:
+        text += f" correlation id {kafka['correlation_id']}"
+    if kafka.get("topic"):
+        text += f" topic '{kafka['topic']}'"
+    if kafka.get("error_code"):
+        text += f" error {kafka['error_code']}"
+    return text
 
 
 def to_hubble(flow: Flow) -> dict[str, Any]:
@@ -217,6 +238,8 @@ def to_hubble(flow: Flow) -> dict[str, Any]:
         out["drop_reason"] = flow.drop_reason
     if not is_non_ipv4(flow):
         out["IP"] = {"source": flow.src_ip, "destination": flow.dst_ip, "ipVersion": "IPv4"}
+        if flow.encrypted:
+            out["IP"]["encrypted"] = True
     l4 = l4_json(flow)
     if l4:
         out["l4"] = l4
@@ -305,7 +328,7 @@ def compact_line(response: dict[str, Any]) -> str:
     event = f.get("event_type", {}).get("type")
     if event == 129:
         l7 = f.get("l7", {})
-        proto = "http" if "http" in l7 else "l7"
+        proto = "http" if "http" in l7 else "kafka" if "kafka" in l7 else "l7"
         what = f"{proto}-{str(l7.get('type', 'request')).lower()} {verdict}"
     elif event == 5:
         decision = {"FORWARDED": "ALLOWED", "DROPPED": "DENIED"}.get(verdict, verdict)

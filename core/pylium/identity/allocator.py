@@ -32,6 +32,8 @@ import random
 from urllib.parse import quote
 
 from pylium.api.kvstore import KVStore, Lease
+from pylium.documents import RecordError, load_record
+from pylium.errors import UserError
 from pylium.identity.labels import LabelSet, parse_label
 from pylium.identity.model import MAX_ALLOCATED, MIN_ALLOCATED, RESERVED_IDENTITIES, Identity
 
@@ -58,7 +60,24 @@ def encode_labels(labels: LabelSet) -> bytes:
 
 
 def decode_labels(raw: bytes) -> LabelSet:
-    return LabelSet(parse_label(text, "unspec") for text in json.loads(raw))
+    """The label set of an identity record; `RecordError` for anything else."""
+    data = load_record(raw, "identity record")
+    if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
+        raise RecordError("identity record: expected a list of label strings")
+    try:
+        return LabelSet(parse_label(text, "unspec") for text in data)
+    except UserError as exc:
+        raise RecordError(f"identity record: {exc}") from None
+
+
+def decode_identity(key: str, raw: bytes) -> Identity:
+    """An allocated identity from its `id/<number>` key and record; `RecordError` for a
+    number outside the allocated range (a peer cannot redefine reserved identities)."""
+    text = key[len(ID_PREFIX):]
+    if not text.isascii() or not text.isdigit() or len(text) > 10 or \
+            not MIN_ALLOCATED <= int(text) <= MAX_ALLOCATED:
+        raise RecordError(f"{key}: not an allocated identity number")
+    return Identity(int(text), decode_labels(raw))
 
 
 class IdentityAllocator:
@@ -84,8 +103,14 @@ class IdentityAllocator:
         return Identity(number, decode_labels(item.value)) if item is not None else None
 
     async def list(self) -> list[Identity]:
-        return sorted((Identity(int(i.key[len(ID_PREFIX):]), decode_labels(i.value))
-                       for i in await self.kvstore.list(ID_PREFIX)), key=lambda i: i.id)
+        """Every readable allocated identity; unreadable records are logged and skipped."""
+        found = []
+        for item in await self.kvstore.list(ID_PREFIX):
+            try:
+                found.append(decode_identity(item.key, item.value))
+            except RecordError as exc:
+                log.warning("ignoring unreadable identity record: %s", exc)
+        return sorted(found, key=lambda i: i.id)
 
     async def _ref(self, number: int) -> None:
         await self.kvstore.put(f"{REFS_PREFIX}{number}/{self.node}", b"", lease=self.lease)
@@ -231,7 +256,11 @@ class IdentityAllocator:
             if not await self.kvstore.compare_and_delete(item.key, item.mod_revision):
                 continue  # touched (someone started using it) or collected by another node
             deleted.append(number)
-            value_key = _value_key(decode_labels(item.value))
+            try:
+                value_key = _value_key(decode_labels(item.value))
+            except RecordError as exc:
+                log.warning("collected unreadable identity %d: %s", number, exc)
+                continue
             index = await self.kvstore.get(value_key)
             # only the index entry of the number just deleted: once it is gone, another node
             # may re-claim the same number for the same label set and write a fresh entry

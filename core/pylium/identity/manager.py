@@ -9,7 +9,8 @@ import logging
 from collections.abc import Iterable
 
 from pylium.api.kvstore import KVStore, KVStoreUnavailable, Lease
-from pylium.identity.allocator import ID_PREFIX, IdentityAllocator, decode_labels
+from pylium.documents import RecordError
+from pylium.identity.allocator import ID_PREFIX, IdentityAllocator, decode_identity
 from pylium.identity.cache import IdentityCache
 from pylium.identity.labels import LabelSet
 from pylium.identity.model import Identity
@@ -89,13 +90,15 @@ class IdentityManager:
     async def watch(self, after_revision: int) -> None:
         """Follow other nodes' allocations and garbage collection (runs until cancelled)."""
         async for event in self.kvstore.watch(ID_PREFIX, after_revision):
-            number = int(event.key[len(ID_PREFIX):])
             try:
                 if event.type == "put":
-                    if number not in self.cache:
-                        self.cache.add(Identity(number, decode_labels(event.value)))
+                    identity = decode_identity(event.key, event.value)
+                    if identity.id not in self.cache:
+                        self.cache.add(identity)
                 else:
-                    self.cache.remove(number)
+                    self.cache.remove(decode_identity(event.key, b"[]").id)
+            except RecordError as exc:
+                log.warning("ignoring unreadable identity record: %s", exc)
             except Exception:
                 log.exception("identity event %s %s", event.type, event.key)
 

@@ -8,6 +8,7 @@ parser has that name, plugins may claim it through `pylium_l7_parser_for_port`."
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from typing import Any
@@ -25,19 +26,52 @@ def proxy_ports_of(protocol: str) -> dict[str, int]:
             if kind == protocol}
 
 
+#: how often the served proxy ports are compared with what the policy maps were built for
+SERVED_PORTS_CHECK_S = 1.0
+
+
 class L7Proxies:
-    """`daemon.components["l7"]`."""
+    """`daemon.components["l7"]`. Watches the ports the parsers' proxies serve: when a proxy
+    comes up or dies, every endpoint is regenerated, so redirects to it load as redirects or
+    turn back into denies (fail closed) within about a second."""
 
     def __init__(self, daemon):
         self.daemon = daemon
         self.parsers: list[Any] = []  # RunningCapability of kind "l7"
+        self.last_served: set[int] = set()
+        self._watch: Any = None
 
     def add(self, running: Any) -> None:
         self.parsers.append(running)
+        self.last_served = self.proxy_ports
+        if self._watch is None:
+            self._watch = self.daemon.spawn(self._watch_served_ports())
 
     def remove(self, running: Any) -> None:
         if running in self.parsers:
             self.parsers.remove(running)
+
+    async def _watch_served_ports(self) -> None:
+        while True:
+            await asyncio.sleep(SERVED_PORTS_CHECK_S)
+            try:
+                await self.check_served_ports()
+            except Exception:
+                log.exception("checking the L7 proxies' ports failed")
+
+    async def check_served_ports(self) -> bool:
+        """Regenerate the endpoints if the served ports changed; True if they did."""
+        served = self.proxy_ports
+        if served == self.last_served:
+            return False
+        gone, came = sorted(self.last_served - served), sorted(served - self.last_served)
+        self.last_served = served
+        log.warning("L7 proxy ports changed (now serving %s; gone %s, new %s): "
+                    "regenerating endpoints", sorted(served) or "none", gone or "-", came or "-")
+        endpoints = self.daemon.components.get("endpoint")
+        if endpoints is not None:
+            await endpoints.regenerate_all("L7 proxy ports changed")
+        return True
 
     @property
     def proxy_ports(self) -> set[int]:

@@ -16,15 +16,17 @@ import logging
 import os
 import shutil
 import subprocess
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from pylium.agent.client import AgentClient
 from pylium.errors import UserError
+from pylium.l7.proxy import stop_running
 from pylium.lab.agents import Agents
 from pylium.lab.kvstore import KVSTORES, LabKVStore
-from pylium.lab.pods import DEMOS, Pods
-from pylium.lab.processes import in_netns, stop_process
+from pylium.lab.pods import DEMO_POLICIES, DEMO_SETTINGS, DEMOS, Pods
+from pylium.lab.processes import in_netns, stop_in_netns, stop_process
 from pylium.lab.state import DEFAULT_NAME, STATE_ROOT, LabState, State
 from pylium.lab.topology import Topology
 
@@ -74,7 +76,7 @@ class Lab:
                 raise UserError(f"--routing: {routing!r} is not an installed routing mode "
                                 f"(installed: {', '.join(modes)})")
         state = self._state.new()
-        settings = dict(agent_settings or {})
+        settings = {**DEMO_SETTINGS.get(demo or "", {}), **(agent_settings or {})}
         if routing is not None:
             state["routing"] = routing
             settings.setdefault("routing_mode", routing)
@@ -86,11 +88,18 @@ class Lab:
                 self.agents.add(state, self.topology.make_node(state, index), settings)
             for pod in DEMOS.get(demo or "", ()):
                 self.pods.add(state, pod["name"], pod["labels"], server=pod.get("server"))
+            if demo in DEMO_POLICIES:
+                self._import_example_policy(DEMO_POLICIES[demo])
         except BaseException:
             log.error("lab up failed; tearing down what was made")
             self.down()
             raise
         return self.status()
+
+    def _import_example_policy(self, file_name: str) -> None:
+        """Import one of the project's example policies (package data) on the first node."""
+        text = (resources.files("pylium.lab") / "example_policies" / file_name).read_text()
+        self.client().post("/v1/policy", {"text": text, "name": file_name})
 
     def down(self) -> dict[str, Any]:
         """Remove everything the lab made: processes, netns (with their links), pins,
@@ -100,6 +109,13 @@ class Lab:
             return {"removed": False}
         for proc in reversed(state.get("processes", [])):
             stop_process(proc["pid"], proc["match"])
+        # L7 proxies outlive their agent on purpose (restarts keep connections); a lab
+        # going away takes its nodes' proxies with it
+        for node in state.get("nodes", []):
+            for proxy_dir in Path(node["state_dir"]).glob("plugins/l7-*/proxy"):
+                stop_running(proxy_dir)
+        for netns in state.get("netns", []):
+            stop_in_netns(netns)  # what lab processes left running there (wireguard-go)
         self.topology.teardown(state)
         for path in state.get("paths", []):
             p = Path(path)

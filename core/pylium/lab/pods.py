@@ -25,7 +25,10 @@ STARWARS_PODS: tuple[dict[str, Any], ...] = (
     {"name": "tiefighter", "labels": {"org": "empire", "class": "tiefighter"}},
     {"name": "xwing", "labels": {"org": "alliance", "class": "xwing"}},
 )
-DEMOS = {"starwars": STARWARS_PODS}
+DEMOS = {"starwars": STARWARS_PODS, "starwars-l7": STARWARS_PODS}
+#: what a demo adds to every node agent's config, and the example policy it imports
+DEMO_SETTINGS: dict[str, dict[str, Any]] = {"starwars-l7": {"l7_parsers": ["http"]}}
+DEMO_POLICIES: dict[str, str] = {"starwars-l7": "l7-rule1.yaml"}
 #: `server=` names for `add`: the argv each runs in the pod, and the TCP port it listens on
 SERVERS = {"deathstar": ([sys.executable, "-m", "pylium.lab.deathstar", "--port", "80"], 80)}
 

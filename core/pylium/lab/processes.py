@@ -50,6 +50,50 @@ def stop_process(pid: int, needle: str, timeout: float = 5.0) -> None:
             time.sleep(0.05)
 
 
+def stop_in_netns(netns: str, timeout: float = 5.0) -> list[int]:
+    """Stop every process still inside the named namespace: daemons that outlive the
+    process that started them on purpose (wireguard-go keeps a node's encryption up across
+    agent restarts) would otherwise keep the namespace alive after `down`. Returns their
+    pids."""
+    try:
+        target = os.stat(plumbing.netns_path(netns))
+    except OSError:
+        return []
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            ns = os.stat(entry / "ns" / "net")
+        except OSError:
+            continue
+        if (ns.st_dev, ns.st_ino) == (target.st_dev, target.st_ino):
+            found.append(int(entry.name))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = []
+        for pid in found:
+            try:
+                os.kill(pid, sig)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while alive and time.monotonic() < deadline:
+            alive = [pid for pid in alive if Path(f"/proc/{pid}").exists()
+                     and not _zombie(pid)]
+            time.sleep(0.05)
+        if not alive:
+            break
+    return found
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def listening(port: int) -> bool:
     """Is something listening on TCP `port` in this thread's netns?"""
     with socket.socket() as sock:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import attrs
 
-from pylium.errors import UserError
+from pylium.errors import UserError, one_line
 
 
 class PolicyError(UserError):
     """One or more problems in policy input; `errors` holds one `path: message` each."""
 
     def __init__(self, errors: list[str]):
-        self.errors = list(errors)
+        self.errors = [one_line(str(e)) for e in errors]
         super().__init__("; ".join(self.errors))
 
 

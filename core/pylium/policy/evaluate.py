@@ -13,6 +13,7 @@ import attrs
 
 from pylium.identity.labels import LabelSet
 from pylium.identity.model import RESERVED_BY_NAME, Identity
+from pylium.policy import kafka
 from pylium.policy.mapstate import Direction, Verdict
 from pylium.policy.rule import Policy, Rule
 from pylium.policy.selector import EndpointSelector
@@ -173,17 +174,27 @@ def _port_hits(item, proto: int, port: int, named_ports) -> list[tuple[tuple, ob
     return hits
 
 
-def _l7_allows(grants: list[tuple[str, object]], request: HTTPRequest | None) -> list[str]:
+def _l7_allows(grants: list[tuple[str, object]],
+               request: HTTPRequest | kafka.KafkaRequest | None) -> list[str]:
     """Names of the rules that let this request through the proxy."""
     ok = []
     for name, port_rule in grants:
         l7 = port_rule.l7 if port_rule is not None else None
         if l7 is None:
             ok.append(name)
-        elif request is not None and l7.http and any(
+        elif isinstance(request, HTTPRequest) and l7.http and any(
                 r.matches(request.method, request.path, request.host, dict(request.headers))
                 for r in l7.http):
             ok.append(name)
+        elif isinstance(request, kafka.KafkaRequest) and l7.kafka and kafka.allows(
+                l7.kafka, request):
+            ok.append(name)
+    if not ok and isinstance(request, kafka.KafkaRequest):  # topics allowed by different rules
+        kafka_rules = [r for _, pr in grants if pr is not None and pr.l7 is not None
+                       for r in pr.l7.kafka]
+        if kafka.allows(kafka_rules, request):
+            ok = [name for name, pr in grants if pr is not None and pr.l7 is not None
+                  and pr.l7.kafka]
     return ok
 
 
@@ -192,7 +203,8 @@ def _l7_allows(grants: list[tuple[str, object]], request: HTTPRequest | None) ->
 def direction_verdict(policies: Iterable[Policy | Rule], subject: LabelSet, peer: Identity,
                       direction: Direction, proto: int, port: int, mode: str = "default",
                       named_ports: Mapping[str, int] | None = None,
-                      request: HTTPRequest | None = None) -> DirectionResult:
+                      request: HTTPRequest | kafka.KafkaRequest | None = None
+                      ) -> DirectionResult:
     """The verdict of the policy of the endpoint with labels `subject` for a packet to
     (ingress) or from (egress) `peer`. With `request`, a redirected packet is also judged
     as the L7 proxy would."""
@@ -267,16 +279,24 @@ def direction_verdict(policies: Iterable[Policy | Rule], subject: LabelSet, peer
         return DirectionResult(direction, Verdict.REDIRECT, names,
                                "allowed at L4, redirected to the L7 proxy", proxy)
     allowed_by = _l7_allows(grants, request)
+    what = describe_request(request)
     if allowed_by:
         return DirectionResult(direction, Verdict.REDIRECT, tuple(sorted(set(allowed_by))),
-                               f"L7 proxy allows {request.method} {request.path}", proxy)
+                               f"L7 proxy allows {what}", proxy)
     return DirectionResult(direction, Verdict.DENY, names,
-                           f"L7 proxy denies {request.method} {request.path}: no L7 rule "
-                           "matches", proxy)
+                           f"L7 proxy denies {what}: no L7 rule matches", proxy)
+
+
+def describe_request(request: HTTPRequest | kafka.KafkaRequest) -> str:
+    if isinstance(request, kafka.KafkaRequest):
+        name = kafka.API_KEY_NAMES.get(request.api_key, str(request.api_key))
+        topics = ",".join(request.topics or ())
+        return f"Kafka {name} v{request.api_version}" + (f" topic {topics}" if topics else "")
+    return f"{request.method} {request.path}"
 
 
 def verdict(policies: Iterable[Policy | Rule], src: Party, dst: Party, port: int,
-            proto: int | str, l7: HTTPRequest | None = None,
+            proto: int | str, l7: HTTPRequest | kafka.KafkaRequest | None = None,
             mode: str = "default") -> Result:
     """The verdict for a packet from `src` to `dst`: the source endpoint's egress policy
     and the destination endpoint's ingress policy must both let it through."""

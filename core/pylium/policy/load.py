@@ -11,13 +11,11 @@ enforced yet comes back in `Policy.warnings` (`parse.warnings_in`), never silent
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from pylium.documents import DocumentError, LimitExceeded, decode_text, load_json, load_yaml_all
 from pylium.policy import k8s
 from pylium.policy.errors import PolicyError, PolicyWarning
 from pylium.policy.namespace import translate_namespace
@@ -114,28 +112,28 @@ def _template_error(text: str) -> str | None:
     return None
 
 
-def load_text(text: str, name: str = "") -> list[Policy]:
-    """Parse YAML or JSON text holding one or more policy documents or a rule list."""
-    template = _template_error(text)
-    if template:
-        raise PolicyError([template])
-    stripped = text.lstrip()
-    docs: list[Any]
-    if stripped.startswith(("[", "{")):
-        try:
-            docs = [json.loads(text)]
-        except ValueError:
-            docs = None  # maybe YAML flow style
-    else:
-        docs = None
-    if docs is None:
-        try:
-            docs = [d for d in yaml.safe_load_all(text) if d is not None]
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"line {mark.line + 1}: " if mark else ""
-            raise PolicyError([f"{where}not valid YAML or JSON: "
-                               f"{getattr(exc, 'problem', None) or exc}"]) from None
+def load_text(text: str | bytes, name: str = "") -> list[Policy]:
+    """Parse YAML or JSON text (or bytes: UTF-8, or UTF-16/32 with a BOM) holding one or
+    more policy documents or a rule list. Size, nesting and alias expansion are bounded
+    (`pylium.documents`): hostile input is refused with one line, never a traceback."""
+    try:
+        if isinstance(text, bytes):
+            text = decode_text(text, "(top)")
+        template = _template_error(text)
+        if template:
+            raise PolicyError([template])
+        docs: list[Any] | None = None
+        if text.lstrip().startswith(("[", "{")):
+            try:
+                docs = [load_json(text, "(top)")]
+            except LimitExceeded:
+                raise
+            except DocumentError:
+                pass  # maybe YAML flow style
+        if docs is None:
+            docs = load_yaml_all(text, "(top)")
+    except DocumentError as exc:
+        raise PolicyError([str(exc).removeprefix("(top): ")]) from None
     if not docs:
         raise PolicyError(["(top): no policy documents found"])
     policies: list[Policy] = []
@@ -154,7 +152,7 @@ def load_text(text: str, name: str = "") -> list[Policy]:
 def load_file(path: str | Path) -> list[Policy]:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes()
     except OSError as exc:
         raise PolicyError([f"{path}: cannot read: {exc.strerror}"]) from None
     try:

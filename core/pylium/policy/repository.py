@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 import attrs
 
 from pylium.api.kvstore import KVStore
+from pylium.documents import RecordError, load_record
 from pylium.errors import UserError
 from pylium.policy.load import from_source
 from pylium.policy.resolve import NamedRule, named_rules
@@ -115,6 +116,19 @@ class PolicyRepository:
         return self._remove(list(self._policies))
 
 
+def decode_record(key: str, raw: bytes) -> list[Policy]:
+    """The policies of one stored record; `RecordError` for anything that is not one (a
+    record written by another version or a hostile peer is skipped, never fatal)."""
+    record = load_record(raw, f"policy record {key}")
+    if not isinstance(record, dict) or not isinstance(record.get("kind"), str) or \
+            not isinstance(record.get("name"), str):
+        raise RecordError(f"policy record {key}: expected an object with kind, name, source")
+    try:
+        return from_source(record["kind"], record["name"], record.get("source"))
+    except UserError as exc:
+        raise RecordError(f"policy record {key}: {exc}") from None
+
+
 def _key(policy: Policy) -> str:
     return f"{POLICY_PREFIX}{policy.kind}/{policy.namespace or '_'}/{policy.name}"
 
@@ -133,8 +147,9 @@ class PolicyStore:
         policies: list[Policy] = []
         for item in await self.kvstore.list(POLICY_PREFIX):
             try:
-                record = json.loads(item.value)
-                policies += from_source(record["kind"], record["name"], record["source"])
+                policies += decode_record(item.key, item.value)
+            except RecordError as exc:
+                log.error("skipping stored policy %s: %s", item.key, exc)
             except Exception as exc:  # a bad record must not stop the agent
                 log.error("skipping stored policy %s: %s", item.key, exc)
         if policies:

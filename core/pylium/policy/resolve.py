@@ -32,6 +32,8 @@ import attrs
 from pylium.identity.cache import IdentityCache
 from pylium.identity.labels import LabelSet
 from pylium.identity.model import Identity
+from pylium.policy.kafka import KafkaRequest
+from pylium.policy.kafka import allows as kafka_allows
 from pylium.policy.l4 import PORT_PROTOCOLS, PORTED, L7Rules
 from pylium.policy.mapstate import (
     IDENTITY_ANY,
@@ -326,16 +328,19 @@ def resolve(policies: Iterable[Policy] | Iterable[Rule], labels: LabelSet | Iden
 
 
 def l7_allows(policy: EndpointPolicy, key: PolicyKey | None, request) -> bool:
-    """What the L7 proxy decides for an HTTP `request` redirected by the entry `key`
-    (from `mapstate.lookup(...).key`): allowed if any grant on it allows every request or
-    has an HTTP rule matching the request."""
+    """What the L7 proxy decides for an HTTP or Kafka `request` redirected by the entry
+    `key` (from `mapstate.lookup(...).key`): allowed if any grant on it allows every
+    request or has rules of the request's protocol that allow it."""
     if key is None:
         return False
     for grant in policy.l7.get(key, ()):
         if grant.allow_all:
             return True
-        if grant.kind == "http" and any(
+        if grant.kind == "http" and hasattr(request, "method") and any(
                 r.matches(request.method, request.path, request.host, dict(request.headers))
                 for r in grant.rules):
             return True
+    if isinstance(request, KafkaRequest):  # topics may be allowed by different grants
+        return kafka_allows([r for g in policy.l7.get(key, ()) if g.kind == "kafka"
+                             for r in g.rules], request)
     return False

@@ -18,7 +18,7 @@ from pylium.errors import UserError
 from pylium.identity.cache import IdentityCache
 from pylium.identity.labels import POD_NAMESPACE_LABEL, SOURCE_K8S, Label, LabelSet
 from pylium.identity.model import LOCAL_SCOPE, MIN_ALLOCATED, Identity
-from pylium.policy import evaluate
+from pylium.policy import evaluate, kafka
 from pylium.policy.mapstate import Direction, EndpointPolicy, Verdict, lookup
 from pylium.policy.resolve import cidr_prefixes, l7_allows, named_rules, resolve
 from pylium.policy.rule import Policy
@@ -37,6 +37,11 @@ class TraceQuery:
     namespace: str = "default"
     http_method: str = ""
     http_path: str = ""
+    #: a Kafka request: api key by name (produce) or number; topics comma-separated
+    kafka_api_key: str = ""
+    kafka_api_version: int = 0
+    kafka_client_id: str = ""
+    kafka_topic: str = ""
 
     def __attrs_post_init__(self) -> None:
         for side in ("src", "dst"):
@@ -54,6 +59,16 @@ class TraceQuery:
             raise UserError(f"--dport: {self.dport} is not a port")
         if bool(self.http_method) != bool(self.http_path):
             raise UserError("give both --http-method and --http-path, or neither")
+        kafka_given = self.kafka_api_key or self.kafka_topic or self.kafka_client_id
+        if kafka_given and self.http_method:
+            raise UserError("a request is HTTP (--http-*) or Kafka (--kafka-*), not both")
+        if kafka_given and not self.kafka_api_key:
+            raise UserError("--kafka-api-key is required with --kafka-topic/--kafka-client-id")
+        if self.kafka_api_key and not self.kafka_api_key.isdigit() and \
+                self.kafka_api_key.lower() not in kafka.API_KEY_NUMBERS:
+            raise UserError(f"--kafka-api-key: {self.kafka_api_key!r} is not a Kafka API key")
+        if not 0 <= self.kafka_api_version <= 0x7FFF:
+            raise UserError(f"--kafka-api-version: {self.kafka_api_version} is not a version")
 
     @classmethod
     def from_dict(cls, data: dict) -> TraceQuery:
@@ -67,7 +82,13 @@ class TraceQuery:
             raise UserError(f"bad trace query: {exc}") from None
 
     @property
-    def request(self) -> evaluate.HTTPRequest | None:
+    def request(self) -> evaluate.HTTPRequest | kafka.KafkaRequest | None:
+        if self.kafka_api_key:
+            key = self.kafka_api_key
+            number = int(key) if key.isdigit() else kafka.API_KEY_NUMBERS[key.lower()]
+            topics = tuple(t.strip() for t in self.kafka_topic.split(",") if t.strip())
+            return kafka.KafkaRequest(number, self.kafka_api_version,
+                                      self.kafka_client_id or None, topics)
         if not self.http_method:
             return None
         return evaluate.HTTPRequest(self.http_method.upper(), self.http_path)

@@ -19,7 +19,7 @@ import attrs
 from pylium.policy import k8s
 from pylium.policy.dns import FQDNSelector
 from pylium.policy.errors import FieldError
-from pylium.policy.http import PortRuleHTTP
+from pylium.policy.http import MISMATCH_ACTIONS, SUPPORTED_MISMATCH, HeaderMatch, PortRuleHTTP
 from pylium.policy.kafka import API_KEYS, ROLES, PortRuleKafka
 from pylium.policy.l4 import ICMPField, ICMPRule, IcmpType, PortProtocol, PortRule
 from pylium.policy.rule import (
@@ -52,7 +52,6 @@ UNSUPPORTED = {
     "l7": "generic L7 rules (l7) are not supported yet",
     "log": "policy logging is not supported yet",
     "secret": "header values from secrets are not supported",
-    "mismatch": "header mismatch actions (LOG, ADD, DELETE, REPLACE) are not supported",
 }
 
 #: Cilium peer fields pylium accepts but cannot enforce yet. In an allow rule they select no
@@ -137,6 +136,19 @@ def _check_http(rule: PortRuleHTTP) -> PortRuleHTTP:
         except re.error as exc:
             raise FieldError(name, f"invalid regular expression: {exc}") from None
     return rule
+
+
+def _check_header_match(match: HeaderMatch) -> HeaderMatch:
+    if not match.name:
+        raise FieldError("name", "a header name is required")
+    action = match.mismatch.upper()
+    if action and action not in MISMATCH_ACTIONS:
+        raise FieldError("mismatch", f'"{match.mismatch}" is not one of '
+                                     f"{', '.join(MISMATCH_ACTIONS)}")
+    if action not in SUPPORTED_MISMATCH:
+        raise FieldError("mismatch", f"{action} is not supported (pylium's proxy does not "
+                                     "rewrite requests); use LOG or leave it empty")
+    return attrs.evolve(match, mismatch=action)
 
 
 def _check_kafka(rule: PortRuleKafka) -> PortRuleKafka:
@@ -241,6 +253,7 @@ CHECKS: dict[type, Callable[[Any], Any]] = {
         PortProtocol(p.port, p.end_port, p.protocol)) and p,
     PortRule: _check_port_rule,
     PortRuleHTTP: _check_http,
+    HeaderMatch: _check_header_match,
     PortRuleKafka: _check_kafka,
     FQDNSelector: _check_fqdn,
     CIDRRule: _check_cidr_rule,

@@ -1,10 +1,17 @@
-"""The `vxlan` backend: one collect_md VXLAN device per node; the endpoint program's remote
-slot sets the tunnel key (VNI = source identity) and redirects to it, and a program on its
-ingress delivers to local endpoints with the VNI as the source identity."""
+"""The `vxlan` backend, two ways to encapsulate (plugin option `encapsulation`):
+
+- `device` (default): one collect_md VXLAN device per node; the endpoint program's remote
+  slot sets the tunnel key (VNI = source identity) and redirects to it, and a program on
+  its ingress delivers to local endpoints with the VNI as the source identity.
+- `bpf`: no device; VXLAN is added and removed by tc programs on the underlay link (as the
+  geneve plugin does), each remote node's pod CIDR routed via its underlay IP. Same wire
+  format (UDP `port`, I flag, VNI = source identity), so the two interoperate."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +27,13 @@ BPF_DIR = Path(__file__).resolve().parent / "bpf"
 BPF_SOURCE = "bpf_vxlan.c"
 DEFAULT_PORT = 8472  # Cilium's
 DEVICE = "pylium_vxlan"
-#: compile-time defines (the record lists them); VXLAN_IFINDEX is the device this backend
-#: creates, so the core loads the object when the backend calls `context.load_bpf`
-DEFINES = {"TUNNEL_TTL": 64}
-RUNTIME_DEFINES = ("VXLAN_IFINDEX",)
+ENCAPSULATIONS = ("device", "bpf")
+DEFAULT_ENCAPSULATION = "device"
+#: compile-time defines (the record lists them); the device's ifindex (0 without one), the
+#: port and the node's address are the backend's to know, so the core loads the object
+#: when the backend calls `context.load_bpf`
+DEFINES = {"TUNNEL_TTL": 64, "VXLAN_PORT": DEFAULT_PORT}
+RUNTIME_DEFINES = ("VXLAN_IFINDEX", "VXLAN_PORT", "NODE_IP")
 
 
 class OverlayVxlan(TunnelRouting):
@@ -32,36 +42,67 @@ class OverlayVxlan(TunnelRouting):
 
     def __init__(self, context, options: dict[str, Any] | None = None):
         super().__init__(context, options)
-        unknown = set(self.options) - {"port", "device"}
+        unknown = set(self.options) - {"port", "device", "encapsulation"}
         if unknown:
             raise UserError(f"plugin_options.vxlan: unknown option(s) {', '.join(sorted(unknown))}")
         self.device = str(self.options.get("device", DEVICE))
+        self.encapsulation = self.options.get("encapsulation", DEFAULT_ENCAPSULATION)
+        if self.encapsulation not in ENCAPSULATIONS:
+            raise UserError(f"plugin_options.vxlan.encapsulation: {self.encapsulation!r} is not "
+                            f"one of {', '.join(ENCAPSULATIONS)}")
+        self.ifindex = 0
+
+    @property
+    def in_bpf(self) -> bool:
+        return self.encapsulation == "bpf"
 
     def setup_tunnel(self) -> None:
         datapath = self.context.datapath
         if datapath is None:
             raise UserError("routing mode vxlan needs the datapath component")
+        node_ip = f"{int(ipaddress.IPv4Address(self.context.node.ipv4))}u"
+        if self.in_bpf:
+            # a device left by the other mode would be a second receiver of the same port
+            plumbing.delete_link(self.device)
+            datapath.set_routing_slot(0, None)  # the stack routes; the underlay link wraps
+            bpf = self.context.load_bpf(VXLAN_IFINDEX=0, VXLAN_PORT=self.port, NODE_IP=node_ip)
+            index = socket.if_nametoindex(self.context.underlay_ifname)
+            tc.attach(index, tc.EGRESS, bpf.program("vxlan_egress"))
+            tc.attach(index, tc.INGRESS, bpf.program("vxlan_ingress"))
+            log.info("vxlan: BPF encap/decap on %s (UDP %d)", self.context.underlay_ifname,
+                     self.port)
+            return
         mtu = self.context.underlay_mtu - self.mtu_overhead
         link = plumbing.create_vxlan_external(self.device, self.port, mtu)
         plumbing.write_sysctl(None, f"net.ipv6.conf.{self.device}.disable_ipv6", "1")
-        bpf = self.context.load_bpf(VXLAN_IFINDEX=link.ifindex)
+        bpf = self.context.load_bpf(VXLAN_IFINDEX=link.ifindex, VXLAN_PORT=self.port,
+                                    NODE_IP=node_ip)
         tc.attach(link.ifindex, tc.INGRESS, bpf.program("from_overlay"))
         datapath.set_routing_slot(0, bpf.program("to_overlay"))
         self.ifindex = link.ifindex
         log.info("vxlan: device %s (ifindex %d, UDP %d, mtu %d)", self.device, link.ifindex,
                  self.port, mtu)
 
-    # collect_md: the remote is in each packet's tunnel key; nothing per node
+    # device: the remote is in each packet's tunnel key, nothing per node; bpf: the stack
+    # routes each remote pod CIDR to its node, and the egress program wraps it there
     def program_node(self, node: NodeInfo) -> None:
-        return None
+        if self.in_bpf:
+            self.add_node_route(node)
 
     def unprogram_node(self, node: NodeInfo) -> None:
-        return None
+        if self.in_bpf:
+            self.delete_node_route(node)
 
     def teardown_tunnel(self) -> None:
+        if self.in_bpf:
+            index = socket.if_nametoindex(self.context.underlay_ifname)
+            for point in (tc.EGRESS, tc.INGRESS):
+                tc.detach(index, point)
+            return
         if self.context.datapath is not None:
             self.context.datapath.set_routing_slot(0, None)
         plumbing.delete_link(self.device)
 
     def status(self) -> dict[str, Any]:
-        return {**super().status(), "device": self.device}
+        device = self.context.underlay_ifname if self.in_bpf else self.device
+        return {**super().status(), "device": device, "encapsulation": self.encapsulation}

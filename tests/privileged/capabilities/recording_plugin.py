@@ -111,7 +111,9 @@ class RecordingL7(L7Parser):
         record("stop", kind="l7")
 
     def served_ports(self) -> set[int]:
-        return set()  # no proxy runs: redirects stay fail-closed
+        """No proxy runs; the test says which ports to claim through a file."""
+        claim = Path(self.context.state_dir) / "serve"
+        return {int(p) for p in claim.read_text().split()} if claim.exists() else set()
 
 
 class RecordingOrchestrator(Orchestrator):

@@ -3,7 +3,8 @@ distribution, outside `plugins/`) provides one capability of every kind; selecti
 a real agent builds each backend with its context, loads each record's BPF through the core,
 starts them in order (visible as `running` in `pylium status` / `pylium plugins`), calls every
 event hook, and on SIGTERM stops them in reverse order and releases their programs.
-Selecting a placeholder plugin stops start-up with one line and exit code 3."""
+(A selected placeholder stopping start-up with exit 3 is checked in
+tests/unit/foundation/test_cli_agent.py: no shipped plugin is a placeholder any more.)"""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import pytest
 import yaml
 from pylium.datapath import Datapath
 
-from tests.unit.foundation._helpers import FakeSite, assert_one_line_error, run_pylium
+from tests.unit.foundation._helpers import FakeSite, run_pylium
 
 HERE = Path(__file__).parent
 PYLIUM = str(Path(sys.executable).with_name("pylium"))
@@ -158,8 +159,9 @@ def test_every_kind_is_built_started_hooked_and_stopped_by_the_core(world):
 
         plugins = cli(sock, "plugins")
         (row,) = [r for r in plugins if r["dist"] == "pylium-recording"]
-        assert {(c["kind"], c["state"]) for c in row["capabilities"]} == \
-            {(k, "running") for k in KINDS}
+        assert {(c["kind"], c["dist"], c["version"], c["selected"], c["state"])
+                for c in row["capabilities"]} == \
+            {(k, "pylium-recording", "2.3", True, "running") for k in KINDS}
         http = [c for r in plugins for c in r["capabilities"] if c["name"] == "http"]
         assert http and http[0]["state"] == "not selected"
 
@@ -180,6 +182,25 @@ def test_every_kind_is_built_started_hooked_and_stopped_by_the_core(world):
                    and e["port"] == 80 and e["protocol"] == "TCP")
         wait_event(recording, lambda e: e["event"] == "l7_snapshot" and e["entries"] == [
             {"ipv4": ep["ipv4"], "port": 80, "kinds": ["http"]}])
+
+        # the redirect loads as deny while no proxy serves port 10080; once the parser says
+        # it serves it, the L7 component regenerates and the entry redirects; and back
+        def verdict_80() -> set[str]:
+            dump = run_api(sock, "GET", f"/v1/bpf/policy/{ep['id']}")
+            return {e["verdict"] for e in dump["entries"] if e["port"] == 80}
+
+        def wait_verdict(expected: str) -> None:
+            deadline = time.monotonic() + 10
+            while verdict_80() != {expected} and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert verdict_80() == {expected}
+
+        wait_verdict("deny")
+        claim = world["tmp"] / "state" / "plugins" / "l7-recording-l7" / "serve"
+        claim.write_text("10080")
+        wait_verdict("redirect")
+        claim.unlink()
+        wait_verdict("deny")
 
         # node joined / left reach routing, encryption, then the hook, in that order
         run_api(sock, "PUT", "/v1/routing/nodes/n2",
@@ -212,18 +233,3 @@ def run_api(sock: Path, method: str, path: str, body: dict | None = None) -> dic
     body_text, _, code = res.stdout.rpartition("\n")
     assert res.returncode == 0 and code.startswith("2"), (method, path, res.stdout, res.stderr)
     return json.loads(body_text) if body_text.strip() else {}
-
-
-@pytest.mark.parametrize("flag, value, dist", [
-    ("--l7-parsers", "kafka", "pylium-l7-kafka"),
-    ("--encryption", "wireguard", "pylium-encryption-wireguard"),
-])
-def test_selecting_a_placeholder_stops_start_up_with_one_line(tmp_path, flag, value, dist):
-    bpffs = Path(f"/sys/fs/bpf/pylium-test-placeholder-{uuid.uuid4().hex[:6]}")
-    try:
-        proc = run_pylium("agent", "--socket", str(tmp_path / "a.sock"), "--state-dir",
-                          str(tmp_path / "state"), "--bpffs-root", str(bpffs), flag, value)
-        line = assert_one_line_error(proc, 3, f"'{value}' ({dist} ", "placeholder")
-        assert "not implemented yet" in line
-    finally:
-        Datapath(bpffs).destroy()

@@ -124,3 +124,32 @@ def test_kill_9_of_the_agent_keeps_stream_policy_and_state(node):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_endpoint_lookups_follow_attach_detach_and_writes_behind_the_index(node):
+    """The endpoint index (no walk of the map per attach/detach) gives what a walk would:
+    after a re-attach at a new address, after a detach, and after the map entry was
+    overwritten behind its back (it notices and rebuilds)."""
+    from pylium.datapath import EndpointInfo
+    from pylium.datapath.maps.endpoints import EndpointKey
+
+    n = node("epindex", PODS)
+    dp = n.dp
+    found = dp._find_endpoint(1)
+    assert found is not None and found[0].ip == PODS["a"][0]
+    assert dp._find_endpoint(99) is None
+    # endpoint 1 re-attached at another address: the old key goes, the index follows
+    a = n.eps["a"]
+    moved = EndpointInfo(a.ep_id, "10.211.0.99", a.ifindex, a.ep_mac, a.host_mac, a.identity)
+    dp.attach_endpoint(moved)
+    assert dp._find_endpoint(1)[0].ip == "10.211.0.99"
+    assert sorted(e["ipv4"] for e in dp.dump_endpoints()) == ["10.211.0.11", "10.211.0.99"]
+    # endpoint 2's entry rewritten by someone else to name endpoint 7: found by its new id
+    key = EndpointKey.of(PODS["b"][0])
+    value = n.worker.run(n.raw.endpoints.lookup, key)
+    value.ep_id = 7
+    n.worker.run(n.raw.endpoints.update, key, value)
+    assert dp._find_endpoint(2) is None
+    assert dp._find_endpoint(7)[0].ip == PODS["b"][0]
+    assert dp.detach_endpoint(1) and dp._find_endpoint(1) is None
+    assert [e["ipv4"] for e in dp.dump_endpoints()] == [PODS["b"][0]]

@@ -110,3 +110,62 @@ def test_starwars_story_and_clean_teardown(example_policies):
         pylium("lab", "down", check=False)
     assert _leftovers(name, status or {"nodes": [{"name": "node1", "socket":
                                                   env["PYLIUM_SOCKET"]}]}) == []
+
+
+def test_starwars_l7_demo_lab_and_its_proxy_goes_with_lab_down():
+    """`lab up --demo starwars-l7`: the agent runs the HTTP proxy plugin and the L7 rule1 is
+    imported, so tiefighter may POST /v1/request-landing, gets 403 `Access denied` for
+    PUT /v1/exhaust-port, and xwing is dropped at L3/L4; `lab down` also stops the proxy
+    process (it outlives agents on purpose, never a lab)."""
+    name = "s" + secrets.token_hex(3)
+    env = {**os.environ, "PYLIUM_LAB": name, "PYLIUM_SOCKET": f"/var/run/pylium/{name}-node1.sock"}
+
+    def pylium(*args, check=True, timeout=120):
+        return subprocess.run([PYLIUM, *args], capture_output=True, text=True, env=env,
+                              check=check, timeout=timeout)
+
+    status = None
+    try:
+        pylium("lab", "up", "--demo", "starwars-l7")
+        status = json.loads(pylium("lab", "status", "-o", "json").stdout)
+        deathstar = next(p["ip"] for p in status["pods"] if p["name"] == "deathstar")
+
+        def curl(ship: str, method: str, path: str) -> subprocess.CompletedProcess:
+            # bytes: the proxy's body ends in CRLF, which text mode would fold
+            return subprocess.run(
+                [PYLIUM, "lab", "exec", ship, "--", "curl", "-s", "--max-time", "2", "-w",
+                 " %{http_code}", "-X", method, f"http://{deathstar}{path}"],
+                capture_output=True, env=env, timeout=60)
+
+        deadline = time.monotonic() + 20
+        landed = curl("tiefighter", "POST", "/v1/request-landing")
+        while landed.stdout != b"Ship landed\n 200" and time.monotonic() < deadline:
+            time.sleep(0.5)  # the proxy's policy push follows the import asynchronously
+            landed = curl("tiefighter", "POST", "/v1/request-landing")
+        assert landed.stdout == b"Ship landed\n 200", landed
+        denied = curl("tiefighter", "PUT", "/v1/exhaust-port")
+        assert denied.stdout == b"Access denied\r\n 403", denied
+        assert curl("xwing", "POST", "/v1/request-landing").returncode == 28
+        caps = json.loads(pylium("status", "-o", "json").stdout)["capabilities"]
+        (http,) = [c for c in caps if c["kind"] == "l7" and c["name"] == "http"]
+        assert http["state"] == "running"
+        assert http["status"]["pid"] in proxy_pids(name)
+    finally:
+        pylium("lab", "down", check=False)
+    if status is not None:
+        assert _leftovers(name, status) == []
+    assert proxy_pids(name) == []
+
+
+def proxy_pids(lab: str) -> list[int]:
+    """L7 proxy processes of `lab`'s nodes (by their command line)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"pylium.l7.proxy" in cmdline and f"/{lab}-node1/".encode() in cmdline:
+            pids.append(int(pid))
+    return pids
+

@@ -1,5 +1,5 @@
-"""Routing modes in a real multi-node lab: for each of vxlan, geneve (BPF) and native, three
-node namespaces joined by an underlay bridge, one agent per node (sharing one KV store),
+"""Routing modes in a real multi-node lab: for each of vxlan (device), vxlan with BPF
+encapsulation, geneve (BPF) and native, three node namespaces joined by an underlay bridge, one agent per node (sharing one KV store),
 two pods per node. One lab per mode serves every test of that mode."""
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ from pylium.lab.lab import Lab
 from pylium.lab.processes import stop_process
 
 PYLIUM = str(Path(sys.executable).with_name("pylium"))
-MODES = ("vxlan", "geneve", "native")
+MODES = ("vxlan", "vxlan-bpf", "geneve", "native")
+#: test variant → (routing mode, agent settings)
+VARIANTS = {"vxlan-bpf": ("vxlan", {"plugin_options": {"vxlan": {"encapsulation": "bpf"}}})}
 PODS = {"p1": "node1", "p2": "node1", "p3": "node2", "p4": "node2", "p5": "node3",
         "p6": "node3"}
 BLOB_BYTES = 10 * 1024 * 1024
-TUNNEL = {"vxlan": ("8472", ["-T", "vxlan"]), "geneve": ("6081", [])}
+TUNNEL = {"vxlan": ("8472", ["-T", "vxlan"]), "vxlan-bpf": ("8472", ["-T", "vxlan"]),
+          "geneve": ("6081", [])}
 
 
 def _wait_ipcache(lab: Lab, pods: list[str], timeout: float = 30.0) -> None:
@@ -46,7 +49,8 @@ def _wait_ipcache(lab: Lab, pods: list[str], timeout: float = 30.0) -> None:
 def _make_lab(mode: str, pods: dict[str, str], nodes: int) -> Lab:
     lab = Lab(f"r{mode[0]}{uuid.uuid4().hex[:4]}")
     try:
-        lab.up(nodes=nodes, routing=mode)
+        routing, settings = VARIANTS.get(mode, (mode, None))
+        lab.up(nodes=nodes, routing=routing, agent_settings=settings)
         for pod, node in pods.items():
             lab.add_pod(pod, {"app": pod, "suite": "routing"}, node=node)
         _wait_ipcache(lab, list(pods))
@@ -86,8 +90,11 @@ def test_full_ping_matrix(cluster):
     results = _matrix(lab)
     assert [pair for pair, ok in results.items() if not ok] == []
     routing = lab.client("node1").get("/v1/routing")
-    assert routing["mode"] == mode
+    assert routing["mode"] == VARIANTS.get(mode, (mode,))[0]
     assert sorted(n["name"] for n in routing["nodes"]) == ["node2", "node3"]
+    device = lab.exec("node1", ["ip", "-o", "link", "show", "pylium_vxlan"])
+    if mode.startswith("vxlan"):  # the device carries it, or BPF on the underlay does
+        assert (device.returncode == 0) is (mode == "vxlan"), device
 
 
 def test_pod_mtu_from_routing_mode_and_large_transfers_both_ways(cluster, tmp_path):

@@ -235,3 +235,29 @@ def test_a_lost_lease_is_replaced_and_everything_republished(open_store):
         finally:
             await _close([a, b])
     run(go())
+
+
+def test_restarted_agent_moves_its_endpoints_onto_its_new_lease(open_store):
+    """An agent restarts (new lease) with the same local endpoints: the keys its previous
+    run wrote stay published after the previous lease runs out."""
+    async def go():
+        name = f"t{next(_counter)}-restart"
+        first = SimulatedNode(await open_store(), name, "192.168.77.1", "10.77.1.0/24",
+                              lease_ttl=2.0)
+        first.ipcache.set_local("10.77.1.5", 900)
+        await first.start()
+        await until(lambda: bool(first.ipcache.published), what="published")
+        await first.stop(revoke=False)  # a restart: the old lease lives on for a while
+        await first.kvstore.close()
+        second = SimulatedNode(await open_store(), name, "192.168.77.1", "10.77.1.0/24",
+                               lease_ttl=2.0)
+        second.ipcache.set_local("10.77.1.5", 900)
+        try:
+            await second.start()
+            await asyncio.sleep(4.0)  # the first run's lease has expired by now
+            item = await second.kvstore.get(IP_PREFIX + "10.77.1.5")
+            assert item is not None
+            assert item.lease == second.session.lease.id
+        finally:
+            await _close([second])
+    run(go())

@@ -14,11 +14,22 @@ from pylium.datapath.maps.conntrack import CtEntry, CtKey
 from pylium.datapath.maps.endpoints import EndpointInfoValue, EndpointKey
 from pylium.datapath.maps.events import Event
 from pylium.datapath.maps.ipcache import IpcacheKey, RemoteEndpointInfo
+from pylium.datapath.maps.lb import (
+    Lb4AffinityKey,
+    Lb4AffinityVal,
+    Lb4Backend,
+    Lb4Key,
+    Lb4ReverseNat,
+    Lb4Service,
+    Lb4SockKey,
+    Lb4SockVal,
+)
 from pylium.datapath.maps.metrics import MetricsKey, MetricsValue
 from pylium.datapath.maps.policy import PolicyMapEntry, PolicyMapKey
 
 MIRRORS = [EndpointKey, EndpointInfoValue, IpcacheKey, RemoteEndpointInfo, PolicyMapKey,
-           PolicyMapEntry, CtKey, CtEntry, MetricsKey, MetricsValue, Event]
+           PolicyMapEntry, CtKey, CtEntry, MetricsKey, MetricsValue, Event, Lb4Key, Lb4Service,
+           Lb4Backend, Lb4ReverseNat, Lb4AffinityKey, Lb4AffinityVal, Lb4SockKey, Lb4SockVal]
 
 pytestmark = pytest.mark.skipif(shutil.which("clang") is None or shutil.which("bpftool") is None,
                                 reason="needs clang and bpftool")

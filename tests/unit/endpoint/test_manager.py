@@ -5,15 +5,23 @@ empty or partial policy."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 from pylium.datapath import netns as plumbing
 from pylium.endpoint import manager as manager_mod
+from pylium.endpoint.component import PolicyAdapter, _follow_policy_changes
 from pylium.endpoint.manager import EndpointManager, EndpointNotFound
 from pylium.endpoint.model import host_ifname
 from pylium.errors import UserError
+from pylium.identity.cache import IdentityCache
+from pylium.identity.labels import LabelSet
+from pylium.identity.model import Identity
 from pylium.ipam import PodCIDRAllocator
+from pylium.policy.engine import PolicyEngine
+from pylium.policy.load import load_text
 from pylium.policy.mapstate import Direction, EndpointPolicy, PolicyEntry, PolicyKey
+from pylium.policy.repository import PolicyRepository
 
 
 class FakeLinks:
@@ -23,11 +31,11 @@ class FakeLinks:
         self.links: dict[str, plumbing.LinkInfo] = {}
         self.next_index = 10
 
-    def wire(self, ifname, netns, ip, gateway, mtu=1500):
+    def wire(self, ifname, netns, ip, gateway, pod_ifname="eth0", mtu=1500):
         self.next_index += 1
         host = plumbing.LinkInfo(ifname, self.next_index, f"02:00:00:00:00:{self.next_index:02x}", True)
         self.links[ifname] = host
-        return plumbing.EndpointLinks(host=host, pod=plumbing.LinkInfo("eth0", 2, "02:aa:00:00:00:01", True))
+        return plumbing.EndpointLinks(host=host, pod=plumbing.LinkInfo(pod_ifname, 2, "02:aa:00:00:00:01", True))
 
     def unwire(self, ifname, ip=None):
         return self.links.pop(ifname, None) is not None
@@ -43,6 +51,8 @@ def links(monkeypatch):
     monkeypatch.setattr(manager_mod.plumbing, "unwire_endpoint", fake.unwire)
     monkeypatch.setattr(manager_mod.plumbing, "link_info", fake.info)
     monkeypatch.setattr(manager_mod.plumbing, "netns_exists", lambda ns: not ns.endswith("gone"))
+    monkeypatch.setattr(manager_mod.plumbing, "netns_problem",
+                        lambda ns: "does not exist" if ns.endswith("gone") else None)
     return fake
 
 
@@ -237,3 +247,120 @@ def test_a_stale_veth_from_an_unfinished_create_is_replaced(tmp_path, links):
     links.links[stale] = plumbing.LinkInfo(stale, 99, "02:00:00:00:00:99", True)
     ep = run(mgr.create("a", "default", {}, "pod-a"))
     assert ep.ifindex != 99 and links.links[stale].ifindex == ep.ifindex
+
+
+# incremental regeneration: the real policy engine and the agent's glue -------------------
+
+class CacheIdentities:
+    """An identity port over a real `IdentityCache` (what the identity manager does, minus
+    the KV store): a new label set becomes a new identity and the cache announces it."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.next = 300
+
+    async def allocate(self, labels):
+        label_set = LabelSet.parse([f"{k}={v}" for k, v in labels.items()])
+        known = self.cache.by_labels(label_set)
+        if known is not None:
+            return known.id
+        self.next += 1
+        self.cache.add(Identity(self.next, label_set))
+        return self.next
+
+    async def release(self, identity):
+        pass
+
+
+class CountingDatapath(Datapath):
+    def __init__(self):
+        super().__init__()
+        self.updates: list[int] = []
+
+    async def update_policy(self, ep, policy):
+        self.updates.append(ep.id)
+        await super().update_policy(ep, policy)
+
+
+WEB_FROM_CLIENT = """apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web-from-client}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"""
+
+
+def engine_manager(tmp_path):
+    """An EndpointManager wired as the agent wires it: the real engine behind the agent's
+    PolicyAdapter, and `_follow_policy_changes` queueing the identities the engine names."""
+    cache = IdentityCache()
+    repo = PolicyRepository()
+    repo.add(load_text(WEB_FROM_CLIENT))
+    engine = PolicyEngine(repo, cache)
+    datapath = CountingDatapath()
+    ipam = PodCIDRAllocator("10.77.0.0/24", tmp_path / "ipam.json")
+    mgr = EndpointManager(tmp_path, ipam, identities=CacheIdentities(cache),
+                          policy=PolicyAdapter(SimpleNamespace(engine=engine), set),
+                          datapath=datapath)
+    daemon = SimpleNamespace(spawn=lambda coro: asyncio.get_running_loop().create_task(coro))
+    _follow_policy_changes(daemon, mgr, engine)
+    return mgr, datapath, engine
+
+
+async def settle(mgr):
+    """Let queued regeneration tasks finish (what /v1/endpoint-regeneration reports)."""
+    while mgr.regeneration_status()["busy"]:
+        await asyncio.sleep(0)
+
+
+def test_an_endpoint_of_a_known_identity_regenerates_no_other_endpoint(tmp_path, links):
+    mgr, datapath, _ = engine_manager(tmp_path)
+
+    async def go():
+        for name, app in [("w1", "web"), ("w2", "web"), ("c1", "client"), ("d1", "db")]:
+            await mgr.create(name, "default", {"app": app}, f"pod-{name}")
+        await settle(mgr)
+        datapath.updates.clear()
+        w3 = await mgr.create("w3", "default", {"app": "web"}, "pod-w3")
+        c2 = await mgr.create("c2", "default", {"app": "client"}, "pod-c2")
+        await settle(mgr)
+        created = list(datapath.updates)
+        datapath.updates.clear()
+        await mgr.delete("c2")
+        await settle(mgr)
+        return w3, c2, created
+
+    w3, c2, created = run(go())
+    assert created == [w3.id, c2.id]  # each create loaded its own policy and nothing else
+    assert datapath.updates == []  # deleting one of two client pods changes no policy
+    assert mgr.last_regeneration["endpoints"] == 0
+
+
+def test_a_new_identity_regenerates_exactly_the_endpoints_that_select_it(tmp_path, links):
+    mgr, datapath, engine = engine_manager(tmp_path)
+
+    async def go():
+        for name, app in [("w1", "web"), ("w2", "web"), ("d1", "db")]:
+            await mgr.create(name, "default", {"app": app}, f"pod-{name}")
+        await settle(mgr)
+        datapath.updates.clear()
+        c1 = await mgr.create("c1", "default", {"app": "client"}, "pod-c1")
+        regenerated_by_create = list(datapath.updates)  # before any background pass
+        await settle(mgr)
+        return c1, regenerated_by_create
+
+    c1, by_create = run(go())
+    w1, w2, d1 = (mgr.get(n) for n in ("w1", "w2", "d1"))
+    # the web pods' policy selects the new client identity; the db pod's does not
+    assert sorted(by_create) == sorted([w1.id, w2.id, c1.id])
+    assert sorted(datapath.updates) == sorted([w1.id, w2.id, c1.id])
+    # and the web pods' installed policy now admits the client's identity on port 80
+    for web in (w1, w2):
+        installed = datapath.policies[web.id]
+        assert installed.ingress_enforced
+        assert any(k.identity == c1.identity and k.port == 80
+                   for k in installed.entries), installed.entries
+    assert d1.id not in datapath.updates

@@ -118,6 +118,7 @@ def test_since_until_and_parse_errors():
     for params, field in [({"since": ["yesterday"]}, "since"), ({"verdict": ["MAYBE"]}, "verdict"),
                           ({"port": ["99999"]}, "port"), ({"ip": ["10.0.0.300"]}, "ip"),
                           ({"podd": ["x"]}, "podd"), ({"http_path": ["("]}, "http_path"),
+                          ({"http_status": ["2xx"]}, "http_status"),
                           ({"last": ["-1"]}, "last")]:
         with pytest.raises(UserError, match=f"^{field}: "):
             parse_query(params)
@@ -156,8 +157,18 @@ def test_l7_flows_from_a_proxy_are_hubble_l7_and_filterable():
     assert compact_line(to_response(put)).endswith(
         "http-request DROPPED (HTTP/1.1 PUT http://deathstar/v1/exhaust-port)")
     assert [r.sport for r in sel(http_path="^/v1/request")] == [40001]
-    assert len(sel(protocol="http")) == 2
-    assert len(parse_query({"protocol": ["tcp"], "last": ["100"]}).select(records)) == 6
+    for code, sport in ((403, 40000), (200, 40001)):
+        obs.record_l7(src_ip="10.200.0.10", dst_ip="10.200.0.11", sport=80, dport=sport,
+                      src_identity=1001, dst_identity=1002, ep_id=11, verdict="FORWARDED",
+                      is_reply=True, l7={"type": "RESPONSE", "http": {"code": code}})
+    records = obs.ring.snapshot()
+    assert [r.dport for r in sel(http_status="403")] == [40000]
+    assert [r.dport for r in sel(http_status="2+")] == [40001]
+    assert {r.dport for r in sel(http_status="40+")} == {40000}
+    assert sel(http_status="5+") == []
+    assert len(sel(protocol="http")) == 4
+    # L4 flows plus the four L7 ones (HTTP rides on TCP)
+    assert len(parse_query({"protocol": ["tcp"], "last": ["100"]}).select(records)) == 8
     with pytest.raises(ValueError, match="verdict"):
         obs.record_l7(src_ip="1.1.1.1", dst_ip="2.2.2.2", sport=1, dport=2, src_identity=0,
                       dst_identity=0, verdict="MAYBE", l7={})

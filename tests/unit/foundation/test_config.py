@@ -67,7 +67,7 @@ def test_bad_file_values_name_the_file_and_setting(tmp_path, text, needle):
 
 def test_malformed_yaml_names_the_line(tmp_path):
     path = write(tmp_path, "kvstore: etcd\nl7_parsers: [http\nrouting_mode: vxlan\n")
-    with pytest.raises(ConfigError, match=rf"config file {path} line \d+: not valid YAML"):
+    with pytest.raises(ConfigError, match=rf"config file {path}: line \d+: not valid YAML"):
         config.load(path, environ={})
 
 

@@ -23,7 +23,8 @@ from pylium_overlay_vxlan.backend import OverlayVxlan
 
 LOCAL = NodeInfo(name="node1", ipv4="192.168.100.11", pod_cidr="10.200.1.0/24")
 NODE2 = NodeInfo(name="node2", ipv4="192.168.100.12", pod_cidr="10.200.2.0/24")
-RUNTIME_DEFINES = {"vxlan": {"VXLAN_IFINDEX": 7}, "geneve": {"NODE_IP": "3232261131u"}}
+RUNTIME_DEFINES = {"vxlan": {"VXLAN_IFINDEX": 7, "VXLAN_PORT": 8472, "NODE_IP": "3232261131u"},
+                   "geneve": {"NODE_IP": "3232261131u"}}
 
 
 def ctx(mtu: int = 1500) -> RoutingContext:

@@ -18,8 +18,11 @@ REASONS = {
     157: "IP fragmentation not supported",
     158: "Service backend not found", 160: "No tunnel/encapsulation endpoint (datapath BUG!)",
     165: "No configuration available to perform policy decision",
-    169: "FIB lookup failed", 171: "Invalid identity", 181: "Policy denied by denylist",
+    169: "FIB lookup failed", 171: "Invalid identity", 178: "Socket lookup failed",
+    179: "Socket assign failed", 180: "Proxy redirection not supported for protocol",
+    181: "Policy denied by denylist",
     189: "Authentication required", 196: "TTL exceeded", 203: "Endpoint policy program not available",
+    220: "Unencrypted traffic to a node without encryption key",
 }
 
 

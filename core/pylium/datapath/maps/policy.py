@@ -15,6 +15,16 @@ META_EGRESS_WILDCARDS = 0x08
 META_IDENTITY = 0xFFFFFFFF
 META_DIRECTION = 0xFF
 META_PROTOCOL = 0xFF
+#: entries one endpoint's inner policy map holds, its meta entry included: C
+#: POLICY_ENTRIES_MAX (bpf/lib/policy.h; the layout test checks they agree). Cilium's
+#: default policy map size is 16384; pylium's LPM tries are not preallocated, so room costs
+#: nothing until used.
+POLICY_ENTRIES_MAX = 65536
+
+
+def entries_needed(policy: EndpointPolicy) -> int:
+    """Map entries `policy` takes in an inner map: one per key plus the meta entry."""
+    return len(policy.entries) + 1
 
 
 def _be32(value: int):

@@ -1,0 +1,326 @@
+"""Service load balancing, side by side in one run: new TCP connections from a pod to one
+ClusterIP service (2 backends) while N services exist (N = 100, 1,000, 10,000), through
+
+- pylium: the endpoint programs' translation (lib/lb.h maps), allow-all policy loaded;
+- pylium-socket: the same, plus socket LB (bpf_sock.c on a cgroup the client runs in): the
+  connect() itself goes to a backend;
+- iptables: a nat chain built as kube-proxy's iptables mode does (KUBE-SERVICES with one
+  rule per service -> KUBE-SVC-* with `statistic --mode random` -> KUBE-SEP-* DNAT), with
+  Debian's default iptables (nft backend), no BPF;
+- nftables: kube-proxy's nftables mode (a `service-ips` verdict map keyed by
+  address . protocol . port -> per-service chain `numgen random mod 2 vmap` -> endpoint
+  chains with `dnat`), Debian `nft`, no BPF.
+
+The measured service is the last one installed (worst case for a linear chain). Metrics:
+new connections per second (one client, sequential connect+close) and p99 connect
+latency; also the time to install N services (pylium: LbMaps writes into the BPF maps,
+i.e. the datapath part of what the agent does; iptables: `iptables-restore`; nftables:
+`nft -f`). Everything runs in netns this script creates (node + 3 pods); nothing touches
+the root namespace. Rounds of the three modes alternate at each N."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests" / "privileged" / "datapath"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from common import report  # noqa: E402
+from netns_helpers import NetnsWorker, Topology, bpffs_root, in_ns  # noqa: E402
+from pylium.datapath import Datapath, EndpointInfo  # noqa: E402
+from pylium.datapath.lb import LbMaps  # noqa: E402
+from pylium.datapath.maps.lb import LB_ALG_RANDOM  # noqa: E402
+from pylium.policy.mapstate import Direction, EndpointPolicy, PolicyEntry, PolicyKey  # noqa: E402
+
+SIZES = tuple(int(x) for x in os.environ.get("PYLIUM_BENCH_LB_SIZES", "100,1000,10000").split(","))
+CONNECTIONS = int(os.environ.get("PYLIUM_BENCH_LB_CONNECTIONS", "3000"))
+WARMUP = 200
+PORT = 80
+BACKEND_PORT = 8080
+PODS = {"client": ("10.213.0.10", 3001), "web1": ("10.213.0.11", 3002),
+        "web2": ("10.213.0.12", 3003)}
+
+SERVER = r"""
+import socket, sys, threading
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1]))); srv.listen(4096)
+print("ready", flush=True)
+while True:
+    c, _ = srv.accept(); c.close()
+"""
+
+CLIENT = r"""
+import json, socket, sys, time
+ip, port, n, warm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+lat = []; errors = 0
+def one():
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+    s.settimeout(1)
+    t = time.perf_counter_ns()
+    try:
+        s.connect((ip, port)); return time.perf_counter_ns() - t
+    except OSError:
+        return None
+    finally:
+        s.close()
+for _ in range(warm):
+    one()
+start = time.perf_counter()
+done = 0
+for _ in range(n):
+    d = one()
+    done += 1
+    if d is None:
+        errors += 1
+        if errors > 20: break
+    else: lat.append(d)
+wall = time.perf_counter() - start
+lat.sort()
+print(json.dumps({"rate": done / wall, "p99_us": lat[int(len(lat) * 0.99) - 1] / 1000 if lat else None,
+                  "p50_us": lat[len(lat) // 2] / 1000 if lat else None, "errors": errors}))
+"""
+
+
+def vip(i: int) -> str:
+    return f"10.{100 + i // 65536}.{(i // 256) % 256}.{i % 256}"
+
+
+def allow_all() -> EndpointPolicy:
+    return EndpointPolicy(True, True, {PolicyKey(0, Direction.INGRESS): PolicyEntry(),
+                                       PolicyKey(0, Direction.EGRESS): PolicyEntry()}, 1)
+
+
+def measure(topo: Topology, target: str, cgroup: Path | None = None) -> dict:
+    argv = ["nsenter", f"--net=/run/netns/{topo.pods['client']['ns']}", sys.executable, "-c",
+            CLIENT, target, str(PORT), str(CONNECTIONS), str(WARMUP)]
+    if cgroup is not None:  # the client runs inside the socket-LB cgroup
+        argv = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *argv]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=600).stdout
+    return json.loads(out)
+
+
+# -- pylium ------------------------------------------------------------------------------
+class Pylium:
+    name = "pylium (tc)"
+
+    def __init__(self, topo: Topology, worker: NetnsWorker, eps: dict[str, EndpointInfo]):
+        self.topo, self.worker, self.eps = topo, worker, eps
+        self.root = bpffs_root()
+        self.dp = Datapath(self.root, cache_dir=Path("/tmp/pylium-test-bpf-cache"))
+        self.worker.run(self.dp.open)
+        self.maps = LbMaps(self.root)
+        self.installed = 0
+        from pylium.datapath.sock import SocketLB
+
+        self.cgroup = Path("/sys/fs/cgroup/unified") / f"pylium-benchlb-{os.getpid()}"
+        self.cgroup.mkdir()
+        self.sock = SocketLB(self.dp)
+        self.sock.attach(self.cgroup)
+
+    def enable(self) -> None:
+        for ep in self.eps.values():
+            self.worker.run(self.dp.attach_endpoint, ep)
+            self.worker.run(self.dp.update_policy, ep.ep_id, allow_all())
+
+    def disable(self) -> None:
+        for ep in self.eps.values():
+            self.worker.run(self.dp.detach_endpoint, ep.ep_id)
+
+    def install(self, n: int) -> float:
+        t = time.perf_counter()
+        self.maps.upsert_backend(1, PODS["web1"][0], BACKEND_PORT, 6)
+        self.maps.upsert_backend(2, PODS["web2"][0], BACKEND_PORT, 6)
+        for i in range(self.installed, n):
+            self.maps.upsert_service(i + 1, vip(i), PORT, 6, [1, 2], algorithm=LB_ALG_RANDOM,
+                                     lut=None)
+        self.installed = max(self.installed, n)
+        return time.perf_counter() - t
+
+    def clear(self) -> None:
+        for i in range(self.installed):
+            self.maps.delete_service(i + 1, vip(i), PORT, 6)
+        self.installed = 0
+
+    def close(self) -> None:
+        self.sock.detach()
+        self.sock.close()
+        self.cgroup.rmdir()
+        self.maps.close()
+        self.worker.run(self.dp.destroy)
+
+
+# -- kube-proxy baselines ------------------------------------------------------------------
+def iptables_rules(n: int) -> str:
+    lines = ["*nat", ":PREROUTING ACCEPT [0:0]", ":KUBE-SERVICES - [0:0]"]
+    body = ["-A PREROUTING -j KUBE-SERVICES"]
+    backends = [PODS["web1"][0], PODS["web2"][0]]
+    for i in range(n):
+        svc = f"KUBE-SVC-{i:08d}"
+        lines.append(f":{svc} - [0:0]")
+        body.append(f"-A KUBE-SERVICES -d {vip(i)}/32 -p tcp -m tcp --dport {PORT} -j {svc}")
+        for j, be in enumerate(backends):
+            sep = f"KUBE-SEP-{i:08d}-{j}"
+            lines.append(f":{sep} - [0:0]")
+            if j == 0:
+                body.append(f"-A {svc} -m statistic --mode random --probability 0.5 -j {sep}")
+            else:
+                body.append(f"-A {svc} -j {sep}")
+            body.append(f"-A {sep} -p tcp -m tcp -j DNAT --to-destination {be}:{BACKEND_PORT}")
+    return "\n".join(lines + body + ["COMMIT", ""])
+
+
+def nft_rules(n: int) -> str:
+    out = ["table ip kube-proxy {",
+           "  chain nat-prerouting {",
+           "    type nat hook prerouting priority dstnat; policy accept;",
+           "    jump services",
+           "  }",
+           "  map service-ips {",
+           "    type ipv4_addr . inet_proto . inet_service : verdict",
+           "  }",
+           "  chain services {",
+           "    ip daddr . meta l4proto . th dport vmap @service-ips",
+           "  }"]
+    for j, pod in ((1, "web1"), (2, "web2")):
+        out += [f"  chain endpoint-{j} {{",
+                f"    meta l4proto tcp dnat to {PODS[pod][0]}:{BACKEND_PORT}", "  }"]
+    for i in range(n):
+        out += [f"  chain service-{i} {{",
+                "    numgen random mod 2 vmap { 0 : goto endpoint-1, 1 : goto endpoint-2 }",
+                "  }"]
+    out.append("}")
+    elements = ", ".join(f"{vip(i)} . tcp . {PORT} : goto service-{i}" for i in range(n))
+    out.append(f"add element ip kube-proxy service-ips {{ {elements} }}")
+    return "\n".join(out) + "\n"
+
+
+class Iptables:
+    name = "iptables (kube-proxy)"
+
+    def __init__(self, node: str):
+        self.node = node
+
+    def install(self, n: int) -> float:
+        rules = iptables_rules(n)
+        t = time.perf_counter()
+        subprocess.run(["nsenter", f"--net=/run/netns/{self.node}", "iptables-restore", "-w", "5"],
+                       input=rules, text=True, check=True, capture_output=True, timeout=600)
+        return time.perf_counter() - t
+
+    def clear(self) -> None:
+        in_ns(self.node, "iptables", "-w", "-t", "nat", "-F")
+        in_ns(self.node, "iptables", "-w", "-t", "nat", "-X")
+        in_ns(self.node, "conntrack", "-F", check=False)
+
+
+class Nftables:
+    name = "nftables (kube-proxy)"
+
+    def __init__(self, node: str):
+        self.node = node
+
+    def install(self, n: int) -> float:
+        with tempfile.NamedTemporaryFile("w", suffix=".nft") as f:
+            f.write(nft_rules(n))
+            f.flush()
+            t = time.perf_counter()
+            in_ns(self.node, "nft", "-f", f.name, timeout=600)
+            return time.perf_counter() - t
+
+    def clear(self) -> None:
+        in_ns(self.node, "nft", "delete", "table", "ip", "kube-proxy", check=False)
+
+
+def main() -> None:
+    topo = Topology("benchlb")
+    worker = NetnsWorker(topo.node)
+    servers = []
+    pyl = None
+    results: dict[int, dict[str, dict]] = {}
+    try:
+        eps = {}
+        for ep_id, (name, (ip, identity)) in enumerate(PODS.items(), start=1):
+            pod = topo.add_pod(name, ip)
+            eps[name] = EndpointInfo(ep_id, ip, pod["ifindex"], pod["mac"], pod["host_mac"],
+                                     identity)
+            in_ns(pod["ns"], "sysctl", "-qw", "net.ipv4.ip_local_port_range=10000 65000")
+            in_ns(pod["ns"], "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1")
+        for name in ("web1", "web2"):
+            proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{topo.pods[name]['ns']}",
+                                     sys.executable, "-c", SERVER, str(BACKEND_PORT)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            servers.append(proc)
+            proc.stdout.readline()
+        pyl = Pylium(topo, worker, eps)
+        ipt, nft = Iptables(topo.node), Nftables(topo.node)
+        for n in SIZES:
+            target = vip(n - 1)
+            res = results.setdefault(n, {})
+            # pylium
+            install = pyl.install(n)
+            pyl.enable()
+            res["pylium"] = {**measure(topo, target), "install_s": install}
+            print(n, "pylium", res["pylium"], file=sys.stderr, flush=True)
+            res["pylium-socket"] = {**measure(topo, target, pyl.cgroup), "install_s": install}
+            print(n, "pylium-socket", res["pylium-socket"], file=sys.stderr, flush=True)
+            pyl.disable()
+            # iptables
+            install = ipt.install(n)
+            res["iptables"] = {**measure(topo, target), "install_s": install}
+            print(n, "iptables", res["iptables"], file=sys.stderr, flush=True)
+            ipt.clear()
+            # nftables
+            install = nft.install(n)
+            res["nftables"] = {**measure(topo, target), "install_s": install}
+            print(n, "nftables", res["nftables"], file=sys.stderr, flush=True)
+            nft.clear()
+            pyl.clear()
+    finally:
+        for proc in servers:
+            proc.kill()
+            proc.wait()
+        if pyl is not None:
+            pyl.close()
+        worker.close()
+        topo.destroy()
+
+    print(f"{'services':>9} {'mode':<24} {'conn/s':>9} {'p50 us':>8} {'p99 us':>8} "
+          f"{'install s':>10} {'errors':>6}")
+    for n, res in results.items():
+        for mode, r in res.items():
+            print(f"{n:>9} {mode:<24} {r['rate']:>9.0f} {r['p50_us']:>8.1f} {r['p99_us']:>8.1f} "
+                  f"{r['install_s']:>10.3f} {r['errors']:>6}")
+    big, small = results[SIZES[-1]], results[SIZES[0]]
+    at = f"{SIZES[-1]:,}"
+    report("lb", f"new connections/s at {at} services vs iptables", "conn/s",
+           big["pylium"]["rate"], big["iptables"]["rate"], "kube-proxy iptables", ">= 5.0")
+    report("lb", f"new connections/s at {at} services vs nftables", "conn/s",
+           big["pylium"]["rate"], big["nftables"]["rate"], "kube-proxy nftables", ">= 1.0")
+    report("lb", f"p99 connect latency at {at} services vs iptables", "us",
+           big["pylium"]["p99_us"], big["iptables"]["p99_us"], "kube-proxy iptables", "<= 1.0")
+    report("lb", f"p99 connect latency at {at} services vs nftables", "us",
+           big["pylium"]["p99_us"], big["nftables"]["p99_us"], "kube-proxy nftables", "<= 1.0")
+    report("lb", f"socket LB new connections/s at {at} services vs nftables", "conn/s",
+           big["pylium-socket"]["rate"], big["nftables"]["rate"], "kube-proxy nftables",
+           ">= 1.0")
+    report("lb", f"socket LB p99 connect latency at {at} services vs nftables", "us",
+           big["pylium-socket"]["p99_us"], big["nftables"]["p99_us"], "kube-proxy nftables",
+           "<= 1.0")
+    report("lb", f"pylium new connections/s: {SIZES[0]:,} vs {at} services", "conn/s",
+           small["pylium"]["rate"], big["pylium"]["rate"], f"pylium at {at} services",
+           "<= 1.2")
+    report("lb", f"install {at} services vs iptables-restore", "s", big["pylium"]["install_s"],
+           big["iptables"]["install_s"], "iptables-restore", "<= 1.0")
+    report("lb", f"install {at} services vs nft -f", "s", big["pylium"]["install_s"],
+           big["nftables"]["install_s"], "nft -f", "<= 1.0")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""`ProxiedParser`: the lifecycle every L7 parser plugin that runs pylium's proxy process
+shares (spawn or adopt it through `ProxySupervisor`, push it the policy on every change,
+answer `served_ports` honestly — the L7 component watches it —, hand the proxy's flow
+records to the flow layer).
+A plugin names its parser spec and metrics; the protocol work stays in the plugin."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+from pylium.api import L7Parser
+from pylium.errors import PluginError
+from pylium.l7.supervisor import ProxySupervisor, policy_message
+
+#: how often the snapshot is compared with what the proxy has (endpoints come and go
+#: without policy changes)
+RESYNC_INTERVAL = 1.0
+#: how long an agent that adopted a proxy waits for its endpoints before it may push an
+#: empty policy over the one the proxy enforces
+ADOPT_GRACE = 30.0
+FLOW_FIELDS = ("src_ip", "dst_ip", "sport", "dport", "src_identity", "dst_identity",
+               "verdict", "l7", "ep_id", "direction", "is_reply", "proxy_port")
+
+
+class ProxiedParser(L7Parser):
+    """Options (`plugin_options.<name>`): `stop_proxy_on_exit` (default false), `launcher`
+    (a command prefix for the proxy, e.g. `nsenter ...`)."""
+
+    #: `module:Factory` of the parser the proxy process runs
+    parser_spec: str = ""
+
+    def __init__(self, context: Any, options: dict[str, Any] | None = None):
+        super().__init__(context, options)
+        self.supervisor: ProxySupervisor | None = None
+        self._unsubscribe = None
+        self._changed = asyncio.Event()
+        self._pusher: asyncio.Task | None = None
+        self._revision = 0
+        self._last_sent: dict[str, Any] | None = None
+        self._hold_until = 0.0
+        self.flows_recorded = 0
+
+    # what a plugin provides ---------------------------------------------------------------
+    def version(self) -> str:
+        """Proxies of another version are replaced rather than adopted."""
+        return "0"
+
+    def observe(self, flow: dict[str, Any]) -> None:
+        """Metrics of one flow record (before it goes to the flow layer)."""
+
+    def redirects_changed(self, count: int) -> None:
+        """How many policy keys now redirect to this protocol's proxy."""
+
+    # lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        ctx = self.context
+        if ctx.state_dir is None:
+            raise PluginError(f"the {self.protocol} L7 proxy needs a state directory")
+        ports = {d: int(p) for d, p in (ctx.proxy_ports or {}).items()}
+        if not ports:
+            raise PluginError(f"no proxy ports for protocol {self.protocol}")
+        pin = getattr(getattr(ctx, "datapath", None), "root", None)
+        self.supervisor = ProxySupervisor(
+            Path(ctx.state_dir) / "proxy", self.parser_spec, ports, self.version(),
+            on_flow=self._flow, ipcache_pin=str(Path(pin) / "ipcache") if pin else None,
+            launcher=self.options.get("launcher") or (), logger=ctx.log)
+        how = await self.supervisor.start()
+        ctx.log.info("%s L7 proxy %s (pid %s, ports %s)", self.protocol, how,
+                     self.supervisor.info.get("pid"), ports)
+        self._hold_until = time.monotonic() + ADOPT_GRACE
+        await self.push_policy()
+        if ctx.policy is not None:  # policy changes may be announced from another thread
+            loop = asyncio.get_running_loop()
+            self._unsubscribe = ctx.policy.subscribe(
+                lambda: loop.call_soon_threadsafe(self._changed.set))
+        self._pusher = asyncio.get_running_loop().create_task(self._push_loop())
+
+    async def stop(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._pusher is not None:
+            self._pusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._pusher
+            self._pusher = None
+        if self.supervisor is not None:
+            if self.options.get("stop_proxy_on_exit"):
+                await self.supervisor.shutdown()
+            else:
+                await self.supervisor.close()
+
+    async def _push_loop(self) -> None:
+        """Push on every policy change, and look again every second: endpoints that
+        appear (restored after an agent restart, created) change the snapshot without a
+        policy change. An unchanged snapshot is not sent again."""
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), RESYNC_INTERVAL)
+            self._changed.clear()
+            await self.push_policy()
+
+    async def push_policy(self, force: bool = False) -> dict[str, Any] | None:
+        """Send the newest policy of this protocol for every local endpoint to the proxy
+        (if it differs from the last one sent). Right after adopting a proxy that enforces
+        a policy, an agent that has not restored its endpoints yet holds back its empty
+        snapshot (up to ADOPT_GRACE): the proxy keeps judging by the last policy rather
+        than denying all."""
+        ctx = self.context
+        snapshot = ctx.policy.snapshot() if ctx.policy is not None else []
+        message = policy_message(snapshot, self.protocol, self._ipcache(), 0)
+        if message == self._last_sent and not force:
+            return None
+        if (not message["endpoints"] and self.supervisor.how == "adopted"
+                and self._last_sent is None and time.monotonic() < self._hold_until
+                and (self.supervisor.info.get("redirects") or 0) > 0):
+            return None
+        self._last_sent = dict(message)
+        self._revision += 1
+        message["revision"] = self._revision
+        self.redirects_changed(sum(len(ep["entries"]) for ep in message["endpoints"]))
+        ack = await self.supervisor.push(message)
+        if ack is None:
+            self._last_sent = None  # not delivered: send again next time
+        return ack
+
+    def _ipcache(self) -> list[tuple[str, int]]:
+        datapath = getattr(self.context, "datapath", None)
+        if datapath is None or not hasattr(datapath, "dump_ipcache"):
+            return []
+        try:
+            return [(row["cidr"], row["identity"]) for row in datapath.dump_ipcache()]
+        except Exception as exc:  # the proxy falls back to the pinned map / world
+            self.context.log.warning("ipcache dump for the L7 proxy failed: %s", exc)
+            return []
+
+    def _flow(self, message: dict[str, Any]) -> None:
+        self.observe(message)
+        flows = self.context.flows
+        if flows is not None:
+            flows.record_l7(**{k: message[k] for k in FLOW_FIELDS if k in message})
+            self.flows_recorded += 1
+
+    # health -------------------------------------------------------------------------------
+    def served_ports(self) -> set[int]:
+        return self.supervisor.served_ports() if self.supervisor is not None else set()
+
+    def status(self) -> dict[str, Any]:
+        out = self.supervisor.status() if self.supervisor is not None else {}
+        out["flows_recorded"] = self.flows_recorded
+        return out

@@ -1,0 +1,858 @@
+"""The L7 proxy process: transparent listeners on the proxy ports, one protocol parser per
+connection (`pylium.l7.parser`), policy pushed by the agent, flows sent back to it.
+
+It runs as its own process (Cilium's Envoy DaemonSet model) so a `kill -9` of the agent cuts
+no proxied connection: the policy it last received keeps being enforced, flows wait in a
+bounded buffer, and the next agent adopts it over the control socket.
+
+    python -m pylium.l7.proxy --state-dir DIR --parser MODULE:FACTORY \\
+        --listen ingress:10080 --listen egress:10081 --version V [--ipcache PIN] [--detach]
+    python -m pylium.l7.proxy stop --state-dir DIR
+
+Transparency: the listeners are IP_TRANSPARENT, so a connection the datapath steered here
+(TPROXY or bpf_sk_assign) has the original destination as its local address and the client
+as its peer. The upstream connection to that destination carries
+`SO_MARK = mark_encode_identity(source identity)` so the destination's policy judges the
+real client."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pylium.datapath.marks import (
+    MARK_MAGIC_IDENTITY,
+    MARK_MAGIC_PROXY_EGRESS,
+    MAX_MARK_IDENTITY,
+    mark_encode_identity,
+)
+from pylium.l7.parser import (
+    ConnectionInfo,
+    ConnectionParser,
+    Grant,
+    Op,
+    OpType,
+    ParserFactory,
+    load_factory,
+)
+from pylium.policy.mapstate import Direction, PolicyKey
+
+log = logging.getLogger("pylium.l7.proxy")
+
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+SO_MARK = getattr(socket, "SO_MARK", 36)
+PIDFILE = "proxy.pid"
+CONTROL_SOCKET = "proxy.sock"
+LOGFILE = "proxy.log"
+#: control protocol version: bumped when the messages change incompatibly
+CONTROL_PROTOCOL = 1
+WORLD = 2
+PROTO_TCP = 6
+#: flow records kept until an agent acknowledges them (oldest dropped first, counted lost)
+FLOW_BUFFER = 20000
+#: bytes of flow records queued to a connected agent before further ones are dropped
+CONTROL_BACKLOG = 16 << 20
+CONNECT_TIMEOUT = 5.0
+#: per-direction bytes read ahead of the other side before reading pauses
+HIGH_WATER = 1 << 20
+
+
+# policy -------------------------------------------------------------------------------------
+
+class PolicyTable:
+    """The newest policy the agent pushed: per local endpoint IP, its redirected keys and
+    the grants of each; and an IP -> identity table (LPM) for peers."""
+
+    def __init__(self, factory: ParserFactory):
+        self.factory = factory
+        self.revision = 0
+        self.endpoints: dict[str, dict[str, Any]] = {}
+        self.prefixes: dict[int, dict[int, int]] = {}  # prefixlen -> {network int: identity}
+        self.ipcache_fd: int | None = None
+        self.redirects = 0
+
+    def load(self, message: dict[str, Any]) -> list[str]:
+        """Replace the table; returns problems (a grant whose rules cannot be enforced
+        allows nothing)."""
+        problems: list[str] = []
+        endpoints = {}
+        redirects = 0
+        for ep in message.get("endpoints", []):
+            entries = []
+            for entry in ep.get("entries", []):
+                key = PolicyKey(int(entry["identity"]), Direction[entry["direction"].upper()],
+                                int(entry.get("protocol", PROTO_TCP)), int(entry.get("port", 0)),
+                                int(entry.get("port_prefix_len", 0)))
+                grants = []
+                for g in entry.get("grants", []):
+                    if g.get("allow_all"):
+                        grants.append(Grant(rule=g.get("rule", ""), allow_all=True))
+                        continue
+                    if g.get("kind") != self.factory.protocol:
+                        continue  # another protocol's rules allow nothing here
+                    try:
+                        rules = self.factory.rules_from_json(g.get("rules", []))
+                    except (ValueError, TypeError) as exc:
+                        problems.append(f"{g.get('rule', '?')}: {exc}")
+                        continue
+                    grants.append(Grant(rule=g.get("rule", ""), rules=rules))
+                entries.append((key, tuple(grants)))
+                redirects += 1
+            endpoints[ep["ipv4"]] = {"ep_id": int(ep.get("ep_id", 0)),
+                                     "identity": int(ep.get("identity", 0)),
+                                     "entries": entries}
+        prefixes: dict[int, dict[int, int]] = {}
+        for cidr, identity in message.get("ipcache", []):
+            net = ipaddress.IPv4Network(cidr, strict=False)
+            prefixes.setdefault(net.prefixlen, {})[int(net.network_address)] = int(identity)
+        self.endpoints, self.prefixes = endpoints, prefixes
+        self.revision = int(message.get("revision", self.revision + 1))
+        self.redirects = redirects
+        return problems
+
+    def identity_of(self, ip: str) -> int:
+        ep = self.endpoints.get(ip)
+        if ep is not None and ep["identity"]:
+            return ep["identity"]
+        if self.ipcache_fd is not None:
+            found = self._pinned_lookup(ip)
+            if found is not None:
+                return found
+        value = int(ipaddress.IPv4Address(ip))
+        for plen in sorted(self.prefixes, reverse=True):
+            mask = (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF if plen else 0
+            found = self.prefixes[plen].get(value & mask)
+            if found is not None:
+                return found
+        return WORLD
+
+    def _pinned_lookup(self, ip: str) -> int | None:
+        from pylium.datapath.maps.base import BpfMap
+        from pylium.datapath.maps.ipcache import IpcacheKey, RemoteEndpointInfo
+
+        try:
+            found = BpfMap(self.ipcache_fd, "ipcache", IpcacheKey, RemoteEndpointInfo,
+                           owned=False).lookup(IpcacheKey.of(f"{ip}/32"))
+        except Exception as exc:  # a broken pin must not stop the proxy: use the table
+            log.warning("ipcache lookup of %s failed: %s", ip, exc)
+            return None
+        return int(found.identity) if found is not None else None
+
+    def grants(self, direction: str, local_ip: str, peer_identity: int,
+               port: int) -> tuple[Grant, ...] | None:
+        """The grants of the key the datapath's lookup would pick (specific identity or
+        wildcard, longest port prefix), or None when no redirected key covers it."""
+        ep = self.endpoints.get(local_ip)
+        if ep is None:
+            return None
+        want = Direction[direction.upper()]
+        best: dict[int, tuple[PolicyKey, tuple[Grant, ...]]] = {}
+        for key, grants in ep["entries"]:
+            for identity in (peer_identity, 0):
+                if key.identity == identity and key.matches(identity, want, PROTO_TCP, port):
+                    slot = 0 if identity else 1
+                    if slot not in best or key.lpm_prefixlen > best[slot][0].lpm_prefixlen:
+                        best[slot] = (key, grants)
+        chosen = best.get(0)
+        wildcard = best.get(1)
+        if wildcard is not None and (chosen is None
+                                     or wildcard[0].lpm_prefixlen > chosen[0].lpm_prefixlen):
+            chosen = wildcard
+        return chosen[1] if chosen is not None else None
+
+
+# connections --------------------------------------------------------------------------------
+
+class Side:
+    """Bytes of one direction not yet decided on, and the decision still running."""
+
+    __slots__ = ("reply", "buf", "pass_left", "drop_left", "queue", "need_call", "eof",
+                 "paused")
+
+    def __init__(self, reply: bool):
+        self.reply = reply
+        self.buf = bytearray()
+        self.pass_left = 0
+        self.drop_left = 0
+        self.queue: collections.deque[Op] = collections.deque()
+        self.need_call = False
+        self.eof = False
+        self.paused = False
+
+
+class _Downstream(asyncio.Protocol):
+    def __init__(self, proxy: Proxy, direction: str, port: int):
+        self.proxy = proxy
+        self.direction = direction
+        self.port = port
+        self.conn: Connection | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.conn = Connection(self.proxy, self.direction, self.port, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.received(self.conn.request, data)
+
+    def eof_received(self) -> bool:
+        self.conn.eof(self.conn.request)
+        return True
+
+    def pause_writing(self) -> None:
+        self.conn.pause_reading_of(self.conn.reply)
+
+    def resume_writing(self) -> None:
+        self.conn.resume_reading_of(self.conn.reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn is not None:
+            self.conn.lost(downstream=True, exc=exc)
+
+
+class _Upstream(asyncio.Protocol):
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.received(self.conn.reply, data)
+
+    def eof_received(self) -> bool:
+        self.conn.eof(self.conn.reply)
+        return True
+
+    def pause_writing(self) -> None:
+        self.conn.pause_reading_of(self.conn.request)
+
+    def resume_writing(self) -> None:
+        self.conn.resume_reading_of(self.conn.request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.lost(downstream=False, exc=exc)
+
+
+class Connection:
+    """One redirected connection: the client side, the upstream (opened when the parser
+    first passes a byte), and the op engine of `pylium.l7.parser`."""
+
+    def __init__(self, proxy: Proxy, direction: str, port: int,
+                 transport: asyncio.Transport):
+        self.proxy = proxy
+        self.down = transport
+        self.up: asyncio.Transport | None = None
+        self.up_state = "none"  # none | connecting | open | failed | closed
+        self.up_pending: list[bytes] = []
+        self.request = Side(False)
+        self.reply = Side(True)
+        self.closed = False
+        #: bytes decided during one event, written with one send per side at its end
+        self.out_client: list[bytes] = []
+        self.out_up: list[bytes] = []
+        sock = transport.get_extra_info("socket")
+        # asyncio sets TCP_NODELAY only on sockets made with proto=IPPROTO_TCP: a head and
+        # a body written separately must not wait for the client's delayed ACK
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        dst_ip, dst_port = sock.getsockname()[:2]  # the original destination (transparent)
+        src_ip, src_port = sock.getpeername()[:2]
+        table = proxy.policy
+        local_ip = dst_ip if direction == "ingress" else src_ip
+        ep = table.endpoints.get(local_ip, {})
+        self.info = ConnectionInfo(direction=direction, src_ip=src_ip, src_port=src_port,
+                                   dst_ip=dst_ip, dst_port=dst_port,
+                                   src_identity=table.identity_of(src_ip),
+                                   dst_identity=table.identity_of(dst_ip),
+                                   ep_id=ep.get("ep_id", 0), proxy_port=port)
+        self.local_ip = local_ip
+        self.peer_identity = (self.info.src_identity if direction == "ingress"
+                              else self.info.dst_identity)
+        self.parser: ConnectionParser = proxy.factory.new_connection(
+            self.info, self._grants, self._emit)
+        #: bytes buffered before reading pauses: a parser that decides on whole frames
+        #: (Kafka) must see one whole, or reading would pause waiting for itself
+        self.read_limit = max(HIGH_WATER, int(getattr(proxy.factory, "max_buffer", 0)))
+        proxy.stats["connections"] += 1
+        proxy.active.add(self)
+
+    def _grants(self) -> tuple[Grant, ...] | None:
+        return self.proxy.policy.grants(self.info.direction, self.local_ip,
+                                        self.peer_identity, self.info.dst_port)
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        self.proxy.flow(self.info, record)
+
+    # the op engine ------------------------------------------------------------------------
+    def received(self, side: Side, data: bytes) -> None:
+        if self.closed:
+            return
+        if side.buf or side.pass_left == 0 and side.drop_left == 0:
+            side.buf += data
+        else:  # fast path: a streaming body goes straight through
+            n = side.pass_left or side.drop_left
+            head, rest = data[:n], data[n:]
+            if side.pass_left:
+                side.pass_left -= len(head)
+                self._send(side, head)
+            else:
+                side.drop_left -= len(head)
+            if rest:
+                side.buf += rest
+        side.need_call = True
+        self._run(side)
+        self.flush()
+        if len(side.buf) > self.read_limit:
+            self.pause_reading_of(side)
+        for each in (self.request, self.reply):
+            if each.paused and len(each.buf) <= self.read_limit:
+                self._resume_if_drained(each)
+
+    def eof(self, side: Side) -> None:
+        side.eof = True
+        side.need_call = True
+        self._run(side)
+        self.flush()
+        if self.closed:
+            return
+        if not side.reply and not side.buf and self.up is not None and self.up_state == "open":
+            if self.up.can_write_eof():
+                self.up.write_eof()
+        elif side.reply and not side.buf:
+            self.close()
+        elif not side.reply and self.up is None and not side.buf:
+            self.close()
+
+    def _run(self, side: Side) -> None:
+        idle = 0
+        while not self.closed:
+            if side.buf and (side.pass_left or side.drop_left):
+                n = side.pass_left or side.drop_left
+                chunk = bytes(side.buf[:n])
+                del side.buf[:n]
+                if side.pass_left:
+                    side.pass_left -= len(chunk)
+                    self._send(side, chunk)
+                else:
+                    side.drop_left -= len(chunk)
+                if not side.pass_left and not side.drop_left:
+                    side.need_call = True
+            if side.pass_left or side.drop_left:
+                break
+            if side.queue:
+                self._apply(side, side.queue.popleft())
+                if not side.queue and not side.pass_left and not side.drop_left:
+                    side.need_call = True
+                continue
+            if not side.need_call:
+                break
+            before = len(side.buf)
+            ops = self.parser.on_data(side.reply, bytes(side.buf), side.eof)
+            side.need_call = bool(ops) and ops[-1].type is not OpType.MORE
+            side.queue.extend(op for op in ops if op.type is not OpType.MORE)
+            if not side.queue and len(side.buf) == before and side.need_call:
+                idle += 1
+                if idle > 2:
+                    log.error("parser made no progress on %s: closing", self._name())
+                    self.close(abort=True)
+                    return
+            if not side.buf and not side.queue and side.need_call:
+                side.need_call = False
+        if not self.closed:
+            other = self.request if side.reply else self.reply
+            if other.buf and not other.pass_left and not other.drop_left and not other.queue:
+                other.need_call = True  # a decision here may unblock the other direction
+                if other is not side:
+                    self._kick(other)
+
+    def _kick(self, side: Side) -> None:
+        if getattr(self, "_kicking", False):
+            return
+        self._kicking = True
+        try:
+            self._run(side)
+        finally:
+            self._kicking = False
+
+    def _apply(self, side: Side, op: Op) -> None:
+        kind = op.type
+        if kind is OpType.PASS or kind is OpType.DROP:
+            take = min(op.n, len(side.buf))
+            chunk = bytes(side.buf[:take])
+            del side.buf[:take]
+            if kind is OpType.PASS:
+                if chunk:
+                    self._send(side, chunk)
+                side.pass_left = op.n - take
+            else:
+                side.drop_left = op.n - take
+        elif kind is OpType.INJECT:
+            self._write(not side.reply, op.data)
+        elif kind is OpType.INSERT:
+            self._write(side.reply, op.data)
+        elif kind is OpType.CLOSE:
+            side.queue.clear()
+            self.close()
+
+    def _send(self, side: Side, data: bytes) -> None:
+        """Forward bytes of `side` on to the other end."""
+        if side.reply:
+            self._write(True, data)
+        else:
+            self._write(False, data)
+
+    def _write(self, to_client: bool, data: bytes) -> None:
+        if data and not self.closed:
+            (self.out_client if to_client else self.out_up).append(data)
+
+    def flush(self) -> None:
+        """Write what this event decided: one send per side, not one per op."""
+        if self.out_client:
+            data = b"".join(self.out_client) if len(self.out_client) > 1 else self.out_client[0]
+            self.out_client = []
+            if not self.closed:
+                self.down.write(data)
+        if self.out_up:
+            data = b"".join(self.out_up) if len(self.out_up) > 1 else self.out_up[0]
+            self.out_up = []
+            if not self.closed:
+                self._write_upstream(data)
+
+    def _write_upstream(self, data: bytes) -> None:
+        if self.up_state == "open":
+            self.up.write(data)
+        elif self.up_state in ("none", "connecting"):
+            self.up_pending.append(data)
+            if self.up_state == "none":
+                self.up_state = "connecting"
+                asyncio.get_running_loop().create_task(self._connect())
+            if sum(map(len, self.up_pending)) > HIGH_WATER:
+                self.pause_reading_of(self.request)
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        info = self.info
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, upstream_mark(info))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await asyncio.wait_for(loop.sock_connect(sock, (info.dst_ip, info.dst_port)),
+                                   CONNECT_TIMEOUT)
+            transport, _ = await loop.create_connection(lambda: _Upstream(self), sock=sock)
+        except (TimeoutError, OSError) as exc:
+            sock.close()
+            if isinstance(exc, asyncio.TimeoutError):
+                reason = "connection timed out"
+            elif exc.errno:
+                reason = os.strerror(exc.errno).lower()
+            else:
+                reason = str(exc)
+            self.proxy.stats["upstream_errors"] += 1
+            self.up_state = "failed"
+            self.up_pending.clear()
+            if self.closed:
+                return
+            for op in self.parser.on_upstream_failure(reason):
+                self._apply(self.request, op)
+            self.flush()
+            return
+        if self.closed:
+            transport.close()
+            return
+        self.up = transport
+        self.up_state = "open"
+        pending, self.up_pending = self.up_pending, []
+        for data in pending:
+            transport.write(data)
+        self.resume_reading_of(self.request)
+        if self.request.eof and not self.request.buf and transport.can_write_eof():
+            transport.write_eof()
+
+    # flow control and teardown ------------------------------------------------------------
+    def pause_reading_of(self, side: Side) -> None:
+        transport = self.up if side.reply else self.down
+        if transport is not None and not side.paused and not self.closed:
+            side.paused = True
+            transport.pause_reading()
+
+    def _resume_if_drained(self, side: Side) -> None:
+        """Reading paused for a full buffer resumes once it drained — unless the other
+        end is still too slow to take more."""
+        target = self.down if side.reply else self.up
+        if target is not None and target.get_write_buffer_size() > \
+                target.get_write_buffer_limits()[1]:
+            return
+        self.resume_reading_of(side)
+
+    def resume_reading_of(self, side: Side) -> None:
+        transport = self.up if side.reply else self.down
+        if transport is not None and side.paused and not self.closed:
+            side.paused = False
+            transport.resume_reading()
+
+    def lost(self, downstream: bool, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        if downstream:
+            self.close(abort=exc is not None)
+        else:
+            if exc is None:  # the upstream closed: flush what it sent, then close
+                self.reply.eof = True
+                self.reply.need_call = True
+                self._run(self.reply)
+            self.close(abort=exc is not None)
+
+    def close(self, abort: bool = False) -> None:
+        if self.closed:
+            return
+        if not abort:
+            self.flush()  # a local reply decided just before CLOSE still goes out
+        self.closed = True
+        self.proxy.active.discard(self)
+        for transport in (self.down, self.up):
+            if transport is None:
+                continue
+            if abort:
+                transport.abort()
+            else:
+                transport.close()
+
+    def _name(self) -> str:
+        i = self.info
+        return f"{i.src_ip}:{i.src_port} -> {i.dst_ip}:{i.dst_port}"
+
+
+def upstream_mark(info: ConnectionInfo) -> int:
+    """SO_MARK of the upstream socket: the client's identity, so the destination's policy
+    judges the client. From the egress proxy with the magic that makes the destination
+    apply its own L7 ingress rules again (its ingress proxy is a separate judge). A
+    local-scope (CIDR) identity does not fit a mark: it travels as world (fail closed)."""
+    identity = info.src_identity if info.src_identity <= MAX_MARK_IDENTITY else WORLD
+    magic = MARK_MAGIC_PROXY_EGRESS if info.direction == "egress" else MARK_MAGIC_IDENTITY
+    return mark_encode_identity(identity, magic)
+
+
+# the process --------------------------------------------------------------------------------
+
+class Proxy:
+    """Listeners, the policy table, the control socket and the flow buffer."""
+
+    def __init__(self, state_dir: Path, factory: ParserFactory, listen: dict[str, int],
+                 version: str, bind: str = "0.0.0.0", ipcache: str | None = None):
+        self.state_dir = Path(state_dir)
+        self.factory = factory
+        self.listen = dict(listen)
+        self.version = version
+        self.bind = bind
+        self.policy = PolicyTable(factory)
+        if ipcache:
+            from pylium.datapath import libbpf
+
+            try:
+                self.policy.ipcache_fd = libbpf.obj_get(ipcache)
+            except Exception as exc:
+                log.warning("pinned ipcache %s not opened (%s): using the pushed table",
+                            ipcache, exc)
+        self.active: set[Connection] = set()
+        self.servers: list[asyncio.AbstractServer] = []
+        #: flow records not yet acknowledged by an agent (sent or not), oldest first
+        self.flows: collections.deque[dict[str, Any]] = collections.deque(maxlen=FLOW_BUFFER)
+        self.out_flows: list[bytes] = []
+        self.seq = 0
+        self.controller: asyncio.StreamWriter | None = None
+        self.stats = collections.Counter()
+        self.started = time.time()
+        self.stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for direction, port in self.listen.items():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.bind((self.bind, port))
+            sock.listen(1024)
+            sock.setblocking(False)
+            self.servers.append(await loop.create_server(
+                lambda d=direction, p=port: _Downstream(self, d, p), sock=sock))
+        path = self.state_dir / CONTROL_SOCKET
+        path.unlink(missing_ok=True)
+        self.servers.append(await asyncio.start_unix_server(self._control, path=str(path)))
+        os.chmod(path, 0o600)
+        pidfile = self.state_dir / PIDFILE
+        tmp = pidfile.with_suffix(".tmp")
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, pidfile)
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        for conn in list(self.active):
+            conn.close()
+        (self.state_dir / CONTROL_SOCKET).unlink(missing_ok=True)
+        pidfile = self.state_dir / PIDFILE
+        try:
+            if pidfile.read_text().strip() == str(os.getpid()):
+                pidfile.unlink()
+        except OSError:
+            pass
+
+    # flows --------------------------------------------------------------------------------
+    def flow(self, info: ConnectionInfo, record: dict[str, Any]) -> None:
+        reply = bool(record.get("is_reply"))
+        src = (info.dst_ip, info.dst_port, info.dst_identity) if reply else \
+            (info.src_ip, info.src_port, info.src_identity)
+        dst = (info.src_ip, info.src_port, info.src_identity) if reply else \
+            (info.dst_ip, info.dst_port, info.dst_identity)
+        message = {"op": "flow", "src_ip": src[0], "sport": src[1], "src_identity": src[2],
+                   "dst_ip": dst[0], "dport": dst[1], "dst_identity": dst[2],
+                   "ep_id": info.ep_id, "proxy_port": info.proxy_port,
+                   "direction": int(Direction[info.direction.upper()]), "is_reply": reply,
+                   "verdict": record["verdict"], "l7": record["l7"]}
+        for extra in ("rule", "error"):
+            if extra in record:
+                message[extra] = record[extra]
+        l7_type = record["l7"].get("type")
+        if l7_type == "REQUEST":
+            self.stats["requests"] += 1
+            self.stats["denied" if record["verdict"] == "DROPPED" else "forwarded"] += 1
+        if "error" in record:
+            self.stats["parse_errors"] += 1
+        self.seq += 1
+        message["seq"] = self.seq
+        if len(self.flows) == self.flows.maxlen:
+            self.stats["flows_lost"] += 1  # the oldest unacknowledged record goes
+        self.flows.append(message)
+        controller = self.controller
+        if controller is not None and not controller.is_closing():
+            if controller.transport.get_write_buffer_size() > CONTROL_BACKLOG:
+                return  # an agent that stalls gets it later (or it is lost by the bound)
+            self._send_flow(controller, message)
+
+    def _send_flow(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+        """Flow records go out in one write per loop iteration, not one per record."""
+        self.out_flows.append(json.dumps(message, separators=(",", ":")).encode())
+        if len(self.out_flows) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_flows, writer)
+
+    def _flush_flows(self, writer: asyncio.StreamWriter) -> None:
+        lines, self.out_flows = self.out_flows, []
+        if lines and writer is self.controller and not writer.is_closing():
+            writer.write(b"\n".join(lines) + b"\n")
+
+    def _acked(self, seq: int) -> None:
+        """The agent recorded every flow up to `seq`: they leave the buffer (records sent
+        to an agent that died before acknowledging are sent again to the next one)."""
+        while self.flows and self.flows[0]["seq"] <= seq:
+            self.flows.popleft()
+
+    # control ------------------------------------------------------------------------------
+    def _send(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+        writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+    def describe(self) -> dict[str, Any]:
+        return {"version": self.version, "control_protocol": CONTROL_PROTOCOL,
+                "pid": os.getpid(), "protocol": self.factory.protocol,
+                "ports": self.listen, "revision": self.policy.revision,
+                "redirects": self.policy.redirects, "active_connections": len(self.active),
+                "buffered_flows": len(self.flows), "started": self.started,
+                "stats": dict(self.stats)}
+
+    async def _control(self, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                try:
+                    message = json.loads(line)
+                    op = message["op"]
+                except (ValueError, KeyError, TypeError):
+                    self._send(writer, {"op": "error", "error": "not a control message"})
+                    continue
+                if op == "hello":
+                    if self.controller is not None and self.controller is not writer:
+                        self.controller.close()  # the newest agent is the one that listens
+                    self.controller = writer
+                    self._send(writer, {"op": "hello", **self.describe()})
+                    self.out_flows = []
+                    for flow in self.flows:  # unacknowledged ones, oldest first
+                        self._send_flow(writer, flow)
+                elif op == "ack_flows":  # no answer: the agent does not wait for one
+                    self._acked(int(message.get("seq", 0)))
+                    continue
+                elif op == "policy":
+                    try:
+                        problems = self.policy.load(message)
+                    except (KeyError, ValueError, TypeError) as exc:  # keep the old policy
+                        self._send(writer, {"op": "error", "error": f"bad policy: {exc!r}"})
+                        continue
+                    self._send(writer, {"op": "ack", "revision": self.policy.revision,
+                                        "redirects": self.policy.redirects,
+                                        "problems": problems})
+                elif op == "status":
+                    self._send(writer, {"op": "status", **self.describe()})
+                elif op == "shutdown":
+                    self._send(writer, {"op": "bye"})
+                    await writer.drain()
+                    self.stopping.set()
+                else:
+                    self._send(writer, {"op": "error", "error": f"unknown op {op!r}"})
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            if self.controller is writer:
+                self.controller = None
+            writer.close()
+
+
+# entry points -------------------------------------------------------------------------------
+
+def _listen_arg(value: str) -> tuple[str, int]:
+    direction, sep, port = value.partition(":")
+    if not sep or direction not in ("ingress", "egress") or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not ingress:PORT or egress:PORT")
+    return direction, int(port)
+
+
+async def _serve(args: argparse.Namespace, ready_fd: int | None) -> int:
+    proxy = Proxy(Path(args.state_dir), load_factory(args.parser), dict(args.listen),
+                  args.version, args.bind, args.ipcache)
+    try:
+        await proxy.start()
+    except OSError as exc:
+        message = f"l7 proxy: cannot listen: {exc}"
+        if ready_fd is not None:
+            os.write(ready_fd, message.encode())
+            os.close(ready_fd)
+        print(message, file=sys.stderr)
+        return 1
+    if ready_fd is not None:
+        os.write(ready_fd, b"ok")
+        os.close(ready_fd)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, proxy.stopping.set)
+    log.info("l7 proxy %s (%s) listening on %s", args.version, proxy.factory.protocol,
+             proxy.listen)
+    await proxy.stopping.wait()
+    await proxy.stop()
+    return 0
+
+
+def _detach(args: argparse.Namespace) -> int:
+    """Double fork: the proxy is nobody's child (no zombie for the agent that spawned it),
+    in its own session; the first process exits once the proxy listens (or says why not)."""
+    read_fd, write_fd = os.pipe()
+    if os.fork():
+        os.close(write_fd)
+        answer = b""
+        while True:
+            piece = os.read(read_fd, 4096)
+            if not piece:
+                break
+            answer += piece
+        if answer == b"ok":
+            return 0
+        print(answer.decode() or "l7 proxy exited before listening", file=sys.stderr)
+        return 1
+    os.close(read_fd)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    logfile = os.open(Path(args.state_dir) / LOGFILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                      0o600)
+    os.dup2(logfile, 1)
+    os.dup2(logfile, 2)
+    _configure_logging()
+    try:
+        code = asyncio.run(_serve(args, write_fd))
+    except BaseException:
+        log.exception("l7 proxy crashed")
+        code = 1
+    os._exit(code)
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def stop_running(state_dir: Path, timeout: float = 5.0) -> bool:
+    """Stop the proxy of `state_dir` (SIGTERM by its pidfile); True if one was running."""
+    pid = running_pid(state_dir)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def running_pid(state_dir: Path) -> int | None:
+    """The pid in `state_dir`'s pidfile if that process is alive and is this proxy."""
+    try:
+        pid = int((Path(state_dir) / PIDFILE).read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    if b"pylium.l7.proxy" not in cmdline or str(Path(state_dir)).encode() not in cmdline:
+        return None
+    return pid if _alive(pid) else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["stop"]:
+        parser = argparse.ArgumentParser(prog="python -m pylium.l7.proxy stop")
+        parser.add_argument("--state-dir", required=True)
+        args = parser.parse_args(argv[1:])
+        stopped = stop_running(Path(args.state_dir))
+        print("stopped" if stopped else "no proxy running")
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m pylium.l7.proxy")
+    parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--parser", required=True, help="MODULE:FACTORY")
+    parser.add_argument("--listen", action="append", type=_listen_arg, required=True)
+    parser.add_argument("--version", default="0")
+    parser.add_argument("--bind", default="0.0.0.0")
+    parser.add_argument("--ipcache", default=None, help="pinned ipcache map")
+    parser.add_argument("--detach", action="store_true")
+    args = parser.parse_args(argv)
+    Path(args.state_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        load_factory(args.parser)
+    except (ImportError, AttributeError, ValueError) as exc:
+        print(f"l7 proxy: parser {args.parser!r}: {exc}", file=sys.stderr)
+        return 2
+    if args.detach:
+        return _detach(args)
+    _configure_logging()
+    return asyncio.run(_serve(args, None))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

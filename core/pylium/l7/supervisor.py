@@ -1,0 +1,298 @@
+"""The agent's side of the L7 proxy process (`pylium.l7.proxy`): spawn it detached or adopt
+the one a previous agent left running, push it the L7 policy, take its flow records, and
+know at every moment whether it serves its ports (a dead proxy serves none: fail closed).
+
+Protocol-neutral: an L7 parser plugin gives the parser spec it runs (`module:Factory`) and
+its ports; Kafka or any other protocol reuses this as is."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from pylium.errors import PluginError
+from pylium.l7 import proxy as proxy_process
+
+log = logging.getLogger(__name__)
+
+SPAWN_TIMEOUT = 30.0
+REQUEST_TIMEOUT = 10.0
+WATCH_INTERVAL = 1.0
+ACK_DELAY = 0.05
+
+
+def policy_message(snapshot: Iterable[Mapping[str, Any]], protocol: str,
+                   ipcache: Iterable[tuple[str, int]] = (), revision: int = 0) -> dict[str, Any]:
+    """`L7PolicySource.snapshot()` as the JSON the proxy loads: per local endpoint, every
+    redirected key that carries a `protocol` grant, with all grants of that key (an
+    allow-all grant of another rule still allows every request, as in Cilium)."""
+    endpoints = []
+    for ep in snapshot:
+        entries = []
+        for key, grants in ep["entries"]:
+            if not any(g.kind == protocol for g in grants):
+                continue
+            entries.append({
+                "identity": int(key.identity), "direction": key.direction.name.lower(),
+                "protocol": int(key.protocol), "port": int(key.port),
+                "port_prefix_len": int(key.port_prefix_len),
+                "grants": [{"rule": g.rule, "kind": g.kind, "allow_all": bool(g.allow_all),
+                            "rules": [attrs.asdict(r) if attrs.has(type(r)) else r
+                                      for r in (g.rules or ())]} for g in grants]})
+        endpoints.append({"ep_id": int(ep["ep_id"]), "ipv4": ep["ipv4"],
+                          "identity": int(ep["identity"]), "entries": entries})
+    return {"op": "policy", "revision": revision, "endpoints": endpoints,
+            "ipcache": [[cidr, int(identity)] for cidr, identity in ipcache]}
+
+
+class ProxySupervisor:
+    """One proxy process per L7 capability, identified by its state directory."""
+
+    def __init__(self, state_dir: Path, parser_spec: str, listen: Mapping[str, int],
+                 version: str, *, on_flow: Callable[[dict[str, Any]], None],
+                 ipcache_pin: str | None = None, launcher: Iterable[str] = (),
+                 logger: logging.Logger | None = None):
+        self.state_dir = Path(state_dir)
+        self.parser_spec = parser_spec
+        self.listen = dict(listen)
+        self.version = version
+        self.on_flow = on_flow
+        self.ipcache_pin = ipcache_pin
+        #: a command prefix for the spawn (e.g. `nsenter --net=...` in tests)
+        self.launcher = list(launcher)
+        self.log = logger or log
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.info: dict[str, Any] = {}
+        self.how = ""
+        self.last_policy: dict[str, Any] | None = None
+        self.last_ack: dict[str, Any] = {}
+        self._lock = asyncio.Lock()
+        self._read_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
+        self.restarts = 0
+        self.error = ""
+        self._wake = asyncio.Event()
+        self.acked_upto = 0
+        self._ack_pending = False
+
+    # lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> str:
+        """Adopt a running proxy of the same version and ports, else spawn one. Returns
+        "adopted", "spawned" or "replaced"."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.how = await self._connect_or_spawn()
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+        return self.how
+
+    async def _connect_or_spawn(self) -> str:
+        how = "spawned"
+        if proxy_process.running_pid(self.state_dir) is not None:
+            try:
+                hello = await self._connect()
+            except (TimeoutError, OSError, ValueError) as exc:
+                self.log.warning("l7 proxy pid %s does not answer (%s): replacing it",
+                                 proxy_process.running_pid(self.state_dir), exc)
+                hello = None
+            if hello is not None and self._compatible(hello):
+                return "adopted"
+            if hello is not None:
+                self.log.warning("l7 proxy pid %s runs %s on %s; want %s on %s: replacing it",
+                                 hello.get("pid"), hello.get("version"), hello.get("ports"),
+                                 self.version, self.listen)
+            await self._disconnect()
+            await asyncio.to_thread(proxy_process.stop_running, self.state_dir)
+            how = "replaced"
+        await self._spawn()
+        hello = await self._connect()
+        if not self._compatible(hello):
+            raise PluginError(f"the l7 proxy just spawned answers {hello}")
+        return how
+
+    def _compatible(self, hello: dict[str, Any]) -> bool:
+        return (hello.get("version") == self.version
+                and hello.get("control_protocol") == proxy_process.CONTROL_PROTOCOL
+                and {k: int(v) for k, v in (hello.get("ports") or {}).items()} == self.listen)
+
+    async def _spawn(self) -> None:
+        cmd = [*self.launcher, sys.executable, "-m", "pylium.l7.proxy",
+               "--state-dir", str(self.state_dir), "--parser", self.parser_spec,
+               "--version", self.version, "--detach"]
+        for direction, port in sorted(self.listen.items()):
+            cmd += ["--listen", f"{direction}:{port}"]
+        if self.ipcache_pin:
+            cmd += ["--ipcache", self.ipcache_pin]
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), SPAWN_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            raise PluginError("the l7 proxy did not start listening within "
+                              f"{SPAWN_TIMEOUT:.0f}s") from None
+        if proc.returncode != 0:
+            reason = (err or out).decode(errors="replace").strip().splitlines()
+            raise PluginError(f"the l7 proxy did not start: "
+                              f"{reason[-1] if reason else f'exit {proc.returncode}'}")
+        self.log.info("l7 proxy spawned (pid %s)", proxy_process.running_pid(self.state_dir))
+
+    async def _connect(self) -> dict[str, Any]:
+        path = str(self.state_dir / proxy_process.CONTROL_SOCKET)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(path, limit=1 << 24), REQUEST_TIMEOUT)
+        self.reader, self.writer = reader, writer
+        self.replies = asyncio.Queue()
+        self.acked_upto = 0  # sequence numbers are the proxy process's own
+        self._read_task = asyncio.get_running_loop().create_task(self._read(reader))
+        hello = await self._request({"op": "hello", "version": self.version})
+        self.info = hello
+        self.error = ""
+        return hello
+
+    async def _disconnect(self) -> None:
+        if self._read_task is not None:
+            self._read_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._read_task
+            self._read_task = None
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+        self.info = {}  # nothing is known of a proxy we do not talk to
+
+    async def close(self) -> None:
+        """Stop talking to the proxy; the process keeps serving for the next agent."""
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch_task
+            self._watch_task = None
+        await self._disconnect()
+
+    async def shutdown(self) -> None:
+        """Stop the proxy process itself (its connections end)."""
+        await self.close()
+        await asyncio.to_thread(proxy_process.stop_running, self.state_dir)
+
+    # talking ------------------------------------------------------------------------------
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                message = json.loads(line)
+                if message.get("op") == "flow":
+                    try:
+                        self.on_flow(message)
+                    except Exception:  # a flow we cannot record must not stop the reader
+                        self.log.exception("recording an L7 flow failed")
+                    self._ack(int(message.get("seq", 0)))
+                else:
+                    self.replies.put_nowait(message)
+        except (ConnectionError, ValueError, asyncio.IncompleteReadError) as exc:
+            self.error = f"control socket: {exc}"
+        finally:
+            self.replies.put_nowait({"op": "closed"})
+            self._wake.set()  # the proxy may be gone: the watchdog looks now
+
+    def _ack(self, seq: int) -> None:
+        """Acknowledge recorded flows, at most every ACK_DELAY (the proxy keeps what is
+        not acknowledged and sends it again to the next agent)."""
+        self.acked_upto = max(self.acked_upto, seq)
+        if not self._ack_pending:
+            self._ack_pending = True
+            asyncio.get_running_loop().call_later(ACK_DELAY, self._send_ack)
+
+    def _send_ack(self) -> None:
+        self._ack_pending = False
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(b'{"op":"ack_flows","seq":%d}\n' % self.acked_upto)
+
+    async def _request(self, message: dict[str, Any]) -> dict[str, Any]:
+        async with self._lock:
+            if self.writer is None:
+                raise ConnectionError("not connected to the l7 proxy")
+            self.writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+            await self.writer.drain()
+            reply = await asyncio.wait_for(self.replies.get(), REQUEST_TIMEOUT)
+        if reply.get("op") == "closed":
+            raise ConnectionError("the l7 proxy closed the control socket")
+        if reply.get("op") == "error":
+            raise ValueError(reply.get("error"))
+        return reply
+
+    async def push(self, message: dict[str, Any]) -> dict[str, Any] | None:
+        """Send a policy; it is re-sent whenever the proxy is adopted or respawned."""
+        self.last_policy = message
+        try:
+            self.last_ack = await self._request(message)
+        except (TimeoutError, ConnectionError, OSError, ValueError) as exc:
+            self.log.warning("l7 policy push failed (%s); the watchdog retries", exc)
+            self.error = str(exc)
+            return None
+        for problem in self.last_ack.get("problems", []):
+            self.log.error("l7 rule not enforced (denies every request): %s", problem)
+        return self.last_ack
+
+    async def refresh(self) -> dict[str, Any]:
+        self.info = await self._request({"op": "status"})
+        return self.info
+
+    # health -------------------------------------------------------------------------------
+    def healthy(self) -> bool:
+        """Talking to the proxy whose pid its pidfile names, and it answered hello."""
+        return (bool(self.info) and self.writer is not None and not self.writer.is_closing()
+                and self._read_task is not None and not self._read_task.done()
+                and proxy_process.running_pid(self.state_dir) == self.info.get("pid"))
+
+    def served_ports(self) -> set[int]:
+        if not self.healthy():
+            return set()
+        return {int(p) for p in (self.info.get("ports") or {}).values()}
+
+    async def _watch(self) -> None:
+        """Reconnect to (or respawn) a proxy that went away, then re-push the policy. While
+        it is away `served_ports()` is empty: the agent's L7 component sees that within a
+        second and reloads the endpoints' policy maps (redirects load as deny)."""
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), WATCH_INTERVAL)
+            self._wake.clear()
+            if self.healthy():
+                with contextlib.suppress(Exception):
+                    await self.refresh()
+                continue
+            self.log.warning("l7 proxy is gone (%s): restarting it", self.error or "no answer")
+            await self._disconnect()
+            try:
+                self.how = await self._connect_or_spawn()
+                self.restarts += 1
+                if self.last_policy is not None:
+                    await self.push(self.last_policy)
+            except Exception as exc:
+                self.error = str(exc)
+                self.log.error("l7 proxy restart failed: %s", exc)
+
+    def status(self) -> dict[str, Any]:
+        info = self.info or {}
+        return {"pid": info.get("pid"), "healthy": self.healthy(), "how": self.how,
+                "version": info.get("version"), "ports": info.get("ports", {}),
+                "policy_revision": info.get("revision"), "redirects": info.get("redirects"),
+                "active_connections": info.get("active_connections"),
+                "buffered_flows": info.get("buffered_flows"), "stats": info.get("stats", {}),
+                "restarts": self.restarts, "error": self.error,
+                "state_dir": str(self.state_dir)}

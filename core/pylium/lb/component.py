@@ -1,0 +1,401 @@
+"""Agent component "lb": follows the services in the KV store and writes them into this
+node's LB maps (`pylium.datapath.lb.LbMaps`), so a service added through any node's API
+works from pods on every node.
+
+Options (`plugin_options: {lb: {...}}` in the agent config):
+  `algorithm`           backend selection of services that do not name one: `random`
+                        (default, as Cilium) or `maglev`
+  `maglev_table_size`   entries in each Maglev lookup table: one of Cilium's primes
+                        (default 16381); the seed is shared through the KV store
+  `acceleration`        NodePort at XDP on the node's external interface: `disabled`
+                        (default), `native` (falls back to generic where the driver
+                        refuses) or `generic` (Cilium's --bpf-lb-acceleration)
+  `socket_lb_cgroup`    a cgroup v2 directory holding the pods' processes: socket-level
+                        LB (bpf_sock.c: connect/sendmsg/recvmsg/getpeername) is attached
+                        there (default: none; never a host's root cgroup)
+
+Backend ids are local to the node (the datapath's lb4_backends keys) and survive agent
+restarts: they are read back from the pinned map at start, so conntrack entries of
+established flows keep naming the right backend."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from pylium.cluster.mirror import PrefixMirror
+from pylium.errors import ConfigError
+from pylium.hookspecs import hookimpl
+from pylium.lb import maglev
+from pylium.lb.model import ALGORITHMS, PROTOCOLS, Service
+from pylium.lb.store import SVC_PREFIX, ServiceStore, decode
+
+log = logging.getLogger(__name__)
+
+OPTIONS: dict[str, Any] = {"algorithm": "random",
+                           "maglev_table_size": maglev.DEFAULT_TABLE_SIZE,
+                           "socket_lb_cgroup": "", "acceleration": "disabled"}
+APPLY_WAIT_S = 10.0
+#: a NodePort frontend's rev-NAT index: the service id plus this (ids stay below it)
+NODEPORT_INDEX_OFFSET = 0x8000
+
+
+def lb_options(config) -> dict[str, Any]:
+    given = dict(config.plugin_options.get("lb", {}) or {})
+    unknown = set(given) - set(OPTIONS)
+    if unknown:
+        raise ConfigError(f"plugin_options.lb: unknown option(s) {', '.join(sorted(unknown))} "
+                          f"(known: {', '.join(OPTIONS)})")
+    out = {**OPTIONS, **given}
+    if out["algorithm"] not in ALGORITHMS:
+        raise ConfigError(f"plugin_options.lb.algorithm: {out['algorithm']!r} is not one of "
+                          f"{', '.join(ALGORITHMS)}")
+    try:
+        maglev.check_table_size(out["maglev_table_size"])
+    except Exception as exc:
+        raise ConfigError(f"plugin_options.lb.{exc}") from None
+    if out["acceleration"] not in ("disabled", "native", "generic"):
+        raise ConfigError(f"plugin_options.lb.acceleration: {out['acceleration']!r} is not "
+                          "disabled, native or generic")
+    if not isinstance(out["socket_lb_cgroup"], str):
+        raise ConfigError("plugin_options.lb.socket_lb_cgroup: must be a path")
+    return out
+
+
+def backend_name(ip: str, port: int, protocol: str) -> str:
+    """A backend's name in the Maglev permutation: the same on every node."""
+    return f"{ip}:{port}/{protocol}"
+
+
+class _EndpointEvents:
+    """Local endpoints come and go: NodePort frontends carry only this node's backends."""
+
+    def __init__(self, lb: LoadBalancer):
+        self.lb = lb
+
+    @hookimpl
+    def pylium_endpoint_created(self, endpoint: Any) -> None:
+        self.lb.refresh_nodeports()
+
+    @hookimpl
+    def pylium_endpoint_deleted(self, endpoint: Any) -> None:
+        self.lb.refresh_nodeports()
+
+
+class LoadBalancer:
+    def __init__(self, daemon, options: dict[str, Any]):
+        self.daemon = daemon
+        self.options = options
+        self.node_ip = daemon.config.node_ip or ""
+        self.nodeport_device: str | None = None
+        self.socket_lb = None
+        self.xdp = None
+        self.xdp_mode: str | None = None
+        self._background: set[asyncio.Task] = set()
+        self._events = _EndpointEvents(self)
+        self.store = ServiceStore(daemon.kvstore)
+        datapath = daemon.components.get("datapath")
+        self.maps = None
+        if datapath is not None:
+            from pylium.datapath.lb import LbMaps
+
+            self.maps = LbMaps(datapath.root)
+            self.datapath = datapath
+        self.seed = ""
+        #: services as applied to this node's maps, by name
+        self.applied: dict[str, Service] = {}
+        #: (ip, port, proto number) -> backend id in lb4_backends
+        self.backend_ids: dict[tuple[str, int, int], int] = {}
+        self._last_backend_id = 0
+        self.events = {"add": 0, "update": 0, "delete": 0, "errors": 0}
+        self.mirror = PrefixMirror(daemon.kvstore, SVC_PREFIX, self._changed,
+                                   on_synced=self._synced)
+
+    # lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        self.seed = await self.store.maglev_seed()
+        if self.maps is not None:
+            for backend_id, info in self.maps.dump_backends().items():
+                self.backend_ids[(info["ip"], info["port"], info["proto"])] = backend_id
+        if self.maps is not None:
+            await asyncio.to_thread(self._attach_nodeport)  # netlink: off the event loop
+            if self.options["socket_lb_cgroup"]:
+                from pylium.datapath.sock import SocketLB
+
+                self.socket_lb = SocketLB(self.datapath)
+                # a cgroup that cannot take the programs is a config error: fail start-up
+                self.socket_lb.attach(self.options["socket_lb_cgroup"])
+        self.daemon.plugins.pm.register(self._events, name="pylium.lb.endpoint-events")
+        self.mirror.start()
+        try:
+            async with asyncio.timeout(APPLY_WAIT_S):
+                await self.mirror.synced.wait()
+        except TimeoutError:
+            log.warning("lb: services not listed within %.0fs; applying them when the KV "
+                        "store answers", APPLY_WAIT_S)
+        log.info("lb: %d service(s), selection %s, maglev table size %d", len(self.applied),
+                 self.options["algorithm"], self.options["maglev_table_size"])
+
+    def _attach_nodeport(self) -> None:
+        from pylium.cluster.component import local_address
+        from pylium.datapath.lb import attach_nodeport
+
+        self.node_ip = self.node_ip or local_address()
+        try:
+            self.nodeport_device = attach_nodeport(self.datapath.prog_fds["from_netdev"],
+                                                   self.node_ip)
+        except Exception as exc:
+            log.error("lb: NodePort not available: attaching from_netdev failed: %s", exc)
+            return
+        if self.nodeport_device is not None and self.options["acceleration"] != "disabled":
+            from pylium.datapath import netns as plumbing
+            from pylium.datapath.xdp import NodePortXDP
+
+            self.xdp = NodePortXDP(self.datapath)
+            # asked for and not possible: a config error, not a silent slow path
+            self.xdp_mode = self.xdp.attach(plumbing.link_info(self.nodeport_device).ifindex,
+                                            self.options["acceleration"])
+        if self.nodeport_device is None:
+            log.warning("lb: no interface holds node address %s: NodePort not available",
+                        self.node_ip)
+
+    async def close(self) -> None:
+        if self.daemon.plugins.pm.is_registered(self._events):
+            self.daemon.plugins.pm.unregister(self._events)
+        await self.mirror.close()
+        if self.socket_lb is not None:
+            self.socket_lb.close()  # stays attached, like the tc programs
+        if self.xdp is not None:
+            self.xdp.close()
+        if self.maps is not None:
+            self.maps.close()  # the maps stay pinned: translation goes on without us
+
+    # following the store ---------------------------------------------------------------
+    def _changed(self, key: str, old: bytes | None, new: bytes | None) -> None:
+        name = key[len(SVC_PREFIX):]
+        try:
+            if new is None:
+                self._remove(name)
+                self.events["delete"] += 1
+            else:
+                self._apply(decode(key, new))
+                self.events["update" if old is not None else "add"] += 1
+        except Exception:
+            self.events["errors"] += 1
+            raise
+
+    def _synced(self) -> None:
+        """After a (re)list: drop frontends the maps hold that no service names any more
+        (deleted while this agent was down)."""
+        if self.maps is None:
+            return
+        wanted = {(str(s.frontend), s.id) for s in self.applied.values()}
+        wanted |= {(f"{self.node_ip}:{s.node_port}/{s.frontend.protocol}",
+                    s.id + NODEPORT_INDEX_OFFSET) for s in self.applied.values() if s.node_port}
+        for row in self.maps.dump():
+            if (row["frontend"], row["id"]) not in wanted:
+                ip, _, rest = row["frontend"].partition(":")
+                port, _, proto = rest.partition("/")
+                self.maps.delete_service(row["id"], ip, int(port), PROTOCOLS[proto])
+                log.info("lb: removed stale frontend %s (id %d)", row["frontend"], row["id"])
+        self._collect_backends()
+
+    def _backend_id(self, ip: str, port: int, proto: int) -> int:
+        key = (ip, port, proto)
+        if key not in self.backend_ids:
+            # never the id of a backend just removed: its flows' conntrack entries still
+            # name it and must find it gone (and pick again), not find a stranger
+            self._last_backend_id = max(self._last_backend_id,
+                                        *self.backend_ids.values(), 0) + 1
+            self.backend_ids[key] = self._last_backend_id
+        return self.backend_ids[key]
+
+    def _apply(self, svc: Service) -> None:
+        old = self.applied.get(svc.name)
+        fe = svc.frontend
+        proto = fe.proto_number
+        if self.maps is not None:
+            if old is not None and (old.frontend != fe or old.id != svc.id):
+                self.maps.delete_service(old.id, old.frontend.ip, old.frontend.port,
+                                         old.frontend.proto_number)
+            for b in svc.backends:
+                self.maps.upsert_backend(self._backend_id(b.ip, b.port, proto), b.ip, b.port,
+                                         proto, b.state)
+            active = [b for b in svc.backends if b.state == "active"]
+            ids = [self._backend_id(b.ip, b.port, proto) for b in active]
+            algorithm = svc.algorithm or self.options["algorithm"]
+            lut = None
+            if algorithm == "maglev" and active:
+                lut = [ids[i] for i in self._maglev_indexes(active, fe.protocol)]
+            from pylium.datapath.maps.lb import ALGORITHMS as ALG_NUMBERS
+
+            self.maps.upsert_service(svc.id, fe.ip, fe.port, proto, ids,
+                                     algorithm=ALG_NUMBERS[algorithm], lut=lut,
+                                     affinity_timeout=svc.affinity_timeout,
+                                     nodeport=svc.type == "NodePort",
+                                     local=svc.traffic_policy == "Local")
+            self._apply_nodeport(svc, old)
+            if old is not None and self.socket_lb is not None and fe.protocol == "UDP":
+                self._reset_udp_sockets(old, svc)
+        self.applied[svc.name] = svc
+        self._collect_backends()
+        log.info("lb: service %s (id %d) %s -> %d backend(s)", svc.name, svc.id, fe,
+                 len(svc.backends))
+
+    def _local_ips(self) -> set[str]:
+        manager = self.daemon.components.get("endpoint")
+        return {str(ep.ipv4) for ep in manager.list()} if manager is not None else set()
+
+    def _apply_nodeport(self, svc: Service, old: Service | None) -> None:
+        """The node's own frontend (node address, node_port). Local: only this node's
+        backends, the client's address kept. Cluster: every backend; one on another node
+        is reached with the source NATed to this node's address (the datapath's
+        nodeport_snat_forward), a local one keeps the client's address."""
+        if old is not None and old.node_port and (old.node_port != svc.node_port
+                                                  or old.frontend.protocol
+                                                  != svc.frontend.protocol):
+            self.maps.delete_service(old.id + NODEPORT_INDEX_OFFSET, self.node_ip,
+                                     old.node_port, old.frontend.proto_number)
+        if not svc.node_port or not self.node_ip:
+            return
+        fe = svc.frontend
+        local = self._local_ips()
+        active = [b for b in svc.backends if b.state == "active"
+                  and (svc.traffic_policy == "Cluster" or b.ip in local)]
+        ids = [self._backend_id(b.ip, b.port, fe.proto_number) for b in active]
+        algorithm = svc.algorithm or self.options["algorithm"]
+        lut = ([ids[i] for i in self._maglev_indexes(active, fe.protocol)]
+               if algorithm == "maglev" and active else None)
+        from pylium.datapath.maps.lb import ALGORITHMS as ALG_NUMBERS
+
+        self.maps.upsert_service(svc.id + NODEPORT_INDEX_OFFSET, self.node_ip, svc.node_port,
+                                 fe.proto_number, ids, algorithm=ALG_NUMBERS[algorithm],
+                                 lut=lut, affinity_timeout=svc.affinity_timeout,
+                                 nodeport=True, local=svc.traffic_policy == "Local")
+
+    def refresh_nodeports(self) -> None:
+        if self.maps is None:
+            return
+        for svc in list(self.applied.values()):
+            if svc.node_port:
+                try:
+                    self._apply_nodeport(svc, svc)
+                except Exception:
+                    log.exception("lb: refreshing NodePort of %s failed", svc.name)
+
+    def _maglev_indexes(self, active, protocol: str) -> list[int]:
+        return maglev.compute_table([backend_name(b.ip, b.port, protocol) for b in active],
+                                    self.options["maglev_table_size"], self.seed)
+
+    def maglev_table(self, svc: Service) -> list[str]:
+        """The service's Maglev table as backend addresses, as every node computes it."""
+        active = [b for b in svc.backends if b.state == "active"]
+        return [active[i].address for i in self._maglev_indexes(active, svc.frontend.protocol)]
+
+    def _reset_udp_sockets(self, old: Service, new: Service) -> None:
+        """Backends that left selection: pods' connected UDP sockets to them are destroyed
+        so their owners reconnect (socket LB picks again)."""
+        still = {b.address for b in new.backends if b.state == "active"}
+        gone = [b for b in old.backends if b.state == "active" and b.address not in still]
+        manager = self.daemon.components.get("endpoint")
+        if not gone or manager is None:
+            return
+        netns = [ep.netns for ep in manager.list() if ep.netns]
+
+        def destroy() -> None:
+            from pylium.datapath.sock import destroy_udp_sockets
+
+            for ns in netns:
+                for b in gone:
+                    try:
+                        n = destroy_udp_sockets(ns, b.ip, b.port)
+                    except Exception as exc:
+                        log.warning("lb: %s", exc)
+                        continue
+                    if n:
+                        log.info("lb: %d UDP socket(s) to %s reset in %s", n, b.address, ns)
+
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(destroy))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _remove(self, name: str) -> None:
+        old = self.applied.pop(name, None)
+        if old is None:
+            return
+        if self.maps is not None:
+            self.maps.delete_service(old.id, old.frontend.ip, old.frontend.port,
+                                     old.frontend.proto_number)
+            if old.node_port and self.node_ip:
+                self.maps.delete_service(old.id + NODEPORT_INDEX_OFFSET, self.node_ip,
+                                         old.node_port, old.frontend.proto_number)
+        self._collect_backends()
+        log.info("lb: service %s (id %d) removed", name, old.id)
+
+    def _collect_backends(self) -> None:
+        """Forget backends no applied service names (after the slots that named them).
+        Not before the first full list: services not yet applied still use theirs."""
+        if not self.mirror.synced.is_set():
+            return
+        wanted = {(b.ip, b.port, s.frontend.proto_number)
+                  for s in self.applied.values() for b in s.backends}
+        for key in [k for k in self.backend_ids if k not in wanted]:
+            backend_id = self.backend_ids.pop(key)
+            if self.maps is not None:
+                self.maps.delete_backend(backend_id)
+
+    # API -------------------------------------------------------------------------------
+    async def upsert(self, svc: Service) -> Service:
+        stored = await self.store.put(svc)
+        await self._wait_applied(lambda: self.applied.get(stored.name) == stored)
+        return stored
+
+    async def delete(self, name_or_id: str) -> Service | None:
+        removed = await self.store.delete(name_or_id)
+        if removed is not None:
+            await self._wait_applied(lambda: removed.name not in self.applied)
+        return removed
+
+    async def _wait_applied(self, done) -> None:
+        """The API answers once this node's maps carry the change (other nodes follow
+        through their own watch)."""
+        try:
+            async with asyncio.timeout(APPLY_WAIT_S):
+                while not done():
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            log.warning("lb: change stored but not yet applied after %.0fs", APPLY_WAIT_S)
+
+    def list(self) -> list[Service]:
+        return sorted(self.applied.values(), key=lambda s: s.id)
+
+    def metric_families(self):
+        """Prometheus families, collected at scrape time by the agent's collector."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        events = CounterMetricFamily("pylium_services_events", "Service changes applied "
+                                     "to this node (Cilium: cilium_services_events_total).",
+                                     labels=["action"])
+        for action in ("add", "update", "delete"):
+            events.add_metric([action], self.events[action])
+        yield events
+        yield GaugeMetricFamily("pylium_services", "Services applied to this node.",
+                                value=len(self.applied))
+
+    def status(self) -> dict[str, Any]:
+        return {"services": len(self.applied), "backends": len(self.backend_ids),
+                "algorithm": self.options["algorithm"],
+                "maglev_table_size": self.options["maglev_table_size"],
+                "events": dict(self.events), "datapath": self.maps is not None,
+                "nodeport_device": self.nodeport_device,
+                "socket_lb_cgroup": self.options["socket_lb_cgroup"] or None,
+                "acceleration": self.xdp_mode or "disabled"}
+
+
+async def start(daemon) -> LoadBalancer | None:
+    if daemon.kvstore is None:
+        return None
+    lb = LoadBalancer(daemon, lb_options(daemon.config))
+    await lb.start()
+    return lb

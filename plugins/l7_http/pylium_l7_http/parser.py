@@ -1,0 +1,554 @@
+"""HTTP/1.1 inside the proxy process: one `HttpConnection` per redirected connection.
+
+Heads (request line / status line and headers) are parsed by httptools (llhttp); the proxy
+decides on the head and then streams the body: a Content-Length body is one `PASS n`, a
+chunked body is walked chunk by chunk (each chunk's data one `PASS n`), so a body of any
+size never sits in memory. Responses must go back in request order: a local answer (403)
+to a pipelined request waits in `pending` until the responses before it have ended."""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import httptools
+from pylium.l7.parser import (
+    CLOSE,
+    DROP,
+    INJECT,
+    INSERT,
+    MORE,
+    PASS,
+    ConnectionInfo,
+    ConnectionParser,
+    Emit,
+    Grant,
+    GrantsNow,
+    Op,
+    ParserFactory,
+)
+from pylium.policy.http import SUPPORTED_MISMATCH, HeaderMatch, PortRuleHTTP
+
+#: the largest request/response head accepted (Envoy's default max_request_headers_kb is 60)
+MAX_HEAD = 64 * 1024
+#: header values never copied into flows
+REDACTED = {"authorization", "proxy-authorization", "cookie", "set-cookie"}
+ACCESS_DENIED = b"Access denied\r\n"
+
+
+class BadMessage(Exception):
+    """The bytes are not HTTP/1.x we can frame safely: answered 400 (requests) or the
+    connection is closed (responses)."""
+
+
+# rules --------------------------------------------------------------------------------------
+
+def rule_from_json(data: Mapping[str, Any]) -> PortRuleHTTP:
+    """A `PortRuleHTTP` from the agent's JSON (attrs field names)."""
+    known = {"method", "path", "host", "headers", "header_matches"}
+    extra = set(data) - known
+    if extra:
+        raise ValueError(f"unknown HTTP rule field(s) {sorted(extra)}")
+    matches = []
+    for m in data.get("header_matches") or ():
+        match = HeaderMatch(**m)
+        if match.mismatch not in SUPPORTED_MISMATCH:
+            raise ValueError(f"headerMatches mismatch {match.mismatch!r} is not enforced")
+        matches.append(match)
+    return PortRuleHTTP(method=data.get("method", ""), path=data.get("path", ""),
+                        host=data.get("host", ""), headers=tuple(data.get("headers") or ()),
+                        header_matches=tuple(matches))
+
+
+@attrs.frozen
+class Judgement:
+    allowed: bool
+    rule: str = ""
+    #: header names a `mismatch: LOG` headerMatch found missing or different
+    logged: tuple[str, ...] = ()
+
+
+def judge(grants: tuple[Grant, ...] | None, method: str, path: str, host: str,
+          headers: Mapping[str, str]) -> Judgement:
+    """Allowed when any grant allows every request or any of its rules matches."""
+    for grant in grants or ():
+        if grant.allow_all:
+            return Judgement(True, grant.rule)
+        for rule in grant.rules:
+            logged = rule.check(method, path, host, dict(headers))
+            if logged is not None:
+                return Judgement(True, grant.rule, tuple(logged))
+    return Judgement(False)
+
+
+# heads --------------------------------------------------------------------------------------
+
+@attrs.define
+class Head:
+    """One parsed request or response head."""
+
+    size: int
+    version: str = "1.1"
+    method: str = ""
+    url: str = ""
+    status: int = 0
+    headers: list[tuple[str, str]] = attrs.field(factory=list)
+    keep_alive: bool = True
+    upgrade: bool = False
+
+    #: lower-case name -> values in order (built once per head: framing and rules ask)
+    by_name: dict[str, list[str]] = attrs.field(factory=dict)
+
+    def get(self, name: str) -> str | None:
+        found = self.by_name.get(name.lower())
+        return found[0] if found else None
+
+    def all(self, name: str) -> list[str]:
+        return self.by_name.get(name.lower(), [])
+
+
+class _Collector:
+    """httptools callbacks: keep the pieces of one head."""
+
+    def __init__(self):
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:  # whole name and value
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def find_head_end(data: bytes | memoryview) -> int:
+    """Bytes up to and including the blank line ending the head, or -1."""
+    found = data.find(b"\r\n\r\n", 0, MAX_HEAD + 4) if isinstance(data, bytes) else \
+        bytes(data[:MAX_HEAD + 4]).find(b"\r\n\r\n")
+    return found + 4 if found >= 0 else -1
+
+
+def parse_head(data: bytes, response: bool) -> Head:
+    """Parse exactly one head (`data` ends with its blank line); BadMessage if invalid."""
+    collector = _Collector()
+    parser = (httptools.HttpResponseParser if response else httptools.HttpRequestParser)(
+        collector)
+    try:
+        parser.feed_data(data)
+    except httptools.HttpParserUpgrade:
+        pass  # the head is complete; what follows belongs to another protocol
+    except httptools.HttpParserError as exc:
+        # llhttp pauses after the head of a 101 / CONNECT answer: the head itself is fine
+        if not (collector.complete and "upgrade" in str(exc).lower()):
+            raise BadMessage(str(exc) or type(exc).__name__) from None
+    if not collector.complete:
+        raise BadMessage("incomplete head")
+    headers = [(k.decode("latin-1"), v.decode("latin-1").strip(" \t"))
+               for k, v in collector.headers]
+    by_name: dict[str, list[str]] = {}
+    for key, value in headers:
+        by_name.setdefault(key.lower(), []).append(value)
+    head = Head(size=len(data), version=parser.get_http_version(),
+                keep_alive=parser.should_keep_alive(), upgrade=parser.should_upgrade(),
+                headers=headers, by_name=by_name)
+    if response:
+        try:
+            head.status = int(bytes(data[9:12]))
+        except ValueError:
+            raise BadMessage("bad status code") from None
+    else:
+        head.method = parser.get_method().decode("ascii", "replace")
+        head.url = collector.url.decode("latin-1")
+    return head
+
+
+def body_framing(head: Head, response: bool, request_method: str = "") -> tuple[str, int]:
+    """("none"|"length"|"chunked"|"close", length) as RFC 9112 section 6.3 says; refuses
+    what a smuggling attack needs (Transfer-Encoding with Content-Length, a non-chunked
+    final coding on a request, differing Content-Lengths)."""
+    if response and (request_method == "HEAD" or 100 <= head.status < 200
+                     or head.status in (204, 304)):
+        return "none", 0
+    if response and request_method == "CONNECT" and 200 <= head.status < 300:
+        return "close", 0
+    encodings = [e.strip().lower() for v in head.all("transfer-encoding") for e in v.split(",")
+                 if e.strip()]
+    lengths = {v.strip() for v in head.all("content-length") for v in v.split(",")}
+    if encodings:
+        if lengths:
+            raise BadMessage("both Transfer-Encoding and Content-Length")
+        if encodings[-1] == "chunked" and encodings.count("chunked") == 1:
+            return "chunked", 0
+        if response:
+            return "close", 0
+        raise BadMessage(f"unsupported Transfer-Encoding {', '.join(encodings)}")
+    if lengths:
+        if len(lengths) > 1:
+            raise BadMessage("conflicting Content-Length values")
+        value = lengths.pop()
+        if not value.isdigit() or len(value) > 18:
+            raise BadMessage(f"bad Content-Length {value!r}")
+        return "length", int(value)
+    return ("close", 0) if response else ("none", 0)
+
+
+class ChunkedBody:
+    """Walks chunked framing (size line, data, CRLF, ..., last chunk, trailers), telling
+    the caller how many bytes each step spans; chunk data is never looked at."""
+
+    def __init__(self):
+        self.state = "size"
+        self.done = False
+
+    def step(self, data: bytes | memoryview) -> tuple[int, int] | None:
+        """(framing bytes to pass, chunk data bytes to pass after them), or None = more."""
+        if self.state == "size":
+            line_end = bytes(data[:1026]).find(b"\r\n")
+            if line_end < 0:
+                if len(data) > 1024:
+                    raise BadMessage("chunk size line too long")
+                return None
+            size_text = bytes(data[:line_end]).split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise BadMessage(f"bad chunk size {size_text[:20]!r}") from None
+            if not size_text or size_text[:1] in (b"+", b"-") or size_text.startswith(b"0x"):
+                raise BadMessage(f"bad chunk size {size_text[:20]!r}")
+            if size == 0:
+                self.state = "trailers"
+                return line_end + 2, 0
+            self.state = "crlf"
+            return line_end + 2, size
+        if self.state == "crlf":
+            if len(data) < 2:
+                return None
+            if bytes(data[:2]) != b"\r\n":
+                raise BadMessage("chunk data not followed by CRLF")
+            self.state = "size"
+            return 2, 0
+        # trailers: header lines until an empty line
+        line_end = bytes(data[:MAX_HEAD]).find(b"\r\n")
+        if line_end < 0:
+            if len(data) > MAX_HEAD:
+                raise BadMessage("trailers too long")
+            return None
+        if line_end == 0:
+            self.done = True
+            self.state = "size"
+        return line_end + 2, 0
+
+
+# one connection -----------------------------------------------------------------------------
+
+@attrs.define
+class Pending:
+    """A response the client is owed, in request order: from the upstream (`local` None)
+    or answered by the proxy (`local` = the bytes)."""
+
+    method: str = ""
+    url: str = ""
+    version: str = "1.1"
+    started_ns: int = 0
+    local: bytes | None = None
+    close_after: bool = False
+
+
+def local_reply(status: int, reason: str, body: bytes, version: str = "1.1",
+                close: bool = False) -> bytes:
+    head = (f"HTTP/{version} {status} {reason}\r\ncontent-length: {len(body)}\r\n"
+            "content-type: text/plain\r\n")
+    if close:
+        head += "connection: close\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+def flow_headers(head: Head) -> list[dict[str, str]]:
+    return [{"key": k, "value": "[redacted]" if k.lower() in REDACTED else v}
+            for k, v in head.headers]
+
+
+class HttpConnection(ConnectionParser):
+    """Request and response state of one client connection."""
+
+    def __init__(self, info: ConnectionInfo, grants: GrantsNow, emit: Emit):
+        self.info = info
+        self.grants = grants
+        self.emit = emit
+        self.pending: collections.deque[Pending] = collections.deque()
+        self.req_state = "head"        # head | chunked | tunnel | closed
+        self.req_chunks: ChunkedBody | None = None
+        self.req_chunk_drop = False
+        self.resp_state = "head"       # head | chunked | finish | close | tunnel
+        self.resp_chunks: ChunkedBody | None = None
+        self.upgrade_pending = False
+
+    # requests -----------------------------------------------------------------------------
+    def on_data(self, reply: bool, data: bytes | memoryview, end_stream: bool) -> list[Op]:
+        return self._response(data, end_stream) if reply else self._request(data)
+
+    def _request(self, data: bytes | memoryview) -> list[Op]:
+        if self.req_state == "tunnel":
+            return [PASS(len(data))] if data else [MORE]
+        if self.req_state == "closed":
+            return [DROP(len(data))] if data else [MORE]
+        if self.upgrade_pending:
+            return [MORE]  # bytes after an Upgrade request wait for the 101 (or its refusal)
+        if self.req_state == "chunked":
+            return self._request_chunk(data)
+        return self._request_head(data)
+
+    def _request_head(self, data: bytes | memoryview) -> list[Op]:
+        if not data:
+            return [MORE]
+        end = find_head_end(data)
+        if end < 0:
+            if len(data) > MAX_HEAD:
+                return self._bad_request(len(data), "request head too large", 431,
+                                         "Request Header Fields Too Large")
+            try:  # fail early on garbage instead of waiting for a blank line
+                httptools.HttpRequestParser(_Collector()).feed_data(bytes(data))
+            except httptools.HttpParserUpgrade:
+                pass
+            except httptools.HttpParserError as exc:
+                return self._bad_request(len(data), str(exc) or "malformed request")
+            return [MORE]
+        try:
+            head = parse_head(bytes(data[:end]), response=False)
+            kind, length = body_framing(head, response=False)
+        except BadMessage as exc:
+            return self._bad_request(len(data), str(exc))
+        path, host = self._target(head)
+        verdict = judge(self.grants(), head.method, path, host,
+                        {k: v[0] for k, v in head.by_name.items()})
+        now = time.monotonic_ns()
+        l7 = {"type": "REQUEST",
+              "http": {"method": head.method, "url": self._url(head, host),
+                       "protocol": f"HTTP/{head.version}", "headers": flow_headers(head)}}
+        if verdict.logged:
+            l7["http"]["headers"].append({"key": "x-pylium-header-mismatch",
+                                          "value": ",".join(verdict.logged)})
+        if verdict.allowed:
+            self.emit({"verdict": "FORWARDED", "l7": l7, "rule": verdict.rule})
+            self.pending.append(Pending(head.method, l7["http"]["url"], head.version, now))
+            ops = [PASS(head.size)]
+            if head.upgrade or head.method == "CONNECT":
+                self.upgrade_pending = True
+            ops += self._body(kind, length, drop=False)
+            return ops
+        l7["http"]["code"] = 403
+        self.emit({"verdict": "DROPPED", "l7": l7})
+        expect = (head.get("expect") or "").lower() == "100-continue"
+        close = expect or not head.keep_alive or head.upgrade or head.method == "CONNECT"
+        reply = local_reply(403, "Forbidden", ACCESS_DENIED, head.version, close=close)
+        ops = self._answer(Pending(head.method, l7["http"]["url"], head.version, now,
+                                   local=reply, close_after=close))
+        if close:
+            self.req_state = "closed"
+            return [DROP(len(data)), *ops]
+        return [DROP(head.size), *ops, *self._body(kind, length, drop=True)]
+
+    def _body(self, kind: str, length: int, drop: bool) -> list[Op]:
+        if kind == "length" and length:
+            return [DROP(length) if drop else PASS(length)]
+        if kind == "chunked":
+            self.req_state = "chunked"
+            self.req_chunks = ChunkedBody()
+            self.req_chunk_drop = drop
+        return []
+
+    def _request_chunk(self, data: bytes | memoryview) -> list[Op]:
+        ops: list[Op] = []
+        chunks = self.req_chunks
+        offset = 0
+        op = DROP if self.req_chunk_drop else PASS
+        while True:
+            try:
+                found = chunks.step(data[offset:])
+            except BadMessage as exc:  # part of the request is upstream already: cut it
+                self.req_state = "closed"
+                self.emit({"verdict": "DROPPED", "error": str(exc),
+                           "l7": {"type": "REQUEST", "http": {"code": 400}}})
+                return [*ops, DROP(len(data) - offset), CLOSE]
+            if found is None:
+                return [*ops, MORE] if ops else [MORE]
+            framing, size = found
+            ops.append(op(framing))
+            offset += framing
+            if size:
+                ops.append(op(size))
+                return ops  # the chunk streams; called again when it has passed
+            if chunks.done:
+                self.req_state = "head"
+                return ops
+
+    def _bad_request(self, size: int, reason: str, status: int = 400,
+                     text: str = "Bad Request") -> list[Op]:
+        self.req_state = "closed"
+        self.emit({"verdict": "DROPPED", "error": reason,
+                   "l7": {"type": "REQUEST", "http": {"code": status}}})
+        reply = local_reply(status, text, f"{reason}\r\n".encode(), close=True)
+        return [DROP(size), *self._answer(Pending(local=reply, close_after=True))]
+
+    def _answer(self, pending: Pending) -> list[Op]:
+        """A local reply now, or queued behind the responses still owed."""
+        if self.pending:
+            self.pending.append(pending)
+            return []
+        return [INJECT(pending.local), *([CLOSE] if pending.close_after else [])]
+
+    def _target(self, head: Head) -> tuple[str, str]:
+        """(path as Envoy's `:path` — with the query —, host as `:authority`)."""
+        host = head.get("host") or ""
+        url = head.url
+        if url.startswith(("http://", "https://")):
+            try:
+                parsed = httptools.parse_url(url.encode("latin-1"))
+            except httptools.HttpParserInvalidURLError:
+                return url, host
+            authority = (parsed.host or b"").decode("latin-1")
+            if parsed.port:
+                authority += f":{parsed.port}"
+            path = (parsed.path or b"/").decode("latin-1")
+            if parsed.query:
+                path += "?" + parsed.query.decode("latin-1")
+            return path, authority or host
+        return url, host
+
+    def _url(self, head: Head, host: str) -> str:
+        if head.url.startswith(("http://", "https://")) or not host:
+            return head.url
+        return f"http://{host}{head.url}"
+
+    # responses ----------------------------------------------------------------------------
+    def _response(self, data: bytes | memoryview, end_stream: bool) -> list[Op]:
+        if self.resp_state == "tunnel":
+            return [PASS(len(data))] if data else [MORE]
+        if self.resp_state == "close":  # body until the upstream closes
+            if data:
+                return [PASS(len(data))]
+            return [*self._finish_response(), CLOSE] if end_stream else [MORE]
+        if self.resp_state == "finish":
+            ops = self._finish_response()
+            if ops and ops[-1] is CLOSE:
+                return ops
+            return [*ops, *self._response(data, end_stream)]
+        if self.resp_state == "chunked":
+            return self._response_chunk(data)
+        if not data:
+            return [MORE]
+        end = find_head_end(data)
+        if end < 0:
+            if len(data) > MAX_HEAD:
+                return self._bad_response(len(data), "response head too large")
+            return [MORE]
+        try:
+            head = parse_head(bytes(data[:end]), response=True)
+            request = self.pending[0] if self.pending and self.pending[0].local is None \
+                else Pending()
+            kind, length = body_framing(head, True, request.method)
+        except BadMessage as exc:
+            return self._bad_response(len(data), str(exc))
+        if 100 <= head.status < 200 and head.status != 101:
+            return [PASS(head.size)]  # interim (100 Continue): the final response follows
+        latency = time.monotonic_ns() - request.started_ns if request.started_ns else 0
+        self.emit({"verdict": "FORWARDED", "is_reply": True, "l7": {
+            "type": "RESPONSE", "latency_ns": latency,
+            "http": {"code": head.status, "method": request.method, "url": request.url,
+                     "protocol": f"HTTP/{head.version}", "headers": flow_headers(head)}}})
+        ops = [PASS(head.size)]
+        if self.upgrade_pending and len(self.pending) == 1:
+            self.upgrade_pending = False
+            if head.status == 101 or (request.method == "CONNECT" and 200 <= head.status < 300):
+                self.resp_state = self.req_state = "tunnel"
+                self.pending.popleft()
+                return ops
+            # refused upgrade: HTTP goes on; bytes the client sent early are requests again
+        if kind == "length":
+            if length:
+                self.resp_state = "finish"
+                return [*ops, PASS(length)]
+            return [*ops, *self._finish_response()]
+        if kind == "chunked":
+            self.resp_state = "chunked"
+            self.resp_chunks = ChunkedBody()
+            return ops
+        if kind == "close":
+            self.resp_state = "close"
+            return ops
+        return [*ops, *self._finish_response()]
+
+    def _response_chunk(self, data: bytes | memoryview) -> list[Op]:
+        ops: list[Op] = []
+        offset = 0
+        while True:
+            try:
+                found = self.resp_chunks.step(data[offset:])
+            except BadMessage as exc:
+                return [*ops, *self._bad_response(len(data) - offset, str(exc), started=True)]
+            if found is None:
+                return [*ops, MORE] if ops else [MORE]
+            framing, size = found
+            ops.append(PASS(framing))
+            offset += framing
+            if size:
+                ops.append(PASS(size))
+                return ops
+            if self.resp_chunks.done:
+                return [*ops, *self._finish_response()]
+
+    def _finish_response(self) -> list[Op]:
+        """The response at the head of the queue has been passed whole: emit the local
+        replies that waited for it."""
+        self.resp_state = "head"
+        if self.pending and self.pending[0].local is None:
+            self.pending.popleft()
+        ops: list[Op] = []
+        while self.pending and self.pending[0].local is not None:
+            local = self.pending.popleft()
+            ops.append(INSERT(local.local))
+            if local.close_after:
+                ops.append(CLOSE)
+                break
+        return ops
+
+    def _bad_response(self, size: int, reason: str, started: bool = False) -> list[Op]:
+        self.emit({"verdict": "DROPPED", "is_reply": True, "error": reason,
+                   "l7": {"type": "RESPONSE", "http": {"code": 502}}})
+        if started:
+            return [DROP(size), CLOSE]
+        reply = local_reply(502, "Bad Gateway", f"upstream: {reason}\r\n".encode(), close=True)
+        return [DROP(size), INSERT(reply), CLOSE]
+
+    def on_upstream_failure(self, reason: str) -> list[Op]:
+        """The original destination could not be reached: 503 with the reason."""
+        self.req_state = "closed"
+        request = self.pending[0] if self.pending else Pending()
+        self.emit({"verdict": "DROPPED", "is_reply": True, "error": reason, "l7": {
+            "type": "RESPONSE", "http": {"code": 503, "method": request.method,
+                                         "url": request.url,
+                                         "protocol": f"HTTP/{request.version}"}}})
+        self.pending.clear()
+        return [INJECT(local_reply(503, "Service Unavailable",
+                                   f"upstream connect error: {reason}\r\n".encode(),
+                                   close=True)), CLOSE]
+
+
+class HttpParserFactory(ParserFactory):
+    """`pylium_l7_http.parser:HttpParserFactory`, the spec the backend spawns the proxy with."""
+
+    protocol = "http"
+
+    def rules_from_json(self, rules: list[Mapping[str, Any]]) -> tuple[PortRuleHTTP, ...]:
+        return tuple(rule_from_json(r) for r in rules)
+
+    def new_connection(self, info: ConnectionInfo, grants: GrantsNow,
+                       emit: Emit) -> HttpConnection:
+        return HttpConnection(info, grants, emit)

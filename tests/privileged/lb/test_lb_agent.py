@@ -1,0 +1,334 @@
+"""Services through a real agent: `pylium service add/list/delete` over the API, the lb
+component writing the maps, pods in lab netns reaching the VIP (TCP, UDP, hairpin),
+backend removal, and two agents sharing one KV store that both apply a service added on
+one of them and compute the same Maglev table."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pylium.lab.lab import Lab
+
+from ..endpoint.eplab import make_lab
+from .conftest import CLIENT, SERVER
+
+VIP = "10.96.9.10"
+PYLIUM = str(Path(sys.executable).with_name("pylium"))
+
+
+def cli(lab: Lab, *args: str, node: str | None = None, check: bool = True):
+    proc = subprocess.run([PYLIUM, "-H", lab.node(node)["socket"], *args],
+                          capture_output=True, text=True, timeout=60)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def answers(lab: Lab, pod: str, proto: str, ip: str, port: int, count: int = 1) -> list[str]:
+    proc = lab.exec(pod, [sys.executable, str(CLIENT), proto, ip, str(port), str(count)],
+                    timeout=20 + 3 * count)
+    return proc.stdout.splitlines()
+
+
+def served_by(lines: list[str]) -> collections.Counter:
+    return collections.Counter(line.split()[0] for line in lines)
+
+
+def serve(lab: Lab, pod: str, port: int = 8080) -> None:
+    lab.start_server(pod, [sys.executable, str(SERVER), pod, str(port)], port=port)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    lab = make_lab()
+    try:
+        for name in ("client", "web1", "web2"):
+            lab.add_pod(name, {"app": name})
+        for name in ("client", "web1", "web2"):
+            serve(lab, name)
+        yield lab
+    finally:
+        lab.down()
+
+
+def ip(lab: Lab, pod: str) -> str:
+    return lab.pod(pod)["ip"]
+
+
+def test_clusterip_through_the_cli_tcp_udp_and_listing(lab):
+    w1, w2 = ip(lab, "web1"), ip(lab, "web2")
+    cli(lab, "service", "add", "--name", "default/web", "--frontend", f"{VIP}:80",
+        "--backend", f"{w1}:8080", "--backend", f"{w2}:8080")
+    cli(lab, "service", "add", "--name", "default/dns", "--frontend", f"{VIP}:53/UDP",
+        "--backend", f"{w1}:8080", "--backend", f"{w2}:8080")
+    try:
+        listed = json.loads(cli(lab, "service", "list", "-o", "json").stdout)
+        web = next(s for s in listed if s["spec"]["flags"]["name"] == "web")
+        assert web["spec"]["frontend-address"] == {"ip": VIP, "port": 80, "protocol": "TCP",
+                                                   "scope": "external"}
+        assert [b["ip"] for b in web["spec"]["backend-addresses"]] == [w1, w2]
+        table = cli(lab, "service", "list").stdout
+        assert "Frontend" in table and "Service Type" in table
+        assert f"1 => {w1}:8080/TCP (active)" in table
+        bpf = json.loads(cli(lab, "bpf", "lb", "list", "-o", "json").stdout)
+        assert {r["frontend"] for r in bpf} >= {f"{VIP}:80/TCP", f"{VIP}:53/UDP"}
+
+        tcp = answers(lab, "client", "tcp", VIP, 80, 16)
+        assert set(served_by(tcp)) == {"web1", "web2"}, tcp
+        assert {line.split()[1] for line in tcp} == {ip(lab, "client")}
+        udp = answers(lab, "client", "udp", VIP, 53, 12)
+        assert set(served_by(udp)) == {"web1", "web2"}, udp
+
+        # web1 leaves the service: new flows all go to web2
+        cli(lab, "service", "add", "--name", "default/web", "--frontend", f"{VIP}:80",
+            "--backend", f"{w2}:8080")
+        assert served_by(answers(lab, "client", "tcp", VIP, 80, 8)) == {"web2": 8}
+    finally:
+        cli(lab, "service", "delete", "default/web", check=False)
+        cli(lab, "service", "delete", "default/dns", check=False)
+    # deleted: the VIP no longer answers, and the maps no longer hold it
+    assert answers(lab, "client", "tcp", VIP, 80) == ["ERR TimeoutError"]
+    assert json.loads(cli(lab, "bpf", "lb", "list", "-o", "json").stdout) == []
+
+
+def test_hairpin_and_bad_input(lab):
+    c = ip(lab, "client")
+    cli(lab, "service", "add", "--name", "default/self", "--frontend", f"{VIP}:81",
+        "--backend", f"{c}:8080")
+    try:
+        assert answers(lab, "client", "tcp", VIP, 81, 3) == ["client 169.254.42.1"] * 3
+        assert answers(lab, "web1", "tcp", VIP, 81) == [f"client {ip(lab, 'web1')}"]
+        bad = cli(lab, "service", "add", "--name", "default/x", "--frontend", "10.96.9.300:80",
+                  check=False)
+        assert bad.returncode != 0 and "not an IPv4 address" in bad.stderr
+        assert "Traceback" not in bad.stderr
+        dup = cli(lab, "service", "add", "--name", "default/y", "--frontend", f"{VIP}:81",
+                  check=False)
+        assert dup.returncode != 0 and "already service default/self" in dup.stderr
+        missing = cli(lab, "service", "delete", "default/nope", check=False)
+        assert missing.returncode != 0 and "no service" in missing.stderr
+    finally:
+        cli(lab, "service", "delete", "default/self", check=False)
+
+
+def test_backends_change_while_a_client_loops_without_errors(lab):
+    """Backends added, removed, marked terminating while new connections keep coming: no
+    connection fails (every backend server stays up, so any error would be the update's
+    fault: a slot naming a missing backend, an empty window)."""
+    w1, w2, c = ip(lab, "web1"), ip(lab, "web2"), ip(lab, "client")
+
+    def put(*backends):
+        body = {"frontend": f"{VIP}:93", "backends": list(backends)}
+        lab.client().put("/v1/service/default/churn", body)
+
+    put(f"{w1}:8080")
+    loop = subprocess.Popen(lab.exec_argv("client", [sys.executable, str(CLIENT), "tcp", VIP,
+                                                     "93", "1000000"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for backends in ([f"{w1}:8080", f"{w2}:8080"], [f"{w2}:8080"],
+                         [f"{w2}:8080", f"{c}:8080"],
+                         [{"address": f"{w2}:8080", "state": "terminating"}, f"{c}:8080"],
+                         [f"{w1}:8080"]):
+            time.sleep(0.3)
+            put(*backends)
+        time.sleep(0.3)
+        loop.terminate()
+        out, _ = loop.communicate(timeout=30)
+        lines = out.splitlines()[:-1]  # the last one may be cut short
+        assert len(lines) > 200 and not [x for x in lines if x.startswith("ERR")], lines
+        assert set(served_by(lines)) >= {"web1", "web2"}
+        # terminating backends take no new flows: after the last update only web1 serves
+        assert served_by(answers(lab, "client", "tcp", VIP, 93, 6)) == {"web1": 6}
+    finally:
+        loop.kill()
+        lab.client().delete("/v1/service/default/churn")
+
+
+def test_terminating_backend_takes_no_new_flows(lab):
+    w1, w2 = ip(lab, "web1"), ip(lab, "web2")
+    lab.client().put("/v1/service/default/drain", {
+        "frontend": f"{VIP}:94",
+        "backends": [f"{w1}:8080", {"address": f"{w2}:8080", "state": "terminating"}]})
+    try:
+        assert served_by(answers(lab, "client", "tcp", VIP, 94, 10)) == {"web1": 10}
+        listed = json.loads(cli(lab, "service", "list", "-o", "json").stdout)
+        states = {b["ip"]: b["state"] for s in listed if s["spec"]["id"]
+                  for b in s["spec"]["backend-addresses"] if s["spec"]["flags"]["name"] == "drain"}
+        assert states == {w1: "active", w2: "terminating"}
+    finally:
+        lab.client().delete("/v1/service/default/drain")
+
+
+def test_nodeport_from_the_world_keeps_the_client_address(lab):
+    w1, w2 = ip(lab, "web1"), ip(lab, "web2")
+    node_ip = lab.node()["ip"]
+    world_ip = lab.status()["world"]["ip"]
+    for proto in ("TCP", "UDP"):
+        cli(lab, "service", "add", "--name", f"default/np-{proto.lower()}", "--frontend",
+            f"{VIP}:90/{proto}", "--backend", f"{w1}:8080", "--backend", f"{w2}:8080",
+            "--type", "NodePort", "--node-port", "30080", "--traffic-policy", "Local")
+    try:
+        table = cli(lab, "service", "list").stdout
+        assert "NodePort" in table and "(node):30080/TCP" in table
+        got = answers(lab, "world", "tcp", node_ip, 30080, 16)
+        assert set(served_by(got)) == {"web1", "web2"}, got
+        assert {line.split()[1] for line in got} == {world_ip}  # client address kept
+        got = answers(lab, "world", "udp", node_ip, 30080, 10)
+        assert set(served_by(got)) == {"web1", "web2"}, got
+        # the ClusterIP frontend of a NodePort service serves pods as before
+        assert served_by(answers(lab, "client", "tcp", VIP, 90, 4)).keys() <= {"web1", "web2"}
+    finally:
+        cli(lab, "service", "delete", "default/np-tcp", check=False)
+        cli(lab, "service", "delete", "default/np-udp", check=False)
+    assert answers(lab, "world", "tcp", node_ip, 30080) != ["web1 " + world_ip]
+
+
+def test_agent_kill_and_restart_keeps_the_service_and_its_open_connection(lab):
+    w1 = ip(lab, "web1")
+    lab.start_server("web1", ["iperf3", "-s", "-p", "5201"], port=5201)
+    cli(lab, "service", "add", "--name", "default/perf", "--frontend", f"{VIP}:5201",
+        "--backend", f"{w1}:5201")
+    cli(lab, "service", "add", "--name", "default/side", "--frontend", f"{VIP}:82",
+        "--backend", f"{ip(lab, 'web2')}:8080")
+    try:
+        before = json.loads(cli(lab, "bpf", "lb", "list", "-o", "json").stdout)
+        stream = subprocess.Popen(
+            lab.exec_argv("client", ["iperf3", "-c", VIP, "-p", "5201", "-t", "6", "-J"]),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2)
+        agent_pid = lab.node()["agent_pid"]
+        os.kill(agent_pid, signal.SIGKILL)
+        time.sleep(0.5)
+        # no agent: the pinned maps keep translating new connections too
+        assert answers(lab, "client", "tcp", VIP, 82) == [f"web2 {ip(lab, 'client')}"]
+        lab.start_agent(lab.node())
+        out, err = stream.communicate(timeout=30)
+        assert stream.returncode == 0, err
+        result = json.loads(out)
+        assert "error" not in result, result.get("error")
+        assert result["end"]["sum_received"]["bytes"] > 0
+        assert result["start"]["connected"][0]["remote_host"] == VIP
+        # the restarted agent adopted the maps: same frontends, same backend ids
+        assert json.loads(cli(lab, "bpf", "lb", "list", "-o", "json").stdout) == before
+    finally:
+        cli(lab, "service", "delete", "default/perf", check=False)
+        cli(lab, "service", "delete", "default/side", check=False)
+
+
+@pytest.fixture(scope="module")
+def lab2():
+    subprocess.run("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf", shell=True,
+                   check=True)
+    lab = Lab("l" + secrets.token_hex(3))
+    try:
+        lab.up(nodes=2, routing="vxlan")
+        lab.add_pod("client", {"app": "client"}, node="node1")
+        lab.add_pod("near", {"app": "web"}, node="node1")
+        lab.add_pod("far", {"app": "web"}, node="node2")
+        for name in ("near", "far"):
+            serve(lab, name)
+        yield lab
+    finally:
+        lab.down()
+
+
+def _maglev_by_address(lab: Lab, node: str) -> list[str]:
+    """The node's Maglev table for the one maglev service, as backend addresses."""
+    rows = json.loads(cli(lab, "bpf", "lb", "list", "-o", "json", node=node).stdout)
+    addresses = {b["backend_id"]: b["address"] for r in rows for b in r["backends"]}
+    tables = json.loads(cli(lab, "bpf", "lb", "maglev", "list", "-o", "json", node=node).stdout)
+    assert len(tables) == 1
+    return [addresses[i] for i in tables[0]["table"]]
+
+
+def test_service_added_on_one_node_works_on_the_other_with_the_same_maglev_table(lab2):
+    near, far = ip(lab2, "near"), ip(lab2, "far")
+    cli(lab2, "service", "add", "--name", "default/mag", "--frontend", f"{VIP}:80",
+        "--backend", f"{near}:8080", "--backend", f"{far}:8080", "--algorithm", "maglev",
+        node="node2")
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            listed = json.loads(cli(lab2, "service", "list", "-o", "json", node="node1").stdout)
+            if listed:
+                break
+            time.sleep(0.2)
+        assert listed and listed[0]["spec"]["algorithm"] == "maglev"
+        t1, t2 = _maglev_by_address(lab2, "node1"), _maglev_by_address(lab2, "node2")
+        assert t1 == t2 and len(t1) == 16381 and set(t1) == {f"{near}:8080", f"{far}:8080"}
+        # from a pod on node1: both the local and the cross-node (vxlan) backend answer
+        got = answers(lab2, "client", "tcp", VIP, 80, 20)
+        assert set(served_by(got)) == {"near", "far"}, got
+        assert {line.split()[1] for line in got} == {ip(lab2, "client")}
+    finally:
+        cli(lab2, "service", "delete", "default/mag", node="node1", check=False)
+
+
+def test_nodeport_local_and_cluster_across_two_nodes(lab2):
+    """Local: each node's NodePort reaches only its own backend and the backend sees the
+    client (world) address. Cluster on a node without a backend: forwarded to the other
+    node with the source NATed to the first node's address; replies come back through it."""
+    near, far = ip(lab2, "near"), ip(lab2, "far")
+    world_ip = lab2.status()["world"]["ip"]
+    n1, n2 = lab2.node("node1")["ip"], lab2.node("node2")["ip"]
+    cli(lab2, "service", "add", "--name", "default/np-local", "--frontend", f"{VIP}:91",
+        "--backend", f"{near}:8080", "--backend", f"{far}:8080", "--type", "NodePort",
+        "--node-port", "30091", "--traffic-policy", "Local", node="node1")
+    cli(lab2, "service", "add", "--name", "default/np-cluster", "--frontend", f"{VIP}:92",
+        "--backend", f"{far}:8080", "--type", "NodePort", "--node-port", "30092",
+        node="node1")
+    cli(lab2, "service", "add", "--name", "default/np-cluster-udp", "--frontend",
+        f"{VIP}:92/UDP", "--backend", f"{far}:8080", "--type", "NodePort", "--node-port",
+        "30092", node="node1")
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and len(json.loads(
+                cli(lab2, "service", "list", "-o", "json", node="node2").stdout)) < 3:
+            time.sleep(0.2)
+        assert answers(lab2, "world", "tcp", n1, 30091, 6) == [f"near {world_ip}"] * 6
+        assert answers(lab2, "world", "tcp", n2, 30091, 6) == [f"far {world_ip}"] * 6
+        # Cluster, entering node1 whose only backend is on node2: SNAT to node1
+        got = answers(lab2, "world", "tcp", n1, 30092, 6)
+        assert got == [f"far {n1}"] * 6, got
+        assert answers(lab2, "world", "udp", n1, 30092, 4) == [f"far {n1}"] * 4
+        # entering node2 (backend local there): the client's address is kept
+        assert answers(lab2, "world", "tcp", n2, 30092, 4) == [f"far {world_ip}"] * 4
+    finally:
+        cli(lab2, "service", "delete", "default/np-local", node="node1", check=False)
+        cli(lab2, "service", "delete", "default/np-cluster", node="node1", check=False)
+        cli(lab2, "service", "delete", "default/np-cluster-udp", node="node1", check=False)
+
+
+@pytest.mark.parametrize("routing", ["native", "geneve"])
+def test_clusterip_cross_node_in_other_routing_modes(routing):
+    """The translated packet's destination is a pod IP: each routing mode carries it."""
+    subprocess.run("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf", shell=True,
+                   check=True)
+    lab = Lab("r" + secrets.token_hex(3))
+    try:
+        lab.up(nodes=2, routing=routing)
+        lab.add_pod("client", {"app": "client"}, node="node1")
+        lab.add_pod("far", {"app": "web"}, node="node2")
+        serve(lab, "far")
+        lab.client("node1").put("/v1/service/default/x", {
+            "frontend": f"{VIP}:80", "backends": [f"{ip(lab, 'far')}:8080"]})
+        got = []
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # node2 learns the client's pod from the KV store
+            got = answers(lab, "client", "tcp", VIP, 80, 3)
+            if got == [f"far {ip(lab, 'client')}"] * 3:
+                break
+            time.sleep(0.5)
+        assert got == [f"far {ip(lab, 'client')}"] * 3, got
+    finally:
+        lab.down()
