@@ -248,7 +248,10 @@ def daemonset(*, image: str, plugins: list[str], api_server: str = "",
         {"name": "state", "mountPath": "/var/lib/pylium"},
         {"name": "cni-conf", "mountPath": "/host/etc/cni/net.d"},
         {"name": "netns", "mountPath": "/var/run/netns", "mountPropagation": "HostToContainer"},
-        {"name": "config", "mountPath": "/etc/pylium", "readOnly": True},
+        # one file (subPath): the agent refuses a config in a world-writable directory, and
+        # a ConfigMap volume's own directory is one
+        {"name": "config", "mountPath": CONFIG_PATH, "subPath": "config.yaml",
+         "readOnly": True},
     ]
     volumes = [
         _host_path("bpf-maps", "/sys/fs/bpf"),

@@ -39,6 +39,17 @@ spec:
   - toPorts: [{ports: [{port: "99999", protocol: TCP}]}]
 """
 
+CNP_WEB = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web-from-other, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: other}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"""
+
 CCNP = """
 apiVersion: cilium.io/v2
 kind: CiliumClusterwideNetworkPolicy
@@ -202,17 +213,30 @@ def test_pods_are_pylium_endpoints_with_labels_policy_and_ip_release(cluster, tw
         assert ep["state"] == "ready"
     web_ip = pods["web"]["status"]["podIP"]
     client, other = pods["client"]["metadata"]["name"], pods["other"]["metadata"]["name"]
-    assert _wget(cluster, client, web_ip) and _wget(cluster, other, web_ip)
+    wait_until("client and other reach web before any policy",
+               lambda: _wget(cluster, client, web_ip) and _wget(cluster, other, web_ip),
+               timeout=20)
     # NetworkPolicy: only app=client may reach web; in force within 2 s of kubectl apply
     t0 = time.monotonic()
     cluster.kubectl("apply", "-f", "-", input=NP)
     wait_until("other denied", lambda: not _wget(cluster, other, web_ip), timeout=10,
                interval=0.05)
     enforced = time.monotonic() - t0
-    assert _wget(cluster, client, web_ip)
+    wait_until("client still allowed", lambda: _wget(cluster, client, web_ip), timeout=5)
     print(f"\nNetworkPolicy enforced {enforced:.2f}s after kubectl apply")
     assert enforced <= 2.0 + 2.0  # + the denied probe's own 2 s timeout
     cluster.kubectl("delete", "-f", "-", input=NP)
+    wait_until("NetworkPolicy lifted", lambda: _wget(cluster, other, web_ip), timeout=10)
+    # a CiliumNetworkPolicy the other way round: only app=other may reach web
+    t0 = time.monotonic()
+    cluster.kubectl("apply", "-f", "-", input=CNP_WEB)
+    wait_until("client denied", lambda: not _wget(cluster, client, web_ip), timeout=10,
+               interval=0.05)
+    enforced = time.monotonic() - t0
+    wait_until("other allowed", lambda: _wget(cluster, other, web_ip), timeout=5)
+    print(f"CiliumNetworkPolicy enforced {enforced:.2f}s after kubectl apply")
+    assert enforced <= 2.0 + 2.0
+    cluster.kubectl("delete", "-f", "-", input=CNP_WEB)
     # deleting a pod frees its IP and endpoint
     old_ip = pods["other"]["status"]["podIP"]
     cluster.kubectl("delete", "pod", other, "--wait=true", "--timeout=60s")
@@ -249,7 +273,7 @@ def test_the_agent_as_a_daemonset_from_pylium_k8s_manifest(cluster, tmp_path):
          "--pull-policy", "Never", "--pod-cidr", env["pod_cidr"],
          "--api-server", "127.0.0.1:6443", "--host-run-dir", run_dir,
          "--host-state-dir", str(state), "--cni-conf-dir", cni_conf,
-         "--bpffs-root", f"/sys/fs/bpf/pylium-k8s-{cluster.name}"],
+         "--bpffs-root", f"/sys/fs/bpf/pylium-k8s-{cluster.name}/ds"],
         check=True, capture_output=True, text=True).stdout
     cluster.run("stop-agent")
     try:
