@@ -606,6 +606,10 @@ def down(p: Paths, graceful: bool = True) -> None:
         shutil.rmtree(d, ignore_errors=True)
     shutil.rmtree(p.data, ignore_errors=True)
     shutil.rmtree(p.run, ignore_errors=True)
+    try:
+        p.data.parent.rmdir()  # /var/lib/pylium-k8s, when no other cluster uses it
+    except OSError:
+        pass
     log(f"cluster {p.name} down ({time.monotonic() - t0:.1f}s)")
 
 
