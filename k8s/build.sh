@@ -7,7 +7,8 @@
 # containerd, runc and the reference CNI plugins come from Debian packages.
 #
 # Idempotent: every step is skipped when its output exists; the Go build cache lives in the
-# cache too, so a rebuild after `rm bin/kubelet` takes about a minute. Log: $CACHE/build.log.
+# cache too (Kubernetes' make keeps it in src/kubernetes-*/_output/local/go/cache), so a
+# rebuild after `rm bin/kubelet` only relinks. Log: $CACHE/build.log.
 # Usage: k8s/build.sh            (PYLIUM_K8S_CACHE overrides /var/cache/pylium-k8s)
 set -euo pipefail
 
@@ -18,7 +19,9 @@ WHAT="cmd/kube-apiserver cmd/kubelet cmd/kube-controller-manager cmd/kube-schedu
 APT_PACKAGES="golang-go jq rsync golang-github-modern-go-reflect2-dev busybox-static containerd runc
 containernetworking-plugins gcc libc6-dev dpkg-dev"
 
-mkdir -p "$CACHE"/{bin,images,src,apt/lists/partial,apt/cache/archives/partial,go-build}
+mkdir -p "$CACHE"/{bin,images,src,apt/lists/partial,apt/cache/archives/partial}
+# the docker-archive writer of the Kubernetes plugin (standard library only: no venv needed)
+ARCHIVE="$HERE/../plugins/orchestrator_k8s/pylium_orchestrator_k8s/dockerarchive.py"
 LOG="$CACHE/build.log"
 # everything below goes to the log and to the caller's stdout
 exec > >(tee -a "$LOG") 2>&1
@@ -79,9 +82,9 @@ fi
 need_build=""
 for w in $WHAT; do [ -x "$CACHE/bin/$(basename "$w")" ] || need_build=1; done
 if [ -n "$need_build" ]; then
-    step "go build ($WHAT) at nice 19; the Go build cache is $CACHE/go-build"
+    step "go build ($WHAT) at nice 19; Go build cache $SRC/_output/local/go/cache"
     start=$(date +%s)
-    (cd "$SRC" && env GOCACHE="$CACHE/go-build" GOFLAGS=-mod=vendor GO111MODULE=on \
+    (cd "$SRC" && env GOFLAGS=-mod=vendor GO111MODULE=on \
         KUBE_GIT_VERSION="v$K8S_VERSION" KUBE_GIT_MAJOR=1 KUBE_GIT_MINOR=20 \
         KUBE_GIT_TREE_STATE=clean KUBE_GIT_COMMIT=debian \
         nice -n 19 make WHAT="$WHAT")
@@ -105,7 +108,7 @@ if [ ! -f "$CACHE/images/pause.tar" ]; then
     gcc -Os -Wall -Werror -static -DVERSION=v3.4.1-pylium \
         -o "$tmp/root/pause" "$SRC/build/pause/linux/pause.c"
     strip "$tmp/root/pause"
-    /usr/bin/python3 "$HERE/dockerarchive.py" --name registry.local/pause:3.4.1 --entrypoint /pause \
+    /usr/bin/python3 "$ARCHIVE" --name registry.local/pause:3.4.1 --entrypoint /pause \
         --root "$tmp/root" --out "$CACHE/images/pause.tar.new"
     mv "$CACHE/images/pause.tar.new" "$CACHE/images/pause.tar"
     rm -rf "$tmp"
@@ -122,7 +125,7 @@ if [ ! -f "$CACHE/images/busybox.tar" ]; then
     echo 'root:x:0:0:root:/:/bin/sh' > "$tmp/root/etc/passwd"
     echo 'root:x:0:' > "$tmp/root/etc/group"
     echo 'pylium' > "$tmp/root/www/index.html"
-    /usr/bin/python3 "$HERE/dockerarchive.py" --name registry.local/busybox:pylium --entrypoint /bin/sh \
+    /usr/bin/python3 "$ARCHIVE" --name registry.local/busybox:pylium --entrypoint /bin/sh \
         --root "$tmp/root" --out "$CACHE/images/busybox.tar.new"
     mv "$CACHE/images/busybox.tar.new" "$CACHE/images/busybox.tar"
     rm -rf "$tmp"

@@ -6,7 +6,7 @@
     cluster.py status [--name N]
     cluster.py kubectl [--name N] -- ARGS...     (kubectl inside the node's namespace)
 
-Everything runs in the netns `pk8s-<name>` (created here, with a dummy link holding the
+Everything runs in the netns `pk8s-<name>` (created here, with a veth (both ends inside) holding the
 node IP): etcd, the API server, controller manager, scheduler, containerd, the kubelet and
 the node's pylium agent (orchestrator `kubernetes`). Pod veths therefore land in that
 namespace, never in the root namespace; the API server is reachable only from inside it
@@ -87,7 +87,10 @@ class Paths:
 
 # helpers ---------------------------------------------------------------------------------
 def sh(*argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(list(argv), check=check, capture_output=True, text=True, **kw)
+    proc = subprocess.run(list(argv), capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise ClusterError(f"{' '.join(argv[:4])}...: {(proc.stderr or proc.stdout).strip()}")
+    return proc
 
 
 def in_netns(p: Paths, argv: list[str]) -> list[str]:
@@ -364,9 +367,12 @@ def up(p: Paths, cni: str, with_agent: bool) -> None:
     state["netns"] = p.netns
     write_state(p, state)
     sh("ip", "-n", p.netns, "link", "set", "lo", "up")
-    sh("ip", "-n", p.netns, "link", "add", "k8snode0", "type", "dummy")
+    # no dummy driver in this kernel: a veth pair with both ends inside the namespace
+    sh("ip", "-n", p.netns, "link", "add", "k8snode0", "type", "veth", "peer", "name",
+       "k8snode0p")
     sh("ip", "-n", p.netns, "addr", "add", f"{NODE_IP}/{NODE_PREFIX}", "dev", "k8snode0")
     sh("ip", "-n", p.netns, "link", "set", "k8snode0", "up")
+    sh("ip", "-n", p.netns, "link", "set", "k8snode0p", "up")
     enter_netns(p)
     token = make_pki(p)
     state["token"] = token
@@ -600,6 +606,10 @@ def down(p: Paths, graceful: bool = True) -> None:
         shutil.rmtree(d, ignore_errors=True)
     shutil.rmtree(p.data, ignore_errors=True)
     shutil.rmtree(p.run, ignore_errors=True)
+    try:
+        p.data.parent.rmdir()  # /var/lib/pylium-k8s, when no other cluster uses it
+    except OSError:
+        pass
     log(f"cluster {p.name} down ({time.monotonic() - t0:.1f}s)")
 
 
@@ -650,7 +660,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-agent", action="store_true")
     ap.add_argument("--fast", action="store_true", help="down: do not delete pods first")
     ap.add_argument("args", nargs="*")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:  # kubectl -- ARGS: everything after -- is kubectl's
+        argv, extra = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     a = ap.parse_args(argv)
+    a.args += extra
     p = Paths(a.name)
     if a.cni == "auto":
         a.cni = "pylium" if Path(sys.executable).with_name("pylium-cni").exists() else "bridge"

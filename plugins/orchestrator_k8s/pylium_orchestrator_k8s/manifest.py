@@ -227,6 +227,8 @@ def daemonset(*, image: str, plugins: list[str], api_server: str = "",
     env: list[dict[str, Any]] = [
         {"name": "PYLIUM_NODE_NAME",
          "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "PYLIUM_NODE_IP",
+         "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
         {"name": "PYLIUM_CONFIG", "value": CONFIG_PATH},
         {"name": "AWS_EC2_METADATA_DISABLED", "value": "true"},
     ]
@@ -239,19 +241,25 @@ def daemonset(*, image: str, plugins: list[str], api_server: str = "",
         env += [{"name": "KUBERNETES_SERVICE_HOST", "value": host},
                 {"name": "KUBERNETES_SERVICE_PORT", "value": port}]
     mounts = [
-        {"name": "bpf-maps", "mountPath": "/sys/fs/bpf", "mountPropagation": "Bidirectional"},
+        # the node's bpffs itself (pins land there and outlive the pod); no propagation, so
+        # the node's /sys/fs/bpf need not be a shared mount (Bidirectional would require it)
+        {"name": "bpf-maps", "mountPath": "/sys/fs/bpf"},
         {"name": "run", "mountPath": "/var/run/pylium"},
         {"name": "state", "mountPath": "/var/lib/pylium"},
         {"name": "cni-conf", "mountPath": "/host/etc/cni/net.d"},
         {"name": "netns", "mountPath": "/var/run/netns", "mountPropagation": "HostToContainer"},
-        {"name": "config", "mountPath": "/etc/pylium", "readOnly": True},
+        # one file (subPath): the agent refuses a config in a world-writable directory, and
+        # a ConfigMap volume's own directory is one
+        {"name": "config", "mountPath": CONFIG_PATH, "subPath": "config.yaml",
+         "readOnly": True},
     ]
     volumes = [
         _host_path("bpf-maps", "/sys/fs/bpf"),
         _host_path("run", paths.run),
         _host_path("state", paths.state),
         _host_path("cni-conf", paths.cni_conf),
-        _host_path("netns", "/var/run/netns"),
+        # the mount itself (shared), not through the /var/run link: HostToContainer needs it
+        _host_path("netns", "/run/netns"),
         {"name": "config", "configMap": {"name": f"{NAME}-config"}},
     ]
     probe_cmd = ["pylium", "-H", SOCKET, "k8s", "health"]

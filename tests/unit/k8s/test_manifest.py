@@ -67,7 +67,8 @@ def test_selection_becomes_agent_config_and_daemonset():
     assert agent["image"] == "reg/pylium:9" and agent["imagePullPolicy"] == "Never"
     assert agent["readinessProbe"]["exec"]["command"][-2:] == ["k8s", "health"]
     mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
-    assert mounts["/sys/fs/bpf"]["mountPropagation"] == "Bidirectional"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/sys/fs/bpf"]["name"]]["hostPath"]["path"] == "/sys/fs/bpf"
     assert "/host/etc/cni/net.d" in mounts and "/var/run/pylium" in mounts
     assert manifest.distributions(["geneve", "etcd"]) == [
         "pylium", "pylium-orchestrator-k8s", "pylium-overlay-geneve", "pylium-kvstore-etcd"]
