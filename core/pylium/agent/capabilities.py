@@ -12,6 +12,7 @@ each capability reports (`running`, `failed: <reason>`, `not selected`)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -90,7 +91,11 @@ class RunningCapability:
         status = {}
         if self.backend is not None and self.state == RUNNING:
             try:
-                status = dict(self.backend.status() or {})
+                result = self.backend.status()
+                if inspect.iscoroutine(result):  # a KV store's is async: `kvstore` in status
+                    result.close()
+                    result = {}
+                status = dict(result or {})
             except Exception as exc:  # a plugin's status must not break `pylium status`
                 status = {"error": one_line(exc)}
         return {"kind": self.kind, "name": self.name, "dist": self.dist,
