@@ -75,7 +75,8 @@ class KafkaNetns:
         sh("ip", "netns", "del", self.name, check=False)
 
     def client(self, *args: str, timeout: float = 90) -> list[dict]:
-        out = self.run(sys.executable, str(CLIENTS), *args, timeout=timeout)
+        out = self.run(sys.executable, str(CLIENTS), *args, timeout=timeout, check=False)
+        assert out.returncode == 0, f"client {args[0]} failed: {out.stderr[-2000:]}"
         return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
     def kcat(self, *args: str, stdin: str = "", timeout: float = 30):

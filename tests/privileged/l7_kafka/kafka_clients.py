@@ -45,7 +45,10 @@ def confluent_produce(bootstrap: str, topics: list[str], n: int,
             results.append(err.name() if err is not None else None)
 
         for i in range(n):
-            producer.produce(topic, value=f"{topic}-{i}".encode(), on_delivery=report)
+            try:
+                producer.produce(topic, value=f"{topic}-{i}".encode(), on_delivery=report)
+            except confluent_kafka.KafkaException as exc:  # denial already known locally
+                results.append(exc.args[0].name())
         producer.flush(15)
         errors = [r for r in results if r is not None]
         print(json.dumps({"topic": topic, "ok": len(results) - len(errors),
@@ -158,11 +161,17 @@ def confluent_big(bootstrap: str, topic: str, size: int) -> None:
 
     producer = confluent_kafka.Producer({
         "bootstrap.servers": bootstrap, "message.max.bytes": size + 100000,
-        "compression.type": "none", "log_level": 0, "message.timeout.ms": 15000})
+        # generous: a 3 MB frame crosses the proxy, which buffers it whole, on a busy machine
+        "compression.type": "none", "log_level": 0, "message.timeout.ms": 60000})
     results = []
-    producer.produce(topic, b"b" * size, on_delivery=lambda err, _m: results.append(
-        err.name() if err is not None else None))
-    producer.flush(30)
+    try:
+        producer.produce(topic, b"b" * size, on_delivery=lambda err, _m: results.append(
+            err.name() if err is not None else None))
+    except confluent_kafka.KafkaException as exc:
+        # librdkafka may already know the topic is denied (the proxy's Metadata answer
+        # said 29) and refuse at produce() rather than in the delivery report
+        results.append(exc.args[0].name())
+    producer.flush(90)
     print(json.dumps({"topic": topic, "results": results}), flush=True)
 
 

@@ -125,7 +125,9 @@ def test_produce_frame_larger_than_the_read_ahead(kafka_netns, agent):
     the parser's `max_buffer` keeps reading from pausing on it)."""
     agent.apply(*produce_only(ALLOWED))
     agent.flows.clear()
-    [out] = kafka_netns.client("confluent-big", kafka_netns.bootstrap, ALLOWED, "3000000")
+    [out] = kafka_netns.client("confluent-big", kafka_netns.bootstrap, ALLOWED, "3000000",
+                               timeout=150)
     assert out["results"] == [None], out
-    [out] = kafka_netns.client("confluent-big", kafka_netns.bootstrap, DENIED, "3000000")
+    [out] = kafka_netns.client("confluent-big", kafka_netns.bootstrap, DENIED, "3000000",
+                               timeout=150)
     assert out["results"] == ["TOPIC_AUTHORIZATION_FAILED"], out
