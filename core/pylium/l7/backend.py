@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pylium.api import L7Parser
 from pylium.errors import PluginError
@@ -24,6 +25,28 @@ RESYNC_INTERVAL = 1.0
 ADOPT_GRACE = 30.0
 FLOW_FIELDS = ("src_ip", "dst_ip", "sport", "dport", "src_identity", "dst_identity",
                "verdict", "l7", "ep_id", "direction", "is_reply", "proxy_port")
+
+
+class RegistryMetrics:
+    """A plugin's metric families, registered once per Prometheus registry (an agent
+    restarted in one process, or tests, register again on the same registry).
+    Subclasses define the families in `__init__(self, registry)`."""
+
+    _by_registry: ClassVar[weakref.WeakKeyDictionary]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._by_registry = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, registry: Any) -> Any:
+        """This class's families on `registry` (None: no registry, no metrics)."""
+        if registry is None:
+            return None
+        found = cls._by_registry.get(registry)
+        if found is None:
+            found = cls._by_registry[registry] = cls(registry)
+        return found
 
 
 class ProxiedParser(L7Parser):

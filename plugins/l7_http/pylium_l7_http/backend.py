@@ -8,12 +8,11 @@ The proxy process outlives the agent (a `kill -9` of the agent cuts no proxied c
 
 from __future__ import annotations
 
-import weakref
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from pylium.api import L7Request, L7Verdict
-from pylium.l7.backend import ProxiedParser
+from pylium.l7.backend import ProxiedParser, RegistryMetrics
 from pylium.l7.parser import Grant
 
 from pylium_l7_http.parser import judge
@@ -28,11 +27,9 @@ def _version() -> str:
         return "0"
 
 
-class HttpMetrics:
+class HttpMetrics(RegistryMetrics):
     """The metric families, once per registry (an agent restarted in one process, or
     tests, register again on the same registry)."""
-
-    _by_registry: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __init__(self, registry: Any):
         from prometheus_client import Counter, Gauge, Histogram
@@ -48,15 +45,6 @@ class HttpMetrics:
         self.duration = Histogram("hubble_http_request_duration_seconds",
                                   "HTTP request latency (first response byte)",
                                   ["method", "reporter"], **kw)
-
-    @classmethod
-    def of(cls, registry: Any) -> HttpMetrics | None:
-        if registry is None:
-            return None
-        found = cls._by_registry.get(registry)
-        if found is None:
-            found = cls._by_registry[registry] = cls(registry)
-        return found
 
     def observe(self, flow: dict[str, Any]) -> None:
         l7 = flow.get("l7", {})

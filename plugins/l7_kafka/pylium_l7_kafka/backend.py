@@ -7,12 +7,11 @@ The proxy process outlives the agent, as for `http`; `python -m pylium.l7.proxy 
 
 from __future__ import annotations
 
-import weakref
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from pylium.api import L7Request, L7Verdict
-from pylium.l7.backend import ProxiedParser
+from pylium.l7.backend import ProxiedParser, RegistryMetrics
 from pylium.l7.parser import Grant
 
 from pylium_l7_kafka.rules import API_KEY_NAMES, API_KEY_NUMBERS, Request, judge
@@ -20,10 +19,8 @@ from pylium_l7_kafka.rules import API_KEY_NAMES, API_KEY_NUMBERS, Request, judge
 REPORTER = {0: "server", 1: "client"}  # flow direction: ingress = the broker's side
 
 
-class KafkaMetrics:
+class KafkaMetrics(RegistryMetrics):
     """Hubble's Kafka metric families, once per registry."""
-
-    _by_registry: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __init__(self, registry: Any):
         from prometheus_client import Counter, Gauge, Histogram
@@ -37,15 +34,6 @@ class KafkaMetrics:
         self.duration = Histogram("hubble_kafka_request_duration_seconds",
                                   "Kafka request latency (response received)",
                                   ["topic", "api_key", "reporter"], **kw)
-
-    @classmethod
-    def of(cls, registry: Any) -> KafkaMetrics | None:
-        if registry is None:
-            return None
-        found = cls._by_registry.get(registry)
-        if found is None:
-            found = cls._by_registry[registry] = cls(registry)
-        return found
 
     def observe(self, flow: dict[str, Any]) -> None:
         """Counted on responses (the broker's or the proxy's denial), as Hubble does."""
