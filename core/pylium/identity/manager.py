@@ -79,6 +79,10 @@ class IdentityManager:
             done.append(number)
         return done
 
+    def references(self) -> dict[int, int]:
+        """Identity number → how many local users hold it."""
+        return dict(self._local_refs)
+
     def referenced(self) -> list[Identity]:
         """Identities this node holds references to."""
         return [i for n in self._local_refs if (i := self.cache.get(n)) is not None]

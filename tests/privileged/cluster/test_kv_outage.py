@@ -58,9 +58,9 @@ def lab(example_policies):
                    check=False)
     lab = Lab("kv" + secrets.token_hex(3))
     try:
-        lab.up(nodes=len(NODES), demo="starwars", kvstore="etcd", agent_settings={
-            "plugin_options": {"cluster": {"lease_ttl": LEASE_TTL,
-                                           "identity_gc_interval": 2}}})
+        lab.up(nodes=len(NODES), demo="starwars", kvstore="etcd", routing="vxlan",
+               agent_settings={"plugin_options": {"cluster": {
+                   "lease_ttl": LEASE_TTL, "identity_gc_interval": 2}}})
         lab.add_pod("tie2", {"org": "empire", "class": "tiefighter"}, node="node2")
         lab.add_pod("xw2", {"org": "alliance", "class": "xwing"}, node="node2")
         subprocess.run([PYLIUM, "-H", lab.node("node1")["socket"], "policy", "import",
