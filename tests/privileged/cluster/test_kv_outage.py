@@ -236,7 +236,7 @@ def test_etcd_stopped_keeps_enforcement_and_the_cluster_converges_after(lab):
 def test_etcd_back_with_a_wiped_data_dir_is_rebuilt_from_the_agents(lab):
     before = wait_converged(lab)
     svc_before = services(lab)
-    seed_before = kv_list(lab, STATE + "services/v1/maglev-seed")
+    seed_before = [i["value"] for i in kv_list(lab, STATE + "services/v1/maglev-seed")]
     pids = agent_pids(lab)
     with Prober(lab) as probe:
         lab.kvstore_stop(wipe=True)
@@ -260,7 +260,8 @@ def test_etcd_back_with_a_wiped_data_dir_is_rebuilt_from_the_agents(lab):
     assert services(lab) == svc_before
     assert [i["key"] for i in kv_list(lab, STATE + "services/v1/svc/")] == \
         [f"{STATE}services/v1/svc/default/deathstar"]
-    assert kv_list(lab, STATE + "services/v1/maglev-seed") == seed_before
+    assert [i["value"] for i in kv_list(lab, STATE + "services/v1/maglev-seed")] == \
+        seed_before
     # a label set allocated now cannot take a number in use
     fresh = clients(lab)["node1"].post("/v1/cluster/identities",
                                        {"labels": ["app=after-wipe"]})["id"]
