@@ -46,7 +46,15 @@ class IdentityManager:
         return revision
 
     async def allocate(self, labels: LabelSet | Iterable) -> Identity:
-        identity = await self.allocator.allocate(LabelSet(labels))
+        labels = LabelSet(labels)
+        held = self.cache.by_labels(labels)
+        if held is not None and self._local_refs.get(held.id, 0) > 0:
+            # this node already references it (its key is on the node's lease and comes
+            # back with the lease after an outage): no round trip, and a pod whose labels
+            # an endpoint here already has is wired even while the KV store is down
+            self._local_refs[held.id] += 1
+            return held
+        identity = await self.allocator.allocate(labels)
         if identity.id not in self.cache:
             self.cache.add(identity)
         if not identity.reserved:

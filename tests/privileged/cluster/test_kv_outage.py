@@ -7,7 +7,8 @@ ipcache and the deathstar service. Two faults:
 
 * etcd stopped for `PYLIUM_KV_OUTAGE_S` seconds (10 here, 60 in `make soak`): the
   allowed flows pass and the denied ones never do, probed throughout; a pod created during
-  the outage fails with a clear error and leaks nothing (or works); afterwards identities
+  the outage with labels its node already uses works (and is denied where its peers are);
+  one with a new label set fails with a clear error and leaks nothing; afterwards identities
   are unique, every agent's ipcache equals the store, and nodes and services are as before.
 * etcd restarted with a wiped data dir: the agents (same pids) write back their node,
   endpoints, identities with the numbers they use, and the services, while the datapath
@@ -201,16 +202,22 @@ def test_etcd_stopped_keeps_enforcement_and_the_cluster_converges_after(lab):
                 until(lambda c=client: c.get("/v1/status")["kvstore"].get("cluster")
                       == "degraded", what=f"{name} degraded")
             started = time.monotonic()
-            # a new local endpoint while the store is down: works, or fails clearly and
-            # leaves nothing behind (its identity cannot be allocated)
+            # a new pod whose labels an endpoint of its node already has: its identity is
+            # the node's already, so it is wired while the store is down, and enforced
+            lab.add_pod("xw3", {"org": "alliance", "class": "xwing"}, node="node2")
+            assert not _land(lab, "xw3", "deathstar") and not _land(lab, "xw3", "vip")
+            # a new label set needs the store: the pod fails clearly, leaving nothing behind
             try:
                 late = lab.add_pod("late", {"app": "late"}, node="node2")
+                outcome = "worked"
             except PyliumError as exc:
                 message = str(exc)
                 assert "Traceback" not in message and len(message.splitlines()) == 1
                 assert "kvstore" in message.lower() or "etcd" in message.lower(), message
                 eps = clients(lab)["node2"].get("/v1/endpoint")
                 assert "late" not in {e["name"] for e in eps}
+                outcome = f"refused: {message}"
+            print(f"\na pod with a new label set during the outage: {outcome}")
             time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - started)))
         print(f"\nkv outage {OUTAGE_S:g}s: {probe.rounds} probe rounds, "
               f"{probe.allowed_failed} allowed refused, {probe.denied_passed} denied passed")
@@ -221,6 +228,8 @@ def test_etcd_stopped_keeps_enforcement_and_the_cluster_converges_after(lab):
         lab.kvstore_start()
     after = wait_converged(lab)
     assert agent_pids(lab) == pids
+    assert after["in_use"]["node2/xw3"] == before["in_use"]["node2/xw2"]
+    assert not _land(lab, "xw3", "deathstar") and not _land(lab, "xw3", "vip")
     for endpoint, number in before["in_use"].items():
         assert after["in_use"][endpoint] == number
         assert after["ids"][number] == before["ids"][number]
