@@ -355,7 +355,7 @@ class EtcdKVStore(KVStore):
         if current < resume_revision - 1:
             raise KVStoreReset(f"etcd at {self.where} is at revision {current}, behind the "
                                f"watch of {prefix!r} (at {resume_revision - 1}): its data "
-                               "was reset")
+                               "was reset (or that revision was never reached)")
 
     async def _open_watch(self, key: bytes, range_end: bytes,
                           start_revision: int) -> _WatchStream:
