@@ -185,6 +185,14 @@ def wait_converged(lab, timeout=60.0) -> dict:
             time.sleep(0.5)
 
 
+def _remote_ipcache(lab, node) -> dict[str, tuple[int, str]]:
+    """The remote pods in a node's BPF ipcache: /32 → (identity, tunnel endpoint)."""
+    rows = AgentClient(lab.node(node)["socket"]).get("/v1/bpf/ipcache")
+    return {r["cidr"]: (r["identity"], r["tunnel_endpoint"]) for r in rows
+            if r["cidr"].endswith("/32") and r.get("tunnel_endpoint")
+            and r["cidr"].startswith("10.200.")}
+
+
 def agent_pids(lab):
     return {n: lab.node(n)["agent_pid"] for n in NODES}
 
@@ -247,12 +255,36 @@ def test_etcd_back_with_a_wiped_data_dir_is_rebuilt_from_the_agents(lab):
     svc_before = services(lab)
     seed_before = [i["value"] for i in kv_list(lab, STATE + "services/v1/maglev-seed")]
     pids = agent_pids(lab)
-    with Prober(lab) as probe:
-        lab.kvstore_stop(wipe=True)
-        time.sleep(2)
-        lab.kvstore_start()
-        after = wait_converged(lab, timeout=90)
-        time.sleep(2)  # a few probe rounds after convergence too
+    remote = {n: _remote_ipcache(lab, n) for n in NODES}
+    assert all(remote.values())
+    flaps: list[str] = []
+    stop = threading.Event()
+
+    def watch_ipcaches():
+        """The datapath keeps every remote entry while the owners write them back."""
+        while not stop.is_set():
+            for node in NODES:
+                try:
+                    now = _remote_ipcache(lab, node)
+                except PyliumError:
+                    continue
+                if now != remote[node]:
+                    flaps.append(f"{node}: {now} at {time.time():.1f}")
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=watch_ipcaches, daemon=True)
+    sampler.start()
+    try:
+        with Prober(lab) as probe:
+            lab.kvstore_stop(wipe=True)
+            time.sleep(2)
+            lab.kvstore_start()
+            after = wait_converged(lab, timeout=90)
+            time.sleep(2)  # a few probe rounds after convergence too
+    finally:
+        stop.set()
+        sampler.join(10)
+    assert not flaps, flaps[:5]
     print(f"\nwiped etcd: {probe.rounds} probe rounds, {probe.allowed_failed} allowed "
           f"refused, {probe.denied_passed} denied passed")
     assert probe.denied_passed == 0, probe.failures
