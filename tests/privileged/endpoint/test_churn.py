@@ -148,7 +148,16 @@ class PolicyChurn(threading.Thread):
             self.error = exc
 
 
-def test_churn_leaks_nothing_and_leaves_policy_as_the_evaluator_says(lab):
+@pytest.fixture
+def pod_netns(lab):
+    """The pods' namespaces (made here, as a container runtime would): all removed after."""
+    made: list[str] = []
+    yield made
+    for netns in made:
+        plumbing.remove_netns(netns)
+
+
+def test_churn_leaks_nothing_and_leaves_policy_as_the_evaluator_says(lab, pod_netns):
     client = api(lab)
     before = snapshot(lab)
     rng = random.Random(15)
@@ -162,6 +171,8 @@ def test_churn_leaks_nothing_and_leaves_policy_as_the_evaluator_says(lab):
         worker = api(lab)
         name = f"c{i}"
         netns = plumbing.create_netns(f"{lab.name}-c{i}").name
+        with lock:
+            pod_netns.append(netns)
         try:
             labels = {"app": f"a{i % APPS}"}
             if i % 7 == 0:
@@ -183,6 +194,8 @@ def test_churn_leaks_nothing_and_leaves_policy_as_the_evaluator_says(lab):
         finally:
             if i not in keep:
                 plumbing.remove_netns(netns)
+                with lock:
+                    pod_netns.remove(netns)
 
     policies = PolicyChurn(lab, seed=TOTAL)
     started = time.monotonic()
