@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from urllib.parse import quote
 
 from pylium.api.kvstore import KVStore, Lease
@@ -92,8 +93,11 @@ def decode_index(raw: bytes) -> int | None:
 
 class IdentityAllocator:
     def __init__(self, kvstore: KVStore, node: str, lease: Lease | None = None,
-                 min_id: int = MIN_ALLOCATED, max_id: int = MAX_ALLOCATED):
+                 min_id: int = MIN_ALLOCATED, max_id: int = MAX_ALLOCATED,
+                 known: Callable[[], set[int]] | None = None):
         self.kvstore = kvstore
+        #: numbers known in use elsewhere (the node's identity cache): never claimed anew
+        self.known = known or set
         self.node = node
         self.lease = lease
         self.min_id = min_id
@@ -192,6 +196,7 @@ class IdentityAllocator:
         next free ones (many nodes allocating at once would otherwise all fight over the
         same lowest number, one winner per round)."""
         used = {int(i.key[len(ID_PREFIX):]) for i in await self.kvstore.list(ID_PREFIX)}
+        used |= self.known()
         encoded = encode_labels(labels)
         collisions = 0
         while True:

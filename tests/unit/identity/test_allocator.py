@@ -214,3 +214,23 @@ def test_an_unreadable_index_entry_is_replaced_never_raised_on(tmp_path, hostile
         finally:
             await store.close()
     run(go())
+
+
+def test_a_label_set_the_node_already_holds_needs_no_store(tmp_path):
+    """A second endpoint with labels this node already references gets the identity from
+    the node's own count (no store round trip): it works while the KV store is down; a
+    new label set then fails clearly; the count goes back down on release."""
+    from pylium.api.kvstore import KVStoreUnavailable
+
+    async def go():
+        (store,) = await _stores(tmp_path, 1)
+        manager = IdentityManager(store, "node1", await store.grant_lease(30))
+        web = await manager.allocate(LabelSet.parse("app=web"))
+        await store.close()  # the store is gone
+        assert await manager.allocate(LabelSet.parse("app=web")) == web
+        assert manager.references() == {web.id: 2}
+        with pytest.raises(KVStoreUnavailable):
+            await manager.allocate(LabelSet.parse("app=new"))
+        await manager.release(web)
+        assert manager.references() == {web.id: 1}
+    run(go())
