@@ -487,9 +487,11 @@ int from_container(struct __sk_buff *skb)
 		ret = redirect_to_endpoint(skb, dst, ec.src_identity);
 		if (ret < 0)
 			return drop_packet(skb, &ec, &p, &r, DROP_WRITE_ERROR);
-		if (dst->ifindex != skb->ifindex) {
+		if (dst->ifindex != skb->ifindex && skb->ingress_ifindex == skb->ifindex) {
 			/* the destination's side right here, then into its pod (an empty slot,
-			 * e.g. while an agent restarts, falls back to the veth's to_container) */
+			 * e.g. while an agent restarts, falls back to the veth's to_container).
+			 * Only for a packet received on this veth: bpf_redirect_peer() is for tc
+			 * ingress (a BPF_PROG_TEST_RUN of this program alone stays alone). */
 			ctx_opaque(skb);
 			skb->cb[CB_PEER_IFINDEX] = dst->ifindex;
 			bpf_tail_call(skb, &lxc_progs, LXC_SLOT_TO_PEER);
