@@ -62,14 +62,17 @@ from pylium.policy.mapstate import (
 log = logging.getLogger(__name__)
 
 OBJECT_SOURCE = "bpf_lxc.c"
-PROGRAMS = ("from_container", "to_container", "from_netdev")
+PROGRAMS = ("from_container", "to_container", "to_container_peer", "from_netdev")
+#: from_container's local delivery: the destination's side runs in to_container_peer, which
+#: it tail-calls through the pinned `lxc_progs` (bpf_lxc.c), filled at every load
+LXC_SLOT_TO_PEER = 0
 #: slots of the pinned `routing_progs` (bpf/lib/routing.h): the routing mode's program for
 #: destinations behind a tunnel endpoint, and the encryption's steering, tail-called first
 ROUTING_SLOT_REMOTE = 0
 ROUTING_SLOT_ENCRYPT = 1
 PINNED_MAPS = ("endpoints", "ipcache", "policy", "conntrack", "metrics", "events", "events_lost",
                "routing_progs", "lb4_services", "lb4_backends", "lb4_reverse_nat", "lb4_maglev",
-               "lb4_affinity", "lb4_sock_revnat")
+               "lb4_affinity", "lb4_sock_revnat", "lxc_progs")
 #: the hash maps whose fill ratio Cilium reports as map pressure
 PRESSURE_MAPS = ("endpoints", "ipcache", "conntrack", "policy")
 CT_DIRECTIONS = {0: "ingress", 1: "egress", 2: "service", 3: "nodeport", 4: "nodeport-snat"}
@@ -168,6 +171,11 @@ class Datapath:
                     if pin.exists():
                         pin.unlink()
                     libbpf.obj_pin(self.prog_fds[name], str(pin))
+                key = ctypes.c_uint32(LXC_SLOT_TO_PEER)
+                value = ctypes.c_uint32(self.prog_fds["to_container_peer"])
+                libbpf.check(lib.bpf_map_update_elem(loaded.map("lxc_progs"), ctypes.byref(key),
+                                                     ctypes.byref(value), 0),
+                             "filling lxc_progs")
             except BaseException:
                 loaded.close()
                 self.prog_fds.clear()
