@@ -199,6 +199,19 @@ def _wget(cluster, pod: str, ip: str) -> bool:
     return "200 OK" in out.stdout and "pylium" in out.stdout
 
 
+def _delete_all(cluster, text: str, apps: tuple[str, ...]) -> None:
+    """Delete the objects of `text` and wait until their pods are gone, not just the
+    Deployments (kubectl's --wait stops there: the garbage collector deletes the pods
+    later), so the next test starts clean. (A foreground cascade waits too, but takes
+    up to a minute here.)"""
+    cluster.kubectl("delete", "-f", "-", "--wait=true", "--timeout=60s",
+                    "--ignore-not-found", input=text, check=False)
+    selector = f"app in ({','.join(apps)})"
+    wait_until(f"pods of {', '.join(apps)} gone", lambda: not cluster.kubectl(
+        "get", "pods", "-l", selector, "-o", "name").stdout.strip(), timeout=90,
+        interval=0.5)
+
+
 @pytest.fixture
 def two_deployments(cluster):
     docs = [_deployment("web", "web"), _deployment("client", "client"),
@@ -211,9 +224,7 @@ def two_deployments(cluster):
             for app in ("web", "client", "other")}
     print(f"\npods running in {time.monotonic() - t0:.1f}s")
     yield pods
-    # foreground: --wait returns once the pods are gone too, not just the Deployments
-    cluster.kubectl("delete", "-f", "-", "--wait=true", "--timeout=60s",
-                    "--cascade=foreground", input=text, check=False)
+    _delete_all(cluster, text, ("web", "client", "other"))
 
 
 def test_a_previous_rollouts_lingering_pods_are_not_taken_for_the_new_ones(cluster):
@@ -261,8 +272,7 @@ def test_a_previous_rollouts_lingering_pods_are_not_taken_for_the_new_ones(clust
         # never pass for a policy deny
         wait_until("old pod gone", probe_from_old_refused, timeout=60, interval=0.5)
     finally:
-        cluster.kubectl("delete", "-f", "-", "--wait=true", "--timeout=60s",
-                        "--cascade=foreground", input=text, check=False)
+        _delete_all(cluster, text, ("linger",))
 
 
 def test_pods_run_and_talk(cluster, two_deployments):
@@ -322,6 +332,147 @@ def test_pods_are_pylium_endpoints_with_labels_policy_and_ip_release(cluster, tw
         e["name"] != other for e in cluster.agent("/v1/endpoint")), timeout=30)
     wait_until("its IP free", lambda: all(
         e["ipv4"] != old_ip for e in cluster.agent("/v1/endpoint")), timeout=30)
+
+
+def _pylium(cluster, *args: str):
+    """The `pylium` CLI against the cluster's agent, `-o json` parsed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([str(Path(sys.executable).with_name("pylium")), "-H",
+                          cluster.env["agent_socket"], *args, "-o", "json"],
+                         capture_output=True, text=True, timeout=30, check=True)
+    return json.loads(out.stdout)
+
+
+def _hosts_behind(cluster, client: str, ip: str, port: int, count: int) -> list[str]:
+    """`count` HTTP requests from pod `client` to ip:port, each on a new connection: the
+    pod names that answered (the web pods serve their hostname as /host.txt)."""
+    request = 'printf "GET /host.txt HTTP/1.0\\r\\n\\r\\n"'
+    out = cluster.kubectl("exec", client, "--", "sh", "-c",
+                          f"for i in $(seq {count}); do {request} | nc -w 2 {ip} {port} "
+                          "| tail -n 1; done; echo probe-exit=$?", check=False)
+    if "probe-exit=" not in out.stdout:
+        raise ProbeNotRun(f"probe from {client} did not run: {out.stderr.strip()}")
+    return [line for line in out.stdout.splitlines() if line.startswith("echo-")]
+
+
+@pytest.mark.skipif(not pylium_cni_installed(), reason="pods need pylium endpoints")
+def test_a_clusterip_service_is_load_balanced_by_pylium(cluster):
+    """Deployment `echo` x2 behind a ClusterIP Service: the orchestrator turns the Service
+    and its EndpointSlices into a pylium service (no kube-proxy runs here: only pylium's
+    datapath translates the ClusterIP); scaling down removes a backend, deleting the
+    Service removes the frontend."""
+    echo = _deployment("echo", "echo")
+    echo["spec"]["replicas"] = 2
+    echo["spec"]["template"]["spec"]["containers"][0]["command"] = [
+        "sh", "-c", "hostname > /www/host.txt && exec httpd -f -p 80 -h /www"]
+    service = {"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "echo", "namespace": "default"},
+               "spec": {"selector": {"app": "echo"},
+                        "ports": [{"port": 8080, "targetPort": 80, "protocol": "TCP"}]}}
+    text = yaml.safe_dump_all([echo, _deployment("svc-client", "svc-client"), service])
+    cluster.kubectl("apply", "-f", "-", input=text)
+    try:
+        backends = wait_until("2 echo pods", lambda: len(_running_pods(cluster, "echo")) == 2
+                              and _running_pods(cluster, "echo"), timeout=120, interval=0.2)
+        client = wait_until("client pod", lambda: _running_pods(cluster, "svc-client"),
+                            timeout=120, interval=0.2)[0]["metadata"]["name"]
+        cluster_ip = cluster.kubectl_json("get", "service", "echo")["spec"]["clusterIP"]
+        want = sorted(f"{p['status']['podIP']}:80" for p in backends)
+
+        def pylium_backends():
+            entry = next(s for s in _pylium(cluster, "service", "list")
+                         if s["spec"]["flags"]["name"] == "echo")
+            spec = entry["spec"]
+            assert spec["flags"]["namespace"] == "default"
+            assert spec["frontend-address"]["ip"] == cluster_ip
+            assert spec["frontend-address"]["port"] == 8080
+            return sorted(f"{b['ip']}:{b['port']}" for b in spec["backend-addresses"])
+
+        wait_until("the service in pylium with both backends",
+                   lambda: pylium_backends() == want, timeout=20)
+        assert any(row["frontend"] == f"{cluster_ip}:8080/TCP"
+                   for row in cluster.agent("/v1/bpf/lb"))  # in the datapath's LB maps
+        names = {p["metadata"]["name"] for p in backends}
+        seen = wait_until("both backends answer through the ClusterIP",
+                          lambda: set(_hosts_behind(cluster, client, cluster_ip, 8080, 16))
+                          == names and names, timeout=20)
+        print(f"\nClusterIP {cluster_ip}:8080 -> {sorted(seen)}")
+
+        t0 = time.monotonic()
+        cluster.kubectl("scale", "deployment", "echo", "--replicas=1")
+        wait_until("scaled to one backend in pylium", lambda: len(pylium_backends()) == 1,
+                   timeout=30, interval=0.1)
+        scaled = time.monotonic() - t0
+        left = _running_pods(cluster, "echo")
+        assert [f"{p['status']['podIP']}:80" for p in left] == pylium_backends()
+        answered = _hosts_behind(cluster, client, cluster_ip, 8080, 8)
+        assert answered and set(answered) == {left[0]["metadata"]["name"]}, answered
+        print(f"scale 2 -> 1 reached pylium in {scaled:.2f}s")
+
+        cluster.kubectl("delete", "service", "echo")
+        wait_until("the service gone from pylium", lambda: all(
+            s["spec"]["flags"]["name"] != "echo" for s in _pylium(cluster, "service", "list")),
+            timeout=10, interval=0.1)
+        assert not any(row["frontend"] == f"{cluster_ip}:8080/TCP"
+                       for row in cluster.agent("/v1/bpf/lb"))
+        assert _hosts_behind(cluster, client, cluster_ip, 8080, 2) == []
+    finally:
+        _delete_all(cluster, text, ("echo", "svc-client"))
+
+
+FAKE_NODE = """
+apiVersion: v1
+kind: Node
+metadata: {name: pylium-fake-node, labels: {pylium.test/fake: "true"}}
+spec:
+  podCIDR: 10.236.1.0/24
+  podCIDRs: [10.236.1.0/24]
+  unschedulable: true
+  taints: [{key: pylium.test/fake, effect: NoSchedule}]
+status:
+  addresses: [{type: InternalIP, address: 10.235.0.3}]
+"""
+
+
+def test_kubernetes_nodes_reach_the_node_registry(cluster):
+    """Node objects feed the agent's node registry: `pylium node list` shows this node
+    with what Kubernetes says of it, and a second Node (an object only: no kubelet behind
+    it, unschedulable) joins with its address and pod CIDR — reaching the routing mode
+    the way a node from the KV store does — and leaves when deleted."""
+    def nodes():
+        return {n["name"]: n for n in _pylium(cluster, "node", "list")}
+
+    local = wait_until("this node known to Kubernetes too",
+                       lambda: "kubernetes" in nodes()["pylium-node"]["sources"] and
+                       nodes()["pylium-node"])
+    assert local["local"] is True and local["ipv4"] == cluster.env["node_ip"]
+    assert local["pod_cidr"] == cluster.env["pod_cidr"]
+    k8s_node = cluster.kubectl_json("get", "node", "pylium-node")
+    assert k8s_node["spec"]["podCIDR"] == local["pod_cidr"]  # the controller manager's
+    assert local["labels"]["kubernetes.io/hostname"] == "pylium-node"
+
+    t0 = time.monotonic()
+    cluster.kubectl("apply", "-f", "-", input=FAKE_NODE)
+    try:
+        fake = wait_until("the second node in the registry",
+                          lambda: nodes().get("pylium-fake-node"), timeout=10, interval=0.05)
+        joined = time.monotonic() - t0
+        assert (fake["ipv4"], fake["pod_cidr"], fake["sources"], fake["local"]) == (
+            "10.235.0.3", "10.236.1.0/24", ["kubernetes"], False)
+        assert fake["labels"]["pylium.test/fake"] == "true"
+        assert "InternalIP=10.235.0.3" in fake["addresses"]
+        # the routing mode heard of it (local routing refuses a second node, and says so)
+        errors = cluster.agent("/v1/routing")["errors"]
+        assert "single-node" in errors["pylium-fake-node"]
+        print(f"\nNode object -> node registry in {joined:.2f}s")
+    finally:
+        cluster.kubectl("delete", "node", "pylium-fake-node", "--ignore-not-found")
+    wait_until("the second node gone", lambda: "pylium-fake-node" not in nodes(), timeout=10,
+               interval=0.05)
+    assert "pylium-fake-node" not in cluster.agent("/v1/routing")["errors"]
 
 
 @pytest.mark.timeout(900)  # builds and imports a ~530 MB image
