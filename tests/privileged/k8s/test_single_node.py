@@ -199,17 +199,23 @@ def _wget(cluster, pod: str, ip: str) -> bool:
     return "200 OK" in out.stdout and "pylium" in out.stdout
 
 
-def _delete_all(cluster, text: str, apps: tuple[str, ...]) -> None:
-    """Delete the objects of `text` and wait until their pods are gone, not just the
-    Deployments (kubectl's --wait stops there: the garbage collector deletes the pods
-    later), so the next test starts clean. (A foreground cascade waits too, but takes
-    up to a minute here.)"""
+def _delete_all(cluster, text: str, apps: tuple[str, ...], gone: bool = False) -> None:
+    """Delete the objects of `text` and wait until each of their pods is terminating
+    (`gone`: deleted from the API, its sandbox torn down). kubectl's --wait covers the
+    Deployments only: the garbage collector deletes their pods later, seconds later under
+    load. Waiting for the pods to vanish takes 10-60 s here (the kubelet confirms late),
+    so only tests that need the CNI DEL done wait that long."""
     cluster.kubectl("delete", "-f", "-", "--wait=true", "--timeout=60s",
                     "--ignore-not-found", input=text, check=False)
     selector = f"app in ({','.join(apps)})"
-    wait_until(f"pods of {', '.join(apps)} gone", lambda: not cluster.kubectl(
-        "get", "pods", "-l", selector, "-o", "name").stdout.strip(), timeout=90,
-        interval=0.5)
+
+    def done() -> bool:
+        pods = cluster.kubectl_json("get", "pods", "-l", selector)["items"]
+        return not pods if gone else all(p["metadata"].get("deletionTimestamp")
+                                         for p in pods)
+
+    wait_until(f"pods of {', '.join(apps)} {'gone' if gone else 'terminating'}", done,
+               timeout=90, interval=0.3)
 
 
 @pytest.fixture
@@ -478,10 +484,14 @@ def test_kubernetes_nodes_reach_the_node_registry(cluster):
 @pytest.mark.timeout(900)  # builds and imports a ~530 MB image
 def test_the_agent_as_a_daemonset_from_pylium_k8s_manifest(cluster, tmp_path):
     """The image from `pylium k8s image`, the objects from `pylium k8s manifest`: the agent
-    the DaemonSet runs (not the one k8s/cluster.py started) follows the API server."""
+    the DaemonSet runs (not the one k8s/cluster.py started) follows the API server, and
+    the DaemonSet's init container installs the node's `pylium-cni` (the one
+    k8s/cluster.py put there is removed first), which then wires a new pod."""
     import subprocess
     import sys
     from pathlib import Path
+
+    from pylium_orchestrator_k8s import cnibin
 
     pylium = str(Path(sys.executable).with_name("pylium"))
     env = cluster.env
@@ -495,6 +505,7 @@ def test_the_agent_as_a_daemonset_from_pylium_k8s_manifest(cluster, tmp_path):
     imported = time.monotonic() - t0 - built
     run_dir = str(Path(env["agent_socket"]).parent)
     state = Path(f"/var/lib/pylium-k8s/{cluster.name}/ds-state")
+    cni_bin = Path(f"/var/lib/pylium-k8s/{cluster.name}/cni/bin")  # containerd's bin_dir
     cni_conf = (f"/var/lib/pylium-k8s/{cluster.name}/cni/net.d" if cluster.cni == "pylium"
                 else str(state / "cni-unused"))
     text = subprocess.run(
@@ -502,15 +513,23 @@ def test_the_agent_as_a_daemonset_from_pylium_k8s_manifest(cluster, tmp_path):
          "--pull-policy", "Never", "--pod-cidr", env["pod_cidr"],
          "--api-server", "127.0.0.1:6443", "--host-run-dir", run_dir,
          "--host-state-dir", str(state), "--cni-conf-dir", cni_conf,
-         "--bpffs-root", f"/sys/fs/bpf/pylium-k8s-{cluster.name}/ds"],
+         "--bpffs-root", f"/sys/fs/bpf/pylium-k8s-{cluster.name}/ds",
+         "--cni-bin-dir", str(cni_bin)],
         check=True, capture_output=True, text=True).stdout
+    host_cni = cni_bin / "pylium-cni"
+    before = host_cni.read_bytes() if host_cni.exists() else None
     cluster.run("stop-agent")
     try:
+        host_cni.unlink(missing_ok=True)
         t1 = time.monotonic()
+        wall = time.time()
         cluster.kubectl("apply", "-f", "-", input=text)
         cluster.kubectl("-n", "kube-system", "rollout", "status", "daemonset/pylium",
                         "--timeout=240s", timeout=300)
         ready = time.monotonic() - t1
+        # the node's pylium-cni is the launcher the init container wrote just now
+        assert cnibin.is_launcher(host_cni) and host_cni.stat().st_mtime >= wall - 1
+        assert host_cni.stat().st_mode & 0o111
         config = cluster.agent("/v1/config")
         assert config["socket"] == "/var/run/pylium/pylium.sock"  # the container's view
         assert config["node_name"] == "pylium-node" and config["orchestrator"] == "kubernetes"
@@ -524,9 +543,32 @@ def test_the_agent_as_a_daemonset_from_pylium_k8s_manifest(cluster, tmp_path):
             "pylium-node"))
         assert status["ok"] is True
         cluster.kubectl("delete", "ccnp", "from-daemonset")
+        if cluster.cni == "pylium":
+            # a pod now: the runtime runs the installed launcher, which asks this agent
+            probe = yaml.safe_dump(_deployment("ds-probe", "ds-probe"))
+            cluster.kubectl("apply", "-f", "-", input=probe)
+            try:
+                pod = wait_until("a pod wired by the installed pylium-cni",
+                                 lambda: _running_pods(cluster, "ds-probe"), timeout=120,
+                                 interval=0.2)[0]
+                endpoints = {e["name"]: e for e in cluster.agent("/v1/endpoint")}
+                ep = endpoints[pod["metadata"]["name"]]
+                assert ep["ipv4"] == pod["status"]["podIP"] and ep["state"] == "ready"
+            finally:
+                _delete_all(cluster, probe, ("ds-probe",), gone=True)
+            assert all(e["name"] != pod["metadata"]["name"]
+                       for e in cluster.agent("/v1/endpoint"))
     finally:
         cluster.kubectl("delete", "-f", "-", "--wait=true", "--timeout=60s", input=text,
                         check=False)
+        # its agent gone too (kubectl waits for the DaemonSet object only) before the
+        # cluster's own agent takes the socket again
+        wait_until("the DaemonSet's pod gone", lambda: not cluster.kubectl(
+            "-n", "kube-system", "get", "pods", "-l", "k8s-app=pylium", "-o", "name"
+        ).stdout.strip(), timeout=90, interval=0.5)
+        if before is not None:  # k8s/cluster.py's own, for the tests after this one
+            host_cni.write_bytes(before)
+            host_cni.chmod(0o755)
         cluster.run("start-agent", "--cni", cluster.cni)
 
 
