@@ -14,7 +14,9 @@ are noisy — the ratios are what to compare."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -27,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "privileged" / "l7"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from common import report  # noqa: E402
+from common import report_rounds, spread  # noqa: E402
 from pylium.l7.supervisor import ProxySupervisor  # noqa: E402
 from topology import (  # noqa: E402
     CLIENT_IP,
@@ -43,12 +45,12 @@ DIRECT_PORT = 8000          # nginx on the server, not TPROXY'd
 NGINX_PROXY_PORT = 8888     # nginx reverse proxy on the router
 
 
-def nginx_conf(prefix: Path, body: str) -> Path:
+def nginx_conf(prefix: Path, body: str, workers: int = 1) -> Path:
     for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (prefix / d).mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
     conf.write_text(f"""
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log;
@@ -67,20 +69,38 @@ http {{
     return conf
 
 
-def wrk(topo: TproxyTopology, url: str, connections: int) -> dict[str, float]:
-    out = topo.ns(topo.client, "wrk", "-t1", f"-c{connections}", f"-d{SECONDS}s",
-                  "--latency", url, timeout=SECONDS + 30).stdout
+def wrk(loop: asyncio.AbstractEventLoop, topo: TproxyTopology, url: str, connections: int,
+        seconds: float) -> dict[str, float]:
+    """One wrk run. The loop runs meanwhile, so the feeding agent takes the proxy's flow
+    records while they are made (its CPU counts, as a real agent's would)."""
+    async def run() -> str:
+        proc = await asyncio.create_subprocess_exec(
+            "nsenter", f"--net=/run/netns/{topo.client}", "wrk", "-t1", f"-c{connections}",
+            f"-d{seconds}s", "--latency", url, stdout=asyncio.subprocess.PIPE)
+        out, _ = await asyncio.wait_for(proc.communicate(), seconds + 30)
+        return out.decode()
+    out = loop.run_until_complete(run())
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
     scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[p99.group(2)]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sockets = re.search(r"Socket errors: (.*)", out)
-    return {"rps": rps, "p99_ms": float(p99.group(1)) * scale,
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    return {"rps": rps, "requests": requests, "p99_ms": float(p99.group(1)) * scale,
             "errors": int(errors.group(1)) if errors else 0,
             "socket_errors": sockets.group(1) if sockets else ""}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per side")
+    parser.add_argument("--seconds", type=int, default=SECONDS, help="length of one wrk run")
+    parser.add_argument("--connections", type=int, nargs="+", default=list(CONNECTIONS))
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes of each proxy (nginx worker_processes, pylium workers)")
+    parser.add_argument("--only", nargs="+", choices=("direct", "pylium", "nginx"),
+                        help="run only these sides (no result line without pylium and nginx)")
+    args = parser.parse_args(argv)
     if shutil.which("nginx") is None or shutil.which("wrk") is None:
         print("needs nginx and wrk (apt-get install nginx wrk)", file=sys.stderr)
         return 1
@@ -95,7 +115,7 @@ def main() -> int:
   upstream backend {{ server {SERVER_IP}:{DIRECT_PORT}; keepalive 256; }}
   server {{ listen {ROUTER_CLIENT_IP}:{NGINX_PROXY_PORT};
            location / {{ proxy_pass http://backend; proxy_http_version 1.1;
-                         proxy_set_header Connection ""; }} }}""")
+                         proxy_set_header Connection ""; }} }}""", args.workers)
         for ns, conf in ((topo.server, server_conf), (topo.router, proxy_conf)):
             procs.append(subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "nginx",
                                            "-c", str(conf)]))
@@ -120,24 +140,47 @@ def main() -> int:
                 "pylium": f"http://{SERVER_IP}:{INGRESS_DPORT}/x",
                 "nginx": f"http://{ROUTER_CLIENT_IP}:{NGINX_PROXY_PORT}/x"}
         for name, url in urls.items():  # warm up (connections, caches)
-            wrk_result = topo.ns(topo.client, "curl", "-s", url).stdout
-            assert wrk_result == "ok\n", (name, wrk_result)
-        for connections in CONNECTIONS:
-            got = {}
-            for name, url in urls.items():
-                # let the agent side drain the flows of the previous run
-                loop.run_until_complete(asyncio.sleep(0.3))
-                got[name] = wrk(topo, url, connections)
-            extra = {"connections": connections, "direct_rps": got["direct"]["rps"],
-                     "direct_p99_ms": got["direct"]["p99_ms"],
-                     "pylium_errors": got["pylium"]["errors"],
-                     "pylium_socket_errors": got["pylium"]["socket_errors"]}
-            report("l7_http", f"req_per_s_c{connections}", "req/s", got["pylium"]["rps"],
-                   got["nginx"]["rps"], "nginx 1 worker reverse proxy",
-                   "pylium >= 0.5x nginx", **extra)
-            report("l7_http", f"p99_c{connections}", "ms", got["pylium"]["p99_ms"],
-                   got["nginx"]["p99_ms"], "nginx 1 worker reverse proxy",
-                   "pylium <= 2x nginx", **extra)
+            got = topo.ns(topo.client, "curl", "-s", url).stdout
+            assert got == "ok\n", (name, got)
+        names = [n for n in urls if n in args.only] if args.only else list(urls)
+        for connections in args.connections:
+            runs: dict[str, list[dict]] = {name: [] for name in names}
+            load_before = os.getloadavg()[0]
+            flows_before = flows[0]
+            for round_ in range(args.rounds):
+                # interleaved, the order rotating each round: drift on the shared machine
+                # hits every side alike
+                order = names[round_ % len(names):] + names[:round_ % len(names)]
+                for name in order:
+                    # let the agent side drain the flows of the previous run
+                    loop.run_until_complete(asyncio.sleep(0.3))
+                    runs[name].append(wrk(loop, topo, urls[name], connections, args.seconds))
+            if "pylium" not in runs or "nginx" not in runs:
+                for name, samples in runs.items():
+                    print(f"# c={connections} {name}: rps "
+                          f"{spread([r['rps'] for r in samples])} p99_ms "
+                          f"{spread([r['p99_ms'] for r in samples])}", file=sys.stderr)
+                continue
+            loop.run_until_complete(asyncio.sleep(1.0))
+            extra = {"connections": connections, "workers": args.workers,
+                     # every request and response a flow: the agent got them all
+                     "flows_per_request": round((flows[0] - flows_before) / max(
+                         1, sum(r["requests"] for r in runs["pylium"])), 3),
+                     "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+                     "pylium_errors": sum(r["errors"] for r in runs["pylium"]),
+                     "pylium_socket_errors": [r["socket_errors"] for r in runs["pylium"]
+                                              if r["socket_errors"]]}
+            if "direct" in runs:
+                extra["direct_rps"] = spread([r["rps"] for r in runs["direct"]])["median"]
+                extra["direct_p99_ms"] = spread([r["p99_ms"] for r in runs["direct"]])["median"]
+            baseline = f"nginx reverse proxy, {args.workers} worker(s), upstream keep-alive"
+            report_rounds("l7_http", f"req_per_s_c{connections}", "req/s",
+                          [r["rps"] for r in runs["pylium"]], [r["rps"] for r in runs["nginx"]],
+                          baseline, "pylium >= 0.5x nginx", lambda a, b: a >= 0.5 * b, **extra)
+            report_rounds("l7_http", f"p99_c{connections}", "ms",
+                          [r["p99_ms"] for r in runs["pylium"]],
+                          [r["p99_ms"] for r in runs["nginx"]],
+                          baseline, "pylium <= 2x nginx", lambda a, b: a <= 2 * b, **extra)
         loop.run_until_complete(asyncio.sleep(0.5))
         print(f"# flows recorded by the feeding agent: {flows[0]}", file=sys.stderr)
         loop.run_until_complete(supervisor.shutdown())

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import orjson
 
 from pylium.errors import PluginError
 from pylium.l7 import proxy as proxy_process
@@ -194,16 +195,19 @@ class ProxySupervisor:
                 line = await reader.readline()
                 if not line:
                     break
-                message = json.loads(line)
-                if message.get("op") == "flow":
-                    try:
-                        self.on_flow(message)
-                    except Exception:  # a flow we cannot record must not stop the reader
-                        self.log.exception("recording an L7 flow failed")
-                    self._ack(int(message.get("seq", 0)))
+                message = orjson.loads(line)
+                if message.get("op") == "flows":
+                    flows = message.get("flows") or ()
+                    for flow in flows:
+                        try:
+                            self.on_flow(flow)
+                        except Exception:  # a flow we cannot record must not stop the reader
+                            self.log.exception("recording an L7 flow failed")
+                    if flows:
+                        self._ack(int(flows[-1].get("seq", 0)))
                 else:
                     self.replies.put_nowait(message)
-        except (ConnectionError, ValueError, asyncio.IncompleteReadError) as exc:
+        except (ConnectionError, ValueError, asyncio.IncompleteReadError) as exc:  # orjson: ValueError
             self.error = f"control socket: {exc}"
         finally:
             self.replies.put_nowait({"op": "closed"})
