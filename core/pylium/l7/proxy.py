@@ -86,6 +86,8 @@ class PolicyTable:
         self.prefixes: dict[int, dict[int, int]] = {}  # prefixlen -> {network int: identity}
         self.ipcache_fd: int | None = None
         self.redirects = 0
+        #: bumped by every load: connections cache their grants until it changes
+        self.generation = 0
 
     def load(self, message: dict[str, Any]) -> list[str]:
         """Replace the table; returns problems (a grant whose rules cannot be enforced
@@ -124,6 +126,7 @@ class PolicyTable:
         self.endpoints, self.prefixes = endpoints, prefixes
         self.revision = int(message.get("revision", self.revision + 1))
         self.redirects = redirects
+        self.generation += 1
         return problems
 
     def identity_of(self, ip: str) -> int:
@@ -187,13 +190,42 @@ class Side:
 
     def __init__(self, reply: bool):
         self.reply = reply
-        self.buf = bytearray()
+        #: bytes as received (no copy) while one read is all there is; a bytearray once
+        #: several reads must be joined
+        self.buf: bytes | bytearray = b""
         self.pass_left = 0
         self.drop_left = 0
         self.queue: collections.deque[Op] = collections.deque()
         self.need_call = False
         self.eof = False
         self.paused = False
+
+
+def _append(side: Side, data: bytes) -> None:
+    buf = side.buf
+    if not buf:
+        side.buf = data
+    elif type(buf) is bytes:
+        side.buf = bytearray(buf) + data
+    else:
+        buf += data
+
+
+def _take(side: Side, n: int) -> bytes:
+    """The first n buffered bytes, removed from the buffer (the buffer itself when it is
+    taken whole: a request or response read in one piece is forwarded without a copy)."""
+    buf = side.buf
+    if n >= len(buf):
+        side.buf = b""
+        return buf if type(buf) is bytes else bytes(buf)
+    if type(buf) is bytes:
+        chunk = buf[:n]
+        # many pipelined messages in one large read: cut from a bytearray (in place)
+        side.buf = buf[n:] if len(buf) - n < 4096 else bytearray(buf[n:])
+        return chunk
+    chunk = bytes(buf[:n])
+    del buf[:n]
+    return chunk
 
 
 class _Downstream(asyncio.Protocol):
@@ -279,6 +311,13 @@ class Connection:
         self.local_ip = local_ip
         self.peer_identity = (self.info.src_identity if direction == "ingress"
                               else self.info.dst_identity)
+        client = {"ip": src_ip, "port": src_port, "identity": self.info.src_identity}
+        server = {"ip": dst_ip, "port": dst_port, "identity": self.info.dst_identity}
+        #: the connection's part of every flow record, per direction (made once)
+        self.flow_bases = (_flow_base(client, server, self.info, False),
+                           _flow_base(server, client, self.info, True))
+        self._grants_cached: tuple[Grant, ...] | None = None
+        self._grants_generation = -1
         self.parser: ConnectionParser = proxy.factory.new_connection(
             self.info, self._grants, self._emit)
         #: bytes buffered before reading pauses: a parser that decides on whole frames
@@ -288,28 +327,34 @@ class Connection:
         proxy.active.add(self)
 
     def _grants(self) -> tuple[Grant, ...] | None:
-        return self.proxy.policy.grants(self.info.direction, self.local_ip,
-                                        self.peer_identity, self.info.dst_port)
+        """The grants of this connection's key, looked up again only after a policy
+        push (every request asks)."""
+        table = self.proxy.policy
+        if self._grants_generation != table.generation:
+            self._grants_cached = table.grants(self.info.direction, self.local_ip,
+                                               self.peer_identity, self.info.dst_port)
+            self._grants_generation = table.generation
+        return self._grants_cached
 
     def _emit(self, record: dict[str, Any]) -> None:
-        self.proxy.flow(self.info, record)
+        self.proxy.flow(self.flow_bases[1 if record.get("is_reply") else 0], record)
 
     # the op engine ------------------------------------------------------------------------
     def received(self, side: Side, data: bytes) -> None:
         if self.closed:
             return
         if side.buf or side.pass_left == 0 and side.drop_left == 0:
-            side.buf += data
+            _append(side, data)
         else:  # fast path: a streaming body goes straight through
             n = side.pass_left or side.drop_left
-            head, rest = data[:n], data[n:]
+            head, rest = (data, b"") if n >= len(data) else (data[:n], data[n:])
             if side.pass_left:
                 side.pass_left -= len(head)
                 self._send(side, head)
             else:
                 side.drop_left -= len(head)
             if rest:
-                side.buf += rest
+                _append(side, rest)
         side.need_call = True
         self._run(side)
         self.flush()
@@ -338,9 +383,7 @@ class Connection:
         idle = 0
         while not self.closed:
             if side.buf and (side.pass_left or side.drop_left):
-                n = side.pass_left or side.drop_left
-                chunk = bytes(side.buf[:n])
-                del side.buf[:n]
+                chunk = _take(side, side.pass_left or side.drop_left)
                 if side.pass_left:
                     side.pass_left -= len(chunk)
                     self._send(side, chunk)
@@ -358,9 +401,15 @@ class Connection:
             if not side.need_call:
                 break
             before = len(side.buf)
-            ops = self.parser.on_data(side.reply, bytes(side.buf), side.eof)
+            buf = side.buf
+            ops = self.parser.on_data(side.reply, buf if type(buf) is bytes else bytes(buf),
+                                      side.eof)
             side.need_call = bool(ops) and ops[-1].type is not OpType.MORE
-            side.queue.extend(op for op in ops if op.type is not OpType.MORE)
+            if len(ops) == 1:
+                if side.need_call:
+                    side.queue.append(ops[0])
+            else:
+                side.queue.extend([op for op in ops if op.type is not OpType.MORE])
             if not side.queue and len(side.buf) == before and side.need_call:
                 idle += 1
                 if idle > 2:
@@ -388,9 +437,8 @@ class Connection:
     def _apply(self, side: Side, op: Op) -> None:
         kind = op.type
         if kind is OpType.PASS or kind is OpType.DROP:
-            take = min(op.n, len(side.buf))
-            chunk = bytes(side.buf[:take])
-            del side.buf[:take]
+            chunk = _take(side, op.n) if side.buf else b""
+            take = len(chunk)
             if kind is OpType.PASS:
                 if chunk:
                     self._send(side, chunk)
@@ -534,6 +582,15 @@ class Connection:
         return f"{i.src_ip}:{i.src_port} -> {i.dst_ip}:{i.dst_port}"
 
 
+def _flow_base(src: dict[str, Any], dst: dict[str, Any], info: ConnectionInfo,
+               reply: bool) -> dict[str, Any]:
+    return {"op": "flow", "src_ip": src["ip"], "sport": src["port"],
+            "src_identity": src["identity"], "dst_ip": dst["ip"], "dport": dst["port"],
+            "dst_identity": dst["identity"], "ep_id": info.ep_id,
+            "proxy_port": info.proxy_port,
+            "direction": int(Direction[info.direction.upper()]), "is_reply": reply}
+
+
 def upstream_mark(info: ConnectionInfo) -> int:
     """SO_MARK of the upstream socket: the client's identity, so the destination's policy
     judges the client. From the egress proxy with the magic that makes the destination
@@ -610,26 +667,21 @@ class Proxy:
             pass
 
     # flows --------------------------------------------------------------------------------
-    def flow(self, info: ConnectionInfo, record: dict[str, Any]) -> None:
-        reply = bool(record.get("is_reply"))
-        src = (info.dst_ip, info.dst_port, info.dst_identity) if reply else \
-            (info.src_ip, info.src_port, info.src_identity)
-        dst = (info.src_ip, info.src_port, info.src_identity) if reply else \
-            (info.dst_ip, info.dst_port, info.dst_identity)
-        message = {"op": "flow", "src_ip": src[0], "sport": src[1], "src_identity": src[2],
-                   "dst_ip": dst[0], "dport": dst[1], "dst_identity": dst[2],
-                   "ep_id": info.ep_id, "proxy_port": info.proxy_port,
-                   "direction": int(Direction[info.direction.upper()]), "is_reply": reply,
-                   "verdict": record["verdict"], "l7": record["l7"]}
-        for extra in ("rule", "error"):
-            if extra in record:
-                message[extra] = record[extra]
-        l7_type = record["l7"].get("type")
-        if l7_type == "REQUEST":
-            self.stats["requests"] += 1
-            self.stats["denied" if record["verdict"] == "DROPPED" else "forwarded"] += 1
+    def flow(self, base: dict[str, Any], record: dict[str, Any]) -> None:
+        """One parser record as a flow message: `base` is the connection's addresses and
+        identities in the record's direction (`Connection.flow_bases`)."""
+        message = base.copy()
+        message["verdict"] = verdict = record["verdict"]
+        message["l7"] = l7 = record["l7"]
+        stats = self.stats
+        if "rule" in record:
+            message["rule"] = record["rule"]
         if "error" in record:
-            self.stats["parse_errors"] += 1
+            message["error"] = record["error"]
+            stats["parse_errors"] += 1
+        if l7.get("type") == "REQUEST":
+            stats["requests"] += 1
+            stats["denied" if verdict == "DROPPED" else "forwarded"] += 1
         self.seq += 1
         message["seq"] = self.seq
         if len(self.flows) == self.flows.maxlen:
