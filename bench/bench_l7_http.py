@@ -1,16 +1,22 @@
 """HTTP through pylium's L7 proxy against nginx as a reverse proxy, side by side on one path:
 a client netns, a router netns (where the proxies run) and a server netns with nginx serving
-`GET /x`. wrk (1 thread, keep-alive) at 1, 10 and 100 connections:
+`GET /x` (one worker). wrk (1 thread, keep-alive) at 1, 10 and 100 connections:
 
 * direct  — client -> router (routed) -> server, no proxy (the ceiling);
-* pylium  — the same packets TPROXY'd into pylium's proxy process (HTTP rule `GET /x`
-  enforced, flows sent to a feeding "agent"), which opens the upstream with the client
-  identity's SO_MARK;
-* nginx   — client -> nginx on the router (1 worker, upstream keep-alive) -> server.
+* pylium  — the same packets TPROXY'd into pylium's proxy process(es) (HTTP rule `GET /x`
+  enforced, every request and response a flow record sent to a feeding "agent" that takes
+  them while wrk runs), which opens the upstream with the client identity's SO_MARK;
+* nginx   — client -> nginx on the router (upstream keep-alive) -> server.
 
-Goal (issue 11): pylium >= 0.5x nginx req/s and p99 <= 2x nginx's. Both proxies get one
-worker/thread; the machine's 2 cores are shared with wrk and the server, so absolute numbers
-are noisy — the ratios are what to compare."""
+Both proxies get the same number of processes (`--workers`, default 1: nginx
+`worker_processes`, pylium's `ProxyPool` workers on SO_REUSEPORT). Each keeps its upstream
+connections across requests (nginx: `keepalive` pool; pylium: one upstream per client
+connection, kept while the client keeps it). The sides run interleaved, `--rounds` times each
+with the order rotating, and the result lines compare medians (both spreads and the load
+average attached): the machine's 2 cores are shared with wrk, the server and other work, so
+absolute numbers are noisy — the ratios are what to compare.
+
+Goal (issue 11): pylium >= 0.5x nginx req/s and p99 <= 2x nginx's."""
 
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ sys.path.insert(0, str(REPO / "tests" / "privileged" / "l7"))
 sys.path.insert(0, str(REPO / "bench"))
 
 from common import report_rounds, spread  # noqa: E402
-from pylium.l7.supervisor import ProxySupervisor  # noqa: E402
+from pylium.l7.supervisor import ProxyPool  # noqa: E402
 from topology import (  # noqa: E402
     CLIENT_IP,
     INGRESS_DPORT,
@@ -122,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.5)
         flows = [0]
         loop = asyncio.new_event_loop()
-        supervisor = ProxySupervisor(
+        supervisor = ProxyPool(
             tmp / "pylium", "pylium_l7_http.parser:HttpParserFactory",
-            {"ingress": 10080, "egress": 10081}, "bench",
+            {"ingress": 10080, "egress": 10081}, "bench", workers=args.workers,
             on_flow=lambda _m: flows.__setitem__(0, flows[0] + 1),
             launcher=["nsenter", f"--net=/run/netns/{topo.router}"])
         loop.run_until_complete(supervisor.start())
@@ -183,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
                           baseline, "pylium <= 2x nginx", lambda a, b: a <= 2 * b, **extra)
         loop.run_until_complete(asyncio.sleep(0.5))
         print(f"# flows recorded by the feeding agent: {flows[0]}", file=sys.stderr)
+        loop.run_until_complete(supervisor.refresh())
+        for member in supervisor.members:  # SO_REUSEPORT spread the load over the workers
+            stats = member.info.get("stats", {})
+            print(f"# pylium worker pid {member.info.get('pid')}: "
+                  f"{stats.get('connections', 0)} connections, {stats.get('requests', 0)} "
+                  "requests", file=sys.stderr)
         loop.run_until_complete(supervisor.shutdown())
         loop.close()
     finally:

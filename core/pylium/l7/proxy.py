@@ -6,14 +6,20 @@ no proxied connection: the policy it last received keeps being enforced, flows w
 bounded buffer, and the next agent adopts it over the control socket.
 
     python -m pylium.l7.proxy --state-dir DIR --parser MODULE:FACTORY \\
-        --listen ingress:10080 --listen egress:10081 --version V [--ipcache PIN] [--detach]
+        --listen ingress:10080 --listen egress:10081 --version V [--ipcache PIN] [--detach] \\
+        [--reuseport]
     python -m pylium.l7.proxy stop --state-dir DIR
 
 Transparency: the listeners are IP_TRANSPARENT, so a connection the datapath steered here
 (TPROXY or bpf_sk_assign) has the original destination as its local address and the client
 as its peer. The upstream connection to that destination carries
 `SO_MARK = mark_encode_identity(source identity)` so the destination's policy judges the
-real client."""
+real client.
+
+Several of these processes may share the ports (`--reuseport`, SO_REUSEPORT: the kernel
+spreads new connections over them), each its own process with its own control socket and
+state directory, fed the same policy (`pylium.l7.supervisor.ProxyPool`): Python runs one
+core per process."""
 
 from __future__ import annotations
 
@@ -607,12 +613,14 @@ class Proxy:
     """Listeners, the policy table, the control socket and the flow buffer."""
 
     def __init__(self, state_dir: Path, factory: ParserFactory, listen: dict[str, int],
-                 version: str, bind: str = "0.0.0.0", ipcache: str | None = None):
+                 version: str, bind: str = "0.0.0.0", ipcache: str | None = None,
+                 reuseport: bool = False):
         self.state_dir = Path(state_dir)
         self.factory = factory
         self.listen = dict(listen)
         self.version = version
         self.bind = bind
+        self.reuseport = reuseport
         self.policy = PolicyTable(factory)
         if ipcache:
             from pylium.datapath import libbpf
@@ -638,6 +646,8 @@ class Proxy:
         for direction, port in self.listen.items():
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuseport:  # one of a pool of workers on these ports
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             sock.bind((self.bind, port))
             sock.listen(1024)
@@ -721,6 +731,7 @@ class Proxy:
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "control_protocol": CONTROL_PROTOCOL,
                 "pid": os.getpid(), "protocol": self.factory.protocol,
+                "reuseport": self.reuseport,
                 "ports": self.listen, "revision": self.policy.revision,
                 "redirects": self.policy.redirects, "active_connections": len(self.active),
                 "buffered_flows": len(self.flows), "started": self.started,
@@ -787,7 +798,7 @@ def _listen_arg(value: str) -> tuple[str, int]:
 
 async def _serve(args: argparse.Namespace, ready_fd: int | None) -> int:
     proxy = Proxy(Path(args.state_dir), load_factory(args.parser), dict(args.listen),
-                  args.version, args.bind, args.ipcache)
+                  args.version, args.bind, args.ipcache, args.reuseport)
     try:
         await proxy.start()
     except OSError as exc:
@@ -913,6 +924,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bind", default="0.0.0.0")
     parser.add_argument("--ipcache", default=None, help="pinned ipcache map")
     parser.add_argument("--detach", action="store_true")
+    parser.add_argument("--reuseport", action="store_true",
+                        help="share the ports with other workers (SO_REUSEPORT)")
     args = parser.parse_args(argv)
     Path(args.state_dir).mkdir(parents=True, exist_ok=True)
     try:
