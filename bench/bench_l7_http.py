@@ -97,6 +97,23 @@ def wrk(loop: asyncio.AbstractEventLoop, topo: TproxyTopology, url: str, connect
             "socket_errors": sockets.group(1) if sockets else ""}
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes so far (a process gone counts 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def nginx_workers(master: int) -> list[int]:
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return [int(c) for c in children] or [master]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per side")
@@ -145,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         urls = {"direct": f"http://{SERVER_IP}:{DIRECT_PORT}/x",
                 "pylium": f"http://{SERVER_IP}:{INGRESS_DPORT}/x",
                 "nginx": f"http://{ROUTER_CLIENT_IP}:{NGINX_PROXY_PORT}/x"}
+        # the proxies' own processes: CPU per request is the comparison the machine's other
+        # load distorts least (nginx's master only supervises)
+        proxy_pids = {"pylium": [m.info["pid"] for m in supervisor.members],
+                      "nginx": nginx_workers(procs[1].pid), "direct": []}
         for name, url in urls.items():  # warm up (connections, caches)
             got = topo.ns(topo.client, "curl", "-s", url).stdout
             assert got == "ok\n", (name, got)
@@ -160,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
                 for name in order:
                     # let the agent side drain the flows of the previous run
                     loop.run_until_complete(asyncio.sleep(0.3))
-                    runs[name].append(wrk(loop, topo, urls[name], connections, args.seconds))
+                    cpu = cpu_seconds(proxy_pids[name])
+                    result = wrk(loop, topo, urls[name], connections, args.seconds)
+                    result["cpu_us_per_request"] = (cpu_seconds(proxy_pids[name]) - cpu) * 1e6 \
+                        / max(1, result["requests"])
+                    runs[name].append(result)
             if "pylium" not in runs or "nginx" not in runs:
                 for name, samples in runs.items():
                     print(f"# c={connections} {name}: rps "
@@ -176,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                      "pylium_errors": sum(r["errors"] for r in runs["pylium"]),
                      "pylium_socket_errors": [r["socket_errors"] for r in runs["pylium"]
                                               if r["socket_errors"]]}
+            for name in ("pylium", "nginx"):
+                extra[f"{name}_cpu_us_per_request"] = spread(
+                    [r["cpu_us_per_request"] for r in runs[name]])["median"]
             if "direct" in runs:
                 extra["direct_rps"] = spread([r["rps"] for r in runs["direct"]])["median"]
                 extra["direct_p99_ms"] = spread([r["p99_ms"] for r in runs["direct"]])["median"]

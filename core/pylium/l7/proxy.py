@@ -694,14 +694,12 @@ class Proxy:
             stats["denied" if verdict == "DROPPED" else "forwarded"] += 1
         self.seq += 1
         message["seq"] = self.seq
-        if len(self.flows) == self.flows.maxlen:
-            self.stats["flows_lost"] += 1  # the oldest unacknowledged record goes
-        self.flows.append(message)
-        controller = self.controller
-        if controller is not None and not controller.is_closing():
-            if controller.transport.get_write_buffer_size() > CONTROL_BACKLOG:
-                return  # an agent that stalls gets it later (or it is lost by the bound)
-            self._send_flow(controller, message)
+        flows = self.flows
+        if len(flows) == FLOW_BUFFER:
+            stats["flows_lost"] += 1  # the oldest unacknowledged record goes
+        flows.append(message)
+        if self.controller is not None:
+            self._send_flow(self.controller, message)
 
     def _send_flow(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
         """Flow records go out as one batch line per loop iteration, not one per record
@@ -715,6 +713,8 @@ class Proxy:
     def _flush_flows(self, writer: asyncio.StreamWriter) -> None:
         batch, self.out_flows = self.out_flows, []
         if batch and writer is self.controller and not writer.is_closing():
+            if writer.transport.get_write_buffer_size() > CONTROL_BACKLOG:
+                return  # an agent that stalls gets them later (or they are lost by the bound)
             writer.write(orjson.dumps({"op": "flows", "flows": batch},
                                       option=orjson.OPT_APPEND_NEWLINE))
 

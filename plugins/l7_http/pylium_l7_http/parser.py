@@ -121,6 +121,25 @@ class Head:
         return self.by_name.get(name.lower(), [])
 
 
+class _FirstValues(Mapping):
+    """name -> first value of a head's headers, made into a dict only by a rule that
+    looks at headers."""
+
+    __slots__ = ("by_name",)
+
+    def __init__(self, by_name: dict[str, list[str]]):
+        self.by_name = by_name
+
+    def __getitem__(self, name: str) -> str:
+        return self.by_name[name][0]
+
+    def __iter__(self):
+        return iter(self.by_name)
+
+    def __len__(self) -> int:
+        return len(self.by_name)
+
+
 class _Collector:
     """httptools callbacks: keep the pieces of one head, decoded as they come."""
 
@@ -352,8 +371,7 @@ class HttpConnection(ConnectionParser):
         except BadMessage as exc:
             return self._bad_request(len(data), str(exc))
         path, host = self._target(head)
-        verdict = judge(self.grants(), head.method, path, host,
-                        {k: v[0] for k, v in head.by_name.items()})
+        verdict = judge(self.grants(), head.method, path, host, _FirstValues(head.by_name))
         now = time.monotonic_ns()
         l7 = {"type": "REQUEST",
               "http": {"method": head.method, "url": self._url(head, host),
@@ -364,11 +382,11 @@ class HttpConnection(ConnectionParser):
         if verdict.allowed:
             self.emit({"verdict": "FORWARDED", "l7": l7, "rule": verdict.rule})
             self.pending.append(Pending(head.method, l7["http"]["url"], head.version, now))
-            ops = [PASS(head.size)]
             if head.upgrade or head.method == "CONNECT":
                 self.upgrade_pending = True
-            ops += self._body(kind, length, drop=False)
-            return ops
+            if kind == "length":  # head and body in one PASS
+                return [PASS(head.size + length)]
+            return [PASS(head.size), *self._body(kind, length, drop=False)]
         l7["http"]["code"] = 403
         self.emit({"verdict": "DROPPED", "l7": l7})
         expect = (head.get("expect") or "").lower() == "100-continue"
@@ -498,6 +516,9 @@ class HttpConnection(ConnectionParser):
                 return ops
             # refused upgrade: HTTP goes on; bytes the client sent early are requests again
         if kind == "length":
+            if length and len(data) >= head.size + length:
+                # the whole response is here (the usual small one): one PASS, done now
+                return [PASS(head.size + length), *self._finish_response()]
             if length:
                 self.resp_state = "finish"
                 return [*ops, PASS(length)]
