@@ -873,7 +873,15 @@ def _configure_logging() -> None:
 
 
 def stop_running(state_dir: Path, timeout: float = 5.0) -> bool:
-    """Stop the proxy of `state_dir` (SIGTERM by its pidfile); True if one was running."""
+    """Stop the proxy of `state_dir` and the workers of a pool there (`worker-N`
+    subdirectories), SIGTERM by their pidfiles; True if one was running."""
+    stopped = _stop_one(state_dir, timeout)
+    for worker in sorted(Path(state_dir).glob("worker-*")):
+        stopped = _stop_one(worker, timeout) or stopped
+    return stopped
+
+
+def _stop_one(state_dir: Path, timeout: float) -> bool:
     pid = running_pid(state_dir)
     if pid is None:
         return False
