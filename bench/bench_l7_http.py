@@ -14,7 +14,10 @@ connections across requests (nginx: `keepalive` pool; pylium: one upstream per c
 connection, kept while the client keeps it). The sides run interleaved, `--rounds` times each
 with the order rotating, and the result lines compare medians (both spreads and the load
 average attached): the machine's 2 cores are shared with wrk, the server and other work, so
-absolute numbers are noisy — the ratios are what to compare.
+absolute numbers are noisy — the ratios are what to compare. Each line also carries
+`pylium_cpu_us_per_request` / `nginx_cpu_us_per_request` (medians): the CPU the proxy's own
+processes spent per request, which that other load distorts least, and `flows_per_request`
+(2: the agent got a record of every request and response).
 
 Goal (issue 11): pylium >= 0.5x nginx req/s and p99 <= 2x nginx's."""
 
