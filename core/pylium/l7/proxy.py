@@ -74,6 +74,8 @@ FLOW_BUFFER = 20000
 CONTROL_BACKLOG = 16 << 20
 #: flow records per batch line at most (a re-sent backlog goes in several)
 FLOW_BATCH = 1000
+#: how long a flow record may wait for others to share its batch (seconds)
+FLOW_FLUSH_DELAY = 0.01
 CONNECT_TIMEOUT = 5.0
 #: per-direction bytes read ahead of the other side before reading pauses
 HIGH_WATER = 1 << 20
@@ -699,20 +701,23 @@ class Proxy:
             stats["flows_lost"] += 1  # the oldest unacknowledged record goes
         flows.append(message)
         if self.controller is not None:
-            self._send_flow(self.controller, message)
+            self._send_flow(message)
 
-    def _send_flow(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
-        """Flow records go out as one batch line per loop iteration, not one per record
-        (one encode and one write; the agent decodes one line per batch)."""
+    def _send_flow(self, message: dict[str, Any]) -> None:
+        """Flow records go out as one batch line at most every FLOW_FLUSH_DELAY, not one
+        per record (one encode, one write and one wake-up of the agent per batch)."""
         self.out_flows.append(message)
         if len(self.out_flows) == 1:
-            asyncio.get_running_loop().call_soon(self._flush_flows, writer)
+            asyncio.get_running_loop().call_later(FLOW_FLUSH_DELAY, self._flush_flows)
         elif len(self.out_flows) >= FLOW_BATCH:
-            self._flush_flows(writer)
+            self._flush_flows()
 
-    def _flush_flows(self, writer: asyncio.StreamWriter) -> None:
+    def _flush_flows(self) -> None:
+        """The batch to the agent listening now (`out_flows` is emptied whenever another
+        agent says hello, so every record in it is that agent's)."""
         batch, self.out_flows = self.out_flows, []
-        if batch and writer is self.controller and not writer.is_closing():
+        writer = self.controller
+        if batch and writer is not None and not writer.is_closing():
             if writer.transport.get_write_buffer_size() > CONTROL_BACKLOG:
                 return  # an agent that stalls gets them later (or they are lost by the bound)
             writer.write(orjson.dumps({"op": "flows", "flows": batch},
@@ -757,7 +762,7 @@ class Proxy:
                     self._send(writer, {"op": "hello", **self.describe()})
                     self.out_flows = []
                     for flow in self.flows:  # unacknowledged ones, oldest first
-                        self._send_flow(writer, flow)
+                        self._send_flow(flow)
                 elif op == "ack_flows":  # no answer: the agent does not wait for one
                     self._acked(int(message.get("seq", 0)))
                     continue
