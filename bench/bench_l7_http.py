@@ -1,20 +1,31 @@
 """HTTP through pylium's L7 proxy against nginx as a reverse proxy, side by side on one path:
 a client netns, a router netns (where the proxies run) and a server netns with nginx serving
-`GET /x`. wrk (1 thread, keep-alive) at 1, 10 and 100 connections:
+`GET /x` (one worker). wrk (1 thread, keep-alive) at 1, 10 and 100 connections:
 
 * direct  — client -> router (routed) -> server, no proxy (the ceiling);
-* pylium  — the same packets TPROXY'd into pylium's proxy process (HTTP rule `GET /x`
-  enforced, flows sent to a feeding "agent"), which opens the upstream with the client
-  identity's SO_MARK;
-* nginx   — client -> nginx on the router (1 worker, upstream keep-alive) -> server.
+* pylium  — the same packets TPROXY'd into pylium's proxy process(es) (HTTP rule `GET /x`
+  enforced, every request and response a flow record sent to a feeding "agent" that takes
+  them while wrk runs), which opens the upstream with the client identity's SO_MARK;
+* nginx   — client -> nginx on the router (upstream keep-alive) -> server.
 
-Goal (issue 11): pylium >= 0.5x nginx req/s and p99 <= 2x nginx's. Both proxies get one
-worker/thread; the machine's 2 cores are shared with wrk and the server, so absolute numbers
-are noisy — the ratios are what to compare."""
+Both proxies get the same number of processes (`--workers`, default 1: nginx
+`worker_processes`, pylium's `ProxyPool` workers on SO_REUSEPORT). Each keeps its upstream
+connections across requests (nginx: `keepalive` pool; pylium: one upstream per client
+connection, kept while the client keeps it). The sides run interleaved, `--rounds` times each
+with the order rotating, and the result lines compare medians (both spreads and the load
+average attached): the machine's 2 cores are shared with wrk, the server and other work, so
+absolute numbers are noisy — the ratios are what to compare. Each line also carries
+`pylium_cpu_us_per_request` / `nginx_cpu_us_per_request` (medians): the CPU the proxy's own
+processes spent per request, which that other load distorts least, and `flows_per_request`
+(2: the agent got a record of every request and response).
+
+Goal (issue 11): pylium >= 0.5x nginx req/s and p99 <= 2x nginx's."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -27,8 +38,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "privileged" / "l7"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from common import report  # noqa: E402
-from pylium.l7.supervisor import ProxySupervisor  # noqa: E402
+from common import report_rounds, spread  # noqa: E402
+from pylium.l7.supervisor import ProxyPool  # noqa: E402
 from topology import (  # noqa: E402
     CLIENT_IP,
     INGRESS_DPORT,
@@ -43,12 +54,12 @@ DIRECT_PORT = 8000          # nginx on the server, not TPROXY'd
 NGINX_PROXY_PORT = 8888     # nginx reverse proxy on the router
 
 
-def nginx_conf(prefix: Path, body: str) -> Path:
+def nginx_conf(prefix: Path, body: str, workers: int = 1) -> Path:
     for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (prefix / d).mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
     conf.write_text(f"""
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log;
@@ -67,20 +78,55 @@ http {{
     return conf
 
 
-def wrk(topo: TproxyTopology, url: str, connections: int) -> dict[str, float]:
-    out = topo.ns(topo.client, "wrk", "-t1", f"-c{connections}", f"-d{SECONDS}s",
-                  "--latency", url, timeout=SECONDS + 30).stdout
+def wrk(loop: asyncio.AbstractEventLoop, topo: TproxyTopology, url: str, connections: int,
+        seconds: float) -> dict[str, float]:
+    """One wrk run. The loop runs meanwhile, so the feeding agent takes the proxy's flow
+    records while they are made (its CPU counts, as a real agent's would)."""
+    async def run() -> str:
+        proc = await asyncio.create_subprocess_exec(
+            "nsenter", f"--net=/run/netns/{topo.client}", "wrk", "-t1", f"-c{connections}",
+            f"-d{seconds}s", "--latency", url, stdout=asyncio.subprocess.PIPE)
+        out, _ = await asyncio.wait_for(proc.communicate(), seconds + 30)
+        return out.decode()
+    out = loop.run_until_complete(run())
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
     scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[p99.group(2)]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sockets = re.search(r"Socket errors: (.*)", out)
-    return {"rps": rps, "p99_ms": float(p99.group(1)) * scale,
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    return {"rps": rps, "requests": requests, "p99_ms": float(p99.group(1)) * scale,
             "errors": int(errors.group(1)) if errors else 0,
             "socket_errors": sockets.group(1) if sockets else ""}
 
 
-def main() -> int:
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes so far (a process gone counts 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def nginx_workers(master: int) -> list[int]:
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return [int(c) for c in children] or [master]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per side")
+    parser.add_argument("--seconds", type=int, default=SECONDS, help="length of one wrk run")
+    parser.add_argument("--connections", type=int, nargs="+", default=list(CONNECTIONS))
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes of each proxy (nginx worker_processes, pylium workers)")
+    parser.add_argument("--only", nargs="+", choices=("direct", "pylium", "nginx"),
+                        help="run only these sides (no result line without pylium and nginx)")
+    args = parser.parse_args(argv)
     if shutil.which("nginx") is None or shutil.which("wrk") is None:
         print("needs nginx and wrk (apt-get install nginx wrk)", file=sys.stderr)
         return 1
@@ -95,16 +141,16 @@ def main() -> int:
   upstream backend {{ server {SERVER_IP}:{DIRECT_PORT}; keepalive 256; }}
   server {{ listen {ROUTER_CLIENT_IP}:{NGINX_PROXY_PORT};
            location / {{ proxy_pass http://backend; proxy_http_version 1.1;
-                         proxy_set_header Connection ""; }} }}""")
+                         proxy_set_header Connection ""; }} }}""", args.workers)
         for ns, conf in ((topo.server, server_conf), (topo.router, proxy_conf)):
             procs.append(subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "nginx",
                                            "-c", str(conf)]))
         time.sleep(0.5)
         flows = [0]
         loop = asyncio.new_event_loop()
-        supervisor = ProxySupervisor(
+        supervisor = ProxyPool(
             tmp / "pylium", "pylium_l7_http.parser:HttpParserFactory",
-            {"ingress": 10080, "egress": 10081}, "bench",
+            {"ingress": 10080, "egress": 10081}, "bench", workers=args.workers,
             on_flow=lambda _m: flows.__setitem__(0, flows[0] + 1),
             launcher=["nsenter", f"--net=/run/netns/{topo.router}"])
         loop.run_until_complete(supervisor.start())
@@ -119,27 +165,67 @@ def main() -> int:
         urls = {"direct": f"http://{SERVER_IP}:{DIRECT_PORT}/x",
                 "pylium": f"http://{SERVER_IP}:{INGRESS_DPORT}/x",
                 "nginx": f"http://{ROUTER_CLIENT_IP}:{NGINX_PROXY_PORT}/x"}
+        # the proxies' own processes: CPU per request is the comparison the machine's other
+        # load distorts least (nginx's master only supervises)
+        proxy_pids = {"pylium": [m.info["pid"] for m in supervisor.members],
+                      "nginx": nginx_workers(procs[1].pid), "direct": []}
         for name, url in urls.items():  # warm up (connections, caches)
-            wrk_result = topo.ns(topo.client, "curl", "-s", url).stdout
-            assert wrk_result == "ok\n", (name, wrk_result)
-        for connections in CONNECTIONS:
-            got = {}
-            for name, url in urls.items():
-                # let the agent side drain the flows of the previous run
-                loop.run_until_complete(asyncio.sleep(0.3))
-                got[name] = wrk(topo, url, connections)
-            extra = {"connections": connections, "direct_rps": got["direct"]["rps"],
-                     "direct_p99_ms": got["direct"]["p99_ms"],
-                     "pylium_errors": got["pylium"]["errors"],
-                     "pylium_socket_errors": got["pylium"]["socket_errors"]}
-            report("l7_http", f"req_per_s_c{connections}", "req/s", got["pylium"]["rps"],
-                   got["nginx"]["rps"], "nginx 1 worker reverse proxy",
-                   "pylium >= 0.5x nginx", **extra)
-            report("l7_http", f"p99_c{connections}", "ms", got["pylium"]["p99_ms"],
-                   got["nginx"]["p99_ms"], "nginx 1 worker reverse proxy",
-                   "pylium <= 2x nginx", **extra)
+            got = topo.ns(topo.client, "curl", "-s", url).stdout
+            assert got == "ok\n", (name, got)
+        names = [n for n in urls if n in args.only] if args.only else list(urls)
+        for connections in args.connections:
+            runs: dict[str, list[dict]] = {name: [] for name in names}
+            load_before = os.getloadavg()[0]
+            flows_before = flows[0]
+            for round_ in range(args.rounds):
+                # interleaved, the order rotating each round: drift on the shared machine
+                # hits every side alike
+                order = names[round_ % len(names):] + names[:round_ % len(names)]
+                for name in order:
+                    # let the agent side drain the flows of the previous run
+                    loop.run_until_complete(asyncio.sleep(0.3))
+                    cpu = cpu_seconds(proxy_pids[name])
+                    result = wrk(loop, topo, urls[name], connections, args.seconds)
+                    result["cpu_us_per_request"] = (cpu_seconds(proxy_pids[name]) - cpu) * 1e6 \
+                        / max(1, result["requests"])
+                    runs[name].append(result)
+            if "pylium" not in runs or "nginx" not in runs:
+                for name, samples in runs.items():
+                    print(f"# c={connections} {name}: rps "
+                          f"{spread([r['rps'] for r in samples])} p99_ms "
+                          f"{spread([r['p99_ms'] for r in samples])}", file=sys.stderr)
+                continue
+            loop.run_until_complete(asyncio.sleep(1.0))
+            extra = {"connections": connections, "workers": args.workers,
+                     # every request and response a flow: the agent got them all
+                     "flows_per_request": round((flows[0] - flows_before) / max(
+                         1, sum(r["requests"] for r in runs["pylium"])), 3),
+                     "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+                     "pylium_errors": sum(r["errors"] for r in runs["pylium"]),
+                     "pylium_socket_errors": [r["socket_errors"] for r in runs["pylium"]
+                                              if r["socket_errors"]]}
+            for name in ("pylium", "nginx"):
+                extra[f"{name}_cpu_us_per_request"] = spread(
+                    [r["cpu_us_per_request"] for r in runs[name]])["median"]
+            if "direct" in runs:
+                extra["direct_rps"] = spread([r["rps"] for r in runs["direct"]])["median"]
+                extra["direct_p99_ms"] = spread([r["p99_ms"] for r in runs["direct"]])["median"]
+            baseline = f"nginx reverse proxy, {args.workers} worker(s), upstream keep-alive"
+            report_rounds("l7_http", f"req_per_s_c{connections}", "req/s",
+                          [r["rps"] for r in runs["pylium"]], [r["rps"] for r in runs["nginx"]],
+                          baseline, "pylium >= 0.5x nginx", lambda a, b: a >= 0.5 * b, **extra)
+            report_rounds("l7_http", f"p99_c{connections}", "ms",
+                          [r["p99_ms"] for r in runs["pylium"]],
+                          [r["p99_ms"] for r in runs["nginx"]],
+                          baseline, "pylium <= 2x nginx", lambda a, b: a <= 2 * b, **extra)
         loop.run_until_complete(asyncio.sleep(0.5))
         print(f"# flows recorded by the feeding agent: {flows[0]}", file=sys.stderr)
+        loop.run_until_complete(supervisor.refresh())
+        for member in supervisor.members:  # SO_REUSEPORT spread the load over the workers
+            stats = member.info.get("stats", {})
+            print(f"# pylium worker pid {member.info.get('pid')}: "
+                  f"{stats.get('connections', 0)} connections, {stats.get('requests', 0)} "
+                  "requests", file=sys.stderr)
         loop.run_until_complete(supervisor.shutdown())
         loop.close()
     finally:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from pylium.api import L7Parser
 from pylium.errors import PluginError
-from pylium.l7.supervisor import ProxySupervisor, policy_message
+from pylium.l7.supervisor import ProxyPool, policy_message
 
 #: how often the snapshot is compared with what the proxy has (endpoints come and go
 #: without policy changes)
@@ -51,14 +51,15 @@ class RegistryMetrics:
 
 class ProxiedParser(L7Parser):
     """Options (`plugin_options.<name>`): `stop_proxy_on_exit` (default false), `launcher`
-    (a command prefix for the proxy, e.g. `nsenter ...`)."""
+    (a command prefix for the proxy, e.g. `nsenter ...`), `workers` (proxy processes
+    sharing the ports, default 1: Python uses one core per process)."""
 
     #: `module:Factory` of the parser the proxy process runs
     parser_spec: str = ""
 
     def __init__(self, context: Any, options: dict[str, Any] | None = None):
         super().__init__(context, options)
-        self.supervisor: ProxySupervisor | None = None
+        self.supervisor: ProxyPool | None = None
         self._unsubscribe = None
         self._changed = asyncio.Event()
         self._pusher: asyncio.Task | None = None
@@ -87,13 +88,18 @@ class ProxiedParser(L7Parser):
         if not ports:
             raise PluginError(f"no proxy ports for protocol {self.protocol}")
         pin = getattr(getattr(ctx, "datapath", None), "root", None)
-        self.supervisor = ProxySupervisor(
+        try:
+            workers = int(self.options.get("workers", 1))
+        except (TypeError, ValueError):
+            raise PluginError(f"{self.protocol}: workers must be a number, not "
+                              f"{self.options.get('workers')!r}") from None
+        self.supervisor = ProxyPool(
             Path(ctx.state_dir) / "proxy", self.parser_spec, ports, self.version(),
-            on_flow=self._flow, ipcache_pin=str(Path(pin) / "ipcache") if pin else None,
+            workers=workers, on_flow=self._flow, ipcache_pin=str(Path(pin) / "ipcache") if pin else None,
             launcher=self.options.get("launcher") or (), logger=ctx.log)
         how = await self.supervisor.start()
         ctx.log.info("%s L7 proxy %s (pid %s, ports %s)", self.protocol, how,
-                     self.supervisor.info.get("pid"), ports)
+                     ",".join(map(str, self.supervisor.info["pids"])), ports)
         self._hold_until = time.monotonic() + ADOPT_GRACE
         await self.push_policy()
         if ctx.policy is not None:  # policy changes may be announced from another thread

@@ -6,14 +6,20 @@ no proxied connection: the policy it last received keeps being enforced, flows w
 bounded buffer, and the next agent adopts it over the control socket.
 
     python -m pylium.l7.proxy --state-dir DIR --parser MODULE:FACTORY \\
-        --listen ingress:10080 --listen egress:10081 --version V [--ipcache PIN] [--detach]
+        --listen ingress:10080 --listen egress:10081 --version V [--ipcache PIN] [--detach] \\
+        [--reuseport]
     python -m pylium.l7.proxy stop --state-dir DIR
 
 Transparency: the listeners are IP_TRANSPARENT, so a connection the datapath steered here
 (TPROXY or bpf_sk_assign) has the original destination as its local address and the client
 as its peer. The upstream connection to that destination carries
 `SO_MARK = mark_encode_identity(source identity)` so the destination's policy judges the
-real client."""
+real client.
+
+Several of these processes may share the ports (`--reuseport`, SO_REUSEPORT: the kernel
+spreads new connections over them), each its own process with its own control socket and
+state directory, fed the same policy (`pylium.l7.supervisor.ProxyPool`): Python runs one
+core per process."""
 
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from pylium.datapath.marks import (
     MARK_MAGIC_IDENTITY,
@@ -56,13 +64,18 @@ PIDFILE = "proxy.pid"
 CONTROL_SOCKET = "proxy.sock"
 LOGFILE = "proxy.log"
 #: control protocol version: bumped when the messages change incompatibly
-CONTROL_PROTOCOL = 1
+#: (2: flow records travel in batches, `{"op":"flows","flows":[...]}`)
+CONTROL_PROTOCOL = 2
 WORLD = 2
 PROTO_TCP = 6
 #: flow records kept until an agent acknowledges them (oldest dropped first, counted lost)
 FLOW_BUFFER = 20000
 #: bytes of flow records queued to a connected agent before further ones are dropped
 CONTROL_BACKLOG = 16 << 20
+#: flow records per batch line at most (a re-sent backlog goes in several)
+FLOW_BATCH = 1000
+#: how long a flow record may wait for others to share its batch (seconds)
+FLOW_FLUSH_DELAY = 0.01
 CONNECT_TIMEOUT = 5.0
 #: per-direction bytes read ahead of the other side before reading pauses
 HIGH_WATER = 1 << 20
@@ -81,6 +94,8 @@ class PolicyTable:
         self.prefixes: dict[int, dict[int, int]] = {}  # prefixlen -> {network int: identity}
         self.ipcache_fd: int | None = None
         self.redirects = 0
+        #: bumped by every load: connections cache their grants until it changes
+        self.generation = 0
 
     def load(self, message: dict[str, Any]) -> list[str]:
         """Replace the table; returns problems (a grant whose rules cannot be enforced
@@ -119,6 +134,7 @@ class PolicyTable:
         self.endpoints, self.prefixes = endpoints, prefixes
         self.revision = int(message.get("revision", self.revision + 1))
         self.redirects = redirects
+        self.generation += 1
         return problems
 
     def identity_of(self, ip: str) -> int:
@@ -182,13 +198,42 @@ class Side:
 
     def __init__(self, reply: bool):
         self.reply = reply
-        self.buf = bytearray()
+        #: bytes as received (no copy) while one read is all there is; a bytearray once
+        #: several reads must be joined
+        self.buf: bytes | bytearray = b""
         self.pass_left = 0
         self.drop_left = 0
         self.queue: collections.deque[Op] = collections.deque()
         self.need_call = False
         self.eof = False
         self.paused = False
+
+
+def _append(side: Side, data: bytes) -> None:
+    buf = side.buf
+    if not buf:
+        side.buf = data
+    elif type(buf) is bytes:
+        side.buf = bytearray(buf) + data
+    else:
+        buf += data
+
+
+def _take(side: Side, n: int) -> bytes:
+    """The first n buffered bytes, removed from the buffer (the buffer itself when it is
+    taken whole: a request or response read in one piece is forwarded without a copy)."""
+    buf = side.buf
+    if n >= len(buf):
+        side.buf = b""
+        return buf if type(buf) is bytes else bytes(buf)
+    if type(buf) is bytes:
+        chunk = buf[:n]
+        # many pipelined messages in one large read: cut from a bytearray (in place)
+        side.buf = buf[n:] if len(buf) - n < 4096 else bytearray(buf[n:])
+        return chunk
+    chunk = bytes(buf[:n])
+    del buf[:n]
+    return chunk
 
 
 class _Downstream(asyncio.Protocol):
@@ -274,6 +319,13 @@ class Connection:
         self.local_ip = local_ip
         self.peer_identity = (self.info.src_identity if direction == "ingress"
                               else self.info.dst_identity)
+        client = {"ip": src_ip, "port": src_port, "identity": self.info.src_identity}
+        server = {"ip": dst_ip, "port": dst_port, "identity": self.info.dst_identity}
+        #: the connection's part of every flow record, per direction (made once)
+        self.flow_bases = (_flow_base(client, server, self.info, False),
+                           _flow_base(server, client, self.info, True))
+        self._grants_cached: tuple[Grant, ...] | None = None
+        self._grants_generation = -1
         self.parser: ConnectionParser = proxy.factory.new_connection(
             self.info, self._grants, self._emit)
         #: bytes buffered before reading pauses: a parser that decides on whole frames
@@ -283,28 +335,34 @@ class Connection:
         proxy.active.add(self)
 
     def _grants(self) -> tuple[Grant, ...] | None:
-        return self.proxy.policy.grants(self.info.direction, self.local_ip,
-                                        self.peer_identity, self.info.dst_port)
+        """The grants of this connection's key, looked up again only after a policy
+        push (every request asks)."""
+        table = self.proxy.policy
+        if self._grants_generation != table.generation:
+            self._grants_cached = table.grants(self.info.direction, self.local_ip,
+                                               self.peer_identity, self.info.dst_port)
+            self._grants_generation = table.generation
+        return self._grants_cached
 
     def _emit(self, record: dict[str, Any]) -> None:
-        self.proxy.flow(self.info, record)
+        self.proxy.flow(self.flow_bases[1 if record.get("is_reply") else 0], record)
 
     # the op engine ------------------------------------------------------------------------
     def received(self, side: Side, data: bytes) -> None:
         if self.closed:
             return
         if side.buf or side.pass_left == 0 and side.drop_left == 0:
-            side.buf += data
+            _append(side, data)
         else:  # fast path: a streaming body goes straight through
             n = side.pass_left or side.drop_left
-            head, rest = data[:n], data[n:]
+            head, rest = (data, b"") if n >= len(data) else (data[:n], data[n:])
             if side.pass_left:
                 side.pass_left -= len(head)
                 self._send(side, head)
             else:
                 side.drop_left -= len(head)
             if rest:
-                side.buf += rest
+                _append(side, rest)
         side.need_call = True
         self._run(side)
         self.flush()
@@ -333,9 +391,7 @@ class Connection:
         idle = 0
         while not self.closed:
             if side.buf and (side.pass_left or side.drop_left):
-                n = side.pass_left or side.drop_left
-                chunk = bytes(side.buf[:n])
-                del side.buf[:n]
+                chunk = _take(side, side.pass_left or side.drop_left)
                 if side.pass_left:
                     side.pass_left -= len(chunk)
                     self._send(side, chunk)
@@ -353,9 +409,15 @@ class Connection:
             if not side.need_call:
                 break
             before = len(side.buf)
-            ops = self.parser.on_data(side.reply, bytes(side.buf), side.eof)
+            buf = side.buf
+            ops = self.parser.on_data(side.reply, buf if type(buf) is bytes else bytes(buf),
+                                      side.eof)
             side.need_call = bool(ops) and ops[-1].type is not OpType.MORE
-            side.queue.extend(op for op in ops if op.type is not OpType.MORE)
+            if len(ops) == 1:
+                if side.need_call:
+                    side.queue.append(ops[0])
+            else:
+                side.queue.extend([op for op in ops if op.type is not OpType.MORE])
             if not side.queue and len(side.buf) == before and side.need_call:
                 idle += 1
                 if idle > 2:
@@ -383,9 +445,8 @@ class Connection:
     def _apply(self, side: Side, op: Op) -> None:
         kind = op.type
         if kind is OpType.PASS or kind is OpType.DROP:
-            take = min(op.n, len(side.buf))
-            chunk = bytes(side.buf[:take])
-            del side.buf[:take]
+            chunk = _take(side, op.n) if side.buf else b""
+            take = len(chunk)
             if kind is OpType.PASS:
                 if chunk:
                     self._send(side, chunk)
@@ -529,6 +590,15 @@ class Connection:
         return f"{i.src_ip}:{i.src_port} -> {i.dst_ip}:{i.dst_port}"
 
 
+def _flow_base(src: dict[str, Any], dst: dict[str, Any], info: ConnectionInfo,
+               reply: bool) -> dict[str, Any]:
+    return {"op": "flow", "src_ip": src["ip"], "sport": src["port"],
+            "src_identity": src["identity"], "dst_ip": dst["ip"], "dport": dst["port"],
+            "dst_identity": dst["identity"], "ep_id": info.ep_id,
+            "proxy_port": info.proxy_port,
+            "direction": int(Direction[info.direction.upper()]), "is_reply": reply}
+
+
 def upstream_mark(info: ConnectionInfo) -> int:
     """SO_MARK of the upstream socket: the client's identity, so the destination's policy
     judges the client. From the egress proxy with the magic that makes the destination
@@ -545,12 +615,14 @@ class Proxy:
     """Listeners, the policy table, the control socket and the flow buffer."""
 
     def __init__(self, state_dir: Path, factory: ParserFactory, listen: dict[str, int],
-                 version: str, bind: str = "0.0.0.0", ipcache: str | None = None):
+                 version: str, bind: str = "0.0.0.0", ipcache: str | None = None,
+                 reuseport: bool = False):
         self.state_dir = Path(state_dir)
         self.factory = factory
         self.listen = dict(listen)
         self.version = version
         self.bind = bind
+        self.reuseport = reuseport
         self.policy = PolicyTable(factory)
         if ipcache:
             from pylium.datapath import libbpf
@@ -564,7 +636,7 @@ class Proxy:
         self.servers: list[asyncio.AbstractServer] = []
         #: flow records not yet acknowledged by an agent (sent or not), oldest first
         self.flows: collections.deque[dict[str, Any]] = collections.deque(maxlen=FLOW_BUFFER)
-        self.out_flows: list[bytes] = []
+        self.out_flows: list[dict[str, Any]] = []
         self.seq = 0
         self.controller: asyncio.StreamWriter | None = None
         self.stats = collections.Counter()
@@ -576,6 +648,8 @@ class Proxy:
         for direction, port in self.listen.items():
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuseport:  # one of a pool of workers on these ports
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             sock.bind((self.bind, port))
             sock.listen(1024)
@@ -605,47 +679,49 @@ class Proxy:
             pass
 
     # flows --------------------------------------------------------------------------------
-    def flow(self, info: ConnectionInfo, record: dict[str, Any]) -> None:
-        reply = bool(record.get("is_reply"))
-        src = (info.dst_ip, info.dst_port, info.dst_identity) if reply else \
-            (info.src_ip, info.src_port, info.src_identity)
-        dst = (info.src_ip, info.src_port, info.src_identity) if reply else \
-            (info.dst_ip, info.dst_port, info.dst_identity)
-        message = {"op": "flow", "src_ip": src[0], "sport": src[1], "src_identity": src[2],
-                   "dst_ip": dst[0], "dport": dst[1], "dst_identity": dst[2],
-                   "ep_id": info.ep_id, "proxy_port": info.proxy_port,
-                   "direction": int(Direction[info.direction.upper()]), "is_reply": reply,
-                   "verdict": record["verdict"], "l7": record["l7"]}
-        for extra in ("rule", "error"):
-            if extra in record:
-                message[extra] = record[extra]
-        l7_type = record["l7"].get("type")
-        if l7_type == "REQUEST":
-            self.stats["requests"] += 1
-            self.stats["denied" if record["verdict"] == "DROPPED" else "forwarded"] += 1
+    def flow(self, base: dict[str, Any], record: dict[str, Any]) -> None:
+        """One parser record as a flow message: `base` is the connection's addresses and
+        identities in the record's direction (`Connection.flow_bases`)."""
+        message = base.copy()
+        message["verdict"] = verdict = record["verdict"]
+        message["l7"] = l7 = record["l7"]
+        stats = self.stats
+        if "rule" in record:
+            message["rule"] = record["rule"]
         if "error" in record:
-            self.stats["parse_errors"] += 1
+            message["error"] = record["error"]
+            stats["parse_errors"] += 1
+        if l7.get("type") == "REQUEST":
+            stats["requests"] += 1
+            stats["denied" if verdict == "DROPPED" else "forwarded"] += 1
         self.seq += 1
         message["seq"] = self.seq
-        if len(self.flows) == self.flows.maxlen:
-            self.stats["flows_lost"] += 1  # the oldest unacknowledged record goes
-        self.flows.append(message)
-        controller = self.controller
-        if controller is not None and not controller.is_closing():
-            if controller.transport.get_write_buffer_size() > CONTROL_BACKLOG:
-                return  # an agent that stalls gets it later (or it is lost by the bound)
-            self._send_flow(controller, message)
+        flows = self.flows
+        if len(flows) == FLOW_BUFFER:
+            stats["flows_lost"] += 1  # the oldest unacknowledged record goes
+        flows.append(message)
+        if self.controller is not None:
+            self._send_flow(message)
 
-    def _send_flow(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
-        """Flow records go out in one write per loop iteration, not one per record."""
-        self.out_flows.append(json.dumps(message, separators=(",", ":")).encode())
+    def _send_flow(self, message: dict[str, Any]) -> None:
+        """Flow records go out as one batch line at most every FLOW_FLUSH_DELAY, not one
+        per record (one encode, one write and one wake-up of the agent per batch)."""
+        self.out_flows.append(message)
         if len(self.out_flows) == 1:
-            asyncio.get_running_loop().call_soon(self._flush_flows, writer)
+            asyncio.get_running_loop().call_later(FLOW_FLUSH_DELAY, self._flush_flows)
+        elif len(self.out_flows) >= FLOW_BATCH:
+            self._flush_flows()
 
-    def _flush_flows(self, writer: asyncio.StreamWriter) -> None:
-        lines, self.out_flows = self.out_flows, []
-        if lines and writer is self.controller and not writer.is_closing():
-            writer.write(b"\n".join(lines) + b"\n")
+    def _flush_flows(self) -> None:
+        """The batch to the agent listening now (`out_flows` is emptied whenever another
+        agent says hello, so every record in it is that agent's)."""
+        batch, self.out_flows = self.out_flows, []
+        writer = self.controller
+        if batch and writer is not None and not writer.is_closing():
+            if writer.transport.get_write_buffer_size() > CONTROL_BACKLOG:
+                return  # an agent that stalls gets them later (or they are lost by the bound)
+            writer.write(orjson.dumps({"op": "flows", "flows": batch},
+                                      option=orjson.OPT_APPEND_NEWLINE))
 
     def _acked(self, seq: int) -> None:
         """The agent recorded every flow up to `seq`: they leave the buffer (records sent
@@ -660,6 +736,7 @@ class Proxy:
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "control_protocol": CONTROL_PROTOCOL,
                 "pid": os.getpid(), "protocol": self.factory.protocol,
+                "reuseport": self.reuseport,
                 "ports": self.listen, "revision": self.policy.revision,
                 "redirects": self.policy.redirects, "active_connections": len(self.active),
                 "buffered_flows": len(self.flows), "started": self.started,
@@ -685,7 +762,7 @@ class Proxy:
                     self._send(writer, {"op": "hello", **self.describe()})
                     self.out_flows = []
                     for flow in self.flows:  # unacknowledged ones, oldest first
-                        self._send_flow(writer, flow)
+                        self._send_flow(flow)
                 elif op == "ack_flows":  # no answer: the agent does not wait for one
                     self._acked(int(message.get("seq", 0)))
                     continue
@@ -726,7 +803,7 @@ def _listen_arg(value: str) -> tuple[str, int]:
 
 async def _serve(args: argparse.Namespace, ready_fd: int | None) -> int:
     proxy = Proxy(Path(args.state_dir), load_factory(args.parser), dict(args.listen),
-                  args.version, args.bind, args.ipcache)
+                  args.version, args.bind, args.ipcache, args.reuseport)
     try:
         await proxy.start()
     except OSError as exc:
@@ -777,11 +854,22 @@ def _detach(args: argparse.Namespace) -> int:
     os.dup2(logfile, 2)
     _configure_logging()
     try:
-        code = asyncio.run(_serve(args, write_fd))
+        code = _run(_serve(args, write_fd))
     except BaseException:
         log.exception("l7 proxy crashed")
         code = 1
     os._exit(code)
+
+
+def _run(main: Any) -> int:
+    """The proxy's event loop is uvloop's (libuv: the per-event work of reading, writing
+    and dispatching is C, not Python), or asyncio's own where uvloop is missing."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 def _configure_logging() -> None:
@@ -790,7 +878,15 @@ def _configure_logging() -> None:
 
 
 def stop_running(state_dir: Path, timeout: float = 5.0) -> bool:
-    """Stop the proxy of `state_dir` (SIGTERM by its pidfile); True if one was running."""
+    """Stop the proxy of `state_dir` and the workers of a pool there (`worker-N`
+    subdirectories), SIGTERM by their pidfiles; True if one was running."""
+    stopped = _stop_one(state_dir, timeout)
+    for worker in sorted(Path(state_dir).glob("worker-*")):
+        stopped = _stop_one(worker, timeout) or stopped
+    return stopped
+
+
+def _stop_one(state_dir: Path, timeout: float) -> bool:
     pid = running_pid(state_dir)
     if pid is None:
         return False
@@ -841,6 +937,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bind", default="0.0.0.0")
     parser.add_argument("--ipcache", default=None, help="pinned ipcache map")
     parser.add_argument("--detach", action="store_true")
+    parser.add_argument("--reuseport", action="store_true",
+                        help="share the ports with other workers (SO_REUSEPORT)")
     args = parser.parse_args(argv)
     Path(args.state_dir).mkdir(parents=True, exist_ok=True)
     try:
@@ -851,7 +949,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.detach:
         return _detach(args)
     _configure_logging()
-    return asyncio.run(_serve(args, None))
+    return _run(_serve(args, None))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ its ports; Kafka or any other protocol reuses this as is."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import orjson
 
 from pylium.errors import PluginError
 from pylium.l7 import proxy as proxy_process
@@ -60,8 +62,10 @@ class ProxySupervisor:
     def __init__(self, state_dir: Path, parser_spec: str, listen: Mapping[str, int],
                  version: str, *, on_flow: Callable[[dict[str, Any]], None],
                  ipcache_pin: str | None = None, launcher: Iterable[str] = (),
-                 logger: logging.Logger | None = None):
+                 logger: logging.Logger | None = None, reuseport: bool = False):
         self.state_dir = Path(state_dir)
+        #: one worker of a `ProxyPool` (its listeners share the ports)
+        self.reuseport = reuseport
         self.parser_spec = parser_spec
         self.listen = dict(listen)
         self.version = version
@@ -122,6 +126,7 @@ class ProxySupervisor:
     def _compatible(self, hello: dict[str, Any]) -> bool:
         return (hello.get("version") == self.version
                 and hello.get("control_protocol") == proxy_process.CONTROL_PROTOCOL
+                and bool(hello.get("reuseport")) == self.reuseport
                 and {k: int(v) for k, v in (hello.get("ports") or {}).items()} == self.listen)
 
     async def _spawn(self) -> None:
@@ -132,6 +137,8 @@ class ProxySupervisor:
             cmd += ["--listen", f"{direction}:{port}"]
         if self.ipcache_pin:
             cmd += ["--ipcache", self.ipcache_pin]
+        if self.reuseport:
+            cmd.append("--reuseport")
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -194,16 +201,19 @@ class ProxySupervisor:
                 line = await reader.readline()
                 if not line:
                     break
-                message = json.loads(line)
-                if message.get("op") == "flow":
-                    try:
-                        self.on_flow(message)
-                    except Exception:  # a flow we cannot record must not stop the reader
-                        self.log.exception("recording an L7 flow failed")
-                    self._ack(int(message.get("seq", 0)))
+                message = orjson.loads(line)
+                if message.get("op") == "flows":
+                    flows = message.get("flows") or ()
+                    for flow in flows:
+                        try:
+                            self.on_flow(flow)
+                        except Exception:  # a flow we cannot record must not stop the reader
+                            self.log.exception("recording an L7 flow failed")
+                    if flows:
+                        self._ack(int(flows[-1].get("seq", 0)))
                 else:
                     self.replies.put_nowait(message)
-        except (ConnectionError, ValueError, asyncio.IncompleteReadError) as exc:
+        except (ConnectionError, ValueError, asyncio.IncompleteReadError) as exc:  # orjson: ValueError
             self.error = f"control socket: {exc}"
         finally:
             self.replies.put_nowait({"op": "closed"})
@@ -296,3 +306,110 @@ class ProxySupervisor:
                 "buffered_flows": info.get("buffered_flows"), "stats": info.get("stats", {}),
                 "restarts": self.restarts, "error": self.error,
                 "state_dir": str(self.state_dir)}
+
+
+WORKER_DIR = "worker-{}"
+
+
+class ProxyPool:
+    """`workers` proxy processes on the same ports, as one `ProxySupervisor` to the agent.
+
+    One worker is the plain proxy in `state_dir` (as before pools existed). Several are
+    `state_dir/worker-N`, each with SO_REUSEPORT listeners (the kernel spreads new
+    connections over them; TPROXY and bpf_sk_assign pick among a reuseport group), each
+    adopted or respawned by its own supervisor and pushed the same policy. Fail closed:
+    the ports count as served only while every worker is healthy, and a policy counts as
+    delivered only when every worker acknowledged it. Workers left by a pool of another
+    size (or the single proxy) are stopped first: an old one would keep a share of the
+    connections under a policy nobody updates."""
+
+    def __init__(self, state_dir: Path, parser_spec: str, listen: Mapping[str, int],
+                 version: str, *, workers: int = 1,
+                 on_flow: Callable[[dict[str, Any]], None],
+                 ipcache_pin: str | None = None, launcher: Iterable[str] = (),
+                 logger: logging.Logger | None = None):
+        if workers < 1:
+            raise PluginError(f"proxy workers must be at least 1, not {workers}")
+        self.state_dir = Path(state_dir)
+        self.workers = workers
+        self.log = logger or log
+        dirs = [self.state_dir] if workers == 1 else \
+            [self.state_dir / WORKER_DIR.format(i) for i in range(workers)]
+        self.members = [ProxySupervisor(d, parser_spec, listen, version, on_flow=on_flow,
+                                        ipcache_pin=ipcache_pin, launcher=launcher,
+                                        logger=logger, reuseport=workers > 1)
+                        for d in dirs]
+
+    def _strays(self) -> list[Path]:
+        """State directories of proxies this pool does not own."""
+        found = [self.state_dir] if self.workers > 1 else []
+        for path in sorted(self.state_dir.glob(WORKER_DIR.format("*"))):
+            index = path.name.removeprefix(WORKER_DIR.format(""))
+            if self.workers == 1 or not index.isdigit() or int(index) >= self.workers:
+                found.append(path)
+        return found
+
+    async def start(self) -> str:
+        """Stop strays, then adopt or spawn every worker: "adopted" when all were
+        adopted, else how the first that was not came up."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for stray in self._strays():
+            if proxy_process.running_pid(stray) is not None:
+                self.log.warning("stopping the l7 proxy of %s (not part of a pool of %d)",
+                                 stray, self.workers)
+                await asyncio.to_thread(proxy_process.stop_running, stray)
+        hows = await asyncio.gather(*(m.start() for m in self.members))
+        return next((h for h in hows if h != "adopted"), "adopted")
+
+    @property
+    def how(self) -> str:
+        return next((m.how for m in self.members if m.how != "adopted"), "adopted")
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The first worker's hello/status, with every worker's pid."""
+        return {**self.members[0].info, "pids": [m.info.get("pid") for m in self.members]}
+
+    @property
+    def last_ack(self) -> dict[str, Any]:
+        return self.members[0].last_ack
+
+    @property
+    def restarts(self) -> int:
+        return sum(m.restarts for m in self.members)
+
+    async def push(self, message: dict[str, Any]) -> dict[str, Any] | None:
+        """The policy to every worker; the first worker's ack, or None unless all acked."""
+        acks = await asyncio.gather(*(m.push(message) for m in self.members))
+        return acks[0] if all(a is not None for a in acks) else None
+
+    async def refresh(self) -> dict[str, Any]:
+        await asyncio.gather(*(m.refresh() for m in self.members))
+        return self.info
+
+    def healthy(self) -> bool:
+        return all(m.healthy() for m in self.members)
+
+    def served_ports(self) -> set[int]:
+        ports = [m.served_ports() for m in self.members]
+        return set.intersection(*ports)
+
+    def status(self) -> dict[str, Any]:
+        out = self.members[0].status()
+        if self.workers > 1:
+            states = [m.status() for m in self.members]
+            out.update(healthy=self.healthy(), pid=[s["pid"] for s in states],
+                       restarts=self.restarts, state_dir=str(self.state_dir),
+                       error="; ".join(s["error"] for s in states if s["error"]),
+                       active_connections=sum(s["active_connections"] or 0 for s in states),
+                       buffered_flows=sum(s["buffered_flows"] or 0 for s in states),
+                       stats=dict(sum((collections.Counter(s["stats"]) for s in states),
+                                      collections.Counter())),
+                       workers=states)
+        return out
+
+    async def close(self) -> None:
+        await asyncio.gather(*(m.close() for m in self.members))
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(*(m.shutdown() for m in self.members))

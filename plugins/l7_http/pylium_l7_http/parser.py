@@ -78,29 +78,40 @@ def judge(grants: tuple[Grant, ...] | None, method: str, path: str, host: str,
         if grant.allow_all:
             return Judgement(True, grant.rule)
         for rule in grant.rules:
-            logged = rule.check(method, path, host, dict(headers))
+            # the headers only for a rule that looks at them (most do not)
+            logged = rule.check(method, path, host, dict(headers)
+                                if rule.headers or rule.header_matches else None)
             if logged is not None:
-                return Judgement(True, grant.rule, tuple(logged))
-    return Judgement(False)
+                return Judgement(True, grant.rule, tuple(logged) if logged else ())
+    return DENIED
+
+
+DENIED = Judgement(False)
 
 
 # heads --------------------------------------------------------------------------------------
 
-@attrs.define
 class Head:
-    """One parsed request or response head."""
+    """One parsed request or response head (a plain slotted class: one is made per
+    message, on the proxy's hot path)."""
 
-    size: int
-    version: str = "1.1"
-    method: str = ""
-    url: str = ""
-    status: int = 0
-    headers: list[tuple[str, str]] = attrs.field(factory=list)
-    keep_alive: bool = True
-    upgrade: bool = False
+    __slots__ = ("size", "version", "method", "url", "status", "headers", "keep_alive",
+                 "upgrade", "by_name")
 
-    #: lower-case name -> values in order (built once per head: framing and rules ask)
-    by_name: dict[str, list[str]] = attrs.field(factory=dict)
+    def __init__(self, size: int, version: str = "1.1", method: str = "", url: str = "",
+                 status: int = 0, headers: list[tuple[str, str]] | None = None,
+                 keep_alive: bool = True, upgrade: bool = False,
+                 by_name: dict[str, list[str]] | None = None):
+        self.size = size
+        self.version = version
+        self.method = method
+        self.url = url
+        self.status = status
+        self.headers = headers if headers is not None else []
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        #: lower-case name -> values in order (built once per head: framing and rules ask)
+        self.by_name = by_name if by_name is not None else {}
 
     def get(self, name: str) -> str | None:
         found = self.by_name.get(name.lower())
@@ -110,19 +121,49 @@ class Head:
         return self.by_name.get(name.lower(), [])
 
 
+class _FirstValues(Mapping):
+    """name -> first value of a head's headers, made into a dict only by a rule that
+    looks at headers."""
+
+    __slots__ = ("by_name",)
+
+    def __init__(self, by_name: dict[str, list[str]]):
+        self.by_name = by_name
+
+    def __getitem__(self, name: str) -> str:
+        return self.by_name[name][0]
+
+    def __iter__(self):
+        return iter(self.by_name)
+
+    def __len__(self) -> int:
+        return len(self.by_name)
+
+
 class _Collector:
-    """httptools callbacks: keep the pieces of one head."""
+    """httptools callbacks: keep the pieces of one head, decoded as they come."""
+
+    __slots__ = ("url", "headers", "by_name", "complete")
 
     def __init__(self):
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[str, str]] = []
+        self.by_name: dict[str, list[str]] = {}
         self.complete = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:  # whole name and value
-        self.headers.append((name, value))
+        key = name.decode("latin-1")
+        value = value.decode("latin-1").strip(" \t")
+        self.headers.append((key, value))
+        lower = key.lower()
+        found = self.by_name.get(lower)
+        if found is None:
+            self.by_name[lower] = [value]
+        else:
+            found.append(value)
 
     def on_headers_complete(self) -> None:
         self.complete = True
@@ -150,14 +191,9 @@ def parse_head(data: bytes, response: bool) -> Head:
             raise BadMessage(str(exc) or type(exc).__name__) from None
     if not collector.complete:
         raise BadMessage("incomplete head")
-    headers = [(k.decode("latin-1"), v.decode("latin-1").strip(" \t"))
-               for k, v in collector.headers]
-    by_name: dict[str, list[str]] = {}
-    for key, value in headers:
-        by_name.setdefault(key.lower(), []).append(value)
-    head = Head(size=len(data), version=parser.get_http_version(),
+    head = Head(len(data), parser.get_http_version(), headers=collector.headers,
                 keep_alive=parser.should_keep_alive(), upgrade=parser.should_upgrade(),
-                headers=headers, by_name=by_name)
+                by_name=collector.by_name)
     if response:
         try:
             head.status = int(bytes(data[9:12]))
@@ -178,6 +214,15 @@ def body_framing(head: Head, response: bool, request_method: str = "") -> tuple[
         return "none", 0
     if response and request_method == "CONNECT" and 200 <= head.status < 300:
         return "close", 0
+    by_name = head.by_name
+    if "transfer-encoding" not in by_name:  # the common case, decided without the lists
+        lengths_seen = by_name.get("content-length")
+        if lengths_seen is None:
+            return ("close", 0) if response else ("none", 0)
+        if len(lengths_seen) == 1:
+            value = lengths_seen[0]
+            if value.isascii() and value.isdigit() and len(value) <= 18:
+                return "length", int(value)
     encodings = [e.strip().lower() for v in head.all("transfer-encoding") for e in v.split(",")
                  if e.strip()]
     lengths = {v.strip() for v in head.all("content-length") for v in v.split(",")}
@@ -193,7 +238,7 @@ def body_framing(head: Head, response: bool, request_method: str = "") -> tuple[
         if len(lengths) > 1:
             raise BadMessage("conflicting Content-Length values")
         value = lengths.pop()
-        if not value.isdigit() or len(value) > 18:
+        if not (value.isascii() and value.isdigit()) or len(value) > 18:
             raise BadMessage(f"bad Content-Length {value!r}")
         return "length", int(value)
     return ("close", 0) if response else ("none", 0)
@@ -326,8 +371,7 @@ class HttpConnection(ConnectionParser):
         except BadMessage as exc:
             return self._bad_request(len(data), str(exc))
         path, host = self._target(head)
-        verdict = judge(self.grants(), head.method, path, host,
-                        {k: v[0] for k, v in head.by_name.items()})
+        verdict = judge(self.grants(), head.method, path, host, _FirstValues(head.by_name))
         now = time.monotonic_ns()
         l7 = {"type": "REQUEST",
               "http": {"method": head.method, "url": self._url(head, host),
@@ -338,11 +382,11 @@ class HttpConnection(ConnectionParser):
         if verdict.allowed:
             self.emit({"verdict": "FORWARDED", "l7": l7, "rule": verdict.rule})
             self.pending.append(Pending(head.method, l7["http"]["url"], head.version, now))
-            ops = [PASS(head.size)]
             if head.upgrade or head.method == "CONNECT":
                 self.upgrade_pending = True
-            ops += self._body(kind, length, drop=False)
-            return ops
+            if kind == "length":  # head and body in one PASS
+                return [PASS(head.size + length)]
+            return [PASS(head.size), *self._body(kind, length, drop=False)]
         l7["http"]["code"] = 403
         self.emit({"verdict": "DROPPED", "l7": l7})
         expect = (head.get("expect") or "").lower() == "100-continue"
@@ -472,6 +516,9 @@ class HttpConnection(ConnectionParser):
                 return ops
             # refused upgrade: HTTP goes on; bytes the client sent early are requests again
         if kind == "length":
+            if length and len(data) >= head.size + length:
+                # the whole response is here (the usual small one): one PASS, done now
+                return [PASS(head.size + length), *self._finish_response()]
             if length:
                 self.resp_state = "finish"
                 return [*ops, PASS(length)]
