@@ -14,12 +14,17 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Mapping
-from typing import IO, Any
 
+from pylium.boundedjson import DocumentError, load_json
 from pylium.cni import spec
 from pylium.cni.spec import CNIError
-from pylium.documents import DocumentError, load_json
+
+#: `typing` costs milliseconds at import and `pylium-cni` is exec'd for every pod: the
+#: names below are for type checkers only (they treat any `TYPE_CHECKING` as true)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import IO, Any
 
 #: the agent's default API socket (pylium.config.DEFAULT_SOCKET, not imported: it pulls in
 #: the whole config machinery)
