@@ -280,9 +280,12 @@ class Datapath:
 
     def _attach_programs(self, ifindex: int) -> None:
         # the netns holding endpoint veths is the node's: flows the programs send to the L7
-        # proxy need its policy routing there (never installed by an agent without pods)
-        install_proxy_routing()
-        self._proxy_routing = True
+        # proxy need its policy routing there (never installed by an agent without pods);
+        # once per open, not per endpoint: it is a rule dump, a route and three sysctls on a
+        # helper thread, which every pod's CNI ADD would pay again
+        if not self._proxy_routing:
+            install_proxy_routing()
+            self._proxy_routing = True
         prepare_endpoint_veth(ifindex)
         tc.attach(ifindex, tc.INGRESS, self.prog_fds["from_container"])
         tc.attach(ifindex, tc.EGRESS, self.prog_fds["to_container"])
