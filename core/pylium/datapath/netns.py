@@ -74,11 +74,20 @@ def netns_exists(netns: str) -> bool:
 def same_netns(a: str, b: str) -> bool:
     """Do `a` and `b` name one namespace? Compared by inode, so `/run/netns/x`, `x` and
     `/proc/<pid>/ns/net` of a process inside it all match; by path if one is gone."""
-    try:
-        sa, sb = netns_path(a).stat(), netns_path(b).stat()
-    except OSError:
+    ka, kb = netns_key(a), netns_key(b)
+    if ka is None or kb is None:
         return netns_path(a) == netns_path(b)
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+    return ka == kb
+
+
+def netns_key(netns: str) -> tuple[int, int] | None:
+    """(device, inode) of the namespace `netns` names, None if it is gone: what
+    `same_netns` compares, for callers that compare one namespace with many."""
+    try:
+        st = os.stat(netns_path(netns))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _libc() -> ctypes.CDLL:

@@ -120,6 +120,9 @@ class EndpointManager:
         self._attachment_locks: dict[str, asyncio.Lock] = {}
         #: ids of creates wiring outside the lock → (namespace, name, netns) they claimed
         self._creating: dict[int, tuple[str, str, str]] = {}
+        #: endpoint id → (device, inode) of its netns when it was made: a create compares
+        #: its netns with every endpoint's, one stat each on the event loop otherwise
+        self._netns_keys: dict[int, tuple[int, int] | None] = {}
         #: endpoints unlisted and being torn down outside the lock
         self._deleting: dict[int, Endpoint] = {}
         #: DELs per container id queued behind a create of that container
@@ -181,6 +184,7 @@ class EndpointManager:
 
     async def _forget(self, ep: Endpoint) -> None:
         self._endpoints.pop(ep.id, None)
+        self._netns_keys.pop(ep.id, None)
         self._installed.pop(ep.id, None)
         await asyncio.get_running_loop().run_in_executor(
             self._io, (self.dir / f"{ep.id}.json").unlink, True)
@@ -309,9 +313,11 @@ class EndpointManager:
                 raise Conflict(f"endpoint {namespace}/{name} or netns {netns} is being "
                                "created or deleted; try again")
         replaced = []
+        key = plumbing.netns_key(netns)
         for ep in list(self._endpoints.values()):
             clash_name = (ep.namespace, ep.name) == (namespace, name)
-            clash_netns = plumbing.same_netns(ep.netns, netns)
+            clash_netns = plumbing.netns_path(ep.netns) == plumbing.netns_path(netns) or (
+                key is not None and self._netns_key(ep) == key)
             if not (clash_name or clash_netns):
                 continue
             if container_id and ep.container_id and not plumbing.netns_exists(ep.netns):
@@ -329,6 +335,11 @@ class EndpointManager:
             raise UserError(f"netns: {netns} already belongs to endpoint "
                             f"{ep.namespace}/{ep.name}")
         return replaced
+
+    def _netns_key(self, ep: Endpoint) -> tuple[int, int] | None:
+        if ep.id not in self._netns_keys:
+            self._netns_keys[ep.id] = plumbing.netns_key(ep.netns)
+        return self._netns_keys[ep.id]
 
     async def _wire(self, ep_id: int, name: str, namespace: str, labels: dict[str, str],
                     netns: str, container_id: str, pod_ifname: str) -> Endpoint:
