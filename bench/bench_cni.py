@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import secrets
 import shutil
 import statistics
@@ -81,6 +82,33 @@ def _installed_launcher(directory: Path) -> str:
     return str(launcher.install(directory / "bin"))
 
 
+class CPU:
+    """CPU time (user + system, ms) the plugin processes (this script's children) and,
+    for pylium, the agent spent: a cost per ADD+DEL that the machine's load does not
+    distort the way it distorts wall times."""
+
+    def __init__(self, agent_pid: int):
+        self.agent_pid = agent_pid
+        self.plugin = {"ours": 0.0, "ref": 0.0}
+        self.agent = 0.0
+
+    def _children_ms(self) -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return (usage.ru_utime + usage.ru_stime) * 1000
+
+    def _agent_ms(self) -> float:
+        fields = Path(f"/proc/{self.agent_pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+    def measure(self, side: str, func, *args):
+        plugin, agent = self._children_ms(), self._agent_ms()
+        result = func(*args)
+        self.plugin[side] += self._children_ms() - plugin
+        if side == "ours":
+            self.agent += self._agent_ms() - agent
+        return result
+
+
 def loadavg() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
@@ -120,23 +148,32 @@ def main() -> None:
         round_of(*ref_sides, "warmx")
         round_of(*ours_sides, "warmx")
         load_before = loadavg()
+        cpu = CPU(int(node["agent_pid"]))
         ours, ref, ours_del, ref_del = [], [], [], []
         ours_one, ref_one, ours_one_del, ref_one_del = [], [], [], []
         for r in range(ROUNDS):
-            adds, dels = round_of(*ref_sides, f"ref{r}x")
+            adds, dels = cpu.measure("ref", round_of, *ref_sides, f"ref{r}x")
             ref += adds
             ref_del += dels
-            adds, dels = round_of(*ours_sides, f"pyl{r}x")
+            adds, dels = cpu.measure("ours", round_of, *ours_sides, f"pyl{r}x")
             ours += adds
             ours_del += dels
             for i in range(SERIAL):  # one pod at a time: no queueing behind other pods
-                for side, times, del_times in ((ref_sides, ref_one, ref_one_del),
-                                               (ours_sides, ours_one, ours_one_del)):
+                for tag, side, times, del_times in (
+                        ("ref", ref_sides, ref_one, ref_one_del),
+                        ("ours", ours_sides, ours_one, ours_one_del)):
                     argv, node_ns, conf, pods = side
-                    adds, dels = round_of(argv, node_ns, conf, [pods[i]], f"one{r}x{i}x")
+                    adds, dels = cpu.measure(tag, round_of, argv, node_ns, conf, [pods[i]],
+                                             f"one{r}x{i}x")
                     times += adds
                     del_times += dels
-        load = {"loadavg_before": load_before, "loadavg_after": loadavg(), "plugin": plugin}
+        pairs = ROUNDS * (PODS + SERIAL)  # ADD+DEL pairs per side
+        load = {"loadavg_before": load_before, "loadavg_after": loadavg(), "plugin": plugin,
+                # CPU per ADD+DEL pair: pylium's plugin execs and agent; the reference's execs
+                "cpu_ms_per_pair": {
+                    "pylium_plugin": round(cpu.plugin["ours"] / pairs, 2),
+                    "pylium_agent": round(cpu.agent / pairs, 2),
+                    "reference_plugin": round(cpu.plugin["ref"] / pairs, 2)}}
         name = "bridge+host-local"
         single = {"pods": 1, "rounds": ROUNDS, "samples": len(ours_one), **load,
                   "del_p50_ms": round(statistics.median(ours_one_del), 3),
