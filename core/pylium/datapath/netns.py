@@ -202,14 +202,46 @@ def _netlink(func: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+_thread = threading.local()
+
+
+def reuse_netlink_socket() -> None:
+    """Let the calling thread keep one `IPRoute` socket across `ipr()` uses: for worker
+    threads that live long and never leave their namespace (a `ThreadPoolExecutor`
+    initializer). Making an `IPRoute` costs an event loop, a socket pair and a bind — a
+    good share of the CPU a CNI ADD or DEL costs the agent."""
+    _thread.reuse = True
+
+
 @contextmanager
 def ipr() -> Iterator[IPRoute]:
-    """An `IPRoute` socket in the calling thread's namespace."""
-    ip = IPRoute()
+    """An `IPRoute` socket in the calling thread's namespace (the thread's kept one after
+    `reuse_netlink_socket`, unless already lent out further up the stack). It joins no
+    multicast group: only answers to its own requests arrive (pyroute2's default joins
+    link, address and route events, which the kernel then copies to every open socket
+    and an idle kept one would queue)."""
+    if not getattr(_thread, "reuse", False) or getattr(_thread, "lent", False):
+        ip = IPRoute(groups=0)
+        try:
+            yield ip
+        finally:
+            ip.close()
+        return
+    ip = getattr(_thread, "ip", None) or IPRoute(groups=0)
+    _thread.ip, _thread.lent = None, True
+    keep = False
     try:
         yield ip
+        keep = True
+    except NetlinkError:  # the kernel said no: the socket itself is fine
+        keep = True
+        raise
     finally:
-        ip.close()
+        _thread.lent = False
+        if keep:
+            _thread.ip = ip
+        else:  # interrupted half way through a request: its answers may still come
+            ip.close()
 
 
 def write_sysctl(netns: str | None, key: str, value: str) -> None:

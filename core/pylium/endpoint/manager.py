@@ -131,6 +131,9 @@ class EndpointManager:
         #: event loop (a write or unlink can stall for tens of ms on a busy disk) and never
         #: two writes of one file racing
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pylium-ep-state")
+        #: veth work runs on threads that keep their netlink socket between pods
+        self._netlink = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pylium-ep-netlink",
+                                           initializer=plumbing.reuse_netlink_socket)
         #: the policy each endpoint's datapath map holds (as last loaded by this agent)
         self._installed: dict[int, Any] = {}
         #: set by an orchestrator that knows pods' labels (Kubernetes): called as
@@ -352,7 +355,8 @@ class EndpointManager:
         ifname = host_ifname(namespace, name, container_id)
         undo: list[Callable[[], Any]] = [lambda: self.ipam.release(address)]
         try:
-            links = await asyncio.to_thread(self._plumb, ifname, netns, address, pod_ifname)
+            links = await asyncio.get_running_loop().run_in_executor(
+                self._netlink, self._plumb, ifname, netns, address, pod_ifname)
             undo.append(lambda: plumbing.unwire_endpoint(ifname, address))
             ep = Endpoint(id=ep_id, name=name, namespace=namespace, labels=labels,
                           netns=netns, ipv4=address, ifname=ifname,
@@ -458,7 +462,7 @@ class EndpointManager:
                 await self.datapath.detach(ep)
             except Exception:
                 log.exception("detaching endpoint %d from the datapath failed", ep.id)
-        await asyncio.to_thread(self._unplumb, ep)
+        await asyncio.get_running_loop().run_in_executor(self._netlink, self._unplumb, ep)
         await self._forget(ep)
         if self.identities is not None and ep.identity:
             try:
@@ -669,3 +673,4 @@ class EndpointManager:
         """Endpoints outlive the agent (that is the point of restore): only the state
         thread stops, once the writes asked of it are done."""
         await asyncio.to_thread(self._io.shutdown, True)
+        self._netlink.shutdown(wait=False)
