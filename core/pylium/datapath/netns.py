@@ -269,10 +269,11 @@ class LinkInfo:
 
 
 def _link_info(ip: IPRoute, ifname: str) -> LinkInfo | None:
-    found = ip.link_lookup(ifname=ifname)
-    if not found:
+    """One RTM_GETLINK by name (a lookup and then a get by index cost two)."""
+    try:  # any refusal means "no such link", as pyroute2's link_lookup reads it
+        msg = ip.link("get", ifname=ifname)[0]
+    except (NetlinkError, KeyError, IndexError):
         return None
-    msg = ip.link("get", index=found[0])[0]
     return LinkInfo(ifname=ifname, ifindex=msg["index"], mac=msg.get_attr("IFLA_ADDRESS"),
                     up=bool(msg["flags"] & 1))
 
