@@ -112,11 +112,6 @@ class IdentityAllocator:
                 log.warning("ignoring unreadable identity record: %s", exc)
         return sorted(found, key=lambda i: i.id)
 
-    def holds(self, number: int) -> bool:
-        """This node references `number` in the store (its reference key is under our
-        lease, so garbage collection leaves the number alone)."""
-        return number in self._held
-
     async def _ref(self, number: int) -> None:
         await self.kvstore.put(f"{REFS_PREFIX}{number}/{self.node}", b"", lease=self.lease)
 

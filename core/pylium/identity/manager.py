@@ -41,18 +41,7 @@ class IdentityManager:
         return revision
 
     async def allocate(self, labels: LabelSet | Iterable) -> Identity:
-        """The identity of `labels`, referenced once more by this node. A label set some
-        local endpoint already holds needs no KV-store round trip (Cilium's allocator keeps
-        such local keys too): the node's reference in the store already fences the number
-        against garbage collection. Pods of one Deployment share their labels, so every
-        pod after the first starts without touching the store."""
-        labels = LabelSet(labels)
-        known = self.cache.by_labels(labels)
-        if known is not None and not known.reserved and self._local_refs.get(known.id, 0) > 0 \
-                and self.allocator.holds(known.id):
-            self._local_refs[known.id] += 1
-            return known
-        identity = await self.allocator.allocate(labels)
+        identity = await self.allocator.allocate(LabelSet(labels))
         if identity.id not in self.cache:
             self.cache.add(identity)
         if not identity.reserved:

@@ -166,38 +166,6 @@ def test_manager_keeps_the_reference_until_the_last_local_user_releases(tmp_path
     run(go())
 
 
-def test_a_label_set_the_node_already_holds_costs_no_store_round_trip(tmp_path):
-    """The second endpoint with the same labels gets the identity from the node's own
-    reference (counted), with no KV operation; once the last local user released it the
-    store is asked again (the number may have been collected meanwhile)."""
-    async def go():
-        (a,) = await _stores(tmp_path, 1)
-        try:
-            manager = IdentityManager(a, "node-a")
-            labels = LabelSet.parse("app=web")
-            one = await manager.allocate(labels)
-            calls = []
-            for name in ("get", "put", "create", "compare_and_swap", "list"):
-                original = getattr(a, name)
-
-                async def counted(*args, _name=name, _original=original, **kwargs):
-                    calls.append(_name)
-                    return await _original(*args, **kwargs)
-                setattr(a, name, counted)
-            two = await manager.allocate(LabelSet.parse("app=web"))
-            assert two == one and calls == []
-            await manager.release(one)
-            await manager.release(two)
-            assert await manager.allocator.references(one.id) == []
-            calls.clear()
-            three = await manager.allocate(labels)
-            assert three.id == one.id and "put" in calls
-            assert await manager.allocator.references(one.id) == ["node-a"]
-        finally:
-            await a.close()
-    run(go())
-
-
 def test_a_stale_index_does_not_take_away_the_reference_of_a_number_in_use(tmp_path):
     """A node holds number N for one label set; another label set's index still names N
     (its old number, collected and reused). Allocating that label set must not delete the
