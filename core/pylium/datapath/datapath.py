@@ -129,11 +129,12 @@ class Datapath:
         self.cache_dir = cache_dir
         self._obj: LoadedObject | None = None
         self._lock = threading.RLock()
-        #: serialises changes of the policy outer map (installs, deletes) among themselves
-        #: only: each waits for an RCU grace period in the kernel (map-in-map updates do,
-        #: so no program still runs with the old inner map), tens of ms on a busy node, and
+        #: endpoint id → the lock of its slot in the policy outer map: installs and
+        #: deletes of one endpoint's policy run one at a time, other endpoints' side by
+        #: side. Each waits for an RCU grace period in the kernel (map-in-map updates do,
+        #: so no program still runs with the old inner map), tens of ms on a busy node:
         #: under `_lock` that wait would stall every other pod's attach and ipcache write
-        self._policy_lock = threading.Lock()
+        self._policy_locks: dict[int, threading.Lock] = {}
         self.prog_fds: dict[str, int] = {}
         self.object_path: Path | None = None
         self._proxy_routing = False  # installed in this netns by this object
@@ -376,7 +377,7 @@ class Datapath:
                 self.endpoints.delete(found[0])
                 if self._ep_index is not None:
                     self._ep_index.pop(ep_id, None)
-        with self._policy_lock:  # an RCU grace period: not under `_lock`
+        with self._policy_slot(ep_id):  # an RCU grace period: not under `_lock`
             self.policy.delete(U32Key(ep_id))
         # the conntrack walk needs no lock either (the kernel map is safe to walk and
         # delete from concurrently; no other thread writes this endpoint's entries now)
@@ -386,6 +387,9 @@ class Datapath:
         return found is not None
 
     # -- policy ---------------------------------------------------------------------
+
+    def _policy_slot(self, ep_id: int) -> threading.Lock:
+        return self._policy_locks.setdefault(ep_id, threading.Lock())
 
     def _policy_inner_fd(self, ep_id: int) -> int | None:
         inner_id = self.policy.lookup(U32Key(ep_id))
@@ -418,7 +422,7 @@ class Datapath:
             self._full("policy", f"policy of endpoint {ep_id} NOT updated: it needs {needed} "
                                  f"policy map entries, more than the map holds "
                                  f"({self.policy_capacity}); the previous policy stays in force")
-        with self._policy_lock:
+        with self._policy_slot(ep_id):
             self._require_open()
             old_rev = self._current_revision(ep_id)
             revision = policy.revision if policy.revision > old_rev else old_rev + 1

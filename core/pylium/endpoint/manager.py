@@ -123,6 +123,8 @@ class EndpointManager:
         #: endpoint id → (device, inode) of its netns when it was made: a create compares
         #: its netns with every endpoint's, one stat each on the event loop otherwise
         self._netns_keys: dict[int, tuple[int, int] | None] = {}
+        #: endpoints whose create waits for a regeneration pass (any pass takes them all)
+        self._regen_wanted: set[int] = set()
         #: endpoints unlisted and being torn down outside the lock
         self._deleting: dict[int, Endpoint] = {}
         #: DELs per container id queued behind a create of that container
@@ -568,28 +570,39 @@ class EndpointManager:
         `pending_identities` (taken under the lock, so whichever pass runs first does the
         queued work and a create returns only once its peers' policies know it)."""
         queued: set[int] = set()
+        wanted: set[int] = set()
+        # endpoints asked for by creates waiting for the lock are taken along too: pods
+        # started together share one pass (whose datapath work runs side by side)
+        self._regen_wanted |= endpoint_ids
         return await self._regenerate_where(
-            lambda ep: ep.id in endpoint_ids or ep.identity in queued, reason, drain=queued)
+            lambda ep: ep.id in wanted or ep.identity in queued, reason, drain=queued,
+            wanted=wanted)
 
     async def regenerate_pending(self, reason: str) -> dict[str, Any]:
         """Regenerate the endpoints of the identities queued in `pending_identities`."""
         return await self.regenerate_changed(set(), reason)
 
-    async def _regenerate_where(self, selected, reason: str,
-                                drain: set[int] | None = None) -> dict[str, Any]:
+    async def _regenerate_where(self, selected, reason: str, drain: set[int] | None = None,
+                                wanted: set[int] | None = None) -> dict[str, Any]:
         """`last_regeneration` reports how many endpoints this pass regenerated (not how
         many exist) and which of them failed. With `drain`, the queued identities are moved
-        into it first, once the lock is held."""
+        into it first, once the lock is held (with `wanted`, the endpoints creates asked
+        for). The chosen endpoints are regenerated side by side: each one's datapath swap
+        waits for an RCU grace period in the kernel, and concurrent waits share periods."""
         async with self._lock:
             if drain is not None:
                 drain.update(self.pending_identities)
                 self.pending_identities.clear()
-            failed = {}
+            if wanted is not None:
+                wanted.update(self._regen_wanted)
+                self._regen_wanted.clear()
             chosen = [ep for ep in self._endpoints.values() if selected(ep)]
-            for ep in chosen:
-                error = await self._regenerate(ep)
-                if error:
-                    failed[ep.id] = error
+            errors = await asyncio.gather(*(self._regenerate(ep) for ep in chosen),
+                                          return_exceptions=True)  # all done before unlocking
+            for error in errors:
+                if isinstance(error, BaseException):
+                    raise error
+            failed = {ep.id: error for ep, error in zip(chosen, errors, strict=True) if error}
             self.last_regeneration = {"reason": reason, "endpoints": len(chosen),
                                       "failed": failed}
             return self.last_regeneration
