@@ -306,9 +306,9 @@ def setup_cni(p: Paths, cni: str) -> None:
             link.symlink_to(f"/usr/lib/cni/{plugin}")
     pylium_cni = Path(sys.executable).with_name("pylium-cni")
     if pylium_cni.exists():
-        wrapper = p.cni_bin / "pylium-cni"
-        wrapper.write_text(f"#!/bin/sh\nexec {pylium_cni} \"$@\"\n")
-        wrapper.chmod(0o755)
+        # the launcher (python -I -S, stdlib only): what a runtime should exec per pod
+        subprocess.run([sys.executable, "-m", "pylium.cni.launcher", str(p.cni_bin)],
+                       check=True, capture_output=True)
     if cni == "bridge":
         # the reference plugins, for a cluster without pylium-cni (its bridge lives in the
         # node's namespace; no masquerade, no iptables)

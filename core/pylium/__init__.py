@@ -1,9 +1,9 @@
-"""pylium: a plugin-based eBPF networking, security and observability agent."""
+"""pylium: a plugin-based eBPF networking, security and observability agent.
 
-from typing import Any
+Imports nothing at all: `pylium-cni` (exec'd for every pod) goes through this package."""
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> str:
     """`__version__` is looked up on first use: importlib.metadata costs ~25 ms at import,
     which every `pylium-cni` exec (one per pod sandbox operation) would pay."""
     if name != "__version__":

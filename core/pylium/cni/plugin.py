@@ -10,16 +10,21 @@ starts fast."""
 
 from __future__ import annotations
 
+import _socket  # the C module: `socket.py` imports enum and selectors, ~15% of an exec
 import json
 import os
-import socket
 import sys
-from collections.abc import Mapping
-from typing import IO, Any
 
+from pylium.boundedjson import DocumentError, load_json
 from pylium.cni import spec
 from pylium.cni.spec import CNIError
-from pylium.documents import DocumentError, load_json
+
+#: `typing` costs milliseconds at import and `pylium-cni` is exec'd for every pod: the
+#: names below are for type checkers only (they treat any `TYPE_CHECKING` as true)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import IO, Any
 
 #: the agent's default API socket (pylium.config.DEFAULT_SOCKET, not imported: it pulls in
 #: the whole config machinery)
@@ -66,7 +71,7 @@ class Agent:
                 f"Content-Length: {len(payload)}\r\n")
         if body is not None:
             head += "Content-Type: application/json\r\n"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             sock.settimeout(self.timeout)
             sock.connect(self.socket_path)

@@ -10,10 +10,15 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
-from typing import Any
 
-from pylium.documents import DocumentError, load_json
+from pylium.boundedjson import DocumentError, load_json
+
+#: `typing` costs milliseconds at import and `pylium-cni` is exec'd for every pod: the
+#: names below are for type checkers only (they treat any `TYPE_CHECKING` as true)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
 
 #: versions whose configs and results this plugin understands, oldest first
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")

@@ -133,6 +133,12 @@ class Datapath:
         self.cache_dir = cache_dir
         self._obj: LoadedObject | None = None
         self._lock = threading.RLock()
+        #: endpoint id → the lock of its slot in the policy outer map: installs and
+        #: deletes of one endpoint's policy run one at a time, other endpoints' side by
+        #: side. Each waits for an RCU grace period in the kernel (map-in-map updates do,
+        #: so no program still runs with the old inner map), tens of ms on a busy node:
+        #: under `_lock` that wait would stall every other pod's attach and ipcache write
+        self._policy_locks: dict[int, threading.Lock] = {}
         self.prog_fds: dict[str, int] = {}
         self.object_path: Path | None = None
         self._proxy_routing = False  # installed in this netns by this object
@@ -220,6 +226,7 @@ class Datapath:
                             value.ep_id, key.ip, value.ifindex, mac_str(value.host_mac))
                 continue
             try:
+                self._ensure_proxy_routing()
                 self._attach_programs(value.ifindex)
             except DatapathError as exc:
                 log.warning("endpoint %d (%s): programs not re-attached: %s", value.ep_id,
@@ -288,11 +295,18 @@ class Datapath:
 
     # -- endpoints ------------------------------------------------------------------
 
+    def _ensure_proxy_routing(self) -> None:
+        """The netns holding endpoint veths is the node's: flows the programs send to the L7
+        proxy need its policy routing there (never installed by an agent without pods).
+        Once per open, not per endpoint: it is a rule dump, a route and three sysctls on a
+        helper thread, which every pod's CNI ADD would pay again. Under `_lock`."""
+        if not self._proxy_routing:
+            install_proxy_routing()
+            self._proxy_routing = True
+
     def _attach_programs(self, ifindex: int) -> None:
-        # the netns holding endpoint veths is the node's: flows the programs send to the L7
-        # proxy need its policy routing there (never installed by an agent without pods)
-        install_proxy_routing()
-        self._proxy_routing = True
+        """tc filters on one veth: needs no lock (the kernel serialises each link's
+        qdiscs; the endpoint manager never attaches and detaches one endpoint at once)."""
         prepare_endpoint_veth(ifindex)
         tc.attach(ifindex, tc.INGRESS, self.prog_fds["from_container"])
         tc.attach(ifindex, tc.EGRESS, self.prog_fds["to_container"])
@@ -325,7 +339,9 @@ class Datapath:
 
     def attach_endpoint(self, ep: EndpointInfo) -> None:
         """Publish the endpoint in the endpoints map and attach both programs to its
-        host-side veth (idempotent: a re-attach replaces the entry and the filters)."""
+        host-side veth (idempotent: a re-attach replaces the entry and the filters). The
+        lock covers the maps only: the tc work on the veth runs outside it, so the pods of
+        a node starting together get their programs side by side."""
         _check_ep_id(ep.ep_id)
         if not 0 < ep.identity < ENDPOINT_IDENTITY_LIMIT:
             # it travels in 24 bits of skb->mark to a local destination (Cilium does the same)
@@ -355,26 +371,35 @@ class Datapath:
             self.endpoints.update(key, value)
             if self._ep_index is not None:
                 self._ep_index[ep.ep_id] = key
-            self._attach_programs(ep.ifindex)
+            self._ensure_proxy_routing()
+        self._attach_programs(ep.ifindex)
 
     def detach_endpoint(self, ep_id: int) -> bool:
         """Detach the programs, forget the endpoint, its policy and its conntrack entries."""
         with self._lock:
             self._require_open()
             found = self._find_endpoint(ep_id)
+        # the filters first (outside the lock, like attaching them), then the entries
+        if found is not None and self._ours(found[1]):
+            self._detach_programs(found[1].ifindex)
+        with self._lock:
             if found is not None:
-                if self._ours(found[1]):
-                    self._detach_programs(found[1].ifindex)
                 self.endpoints.delete(found[0])
                 if self._ep_index is not None:
                     self._ep_index.pop(ep_id, None)
+        with self._policy_slot(ep_id):  # an RCU grace period: not under `_lock`
             self.policy.delete(U32Key(ep_id))
-            for key, value in list(self.conntrack.items()):
-                if value.ep_id == ep_id:
-                    self.conntrack.delete(key)
-            return found is not None
+        # the conntrack walk needs no lock either (the kernel map is safe to walk and
+        # delete from concurrently; no other thread writes this endpoint's entries now)
+        for key, value in list(self.conntrack.items()):
+            if value.ep_id == ep_id:
+                self.conntrack.delete(key)
+        return found is not None
 
     # -- policy ---------------------------------------------------------------------
+
+    def _policy_slot(self, ep_id: int) -> threading.Lock:
+        return self._policy_locks.setdefault(ep_id, threading.Lock())
 
     def _policy_inner_fd(self, ep_id: int) -> int | None:
         inner_id = self.policy.lookup(U32Key(ep_id))
@@ -407,7 +432,7 @@ class Datapath:
             self._full("policy", f"policy of endpoint {ep_id} NOT updated: it needs {needed} "
                                  f"policy map entries, more than the map holds "
                                  f"({self.policy_capacity}); the previous policy stays in force")
-        with self._lock:
+        with self._policy_slot(ep_id):
             self._require_open()
             old_rev = self._current_revision(ep_id)
             revision = policy.revision if policy.revision > old_rev else old_rev + 1

@@ -74,11 +74,20 @@ def netns_exists(netns: str) -> bool:
 def same_netns(a: str, b: str) -> bool:
     """Do `a` and `b` name one namespace? Compared by inode, so `/run/netns/x`, `x` and
     `/proc/<pid>/ns/net` of a process inside it all match; by path if one is gone."""
-    try:
-        sa, sb = netns_path(a).stat(), netns_path(b).stat()
-    except OSError:
+    ka, kb = netns_key(a), netns_key(b)
+    if ka is None or kb is None:
         return netns_path(a) == netns_path(b)
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+    return ka == kb
+
+
+def netns_key(netns: str) -> tuple[int, int] | None:
+    """(device, inode) of the namespace `netns` names, None if it is gone: what
+    `same_netns` compares, for callers that compare one namespace with many."""
+    try:
+        st = os.stat(netns_path(netns))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _libc() -> ctypes.CDLL:
@@ -193,14 +202,46 @@ def _netlink(func: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+_thread = threading.local()
+
+
+def reuse_netlink_socket() -> None:
+    """Let the calling thread keep one `IPRoute` socket across `ipr()` uses: for worker
+    threads that live long and never leave their namespace (a `ThreadPoolExecutor`
+    initializer). Making an `IPRoute` costs an event loop, a socket pair and a bind — a
+    good share of the CPU a CNI ADD or DEL costs the agent."""
+    _thread.reuse = True
+
+
 @contextmanager
 def ipr() -> Iterator[IPRoute]:
-    """An `IPRoute` socket in the calling thread's namespace."""
-    ip = IPRoute()
+    """An `IPRoute` socket in the calling thread's namespace (the thread's kept one after
+    `reuse_netlink_socket`, unless already lent out further up the stack). It joins no
+    multicast group: only answers to its own requests arrive (pyroute2's default joins
+    link, address and route events, which the kernel then copies to every open socket
+    and an idle kept one would queue)."""
+    if not getattr(_thread, "reuse", False) or getattr(_thread, "lent", False):
+        ip = IPRoute(groups=0)
+        try:
+            yield ip
+        finally:
+            ip.close()
+        return
+    ip = getattr(_thread, "ip", None) or IPRoute(groups=0)
+    _thread.ip, _thread.lent = None, True
+    keep = False
     try:
         yield ip
+        keep = True
+    except NetlinkError:  # the kernel said no: the socket itself is fine
+        keep = True
+        raise
     finally:
-        ip.close()
+        _thread.lent = False
+        if keep:
+            _thread.ip = ip
+        else:  # interrupted half way through a request: its answers may still come
+            ip.close()
 
 
 def write_sysctl(netns: str | None, key: str, value: str) -> None:
@@ -228,10 +269,11 @@ class LinkInfo:
 
 
 def _link_info(ip: IPRoute, ifname: str) -> LinkInfo | None:
-    found = ip.link_lookup(ifname=ifname)
-    if not found:
+    """One RTM_GETLINK by name (a lookup and then a get by index cost two)."""
+    try:  # any refusal means "no such link", as pyroute2's link_lookup reads it
+        msg = ip.link("get", ifname=ifname)[0]
+    except (NetlinkError, KeyError, IndexError):
         return None
-    msg = ip.link("get", index=found[0])[0]
     return LinkInfo(ifname=ifname, ifindex=msg["index"], mac=msg.get_attr("IFLA_ADDRESS"),
                     up=bool(msg["flags"] & 1))
 

@@ -25,10 +25,12 @@ ones whose pod went away while the agent was down."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -114,6 +116,27 @@ class EndpointManager:
         self.regeneration_tasks: list[asyncio.Task] = []
         #: creates per container id still running
         self._pending: dict[str, int] = {}
+        #: creates and deletes of one attachment (container id, or namespace/name) run one
+        #: at a time in arrival order; different pods' run side by side
+        self._attachment_locks: dict[str, asyncio.Lock] = {}
+        #: ids of creates wiring outside the lock → (namespace, name, netns) they claimed
+        self._creating: dict[int, tuple[str, str, str]] = {}
+        #: endpoint id → (device, inode) of its netns when it was made: a create compares
+        #: its netns with every endpoint's, one stat each on the event loop otherwise
+        self._netns_keys: dict[int, tuple[int, int] | None] = {}
+        #: endpoints whose create waits for a regeneration pass (any pass takes them all)
+        self._regen_wanted: set[int] = set()
+        #: endpoints unlisted and being torn down outside the lock
+        self._deleting: dict[int, Endpoint] = {}
+        #: DELs per container id queued behind a create of that container
+        self._deletes_waiting: dict[str, int] = {}
+        #: state files are written by one thread, in the order the loop asks: never on the
+        #: event loop (a write or unlink can stall for tens of ms on a busy disk) and never
+        #: two writes of one file racing
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pylium-ep-state")
+        #: veth work runs on threads that keep their netlink socket between pods
+        self._netlink = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pylium-ep-netlink",
+                                           initializer=plumbing.reuse_netlink_socket)
         #: the policy each endpoint's datapath map holds (as last loaded by this agent)
         self._installed: dict[int, Any] = {}
         #: set by an orchestrator that knows pods' labels (Kubernetes): called as
@@ -125,7 +148,7 @@ class EndpointManager:
         """`busy` while a policy or identity change has not reached every endpoint yet."""
         self.regeneration_tasks = [t for t in self.regeneration_tasks if not t.done()]
         return {"busy": bool(self.pending_identities or self.regeneration_tasks
-                             or self._lock.locked()),
+                             or self._lock.locked() or self._creating),
                 "not_ready": [ep.id for ep in self._endpoints.values() if ep.state != READY],
                 "last": self.last_regeneration}
 
@@ -151,21 +174,30 @@ class EndpointManager:
         return None
 
     # persistence --------------------------------------------------------------------------
-    def _save(self, ep: Endpoint) -> None:
+    async def _save(self, ep: Endpoint) -> None:
+        """Make `ep` the endpoint's current state (at once) and its state file (on the
+        state thread; returns once written)."""
         self._endpoints[ep.id] = ep
         path = self.dir / f"{ep.id}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(endpoint_to_json(ep), indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        text = json.dumps(endpoint_to_json(ep), indent=1, sort_keys=True)
 
-    def _forget(self, ep: Endpoint) -> None:
+        def write() -> None:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+
+        await asyncio.get_running_loop().run_in_executor(self._io, write)
+
+    async def _forget(self, ep: Endpoint) -> None:
         self._endpoints.pop(ep.id, None)
+        self._netns_keys.pop(ep.id, None)
         self._installed.pop(ep.id, None)
-        (self.dir / f"{ep.id}.json").unlink(missing_ok=True)
+        await asyncio.get_running_loop().run_in_executor(
+            self._io, (self.dir / f"{ep.id}.json").unlink, True)
 
     def _free_id(self) -> int:
-        used = set(self._endpoints) | {int(p.stem) for p in self.dir.glob("*.json")
-                                       if p.stem.isdigit()}
+        used = set(self._endpoints) | set(self._creating) | set(self._deleting) | {
+            int(p.stem) for p in self.dir.glob("*.json") if p.stem.isdigit()}
         for candidate in range(MIN_ENDPOINT_ID, MAX_ENDPOINT_ID + 1):
             if candidate not in used:
                 return candidate
@@ -188,8 +220,12 @@ class EndpointManager:
         With a `container_id` (a CNI ADD) the operation is idempotent: asking again for the
         same container returns the endpoint made the first time (a runtime retrying an ADD
         whose answer it missed gets the same IP, nothing leaks: Cilium #9913). Creates and
-        deletes take the lock in arrival order, so a DEL sent after an ADD the runtime gave
-        up on deletes what that ADD made; the late ADD then answers 409."""
+        deletes of one container run in arrival order, so a DEL sent after an ADD the
+        runtime gave up on deletes what that ADD made; the late ADD then answers 409.
+
+        The manager's lock covers only the bookkeeping (clash checks, claiming an id, name
+        and netns); the slow kernel and store work — veth, address, identity, programs —
+        runs outside it, so the pods of a node starting together are wired side by side."""
         validate_name("name", name)
         validate_name("namespace", namespace)
         labels = validate_labels(labels)
@@ -207,21 +243,31 @@ class EndpointManager:
             raise UserError(f"netns: {netns} {problem}")
         self._begin(container_id)
         try:
-            async with self._lock:
-                if container_id:
-                    existing = self.find_container(container_id)
-                    if existing is not None:
-                        return self._same_attachment(existing, netns, pod_ifname), False
-                replaced = await self._make_room(name, namespace, netns, container_id)
-                ep = await self._wire(name, namespace, labels, netns, container_id, pod_ifname)
+            async with self._attachment(container_id or f"{namespace}/{name}"):
+                async with self._lock:
+                    if container_id:
+                        existing = self.find_container(container_id)
+                        if existing is not None:
+                            return self._same_attachment(existing, netns, pod_ifname), False
+                    replaced = await self._make_room(name, namespace, netns, container_id)
+                    ep_id = self._free_id()
+                    self._creating[ep_id] = (namespace, name, netns)
+                try:
+                    ep = await self._wire(ep_id, name, namespace, labels, netns, container_id,
+                                          pod_ifname)
+                finally:
+                    del self._creating[ep_id]
+                # this endpoint, and the endpoints whose selectors select its identity if
+                # that is new (the policy side queued those in pending_identities)
+                await self.regenerate_changed({ep.id}, f"endpoint {ep.id} created")
+                current = self._endpoints.get(ep.id)
+                if current is None or self._deletes_waiting.get(container_id) or \
+                        (current.created_at, current.name) != (ep.created_at, ep.name):
+                    # a DEL of this container came in meanwhile: it goes next and removes
+                    # what this ADD made
+                    raise Conflict(f"endpoint {ep.id} was deleted while it was being created")
         finally:
             self._end(container_id)
-        # this endpoint, and the endpoints whose selectors select its identity if that is new
-        # (the policy side queued those in pending_identities when the identity appeared)
-        await self.regenerate_changed({ep.id}, f"endpoint {ep.id} created")
-        current = self._endpoints.get(ep.id)
-        if current is None or (current.created_at, current.name) != (ep.created_at, ep.name):
-            raise Conflict(f"endpoint {ep.id} was deleted while it was being created")
         ep = current
         if self.on_deleted is not None:
             for old in replaced:
@@ -229,6 +275,17 @@ class EndpointManager:
         if self.on_created is not None:
             self.on_created(ep)
         return ep, True
+
+    @contextlib.asynccontextmanager
+    async def _attachment(self, key: str):
+        """Hold the lock of one attachment (FIFO: arrival order); dropped when unused."""
+        lock = self._attachment_locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not getattr(lock, "_waiters", None):
+                self._attachment_locks.pop(key, None)
 
     def _begin(self, container_id: str) -> None:
         """Count a pending create of `container_id` (GC leaves its address alone)."""
@@ -253,11 +310,20 @@ class EndpointManager:
                          container_id: str) -> list[Endpoint]:
         """Refuse a create that clashes with an existing endpoint by name or netns. A CNI
         endpoint whose pod netns is gone (its sandbox died without a DEL) makes way; the
-        ones replaced are returned."""
+        ones replaced are returned. A clash with a create or delete still under way is a
+        409 (try again)."""
+        for other_ns, other_name, other_netns in list(self._creating.values()) + [
+                (ep.namespace, ep.name, ep.netns) for ep in self._deleting.values()]:
+            if (other_ns, other_name) == (namespace, name) or \
+                    plumbing.same_netns(other_netns, netns):
+                raise Conflict(f"endpoint {namespace}/{name} or netns {netns} is being "
+                               "created or deleted; try again")
         replaced = []
+        key = plumbing.netns_key(netns)
         for ep in list(self._endpoints.values()):
             clash_name = (ep.namespace, ep.name) == (namespace, name)
-            clash_netns = plumbing.same_netns(ep.netns, netns)
+            clash_netns = plumbing.netns_path(ep.netns) == plumbing.netns_path(netns) or (
+                key is not None and self._netns_key(ep) == key)
             if not (clash_name or clash_netns):
                 continue
             if container_id and ep.container_id and not plumbing.netns_exists(ep.netns):
@@ -276,25 +342,24 @@ class EndpointManager:
                             f"{ep.namespace}/{ep.name}")
         return replaced
 
-    async def _wire(self, name: str, namespace: str, labels: dict[str, str], netns: str,
-                    container_id: str, pod_ifname: str) -> Endpoint:
-        """veth, address, identity, state file and datapath for a new endpoint (under the
-        lock); everything done is undone if a step fails."""
-        ep_id = self._free_id()
+    def _netns_key(self, ep: Endpoint) -> tuple[int, int] | None:
+        if ep.id not in self._netns_keys:
+            self._netns_keys[ep.id] = plumbing.netns_key(ep.netns)
+        return self._netns_keys[ep.id]
+
+    async def _wire(self, ep_id: int, name: str, namespace: str, labels: dict[str, str],
+                    netns: str, container_id: str, pod_ifname: str) -> Endpoint:
+        """veth, address, identity, state file and datapath for a new endpoint (outside the
+        lock, with `ep_id`, the name and the netns claimed); everything done is undone if a
+        step fails."""
         owner = (container_owner(container_id) if container_id
                  else f"endpoint:{namespace}/{name}")
-        address = self.ipam.allocate(owner)
+        address = await asyncio.to_thread(self.ipam.allocate, owner)
         ifname = host_ifname(namespace, name, container_id)
         undo: list[Callable[[], Any]] = [lambda: self.ipam.release(address)]
-        if await asyncio.to_thread(plumbing.link_info, ifname) is not None:
-            # named after this endpoint and owned by none: left by an agent that died
-            # half way through creating it
-            log.warning("removing stale %s left by an unfinished create", ifname)
-            await asyncio.to_thread(plumbing.unwire_endpoint, ifname)
         try:
-            links = await asyncio.to_thread(plumbing.wire_endpoint, ifname, netns,
-                                            address, str(self.ipam.gateway),
-                                            pod_ifname=pod_ifname, mtu=self.mtu)
+            links = await asyncio.get_running_loop().run_in_executor(
+                self._netlink, self._plumb, ifname, netns, address, pod_ifname)
             undo.append(lambda: plumbing.unwire_endpoint(ifname, address))
             ep = Endpoint(id=ep_id, name=name, namespace=namespace, labels=labels,
                           netns=netns, ipv4=address, ifname=ifname,
@@ -304,10 +369,11 @@ class EndpointManager:
             ep = await self._resolve_identity(ep)
             if self.identities is not None:
                 undo.append(lambda: self.identities.release(ep.identity))
-            self._save(ep)
-            undo.append(lambda: self._forget(ep))
             if self.datapath is not None:
                 await self.datapath.attach(ep)
+                undo.append(lambda: self.datapath.detach(ep))
+            undo.append(lambda: self._forget(ep))
+            await self._save(ep)
         except BaseException:
             for step in reversed(undo):
                 try:
@@ -322,6 +388,16 @@ class EndpointManager:
                  f", container {container_id}" if container_id else "")
         return ep
 
+    def _plumb(self, ifname: str, netns: str, address: str,
+               pod_ifname: str) -> plumbing.EndpointLinks:
+        """The veth pair (a thread's work): a stale host veth of this endpoint's name, left
+        by an agent that died half way through creating it, is removed first."""
+        if plumbing.link_info(ifname) is not None:
+            log.warning("removing stale %s left by an unfinished create", ifname)
+            plumbing.unwire_endpoint(ifname)
+        return plumbing.wire_endpoint(ifname, netns, address, str(self.ipam.gateway),
+                                      pod_ifname=pod_ifname, mtu=self.mtu)
+
     async def delete(self, ref: str | int) -> Endpoint:
         async with self._lock:
             ep = self.get(ref)
@@ -331,39 +407,79 @@ class EndpointManager:
 
     async def delete_container(self, container_id: str, pod_ifname: str = "") -> Endpoint | None:
         """Delete the endpoint of a container (a CNI DEL): idempotent, None if there was
-        none."""
+        none. The endpoint leaves the books under the lock; its veth, address, maps and
+        identity are torn down outside it (its id, name and netns stay claimed until then)."""
         validate_container_id(container_id)
+        waiting = self._deletes_waiting
+        waiting[container_id] = waiting.get(container_id, 0) + 1
+        queued = True
+        try:
+            async with self._attachment(container_id):
+                queued = False
+                self._unwait(container_id)
+                ep = await self._delete_container(container_id, pod_ifname)
+        finally:
+            if queued:
+                self._unwait(container_id)
+        if ep is not None:
+            await self._after_delete(ep)
+        return ep
+
+    def _unwait(self, container_id: str) -> None:
+        self._deletes_waiting[container_id] -= 1
+        if not self._deletes_waiting[container_id]:
+            del self._deletes_waiting[container_id]
+
+    async def _delete_container(self, container_id: str, pod_ifname: str) -> Endpoint | None:
         async with self._lock:
             ep = self.find_container(container_id)
             if ep is not None and pod_ifname and ep.pod_ifname != pod_ifname:
                 ep = None  # another attachment of the container: not ours to delete
-            if ep is None:
-                # an address a create took before it failed half way, if any
-                leaked = self.ipam.release_owner(container_owner(container_id))
-                if leaked:
-                    log.info("released %s held by container %s", leaked, container_id)
-                return None
-            await self._delete_locked(ep)
-        await self._after_delete(ep)
+            if ep is not None:
+                self._endpoints.pop(ep.id, None)
+                self._installed.pop(ep.id, None)
+                self._deleting[ep.id] = ep
+        if ep is None:
+            # an address a create took before it failed half way, if any
+            leaked = await asyncio.to_thread(self.ipam.release_owner,
+                                             container_owner(container_id))
+            if leaked:
+                log.info("released %s held by container %s", leaked, container_id)
+            return None
+        try:
+            await self._teardown(ep)
+        finally:
+            del self._deleting[ep.id]
         return ep
 
     async def _delete_locked(self, ep: Endpoint) -> None:
+        """Delete `ep` entirely while the caller holds the lock."""
+        self._endpoints.pop(ep.id, None)
+        self._installed.pop(ep.id, None)
+        await self._teardown(ep)
+
+    async def _teardown(self, ep: Endpoint) -> None:
+        """Undo everything `_wire` made for an endpoint already out of the books."""
         if self.datapath is not None:
             try:
                 await self.datapath.detach(ep)
             except Exception:
                 log.exception("detaching endpoint %d from the datapath failed", ep.id)
-        await asyncio.to_thread(plumbing.unwire_endpoint, ep.ifname, ep.ipv4)
-        self.ipam.release(ep.ipv4)
-        if ep.container_id:
-            self.ipam.release_owner(ep.ipam_owner)
-        self._forget(ep)
+        await asyncio.get_running_loop().run_in_executor(self._netlink, self._unplumb, ep)
+        await self._forget(ep)
         if self.identities is not None and ep.identity:
             try:
                 await self.identities.release(ep.identity)
             except Exception:
                 log.exception("releasing identity %d failed", ep.identity)
         log.info("endpoint %d %s/%s deleted", ep.id, ep.namespace, ep.name)
+
+    def _unplumb(self, ep: Endpoint) -> None:
+        """The veth and the address (a thread's work)."""
+        plumbing.unwire_endpoint(ep.ifname, ep.ipv4)
+        self.ipam.release(ep.ipv4)
+        if ep.container_id:
+            self.ipam.release_owner(ep.ipam_owner)
 
     async def _after_delete(self, ep: Endpoint) -> None:
         await self.regenerate_changed(set(), f"endpoint {ep.id} deleted")
@@ -380,7 +496,8 @@ class EndpointManager:
                      and ep.container_id not in self._pending]
             for ep in stale:
                 await self._delete_locked(ep)
-            held = {ep.ipam_owner for ep in self._endpoints.values()}
+            held = {ep.ipam_owner for ep in self._endpoints.values()} | {
+                ep.ipam_owner for ep in self._deleting.values()}
             pending = {container_owner(cid) for cid in self._pending}
             released = []
             for address, owner in self.ipam.allocated().items():
@@ -425,7 +542,7 @@ class EndpointManager:
             ep = self.get(ref)
             old_identity = ep.identity
             ep = await self._resolve_identity(attrs.evolve(ep, labels=labels))
-            self._save(ep)
+            await self._save(ep)
             if self.datapath is not None:
                 await self.datapath.attach(ep)  # re-publishes the endpoint's identity
             if self.identities is not None and old_identity and old_identity != ep.identity:
@@ -459,28 +576,39 @@ class EndpointManager:
         `pending_identities` (taken under the lock, so whichever pass runs first does the
         queued work and a create returns only once its peers' policies know it)."""
         queued: set[int] = set()
+        wanted: set[int] = set()
+        # endpoints asked for by creates waiting for the lock are taken along too: pods
+        # started together share one pass (whose datapath work runs side by side)
+        self._regen_wanted |= endpoint_ids
         return await self._regenerate_where(
-            lambda ep: ep.id in endpoint_ids or ep.identity in queued, reason, drain=queued)
+            lambda ep: ep.id in wanted or ep.identity in queued, reason, drain=queued,
+            wanted=wanted)
 
     async def regenerate_pending(self, reason: str) -> dict[str, Any]:
         """Regenerate the endpoints of the identities queued in `pending_identities`."""
         return await self.regenerate_changed(set(), reason)
 
-    async def _regenerate_where(self, selected, reason: str,
-                                drain: set[int] | None = None) -> dict[str, Any]:
+    async def _regenerate_where(self, selected, reason: str, drain: set[int] | None = None,
+                                wanted: set[int] | None = None) -> dict[str, Any]:
         """`last_regeneration` reports how many endpoints this pass regenerated (not how
         many exist) and which of them failed. With `drain`, the queued identities are moved
-        into it first, once the lock is held."""
+        into it first, once the lock is held (with `wanted`, the endpoints creates asked
+        for). The chosen endpoints are regenerated side by side: each one's datapath swap
+        waits for an RCU grace period in the kernel, and concurrent waits share periods."""
         async with self._lock:
             if drain is not None:
                 drain.update(self.pending_identities)
                 self.pending_identities.clear()
-            failed = {}
+            if wanted is not None:
+                wanted.update(self._regen_wanted)
+                self._regen_wanted.clear()
             chosen = [ep for ep in self._endpoints.values() if selected(ep)]
-            for ep in chosen:
-                error = await self._regenerate(ep)
-                if error:
-                    failed[ep.id] = error
+            errors = await asyncio.gather(*(self._regenerate(ep) for ep in chosen),
+                                          return_exceptions=True)  # all done before unlocking
+            for error in errors:
+                if isinstance(error, BaseException):
+                    raise error
+            failed = {ep.id: error for ep, error in zip(chosen, errors, strict=True) if error}
             self.last_regeneration = {"reason": reason, "endpoints": len(chosen),
                                       "failed": failed}
             return self.last_regeneration
@@ -488,7 +616,7 @@ class EndpointManager:
     async def _regenerate(self, ep: Endpoint) -> str:
         if self.policy is None or self.datapath is None:
             if ep.state != READY:
-                self._save(attrs.evolve(ep, state=READY, error=""))
+                await self._save(attrs.evolve(ep, state=READY, error=""))
             return ""
         self._endpoints[ep.id] = attrs.evolve(ep, state=REGENERATING)
         try:
@@ -504,7 +632,7 @@ class EndpointManager:
         except Exception as exc:
             error = f"policy regeneration failed, previous policy kept: {exc}"
             log.error("endpoint %d %s/%s: %s", ep.id, ep.namespace, ep.name, error)
-            self._save(attrs.evolve(ep, state=NOT_READY, error=error))
+            await self._save(attrs.evolve(ep, state=NOT_READY, error=error))
             return error
         done = attrs.evolve(
             ep, state=READY, error="",
@@ -514,7 +642,7 @@ class EndpointManager:
         if done == ep:
             self._endpoints[ep.id] = ep  # unchanged: no state file to rewrite
         else:
-            self._save(done)
+            await self._save(done)
         return ""
 
     # restore ------------------------------------------------------------------------------
@@ -542,14 +670,14 @@ class EndpointManager:
                 self.ipam.allocate_specific(ep.ipv4, ep.ipam_owner)
                 try:
                     ep = await self._resolve_identity(ep)
-                    self._save(ep)
+                    await self._save(ep)
                     if self.datapath is not None:
                         await self.datapath.attach(ep)
                 except Exception as exc:
                     error = f"restore failed: {exc}"
                     log.error("endpoint %d: %s", ep.id, error)
                     ep = attrs.evolve(ep, state=NOT_READY, error=error)
-                self._save(ep)
+                await self._save(ep)
                 adopted.append(ep.id)
             # addresses held for endpoints that no longer have a state file leak otherwise
             owners = {e.ipam_owner for e in self._endpoints.values()}
@@ -561,4 +689,7 @@ class EndpointManager:
         return {"adopted": adopted, "dropped": dropped}
 
     async def close(self) -> None:
-        """Nothing to tear down: endpoints outlive the agent (that is the point of restore)."""
+        """Endpoints outlive the agent (that is the point of restore): only the state
+        thread stops, once the writes asked of it are done."""
+        await asyncio.to_thread(self._io.shutdown, True)
+        self._netlink.shutdown(wait=False)

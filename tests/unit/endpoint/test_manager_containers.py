@@ -5,6 +5,7 @@ of container endpoints, and regeneration that skips unchanged maps."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from pylium.endpoint import manager as manager_mod
@@ -142,3 +143,42 @@ def test_regeneration_skips_maps_that_would_not_change(tmp_path, links):  # noqa
     run(mgr.regenerate_all("policy change"))
     assert sorted(loads) == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     assert {e.policy_revision for e in mgr.list()} == {7}
+
+
+def test_pods_are_wired_side_by_side_and_in_flight_claims_are_respected(tmp_path, links,  # noqa: F811
+                                                                       monkeypatch):
+    """Two ADDs wire their veths at the same time (the fake's barrier needs both inside
+    at once, or it breaks); while they are under way, a third create for one of their
+    names or netns is a 409, and neither id nor address is handed out twice."""
+    mgr, _ = make(tmp_path)
+    barrier = threading.Barrier(2, timeout=10)
+    wire = links.wire
+
+    def wire_together(*args, **kwargs):
+        barrier.wait()
+        return wire(*args, **kwargs)
+
+    monkeypatch.setattr(manager_mod.plumbing, "wire_endpoint", wire_together)
+
+    async def go():
+        first = asyncio.create_task(mgr.create("a", "default", {}, "pod-a", container_id="c1"))
+        second = asyncio.create_task(mgr.create("b", "default", {}, "pod-b", container_id="c2"))
+        while len(mgr._creating) < 2:
+            await asyncio.sleep(0.001)
+        with pytest.raises(Conflict, match="being created"):
+            await mgr.create("a", "default", {}, "pod-x", container_id="c3")
+        with pytest.raises(Conflict, match="being created"):
+            await mgr.create("x", "default", {}, "pod-b", container_id="c4")
+        return await first, await second
+
+    a, b = run(go())
+    assert a.id != b.id and a.ipv4 != b.ipv4
+    assert sorted(e.container_id for e in mgr.list()) == ["c1", "c2"]
+    assert set(mgr.ipam.allocated()) == {a.ipv4, b.ipv4} and not mgr._creating
+    # and both are deleted side by side too, leaving nothing
+    async def delete_both():
+        return await asyncio.gather(mgr.delete_container("c1"), mgr.delete_container("c2"))
+
+    assert sorted(e.id for e in run(delete_both())) == sorted([a.id, b.id])
+    assert mgr.list() == [] and mgr.ipam.allocated() == {} and not mgr._deleting
+    assert sorted(p.name for p in (tmp_path / "endpoints").iterdir()) == []
