@@ -8,13 +8,21 @@ distribution), which costs 20-60 ms of CPU per exec — and the runtime execs th
 every pod ADD, DEL and CHECK, 20 at once when a node starts 20 pods. The launcher skips all
 that and puts only the directory holding the `pylium` package on `sys.path`.
 
+Where the plugin runs on a host that has no pylium installed (a Kubernetes node, written by
+the DaemonSet's install-cni init container, as Cilium's copies `cilium-cni`), the launcher is
+a *bundle* instead: a Python zip application holding just the modules the plugin's entry
+path imports, run by the host's own Python 3 with `-I -S`.
+
     python -m pylium.cni.launcher /opt/cni/bin     # writes /opt/cni/bin/pylium-cni
 """
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import pylium
@@ -22,6 +30,13 @@ import pylium
 NAME = "pylium-cni"
 #: Linux reads at most this much of a `#!` line (BINPRM_BUF_SIZE, kernel 5.1+)
 MAX_SHEBANG = 255
+#: the host Python a bundle names when none is given
+HOST_PYTHON = "/usr/bin/python3"
+#: every module the plugin's entry path imports beyond the standard library (a test checks
+#: the list against a real import)
+BUNDLED_MODULES = ("pylium", "pylium.errors", "pylium.boundedjson", "pylium.cni",
+                   "pylium.cni.spec", "pylium.cni.plugin")
+_BUNDLE_MAIN = "import sys\nfrom pylium.cni.plugin import main\nsys.exit(main())\n"
 
 
 def package_root() -> Path:
@@ -30,13 +45,17 @@ def package_root() -> Path:
     return Path(pylium.__file__).resolve().parent.parent
 
 
-def launcher_text(python: str | None = None, root: Path | None = None) -> str:
-    python = python or sys.executable
-    root = root or package_root()
+def _shebang(python: str) -> str:
     shebang = f"#!{python} -IS"
     if len(shebang) > MAX_SHEBANG or any(c.isspace() for c in python):
         raise ValueError(f"{python}: cannot be named in a #! line (too long or has spaces)")
-    return (f"{shebang}\n"
+    return shebang
+
+
+def launcher_text(python: str | None = None, root: Path | None = None) -> str:
+    python = python or sys.executable
+    root = root or package_root()
+    return (f"{_shebang(python)}\n"
             "# pylium-cni, written by `python -m pylium.cni.launcher`: the CNI plugin started\n"
             "# without site-packages (-I -S), so each exec costs only the stdlib it imports\n"
             "import sys\n"
@@ -45,15 +64,48 @@ def launcher_text(python: str | None = None, root: Path | None = None) -> str:
             "sys.exit(main())\n")
 
 
-def install(bin_dir: Path, python: str | None = None) -> Path:
-    """Write the launcher into `bin_dir` atomically (a runtime never execs half a file)."""
+def bundle_bytes(python: str = HOST_PYTHON) -> bytes:
+    """The bundle: `#!<python> -IS` and a zip of the plugin's modules, from this install."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in BUNDLED_MODULES:
+            spec = importlib.util.find_spec(name)
+            if spec is None or spec.origin is None:
+                raise FileNotFoundError(f"module {name} is not installed")
+            origin = Path(spec.origin)
+            arcname = name.replace(".", "/") + ("/__init__.py" if origin.name == "__init__.py"
+                                                else ".py")
+            zf.writestr(arcname, origin.read_bytes())
+        zf.writestr("__main__.py", _BUNDLE_MAIN)
+    return f"{_shebang(python)}\n".encode() + buf.getvalue()
+
+
+def is_bundle(path: Path) -> bool:
+    """Whether `path` is a bundle this module wrote (a zip with the CNI plugin)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return {"__main__.py", "pylium/cni/plugin.py"} <= set(zf.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def install(bin_dir: Path, python: str | None = None, bundle: bool = False) -> Path:
+    """Write the launcher (or, with `bundle`, the self-contained bundle run by `python`,
+    default the host's /usr/bin/python3) into `bin_dir` atomically: a runtime never execs
+    half a file."""
     bin_dir = Path(bin_dir)
     bin_dir.mkdir(parents=True, exist_ok=True)
     path = bin_dir / NAME
+    content = (bundle_bytes(python or HOST_PYTHON) if bundle
+               else launcher_text(python).encode())
     tmp = bin_dir / f".{NAME}.tmp{os.getpid()}"
-    tmp.write_text(launcher_text(python))
-    tmp.chmod(0o755)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(content)
+        tmp.chmod(0o755)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -64,13 +64,15 @@ def manifest_cmd(plugins: str, image: str | None, pod_cidr: str, api_server: str
 @click.option("--python", "python", default="/usr/bin/python3", show_default=True,
               help="The node's Python 3, which runs the launcher.")
 def install_cni_cmd(bin_dir: Path, python: str) -> None:
-    """Install the `pylium-cni` launcher into the node's CNI bin directory (the
+    """Install the `pylium-cni` bundle into the node's CNI bin directory (the
     DaemonSet's init container runs this)."""
-    from pylium_orchestrator_k8s import cnibin
+    from pylium.cni import launcher
 
+    if not bin_dir.is_dir():
+        raise UserError(f"install-cni: CNI bin directory {bin_dir} does not exist")
     try:
-        path = cnibin.install(bin_dir, python)
-    except OSError as exc:
+        path = launcher.install(bin_dir, python, bundle=True)
+    except (OSError, ValueError) as exc:
         raise UserError(f"install-cni: {exc}") from None
     click.echo(f"installed {path} ({path.stat().st_size} bytes, run by {python})")
 

@@ -1,4 +1,4 @@
-"""The `pylium-cni` launcher the DaemonSet's init container installs on the node: a zip
+"""The `pylium-cni` bundle the DaemonSet's init container installs on the node: a zip
 application that runs under the host's Python in isolated mode, with nothing from this
 environment's site-packages, and speaks CNI (VERSION; an ADD with no agent answers a CNI
 error object, code 11 "try again later")."""
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from pylium.cli.main import cli
-from pylium_orchestrator_k8s import cnibin, manifest
+from pylium.cni import launcher
+from pylium_orchestrator_k8s import manifest
 
 HOST_PYTHON = "/usr/bin/python3"
 
@@ -29,10 +30,10 @@ def _run(launcher: Path, env: dict[str, str], stdin: str = "") -> subprocess.Com
 
 @needs_host_python
 def test_the_launcher_runs_on_the_host_python_alone(tmp_path):
-    path = cnibin.install(tmp_path)
+    path = launcher.install(tmp_path, bundle=True)
     assert path == tmp_path / "pylium-cni" and os.access(path, os.X_OK)
-    assert path.read_bytes().startswith(b"#!/usr/bin/python3 -I\n")
-    assert cnibin.is_launcher(path)
+    assert path.read_bytes().startswith(b"#!/usr/bin/python3 -IS\n")
+    assert launcher.is_bundle(path)
     assert [p.name for p in tmp_path.iterdir()] == ["pylium-cni"]  # no temporary left
 
     version = _run(path, {"CNI_COMMAND": "VERSION"})
@@ -56,7 +57,7 @@ def test_reinstalling_replaces_the_file_atomically(tmp_path):
     result = CliRunner().invoke(cli, ["k8s", "install-cni", "--bin-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "installed" in result.output
-    assert cnibin.is_launcher(tmp_path / "pylium-cni")
+    assert launcher.is_bundle(tmp_path / "pylium-cni")
     assert (tmp_path / "pylium-cni").stat().st_ino != old_inode  # renamed over, not rewritten
 
 
