@@ -391,7 +391,7 @@ class Datapath:
             self.policy.delete(U32Key(ep_id))
         # the conntrack walk needs no lock either (the kernel map is safe to walk and
         # delete from concurrently; no other thread writes this endpoint's entries now)
-        for key, value in list(self.conntrack.items()):
+        for key, value in self.conntrack.items_batched():
             if value.ep_id == ep_id:
                 self.conntrack.delete(key)
         return found is not None
