@@ -19,6 +19,7 @@ Options:
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 import math
@@ -47,6 +48,8 @@ from pylium.kvstore.embedded import prefix_range
 log = logging.getLogger(__name__)
 
 OPTIONS = {"endpoints", "timeout", "connect_timeout", "retry_interval"}
+#: etcd's default limit of operations in one transaction (--max-txn-ops)
+TXN_OPS = 128
 
 
 def parse_endpoints(value: Any) -> list[tuple[str, int]]:
@@ -106,17 +109,27 @@ class _Misrouted(Exception):
 
 
 class _WatchStream:
-    """The events of one watch on its own aetcd `Watcher` (one gRPC stream)."""
+    """The events of one watch on its own aetcd `Watcher` (one gRPC stream). aetcd hands
+    over one event at a time; they wait in a deque (no per-event future, as an
+    `asyncio.Queue` would make) until the consumer takes them."""
 
     def __init__(self, watcher: aetcd_watcher.Watcher):
         self.watcher = watcher
-        self.events: asyncio.Queue = asyncio.Queue()
+        self._items: collections.deque = collections.deque()
+        self._ready = asyncio.Event()
+
+    async def put(self, item) -> None:
+        self._items.append(item)
+        self._ready.set()
 
     def __aiter__(self):
         return self
 
     async def __anext__(self):
-        item = await self.events.get()
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._items.popleft()
         if isinstance(item, BaseException):
             raise item
         if item is None:
@@ -248,6 +261,26 @@ class EtcdKVStore(KVStore):
                                                       metadata=client.metadata))
         return response.header.revision
 
+    async def put_many(self, items: list[tuple[str, bytes]], lease: Lease | None = None) -> int:
+        """Puts in transactions of at most `TXN_OPS` (etcd's default --max-txn-ops): one
+        revision, so one watch response, per transaction instead of per key."""
+        revision = 0
+        client = self.client
+        lease_id = lease.id if lease else 0
+        for at in range(0, len(items), TXN_OPS):
+            chunk = items[at:at + TXN_OPS]
+            if len(chunk) == 1:
+                revision = await self.put(chunk[0][0], chunk[0][1], lease)
+                continue
+            request = rpc.TxnRequest(compare=[], success=[
+                rpc.RequestOp(request_put=rpc.PutRequest(key=key.encode(), value=bytes(value),
+                                                         lease=lease_id))
+                for key, value in chunk], failure=[])
+            response = await self._call(client.kvstub.Txn(request, timeout=self.timeout,
+                                                          metadata=client.metadata))
+            revision = response.header.revision
+        return revision
+
     async def delete(self, key: str) -> bool:
         return await self._delete_range(key.encode(), None) > 0
 
@@ -346,7 +379,7 @@ class EtcdKVStore(KVStore):
                                                     timeout=self.timeout,
                                                     metadata=client.metadata))
         try:
-            await stream.watcher.add_callback(key, stream.events.put, range_end=range_end,
+            await stream.watcher.add_callback(key, stream.put, range_end=range_end,
                                               start_revision=start_revision)
         except BaseException:
             await stream.close()
