@@ -11,7 +11,6 @@ an agent restart."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import socket
@@ -130,12 +129,6 @@ def decode_entry(key: str, raw: bytes) -> tuple[int, str, str]:
     return identity, node, node_ip
 
 
-@functools.lru_cache(maxsize=4096)
-def _text(address: Any) -> str:
-    """A node address as text (asked for every remote endpoint; nodes are few)."""
-    return str(address)
-
-
 def _cidr(ip: str) -> str:
     return f"{ip}/32"
 
@@ -158,6 +151,9 @@ class IPCacheSync:
         self.by_node: dict[str, set[str]] = {}
         #: what this sync put in the sink: ip → (identity, tunnel endpoint)
         self.installed: dict[str, tuple[int, str | None]] = {}
+        #: node name → (its registry record, its address as text): asked for every remote
+        #: endpoint, so kept while the registry keeps the same record
+        self._node_ips: dict[str, tuple[Any, str]] = {}
         self.mirror = PrefixMirror(kvstore, IP_PREFIX, self._changed, on_synced=self.reconcile)
         self._dirty = asyncio.Event()
         self._publisher: asyncio.Task | None = None
@@ -288,7 +284,10 @@ class IPCacheSync:
             known = self.nodes.nodes.get(node)
             if known is None:
                 return None  # not (or no longer) a member: its endpoints are not reachable
-            node_ip = _text(known.ipv4)
+            text = self._node_ips.get(node)
+            if text is None or text[0] is not known:  # a node record replaced: its address
+                text = self._node_ips[node] = (known, str(known.ipv4))
+            node_ip = text[1]
         return identity, node_ip
 
     def _apply(self, ip: str) -> None:
@@ -308,6 +307,7 @@ class IPCacheSync:
             self._apply(ip)
 
     def _node_left(self, node: NodeInfo) -> None:
+        self._node_ips.pop(node.name, None)
         for ip in list(self.by_node.get(node.name, ())):
             self._apply(ip)
 
