@@ -52,7 +52,7 @@ class NoPeer(Peer):
         return f"nothing ({self.reason})"
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class LabelPeer(Peer):
     selector: EndpointSelector
 
