@@ -15,6 +15,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
+import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -317,9 +319,6 @@ class MappedRingReader:
                  owned_fd: bool = False):
         if record_size <= 0 or batch_records <= 0:
             raise ValueError("record_size and batch_records must be positive")
-        import select
-        import struct
-
         self.map_fd = map_fd
         self.record_size = record_size
         self.stride = (record_size + RINGBUF_HDR_SZ + 7) & ~7
@@ -332,11 +331,12 @@ class MappedRingReader:
         self._mask = self.size - 1
         page = os.sysconf("SC_PAGE_SIZE")
         libc = _libc_fns()
+        self._maps: list[tuple[int, int]] = []
         cons = libc.mmap(None, page, _PROT_READ | _PROT_WRITE, _MAP_SHARED, map_fd, 0)
         if cons in (None, _MAP_FAILED):
             err = ctypes.get_errno()
             raise RingBufferError(err, f"mmap consumer page of fd {map_fd}: {os.strerror(err)}")
-        self._maps = [(cons, page)]
+        self._maps.append((cons, page))
         length = page + 2 * self.size
         prod = libc.mmap(None, length, _PROT_READ, _MAP_SHARED, map_fd, page)
         if prod in (None, _MAP_FAILED):
@@ -344,6 +344,13 @@ class MappedRingReader:
             self._unmap()
             raise RingBufferError(err, f"mmap data pages of fd {map_fd}: {os.strerror(err)}")
         self._maps.append((prod, length))
+        try:
+            self._epoll = select.epoll()
+            self._epoll.register(map_fd, select.EPOLLIN)
+        except OSError as exc:
+            self._unmap()
+            raise RingBufferError(exc.errno or errno.EINVAL,
+                                  f"epoll on ring buffer fd {map_fd}: {exc}") from None
         self._consumer = ctypes.c_uint64.from_address(cons)
         self._producer = ctypes.c_uint64.from_address(prod)
         self._data = memoryview((ctypes.c_char * (2 * self.size)).from_address(
@@ -351,8 +358,6 @@ class MappedRingReader:
         #: the header every good record has: length = record_size, no BUSY/DISCARD bit
         self._good = struct.pack("<I", record_size)
         self._hdr = struct.Struct("<I")
-        self._epoll = select.epoll()
-        self._epoll.register(map_fd, select.EPOLLIN)
 
     @classmethod
     def open_pinned(cls, path: str | os.PathLike, **kw) -> MappedRingReader:
