@@ -30,9 +30,8 @@ from urllib.parse import urlsplit
 
 import aetcd
 import aetcd.exceptions as etcd_errors
-import aetcd.watcher as aetcd_watcher
+import grpc
 from aetcd import rpc
-from aetcd.rtypes import EventKind
 from pylium.api import KVStore
 from pylium.api.kvstore import (
     KVEvent,
@@ -48,6 +47,8 @@ from pylium.kvstore.embedded import prefix_range
 log = logging.getLogger(__name__)
 
 OPTIONS = {"endpoints", "timeout", "connect_timeout", "retry_interval"}
+#: mvccpb.Event.EventType PUT (the other is DELETE)
+PUT = rpc.Event.PUT
 #: etcd's default limit of operations in one transaction (--max-txn-ops)
 TXN_OPS = 128
 
@@ -109,38 +110,53 @@ class _Misrouted(Exception):
 
 
 class _WatchStream:
-    """The events of one watch on its own aetcd `Watcher` (one gRPC stream). aetcd hands
-    over one event at a time; they wait in a deque (no per-event future, as an
-    `asyncio.Queue` would make) until the consumer takes them."""
+    """One watch on its own gRPC stream, read directly (no aetcd `Watcher`: it wraps every
+    event in its own objects and awaits a callback per event). A response's events wait
+    in a deque until the consumer takes them."""
 
-    def __init__(self, watcher: aetcd_watcher.Watcher):
-        self.watcher = watcher
-        self._items: collections.deque = collections.deque()
-        self._ready = asyncio.Event()
+    def __init__(self, call):
+        self.call = call
+        self._events: collections.deque = collections.deque()
 
-    async def put(self, item) -> None:
-        self._items.append(item)
-        self._ready.set()
+    @classmethod
+    async def open(cls, client: aetcd.Client, key: bytes, range_end: bytes,
+                   start_revision: int, timeout: float) -> _WatchStream:
+        call = rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
+        stream = cls(call)
+        try:
+            async with asyncio.timeout(timeout):
+                await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+                    key=key, range_end=range_end, start_revision=start_revision)))
+                response = await stream._read()
+            if not response.created:
+                raise etcd_errors.ClientError("etcd did not confirm the watch")
+            stream._events.extend(response.events)
+        except BaseException:
+            call.cancel()
+            raise
+        return stream
+
+    async def _read(self):
+        response = await self.call.read()
+        if response is grpc.aio.EOF:
+            raise etcd_errors.ClientError("watch stream ended")
+        if response.compact_revision:
+            raise etcd_errors.RevisionCompactedError(response.compact_revision)
+        if response.canceled:
+            raise etcd_errors.ClientError(f"watch canceled: {response.cancel_reason or '?'}")
+        return response
 
     def __aiter__(self):
         return self
 
     async def __anext__(self):
-        while not self._items:
-            self._ready.clear()
-            await self._ready.wait()
-        item = self._items.popleft()
-        if isinstance(item, BaseException):
-            raise item
-        if item is None:
-            raise etcd_errors.ClientError("watch stream ended")
-        return item
+        events = self._events
+        while not events:
+            events.extend((await self._read()).events)
+        return events.popleft()
 
     async def close(self) -> None:
-        try:
-            await self.watcher.shutdown()
-        except Exception:
-            log.debug("closing an etcd watch stream failed", exc_info=True)
+        self.call.cancel()
 
 
 class EtcdKVStore(KVStore):
@@ -345,7 +361,7 @@ class EtcdKVStore(KVStore):
                     if kv.mod_revision != resume_revision:
                         resume_revision, delivered = kv.mod_revision, set()
                     delivered.add(kv.key)
-                    put = event.kind == EventKind.PUT
+                    put = event.type == PUT
                     yield KVEvent(type="put" if put else "delete", key=kv.key.decode(),
                                   value=bytes(kv.value) if put else b"",
                                   revision=kv.mod_revision)
@@ -374,17 +390,8 @@ class EtcdKVStore(KVStore):
         moment: a watch cancelled (or timed out) while being created can leave another
         watch receiving its events — seen after etcd outages, when watches are re-created
         at once. A stream per watch cannot mix watches up."""
-        client = self.client
-        stream = _WatchStream(aetcd_watcher.Watcher(rpc.WatchStub(client.channel),
-                                                    timeout=self.timeout,
-                                                    metadata=client.metadata))
-        try:
-            await stream.watcher.add_callback(key, stream.put, range_end=range_end,
-                                              start_revision=start_revision)
-        except BaseException:
-            await stream.close()
-            raise
-        return stream
+        return await _WatchStream.open(self.client, key, range_end, start_revision,
+                                       self.timeout)
 
     # leases ------------------------------------------------------------------------------
     async def grant_lease(self, ttl: float) -> Lease:
