@@ -368,8 +368,8 @@ async def main() -> None:
             except (TimeoutError, RuntimeError) as exc:
                 converged, met = BIG_TIMEOUT_S, False
                 extra = {"failed": f"{type(exc).__name__}: {exc}"[:300]}
-            report("cluster", f"converge_{count}_nodes_after_{CHANGES}_changes", "s",
-                   converged, GOAL_BIG_CONVERGE_S,
+            report("cluster", f"converge_{count}_nodes_{processes}_processes_after_{CHANGES}"
+                   "_changes", "s", converged, GOAL_BIG_CONVERGE_S,
                    f"issue 16 goal (< {GOAL_BIG_CONVERGE_S:g} s on one etcd; polling is not "
                    "raced at this size)", f"lower is better; < {GOAL_BIG_CONVERGE_S:g} s",
                    met=met, processes=processes, store="etcd 3.4 loopback",
