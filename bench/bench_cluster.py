@@ -50,7 +50,7 @@ SCALE_NODES = (10, 30, 100)
 #: the far end of the curve: nodes spread over worker processes (each node still has its
 #: own etcd connection, session, registry and ipcache watch), "NODESxPROCESSES"; "0" skips
 BIG = os.environ.get("PYLIUM_BENCH_CLUSTER_BIG", "1000x8")
-BIG_TIMEOUT_S = float(os.environ.get("PYLIUM_BENCH_CLUSTER_BIG_TIMEOUT", "600"))
+BIG_TIMEOUT_S = float(os.environ.get("PYLIUM_BENCH_CLUSTER_BIG_TIMEOUT", "300"))
 GOAL_BIG_CONVERGE_S = 10.0
 POLL_INTERVAL = 1.0
 IDLE_SECONDS = 3.0
@@ -397,10 +397,15 @@ async def worker(endpoint: str, first: int, share: int, total: int) -> None:
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue = asyncio.Queue()
     loop.add_reader(sys.stdin.fileno(), lambda: lines.put_nowait(sys.stdin.readline()))
-    tmp = Path(tempfile.mkdtemp(prefix="pylium-bench-cluster-worker-"))
+    with tempfile.TemporaryDirectory(prefix="pylium-bench-cluster-worker-") as tmp_name:
+        await _worker_nodes(endpoint, first, share, total, lines, Path(tmp_name))
 
+
+async def _worker_nodes(endpoint: str, first: int, share: int, total: int,
+                        lines: asyncio.Queue, tmp: Path) -> None:
     async def make():
-        store = EtcdKVStore({"endpoints": [endpoint], "timeout": 60}, tmp)
+        store = EtcdKVStore({"endpoints": [endpoint], "timeout": 60, "connect_timeout": 30},
+                            tmp)
         await store.open()
         return store
     stores = []
@@ -444,6 +449,7 @@ async def scale_converge_processes(server: EtcdServer, count: int, processes: in
     per = -(-count // processes)
     began = time.perf_counter()
     procs = []
+    done = False
     for first in range(0, count, per):
         procs.append(await asyncio.create_subprocess_exec(
             sys.executable, __file__, "--worker", server.endpoint, str(first),
@@ -467,18 +473,22 @@ async def scale_converge_processes(server: EtcdServer, count: int, processes: in
                 raise RuntimeError(f"a worker failed to converge: {line}")
             finished.append(float(line[1]))
             cpu += float(line[2])
+        done = True
         converged = max(finished) - start
         etcd_cpu = _cpu_seconds(server.process.pid) - etcd_cpu
         return {"joined": joined, "converged": converged, "etcd_cpu": etcd_cpu,
                 "agent_cpu": cpu, "processes": len(procs), "load": os.getloadavg()[0]}
     finally:
-        for proc in procs:
+        for proc in procs:  # a clean stop once every worker converged; else no waiting
             if proc.returncode is None:
-                try:
-                    proc.stdin.write(b"stop\n")
-                    await proc.stdin.drain()
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+                if done:
+                    try:
+                        proc.stdin.write(b"stop\n")
+                        await proc.stdin.drain()
+                    except (BrokenPipeError, ConnectionResetError):
+                        proc.kill()
+                else:
+                    proc.kill()
         for proc in procs:
             try:
                 await asyncio.wait_for(proc.wait(), 120)
