@@ -16,12 +16,21 @@ new connections per second (one client, sequential connect+close) and p99 connec
 latency; also the time to install N services (pylium: LbMaps writes into the BPF maps,
 i.e. the datapath part of what the agent does; iptables: `iptables-restore`; nftables:
 `nft -f`). Everything runs in netns this script creates (node + 3 pods); nothing touches
-the root namespace. Rounds of the three modes alternate at each N."""
+the root namespace.
+
+Rounds interleave at each N (PYLIUM_BENCH_LB_ROUNDS, default 15): pylium's maps and the
+nftables table are installed side by side (pylium's programs, attached, take the packets
+before the node's stack sees them; detached, nftables translates), and each round measures
+nftables, then pylium (tc), then pylium (socket LB). Then iptables replaces nftables and
+its rounds alternate with pylium (tc) again. Results are the medians of the rounds, with
+their spread, the median of the per-round ratios (`paired_ratio_median`) and the load
+average (the machine is shared)."""
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "privileged" / "datapath"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from common import report  # noqa: E402
+from common import report, report_rounds  # noqa: E402
 from netns_helpers import NetnsWorker, Topology, bpffs_root, in_ns  # noqa: E402
 from pylium.datapath import Datapath, EndpointInfo  # noqa: E402
 from pylium.datapath.lb import LbMaps  # noqa: E402
@@ -40,7 +49,10 @@ from pylium.datapath.maps.lb import LB_ALG_RANDOM  # noqa: E402
 from pylium.policy.mapstate import Direction, EndpointPolicy, PolicyEntry, PolicyKey  # noqa: E402
 
 SIZES = tuple(int(x) for x in os.environ.get("PYLIUM_BENCH_LB_SIZES", "100,1000,10000").split(","))
-CONNECTIONS = int(os.environ.get("PYLIUM_BENCH_LB_CONNECTIONS", "3000"))
+CONNECTIONS = int(os.environ.get("PYLIUM_BENCH_LB_CONNECTIONS", "2000"))
+#: many short rounds: the two sides of a pair run within a second of each other, so the
+#: other load on a shared machine hits both alike
+ROUNDS = int(os.environ.get("PYLIUM_BENCH_LB_ROUNDS", "15"))
 WARMUP = 200
 PORT = 80
 BACKEND_PORT = 8080
@@ -238,12 +250,24 @@ class Nftables:
         in_ns(self.node, "nft", "delete", "table", "ip", "kube-proxy", check=False)
 
 
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def median_of(samples: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in samples)
+
+
 def main() -> None:
     topo = Topology("benchlb")
     worker = NetnsWorker(topo.node)
     servers = []
     pyl = None
-    results: dict[int, dict[str, dict]] = {}
+    #: size -> mode -> the rounds' results; "pylium-vs-iptables": pylium (tc) rounds that
+    #: alternated with iptables rounds
+    results: dict[int, dict[str, list[dict]]] = {}
+    installs: dict[int, dict[str, float]] = {}
+    loads = [load()]
     try:
         eps = {}
         for ep_id, (name, (ip, identity)) in enumerate(PODS.items(), start=1):
@@ -263,25 +287,30 @@ def main() -> None:
         for n in SIZES:
             target = vip(n - 1)
             res = results.setdefault(n, {})
-            # pylium
-            install = pyl.install(n)
-            pyl.enable()
-            res["pylium"] = {**measure(topo, target), "install_s": install}
-            print(n, "pylium", res["pylium"], file=sys.stderr, flush=True)
-            res["pylium-socket"] = {**measure(topo, target, pyl.cgroup), "install_s": install}
-            print(n, "pylium-socket", res["pylium-socket"], file=sys.stderr, flush=True)
-            pyl.disable()
-            # iptables
-            install = ipt.install(n)
-            res["iptables"] = {**measure(topo, target), "install_s": install}
-            print(n, "iptables", res["iptables"], file=sys.stderr, flush=True)
-            ipt.clear()
-            # nftables
-            install = nft.install(n)
-            res["nftables"] = {**measure(topo, target), "install_s": install}
-            print(n, "nftables", res["nftables"], file=sys.stderr, flush=True)
+            installs[n] = {"pylium": pyl.install(n), "nftables": nft.install(n)}
+
+            def run(mode: str, cgroup: Path | None = None, n=n, res=res,
+                    target=target) -> None:
+                r = {**measure(topo, target, cgroup), "load": load()}
+                res.setdefault(mode, []).append(r)
+                print(n, mode, r, file=sys.stderr, flush=True)
+
+            for _ in range(ROUNDS):
+                run("nftables")
+                pyl.enable()
+                run("pylium")
+                run("pylium-socket", pyl.cgroup)
+                pyl.disable()
             nft.clear()
+            installs[n]["iptables"] = ipt.install(n)
+            for _ in range(ROUNDS):
+                run("iptables")
+                pyl.enable()
+                run("pylium-vs-iptables")
+                pyl.disable()
+            ipt.clear()
             pyl.clear()
+            loads.append(load())
     finally:
         for proc in servers:
             proc.kill()
@@ -291,35 +320,60 @@ def main() -> None:
         worker.close()
         topo.destroy()
 
-    print(f"{'services':>9} {'mode':<24} {'conn/s':>9} {'p50 us':>8} {'p99 us':>8} "
-          f"{'install s':>10} {'errors':>6}")
+    print(f"{'services':>9} {'mode':<20} {'conn/s':>9} {'p50 us':>8} {'p99 us':>8} "
+          f"{'install s':>10} {'errors':>6}  (medians of {ROUNDS} rounds; load {loads})")
     for n, res in results.items():
-        for mode, r in res.items():
-            print(f"{n:>9} {mode:<24} {r['rate']:>9.0f} {r['p50_us']:>8.1f} {r['p99_us']:>8.1f} "
-                  f"{r['install_s']:>10.3f} {r['errors']:>6}")
+        for mode, rounds in res.items():
+            print(f"{n:>9} {mode:<20} {median_of(rounds, 'rate'):>9.0f} "
+                  f"{median_of(rounds, 'p50_us'):>8.1f} {median_of(rounds, 'p99_us'):>8.1f} "
+                  f"{installs[n].get(mode, float('nan')):>10.3f} "
+                  f"{sum(r['errors'] for r in rounds):>6}")
     big, small = results[SIZES[-1]], results[SIZES[0]]
     at = f"{SIZES[-1]:,}"
-    report("lb", f"new connections/s at {at} services vs iptables", "conn/s",
-           big["pylium"]["rate"], big["iptables"]["rate"], "kube-proxy iptables", ">= 5.0")
-    report("lb", f"new connections/s at {at} services vs nftables", "conn/s",
-           big["pylium"]["rate"], big["nftables"]["rate"], "kube-proxy nftables", ">= 1.0")
-    report("lb", f"p99 connect latency at {at} services vs iptables", "us",
-           big["pylium"]["p99_us"], big["iptables"]["p99_us"], "kube-proxy iptables", "<= 1.0")
-    report("lb", f"p99 connect latency at {at} services vs nftables", "us",
-           big["pylium"]["p99_us"], big["nftables"]["p99_us"], "kube-proxy nftables", "<= 1.0")
-    report("lb", f"socket LB new connections/s at {at} services vs nftables", "conn/s",
-           big["pylium-socket"]["rate"], big["nftables"]["rate"], "kube-proxy nftables",
-           ">= 1.0")
-    report("lb", f"socket LB p99 connect latency at {at} services vs nftables", "us",
-           big["pylium-socket"]["p99_us"], big["nftables"]["p99_us"], "kube-proxy nftables",
-           "<= 1.0")
-    report("lb", f"pylium new connections/s: {SIZES[0]:,} vs {at} services", "conn/s",
-           small["pylium"]["rate"], big["pylium"]["rate"], f"pylium at {at} services",
-           "<= 1.2")
-    report("lb", f"install {at} services vs iptables-restore", "s", big["pylium"]["install_s"],
-           big["iptables"]["install_s"], "iptables-restore", "<= 1.0")
-    report("lb", f"install {at} services vs nft -f", "s", big["pylium"]["install_s"],
-           big["nftables"]["install_s"], "nft -f", "<= 1.0")
+    extra = {"load_avg": loads, "connections_per_round": CONNECTIONS}
+
+    def rates(rounds):
+        return [r["rate"] for r in rounds]
+
+    def compare(metric, unit, ours, theirs, name, goal, met):
+        """Medians decide `met`; also the per-round ratios' median and each side's best
+        round (other load on the machine only ever slows a round down)."""
+        paired = statistics.median(a / b for a, b in zip(ours, theirs, strict=True) if b)
+        best = max if unit == "conn/s" else min
+        report_rounds("lb", metric, unit, ours, theirs, name, goal, met,
+                      paired_ratio_median=round(paired, 4),
+                      best_ratio=round(best(ours) / best(theirs), 4), **extra)
+
+    def p99s(rounds):
+        return [r["p99_us"] for r in rounds]
+
+    compare(f"new connections/s at {at} services vs iptables", "conn/s",
+            rates(big["pylium-vs-iptables"]), rates(big["iptables"]),
+            "kube-proxy iptables", ">= 5.0", lambda a, b: a >= 5.0 * b)
+    compare(f"new connections/s at {at} services vs nftables", "conn/s",
+            rates(big["pylium"]), rates(big["nftables"]), "kube-proxy nftables",
+            ">= 1.0", lambda a, b: a >= b)
+    compare(f"p99 connect latency at {at} services vs iptables", "us",
+            p99s(big["pylium-vs-iptables"]), p99s(big["iptables"]),
+            "kube-proxy iptables", "<= 1.0", lambda a, b: a <= b)
+    compare(f"p99 connect latency at {at} services vs nftables", "us",
+            p99s(big["pylium"]), p99s(big["nftables"]), "kube-proxy nftables",
+            "<= 1.0", lambda a, b: a <= b)
+    compare(f"socket LB new connections/s at {at} services vs nftables", "conn/s",
+            rates(big["pylium-socket"]), rates(big["nftables"]), "kube-proxy nftables",
+            ">= 1.0", lambda a, b: a >= b)
+    compare(f"socket LB p99 connect latency at {at} services vs nftables", "us",
+            p99s(big["pylium-socket"]), p99s(big["nftables"]), "kube-proxy nftables",
+            "<= 1.0", lambda a, b: a <= b)
+    a, b = median_of(small["pylium"], "rate"), median_of(big["pylium"], "rate")
+    report("lb", f"pylium new connections/s: {SIZES[0]:,} vs {at} services", "conn/s", a, b,
+           f"pylium at {at} services", "<= 1.2", met=a <= 1.2 * b, **extra)
+    a, b = installs[SIZES[-1]]["pylium"], installs[SIZES[-1]]["iptables"]
+    report("lb", f"install {at} services vs iptables-restore", "s", a, b, "iptables-restore",
+           "<= 1.0", met=a <= b, **extra)
+    a, b = installs[SIZES[-1]]["pylium"], installs[SIZES[-1]]["nftables"]
+    report("lb", f"install {at} services vs nft -f", "s", a, b, "nft -f", "<= 1.0",
+           met=a <= b, **extra)
 
 
 if __name__ == "__main__":

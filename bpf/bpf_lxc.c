@@ -19,6 +19,18 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
+/* from_container -> to_container_peer (local delivery without a second tc run and backlog
+ * queue); the Datapath fills the slot after loading and pins the array. */
+#define LXC_SLOT_TO_PEER 0
+#define CB_PEER_IFINDEX CB_RESULT_TARGET /* the destination veth, for to_container_peer */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} lxc_progs SEC(".maps");
+
 struct result {
 	__u32 reason;
 	__u32 verdict;
@@ -475,6 +487,16 @@ int from_container(struct __sk_buff *skb)
 		ret = redirect_to_endpoint(skb, dst, ec.src_identity);
 		if (ret < 0)
 			return drop_packet(skb, &ec, &p, &r, DROP_WRITE_ERROR);
+		if (dst->ifindex != skb->ifindex && skb->ingress_ifindex == skb->ifindex) {
+			/* the destination's side right here, then into its pod (an empty slot,
+			 * e.g. while an agent restarts, falls back to the veth's to_container).
+			 * Only for a packet received on this veth: bpf_redirect_peer() is for tc
+			 * ingress (a BPF_PROG_TEST_RUN of this program alone stays alone). */
+			ctx_opaque(skb);
+			skb->cb[CB_PEER_IFINDEX] = dst->ifindex;
+			bpf_tail_call(skb, &lxc_progs, LXC_SLOT_TO_PEER);
+			write_result(skb, &r);
+		}
 		return ret;
 	}
 	if (r.ct == CT_REPLY && !r.rev_nat) {
@@ -507,8 +529,14 @@ int from_container(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
-SEC("tc")
-int to_container(struct __sk_buff *skb)
+/* The destination endpoint's side: its ingress policy, conntrack and the reverse NAT of a
+ * service reply. `peer` 0: to_container, at tc egress of the endpoint's veth (the packet
+ * then enters the pod). `peer` 1: tail-called by from_container for a packet from another
+ * local endpoint (LXC_SLOT_TO_PEER): the packet is still on the sender's veth; the same
+ * checks run here and bpf_redirect_peer() hands it straight to the pod's side of the
+ * destination veth, which skips that veth's egress and one backlog queue (Cilium's
+ * local delivery does the same). */
+static __always_inline int handle_to_container(struct __sk_buff *skb, const int peer)
 {
 	struct event_ctx ec = { .ifindex = skb->ifindex, .direction = DIR_INGRESS };
 	struct result r = {};
@@ -528,8 +556,11 @@ int to_container(struct __sk_buff *skb)
 		return drop_packet(skb, &ec, &p, &r, ret);
 
 	dst = lookup_endpoint(p.daddr == LB_LOOPBACK_IP ? p.saddr : p.daddr);
-	if (!dst || dst->ifindex != skb->ifindex)
+	if (!dst || (!peer && dst->ifindex != skb->ifindex) ||
+	    (peer && dst->ifindex != skb->cb[CB_PEER_IFINDEX]))
 		return drop_packet(skb, &ec, &p, &r, DROP_NO_LOCAL_ENDPOINT);
+	if (peer)
+		ec.ifindex = dst->ifindex;
 	ec.ep_id = dst->ep_id;
 	ec.dst_identity = dst->identity;
 
@@ -565,7 +596,7 @@ int to_container(struct __sk_buff *skb)
 		if (bpf_skb_store_bytes(skb, 0, dst->host_mac, 6, 0) < 0)
 			return drop_packet(skb, &ec, &p, &r, DROP_WRITE_ERROR);
 		skb->mark = mark_encode_to_proxy(r.proxy_port);
-		return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+		return bpf_redirect(dst->ifindex, BPF_F_INGRESS);
 	}
 	if (r.ct == CT_REPLY && r.rev_nat) {
 		reason = lb4_rev_nat(skb, &p, &r);
@@ -577,7 +608,19 @@ int to_container(struct __sk_buff *skb)
 	write_result(skb, &r);
 	if (r.ct == CT_NEW)
 		emit_event(&ec, &p, EVENT_TRACE, TRACE_TO_LXC, EVENT_F_CT_NEW, 0);
-	return TC_ACT_OK;
+	return peer ? bpf_redirect_peer(dst->ifindex, 0) : TC_ACT_OK;
+}
+
+SEC("tc")
+int to_container(struct __sk_buff *skb)
+{
+	return handle_to_container(skb, 0);
+}
+
+SEC("tc")
+int to_container_peer(struct __sk_buff *skb)
+{
+	return handle_to_container(skb, 1);
 }
 
 /* Send a packet the stack would refuse (its source is the node's own address) straight out

@@ -43,6 +43,8 @@ REPO = Path(__file__).resolve().parent.parent
 NODE_IP = "10.235.0.2"
 NODE_PREFIX = 24
 POD_CIDR = "10.236.0.0/24"
+#: the controller manager hands each node a /24 of it, this node the first (POD_CIDR)
+CLUSTER_CIDR = "10.236.0.0/16"
 SERVICE_CIDR = "10.237.0.0/24"
 ETCD_PORT = 23790
 ETCD_PEER_PORT = 23800
@@ -421,7 +423,10 @@ def up(p: Paths, cni: str, with_agent: bool) -> None:
         f"--cert-dir={p.data / 'cm-certs'}",
         f"--service-account-private-key-file={k / 'sa.key'}", f"--root-ca-file={k / 'ca.crt'}",
         f"--flex-volume-plugin-dir={p.data / 'flexvolume'}",
-        "--use-service-account-credentials=false"], needle=kc)
+        "--use-service-account-credentials=false",
+        # the node's spec.podCIDR (pylium's Nodes -> node registry): the first /24 is POD_CIDR
+        "--allocate-node-cidrs=true", f"--cluster-cidr={CLUSTER_CIDR}",
+        "--node-cidr-mask-size=24"], needle=kc)
     run.start("kube-scheduler", [bins["kube-scheduler"], *common, "--secure-port=10259",
                                  f"--cert-dir={p.data / 'scheduler-certs'}"], needle=kc)
     (p.data / "containerd").mkdir(parents=True, exist_ok=True)

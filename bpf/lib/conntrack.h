@@ -18,6 +18,11 @@
 #ifndef CT_LIFETIME_SYN
 #define CT_LIFETIME_SYN 60
 #endif
+/* a TCP connection that saw FIN or RST: Cilium's (and netfilter's) 10 s, so closed
+ * connections leave the table instead of filling it for a minute */
+#ifndef CT_LIFETIME_FIN
+#define CT_LIFETIME_FIN 10
+#endif
 #define NSEC_PER_SEC 1000000000ULL
 
 struct ct_key {
@@ -74,7 +79,9 @@ static __always_inline __u64 ct_lifetime(const struct pkt *p, __u8 flags)
 {
 	if (p->protocol != IPPROTO_TCP)
 		return CT_LIFETIME_NONTCP * NSEC_PER_SEC;
-	if ((flags & CT_F_SEEN_REPLY) && !(flags & CT_F_CLOSING))
+	if (flags & CT_F_CLOSING)
+		return CT_LIFETIME_FIN * NSEC_PER_SEC;
+	if (flags & CT_F_SEEN_REPLY)
 		return CT_LIFETIME_TCP * NSEC_PER_SEC;
 	return CT_LIFETIME_SYN * NSEC_PER_SEC;
 }

@@ -414,7 +414,9 @@ class OrchestratorDriver(KindDriver):
         return {"endpoints": daemon.components.get("endpoint"),
                 "policy": daemon.components.get("policy"),
                 "identities": daemon.components.get("identity"),
-                "kvstore": daemon.kvstore}
+                "kvstore": daemon.kvstore,
+                "services": daemon.components.get("lb"),
+                "nodes": getattr(daemon.components.get("cluster"), "nodes", None)}
 
     async def start(self, daemon, running: RunningCapability) -> None:
         await running.backend.start()

@@ -121,9 +121,16 @@ class L7Context(CapabilityContext):
 @attrs.frozen(kw_only=True)
 class OrchestratorContext(CapabilityContext):
     """An orchestrator feeds the agent: endpoints (`endpoints`: the endpoint manager),
-    policies (`policy`: the policy store), identities and the KV store."""
+    policies (`policy`: the policy store), identities, the KV store, load-balanced
+    services (`services`: `await upsert(pylium.lb.model.Service)`, `await delete(name)`,
+    `list()` — what `PUT/DELETE /v1/service` do) and nodes (`nodes`: the node registry,
+    `set_external(source, NodeInfo, **extra)`, `remove_external(source, name)`,
+    `external(source)`). `services` and `nodes` are None when the agent runs without the
+    lb or cluster component (no KV store)."""
 
     endpoints: Any = None
     policy: Any = None
     identities: Any = None
     kvstore: Any = None
+    services: Any = None
+    nodes: Any = None

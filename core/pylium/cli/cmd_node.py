@@ -13,7 +13,8 @@ def _nodes_table(nodes):
         ["NAME", "IPV4 ADDRESS", "POD CIDR", "ROUTING", "LABELS", "SOURCE"],
         [[n["name"], n["ipv4"], n["pod_cidr"], n.get("routing_mode", ""),
           ",".join(f"{k}={v}" for k, v in sorted(n.get("labels", {}).items())) or "-",
-          "local" if n.get("local") else "kvstore"] for n in nodes])
+          ",".join(n.get("sources") or ["local" if n.get("local") else "kvstore"])]
+         for n in nodes])
 
 
 def _ipcache_text(report):
@@ -39,13 +40,14 @@ def _identities_table(identities):
 def register(cli: click.Group) -> None:
     @cli.group("node")
     def node() -> None:
-        """Cluster nodes (registered in the KV store by their agents)."""
+        """Cluster nodes (registered in the KV store by their agents, or known to the
+        orchestrator: Kubernetes Node objects)."""
 
     @node.command("list")
     @output_option
     @click.pass_context
     def node_list(ctx, output: str) -> None:
-        """Every node registered in the KV store, this one included."""
+        """Every node this agent knows (KV store, Kubernetes), this one included."""
         emit(client_from(ctx).get("/v1/cluster/nodes"), output, _nodes_table)
 
     @node.command("ipcache")

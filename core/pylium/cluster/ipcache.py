@@ -154,7 +154,8 @@ class IPCacheSync:
         #: node name → (its registry record, its address as text): asked for every remote
         #: endpoint, so kept while the registry keeps the same record
         self._node_ips: dict[str, tuple[Any, str]] = {}
-        self.mirror = PrefixMirror(kvstore, IP_PREFIX, self._changed, on_synced=self.reconcile)
+        self.mirror = PrefixMirror(kvstore, IP_PREFIX, self._changed, on_synced=self.reconcile,
+                                   reset_grace=session.reset_grace)
         self._dirty = asyncio.Event()
         self._publisher: asyncio.Task | None = None
         self.publish_errors = 0

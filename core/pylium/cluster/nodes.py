@@ -3,7 +3,12 @@ cluster lease), every other node followed through a `PrefixMirror`.
 
 A node appears → `on_joined(node)`; its record changes → `on_joined(new)` again (an
 update); its key goes (deregistered, or its lease expired because the agent died) →
-`on_left(node)`. Cilium's `cilium node list` reads the same view."""
+`on_left(node)`. Cilium's `cilium node list` reads the same view.
+
+An orchestrator feeds nodes it knows too (Kubernetes Node objects: `set_external` /
+`remove_external`), through the same callbacks. A node known from several sources is taken
+from the strongest (Cilium's node sources): this agent's own config, then an agent's record
+in the KV store (it carries the encryption key and routing mode), then the orchestrator's."""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Any
+
+import attrs
 
 from pylium.api import NodeInfo
 from pylium.api.kvstore import KVStore, Lease
@@ -22,6 +29,7 @@ from pylium.documents import RecordError, load_record
 log = logging.getLogger(__name__)
 
 NODES_PREFIX = "pylium/state/nodes/v1/"
+KVSTORE_SOURCE = "kvstore"
 
 NodeCallback = Callable[[NodeInfo], None]
 
@@ -71,10 +79,15 @@ class NodeRegistry:
         self.extra = {"registered_at": round(time.time(), 3), **(extra or {})}
         self._joined = [on_joined] if on_joined else []
         self._left = [on_left] if on_left else []
-        #: other nodes by name
+        #: other nodes by name, each from its strongest source
         self.nodes: dict[str, NodeInfo] = {}
         self.records: dict[str, dict[str, Any]] = {}
-        self.mirror = PrefixMirror(kvstore, NODES_PREFIX, self._changed)
+        #: source -> name -> (node, the record's other fields); "kvstore" first, then the
+        #: orchestrators' sources in the order they first fed a node
+        self._sources: dict[str, dict[str, tuple[NodeInfo, dict[str, Any]]]] = {
+            KVSTORE_SOURCE: {}}
+        self.mirror = PrefixMirror(kvstore, NODES_PREFIX, self._changed,
+                                   reset_grace=session.reset_grace)
         session.on_new_lease(self.publish)
         session.on_resync(self.resync)
 
@@ -105,12 +118,8 @@ class NodeRegistry:
         if name == self.local.name:
             return
         if new is None:
-            node = self.nodes.pop(name, None)
-            self.records.pop(name, None)
-            if node is not None:
-                log.info("node %s (%s) left", name, node.ipv4)
-                for callback in list(self._left):
-                    _safe(callback, node, "left")
+            self._sources[KVSTORE_SOURCE].pop(name, None)
+            self._update(name)
             return
         try:
             node, extra = decode_node(new)
@@ -120,13 +129,55 @@ class NodeRegistry:
         if node.name != name:
             log.warning("ignoring node record %s: it names node %r", key, node.name)
             return
+        self._sources[KVSTORE_SOURCE][name] = (node, extra)
+        self._update(name)
+
+    # nodes from an orchestrator ----------------------------------------------------------
+    def set_external(self, source: str, node: NodeInfo, **extra: Any) -> None:
+        """`node` as `source` (e.g. "kubernetes") knows it: joins (or updates) through the
+        same callbacks as a node from the KV store, unless a stronger source has it. The
+        local node's entry only adds to `list()` (its labels, the source)."""
+        if source in ("local", KVSTORE_SOURCE):
+            raise ValueError(f"node source {source!r} is the registry's own")
+        self._sources.setdefault(source, {})[node.name] = (node, dict(extra))
+        self._update(node.name)
+
+    def remove_external(self, source: str, name: str) -> None:
+        """`source` no longer knows node `name` (the node leaves unless another source
+        still has it)."""
+        if self._sources.get(source, {}).pop(name, None) is not None:
+            self._update(name)
+
+    def external(self, source: str) -> dict[str, NodeInfo]:
+        """The nodes `source` fed, by name."""
+        return {name: node for name, (node, _) in self._sources.get(source, {}).items()}
+
+    def sources_of(self, name: str) -> list[str]:
+        """Where node `name` is known from, strongest first."""
+        found = ["local"] if name == self.local.name else []
+        return found + [source for source, nodes in self._sources.items() if name in nodes]
+
+    def _update(self, name: str) -> None:
+        """Make `nodes[name]` the strongest source's view and tell the callbacks."""
+        if name == self.local.name:
+            return
+        found = next((nodes[name] for nodes in self._sources.values() if name in nodes), None)
         previous = self.nodes.get(name)
+        if found is None:
+            self.records.pop(name, None)
+            if self.nodes.pop(name, None) is not None:
+                log.info("node %s (%s) left", name, previous.ipv4)
+                for callback in list(self._left):
+                    _safe(callback, previous, "left")
+            return
+        node, extra = found
         self.nodes[name] = node
         self.records[name] = extra
         if previous == node:
             return
-        log.info("node %s %s (%s, pod CIDR %s)", name, "updated" if previous else "joined",
-                 node.ipv4, node.pod_cidr)
+        log.info("node %s %s (%s, pod CIDR %s; from %s)", name,
+                 "updated" if previous else "joined", node.ipv4, node.pod_cidr,
+                 self.sources_of(name)[0])
         for callback in list(self._joined):
             _safe(callback, node, "joined")
 
@@ -138,8 +189,16 @@ class NodeRegistry:
 
     def list(self) -> list[dict[str, Any]]:
         """Every node this agent knows, itself included, sorted by name."""
-        rows = [_row(self.local, {**self.extra}, local=True)]
-        rows += [_row(node, self.records.get(name, {}), local=False)
+        local = self.local
+        labels = {}
+        for nodes in reversed(list(self._sources.values())):  # the strongest last
+            if local.name in nodes:
+                labels.update(nodes[local.name][0].labels)
+        if labels:
+            local = attrs.evolve(local, labels={**labels, **local.labels})
+        rows = [_row(local, {**self.extra}, local=True, sources=self.sources_of(local.name))]
+        rows += [_row(node, self.records.get(name, {}), local=False,
+                      sources=self.sources_of(name))
                  for name, node in self.nodes.items()]
         return sorted(rows, key=lambda r: r["name"])
 
@@ -149,10 +208,12 @@ class NodeRegistry:
             await self.kvstore.delete(node_key(self.local.name))
 
 
-def _row(node: NodeInfo, extra: dict[str, Any], local: bool) -> dict[str, Any]:
+def _row(node: NodeInfo, extra: dict[str, Any], local: bool,
+         sources: list[str]) -> dict[str, Any]:
     return {"name": node.name, "ipv4": str(node.ipv4), "pod_cidr": str(node.pod_cidr),
             "labels": dict(node.labels), "encryption_key": node.encryption_key,
-            "local": local, **{k: v for k, v in extra.items() if k not in ("local",)}}
+            "local": local, "sources": sources,
+            **{k: v for k, v in extra.items() if k not in ("local", "sources")}}
 
 
 def _safe(callback: NodeCallback, node: NodeInfo, what: str) -> None:

@@ -28,7 +28,8 @@ async def _ct_gc_loop(datapath: Datapath, interval: float) -> None:
 async def start(daemon) -> Datapath:
     cfg = daemon.config
     datapath = Datapath(cfg.bpffs_root,
-                        ct_timeouts=(cfg.ct_timeout_tcp, cfg.ct_timeout_non_tcp, cfg.ct_timeout_syn),
+                        ct_timeouts=(cfg.ct_timeout_tcp, cfg.ct_timeout_non_tcp, cfg.ct_timeout_syn,
+                                     cfg.ct_timeout_fin),
                         cache_dir=cfg.state_dir / "bpf-cache",
                         policy_capacity=cfg.bpf_policy_map_max)
     datapath.open()

@@ -62,14 +62,17 @@ from pylium.policy.mapstate import (
 log = logging.getLogger(__name__)
 
 OBJECT_SOURCE = "bpf_lxc.c"
-PROGRAMS = ("from_container", "to_container", "from_netdev")
+PROGRAMS = ("from_container", "to_container", "to_container_peer", "from_netdev")
+#: from_container's local delivery: the destination's side runs in to_container_peer, which
+#: it tail-calls through the pinned `lxc_progs` (bpf_lxc.c), filled at every load
+LXC_SLOT_TO_PEER = 0
 #: slots of the pinned `routing_progs` (bpf/lib/routing.h): the routing mode's program for
 #: destinations behind a tunnel endpoint, and the encryption's steering, tail-called first
 ROUTING_SLOT_REMOTE = 0
 ROUTING_SLOT_ENCRYPT = 1
 PINNED_MAPS = ("endpoints", "ipcache", "policy", "conntrack", "metrics", "events", "events_lost",
                "routing_progs", "lb4_services", "lb4_backends", "lb4_reverse_nat", "lb4_maglev",
-               "lb4_affinity", "lb4_sock_revnat")
+               "lb4_affinity", "lb4_sock_revnat", "lxc_progs")
 #: the hash maps whose fill ratio Cilium reports as map pressure
 PRESSURE_MAPS = ("endpoints", "ipcache", "conntrack", "policy")
 CT_DIRECTIONS = {0: "ingress", 1: "egress", 2: "service", 3: "nodeport", 4: "nodeport-snat"}
@@ -113,9 +116,9 @@ def _check_ep_id(ep_id: int) -> None:
 class Datapath:
     """The endpoint datapath of one node, pinned under `bpffs_root`. Use it from the netns
     that holds the endpoints' host-side veths (the node netns the agent runs in); every
-    method is thread-safe. Lifetimes: `ct_timeouts` = (tcp, non_tcp, syn) seconds."""
+    method is thread-safe. Lifetimes: `ct_timeouts` = (tcp, non_tcp, syn, fin) seconds."""
 
-    def __init__(self, bpffs_root: Path, *, ct_timeouts: tuple[int, int, int] = (21600, 60, 60),
+    def __init__(self, bpffs_root: Path, *, ct_timeouts: tuple[int, ...] = (21600, 60, 60, 10),
                  cache_dir: Path | None = None, policy_capacity: int = POLICY_ENTRIES_MAX):
         self.root = Path(bpffs_root)
         #: entries an endpoint's policy map holds (meta entry included): a policy that
@@ -124,8 +127,9 @@ class Datapath:
         #: refusals because a map was full, by map name (the `pylium_bpf_map_full` metric)
         self.map_full: dict[str, int] = {}
         self.ct_timeouts = tuple(int(t) for t in ct_timeouts)
-        if len(self.ct_timeouts) != 3 or min(self.ct_timeouts) <= 0:
-            raise UserError(f"ct_timeouts: expected three positive seconds, got {ct_timeouts}")
+        if len(self.ct_timeouts) != 4 or min(self.ct_timeouts) <= 0:
+            raise UserError(f"ct_timeouts: expected four positive seconds (tcp, non_tcp, syn, "
+                            f"fin), got {ct_timeouts}")
         self.cache_dir = cache_dir
         self._obj: LoadedObject | None = None
         self._lock = threading.RLock()
@@ -140,8 +144,9 @@ class Datapath:
 
     @property
     def defines(self) -> dict[str, int]:
-        tcp, non_tcp, syn = self.ct_timeouts
-        return {"CT_LIFETIME_TCP": tcp, "CT_LIFETIME_NONTCP": non_tcp, "CT_LIFETIME_SYN": syn}
+        tcp, non_tcp, syn, fin = self.ct_timeouts
+        return {"CT_LIFETIME_TCP": tcp, "CT_LIFETIME_NONTCP": non_tcp, "CT_LIFETIME_SYN": syn,
+                "CT_LIFETIME_FIN": fin}
 
     def open(self) -> Datapath:
         """Load the programs, creating or adopting the pinned maps, and re-attach the
@@ -168,6 +173,11 @@ class Datapath:
                     if pin.exists():
                         pin.unlink()
                     libbpf.obj_pin(self.prog_fds[name], str(pin))
+                key = ctypes.c_uint32(LXC_SLOT_TO_PEER)
+                value = ctypes.c_uint32(self.prog_fds["to_container_peer"])
+                libbpf.check(lib.bpf_map_update_elem(loaded.map("lxc_progs"), ctypes.byref(key),
+                                                     ctypes.byref(value), 0),
+                             "filling lxc_progs")
             except BaseException:
                 loaded.close()
                 self.prog_fds.clear()
@@ -536,7 +546,7 @@ class Datapath:
         with self._lock:
             self._require_open()
             rows = []
-            for k, v in self.conntrack.items():
+            for k, v in self.conntrack.items_batched():
                 proto = k.protocol
                 rows.append({
                     "src": str(ipaddress.IPv4Address(bytes(k.saddr))),
@@ -590,14 +600,18 @@ class Datapath:
             return sum(v.value for v in per_cpu)
 
     def ct_gc(self) -> int:
-        """Delete expired conntrack entries; returns how many."""
+        """Delete expired conntrack entries; returns how many. The table is read in batches
+        (a few syscalls for 65,536 entries); each candidate is read again just before its
+        delete, so a flow whose packet refreshed it meanwhile keeps its entry."""
         removed = 0
         with self._lock:
             self._require_open()
             now = time.monotonic_ns()
-            for key in list(self.conntrack.keys()):
-                value = self.conntrack.lookup(key)
-                if value is not None and value.expires_ns <= now:
+            for key, value in self.conntrack.items_batched():
+                if value.expires_ns > now:
+                    continue
+                again = self.conntrack.lookup(key)
+                if again is not None and again.expires_ns <= time.monotonic_ns():
                     removed += self.conntrack.delete(key)
         return removed
 

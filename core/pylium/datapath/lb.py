@@ -81,8 +81,9 @@ class LbMaps:
     def upsert_service(self, svc_id: int, vip: str, port: int, proto: int,
                        backend_ids: list[int], *, algorithm: int, lut: list[int] | None,
                        affinity_timeout: int = 0, nodeport: bool = False,
-                       local: bool = False) -> None:
-        """Install one frontend: slots, Maglev table (if `lut`), reverse NAT, master."""
+                       local: bool = False, lut_installed: bool = False) -> None:
+        """Install one frontend: slots, Maglev table (if `lut`), reverse NAT, master.
+        `lut_installed`: the pinned table already is `lut` (an agent restart): kept."""
         flags = ((SVC_F_AFFINITY if affinity_timeout else 0) | (SVC_F_NODEPORT if nodeport else 0)
                  | (SVC_F_LOCAL if local else 0))
         with self._lock:
@@ -92,7 +93,8 @@ class LbMaps:
                                      Lb4Service(backend_id, 0, svc_id, 0, 0, 0, 0))
             lut_size = 0
             if algorithm == LB_ALG_MAGLEV and lut:
-                self._install_lut(svc_id, lut)
+                if not lut_installed:
+                    self._install_lut(svc_id, lut)
                 lut_size = len(lut)
             self.reverse_nat.update(U16Key(svc_id), Lb4ReverseNat.of(vip, port))
             self.services.update(Lb4Key.of(vip, port, proto),

@@ -155,6 +155,8 @@ def _declare(name: str, restype, *argtypes) -> None:
 
 
 _declare("bpf_map_update_batch", c_int, c_int, c_void_p, c_void_p, POINTER(c_uint32), c_void_p)
+_declare("bpf_map_lookup_batch", c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p,
+         POINTER(c_uint32), c_void_p)
 _declare("bpf_prog_attach", c_int, c_int, c_int, c_uint, c_uint)
 _declare("bpf_prog_detach2", c_int, c_int, c_int, c_uint)
 _declare("bpf_xdp_attach", c_int, c_int, c_int, c_uint32, c_void_p)

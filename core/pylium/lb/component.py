@@ -5,8 +5,14 @@ works from pods on every node.
 Options (`plugin_options: {lb: {...}}` in the agent config):
   `algorithm`           backend selection of services that do not name one: `random`
                         (default, as Cilium) or `maglev`
-  `maglev_table_size`   entries in each Maglev lookup table: one of Cilium's primes
-                        (default 16381); the seed is shared through the KV store
+  `maglev_table_size`   entries in each Maglev lookup table this node writes: one of
+                        Cilium's primes (default 16381); the seed is shared through the
+                        KV store
+  `maglev_mode`         how a maglev service's table changes with its backends:
+                        `minimal-disruption` (default: the writer evolves the stored table,
+                        removing one of N backends moves ~1/N of flows; `pylium.lb.maglev`
+                        `evolve`) or `stateless` (Cilium's: every node recomputes the
+                        table from the backends and the seed; up to ~2.3/N moves at N=100)
   `acceleration`        NodePort at XDP on the node's external interface: `disabled`
                         (default), `native` (falls back to generic where the driver
                         refuses) or `generic` (Cilium's --bpf-lb-acceleration)
@@ -16,7 +22,10 @@ Options (`plugin_options: {lb: {...}}` in the agent config):
 
 Backend ids are local to the node (the datapath's lb4_backends keys) and survive agent
 restarts: they are read back from the pinned map at start, so conntrack entries of
-established flows keep naming the right backend."""
+established flows keep naming the right backend. Maglev tables too: a node installs the
+table stored with the service (the same on every node); after a restart a pinned table
+that already holds it is kept as it is, not rebuilt, and while the KV store is unreachable
+the pinned maps go on serving unchanged."""
 
 from __future__ import annotations
 
@@ -35,6 +44,7 @@ log = logging.getLogger(__name__)
 
 OPTIONS: dict[str, Any] = {"algorithm": "random",
                            "maglev_table_size": maglev.DEFAULT_TABLE_SIZE,
+                           "maglev_mode": maglev.DEFAULT_MODE,
                            "socket_lb_cgroup": "", "acceleration": "disabled"}
 APPLY_WAIT_S = 10.0
 #: a NodePort frontend's rev-NAT index: the service id plus this (ids stay below it)
@@ -55,6 +65,9 @@ def lb_options(config) -> dict[str, Any]:
         maglev.check_table_size(out["maglev_table_size"])
     except Exception as exc:
         raise ConfigError(f"plugin_options.lb.{exc}") from None
+    if out["maglev_mode"] not in maglev.MODES:
+        raise ConfigError(f"plugin_options.lb.maglev_mode: {out['maglev_mode']!r} is not one "
+                          f"of {', '.join(maglev.MODES)}")
     if out["acceleration"] not in ("disabled", "native", "generic"):
         raise ConfigError(f"plugin_options.lb.acceleration: {out['acceleration']!r} is not "
                           "disabled, native or generic")
@@ -63,9 +76,7 @@ def lb_options(config) -> dict[str, Any]:
     return out
 
 
-def backend_name(ip: str, port: int, protocol: str) -> str:
-    """A backend's name in the Maglev permutation: the same on every node."""
-    return f"{ip}:{port}/{protocol}"
+backend_name = maglev.backend_name  # its home is pylium.lb.maglev
 
 
 class _EndpointEvents:
@@ -94,7 +105,9 @@ class LoadBalancer:
         self.xdp_mode: str | None = None
         self._background: set[asyncio.Task] = set()
         self._events = _EndpointEvents(self)
-        self.store = ServiceStore(daemon.kvstore)
+        self.store = ServiceStore(daemon.kvstore,
+                                  maglev_table_size=options["maglev_table_size"],
+                                  maglev_mode=options["maglev_mode"])
         datapath = daemon.components.get("datapath")
         self.maps = None
         if datapath is not None:
@@ -103,6 +116,9 @@ class LoadBalancer:
             self.maps = LbMaps(datapath.root)
             self.datapath = datapath
         self.seed = ""
+        #: Maglev tables found pinned at start, by rev-NAT index: kept where they already
+        #: hold the table to install (an agent restart rebuilds nothing)
+        self._pinned_luts: dict[int, list[int]] = {}
         #: services as applied to this node's maps, by name
         self.applied: dict[str, Service] = {}
         #: (ip, port, proto number) -> backend id in lb4_backends
@@ -118,6 +134,7 @@ class LoadBalancer:
         if self.maps is not None:
             for backend_id, info in self.maps.dump_backends().items():
                 self.backend_ids[(info["ip"], info["port"], info["proto"])] = backend_id
+            self._pinned_luts = await asyncio.to_thread(self.maps.dump_maglev)
         if self.maps is not None:
             await asyncio.to_thread(self._attach_nodeport)  # netlink: off the event loop
             if self.options["socket_lb_cgroup"]:
@@ -127,6 +144,11 @@ class LoadBalancer:
                 # a cgroup that cannot take the programs is a config error: fail start-up
                 self.socket_lb.attach(self.options["socket_lb_cgroup"])
         self.daemon.plugins.pm.register(self._events, name="pylium.lb.endpoint-events")
+        cluster = self.daemon.components.get("cluster")
+        if cluster is not None:
+            # services live on no lease: after the store lost its data, write them back
+            cluster.session.on_wipe(self.restore_to_store)
+            cluster.session.on_resync(self.mirror.resync)
         self.mirror.start()
         try:
             async with asyncio.timeout(APPLY_WAIT_S):
@@ -159,6 +181,11 @@ class LoadBalancer:
         if self.nodeport_device is None:
             log.warning("lb: no interface holds node address %s: NodePort not available",
                         self.node_ip)
+
+    async def restore_to_store(self) -> None:
+        written = await self.store.restore(list(self.applied.values()), self.seed)
+        if written:
+            log.info("lb: wrote %d service(s) back to the kvstore", written)
 
     async def close(self) -> None:
         if self.daemon.plugins.pm.is_registered(self._events):
@@ -227,11 +254,12 @@ class LoadBalancer:
             algorithm = svc.algorithm or self.options["algorithm"]
             lut = None
             if algorithm == "maglev" and active:
-                lut = [ids[i] for i in self._maglev_indexes(active, fe.protocol)]
+                lut = self._maglev_lut(svc, active, ids)
             from pylium.datapath.maps.lb import ALGORITHMS as ALG_NUMBERS
 
             self.maps.upsert_service(svc.id, fe.ip, fe.port, proto, ids,
                                      algorithm=ALG_NUMBERS[algorithm], lut=lut,
+                                     lut_installed=self._pinned_holds(svc.id, lut),
                                      affinity_timeout=svc.affinity_timeout,
                                      nodeport=svc.type == "NodePort",
                                      local=svc.traffic_policy == "Local")
@@ -265,13 +293,14 @@ class LoadBalancer:
                   and (svc.traffic_policy == "Cluster" or b.ip in local)]
         ids = [self._backend_id(b.ip, b.port, fe.proto_number) for b in active]
         algorithm = svc.algorithm or self.options["algorithm"]
-        lut = ([ids[i] for i in self._maglev_indexes(active, fe.protocol)]
-               if algorithm == "maglev" and active else None)
+        lut = self._maglev_lut(svc, active, ids) if algorithm == "maglev" and active else None
         from pylium.datapath.maps.lb import ALGORITHMS as ALG_NUMBERS
 
-        self.maps.upsert_service(svc.id + NODEPORT_INDEX_OFFSET, self.node_ip, svc.node_port,
+        index = svc.id + NODEPORT_INDEX_OFFSET
+        self.maps.upsert_service(index, self.node_ip, svc.node_port,
                                  fe.proto_number, ids, algorithm=ALG_NUMBERS[algorithm],
-                                 lut=lut, affinity_timeout=svc.affinity_timeout,
+                                 lut=lut, lut_installed=self._pinned_holds(index, lut),
+                                 affinity_timeout=svc.affinity_timeout,
                                  nodeport=True, local=svc.traffic_policy == "Local")
 
     def refresh_nodeports(self) -> None:
@@ -284,14 +313,37 @@ class LoadBalancer:
                 except Exception:
                     log.exception("lb: refreshing NodePort of %s failed", svc.name)
 
-    def _maglev_indexes(self, active, protocol: str) -> list[int]:
-        return maglev.compute_table([backend_name(b.ip, b.port, protocol) for b in active],
-                                    self.options["maglev_table_size"], self.seed)
+    def _table(self, svc: Service, active) -> maglev.MaglevTable:
+        """The table for `active` (a subset of the service's backends): the stored one; for
+        a subset of it (a Local NodePort's local backends) the stored one with the others
+        removed, minimally; without a stored one the stateless table. Each a function of
+        the stored record and the seed, so every node with the same backends installs the
+        same table."""
+        names = [backend_name(b.ip, b.port, svc.frontend.protocol) for b in active]
+        stored = svc.maglev
+        if stored is not None and set(stored.backends) == set(names):
+            return stored
+        if stored is not None:
+            return maglev.evolve(stored, names, stored.size, self.seed)
+        return maglev.populate(names, self.options["maglev_table_size"], self.seed)
+
+    def _maglev_lut(self, svc: Service, active, ids: list[int]) -> list[int]:
+        """The table as datapath backend ids (`ids[i]` is `active[i]`'s)."""
+        table = self._table(svc, active)
+        id_of = {backend_name(b.ip, b.port, svc.frontend.protocol): backend_id
+                 for b, backend_id in zip(active, ids, strict=True)}
+        by_index = [id_of[name] for name in table.backends]
+        return [by_index[i] for i in table.slots]
+
+    def _pinned_holds(self, index: int, lut: list[int] | None) -> bool:
+        """True once per frontend if the table pinned before this start is `lut`."""
+        pinned = self._pinned_luts.pop(index, None)
+        return lut is not None and pinned == lut
 
     def maglev_table(self, svc: Service) -> list[str]:
-        """The service's Maglev table as backend addresses, as every node computes it."""
+        """The service's Maglev table as backend addresses, as every node installs it."""
         active = [b for b in svc.backends if b.state == "active"]
-        return [active[i].address for i in self._maglev_indexes(active, svc.frontend.protocol)]
+        return [name.rpartition("/")[0] for name in self._table(svc, active).names()]
 
     def _reset_udp_sockets(self, old: Service, new: Service) -> None:
         """Backends that left selection: pods' connected UDP sockets to them are destroyed
@@ -401,6 +453,7 @@ class LoadBalancer:
         return {"services": len(self.applied), "backends": len(self.backend_ids),
                 "algorithm": self.options["algorithm"],
                 "maglev_table_size": self.options["maglev_table_size"],
+                "maglev_mode": self.options["maglev_mode"],
                 "events": dict(self.events), "datapath": self.maps is not None,
                 "nodeport_device": self.nodeport_device,
                 "socket_lb_cgroup": self.options["socket_lb_cgroup"] or None,

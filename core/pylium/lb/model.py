@@ -11,6 +11,7 @@ from typing import Any
 import attrs
 
 from pylium.errors import UserError
+from pylium.lb.maglev import MaglevTable, backend_name
 
 PROTOCOLS = {"TCP": 6, "UDP": 17}
 TYPES = ("ClusterIP", "NodePort")
@@ -102,6 +103,14 @@ class Service:
     id: int = 0
     #: NodePort services: the port on every node's address
     node_port: int = 0
+    #: a maglev service's lookup table as its writer evolved it (minimal-disruption
+    #: mode); stored with the service, not part of its API form (`to_json`)
+    maglev: MaglevTable | None = None
+
+    def active_names(self) -> list[str]:
+        """The names of the backends new flows may pick (their Maglev names)."""
+        return [backend_name(b.ip, b.port, self.frontend.protocol) for b in self.backends
+                if b.state == "active"]
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "id": self.id, "frontend": str(self.frontend),

@@ -6,16 +6,27 @@ Kubernetes; here the KV store is the cluster's source of truth):
                                         claimed with a create-if-absent
   pylium/state/services/v1/maglev-seed  the Maglev seed every node hashes with
 
-Writes are not attached to a lease: services outlive the agent that created them."""
+Writes are not attached to a lease: services outlive the agent that created them.
+
+A maglev service's value also carries its lookup table (`"maglev"`, `MaglevTable.encode`)
+in minimal-disruption mode: the writer evolves the stored table into the next one (under
+compare-and-swap, so two writers never evolve the same table apart) and every node
+installs the stored table; none recomputes it."""
 
 from __future__ import annotations
 
 import json
+import logging
+
+import attrs
 
 from pylium.api.kvstore import KVStore
 from pylium.errors import UserError
-from pylium.lb.maglev import new_seed
+from pylium.lb import maglev
+from pylium.lb.maglev import MaglevTable, new_seed
 from pylium.lb.model import Service
+
+log = logging.getLogger(__name__)
 
 PREFIX = "pylium/state/services/v1/"
 SVC_PREFIX = PREFIX + "svc/"
@@ -23,11 +34,19 @@ ID_PREFIX = PREFIX + "id/"
 SEED_KEY = PREFIX + "maglev-seed"
 #: the rev-NAT index is 16 bits in the datapath; a NodePort frontend uses id + 0x8000
 MAX_SERVICE_ID = 0x7FFF
+#: compare-and-swap rounds before a write racing other writers gives up
+PUT_ATTEMPTS = 8
 
 
 class ServiceStore:
-    def __init__(self, kvstore: KVStore):
+    def __init__(self, kvstore: KVStore, *, maglev_table_size: int = maglev.DEFAULT_TABLE_SIZE,
+                 maglev_mode: str = maglev.DEFAULT_MODE):
         self.kv = kvstore
+        #: what this node writes for maglev services (readers install what is stored)
+        self.maglev_table_size = maglev.check_table_size(maglev_table_size)
+        if maglev_mode not in maglev.MODES:
+            raise UserError(f"maglev mode {maglev_mode!r}: one of {', '.join(maglev.MODES)}")
+        self.maglev_mode = maglev_mode
 
     async def list(self) -> list[Service]:
         out = []
@@ -55,16 +74,39 @@ class ServiceStore:
                     and other.frontend.protocol == service.frontend.protocol):
                 raise UserError(f"node port {service.node_port}/{service.frontend.protocol} "
                                 f"is already service {other.name} (id {other.id})")
-        existing = await self.kv.get(SVC_PREFIX + service.name)
-        if existing is not None:
-            svc_id = decode(existing.key, existing.value).id
-        else:
-            svc_id = await self._claim_id(service.name, {s.id for s in others})
-        stored = Service(service.name, service.frontend, service.backends, service.type,
-                         service.algorithm, service.affinity_timeout, service.traffic_policy,
-                         svc_id, service.node_port)
-        await self.kv.put(SVC_PREFIX + service.name, json.dumps(stored.to_json()).encode())
-        return stored
+        key = SVC_PREFIX + service.name
+        svc_id = 0
+        for _ in range(PUT_ATTEMPTS):
+            existing = await self.kv.get(key)
+            previous = decode(existing.key, existing.value) if existing is not None else None
+            if previous is not None:
+                svc_id = previous.id
+            elif not svc_id:
+                svc_id = await self._claim_id(service.name, {s.id for s in others})
+            stored = attrs.evolve(service, id=svc_id,
+                                  maglev=await self._next_table(service, previous))
+            if await self.kv.compare_and_swap(key, existing.mod_revision if existing else 0,
+                                              encode(stored)):
+                return stored
+        raise UserError(f"service {service.name}: changed by others while writing; "
+                        "try again")
+
+    async def _next_table(self, service: Service, previous: Service | None
+                          ) -> MaglevTable | None:
+        """The table to store with `service` (None: readers compute the stateless one)."""
+        if service.algorithm != "maglev" or self.maglev_mode != "minimal-disruption":
+            return None
+        names = service.active_names()
+        if not names:
+            return None
+        seed = await self.maglev_seed()
+        before = None
+        if previous is not None and previous.algorithm == "maglev":
+            # a record without a table (stateless writer, older agent): every node
+            # installed the stateless table of its backends, so evolve from that one
+            before = previous.maglev or maglev.populate(previous.active_names(),
+                                                        self.maglev_table_size, seed)
+        return maglev.evolve(before, names, self.maglev_table_size, seed)
 
     async def _claim_id(self, name: str, taken: set[int]) -> int:
         for candidate in range(1, MAX_SERVICE_ID + 1):
@@ -85,6 +127,20 @@ class ServiceStore:
         await self.kv.delete(ID_PREFIX + str(service.id))
         return service
 
+    async def restore(self, services: list[Service], seed: str) -> int:
+        """After the store lost its data: write back services (with their ids) and the
+        Maglev seed this node still applies, unless another node already did. Returns how
+        many services this node wrote."""
+        if seed:
+            await self.kv.create(SEED_KEY, seed.encode())
+        written = 0
+        for service in services:
+            if await self.kv.create(SVC_PREFIX + service.name,
+                                    json.dumps(service.to_json()).encode()):
+                written += 1
+            await self.kv.create(ID_PREFIX + str(service.id), service.name.encode())
+        return written
+
     async def maglev_seed(self) -> str:
         """The cluster's seed: the first node to ask creates it, every node reads it."""
         await self.kv.create(SEED_KEY, new_seed().encode())
@@ -94,6 +150,21 @@ class ServiceStore:
         return item.value.decode()
 
 
+def encode(service: Service) -> bytes:
+    body = service.to_json()
+    if service.maglev is not None:
+        body["maglev"] = service.maglev.encode()
+    return json.dumps(body).encode()
+
+
 def decode(key: str, value: bytes) -> Service:
     body = json.loads(value)
-    return Service.from_json(key[len(SVC_PREFIX):], body)
+    table = body.pop("maglev", None)
+    service = Service.from_json(key[len(SVC_PREFIX):], body)
+    if table is not None:
+        try:
+            service = attrs.evolve(service, maglev=MaglevTable.decode(table))
+        except UserError as exc:
+            # every node reads the same record: all fall back to the same stateless table
+            log.warning("service %s: %s; using the stateless table", service.name, exc)
+    return service

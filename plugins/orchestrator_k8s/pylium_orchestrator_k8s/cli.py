@@ -11,7 +11,7 @@ from pylium.errors import UserError
 
 @click.group("k8s")
 def k8s() -> None:
-    """Kubernetes: deploy manifests, the agent image, health probe."""
+    """Kubernetes: deploy manifests, the agent image, health probe, CNI install."""
 
 
 @k8s.command("manifest")
@@ -31,9 +31,12 @@ def k8s() -> None:
 @click.option("--cni-conf-dir", default="/etc/cni/net.d", show_default=True,
               help="Node directory the runtime reads CNI configs from.")
 @click.option("--bpffs-root", default="/sys/fs/bpf/pylium", show_default=True)
+@click.option("--cni-bin-dir", default="/opt/cni/bin", show_default=True,
+              help="Node directory the runtime runs CNI plugins from (pylium-cni goes there).")
 def manifest_cmd(plugins: str, image: str | None, pod_cidr: str, api_server: str,
                  kvstore_endpoints: str, pull_policy: str, no_crds: bool, host_run_dir: str,
-                 host_state_dir: str, cni_conf_dir: str, bpffs_root: str) -> None:
+                 host_state_dir: str, cni_conf_dir: str, bpffs_root: str,
+                 cni_bin_dir: str) -> None:
     """Print CRDs, RBAC, ConfigMap and the agent DaemonSet as one YAML stream."""
     import ipaddress
 
@@ -51,8 +54,25 @@ def manifest_cmd(plugins: str, image: str | None, pod_cidr: str, api_server: str
                               pull_policy=pull_policy, kvstore_endpoints=kvstore_endpoints,
                               with_crds=not no_crds,
                               paths=manifest.HostPaths(host_run_dir, host_state_dir,
-                                                       cni_conf_dir, bpffs_root))
+                                                       cni_conf_dir, bpffs_root, cni_bin_dir))
     click.echo(manifest.dump(docs), nl=False)
+
+
+@k8s.command("install-cni")
+@click.option("--bin-dir", type=click.Path(path_type=Path), default=Path("/opt/cni/bin"),
+              show_default=True, help="The node's CNI bin directory (as mounted here).")
+@click.option("--python", "python", default="/usr/bin/python3", show_default=True,
+              help="The node's Python 3, which runs the launcher.")
+def install_cni_cmd(bin_dir: Path, python: str) -> None:
+    """Install the `pylium-cni` launcher into the node's CNI bin directory (the
+    DaemonSet's init container runs this)."""
+    from pylium_orchestrator_k8s import cnibin
+
+    try:
+        path = cnibin.install(bin_dir, python)
+    except OSError as exc:
+        raise UserError(f"install-cni: {exc}") from None
+    click.echo(f"installed {path} ({path.stat().st_size} bytes, run by {python})")
 
 
 @k8s.command("health")

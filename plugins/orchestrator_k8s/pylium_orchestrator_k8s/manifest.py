@@ -21,6 +21,8 @@ NAME = "pylium"
 DEFAULT_IMAGE = "registry.local/pylium:0.1.0"
 CONFIG_PATH = "/etc/pylium/config.yaml"
 SOCKET = "/var/run/pylium/pylium.sock"
+#: where the init container sees the node's CNI bin directory
+CNI_BIN_MOUNT = "/host/opt/cni/bin"
 
 #: --plugins names → (capability kind, capability name, distribution)
 PLUGINS: dict[str, tuple[str, str, str]] = {
@@ -65,6 +67,8 @@ class HostPaths:
     state: str = "/var/lib/pylium"
     cni_conf: str = "/etc/cni/net.d"
     bpffs_root: str = "/sys/fs/bpf/pylium"
+    #: the runtime's CNI bin directory: the init container installs `pylium-cni` there
+    cni_bin: str = "/opt/cni/bin"
 
 
 def agent_config(plugins: Iterable[str], *, pod_cidr: str, kvstore_endpoints: str = "",
@@ -261,7 +265,17 @@ def daemonset(*, image: str, plugins: list[str], api_server: str = "",
         # the mount itself (shared), not through the /var/run link: HostToContainer needs it
         _host_path("netns", "/run/netns"),
         {"name": "config", "configMap": {"name": f"{NAME}-config"}},
+        _host_path("cni-bin", paths.cni_bin),
     ]
+    # Cilium's install-cni: the runtime execs CNI plugins on the host, so the plugin must be
+    # there before the agent writes the conflist that names it
+    install_cni = {
+        "name": "install-cni",
+        "image": image,
+        "imagePullPolicy": pull_policy,
+        "command": ["pylium", "k8s", "install-cni", "--bin-dir", CNI_BIN_MOUNT],
+        "volumeMounts": [{"name": "cni-bin", "mountPath": CNI_BIN_MOUNT}],
+    }
     probe_cmd = ["pylium", "-H", SOCKET, "k8s", "health"]
     return {
         "apiVersion": "apps/v1",
@@ -283,6 +297,7 @@ def daemonset(*, image: str, plugins: list[str], api_server: str = "",
                     "priorityClassName": "system-node-critical",
                     "terminationGracePeriodSeconds": 10,
                     "tolerations": [{"operator": "Exists"}],
+                    "initContainers": [install_cni],
                     "containers": [{
                         "name": "agent",
                         "image": image,

@@ -7,6 +7,8 @@
   repository; CNP/CCNP acceptance (or the parse error) is written into
   `status.nodes.<node>` as Cilium does. An invalid update keeps the previous version
   enforced (fail closed: a typo never turns into allow-all).
+- Services + EndpointSlices → the load balancer (`services.py`), Nodes → the node
+  registry (`nodes.py`), when the agent runs those components.
 - When every watch has synced, `05-pylium.conflist` is written into the CNI config
   directory (option `cni_conf_dir`), so the kubelet only hands pods to a ready agent.
 
@@ -31,13 +33,18 @@ from pylium.policy.load import CCNP, CNP, KNP
 
 from pylium_orchestrator_k8s.informer import Informer, object_key
 from pylium_orchestrator_k8s.labels import endpoint_labels
+from pylium_orchestrator_k8s.nodes import NodeSync
 from pylium_orchestrator_k8s.policies import CRD_PLURALS, node_status, to_policies
+from pylium_orchestrator_k8s.services import SERVICE_NAME_LABEL, ServiceSync, translate
 
 log = logging.getLogger(__name__)
 
 CONFLIST_NAME = "05-pylium.conflist"
 DEFAULT_SOCKET = "/var/run/pylium/pylium.sock"
 CILIUM_GROUP, CILIUM_VERSION = "cilium.io", "v2"
+DISCOVERY_GROUP = "discovery.k8s.io"
+#: EndpointSlice versions, newest first (1.21+ serve v1; 1.20 only v1beta1)
+DISCOVERY_VERSIONS = ("v1", "v1beta1")
 
 
 def conflist(socket: str) -> dict[str, Any]:
@@ -83,6 +90,14 @@ class KubernetesOrchestrator(Orchestrator):
         self._imported: dict[tuple[str, str, str], tuple[str, int]] = {}
         self.policy_errors: dict[str, str] = {}
         self.label_updates = 0
+        services = getattr(context, "services", None)
+        self.services = (ServiceSync(services, getattr(context, "state_dir", None))
+                         if services is not None else None)
+        #: Service/EndpointSlice events wait for the first complete lists of both
+        self._services_synced = False
+        nodes = getattr(context, "nodes", None)
+        self.nodes = NodeSync(nodes) if nodes is not None else None
+        self.discovery_version = ""
 
     # lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -109,6 +124,21 @@ class KubernetesOrchestrator(Orchestrator):
             (CNP, "cilium.io/v2", crd(CRD_PLURALS[CNP]), self._policy_handler(CNP)),
             (CCNP, "cilium.io/v2", crd(CRD_PLURALS[CCNP]), self._policy_handler(CCNP)),
         ]
+        if self.services is not None:
+            self.discovery_version = await self._served_version(DISCOVERY_GROUP,
+                                                                DISCOVERY_VERSIONS)
+
+            def slices(**kw):
+                return custom.list_cluster_custom_object(
+                    DISCOVERY_GROUP, self.discovery_version, "endpointslices", **kw)
+
+            specs += [
+                ("Service", "v1", core.list_service_for_all_namespaces, self._on_service),
+                ("EndpointSlice", f"{DISCOVERY_GROUP}/{self.discovery_version}", slices,
+                 self._on_endpoint_slice),
+            ]
+        if self.nodes is not None:
+            specs.append(("Node", "v1", core.list_node, self._on_node))
         for kind, api_version, lister, handler in specs:
             self.informers[kind] = Informer(kind, api_version, lister, handler,
                                             watch_timeout=self.watch_timeout,
@@ -132,6 +162,10 @@ class KubernetesOrchestrator(Orchestrator):
         if endpoints is not None and hasattr(endpoints, "label_resolver"):
             endpoints.label_resolver = self.endpoint_labels
         await self._sync_endpoints()
+        if self.services is not None:
+            # events from now on sync their Service after this (ServiceSync's lock)
+            self._services_synced = True
+            await self.services.resync(self._desired_services())
         if self.cni_conf_dir:
             self._write_conflist()
         log.info("kubernetes orchestrator synced (node %s)", self.node_name)
@@ -153,7 +187,27 @@ class KubernetesOrchestrator(Orchestrator):
                 "watches": {k: inf.status() for k, inf in self.informers.items()},
                 "policies": len(self._imported),
                 "policy_errors": dict(self.policy_errors),
-                "label_updates": self.label_updates}
+                "label_updates": self.label_updates,
+                "services": self.services.status() if self.services is not None else None,
+                "endpoint_slices": self.discovery_version or None,
+                "nodes": self.nodes.status() if self.nodes is not None else None}
+
+    async def _served_version(self, group: str, versions: tuple[str, ...]) -> str:
+        """The first of `versions` the API server serves for `group`."""
+        from kubernetes_asyncio import client
+
+        try:
+            groups = await client.ApisApi(self.api_client).get_api_versions()
+        except Exception as exc:
+            raise PluginError(f"kubernetes: API groups not readable: {exc}") from None
+        served = {v.version for g in groups.groups or [] if g.name == group
+                  for v in g.versions or []}
+        for version in versions:
+            if version in served:
+                return version
+        raise PluginError(f"kubernetes: the API server serves no {group} version pylium "
+                          f"reads ({', '.join(versions)}; it serves "
+                          f"{', '.join(sorted(served)) or 'none'})")
 
     def _write_conflist(self) -> None:
         directory = Path(self.cni_conf_dir)
@@ -219,6 +273,36 @@ class KubernetesOrchestrator(Orchestrator):
     async def _on_namespace(self, event: str, obj: dict[str, Any]) -> None:
         if event != "DELETED":
             await self._sync_endpoints(namespace=object_key(obj)[1])
+
+    # services and nodes -------------------------------------------------------------------
+    def _slices_of(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        return [sl for (ns, _), sl in self.informers["EndpointSlice"].cache.items()
+                if ns == namespace and ((sl.get("metadata") or {}).get("labels") or {})
+                .get(SERVICE_NAME_LABEL) == name]
+
+    def _desired_services(self) -> dict[str, dict[str, Any]]:
+        desired: dict[str, dict[str, Any]] = {}
+        for (namespace, name), svc in self.informers["Service"].cache.items():
+            desired.update(translate(svc, self._slices_of(namespace, name)))
+        return desired
+
+    async def _sync_service(self, namespace: str, name: str) -> None:
+        if not self._services_synced:
+            return  # the resync after the first lists does them all at once
+        svc = self.informers["Service"].cache.get((namespace, name))
+        await self.services.sync(namespace, name, svc, self._slices_of(namespace, name))
+
+    async def _on_service(self, event: str, obj: dict[str, Any]) -> None:
+        await self._sync_service(*object_key(obj))
+
+    async def _on_endpoint_slice(self, event: str, obj: dict[str, Any]) -> None:
+        namespace, _ = object_key(obj)
+        service = ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
+        if service:
+            await self._sync_service(namespace, service)
+
+    async def _on_node(self, event: str, obj: dict[str, Any]) -> None:
+        self.nodes.on_node(event, obj)
 
     # policies -----------------------------------------------------------------------------
     def _policy_handler(self, kind: str):

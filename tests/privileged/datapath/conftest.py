@@ -29,7 +29,7 @@ class InNetns:
 
 class Node:
     def __init__(self, purpose: str, pods: dict[str, tuple[str, int]],
-                 ct_timeouts=(21600, 60, 60)):
+                 ct_timeouts=(21600, 60, 60, 10)):
         self.topo = Topology(purpose)
         self.worker = NetnsWorker(self.topo.node)
         self.root = bpffs_root()

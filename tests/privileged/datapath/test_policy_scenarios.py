@@ -170,7 +170,7 @@ def test_policy_change_applies_to_established_flows(node):
 
 
 def test_conntrack_entries_expire(node):
-    n = node("ctexp", PODS, ct_timeouts=(2, 2, 2))
+    n = node("ctexp", PODS, ct_timeouts=(2, 2, 2, 2))
     a, b = PODS["a"][0], PODS["b"][0]
     n.dp.update_policy(1, pol({PolicyKey(B_ID, EGR, PROTO_UDP, 53, 16): PolicyEntry()}))
     assert real_run(n, "a", EGR, a, b, PROTO_UDP, 5353, 53)["ct"] == "new"
@@ -180,6 +180,40 @@ def test_conntrack_entries_expire(node):
     assert (late["action"], late["ct"]) == ("dropped", "new")
     assert n.dp.ct_gc() >= 1
     assert not [c for c in n.dp.dump_ct() if c["sport"] == 5353]
+
+
+def test_a_closing_tcp_connection_gets_the_fin_lifetime_and_gc_reads_in_batches(node,
+                                                                                monkeypatch):
+    """SYN → the SYN lifetime, the reply → the established one, FIN → Cilium's short closing
+    one (so closed connections leave the table); the batched GC removes just the expired."""
+    n = node("ctfin", PODS, ct_timeouts=(3600, 60, 30, 2))
+    a, b = PODS["a"][0], PODS["b"][0]
+    n.dp.update_policy(1, allow_all(revision=1))
+
+    def expires_in(sport: int) -> float:
+        [entry] = [c for c in n.dp.dump_ct() if c["sport"] == sport and c["direction"] == "egress"]
+        return entry["expires_in_s"]
+
+    real_run(n, "a", EGR, a, b, PROTO_TCP, 41000, 80)  # SYN
+    assert 25 < expires_in(41000) <= 30
+    real_run(n, "a", ING, b, a, PROTO_TCP, 80, 41000, 0x12)  # SYN-ACK: seen the reply
+    assert 3500 < expires_in(41000) <= 3600
+    # many long-lived flows beside it, so the GC has a table to read through
+    for port in range(42000, 42300):
+        real_run(n, "a", EGR, a, b, PROTO_TCP, port, 80)
+    real_run(n, "a", EGR, a, b, PROTO_TCP, 41000, 80, 0x11)  # FIN-ACK
+    assert 0 < expires_in(41000) <= 2
+    before = len(n.dp.dump_ct())
+    time.sleep(2.5)
+    from pylium.datapath.maps.base import BpfMap
+
+    def no_walk(self):
+        raise AssertionError("the conntrack GC walked the map key by key")
+    monkeypatch.setattr(BpfMap, "items", no_walk)  # this kernel has the batch lookup
+    assert n.dp.ct_gc() == 1  # only the closed connection's entry had expired
+    monkeypatch.undo()
+    assert not [c for c in n.dp.dump_ct() if c["sport"] == 41000]
+    assert len(n.dp.dump_ct()) == before - 1
 
 
 def test_policy_swap_is_atomic_under_concurrent_test_runs(node):

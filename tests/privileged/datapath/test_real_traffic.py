@@ -153,3 +153,46 @@ def test_endpoint_lookups_follow_attach_detach_and_writes_behind_the_index(node)
     assert dp._find_endpoint(7)[0].ip == PODS["b"][0]
     assert dp.detach_endpoint(1) and dp._find_endpoint(1) is None
     assert [e["ipv4"] for e in dp.dump_endpoints()] == [PODS["b"][0]]
+
+
+def _peer_slot(n) -> list[int]:
+    """The program ids in the pinned lxc_progs (bpftool prints them as hex bytes)."""
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(n.root / "lxc_progs")],
+                         capture_output=True, text=True, check=True).stdout
+    return [int.from_bytes(bytes(int(b, 16) for b in row["value"]), "little")
+            for row in json.loads(out)]
+
+
+def test_local_delivery_runs_the_destination_side_in_from_container_or_falls_back(node):
+    """Pod to pod on one node: from_container tail-calls to_container_peer (filled at load,
+    pinned) and redirects into the pod's side of the veth; the destination's ingress policy
+    still applies there. With the slot emptied (as while no agent has loaded the programs),
+    the veth's own to_container does the same work: traffic and policy unchanged."""
+    from pylium.datapath import libbpf
+
+    n = node("peer", PODS)
+    n.dp.update_policy(1, allow_all())
+    b_ip = PODS["b"][0]
+    assert _peer_slot(n) == [
+        libbpf.prog_info(n.raw.prog_fds["to_container_peer"]).id]
+    revision = 1
+    for filled in (True, False):
+        if not filled:
+            subprocess.run(["bpftool", "map", "delete", "pinned", str(n.root / "lxc_progs"),
+                            "key", "0", "0", "0", "0"], check=True)
+            assert _peer_slot(n) == []
+        revision += 1
+        n.dp.update_policy(2, allow_all(revision))
+        assert ping(n, "a", b_ip) and tcp_ok(n, "a", "b", 8080), filled
+        # b accepts only TCP 8080 from a: ping denied, wherever b's side runs
+        revision += 1
+        n.dp.update_policy(2, EndpointPolicy(True, True, {
+            PolicyKey(1100, ING, PROTO_TCP, 8080, 16): PolicyEntry(),
+            PolicyKey(0, EGR): PolicyEntry()}, revision))
+        assert not ping(n, "a", b_ip), filled
+        assert tcp_ok(n, "a", "b", 8080), filled
+    # the next load (an agent restart) fills the slot again
+    n.dp.close()
+    n.dp.open()
+    assert _peer_slot(n) == [
+        libbpf.prog_info(n.raw.prog_fds["to_container_peer"]).id]

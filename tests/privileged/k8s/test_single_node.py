@@ -158,18 +158,64 @@ def _deployment(name: str, app: str) -> dict:
                              "command": ["httpd", "-f", "-p", "80", "-h", "/www"]}]}}}}
 
 
+def _controller_uid(obj: dict) -> str | None:
+    return next((ref["uid"] for ref in obj["metadata"].get("ownerReferences") or []
+                 if ref.get("controller")), None)
+
+
 def _running_pods(cluster, app: str) -> list[dict]:
+    """Running pods of the Deployment `app` as it is now: controlled by a ReplicaSet that
+    this Deployment object controls. A previous rollout's pods carry the same labels and
+    keep running, not yet terminating, until the garbage collector gets to them after the
+    old Deployment was deleted; taken for the new ones they die in the middle of a test
+    (the CI failure where "other denied" held and "client still allowed" never did: both
+    probes ran in pods that were being killed)."""
+    found = cluster.kubectl("get", "deployment", app, "--ignore-not-found", "-o", "json").stdout
+    if not found.strip():
+        return []
+    uid = json.loads(found)["metadata"]["uid"]
+    owned = {rs["metadata"]["uid"] for rs in cluster.kubectl_json(
+        "get", "replicasets", "-l", f"app={app}")["items"] if _controller_uid(rs) == uid}
     pods = cluster.kubectl_json("get", "pods", "-l", f"app={app}")["items"]
     return [p for p in pods if p["status"].get("phase") == "Running"
-            and p["status"].get("podIP") and not p["metadata"].get("deletionTimestamp")]
+            and p["status"].get("podIP") and not p["metadata"].get("deletionTimestamp")
+            and _controller_uid(p) in owned]
+
+
+class ProbeNotRun(AssertionError):
+    """kubectl exec did not run the probe at all (pod or container gone, API error)."""
 
 
 def _wget(cluster, pod: str, ip: str) -> bool:
-    """HTTP GET from `pod` (busybox nc: the static busybox's wget crashes in glibc's NSS)."""
+    """HTTP GET from `pod` (busybox nc: the static busybox's wget crashes in glibc's NSS):
+    True if web answered, False if the connection failed. A probe that never ran in the
+    pod raises `ProbeNotRun` — it says nothing about policy, so it must not pass for a
+    deny."""
     out = cluster.kubectl("exec", pod, "--", "sh", "-c",
-                          f'printf "GET / HTTP/1.0\\r\\n\\r\\n" | nc -w 2 {ip} 80',
-                          check=False)
-    return out.returncode == 0 and "200 OK" in out.stdout and "pylium" in out.stdout
+                          f'printf "GET / HTTP/1.0\\r\\n\\r\\n" | nc -w 2 {ip} 80; '
+                          'echo "probe-exit=$?"', check=False)
+    if "probe-exit=" not in out.stdout:
+        raise ProbeNotRun(f"probe from {pod} did not run: {(out.stderr or out.stdout).strip()}")
+    return "200 OK" in out.stdout and "pylium" in out.stdout
+
+
+def _delete_all(cluster, text: str, apps: tuple[str, ...], gone: bool = False) -> None:
+    """Delete the objects of `text` and wait until each of their pods is terminating
+    (`gone`: deleted from the API, its sandbox torn down). kubectl's --wait covers the
+    Deployments only: the garbage collector deletes their pods later, seconds later under
+    load. Waiting for the pods to vanish takes 10-60 s here (the kubelet confirms late),
+    so only tests that need the CNI DEL done wait that long."""
+    cluster.kubectl("delete", "-f", "-", "--wait=true", "--timeout=60s",
+                    "--ignore-not-found", input=text, check=False)
+    selector = f"app in ({','.join(apps)})"
+
+    def done() -> bool:
+        pods = cluster.kubectl_json("get", "pods", "-l", selector)["items"]
+        return not pods if gone else all(p["metadata"].get("deletionTimestamp")
+                                         for p in pods)
+
+    wait_until(f"pods of {', '.join(apps)} {'gone' if gone else 'terminating'}", done,
+               timeout=90, interval=0.3)
 
 
 @pytest.fixture
@@ -184,8 +230,55 @@ def two_deployments(cluster):
             for app in ("web", "client", "other")}
     print(f"\npods running in {time.monotonic() - t0:.1f}s")
     yield pods
-    cluster.kubectl("delete", "-f", "-", "--wait=true", "--timeout=60s", input=text,
-                    check=False)
+    _delete_all(cluster, text, ("web", "client", "other"))
+
+
+def test_a_previous_rollouts_lingering_pods_are_not_taken_for_the_new_ones(cluster):
+    """Regression (CI, under load): the pods of a deleted Deployment run on, not yet
+    terminating, until the garbage collector in the controller manager deletes them. A
+    fixture re-creating the Deployment at once took them for its own ("pods running in
+    1.7s") and they died mid-test, failing "client still allowed" while "other denied"
+    passed for the wrong reason. The lag is made certain here by freezing the controller
+    manager."""
+    import os
+    import signal
+    from pathlib import Path
+
+    text = yaml.safe_dump(_deployment("linger", "linger"))
+    cluster.kubectl("apply", "-f", "-", input=text)
+    old = wait_until("first rollout running", lambda: _running_pods(cluster, "linger"),
+                     timeout=120, interval=0.2)[0]["metadata"]["name"]
+    kcm = next(e for e in json.loads(cluster.run("status").stdout)["processes"]
+               if e["name"] == "kube-controller-manager")
+    assert "kube-controller-manager" in Path(f"/proc/{kcm['pid']}/cmdline").read_text()
+    os.kill(kcm["pid"], signal.SIGSTOP)
+    try:
+        # what the fixture's teardown did (background cascade), then the next fixture
+        cluster.kubectl("delete", "-f", "-", "--wait=true", "--timeout=30s", input=text)
+        cluster.kubectl("apply", "-f", "-", input=text)
+        lingering = cluster.kubectl_json("get", "pod", old)
+        assert lingering["status"]["phase"] == "Running"
+        assert not lingering["metadata"].get("deletionTimestamp")
+        assert _running_pods(cluster, "linger") == []  # not the new Deployment's pod
+    finally:
+        os.kill(kcm["pid"], signal.SIGCONT)
+    try:
+        new = wait_until("second rollout running", lambda: _running_pods(cluster, "linger"),
+                         timeout=120, interval=0.2)[0]
+        assert new["metadata"]["name"] != old
+
+        def probe_from_old_refused() -> bool:
+            try:
+                _wget(cluster, old, new["status"]["podIP"])
+            except ProbeNotRun:
+                return True
+            return False
+
+        # once the garbage collector killed the old pod, a probe from it raises: it can
+        # never pass for a policy deny
+        wait_until("old pod gone", probe_from_old_refused, timeout=60, interval=0.5)
+    finally:
+        _delete_all(cluster, text, ("linger",))
 
 
 def test_pods_run_and_talk(cluster, two_deployments):
@@ -247,13 +340,158 @@ def test_pods_are_pylium_endpoints_with_labels_policy_and_ip_release(cluster, tw
         e["ipv4"] != old_ip for e in cluster.agent("/v1/endpoint")), timeout=30)
 
 
-@pytest.mark.timeout(900)  # builds and imports a ~530 MB image
-def test_the_agent_as_a_daemonset_from_pylium_k8s_manifest(cluster, tmp_path):
-    """The image from `pylium k8s image`, the objects from `pylium k8s manifest`: the agent
-    the DaemonSet runs (not the one k8s/cluster.py started) follows the API server."""
+def _pylium(cluster, *args: str):
+    """The `pylium` CLI against the cluster's agent, `-o json` parsed."""
     import subprocess
     import sys
     from pathlib import Path
+
+    out = subprocess.run([str(Path(sys.executable).with_name("pylium")), "-H",
+                          cluster.env["agent_socket"], *args, "-o", "json"],
+                         capture_output=True, text=True, timeout=30, check=True)
+    return json.loads(out.stdout)
+
+
+def _hosts_behind(cluster, client: str, ip: str, port: int, count: int) -> list[str]:
+    """`count` HTTP requests from pod `client` to ip:port, each on a new connection: the
+    pod names that answered (the web pods serve their hostname as /host.txt)."""
+    request = 'printf "GET /host.txt HTTP/1.0\\r\\n\\r\\n"'
+    out = cluster.kubectl("exec", client, "--", "sh", "-c",
+                          f"for i in $(seq {count}); do {request} | nc -w 2 {ip} {port} "
+                          "| tail -n 1; done; echo probe-exit=$?", check=False)
+    if "probe-exit=" not in out.stdout:
+        raise ProbeNotRun(f"probe from {client} did not run: {out.stderr.strip()}")
+    return [line for line in out.stdout.splitlines() if line.startswith("echo-")]
+
+
+@pytest.mark.skipif(not pylium_cni_installed(), reason="pods need pylium endpoints")
+def test_a_clusterip_service_is_load_balanced_by_pylium(cluster):
+    """Deployment `echo` x2 behind a ClusterIP Service: the orchestrator turns the Service
+    and its EndpointSlices into a pylium service (no kube-proxy runs here: only pylium's
+    datapath translates the ClusterIP); scaling down removes a backend, deleting the
+    Service removes the frontend."""
+    echo = _deployment("echo", "echo")
+    echo["spec"]["replicas"] = 2
+    echo["spec"]["template"]["spec"]["containers"][0]["command"] = [
+        "sh", "-c", "hostname > /www/host.txt && exec httpd -f -p 80 -h /www"]
+    service = {"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "echo", "namespace": "default"},
+               "spec": {"selector": {"app": "echo"},
+                        "ports": [{"port": 8080, "targetPort": 80, "protocol": "TCP"}]}}
+    text = yaml.safe_dump_all([echo, _deployment("svc-client", "svc-client"), service])
+    cluster.kubectl("apply", "-f", "-", input=text)
+    try:
+        backends = wait_until("2 echo pods", lambda: len(_running_pods(cluster, "echo")) == 2
+                              and _running_pods(cluster, "echo"), timeout=120, interval=0.2)
+        client = wait_until("client pod", lambda: _running_pods(cluster, "svc-client"),
+                            timeout=120, interval=0.2)[0]["metadata"]["name"]
+        cluster_ip = cluster.kubectl_json("get", "service", "echo")["spec"]["clusterIP"]
+        want = sorted(f"{p['status']['podIP']}:80" for p in backends)
+
+        def pylium_backends():
+            entry = next(s for s in _pylium(cluster, "service", "list")
+                         if s["spec"]["flags"]["name"] == "echo")
+            spec = entry["spec"]
+            assert spec["flags"]["namespace"] == "default"
+            assert spec["frontend-address"]["ip"] == cluster_ip
+            assert spec["frontend-address"]["port"] == 8080
+            return sorted(f"{b['ip']}:{b['port']}" for b in spec["backend-addresses"])
+
+        wait_until("the service in pylium with both backends",
+                   lambda: pylium_backends() == want, timeout=20)
+        assert any(row["frontend"] == f"{cluster_ip}:8080/TCP"
+                   for row in cluster.agent("/v1/bpf/lb"))  # in the datapath's LB maps
+        names = {p["metadata"]["name"] for p in backends}
+        seen = wait_until("both backends answer through the ClusterIP",
+                          lambda: set(_hosts_behind(cluster, client, cluster_ip, 8080, 16))
+                          == names and names, timeout=20)
+        print(f"\nClusterIP {cluster_ip}:8080 -> {sorted(seen)}")
+
+        t0 = time.monotonic()
+        cluster.kubectl("scale", "deployment", "echo", "--replicas=1")
+        wait_until("scaled to one backend in pylium", lambda: len(pylium_backends()) == 1,
+                   timeout=30, interval=0.1)
+        scaled = time.monotonic() - t0
+        left = _running_pods(cluster, "echo")
+        assert [f"{p['status']['podIP']}:80" for p in left] == pylium_backends()
+        answered = _hosts_behind(cluster, client, cluster_ip, 8080, 8)
+        assert answered and set(answered) == {left[0]["metadata"]["name"]}, answered
+        print(f"scale 2 -> 1 reached pylium in {scaled:.2f}s")
+
+        cluster.kubectl("delete", "service", "echo")
+        wait_until("the service gone from pylium", lambda: all(
+            s["spec"]["flags"]["name"] != "echo" for s in _pylium(cluster, "service", "list")),
+            timeout=10, interval=0.1)
+        assert not any(row["frontend"] == f"{cluster_ip}:8080/TCP"
+                       for row in cluster.agent("/v1/bpf/lb"))
+        assert _hosts_behind(cluster, client, cluster_ip, 8080, 2) == []
+    finally:
+        _delete_all(cluster, text, ("echo", "svc-client"))
+
+
+FAKE_NODE = """
+apiVersion: v1
+kind: Node
+metadata: {name: pylium-fake-node, labels: {pylium.test/fake: "true"}}
+spec:
+  podCIDR: 10.236.1.0/24
+  podCIDRs: [10.236.1.0/24]
+  unschedulable: true
+  taints: [{key: pylium.test/fake, effect: NoSchedule}]
+status:
+  addresses: [{type: InternalIP, address: 10.235.0.3}]
+"""
+
+
+def test_kubernetes_nodes_reach_the_node_registry(cluster):
+    """Node objects feed the agent's node registry: `pylium node list` shows this node
+    with what Kubernetes says of it, and a second Node (an object only: no kubelet behind
+    it, unschedulable) joins with its address and pod CIDR — reaching the routing mode
+    the way a node from the KV store does — and leaves when deleted."""
+    def nodes():
+        return {n["name"]: n for n in _pylium(cluster, "node", "list")}
+
+    local = wait_until("this node known to Kubernetes too",
+                       lambda: "kubernetes" in nodes()["pylium-node"]["sources"] and
+                       nodes()["pylium-node"])
+    assert local["local"] is True and local["ipv4"] == cluster.env["node_ip"]
+    assert local["pod_cidr"] == cluster.env["pod_cidr"]
+    k8s_node = cluster.kubectl_json("get", "node", "pylium-node")
+    assert k8s_node["spec"]["podCIDR"] == local["pod_cidr"]  # the controller manager's
+    assert local["labels"]["kubernetes.io/hostname"] == "pylium-node"
+
+    t0 = time.monotonic()
+    cluster.kubectl("apply", "-f", "-", input=FAKE_NODE)
+    try:
+        fake = wait_until("the second node in the registry",
+                          lambda: nodes().get("pylium-fake-node"), timeout=10, interval=0.05)
+        joined = time.monotonic() - t0
+        assert (fake["ipv4"], fake["pod_cidr"], fake["sources"], fake["local"]) == (
+            "10.235.0.3", "10.236.1.0/24", ["kubernetes"], False)
+        assert fake["labels"]["pylium.test/fake"] == "true"
+        assert "InternalIP=10.235.0.3" in fake["addresses"]
+        # the routing mode heard of it (local routing refuses a second node, and says so)
+        errors = cluster.agent("/v1/routing")["errors"]
+        assert "single-node" in errors["pylium-fake-node"]
+        print(f"\nNode object -> node registry in {joined:.2f}s")
+    finally:
+        cluster.kubectl("delete", "node", "pylium-fake-node", "--ignore-not-found")
+    wait_until("the second node gone", lambda: "pylium-fake-node" not in nodes(), timeout=10,
+               interval=0.05)
+    assert "pylium-fake-node" not in cluster.agent("/v1/routing")["errors"]
+
+
+@pytest.mark.timeout(900)  # builds and imports a ~530 MB image
+def test_the_agent_as_a_daemonset_from_pylium_k8s_manifest(cluster, tmp_path):
+    """The image from `pylium k8s image`, the objects from `pylium k8s manifest`: the agent
+    the DaemonSet runs (not the one k8s/cluster.py started) follows the API server, and
+    the DaemonSet's init container installs the node's `pylium-cni` (the one
+    k8s/cluster.py put there is removed first), which then wires a new pod."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pylium_orchestrator_k8s import cnibin
 
     pylium = str(Path(sys.executable).with_name("pylium"))
     env = cluster.env
@@ -267,6 +505,7 @@ def test_the_agent_as_a_daemonset_from_pylium_k8s_manifest(cluster, tmp_path):
     imported = time.monotonic() - t0 - built
     run_dir = str(Path(env["agent_socket"]).parent)
     state = Path(f"/var/lib/pylium-k8s/{cluster.name}/ds-state")
+    cni_bin = Path(f"/var/lib/pylium-k8s/{cluster.name}/cni/bin")  # containerd's bin_dir
     cni_conf = (f"/var/lib/pylium-k8s/{cluster.name}/cni/net.d" if cluster.cni == "pylium"
                 else str(state / "cni-unused"))
     text = subprocess.run(
@@ -274,15 +513,23 @@ def test_the_agent_as_a_daemonset_from_pylium_k8s_manifest(cluster, tmp_path):
          "--pull-policy", "Never", "--pod-cidr", env["pod_cidr"],
          "--api-server", "127.0.0.1:6443", "--host-run-dir", run_dir,
          "--host-state-dir", str(state), "--cni-conf-dir", cni_conf,
-         "--bpffs-root", f"/sys/fs/bpf/pylium-k8s-{cluster.name}/ds"],
+         "--bpffs-root", f"/sys/fs/bpf/pylium-k8s-{cluster.name}/ds",
+         "--cni-bin-dir", str(cni_bin)],
         check=True, capture_output=True, text=True).stdout
+    host_cni = cni_bin / "pylium-cni"
+    before = host_cni.read_bytes() if host_cni.exists() else None
     cluster.run("stop-agent")
     try:
+        host_cni.unlink(missing_ok=True)
         t1 = time.monotonic()
+        wall = time.time()
         cluster.kubectl("apply", "-f", "-", input=text)
         cluster.kubectl("-n", "kube-system", "rollout", "status", "daemonset/pylium",
                         "--timeout=240s", timeout=300)
         ready = time.monotonic() - t1
+        # the node's pylium-cni is the launcher the init container wrote just now
+        assert cnibin.is_launcher(host_cni) and host_cni.stat().st_mtime >= wall - 1
+        assert host_cni.stat().st_mode & 0o111
         config = cluster.agent("/v1/config")
         assert config["socket"] == "/var/run/pylium/pylium.sock"  # the container's view
         assert config["node_name"] == "pylium-node" and config["orchestrator"] == "kubernetes"
@@ -296,9 +543,32 @@ def test_the_agent_as_a_daemonset_from_pylium_k8s_manifest(cluster, tmp_path):
             "pylium-node"))
         assert status["ok"] is True
         cluster.kubectl("delete", "ccnp", "from-daemonset")
+        if cluster.cni == "pylium":
+            # a pod now: the runtime runs the installed launcher, which asks this agent
+            probe = yaml.safe_dump(_deployment("ds-probe", "ds-probe"))
+            cluster.kubectl("apply", "-f", "-", input=probe)
+            try:
+                pod = wait_until("a pod wired by the installed pylium-cni",
+                                 lambda: _running_pods(cluster, "ds-probe"), timeout=120,
+                                 interval=0.2)[0]
+                endpoints = {e["name"]: e for e in cluster.agent("/v1/endpoint")}
+                ep = endpoints[pod["metadata"]["name"]]
+                assert ep["ipv4"] == pod["status"]["podIP"] and ep["state"] == "ready"
+            finally:
+                _delete_all(cluster, probe, ("ds-probe",), gone=True)
+            assert all(e["name"] != pod["metadata"]["name"]
+                       for e in cluster.agent("/v1/endpoint"))
     finally:
         cluster.kubectl("delete", "-f", "-", "--wait=true", "--timeout=60s", input=text,
                         check=False)
+        # its agent gone too (kubectl waits for the DaemonSet object only) before the
+        # cluster's own agent takes the socket again
+        wait_until("the DaemonSet's pod gone", lambda: not cluster.kubectl(
+            "-n", "kube-system", "get", "pods", "-l", "k8s-app=pylium", "-o", "name"
+        ).stdout.strip(), timeout=90, interval=0.5)
+        if before is not None:  # k8s/cluster.py's own, for the tests after this one
+            host_cni.write_bytes(before)
+            host_cni.chmod(0o755)
         cluster.run("start-agent", "--cni", cluster.cni)
 
 

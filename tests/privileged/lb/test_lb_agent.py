@@ -279,6 +279,14 @@ def _maglev_by_address(lab: Lab, node: str) -> list[str]:
     return [addresses[i] for i in tables[0]["table"]]
 
 
+def _maglev_inner_ids(lab: Lab, node: str) -> list:
+    """The inner map ids the node's pinned lb4_maglev holds (one per Maglev frontend)."""
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned",
+                          f"{lab.node(node)['bpffs_root']}/lb4_maglev"],
+                         capture_output=True, text=True, check=True).stdout
+    return sorted(json.dumps(row["value"]) for row in json.loads(out))
+
+
 def test_service_added_on_one_node_works_on_the_other_with_the_same_maglev_table(lab2):
     near, far = ip(lab2, "near"), ip(lab2, "far")
     cli(lab2, "service", "add", "--name", "default/mag", "--frontend", f"{VIP}:80",
@@ -298,6 +306,14 @@ def test_service_added_on_one_node_works_on_the_other_with_the_same_maglev_table
         got = answers(lab2, "client", "tcp", VIP, 80, 20)
         assert set(served_by(got)) == {"near", "far"}, got
         assert {line.split()[1] for line in got} == {ip(lab2, "client")}
+        # kill -9 and restart: the agent installs the stored table, finds it already
+        # pinned and keeps that very map (adopted, not rebuilt)
+        inner = _maglev_inner_ids(lab2, "node1")
+        node1 = lab2.node("node1")
+        os.kill(node1["agent_pid"], signal.SIGKILL)
+        lab2.start_agent(node1)
+        assert _maglev_by_address(lab2, "node1") == t1
+        assert _maglev_inner_ids(lab2, "node1") == inner and len(inner) == 1
     finally:
         cli(lab2, "service", "delete", "default/mag", node="node1", check=False)
 

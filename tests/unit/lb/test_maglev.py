@@ -24,18 +24,20 @@ def table(backends: list[str], size: int, seed: str) -> list[str]:
     return [backends[i] for i in maglev.compute_table(backends, size, seed)]
 
 
-# Maglev's round-robin fill shifts some slots between surviving backends too; how many
-# depends on N and M/N. Measured (blake2b keyed by the seed, names as below):
+# STATELESS mode (maglev_mode: stateless, compute_table): Maglev's round-robin fill shifts
+# some slots between surviving backends too; how many depends on N and M/N. Measured
+# (blake2b keyed by the seed, names as below):
 #   N=10:  M=1021 -> ~1.2/N, M=16381 -> ~1.05/N
 #   N=100: M=16381 -> ~2.3/N, M=32749 -> ~1.8/N, M=65521 -> ~1.56/N, M=131071 -> ~1.37/N
 # This is the algorithm's own behaviour, not a bug of ours: the fill is the paper's
 # (test_table_is_the_papers_populate below) and Cilium's pkg/maglev, backends are keyed by
 # their stable "IP:PORT/PROTO" name, never by an index or id. The paper's Fig. 13 shows the
 # same: near-minimal disruption needs M >> N. The issue's 1.2/N holds for N=10 only; no
-# Cilium table size (max 131071) reaches it for N=100.
+# Cilium table size (max 131071) reaches it for N=100: that is why the default mode is
+# minimal-disruption (tests below).
 @pytest.mark.parametrize("n,size,bound", [(10, 16381, 1.2), (100, 16381, 2.6),
                                           (100, 131071, 1.5)])
-def test_removing_one_of_n_backends_moves_about_one_nth_of_the_slots(n, size, bound):
+def test_stateless_removing_one_of_n_backends_moves_about_one_nth_of_the_slots(n, size, bound):
     seed = maglev.new_seed()
     backends = names(n)
     before = table(backends, size, seed)
@@ -93,3 +95,80 @@ def test_table_is_the_papers_populate():
             if n == size:
                 break
     assert table(backends, size, seed) == [ordered[i] for i in entry]
+
+
+# MINIMAL-DISRUPTION mode (the default, maglev.evolve) --------------------------------------
+def share_bounds(table: maglev.MaglevTable) -> tuple[int, int]:
+    counts = table.counts().values()
+    return min(counts), max(counts)
+
+
+def assert_balanced(table: maglev.MaglevTable) -> None:
+    """The guarantee: every backend owns floor(M/N) or ceil(M/N) slots."""
+    n = len(table.backends)
+    low, high = share_bounds(table)
+    assert table.size // n <= low <= high <= -(-table.size // n), (low, high)
+    assert len(table.slots) == table.size
+
+
+@pytest.mark.parametrize("n,size", [(10, 16381), (100, 16381), (100, 1021), (1000, 16381)])
+def test_minimal_disruption_removing_or_adding_one_of_n_moves_at_most_1_2_over_n(n, size):
+    """The issue's acceptance bound, 1.2/N, for removing one backend of N (and adding one
+    back): only the removed backend's slots move, and balance holds after each step."""
+    seed = maglev.new_seed()
+    backends = names(n)
+    first = maglev.evolve(None, backends, size, seed)
+    assert first == maglev.populate(backends, size, seed)  # no history: plain Maglev
+    assert_balanced(first)
+    for gone in (0, n // 2, n - 1):
+        rest = [b for b in backends if b != backends[gone]]
+        after = maglev.evolve(first, rest, size, seed)
+        assert_balanced(after)
+        moved = moved_fraction(first.names(), after.names())
+        assert 1 / n * 0.9 <= moved <= 1.2 / n, (n, gone, moved * n)
+        # a flow on a surviving backend never moves
+        assert all(x == y for x, y in zip(first.names(), after.names(), strict=True)
+                   if x != backends[gone])
+        back = maglev.evolve(after, backends, size, seed)
+        assert_balanced(back)
+        moved = moved_fraction(after.names(), back.names())
+        assert moved <= 1.2 / n, (n, gone, moved * n)
+        # the added backend only took slots: nothing moved between the others
+        assert all(y == backends[gone] for x, y in zip(after.names(), back.names(),
+                                                       strict=True) if x != y)
+
+
+def test_minimal_disruption_over_a_long_history_stays_balanced_and_deterministic():
+    """Many changes in a row (removals, additions, several at once, all gone and back):
+    balance holds at every step and the same history gives the same table."""
+    seed = maglev.new_seed()
+    pool = names(40)
+    steps = [pool[:10], pool[:9], pool[1:9], pool[1:20], pool[5:25], pool[:3], pool[:1],
+             pool[30:40], pool[30:31] + pool[:10], pool]
+    tables = []
+    previous = None
+    for backends in steps:
+        previous = maglev.evolve(previous, backends, 4093, seed)
+        assert set(previous.backends) == set(backends)
+        assert_balanced(previous)
+        tables.append(previous)
+    previous = None
+    for backends, expected in zip(steps, tables, strict=True):
+        previous = maglev.evolve(previous, list(reversed(backends)), 4093, seed)
+        assert previous == expected
+    assert maglev.evolve(tables[-1], [], 4093, seed).slots == ()
+
+
+def test_tables_round_trip_through_their_stored_form_and_bad_ones_are_refused():
+    seed = maglev.new_seed()
+    for n in (3, 300):  # 8- and 16-bit slot indexes
+        table = maglev.evolve(None, names(n), 16381, seed)
+        body = maglev.MaglevTable.decode(table.encode())
+        assert body == table
+    stored = maglev.evolve(None, names(10), 16381, seed).encode()
+    assert len(stored["slots"]) < 12_000  # compact: ~4 bits a slot for 10 backends
+    for bad in ({**stored, "size": 1000}, {**stored, "slots": "!!"},
+                {**stored, "backends": stored["backends"][:5]},
+                {**stored, "backends": stored["backends"][:1] * 10}, {"size": 16381}):
+        with pytest.raises(UserError, match="maglev table"):
+            maglev.MaglevTable.decode(bad)

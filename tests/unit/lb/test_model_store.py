@@ -127,9 +127,91 @@ def test_two_nodes_follow_the_store_and_compute_the_same_maglev_table(tmp_path):
     asyncio.run(go())
 
 
+async def _converged(nodes, name, stored):
+    for _ in range(200):
+        if all(n.applied.get(name) == stored for n in nodes):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{name} not applied everywhere")
+
+
+def test_minimal_disruption_tables_are_the_same_on_every_node_across_a_history(tmp_path):
+    """Two nodes write changes in turn; a third starts late (it missed the history) and a
+    restarted first node comes back: all install the same table, which the writer evolved
+    from the stored one, so each step moves at most 1.2/N of the slots."""
+    async def go():
+        path = tmp_path / "kv.sqlite3"
+        kvs = [await _open(path, tmp_path) for _ in range(4)]
+        nodes = [LoadBalancer(_daemon(kv, tmp_path), lb_options(_daemon(kv, tmp_path).config))
+                 for kv in kvs[:2]]
+        late = []
+        try:
+            for n in nodes:
+                await n.start()
+            assert nodes[0].status()["maglev_mode"] == "minimal-disruption"
+            pool = [f"10.200.{i // 200}.{i % 200 + 2}:80" for i in range(100)]
+            steps = [pool, pool[1:], pool[1:50] + pool[51:], pool[1:], pool[:10], pool[:9],
+                     pool[:10]]
+            before = None
+            for i, backends in enumerate(steps):
+                writer = nodes[i % 2]
+                stored = await writer.upsert(svc("default/m", backends=backends,
+                                                 algorithm="maglev"))
+                assert stored.maglev is not None and stored.maglev.size == 16381
+                await _converged(nodes, "default/m", stored)
+                tables = [n.maglev_table(n.applied["default/m"]) for n in nodes]
+                assert tables[0] == tables[1] and set(tables[0]) == set(backends)
+                if before is not None and len(set(before) ^ set(backends)) == 1:
+                    # one backend left or came: at most 1.2/N of the slots move
+                    moved = sum(x != y for x, y in zip(before, tables[0], strict=True))
+                    n = max(len(set(before)), len(backends))
+                    assert moved / 16381 <= 1.2 / n, (i, moved)
+                before = tables[0]
+            # a node that saw none of it, and node 1 restarted on the same store
+            await nodes[0].close()
+            for kv in kvs[2:]:
+                node = LoadBalancer(_daemon(kv, tmp_path), lb_options(_daemon(kv, tmp_path).config))
+                late.append(node)
+                await node.start()
+                assert node.maglev_table(node.applied["default/m"]) == before
+        finally:
+            for n in nodes[1:] + late:
+                await n.close()
+            for kv in kvs:
+                await kv.close()
+    asyncio.run(go())
+
+
+def test_concurrent_writers_evolve_one_table_and_stateless_mode_stores_none(tmp_path):
+    async def go():
+        kv = await _open(tmp_path / "kv.sqlite3", tmp_path)
+        try:
+            a, b = ServiceStore(kv), ServiceStore(kv)
+            pool = [f"10.200.1.{i + 2}:80" for i in range(12)]
+            await a.put(svc("default/m", backends=pool, algorithm="maglev"))
+            # both write at once: compare-and-swap makes one evolve the other's result
+            await asyncio.gather(a.put(svc("default/m", backends=pool[1:], algorithm="maglev")),
+                                 b.put(svc("default/m", backends=pool[1:], algorithm="maglev")))
+            stored = await a.get("default/m")
+            counts = stored.maglev.counts().values()
+            assert max(counts) - min(counts) <= 1 and len(stored.maglev.backends) == 11
+            plain = ServiceStore(kv, maglev_mode="stateless")
+            assert (await plain.put(svc("default/m", backends=pool, algorithm="maglev"))
+                    ).maglev is None
+            assert (await a.put(svc("default/r", "10.96.0.11:80", backends=pool))).maglev is None
+            with pytest.raises(UserError, match="maglev mode 'x'"):
+                ServiceStore(kv, maglev_mode="x")
+        finally:
+            await kv.close()
+    asyncio.run(go())
+
+
 def test_lb_options_are_checked():
     bad = types.SimpleNamespace(plugin_options={"lb": {"maglev_table_size": 1000}})
     with pytest.raises(UserError, match="must be one of 251"):
+        lb_options(bad)
+    bad = types.SimpleNamespace(plugin_options={"lb": {"maglev_mode": "history"}})
+    with pytest.raises(UserError, match="maglev_mode: 'history'"):
         lb_options(bad)
     bad = types.SimpleNamespace(plugin_options={"lb": {"speed": 1}})
     with pytest.raises(UserError, match="unknown option"):
