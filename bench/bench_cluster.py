@@ -13,9 +13,11 @@ alternative on the same store, connections and concurrency (never another pylium
 - Scale: N simulated nodes (session + node registry + ipcache sync, memory ipcache, one
   etcd connection each) against one etcd; 1,000 endpoints published round-robin; time
   until every node's ipcache holds every other node's endpoints. Curve for N = 10, 30,
-  100. Baseline: naive re-list polling (every node lists the prefix every second and
-  applies the difference), interleaved with pylium for 5 rounds at 100 nodes; also the CPU
-  both burn (agents + etcd) while nothing changes, and etcd's own CPU during convergence.
+  100 in one process, and 1,000 spread over worker processes (`PYLIUM_BENCH_CLUSTER_BIG`).
+  Baseline: naive re-list polling (every node lists the prefix every second and applies
+  the difference), interleaved with pylium for 5 rounds at 100 nodes; also the agents'
+  CPU until convergence, the CPU both burn (agents + etcd) while nothing changes, and
+  etcd's own CPU during convergence.
 This machine has 2 cores shared with other work and runs all nodes in one Python process:
 read the ratios and the curve, not the absolute numbers."""
 
@@ -45,6 +47,11 @@ ALLOC_CONCURRENCY = 8
 CONVERGE_SAMPLES = 100
 CHANGES = 1000
 SCALE_NODES = (10, 30, 100)
+#: the far end of the curve: nodes spread over worker processes (each node still has its
+#: own etcd connection, session, registry and ipcache watch), "NODESxPROCESSES"; "0" skips
+BIG = os.environ.get("PYLIUM_BENCH_CLUSTER_BIG", "1000x8")
+BIG_TIMEOUT_S = float(os.environ.get("PYLIUM_BENCH_CLUSTER_BIG_TIMEOUT", "300"))
+GOAL_BIG_CONVERGE_S = 10.0
 POLL_INTERVAL = 1.0
 IDLE_SECONDS = 3.0
 ROUNDS = 5
@@ -217,6 +224,7 @@ async def scale_converge(make, count: int, etcd_pid: int,
     try:
         owner = {}
         etcd_cpu = _cpu_seconds(etcd_pid)
+        agent_cpu = time.process_time()
         began = time.perf_counter()
         for i in range(CHANGES):
             node = nodes[i % count]
@@ -227,8 +235,10 @@ async def scale_converge(make, count: int, etcd_pid: int,
         while not all(len(n.ipcache.installed) == expected[n.info.name] for n in nodes):
             await asyncio.sleep(0.02)
         converged = time.perf_counter() - began
+        agent_cpu = time.process_time() - agent_cpu
         etcd_cpu = _cpu_seconds(etcd_pid) - etcd_cpu
         return {"joined": joined, "converged": converged, "etcd_cpu": etcd_cpu,
+                "agent_cpu": agent_cpu, "load": os.getloadavg()[0],
                 "idle_cpu": await _idle_cpu(etcd_pid) if idle else None}
     finally:
         await asyncio.gather(*(n.stop() for n in nodes))
@@ -265,6 +275,7 @@ async def polling_converge(make, count: int, etcd_pid: int,
     try:
         await asyncio.sleep(POLL_INTERVAL)
         etcd_cpu = _cpu_seconds(etcd_pid)
+        agent_cpu = time.process_time()
         began = time.perf_counter()
 
         async def publish(index: int) -> None:
@@ -277,8 +288,10 @@ async def polling_converge(make, count: int, etcd_pid: int,
         while not all(len(sink.entries) == CHANGES - per_node for sink in sinks):
             await asyncio.sleep(0.02)
         converged = time.perf_counter() - began
+        agent_cpu = time.process_time() - agent_cpu
         etcd_cpu = _cpu_seconds(etcd_pid) - etcd_cpu
-        return {"converged": converged, "etcd_cpu": etcd_cpu,
+        return {"converged": converged, "etcd_cpu": etcd_cpu, "agent_cpu": agent_cpu,
+                "load": os.getloadavg()[0],
                 "idle_cpu": await _idle_cpu(etcd_pid) if idle else None}
     finally:
         stop.set()
@@ -335,6 +348,33 @@ async def main() -> None:
                           w["etcd_cpu"] for w in watched), 3), "polling": round(
                           statistics.median(p["etcd_cpu"] for p in polled), 3)},
                       events_delivered=largest * CHANGES, all_nodes_in_one_process=True)
+        report_rounds("cluster", f"converge_{largest}_nodes_agent_cpu", "cpu s",
+                      [w["agent_cpu"] for w in watched], [p["agent_cpu"] for p in polled],
+                      baseline, "lower is better; ratio < 1 (CPU the agents' process burns "
+                      "until every node has converged; wall time on a shared box measures "
+                      "the neighbours too)", lambda a, b: a < b,
+                      load_average=[round(w["load"], 1) for w in watched],
+                      all_nodes_in_one_process=True)
+        if BIG != "0":
+            count, processes = (int(x) for x in BIG.split("x"))
+            try:
+                async with asyncio.timeout(BIG_TIMEOUT_S):
+                    big = await scale_converge_processes(etcd, count, processes, tmp)
+                converged, met = big["converged"], big["converged"] < GOAL_BIG_CONVERGE_S
+                extra = {"joined_seconds": round(big["joined"], 2),
+                         "etcd_cpu_seconds": round(big["etcd_cpu"], 2),
+                         "agent_cpu_seconds": round(big["agent_cpu"], 2),
+                         "load_average": round(big["load"], 1)}
+            except (TimeoutError, RuntimeError) as exc:
+                converged, met = BIG_TIMEOUT_S, False
+                extra = {"failed": f"{type(exc).__name__}: {exc}"[:300]}
+            report("cluster", f"converge_{count}_nodes_{processes}_processes_after_{CHANGES}"
+                   "_changes", "s", converged, GOAL_BIG_CONVERGE_S,
+                   f"issue 16 goal (< {GOAL_BIG_CONVERGE_S:g} s on one etcd; polling is not "
+                   "raced at this size)", f"lower is better; < {GOAL_BIG_CONVERGE_S:g} s",
+                   met=met, processes=processes, store="etcd 3.4 loopback",
+                   curve={**{str(k): round(v["converged"], 3) for k, v in curve.items()},
+                          str(count): round(converged, 3)}, **extra)
         report("cluster", f"idle_cpu_{largest}_nodes_{CHANGES}_endpoints", "cpu s/s",
                curve[largest]["idle_cpu"], polled[0]["idle_cpu"], baseline,
                "lower is better; ratio <= 1", met=curve[largest]["idle_cpu"]
@@ -343,10 +383,128 @@ async def main() -> None:
                     "one lease keepalive per node per second; one sample each")
 
 
+# many processes ------------------------------------------------------------------------
+
+def _endpoint_ip(i: int, count: int) -> str:
+    """The i-th endpoint change's address (owned by node i % count), as scale_converge."""
+    return f"10.{100 + (i % count) // 200}.{(i % count) % 200}.{i // count + 2}"
+
+
+async def worker(endpoint: str, first: int, share: int, total: int) -> None:
+    """One process of a many-process run: nodes first..first+share-1 of `total`, each with
+    its own etcd connection, session, node registry and ipcache watch. Talks to the parent
+    over stdin/stdout: `joined` → (go) → `converged <unix time> <cpu s>` → (stop)."""
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue = asyncio.Queue()
+    loop.add_reader(sys.stdin.fileno(), lambda: lines.put_nowait(sys.stdin.readline()))
+    with tempfile.TemporaryDirectory(prefix="pylium-bench-cluster-worker-") as tmp_name:
+        await _worker_nodes(endpoint, first, share, total, lines, Path(tmp_name))
+
+
+async def _worker_nodes(endpoint: str, first: int, share: int, total: int,
+                        lines: asyncio.Queue, tmp: Path) -> None:
+    async def make():
+        store = EtcdKVStore({"endpoints": [endpoint], "timeout": 60, "connect_timeout": 30},
+                            tmp)
+        await store.open()
+        return store
+    stores = []
+    for _ in range(0, share, 50):  # connect in steps: 250 at once overwhelm a busy box
+        stores += await asyncio.gather(*(make() for _ in range(min(50, share - len(stores)))))
+    nodes = [SimulatedNode(st, f"sim{first + k}", f"10.250.{(first + k) // 250}."
+                           f"{(first + k) % 250 + 1}", f"10.{100 + (first + k) // 200}."
+                           f"{(first + k) % 200}.0/24", lease_ttl=60)
+             for k, st in enumerate(stores)]
+    for at in range(0, share, 50):
+        await asyncio.gather(*(n.start() for n in nodes[at:at + 50]))
+    while not all(len(n.registry.nodes) == total - 1 for n in nodes):
+        await asyncio.sleep(0.05)
+    print("joined", flush=True)
+    await lines.get()  # go
+    cpu = time.process_time()
+    owned = {}
+    for i in range(CHANGES):
+        index = i % total
+        if first <= index < first + share:
+            nodes[index - first].ipcache.set_local(_endpoint_ip(i, total), 2000 + i % 500)
+        owned[index] = owned.get(index, 0) + 1
+    expected = [CHANGES - owned.get(first + k, 0) for k in range(share)]
+    while not all(len(n.ipcache.installed) == want for n, want in zip(nodes, expected, strict=True)):
+        await asyncio.sleep(0.01)
+    print(f"converged {time.time()} {time.process_time() - cpu}", flush=True)
+    await lines.get()  # stop
+    for at in range(0, share, 50):
+        await asyncio.gather(*(n.stop() for n in nodes[at:at + 50]))
+    await asyncio.gather(*(st.close() for st in stores))
+
+
+async def scale_converge_processes(server: EtcdServer, count: int, processes: int,
+                                   tmp: Path) -> dict[str, float]:
+    """`count` simulated nodes spread over `processes` worker processes (see `worker`),
+    one etcd; the same CHANGES endpoint changes; time until every node of every process
+    holds every other node's endpoints."""
+    store = await etcd_factory(server, tmp)()
+    await _wipe(store)
+    await store.close()
+    per = -(-count // processes)
+    began = time.perf_counter()
+    procs = []
+    done = False
+    for first in range(0, count, per):
+        procs.append(await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--worker", server.endpoint, str(first),
+            str(min(per, count - first)), str(count),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE))
+    try:
+        for proc in procs:
+            line = (await proc.stdout.readline()).decode().split()
+            if line[:1] != ["joined"]:
+                raise RuntimeError(f"a worker failed to join: {line}")
+        joined = time.perf_counter() - began
+        etcd_cpu = _cpu_seconds(server.process.pid)
+        start = time.time()
+        for proc in procs:
+            proc.stdin.write(b"go\n")
+        await asyncio.gather(*(proc.stdin.drain() for proc in procs))
+        finished, cpu = [], 0.0
+        for proc in procs:
+            line = (await proc.stdout.readline()).decode().split()
+            if line[:1] != ["converged"]:
+                raise RuntimeError(f"a worker failed to converge: {line}")
+            finished.append(float(line[1]))
+            cpu += float(line[2])
+        done = True
+        converged = max(finished) - start
+        etcd_cpu = _cpu_seconds(server.process.pid) - etcd_cpu
+        return {"joined": joined, "converged": converged, "etcd_cpu": etcd_cpu,
+                "agent_cpu": cpu, "processes": len(procs), "load": os.getloadavg()[0]}
+    finally:
+        for proc in procs:  # a clean stop once every worker converged; else no waiting
+            if proc.returncode is None:
+                if done:
+                    try:
+                        proc.stdin.write(b"stop\n")
+                        await proc.stdin.drain()
+                    except (BrokenPipeError, ConnectionResetError):
+                        proc.kill()
+                else:
+                    proc.kill()
+        for proc in procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 120)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
 def _p90(samples: list[float]) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))]
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if sys.argv[1:2] == ["--worker"]:
+        endpoint_, first_, share_, total_ = sys.argv[2:6]
+        asyncio.run(worker(endpoint_, int(first_), int(share_), int(total_)))
+    else:
+        asyncio.run(main())

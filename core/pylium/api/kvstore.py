@@ -115,6 +115,15 @@ class KVStore(abc.ABC):
         the key from any lease it had (etcd semantics). Raises `LeaseNotFound` if `lease`
         expired or was revoked."""
 
+    async def put_many(self, items: list[tuple[str, bytes]], lease: Lease | None = None) -> int:
+        """Write several keys (same semantics as `put` each); returns the last revision.
+        A backend that can write them in one transaction does (etcd: up to its 128
+        operations per transaction), so a watcher gets them in one event batch."""
+        revision = 0
+        for key, value in items:
+            revision = await self.put(key, value, lease)
+        return revision
+
     @abc.abstractmethod
     async def delete(self, key: str) -> bool:
         """Delete one key; True if it existed."""

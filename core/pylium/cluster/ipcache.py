@@ -11,16 +11,16 @@ an agent restart."""
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
+import socket
 from typing import Any, Protocol
 
 from pylium.api import NodeInfo
 from pylium.api.kvstore import KVStore, KVStoreUnavailable, Lease, LeaseNotFound
 from pylium.cluster.mirror import PrefixMirror
 from pylium.cluster.session import ClusterSession
-from pylium.documents import RecordError, load_record
+from pylium.documents import RecordError
 
 log = logging.getLogger(__name__)
 
@@ -80,21 +80,47 @@ def encode_entry(ip: str, identity: int, node: str, node_ip: str, endpoint: str 
                        "endpoint": endpoint}, sort_keys=True).encode()
 
 
+#: the largest ipcache record accepted (bytes)
+MAX_RECORD = 4096
+
+
+def is_ipv4(text: object) -> bool:
+    """Dotted-quad IPv4, as strict as `ipaddress` (no leading zeros, no short forms) at a
+    fraction of its cost: every node decodes every endpoint's record."""
+    if not isinstance(text, str):
+        return False
+    try:
+        socket.inet_pton(socket.AF_INET, text)
+    except (OSError, ValueError):  # ValueError: an embedded NUL
+        return False
+    return True
+
+
 def decode_entry(key: str, raw: bytes) -> tuple[int, str, str]:
     """(identity, node, node_ip) of an ipcache record; `RecordError` when it is not one
-    (the key must be an IPv4 address, the identity fit the map's u32, node_ip be IPv4)."""
-    data = load_record(raw, f"ipcache record {key}")
+    (the key must be an IPv4 address, the identity fit the map's u32, node_ip be IPv4).
+
+    Every node decodes every endpoint's record, so this is on the hot path: a record is
+    at most `MAX_RECORD` bytes (ours are ~120), which bounds its nesting too (the JSON
+    parser refuses what would recurse too deep), and is parsed once with `json.loads`."""
+    if len(raw) > MAX_RECORD:
+        raise RecordError(f"ipcache record {key}: {len(raw)} bytes is more than the limit "
+                          f"of {MAX_RECORD}")
+    try:
+        data = json.loads(bytes(raw).decode())
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise RecordError(f"ipcache record {key}: not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise RecordError(f"ipcache record {key}: expected a JSON object")
     try:
-        ipaddress.IPv4Address(key[len(IP_PREFIX):])
         identity, node, node_ip = data["identity"], data["node"], data["node_ip"]
-        ipaddress.IPv4Address(node_ip)
     except KeyError as exc:
         raise RecordError(f"ipcache record {key}: {exc.args[0]}: required field "
                           "missing") from None
-    except ValueError as exc:
-        raise RecordError(f"ipcache record {key}: {exc}") from None
+    for what, text in (("key", key[len(IP_PREFIX):]), ("node_ip", node_ip)):
+        if not is_ipv4(text):
+            raise RecordError(f"ipcache record {key}: {what}: {text!r} is not an IPv4 "
+                              "address")
     if isinstance(identity, bool) or not isinstance(identity, int) or \
             not 0 < identity <= 0xFFFFFFFF:
         raise RecordError(f"ipcache record {key}: identity: {identity!r} is not an identity")
@@ -125,6 +151,9 @@ class IPCacheSync:
         self.by_node: dict[str, set[str]] = {}
         #: what this sync put in the sink: ip → (identity, tunnel endpoint)
         self.installed: dict[str, tuple[int, str | None]] = {}
+        #: node name → (its registry record, its address as text): asked for every remote
+        #: endpoint, so kept while the registry keeps the same record
+        self._node_ips: dict[str, tuple[Any, str]] = {}
         self.mirror = PrefixMirror(kvstore, IP_PREFIX, self._changed, on_synced=self.reconcile,
                                    reset_grace=session.reset_grace)
         self._dirty = asyncio.Event()
@@ -161,9 +190,11 @@ class IPCacheSync:
             for ip in [ip for ip in self.published if ip not in self.local_entries]:
                 await self.kvstore.delete(ip_key(ip))
                 del self.published[ip]
-            for ip, value in list(self.local_entries.items()):
-                if self.published.get(ip) != value:
-                    await self.kvstore.put(ip_key(ip), value, lease=lease)
+            changed = [(ip, value) for ip, value in list(self.local_entries.items())
+                       if self.published.get(ip) != value]
+            if changed:  # one transaction (one revision, one watch event batch) per chunk
+                await self.kvstore.put_many([(ip_key(ip), v) for ip, v in changed], lease=lease)
+                for ip, value in changed:
                     self.published[ip] = value
         except BaseException:
             self._dirty.set()
@@ -254,7 +285,10 @@ class IPCacheSync:
             known = self.nodes.nodes.get(node)
             if known is None:
                 return None  # not (or no longer) a member: its endpoints are not reachable
-            node_ip = str(known.ipv4)
+            text = self._node_ips.get(node)
+            if text is None or text[0] is not known:  # a node record replaced: its address
+                text = self._node_ips[node] = (known, str(known.ipv4))
+            node_ip = text[1]
         return identity, node_ip
 
     def _apply(self, ip: str) -> None:
@@ -274,6 +308,7 @@ class IPCacheSync:
             self._apply(ip)
 
     def _node_left(self, node: NodeInfo) -> None:
+        self._node_ips.pop(node.name, None)
         for ip in list(self.by_node.get(node.name, ())):
             self._apply(ip)
 

@@ -18,9 +18,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pylium.datapath.ringbuf import LostCounter, RingBufferReader, pin_paths
+from pylium.datapath.ringbuf import (
+    LostCounter,
+    MappedRingReader,
+    RingBufferError,
+    RingBufferReader,
+    open_pinned,
+    pin_paths,
+)
 from pylium.flow.decode import (
     EVENT_SIZE,
+    FRAMED_EVENT_SIZE,
     Decoder,
     Resolver,
     ServiceResolver,
@@ -54,7 +62,7 @@ class FlowObserver:
         self.ring = FlowRing(capacity, node_name)
         self.decoder = Decoder(node_name, resolver, services=services)
         self.batch_records = batch_records
-        self.reader: RingBufferReader | None = None
+        self.reader: MappedRingReader | RingBufferReader | None = None
         self.lost_counter: LostCounter | None = None
         #: value of the kernel counter when we attached, and the last value we reported
         self.kernel_lost_base = 0
@@ -70,10 +78,12 @@ class FlowObserver:
         self.http: Any = None
 
     # feeding --------------------------------------------------------------------------------
-    def ingest(self, buf, wall_offset_ns: int | None = None) -> int:
-        """Decode a buffer of 64-byte events into the ring; returns flows added."""
+    def ingest(self, buf, wall_offset_ns: int | None = None, framed: bool = False) -> int:
+        """Decode a buffer of 64-byte events into the ring; returns flows added. `framed`:
+        records as they lie in the kernel ring (each after its 8-byte header)."""
         n = len(buf)
-        whole = n - n % EVENT_SIZE
+        size = FRAMED_EVENT_SIZE if framed else EVENT_SIZE
+        whole = n - n % size
         if whole != n:
             self.malformed += 1
             self.ring.append_lost(LOST_AGENT, 1)
@@ -81,7 +91,7 @@ class FlowObserver:
         if not whole:
             return 0
         with self._ingest_lock:
-            flows = self.decoder.decode(buf, wall_offset_ns)
+            flows = self.decoder.decode(buf, wall_offset_ns, framed)
             self.ring.extend(flows, flows_only=True)
         return len(flows)
 
@@ -103,8 +113,7 @@ class FlowObserver:
                     ep_id, proxy_port, src_identity, dst_identity, src_ip, dst_ip, sport, dport,
                     protocol, 0, 0, 0, src, dst, dict(l7))
         with self._ingest_lock:
-            key = (EVENT_L7, verdict, flow.drop_reason, direction)
-            dec.counts[key] = dec.counts.get(key, 0) + 1
+            dec.count((EVENT_L7, verdict, flow.drop_reason, direction))
             self.ring.extend([flow])
         return flow
 
@@ -128,11 +137,7 @@ class FlowObserver:
     def attach(self, ringbuf: str | os.PathLike | int, lost: str | os.PathLike | int | None,
                start_thread: bool = True) -> None:
         """Open the ring buffer (pin path or map fd) and the lost counter, then start reading."""
-        if isinstance(ringbuf, int):
-            self.reader = RingBufferReader(ringbuf, EVENT_SIZE, self.batch_records)
-        else:
-            self.reader = RingBufferReader.open_pinned(ringbuf, record_size=EVENT_SIZE,
-                                                       batch_records=self.batch_records)
+        self.reader = self._open_reader(ringbuf)
         if lost is not None:
             self.lost_counter = (LostCounter(lost, owned=False) if isinstance(lost, int)
                                  else LostCounter.open_pinned(lost))
@@ -144,6 +149,22 @@ class FlowObserver:
                                             daemon=True)
             self._thread.start()
 
+    def _open_reader(self, ringbuf: str | os.PathLike | int) -> MappedRingReader | RingBufferReader:
+        """The mapped reader (records decoded where they lie); libbpf's callback reader if
+        the ring cannot be mapped here."""
+        fd = ringbuf if isinstance(ringbuf, int) else open_pinned(ringbuf)
+        owned = not isinstance(ringbuf, int)
+        try:
+            return MappedRingReader(fd, EVENT_SIZE, self.batch_records, owned_fd=owned)
+        except RingBufferError as exc:
+            log.info("mapping the events ring buffer failed (%s); using libbpf's reader", exc)
+        try:
+            return RingBufferReader(fd, EVENT_SIZE, self.batch_records, owned_fd=owned)
+        except BaseException:
+            if owned:
+                os.close(fd)
+            raise
+
     def pump(self, timeout_ms: int = 100) -> int:
         """One read round: poll, then drain whole batches; returns flows added."""
         reader = self.reader
@@ -151,10 +172,12 @@ class FlowObserver:
             return 0
         added = 0
         offset = monotonic_to_wall_offset()
+        framed = getattr(reader, "framed", False)
+        full = reader.batch_records * (FRAMED_EVENT_SIZE if framed else reader.record_size)
         view = reader.poll(timeout_ms)
         while len(view):
-            added += self.ingest(view, offset)
-            if len(view) < reader.record_size * reader.batch_records:
+            added += self.ingest(view, offset, framed)
+            if len(view) < full:
                 break
             view = reader.consume()
         if reader.malformed > self.malformed:

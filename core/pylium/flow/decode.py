@@ -33,6 +33,10 @@ EVENT_FORMAT = "<QBBBBHHII4s4sHHBB2xIIH14x"
 EVENT = struct.Struct(EVENT_FORMAT)
 EVENT_SIZE = 64
 assert EVENT.size == EVENT_SIZE
+#: the same record framed as it lies in the kernel ring buffer: 8-byte record header first
+#: (length and flags, checked by the mapped reader before it hands a batch over)
+FRAMED_EVENT = struct.Struct("<8x" + EVENT_FORMAT[1:])
+FRAMED_EVENT_SIZE = FRAMED_EVENT.size
 
 #: full layout including pads, for encoders (tests, the bench) and the ctypes mirror
 FIELDS = (
@@ -46,6 +50,10 @@ FIELDS = (
 FLAG_REPLY = 0x1
 FLAG_ENCRYPTED = 0x4  # bpf/lib/events.h EVENT_F_ENCRYPTED
 FLAG_CT_NEW = 0x2
+
+#: the decode loop builds `Flow` tuples with exactly this many fields
+_FLOW_FIELDS = 25
+assert len(Flow._fields) == _FLOW_FIELDS, "Decoder.decode builds Flow field by field"
 
 SWAP16 = tuple(((p & 0xFF) << 8) | (p >> 8) for p in range(65536))
 
@@ -65,6 +73,9 @@ def _verdict_table() -> dict[tuple[int, int], tuple[str, int]]:
 
 
 VERDICT = _verdict_table()
+#: the same, indexed by type << 8 | reason (one list index per event, no key tuple)
+VERDICT_BY_CODE = [VERDICT.get((code >> 8, code & 0xFF), ("VERDICT_UNKNOWN", 0))
+                   for code in range(1 << 16)]
 
 #: resolve(ip, identity, ep_id) → Peer | None. `ep_id` is the local endpoint's id when this
 #: side is the event's endpoint, else 0. Supplied by the agent (endpoints + identities).
@@ -97,10 +108,27 @@ class Decoder:
         self._ip_text: dict[bytes, str] = {}
         self._peers: dict[tuple[str, int, int], Peer] = {}
         self._peers_at = time.monotonic()
-        #: (kind, verdict, drop_reason, direction) → events
-        self.counts: dict[tuple[int, str, int, int], int] = {}
+        #: type << 16 | reason << 8 | direction → events (the decode loop counts by one
+        #: int; `counts` folds them into the metric's labels when read)
+        self._code_counts: dict[int, int] = {}
+        #: (kind, verdict, drop_reason, direction) → events counted another way (L7 flows)
+        self._other_counts: dict[tuple[int, str, int, int], int] = {}
         self.decoded = 0
         self.resolver_errors = 0
+
+    @property
+    def counts(self) -> dict[tuple[int, str, int, int], int]:
+        """(kind, verdict, drop_reason, direction) → events decoded or counted."""
+        out = dict(self._other_counts)
+        for code, n in list(self._code_counts.items()):
+            verdict, drop = VERDICT_BY_CODE[code >> 8]
+            key = (code >> 16, verdict, drop, code & 0xFF)
+            out[key] = out.get(key, 0) + n
+        return out
+
+    def count(self, key: tuple[int, str, int, int]) -> None:
+        """Count one flow that did not come through `decode` (an L7 flow)."""
+        self._other_counts[key] = self._other_counts.get(key, 0) + 1
 
     def peer(self, ip: str, identity: int, ep_id: int) -> Peer:
         """The enriched side of a flow (cached; see `Resolver`)."""
@@ -140,8 +168,10 @@ class Decoder:
         self._peers.clear()
         self._peers_at = time.monotonic()
 
-    def decode(self, buf: Any, wall_offset_ns: int | None = None) -> list[Flow]:
-        """Decode a buffer of whole 64-byte events (bytes, bytearray or memoryview)."""
+    def decode(self, buf: Any, wall_offset_ns: int | None = None,
+               framed: bool = False) -> list[Flow]:
+        """Decode a buffer of whole 64-byte events (bytes, bytearray or memoryview);
+        `framed`: each is preceded by its 8-byte ring-buffer header (`FRAMED_EVENT`)."""
         if wall_offset_ns is None:
             wall_offset_ns = monotonic_to_wall_offset()
         if time.monotonic() - self._peers_at > self.cache_ttl:
@@ -152,23 +182,27 @@ class Decoder:
         ip_text = self._ip_text
         peers = self._peers
         peer_of = self.peer
-        verdicts = VERDICT
+        verdicts = VERDICT_BY_CODE
         swap = SWAP16
-        counts = self.counts
+        counts = self._code_counts
         node = self.node_name
         ntoa = socket.inet_ntoa
         out: list[Flow] = []
         append = out.append
+        # every field is given, so the tuple is built directly (NamedTuple's generated
+        # __new__ is a Python frame per event); `_FLOW_FIELDS` guards the field count
+        new = tuple.__new__
         for (ts, kind, reason, direction, flags, ep_id, proxy_port, sid, did, saddr, daddr,
              sport, dport, proto, tcp_flags, ifindex, pkt_len,
-             rev_nat) in EVENT.iter_unpack(buf):
+             rev_nat) in (FRAMED_EVENT if framed else EVENT).iter_unpack(buf):
             src_ip = ip_text.get(saddr)
             if src_ip is None:
                 src_ip = ip_text[saddr] = ntoa(saddr)
             dst_ip = ip_text.get(daddr)
             if dst_ip is None:
                 dst_ip = ip_text[daddr] = ntoa(daddr)
-            verdict, drop = verdicts.get((kind, reason), ("VERDICT_UNKNOWN", 0))
+            code = kind << 8 | reason
+            verdict, drop = verdicts[code]
             if direction:  # egress: the event's endpoint is the source
                 src = peers.get((src_ip, sid, ep_id)) or peer_of(src_ip, sid, ep_id)
                 dst = peers.get((dst_ip, did, 0)) or peer_of(dst_ip, did, 0)
@@ -180,13 +214,13 @@ class Decoder:
                 sport, dport = dport >> 8, dport & 0xFF
             else:
                 sport, dport = swap[sport], swap[dport]
-            key = (kind, verdict, drop, direction)
-            counts[key] = counts.get(key, 0) + 1
-            append(Flow(ts + wall_offset_ns, node, kind, reason, verdict, drop, direction,
-                        bool(flags & FLAG_REPLY), ep_id, proxy_port, sid, did, src_ip, dst_ip,
-                        sport, dport, proto, tcp_flags, ifindex, pkt_len, src, dst, None,
-                        bool(flags & FLAG_ENCRYPTED),
-                        self.service(rev_nat) if rev_nat else None))
+            code = code << 8 | direction
+            counts[code] = counts.get(code, 0) + 1
+            append(new(Flow, (ts + wall_offset_ns, node, kind, reason, verdict, drop, direction,
+                              bool(flags & FLAG_REPLY), ep_id, proxy_port, sid, did, src_ip,
+                              dst_ip, sport, dport, proto, tcp_flags, ifindex, pkt_len, src, dst,
+                              None, bool(flags & FLAG_ENCRYPTED),
+                              self.service(rev_nat) if rev_nat else None)))
         self.decoded += len(out)
         return out
 

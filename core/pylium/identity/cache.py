@@ -31,6 +31,8 @@ class IdentityCache:
         self._by_prefix: dict[Network, Identity] = {}
         self._next_local = LOCAL_SCOPE
         self._listeners: list[Listener] = []
+        #: increases on every add/remove (indexes built from the cache compare it)
+        self.generation = 0
         for identity in identities:
             self.add(identity)
 
@@ -70,6 +72,7 @@ class IdentityCache:
         return lambda: self._listeners.remove(listener)
 
     def _notify(self, added: list[Identity], removed: list[Identity]) -> None:
+        self.generation += 1
         if added or removed:
             for listener in list(self._listeners):
                 listener(added, removed)

@@ -395,6 +395,28 @@ class KVStoreConformance:
                 assert [i.key for i in await kv.list(ns + "r/")] == [ns + "r/plain"]
         run(body())
 
+    def test_put_many_writes_every_key_on_the_lease_and_watchers_see_each(self, store_factory,
+                                                                          ns):
+        """More keys than one etcd transaction takes (128), on a lease: all written, all
+        announced to a watcher once, all gone with the lease."""
+        async def body():
+            async with store_factory() as kv:
+                lease = await kv.grant_lease(max(self.lease_ttl, 30))
+                start = await kv.revision()
+                watch = kv.watch(ns + "m/", after_revision=start)
+                items = [(f"{ns}m/{i:03d}", f"v{i}".encode()) for i in range(300)]
+                revision = await kv.put_many(items, lease=lease)
+                assert revision == await kv.revision()
+                assert [(i.key, i.value) for i in await kv.list(ns + "m/")] == items
+                events = await next_events(watch, 300)
+                await watch.aclose()
+                assert sorted((e.key, e.value) for e in events) == items
+                assert all(e.type == "put" for e in events)
+                assert await kv.put_many([], lease=lease) == 0
+                await kv.revoke_lease(lease)
+                assert await kv.list(ns + "m/") == []
+        run(body())
+
     # persistence and health -------------------------------------------------------------
     def test_persists_across_reopen(self, store_factory, ns):
         if not self.persistent:

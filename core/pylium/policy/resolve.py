@@ -24,8 +24,10 @@ key, and each key's entry is the verdict of all specs that contain it for that i
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
 
 import attrs
 
@@ -47,7 +49,7 @@ from pylium.policy.mapstate import (
     port_range_blocks,
 )
 from pylium.policy.rule import Policy, Rule
-from pylium.policy.selector import Requirement
+from pylium.policy.selector import EndpointSelector, Requirement
 from pylium.policy.selectorcache import (
     WILDCARD,
     CIDRPeer,
@@ -99,10 +101,16 @@ def named_rules(policies: Iterable[Policy]) -> list[NamedRule]:
 def rule_selects(rule: Rule, labels: LabelSet) -> bool:
     """Cilium: endpointSelector rules never select the host endpoint; nodeSelector (host
     policy) rules select only it."""
+    return subject_selects(rule.endpoint_selector, rule.node_selector, labels)
+
+
+def subject_selects(endpoint_selector: EndpointSelector | None,
+                    node_selector: EndpointSelector | None, labels: LabelSet) -> bool:
+    """`rule_selects` for a rule's subject alone (rules sharing a subject share the answer)."""
     is_host = labels.has("reserved", "host")
-    if rule.endpoint_selector is not None:
-        return not is_host and rule.endpoint_selector.matches(labels)
-    return is_host and rule.node_selector.matches(labels)
+    if endpoint_selector is not None:
+        return not is_host and endpoint_selector.matches(labels)
+    return is_host and node_selector.matches(labels)
 
 
 # items → contributions ----------------------------------------------------------------
@@ -145,7 +153,7 @@ def item_peers(item, requirements: tuple[Requirement, ...]) -> list[Peer]:
     for sel in item.endpoints:
         sel = sel.with_requirements(requirements) if requirements else sel
         peers.append(WILDCARD if sel.is_wildcard else LabelPeer(sel))
-    peers += [CIDRPeer(str(ipaddress.ip_network(c))) for c in item.cidrs]
+    peers += [CIDRPeer(canonical_cidr(c)) for c in item.cidrs]
     peers += [CIDRPeer(s.cidr, tuple(s.except_)) for s in item.cidr_sets]
     peers += [WILDCARD if e == "all" else EntityPeer(e) for e in item.entities]
     peers += [NoPeer("toServices needs the service layer") for _ in item.services]
@@ -153,8 +161,16 @@ def item_peers(item, requirements: tuple[Requirement, ...]) -> list[Peer]:
     return peers
 
 
-@attrs.frozen
-class Contribution:
+@functools.lru_cache(maxsize=16384)
+def canonical_cidr(text: str) -> str:
+    """A prefix as `ipaddress` writes it (`10.0.0.0/8`), parsed once per distinct text."""
+    return str(ipaddress.ip_network(text))
+
+
+class Contribution(NamedTuple):
+    """(peers × one port spec) of one allow or deny item: a plain tuple, as thousands are
+    made per resolution."""
+
     peers: tuple[Peer, ...]
     spec: Spec
     l7: L7Rules | None
@@ -162,8 +178,33 @@ class Contribution:
     rule: str
 
 
+#: kept contributions of one rule: id(rule) → (the rule, {memo key: contributions})
+ContributionMemo = dict[int, tuple[NamedRule, dict[tuple, list[Contribution]]]]
+
+
+def rule_contributions(nr: NamedRule, direction: Direction,
+                       named_ports: Mapping[str, int] | None,
+                       reqs: dict[bool, tuple[Requirement, ...]]) -> list[Contribution]:
+    """What one rule contributes in one direction, given the fromRequires of all rules."""
+    ingress = direction == Direction.INGRESS
+    allow_attr, deny_attr = ("ingress", "ingress_deny") if ingress else ("egress", "egress_deny")
+    out: list[Contribution] = []
+    for deny, attr in ((False, allow_attr), (True, deny_attr)):
+        for item in getattr(nr.rule, attr):
+            peers = tuple(item_peers(item, reqs[deny]))
+            if not peers:
+                continue
+            specs = port_specs(item, named_ports) if item.l4_present else [(ANY_SPEC, None)]
+            for spec, l7 in specs:
+                out.append(Contribution(peers, spec, l7, deny, nr.name))
+    return out
+
+
 def contributions(rules: list[NamedRule], direction: Direction,
-                  named_ports: Mapping[str, int] | None) -> list[Contribution]:
+                  named_ports: Mapping[str, int] | None,
+                  memo: ContributionMemo | None = None) -> list[Contribution]:
+    """Every rule's contributions. With `memo` (the engine's), a rule's are computed once
+    per (direction, named ports, fromRequires) and reused while the rule object lives."""
     ingress = direction == Direction.INGRESS
     allow_attr, deny_attr = ("ingress", "ingress_deny") if ingress else ("egress", "egress_deny")
     reqs: dict[bool, tuple[Requirement, ...]] = {False: (), True: ()}
@@ -173,15 +214,20 @@ def contributions(rules: list[NamedRule], direction: Direction,
                 for sel in item.requires:
                     reqs[deny] += sel.as_requirements()
     out: list[Contribution] = []
+    if memo is None:
+        for nr in rules:
+            out += rule_contributions(nr, direction, named_ports, reqs)
+        return out
+    key = (direction, tuple(sorted(named_ports.items())) if named_ports else (),
+           reqs[False], reqs[True])
     for nr in rules:
-        for deny, attr in ((False, allow_attr), (True, deny_attr)):
-            for item in getattr(nr.rule, attr):
-                peers = tuple(item_peers(item, reqs[deny]))
-                if not peers:
-                    continue
-                specs = port_specs(item, named_ports) if item.l4_present else [(ANY_SPEC, None)]
-                for spec, l7 in specs:
-                    out.append(Contribution(peers, spec, l7, deny, nr.name))
+        kept = memo.get(id(nr))
+        if kept is None or kept[0] is not nr:
+            kept = memo[id(nr)] = (nr, {})
+        got = kept[1].get(key)
+        if got is None:
+            got = kept[1][key] = rule_contributions(nr, direction, named_ports, reqs)
+        out += got
     return out
 
 
@@ -199,23 +245,51 @@ def enforcement(rules: list[NamedRule], direction: Direction, mode: str) -> tupl
 
 # map state construction --------------------------------------------------------------
 
-def _contains(spec: Spec, key: PolicyKey) -> bool:
+def _contains(spec: Spec, block: tuple[int, int, int]) -> bool:
+    """Does the port spec contain every packet of the key block (protocol, port, prefix)?"""
     if spec[0] == PROTO_ANY:
         return True
-    if key.protocol != spec[0]:
+    proto, port, plen = block
+    if proto != spec[0]:
         return False
-    first, last = key.port_range
-    return spec[1] <= first and last <= spec[2]
+    return spec[1] <= port and port + (1 << (16 - plen)) - 1 <= spec[2]
 
 
-def _blocks(spec: Spec) -> list[tuple[int, int, int]]:
+@functools.lru_cache(maxsize=16384)
+def _blocks(spec: Spec) -> tuple[tuple[int, int, int], ...]:
     if spec[0] == PROTO_ANY:
-        return [(PROTO_ANY, 0, 0)]
-    return [(spec[0], port, plen) for port, plen in port_range_blocks(spec[1], spec[2])]
+        return ((PROTO_ANY, 0, 0),)
+    return tuple((spec[0], port, plen) for port, plen in port_range_blocks(spec[1], spec[2]))
 
 
 def proxy_port(kind: str, direction: Direction) -> int:
     return PROXY_PORTS[(kind, direction)]
+
+
+KeyDecision = tuple[PolicyEntry, tuple[L7Grant, ...] | None]
+
+
+def _decide(relevant: list[Contribution], blocks: set[tuple[int, int, int]],
+            redirect: dict[Spec, int]) -> list[tuple[tuple[int, int, int], KeyDecision]]:
+    """The entry of each key block given the contributions that apply to one identity."""
+    out: list[tuple[tuple[int, int, int], KeyDecision]] = []
+    for block in sorted(blocks):
+        hits = [c for c in relevant if _contains(c.spec, block)]
+        denies = [c for c in hits if c.deny]
+        if denies:
+            out.append((block, (PolicyEntry(deny=True, derived_from=tuple(
+                sorted({c.rule for c in denies}))), None)))
+            continue
+        if not hits:
+            continue
+        ports = [redirect[c.spec] for c in hits if c.spec in redirect]
+        names = tuple(sorted({c.rule for c in hits}))
+        entry = PolicyEntry(proxy_port=min(ports) if ports else 0, derived_from=names)
+        grants = tuple(
+            L7Grant(c.rule, c.l7.kind, c.l7.rules) if c.l7 is not None
+            else L7Grant(c.rule, allow_all=True) for c in hits) if ports else None
+        out.append((block, (entry, grants)))
+    return out
 
 
 def build_entries(contribs: list[Contribution], direction: Direction,
@@ -229,47 +303,51 @@ def build_entries(contribs: list[Contribution], direction: Direction,
     # identity → the contributions that apply to it (0 = wildcard ones)
     per_identity: dict[int, list[Contribution]] = {}
     for c in contribs:
-        ids: set[int] = set()
-        for peer in c.peers:
-            ids |= select(peer)
+        peers = c.peers
+        if len(peers) == 1:
+            ids: frozenset[int] | set[int] = select(peers[0])
+        else:
+            ids = set()
+            for peer in peers:
+                ids |= select(peer)
         for number in ids:
             per_identity.setdefault(number, []).append(c)
     wildcard = per_identity.get(IDENTITY_ANY, [])
     wildcard_blocks = {b for c in wildcard for b in _blocks(c.spec)}
+    # identities hit by the same contributions get the same entries: decide them once
+    groups: dict[tuple, tuple[list[Contribution], list[int]]] = {}
+    for number, own in per_identity.items():
+        signature = (number == IDENTITY_ANY, *map(id, own))
+        group = groups.get(signature)
+        if group is None:
+            groups[signature] = (own, [number])
+        else:
+            group[1].append(number)
     entries: dict[PolicyKey, PolicyEntry] = {}
     l7: dict[PolicyKey, tuple[L7Grant, ...]] = {}
-    for number, own in per_identity.items():
-        relevant = own if number == IDENTITY_ANY else own + wildcard
+    for (is_any, *_), (own, numbers) in groups.items():
+        relevant = own if is_any else own + wildcard
         blocks = {b for c in own for b in _blocks(c.spec)} | wildcard_blocks
-        for proto, port, plen in blocks:
-            key = PolicyKey(number, direction, proto, port, plen)
-            hits = [c for c in relevant if _contains(c.spec, key)]
-            denies = [c for c in hits if c.deny]
-            if denies:
-                entries[key] = PolicyEntry(deny=True, derived_from=tuple(
-                    sorted({c.rule for c in denies})))
-                continue
-            allows = [c for c in hits if not c.deny]
-            if not allows:
-                continue
-            ports = [redirect[c.spec] for c in allows if c.spec in redirect]
-            names = tuple(sorted({c.rule for c in allows}))
-            entries[key] = PolicyEntry(proxy_port=min(ports) if ports else 0,
-                                       derived_from=names)
-            if ports:
-                l7[key] = tuple(
-                    L7Grant(c.rule, c.l7.kind, c.l7.rules) if c.l7 is not None
-                    else L7Grant(c.rule, allow_all=True) for c in allows)
+        decided = _decide(relevant, blocks, redirect)
+        for number in numbers:
+            for (proto, port, plen), (entry, grants) in decided:
+                key = PolicyKey(number, direction, proto, port, plen)
+                entries[key] = entry
+                if grants is not None:
+                    l7[key] = grants
     return entries, l7
 
 
 def compute(rules: list[NamedRule], labels: LabelSet, select: Callable[[Peer], frozenset[int]],
             mode: str = "default", named_ports: Mapping[str, int] | None = None,
-            revision: int = 0) -> tuple[EndpointPolicy, set[Peer]]:
-    """The map state of one endpoint and the peers it depends on."""
+            revision: int = 0, preselected: bool = False,
+            memo: ContributionMemo | None = None) -> tuple[EndpointPolicy, set[Peer]]:
+    """The map state of one endpoint and the peers it depends on. `preselected`: every
+    rule in `rules` is already known to select the endpoint (the engine's index did it);
+    `memo`: kept per-rule contributions (see `contributions`)."""
     if mode not in ENFORCEMENT_MODES:
         raise ValueError(f"enforcement mode {mode!r} is not one of {ENFORCEMENT_MODES}")
-    selecting = [nr for nr in rules if rule_selects(nr.rule, labels)]
+    selecting = rules if preselected else [nr for nr in rules if rule_selects(nr.rule, labels)]
     entries: dict[PolicyKey, PolicyEntry] = {}
     l7: dict[PolicyKey, tuple[L7Grant, ...]] = {}
     enforced: dict[Direction, bool] = {}
@@ -279,7 +357,7 @@ def compute(rules: list[NamedRule], labels: LabelSet, select: Callable[[Peer], f
         enforced[direction] = on
         if not on:
             continue
-        contribs = contributions(selecting, direction, named_ports)
+        contribs = contributions(selecting, direction, named_ports, memo)
         if not default_deny:
             contribs.append(Contribution((WILDCARD,), ANY_SPEC, None, False,
                                          "(enableDefaultDeny: false)"))

@@ -10,7 +10,7 @@ import attrs
 from pylium.identity.labels import SOURCE_ANY, LabelSet, split_source
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class Requirement:
     key: str
     operator: str
@@ -27,7 +27,7 @@ class Requirement:
         return hit if self.operator == "In" else not hit
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)  # selectors key the selector cache: hashed very often
 class EndpointSelector:
     #: sorted (key, value) pairs; the YAML `matchLabels` mapping
     match_labels: tuple[tuple[str, str], ...] = ()

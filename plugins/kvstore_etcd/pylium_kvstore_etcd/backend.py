@@ -19,6 +19,7 @@ Options:
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 import math
@@ -29,9 +30,8 @@ from urllib.parse import urlsplit
 
 import aetcd
 import aetcd.exceptions as etcd_errors
-import aetcd.watcher as aetcd_watcher
+import grpc
 from aetcd import rpc
-from aetcd.rtypes import EventKind
 from pylium.api import KVStore
 from pylium.api.kvstore import (
     KVEvent,
@@ -48,6 +48,10 @@ from pylium.kvstore.embedded import prefix_range
 log = logging.getLogger(__name__)
 
 OPTIONS = {"endpoints", "timeout", "connect_timeout", "retry_interval"}
+#: mvccpb.Event.EventType PUT (the other is DELETE)
+PUT = rpc.Event.PUT
+#: etcd's default limit of operations in one transaction (--max-txn-ops)
+TXN_OPS = 128
 
 
 def parse_endpoints(value: Any) -> list[tuple[str, int]]:
@@ -107,28 +111,53 @@ class _Misrouted(Exception):
 
 
 class _WatchStream:
-    """The events of one watch on its own aetcd `Watcher` (one gRPC stream)."""
+    """One watch on its own gRPC stream, read directly (no aetcd `Watcher`: it wraps every
+    event in its own objects and awaits a callback per event). A response's events wait
+    in a deque until the consumer takes them."""
 
-    def __init__(self, watcher: aetcd_watcher.Watcher):
-        self.watcher = watcher
-        self.events: asyncio.Queue = asyncio.Queue()
+    def __init__(self, call):
+        self.call = call
+        self._events: collections.deque = collections.deque()
+
+    @classmethod
+    async def open(cls, client: aetcd.Client, key: bytes, range_end: bytes,
+                   start_revision: int, timeout: float) -> _WatchStream:
+        call = rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
+        stream = cls(call)
+        try:
+            async with asyncio.timeout(timeout):
+                await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+                    key=key, range_end=range_end, start_revision=start_revision)))
+                response = await stream._read()
+            if not response.created:
+                raise etcd_errors.ClientError("etcd did not confirm the watch")
+            stream._events.extend(response.events)
+        except BaseException:
+            call.cancel()
+            raise
+        return stream
+
+    async def _read(self):
+        response = await self.call.read()
+        if response is grpc.aio.EOF:
+            raise etcd_errors.ClientError("watch stream ended")
+        if response.compact_revision:
+            raise etcd_errors.RevisionCompactedError(response.compact_revision)
+        if response.canceled:
+            raise etcd_errors.ClientError(f"watch canceled: {response.cancel_reason or '?'}")
+        return response
 
     def __aiter__(self):
         return self
 
     async def __anext__(self):
-        item = await self.events.get()
-        if isinstance(item, BaseException):
-            raise item
-        if item is None:
-            raise etcd_errors.ClientError("watch stream ended")
-        return item
+        events = self._events
+        while not events:
+            events.extend((await self._read()).events)
+        return events.popleft()
 
     async def close(self) -> None:
-        try:
-            await self.watcher.shutdown()
-        except Exception:
-            log.debug("closing an etcd watch stream failed", exc_info=True)
+        self.call.cancel()
 
 
 class EtcdKVStore(KVStore):
@@ -249,6 +278,26 @@ class EtcdKVStore(KVStore):
                                                       metadata=client.metadata))
         return response.header.revision
 
+    async def put_many(self, items: list[tuple[str, bytes]], lease: Lease | None = None) -> int:
+        """Puts in transactions of at most `TXN_OPS` (etcd's default --max-txn-ops): one
+        revision, so one watch response, per transaction instead of per key."""
+        revision = 0
+        client = self.client
+        lease_id = lease.id if lease else 0
+        for at in range(0, len(items), TXN_OPS):
+            chunk = items[at:at + TXN_OPS]
+            if len(chunk) == 1:
+                revision = await self.put(chunk[0][0], chunk[0][1], lease)
+                continue
+            request = rpc.TxnRequest(compare=[], success=[
+                rpc.RequestOp(request_put=rpc.PutRequest(key=key.encode(), value=bytes(value),
+                                                         lease=lease_id))
+                for key, value in chunk], failure=[])
+            response = await self._call(client.kvstub.Txn(request, timeout=self.timeout,
+                                                          metadata=client.metadata))
+            revision = response.header.revision
+        return revision
+
     async def delete(self, key: str) -> bool:
         return await self._delete_range(key.encode(), None) > 0
 
@@ -319,7 +368,7 @@ class EtcdKVStore(KVStore):
                     if kv.mod_revision != resume_revision:
                         resume_revision, delivered = kv.mod_revision, set()
                     delivered.add(kv.key)
-                    put = event.kind == EventKind.PUT
+                    put = event.type == PUT
                     yield KVEvent(type="put" if put else "delete", key=kv.key.decode(),
                                   value=bytes(kv.value) if put else b"",
                                   revision=kv.mod_revision)
@@ -364,17 +413,8 @@ class EtcdKVStore(KVStore):
         moment: a watch cancelled (or timed out) while being created can leave another
         watch receiving its events — seen after etcd outages, when watches are re-created
         at once. A stream per watch cannot mix watches up."""
-        client = self.client
-        stream = _WatchStream(aetcd_watcher.Watcher(rpc.WatchStub(client.channel),
-                                                    timeout=self.timeout,
-                                                    metadata=client.metadata))
-        try:
-            await stream.watcher.add_callback(key, stream.events.put, range_end=range_end,
-                                              start_revision=start_revision)
-        except BaseException:
-            await stream.close()
-            raise
-        return stream
+        return await _WatchStream.open(self.client, key, range_end, start_revision,
+                                       self.timeout)
 
     # leases ------------------------------------------------------------------------------
     async def grant_lease(self, ttl: float) -> Lease:

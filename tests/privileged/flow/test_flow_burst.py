@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from pylium.datapath import libbpf
 from pylium.datapath.loader import load_object
+from pylium.datapath.ringbuf import MappedRingReader
 from pylium.flow.component import FlowObserver
 from pylium.flow.metrics import make_registry
 from pylium.flow.model import LOST_KERNEL, Flow, LostEvent
@@ -57,6 +58,8 @@ def test_burst_every_event_delivered_or_counted(burst_prog):
     prog_fd, ring_pin, lost_pin = burst_prog
     observer = FlowObserver("burst-node", capacity=1 << 20, batch_records=1024)
     observer.attach(ring_pin, lost_pin, start_thread=False)
+    # the ring is read through its mapping (no per-record libbpf callback)
+    assert isinstance(observer.reader, MappedRingReader)
     try:
         # phase 1: nobody reads while 40,000 events arrive; the 1 MiB ring holds ~14.5k
         n1 = 40_000
