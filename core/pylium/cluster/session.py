@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -58,6 +59,9 @@ class ClusterSession:
         self._rewriters: list[Rewriter] = []
         self._resyncers: list[Resyncer] = []
         self._task: asyncio.Task | None = None
+        #: probes in a row that got no answer in time (a store that refuses connections
+        #: degrades at once; one slow answer on a busy node does not, see `probe`)
+        self._slow_probes = 0
 
     # wiring ---------------------------------------------------------------------------------
     def on_new_lease(self, republish: Republisher) -> None:
@@ -118,7 +122,9 @@ class ClusterSession:
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self.probe_interval)
+            # jittered, so the agents of a cluster (or a bench's simulated nodes) that all
+            # started together do not keep probing, and re-listing, in lockstep
+            await asyncio.sleep(self.probe_interval * random.uniform(0.8, 1.2))
             await self.probe()
 
     async def probe(self) -> bool:
@@ -144,9 +150,18 @@ class ClusterSession:
             except (KVStoreUnavailable, LeaseNotFound, TimeoutError, OSError) as exc:
                 self._degraded(str(exc) or type(exc).__name__)
             return False
-        except (KVStoreUnavailable, TimeoutError, OSError) as exc:
+        except TimeoutError:
+            # no answer in time: on a saturated node that is our own event loop as often as
+            # the store. The lease outlives several probes, so one slow probe changes
+            # nothing; the second in a row degrades (and later re-lists), as before
+            self._slow_probes += 1
+            if self._slow_probes >= 2:
+                self._degraded(f"no answer from the kvstore in {self._slow_probes} probes")
+            return False
+        except (KVStoreUnavailable, OSError) as exc:
             self._degraded(str(exc) or type(exc).__name__)
             return False
+        self._slow_probes = 0
         return self.state == OK
 
     async def _renew(self, resync: bool = True) -> None:

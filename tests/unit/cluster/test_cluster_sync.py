@@ -334,3 +334,40 @@ def test_etcd_back_with_a_wiped_data_dir_is_rebuilt_and_nothing_flaps(tmp_path):
                     server.start()
                 await _close([a, b])
         run(go())
+
+
+def test_one_slow_probe_is_tolerated_two_in_a_row_degrade(tmp_path):
+    """A busy node's keepalive that misses its timeout once changes nothing (the lease
+    outlives several probes; degrading would make every node re-list at once); a second
+    miss in a row degrades, and the next answer recovers."""
+    from pylium.cluster.session import DEGRADED, OK, ClusterSession
+
+    async def go():
+        store = EmbeddedKVStore({"path": str(tmp_path / "kv.sqlite3")}, tmp_path)
+        await store.open()
+        try:
+            session = ClusterSession(store, ttl=30, probe_interval=0.2)
+            await session.open()
+            real_keepalive = store.keepalive
+            hang = {"left": 0}
+
+            async def keepalive(lease):
+                if hang["left"]:
+                    hang["left"] -= 1
+                    await asyncio.sleep(5)  # longer than the probe's timeout (2 s)
+                return await real_keepalive(lease)
+            store.keepalive = keepalive
+            hang["left"] = 1
+            assert await session.probe() is False
+            assert session.state == OK and session.outages == 0
+            assert await session.probe() is True  # answered: the count starts over
+            hang["left"] = 2
+            assert await session.probe() is False
+            assert session.state == OK
+            assert await session.probe() is False
+            assert session.state == DEGRADED and session.outages == 1
+            assert await session.probe() is True
+            assert session.state == OK and session.resyncs >= 1
+        finally:
+            await store.close()
+    run(go())
