@@ -1,0 +1,330 @@
+"""Issue 15 items 1-2: restart (or upgrade) the agent of a lab node again and again while
+real traffic runs through it, and record what a user would notice.
+
+One lab node (a real agent, the `http` L7 parser, the lb component) with pods:
+
+- `client`   runs every load below
+- `server`   iperf3 server (5201) and the deathstar HTTP server (80, for wrk)
+- `web1/2`   keep-alive HTTP servers behind the service VIP:80 (lb)
+- `l7srv`    a keep-alive HTTP server whose port 80 is redirected to the L7 proxy
+- `intruder` denied everywhere it probes
+
+Load: one long iperf3 (client → server:5201), a wrk loop (client → server:80), one
+keep-alive HTTP connection through the service VIP, one through the L7 proxy (an allowed
+path and a path the proxy must answer 403), and a tight loop of TCP connects from the
+intruder to flows policy denies. `finish()` stops the load and returns what each saw; the
+test (or `make soak`) asserts on it. `restart()` stops the agent gracefully (SIGTERM) or
+with `kill -9`, starts it again and compares the state it adopted with the state before."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pylium.lab.lab import Lab
+
+SUPPORT = Path(__file__).resolve().parent
+CLIENTS = SUPPORT / "load_clients.py"
+HTTP_SERVER = SUPPORT.parent / "privileged" / "l7" / "http_server.py"
+VIP = "10.96.15.10"
+POLICY_DENIED = 133  # drop reason (bpf/lib/metrics.h, Cilium's wording "Policy denied")
+
+POLICIES = {
+    "rl-server": """apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: rl-server}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}, {port: "5201", protocol: TCP}]}]
+""",
+    "rl-web": """apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: rl-web}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+""",
+    "rl-l7": """apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: rl-l7}
+spec:
+  endpointSelector: {matchLabels: {app: l7srv}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http: [{method: GET, path: "/ka.*"}]
+""",
+}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+    except ChildProcessError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class RestartLab:
+    """A lab under load whose agent gets restarted; see the module docstring."""
+
+    def __init__(self, **agent_settings: Any):
+        subprocess.run("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf",
+                       shell=True, check=True)
+        self.lab = Lab("rs" + secrets.token_hex(3))
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.wrk_runs: list[str] = []
+        self._wrk_stop = threading.Event()
+        self._wrk_thread: threading.Thread | None = None
+        self.lab.up(agent_settings={"l7_parsers": ["http"], **agent_settings})
+        try:
+            self._populate()
+        except BaseException:
+            self.down()
+            raise
+
+    # set-up ------------------------------------------------------------------------------
+    def _populate(self) -> None:
+        lab = self.lab
+        for name, labels in (("client", {"app": "client"}), ("web1", {"app": "web"}),
+                             ("web2", {"app": "web"}), ("l7srv", {"app": "l7srv"}),
+                             ("intruder", {"app": "intruder"})):
+            lab.add_pod(name, labels)
+        lab.add_pod("server", {"app": "server"}, server="deathstar")
+        lab.start_server("server", ["iperf3", "-s", "-p", "5201"], port=5201)
+        for name, port in (("web1", 8080), ("web2", 8080), ("l7srv", 80)):
+            lab.start_server(name, [sys.executable, str(HTTP_SERVER), "/dev/null", str(port)],
+                             port=port)
+        self.ip = {name: lab.pod(name)["ip"] for name in
+                   ("client", "server", "web1", "web2", "l7srv", "intruder")}
+        lab.client().put("/v1/service/default/rl-web", {
+            "frontend": f"{VIP}:80/TCP",
+            "backends": [f"{self.ip['web1']}:8080", f"{self.ip['web2']}:8080"]})
+        for name, text in POLICIES.items():
+            lab.client().post("/v1/policy", {"text": text, "name": name})
+        self.wait_settled()
+
+    def wait_settled(self, timeout: float = 30.0) -> None:
+        """Until every endpoint is regenerated and the L7 proxy reports healthy."""
+        client = self.lab.client()
+        deadline = time.monotonic() + timeout
+        status: Any = None
+        while time.monotonic() < deadline:
+            status = client.get("/v1/endpoint-regeneration")
+            l7 = [c for c in client.get("/v1/status")["capabilities"]
+                  if c["kind"] == "l7" and c["name"] == "http"]
+            if (not status["busy"] and not status["not_ready"] and l7
+                    and l7[0]["state"] == "running" and l7[0]["status"].get("healthy")):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"agent not settled after {timeout}s: {status}")
+
+    # load --------------------------------------------------------------------------------
+    def _spawn(self, name: str, pod: str, argv: list[str]) -> subprocess.Popen:
+        proc = subprocess.Popen(self.lab.exec_argv(pod, argv), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        self.procs[name] = proc
+        return proc
+
+    def start_load(self, seconds: float, iperf_rate: str = "200M") -> None:
+        """Start every load; iperf3 runs `seconds` and must finish on its own."""
+        ip = self.ip
+        self._spawn("iperf3", "client", ["iperf3", "-c", ip["server"], "-p", "5201",
+                                         "-t", str(int(seconds)), "-b", iperf_rate,
+                                         "-i", "1", "-J"])
+        for name, target, deny in (("service", [VIP, "80", "/ka-svc"], None),
+                                   ("l7", [ip["l7srv"], "80", "/ka-l7"], "/nope")):
+            proc = self._spawn(name, "client", [sys.executable, str(CLIENTS), "keepalive",
+                                                *target, deny or "", "0.05"])
+            line = proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"{name} keep-alive client failed: {proc.stderr.read()}")
+            proc.local_port = json.loads(line)["local_port"]
+        self._spawn("deny", "intruder", [sys.executable, str(CLIENTS), "deny",
+                                         f"{ip['server']}:80", f"{ip['server']}:5201",
+                                         f"{ip['l7srv']}:80", f"{ip['web1']}:8080"])
+        self.drops_before = self.policy_drops()
+        self._wrk_thread = threading.Thread(target=self._wrk_loop, daemon=True)
+        self._wrk_thread.start()
+        time.sleep(1.5)  # iperf3's data connection is up, every loop has begun
+
+    def _wrk_loop(self) -> None:
+        url = f"http://{self.ip['server']}/v1"
+        while not self._wrk_stop.is_set():
+            got = subprocess.run(self.lab.exec_argv("client", [
+                "wrk", "-t1", "-c2", "-d2s", "--timeout", "3s", url]),
+                capture_output=True, text=True, timeout=60)
+            self.wrk_runs.append(got.stdout + got.stderr)
+
+    def policy_drops(self) -> int:
+        return sum(r["packets"] for r in self.lab.client().get("/v1/bpf/metrics")
+                   if r["reason"] == POLICY_DENIED)
+
+    def long_lived_ports(self) -> dict[str, set[int]]:
+        """Client-side ports of the connections that must survive: iperf3's control and
+        data connections (from `ss`), the service and the L7 keep-alive connections."""
+        out = self.lab.exec("client", ["ss", "-Htn", "state", "established"]).stdout
+        iperf = {int(cols[2].rpartition(":")[2]) for cols in (line.split() for line in
+                 out.splitlines()) if len(cols) >= 4
+                 and cols[3] == f"{self.ip['server']}:5201"}
+        return {"iperf3": iperf, "service": {self.procs["service"].local_port},
+                "l7": {self.procs["l7"].local_port}}
+
+    def finish(self, timeout: float = 120.0) -> dict[str, Any]:
+        """Wait for iperf3, stop the other loads; what each saw."""
+        out: dict[str, Any] = {}
+        iperf = self.procs["iperf3"]
+        stdout, stderr = iperf.communicate(timeout=timeout)
+        report = json.loads(stdout) if stdout.strip().startswith("{") else {}
+        intervals = [i["sum"]["bytes"] for i in report.get("intervals", [])]
+        out["iperf3"] = {"rc": iperf.returncode, "error": report.get("error") or stderr.strip(),
+                         "bytes": report.get("end", {}).get("sum_received", {}).get("bytes", 0),
+                         "retransmits": report.get("end", {}).get("sum_sent", {})
+                         .get("retransmits", 0),
+                         "intervals": len(intervals),
+                         "stalled_intervals": sum(1 for b in intervals if b == 0)}
+        self._wrk_stop.set()
+        if self._wrk_thread is not None:
+            self._wrk_thread.join(30)
+        out["wrk"] = {"runs": len(self.wrk_runs),
+                      "requests": sum(int(m.group(1)) for r in self.wrk_runs
+                                      for m in [re.search(r"(\d+) requests in", r)] if m),
+                      "failed_runs": [r for r in self.wrk_runs if "Socket errors" in r
+                                      or "Non-2xx" in r or "requests in" not in r]}
+        for name in ("service", "l7", "deny"):
+            proc = self.procs[name]
+            proc.send_signal(signal.SIGTERM)
+            stdout, stderr = proc.communicate(timeout=30)
+            lines = [line for line in stdout.splitlines() if line.startswith("{")]
+            out[name] = json.loads(lines[-1]) if lines else {"errors": [stderr.strip()]}
+        out["policy_drops"] = self.policy_drops() - self.drops_before
+        return out
+
+    # agent -------------------------------------------------------------------------------
+    def snapshot(self, ports: dict[str, set[int]]) -> dict[str, Any]:
+        """What a restart must adopt unchanged: endpoints (id, name, IP, veth, identity),
+        every identity, and the conntrack entries of the long-lived connections."""
+        client = self.lab.client()
+        client_ip = self.ip["client"]
+        wanted = set().union(*ports.values())
+        ct = {}
+        for e in client.get("/v1/bpf/ct"):
+            if ((e["src"] == client_ip and e["sport"] in wanted)
+                    or (e["dst"] == client_ip and e["dport"] in wanted)):
+                ct[(e["src"], e["sport"], e["dst"], e["dport"], e["protocol"],
+                    e["direction"])] = (e["ep_id"], e["src_identity"], e["proxy_port"],
+                                        e["rev_nat_index"], e["backend_id"])
+        return {
+            "endpoints": sorted((e["id"], e["name"], e["ipv4"], e["ifname"], e["ifindex"],
+                                 e["identity"]) for e in client.get("/v1/endpoint")),
+            "identities": sorted((i["id"], tuple(i["labels"]))
+                                 for i in client.get("/v1/identity")),
+            "ct": ct,
+        }
+
+    def restart(self, kind: str, settings: dict[str, Any] | None = None) -> dict[str, float]:
+        """Stop the agent (`graceful`: SIGTERM and wait for its exit; `kill`: SIGKILL), then
+        start it again (with `settings` merged into its config file: an upgrade) and wait
+        until it settled. Returns the seconds each part took."""
+        node = self.lab.node()
+        pid = node["agent_pid"]
+        started = time.monotonic()
+        os.kill(pid, signal.SIGTERM if kind == "graceful" else signal.SIGKILL)
+        deadline = started + 30
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"agent {pid} still running 30 s after {kind} stop")
+            time.sleep(0.02)
+        stopped = time.monotonic()
+        if settings:
+            self.update_config(settings)
+        self.lab.start_agent(self.lab.node())
+        answered = time.monotonic()
+        self.wait_settled()
+        return {"stop_s": round(stopped - started, 2), "start_s": round(answered - stopped, 2),
+                "settle_s": round(time.monotonic() - answered, 2)}
+
+    def update_config(self, settings: dict[str, Any]) -> None:
+        import yaml
+
+        path = Path(self.lab.node()["state_dir"]) / "config.yaml"
+        config = yaml.safe_load(path.read_text())
+        config.update(settings)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def down(self) -> None:
+        self._wrk_stop.set()
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if self._wrk_thread is not None:
+            self._wrk_thread.join(30)
+        self.lab.down()
+
+
+def compare(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """Differences a restart must not make: endpoints and identities equal, every conntrack
+    entry of a long-lived connection still there with the same endpoint, identity, proxy
+    port and service translation."""
+    problems = []
+    for what in ("endpoints", "identities"):
+        if before[what] != after[what]:
+            problems.append(f"{what} changed: {before[what]} -> {after[what]}")
+    for key, value in before["ct"].items():
+        if after["ct"].get(key) != value:
+            problems.append(f"conntrack {key}: {value} -> {after['ct'].get(key)}")
+    return problems
+
+
+def run_restarts(restarts: int, hold_s: float) -> dict[str, Any]:
+    """`restarts` agent restarts under load, alternating graceful and `kill -9`, each held
+    `hold_s` seconds with the agent up. Returns load results, timings and state problems."""
+    rl = RestartLab()
+    try:
+        # a first restart without load: fills the compile cache, measures a cycle
+        probe = rl.restart("graceful")
+        cycle = hold_s + max(8.0, 3 * sum(probe.values()))
+        seconds = restarts * cycle + hold_s + 3
+        rl.start_load(seconds)
+        ports = rl.long_lived_ports()
+        timings, problems = [], []
+        t0 = time.monotonic()
+        for i in range(restarts):
+            kind = "graceful" if i % 2 == 0 else "kill"
+            before = rl.snapshot(ports)
+            timings.append({"kind": kind, **rl.restart(kind)})
+            after = rl.snapshot(ports)
+            problems += [f"restart {i + 1} ({kind}): {p}" for p in compare(before, after)]
+            if i == 0:
+                ct_entries = len(before["ct"])
+            slot_end = t0 + (i + 1) * cycle
+            time.sleep(max(hold_s, slot_end - time.monotonic()))
+        iperf_running = rl.procs["iperf3"].poll() is None
+        result = rl.finish(timeout=seconds + 60)
+        result.update({"restarts": restarts, "timings": timings, "state_problems": problems,
+                       "ports": {k: sorted(v) for k, v in ports.items()},
+                       "ct_entries_watched": ct_entries if restarts else 0,
+                       "iperf3_ran_throughout": iperf_running, "seconds": round(seconds)})
+        return result
+    finally:
+        rl.down()
