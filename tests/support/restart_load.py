@@ -301,30 +301,97 @@ def run_restarts(restarts: int, hold_s: float) -> dict[str, Any]:
     `hold_s` seconds with the agent up. Returns load results, timings and state problems."""
     rl = RestartLab()
     try:
-        # a first restart without load: fills the compile cache, measures a cycle
+        # a first restart without load: fills the compile cache, measures a cycle (iperf3
+        # must outlast every restart; it is sized from this, generously: load slows them)
         probe = rl.restart("graceful")
-        cycle = hold_s + max(8.0, 3 * sum(probe.values()))
-        seconds = restarts * cycle + hold_s + 3
+        cycle = hold_s + max(10.0, 3 * sum(probe.values()))
+        seconds = restarts * cycle + 5
         rl.start_load(seconds)
         ports = rl.long_lived_ports()
-        timings, problems = [], []
-        t0 = time.monotonic()
+        timings, problems, ct_entries = [], [], 0
+        iperf_running = True
         for i in range(restarts):
             kind = "graceful" if i % 2 == 0 else "kill"
             before = rl.snapshot(ports)
             timings.append({"kind": kind, **rl.restart(kind)})
             after = rl.snapshot(ports)
+            iperf_running = rl.procs["iperf3"].poll() is None
             problems += [f"restart {i + 1} ({kind}): {p}" for p in compare(before, after)]
-            if i == 0:
-                ct_entries = len(before["ct"])
-            slot_end = t0 + (i + 1) * cycle
-            time.sleep(max(hold_s, slot_end - time.monotonic()))
-        iperf_running = rl.procs["iperf3"].poll() is None
+            ct_entries = max(ct_entries, len(before["ct"]))
+            time.sleep(hold_s)
         result = rl.finish(timeout=seconds + 60)
         result.update({"restarts": restarts, "timings": timings, "state_problems": problems,
                        "ports": {k: sorted(v) for k, v in ports.items()},
-                       "ct_entries_watched": ct_entries if restarts else 0,
+                       "ct_entries_watched": ct_entries,
                        "iperf3_ran_throughout": iperf_running, "seconds": round(seconds)})
+        return result
+    finally:
+        rl.down()
+
+
+PING_INTERVAL_S = 0.002
+WATCH = SUPPORT / "datapath_watch.py"
+
+
+def _ping_argv(ip: str, seconds: float) -> list[str]:
+    return ["ping", "-q", "-i", str(PING_INTERVAL_S), "-W", "1",
+            "-c", str(int(seconds / PING_INTERVAL_S)), ip]
+
+
+def _ping_result(out: str) -> dict[str, int]:
+    found = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    if found is None:
+        raise AssertionError(f"no ping summary in {out!r}")
+    sent, received = int(found.group(1)), int(found.group(2))
+    return {"sent": sent, "received": received, "lost": sent - received}
+
+
+def run_upgrade(settings: dict[str, Any]) -> dict[str, Any]:
+    """Restart the agent with `settings` changed (a define of the endpoint object changes,
+    so a new object is compiled and loaded) while the restart-lab load runs, plus a ping
+    every 2 ms server → client and a sampler of every endpoint's tc programs and policy
+    map. The ping's loss in an equal window just before, with no upgrade, is the bound."""
+    rl = RestartLab()
+    try:
+        probe = rl.restart("graceful")  # warm-up; measures how long a restart takes
+        window = max(12.0, 3 * sum(probe.values()) + 5)
+        seconds = 2 * window + 8
+        node = rl.lab.node()
+        cache = Path(node["state_dir"]) / "bpf-cache"
+        objects_before = sorted(p.name for p in cache.glob("bpf_lxc-*.o"))
+        rl.start_load(seconds)
+        ports = rl.long_lived_ports()
+        pinger = ["server", _ping_argv(rl.ip["client"], window)]
+        baseline = _ping_result(rl.lab.exec(*pinger, timeout=window * 4).stdout)
+        before = rl.snapshot(ports)
+        endpoints = [f"{e['id']}:{e['ifindex']}" for e in rl.lab.client().get("/v1/endpoint")]
+        watch = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{node['netns']}", sys.executable, str(WATCH),
+             node["bpffs_root"], *endpoints], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        rl.procs["watch"] = watch
+        if watch.stdout.readline().strip() != "ready":
+            raise AssertionError(f"datapath watcher failed: {watch.stderr.read()}")
+        ping = subprocess.Popen(rl.lab.exec_argv(*pinger), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        rl.procs["ping"] = ping
+        time.sleep(1)
+        timing = rl.restart("graceful", settings=settings)
+        ping_covered = ping.poll() is None
+        ping_out, _ = ping.communicate(timeout=window * 4)
+        watch.send_signal(signal.SIGTERM)
+        watched, werr = watch.communicate(timeout=30)
+        after = rl.snapshot(ports)
+        iperf_running = rl.procs["iperf3"].poll() is None
+        result = rl.finish(timeout=seconds + 60)
+        result.update({
+            "timing": timing, "window_s": window, "baseline_ping": baseline,
+            "upgrade_ping": _ping_result(ping_out), "ping_covered_the_swap": ping_covered,
+            "watch": json.loads(watched) if watched.strip() else {"error": werr},
+            "state_problems": compare(before, after), "ct_entries_watched": len(before["ct"]),
+            "objects_before": objects_before,
+            "objects_after": sorted(p.name for p in cache.glob("bpf_lxc-*.o")),
+            "iperf3_ran_throughout": iperf_running, "seconds": round(seconds)})
         return result
     finally:
         rl.down()
