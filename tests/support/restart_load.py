@@ -355,7 +355,7 @@ def run_upgrade(settings: dict[str, Any]) -> dict[str, Any]:
     try:
         probe = rl.restart("graceful")  # warm-up; measures how long a restart takes
         window = max(12.0, 3 * sum(probe.values()) + 5)
-        seconds = 2 * window + 8
+        seconds = 3 * window + 8  # two ping windows (2 ms pings run late under load)
         node = rl.lab.node()
         cache = Path(node["state_dir"]) / "bpf-cache"
         objects_before = sorted(p.name for p in cache.glob("bpf_lxc-*.o"))
@@ -378,11 +378,11 @@ def run_upgrade(settings: dict[str, Any]) -> dict[str, Any]:
         time.sleep(1)
         timing = rl.restart("graceful", settings=settings)
         ping_covered = ping.poll() is None
+        iperf_running = rl.procs["iperf3"].poll() is None
         ping_out, _ = ping.communicate(timeout=window * 4)
         watch.send_signal(signal.SIGTERM)
         watched, werr = watch.communicate(timeout=30)
         after = rl.snapshot(ports)
-        iperf_running = rl.procs["iperf3"].poll() is None
         result = rl.finish(timeout=seconds + 60)
         result.update({
             "timing": timing, "window_s": window, "baseline_ping": baseline,
