@@ -1,6 +1,11 @@
-"""Sample, as fast as it can and until SIGTERM, what must never go missing while an agent
-swaps its BPF objects: the tc program on both hooks of each endpoint's veth and each
-endpoint's policy map. Run it in the node's netns (the veths are there); prints one JSON line.
+"""Watch, until SIGTERM, what must never go missing while an agent swaps its BPF objects:
+the tc program on both hooks of each endpoint's veth and each endpoint's policy map. Run it
+in the node's netns (the veths are there); prints one JSON line.
+
+Two ways: the kernel's own tc notifications (RTNLGRP_TC), which name every filter, chain or
+qdisc deleted on a veth (a `tc filter replace` sends only RTM_NEWTFILTER; delete + add sends
+RTM_DELTFILTER first: a window without a program, however short), and sampling as fast as
+it can (the program ids on each hook, the policy map of each endpoint).
 
     datapath_watch.py BPFFS_ROOT EP_ID:IFINDEX [EP_ID:IFINDEX ...]
 
@@ -12,7 +17,10 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import struct
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +31,38 @@ from pylium.datapath.maps.metrics import U32Key
 from pylium.datapath.maps.policy import PolicyMapEntry, PolicyMapKey
 
 stop = False
+RTMGRP_TC = 1 << 3  # RTNLGRP_TC
+#: rtnetlink message types: a deletion on a watched veth opens a window without a program
+NEW_FILTER = 44
+DELETIONS = {37: "RTM_DELQDISC", 45: "RTM_DELTFILTER", 101: "RTM_DELCHAIN"}
+
+
+def listen_tc(ifindexes: set[int], seen: dict) -> socket.socket:
+    """Count tc notifications about `ifindexes` into `seen` (a thread reads them)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    sock.bind((0, RTMGRP_TC))
+
+    def read() -> None:
+        while True:
+            try:
+                data = sock.recv(1 << 16)
+            except OSError as exc:  # ENOBUFS: notifications were lost, say so
+                seen["errors"].append(str(exc))
+                continue
+            offset = 0
+            while offset + 24 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, offset)
+                ifindex = struct.unpack_from("=i", data, offset + 20)[0]  # tcmsg.tcm_ifindex
+                if ifindex in ifindexes:
+                    if kind == NEW_FILTER:
+                        seen["new_filters"] += 1
+                    elif kind in DELETIONS:
+                        seen["deletions"].append(f"{DELETIONS[kind]} ifindex {ifindex}")
+                offset += max(16, (length + 3) & ~3)
+
+    threading.Thread(target=read, daemon=True).start()
+    return sock
 
 
 def _on_term(_sig, _frame) -> None:
@@ -61,6 +101,8 @@ def main(argv: list[str]) -> int:
     eps = {ep: {"ifindex": ifindex, "ingress_progs": [], "egress_progs": [],
                 "missing_prog": 0, "policy_maps": {}, "missing_policy": 0}
            for ep, ifindex in endpoints}
+    tc_events: dict = {"new_filters": 0, "deletions": [], "errors": []}
+    listen_tc({ifindex for _ep, ifindex in endpoints}, tc_events)
     print("ready", flush=True)
     started = time.monotonic()
     while not stop:
@@ -80,6 +122,8 @@ def main(argv: list[str]) -> int:
     out["seconds"] = round(time.monotonic() - started, 2)
     out["endpoints"] = {str(ep): seen for ep, seen in eps.items()}
     out["pinned_after"] = pinned_ids(root)
+    time.sleep(0.2)  # the last notifications
+    out["tc_events"] = tc_events
     print(json.dumps(out), flush=True)
     return 0
 

@@ -35,6 +35,7 @@ from pylium.lab.lab import Lab
 SUPPORT = Path(__file__).resolve().parent
 CLIENTS = SUPPORT / "load_clients.py"
 HTTP_SERVER = SUPPORT.parent / "privileged" / "l7" / "http_server.py"
+WATCH = SUPPORT / "datapath_watch.py"
 VIP = "10.96.15.10"
 POLICY_DENIED = 133  # drop reason (bpf/lib/metrics.h, Cilium's wording "Policy denied")
 
@@ -219,6 +220,25 @@ class RestartLab:
         out["policy_drops"] = self.policy_drops() - self.drops_before
         return out
 
+    def start_watch(self) -> None:
+        """Start the datapath watcher (tests/support/datapath_watch.py) in the node's netns
+        on every endpoint: tc notifications and samples of programs and policy maps."""
+        node = self.lab.node()
+        endpoints = [f"{e['id']}:{e['ifindex']}" for e in self.lab.client().get("/v1/endpoint")]
+        watch = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{node['netns']}", sys.executable, str(WATCH),
+             node["bpffs_root"], *endpoints], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        self.procs["watch"] = watch
+        if watch.stdout.readline().strip() != "ready":
+            raise AssertionError(f"datapath watcher failed: {watch.stderr.read()}")
+
+    def stop_watch(self) -> dict[str, Any]:
+        watch = self.procs["watch"]
+        watch.send_signal(signal.SIGTERM)
+        out, err = watch.communicate(timeout=30)
+        return json.loads(out) if out.strip() else {"error": err}
+
     # agent -------------------------------------------------------------------------------
     def snapshot(self, ports: dict[str, set[int]]) -> dict[str, Any]:
         """What a restart must adopt unchanged: endpoints (id, name, IP, veth, identity),
@@ -310,6 +330,7 @@ def run_restarts(restarts: int, hold_s: float) -> dict[str, Any]:
         ports = rl.long_lived_ports()
         timings, problems, ct_entries = [], [], 0
         iperf_running = True
+        rl.start_watch()
         for i in range(restarts):
             kind = "graceful" if i % 2 == 0 else "kill"
             before = rl.snapshot(ports)
@@ -319,8 +340,9 @@ def run_restarts(restarts: int, hold_s: float) -> dict[str, Any]:
             problems += [f"restart {i + 1} ({kind}): {p}" for p in compare(before, after)]
             ct_entries = max(ct_entries, len(before["ct"]))
             time.sleep(hold_s)
+        watched = rl.stop_watch()
         result = rl.finish(timeout=seconds + 60)
-        result.update({"restarts": restarts, "timings": timings, "state_problems": problems,
+        result.update({"restarts": restarts, "watch": watched, "timings": timings, "state_problems": problems,
                        "ports": {k: sorted(v) for k, v in ports.items()},
                        "ct_entries_watched": ct_entries,
                        "iperf3_ran_throughout": iperf_running, "seconds": round(seconds)})
@@ -330,7 +352,6 @@ def run_restarts(restarts: int, hold_s: float) -> dict[str, Any]:
 
 
 PING_INTERVAL_S = 0.002
-WATCH = SUPPORT / "datapath_watch.py"
 
 
 def _ping_argv(ip: str, seconds: float) -> list[str]:
@@ -364,14 +385,7 @@ def run_upgrade(settings: dict[str, Any]) -> dict[str, Any]:
         pinger = ["server", _ping_argv(rl.ip["client"], window)]
         baseline = _ping_result(rl.lab.exec(*pinger, timeout=window * 4).stdout)
         before = rl.snapshot(ports)
-        endpoints = [f"{e['id']}:{e['ifindex']}" for e in rl.lab.client().get("/v1/endpoint")]
-        watch = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{node['netns']}", sys.executable, str(WATCH),
-             node["bpffs_root"], *endpoints], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
-        rl.procs["watch"] = watch
-        if watch.stdout.readline().strip() != "ready":
-            raise AssertionError(f"datapath watcher failed: {watch.stderr.read()}")
+        rl.start_watch()
         ping = subprocess.Popen(rl.lab.exec_argv(*pinger), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         rl.procs["ping"] = ping
@@ -380,14 +394,13 @@ def run_upgrade(settings: dict[str, Any]) -> dict[str, Any]:
         ping_covered = ping.poll() is None
         iperf_running = rl.procs["iperf3"].poll() is None
         ping_out, _ = ping.communicate(timeout=window * 4)
-        watch.send_signal(signal.SIGTERM)
-        watched, werr = watch.communicate(timeout=30)
+        watched = rl.stop_watch()
         after = rl.snapshot(ports)
         result = rl.finish(timeout=seconds + 60)
         result.update({
             "timing": timing, "window_s": window, "baseline_ping": baseline,
             "upgrade_ping": _ping_result(ping_out), "ping_covered_the_swap": ping_covered,
-            "watch": json.loads(watched) if watched.strip() else {"error": werr},
+            "watch": watched,
             "state_problems": compare(before, after), "ct_entries_watched": len(before["ct"]),
             "objects_before": objects_before,
             "objects_after": sorted(p.name for p in cache.glob("bpf_lxc-*.o")),

@@ -21,7 +21,8 @@ HOLD_S = float(os.environ.get("PYLIUM_RESTART_HOLD", "2"))
 def test_restarts_under_load_break_nothing_leak_nothing_and_adopt_state():
     got = run_restarts(RESTARTS, HOLD_S)
     print("restart-under-load:", json.dumps({k: v for k, v in got.items()
-                                             if k not in ("timings",)}))
+                                             if k not in ("timings", "watch")}))
+    watch = got["watch"]
     print("timings:", got["timings"])
     assert got["iperf3_ran_throughout"], "iperf3 ended before the last restart"
     # no broken connection
@@ -40,6 +41,13 @@ def test_restarts_under_load_break_nothing_leak_nothing_and_adopt_state():
     assert deny["leaks"] == 0, deny
     assert deny["attempts"] > 20 * RESTARTS, deny
     assert got["policy_drops"] >= deny["attempts"], (got["policy_drops"], deny)
+    # programs re-attached by replacing them in place: never a hook without one
+    events = watch["tc_events"]
+    assert events["deletions"] == [] and events["errors"] == [], events
+    assert events["new_filters"] >= 2 * len(watch["endpoints"]) * RESTARTS, events
+    assert all(s["missing_prog"] == 0 and s["missing_policy"] == 0
+               for s in watch["endpoints"].values()), watch["endpoints"]
+    assert watch["pinned_before"] == watch["pinned_after"], watch
     # state adopted, not rebuilt
     assert all(got["ports"][k] for k in ("iperf3", "service", "l7")), got["ports"]
     assert got["ct_entries_watched"] >= 4, got

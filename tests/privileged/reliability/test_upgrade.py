@@ -2,9 +2,10 @@
 changed define: the agent restarts with another SYN conntrack lifetime, which is compiled
 into bpf_lxc.c) while traffic flows replaces the programs in place and keeps the maps.
 
-Checked while the new agent compiles, loads and attaches the new object: a sampler in the
-node's netns never sees a veth hook without a program or an endpoint without its policy map
-(and every policy map it sees is complete); the pinned maps keep their ids (reused, never
+Checked while the new agent compiles, loads and attaches the new object: the kernel's tc
+notifications on the endpoints' veths show only replacements (no RTM_DELTFILTER, however
+short the window), a sampler in the node's netns never sees a veth hook without a program or
+an endpoint without its policy map (and every policy map it sees is complete); the pinned maps keep their ids (reused, never
 re-created empty); a ping every 2 ms loses no more than an equal window without an upgrade
 loses (the bound: what the kernel drops anyway, 0 on a quiet machine); iperf3, wrk and the
 kept-alive service and L7 connections break nothing; a denied flow never passes."""
@@ -26,6 +27,10 @@ def test_upgrade_to_a_new_object_swaps_programs_in_place_and_keeps_maps():
     # a new object was built and is what now runs on every endpoint
     assert set(got["objects_after"]) - set(got["objects_before"]), got["objects_after"]
     assert got["ping_covered_the_swap"] and got["iperf3_ran_throughout"]
+    # the kernel's tc notifications: every hook's filter replaced in place, none deleted
+    events = watch["tc_events"]
+    assert events["deletions"] == [] and events["errors"] == [], events
+    assert events["new_filters"] >= 2 * len(watch["endpoints"]), events
     assert watch["samples"] > 50, watch
     for ep, seen in watch["endpoints"].items():
         assert seen["missing_prog"] == 0 and seen["missing_policy"] == 0, (ep, seen)
