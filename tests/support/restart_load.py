@@ -9,7 +9,7 @@ One lab node (a real agent, the `http` L7 parser, the lb component) with pods:
 - `l7srv`    a keep-alive HTTP server whose port 80 is redirected to the L7 proxy
 - `intruder` denied everywhere it probes
 
-Load: one long iperf3 (client → server:5201), a wrk loop (client → server:80), one
+Load: long iperf3 runs (client → server:5201; one, unless a slow machine needs another), a wrk loop (client → server:80), one
 keep-alive HTTP connection through the service VIP, one through the L7 proxy (an allowed
 path and a path the proxy must answer 403), and a tight loop of TCP connects from the
 intruder to flows policy denies. `finish()` stops the load and returns what each saw; the
@@ -149,9 +149,9 @@ class RestartLab:
     def start_load(self, seconds: float, iperf_rate: str = "200M") -> None:
         """Start every load; iperf3 runs `seconds` and must finish on its own."""
         ip = self.ip
-        self._spawn("iperf3", "client", ["iperf3", "-c", ip["server"], "-p", "5201",
-                                         "-t", str(int(seconds)), "-b", iperf_rate,
-                                         "-i", "1", "-J"])
+        self.iperf_seconds, self.iperf_rate = int(seconds), iperf_rate
+        self.iperf_runs: list[dict[str, Any]] = []
+        self._start_iperf()
         for name, target, deny in (("service", [VIP, "80", "/ka-svc"], None),
                                    ("l7", [ip["l7srv"], "80", "/ka-l7"], "/nope")):
             proc = self._spawn(name, "client", [sys.executable, str(CLIENTS), "keepalive",
@@ -167,6 +167,38 @@ class RestartLab:
         self._wrk_thread = threading.Thread(target=self._wrk_loop, daemon=True)
         self._wrk_thread.start()
         time.sleep(1.5)  # iperf3's data connection is up, every loop has begun
+
+    def _start_iperf(self) -> None:
+        self._spawn("iperf3", "client", ["iperf3", "-c", self.ip["server"], "-p", "5201",
+                                         "-t", str(self.iperf_seconds), "-b", self.iperf_rate,
+                                         "-i", "1", "-J"])
+        self.iperf_started = time.monotonic()
+
+    def iperf_left(self) -> float:
+        """Seconds the running iperf3 has left (0 when it is over)."""
+        if self.procs["iperf3"].poll() is not None:
+            return 0.0
+        return self.iperf_seconds - (time.monotonic() - self.iperf_started)
+
+    def next_iperf(self) -> None:
+        """Let the running iperf3 finish (its result kept), start the next one (a restart
+        must never straddle two runs: each restart happens inside one run)."""
+        self._collect_iperf()
+        self._start_iperf()
+        time.sleep(1.0)  # its data connection is up
+
+    def _collect_iperf(self) -> None:
+        proc = self.procs["iperf3"]
+        stdout, stderr = proc.communicate(timeout=self.iperf_seconds + 120)
+        report = json.loads(stdout) if stdout.strip().startswith("{") else {}
+        end = report.get("end", {})
+        intervals = [i["sum"]["bytes"] for i in report.get("intervals", [])]
+        self.iperf_runs.append({
+            "rc": proc.returncode, "error": report.get("error") or stderr.strip(),
+            "bytes": end.get("sum_received", {}).get("bytes", 0),
+            "retransmits": end.get("sum_sent", {}).get("retransmits", 0),
+            "intervals": len(intervals), "stalled_intervals": sum(1 for b in intervals if not b),
+            "short": len(intervals) < self.iperf_seconds - 1})
 
     def _wrk_loop(self) -> None:
         url = f"http://{self.ip['server']}/v1"
@@ -190,19 +222,18 @@ class RestartLab:
         return {"iperf3": iperf, "service": {self.procs["service"].local_port},
                 "l7": {self.procs["l7"].local_port}}
 
-    def finish(self, timeout: float = 120.0) -> dict[str, Any]:
+    def finish(self) -> dict[str, Any]:
         """Wait for iperf3, stop the other loads; what each saw."""
         out: dict[str, Any] = {}
-        iperf = self.procs["iperf3"]
-        stdout, stderr = iperf.communicate(timeout=timeout)
-        report = json.loads(stdout) if stdout.strip().startswith("{") else {}
-        intervals = [i["sum"]["bytes"] for i in report.get("intervals", [])]
-        out["iperf3"] = {"rc": iperf.returncode, "error": report.get("error") or stderr.strip(),
-                         "bytes": report.get("end", {}).get("sum_received", {}).get("bytes", 0),
-                         "retransmits": report.get("end", {}).get("sum_sent", {})
-                         .get("retransmits", 0),
-                         "intervals": len(intervals),
-                         "stalled_intervals": sum(1 for b in intervals if b == 0)}
+        self._collect_iperf()
+        runs = self.iperf_runs
+        out["iperf3"] = {"runs": len(runs), "rc": max(r["rc"] for r in runs),
+                         "error": "; ".join(r["error"] for r in runs if r["error"]),
+                         "bytes": sum(r["bytes"] for r in runs),
+                         "retransmits": sum(r["retransmits"] for r in runs),
+                         "intervals": sum(r["intervals"] for r in runs),
+                         "stalled_intervals": sum(r["stalled_intervals"] for r in runs),
+                         "short_runs": sum(r["short"] for r in runs)}
         self._wrk_stop.set()
         if self._wrk_thread is not None:
             self._wrk_thread.join(30)
@@ -321,31 +352,38 @@ def run_restarts(restarts: int, hold_s: float) -> dict[str, Any]:
     `hold_s` seconds with the agent up. Returns load results, timings and state problems."""
     rl = RestartLab()
     try:
-        # a first restart without load: fills the compile cache, measures a cycle (iperf3
-        # must outlast every restart; it is sized from this, generously: load slows them)
+        # a first restart without load: fills the compile cache, measures a cycle; iperf3
+        # is sized to outlast every restart, and when a loaded machine makes them slower a
+        # next iperf3 starts between two restarts (never during one)
         probe = rl.restart("graceful")
-        cycle = hold_s + max(10.0, 3 * sum(probe.values()))
+        slowest = sum(probe.values())
+        cycle = hold_s + max(6.0, 2 * slowest)
         seconds = restarts * cycle + 5
         rl.start_load(seconds)
         ports = rl.long_lived_ports()
-        timings, problems, ct_entries = [], [], 0
-        iperf_running = True
+        timings, problems, ct_entries, straddled = [], [], 0, 0
         rl.start_watch()
         for i in range(restarts):
+            if rl.iperf_left() < 2 * slowest + 10:
+                rl.next_iperf()
+                ports = rl.long_lived_ports()
             kind = "graceful" if i % 2 == 0 else "kill"
+            run = len(rl.iperf_runs)
             before = rl.snapshot(ports)
             timings.append({"kind": kind, **rl.restart(kind)})
+            slowest = max(slowest, sum(v for k, v in timings[-1].items() if k != "kind"))
             after = rl.snapshot(ports)
-            iperf_running = rl.procs["iperf3"].poll() is None
+            straddled += rl.iperf_left() <= 0 or len(rl.iperf_runs) != run
             problems += [f"restart {i + 1} ({kind}): {p}" for p in compare(before, after)]
             ct_entries = max(ct_entries, len(before["ct"]))
             time.sleep(hold_s)
         watched = rl.stop_watch()
-        result = rl.finish(timeout=seconds + 60)
-        result.update({"restarts": restarts, "watch": watched, "timings": timings, "state_problems": problems,
+        result = rl.finish()
+        result.update({"restarts": restarts, "watch": watched, "timings": timings,
+                       "state_problems": problems,
                        "ports": {k: sorted(v) for k, v in ports.items()},
                        "ct_entries_watched": ct_entries,
-                       "iperf3_ran_throughout": iperf_running, "seconds": round(seconds)})
+                       "restarts_outside_iperf3": straddled, "seconds": round(seconds)})
         return result
     finally:
         rl.down()
@@ -396,7 +434,7 @@ def run_upgrade(settings: dict[str, Any]) -> dict[str, Any]:
         ping_out, _ = ping.communicate(timeout=window * 4)
         watched = rl.stop_watch()
         after = rl.snapshot(ports)
-        result = rl.finish(timeout=seconds + 60)
+        result = rl.finish()
         result.update({
             "timing": timing, "window_s": window, "baseline_ping": baseline,
             "upgrade_ping": _ping_result(ping_out), "ping_covered_the_swap": ping_covered,
@@ -408,3 +446,23 @@ def run_upgrade(settings: dict[str, Any]) -> dict[str, Any]:
         return result
     finally:
         rl.down()
+
+
+def main(argv: list[str]) -> int:
+    """`python -m tests.support.restart_load restarts [N] [HOLD_S]` or `... upgrade`: one
+    run, its result as JSON (the tests assert on the same; `make soak` runs the tests)."""
+    if argv[:1] == ["restarts"]:
+        got = run_restarts(int(argv[1]) if len(argv) > 1 else 20,
+                           float(argv[2]) if len(argv) > 2 else 2.0)
+    elif argv[:1] == ["upgrade"]:
+        got = run_upgrade({"ct_timeout_syn": 59})
+    else:
+        print("usage: python -m tests.support.restart_load restarts [N] [HOLD_S] | upgrade",
+              file=sys.stderr)
+        return 2
+    print(json.dumps(got, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,5 +1,6 @@
 """Issue 15 item 1: agent restarts (alternating graceful stop/start and `kill -9` + start)
-while a long iperf3, a wrk loop, a keep-alive connection through a service VIP and one
+while a long iperf3 (another one when a loaded machine slows the restarts; a restart never
+straddles two), a wrk loop, a keep-alive connection through a service VIP and one
 through the L7 proxy run, and an intruder probes denied flows in a tight loop: no broken
 connection, no policy leak, and the restarted agent adopts endpoints, identities and the
 open connections' conntrack entries rather than rebuilding them.
@@ -24,11 +25,11 @@ def test_restarts_under_load_break_nothing_leak_nothing_and_adopt_state():
                                              if k not in ("timings", "watch")}))
     watch = got["watch"]
     print("timings:", got["timings"])
-    assert got["iperf3_ran_throughout"], "iperf3 ended before the last restart"
+    assert got["restarts_outside_iperf3"] == 0, "a restart happened while no iperf3 ran"
     # no broken connection
     iperf = got["iperf3"]
     assert iperf["rc"] == 0 and not iperf["error"], iperf
-    assert iperf["stalled_intervals"] == 0 and iperf["intervals"] >= got["seconds"] - 1, iperf
+    assert iperf["stalled_intervals"] == 0 and iperf["short_runs"] == 0, iperf
     assert got["wrk"]["requests"] > 0 and got["wrk"]["failed_runs"] == [], got["wrk"]
     for name in ("service", "l7"):
         seen = got[name]

@@ -44,6 +44,7 @@ def test_upgrade_to_a_new_object_swaps_programs_in_place_and_keeps_maps():
     assert ping["lost"] <= bound, (ping, got["baseline_ping"])
     iperf = got["iperf3"]
     assert iperf["rc"] == 0 and not iperf["error"] and iperf["stalled_intervals"] == 0, iperf
+    assert iperf["short_runs"] == 0, iperf
     assert got["wrk"]["requests"] > 0 and got["wrk"]["failed_runs"] == [], got["wrk"]
     for name in ("service", "l7"):
         assert got[name]["errors"] == [] and got[name]["ok"] > 10, (name, got[name])
