@@ -212,15 +212,20 @@ class RestartLab:
         return sum(r["packets"] for r in self.lab.client().get("/v1/bpf/metrics")
                    if r["reason"] == POLICY_DENIED)
 
-    def long_lived_ports(self) -> dict[str, set[int]]:
-        """Client-side ports of the connections that must survive: iperf3's control and
-        data connections (from `ss`), the service and the L7 keep-alive connections."""
+    def long_lived_ports(self) -> dict[str, set[tuple[int, str]]]:
+        """(client port, peer address) of the connections that must survive: iperf3's
+        control and data connections (from `ss`), the service connection (to the VIP, and
+        to the backend after translation) and the L7 keep-alive connection. A port alone
+        is not enough: wrk's short connections reuse the same ports to other peers."""
+        ip = self.ip
         out = self.lab.exec("client", ["ss", "-Htn", "state", "established"]).stdout
-        iperf = {int(cols[2].rpartition(":")[2]) for cols in (line.split() for line in
-                 out.splitlines()) if len(cols) >= 4
-                 and cols[3] == f"{self.ip['server']}:5201"}
-        return {"iperf3": iperf, "service": {self.procs["service"].local_port},
-                "l7": {self.procs["l7"].local_port}}
+        iperf = {(int(cols[2].rpartition(":")[2]), ip["server"])
+                 for cols in (line.split() for line in out.splitlines())
+                 if len(cols) >= 4 and cols[3] == f"{ip['server']}:5201"}
+        service = self.procs["service"].local_port
+        return {"iperf3": iperf,
+                "service": {(service, VIP), (service, ip["web1"]), (service, ip["web2"])},
+                "l7": {(self.procs["l7"].local_port, ip["l7srv"])}}
 
     def finish(self) -> dict[str, Any]:
         """Wait for iperf3, stop the other loads; what each saw."""
@@ -271,7 +276,7 @@ class RestartLab:
         return json.loads(out) if out.strip() else {"error": err}
 
     # agent -------------------------------------------------------------------------------
-    def snapshot(self, ports: dict[str, set[int]]) -> dict[str, Any]:
+    def snapshot(self, ports: dict[str, set[tuple[int, str]]]) -> dict[str, Any]:
         """What a restart must adopt unchanged: endpoints (id, name, IP, veth, identity),
         every identity, and the conntrack entries of the long-lived connections."""
         client = self.lab.client()
@@ -279,8 +284,8 @@ class RestartLab:
         wanted = set().union(*ports.values())
         ct = {}
         for e in client.get("/v1/bpf/ct"):
-            if ((e["src"] == client_ip and e["sport"] in wanted)
-                    or (e["dst"] == client_ip and e["dport"] in wanted)):
+            if ((e["src"] == client_ip and (e["sport"], e["dst"]) in wanted)
+                    or (e["dst"] == client_ip and (e["dport"], e["src"]) in wanted)):
                 ct[(e["src"], e["sport"], e["dst"], e["dport"], e["protocol"],
                     e["direction"])] = (e["ep_id"], e["src_identity"], e["proxy_port"],
                                         e["rev_nat_index"], e["backend_id"])
@@ -379,6 +384,8 @@ def run_restarts(restarts: int, hold_s: float) -> dict[str, Any]:
             time.sleep(hold_s)
         watched = rl.stop_watch()
         result = rl.finish()
+        agent_log = (Path(rl.lab.node()["state_dir"]) / "agent.log").read_text()
+        result["extra_regenerations"] = agent_log.count("L7 proxy ports changed")
         result.update({"restarts": restarts, "watch": watched, "timings": timings,
                        "state_problems": problems,
                        "ports": {k: sorted(v) for k, v in ports.items()},
