@@ -35,7 +35,7 @@ def _pytest(paths: list[str], env: dict[str, str], timeout: float) -> tuple[bool
 
 def _printed(out: str, label: str) -> dict | None:
     """The JSON a reliability test prints after `label:`."""
-    found = re.search(rf"^{label}: (\{{.*\}})$", out, re.MULTILINE)
+    found = re.search(rf"{label}: (\{{.*\}})$", out, re.MULTILINE)
     return json.loads(found.group(1)) if found else None
 
 

@@ -21,7 +21,7 @@ HOLD_S = float(os.environ.get("PYLIUM_RESTART_HOLD", "2"))
 
 def test_restarts_under_load_break_nothing_leak_nothing_and_adopt_state():
     got = run_restarts(RESTARTS, HOLD_S)
-    print("restart-under-load:", json.dumps({k: v for k, v in got.items()
+    print("\nrestart-under-load:", json.dumps({k: v for k, v in got.items()
                                              if k not in ("timings", "watch")}))
     watch = got["watch"]
     print("timings:", got["timings"])

@@ -19,7 +19,7 @@ from tests.support.restart_load import run_upgrade
 
 def test_upgrade_to_a_new_object_swaps_programs_in_place_and_keeps_maps():
     got = run_upgrade({"ct_timeout_syn": 59})
-    print("upgrade:", json.dumps({k: v for k, v in got.items() if k != "watch"}))
+    print("\nupgrade:", json.dumps({k: v for k, v in got.items() if k != "watch"}))
     watch = got["watch"]
     print("watch:", json.dumps({k: v for k, v in watch.items() if k != "endpoints"}),
           {ep: (s["ingress_progs"], s["egress_progs"], s["policy_maps"])
