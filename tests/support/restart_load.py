@@ -160,10 +160,10 @@ class RestartLab:
             if not line:
                 raise AssertionError(f"{name} keep-alive client failed: {proc.stderr.read()}")
             proc.local_port = json.loads(line)["local_port"]
+        self.drops_before = self.policy_drops()  # before the first probe
         self._spawn("deny", "intruder", [sys.executable, str(CLIENTS), "deny",
                                          f"{ip['server']}:80", f"{ip['server']}:5201",
                                          f"{ip['l7srv']}:80", f"{ip['web1']}:8080"])
-        self.drops_before = self.policy_drops()
         self._wrk_thread = threading.Thread(target=self._wrk_loop, daemon=True)
         self._wrk_thread.start()
         time.sleep(1.5)  # iperf3's data connection is up, every loop has begun
