@@ -7,7 +7,8 @@ proxy is spawned and fed by the real `kafka` backend, a `role: produce` rule enf
 * pylium — the same client's connections TPROXY'd into pylium's proxy process.
 
 Reported: messages/s (N messages of 100 bytes, acks=all, linger 5 ms) and p99 latency of
-produce-and-flush of one message at a time. The machine's 2 cores are shared by client,
+produce-and-flush of one message at a time; the two sides interleaved (5 rounds each),
+medians and spread. Issue 12 sets no goal: the ratios are recorded. The machine's 2 cores are shared by client,
 broker and proxy: compare the ratios."""
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from common import report  # noqa: E402
+from common import report_rounds  # noqa: E402
 from pylium.policy.kafka import PortRuleKafka  # noqa: E402
 
 from tests.privileged.l7_kafka.conftest import Agent, KafkaNetns  # noqa: E402
 
-MESSAGES = 20000
-LATENCY_SAMPLES = 300
+MESSAGES = 10000
+LATENCY_SAMPLES = 200
+ROUNDS = 5
 TOPIC = "bench"
 
 
@@ -46,21 +48,24 @@ def main() -> int:
         agent = Agent(netns, state)
         agent.call(agent.backend.start())
         agent.apply(PortRuleKafka(role="produce", topic=TOPIC))
-        netns.tproxy(False)
-        direct = measure(netns)
-        netns.tproxy(True)
+        direct, proxied = [], []
         agent.flows.clear()
-        proxied = measure(netns)
+        for _ in range(ROUNDS):
+            netns.tproxy(False)
+            direct.append(measure(netns))
+            netns.tproxy(True)
+            proxied.append(measure(netns))
         forwarded = sum(1 for f in agent.flows.kafka() if f["verdict"] == "FORWARDED"
                         and f["l7"]["kafka"].get("api_key") == 0 and not f["is_reply"])
         if not forwarded:
             raise SystemExit("no Produce request went through the proxy")
-        report("l7_kafka", "msgs_per_s", "msg/s", proxied["msgs_per_s"],
-               direct["msgs_per_s"], "direct to the broker", "ratio close to 1",
-               produce_requests_through_proxy=forwarded)
-        report("l7_kafka", "produce_p99", "ms", proxied["p99_ms"], direct["p99_ms"],
-               "direct to the broker", "ratio close to 1",
-               p50_ms=round(proxied["p50_ms"], 3), direct_p50_ms=round(direct["p50_ms"], 3))
+        recorded = "recorded (issue 12 sets no goal); ratio close to 1 is best"
+        report_rounds("l7_kafka", "msgs_per_s", "msg/s", [r["msgs_per_s"] for r in proxied],
+                      [r["msgs_per_s"] for r in direct], "direct to the broker", recorded,
+                      met=lambda _a, _b: None, produce_requests_through_proxy=forwarded)
+        report_rounds("l7_kafka", "produce_p99", "ms", [r["p99_ms"] for r in proxied],
+                      [r["p99_ms"] for r in direct], "direct to the broker", recorded,
+                      met=lambda _a, _b: None)
     finally:
         if agent is not None:
             from pylium.l7.proxy import stop_running

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import interleave, report_rounds  # noqa: E402
+from common import interleave, iperf, report_rounds  # noqa: E402
 from pylium.datapath import netns as plumbing  # noqa: E402
 from pylium.lab.lab import Lab  # noqa: E402
 
@@ -32,20 +32,6 @@ GOALS = {"native": 0.9, "vxlan": 0.9, "vxlan-bpf": 0.9, "geneve": 0.8}
 VARIANTS = {"vxlan-bpf": ("vxlan", {"plugin_options": {"vxlan": {"encapsulation": "bpf"}}})}
 ROUNDS = 5
 SECONDS = 3
-
-
-def iperf(server_ns: str, client_ns: str, server_ip: str) -> float:
-    server = subprocess.Popen(["nsenter", f"--net=/run/netns/{server_ns}", "--", "iperf3", "-s",
-                               "-1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.4)
-        out = subprocess.run(["nsenter", f"--net=/run/netns/{client_ns}", "--", "iperf3", "-c",
-                              server_ip, "-t", str(SECONDS), "-J"], capture_output=True,
-                             text=True, timeout=SECONDS + 30, check=True).stdout
-        return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
-    finally:
-        server.kill()
-        server.wait()
 
 
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -146,8 +132,8 @@ def main() -> None:
                 while lab.exec("a", ["ping", "-c", "1", "-W", "1", b["ip"]]).returncode != 0:
                     if time.monotonic() > deadline:
                         raise SystemExit(f"{mode}: pods do not reach each other")
-                ours, base = interleave(lambda a=a, b=b: iperf(b["netns"], a["netns"], b["ip"]),
-                                        lambda: iperf(pod2, pod1, ip2), ROUNDS)
+                ours, base = interleave(lambda a=a, b=b: iperf(b["netns"], a["netns"], b["ip"], SECONDS),
+                                        lambda: iperf(pod2, pod1, ip2, SECONDS), ROUNDS)
                 goal = GOALS[mode]
                 costs = program_costs(lab, lambda a=a, b=b: iperf(b["netns"], a["netns"],
                                                                   b["ip"]))

@@ -1,6 +1,6 @@
 """Cross-node iperf3 (pod on node1 -> pod on node2) with WireGuard encryption against the same
 lab without it, in one run: two labs up side by side (same routing mode, default native),
-rounds alternating so drift hits both; best of each. WireGuard here is the userspace
+rounds interleaved (5 each) so drift hits both; medians and spread. WireGuard here is the userspace
 wireguard-go (this kernel has no WireGuard module), so the figure is recorded for what it is
 (PLATFORM.md measured ~0.3 Gbit/s between two namespaces); the tests check the mechanism.
 
@@ -8,7 +8,6 @@ wireguard-go (this kernel has no WireGuard module), so the figure is recorded fo
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -17,25 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import report  # noqa: E402
+from common import interleave, iperf, report_rounds  # noqa: E402
 from pylium.lab.lab import Lab  # noqa: E402
 
-ROUNDS = 3
+ROUNDS = 5
 SECONDS = 3
-
-
-def iperf(server_ns: str, client_ns: str, server_ip: str) -> float:
-    server = subprocess.Popen(["nsenter", f"--net=/run/netns/{server_ns}", "--", "iperf3", "-s",
-                               "-1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.4)
-        out = subprocess.run(["nsenter", f"--net=/run/netns/{client_ns}", "--", "iperf3", "-c",
-                              server_ip, "-t", str(SECONDS), "-J"], capture_output=True,
-                             text=True, timeout=SECONDS + 30, check=True).stdout
-        return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
-    finally:
-        server.kill()
-        server.wait()
 
 
 def two_pods(mode: str, settings: dict, tag: str) -> tuple[Lab, dict, dict]:
@@ -59,19 +44,16 @@ def bench(mode: str) -> None:
     try:
         plain = two_pods(mode, {}, "p")
         encrypted = two_pods(mode, {"encryption": "wireguard"}, "w")
-        base, ours = [], []
-        for _ in range(ROUNDS):
-            _lab, a, b = plain
-            base.append(iperf(b["netns"], a["netns"], b["ip"]))
-            lab, a, b = encrypted
-            ours.append(iperf(b["netns"], a["netns"], b["ip"]))
+        _lab, a, b = plain
+        lab, ea, eb = encrypted
+        ours, base = interleave(lambda: iperf(eb["netns"], ea["netns"], eb["ip"], SECONDS),
+                                lambda: iperf(b["netns"], a["netns"], b["ip"], SECONDS), ROUNDS)
         peers = lab.client("node1").get("/v1/encrypt")["peers"]
-        report("wireguard", f"cross_node_tcp_wireguard_{mode}", "Gbit/s", max(ours),
-               max(base), f"{mode} without encryption",
-               "recorded: userspace wireguard-go (no kernel WireGuard here)",
-               rounds=ROUNDS, seconds=SECONDS, runs_pylium=[round(x, 3) for x in ours],
-               runs_baseline=[round(x, 2) for x in base],
-               encrypted_bytes_sent=sum(p["tx_bytes"] for p in peers))
+        report_rounds("wireguard", f"cross_node_tcp_wireguard_{mode}", "Gbit/s", ours, base,
+                      f"{mode} without encryption",
+                      "recorded: userspace wireguard-go (no kernel WireGuard here)",
+                      met=lambda _ours, _base: None, seconds=SECONDS,
+                      encrypted_bytes_sent=sum(p["tx_bytes"] for p in peers))
     finally:
         for made in (encrypted, plain):
             if made is not None:

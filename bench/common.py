@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -60,3 +61,19 @@ def report_rounds(bench: str, metric: str, unit: str, ours: list[float], theirs:
     return report(bench, metric, unit, a, b, baseline_name, goal, met=met(a, b),
                   rounds=len(ours), pylium_spread=spread(ours), baseline_spread=spread(theirs),
                   **extra)
+
+
+def iperf(server_ns: str, client_ns: str, server_ip: str, seconds: int = 3) -> float:
+    """Gbit/s of one iperf3 TCP run from netns `client_ns` to a one-shot server in
+    `server_ns` (both named netns under /run/netns)."""
+    server = subprocess.Popen(["nsenter", f"--net=/run/netns/{server_ns}", "--", "iperf3", "-s",
+                               "-1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.4)
+        out = subprocess.run(["nsenter", f"--net=/run/netns/{client_ns}", "--", "iperf3", "-c",
+                              server_ip, "-t", str(seconds), "-J"], capture_output=True,
+                             text=True, timeout=seconds + 30, check=True).stdout
+        return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+    finally:
+        server.kill()
+        server.wait()

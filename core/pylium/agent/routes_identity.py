@@ -2,6 +2,8 @@
 
     GET /v1/identity        → [{"id", "labels"}] (reserved, allocated, CIDR)
     GET /v1/identity/{id}   → {"id", "labels"}
+    GET /v1/identity/references → {"<id>": local users} (endpoints holding each identity;
+                              a leak check: back to its baseline after endpoints are gone)
 """
 
 from __future__ import annotations
@@ -32,5 +34,9 @@ def setup(app: web.Application, daemon: Daemon) -> None:
             raise NotFound(f"identity {raw} is not known")
         return web.json_response(identity.to_dict())
 
+    async def references(_request):
+        return web.json_response({str(n): c for n, c in sorted(manager().references().items())})
+
     app.router.add_get("/v1/identity", list_identities)
+    app.router.add_get("/v1/identity/references", references)
     app.router.add_get("/v1/identity/{id}", get_identity)

@@ -27,6 +27,12 @@ class KVStoreCompacted(PyliumError):
     prefix again and watch from the current revision."""
 
 
+class KVStoreReset(KVStoreCompacted):
+    """The store's revision went backwards (it was restored or restarted with a wiped data
+    dir): its history is gone and so may be any key. List again; whoever owns state that is
+    not on a lease writes it back first (`ClusterSession.on_wipe`)."""
+
+
 class LeaseNotFound(PyliumError):
     """A write named a lease that expired or was revoked: grant a new one and rewrite."""
 
@@ -138,7 +144,8 @@ class KVStore(abc.ABC):
         then keep yielding new ones until the iterator is closed. `after_revision=0` means
         "from now on": from the store's revision when the watch is established (at the first
         `__anext__`). One `delete_prefix` yields one delete event per key, all with the same
-        revision. Raises `KVStoreCompacted` if the history after `after_revision` is gone and
+        revision. Raises `KVStoreCompacted` if the history after `after_revision` is gone
+        (`KVStoreReset` when the store's revision went backwards, e.g. a wiped etcd), and
         `KVStoreUnavailable` when the store is closed or unreachable."""
 
     # leases ------------------------------------------------------------------------------

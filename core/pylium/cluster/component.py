@@ -131,6 +131,8 @@ class Cluster:
         self._tasks: list[asyncio.Task] = []
         if identities is not None and hasattr(identities, "retry_releases"):
             self.session.on_resync(self._retry_releases)
+        if identities is not None and hasattr(identities, "resync"):
+            self.session.on_resync(identities.resync)
 
     async def _adopt_identity_references(self, lease) -> None:
         """This node's identity references live under the node's cluster lease: one lease

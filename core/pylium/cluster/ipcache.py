@@ -125,7 +125,8 @@ class IPCacheSync:
         self.by_node: dict[str, set[str]] = {}
         #: what this sync put in the sink: ip → (identity, tunnel endpoint)
         self.installed: dict[str, tuple[int, str | None]] = {}
-        self.mirror = PrefixMirror(kvstore, IP_PREFIX, self._changed, on_synced=self.reconcile)
+        self.mirror = PrefixMirror(kvstore, IP_PREFIX, self._changed, on_synced=self.reconcile,
+                                   reset_grace=session.reset_grace)
         self._dirty = asyncio.Event()
         self._publisher: asyncio.Task | None = None
         self.publish_errors = 0

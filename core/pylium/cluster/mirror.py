@@ -3,7 +3,13 @@ report every key whose value changed (Cilium's list-then-watch with a resume rev
 
 `resync()` drops the watch and lists again: keys that changed or vanished while the watch
 could not see them (an outage, a compacted history) are reported as such, so whoever
-follows the mirror converges on exactly the store's contents."""
+follows the mirror converges on exactly the store's contents.
+
+A store that lost its data (`KVStoreReset`: etcd back with a wiped data dir) lists empty
+until every node has written its state back. Keys missing from the list after a reset are
+therefore kept for `reset_grace` seconds and dropped only if nobody rewrote them by then:
+a wipe does not take remote nodes, endpoints or services away from the datapath while
+their owners are putting them back."""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from pylium.api.kvstore import KVStore, KVStoreCompacted, KVStoreUnavailable
+from pylium.api.kvstore import KVStore, KVStoreCompacted, KVStoreReset, KVStoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +29,13 @@ ChangeCallback = Callable[[str, bytes | None, bytes | None], None]
 class PrefixMirror:
     def __init__(self, kvstore: KVStore, prefix: str, on_change: ChangeCallback,
                  on_synced: Callable[[], Awaitable[None] | None] | None = None,
-                 retry_interval: float = 0.5):
+                 retry_interval: float = 0.5, reset_grace: float = 15.0):
         self.kvstore = kvstore
+        self.reset_grace = reset_grace
+        #: keys a reset's list did not have, kept until this monotonic time
+        self.stale: dict[str, float] = {}
+        self.resets = 0
+        self._reset = False
         self.prefix = prefix
         self.on_change = on_change
         self.on_synced = on_synced
@@ -54,6 +65,11 @@ class PrefixMirror:
                     raise
                 self._resync_requested = False
                 continue  # resync(): list again right away
+            except KVStoreReset as exc:
+                log.warning("following %s: %s; listing again, keeping what is missing for "
+                            "%gs", self.prefix, exc, self.reset_grace)
+                self._reset = True
+                self.resets += 1
             except (KVStoreUnavailable, KVStoreCompacted) as exc:
                 log.debug("following %s: %s; listing again", self.prefix, exc)
             except Exception:
@@ -75,9 +91,19 @@ class PrefixMirror:
         revision = await self.kvstore.revision()
         listed = {item.key: item.value for item in await self.kvstore.list(self.prefix)}
         self.lists += 1
-        self.revision = revision
+        now = asyncio.get_running_loop().time()
+        if self._reset or revision < self.revision:  # the store went back in time
+            self._reset = False
+            for key in self.items:
+                if key not in listed:
+                    self.stale.setdefault(key, now + self.reset_grace)
         for key in [k for k in self.items if k not in listed]:
-            self._set(key, None)
+            if self.stale.get(key, 0) <= now:
+                self.stale.pop(key, None)
+                self._set(key, None)
+        for key in listed:
+            self.stale.pop(key, None)
+        self.revision = revision
         for key, value in listed.items():
             self._set(key, value)
         self.synced.set()
@@ -86,11 +112,28 @@ class PrefixMirror:
             result = self.on_synced()
             if asyncio.iscoroutine(result):
                 await result
-        async with contextlib.aclosing(self.kvstore.watch(self.prefix, revision)) as events:
-            async for event in events:
-                self.events += 1
-                self.revision = max(self.revision, event.revision)
-                self._set(event.key, event.value if event.type == "put" else None)
+        expiry = asyncio.get_running_loop().create_task(self._expire_stale()) \
+            if self.stale else None
+        try:
+            async with contextlib.aclosing(self.kvstore.watch(self.prefix, revision)) as events:
+                async for event in events:
+                    self.events += 1
+                    self.revision = max(self.revision, event.revision)
+                    self.stale.pop(event.key, None)
+                    self._set(event.key, event.value if event.type == "put" else None)
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+
+    async def _expire_stale(self) -> None:
+        """Drop the keys a reset's list missed that nobody wrote back within the grace."""
+        loop = asyncio.get_running_loop()
+        while self.stale:
+            await asyncio.sleep(max(0.0, min(self.stale.values()) - loop.time()))
+            now = loop.time()
+            for key in [k for k, until in self.stale.items() if until <= now]:
+                del self.stale[key]
+                self._set(key, None)
 
     def _set(self, key: str, value: bytes | None) -> None:
         old = self.items.get(key)

@@ -74,7 +74,8 @@ class NodeRegistry:
         #: other nodes by name
         self.nodes: dict[str, NodeInfo] = {}
         self.records: dict[str, dict[str, Any]] = {}
-        self.mirror = PrefixMirror(kvstore, NODES_PREFIX, self._changed)
+        self.mirror = PrefixMirror(kvstore, NODES_PREFIX, self._changed,
+                                   reset_grace=session.reset_grace)
         session.on_new_lease(self.publish)
         session.on_resync(self.resync)
 

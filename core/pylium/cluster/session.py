@@ -5,12 +5,19 @@ The keepalive doubles as the health probe: a failed keepalive marks the session
 `degraded` (nothing is torn down: the datapath keeps its maps and enforcement goes on);
 the first one that works again marks it `ok` and runs every resync callback (each follower
 re-lists its prefix and reconciles). If the lease expired meanwhile, a new one is granted
-and every publisher rewrites its keys under it first."""
+and every publisher rewrites its keys under it first.
+
+A store that lost its data (etcd restarted with a wiped data dir) is told apart from a
+mere lease expiry by the cluster's incarnation key: a random token, not on any lease,
+created by the first agent and remembered by every one. When it is missing or different
+after an outage or lease loss, every `on_wipe` callback writes back the state that lives
+on no lease (identities with the numbers in use, services) before the resyncers list."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,11 +27,14 @@ from pylium.api.kvstore import KVStore, KVStoreUnavailable, Lease, LeaseNotFound
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TTL = 15.0
+#: the cluster's incarnation: a token that lives exactly as long as the store's data
+INCARNATION_KEY = "pylium/state/cluster/v1/incarnation"
 OK = "ok"
 DEGRADED = "degraded"
 
 Republisher = Callable[[Lease], Awaitable[None]]
 Resyncer = Callable[[], Awaitable[None]]
+Rewriter = Callable[[], Awaitable[None]]
 
 
 class ClusterSession:
@@ -42,7 +52,10 @@ class ClusterSession:
         self.outages = 0
         self.resyncs = 0
         self.lease_renewals = 0
+        self.wipes = 0
+        self.incarnation = ""
         self._republishers: list[Republisher] = []
+        self._rewriters: list[Rewriter] = []
         self._resyncers: list[Resyncer] = []
         self._task: asyncio.Task | None = None
 
@@ -55,6 +68,17 @@ class ClusterSession:
         """`resync()` runs when the store is back after an outage (after any republish)."""
         self._resyncers.append(resync)
 
+    def on_wipe(self, rewrite: Rewriter) -> None:
+        """`rewrite()` writes back the caller's state that is on no lease (create-if-absent:
+        another node may have written it back first) after the store lost its data."""
+        self._rewriters.append(rewrite)
+
+    @property
+    def reset_grace(self) -> float:
+        """How long followers keep keys a wiped store lost: every live node notices (its
+        keepalive fails) and writes its keys back well within two lease TTLs."""
+        return 2 * self.ttl + 5
+
     @property
     def healthy(self) -> bool:
         return self.state == OK
@@ -62,7 +86,31 @@ class ClusterSession:
     # lifecycle ------------------------------------------------------------------------------
     async def open(self) -> Lease:
         self.lease = await self.kvstore.grant_lease(self.ttl)
+        self.incarnation = await self._incarnation()
         return self.lease
+
+    async def _incarnation(self) -> str:
+        """The store's incarnation token, creating it if this is the first node."""
+        token = secrets.token_hex(8)
+        if await self.kvstore.create(INCARNATION_KEY, token.encode()):
+            return token
+        item = await self.kvstore.get(INCARNATION_KEY)
+        return item.value.decode(errors="replace") if item is not None else token
+
+    async def _check_wiped(self) -> bool:
+        """True (and the state on no lease written back) if the store lost its data since
+        this session last looked."""
+        item = await self.kvstore.get(INCARNATION_KEY)
+        if item is not None and item.value.decode(errors="replace") == self.incarnation:
+            return False
+        previous, self.incarnation = self.incarnation, await self._incarnation()
+        self.wipes += 1
+        log.warning("the kvstore lost its data (incarnation %s, now %s): writing back this "
+                    "node's identities, node, endpoints and services", previous or "-",
+                    self.incarnation)
+        for rewrite in list(self._rewriters):
+            await rewrite()
+        return True
 
     def start(self) -> asyncio.Task:
         self._task = asyncio.get_running_loop().create_task(self.run())
@@ -77,8 +125,15 @@ class ClusterSession:
         """One keepalive; handles expiry, outage and recovery. True if the store answered."""
         try:
             async with asyncio.timeout(max(self.probe_interval * 3, 2.0)):
-                if not await self.kvstore.keepalive(self.lease):
-                    await self._renew()
+                alive = await self.kvstore.keepalive(self.lease)
+            if not alive or self.state != OK:
+                # after a wipe: state on no lease back first, then the keys on the lease
+                # (republishers), then every follower lists again
+                wiped = await self._check_wiped()
+                if not alive:
+                    await self._renew(resync=self.state == OK or wiped)
+                elif wiped:
+                    await self._run_resyncers()
             if self.state != OK:
                 await self._recover()
         except LeaseNotFound:
@@ -94,14 +149,16 @@ class ClusterSession:
             return False
         return self.state == OK
 
-    async def _renew(self) -> None:
+    async def _renew(self, resync: bool = True) -> None:
         log.warning("cluster lease %x expired; granting a new one and republishing",
                     self.lease.id if self.lease else 0)
         self.lease = await self.kvstore.grant_lease(self.ttl)
         self.lease_renewals += 1
         for republish in list(self._republishers):
             await republish(self.lease)
-        if self.state == OK:  # keys were lost without us noticing an outage: re-list too
+        if resync and self.state == OK:
+            # keys were lost without us noticing an outage: re-list too (when degraded,
+            # `_recover` re-lists)
             await self._run_resyncers()
 
     def _degraded(self, reason: str) -> None:
@@ -146,4 +203,5 @@ class ClusterSession:
         return {"kvstore": self.state, "since": round(self.since, 3),
                 "lease": f"{self.lease.id:x}" if self.lease else "", "lease_ttl": self.ttl,
                 "outages": self.outages, "resyncs": self.resyncs,
-                "lease_renewals": self.lease_renewals, "last_error": self.last_error}
+                "lease_renewals": self.lease_renewals, "wipes": self.wipes,
+                "incarnation": self.incarnation, "last_error": self.last_error}

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import attrs
 
+from pylium.api.kvstore import KVStoreUnavailable
 from pylium.datapath import netns as plumbing
 from pylium.endpoint.model import (
     MAX_ENDPOINT_ID,
@@ -435,7 +436,12 @@ class EndpointManager:
     async def _resolve_identity(self, ep: Endpoint) -> Endpoint:
         if self.identities is None:
             return ep
-        identity = await self.identities.allocate(ep.identity_labels)
+        try:
+            identity = await self.identities.allocate(ep.identity_labels)
+        except KVStoreUnavailable as exc:
+            # only a label set no endpoint here has needs the store: say so, not just "down"
+            raise KVStoreUnavailable(f"endpoint {ep.namespace}/{ep.name} not created: its "
+                                     f"labels need a new identity and {exc}") from None
         return attrs.evolve(ep, identity=int(identity))
 
     # regeneration -------------------------------------------------------------------------

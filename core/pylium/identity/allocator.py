@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from urllib.parse import quote
 
 from pylium.api.kvstore import KVStore, Lease
@@ -80,10 +81,23 @@ def decode_identity(key: str, raw: bytes) -> Identity:
     return Identity(int(text), decode_labels(raw))
 
 
+def decode_index(raw: bytes) -> int | None:
+    """The number a `value/` index entry names; None when it names none (a corrupt or
+    hostile entry is then replaced, never trusted or raised on)."""
+    text = raw.decode("ascii", "replace").strip()
+    if text.isascii() and text.isdigit() and len(text) <= 10 and \
+            MIN_ALLOCATED <= int(text) <= MAX_ALLOCATED:
+        return int(text)
+    return None
+
+
 class IdentityAllocator:
     def __init__(self, kvstore: KVStore, node: str, lease: Lease | None = None,
-                 min_id: int = MIN_ALLOCATED, max_id: int = MAX_ALLOCATED):
+                 min_id: int = MIN_ALLOCATED, max_id: int = MAX_ALLOCATED,
+                 known: Callable[[], set[int]] | None = None):
         self.kvstore = kvstore
+        #: numbers known in use elsewhere (the node's identity cache): never claimed anew
+        self.known = known or set
         self.node = node
         self.lease = lease
         self.min_id = min_id
@@ -96,7 +110,8 @@ class IdentityAllocator:
 
     async def lookup(self, labels: LabelSet) -> Identity | None:
         item = await self.kvstore.get(_value_key(LabelSet(labels)))
-        return Identity(int(item.value), labels) if item is not None else None
+        number = decode_index(item.value) if item is not None else None
+        return Identity(number, labels) if number is not None else None
 
     async def get(self, number: int) -> Identity | None:
         item = await self.kvstore.get(f"{ID_PREFIX}{number}")
@@ -155,11 +170,12 @@ class IdentityAllocator:
                 await self._unref(number)
                 await self._drop_id(number)
                 continue
-            number = int(item.value)
-            if await self._attempt(number, labels):
+            number = decode_index(item.value)
+            if number is not None and await self._attempt(number, labels):
                 self._held.add(number)
                 return Identity(number, labels)
-            # the index names a number that was collected (or reused): drop the index
+            # the index names a number that was collected (or reused), or no number at all:
+            # drop the index
             await self.kvstore.compare_and_delete(value_key, item.mod_revision)
         raise AllocationError(f"could not allocate an identity for {labels!r}")
 
@@ -180,6 +196,7 @@ class IdentityAllocator:
         next free ones (many nodes allocating at once would otherwise all fight over the
         same lowest number, one winner per round)."""
         used = {int(i.key[len(ID_PREFIX):]) for i in await self.kvstore.list(ID_PREFIX)}
+        used |= self.known()
         encoded = encode_labels(labels)
         collisions = 0
         while True:
@@ -221,7 +238,7 @@ class IdentityAllocator:
             return await self.allocate(labels)
         if not await self.kvstore.create(value_key, str(identity.id).encode()):
             item = await self.kvstore.get(value_key)
-            if item is not None and int(item.value) != identity.id:
+            if item is not None and decode_index(item.value) != identity.id:
                 await self._unref(identity.id)
                 return await self.allocate(labels)
         self._held.add(identity.id)
@@ -264,7 +281,7 @@ class IdentityAllocator:
             index = await self.kvstore.get(value_key)
             # only the index entry of the number just deleted: once it is gone, another node
             # may re-claim the same number for the same label set and write a fresh entry
-            if (index is not None and int(index.value) == number
+            if (index is not None and decode_index(index.value) == number
                     and index.mod_revision <= before_delete):
                 await self.kvstore.compare_and_delete(value_key, index.mod_revision)
         return deleted

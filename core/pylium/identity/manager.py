@@ -5,10 +5,11 @@ allocations with a KV-store watch."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable
 
-from pylium.api.kvstore import KVStore, KVStoreUnavailable, Lease
+from pylium.api.kvstore import KVStore, KVStoreCompacted, KVStoreUnavailable, Lease
 from pylium.documents import RecordError
 from pylium.identity.allocator import ID_PREFIX, IdentityAllocator, decode_identity
 from pylium.identity.cache import IdentityCache
@@ -21,8 +22,12 @@ log = logging.getLogger(__name__)
 class IdentityManager:
     def __init__(self, kvstore: KVStore, node: str, lease: Lease | None = None):
         self.kvstore = kvstore
-        self.allocator = IdentityAllocator(kvstore, node, lease)
         self.cache = IdentityCache()
+        # numbers this node knows in use are never claimed for a new label set, even when
+        # the store does not have them (it lost its data and their users have not written
+        # them back yet): one number never names two label sets
+        self.allocator = IdentityAllocator(kvstore, node, lease,
+                                           known=lambda: {i.id for i in self.cache})
         #: identity number → how many local users (endpoints) hold it
         self._local_refs: dict[int, int] = {}
         self._watch_task: asyncio.Task | None = None
@@ -41,7 +46,15 @@ class IdentityManager:
         return revision
 
     async def allocate(self, labels: LabelSet | Iterable) -> Identity:
-        identity = await self.allocator.allocate(LabelSet(labels))
+        labels = LabelSet(labels)
+        held = self.cache.by_labels(labels)
+        if held is not None and self._local_refs.get(held.id, 0) > 0:
+            # this node already references it (its key is on the node's lease and comes
+            # back with the lease after an outage): no round trip, and a pod whose labels
+            # an endpoint here already has is wired even while the KV store is down
+            self._local_refs[held.id] += 1
+            return held
+        identity = await self.allocator.allocate(labels)
         if identity.id not in self.cache:
             self.cache.add(identity)
         if not identity.reserved:
@@ -74,6 +87,10 @@ class IdentityManager:
             done.append(number)
         return done
 
+    def references(self) -> dict[int, int]:
+        """Identity number → how many local users hold it."""
+        return dict(self._local_refs)
+
     def referenced(self) -> list[Identity]:
         """Identities this node holds references to."""
         return [i for n in self._local_refs if (i := self.cache.get(n)) is not None]
@@ -87,8 +104,29 @@ class IdentityManager:
     def list(self) -> list[Identity]:
         return self.cache.all()
 
-    async def watch(self, after_revision: int) -> None:
-        """Follow other nodes' allocations and garbage collection (runs until cancelled)."""
+    async def watch(self, after_revision: int, retry_interval: float = 0.5) -> None:
+        """Follow other nodes' allocations and garbage collection (runs until cancelled).
+        A history the watch cannot resume (compacted, or the store lost its data) is
+        replaced by a fresh list; an unreachable store is retried."""
+        while True:
+            try:
+                await self._follow(after_revision)
+            except (KVStoreCompacted, KVStoreUnavailable) as exc:
+                log.info("identity watch: %s; listing again", exc)
+            await asyncio.sleep(retry_interval)
+            with contextlib.suppress(KVStoreUnavailable):  # else: resume where we were
+                after_revision = await self.sync()
+
+    async def resync(self) -> None:
+        """The store is back after an outage: learn what the watch may have missed (the
+        cache only grows here; deletions come from the garbage collector's events)."""
+        if self._watch_task is None:
+            return
+        self._watch_task.cancel()
+        await asyncio.gather(self._watch_task, return_exceptions=True)
+        self.start_watch(await self.sync())
+
+    async def _follow(self, after_revision: int) -> None:
         async for event in self.kvstore.watch(ID_PREFIX, after_revision):
             try:
                 if event.type == "put":

@@ -71,7 +71,10 @@ class LabKVStore:
         state["processes"].append({"pid": etcd.process.pid, "match": kv["data_dir"]})
         self.store.save(state)
 
-    def stop(self, state: State) -> None:
-        """Stop the lab's etcd (an outage: agents go degraded until `start`)."""
+    def stop(self, state: State, wipe: bool = False) -> None:
+        """Stop the lab's etcd (an outage: agents go degraded until `start`); `wipe` also
+        deletes its data, so it comes back empty (the agents write their state back)."""
         kv = self._etcd_of(state)
         stop_process(kv.get("pid", 0), kv["data_dir"])
+        if wipe:
+            shutil.rmtree(Path(kv["data_dir"]) / "data", ignore_errors=True)

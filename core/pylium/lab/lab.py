@@ -165,9 +165,10 @@ class Lab:
         """(Re)start the lab's etcd on the same address and data (after `kvstore_stop`)."""
         self.kvstore.start(state or self._state.require())
 
-    def kvstore_stop(self) -> None:
-        """Stop the lab's etcd (an outage: agents go degraded until `kvstore_start`)."""
-        self.kvstore.stop(self._state.require())
+    def kvstore_stop(self, wipe: bool = False) -> None:
+        """Stop the lab's etcd (an outage: agents go degraded until `kvstore_start`); `wipe`
+        deletes its data too."""
+        self.kvstore.stop(self._state.require(), wipe=wipe)
 
     # agents --------------------------------------------------------------------------------
     def node(self, name: str | None = None, state: State | None = None) -> dict[str, Any]:

@@ -58,8 +58,15 @@ class Pods:
             raise UserError(f"unknown server {server!r} (known: {', '.join(SERVERS)})")
         target = self.store.node(state, node)
         netns = self.topology.add_netns(state, self.topology.ns(name))
-        ep = AgentClient(target["socket"]).put(
-            f"/v1/endpoint/{name}", {"namespace": namespace, "labels": labels, "netns": netns})
+        try:
+            ep = AgentClient(target["socket"]).put(
+                f"/v1/endpoint/{name}", {"namespace": namespace, "labels": labels,
+                                         "netns": netns})
+        except BaseException:
+            # the agent refused (e.g. no identity while the KV store is down): the pod's
+            # namespace goes too, so the same pod can be added again later
+            self.topology.remove_netns(state, netns)
+            raise
         pod = {"name": name, "node": target["name"], "netns": netns, "ip": ep["ipv4"],
                "namespace": namespace, "labels": labels, "endpoint_id": ep["id"]}
         if state.get("routing"):

@@ -127,6 +127,11 @@ class LoadBalancer:
                 # a cgroup that cannot take the programs is a config error: fail start-up
                 self.socket_lb.attach(self.options["socket_lb_cgroup"])
         self.daemon.plugins.pm.register(self._events, name="pylium.lb.endpoint-events")
+        cluster = self.daemon.components.get("cluster")
+        if cluster is not None:
+            # services live on no lease: after the store lost its data, write them back
+            cluster.session.on_wipe(self.restore_to_store)
+            cluster.session.on_resync(self.mirror.resync)
         self.mirror.start()
         try:
             async with asyncio.timeout(APPLY_WAIT_S):
@@ -159,6 +164,11 @@ class LoadBalancer:
         if self.nodeport_device is None:
             log.warning("lb: no interface holds node address %s: NodePort not available",
                         self.node_ip)
+
+    async def restore_to_store(self) -> None:
+        written = await self.store.restore(list(self.applied.values()), self.seed)
+        if written:
+            log.info("lb: wrote %d service(s) back to the kvstore", written)
 
     async def close(self) -> None:
         if self.daemon.plugins.pm.is_registered(self._events):

@@ -85,6 +85,20 @@ class ServiceStore:
         await self.kv.delete(ID_PREFIX + str(service.id))
         return service
 
+    async def restore(self, services: list[Service], seed: str) -> int:
+        """After the store lost its data: write back services (with their ids) and the
+        Maglev seed this node still applies, unless another node already did. Returns how
+        many services this node wrote."""
+        if seed:
+            await self.kv.create(SEED_KEY, seed.encode())
+        written = 0
+        for service in services:
+            if await self.kv.create(SVC_PREFIX + service.name,
+                                    json.dumps(service.to_json()).encode()):
+                written += 1
+            await self.kv.create(ID_PREFIX + str(service.id), service.name.encode())
+        return written
+
     async def maglev_seed(self) -> str:
         """The cluster's seed: the first node to ask creates it, every node reads it."""
         await self.kv.create(SEED_KEY, new_seed().encode())

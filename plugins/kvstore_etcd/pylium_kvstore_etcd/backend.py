@@ -37,6 +37,7 @@ from pylium.api.kvstore import (
     KVEvent,
     KVItem,
     KVStoreCompacted,
+    KVStoreReset,
     KVStoreUnavailable,
     Lease,
     LeaseNotFound,
@@ -289,6 +290,9 @@ class EtcdKVStore(KVStore):
     async def watch(self, prefix: str, after_revision: int = 0) -> AsyncIterator[KVEvent]:
         start, end = prefix_range(prefix)
         key, range_end = start or b"\0", end or b"\0"
+        # a revision given by the caller was read from this store: if the store is behind
+        # it now, it lost its data (checked again before every resumption)
+        check = bool(after_revision)
         if not after_revision:
             after_revision = await self.revision()
         # resume point: the revision being delivered, and the keys of it already yielded
@@ -298,6 +302,9 @@ class EtcdKVStore(KVStore):
         while True:
             stream = None
             try:
+                if failures or check:
+                    await self._check_not_reset(prefix, resume_revision)
+                    check = False
                 stream = await self._open_watch(key, range_end, resume_revision)
                 if failures:
                     log.info("etcd watch of %r resumed at revision %d after %d failed "
@@ -316,6 +323,11 @@ class EtcdKVStore(KVStore):
                     yield KVEvent(type="put" if put else "delete", key=kv.key.decode(),
                                   value=bytes(kv.value) if put else b"",
                                   revision=kv.mod_revision)
+            except KVStoreReset:
+                raise
+            except KVStoreUnavailable as exc:  # the revision check could not reach etcd
+                failures += 1
+                log.debug("etcd watch of %r: %s", prefix, exc)
             except etcd_errors.RevisionCompactedError as exc:
                 raise KVStoreCompacted(
                     f"cannot resume etcd watch of {prefix!r} at revision {resume_revision}: "
@@ -333,6 +345,17 @@ class EtcdKVStore(KVStore):
             if self._closed:
                 raise KVStoreUnavailable(f"etcd kvstore ({self.where}) was closed")
             await asyncio.sleep(self.retry_interval)
+
+    async def _check_not_reset(self, prefix: str, resume_revision: int) -> None:
+        """Before resuming a broken watch: an etcd that came back with a lower revision lost
+        its data (wiped data dir, restored snapshot). Resuming at our revision would wait
+        silently for a revision the new history reaches much later, skipping everything
+        written until then: say so instead (the caller lists again)."""
+        current = await self.revision()
+        if current < resume_revision - 1:
+            raise KVStoreReset(f"etcd at {self.where} is at revision {current}, behind the "
+                               f"watch of {prefix!r} (at {resume_revision - 1}): its data "
+                               "was reset (or that revision was never reached)")
 
     async def _open_watch(self, key: bytes, range_end: bytes,
                           start_revision: int) -> _WatchStream:

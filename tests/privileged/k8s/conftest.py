@@ -99,8 +99,24 @@ def wait_until(what: str, check, timeout: float = 60.0, interval: float = 0.1):
     raise AssertionError(f"{what}: not within {timeout:.0f}s (last: {last})")
 
 
+def keep_logs(c: Cluster) -> Path | None:
+    """Copy the cluster's logs (agent, kubelet, API server...) out of its data directory
+    before `down` deletes it: into $PYLIUM_K8S_KEEP_LOGS, or /tmp when a test failed."""
+    import shutil
+    import tempfile
+
+    target = os.environ.get("PYLIUM_K8S_KEEP_LOGS")
+    dest = (Path(target) / c.name if target
+            else Path(tempfile.mkdtemp(prefix=f"pylium-k8s-{c.name}-logs-")))
+    src = Path(c.env.get("logs", ""))
+    if not src.is_dir():
+        return None
+    shutil.copytree(src, dest, dirs_exist_ok=True)
+    return dest
+
+
 @pytest.fixture(scope="package")
-def cluster():
+def cluster(request):
     if os.geteuid() != 0:
         pytest.skip("needs root (network namespaces, containerd, the kubelet)")
     if not cache_ready():
@@ -115,6 +131,7 @@ def cluster():
     sysctls_before = {k: Path(f"/proc/sys/{k}").read_text() for k in
                       ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")}
     netns_before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    failed_before = request.session.testsfailed
     t0 = time.monotonic()
     try:
         up = c.run("up", "--cni", cni, timeout=600)
@@ -122,6 +139,9 @@ def cluster():
         c.up_seconds = time.monotonic() - t0
         yield c
     finally:
+        if c.env and (os.environ.get("PYLIUM_K8S_KEEP_LOGS") or
+                      request.session.testsfailed > failed_before):
+            print(f"\nk8s cluster {c.name}: logs kept in {keep_logs(c)}")
         t1 = time.monotonic()
         c.run("down", check=False, timeout=300)
         c.down_seconds = time.monotonic() - t1

@@ -158,18 +158,45 @@ def _deployment(name: str, app: str) -> dict:
                              "command": ["httpd", "-f", "-p", "80", "-h", "/www"]}]}}}}
 
 
+def _controller_uid(obj: dict) -> str | None:
+    return next((ref["uid"] for ref in obj["metadata"].get("ownerReferences") or []
+                 if ref.get("controller")), None)
+
+
 def _running_pods(cluster, app: str) -> list[dict]:
+    """Running pods of the Deployment `app` as it is now: controlled by a ReplicaSet that
+    this Deployment object controls. A previous rollout's pods carry the same labels and
+    keep running, not yet terminating, until the garbage collector gets to them after the
+    old Deployment was deleted; taken for the new ones they die in the middle of a test
+    (the CI failure where "other denied" held and "client still allowed" never did: both
+    probes ran in pods that were being killed)."""
+    found = cluster.kubectl("get", "deployment", app, "--ignore-not-found", "-o", "json").stdout
+    if not found.strip():
+        return []
+    uid = json.loads(found)["metadata"]["uid"]
+    owned = {rs["metadata"]["uid"] for rs in cluster.kubectl_json(
+        "get", "replicasets", "-l", f"app={app}")["items"] if _controller_uid(rs) == uid}
     pods = cluster.kubectl_json("get", "pods", "-l", f"app={app}")["items"]
     return [p for p in pods if p["status"].get("phase") == "Running"
-            and p["status"].get("podIP") and not p["metadata"].get("deletionTimestamp")]
+            and p["status"].get("podIP") and not p["metadata"].get("deletionTimestamp")
+            and _controller_uid(p) in owned]
+
+
+class ProbeNotRun(AssertionError):
+    """kubectl exec did not run the probe at all (pod or container gone, API error)."""
 
 
 def _wget(cluster, pod: str, ip: str) -> bool:
-    """HTTP GET from `pod` (busybox nc: the static busybox's wget crashes in glibc's NSS)."""
+    """HTTP GET from `pod` (busybox nc: the static busybox's wget crashes in glibc's NSS):
+    True if web answered, False if the connection failed. A probe that never ran in the
+    pod raises `ProbeNotRun` — it says nothing about policy, so it must not pass for a
+    deny."""
     out = cluster.kubectl("exec", pod, "--", "sh", "-c",
-                          f'printf "GET / HTTP/1.0\\r\\n\\r\\n" | nc -w 2 {ip} 80',
-                          check=False)
-    return out.returncode == 0 and "200 OK" in out.stdout and "pylium" in out.stdout
+                          f'printf "GET / HTTP/1.0\\r\\n\\r\\n" | nc -w 2 {ip} 80; '
+                          'echo "probe-exit=$?"', check=False)
+    if "probe-exit=" not in out.stdout:
+        raise ProbeNotRun(f"probe from {pod} did not run: {(out.stderr or out.stdout).strip()}")
+    return "200 OK" in out.stdout and "pylium" in out.stdout
 
 
 @pytest.fixture
@@ -184,8 +211,58 @@ def two_deployments(cluster):
             for app in ("web", "client", "other")}
     print(f"\npods running in {time.monotonic() - t0:.1f}s")
     yield pods
-    cluster.kubectl("delete", "-f", "-", "--wait=true", "--timeout=60s", input=text,
-                    check=False)
+    # foreground: --wait returns once the pods are gone too, not just the Deployments
+    cluster.kubectl("delete", "-f", "-", "--wait=true", "--timeout=60s",
+                    "--cascade=foreground", input=text, check=False)
+
+
+def test_a_previous_rollouts_lingering_pods_are_not_taken_for_the_new_ones(cluster):
+    """Regression (CI, under load): the pods of a deleted Deployment run on, not yet
+    terminating, until the garbage collector in the controller manager deletes them. A
+    fixture re-creating the Deployment at once took them for its own ("pods running in
+    1.7s") and they died mid-test, failing "client still allowed" while "other denied"
+    passed for the wrong reason. The lag is made certain here by freezing the controller
+    manager."""
+    import os
+    import signal
+    from pathlib import Path
+
+    text = yaml.safe_dump(_deployment("linger", "linger"))
+    cluster.kubectl("apply", "-f", "-", input=text)
+    old = wait_until("first rollout running", lambda: _running_pods(cluster, "linger"),
+                     timeout=120, interval=0.2)[0]["metadata"]["name"]
+    kcm = next(e for e in json.loads(cluster.run("status").stdout)["processes"]
+               if e["name"] == "kube-controller-manager")
+    assert "kube-controller-manager" in Path(f"/proc/{kcm['pid']}/cmdline").read_text()
+    os.kill(kcm["pid"], signal.SIGSTOP)
+    try:
+        # what the fixture's teardown did (background cascade), then the next fixture
+        cluster.kubectl("delete", "-f", "-", "--wait=true", "--timeout=30s", input=text)
+        cluster.kubectl("apply", "-f", "-", input=text)
+        lingering = cluster.kubectl_json("get", "pod", old)
+        assert lingering["status"]["phase"] == "Running"
+        assert not lingering["metadata"].get("deletionTimestamp")
+        assert _running_pods(cluster, "linger") == []  # not the new Deployment's pod
+    finally:
+        os.kill(kcm["pid"], signal.SIGCONT)
+    try:
+        new = wait_until("second rollout running", lambda: _running_pods(cluster, "linger"),
+                         timeout=120, interval=0.2)[0]
+        assert new["metadata"]["name"] != old
+
+        def probe_from_old_refused() -> bool:
+            try:
+                _wget(cluster, old, new["status"]["podIP"])
+            except ProbeNotRun:
+                return True
+            return False
+
+        # once the garbage collector killed the old pod, a probe from it raises: it can
+        # never pass for a policy deny
+        wait_until("old pod gone", probe_from_old_refused, timeout=60, interval=0.5)
+    finally:
+        cluster.kubectl("delete", "-f", "-", "--wait=true", "--timeout=60s",
+                        "--cascade=foreground", input=text, check=False)
 
 
 def test_pods_run_and_talk(cluster, two_deployments):

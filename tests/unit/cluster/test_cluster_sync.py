@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
 import time
 
 import pytest
@@ -261,3 +262,75 @@ def test_restarted_agent_moves_its_endpoints_onto_its_new_lease(open_store):
         finally:
             await _close([second])
     run(go())
+
+
+def test_etcd_back_with_a_wiped_data_dir_is_rebuilt_and_nothing_flaps(tmp_path):
+    """etcd restarts empty (its data dir wiped). Every node notices (its lease is gone and so
+    is the cluster's incarnation key), writes back its node and endpoints, and meanwhile
+    keeps the other nodes' entries (the followers' reset grace): no remote entry vanishes
+    from an ipcache at any moment, and the store ends up with everything again."""
+    from pylium.cluster.session import INCARNATION_KEY
+    from pylium.kvstore.testing import EtcdServer
+
+    with EtcdServer(name="pylium-wipe") as server:
+        async def make():
+            store = EtcdKVStore({"endpoints": [server.endpoint], "timeout": 1,
+                                 "retry_interval": 0.2}, tmp_path)
+            await store.open()
+            return store
+
+        async def go():
+            a, b = await _nodes(make, 2, ttl=3.0)
+            try:
+                a.ipcache.set_local("10.77.1.10", 701)
+                b.ipcache.set_local("10.77.2.10", 702)
+                await until(lambda: all(len(_remote(n)) == 1 for n in (a, b)), what="sync")
+                before = {n.info.name: _remote(n) for n in (a, b)}
+                incarnation = a.session.incarnation
+                assert incarnation and b.session.incarnation == incarnation
+                # b is slow to notice (its session paused): a lists the empty store first
+                b.session._task.cancel()
+                await asyncio.gather(b.session._task, return_exceptions=True)
+                await asyncio.to_thread(server.stop)
+                shutil.rmtree(server.data_dir)
+                await asyncio.to_thread(server.start)
+
+                def no_flap():
+                    for n in (a, b):  # never a moment without the other node's entry
+                        assert _remote(n) == before[n.info.name]
+                        assert list(n.registry.nodes) == \
+                            [m.info.name for m in (a, b) if m is not n]
+
+                await until(lambda: no_flap() or (a.ipcache.mirror.resets >= 1
+                                                  and a.session.wipes == 1
+                                                  and a.ipcache.mirror.lists >= 2),
+                            what="a relisted the wiped store")
+                await asyncio.sleep(1)
+                no_flap()
+                b.session.start()
+                deadline = time.monotonic() + 30
+                while True:
+                    no_flap()
+                    done = (a.session.healthy and b.session.healthy
+                            and a.session.wipes == 1 and b.session.wipes == 1
+                            and len(await a.kvstore.list(IP_PREFIX)) == 2
+                            and len(await a.kvstore.list(NODES_PREFIX)) == 2)
+                    if done:
+                        break
+                    assert time.monotonic() < deadline, "not rebuilt in 30 s"
+                    await asyncio.sleep(0.1)
+                assert a.session.incarnation == b.session.incarnation != incarnation
+                item = await a.kvstore.get(INCARNATION_KEY)
+                assert item.value.decode() == a.session.incarnation
+                for n in (a, b):
+                    report = await n.ipcache.compare_with_store()
+                    assert (report["missing"], report["stale"], report["different"]) == \
+                        ([], [], []), report
+                # the grace is over and nothing was dropped: the entries were written back
+                await asyncio.sleep(a.session.reset_grace + 1)
+                assert {n.info.name: _remote(n) for n in (a, b)} == before
+            finally:
+                if not server.running:
+                    server.start()
+                await _close([a, b])
+        run(go())

@@ -191,3 +191,32 @@ def test_restore_puts_back_an_identity_collected_while_its_node_was_away(open_st
             await a_store.close()
             await b_store.close()
     asyncio.run(go())
+
+
+def test_after_the_store_lost_its_data_a_new_label_set_never_takes_a_number_in_use(open_store):
+    """The store is empty again (wiped) and b has not written its identities back yet: a
+    allocates a new label set meanwhile. a's identity cache knows b's numbers (it followed
+    them), so it does not claim them, and b gets its numbers back unchanged."""
+    async def go():
+        a_store, b_store = await open_store(), await open_store()
+        try:
+            b = IdentityAllocator(b_store, "b", await b_store.grant_lease(30))
+            used = [await b.allocate(LabelSet.parse(f"app=b{i}")) for i in range(3)]
+            known = {i.id for i in used}
+            a = IdentityAllocator(a_store, "a", await a_store.grant_lease(30),
+                                  known=lambda: known)
+            await a_store.delete_prefix("pylium/state/identities/")  # the wipe
+            fresh = await a.allocate(LabelSet.parse("app=new"))
+            assert fresh.id not in known
+            for identity in used:
+                assert await b.restore(identity) == identity
+            ids = await _check_store(a_store)
+            assert set(ids) == known | {fresh.id}
+            # without the cache, the lowest free number is one b still uses
+            blind = IdentityAllocator(a_store, "c", await a_store.grant_lease(30))
+            await a_store.delete_prefix("pylium/state/identities/")
+            assert (await blind.allocate(LabelSet.parse("app=other"))).id in known
+        finally:
+            await a_store.close()
+            await b_store.close()
+    asyncio.run(go())

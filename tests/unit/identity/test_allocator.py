@@ -191,3 +191,46 @@ def test_a_stale_index_does_not_take_away_the_reference_of_a_number_in_use(tmp_p
         finally:
             await store.close()
     run(go())
+
+
+@pytest.mark.parametrize("hostile", [b"", b"not a number", b"-1", b"12", b"99999999999",
+                                     "\u0663\u0664".encode(), b"\xff\xfe"])
+def test_an_unreadable_index_entry_is_replaced_never_raised_on(tmp_path, hostile):
+    """A `value/` entry a peer (or a corruption) left naming no allocated number: lookups say
+    "none", allocation replaces it with a real number, garbage collection does not trip."""
+    async def go():
+        [store] = await _stores(tmp_path, 1)
+        try:
+            allocator = IdentityAllocator(store, "node-a")
+            labels = LabelSet.parse("app=hostile")
+            assert await store.create(_value_key(labels), hostile)
+            assert await allocator.lookup(labels) is None
+            got = await allocator.allocate(labels)
+            assert got.id >= MIN_ALLOCATED
+            assert (await allocator.lookup(labels)).id == got.id
+            await allocator.release(got)
+            assert got.id in await allocator.collect_garbage()
+            assert await allocator.lookup(labels) is None
+        finally:
+            await store.close()
+    run(go())
+
+
+def test_a_label_set_the_node_already_holds_needs_no_store(tmp_path):
+    """A second endpoint with labels this node already references gets the identity from
+    the node's own count (no store round trip): it works while the KV store is down; a
+    new label set then fails clearly; the count goes back down on release."""
+    from pylium.api.kvstore import KVStoreUnavailable
+
+    async def go():
+        (store,) = await _stores(tmp_path, 1)
+        manager = IdentityManager(store, "node1", await store.grant_lease(30))
+        web = await manager.allocate(LabelSet.parse("app=web"))
+        await store.close()  # the store is gone
+        assert await manager.allocate(LabelSet.parse("app=web")) == web
+        assert manager.references() == {web.id: 2}
+        with pytest.raises(KVStoreUnavailable):
+            await manager.allocate(LabelSet.parse("app=new"))
+        await manager.release(web)
+        assert manager.references() == {web.id: 1}
+    run(go())
