@@ -13,12 +13,15 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from tests.support.restart_load import run_restarts
 
 RESTARTS = int(os.environ.get("PYLIUM_RESTARTS", "4"))
 HOLD_S = float(os.environ.get("PYLIUM_RESTART_HOLD", "2"))
 
 
+@pytest.mark.timeout(300 + 60 * RESTARTS)  # a restart takes up to ~15 s on a loaded machine
 def test_restarts_under_load_break_nothing_leak_nothing_and_adopt_state():
     got = run_restarts(RESTARTS, HOLD_S)
     print("\nrestart-under-load:", json.dumps({k: v for k, v in got.items()

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.support.restart_load import run_upgrade
 
 
+@pytest.mark.timeout(900)  # two ping windows sized from a measured restart, under load
 def test_upgrade_to_a_new_object_swaps_programs_in_place_and_keeps_maps():
     got = run_upgrade({"ct_timeout_syn": 59})
     print("\nupgrade:", json.dumps({k: v for k, v in got.items() if k != "watch"}))
