@@ -42,8 +42,17 @@ class L7Proxies:
         self._watch: Any = None
 
     def add(self, running: Any) -> None:
+        """A parser whose backend just started (the lifecycle marks it running right after):
+        its ports count as served already, as they will for the endpoints' regeneration
+        that follows. Counting them only a second later made every agent start regenerate
+        every endpoint twice (and warn that the ports changed)."""
         self.parsers.append(running)
-        self.last_served = self.proxy_ports
+        try:
+            started = set(running.backend.served_ports())
+        except Exception as exc:  # a broken plugin serves nothing: fail closed
+            log.warning("l7 parser %s: served_ports failed: %s", running.name, exc)
+            started = set()
+        self.last_served = self.proxy_ports | started
         if self._watch is None:
             self._watch = self.daemon.spawn(self._watch_served_ports())
 
