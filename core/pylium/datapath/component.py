@@ -12,17 +12,44 @@ from pylium.datapath.datapath import ROUTING_SLOT_ENCRYPT, Datapath
 log = logging.getLogger(__name__)
 
 CT_GC_INTERVAL_S = 30.0
+CT_GC_MIN_INTERVAL_S = 1.0
+#: fill ratio after a collection above which the next comes twice as soon, and below which
+#: the interval relaxes again (an LRU conntrack map that fills evicts the least recently
+#: used entries: idle long-lived connections, which then break)
+CT_GC_BUSY_FILL, CT_GC_IDLE_FILL = 0.25, 0.05
+CT_NEAR_FULL = 0.9
 
 
-async def _ct_gc_loop(datapath: Datapath, interval: float) -> None:
+def next_gc_interval(interval: float, fill: float, longest: float) -> float:
+    """Cilium-like adaptive conntrack GC: sooner while the table is filling, back to
+    `longest` while it is nearly empty."""
+    if fill >= CT_GC_BUSY_FILL:
+        return max(CT_GC_MIN_INTERVAL_S, interval / 2)
+    if fill <= CT_GC_IDLE_FILL:
+        return min(longest, interval * 2)
+    return interval
+
+
+async def _ct_gc_loop(datapath: Datapath, longest: float) -> None:
+    interval = longest
+    warned = False
     while True:
         await asyncio.sleep(interval)
         try:
             removed = await asyncio.to_thread(datapath.ct_gc)
-            if removed:
-                log.debug("conntrack gc removed %d expired entries", removed)
         except Exception:
             log.exception("conntrack gc failed")
+            continue
+        fill = datapath.ct_entries / datapath.ct_capacity if datapath.ct_capacity else 0.0
+        if fill >= CT_NEAR_FULL and not warned:
+            log.warning("conntrack table %.0f%% full after collection (%d of %d entries): "
+                        "the kernel evicts the least recently used connections",
+                        fill * 100, datapath.ct_entries, datapath.ct_capacity)
+        warned = fill >= CT_NEAR_FULL
+        interval = next_gc_interval(interval, fill, longest)
+        if removed:
+            log.debug("conntrack gc removed %d expired entries (%.0f%% full, next in %.0fs)",
+                      removed, fill * 100, interval)
 
 
 async def start(daemon) -> Datapath:

@@ -145,6 +145,9 @@ class Datapath:
         #: endpoint id → its key in the endpoints map (built by one scan on first use, kept by
         #: attach/detach): finding an endpoint must not cost a walk of every endpoint
         self._ep_index: dict[int, EndpointKey] | None = None
+        #: conntrack max_entries and the entries the last `ct_gc` left
+        self.ct_capacity: int | None = None
+        self.ct_entries = 0
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -628,16 +631,21 @@ class Datapath:
         """Delete expired conntrack entries; returns how many. The table is read in batches
         (a few syscalls for 65,536 entries); each candidate is read again just before its
         delete, so a flow whose packet refreshed it meanwhile keeps its entry."""
-        removed = 0
+        removed = seen = 0
         with self._lock:
             self._require_open()
             now = time.monotonic_ns()
             for key, value in self.conntrack.items_batched():
+                seen += 1
                 if value.expires_ns > now:
                     continue
                 again = self.conntrack.lookup(key)
                 if again is not None and again.expires_ns <= time.monotonic_ns():
                     removed += self.conntrack.delete(key)
+            if self.ct_capacity is None:
+                self.ct_capacity = libbpf.map_info(self.conntrack.fd).max_entries or None
+        #: entries left after the last collection (the GC loop adapts its interval to it)
+        self.ct_entries = seen - removed
         return removed
 
     # -- trace ----------------------------------------------------------------------

@@ -212,6 +212,7 @@ def test_a_closing_tcp_connection_gets_the_fin_lifetime_and_gc_reads_in_batches(
     monkeypatch.setattr(BpfMap, "items", no_walk)  # this kernel has the batch lookup
     assert n.dp.ct_gc() == 1  # only the closed connection's entry had expired
     monkeypatch.undo()
+    assert n.raw.ct_entries == before - 1 and n.raw.ct_capacity == 65536
     assert not [c for c in n.dp.dump_ct() if c["sport"] == 41000]
     assert len(n.dp.dump_ct()) == before - 1
 
