@@ -7,7 +7,9 @@
 
 #include "common.h"
 
-#define CT_MAX 65536
+#ifndef CT_MAX
+#define CT_MAX 65536 /* -D CT_MAX: the agent's bpf_ct_global_max */
+#endif
 
 #ifndef CT_LIFETIME_TCP
 #define CT_LIFETIME_TCP 21600

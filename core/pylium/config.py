@@ -75,6 +75,9 @@ class AgentConfig:
     ct_timeout_syn: int = attrs.field(default=60, validator=_pos)
     #: a TCP connection after FIN or RST (Cilium's bpf-ct-timeout-regular-tcp-fin)
     ct_timeout_fin: int = attrs.field(default=10, validator=_pos)
+    #: conntrack entries per node, TCP and the rest in one map (Cilium splits it into
+    #: bpf-ct-global-tcp-max and -any-max); changing it on a node re-creates the map
+    bpf_ct_global_max: int = attrs.field(default=65536, validator=_pos)
     #: entries each endpoint's policy map holds (Cilium: --bpf-policy-map-max, 16384 there);
     #: at most the compiled POLICY_ENTRIES_MAX (65536)
     bpf_policy_map_max: int = attrs.field(default=65536, validator=_policy_map_max)

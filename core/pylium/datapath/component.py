@@ -58,7 +58,8 @@ async def start(daemon) -> Datapath:
                         ct_timeouts=(cfg.ct_timeout_tcp, cfg.ct_timeout_non_tcp, cfg.ct_timeout_syn,
                                      cfg.ct_timeout_fin),
                         cache_dir=cfg.state_dir / "bpf-cache",
-                        policy_capacity=cfg.bpf_policy_map_max)
+                        policy_capacity=cfg.bpf_policy_map_max,
+                        ct_max=cfg.bpf_ct_global_max)
     datapath.open()
     if not cfg.encryption:
         # encryption deselected: what a previous run's encryption left must not steer

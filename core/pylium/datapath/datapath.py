@@ -75,6 +75,8 @@ PINNED_MAPS = ("endpoints", "ipcache", "policy", "conntrack", "metrics", "events
                "lb4_affinity", "lb4_sock_revnat", "lxc_progs")
 #: the hash maps whose fill ratio Cilium reports as map pressure
 PRESSURE_MAPS = ("endpoints", "ipcache", "conntrack", "policy")
+#: conntrack map size: the default (bpf/lib/conntrack.h) and the range a config may ask for
+CT_MAX_DEFAULT, CT_MAX_MIN, CT_MAX_MAX = 65536, 1024, 1 << 24
 CT_DIRECTIONS = {0: "ingress", 1: "egress", 2: "service", 3: "nodeport", 4: "nodeport-snat"}
 MAX_IDENTITY = 0xFFFFFFFE
 ENDPOINT_IDENTITY_LIMIT = 1 << 24
@@ -119,7 +121,8 @@ class Datapath:
     method is thread-safe. Lifetimes: `ct_timeouts` = (tcp, non_tcp, syn, fin) seconds."""
 
     def __init__(self, bpffs_root: Path, *, ct_timeouts: tuple[int, ...] = (21600, 60, 60, 10),
-                 cache_dir: Path | None = None, policy_capacity: int = POLICY_ENTRIES_MAX):
+                 cache_dir: Path | None = None, policy_capacity: int = POLICY_ENTRIES_MAX,
+                 ct_max: int = CT_MAX_DEFAULT):
         self.root = Path(bpffs_root)
         #: entries an endpoint's policy map holds (meta entry included): a policy that
         #: needs more is refused whole and the previous one stays (tests use a small one)
@@ -130,6 +133,10 @@ class Datapath:
         if len(self.ct_timeouts) != 4 or min(self.ct_timeouts) <= 0:
             raise UserError(f"ct_timeouts: expected four positive seconds (tcp, non_tcp, syn, "
                             f"fin), got {ct_timeouts}")
+        #: conntrack entries (one map for TCP and the rest; Cilium's bpf-ct-global-*-max)
+        self.ct_max = int(ct_max)
+        if not CT_MAX_MIN <= self.ct_max <= CT_MAX_MAX:
+            raise UserError(f"bpf_ct_global_max: {ct_max} is outside {CT_MAX_MIN}..{CT_MAX_MAX}")
         self.cache_dir = cache_dir
         self._obj: LoadedObject | None = None
         self._lock = threading.RLock()
@@ -155,7 +162,7 @@ class Datapath:
     def defines(self) -> dict[str, int]:
         tcp, non_tcp, syn, fin = self.ct_timeouts
         return {"CT_LIFETIME_TCP": tcp, "CT_LIFETIME_NONTCP": non_tcp, "CT_LIFETIME_SYN": syn,
-                "CT_LIFETIME_FIN": fin}
+                "CT_LIFETIME_FIN": fin, "CT_MAX": self.ct_max}
 
     def open(self) -> Datapath:
         """Load the programs, creating or adopting the pinned maps, and re-attach the
@@ -166,11 +173,30 @@ class Datapath:
                 self._readopt_endpoints()
             return self
 
+    def _resize_conntrack_pin(self) -> None:
+        """A pinned conntrack map of another size (bpf_ct_global_max changed) cannot be
+        adopted: its pin goes, so the load creates one of the new size. Open connections
+        are then tracked anew on their next packet (policy decides again; attached programs
+        keep the old map until they are replaced a moment later)."""
+        pin = self.root / "conntrack"
+        if not pin.exists():
+            return
+        fd = libbpf.obj_get(str(pin))
+        try:
+            size = libbpf.map_info(fd).max_entries
+        finally:
+            libbpf.close(fd)
+        if size != self.ct_max:
+            log.warning("conntrack map resized from %d to %d entries: tracked connections "
+                        "start over", size, self.ct_max)
+            pin.unlink()
+
     def _load(self) -> None:
         with self._lock:
             ensure_bpffs(self.root)
             self.root.mkdir(parents=True, exist_ok=True)
             (self.root / "progs").mkdir(exist_ok=True)
+            self._resize_conntrack_pin()
             loaded = load_object(bpf_source_dir() / OBJECT_SOURCE, self.defines,
                                  pin_root=self.root, pinned_maps=PINNED_MAPS,
                                  require_pinned=True, cache_dir=self.cache_dir)
