@@ -18,6 +18,10 @@ i.e. the datapath part of what the agent does; iptables: `iptables-restore`; nft
 `nft -f`). Everything runs in netns this script creates (node + 3 pods); nothing touches
 the root namespace.
 
+Both sides track connections with the same capacity: pylium's conntrack map is sized as the
+kernel's nf_conntrack_max (`bpf_ct_global_max`; the agent's default is 65536), and closed
+connections leave both tables after 10 s (FIN/RST timeouts).
+
 Rounds interleave at each N (PYLIUM_BENCH_LB_ROUNDS, default 15): pylium's maps and the
 nftables table are installed side by side (pylium's programs, attached, take the packets
 before the node's stack sees them; detached, nftables translates), and each round measures
@@ -118,6 +122,16 @@ def measure(topo: Topology, target: str, cgroup: Path | None = None) -> dict:
     return json.loads(out)
 
 
+def nf_conntrack_max() -> int:
+    """The kernel's conntrack table size (the iptables/nftables sides' capacity), so
+    pylium's conntrack map (`bpf_ct_global_max`) holds as many connections."""
+    path = Path("/proc/sys/net/netfilter/nf_conntrack_max")
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return 65536
+
+
 # -- pylium ------------------------------------------------------------------------------
 class Pylium:
     name = "pylium (tc)"
@@ -125,7 +139,9 @@ class Pylium:
     def __init__(self, topo: Topology, worker: NetnsWorker, eps: dict[str, EndpointInfo]):
         self.topo, self.worker, self.eps = topo, worker, eps
         self.root = bpffs_root()
-        self.dp = Datapath(self.root, cache_dir=Path("/tmp/pylium-test-bpf-cache"))
+        # the same connection-tracking capacity as the netfilter baselines get
+        self.dp = Datapath(self.root, cache_dir=Path("/tmp/pylium-test-bpf-cache"),
+                           ct_max=nf_conntrack_max())
         self.worker.run(self.dp.open)
         self.maps = LbMaps(self.root)
         self.installed = 0
