@@ -6,7 +6,9 @@
  *   egress   encap_classify: is this a packet from a local endpoint to a pod behind a tunnel
  *            endpoint (ipcache)?  encap_outer: outer IPv4 + UDP for it.  encap_push: make
  *            room after the Ethernet header and write outer + tunnel header + inner Ethernet.
- *   ingress  decap_match: is this UDP to our tunnel port on this node?  decap_deliver: strip
+ *   ingress  decap_match: is this UDP to our tunnel port on this node? When it is not, the
+ *            program returns TC_ACT_UNSPEC: the next filter on the hook (NodePort's
+ *            from_netdev, priority 2) still sees the packet.  decap_deliver: strip
  *            the encapsulation, put the sender's identity in skb->mark (as to_container reads
  *            it) and redirect to the local endpoint's host veth.
  * Needs -D NODE_IP=<this node's underlay IPv4, host order>. */

@@ -159,10 +159,15 @@ class Datapath:
     # -- life cycle -----------------------------------------------------------------
 
     @property
+    def map_defines(self) -> dict[str, int]:
+        """Defines that shape pinned maps: every object sharing the pins compiles with them."""
+        return {"CT_MAX": self.ct_max}
+
+    @property
     def defines(self) -> dict[str, int]:
         tcp, non_tcp, syn, fin = self.ct_timeouts
         return {"CT_LIFETIME_TCP": tcp, "CT_LIFETIME_NONTCP": non_tcp, "CT_LIFETIME_SYN": syn,
-                "CT_LIFETIME_FIN": fin, "CT_MAX": self.ct_max}
+                "CT_LIFETIME_FIN": fin, **self.map_defines}
 
     def open(self) -> Datapath:
         """Load the programs, creating or adopting the pinned maps, and re-attach the
@@ -223,10 +228,12 @@ class Datapath:
     def load_object(self, source: Path, defines: Mapping[str, object] | None = None
                     ) -> LoadedObject:
         """Compile and load a plugin's object with this datapath's cache, its maps bound to
-        the core's pins (endpoints, ipcache, ... shared, not copies). The caller closes it."""
+        the core's pins (endpoints, ipcache, ... shared, not copies). The caller closes it.
+        The defines that size shared maps (`map_defines`) are this datapath's, so the
+        object's copy of a map definition matches the pinned map it adopts."""
         self._require_open()  # the pins exist: the object adopts them rather than making its own
-        return load_object(source, defines, pin_root=self.root, pinned_maps=PINNED_MAPS,
-                           cache_dir=self.cache_dir)
+        return load_object(source, {**(defines or {}), **self.map_defines}, pin_root=self.root,
+                           pinned_maps=PINNED_MAPS, cache_dir=self.cache_dir)
 
     def _bind_maps(self, loaded: LoadedObject) -> None:
         def typed(name, key, value, percpu=False):

@@ -199,9 +199,8 @@ NODEPORT_PRIORITY = 0x2
 def attach_nodeport(prog_fd: int, node_ip: str) -> str | None:
     """Attach `from_netdev` to the ingress of the interface holding `node_ip` (in the
     calling thread's netns); returns the interface name, or None if no interface holds it.
-    A routing-mode filter already there runs first and may hide NodePort traffic: logged."""
-    import logging
-
+    A routing mode's filter there (geneve, vxlan in BPF) runs first, at priority 1, and hands
+    every packet it does not decapsulate on to this one (TC_ACT_UNSPEC)."""
     from pylium.datapath import netns as plumbing
     from pylium.datapath import tc
     from pylium.datapath.libbpf import BpfTcOpts
@@ -210,10 +209,6 @@ def attach_nodeport(prog_fd: int, node_ip: str) -> str | None:
     if ifname is None:
         return None
     ifindex = plumbing.link_info(ifname).ifindex
-    if tc.query(ifindex, tc.INGRESS) is not None:
-        logging.getLogger(__name__).warning(
-            "NodePort: %s already runs a pylium ingress filter (routing mode); it runs "
-            "first and NodePort traffic it passes on is not translated", ifname)
     hook = tc._hook(ifindex, tc.INGRESS)
     rc = lib.bpf_tc_hook_create(ctypes.byref(hook))
     if rc < 0 and libbpf.errno_of(rc) != 17:  # EEXIST

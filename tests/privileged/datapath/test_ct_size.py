@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from pylium.datapath import Datapath, libbpf
+from pylium.datapath.compile import bpf_source_dir
 from pylium.errors import UserError
 
 pytestmark = pytest.mark.privileged
@@ -36,6 +37,13 @@ def test_a_resized_conntrack_map_is_recreated_on_open(caplog):
             libbpf.close(pinned)
         dp = Datapath(root, cache_dir=CACHE, ct_max=131072).open()
         assert libbpf.map_info(dp.conntrack.fd).id == map_id
+        # an object loaded beside it (socket LB, a plugin's) adopts that very map: it is
+        # compiled with the datapath's map-shaping defines
+        sock = dp.load_object(bpf_source_dir() / "bpf_sock.c")
+        try:
+            assert libbpf.map_info(sock.map("conntrack")).id == map_id
+        finally:
+            sock.close()
     finally:
         dp.destroy()
 

@@ -1,5 +1,5 @@
-"""Routing modes in a real multi-node lab: for each of vxlan (device), vxlan with BPF
-encapsulation, geneve (BPF) and native, three node namespaces joined by an underlay bridge, one agent per node (sharing one KV store),
+"""Routing modes in a real multi-node lab: for each of vxlan (BPF encapsulation, the default),
+vxlan through the kernel's device, geneve (BPF) and native, three node namespaces joined by an underlay bridge, one agent per node (sharing one KV store),
 two pods per node. One lab per mode serves every test of that mode."""
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from pylium.lab.lab import Lab
 from pylium.lab.processes import stop_process
 
 PYLIUM = str(Path(sys.executable).with_name("pylium"))
-MODES = ("vxlan", "vxlan-bpf", "geneve", "native")
+MODES = ("vxlan", "vxlan-device", "geneve", "native")
 #: test variant → (routing mode, agent settings)
-VARIANTS = {"vxlan-bpf": ("vxlan", {"plugin_options": {"vxlan": {"encapsulation": "bpf"}}})}
+VARIANTS = {"vxlan-device": ("vxlan", {"plugin_options": {"vxlan": {"encapsulation": "device"}}})}
 PODS = {"p1": "node1", "p2": "node1", "p3": "node2", "p4": "node2", "p5": "node3",
         "p6": "node3"}
 BLOB_BYTES = 10 * 1024 * 1024
-TUNNEL = {"vxlan": ("8472", ["-T", "vxlan"]), "vxlan-bpf": ("8472", ["-T", "vxlan"]),
+TUNNEL = {"vxlan": ("8472", ["-T", "vxlan"]), "vxlan-device": ("8472", ["-T", "vxlan"]),
           "geneve": ("6081", [])}
 
 
@@ -94,7 +94,7 @@ def test_full_ping_matrix(cluster):
     assert sorted(n["name"] for n in routing["nodes"]) == ["node2", "node3"]
     device = lab.exec("node1", ["ip", "-o", "link", "show", "pylium_vxlan"])
     if mode.startswith("vxlan"):  # the device carries it, or BPF on the underlay does
-        assert (device.returncode == 0) is (mode == "vxlan"), device
+        assert (device.returncode == 0) is (mode == "vxlan-device"), device
 
 
 def test_pod_mtu_from_routing_mode_and_large_transfers_both_ways(cluster, tmp_path):

@@ -60,7 +60,7 @@ int geneve_ingress(struct __sk_buff *skb)
 	int off;
 
 	if (!decap_match(skb, GENEVE_PORT, &off))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC; /* not ours: the hook's next filter (NodePort) decides */
 	if (bpf_skb_load_bytes(skb, off, &g, sizeof(g)) < 0)
 		return TC_ACT_SHOT;
 	if ((g.ver_optlen >> 6) != 0 || g.protocol != bpf_htons(ETH_P_TEB))

@@ -108,7 +108,7 @@ int vxlan_ingress(struct __sk_buff *skb)
 	int off;
 
 	if (!decap_match(skb, VXLAN_PORT, &off))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC; /* not ours: the hook's next filter (NodePort) decides */
 	if (bpf_skb_load_bytes(skb, off, &v, sizeof(v)) < 0)
 		return TC_ACT_SHOT;
 	if (!(v.flags & bpf_htonl(VXLAN_FLAG_I)))
