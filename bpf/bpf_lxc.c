@@ -473,6 +473,8 @@ int from_container(struct __sk_buff *skb)
 	reason = enforce(&ec, &p, ec.dst_identity, &r, 0);
 	if (reason)
 		return drop_packet(skb, &ec, &p, &r, reason);
+	if (r.ct == CT_NEW && r.rev_nat)
+		emit_event(&ec, &p, EVENT_TRACE, TRACE_LB_XLATE, EVENT_F_CT_NEW, 0);
 	if (r.proxy_port)
 		return to_proxy(skb, &ec, &p, &r);
 	count_forward(&ec, &p);

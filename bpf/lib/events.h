@@ -15,6 +15,10 @@
 #define TRACE_TO_STACK 3
 #define TRACE_FROM_LXC 5
 #define TRACE_TO_CRYPTO 12 /* into the encryption device */
+/* a new flow to a service, translated to its backend (Hubble verdict TRANSLATED): emitted
+ * beside the flow's own trace, with the backend as destination and the service's rev-NAT
+ * index, so the flow shows the service name and where it went */
+#define TRACE_LB_XLATE 14
 
 #define EVENT_F_REPLY 0x01
 #define EVENT_F_CT_NEW 0x02

@@ -16,7 +16,7 @@ from pylium.errors import UserError
 
 #: (option, query parameter, help)
 MULTI_FILTERS = (
-    ("--verdict", "verdict", "FORWARDED, DROPPED, REDIRECTED, AUDIT"),
+    ("--verdict", "verdict", "FORWARDED, DROPPED, REDIRECTED, AUDIT, TRANSLATED"),
     ("--pod", "pod", "[namespace/]pod-name prefix, either side"),
     ("--from-pod", "from_pod", "[namespace/]pod-name prefix, source"),
     ("--to-pod", "to_pod", "[namespace/]pod-name prefix, destination"),

@@ -22,6 +22,7 @@ from pylium.flow.model import (
     PV_AUDIT,
     PV_DENY,
     PV_REDIRECT,
+    TRACE_LB_XLATE,
     Flow,
     Peer,
     ServiceRef,
@@ -65,6 +66,7 @@ def _verdict_table() -> dict[tuple[int, int], tuple[str, int]]:
         table[(EVENT_DROP, reason)] = ("DROPPED", reason)
         table[(EVENT_TRACE, reason)] = ("FORWARDED", 0)
         table[(EVENT_POLICY_VERDICT, reason)] = ("VERDICT_UNKNOWN", 0)
+    table[(EVENT_TRACE, TRACE_LB_XLATE)] = ("TRANSLATED", 0)
     table[(EVENT_POLICY_VERDICT, PV_ALLOW)] = ("FORWARDED", 0)
     table[(EVENT_POLICY_VERDICT, PV_DENY)] = ("DROPPED", DROP_POLICY_DENIED)
     table[(EVENT_POLICY_VERDICT, PV_REDIRECT)] = ("REDIRECTED", 0)

@@ -27,6 +27,8 @@ CILIUM_MESSAGE_TYPE = {EVENT_DROP: 1, EVENT_TRACE: 4, EVENT_POLICY_VERDICT: 5,
 
 # POLICY_VERDICT reason codes
 PV_ALLOW, PV_DENY, PV_REDIRECT, PV_AUDIT = 1, 2, 3, 4
+#: trace point of a new service flow's translation (bpf/lib/events.h TRACE_LB_XLATE)
+TRACE_LB_XLATE = 14
 
 DROP_POLICY_DENIED = 133
 
@@ -72,13 +74,14 @@ TRACE_POINT_NAMES: dict[int, str] = {
     0: "TO_ENDPOINT", 1: "TO_PROXY", 2: "TO_HOST", 3: "TO_STACK", 4: "TO_OVERLAY",
     5: "FROM_ENDPOINT", 6: "FROM_PROXY", 7: "FROM_HOST", 8: "FROM_STACK", 9: "FROM_OVERLAY",
     10: "FROM_NETWORK", 11: "TO_NETWORK", 12: "TO_CRYPTO", 13: "FROM_CRYPTO",
+    14: "FROM_ENDPOINT",  # TRACE_LB_XLATE: a service flow translated where it left the pod
 }
 
 PROTO_TCP, PROTO_UDP, PROTO_ICMP = 6, 17, 1
 TCP_FLAG_BITS = (("FIN", 0x01), ("SYN", 0x02), ("RST", 0x04), ("PSH", 0x08),
                  ("ACK", 0x10), ("URG", 0x20), ("ECE", 0x40), ("CWR", 0x80))
 DIRECTIONS = ("INGRESS", "EGRESS")
-VERDICTS = ("FORWARDED", "DROPPED", "REDIRECTED", "AUDIT", "ERROR", "TRACED")
+VERDICTS = ("FORWARDED", "DROPPED", "REDIRECTED", "AUDIT", "ERROR", "TRACED", "TRANSLATED")
 
 # lost-event sources (Hubble's LostEventSource names) and our metric labels for them
 LOST_KERNEL = "PERF_EVENT_RING_BUFFER"    # BPF ring buffer full: bpf_ringbuf_reserve failed

@@ -144,6 +144,16 @@ def test_observe_names_the_service_and_shows_the_translation(lab):
         assert f["l4"]["TCP"]["destination_port"] == 8080
         compact = cli(lab, "observe", "--from-pod", "default/client", "--since", "5m").stdout
         assert f"-> {VIP}:82 (service default/seen) => default/web1:8080" in compact, compact
+        # each new connection's translation is a flow of its own, verdict TRANSLATED (3)
+        out = cli(lab, "observe", "-o", "json", "--from-pod", "default/client",
+                  "--to-service", "default/seen", "--verdict", "TRANSLATED",
+                  "--since", "5m").stdout
+        translated = [json.loads(line)["flow"] for line in out.splitlines()]
+        assert len(translated) == 3, translated
+        assert all(t["verdict"] == "TRANSLATED" and t["IP"]["destination"] == w1
+                   and t["destination_service"]["name"] == "seen" for t in translated)
+        assert "TRANSLATED" in cli(lab, "observe", "--from-pod", "default/client",
+                                   "--verdict", "TRANSLATED", "--since", "5m").stdout
     finally:
         cli(lab, "service", "delete", "default/seen", check=False)
 
