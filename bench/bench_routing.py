@@ -15,13 +15,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import interleave, iperf, report_rounds  # noqa: E402
+from common import interleave, iperf, report_rounds, two_pods  # noqa: E402
 from pylium.datapath import netns as plumbing  # noqa: E402
 from pylium.lab.lab import Lab  # noqa: E402
 
@@ -123,16 +122,9 @@ def main() -> None:
         plain.up()
         (pod1, _ip1), (pod2, ip2) = plain.pods[1], plain.pods[2]
         for mode in MODES:
-            lab = Lab(f"rb{mode[0]}{uuid.uuid4().hex[:3]}")
             routing, settings = VARIANTS.get(mode, (mode, None))
+            lab, a, b = two_pods(f"rb{mode[0]}{uuid.uuid4().hex[:3]}", routing, settings)
             try:
-                lab.up(nodes=2, routing=routing, agent_settings=settings)
-                a = lab.add_pod("a", {"app": "a"}, node="node1")
-                b = lab.add_pod("b", {"app": "b"}, node="node2")
-                deadline = time.monotonic() + 30
-                while lab.exec("a", ["ping", "-c", "1", "-W", "1", b["ip"]]).returncode != 0:
-                    if time.monotonic() > deadline:
-                        raise SystemExit(f"{mode}: pods do not reach each other")
                 ours, base = interleave(lambda a=a, b=b: iperf(b["netns"], a["netns"], b["ip"], SECONDS),
                                         lambda: iperf(pod2, pod1, ip2, SECONDS), ROUNDS)
                 goal = GOALS[mode]

@@ -10,40 +10,23 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import interleave, iperf, report_rounds  # noqa: E402
-from pylium.lab.lab import Lab  # noqa: E402
+from common import interleave, iperf, report_rounds, two_pods  # noqa: E402
 
 ROUNDS = 5
 SECONDS = 3
 
 
-def two_pods(mode: str, settings: dict, tag: str) -> tuple[Lab, dict, dict]:
-    lab = Lab(f"b{tag}{mode[0]}{uuid.uuid4().hex[:3]}")
-    try:
-        lab.up(nodes=2, routing=mode, agent_settings=settings)
-        a = lab.add_pod("a", {"app": "a"}, node="node1")
-        b = lab.add_pod("b", {"app": "b"}, node="node2")
-        deadline = time.monotonic() + 30
-        while lab.exec("a", ["ping", "-c", "1", "-W", "1", b["ip"]]).returncode != 0:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{mode}: pods do not reach each other")
-    except BaseException:
-        lab.down()
-        raise
-    return lab, a, b
-
-
 def bench(mode: str) -> None:
     plain = encrypted = None
     try:
-        plain = two_pods(mode, {}, "p")
-        encrypted = two_pods(mode, {"encryption": "wireguard"}, "w")
+        plain = two_pods(f"bp{mode[0]}{uuid.uuid4().hex[:3]}", mode, {})
+        encrypted = two_pods(f"bw{mode[0]}{uuid.uuid4().hex[:3]}", mode,
+                             {"encryption": "wireguard"})
         _lab, a, b = plain
         lab, ea, eb = encrypted
         ours, base = interleave(lambda: iperf(eb["netns"], ea["netns"], eb["ip"], SECONDS),

@@ -77,3 +77,24 @@ def iperf(server_ns: str, client_ns: str, server_ip: str, seconds: int = 3) -> f
     finally:
         server.kill()
         server.wait()
+
+
+def two_pods(lab_name: str, routing: str, settings: dict | None = None):
+    """A two-node lab (`routing` mode, agent `settings`) with pod a on node1 and pod b on
+    node2 that reach each other: (lab, a, b). The lab is taken down if it does not get there;
+    otherwise the caller takes it down."""
+    from pylium.lab.lab import Lab
+
+    lab = Lab(lab_name)
+    try:
+        lab.up(nodes=2, routing=routing, agent_settings=settings)
+        a = lab.add_pod("a", {"app": "a"}, node="node1")
+        b = lab.add_pod("b", {"app": "b"}, node="node2")
+        deadline = time.monotonic() + 30
+        while lab.exec("a", ["ping", "-c", "1", "-W", "1", b["ip"]]).returncode != 0:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{lab_name} ({routing}): pods do not reach each other")
+    except BaseException:
+        lab.down()
+        raise
+    return lab, a, b

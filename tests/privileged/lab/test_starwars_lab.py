@@ -29,13 +29,19 @@ def _leftovers(name: str, status: dict) -> list[str]:
     return left
 
 
-def test_starwars_story_and_clean_teardown(example_policies):
+def _lab_cli():
+    """A fresh lab name, its environment and a `pylium` runner whose CLI talks to that lab's node1."""
     name = "s" + secrets.token_hex(3)
     env = {**os.environ, "PYLIUM_LAB": name, "PYLIUM_SOCKET": f"/var/run/pylium/{name}-node1.sock"}
 
     def pylium(*args, check=True, timeout=120):
         return subprocess.run([PYLIUM, *args], capture_output=True, text=True, env=env,
                               check=check, timeout=timeout)
+    return name, env, pylium
+
+
+def test_starwars_story_and_clean_teardown(example_policies):
+    name, env, pylium = _lab_cli()
 
     status = None
     try:
@@ -127,12 +133,7 @@ def test_starwars_l7_demo_lab_and_its_proxy_goes_with_lab_down():
     imported, so tiefighter may POST /v1/request-landing, gets 403 `Access denied` for
     PUT /v1/exhaust-port, and xwing is dropped at L3/L4; `lab down` also stops the proxy
     process (it outlives agents on purpose, never a lab)."""
-    name = "s" + secrets.token_hex(3)
-    env = {**os.environ, "PYLIUM_LAB": name, "PYLIUM_SOCKET": f"/var/run/pylium/{name}-node1.sock"}
-
-    def pylium(*args, check=True, timeout=120):
-        return subprocess.run([PYLIUM, *args], capture_output=True, text=True, env=env,
-                              check=check, timeout=timeout)
+    name, env, pylium = _lab_cli()
 
     status = None
     try:
