@@ -256,7 +256,8 @@ class Runner:
                                     env=full_env)
         # nsenter execs the command: the pid is the program's own
         self.state.setdefault("processes", []).append(
-            {"name": name, "pid": proc.pid, "match": needle or str(self.p.data)})
+            {"name": name, "pid": proc.pid, "match": needle or str(self.p.data),
+             "argv": list(argv), "env": dict(env or {})})
         write_state(self.p, self.state)
         return proc
 
@@ -520,6 +521,30 @@ def restart_apiserver(p: Paths, downtime: float = 0.0) -> None:
                            needle=str(p.pki / "tokens.csv"))
     wait_for("kube-apiserver /readyz", lambda: api_get(p, "/readyz", state["token"])[0] == 200,
              90, None, p.logs / "kube-apiserver.log")
+    # a controller manager still starting when the API server went away exits (klog.Fatal
+    # in its namespace deleter); a real node's systemd or kubelet would start it again
+    restart_exited(p, SUPERVISED)
+
+
+#: control-plane processes a real node's supervisor restarts when they exit
+SUPERVISED = ("kube-controller-manager", "kube-scheduler")
+
+
+def restart_exited(p: Paths, names: tuple[str, ...]) -> list[str]:
+    """Start again, with their recorded command line, the processes named `names` that have
+    exited; returns their names."""
+    state = read_state(p)
+    dead = [e for e in state.get("processes", [])
+            if e["name"] in names and e.get("argv") and not proc_alive(e["pid"], e["match"])]
+    if not dead:
+        return []
+    state["processes"] = [e for e in state["processes"] if e not in dead]
+    write_state(p, state)
+    runner = Runner(p, state)
+    for entry in dead:
+        log(f"{entry['name']} had exited; started again")
+        runner.start(entry["name"], entry["argv"], entry["env"] or None, needle=entry["match"])
+    return [e["name"] for e in dead]
 
 
 def _tcp(port: int) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -137,6 +138,32 @@ def test_watches_resume_after_an_api_server_restart(cluster):
     # a deletion after the restart is seen too (the watch is live, not a one-off relist)
     _apply_and_time(cluster, text, "CiliumClusterwideNetworkPolicy//after-restart",
                     present=False)
+
+
+def test_a_controller_manager_that_exited_comes_back_with_the_api_server_restart(cluster):
+    """A controller manager still starting when the API server restarts exits (a klog.Fatal:
+    "Unable to get any supported resources"); nothing then creates pods for Deployments and
+    every later test fails. `restart-apiserver` starts such control-plane processes again,
+    as a real node's supervisor would."""
+    import os
+    import signal
+
+    def kcm() -> dict:
+        return next(e for e in json.loads(cluster.run("status").stdout)["processes"]
+                    if e["name"] == "kube-controller-manager")
+
+    before = kcm()
+    os.kill(before["pid"], signal.SIGKILL)
+    def gone() -> bool:
+        try:
+            return not Path(f"/proc/{before['pid']}/cmdline").read_bytes()  # a zombie
+        except OSError:
+            return True  # reaped
+    wait_until("controller manager gone", gone, timeout=10)
+    cluster.run("restart-apiserver", "0")
+    after = kcm()
+    assert after["pid"] != before["pid"]
+    assert "kube-controller-manager" in Path(f"/proc/{after['pid']}/cmdline").read_text()
 
 
 def _deployment(name: str, app: str) -> dict:
