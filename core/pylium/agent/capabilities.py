@@ -172,7 +172,7 @@ class CapabilityLifecycle:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            return {}
+            return self._ran_before_the_record()
         except (OSError, ValueError) as exc:
             log.warning("ignoring unreadable %s: %s", path, exc)
             return {}
@@ -180,16 +180,30 @@ class CapabilityLifecycle:
             return {}
         return {str(k): [str(n) for n in v] for k, v in data.items() if isinstance(v, list)}
 
+    def _ran_before_the_record(self) -> dict[str, list[str]]:
+        """No record yet (a node upgraded from a version that kept none): a capability that
+        has a state directory has run here (`KindDriver.state_dir`)."""
+        plugins = Path(self.daemon.config.state_dir) / "plugins"
+        found: dict[str, list[str]] = {}
+        for kind, driver in self.drivers.items():
+            if not driver.leaves_state or not plugins.is_dir():
+                continue
+            names = sorted(d.name.removeprefix(f"{kind}-") for d in plugins.iterdir()
+                           if d.is_dir() and d.name.startswith(f"{kind}-"))
+            if names:
+                found[kind] = names
+        return found
+
     def _set_ran(self, kind: str, name: str, ran: bool) -> None:
         data = self.ran()
         names = [n for n in data.get(kind, []) if n != name] + ([name] if ran else [])
-        if names == data.get(kind, []):
+        path = self._ran_path()
+        if names == data.get(kind, []) and path.exists():
             return
         if names:
             data[kind] = names
         else:
             data.pop(kind, None)
-        path = self._ran_path()
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, path)

@@ -271,6 +271,13 @@ def test_deselected_encryption_is_torn_down_at_the_next_start(world):
     run(selection)
     assert len(teardowns()) == 1  # forgotten once cleaned up
 
+    # a node upgraded from a version that kept no record: the state directory tells
+    run({**selection, "encryption": "recording-encryption"})
+    ran_file.unlink()
+    run(selection)
+    assert len(teardowns()) == 2
+    assert json.loads(ran_file.read_text()) == {}
+
     ran_file.write_text(json.dumps({"encryption": ["gone-encryption"]}))
     run(selection)
     assert "'gone-encryption' ran on this node before" in log_path.read_text()
