@@ -10,7 +10,7 @@ defines), one line naming the plugin when a selected backend cannot start, and t
 each capability reports (`running`, `failed: <reason>`, `not selected`).
 
 Some kinds leave state on the node that outlives the agent (encryption: a device and its
-daemon, a steering program). Which of those ran is recorded in the state directory
+daemon, a steering program; an L7 parser: its proxy process). Which of those ran is recorded in the state directory
 (`capabilities.json`); when a later start no longer selects one, the core builds its backend
 once more, asks it to `teardown()` what it left, and forgets it."""
 
@@ -480,6 +480,7 @@ class EncryptionDriver(KindDriver):
 class L7Driver(KindDriver):
     kind = "l7"
     context_type = L7Context
+    leaves_state = True  # a parser's proxy process outlives the agent
 
     def extra_context(self, daemon, record: Capability) -> dict[str, Any]:
         from pylium.l7.component import l7_context_handles

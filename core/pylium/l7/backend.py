@@ -207,6 +207,14 @@ class ProxiedParser(L7Parser):
             flows.record_l7(**{k: message[k] for k in FLOW_FIELDS if k in message})
             self.flows_recorded += 1
 
+    def teardown(self) -> None:
+        """Deselected: the proxy an earlier run left (it outlives agents) stops for good."""
+        from pylium.l7.proxy import stop_running
+
+        if self.context.state_dir is not None and stop_running(
+                Path(self.context.state_dir) / "proxy"):
+            self.context.log.info("%s L7 proxy stopped (parser deselected)", self.protocol)
+
     # health -------------------------------------------------------------------------------
     def served_ports(self) -> set[int]:
         return self.supervisor.served_ports() if self.supervisor is not None else set()
