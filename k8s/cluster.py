@@ -602,11 +602,13 @@ def down(p: Paths, graceful: bool = True) -> None:
         deadline = time.monotonic() + 40
         while time.monotonic() < deadline and _sandboxes(p):
             time.sleep(0.5)
+        log(f"pods stopped ({time.monotonic() - t0:.1f}s)")
     order = ["kubelet", "pylium-agent", "kube-scheduler", "kube-controller-manager",
              "containerd", "kube-apiserver", "etcd"]
     for name in order + [n for n in procs if n not in order]:
         if name in procs:
             stop_pid(procs[name]["pid"], procs[name]["match"])
+    log(f"processes stopped ({time.monotonic() - t0:.1f}s)")
     # shims and containers outlive containerd: find them by our unique socket path
     needle = str(p.containerd_sock)
     for pid_dir in Path("/proc").iterdir():
