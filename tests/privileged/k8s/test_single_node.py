@@ -186,7 +186,8 @@ def _deployment(name: str, app: str) -> dict:
                          # then at its 10 s status batch: 9-12 s idle, over 60 s on
                          # this busy machine. With 0 the API server deletes the object
                          # at once and the kubelet kills the pod on the REMOVE it sees
-                         # (CNI DEL within ~1 s): tests wait for pylium, not the API.
+                         # (endpoint and IP freed in 0.5-3 s): tests wait for pylium,
+                         # not the API.
                          "terminationGracePeriodSeconds": 0,
                          "containers": [{
                              "name": "main", "image": "registry.local/busybox:pylium",
@@ -274,9 +275,10 @@ def _wait_endpoints_freed(cluster, names: set[str], ips: set[str],
     """Wait until no pylium endpoint is named after one of the pods `names` and the IPAM
     holds none of `ips`: the kubelet killed them and pylium-cni's DEL freed their
     endpoints and addresses (an endpoint leaves the list first; its address is released
-    when its teardown is done). Returns the seconds taken. Measured: ~1 s after the API
-    deletion; `timeout` leaves room for a kubelet lagging under load (its pod-cleanup
-    housekeeping runs every 2 s)."""
+    when its teardown is done). Returns the seconds taken. Measured over 28 pod deletions
+    at load average 16-24 on 2 cores: median 1.2 s, at most 2.9 s after the API deletion
+    (the CNI DEL itself, containerd's StopPodSandbox, ~0.2 s; the rest is the kubelet
+    noticing, its pod-cleanup housekeeping runs every 2 s); `timeout` is 10 times that."""
     t0 = time.monotonic()
     wait_until(f"endpoints of {', '.join(sorted(names))} deleted", lambda: not any(
         e["name"] in names for e in cluster.agent("/v1/endpoint")), timeout=timeout,
