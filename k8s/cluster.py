@@ -607,7 +607,10 @@ def down(p: Paths, graceful: bool = True) -> None:
              "containerd", "kube-apiserver", "etcd"]
     for name in order + [n for n in procs if n not in order]:
         if name in procs:
+            t1 = time.monotonic()
             stop_pid(procs[name]["pid"], procs[name]["match"])
+            if time.monotonic() - t1 > 2:
+                log(f"{name} took {time.monotonic() - t1:.1f}s to stop")
     log(f"processes stopped ({time.monotonic() - t0:.1f}s)")
     # shims and containers outlive containerd: find them by our unique socket path
     needle = str(p.containerd_sock)
