@@ -6,7 +6,13 @@ a client netns, a router netns (where the proxies run) and a server netns with n
 * pylium  — the same packets TPROXY'd into pylium's proxy process(es) (HTTP rule `GET /x`
   enforced, every request and response a flow record sent to a feeding "agent" that takes
   them while wrk runs), which opens the upstream with the client identity's SO_MARK;
-* nginx   — client -> nginx on the router (upstream keep-alive) -> server.
+* nginx   — client -> nginx on the router (upstream keep-alive) -> server;
+* floor   — NOT a baseline: the least a proxy on issue 11's prescribed stack can do
+  (`bench/l7_floor_proxy.py`: uvloop, asyncio Protocols, httptools parsing every request and
+  response, one kept-alive upstream per client connection; no policy, no flows, no
+  metrics), TPROXY'd on the same path as pylium with the same number of processes. Its
+  `floor_*` fields on each result line tell how much of pylium's cost is the stack's and
+  how much is pylium's own.
 
 Both proxies get the same number of processes (`--workers`, default 1: nginx
 `worker_processes`, pylium's `ProxyPool` workers on SO_REUSEPORT). Each keeps its upstream
@@ -52,6 +58,8 @@ CONNECTIONS = (1, 10, 100)
 SECONDS = 3
 DIRECT_PORT = 8000          # nginx on the server, not TPROXY'd
 NGINX_PROXY_PORT = 8888     # nginx reverse proxy on the router
+FLOOR_DPORT = 82            # TPROXY'd to the floor proxy on the router
+FLOOR_PROXY = 10090
 
 
 def nginx_conf(prefix: Path, body: str, workers: int = 1) -> Path:
@@ -124,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, nargs="+", default=list(CONNECTIONS))
     parser.add_argument("--workers", type=int, default=1,
                         help="processes of each proxy (nginx worker_processes, pylium workers)")
-    parser.add_argument("--only", nargs="+", choices=("direct", "pylium", "nginx"),
+    parser.add_argument("--only", nargs="+", choices=("direct", "pylium", "nginx", "floor"),
                         help="run only these sides (no result line without pylium and nginx)")
     args = parser.parse_args(argv)
     if shutil.which("nginx") is None or shutil.which("wrk") is None:
@@ -132,10 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     tmp = Path(tempfile.mkdtemp(prefix="l7-proxy-bench-"))
     topo = TproxyTopology("l7-bench").up()
+    # the floor proxy's own TPROXY rule, in the bench's router netns only
+    topo.ns(topo.router, "iptables", "-t", "mangle", "-A", "PREROUTING", "-i", "eth-c", "-p",
+            "tcp", "--dport", str(FLOOR_DPORT), "-j", "TPROXY", "--on-port", str(FLOOR_PROXY),
+            "--tproxy-mark", "0x1/0x1")
     procs: list[subprocess.Popen] = []
     try:
         server_conf = nginx_conf(tmp / "server", f"""
-  server {{ listen {INGRESS_DPORT}; listen {DIRECT_PORT};
+  server {{ listen {INGRESS_DPORT}; listen {DIRECT_PORT}; listen {FLOOR_DPORT};
            location /x {{ default_type text/plain; return 200 "ok\\n"; }} }}""")
         proxy_conf = nginx_conf(tmp / "proxy", f"""
   upstream backend {{ server {SERVER_IP}:{DIRECT_PORT}; keepalive 256; }}
@@ -145,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         for ns, conf in ((topo.server, server_conf), (topo.router, proxy_conf)):
             procs.append(subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "nginx",
                                            "-c", str(conf)]))
+        floor = [subprocess.Popen(["nsenter", f"--net=/run/netns/{topo.router}", sys.executable,
+                                   str(REPO / "bench" / "l7_floor_proxy.py"), "--port",
+                                   str(FLOOR_PROXY)], stdout=subprocess.PIPE)
+                 for _ in range(args.workers)]
+        procs.extend(floor)
+        for proc in floor:
+            assert proc.stdout.readline() == b"ready\n", "the floor proxy did not start"
         time.sleep(0.5)
         flows = [0]
         loop = asyncio.new_event_loop()
@@ -164,11 +183,13 @@ def main(argv: list[str] | None = None) -> int:
                                                               "path": "/x"}]}]}]}]}))
         urls = {"direct": f"http://{SERVER_IP}:{DIRECT_PORT}/x",
                 "pylium": f"http://{SERVER_IP}:{INGRESS_DPORT}/x",
-                "nginx": f"http://{ROUTER_CLIENT_IP}:{NGINX_PROXY_PORT}/x"}
+                "nginx": f"http://{ROUTER_CLIENT_IP}:{NGINX_PROXY_PORT}/x",
+                "floor": f"http://{SERVER_IP}:{FLOOR_DPORT}/x"}
         # the proxies' own processes: CPU per request is the comparison the machine's other
         # load distorts least (nginx's master only supervises)
         proxy_pids = {"pylium": [m.info["pid"] for m in supervisor.members],
-                      "nginx": nginx_workers(procs[1].pid), "direct": []}
+                      "nginx": nginx_workers(procs[1].pid), "direct": [],
+                      "floor": [p.pid for p in floor]}
         for name, url in urls.items():  # warm up (connections, caches)
             got = topo.ns(topo.client, "curl", "-s", url).stdout
             assert got == "ok\n", (name, got)
@@ -210,6 +231,18 @@ def main(argv: list[str] | None = None) -> int:
             if "direct" in runs:
                 extra["direct_rps"] = spread([r["rps"] for r in runs["direct"]])["median"]
                 extra["direct_p99_ms"] = spread([r["p99_ms"] for r in runs["direct"]])["median"]
+            if "floor" in runs:  # the stack's floor, not a baseline (see the docstring)
+                floor_rps = spread([r["rps"] for r in runs["floor"]])["median"]
+                floor_p99 = spread([r["p99_ms"] for r in runs["floor"]])["median"]
+                nginx_rps = spread([r["rps"] for r in runs["nginx"]])["median"]
+                nginx_p99 = spread([r["p99_ms"] for r in runs["nginx"]])["median"]
+                extra.update({
+                    "floor_rps": floor_rps, "floor_rps_vs_nginx": round(floor_rps / nginx_rps, 4),
+                    "floor_p99_ms": floor_p99,
+                    "floor_p99_vs_nginx": round(floor_p99 / nginx_p99, 4) if nginx_p99 else None,
+                    "floor_cpu_us_per_request": spread(
+                        [r["cpu_us_per_request"] for r in runs["floor"]])["median"],
+                    "floor_errors": sum(r["errors"] for r in runs["floor"])})
             baseline = f"nginx reverse proxy, {args.workers} worker(s), upstream keep-alive"
             report_rounds("l7_http", f"req_per_s_c{connections}", "req/s",
                           [r["rps"] for r in runs["pylium"]], [r["rps"] for r in runs["nginx"]],
