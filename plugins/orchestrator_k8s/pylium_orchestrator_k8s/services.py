@@ -139,9 +139,13 @@ def translate(service: dict[str, Any],
         for kind, ip in external_ips(service):
             out[f"{key}.{kind}.{ip}"] = {
                 "frontend": f"{ip}:{int(port['port'])}/{protocol}",
-                "backends": body["backends"], "type": "ClusterIP",
+                "backends": body["backends"], "type": FRONTEND_TYPES[kind],
                 "affinity_timeout": body["affinity_timeout"], "traffic_policy": "Cluster"}
     return out
+
+
+#: the pylium service type of each kind of extra frontend (Cilium's names)
+FRONTEND_TYPES = {"external": "ExternalIPs", "lb": "LoadBalancer"}
 
 
 def owner_of(name: str) -> tuple[str, str]:

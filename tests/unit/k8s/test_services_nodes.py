@@ -103,8 +103,12 @@ def test_external_ips_and_load_balancer_ingress_are_extra_frontends():
         "shop/web.http.lb.198.51.100.7"]
     assert out["shop/web.http.external.192.0.2.10"] == {
         "frontend": "192.0.2.10:80/TCP", "backends": ["10.0.0.5:8080", "10.0.0.6:8080"],
-        "type": "ClusterIP", "affinity_timeout": 60, "traffic_policy": "Cluster"}
+        "type": "ExternalIPs", "affinity_timeout": 60, "traffic_policy": "Cluster"}
     assert out["shop/web.dns.lb.198.51.100.7"]["frontend"] == "198.51.100.7:53/UDP"
+    assert out["shop/web.dns.lb.198.51.100.7"]["type"] == "LoadBalancer"
+    # the core accepts both types (served like a ClusterIP frontend)
+    for key in ("shop/web.http.external.192.0.2.10", "shop/web.dns.lb.198.51.100.7"):
+        assert Service.from_json(key, out[key]).type == out[key]["type"]
     assert out["shop/web.dns.lb.198.51.100.7"]["backends"] == ["10.0.0.5:5353",
                                                                 "10.0.0.6:5353"]
     # the node port stays with the ClusterIP frontend, with its Local policy
