@@ -63,6 +63,10 @@ class Agent:
                                f"{self.socket_path}: {exc}") from None
         except ValueError as exc:  # a broken chunked body
             raise BadAnswer(f"{self.socket_path}: {exc}") from None
+        if status is None and not raw:  # closed without a word: stopping or restarting
+            raise _Unreachable("cannot talk to the pylium agent",
+                               f"{self.socket_path}: the connection closed without an "
+                               "answer")
         if status is None:
             raise BadAnswer(f"{self.socket_path}: not HTTP: {raw[:60]!r}")
         code = fields.get(handler.EXIT_HEADER.lower(), "")

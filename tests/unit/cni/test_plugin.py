@@ -147,6 +147,16 @@ def test_garbage_from_the_socket_is_999(agent, transport):
     assert (rc, out["code"]) == (1, spec.FAILURE)
 
 
+def test_an_agent_closing_without_answering_is_try_again_later(agent, transport):
+    kind, exe = transport
+    agent.answer = b""
+    rc, out = call(kind, {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "abc", "CNI_IFNAME": "eth0",
+                          "CNI_PATH": "/opt/cni/bin"}, conf(agent), exe)
+    assert (rc, out["code"]) == (1, spec.TRY_AGAIN_LATER) and "closed" in out["details"]
+    rc, out = call(kind, {"CNI_COMMAND": "STATUS"}, conf(agent), exe)
+    assert (rc, out["code"]) == (1, spec.PLUGIN_NOT_AVAILABLE)
+
+
 def test_no_agent_is_try_again_later_and_status_50(tmp_path, transport):
     kind, exe = transport
     missing = conf(str(tmp_path / "none.sock"), "0.4.0")

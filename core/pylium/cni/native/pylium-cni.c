@@ -14,6 +14,7 @@
  * only, so it builds with the machine's compiler and links statically. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -251,6 +252,8 @@ int main(void)
     char details[512];
     const char *command = getenv("CNI_COMMAND");
 
+    signal(SIGPIPE, SIG_IGN); /* a peer gone mid-write is an error we report, not death */
+
     if (read_all(0, &in, MAX_STDIN) < 0) {
         snprintf(details, sizeof details, "stdin: %s", strerror(errno));
         return fail(LATEST, 5, "cannot read the network config from stdin", details);
@@ -320,6 +323,11 @@ int main(void)
     if (write_all(fd, req.data, req.len) < 0 || read_all(fd, &ans, 64u << 20) < 0)
         goto talk;
     close(fd);
+    if (ans.len == 0) { /* closed without a word: an agent stopping or restarting */
+        snprintf(details, sizeof details, "%s: the connection closed without an answer",
+                 sock_path);
+        return fail(reported, unavailable, "cannot talk to the pylium agent", details);
+    }
 
     /* the answer: status line, headers, body */
     char *end = strstr(ans.data ? ans.data : "", "\r\n\r\n");
