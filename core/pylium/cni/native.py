@@ -77,10 +77,12 @@ def build(out: Path, cc: str | None = None,
 
 
 def prebuilt() -> Path | None:
-    """The transport built for this install (`BUILT`), if there is one built from the
-    current source."""
+    """The transport built for this install (`BUILT`), if there is one newer than what it
+    is built from (the C source and the values passed from spec/handler)."""
+    inputs = (SOURCE, Path(__file__), Path(spec.__file__), Path(handler.__file__))
     try:
-        if BUILT.stat().st_mtime >= SOURCE.stat().st_mtime and os.access(BUILT, os.X_OK):
+        newest = max(p.stat().st_mtime for p in inputs)
+        if BUILT.stat().st_mtime >= newest and os.access(BUILT, os.X_OK):
             return BUILT
     except OSError:
         pass
