@@ -307,7 +307,8 @@ def setup_cni(p: Paths, cni: str) -> None:
             link.symlink_to(f"/usr/lib/cni/{plugin}")
     pylium_cni = Path(sys.executable).with_name("pylium-cni")
     if pylium_cni.exists():
-        # the launcher (python -I -S, stdlib only): what a runtime should exec per pod
+        # the native transport (`make setup` builds it; else the python -I -S launcher):
+        # what a runtime should exec per pod
         subprocess.run([sys.executable, "-m", "pylium.cni.launcher", str(p.cni_bin)],
                        check=True, capture_output=True)
     if cni == "bridge":

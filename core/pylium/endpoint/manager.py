@@ -119,11 +119,14 @@ class EndpointManager:
         #: creates and deletes of one attachment (container id, or namespace/name) run one
         #: at a time in arrival order; different pods' run side by side
         self._attachment_locks: dict[str, asyncio.Lock] = {}
-        #: ids of creates wiring outside the lock → (namespace, name, netns) they claimed
-        self._creating: dict[int, tuple[str, str, str]] = {}
+        #: ids of creates wiring outside the lock → (namespace, name, netns, netns key) they
+        #: claimed (the key once: a create compares its netns with every other create's)
+        self._creating: dict[int, tuple[str, str, str, tuple[int, int] | None]] = {}
         #: endpoint id → (device, inode) of its netns when it was made: a create compares
         #: its netns with every endpoint's, one stat each on the event loop otherwise
         self._netns_keys: dict[int, tuple[int, int] | None] = {}
+        #: ids of state files that belong to no endpoint (see `_free_id`)
+        self._stray_ids: set[int] | None = None
         #: endpoints whose create waits for a regeneration pass (any pass takes them all)
         self._regen_wanted: set[int] = set()
         #: endpoints unlisted and being torn down outside the lock
@@ -196,8 +199,14 @@ class EndpointManager:
             self._io, (self.dir / f"{ep.id}.json").unlink, True)
 
     def _free_id(self) -> int:
-        used = set(self._endpoints) | set(self._creating) | set(self._deleting) | {
-            int(p.stem) for p in self.dir.glob("*.json") if p.stem.isdigit()}
+        if self._stray_ids is None:
+            # state files no endpoint here owns (unreadable ones restore left alone): their
+            # ids stay unused. Read once: every later file is one of our endpoints'
+            self._stray_ids = {int(p.stem) for p in self.dir.glob("*.json")
+                               if p.stem.isdigit()} - set(self._endpoints) - set(
+                self._creating) - set(self._deleting)
+        used = set(self._endpoints) | set(self._creating) | set(self._deleting) | \
+            self._stray_ids
         for candidate in range(MIN_ENDPOINT_ID, MAX_ENDPOINT_ID + 1):
             if candidate not in used:
                 return candidate
@@ -249,9 +258,10 @@ class EndpointManager:
                         existing = self.find_container(container_id)
                         if existing is not None:
                             return self._same_attachment(existing, netns, pod_ifname), False
-                    replaced = await self._make_room(name, namespace, netns, container_id)
+                    key = plumbing.netns_key(netns)
+                    replaced = await self._make_room(name, namespace, netns, container_id, key)
                     ep_id = self._free_id()
-                    self._creating[ep_id] = (namespace, name, netns)
+                    self._creating[ep_id] = (namespace, name, netns, key)
                 try:
                     ep = await self._wire(ep_id, name, namespace, labels, netns, container_id,
                                           pod_ifname)
@@ -306,20 +316,22 @@ class EndpointManager:
                            f"({ep.pod_ifname} in {ep.netns}); one interface per container")
         return ep
 
-    async def _make_room(self, name: str, namespace: str, netns: str,
-                         container_id: str) -> list[Endpoint]:
+    async def _make_room(self, name: str, namespace: str, netns: str, container_id: str,
+                         key: tuple[int, int] | None) -> list[Endpoint]:
         """Refuse a create that clashes with an existing endpoint by name or netns. A CNI
         endpoint whose pod netns is gone (its sandbox died without a DEL) makes way; the
         ones replaced are returned. A clash with a create or delete still under way is a
         409 (try again)."""
-        for other_ns, other_name, other_netns in list(self._creating.values()) + [
-                (ep.namespace, ep.name, ep.netns) for ep in self._deleting.values()]:
-            if (other_ns, other_name) == (namespace, name) or \
-                    plumbing.same_netns(other_netns, netns):
+        for other_ns, other_name, other_netns, other_key in list(self._creating.values()) + [
+                (ep.namespace, ep.name, ep.netns, self._netns_keys[ep.id]
+                 if ep.id in self._netns_keys else plumbing.netns_key(ep.netns))
+                for ep in self._deleting.values()]:  # (not cached: the id is being freed)
+            same = (plumbing.netns_path(other_netns) == plumbing.netns_path(netns)
+                    if other_key is None or key is None else other_key == key)
+            if (other_ns, other_name) == (namespace, name) or same:
                 raise Conflict(f"endpoint {namespace}/{name} or netns {netns} is being "
                                "created or deleted; try again")
         replaced = []
-        key = plumbing.netns_key(netns)
         for ep in list(self._endpoints.values()):
             clash_name = (ep.namespace, ep.name) == (namespace, name)
             clash_netns = plumbing.netns_path(ep.netns) == plumbing.netns_path(netns) or (

@@ -650,7 +650,7 @@ def test_the_agent_as_a_daemonset_from_pylium_k8s_manifest(cluster, tmp_path):
     import sys
     from pathlib import Path
 
-    from pylium.cni import launcher
+    from pylium.cni import native
 
     pylium = str(Path(sys.executable).with_name("pylium"))
     env = cluster.env
@@ -686,8 +686,9 @@ def test_the_agent_as_a_daemonset_from_pylium_k8s_manifest(cluster, tmp_path):
         cluster.kubectl("-n", "kube-system", "rollout", "status", "daemonset/pylium",
                         "--timeout=240s", timeout=300)
         ready = time.monotonic() - t1
-        # the node's pylium-cni is the launcher the init container wrote just now
-        assert launcher.is_bundle(host_cni) and host_cni.stat().st_mtime >= wall - 1
+        # the node's pylium-cni is the native transport the image carries, written by the
+        # init container just now
+        assert native.is_native(host_cni) and host_cni.stat().st_mtime >= wall - 1
         assert host_cni.stat().st_mode & 0o111
         config = cluster.agent("/v1/config")
         assert config["socket"] == "/var/run/pylium/pylium.sock"  # the container's view
