@@ -96,6 +96,20 @@ def is_ipv4(text: object) -> bool:
     return True
 
 
+_scan_json = json.decoder.JSONDecoder().scan_once
+
+
+def _load_json(text: str) -> Any:
+    """`json.loads(text)`, without its whitespace and type checks when `text` is one JSON
+    value and nothing else (as every record we write is); anything else takes
+    `json.loads`, which accepts and refuses exactly what it always does."""
+    try:
+        value, end = _scan_json(text, 0)
+    except (StopIteration, ValueError):
+        return json.loads(text)
+    return value if end == len(text) else json.loads(text)
+
+
 def decode_entry(key: str, raw: bytes) -> tuple[int, str, str]:
     """(identity, node, node_ip) of an ipcache record; `RecordError` when it is not one
     (the key must be an IPv4 address, the identity fit the map's u32, node_ip be IPv4).
@@ -107,7 +121,7 @@ def decode_entry(key: str, raw: bytes) -> tuple[int, str, str]:
         raise RecordError(f"ipcache record {key}: {len(raw)} bytes is more than the limit "
                           f"of {MAX_RECORD}")
     try:
-        data = json.loads(bytes(raw).decode())
+        data = _load_json(bytes(raw).decode())
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise RecordError(f"ipcache record {key}: not JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -155,7 +169,8 @@ class IPCacheSync:
         #: endpoint, so kept while the registry keeps the same record
         self._node_ips: dict[str, tuple[Any, str]] = {}
         self.mirror = PrefixMirror(kvstore, IP_PREFIX, self._changed, on_synced=self.reconcile,
-                                   reset_grace=session.reset_grace)
+                                   reset_grace=session.reset_grace,
+                                   on_changes=self._changed_many)
         self._dirty = asyncio.Event()
         self._publisher: asyncio.Task | None = None
         self.publish_errors = 0
@@ -275,6 +290,15 @@ class IPCacheSync:
                 self.remote[ip] = entry
                 self.by_node.setdefault(entry[1], set()).add(ip)
         self._apply(ip)
+
+    def _changed_many(self, changes: list[tuple[str, bytes | None, bytes | None]]) -> None:
+        """A batch of `_changed`: decoded in one loop, each address applied once."""
+        for key, old, new in changes:
+            try:
+                self._changed(key, old, new)
+            except Exception:  # one bad entry (a full map) must not drop the rest
+                log.exception("applying %s of %s failed",
+                              "delete" if new is None else "put", key)
 
     def desired(self, ip: str) -> tuple[int, str | None] | None:
         entry = self.remote.get(ip)
