@@ -292,13 +292,65 @@ class IPCacheSync:
         self._apply(ip)
 
     def _changed_many(self, changes: list[tuple[str, bytes | None, bytes | None]]) -> None:
-        """A batch of `_changed`: decoded in one loop, each address applied once."""
-        for key, old, new in changes:
+        """A batch of `_changed` (a watch response: every node applies every endpoint's
+        change, so this is the cluster's hot path): decoded in one loop, each address
+        applied once, the nodes' addresses looked up once per batch."""
+        remote, by_node, installed, sink = self.remote, self.by_node, self.installed, self.sink
+        local, start = self.local.name, len(IP_PREFIX)
+        node_ips: dict[str, str | None] = {}
+        for key, _old, new in changes:
+            ip = key[start:]
             try:
-                self._changed(key, old, new)
+                previous = remote.pop(ip, None)
+                if previous is not None:
+                    by_node.get(previous[1], set()).discard(ip)
+                entry = None
+                if new is not None:
+                    try:
+                        entry = decode_entry(key, new)
+                    except RecordError as exc:
+                        log.warning("ignoring unreadable ipcache record %s: %s", key, exc)
+                    if entry is not None and entry[1] != local:
+                        remote[ip] = entry
+                        members = by_node.get(entry[1])
+                        if members is None:
+                            members = by_node[entry[1]] = set()
+                        members.add(ip)
+                    else:
+                        entry = None
+                want = None
+                if entry is not None:
+                    node = entry[1]
+                    if self.nodes is None:
+                        want = entry[0], entry[2]
+                    else:
+                        node_ip = node_ips.get(node, False)
+                        if node_ip is False:
+                            node_ip = node_ips[node] = self._node_ip(node)
+                        if node_ip is not None:
+                            want = entry[0], node_ip
+                have = installed.get(ip)
+                if want == have:
+                    continue
+                if want is None:
+                    sink.delete(ip + "/32")
+                    del installed[ip]
+                else:
+                    sink.upsert(ip + "/32", want[0], want[1])
+                    installed[ip] = want
             except Exception:  # one bad entry (a full map) must not drop the rest
                 log.exception("applying %s of %s failed",
                               "delete" if new is None else "put", key)
+
+    def _node_ip(self, node: str) -> str | None:
+        """The address of registry member `node` as text (None: not a member)."""
+        known = self.nodes.nodes.get(node)
+        if known is None:
+            return None  # not (or no longer) a member: its endpoints are not reachable
+        text = self._node_ips.get(node)
+        if text is None or text[0] is not known:  # a node record replaced: its address
+            text = self._node_ips[node] = (known, str(known.ipv4))
+        return text[1]
 
     def desired(self, ip: str) -> tuple[int, str | None] | None:
         entry = self.remote.get(ip)
@@ -306,13 +358,9 @@ class IPCacheSync:
             return None
         identity, node, node_ip = entry
         if self.nodes is not None:
-            known = self.nodes.nodes.get(node)
-            if known is None:
-                return None  # not (or no longer) a member: its endpoints are not reachable
-            text = self._node_ips.get(node)
-            if text is None or text[0] is not known:  # a node record replaced: its address
-                text = self._node_ips[node] = (known, str(known.ipv4))
-            node_ip = text[1]
+            node_ip = self._node_ip(node)
+            if node_ip is None:
+                return None
         return identity, node_ip
 
     def _apply(self, ip: str) -> None:
