@@ -24,6 +24,7 @@ read the ratios and the curve, not the absolute numbers."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import statistics
@@ -223,6 +224,7 @@ async def scale_converge(make, count: int, etcd_pid: int,
     joined = time.perf_counter() - began
     try:
         owner = {}
+        gc.collect()  # the garbage of the previous round (either side) is not this one's cost
         etcd_cpu = _cpu_seconds(etcd_pid)
         agent_cpu = time.process_time()
         began = time.perf_counter()
@@ -274,6 +276,7 @@ async def polling_converge(make, count: int, etcd_pid: int,
     tasks = [asyncio.create_task(poller(i, s)) for i, s in enumerate(stores)]
     try:
         await asyncio.sleep(POLL_INTERVAL)
+        gc.collect()  # as scale_converge: start both sides with no garbage from before
         etcd_cpu = _cpu_seconds(etcd_pid)
         agent_cpu = time.process_time()
         began = time.perf_counter()

@@ -130,14 +130,26 @@ class PrefixMirror:
                     self.revision = max(self.revision, batch[-1].revision)
                     if len(batch) > 1:  # several events of one key: only the last counts
                         batch = {event.key: event for event in batch}.values()
-                    stale, update = self.stale, self._update
+                    stale, items = self.stale, self.items
                     changes = []
-                    for event in batch:
+                    for event in batch:  # `_update` inlined: every node runs this per event
+                        key = event.key
                         if stale:
-                            stale.pop(event.key, None)
-                        changes.append(update(event.key, event.value
-                                              if event.type == "put" else None))
-                    self._deliver(changes)
+                            stale.pop(key, None)
+                        old = items.get(key)
+                        if event.type == "put":
+                            value = event.value
+                            if old == value:
+                                continue
+                            items[key] = value
+                        else:
+                            if old is None:
+                                continue
+                            del items[key]
+                            value = None
+                        changes.append((key, old, value))
+                    if changes:
+                        self._deliver(changes)
         finally:
             if expiry is not None:
                 expiry.cancel()
