@@ -150,6 +150,8 @@ class PrefixMirror:
                         changes.append((key, old, value))
                     if changes:
                         self._deliver(changes)
+                    # nor keep the last batch while waiting for the next
+                    batch = changes = event = value = old = None
         finally:
             if expiry is not None:
                 expiry.cancel()

@@ -392,6 +392,8 @@ class EtcdKVStore(KVStore):
                         yield batch
                     if misrouted is not None:
                         raise misrouted
+                    # an idle watch must not keep its last response alive until the next
+                    batch = events = event = kv = None
             except KVStoreReset:
                 raise
             except KVStoreUnavailable as exc:  # the revision check could not reach etcd
