@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import report, report_rounds  # noqa: E402
+from pylium import gcpolicy  # noqa: E402
 from pylium.cluster.ipcache import IP_PREFIX, MemorySink, encode_entry  # noqa: E402
 from pylium.cluster.sim import SimulatedNode  # noqa: E402
 from pylium.identity.allocator import IdentityAllocator  # noqa: E402
@@ -57,6 +58,20 @@ POLL_INTERVAL = 1.0
 IDLE_SECONDS = 3.0
 ROUNDS = 5
 GOAL_CONVERGE_S = 2.0
+#: "agent": the process runs with the agent's collector settings (`pylium.gcpolicy`: raised
+#: thresholds, start-up state frozen), both sides alike, as a real agent would; "default":
+#: CPython's defaults (for A/B runs)
+GC_POLICY = os.environ.get("PYLIUM_BENCH_CLUSTER_GC", "agent")
+
+
+def _settle() -> None:
+    """Before a timed window, either side: no garbage of the previous round, and (agent
+    policy) what is alive now frozen, as the agent does after start-up."""
+    gc.unfreeze()  # the previous round's frozen state is garbage by now
+    if GC_POLICY == "agent":
+        gcpolicy.settle()
+    else:
+        gc.collect()
 
 
 def etcd_factory(server: EtcdServer, tmp: Path):
@@ -224,7 +239,7 @@ async def scale_converge(make, count: int, etcd_pid: int,
     joined = time.perf_counter() - began
     try:
         owner = {}
-        gc.collect()  # the garbage of the previous round (either side) is not this one's cost
+        _settle()  # the start-up (join) state frozen, nothing left from the previous round
         etcd_cpu = _cpu_seconds(etcd_pid)
         agent_cpu = time.process_time()
         began = time.perf_counter()
@@ -276,7 +291,7 @@ async def polling_converge(make, count: int, etcd_pid: int,
     tasks = [asyncio.create_task(poller(i, s)) for i, s in enumerate(stores)]
     try:
         await asyncio.sleep(POLL_INTERVAL)
-        gc.collect()  # as scale_converge: start both sides with no garbage from before
+        _settle()  # as scale_converge, the same for both sides
         etcd_cpu = _cpu_seconds(etcd_pid)
         agent_cpu = time.process_time()
         began = time.perf_counter()
@@ -304,6 +319,8 @@ async def polling_converge(make, count: int, etcd_pid: int,
 
 
 async def main() -> None:
+    if GC_POLICY == "agent":
+        gcpolicy.tune()
     with tempfile.TemporaryDirectory(prefix="pylium-bench-cluster-") as tmp_name, \
             EtcdServer() as etcd:
         tmp = Path(tmp_name)
@@ -397,6 +414,8 @@ async def worker(endpoint: str, first: int, share: int, total: int) -> None:
     """One process of a many-process run: nodes first..first+share-1 of `total`, each with
     its own etcd connection, session, node registry and ipcache watch. Talks to the parent
     over stdin/stdout: `joined` → (go) → `converged <unix time> <cpu s>` → (stop)."""
+    if GC_POLICY == "agent":
+        gcpolicy.tune()
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue = asyncio.Queue()
     loop.add_reader(sys.stdin.fileno(), lambda: lines.put_nowait(sys.stdin.readline()))
@@ -424,6 +443,7 @@ async def _worker_nodes(endpoint: str, first: int, share: int, total: int,
         await asyncio.sleep(0.05)
     print("joined", flush=True)
     await lines.get()  # go
+    _settle()
     cpu = time.process_time()
     owned = {}
     for i in range(CHANGES):

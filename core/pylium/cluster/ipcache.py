@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 from typing import Any, Protocol
 
@@ -110,13 +111,38 @@ def _load_json(text: str) -> Any:
     return value if end == len(text) else json.loads(text)
 
 
+_OCTET = rb"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = _OCTET + rb"(?:\." + _OCTET + rb"){3}"
+#: a JSON string body without escapes, control characters or non-ASCII bytes
+_PLAIN = rb'[^"\\\x00-\x1f\x7f-\xff]'
+#: exactly what `encode_entry` writes (sorted keys, default separators) with plain strings,
+#: a dotted-quad node_ip and a positive identity: every such record decodes, through
+#: `json.loads` and the checks, to the same fields, so it may skip both
+_CANONICAL = re.compile(
+    rb'\{"endpoint": "' + _PLAIN + rb'*", "identity": ([1-9][0-9]{0,9}), "ip": "' + _PLAIN
+    + rb'*", "node": "(' + _PLAIN + rb'+)", "node_ip": "(' + _IPV4 + rb')"\}').fullmatch
+
+
 def decode_entry(key: str, raw: bytes) -> tuple[int, str, str]:
     """(identity, node, node_ip) of an ipcache record; `RecordError` when it is not one
     (the key must be an IPv4 address, the identity fit the map's u32, node_ip be IPv4).
 
-    Every node decodes every endpoint's record, so this is on the hot path: a record is
-    at most `MAX_RECORD` bytes (ours are ~120), which bounds its nesting too (the JSON
-    parser refuses what would recurse too deep), and is parsed once with `json.loads`."""
+    Every node decodes every endpoint's record, so this is on the hot path: a record in
+    the exact form `encode_entry` writes is read with one regular expression (its fields
+    need no further check but the identity's range); anything else goes through
+    `_decode_entry_json`, which accepts and refuses the same records either way."""
+    match = _CANONICAL(raw) if len(raw) <= MAX_RECORD else None
+    if match is not None:
+        identity = int(match[1])
+        if identity <= 0xFFFFFFFF and is_ipv4(key[len(IP_PREFIX):]):
+            return identity, match[2].decode(), match[3].decode()
+    return _decode_entry_json(key, raw)
+
+
+def _decode_entry_json(key: str, raw: bytes) -> tuple[int, str, str]:
+    """`decode_entry` for any record: a record is at most `MAX_RECORD` bytes (ours are
+    ~120), which bounds its nesting too (the JSON parser refuses what would recurse too
+    deep), parsed once, then every field checked."""
     if len(raw) > MAX_RECORD:
         raise RecordError(f"ipcache record {key}: {len(raw)} bytes is more than the limit "
                           f"of {MAX_RECORD}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import secrets
 import time
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 DEFAULT_LEASE_TTL = 15.0
 #: the cluster's incarnation: a token that lives exactly as long as the store's data
 INCARNATION_KEY = "pylium/state/cluster/v1/incarnation"
+#: clusters up to this many nodes probe at the configured interval; larger ones less often
+PROBE_SCALE_FROM = 8
 OK = "ok"
 DEGRADED = "degraded"
 
@@ -62,6 +65,8 @@ class ClusterSession:
         #: probes in a row that got no answer in time (a store that refuses connections
         #: degrades at once; one slow answer on a busy node does not, see `probe`)
         self._slow_probes = 0
+        #: how many nodes the cluster has (`NodeRegistry` tells), for the probe interval
+        self._cluster_size: Callable[[], int] | None = None
 
     # wiring ---------------------------------------------------------------------------------
     def on_new_lease(self, republish: Republisher) -> None:
@@ -76,6 +81,23 @@ class ClusterSession:
         """`rewrite()` writes back the caller's state that is on no lease (create-if-absent:
         another node may have written it back first) after the store lost its data."""
         self._rewriters.append(rewrite)
+
+    def size_from(self, cluster_size: Callable[[], int]) -> None:
+        """`cluster_size()` is the number of nodes: a large cluster probes less often."""
+        self._cluster_size = cluster_size
+
+    @property
+    def current_probe_interval(self) -> float:
+        """The configured interval up to `PROBE_SCALE_FROM` nodes, then growing with
+        log(1 + nodes) (Cilium scales the intervals at which every node hits a shared
+        resource the same way, `ClusterSizeDependantInterval`), at most a third of the
+        lease TTL: 1,000 agents keepalive ~320 times a second instead of 1,000, and a busy
+        store is not kept busier by its own health checks."""
+        nodes = self._cluster_size() if self._cluster_size is not None else 1
+        if nodes <= PROBE_SCALE_FROM:
+            return self.probe_interval
+        scaled = self.probe_interval * math.log1p(nodes) / math.log1p(PROBE_SCALE_FROM)
+        return min(scaled, max(self.ttl / 3, self.probe_interval))
 
     @property
     def reset_grace(self) -> float:
@@ -124,13 +146,16 @@ class ClusterSession:
         while True:
             # jittered, so the agents of a cluster (or a bench's simulated nodes) that all
             # started together do not keep probing, and re-listing, in lockstep
-            await asyncio.sleep(self.probe_interval * random.uniform(0.8, 1.2))
+            await asyncio.sleep(self.current_probe_interval * random.uniform(0.8, 1.2))
             await self.probe()
 
     async def probe(self) -> bool:
         """One keepalive; handles expiry, outage and recovery. True if the store answered."""
         try:
-            async with asyncio.timeout(max(self.probe_interval * 3, 2.0)):
+            # three intervals, at least 2 s, at most half the lease: a slow answer on a
+            # busy node is not an outage while the lease is safe
+            interval = self.current_probe_interval
+            async with asyncio.timeout(max(2.0, min(interval * 3, self.ttl / 2))):
                 alive = await self.kvstore.keepalive(self.lease)
             if not alive or self.state != OK:
                 # after a wipe: state on no lease back first, then the keys on the lease
