@@ -23,6 +23,12 @@ class KVStoreUnavailable(PyliumError):
     """The store cannot be reached or has been closed (callers report "degraded" and retry)."""
 
 
+class KVStoreTimeout(KVStoreUnavailable):
+    """The store is there but did not complete the request in time (etcd: "request timed
+    out", e.g. its apply is behind under load). Anyone retrying treats it as unavailable;
+    the cluster session's health probe as a slow answer, not an outage."""
+
+
 class KVStoreCompacted(PyliumError):
     """A watch asked to resume after a revision whose history is no longer kept: list the
     prefix again and watch from the current revision."""

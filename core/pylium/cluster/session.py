@@ -24,7 +24,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pylium.api.kvstore import KVStore, KVStoreUnavailable, Lease, LeaseNotFound
+from pylium.api.kvstore import (
+    KVStore,
+    KVStoreTimeout,
+    KVStoreUnavailable,
+    Lease,
+    LeaseNotFound,
+)
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +181,11 @@ class ClusterSession:
             except (KVStoreUnavailable, LeaseNotFound, TimeoutError, OSError) as exc:
                 self._degraded(str(exc) or type(exc).__name__)
             return False
-        except TimeoutError:
+        except (TimeoutError, KVStoreTimeout):
             # no answer in time: on a saturated node that is our own event loop as often as
-            # the store. The lease outlives several probes, so one slow probe changes
-            # nothing; the second in a row degrades (and later re-lists), as before
+            # the store (or the store said it is behind: etcd's "request timed out"). The
+            # lease outlives several probes, so one slow probe changes nothing; the second
+            # in a row degrades (and later re-lists), as before
             self._slow_probes += 1
             if self._slow_probes >= 2:
                 self._degraded(f"no answer from the kvstore in {self._slow_probes} probes")

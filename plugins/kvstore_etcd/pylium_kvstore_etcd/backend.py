@@ -38,6 +38,7 @@ from pylium.api.kvstore import (
     KVItem,
     KVStoreCompacted,
     KVStoreReset,
+    KVStoreTimeout,
     KVStoreUnavailable,
     Lease,
     LeaseNotFound,
@@ -52,6 +53,9 @@ OPTIONS = {"endpoints", "timeout", "connect_timeout", "retry_interval"}
 PUT = rpc.Event.PUT
 #: etcd's default limit of operations in one transaction (--max-txn-ops)
 TXN_OPS = 128
+#: how etcd says it could not complete a request in time (its apply fell behind, a slow
+#: disk): "etcdserver: request timed out[, waiting for the applied index took too long]"
+SERVER_TIMEOUT = "etcdserver: request timed out"
 
 
 def parse_endpoints(value: Any) -> list[tuple[str, int]]:
@@ -182,9 +186,10 @@ class EtcdKVStore(KVStore):
         return ", ".join(f"http://{h}:{p}" for h, p in self.endpoints)
 
     # plumbing ----------------------------------------------------------------------------
-    def _unavailable(self, exc: BaseException) -> KVStoreUnavailable:
+    def _unavailable(self, exc: BaseException,
+                     kind: type[KVStoreUnavailable] = KVStoreUnavailable) -> KVStoreUnavailable:
         detail = str(exc).strip() or type(exc).__name__
-        return KVStoreUnavailable(f"etcd at {self.where} unavailable: {detail.splitlines()[0]}")
+        return kind(f"etcd at {self.where} unavailable: {detail.splitlines()[0]}")
 
     @property
     def client(self) -> aetcd.Client:
@@ -198,11 +203,17 @@ class EtcdKVStore(KVStore):
         except etcd_errors.ClientError as exc:
             if "lease not found" in str(exc):
                 raise LeaseNotFound(f"etcd: {exc}") from None
+            if isinstance(exc, etcd_errors.ConnectionTimeoutError) or \
+                    SERVER_TIMEOUT in str(exc):
+                raise self._unavailable(exc, KVStoreTimeout) from None
             raise self._unavailable(exc) from None
         except rpc.AioRpcError as exc:  # raw stub calls are not wrapped by aetcd
             if exc.code() == rpc.StatusCode.NOT_FOUND and "lease not found" in exc.details():
                 raise LeaseNotFound(f"etcd: {exc.details()}") from None
-            raise self._unavailable(RuntimeError(exc.details() or exc.code().name)) from None
+            slow = exc.code() == rpc.StatusCode.DEADLINE_EXCEEDED or \
+                SERVER_TIMEOUT in (exc.details() or "")
+            raise self._unavailable(RuntimeError(exc.details() or exc.code().name),
+                                    KVStoreTimeout if slow else KVStoreUnavailable) from None
         except TimeoutError as exc:
             raise self._unavailable(exc) from None
 
