@@ -202,9 +202,10 @@ class NodeRegistry:
         self.records[name] = extra
         if previous == node:
             return
-        log.info("node %s %s (%s, pod CIDR %s; from %s)", name,
-                 "updated" if previous else "joined", node.ipv4, node.pod_cidr,
-                 self.sources_of(name)[0])
+        if log.isEnabledFor(logging.INFO):  # every node hears of every node at join
+            log.info("node %s %s (%s, pod CIDR %s; from %s)", name,
+                     "updated" if previous else "joined", node.ipv4, node.pod_cidr,
+                     self.sources_of(name)[0])
         for callback in list(self._joined):
             _safe(callback, node, "joined")
 

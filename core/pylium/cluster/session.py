@@ -71,6 +71,8 @@ class ClusterSession:
         #: probes in a row that got no answer in time (a store that refuses connections
         #: degrades at once; one slow answer on a busy node does not, see `probe`)
         self._slow_probes = 0
+        #: seconds the event loop woke up late for the last probe
+        self.loop_lag = 0.0
         #: how many nodes the cluster has (`NodeRegistry` tells), for the probe interval
         self._cluster_size: Callable[[], int] | None = None
 
@@ -104,6 +106,16 @@ class ClusterSession:
             return self.probe_interval
         scaled = self.probe_interval * math.log1p(nodes) / math.log1p(PROBE_SCALE_FROM)
         return min(scaled, max(self.ttl / 3, self.probe_interval))
+
+    @property
+    def probe_timeout(self) -> float:
+        """Three probe intervals, at least 2 s, plus twice how late the event loop last
+        woke up (the time is for the store to answer, not for this process to get round
+        to reading the answer), in all at most half the lease: a slow answer while the
+        lease is safe is not an outage."""
+        interval = self.current_probe_interval
+        base = max(2.0, min(interval * 3, self.ttl / 2))
+        return max(base, min(base + 2 * self.loop_lag, self.ttl / 2))
 
     @property
     def reset_grace(self) -> float:
@@ -152,7 +164,12 @@ class ClusterSession:
         while True:
             # jittered, so the agents of a cluster (or a bench's simulated nodes) that all
             # started together do not keep probing, and re-listing, in lockstep
-            await asyncio.sleep(self.current_probe_interval * random.uniform(0.8, 1.2))
+            loop = asyncio.get_running_loop()
+            delay = self.current_probe_interval * random.uniform(0.8, 1.2)
+            due = loop.time() + delay
+            await asyncio.sleep(delay)
+            # how late this loop woke up: a saturated agent is slow to read any answer
+            self.loop_lag = max(0.0, loop.time() - due)
             await self.probe()
 
     async def probe(self) -> bool:
@@ -160,8 +177,7 @@ class ClusterSession:
         try:
             # three intervals, at least 2 s, at most half the lease: a slow answer on a
             # busy node is not an outage while the lease is safe
-            interval = self.current_probe_interval
-            async with asyncio.timeout(max(2.0, min(interval * 3, self.ttl / 2))):
+            async with asyncio.timeout(self.probe_timeout):
                 alive = await self.kvstore.keepalive(self.lease)
             if not alive or self.state != OK:
                 # after a wipe: state on no lease back first, then the keys on the lease

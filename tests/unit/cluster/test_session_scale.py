@@ -57,3 +57,14 @@ def test_store_timeout_is_a_slow_probe(tmp_path, error, degrades_at):
         finally:
             await store.close()
     asyncio.run(go())
+
+
+def test_probe_timeout_allows_for_a_late_event_loop(tmp_path):
+    store = EmbeddedKVStore({"path": str(tmp_path / "kv.sqlite3")}, tmp_path)
+    session = ClusterSession(store, ttl=60, probe_interval=1.0)
+    assert session.probe_timeout == 3.0
+    session.loop_lag = 4.0  # the loop woke up 4 s late: 8 s more for the answer
+    assert session.probe_timeout == 11.0
+    session.loop_lag = 100.0
+    assert session.probe_timeout == 30.0  # never more than half the lease
+    assert ClusterSession(store, ttl=15).probe_timeout == 3.0
