@@ -68,3 +68,40 @@ def test_probe_timeout_allows_for_a_late_event_loop(tmp_path):
     session.loop_lag = 100.0
     assert session.probe_timeout == 30.0  # never more than half the lease
     assert ClusterSession(store, ttl=15).probe_timeout == 3.0
+
+
+def test_a_late_answer_to_a_timed_out_probe_counts(tmp_path):
+    """A keepalive that missed its probe's timeout stays in flight: if its answer arrives
+    during the next probe (this agent's loop was starved, the store was not silent), the
+    session stays ok; a store that answers neither degrades, as before."""
+    async def go():
+        store = EmbeddedKVStore({"path": str(tmp_path / "kv.sqlite3")}, tmp_path)
+        await store.open()
+        try:
+            session = ClusterSession(store, ttl=30, probe_interval=0.2)
+            await session.open()
+            real = store.keepalive
+            delays: list[float] = []
+
+            async def keepalive(lease):
+                await asyncio.sleep(delays.pop(0) if delays else 0)
+                return await real(lease)
+            store.keepalive = keepalive
+            # the first answer takes 3 s (timeout 2 s), the next probe's own one 5 s: the
+            # first one's answer, arriving 1 s into the second probe, counts
+            delays[:] = [3.0, 5.0]
+            assert await session.probe() is False
+            assert await session.probe() is True
+            assert session.state == OK and session.outages == 0
+            # neither answers within its probe: degraded
+            delays[:] = [5.0, 5.0]
+            assert await session.probe() is False
+            assert await session.probe() is False
+            assert session.state == DEGRADED
+            await asyncio.sleep(1.5)
+            assert await session.probe() is True
+            assert session.state == OK
+            await session.close()
+        finally:
+            await store.close()
+    asyncio.run(go())
