@@ -64,3 +64,41 @@ def test_a_batch_is_coalesced_per_key_and_delivered_in_one_call(tmp_path):
             await plain.close()
             await store.close()
     asyncio.run(body())
+
+
+def test_gc_policy_mid_stream_loses_no_event(tmp_path):
+    """The agent's collector policy (thresholds raised, state frozen after start-up) applied
+    while a mirror follows a prefix: every change still arrives, in order per key."""
+    import gc
+
+    from pylium import gcpolicy
+
+    async def body():
+        store = EmbeddedKVStore({"path": str(tmp_path / "kv.sqlite3")}, tmp_path)
+        await store.open()
+        seen: dict[str, bytes | None] = {}
+        mirror = PrefixMirror(store, "g/", lambda key, old, new: seen.__setitem__(key, new))
+        before = gc.get_threshold()
+        try:
+            for i in range(50):
+                await store.put(f"g/{i}", b"0")
+            mirror.start()
+            await asyncio.wait_for(mirror.synced.wait(), 10)
+            gcpolicy.tune()
+            for i in range(200):
+                await store.put(f"g/{i % 60}", str(i).encode())
+                if i == 100:
+                    gcpolicy.settle()
+                if i % 7 == 0:
+                    await store.delete(f"g/{(i + 3) % 60}")
+            want = {item.key: item.value for item in await store.list("g/")}
+            async with asyncio.timeout(10):
+                while mirror.items != want:
+                    await asyncio.sleep(0.02)
+            assert {k: v for k, v in seen.items() if v is not None} == want
+        finally:
+            gc.unfreeze()
+            gc.set_threshold(*before)
+            await mirror.close()
+            await store.close()
+    asyncio.run(body())
