@@ -111,7 +111,7 @@ class Head:
                  "upgrade", "by_name")
 
     def __init__(self, size: int, version: str = "1.1", method: str = "", url: str = "",
-                 status: int = 0, headers: list[tuple[str, str]] | None = None,
+                 status: int = 0, headers: list[dict[str, str]] | None = None,
                  keep_alive: bool = True, upgrade: bool = False,
                  by_name: dict[str, list[str]] | None = None):
         self.size = size
@@ -119,6 +119,7 @@ class Head:
         self.method = method
         self.url = url
         self.status = status
+        #: [{"key": name, "value": value}] in order (the flow record's form)
         self.headers = headers if headers is not None else []
         self.keep_alive = keep_alive
         self.upgrade = upgrade
@@ -172,15 +173,17 @@ class _Collector:
     def on_headers_complete(self) -> None:
         self.complete = True
 
-    def decoded(self) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
-        """(headers in order, lower-case name -> values in order)."""
-        headers = [(name.decode("latin-1"), value.decode("latin-1").strip(" \t"))
+    def decoded(self) -> tuple[list[dict[str, str]], dict[str, list[str]]]:
+        """(headers in order, as flow records carry them: {"key", "value"};
+        lower-case name -> values in order)."""
+        headers = [{"key": name.decode("latin-1"),
+                    "value": value.decode("latin-1").strip(" \t")}
                    for name, value in self.raw]
-        by_name = {key.lower(): [value] for key, value in headers}
+        by_name = {header["key"].lower(): [header["value"]] for header in headers}
         if len(by_name) != len(headers):  # a name repeats: every value, in order
             by_name = {}
-            for key, value in headers:
-                by_name.setdefault(key.lower(), []).append(value)
+            for header in headers:
+                by_name.setdefault(header["key"].lower(), []).append(header["value"])
         return headers, by_name
 
 
@@ -400,9 +403,9 @@ def local_reply(status: int, reason: str, body: bytes, version: str = "1.1",
 
 def flow_headers(head: Head) -> list[dict[str, str]]:
     if REDACTED.isdisjoint(head.by_name):  # the usual head: nothing to hide
-        return [{"key": k, "value": v} for k, v in head.headers]
-    return [{"key": k, "value": "[redacted]" if k.lower() in REDACTED else v}
-            for k, v in head.headers]
+        return head.headers[:]  # the records themselves (the head is not kept)
+    return [{"key": h["key"], "value": "[redacted]"} if h["key"].lower() in REDACTED
+            else h for h in head.headers]
 
 
 class HttpConnection(ConnectionParser):
