@@ -50,12 +50,15 @@ class Op(NamedTuple):
     data: bytes = b""
 
 
+_new_op = tuple.__new__  # Op(...) runs NamedTuple's Python __new__: PASS/DROP are per message
+
+
 def PASS(n: int) -> Op:  # noqa: N802 - reads like proxylib's op names
-    return Op(OpType.PASS, n)
+    return _new_op(Op, (OpType.PASS, n, b""))
 
 
 def DROP(n: int) -> Op:  # noqa: N802
-    return Op(OpType.DROP, n)
+    return _new_op(Op, (OpType.DROP, n, b""))
 
 
 def INJECT(data: bytes) -> Op:  # noqa: N802
@@ -108,6 +111,12 @@ GrantsNow = Callable[[], "tuple[Grant, ...] | None"]
 
 class ConnectionParser(abc.ABC):
     """The per-connection state of one protocol."""
+
+    #: True: a list ending `PASS(n), MORE` whose PASS covers the bytes given means "a whole
+    #: message, and nothing waits for its end": the proxy then skips the call with b"" when
+    #: the PASS is done (one parser call per message on the hot path). Opt-in, because
+    #: under the plain contract that list still gets the call.
+    boundary_more: bool = False
 
     @abc.abstractmethod
     def on_data(self, reply: bool, data: bytes | memoryview, end_stream: bool) -> list[Op]:

@@ -385,17 +385,20 @@ class Connection:
         request or response). The parser is asked once; a single PASS of the whole read
         goes straight out, without the op engine's buffering and queue. Anything else
         continues in the engine exactly as `_run` would after that call."""
-        ops = self.parser.on_data(side.reply, data, False)
-        if len(ops) == 1:
+        parser = self.parser
+        ops = parser.on_data(side.reply, data, False)
+        count = len(ops)
+        if count == 1 or (count == 2 and ops[1].type is OpType.MORE and parser.boundary_more):
             op = ops[0]
             if op.type is OpType.PASS and op.n == len(data):
                 if side.reply:
                     self.down.write(data)
                 else:
                     self._write_upstream(data)
-                # a PASS that reached zero: the parser is called with no bytes (contract)
-                ops = self.parser.on_data(side.reply, b"", False)
-                if len(ops) == 1 and ops[0].type is OpType.MORE:
+                if count == 1:
+                    # a PASS that reached zero: the parser is called with no bytes (contract)
+                    ops = parser.on_data(side.reply, b"", False)
+                if count == 2 or (len(ops) == 1 and ops[0].type is OpType.MORE):
                     other = self.reply if side is self.request else self.request
                     if other.buf and not (other.pass_left or other.drop_left or other.queue):
                         other.need_call = True  # a decision here may unblock the other side

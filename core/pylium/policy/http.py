@@ -49,9 +49,13 @@ class PortRuleHTTP:
               headers: dict[str, str] | None = None) -> list[str] | None:
         """None if the rule does not match the request; else the header mismatches it
         logs (`headerMatches` with `mismatch: LOG`), usually []."""
-        for pattern, value in ((self.method, method), (self.path, path), (self.host, host)):
-            if pattern and _compiled(pattern).fullmatch(value or "") is None:
-                return None
+        # unrolled: every request of the L7 proxy runs this
+        if self.method and _compiled(self.method).fullmatch(method or "") is None:
+            return None
+        if self.path and _compiled(self.path).fullmatch(path or "") is None:
+            return None
+        if self.host and _compiled(self.host).fullmatch(host or "") is None:
+            return None
         if not (self.headers or self.header_matches):
             return []  # the usual rule: nothing about headers
         lowered = {k.lower(): v for k, v in (headers or {}).items()}

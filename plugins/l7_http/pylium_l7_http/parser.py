@@ -76,17 +76,29 @@ def judge(grants: tuple[Grant, ...] | None, method: str, path: str, host: str,
     """Allowed when any grant allows every request or any of its rules matches."""
     for grant in grants or ():
         if grant.allow_all:
-            return Judgement(True, grant.rule)
+            return _allowed(grant.rule)
         for rule in grant.rules:
             # the headers only for a rule that looks at them (most do not)
             logged = rule.check(method, path, host, dict(headers)
                                 if rule.headers or rule.header_matches else None)
             if logged is not None:
-                return Judgement(True, grant.rule, tuple(logged) if logged else ())
+                return Judgement(True, grant.rule, tuple(logged)) if logged else \
+                    _allowed(grant.rule)
     return DENIED
 
 
 DENIED = Judgement(False)
+#: rule name -> its plain allow (a frozen attrs instance costs more to make than to find)
+_ALLOWED: dict[str, Judgement] = {}
+
+
+def _allowed(rule: str) -> Judgement:
+    found = _ALLOWED.get(rule)
+    if found is None:
+        if len(_ALLOWED) > 4096:
+            _ALLOWED.clear()
+        found = _ALLOWED[rule] = Judgement(True, rule)
+    return found
 
 
 # heads --------------------------------------------------------------------------------------
@@ -99,7 +111,7 @@ class Head:
                  "upgrade", "by_name")
 
     def __init__(self, size: int, version: str = "1.1", method: str = "", url: str = "",
-                 status: int = 0, headers: list[tuple[str, str]] | None = None,
+                 status: int = 0, headers: list[dict[str, str]] | None = None,
                  keep_alive: bool = True, upgrade: bool = False,
                  by_name: dict[str, list[str]] | None = None):
         self.size = size
@@ -107,6 +119,7 @@ class Head:
         self.method = method
         self.url = url
         self.status = status
+        #: [{"key": name, "value": value}] in order (the flow record's form)
         self.headers = headers if headers is not None else []
         self.keep_alive = keep_alive
         self.upgrade = upgrade
@@ -160,15 +173,17 @@ class _Collector:
     def on_headers_complete(self) -> None:
         self.complete = True
 
-    def decoded(self) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
-        """(headers in order, lower-case name -> values in order)."""
-        headers = [(name.decode("latin-1"), value.decode("latin-1").strip(" \t"))
+    def decoded(self) -> tuple[list[dict[str, str]], dict[str, list[str]]]:
+        """(headers in order, as flow records carry them: {"key", "value"};
+        lower-case name -> values in order)."""
+        headers = [{"key": name.decode("latin-1"),
+                    "value": value.decode("latin-1").strip(" \t")}
                    for name, value in self.raw]
-        by_name = {key.lower(): [value] for key, value in headers}
+        by_name = {header["key"].lower(): [header["value"]] for header in headers}
         if len(by_name) != len(headers):  # a name repeats: every value, in order
             by_name = {}
-            for key, value in headers:
-                by_name.setdefault(key.lower(), []).append(value)
+            for header in headers:
+                by_name.setdefault(header["key"].lower(), []).append(header["value"])
         return headers, by_name
 
 
@@ -195,18 +210,85 @@ def parse_head(data: bytes, response: bool) -> Head:
     if not collector.complete:
         raise BadMessage("incomplete head")
     headers, by_name = collector.decoded()
-    head = Head(len(data), parser.get_http_version(), headers=headers,
-                keep_alive=parser.should_keep_alive(), upgrade=parser.should_upgrade(),
-                by_name=by_name)
     if response:
         try:
-            head.status = int(bytes(data[9:12]))
+            status = int(data[9:12])
         except ValueError:
             raise BadMessage("bad status code") from None
-    else:
-        head.method = parser.get_method().decode("ascii", "replace")
-        head.url = collector.url.decode("latin-1")
-    return head
+        return Head(len(data), parser.get_http_version(), "", "", status, headers,
+                    parser.should_keep_alive(), parser.should_upgrade(), by_name)
+    return Head(len(data), parser.get_http_version(),
+                parser.get_method().decode("ascii", "replace"),
+                collector.url.decode("latin-1"), 0, headers, parser.should_keep_alive(),
+                parser.should_upgrade(), by_name)
+
+
+class _Stream(_Collector):
+    """httptools callbacks of a parser kept for one direction of a connection and fed
+    whole messages (head and body), like the stack's floor: no parser per message."""
+
+    __slots__ = ("begun", "ended", "chunked")
+
+    def __init__(self):
+        super().__init__()
+        self.begun = self.ended = 0
+        self.chunked = False
+
+    def on_message_begin(self) -> None:
+        self.begun += 1
+        self.url = b""
+        self.raw = []
+        self.complete = False
+        self.chunked = False
+
+    def on_chunk_header(self) -> None:
+        self.chunked = True
+
+    def on_message_complete(self) -> None:
+        self.ended += 1
+
+
+class StreamParser:
+    """One direction's persistent httptools parser, used only while it stands at a message
+    boundary: `whole(data)` parses `data` if it is exactly one complete message without
+    chunks, else returns None and the caller drops it (and parses the head the general
+    way; a new stream parser starts at the next message)."""
+
+    __slots__ = ("response", "collector", "parser")
+
+    def __init__(self, response: bool):
+        self.response = response
+        self.collector = _Stream()
+        self.parser = (httptools.HttpResponseParser if response else
+                       httptools.HttpRequestParser)(self.collector)
+
+    def whole(self, data: bytes) -> Head | None:
+        c = self.collector
+        begun = c.begun
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return None
+        if c.begun != begun + 1 or c.ended != c.begun or c.chunked or not c.complete:
+            return None
+        parser = self.parser
+        if parser.should_upgrade():
+            return None
+        end = data.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+        if end < 0:
+            return None
+        headers, by_name = c.decoded()
+        if self.response:
+            try:
+                status = int(data[9:12])
+            except ValueError:
+                return None
+            return Head(end + 4, parser.get_http_version(), "", "", status, headers,
+                        parser.should_keep_alive(), False, by_name)
+        return Head(end + 4, parser.get_http_version(),
+                    parser.get_method().decode("ascii", "replace"),
+                    c.url.decode("latin-1"), 0, headers, parser.should_keep_alive(), False,
+                    by_name)
 
 
 def body_framing(head: Head, response: bool, request_method: str = "") -> tuple[str, int]:
@@ -320,12 +402,17 @@ def local_reply(status: int, reason: str, body: bytes, version: str = "1.1",
 
 
 def flow_headers(head: Head) -> list[dict[str, str]]:
-    return [{"key": k, "value": "[redacted]" if k.lower() in REDACTED else v}
-            for k, v in head.headers]
+    if REDACTED.isdisjoint(head.by_name):  # the usual head: nothing to hide
+        return head.headers[:]  # the records themselves (the head is not kept)
+    return [{"key": h["key"], "value": "[redacted]"} if h["key"].lower() in REDACTED
+            else h for h in head.headers]
 
 
 class HttpConnection(ConnectionParser):
     """Request and response state of one client connection."""
+
+    #: `PASS(n), MORE` = a whole message passed, the next starts with a head: no b"" call
+    boundary_more = True
 
     def __init__(self, info: ConnectionInfo, grants: GrantsNow, emit: Emit):
         self.info = info
@@ -338,6 +425,9 @@ class HttpConnection(ConnectionParser):
         self.resp_state = "head"       # head | chunked | finish | close | tunnel
         self.resp_chunks: ChunkedBody | None = None
         self.upgrade_pending = False
+        #: persistent parsers of each direction while it moves in whole messages
+        self.req_stream: StreamParser | None = None
+        self.resp_stream: StreamParser | None = None
 
     # requests -----------------------------------------------------------------------------
     def on_data(self, reply: bool, data: bytes | memoryview, end_stream: bool) -> list[Op]:
@@ -357,6 +447,19 @@ class HttpConnection(ConnectionParser):
     def _request_head(self, data: bytes | memoryview) -> list[Op]:
         if not data:
             return [MORE]
+        if type(data) is bytes:  # the usual read: one whole request, parsed by the stream
+            stream = self.req_stream or StreamParser(False)
+            head = stream.whole(data)
+            if head is not None:
+                try:
+                    kind, length = body_framing(head, response=False)
+                except BadMessage:
+                    kind, length = "", 0
+                if kind in ("none", "length") and \
+                        head.size + (length if kind == "length" else 0) == len(data):
+                    self.req_stream = stream
+                    return self._request_decided(head, data, kind, length)
+            self.req_stream = None
         end = find_head_end(data)
         if end < 0:
             if len(data) > MAX_HEAD:
@@ -374,6 +477,10 @@ class HttpConnection(ConnectionParser):
             kind, length = body_framing(head, response=False)
         except BadMessage as exc:
             return self._bad_request(len(data), str(exc))
+        return self._request_decided(head, data, kind, length)
+
+    def _request_decided(self, head: Head, data: bytes | memoryview, kind: str,
+                         length: int) -> list[Op]:
         path, host = self._target(head)
         verdict = judge(self.grants(), head.method, path, host, _FirstValues(head.by_name))
         now = time.monotonic_ns()
@@ -388,8 +495,10 @@ class HttpConnection(ConnectionParser):
             self.pending.append(Pending(head.method, l7["http"]["url"], head.version, now))
             if head.upgrade or head.method == "CONNECT":
                 self.upgrade_pending = True
-            if kind == "length":  # head and body in one PASS
-                return [PASS(head.size + length)]
+            if kind == "length" or kind == "none":  # head and body in one PASS
+                size = head.size + length
+                # all there is, a whole request: the next bytes start a head (boundary_more)
+                return [PASS(size), MORE] if size == len(data) else [PASS(size)]
             return [PASS(head.size), *self._body(kind, length, drop=False)]
         l7["http"]["code"] = 403
         self.emit({"verdict": "DROPPED", "l7": l7})
@@ -492,18 +601,35 @@ class HttpConnection(ConnectionParser):
             return self._response_chunk(data)
         if not data:
             return [MORE]
-        end = find_head_end(data)
-        if end < 0:
-            if len(data) > MAX_HEAD:
-                return self._bad_response(len(data), "response head too large")
-            return [MORE]
-        try:
-            head = parse_head(bytes(data[:end]), response=True)
-            request = self.pending[0] if self.pending and self.pending[0].local is None \
-                else Pending()
-            kind, length = body_framing(head, True, request.method)
-        except BadMessage as exc:
-            return self._bad_response(len(data), str(exc))
+        head = None
+        if type(data) is bytes and self.pending and self.pending[0].local is None and \
+                self.pending[0].method not in ("HEAD", "CONNECT") and not self.upgrade_pending:
+            # the usual read: one whole response to a plain request, parsed by the stream
+            stream = self.resp_stream or StreamParser(True)
+            head = stream.whole(data)
+            if head is not None:
+                request = self.pending[0]
+                try:
+                    kind, length = body_framing(head, True, request.method)
+                except BadMessage:
+                    kind, length = "", 0
+                if head.status < 200 or kind not in ("none", "length") or \
+                        head.size + (length if kind == "length" else 0) != len(data):
+                    head = None
+            self.resp_stream = stream if head is not None else None
+        if head is None:
+            end = find_head_end(data)
+            if end < 0:
+                if len(data) > MAX_HEAD:
+                    return self._bad_response(len(data), "response head too large")
+                return [MORE]
+            try:
+                head = parse_head(bytes(data[:end]), response=True)
+                request = self.pending[0] if self.pending and self.pending[0].local is None \
+                    else Pending()
+                kind, length = body_framing(head, True, request.method)
+            except BadMessage as exc:
+                return self._bad_response(len(data), str(exc))
         if 100 <= head.status < 200 and head.status != 101:
             return [PASS(head.size)]  # interim (100 Continue): the final response follows
         latency = time.monotonic_ns() - request.started_ns if request.started_ns else 0
@@ -522,7 +648,9 @@ class HttpConnection(ConnectionParser):
         if kind == "length":
             if length and len(data) >= head.size + length:
                 # the whole response is here (the usual small one): one PASS, done now
-                return [PASS(head.size + length), *self._finish_response()]
+                size = head.size + length
+                return [PASS(size), *(self._finish_response()
+                                      or ((MORE,) if size == len(data) else ()))]
             if length:
                 self.resp_state = "finish"
                 return [*ops, PASS(length)]

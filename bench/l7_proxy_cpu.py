@@ -1,0 +1,120 @@
+"""Python CPU per proxied HTTP request of pylium's L7 proxy, without sockets: one
+`pylium.l7.proxy.Connection` with fake transports, fed a wrk-like request and an nginx-like
+response in turn (allowed by an HTTP rule, both flow records made). What is left when the
+kernel, uvloop and the other processes are taken away: the number to cut when making the
+proxy cheaper (`bench_l7_http.py` measures the real thing).
+
+    .venv/bin/python bench/l7_proxy_cpu.py [--requests N] [--profile]
+
+Prints the best of 7 runs in microseconds of process CPU per request+response; with
+`--profile`, one cProfile'd run (function-call overhead inflates it) sorted by own time.
+Compare two trees: `PYTHONPATH=OTHER/core:OTHER/plugins/l7_http .venv/bin/python ...`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+from pylium.l7 import proxy as proxy_module
+from pylium_l7_http.parser import HttpParserFactory
+
+REQUEST = b"GET /x HTTP/1.1\r\nHost: 10.0.0.2:80\r\n\r\n"
+RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Wed, 02 Dec 2026 05:00:00 GMT\r\n"
+            b"Content-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\n"
+            b"ok\n")
+POLICY = {"endpoints": [{"ipv4": "10.0.0.2", "ep_id": 1, "identity": 1000, "entries": [
+    {"identity": 0, "direction": "ingress", "protocol": 6, "port": 80, "port_prefix_len": 16,
+     "grants": [{"rule": "r", "kind": "http", "rules": [{"method": "GET", "path": "/x"}]}]}]}]}
+
+
+class FakeSocket:
+    def setsockopt(self, *args: object) -> None:
+        pass
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("10.0.0.2", 80)
+
+    def getpeername(self) -> tuple[str, int]:
+        return ("10.0.0.1", 40000)
+
+
+class FakeTransport:
+    """What `Connection` calls of an asyncio transport; writes are counted, not sent."""
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    def get_extra_info(self, name: str) -> FakeSocket:
+        return FakeSocket()
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (0, 65536)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+
+async def measure(requests: int, profile: bool) -> None:
+    with tempfile.TemporaryDirectory(prefix="l7-proxy-cpu-") as state:
+        proxy = proxy_module.Proxy(Path(state), HttpParserFactory(), {"ingress": 1}, "0")
+        proxy.policy.load(POLICY)
+        conn = proxy_module.Connection(proxy, "ingress", 1, FakeTransport())
+        conn.up, conn.up_state = FakeTransport(), "open"
+        for _ in range(100):  # warm up (and the upstream is open)
+            conn.received(conn.request, REQUEST)
+            conn.received(conn.reply, RESPONSE)
+        profiler = cProfile.Profile() if profile else None
+        best = float("inf")
+        for _ in range(1 if profile else 7):
+            started = time.process_time()
+            if profiler:
+                profiler.enable()
+            for _ in range(requests):
+                conn.received(conn.request, REQUEST)
+                conn.received(conn.reply, RESPONSE)
+            if profiler:
+                profiler.disable()
+            best = min(best, time.process_time() - started)
+        assert proxy.seq == 2 * (100 + requests * (1 if profile else 7)), "a flow is missing"
+        print(f"{best / requests * 1e6:.2f} us CPU per request+response "
+              f"({proxy.seq} flow records)")
+        if profiler:
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    asyncio.run(measure(args.requests, args.profile))
+
+
+if __name__ == "__main__":
+    main()
