@@ -103,6 +103,10 @@ class EndpointManager:
         self.on_created = on_created
         self.on_deleted = on_deleted
         self._endpoints: dict[int, Endpoint] = {}
+        #: ids that have a state file (a leftover one too: its id is not handed out); kept
+        #: here so a create does not list the directory, which costs a Path per endpoint
+        self._state_ids: set[int] = {int(p.stem) for p in self.dir.glob("*.json")
+                                     if p.stem.isdigit()}
         #: veth MTU of new endpoints (the routing component's pod MTU)
         self.mtu = 1500
         self._lock = asyncio.Lock()
@@ -178,6 +182,7 @@ class EndpointManager:
         """Make `ep` the endpoint's current state (at once) and its state file (on the
         state thread; returns once written)."""
         self._endpoints[ep.id] = ep
+        self._state_ids.add(ep.id)
         path = self.dir / f"{ep.id}.json"
         text = json.dumps(endpoint_to_json(ep), indent=1, sort_keys=True)
 
@@ -194,12 +199,12 @@ class EndpointManager:
         self._installed.pop(ep.id, None)
         await asyncio.get_running_loop().run_in_executor(
             self._io, (self.dir / f"{ep.id}.json").unlink, True)
+        self._state_ids.discard(ep.id)
 
     def _free_id(self) -> int:
-        used = set(self._endpoints) | set(self._creating) | set(self._deleting) | {
-            int(p.stem) for p in self.dir.glob("*.json") if p.stem.isdigit()}
         for candidate in range(MIN_ENDPOINT_ID, MAX_ENDPOINT_ID + 1):
-            if candidate not in used:
+            if candidate not in self._state_ids and candidate not in self._endpoints and \
+                    candidate not in self._creating and candidate not in self._deleting:
                 return candidate
         raise PyliumError(f"no free endpoint id (all {MAX_ENDPOINT_ID} in use)")
 
@@ -665,6 +670,8 @@ class EndpointManager:
                     await asyncio.to_thread(plumbing.unwire_endpoint, ep.ifname, ep.ipv4)
                     self.ipam.release(ep.ipv4)
                     path.unlink(missing_ok=True)
+                    if path.stem.isdigit():
+                        self._state_ids.discard(int(path.stem))
                     dropped.append(ep.id)
                     continue
                 self.ipam.allocate_specific(ep.ipv4, ep.ipam_owner)
