@@ -1,0 +1,65 @@
+"""Handing freed heap pages back: the trim runs once, after a burst of changes ends."""
+
+from __future__ import annotations
+
+import asyncio
+import platform
+
+import pytest
+from pylium import heap
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_release_free_heap_returns_pages_on_glibc():
+    rss = _rss_kib()
+    blocks, pins = [], []
+    for _ in range(400):  # ~25 MiB touched, each block followed by a small live one
+        blocks.append(bytearray(64 * 1024))
+        pins.append(bytearray(600))  # keeps free() from shrinking the heap by itself
+    grown = _rss_kib()
+    del blocks
+    freed = _rss_kib()
+    assert heap.release_free_heap() is True
+    assert grown - rss > 20_000
+    assert freed > grown - 5_000  # free() kept the pages...
+    assert _rss_kib() < grown - 20_000  # ...the trim handed them back
+    assert len(pins) == 400
+
+
+def test_trimmer_runs_once_after_the_burst():
+    calls = []
+
+    async def main():
+        trimmer = heap.Trimmer(calls.append, idle=0.05)
+        for _ in range(10):
+            trimmer.touch()
+            await asyncio.sleep(0.01)
+        assert calls == []  # still churning
+        await asyncio.sleep(0.1)
+        assert calls == [heap.release_free_heap] if heap._TRIM is not None else calls == []
+        trimmer.touch()
+        trimmer.cancel()
+        await asyncio.sleep(0.1)
+
+    asyncio.run(main())
+    assert len(calls) == (1 if heap._TRIM is not None else 0)
+
+
+def test_trimmer_survives_a_closed_executor():
+    def closed(_func):
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    async def main():
+        trimmer = heap.Trimmer(closed, idle=0.01)
+        trimmer.touch()
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
