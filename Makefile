@@ -8,7 +8,10 @@ B ?=
 
 APT_PACKAGES := python3-venv clang llvm libbpf-dev bpftool iproute2 iputils-ping iperf3 iptables \
 	tcpdump netcat-openbsd socat ethtool etcd-server curl wrk prometheus chromium \
-	nginx containernetworking-plugins wireguard-go wireguard-tools kcat
+	nginx containernetworking-plugins wireguard-go wireguard-tools kcat gcc libc6-dev
+# the native `pylium-cni` transport (no interpreter start per CNI exec), built with this
+# machine's C compiler; without one the Python transport is installed instead
+CNI_NATIVE := core/pylium/cni/native/pylium-cni
 PLUGINS := $(sort $(wildcard plugins/*))
 CONSTRAINTS := constraints.txt
 PROJECT_FILES := $(CONSTRAINTS) pyproject.toml $(wildcard plugins/*/pyproject.toml) $(wildcard examples/*/pyproject.toml)
@@ -21,7 +24,7 @@ K8S_NAME ?= dev
 
 .PHONY: setup apt bpffs demo test bench soak lint wheels constraints clean k8s-cache k8s-up k8s-down
 
-setup: apt bpffs $(VENV)/.installed
+setup: apt bpffs $(VENV)/.installed $(CNI_NATIVE)
 
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -34,6 +37,11 @@ apt:
 
 bpffs:
 	@mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+
+$(CNI_NATIVE): core/pylium/cni/native/pylium-cni.c core/pylium/cni/native.py \
+		core/pylium/cni/spec.py core/pylium/cni/handler.py $(VENV)/.installed
+	@$(PY) -m pylium.cni.native $@ >/dev/null || echo "setup: the native pylium-cni was \
+	not built (no C compiler?); the Python pylium-cni is used instead" >&2
 
 $(VENV)/.installed: $(PROJECT_FILES)
 	test -x $(PY) || python3 -m venv $(VENV)

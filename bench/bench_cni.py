@@ -3,8 +3,9 @@ agent in a lab node) vs the reference `bridge` + `host-local` plugins (Debian's
 containernetworking-plugins) on the same machine in the same run.
 
 Each ADD is timed as a runtime sees it: from exec (inside the node netns, config on stdin)
-to exit. `pylium-cni` is the launcher a runtime finds in its CNI bin dir
-(`python -m pylium.cni.launcher DIR`, installed into a temporary dir here). Rounds
+to exit. `pylium-cni` is what a runtime finds in its CNI bin dir
+(`python -m pylium.cni.launcher DIR`, installed into a temporary dir here: the native
+transport `make setup` builds, else the Python one; `plugin` in the output names it). Rounds
 interleave the two sides so drift on a shared machine hits both: each round is 20 ADDs at
 once for the reference then for pylium (then a DEL of every pod), followed by single ADDs
 alternating reference / pylium. Every ADD is followed by its DEL; the DELs are timed too
@@ -168,7 +169,10 @@ def main() -> None:
                     times += adds
                     del_times += dels
         pairs = ROUNDS * (PODS + SERIAL)  # ADD+DEL pairs per side
-        load = {"loadavg_before": load_before, "loadavg_after": loadavg(), "plugin": plugin,
+        from pylium.cni import native
+
+        load = {"loadavg_before": load_before, "loadavg_after": loadavg(),
+                "plugin": f"{plugin} ({'native' if native.is_native(Path(plugin)) else 'python'})",
                 # CPU per ADD+DEL pair: pylium's plugin execs and agent; the reference's execs
                 "cpu_ms_per_pair": {
                     "pylium_plugin": round(cpu.plugin["ours"] / pairs, 2),

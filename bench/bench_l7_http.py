@@ -6,7 +6,16 @@ a client netns, a router netns (where the proxies run) and a server netns with n
 * pylium  — the same packets TPROXY'd into pylium's proxy process(es) (HTTP rule `GET /x`
   enforced, every request and response a flow record sent to a feeding "agent" that takes
   them while wrk runs), which opens the upstream with the client identity's SO_MARK;
-* nginx   — client -> nginx on the router (upstream keep-alive) -> server.
+* nginx   — client -> nginx on the router (upstream keep-alive) -> server;
+* floor   — NOT a baseline: the least a proxy on issue 11's prescribed stack can do
+  (`bench/l7_floor_proxy.py`: uvloop, asyncio Protocols, httptools parsing every request and
+  response, one kept-alive upstream per client connection; no policy, no flows, no
+  metrics), TPROXY'd on the same path as pylium with the same number of processes. Its
+  `floor_*` fields on each result line tell how much of pylium's cost is the stack's and
+  how much is pylium's own.
+* ref     — with `--ref-tree DIR` (another pylium checkout, e.g. `git worktree add DIR main`):
+  that tree's proxy, pool and policy as pylium's, on its own TPROXY'd port — a change's
+  before and after in one interleaved run (`ref_*` fields).
 
 Both proxies get the same number of processes (`--workers`, default 1: nginx
 `worker_processes`, pylium's `ProxyPool` workers on SO_REUSEPORT). Each keeps its upstream
@@ -17,7 +26,8 @@ average attached): the machine's 2 cores are shared with wrk, the server and oth
 absolute numbers are noisy — the ratios are what to compare. Each line also carries
 `pylium_cpu_us_per_request` / `nginx_cpu_us_per_request` (medians): the CPU the proxy's own
 processes spent per request, which that other load distorts least, and `flows_per_request`
-(2: the agent got a record of every request and response).
+(2: the agent got a record of every request and response), and `<side>_usr_sys_us`: that
+CPU split into user and kernel time (medians).
 
 Goal (issue 11): pylium >= 0.5x nginx req/s and p99 <= 2x nginx's."""
 
@@ -52,6 +62,10 @@ CONNECTIONS = (1, 10, 100)
 SECONDS = 3
 DIRECT_PORT = 8000          # nginx on the server, not TPROXY'd
 NGINX_PROXY_PORT = 8888     # nginx reverse proxy on the router
+FLOOR_DPORT = 82            # TPROXY'd to the floor proxy on the router
+FLOOR_PROXY = 10090
+REF_DPORT = 83              # TPROXY'd to the --ref-tree proxy
+REF_PROXY = 10082
 
 
 def nginx_conf(prefix: Path, body: str, workers: int = 1) -> Path:
@@ -100,16 +114,30 @@ def wrk(loop: asyncio.AbstractEventLoop, topo: TproxyTopology, url: str, connect
             "socket_errors": sockets.group(1) if sockets else ""}
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of these processes so far (a process gone counts 0)."""
-    total = 0
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds of these processes so far (a process gone counts 0)."""
+    user = system = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
+        user += int(fields[11])  # utime
+        system += int(fields[12])  # stime
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
+
+
+def bench_policy(port: int) -> dict:
+    """The policy pushed to a pylium proxy: the client may `GET /x` on the server's `port`
+    (an HTTP rule: every request is parsed and judged)."""
+    return {"op": "policy", "revision": 1, "ipcache": [[f"{CLIENT_IP}/32", 2001]],
+            "endpoints": [{"ep_id": 1, "ipv4": SERVER_IP, "identity": 1001, "entries": [{
+                "identity": 0, "direction": "ingress", "protocol": 6, "port": port,
+                "port_prefix_len": 16, "grants": [{"rule": "bench", "kind": "http",
+                                                   "allow_all": False,
+                                                   "rules": [{"method": "GET",
+                                                              "path": "/x"}]}]}]}]}
 
 
 def nginx_workers(master: int) -> list[int]:
@@ -124,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, nargs="+", default=list(CONNECTIONS))
     parser.add_argument("--workers", type=int, default=1,
                         help="processes of each proxy (nginx worker_processes, pylium workers)")
-    parser.add_argument("--only", nargs="+", choices=("direct", "pylium", "nginx"),
+    parser.add_argument("--ref-tree", type=Path,
+                        help="another pylium checkout whose proxy runs as side `ref`")
+    parser.add_argument("--only", nargs="+",
+                        choices=("direct", "pylium", "nginx", "floor", "ref"),
                         help="run only these sides (no result line without pylium and nginx)")
     args = parser.parse_args(argv)
     if shutil.which("nginx") is None or shutil.which("wrk") is None:
@@ -132,10 +163,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     tmp = Path(tempfile.mkdtemp(prefix="l7-proxy-bench-"))
     topo = TproxyTopology("l7-bench").up()
+    # the floor proxy's own TPROXY rule, in the bench's router netns only
+    topo.ns(topo.router, "iptables", "-t", "mangle", "-A", "PREROUTING", "-i", "eth-c", "-p",
+            "tcp", "--dport", str(FLOOR_DPORT), "-j", "TPROXY", "--on-port", str(FLOOR_PROXY),
+            "--tproxy-mark", "0x1/0x1")
+    if args.ref_tree:  # and the reference tree's proxy's
+        topo.ns(topo.router, "iptables", "-t", "mangle", "-A", "PREROUTING", "-i", "eth-c",
+                "-p", "tcp", "--dport", str(REF_DPORT), "-j", "TPROXY", "--on-port",
+                str(REF_PROXY), "--tproxy-mark", "0x1/0x1")
     procs: list[subprocess.Popen] = []
     try:
         server_conf = nginx_conf(tmp / "server", f"""
-  server {{ listen {INGRESS_DPORT}; listen {DIRECT_PORT};
+  server {{ listen {INGRESS_DPORT}; listen {DIRECT_PORT}; listen {FLOOR_DPORT};
+           listen {REF_DPORT};
            location /x {{ default_type text/plain; return 200 "ok\\n"; }} }}""")
         proxy_conf = nginx_conf(tmp / "proxy", f"""
   upstream backend {{ server {SERVER_IP}:{DIRECT_PORT}; keepalive 256; }}
@@ -145,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         for ns, conf in ((topo.server, server_conf), (topo.router, proxy_conf)):
             procs.append(subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "nginx",
                                            "-c", str(conf)]))
+        floor = [subprocess.Popen(["nsenter", f"--net=/run/netns/{topo.router}", sys.executable,
+                                   str(REPO / "bench" / "l7_floor_proxy.py"), "--port",
+                                   str(FLOOR_PROXY)], stdout=subprocess.PIPE)
+                 for _ in range(args.workers)]
+        procs.extend(floor)
+        for proc in floor:
+            assert proc.stdout.readline() == b"ready\n", "the floor proxy did not start"
         time.sleep(0.5)
         flows = [0]
         loop = asyncio.new_event_loop()
@@ -154,21 +201,31 @@ def main(argv: list[str] | None = None) -> int:
             on_flow=lambda _m: flows.__setitem__(0, flows[0] + 1),
             launcher=["nsenter", f"--net=/run/netns/{topo.router}"])
         loop.run_until_complete(supervisor.start())
-        loop.run_until_complete(supervisor.push({
-            "op": "policy", "revision": 1, "ipcache": [[f"{CLIENT_IP}/32", 2001]],
-            "endpoints": [{"ep_id": 1, "ipv4": SERVER_IP, "identity": 1001, "entries": [{
-                "identity": 0, "direction": "ingress", "protocol": 6, "port": INGRESS_DPORT,
-                "port_prefix_len": 16, "grants": [{"rule": "bench", "kind": "http",
-                                                   "allow_all": False,
-                                                   "rules": [{"method": "GET",
-                                                              "path": "/x"}]}]}]}]}))
+        loop.run_until_complete(supervisor.push(bench_policy(INGRESS_DPORT)))
+        ref_pool, ref_flows = None, [0]
+        if args.ref_tree:  # the reference tree's modules first on its proxies' path
+            ref = args.ref_tree.resolve()
+            ref_pool = ProxyPool(
+                tmp / "pylium-ref", "pylium_l7_http.parser:HttpParserFactory",
+                {"ingress": REF_PROXY, "egress": REF_PROXY + 1}, "bench-ref",
+                workers=args.workers,
+                on_flow=lambda _m: ref_flows.__setitem__(0, ref_flows[0] + 1),
+                launcher=["nsenter", f"--net=/run/netns/{topo.router}", "env",
+                          f"PYTHONPATH={ref / 'core'}:{ref / 'plugins' / 'l7_http'}"])
+            loop.run_until_complete(ref_pool.start())
+            loop.run_until_complete(ref_pool.push(bench_policy(REF_DPORT)))
         urls = {"direct": f"http://{SERVER_IP}:{DIRECT_PORT}/x",
                 "pylium": f"http://{SERVER_IP}:{INGRESS_DPORT}/x",
-                "nginx": f"http://{ROUTER_CLIENT_IP}:{NGINX_PROXY_PORT}/x"}
+                "nginx": f"http://{ROUTER_CLIENT_IP}:{NGINX_PROXY_PORT}/x",
+                "floor": f"http://{SERVER_IP}:{FLOOR_DPORT}/x"}
+        if ref_pool is not None:
+            urls["ref"] = f"http://{SERVER_IP}:{REF_DPORT}/x"
         # the proxies' own processes: CPU per request is the comparison the machine's other
         # load distorts least (nginx's master only supervises)
         proxy_pids = {"pylium": [m.info["pid"] for m in supervisor.members],
-                      "nginx": nginx_workers(procs[1].pid), "direct": []}
+                      "nginx": nginx_workers(procs[1].pid), "direct": [],
+                      "floor": [p.pid for p in floor],
+                      "ref": [m.info["pid"] for m in ref_pool.members] if ref_pool else []}
         for name, url in urls.items():  # warm up (connections, caches)
             got = topo.ns(topo.client, "curl", "-s", url).stdout
             assert got == "ok\n", (name, got)
@@ -184,10 +241,13 @@ def main(argv: list[str] | None = None) -> int:
                 for name in order:
                     # let the agent side drain the flows of the previous run
                     loop.run_until_complete(asyncio.sleep(0.3))
-                    cpu = cpu_seconds(proxy_pids[name])
+                    user, system = cpu_split(proxy_pids[name])
                     result = wrk(loop, topo, urls[name], connections, args.seconds)
-                    result["cpu_us_per_request"] = (cpu_seconds(proxy_pids[name]) - cpu) * 1e6 \
-                        / max(1, result["requests"])
+                    user_after, system_after = cpu_split(proxy_pids[name])
+                    per = 1e6 / max(1, result["requests"])
+                    result["usr_us"] = (user_after - user) * per
+                    result["sys_us"] = (system_after - system) * per
+                    result["cpu_us_per_request"] = result["usr_us"] + result["sys_us"]
                     runs[name].append(result)
             if "pylium" not in runs or "nginx" not in runs:
                 for name, samples in runs.items():
@@ -210,6 +270,33 @@ def main(argv: list[str] | None = None) -> int:
             if "direct" in runs:
                 extra["direct_rps"] = spread([r["rps"] for r in runs["direct"]])["median"]
                 extra["direct_p99_ms"] = spread([r["p99_ms"] for r in runs["direct"]])["median"]
+            if "floor" in runs:  # the stack's floor, not a baseline (see the docstring)
+                floor_rps = spread([r["rps"] for r in runs["floor"]])["median"]
+                floor_p99 = spread([r["p99_ms"] for r in runs["floor"]])["median"]
+                nginx_rps = spread([r["rps"] for r in runs["nginx"]])["median"]
+                nginx_p99 = spread([r["p99_ms"] for r in runs["nginx"]])["median"]
+                extra.update({
+                    "floor_rps": floor_rps, "floor_rps_vs_nginx": round(floor_rps / nginx_rps, 4),
+                    "floor_p99_ms": floor_p99,
+                    "floor_p99_vs_nginx": round(floor_p99 / nginx_p99, 4) if nginx_p99 else None,
+                    "floor_cpu_us_per_request": spread(
+                        [r["cpu_us_per_request"] for r in runs["floor"]])["median"],
+                    "floor_errors": sum(r["errors"] for r in runs["floor"])})
+            if "ref" in runs:  # another tree's proxy: before/after of a change
+                ref_rps = spread([r["rps"] for r in runs["ref"]])["median"]
+                extra.update({
+                    "ref_tree": str(args.ref_tree), "ref_rps": ref_rps,
+                    "ref_rps_vs_nginx": round(ref_rps / spread(
+                        [r["rps"] for r in runs["nginx"]])["median"], 4),
+                    "ref_p99_ms": spread([r["p99_ms"] for r in runs["ref"]])["median"],
+                    "ref_cpu_us_per_request": spread(
+                        [r["cpu_us_per_request"] for r in runs["ref"]])["median"],
+                    "ref_errors": sum(r["errors"] for r in runs["ref"])})
+            for name in runs:
+                if name != "direct":
+                    extra[f"{name}_usr_sys_us"] = [
+                        round(spread([r[part] for r in runs[name]])["median"], 2)
+                        for part in ("usr_us", "sys_us")]
             baseline = f"nginx reverse proxy, {args.workers} worker(s), upstream keep-alive"
             report_rounds("l7_http", f"req_per_s_c{connections}", "req/s",
                           [r["rps"] for r in runs["pylium"]], [r["rps"] for r in runs["nginx"]],
@@ -227,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{stats.get('connections', 0)} connections, {stats.get('requests', 0)} "
                   "requests", file=sys.stderr)
         loop.run_until_complete(supervisor.shutdown())
+        if ref_pool is not None:
+            loop.run_until_complete(ref_pool.shutdown())
         loop.close()
     finally:
         for proc in procs:

@@ -137,20 +137,27 @@ class Pylium:
     name = "pylium (tc)"
 
     def __init__(self, topo: Topology, worker: NetnsWorker, eps: dict[str, EndpointInfo]):
+        from pylium.datapath.sock import SocketLB
+
         self.topo, self.worker, self.eps = topo, worker, eps
         self.root = bpffs_root()
+        self.installed = 0
+        self.maps = self.sock = self.cgroup = None
         # the same connection-tracking capacity as the netfilter baselines get
         self.dp = Datapath(self.root, cache_dir=Path("/tmp/pylium-test-bpf-cache"),
                            ct_max=nf_conntrack_max())
-        self.worker.run(self.dp.open)
-        self.maps = LbMaps(self.root)
-        self.installed = 0
-        from pylium.datapath.sock import SocketLB
-
-        self.cgroup = Path("/sys/fs/cgroup/unified") / f"pylium-benchlb-{os.getpid()}"
-        self.cgroup.mkdir()
-        self.sock = SocketLB(self.dp)
-        self.sock.attach(self.cgroup)
+        try:
+            self.worker.run(self.dp.open)
+            self.maps = LbMaps(self.root)
+            cgroup = Path("/sys/fs/cgroup/unified") / f"pylium-benchlb-{os.getpid()}"
+            cgroup.mkdir()
+            self.cgroup = cgroup
+            self.sock = SocketLB(self.dp)
+            self.sock.attach(self.cgroup)
+        except BaseException:
+            # main() only closes a Pylium it got back: undo the half made here (pins, cgroup)
+            self.close()
+            raise
 
     def enable(self) -> None:
         for ep in self.eps.values():
@@ -177,11 +184,20 @@ class Pylium:
         self.installed = 0
 
     def close(self) -> None:
-        self.sock.detach()
-        self.sock.close()
-        self.cgroup.rmdir()
-        self.maps.close()
-        self.worker.run(self.dp.destroy)
+        """Undo whatever exists, even of a half-built instance; the pins go last, whatever
+        failed before."""
+        try:
+            if self.sock is not None:
+                try:
+                    self.sock.detach()
+                finally:
+                    self.sock.close()
+            if self.cgroup is not None:
+                self.cgroup.rmdir()
+            if self.maps is not None:
+                self.maps.close()
+        finally:
+            self.worker.run(self.dp.destroy)
 
 
 # -- kube-proxy baselines ------------------------------------------------------------------

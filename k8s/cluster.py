@@ -307,7 +307,8 @@ def setup_cni(p: Paths, cni: str) -> None:
             link.symlink_to(f"/usr/lib/cni/{plugin}")
     pylium_cni = Path(sys.executable).with_name("pylium-cni")
     if pylium_cni.exists():
-        # the launcher (python -I -S, stdlib only): what a runtime should exec per pod
+        # the native transport (`make setup` builds it; else the python -I -S launcher):
+        # what a runtime should exec per pod
         subprocess.run([sys.executable, "-m", "pylium.cni.launcher", str(p.cni_bin)],
                        check=True, capture_output=True)
     if cni == "bridge":
@@ -590,20 +591,28 @@ def down(p: Paths, graceful: bool = True) -> None:
     procs = {e["name"]: e for e in state.get("processes", [])}
     if graceful and "kubelet" in procs and "kube-apiserver" in procs and \
             proc_alive(procs["kubelet"]["pid"], procs["kubelet"]["match"]):
-        # the kubelet stops the pods, so the runtime calls CNI DEL for each
+        # the kubelet stops the pods, so the runtime calls CNI DEL for each. Wait for
+        # that (no task left running), not for the objects: kubelet 1.20 confirms a
+        # pod's deletion to the API only after removing its sandbox and at its 10 s
+        # status batch, which kubectl --wait would sit through (26 s for the test run).
         subprocess.run(in_netns(p, [binary("kubectl"), f"--kubeconfig={p.kubeconfig}",
                                     "delete", "deployments,daemonsets,replicasets,pods",
                                     "--all", "--all-namespaces", "--grace-period=1",
-                                    "--timeout=40s"]),
+                                    "--wait=false"]),
                        capture_output=True, timeout=60)
         deadline = time.monotonic() + 40
         while time.monotonic() < deadline and _sandboxes(p):
             time.sleep(0.5)
+        log(f"pods stopped ({time.monotonic() - t0:.1f}s)")
     order = ["kubelet", "pylium-agent", "kube-scheduler", "kube-controller-manager",
              "containerd", "kube-apiserver", "etcd"]
     for name in order + [n for n in procs if n not in order]:
         if name in procs:
+            t1 = time.monotonic()
             stop_pid(procs[name]["pid"], procs[name]["match"])
+            if time.monotonic() - t1 > 2:
+                log(f"{name} took {time.monotonic() - t1:.1f}s to stop")
+    log(f"processes stopped ({time.monotonic() - t0:.1f}s)")
     # shims and containers outlive containerd: find them by our unique socket path
     needle = str(p.containerd_sock)
     for pid_dir in Path("/proc").iterdir():

@@ -39,4 +39,20 @@ static __always_inline void metrics_count(__u8 reason, __u8 direction, __u32 len
 	v->bytes += len;
 }
 
+/* For a program tail-called after its caller counted the packet forwarded (from_container
+ * counts before it tail-calls ROUTING_SLOT_ENCRYPT) that then drops it: a tail call never
+ * returns, so the caller cannot count the drop instead, and the forwarded counter takes the
+ * packet back. The tail call runs on the CPU that counted it (per-CPU value), so this never
+ * takes back more than that CPU counted. */
+static __always_inline void metrics_uncount_forward(__u8 direction, __u32 len)
+{
+	struct metrics_key key = { .reason = REASON_FORWARDED, .direction = direction };
+	struct metrics_value *v = bpf_map_lookup_elem(&metrics, &key);
+
+	if (!v || !v->packets)
+		return;
+	v->packets -= 1;
+	v->bytes -= v->bytes < len ? v->bytes : len;
+}
+
 #endif

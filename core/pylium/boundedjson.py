@@ -67,6 +67,10 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+#: one decoder for every call (`json.loads` with an option builds a new one each time)
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+
+
 def load_json(text: str | bytes, what: str = "input") -> Any:
     """One JSON value, bounded like everything here; `DocumentError` otherwise."""
     if isinstance(text, bytes):
@@ -75,10 +79,17 @@ def load_json(text: str | bytes, what: str = "input") -> Any:
         raise LimitExceeded(f"{what}: {len(text)} characters is more than the limit of "
                             f"{MAX_BYTES}")
     try:
-        value = json.loads(text, parse_constant=_no_constant)
+        if text.startswith("\ufeff"):  # as `json.loads` says
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)",
+                                       text, 0)
+        value = _DECODER.decode(text)
     except RecursionError:
         raise LimitExceeded(f"{what}: nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:
         raise DocumentError(f"{what}: not valid JSON: {exc}") from None
-    check_depth(value, what)
+    # nesting needs an opening bracket per level: with few of them, however placed (in
+    # strings too), the depth is within the limit without walking (KV records, read by
+    # every node about every node, are the common case)
+    if text.count("[") + text.count("{") > MAX_DEPTH:
+        check_depth(value, what)
     return value

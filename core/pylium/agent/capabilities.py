@@ -7,13 +7,20 @@ For each kind a small driver knows three things: the context its backends get (s
 selection by name, the BPF the record contributes (compiled and loaded by the core before the
 backend is built, or on the backend's `context.load_bpf()` when the record declares runtime
 defines), one line naming the plugin when a selected backend cannot start, and the state
-each capability reports (`running`, `failed: <reason>`, `not selected`)."""
+each capability reports (`running`, `failed: <reason>`, `not selected`).
+
+Some kinds leave state on the node that outlives the agent (encryption: a device and its
+daemon, a steering program; an L7 parser: its proxy process). Which of those ran is recorded in the state directory
+(`capabilities.json`); when a later start no longer selects one, the core builds its backend
+once more, asks it to `teardown()` what it left, and forgets it."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +45,8 @@ log = logging.getLogger(__name__)
 RUNNING = "running"
 NOT_SELECTED = "not selected"
 STOPPED = "stopped"
+#: in the agent's state_dir: kind -> names of the capabilities that ran and left state
+RAN_FILE = "capabilities.json"
 
 
 class PluginBpfObjects:
@@ -112,6 +121,9 @@ class KindDriver:
 
     kind = ""
     context_type: type[CapabilityContext] = CapabilityContext
+    #: a started capability of this kind leaves state on the node after the agent stops,
+    #: which `clean_up` removes once the capability is deselected
+    leaves_state = False
 
     def extra_context(self, daemon, record: Capability) -> dict[str, Any]:
         return {}
@@ -122,6 +134,11 @@ class KindDriver:
     async def start(self, daemon, running: RunningCapability) -> None: ...
 
     async def stop(self, daemon, running: RunningCapability) -> None: ...
+
+    async def clean_up(self, daemon, running: RunningCapability) -> None:
+        """A capability of a previous run, deselected since: its freshly built backend
+        removes what that run left on the node."""
+        await asyncio.to_thread(running.backend.teardown)
 
 
 class CapabilityLifecycle:
@@ -136,12 +153,90 @@ class CapabilityLifecycle:
 
     # start --------------------------------------------------------------------------------
     async def start_kind(self, kind: str) -> list[RunningCapability]:
-        """Build and start every capability of `kind` the config selects; the first one that
-        cannot start stops the agent with a `PluginError` naming its plugin."""
+        """Clean up after capabilities of `kind` that ran before and are deselected now, then
+        build and start every one the config selects; the first one that cannot start stops
+        the agent with a `PluginError` naming its plugin."""
+        await self._clean_up_deselected(kind)
         out = []
         for name in self.daemon.selected().get(kind, []):
             out.append(await self._start_one(kind, name))
         return out
+
+    # what ran before ----------------------------------------------------------------------
+    def _ran_path(self) -> Path:
+        return Path(self.daemon.config.state_dir) / RAN_FILE
+
+    def ran(self) -> dict[str, list[str]]:
+        """Kind -> the capabilities that ran on this node and may have left state there."""
+        path = self._ran_path()
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return self._ran_before_the_record()
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s: %s", path, exc)
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {str(k): [str(n) for n in v] for k, v in data.items() if isinstance(v, list)}
+
+    def _ran_before_the_record(self) -> dict[str, list[str]]:
+        """No record yet (a node upgraded from a version that kept none): a capability that
+        has a state directory has run here (`KindDriver.state_dir`)."""
+        plugins = Path(self.daemon.config.state_dir) / "plugins"
+        found: dict[str, list[str]] = {}
+        for kind, driver in self.drivers.items():
+            if not driver.leaves_state or not plugins.is_dir():
+                continue
+            names = sorted(d.name.removeprefix(f"{kind}-") for d in plugins.iterdir()
+                           if d.is_dir() and d.name.startswith(f"{kind}-"))
+            if names:
+                found[kind] = names
+        return found
+
+    def _set_ran(self, kind: str, name: str, ran: bool) -> None:
+        data = self.ran()
+        names = [n for n in data.get(kind, []) if n != name] + ([name] if ran else [])
+        path = self._ran_path()
+        if names == data.get(kind, []) and path.exists():
+            return
+        if names:
+            data[kind] = names
+        else:
+            data.pop(kind, None)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+    async def _clean_up_deselected(self, kind: str) -> None:
+        """Tear down what deselected capabilities of `kind` left on the node. A failure is
+        logged and the record kept, so the next start tries again; it does not stop this
+        one (the core already took their programs off the packet path)."""
+        driver = self.drivers[kind]
+        if not driver.leaves_state:
+            return
+        selected = set(self.daemon.selected().get(kind, []))
+        for name in [n for n in self.ran().get(kind, []) if n not in selected]:
+            try:
+                record, dist, version, plugin = self._describe_plugin(kind, name)
+            except PyliumError as exc:
+                log.warning("%s %r ran on this node before and is no longer selected, but "
+                            "cannot clean up what it left: %s", kind, name, one_line(exc))
+                continue
+            running = RunningCapability(kind, name, record, dist, version, plugin)
+            label = f"{kind} {name!r} ({dist} {version})"
+            try:
+                running.backend = await asyncio.to_thread(self._build, driver, record, running)
+                await driver.clean_up(self.daemon, running)
+            except Exception as exc:
+                log.debug("%s: clean-up failed", label, exc_info=True)
+                log.error("%s is no longer selected; removing what it left on this node "
+                          "failed: %s", label, one_line(exc))
+                continue
+            finally:
+                self._give_back(running)
+            self._set_ran(kind, name, False)
+            log.info("%s is no longer selected: removed what it left on this node", label)
 
     def _describe_plugin(self, kind: str, name: str) -> tuple[Capability, str, str, str]:
         record = self.daemon.plugins.select(kind, name)
@@ -156,6 +251,8 @@ class CapabilityLifecycle:
         try:
             # off the loop: netlink (pyroute2 runs a loop of its own), clang, libbpf
             running.backend = await asyncio.to_thread(self._build, driver, record, running)
+            if driver.leaves_state:  # from its first step on, it may leave something behind
+                await asyncio.to_thread(self._set_ran, kind, name, True)
             await driver.start(self.daemon, running)
         except NotImplementedYet as exc:
             self._give_back(running)
@@ -356,6 +453,7 @@ class RoutingDriver(KindDriver):
 class EncryptionDriver(KindDriver):
     kind = "encryption"
     context_type = EncryptionContext
+    leaves_state = True  # a device (and its daemon) and the steering program stay
 
     def extra_context(self, daemon, record: Capability) -> dict[str, Any]:
         from pylium.routing.component import underlay_of
@@ -382,6 +480,7 @@ class EncryptionDriver(KindDriver):
 class L7Driver(KindDriver):
     kind = "l7"
     context_type = L7Context
+    leaves_state = True  # a parser's proxy process outlives the agent
 
     def extra_context(self, daemon, record: Capability) -> dict[str, Any]:
         from pylium.l7.component import l7_context_handles

@@ -11,6 +11,7 @@ import os
 import pkgutil
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -99,8 +100,11 @@ async def _listen(runner: web.AppRunner, sock_path: Path) -> None:
     os.chmod(sock_path, 0o600)
 
 
-async def serve(daemon: Daemon, stop: asyncio.Event | None = None) -> None:
-    """Start the daemon and its API; run until SIGTERM/SIGINT or `stop` is set."""
+async def serve(daemon: Daemon, stop: asyncio.Event | None = None,
+                after_start: Callable[[], None] | None = None) -> None:
+    """Start the daemon and its API; run until SIGTERM/SIGINT or `stop` is set.
+    `after_start()` runs once everything started (the agent command settles its garbage
+    collector there, `pylium.gcpolicy`)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -110,6 +114,8 @@ async def serve(daemon: Daemon, stop: asyncio.Event | None = None) -> None:
     runner: web.AppRunner | None = None
     try:
         await daemon.start()
+        if after_start is not None:
+            after_start()
         runner = web.AppRunner(make_app(daemon), access_log=None)  # routes see components
         await runner.setup()
         await _listen(runner, sock_path)

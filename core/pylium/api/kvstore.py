@@ -9,6 +9,7 @@ third-party ones included, runs it against itself."""
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,12 @@ from pylium.errors import PyliumError
 
 class KVStoreUnavailable(PyliumError):
     """The store cannot be reached or has been closed (callers report "degraded" and retry)."""
+
+
+class KVStoreTimeout(KVStoreUnavailable):
+    """The store is there but did not complete the request in time (etcd: "request timed
+    out", e.g. its apply is behind under load). Anyone retrying treats it as unavailable;
+    the cluster session's health probe as a slow answer, not an outage."""
 
 
 class KVStoreCompacted(PyliumError):
@@ -156,6 +163,17 @@ class KVStore(abc.ABC):
         revision. Raises `KVStoreCompacted` if the history after `after_revision` is gone
         (`KVStoreReset` when the store's revision went backwards, e.g. a wiped etcd), and
         `KVStoreUnavailable` when the store is closed or unreachable."""
+
+    async def watch_batches(self, prefix: str,
+                            after_revision: int = 0) -> AsyncIterator[list[KVEvent]]:
+        """`watch`, several events at a time: each list holds the events the store delivered
+        together (etcd: one watch response, often a whole transaction or more), in order,
+        never empty. Same events, resumption and errors as `watch`. A follower of thousands
+        of keys applies a list in one step instead of paying per event; this default yields
+        one event per list, a backend that receives events in batches overrides it."""
+        async with contextlib.aclosing(self.watch(prefix, after_revision)) as events:
+            async for event in events:
+                yield [event]
 
     # leases ------------------------------------------------------------------------------
     @abc.abstractmethod

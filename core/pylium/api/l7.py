@@ -54,5 +54,10 @@ class L7Parser(abc.ABC):
         """Proxy ports a healthy proxy listens on right now. Redirects to any other port
         load as deny (fail closed), so answer honestly: a dead proxy serves nothing."""
 
+    def teardown(self) -> None:  # noqa: B027 - optional: a parser may leave nothing behind
+        """Deselected: remove what an earlier run left on the node (e.g. a proxy process
+        that outlives the agent). The core calls it on a freshly built backend, never
+        started, at the first agent start without this parser."""
+
     def status(self) -> dict[str, Any]:
         return {}

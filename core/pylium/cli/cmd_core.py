@@ -164,4 +164,7 @@ def register(cli: click.Group) -> None:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         daemon = Daemon(cfg)
         daemon.check_selection()
-        asyncio.run(serve(daemon))
+        from pylium import gcpolicy
+
+        gcpolicy.tune()
+        asyncio.run(serve(daemon, after_start=gcpolicy.settle))

@@ -7,6 +7,7 @@ import click
 
 from pylium.cli.client import client_from
 from pylium.cli.output import emit, make_table, output_option
+from pylium.lb.model import TYPES
 
 
 def _frontend(spec) -> str:
@@ -54,7 +55,7 @@ def register(cli: click.Group) -> None:
     @click.option("--name", help="Service name (default: derived from the frontend).")
     @click.option("--frontend", required=True, help="VIP:PORT[/TCP|UDP]")
     @click.option("--backend", "backends", multiple=True, help="IP:PORT (repeatable).")
-    @click.option("--type", "svc_type", type=click.Choice(["ClusterIP", "NodePort"]),
+    @click.option("--type", "svc_type", type=click.Choice(TYPES),
                   default="ClusterIP", show_default=True)
     @click.option("--algorithm", type=click.Choice(["random", "maglev"]), default="random",
                   show_default=True, help="Backend selection.")

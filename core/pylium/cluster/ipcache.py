@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 from typing import Any, Protocol
 
@@ -96,18 +97,57 @@ def is_ipv4(text: object) -> bool:
     return True
 
 
+_scan_json = json.decoder.JSONDecoder().scan_once
+
+
+def _load_json(text: str) -> Any:
+    """`json.loads(text)`, without its whitespace and type checks when `text` is one JSON
+    value and nothing else (as every record we write is); anything else takes
+    `json.loads`, which accepts and refuses exactly what it always does."""
+    try:
+        value, end = _scan_json(text, 0)
+    except (StopIteration, ValueError):
+        return json.loads(text)
+    return value if end == len(text) else json.loads(text)
+
+
+_OCTET = rb"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = _OCTET + rb"(?:\." + _OCTET + rb"){3}"
+#: a JSON string body without escapes, control characters or non-ASCII bytes
+_PLAIN = rb'[^"\\\x00-\x1f\x7f-\xff]'
+#: exactly what `encode_entry` writes (sorted keys, default separators) with plain strings,
+#: a dotted-quad node_ip and a positive identity: every such record decodes, through
+#: `json.loads` and the checks, to the same fields, so it may skip both
+_CANONICAL = re.compile(
+    rb'\{"endpoint": "' + _PLAIN + rb'*", "identity": ([1-9][0-9]{0,9}), "ip": "' + _PLAIN
+    + rb'*", "node": "(' + _PLAIN + rb'+)", "node_ip": "(' + _IPV4 + rb')"\}').fullmatch
+
+
 def decode_entry(key: str, raw: bytes) -> tuple[int, str, str]:
     """(identity, node, node_ip) of an ipcache record; `RecordError` when it is not one
     (the key must be an IPv4 address, the identity fit the map's u32, node_ip be IPv4).
 
-    Every node decodes every endpoint's record, so this is on the hot path: a record is
-    at most `MAX_RECORD` bytes (ours are ~120), which bounds its nesting too (the JSON
-    parser refuses what would recurse too deep), and is parsed once with `json.loads`."""
+    Every node decodes every endpoint's record, so this is on the hot path: a record in
+    the exact form `encode_entry` writes is read with one regular expression (its fields
+    need no further check but the identity's range); anything else goes through
+    `_decode_entry_json`, which accepts and refuses the same records either way."""
+    match = _CANONICAL(raw) if len(raw) <= MAX_RECORD else None
+    if match is not None:
+        identity = int(match[1])
+        if identity <= 0xFFFFFFFF and is_ipv4(key[len(IP_PREFIX):]):
+            return identity, match[2].decode(), match[3].decode()
+    return _decode_entry_json(key, raw)
+
+
+def _decode_entry_json(key: str, raw: bytes) -> tuple[int, str, str]:
+    """`decode_entry` for any record: a record is at most `MAX_RECORD` bytes (ours are
+    ~120), which bounds its nesting too (the JSON parser refuses what would recurse too
+    deep), parsed once, then every field checked."""
     if len(raw) > MAX_RECORD:
         raise RecordError(f"ipcache record {key}: {len(raw)} bytes is more than the limit "
                           f"of {MAX_RECORD}")
     try:
-        data = json.loads(bytes(raw).decode())
+        data = _load_json(bytes(raw).decode())
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise RecordError(f"ipcache record {key}: not JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -155,7 +195,8 @@ class IPCacheSync:
         #: endpoint, so kept while the registry keeps the same record
         self._node_ips: dict[str, tuple[Any, str]] = {}
         self.mirror = PrefixMirror(kvstore, IP_PREFIX, self._changed, on_synced=self.reconcile,
-                                   reset_grace=session.reset_grace)
+                                   reset_grace=session.reset_grace,
+                                   on_changes=self._changed_many)
         self._dirty = asyncio.Event()
         self._publisher: asyncio.Task | None = None
         self.publish_errors = 0
@@ -276,19 +317,76 @@ class IPCacheSync:
                 self.by_node.setdefault(entry[1], set()).add(ip)
         self._apply(ip)
 
+    def _changed_many(self, changes: list[tuple[str, bytes | None, bytes | None]]) -> None:
+        """A batch of `_changed` (a watch response: every node applies every endpoint's
+        change, so this is the cluster's hot path): decoded in one loop, each address
+        applied once, the nodes' addresses looked up once per batch."""
+        remote, by_node, installed, sink = self.remote, self.by_node, self.installed, self.sink
+        local, start = self.local.name, len(IP_PREFIX)
+        node_ips: dict[str, str | None] = {}
+        for key, _old, new in changes:
+            ip = key[start:]
+            try:
+                previous = remote.pop(ip, None)
+                if previous is not None:
+                    by_node.get(previous[1], set()).discard(ip)
+                entry = None
+                if new is not None:
+                    try:
+                        entry = decode_entry(key, new)
+                    except RecordError as exc:
+                        log.warning("ignoring unreadable ipcache record %s: %s", key, exc)
+                    if entry is not None and entry[1] != local:
+                        remote[ip] = entry
+                        members = by_node.get(entry[1])
+                        if members is None:
+                            members = by_node[entry[1]] = set()
+                        members.add(ip)
+                    else:
+                        entry = None
+                want = None
+                if entry is not None:
+                    node = entry[1]
+                    if self.nodes is None:
+                        want = entry[0], entry[2]
+                    else:
+                        node_ip = node_ips.get(node, False)
+                        if node_ip is False:
+                            node_ip = node_ips[node] = self._node_ip(node)
+                        if node_ip is not None:
+                            want = entry[0], node_ip
+                have = installed.get(ip)
+                if want == have:
+                    continue
+                if want is None:
+                    sink.delete(ip + "/32")
+                    del installed[ip]
+                else:
+                    sink.upsert(ip + "/32", want[0], want[1])
+                    installed[ip] = want
+            except Exception:  # one bad entry (a full map) must not drop the rest
+                log.exception("applying %s of %s failed",
+                              "delete" if new is None else "put", key)
+
+    def _node_ip(self, node: str) -> str | None:
+        """The address of registry member `node` as text (None: not a member)."""
+        known = self.nodes.nodes.get(node)
+        if known is None:
+            return None  # not (or no longer) a member: its endpoints are not reachable
+        text = self._node_ips.get(node)
+        if text is None or text[0] is not known:  # a node record replaced: its address
+            text = self._node_ips[node] = (known, str(known.ipv4))
+        return text[1]
+
     def desired(self, ip: str) -> tuple[int, str | None] | None:
         entry = self.remote.get(ip)
         if entry is None:
             return None
         identity, node, node_ip = entry
         if self.nodes is not None:
-            known = self.nodes.nodes.get(node)
-            if known is None:
-                return None  # not (or no longer) a member: its endpoints are not reachable
-            text = self._node_ips.get(node)
-            if text is None or text[0] is not known:  # a node record replaced: its address
-                text = self._node_ips[node] = (known, str(known.ipv4))
-            node_ip = text[1]
+            node_ip = self._node_ip(node)
+            if node_ip is None:
+                return None
         return identity, node_ip
 
     def _apply(self, ip: str) -> None:

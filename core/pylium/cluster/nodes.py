@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -60,13 +62,37 @@ def decode_node(raw: bytes) -> tuple[NodeInfo, dict[str, Any]]:
     if not isinstance(key, str):
         raise RecordError("node record: encryption_key: expected a string")
     try:
-        node = NodeInfo(name=name, ipv4=str(data.pop("ipv4")),
-                        pod_cidr=str(data.pop("pod_cidr")), labels=labels, encryption_key=key)
+        node = NodeInfo(name=name, ipv4=_address(str(data.pop("ipv4"))),
+                        pod_cidr=_network(str(data.pop("pod_cidr"))), labels=labels,
+                        encryption_key=key)
     except KeyError as exc:
         raise RecordError(f"node record: {exc.args[0]}: required field missing") from None
     except ValueError as exc:
         raise RecordError(f"node record: {exc}") from None
     return node, data
+
+
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DOTTED = re.compile(_OCTET + r"(?:\." + _OCTET + r"){3}").fullmatch
+_CIDR = re.compile(r"(" + _OCTET + r"(?:\." + _OCTET + r"){3})/(3[0-2]|[12]?[0-9])").fullmatch
+
+
+def _address(text: str) -> int | str:
+    """A plain dotted quad as the number `IPv4Address` takes without parsing text again
+    (every node decodes every node's record at join: N² of them); anything else as given,
+    for `IPv4Address` to accept or refuse as always."""
+    if _DOTTED(text) is None:
+        return text
+    return int.from_bytes(socket.inet_aton(text), "big")
+
+
+def _network(text: str) -> tuple[int, int] | str:
+    """`ADDRESS/LENGTH` as the (number, length) `IPv4Network` takes (host bits set are
+    still refused, by `IPv4Network` itself); anything else as given."""
+    match = _CIDR(text)
+    if match is None:
+        return text
+    return int.from_bytes(socket.inet_aton(match[1]), "big"), int(match[2])
 
 
 class NodeRegistry:
@@ -90,6 +116,7 @@ class NodeRegistry:
                                    reset_grace=session.reset_grace)
         session.on_new_lease(self.publish)
         session.on_resync(self.resync)
+        session.size_from(lambda: len(self.nodes) + 1)
 
     def subscribe(self, on_joined: NodeCallback | None = None,
                   on_left: NodeCallback | None = None) -> None:
@@ -175,9 +202,10 @@ class NodeRegistry:
         self.records[name] = extra
         if previous == node:
             return
-        log.info("node %s %s (%s, pod CIDR %s; from %s)", name,
-                 "updated" if previous else "joined", node.ipv4, node.pod_cidr,
-                 self.sources_of(name)[0])
+        if log.isEnabledFor(logging.INFO):  # every node hears of every node at join
+            log.info("node %s %s (%s, pod CIDR %s; from %s)", name,
+                     "updated" if previous else "joined", node.ipv4, node.pod_cidr,
+                     self.sources_of(name)[0])
         for callback in list(self._joined):
             _safe(callback, node, "joined")
 

@@ -17,19 +17,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pylium.api.kvstore import KVStore, KVStoreUnavailable, Lease, LeaseNotFound
+from pylium.api.kvstore import (
+    KVStore,
+    KVStoreTimeout,
+    KVStoreUnavailable,
+    Lease,
+    LeaseNotFound,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TTL = 15.0
 #: the cluster's incarnation: a token that lives exactly as long as the store's data
 INCARNATION_KEY = "pylium/state/cluster/v1/incarnation"
+#: clusters up to this many nodes probe at the configured interval; larger ones less often
+PROBE_SCALE_FROM = 8
 OK = "ok"
 DEGRADED = "degraded"
 
@@ -62,6 +71,12 @@ class ClusterSession:
         #: probes in a row that got no answer in time (a store that refuses connections
         #: degrades at once; one slow answer on a busy node does not, see `probe`)
         self._slow_probes = 0
+        #: seconds the event loop woke up late for the last probe
+        self.loop_lag = 0.0
+        #: (lease, keepalive task) of a probe that timed out, still waiting for its answer
+        self._in_flight: tuple[Lease, asyncio.Task] | None = None
+        #: how many nodes the cluster has (`NodeRegistry` tells), for the probe interval
+        self._cluster_size: Callable[[], int] | None = None
 
     # wiring ---------------------------------------------------------------------------------
     def on_new_lease(self, republish: Republisher) -> None:
@@ -76,6 +91,33 @@ class ClusterSession:
         """`rewrite()` writes back the caller's state that is on no lease (create-if-absent:
         another node may have written it back first) after the store lost its data."""
         self._rewriters.append(rewrite)
+
+    def size_from(self, cluster_size: Callable[[], int]) -> None:
+        """`cluster_size()` is the number of nodes: a large cluster probes less often."""
+        self._cluster_size = cluster_size
+
+    @property
+    def current_probe_interval(self) -> float:
+        """The configured interval up to `PROBE_SCALE_FROM` nodes, then growing with
+        log(1 + nodes) (Cilium scales the intervals at which every node hits a shared
+        resource the same way, `ClusterSizeDependantInterval`), at most a third of the
+        lease TTL: 1,000 agents keepalive ~320 times a second instead of 1,000, and a busy
+        store is not kept busier by its own health checks."""
+        nodes = self._cluster_size() if self._cluster_size is not None else 1
+        if nodes <= PROBE_SCALE_FROM:
+            return self.probe_interval
+        scaled = self.probe_interval * math.log1p(nodes) / math.log1p(PROBE_SCALE_FROM)
+        return min(scaled, max(self.ttl / 3, self.probe_interval))
+
+    @property
+    def probe_timeout(self) -> float:
+        """Three probe intervals, at least 2 s, plus twice how late the event loop last
+        woke up (the time is for the store to answer, not for this process to get round
+        to reading the answer), in all at most half the lease: a slow answer while the
+        lease is safe is not an outage."""
+        interval = self.current_probe_interval
+        base = max(2.0, min(interval * 3, self.ttl / 2))
+        return max(base, min(base + 2 * self.loop_lag, self.ttl / 2))
 
     @property
     def reset_grace(self) -> float:
@@ -124,14 +166,18 @@ class ClusterSession:
         while True:
             # jittered, so the agents of a cluster (or a bench's simulated nodes) that all
             # started together do not keep probing, and re-listing, in lockstep
-            await asyncio.sleep(self.probe_interval * random.uniform(0.8, 1.2))
+            loop = asyncio.get_running_loop()
+            delay = self.current_probe_interval * random.uniform(0.8, 1.2)
+            due = loop.time() + delay
+            await asyncio.sleep(delay)
+            # how late this loop woke up: a saturated agent is slow to read any answer
+            self.loop_lag = max(0.0, loop.time() - due)
             await self.probe()
 
     async def probe(self) -> bool:
         """One keepalive; handles expiry, outage and recovery. True if the store answered."""
         try:
-            async with asyncio.timeout(max(self.probe_interval * 3, 2.0)):
-                alive = await self.kvstore.keepalive(self.lease)
+            alive = await self._keepalive()
             if not alive or self.state != OK:
                 # after a wipe: state on no lease back first, then the keys on the lease
                 # (republishers), then every follower lists again
@@ -150,10 +196,11 @@ class ClusterSession:
             except (KVStoreUnavailable, LeaseNotFound, TimeoutError, OSError) as exc:
                 self._degraded(str(exc) or type(exc).__name__)
             return False
-        except TimeoutError:
+        except (TimeoutError, KVStoreTimeout):
             # no answer in time: on a saturated node that is our own event loop as often as
-            # the store. The lease outlives several probes, so one slow probe changes
-            # nothing; the second in a row degrades (and later re-lists), as before
+            # the store (or the store said it is behind: etcd's "request timed out"). The
+            # lease outlives several probes, so one slow probe changes nothing; the second
+            # in a row degrades (and later re-lists), as before
             self._slow_probes += 1
             if self._slow_probes >= 2:
                 self._degraded(f"no answer from the kvstore in {self._slow_probes} probes")
@@ -163,6 +210,39 @@ class ClusterSession:
             return False
         self._slow_probes = 0
         return self.state == OK
+
+    async def _keepalive(self) -> bool:
+        """One keepalive, answered within `probe_timeout` (TimeoutError otherwise). A
+        keepalive that timed out stays in flight until the next probe, and an answer to
+        either counts: an agent whose own event loop was starved (a saturated node, many
+        simulated agents in one process) reads the answer late, but the store did answer;
+        a store that answers neither is silent for two whole timeouts."""
+        loop = asyncio.get_running_loop()
+        lease = self.lease
+        fresh = loop.create_task(self.kvstore.keepalive(lease))
+        waiting = {fresh}
+        late = self._in_flight
+        self._in_flight = None
+        if late is not None and late[0] is lease:
+            waiting.add(late[1])
+        elif late is not None:
+            late[1].cancel()  # for a lease since replaced
+        try:
+            done, _ = await asyncio.wait(waiting, timeout=self.probe_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            for task in waiting:
+                task.cancel()
+            raise
+        if not done:
+            for task in waiting - {fresh}:
+                task.cancel()
+            self._in_flight = (lease, fresh)
+            raise TimeoutError
+        for task in waiting - done:
+            task.cancel()
+        answered = fresh if fresh in done else done.pop()
+        return answered.result()
 
     async def _renew(self, resync: bool = True) -> None:
         log.warning("cluster lease %x expired; granting a new one and republishing",
@@ -208,6 +288,10 @@ class ClusterSession:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self._in_flight is not None:
+            self._in_flight[1].cancel()
+            await asyncio.gather(self._in_flight[1], return_exceptions=True)
+            self._in_flight = None
         if revoke and self.lease is not None:
             try:
                 await self.kvstore.revoke_lease(self.lease)

@@ -1,5 +1,7 @@
-"""The `pylium-cni` executable a container runtime finds in its CNI bin dir: a few lines
-that start this Python with `-I -S` (no site-packages scan, no `.pth` hooks, no user or
+"""The `pylium-cni` executable a container runtime finds in its CNI bin dir: the native
+transport (`pylium.cni.native`, a static C program that only carries the invocation to the
+agent) wherever one is built or a C compiler can build it; otherwise a few lines that start
+this Python with `-I -S` (no site-packages scan, no `.pth` hooks, no user or
 environment paths) and run `pylium.cni.plugin`, which imports only the standard library.
 
 The console script pip writes for `pylium-cni` starts the interpreter the ordinary way:
@@ -14,6 +16,7 @@ a *bundle* instead: a Python zip application holding just the modules the plugin
 path imports, run by the host's own Python 3 with `-I -S`.
 
     python -m pylium.cni.launcher /opt/cni/bin     # writes /opt/cni/bin/pylium-cni
+    python -m pylium.cni.launcher --python DIR     # the Python launcher even with a compiler
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ HOST_PYTHON = "/usr/bin/python3"
 #: every module the plugin's entry path imports beyond the standard library (a test checks
 #: the list against a real import)
 BUNDLED_MODULES = ("pylium", "pylium.errors", "pylium.boundedjson", "pylium.cni",
-                   "pylium.cni.spec", "pylium.cni.plugin")
+                   "pylium.cni.spec", "pylium.cni.handler", "pylium.cni.plugin")
 _BUNDLE_MAIN = "import sys\nfrom pylium.cni.plugin import main\nsys.exit(main())\n"
 
 
@@ -89,15 +92,34 @@ def is_bundle(path: Path) -> bool:
         return False
 
 
-def install(bin_dir: Path, python: str | None = None, bundle: bool = False) -> Path:
-    """Write the launcher (or, with `bundle`, the self-contained bundle run by `python`,
-    default the host's /usr/bin/python3) into `bin_dir` atomically: a runtime never execs
-    half a file."""
+def install(bin_dir: Path, python: str | None = None, bundle: bool = False,
+            native: bool | None = None) -> Path:
+    """Write `pylium-cni` into `bin_dir` atomically (a runtime never execs half a file):
+    the native transport when `native` (None: when one is built or can be built here),
+    else the launcher, or with `bundle` the self-contained bundle run by `python` (default
+    the host's /usr/bin/python3)."""
+    from pylium.cni import native as native_build
+
     bin_dir = Path(bin_dir)
     bin_dir.mkdir(parents=True, exist_ok=True)
     path = bin_dir / NAME
+    if native is not False:
+        built = native_build.prebuilt()
+        if built is not None:
+            return _write(path, built.read_bytes())
+        if native or native_build.compiler():
+            try:
+                return native_build.build(path)
+            except native_build.BuildError:
+                if native:
+                    raise
     content = (bundle_bytes(python or HOST_PYTHON) if bundle
                else launcher_text(python).encode())
+    return _write(path, content)
+
+
+def _write(path: Path, content: bytes) -> Path:
+    bin_dir = path.parent
     tmp = bin_dir / f".{NAME}.tmp{os.getpid()}"
     try:
         tmp.write_bytes(content)
@@ -111,12 +133,15 @@ def install(bin_dir: Path, python: str | None = None, bundle: bool = False) -> P
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    native = None
+    if args[:1] == ["--python"]:
+        native, args = False, args[1:]
     if len(args) != 1 or args[0].startswith("-"):
-        print("usage: python -m pylium.cni.launcher CNI_BIN_DIR", file=sys.stderr)
+        print("usage: python -m pylium.cni.launcher [--python] CNI_BIN_DIR", file=sys.stderr)
         return 2
     try:
-        print(install(Path(args[0])))
-    except (OSError, ValueError) as exc:
+        print(install(Path(args[0]), native=native))
+    except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -1,12 +1,14 @@
-"""`pylium-cni`: the CNI plugin the container runtime executes for every pod sandbox.
+"""`pylium-cni` in Python: the transport the runtime execs when the native one
+(`native/pylium-cni.c`, built by `make setup`) is not there — a machine without a C
+compiler, or the zip bundle for a node without pylium.
 
-It owns no state: ADD asks the node's agent (over its unix socket, `socket` in the network
-config) to wire the pod — veth with `CNI_IFNAME` in `CNI_NETNS`, an address from the
-agent's IPAM, identity, BPF — as an endpoint keyed by the container id, and turns the
-endpoint into a CNI result; DEL, CHECK and GC are the agent's delete, check and GC by
-container id; STATUS is the agent's readiness. Every failure is a CNI error object on
-stdout with exit code 1, never a traceback. Stdlib only and few imports, so each exec
-starts fast."""
+Like the native transport it owns no CNI logic: it sends the `CNI_*` environment and stdin in
+one request to the agent (`POST /v1/cni` on the socket the config names) and prints the
+agent's answer with its exit code; the agent runs `pylium.cni.handler`. VERSION is answered
+here, and when the agent cannot be reached the same handler runs here with an unreachable
+agent: a config the agent would refuse is reported precisely, anything else is 11 (try again
+later). Every failure is a CNI error object on stdout with exit code 1, never a traceback.
+Stdlib only and few imports, so each exec starts fast."""
 
 from __future__ import annotations
 
@@ -15,8 +17,7 @@ import json
 import os
 import sys
 
-from pylium.boundedjson import DocumentError, load_json
-from pylium.cni import spec
+from pylium.cni import handler, spec
 from pylium.cni.spec import CNIError
 
 #: `typing` costs milliseconds at import and `pylium-cni` is exec'd for every pod: the
@@ -26,56 +27,71 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import IO, Any
 
-#: the agent's default API socket (pylium.config.DEFAULT_SOCKET, not imported: it pulls in
-#: the whole config machinery)
-DEFAULT_SOCKET = "/var/run/pylium/pylium.sock"
-#: how long one ADD may wait for the agent (the kubelet gives a sandbox minutes)
+#: how long one invocation may wait for the agent (the kubelet gives a sandbox minutes)
 AGENT_TIMEOUT_S = 120.0
 
 
-class Agent:
-    """JSON over the agent's unix socket, keeping the HTTP status (409 means "try again").
+class BadAnswer(Exception):
+    """The agent answered something that is not a CNI answer."""
 
-    A few lines of HTTP/1.1 on a plain socket rather than `pylium.agent.client` (built on
-    `http.client`): importing `http.client` costs ~27 ms of CPU, half of what a whole
-    `pylium-cni` exec costs, and the runtime execs the plugin for every pod operation."""
+
+class Agent:
+    """One invocation over the agent's unix socket: a few lines of HTTP/1.1 on a plain
+    socket rather than `http.client` (its import costs ~27 ms of CPU, and the runtime execs
+    the plugin for every pod operation)."""
 
     def __init__(self, socket_path: str, timeout: float = AGENT_TIMEOUT_S):
         self.socket_path = socket_path
         self.timeout = timeout
 
-    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    def invoke(self, environ: Mapping[str, str], stdin: bytes) -> tuple[int, Any]:
+        """The agent's (exit code, JSON object or None); raises `_Unreachable` (carrying the
+        port the local handler then runs with) or `BadAnswer`."""
+        query = "&".join(f"{quote(k)}={quote(v)}" for k, v in sorted(environ.items())
+                         if k.startswith("CNI_"))
         try:
-            status, raw = self._exchange(method, path, body)
+            status, fields, raw = self._exchange(f"{handler.ROUTE}?{query}", stdin)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise CNIError(spec.TRY_AGAIN_LATER, "the pylium agent is not running",
-                           f"{self.socket_path}: {exc.strerror}") from None
+            raise _Unreachable("the pylium agent is not running",
+                               f"{self.socket_path}: {exc.strerror}") from None
         except TimeoutError:
-            raise CNIError(spec.TRY_AGAIN_LATER, "the pylium agent did not answer in time",
-                           f"{method} {path} on {self.socket_path}: no answer within "
-                           f"{self.timeout:.0f}s") from None
-        except (OSError, ValueError) as exc:
-            raise CNIError(spec.TRY_AGAIN_LATER, "cannot talk to the pylium agent",
-                           f"{self.socket_path}: {exc}") from None
+            raise _Unreachable("the pylium agent did not answer in time",
+                               f"{self.socket_path}: no answer within "
+                               f"{self.timeout:.0f}s") from None
+        except OSError as exc:
+            raise _Unreachable("cannot talk to the pylium agent",
+                               f"{self.socket_path}: {exc}") from None
+        except ValueError as exc:  # a broken chunked body
+            raise BadAnswer(f"{self.socket_path}: {exc}") from None
+        if status is None and not raw:  # closed without a word: stopping or restarting
+            raise _Unreachable("cannot talk to the pylium agent",
+                               f"{self.socket_path}: the connection closed without an "
+                               "answer")
+        if status is None:
+            raise BadAnswer(f"{self.socket_path}: not HTTP: {raw[:60]!r}")
+        code = fields.get(handler.EXIT_HEADER.lower(), "")
         try:
-            data = json.loads(raw) if raw else None
+            out = json.loads(raw) if raw.strip() else None
         except ValueError:
-            raise CNIError(spec.FAILURE, "the pylium agent answered something that is not "
-                           "JSON", f"{self.socket_path}: HTTP {status}") from None
-        return status, data
+            out = None
+            code = ""
+        if status != 200 or code not in ("0", "1"):
+            error = out.get("error") if isinstance(out, dict) else None
+            raise BadAnswer(f"{self.socket_path}: HTTP {status}"
+                            + (f": {error}" if error else ""))
+        return int(code), out
 
-    def _exchange(self, method: str, path: str, body: Any) -> tuple[int, bytes]:
-        """One request with `Connection: close`; the answer is read to EOF."""
-        payload = b"" if body is None else json.dumps(body).encode()
-        head = (f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
-                f"Content-Length: {len(payload)}\r\n")
-        if body is not None:
-            head += "Content-Type: application/json\r\n"
+    def _exchange(self, target: str, payload: bytes
+                  ) -> tuple[int | None, dict[str, str], bytes]:
+        """One POST with `Connection: close`; the answer is read to EOF (status None: the
+        answer is not HTTP)."""
+        head = (f"POST {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                f"Content-Length: {len(payload)}\r\n\r\n")
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             sock.settimeout(self.timeout)
             sock.connect(self.socket_path)
-            sock.sendall(head.encode() + b"\r\n" + payload)
+            sock.sendall(head.encode() + payload)
             chunks = []
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
@@ -86,26 +102,18 @@ class Agent:
         parts = lines[0].split(" ", 2)
         if not sep or len(parts) < 2 or not parts[0].startswith("HTTP/") \
                 or not parts[1].isdigit():
-            raise ValueError(f"not an HTTP answer: {lines[0][:60]!r}")
+            return None, {}, header
         fields = {k.strip().lower(): v.strip() for k, _, v in
                   (line.partition(":") for line in lines[1:])}
         if fields.get("transfer-encoding", "").lower() == "chunked":
             raw = _dechunk(raw)
-        return int(parts[1]), raw
+        return int(parts[1]), fields, raw
 
-    def call(self, method: str, path: str, body: Any = None, what: str = "") -> Any:
-        """The answer of a request that must succeed; agent errors become CNI errors
-        (409, a clash with a create or delete in progress: try again later)."""
-        status, data = self.request(method, path, body)
-        if status < 400:
-            return data
-        message = data.get("error") if isinstance(data, dict) else None
-        message = message or f"HTTP {status}"
-        if status == 409:
-            raise CNIError(spec.TRY_AGAIN_LATER, f"{what} must wait", message)
-        if status == 503:
-            raise CNIError(spec.TRY_AGAIN_LATER, f"{what}: the agent is not ready", message)
-        raise CNIError(spec.FAILURE, f"{what} failed", message)
+
+class _Unreachable(Exception):
+    def __init__(self, msg: str, details: str):
+        super().__init__(msg)
+        self.port = handler.Unreachable(msg, details)
 
 
 def _dechunk(raw: bytes) -> bytes:
@@ -120,113 +128,26 @@ def _dechunk(raw: bytes) -> bytes:
     return b"".join(out)
 
 
-# verbs --------------------------------------------------------------------------------------
-def cmd_add(env: Mapping[str, Any], conf: Mapping[str, Any], settings: Mapping[str, Any],
-            agent: Agent, version: str) -> dict[str, Any]:
-    if not os.path.exists(env["netns"]):
-        raise CNIError(spec.INVALID_ENVIRONMENT, "CNI_NETNS does not exist", env["netns"])
-    name, namespace = spec.endpoint_identity(env)
-    endpoint = agent.call("PUT", f"/v1/endpoint/{quote(name)}",
-                          {"namespace": namespace, "netns": env["netns"],
-                           "container_id": env["container_id"], "ifname": env["ifname"]},
-                          what=f"creating the endpoint of container {env['container_id']}")
-    return spec.add_result(version, endpoint, env["netns"], settings["dns"])
-
-
-def cmd_del(env: Mapping[str, Any], agent: Agent) -> None:
-    agent.call("DELETE", _container_path(env),
-               what=f"deleting the endpoint of container {env['container_id']}")
-
-
-def cmd_check(env: Mapping[str, Any], conf: Mapping[str, Any], agent: Agent,
-              version: str) -> None:
-    if not spec.at_least(version, "0.4.0"):
-        raise CNIError(spec.INCOMPATIBLE_VERSION, "config version does not allow CHECK",
-                       f"cniVersion {version}; CHECK needs 0.4.0 or later")
-    if "prevResult" not in conf:
-        raise CNIError(spec.INVALID_CONFIG, "CHECK needs prevResult (the ADD's result)")
-    status, data = agent.request("GET", _container_path(env, "/check"))
-    if status == 404:
-        raise CNIError(spec.FAILURE, f"container {env['container_id']} has no pylium "
-                       "endpoint", (data or {}).get("error", ""))
-    if status >= 400:
-        raise CNIError(spec.FAILURE, "checking the endpoint failed",
-                       (data or {}).get("error", f"HTTP {status}"))
-    problems = list(data["problems"]) + spec.check_against(conf["prevResult"],
-                                                           data["endpoint"], env)
-    if problems:
-        raise CNIError(spec.FAILURE, f"container {env['container_id']}'s network is not as "
-                       "ADD left it", "; ".join(problems))
-
-
-def cmd_status(agent: Agent) -> None:
-    try:
-        status = agent.call("GET", "/v1/status", what="asking the agent's status")
-    except CNIError as exc:
-        raise CNIError(spec.PLUGIN_NOT_AVAILABLE, "plugin not available: "
-                       f"{exc.msg}", exc.details) from None
-    if "endpoint" not in status.get("components", ()):
-        raise CNIError(spec.PLUGIN_NOT_AVAILABLE, "plugin not available: the agent runs no "
-                       "endpoint manager")
-
-
-def cmd_gc(conf: Mapping[str, Any], agent: Agent) -> None:
-    valid = spec.valid_attachments(conf)
-    agent.call("POST", "/v1/endpoint-gc", {"valid": valid}, what="garbage collection")
-
-
 def quote(text: str) -> str:
-    """Percent-encode a path segment or query value (urllib.parse costs an import)."""
+    """Percent-encode a query key or value (urllib.parse costs an import)."""
     return "".join(c if c.isascii() and (c.isalnum() or c in "-._~") else
-                   "".join(f"%{b:02X}" for b in c.encode()) for c in text)
-
-
-def _container_path(env: Mapping[str, Any], suffix: str = "") -> str:
-    return (f"/v1/endpoint/container/{quote(env['container_id'])}{suffix}"
-            f"?ifname={quote(env['ifname'])}")
+                   "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogateescape"))
+                   for c in text)
 
 
 # entry point ------------------------------------------------------------------------------
 def run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, Any]:
     """One invocation: (exit code, JSON object for stdout or None)."""
-    version = _reported_version(stdin)
+    if environ.get("CNI_COMMAND") == "VERSION":
+        return handler.run_now(handler.run(environ, stdin, handler.Unreachable("", "")))
+    agent = Agent(handler.socket_of(stdin))
     try:
-        env = spec.parse_env(environ)
-        conf = spec.decode_config(stdin) if (stdin.strip() or env["command"] != "VERSION") \
-            else {}
-        if env["command"] == "VERSION":
-            asked = conf.get("cniVersion")
-            return 0, {"cniVersion": asked if asked in spec.SUPPORTED_VERSIONS else spec.LATEST,
-                       "supportedVersions": list(spec.SUPPORTED_VERSIONS)}
-        version = spec.config_version(conf)
-        settings = spec.validate_config(conf)
-        agent = Agent(settings["socket"] or DEFAULT_SOCKET)
-        command = env["command"]
-        if command == "ADD":
-            return 0, cmd_add(env, conf, settings, agent, version)
-        if command == "DEL":
-            cmd_del(env, agent)
-        elif command == "CHECK":
-            cmd_check(env, conf, agent, version)
-        elif command == "STATUS":
-            cmd_status(agent)
-        elif command == "GC":
-            cmd_gc(conf, agent)
-        return 0, None
-    except CNIError as exc:
-        return 1, exc.to_json(version)
-    except Exception as exc:  # a bug, still reported as a CNI error object
-        return 1, CNIError(spec.FAILURE, "internal error in pylium-cni",
-                           f"{type(exc).__name__}: {exc}").to_json(version)
-
-
-def _reported_version(stdin: bytes) -> str:
-    """The cniVersion error objects carry: the config's, when it is one we speak."""
-    try:
-        asked = load_json(stdin, "network config").get("cniVersion")
-    except (DocumentError, AttributeError):
-        return spec.LATEST
-    return asked if asked in spec.SUPPORTED_VERSIONS else spec.LATEST
+        return agent.invoke(environ, stdin)
+    except _Unreachable as exc:
+        return handler.run_now(handler.run(environ, stdin, exc.port))
+    except BadAnswer as exc:
+        return 1, CNIError(spec.FAILURE, "the pylium agent answered something that is not "
+                           "a CNI answer", str(exc)).to_json(handler.reported_version(stdin))
 
 
 def main(environ: Mapping[str, str] | None = None, stdin: IO[bytes] | None = None,

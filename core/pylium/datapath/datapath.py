@@ -153,6 +153,10 @@ class Datapath:
         self.prog_fds: dict[str, int] = {}
         self.object_path: Path | None = None
         self._proxy_routing = False  # installed in this netns by this object
+        #: ifindex → host-side MAC of the veths this open attached its programs to: the
+        #: endpoint manager's restore attaches the endpoints `open()` just re-attached, and
+        #: attaching them again would replace each filter a second time for nothing
+        self._attached: dict[int, str] = {}
         #: endpoint id → its IPv4, the key in the endpoints map (built by one scan on first
         #: use, kept by attach/detach): finding an endpoint must not cost a walk of every
         #: endpoint. The address string is the endpoint record's own, not a per-pod copy
@@ -268,7 +272,7 @@ class Datapath:
                 continue
             try:
                 self._ensure_proxy_routing()
-                self._attach_programs(value.ifindex)
+                self._attach_programs(value.ifindex, mac_str(value.host_mac))
             except DatapathError as exc:
                 log.warning("endpoint %d (%s): programs not re-attached: %s", value.ep_id,
                             key.ip, exc)
@@ -284,6 +288,7 @@ class Datapath:
                 self._obj.close()
             self._obj = None
             self.prog_fds.clear()
+            self._attached.clear()  # the next open loads new programs: all attach again
 
     def destroy(self) -> None:
         """Detach every endpoint's programs and remove every pin (lab down, tests)."""
@@ -345,14 +350,17 @@ class Datapath:
             install_proxy_routing()
             self._proxy_routing = True
 
-    def _attach_programs(self, ifindex: int) -> None:
+    def _attach_programs(self, ifindex: int, host_mac: str) -> None:
         """tc filters on one veth: needs no lock (the kernel serialises each link's
         qdiscs; the endpoint manager never attaches and detaches one endpoint at once)."""
+        self._attached.pop(ifindex, None)
         prepare_endpoint_veth(ifindex)
         tc.attach(ifindex, tc.INGRESS, self.prog_fds["from_container"])
         tc.attach(ifindex, tc.EGRESS, self.prog_fds["to_container"])
+        self._attached[ifindex] = host_mac
 
     def _detach_programs(self, ifindex: int) -> None:
+        self._attached.pop(ifindex, None)
         for point in (tc.INGRESS, tc.EGRESS):
             try:
                 tc.detach(ifindex, point)
@@ -381,9 +389,10 @@ class Datapath:
 
     def attach_endpoint(self, ep: EndpointInfo) -> None:
         """Publish the endpoint in the endpoints map and attach both programs to its
-        host-side veth (idempotent: a re-attach replaces the entry and the filters). The
-        lock covers the maps only: the tc work on the veth runs outside it, so the pods of
-        a node starting together get their programs side by side."""
+        host-side veth (idempotent: a re-attach replaces the entry; the filters are left as
+        they are when this open already attached them to this very veth, else replaced).
+        The lock covers the maps only: the tc work on the veth runs outside it, so the pods
+        of a node starting together get their programs side by side."""
         _check_ep_id(ep.ep_id)
         if not 0 < ep.identity < ENDPOINT_IDENTITY_LIMIT:
             # it travels in 24 bits of skb->mark to a local destination (Cilium does the same)
@@ -414,7 +423,8 @@ class Datapath:
             if self._ep_index is not None:
                 self._ep_index[ep.ep_id] = ep.ipv4
             self._ensure_proxy_routing()
-        self._attach_programs(ep.ifindex)
+        if self._attached.get(ep.ifindex) != found_mac:
+            self._attach_programs(ep.ifindex, found_mac)
 
     def detach_endpoint(self, ep_id: int) -> bool:
         """Detach the programs, forget the endpoint, its policy and its conntrack entries."""

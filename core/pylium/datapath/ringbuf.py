@@ -20,6 +20,7 @@ import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 #: ring_buffer_sample_fn: int (*)(void *ctx, void *data, size_t size)
 SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
@@ -130,7 +131,54 @@ class LostCounter:
         self.fd = -1
 
 
-class RingBufferReader:
+class _RingReader:
+    """What both readers share: an optional owned map fd, a lock around every call, and one
+    `close()` (idempotent, also the context manager's exit) that frees the reader's own
+    resources (`_release`) before closing the fd it owns."""
+
+    def __init__(self, map_fd: int, record_size: int, batch_records: int, owned_fd: bool):
+        if record_size <= 0 or batch_records <= 0:
+            raise ValueError("record_size and batch_records must be positive")
+        self.map_fd = map_fd
+        self.record_size = record_size
+        self.batch_records = batch_records
+        self._owned_fd = owned_fd
+        #: records seen with an unexpected size (never expected; counted, not silent)
+        self.malformed = 0
+        #: records handed to the caller so far
+        self.delivered = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open_pinned(cls, path: str | os.PathLike, **kw) -> Self:
+        """A reader over a pinned ring buffer; it owns (and closes) the fd it opens."""
+        fd = open_pinned(path)
+        try:
+            return cls(fd, owned_fd=True, **kw)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _release(self) -> None:
+        """Free what the subclass set up over the fd (called under the lock, at most once
+        per resource: it checks what is still held)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        with self._lock:
+            self._release()
+            if self._owned_fd and self.map_fd >= 0:
+                os.close(self.map_fd)
+                self.map_fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RingBufferReader(_RingReader):
     """Batch reader over one ring-buffer map fd.
 
     `poll(timeout_ms)` / `consume()` return a `memoryview` over the records copied since the
@@ -141,22 +189,12 @@ class RingBufferReader:
 
     def __init__(self, map_fd: int, record_size: int = 64, batch_records: int = 4096,
                  owned_fd: bool = False):
-        if record_size <= 0 or batch_records <= 0:
-            raise ValueError("record_size and batch_records must be positive")
-        self.map_fd = map_fd
-        self.record_size = record_size
-        self.batch_records = batch_records
-        self._owned_fd = owned_fd
+        super().__init__(map_fd, record_size, batch_records, owned_fd)
         self._buf = ctypes.create_string_buffer(record_size * batch_records)
         self._base = ctypes.addressof(self._buf)
         self._cap = record_size * batch_records
         self._off = 0
         self._full = False
-        #: records seen with an unexpected size (never expected; counted, not silent)
-        self.malformed = 0
-        #: records handed to the caller so far
-        self.delivered = 0
-        self._lock = threading.Lock()
         self._cb = SAMPLE_FN(self._on_sample)  # keep a reference for libbpf's lifetime
         lib = libbpf()
         ptr = lib.ring_buffer__new(map_fd, self._cb, None, None)
@@ -164,15 +202,6 @@ class RingBufferReader:
             err = ctypes.get_errno() or errno.EINVAL
             raise RingBufferError(err, f"ring_buffer__new(fd {map_fd}): {os.strerror(err)}")
         self._rb = ptr
-
-    @classmethod
-    def open_pinned(cls, path: str | os.PathLike, **kw) -> RingBufferReader:
-        fd = open_pinned(path)
-        try:
-            return cls(fd, owned_fd=True, **kw)
-        except BaseException:
-            os.close(fd)
-            raise
 
     def _on_sample(self, _ctx, data, size) -> int:
         if size != self.record_size:
@@ -225,20 +254,10 @@ class RingBufferReader:
     def epoll_fd(self) -> int:
         return libbpf().ring_buffer__epoll_fd(self._rb)
 
-    def close(self) -> None:
-        with self._lock:
-            if self._rb:
-                libbpf().ring_buffer__free(self._rb)
-                self._rb = None
-            if self._owned_fd and self.map_fd >= 0:
-                os.close(self.map_fd)
-                self.map_fd = -1
-
-    def __enter__(self) -> RingBufferReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _release(self) -> None:
+        if self._rb:
+            libbpf().ring_buffer__free(self._rb)
+            self._rb = None
 
 
 def pin_paths(bpffs_root: str | os.PathLike, ringbuf: str = "events",
@@ -300,7 +319,7 @@ def ring_size(map_fd: int) -> int:
     return info.max_entries
 
 
-class MappedRingReader:
+class MappedRingReader(_RingReader):
     """Batch reader that maps the ring buffer into the process (what libbpf does inside),
     without libbpf's per-record callback: a batch is the run of committed records between
     our consumer position and the kernel's producer position, checked by their headers
@@ -317,16 +336,8 @@ class MappedRingReader:
 
     def __init__(self, map_fd: int, record_size: int = 64, batch_records: int = 4096,
                  owned_fd: bool = False):
-        if record_size <= 0 or batch_records <= 0:
-            raise ValueError("record_size and batch_records must be positive")
-        self.map_fd = map_fd
-        self.record_size = record_size
+        super().__init__(map_fd, record_size, batch_records, owned_fd)
         self.stride = (record_size + RINGBUF_HDR_SZ + 7) & ~7
-        self.batch_records = batch_records
-        self._owned_fd = owned_fd
-        self.malformed = 0
-        self.delivered = 0
-        self._lock = threading.Lock()
         self.size = ring_size(map_fd)
         self._mask = self.size - 1
         page = os.sysconf("SC_PAGE_SIZE")
@@ -358,15 +369,6 @@ class MappedRingReader:
         #: the header every good record has: length = record_size, no BUSY/DISCARD bit
         self._good = struct.pack("<I", record_size)
         self._hdr = struct.Struct("<I")
-
-    @classmethod
-    def open_pinned(cls, path: str | os.PathLike, **kw) -> MappedRingReader:
-        fd = open_pinned(path)
-        try:
-            return cls(fd, owned_fd=True, **kw)
-        except BaseException:
-            os.close(fd)
-            raise
 
     def _batch(self) -> bytes:
         cons = self._consumer.value
@@ -454,19 +456,9 @@ class MappedRingReader:
             libc.munmap(addr, length)
         self._maps = []
 
-    def close(self) -> None:
-        with self._lock:
-            if self._maps:
-                self._data.release()
-                self._consumer = self._producer = None
-                self._unmap()
-                self._epoll.close()
-            if self._owned_fd and self.map_fd >= 0:
-                os.close(self.map_fd)
-                self.map_fd = -1
-
-    def __enter__(self) -> MappedRingReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _release(self) -> None:
+        if self._maps:
+            self._data.release()
+            self._consumer = self._producer = None
+            self._unmap()
+            self._epoll.close()

@@ -104,10 +104,6 @@ class EndpointManager:
         self.on_created = on_created
         self.on_deleted = on_deleted
         self._endpoints: dict[int, Endpoint] = {}
-        #: ids that have a state file (a leftover one too: its id is not handed out); kept
-        #: here so a create does not list the directory, which costs a Path per endpoint
-        self._state_ids: set[int] = {int(p.stem) for p in self.dir.glob("*.json")
-                                     if p.stem.isdigit()}
         #: veth MTU of new endpoints (the routing component's pod MTU)
         self.mtu = 1500
         self._lock = asyncio.Lock()
@@ -124,11 +120,14 @@ class EndpointManager:
         #: creates and deletes of one attachment (container id, or namespace/name) run one
         #: at a time in arrival order; different pods' run side by side
         self._attachment_locks: dict[str, asyncio.Lock] = {}
-        #: ids of creates wiring outside the lock → (namespace, name, netns) they claimed
-        self._creating: dict[int, tuple[str, str, str]] = {}
+        #: ids of creates wiring outside the lock → (namespace, name, netns, netns key) they
+        #: claimed (the key once: a create compares its netns with every other create's)
+        self._creating: dict[int, tuple[str, str, str, tuple[int, int] | None]] = {}
         #: endpoint id → (device, inode) of its netns when it was made: a create compares
         #: its netns with every endpoint's, one stat each on the event loop otherwise
         self._netns_keys: dict[int, tuple[int, int] | None] = {}
+        #: ids of state files that belong to no endpoint (see `_free_id`)
+        self._stray_ids: set[int] | None = None
         #: endpoints whose create waits for a regeneration pass (any pass takes them all)
         self._regen_wanted: set[int] = set()
         #: endpoints unlisted and being torn down outside the lock
@@ -186,7 +185,6 @@ class EndpointManager:
         """Make `ep` the endpoint's current state (at once) and its state file (on the
         state thread; returns once written)."""
         self._endpoints[ep.id] = ep
-        self._state_ids.add(ep.id)
         path = self.dir / f"{ep.id}.json"
         text = json.dumps(endpoint_to_json(ep), indent=1, sort_keys=True)
 
@@ -203,12 +201,18 @@ class EndpointManager:
         self._installed.pop(ep.id, None)
         await asyncio.get_running_loop().run_in_executor(
             self._io, (self.dir / f"{ep.id}.json").unlink, True)
-        self._state_ids.discard(ep.id)
 
     def _free_id(self) -> int:
+        if self._stray_ids is None:
+            # state files no endpoint here owns (unreadable ones restore left alone): their
+            # ids stay unused. Read once: every later file is one of our endpoints'
+            self._stray_ids = {int(p.stem) for p in self.dir.glob("*.json")
+                               if p.stem.isdigit()} - set(self._endpoints) - set(
+                self._creating) - set(self._deleting)
         for candidate in range(MIN_ENDPOINT_ID, MAX_ENDPOINT_ID + 1):
-            if candidate not in self._state_ids and candidate not in self._endpoints and \
-                    candidate not in self._creating and candidate not in self._deleting:
+            # membership tests, not a union: no set of every id built per create
+            if candidate not in self._endpoints and candidate not in self._creating and \
+                    candidate not in self._deleting and candidate not in self._stray_ids:
                 return candidate
         raise PyliumError(f"no free endpoint id (all {MAX_ENDPOINT_ID} in use)")
 
@@ -258,9 +262,10 @@ class EndpointManager:
                         existing = self.find_container(container_id)
                         if existing is not None:
                             return self._same_attachment(existing, netns, pod_ifname), False
-                    replaced = await self._make_room(name, namespace, netns, container_id)
+                    key = plumbing.netns_key(netns)
+                    replaced = await self._make_room(name, namespace, netns, container_id, key)
                     ep_id = self._free_id()
-                    self._creating[ep_id] = (namespace, name, netns)
+                    self._creating[ep_id] = (namespace, name, netns, key)
                 try:
                     ep = await self._wire(ep_id, name, namespace, labels, netns, container_id,
                                           pod_ifname)
@@ -316,20 +321,22 @@ class EndpointManager:
                            f"({ep.pod_ifname} in {ep.netns}); one interface per container")
         return ep
 
-    async def _make_room(self, name: str, namespace: str, netns: str,
-                         container_id: str) -> list[Endpoint]:
+    async def _make_room(self, name: str, namespace: str, netns: str, container_id: str,
+                         key: tuple[int, int] | None) -> list[Endpoint]:
         """Refuse a create that clashes with an existing endpoint by name or netns. A CNI
         endpoint whose pod netns is gone (its sandbox died without a DEL) makes way; the
         ones replaced are returned. A clash with a create or delete still under way is a
         409 (try again)."""
-        for other_ns, other_name, other_netns in list(self._creating.values()) + [
-                (ep.namespace, ep.name, ep.netns) for ep in self._deleting.values()]:
-            if (other_ns, other_name) == (namespace, name) or \
-                    plumbing.same_netns(other_netns, netns):
+        for other_ns, other_name, other_netns, other_key in list(self._creating.values()) + [
+                (ep.namespace, ep.name, ep.netns, self._netns_keys[ep.id]
+                 if ep.id in self._netns_keys else plumbing.netns_key(ep.netns))
+                for ep in self._deleting.values()]:  # (not cached: the id is being freed)
+            same = (plumbing.netns_path(other_netns) == plumbing.netns_path(netns)
+                    if other_key is None or key is None else other_key == key)
+            if (other_ns, other_name) == (namespace, name) or same:
                 raise Conflict(f"endpoint {namespace}/{name} or netns {netns} is being "
                                "created or deleted; try again")
         replaced = []
-        key = plumbing.netns_key(netns)
         for ep in list(self._endpoints.values()):
             clash_name = (ep.namespace, ep.name) == (namespace, name)
             clash_netns = plumbing.netns_path(ep.netns) == plumbing.netns_path(netns) or (
@@ -676,8 +683,6 @@ class EndpointManager:
                     await asyncio.to_thread(plumbing.unwire_endpoint, ep.ifname, ep.ipv4)
                     self.ipam.release(ep.ipv4)
                     path.unlink(missing_ok=True)
-                    if path.stem.isdigit():
-                        self._state_ids.discard(int(path.stem))
                     dropped.append(ep.id)
                     continue
                 self.ipam.allocate_specific(ep.ipv4, ep.ipam_owner)

@@ -105,7 +105,7 @@ class IdentityAllocator:
         #: numbers this node holds (allocated or restored, not released) and allocations in
         #: flight per number: one reference key stands for all of them, so undoing a failed
         #: attempt must not delete the key another use of the same number still needs
-        self._held: set[int] = set()
+        self._held: dict[int, LabelSet] = {}
         self._in_flight: dict[int, int] = {}
 
     async def lookup(self, labels: LabelSet) -> Identity | None:
@@ -164,15 +164,19 @@ class IdentityAllocator:
                 if not await self._attempt(number, labels):
                     continue  # collected before we fenced it: again
                 if await self.kvstore.create(value_key, str(number).encode()):
-                    self._held.add(number)
+                    self._held[number] = labels
                     return Identity(number, labels)
                 # another node won the label set: give our number back, use theirs
                 await self._unref(number)
                 await self._drop_id(number)
                 continue
             number = decode_index(item.value)
+            if number is not None and self._held.get(number) == labels:
+                # already referenced and fenced by this node: the collector cannot take a
+                # number while our reference stands, so no new reference or touch is needed
+                return Identity(number, labels)
             if number is not None and await self._attempt(number, labels):
-                self._held.add(number)
+                self._held[number] = labels
                 return Identity(number, labels)
             # the index names a number that was collected (or reused), or no number at all:
             # drop the index
@@ -222,7 +226,7 @@ class IdentityAllocator:
     async def release(self, identity: Identity | int) -> None:
         """This node no longer uses the identity (it stays until garbage-collected)."""
         number = identity.id if isinstance(identity, Identity) else identity
-        self._held.discard(number)
+        self._held.pop(number, None)
         await self._unref(number)
 
     async def restore(self, identity: Identity) -> Identity:
@@ -241,7 +245,7 @@ class IdentityAllocator:
             if item is not None and decode_index(item.value) != identity.id:
                 await self._unref(identity.id)
                 return await self.allocate(labels)
-        self._held.add(identity.id)
+        self._held[identity.id] = labels
         return identity
 
     async def all_references(self) -> dict[int, list[str]]:

@@ -417,6 +417,44 @@ class KVStoreConformance:
                 assert await kv.list(ns + "m/") == []
         run(body())
 
+    def test_watch_batches_deliver_the_same_events_as_watch(self, store_factory, ns):
+        """`watch_batches` yields non-empty lists holding exactly `watch`'s events in order
+        (history, a multi-key transaction, a prefix delete), and resumes the same way."""
+        if not self.watch_history:
+            pytest.skip("backend keeps no change history (see watch_history)")
+
+        async def body():
+            async with store_factory() as kv:
+                start = await kv.revision()
+                await kv.put(ns + "b/a", b"1")
+                await kv.put_many([(f"{ns}b/m{i}", b"x") for i in range(5)])
+                await kv.put(ns + "other", b"not watched")
+                await kv.delete_prefix(ns + "b/m")
+                await kv.put(ns + "b/a", b"2")
+                watch = kv.watch(ns + "b/", after_revision=start)
+                expected = await next_events(watch, 12)
+                await watch.aclose()
+                batches = kv.watch_batches(ns + "b/", after_revision=start)
+                got: list[KVEvent] = []
+                while len(got) < 12:
+                    async with asyncio.timeout(10):
+                        batch = await anext(batches)
+                    assert isinstance(batch, list) and batch
+                    got += batch
+                assert got == expected
+                # live changes follow; resuming after an event gives only later ones
+                await kv.put(ns + "b/c", b"3")
+                async with asyncio.timeout(10):
+                    live = await anext(batches)
+                await batches.aclose()
+                assert [(e.type, e.key, e.value) for e in live] == [("put", ns + "b/c", b"3")]
+                batches = kv.watch_batches(ns + "b/", after_revision=expected[-2].revision)
+                async with asyncio.timeout(10):
+                    resumed = await anext(batches)
+                await batches.aclose()
+                assert resumed[0] == expected[-1]
+        run(body())
+
     # persistence and health -------------------------------------------------------------
     def test_persists_across_reopen(self, store_factory, ns):
         if not self.persistent:

@@ -2,7 +2,9 @@
 shares (spawn or adopt it through `ProxySupervisor`, push it the policy on every change,
 answer `served_ports` honestly — the L7 component watches it —, hand the proxy's flow
 records to the flow layer).
-A plugin names its parser spec and metrics; the protocol work stays in the plugin."""
+The proxy metrics every parser has (`ProxyMetrics`: redirected keys, requests by what the
+proxy did) are counted here, labelled by protocol; a plugin adds only its protocol's own
+metrics (Hubble's `hubble_http_*`, `hubble_kafka_*`) and the protocol work."""
 
 from __future__ import annotations
 
@@ -49,6 +51,34 @@ class RegistryMetrics:
         return found
 
 
+class ProxyMetrics(RegistryMetrics):
+    """The L7 proxy families of every parser, labelled by its protocol (Cilium's
+    `cilium_proxy_redirects` and `cilium_policy_l7_total`)."""
+
+    def __init__(self, registry: Any):
+        from prometheus_client import Counter, Gauge
+
+        self.redirects = Gauge("pylium_proxy_redirects",
+                               "Policy keys redirected to an L7 proxy, by protocol",
+                               ["protocol"], registry=registry)
+        self.l7_total = Counter("pylium_policy_l7", "L7 requests by what the proxy did",
+                                ["rule", "protocol"], registry=registry)
+
+    def observe(self, protocol: str, flow: dict[str, Any]) -> None:
+        """One proxy flow record: a request is `received`, then `parse_errors` (the proxy
+        could not judge it), `denied` or `forwarded`; responses are not counted."""
+        if flow.get("l7", {}).get("type") != "REQUEST":
+            return
+        self.l7_total.labels("received", protocol).inc()
+        if "error" in flow:
+            rule = "parse_errors"
+        elif flow.get("verdict") == "DROPPED":
+            rule = "denied"
+        else:
+            rule = "forwarded"
+        self.l7_total.labels(rule, protocol).inc()
+
+
 class ProxiedParser(L7Parser):
     """Options (`plugin_options.<name>`): `stop_proxy_on_exit` (default false), `launcher`
     (a command prefix for the proxy, e.g. `nsenter ...`), `workers` (proxy processes
@@ -67,6 +97,7 @@ class ProxiedParser(L7Parser):
         self._last_sent: dict[str, Any] | None = None
         self._hold_until = 0.0
         self.flows_recorded = 0
+        self.proxy_metrics = ProxyMetrics.of(getattr(context, "metrics", None))
 
     # what a plugin provides ---------------------------------------------------------------
     def version(self) -> str:
@@ -74,10 +105,8 @@ class ProxiedParser(L7Parser):
         return "0"
 
     def observe(self, flow: dict[str, Any]) -> None:
-        """Metrics of one flow record (before it goes to the flow layer)."""
-
-    def redirects_changed(self, count: int) -> None:
-        """How many policy keys now redirect to this protocol's proxy."""
+        """The protocol's own metrics of one flow record (before it goes to the flow
+        layer; the proxy metrics are counted already)."""
 
     # lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -151,7 +180,9 @@ class ProxiedParser(L7Parser):
         self._last_sent = dict(message)
         self._revision += 1
         message["revision"] = self._revision
-        self.redirects_changed(sum(len(ep["entries"]) for ep in message["endpoints"]))
+        if self.proxy_metrics is not None:
+            self.proxy_metrics.redirects.labels(self.protocol).set(
+                sum(len(ep["entries"]) for ep in message["endpoints"]))
         ack = await self.supervisor.push(message)
         if ack is None:
             self._last_sent = None  # not delivered: send again next time
@@ -168,11 +199,21 @@ class ProxiedParser(L7Parser):
             return []
 
     def _flow(self, message: dict[str, Any]) -> None:
+        if self.proxy_metrics is not None:
+            self.proxy_metrics.observe(self.protocol, message)
         self.observe(message)
         flows = self.context.flows
         if flows is not None:
             flows.record_l7(**{k: message[k] for k in FLOW_FIELDS if k in message})
             self.flows_recorded += 1
+
+    def teardown(self) -> None:
+        """Deselected: the proxy an earlier run left (it outlives agents) stops for good."""
+        from pylium.l7.proxy import stop_running
+
+        if self.context.state_dir is not None and stop_running(
+                Path(self.context.state_dir) / "proxy"):
+            self.context.log.info("%s L7 proxy stopped (parser deselected)", self.protocol)
 
     # health -------------------------------------------------------------------------------
     def served_ports(self) -> set[int]:

@@ -321,9 +321,10 @@ class Connection:
                               else self.info.dst_identity)
         client = {"ip": src_ip, "port": src_port, "identity": self.info.src_identity}
         server = {"ip": dst_ip, "port": dst_port, "identity": self.info.dst_identity}
-        #: the connection's part of every flow record, per direction (made once)
-        self.flow_bases = (_flow_base(client, server, self.info, False),
-                           _flow_base(server, client, self.info, True))
+        #: the connection's part of every flow record, per direction, encoded once: the
+        #: JSON object without its closing brace (a record appends its own fields)
+        self.flow_bases = (orjson.dumps(_flow_base(client, server, self.info, False))[:-1],
+                           orjson.dumps(_flow_base(server, client, self.info, True))[:-1])
         self._grants_cached: tuple[Grant, ...] | None = None
         self._grants_generation = -1
         self.parser: ConnectionParser = proxy.factory.new_connection(
@@ -351,6 +352,10 @@ class Connection:
     def received(self, side: Side, data: bytes) -> None:
         if self.closed:
             return
+        if not (side.buf or side.pass_left or side.drop_left or side.queue or side.eof
+                or side.paused):
+            self._whole(side, data)
+            return
         if side.buf or side.pass_left == 0 and side.drop_left == 0:
             _append(side, data)
         else:  # fast path: a streaming body goes straight through
@@ -368,9 +373,47 @@ class Connection:
         self.flush()
         if len(side.buf) > self.read_limit:
             self.pause_reading_of(side)
+        self._resume_drained()
+
+    def _resume_drained(self) -> None:
         for each in (self.request, self.reply):
             if each.paused and len(each.buf) <= self.read_limit:
                 self._resume_if_drained(each)
+
+    def _whole(self, side: Side, data: bytes) -> None:
+        """A read with nothing of this direction outstanding (the usual event: one whole
+        request or response). The parser is asked once; a single PASS of the whole read
+        goes straight out, without the op engine's buffering and queue. Anything else
+        continues in the engine exactly as `_run` would after that call."""
+        ops = self.parser.on_data(side.reply, data, False)
+        if len(ops) == 1:
+            op = ops[0]
+            if op.type is OpType.PASS and op.n == len(data):
+                if side.reply:
+                    self.down.write(data)
+                else:
+                    self._write_upstream(data)
+                # a PASS that reached zero: the parser is called with no bytes (contract)
+                ops = self.parser.on_data(side.reply, b"", False)
+                if len(ops) == 1 and ops[0].type is OpType.MORE:
+                    other = self.reply if side is self.request else self.request
+                    if other.buf and not (other.pass_left or other.drop_left or other.queue):
+                        other.need_call = True  # a decision here may unblock the other side
+                        self._kick(other)
+                        self.flush()
+                        self._resume_drained()
+                    return
+            else:
+                side.buf = data
+        else:
+            side.buf = data
+        side.need_call = bool(ops) and ops[-1].type is not OpType.MORE
+        side.queue.extend([op for op in ops if op.type is not OpType.MORE])
+        self._run(side)
+        self.flush()
+        if len(side.buf) > self.read_limit:
+            self.pause_reading_of(side)
+        self._resume_drained()
 
     def eof(self, side: Side) -> None:
         side.eof = True
@@ -634,9 +677,11 @@ class Proxy:
                             ipcache, exc)
         self.active: set[Connection] = set()
         self.servers: list[asyncio.AbstractServer] = []
-        #: flow records not yet acknowledged by an agent (sent or not), oldest first
-        self.flows: collections.deque[dict[str, Any]] = collections.deque(maxlen=FLOW_BUFFER)
-        self.out_flows: list[dict[str, Any]] = []
+        #: flow records not yet acknowledged by an agent (sent or not), oldest first, as
+        #: (seq, the record's JSON): encoded once when made, so nothing of a record stays
+        #: alive as Python objects while it waits
+        self.flows: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=FLOW_BUFFER)
+        self.out_flows: list[bytes] = []
         self.seq = 0
         self.controller: asyncio.StreamWriter | None = None
         self.stats = collections.Counter()
@@ -679,34 +724,34 @@ class Proxy:
             pass
 
     # flows --------------------------------------------------------------------------------
-    def flow(self, base: dict[str, Any], record: dict[str, Any]) -> None:
+    def flow(self, base: bytes, record: dict[str, Any]) -> None:
         """One parser record as a flow message: `base` is the connection's addresses and
-        identities in the record's direction (`Connection.flow_bases`)."""
-        message = base.copy()
-        message["verdict"] = verdict = record["verdict"]
-        message["l7"] = l7 = record["l7"]
+        identities in the record's direction, encoded (`Connection.flow_bases`)."""
+        self.seq = seq = self.seq + 1
+        verdict = record["verdict"]
+        l7 = record["l7"]
+        fields = {"verdict": verdict, "l7": l7, "seq": seq}
         stats = self.stats
         if "rule" in record:
-            message["rule"] = record["rule"]
+            fields["rule"] = record["rule"]
         if "error" in record:
-            message["error"] = record["error"]
+            fields["error"] = record["error"]
             stats["parse_errors"] += 1
         if l7.get("type") == "REQUEST":
             stats["requests"] += 1
             stats["denied" if verdict == "DROPPED" else "forwarded"] += 1
-        self.seq += 1
-        message["seq"] = self.seq
+        encoded = base + b"," + orjson.dumps(fields)[1:]
         flows = self.flows
         if len(flows) == FLOW_BUFFER:
             stats["flows_lost"] += 1  # the oldest unacknowledged record goes
-        flows.append(message)
+        flows.append((seq, encoded))
         if self.controller is not None:
-            self._send_flow(message)
+            self._send_flow(encoded)
 
-    def _send_flow(self, message: dict[str, Any]) -> None:
+    def _send_flow(self, encoded: bytes) -> None:
         """Flow records go out as one batch line at most every FLOW_FLUSH_DELAY, not one
-        per record (one encode, one write and one wake-up of the agent per batch)."""
-        self.out_flows.append(message)
+        per record (one write and one wake-up of the agent per batch)."""
+        self.out_flows.append(encoded)
         if len(self.out_flows) == 1:
             asyncio.get_running_loop().call_later(FLOW_FLUSH_DELAY, self._flush_flows)
         elif len(self.out_flows) >= FLOW_BATCH:
@@ -720,13 +765,12 @@ class Proxy:
         if batch and writer is not None and not writer.is_closing():
             if writer.transport.get_write_buffer_size() > CONTROL_BACKLOG:
                 return  # an agent that stalls gets them later (or they are lost by the bound)
-            writer.write(orjson.dumps({"op": "flows", "flows": batch},
-                                      option=orjson.OPT_APPEND_NEWLINE))
+            writer.write(b'{"op":"flows","flows":[' + b",".join(batch) + b"]}\n")
 
     def _acked(self, seq: int) -> None:
         """The agent recorded every flow up to `seq`: they leave the buffer (records sent
         to an agent that died before acknowledging are sent again to the next one)."""
-        while self.flows and self.flows[0]["seq"] <= seq:
+        while self.flows and self.flows[0][0] <= seq:
             self.flows.popleft()
 
     # control ------------------------------------------------------------------------------
@@ -761,8 +805,8 @@ class Proxy:
                     self.controller = writer
                     self._send(writer, {"op": "hello", **self.describe()})
                     self.out_flows = []
-                    for flow in self.flows:  # unacknowledged ones, oldest first
-                        self._send_flow(flow)
+                    for _seq, encoded in self.flows:  # unacknowledged ones, oldest first
+                        self._send_flow(encoded)
                 elif op == "ack_flows":  # no answer: the agent does not wait for one
                     self._acked(int(message.get("seq", 0)))
                     continue

@@ -14,7 +14,9 @@ from pylium.errors import UserError
 from pylium.lb.maglev import MaglevTable, backend_name
 
 PROTOCOLS = {"TCP": 6, "UDP": 17}
-TYPES = ("ClusterIP", "NodePort")
+#: ExternalIPs and LoadBalancer frontends are served like a ClusterIP (a VIP balanced to the
+#: backends); the type says where the address came from, as `cilium service list` does
+TYPES = ("ClusterIP", "NodePort", "ExternalIPs", "LoadBalancer")
 TRAFFIC_POLICIES = ("Cluster", "Local")
 ALGORITHMS = ("random", "maglev")
 BACKEND_STATES = ("active", "terminating", "quarantined", "maintenance")

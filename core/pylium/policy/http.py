@@ -52,6 +52,8 @@ class PortRuleHTTP:
         for pattern, value in ((self.method, method), (self.path, path), (self.host, host)):
             if pattern and _compiled(pattern).fullmatch(value or "") is None:
                 return None
+        if not (self.headers or self.header_matches):
+            return []  # the usual rule: nothing about headers
         lowered = {k.lower(): v for k, v in (headers or {}).items()}
         for header in self.headers:
             name, sep, want = header.partition(":")

@@ -230,11 +230,19 @@ class EncryptionWireguard(Encryption):
     # deselection and stop ------------------------------------------------------------------
     def teardown(self) -> None:
         """Encryption deselected: nothing is steered into the device, which goes (with its
-        wireguard-go)."""
+        wireguard-go). Also on a backend that never set up: the core asks that of a fresh
+        one when an agent starts with encryption deselected, and the device a previous run
+        left is the one its state directory names. The key stays (selecting encryption
+        again keeps this node's public key)."""
         if self.context.datapath is not None:
             self.context.datapath.set_routing_slot(ROUTING_SLOT_ENCRYPT, None)
-        if self.device:
-            plumbing.delete_link(self.device)
+        remembered_file = self.state_dir / DEVICE_FILE
+        name = self.device or (remembered_file.read_text().strip()
+                               if remembered_file.exists() else "")
+        if name and device.link_exists(name):  # this namespace's only, never another's
+            plumbing.delete_link(name)
+        remembered_file.unlink(missing_ok=True)
+        self.device = ""
         self.nodes.clear()
         self.close()
 

@@ -19,7 +19,7 @@ Options:
 from __future__ import annotations
 
 import asyncio
-import collections
+import contextlib
 import ipaddress
 import logging
 import math
@@ -38,6 +38,7 @@ from pylium.api.kvstore import (
     KVItem,
     KVStoreCompacted,
     KVStoreReset,
+    KVStoreTimeout,
     KVStoreUnavailable,
     Lease,
     LeaseNotFound,
@@ -52,6 +53,9 @@ OPTIONS = {"endpoints", "timeout", "connect_timeout", "retry_interval"}
 PUT = rpc.Event.PUT
 #: etcd's default limit of operations in one transaction (--max-txn-ops)
 TXN_OPS = 128
+#: how etcd says it could not complete a request in time (its apply fell behind, a slow
+#: disk): "etcdserver: request timed out[, waiting for the applied index took too long]"
+SERVER_TIMEOUT = "etcdserver: request timed out"
 
 
 def parse_endpoints(value: Any) -> list[tuple[str, int]]:
@@ -112,12 +116,12 @@ class _Misrouted(Exception):
 
 class _WatchStream:
     """One watch on its own gRPC stream, read directly (no aetcd `Watcher`: it wraps every
-    event in its own objects and awaits a callback per event). A response's events wait
-    in a deque until the consumer takes them."""
+    event in its own objects and awaits a callback per event). Iterating yields each
+    response's events as one (non-empty) sequence."""
 
     def __init__(self, call):
         self.call = call
-        self._events: collections.deque = collections.deque()
+        self._first = ()
 
     @classmethod
     async def open(cls, client: aetcd.Client, key: bytes, range_end: bytes,
@@ -131,7 +135,7 @@ class _WatchStream:
                 response = await stream._read()
             if not response.created:
                 raise etcd_errors.ClientError("etcd did not confirm the watch")
-            stream._events.extend(response.events)
+            stream._first = response.events
         except BaseException:
             call.cancel()
             raise
@@ -151,10 +155,10 @@ class _WatchStream:
         return self
 
     async def __anext__(self):
-        events = self._events
+        events, self._first = self._first, ()
         while not events:
-            events.extend((await self._read()).events)
-        return events.popleft()
+            events = (await self._read()).events
+        return events
 
     async def close(self) -> None:
         self.call.cancel()
@@ -182,9 +186,10 @@ class EtcdKVStore(KVStore):
         return ", ".join(f"http://{h}:{p}" for h, p in self.endpoints)
 
     # plumbing ----------------------------------------------------------------------------
-    def _unavailable(self, exc: BaseException) -> KVStoreUnavailable:
+    def _unavailable(self, exc: BaseException,
+                     kind: type[KVStoreUnavailable] = KVStoreUnavailable) -> KVStoreUnavailable:
         detail = str(exc).strip() or type(exc).__name__
-        return KVStoreUnavailable(f"etcd at {self.where} unavailable: {detail.splitlines()[0]}")
+        return kind(f"etcd at {self.where} unavailable: {detail.splitlines()[0]}")
 
     @property
     def client(self) -> aetcd.Client:
@@ -198,11 +203,17 @@ class EtcdKVStore(KVStore):
         except etcd_errors.ClientError as exc:
             if "lease not found" in str(exc):
                 raise LeaseNotFound(f"etcd: {exc}") from None
+            if isinstance(exc, etcd_errors.ConnectionTimeoutError) or \
+                    SERVER_TIMEOUT in str(exc):
+                raise self._unavailable(exc, KVStoreTimeout) from None
             raise self._unavailable(exc) from None
         except rpc.AioRpcError as exc:  # raw stub calls are not wrapped by aetcd
             if exc.code() == rpc.StatusCode.NOT_FOUND and "lease not found" in exc.details():
                 raise LeaseNotFound(f"etcd: {exc.details()}") from None
-            raise self._unavailable(RuntimeError(exc.details() or exc.code().name)) from None
+            slow = exc.code() == rpc.StatusCode.DEADLINE_EXCEEDED or \
+                SERVER_TIMEOUT in (exc.details() or "")
+            raise self._unavailable(RuntimeError(exc.details() or exc.code().name),
+                                    KVStoreTimeout if slow else KVStoreUnavailable) from None
         except TimeoutError as exc:
             raise self._unavailable(exc) from None
 
@@ -337,6 +348,14 @@ class EtcdKVStore(KVStore):
 
     # watches -----------------------------------------------------------------------------
     async def watch(self, prefix: str, after_revision: int = 0) -> AsyncIterator[KVEvent]:
+        async with contextlib.aclosing(self.watch_batches(prefix, after_revision)) as batches:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+
+    async def watch_batches(self, prefix: str,
+                            after_revision: int = 0) -> AsyncIterator[list[KVEvent]]:
+        """One list per etcd watch response (a transaction's puts arrive together)."""
         start, end = prefix_range(prefix)
         key, range_end = start or b"\0", end or b"\0"
         # a revision given by the caller was read from this store: if the store is behind
@@ -359,19 +378,33 @@ class EtcdKVStore(KVStore):
                     log.info("etcd watch of %r resumed at revision %d after %d failed "
                              "attempts", prefix, resume_revision, failures)
                     failures = 0
-                async for event in stream:
-                    kv = event.kv
-                    if not (kv.key >= key and (range_end == b"\0" or kv.key < range_end)):
-                        raise _Misrouted(f"event for {kv.key!r} outside the watched range")
-                    if kv.mod_revision == resume_revision and kv.key in delivered:
-                        continue  # replayed after a reconnect
-                    if kv.mod_revision != resume_revision:
-                        resume_revision, delivered = kv.mod_revision, set()
-                    delivered.add(kv.key)
-                    put = event.type == PUT
-                    yield KVEvent(type="put" if put else "delete", key=kv.key.decode(),
-                                  value=bytes(kv.value) if put else b"",
-                                  revision=kv.mod_revision)
+                unbounded = range_end == b"\0"
+                async for events in stream:
+                    batch, misrouted = [], None
+                    for event in events:
+                        kv = event.kv
+                        raw, revision = kv.key, kv.mod_revision
+                        if raw < key or not (unbounded or raw < range_end):
+                            misrouted = _Misrouted(f"event for {raw!r} outside the watched "
+                                                   "range")
+                            break  # what came before it is delivered, then resumed after
+                        if revision == resume_revision:
+                            if raw in delivered:
+                                continue  # replayed after a reconnect
+                        else:
+                            resume_revision, delivered = revision, set()
+                        delivered.add(raw)
+                        if event.type == PUT:
+                            batch.append(KVEvent("put", raw.decode(), bytes(kv.value),
+                                                 revision))
+                        else:
+                            batch.append(KVEvent("delete", raw.decode(), b"", revision))
+                    if batch:
+                        yield batch
+                    if misrouted is not None:
+                        raise misrouted
+                    # an idle watch must not keep its last response alive until the next
+                    batch = events = event = kv = None
             except KVStoreReset:
                 raise
             except KVStoreUnavailable as exc:  # the revision check could not reach etcd

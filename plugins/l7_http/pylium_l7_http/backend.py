@@ -28,17 +28,14 @@ def _version() -> str:
 
 
 class HttpMetrics(RegistryMetrics):
-    """The metric families, once per registry (an agent restarted in one process, or
-    tests, register again on the same registry)."""
+    """Hubble's HTTP metric families, once per registry (an agent restarted in one process,
+    or tests, register again on the same registry); the proxy metrics are the core's
+    (`pylium.l7.backend.ProxyMetrics`)."""
 
     def __init__(self, registry: Any):
-        from prometheus_client import Counter, Gauge, Histogram
+        from prometheus_client import Counter, Histogram
 
         kw = {"registry": registry}
-        self.redirects = Gauge("pylium_proxy_redirects",
-                               "Policy keys redirected to the L7 proxy", ["protocol"], **kw)
-        self.l7_total = Counter("pylium_policy_l7", "L7 requests by what the proxy did",
-                                ["rule"], **kw)
         self.requests = Counter("hubble_http_requests",
                                 "HTTP requests by method, protocol, status and reporter",
                                 ["method", "protocol", "status", "reporter"], **kw)
@@ -51,15 +48,9 @@ class HttpMetrics(RegistryMetrics):
         http = l7.get("http", {})
         reporter = "server" if flow.get("direction") == 0 else "client"
         if l7.get("type") == "REQUEST":
-            self.l7_total.labels("received").inc()
-            if "error" in flow:
-                self.l7_total.labels("parse_errors").inc()
-            elif flow.get("verdict") == "DROPPED":
-                self.l7_total.labels("denied").inc()
+            if "error" not in flow and flow.get("verdict") == "DROPPED":
                 self.requests.labels(http.get("method", ""), http.get("protocol", ""),
                                      "403", reporter).inc()
-            else:
-                self.l7_total.labels("forwarded").inc()
         elif l7.get("type") == "RESPONSE" and http.get("code"):
             self.requests.labels(http.get("method", ""), http.get("protocol", ""),
                                  str(http["code"]), reporter).inc()
@@ -88,10 +79,6 @@ class L7Http(ProxiedParser):
     def observe(self, flow: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.observe(flow)
-
-    def redirects_changed(self, count: int) -> None:
-        if self.metrics is not None:
-            self.metrics.redirects.labels(self.protocol).set(count)
 
     # policy trace ------------------------------------------------------------------------
     def judge(self, rules: list[Any], request: L7Request) -> L7Verdict:

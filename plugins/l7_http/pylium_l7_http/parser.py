@@ -141,32 +141,35 @@ class _FirstValues(Mapping):
 
 
 class _Collector:
-    """httptools callbacks: keep the pieces of one head, decoded as they come."""
+    """httptools callbacks: keep the pieces of one head (decoded afterwards, all at once:
+    a Python callback per header is the hot path's cost)."""
 
-    __slots__ = ("url", "headers", "by_name", "complete")
+    __slots__ = ("url", "raw", "complete")
 
     def __init__(self):
         self.url = b""
-        self.headers: list[tuple[str, str]] = []
-        self.by_name: dict[str, list[str]] = {}
+        self.raw: list[tuple[bytes, bytes]] = []
         self.complete = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:  # whole name and value
-        key = name.decode("latin-1")
-        value = value.decode("latin-1").strip(" \t")
-        self.headers.append((key, value))
-        lower = key.lower()
-        found = self.by_name.get(lower)
-        if found is None:
-            self.by_name[lower] = [value]
-        else:
-            found.append(value)
+        self.raw.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.complete = True
+
+    def decoded(self) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
+        """(headers in order, lower-case name -> values in order)."""
+        headers = [(name.decode("latin-1"), value.decode("latin-1").strip(" \t"))
+                   for name, value in self.raw]
+        by_name = {key.lower(): [value] for key, value in headers}
+        if len(by_name) != len(headers):  # a name repeats: every value, in order
+            by_name = {}
+            for key, value in headers:
+                by_name.setdefault(key.lower(), []).append(value)
+        return headers, by_name
 
 
 def find_head_end(data: bytes | memoryview) -> int:
@@ -191,9 +194,10 @@ def parse_head(data: bytes, response: bool) -> Head:
             raise BadMessage(str(exc) or type(exc).__name__) from None
     if not collector.complete:
         raise BadMessage("incomplete head")
-    head = Head(len(data), parser.get_http_version(), headers=collector.headers,
+    headers, by_name = collector.decoded()
+    head = Head(len(data), parser.get_http_version(), headers=headers,
                 keep_alive=parser.should_keep_alive(), upgrade=parser.should_upgrade(),
-                by_name=collector.by_name)
+                by_name=by_name)
     if response:
         try:
             head.status = int(bytes(data[9:12]))

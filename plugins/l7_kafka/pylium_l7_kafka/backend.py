@@ -20,14 +20,13 @@ REPORTER = {0: "server", 1: "client"}  # flow direction: ingress = the broker's 
 
 
 class KafkaMetrics(RegistryMetrics):
-    """Hubble's Kafka metric families, once per registry."""
+    """Hubble's Kafka metric families, once per registry (the proxy metrics are the
+    core's: `pylium.l7.backend.ProxyMetrics`)."""
 
     def __init__(self, registry: Any):
-        from prometheus_client import Counter, Gauge, Histogram
+        from prometheus_client import Counter, Histogram
 
         kw = {"registry": registry}
-        self.redirects = Gauge("pylium_kafka_proxy_redirects",
-                               "Policy keys redirected to the Kafka L7 proxy", **kw)
         self.requests = Counter("hubble_kafka_requests",
                                 "Kafka requests by topic, api key, error code and reporter",
                                 ["topic", "api_key", "error_code", "reporter"], **kw)
@@ -70,10 +69,6 @@ class L7Kafka(ProxiedParser):
     def observe(self, flow: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.observe(flow)
-
-    def redirects_changed(self, count: int) -> None:
-        if self.metrics is not None:
-            self.metrics.redirects.set(count)
 
     def judge(self, rules: list[Any], request: L7Request) -> L7Verdict:
         """The proxy's own decision for one request (`pylium policy trace`): fields

@@ -64,17 +64,20 @@ def manifest_cmd(plugins: str, image: str | None, pod_cidr: str, api_server: str
 @click.option("--python", "python", default="/usr/bin/python3", show_default=True,
               help="The node's Python 3, which runs the launcher.")
 def install_cni_cmd(bin_dir: Path, python: str) -> None:
-    """Install the `pylium-cni` bundle into the node's CNI bin directory (the
-    DaemonSet's init container runs this)."""
-    from pylium.cni import launcher
+    """Install `pylium-cni` into the node's CNI bin directory (the DaemonSet's init
+    container runs this): the static native transport the image carries, else the bundle
+    run by the node's Python."""
+    from pylium.cni import launcher, native
 
     if not bin_dir.is_dir():
         raise UserError(f"install-cni: CNI bin directory {bin_dir} does not exist")
+    use_native = native.prebuilt() is not None
     try:
-        path = launcher.install(bin_dir, python, bundle=True)
-    except (OSError, ValueError) as exc:
+        path = launcher.install(bin_dir, python, bundle=True, native=use_native)
+    except (OSError, ValueError, native.BuildError) as exc:
         raise UserError(f"install-cni: {exc}") from None
-    click.echo(f"installed {path} ({path.stat().st_size} bytes, run by {python})")
+    click.echo(f"installed {path} ({path.stat().st_size} bytes, "
+               + ("native)" if use_native else f"run by {python})"))
 
 
 @k8s.command("health")

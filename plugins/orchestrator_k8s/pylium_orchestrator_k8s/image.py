@@ -104,6 +104,14 @@ def build(distributions: list[str], out: Path, name: str) -> str:
         if proc.returncode != 0:
             raise UserError(f"pip install into the image failed: {proc.stderr.strip()[-400:]}")
         shutil.rmtree(target / "bin", ignore_errors=True)  # scripts for the wrong python
+        # the static native pylium-cni the init container installs on the node
+        # (`pylium k8s install-cni`), next to its source in the image's pylium package
+        from pylium.cni import native
+
+        try:
+            native.build(target / native.BUILT.relative_to(native.SOURCE.parents[3]))
+        except native.BuildError as exc:
+            raise UserError(f"building the native pylium-cni for the image: {exc}") from None
         scripts = _scripts(root, target)
         for d in ("tmp", "etc/pylium", "var/run/pylium", "var/lib/pylium", "sys/fs/bpf"):
             (root / d).mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,18 @@ ExternalName Services have no frontend and are left out, as are SCTP ports and n
 addresses. A Service with no ready endpoint keeps its frontend with no backend: the
 datapath refuses connections to it instead of letting them go anywhere.
 
+External addresses: every IPv4 `spec.externalIPs` entry and `status.loadBalancer.ingress[].ip`
+is one more frontend per port with the same backends (kube-proxy and Cilium serve those
+too), a pylium service of its own since a pylium service has one frontend. It carries the
+affinity; `externalTrafficPolicy: Local` stays with the node port, where pylium's datapath
+applies it (an external frontend balances over every backend). An address that is also the
+ClusterIP, or both an externalIP and an ingress IP, is one frontend.
+
 Names: `namespace/name` for a Service with one port, `namespace/name.<port name>` when it
-has several (a Service name holds no dot, so the two never clash).
+has several (a Service name holds no dot, so the two never clash); an external frontend
+appends `.external.<IP>` (spec.externalIPs) or `.lb.<IP>` (load-balancer ingress), e.g.
+`shop/web.http.external.10.1.2.3` — one or two dot-free parts before the kind, so no name
+of one form is a name of another.
 
 `ServiceSync` writes through the agent's service API (`context.services`: `upsert`,
 `delete`) — the same path as `PUT/DELETE /v1/service` — and remembers which services it
@@ -70,6 +80,24 @@ def slice_backends(port_name: str, protocol: str,
                                       int(a.split(":")[1])))
 
 
+def external_ips(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """(kind, IPv4) of the Service's extra frontend addresses, kind `external` for
+    spec.externalIPs and `lb` for status.loadBalancer.ingress[].ip, without duplicates or
+    the ClusterIP (a hostname-only ingress or an IPv6 address has no IPv4 frontend)."""
+    spec = service.get("spec") or {}
+    seen = {_ipv4(spec.get("clusterIP"))}
+    out = []
+    ingress = ((service.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+    for kind, addresses in (("external", spec.get("externalIPs") or []),
+                            ("lb", [i.get("ip") for i in ingress if isinstance(i, dict)])):
+        for text in addresses:
+            ip = _ipv4(text)
+            if ip is not None and ip not in seen:
+                seen.add(ip)
+                out.append((kind, ip))
+    return out
+
+
 def translate(service: dict[str, Any],
               slices: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """pylium service name → the body `PUT /v1/service/<name>` takes, for one Kubernetes
@@ -108,7 +136,16 @@ def translate(service: dict[str, Any],
         if node_port:
             body["node_port"] = node_port
         out[key] = body
+        for kind, ip in external_ips(service):
+            out[f"{key}.{kind}.{ip}"] = {
+                "frontend": f"{ip}:{int(port['port'])}/{protocol}",
+                "backends": body["backends"], "type": FRONTEND_TYPES[kind],
+                "affinity_timeout": body["affinity_timeout"], "traffic_policy": "Cluster"}
     return out
+
+
+#: the pylium service type of each kind of extra frontend (Cilium's names)
+FRONTEND_TYPES = {"external": "ExternalIPs", "lb": "LoadBalancer"}
 
 
 def owner_of(name: str) -> tuple[str, str]:

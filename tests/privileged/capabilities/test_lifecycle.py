@@ -233,3 +233,52 @@ def run_api(sock: Path, method: str, path: str, body: dict | None = None) -> dic
     body_text, _, code = res.stdout.rpartition("\n")
     assert res.returncode == 0 and code.startswith("2"), (method, path, res.stdout, res.stderr)
     return json.loads(body_text) if body_text.strip() else {}
+
+
+def test_deselected_encryption_is_torn_down_at_the_next_start(world):
+    """An encryption that ran leaves state on the node after the agent stops (that is the
+    point: traffic keeps flowing). Started again without it, the agent builds that backend
+    once more and calls its `teardown()`, once; a plugin no longer installed is named in a
+    warning and does not stop the start."""
+    selection = {"kvstore": "recording-kv", "routing_mode": "recording-routing",
+                 "orchestrator": "recording-orchestrator"}
+    log_path = world["tmp"] / "agent.log"
+    ran_file = world["tmp"] / "state" / "capabilities.json"
+
+    def run(config: dict) -> dict:
+        proc, sock, _recording = start_agent(world, config)
+        try:
+            return wait_status(proc, sock, log_path)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, log_path.read_text()
+
+    recording = world["tmp"] / "recording.jsonl"
+
+    def teardowns() -> list[dict]:
+        return [e for e in events(recording) if e["event"] == "teardown"]
+
+    run({**selection, "encryption": "recording-encryption"})
+    assert json.loads(ran_file.read_text()) == {"encryption": ["recording-encryption"]}
+    assert teardowns() == []  # an agent stop leaves it in place
+
+    status = run(selection)
+    assert teardowns() == [{"event": "teardown", "kind": "encryption"}]
+    assert json.loads(ran_file.read_text()) == {}
+    (enc,) = [c for c in status["capabilities"] if c["name"] == "recording-encryption"]
+    assert enc["state"] == "not selected"
+
+    run(selection)
+    assert len(teardowns()) == 1  # forgotten once cleaned up
+
+    # a node upgraded from a version that kept no record: the state directory tells
+    run({**selection, "encryption": "recording-encryption"})
+    ran_file.unlink()
+    run(selection)
+    assert len(teardowns()) == 2
+    assert json.loads(ran_file.read_text()) == {}
+
+    ran_file.write_text(json.dumps({"encryption": ["gone-encryption"]}))
+    run(selection)
+    assert "'gone-encryption' ran on this node before" in log_path.read_text()
+    assert json.loads(ran_file.read_text()) == {"encryption": ["gone-encryption"]}

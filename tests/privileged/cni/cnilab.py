@@ -19,7 +19,9 @@ from typing import Any
 from pylium.datapath import netns as plumbing
 from pylium.lab.lab import Lab
 
+#: the transports a runtime may exec: the Python console script and the native one
 PLUGIN = str(Path(sys.executable).with_name("pylium-cni"))
+TRANSPORTS = ("native", "python")
 REFERENCE_DIR = "/usr/lib/cni"
 
 
@@ -51,15 +53,24 @@ def cni_env(command: str, container_id: str = "", netns: str = "", ifname: str =
 
 
 class PyliumCNI:
-    """A lab node with its agent; `call` runs pylium-cni against it."""
+    """A lab node with its agent; `call` runs pylium-cni (the `transport`) against it. The
+    native transport is built for the lab: a config naming no usable socket goes to the lab
+    agent (as it goes to the default agent socket on a node), which reports the problem."""
 
-    def __init__(self, **agent_settings):
+    def __init__(self, transport: str = "python", **agent_settings):
         subprocess.run("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf",
                        shell=True, check=True)
         self.lab = Lab("c" + secrets.token_hex(3))
+        self.bin_dir = tempfile.mkdtemp(prefix=f"{self.lab.name}-bin-")
+        self.pods: list[str] = []
         self.lab.up(agent_settings=agent_settings)
         self.node = self.lab.node()
-        self.pods: list[str] = []
+        self.plugin = PLUGIN
+        if transport == "native":
+            from pylium.cni import native
+
+            self.plugin = str(native.build(Path(self.bin_dir) / "pylium-cni",
+                                           default_socket=self.node["socket"]))
 
     def conf(self, version: str = "1.0.0", **extra) -> dict[str, Any]:
         """The plugin's config as a runtime hands it over from our conflist."""
@@ -69,7 +80,7 @@ class PyliumCNI:
     def call(self, env: dict[str, str], conf: dict[str, Any] | str | bytes,
              timeout: float = 120.0) -> tuple[int, Any, str]:
         stdin = conf if isinstance(conf, (str, bytes)) else json.dumps(conf)
-        return run_plugin([PLUGIN], self.node["netns"], env, stdin, timeout)
+        return run_plugin([self.plugin], self.node["netns"], env, stdin, timeout)
 
     def pod_netns(self, tag: str) -> str:
         """A fresh pod netns (removed by `down`)."""
@@ -87,6 +98,7 @@ class PyliumCNI:
         finally:
             for name in self.pods:
                 plumbing.remove_netns(name)
+            shutil.rmtree(self.bin_dir, ignore_errors=True)
 
 
 class ReferenceCNI:
@@ -114,7 +126,8 @@ class ReferenceCNI:
         return run_plugin([f"{REFERENCE_DIR}/bridge"], self.node_netns, env, stdin, timeout)
 
     def pod_netns(self, tag: str) -> str:
-        name = f"{self.name}-{tag}"
+        """A fresh pod netns (numbered: tests run once per pylium-cni transport)."""
+        name = f"{self.name}-{tag}{len(self.pods)}"
         plumbing.create_netns(name)
         self.pods.append(name)
         return name

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from pylium.datapath import netns as plumbing
 
-from .cnilab import PLUGIN, PyliumCNI, ReferenceCNI, cni_env, shape
+from .cnilab import TRANSPORTS, PyliumCNI, ReferenceCNI, cni_env, shape
 
 pytestmark = [pytest.mark.privileged]
 
@@ -32,9 +32,9 @@ def conf_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def pcni(conf_dir):
-    lab = PyliumCNI(cni_conf_dir=str(conf_dir))
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def pcni(request, conf_dir):
+    lab = PyliumCNI(request.param, cni_conf_dir=str(conf_dir))
     try:
         yield lab
     finally:
@@ -250,7 +250,7 @@ def test_retried_add_gives_the_same_endpoint_and_gc_reclaims_abandoned_ones(pcni
     assert rc == rc2 == 0 and first == second
     # an ADD the runtime gave up on (killed while the agent works): the agent finishes it
     proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{pcni.node['netns']}", "--",
-                             PLUGIN], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                             pcni.plugin], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             env=cni_env("ADD", "lost1", lost_ns))
     proc.stdin.write(json.dumps(pcni.conf()).encode())
     proc.stdin.close()

@@ -143,10 +143,10 @@ def cluster(request):
                       request.session.testsfailed > failed_before):
             print(f"\nk8s cluster {c.name}: logs kept in {keep_logs(c)}")
         t1 = time.monotonic()
-        c.run("down", check=False, timeout=300)
+        down = c.run("down", check=False, timeout=300)
         c.down_seconds = time.monotonic() - t1
         print(f"\nk8s cluster {c.name}: up {getattr(c, 'up_seconds', 0):.1f}s, "
-              f"down {c.down_seconds:.1f}s")
+              f"down {c.down_seconds:.1f}s\n{down.stdout.strip()}")
         left = c.leftovers()
         after = {k: Path(f"/proc/sys/{k}").read_text() for k in sysctls_before}
         new_netns = {n for n in (os.listdir("/run/netns") if os.path.isdir("/run/netns")

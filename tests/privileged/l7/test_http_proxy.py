@@ -106,7 +106,7 @@ def test_allowed_lands_denied_gets_403_access_denied(topo, server, landing):
     response = [f for f in landing.flows.items if f["l7"]["type"] == "RESPONSE"][-1]
     assert response["l7"]["http"]["code"] == 200 and response["l7"]["latency_ns"] > 0
     assert response["is_reply"] and response["src_ip"] == SERVER_IP
-    assert landing.metric("pylium_policy_l7_total", {"rule": "denied"}) >= 1
+    assert landing.metric("pylium_policy_l7_total", {"rule": "denied", "protocol": "http"}) >= 1
     assert landing.metric("hubble_http_requests_total", {
         "method": "POST", "protocol": "HTTP/1.1", "status": "200", "reporter": "server"}) >= 1
     assert landing.metric("pylium_proxy_redirects", {"protocol": "http"}) == 2

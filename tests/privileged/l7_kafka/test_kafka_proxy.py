@@ -44,6 +44,9 @@ def test_confluent_produce_role_allowed_denied_allowed(kafka_netns, agent):
     assert agent.metric("hubble_kafka_requests_total", {
         "topic": ALLOWED, "api_key": "produce", "error_code": "0",
         "reporter": "server"}) >= 1
+    # the core's proxy metrics, under the parser's protocol
+    assert agent.metric("pylium_proxy_redirects", {"protocol": "kafka"}) >= 1
+    assert agent.metric("pylium_policy_l7_total", {"rule": "denied", "protocol": "kafka"}) >= 1
 
 
 def metadata_open_produce_only(topic: str) -> tuple[PortRuleKafka, ...]:

@@ -1,7 +1,9 @@
-"""`pylium-cni`'s verbs against a stand-in agent (a stdlib HTTP server on a unix socket
-that records requests and answers what each test sets): the requests the plugin sends, how
-agent answers map to CNI results and error codes, and the executable's stdout/exit code.
-The real agent is exercised in tests/privileged/cni."""
+"""The `pylium-cni` transports — the native one (`native/pylium-cni.c`, built here with the
+machine's compiler) and the Python one (`pylium.cni.plugin`) — against a stand-in agent on a
+unix socket that records what arrives and answers what each test sets: the environment and
+stdin reach the agent intact in one `POST /v1/cni`, its answer comes back as stdout and exit
+code, and without an agent (or with something else answering) the transport still prints a
+CNI error object. The CNI verbs themselves are tested in test_handler.py."""
 
 from __future__ import annotations
 
@@ -11,46 +13,43 @@ import socketserver
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import pytest
-from pylium.cni import plugin, spec
-
-EP = {"id": 3, "name": "web-1", "ipv4": "10.200.1.7", "gateway": "10.200.1.1",
-      "ifname": "lxc0123456789a", "mac": "02:00:00:00:00:01", "pod_ifname": "net1",
-      "pod_mac": "02:00:00:00:00:02", "container_id": "abc"}
+from pylium.cni import handler, native, plugin, spec
 
 
 class FakeAgent(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
     def __init__(self, path: str):
-        self.requests: list[tuple[str, str, object]] = []
-        self.answers: dict[tuple[str, str], tuple[int, object]] = {}
+        self.requests: list[tuple[str, str, bytes]] = []
+        self.answer = b""
         super().__init__(path, Handler)
 
+    def reply(self, status: int = 200, body: bytes = b"", exit_code: str | None = "0",
+              extra: str = "") -> None:
+        head = f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n{extra}"
+        if exit_code is not None:
+            head += f"{handler.EXIT_HEADER}: {exit_code}\r\n"
+        self.answer = head.encode() + b"\r\n" + body
 
-class Handler(BaseHTTPRequestHandler):
-    def _answer(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        body = json.loads(self.rfile.read(length)) if length else None
-        self.server.requests.append((self.command, self.path, body))
-        route = self.path.split("?")[0]
-        status, data = self.server.answers.get((self.command, route), (404, {"error": "nope"}))
-        raw = data if isinstance(data, bytes) else json.dumps(data).encode()
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
 
-    do_GET = do_PUT = do_DELETE = do_POST = _answer
-
-    def address_string(self):
-        return "unix"
-
-    def log_message(self, *args):
-        pass
+class Handler(socketserver.StreamRequestHandler):
+    def handle(self):
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            byte = self.rfile.read(1)
+            if not byte:
+                return
+            head += byte
+        lines = head.decode("latin-1").split("\r\n")
+        length = next(int(v) for k, _, v in (line.partition(": ") for line in lines)
+                      if k.lower() == "content-length")
+        method, target, _ = lines[0].split(" ")
+        self.server.requests.append((method, target, self.rfile.read(length)))
+        self.wfile.write(self.server.answer)
 
 
 @pytest.fixture
@@ -63,104 +62,149 @@ def agent(tmp_path):
     server.server_close()
 
 
-def conf(agent, version="1.0.0", **extra):
+@pytest.fixture(scope="module")
+def native_exe(tmp_path_factory):
+    if native.compiler() is None:
+        pytest.skip("no C compiler")
+    directory = tmp_path_factory.mktemp("native")
+    # configs naming no socket go to this path (a test's agent binds it)
+    return native.build(directory / "pylium-cni", default_socket=str(directory / "dflt.sock"))
+
+
+def call(transport, environ, stdin, native_exe=None):
+    """(exit code, stdout as JSON or None) of one invocation."""
+    if transport == "python":
+        out = io.StringIO()
+        code = plugin.main(environ, io.BytesIO(stdin), out)
+        text = out.getvalue()
+    else:
+        proc = subprocess.run([str(native_exe)], input=stdin, capture_output=True,
+                              env=environ, timeout=30, check=False)
+        assert proc.stderr == b""
+        code, text = proc.returncode, proc.stdout.decode()
+    assert text == "" or (text.endswith("\n") and text.count("\n") == 1)
+    return code, json.loads(text) if text else None
+
+
+@pytest.fixture(params=["python", "native"])
+def transport(request):
+    if request.param == "native":
+        return "native", request.getfixturevalue("native_exe")
+    return "python", None
+
+
+def conf(agent_or_path, version="1.0.0", **extra):
+    path = getattr(agent_or_path, "server_address", agent_or_path)
     return json.dumps({"cniVersion": version, "name": "pylium", "type": "pylium-cni",
-                       "socket": agent.server_address, **extra}).encode()
+                       "socket": path, **extra}).encode()
 
 
-def env(command, tmp_path, **extra):
-    netns = tmp_path / "netns"
-    netns.touch()
-    return {"CNI_COMMAND": command, "CNI_CONTAINERID": "abc", "CNI_NETNS": str(netns),
-            "CNI_IFNAME": "net1", "CNI_PATH": "/opt/cni/bin", **extra}
+def test_environment_and_stdin_reach_the_agent_and_its_answer_comes_back(agent, transport):
+    kind, exe = transport
+    result = {"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.7/32"}]}
+    agent.reply(body=json.dumps(result).encode() + b"\n")
+    environ = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "abc", "CNI_NETNS": "/run/netns/x y",
+               "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin",
+               "CNI_ARGS": "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1&x=%41+é",
+               "PATH": "/usr/bin", "OTHER": "not sent"}
+    stdin = conf(agent, dns={"search": ["a\"b\\c", "é\u0000"]}) + b" \r\n\t"
+    assert call(kind, environ, stdin, exe) == (0, result)
+    ((method, target, body),) = agent.requests
+    route, _, query = target.partition("?")
+    assert (method, route, body) == ("POST", handler.ROUTE, stdin)
+    assert dict(parse_qsl(query, keep_blank_values=True)) == {
+        k: v for k, v in environ.items() if k.startswith("CNI_")}
 
 
-def test_add_asks_the_agent_by_container_id_and_returns_its_result(agent, tmp_path):
-    agent.answers[("PUT", "/v1/endpoint/web-1")] = (201, EP)
-    e = env("ADD", tmp_path, CNI_ARGS="K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1")
-    code, result = plugin.run(e, conf(agent, "0.4.0", dns={"nameservers": ["10.96.0.10"]}))
-    assert code == 0
-    assert agent.requests == [("PUT", "/v1/endpoint/web-1", {
-        "namespace": "shop", "netns": e["CNI_NETNS"], "container_id": "abc", "ifname": "net1"})]
-    assert result == {"cniVersion": "0.4.0",
-                      "interfaces": [{"name": EP["ifname"], "mac": EP["mac"]},
-                                     {"name": "net1", "mac": EP["pod_mac"],
-                                      "sandbox": e["CNI_NETNS"]}],
-                      "ips": [{"version": "4", "address": "10.200.1.7/32",
-                               "gateway": "10.200.1.1", "interface": 1}],
-                      "routes": [{"dst": "0.0.0.0/0"}],
-                      "dns": {"nameservers": ["10.96.0.10"]}}
+def test_the_agents_exit_code_and_empty_answer(agent, transport):
+    kind, exe = transport
+    error = {"cniVersion": "0.4.0", "code": 7, "msg": "bad", "details": "x"}
+    agent.reply(body=json.dumps(error).encode() + b"\n", exit_code="1")
+    assert call(kind, {"CNI_COMMAND": "DEL"}, conf(agent, "0.4.0"), exe) == (1, error)
+    agent.reply(body=b"")
+    assert call(kind, {"CNI_COMMAND": "DEL"}, conf(agent), exe) == (0, None)
 
 
-@pytest.mark.parametrize("status, data, code", [
-    (409, {"error": "endpoint shop/web-1 already exists for container x"}, spec.TRY_AGAIN_LATER),
-    (503, {"error": "the endpoint manager is not running"}, spec.TRY_AGAIN_LATER),
-    (400, {"error": "netns: already belongs to endpoint a"}, spec.FAILURE),
-    (500, {"error": "internal error"}, spec.FAILURE),
-    (200, b"<html>not json</html>", spec.FAILURE),
+@pytest.mark.parametrize("status, exit_code, extra", [
+    (404, "1", ""),     # an agent without the CNI route
+    (200, None, ""),    # something that is not the agent's CNI answer
+    (200, "7", ""),
+    (500, "0", ""),
 ])
-def test_agent_answers_become_cni_errors(agent, tmp_path, status, data, code):
-    agent.answers[("PUT", "/v1/endpoint/abc")] = (status, data)
-    rc, out = plugin.run(env("ADD", tmp_path), conf(agent))
-    assert rc == 1 and out["code"] == code and set(out) == {"cniVersion", "code", "msg",
-                                                             "details"}
-    if isinstance(data, dict):
-        assert data["error"] in out["details"]
+def test_answers_that_are_not_cni_answers_are_999(agent, transport, status, exit_code, extra):
+    kind, exe = transport
+    agent.reply(status, b'{"error": "no such route"}', exit_code, extra)
+    rc, out = call(kind, {"CNI_COMMAND": "ADD"}, conf(agent, "0.4.0"), exe)
+    assert rc == 1 and out["code"] == spec.FAILURE and out["cniVersion"] == "0.4.0"
+    assert set(out) == {"cniVersion", "code", "msg", "details"}
+    assert f"HTTP {status}" in out["details"] and agent.server_address in out["details"]
 
 
-def test_no_agent_is_try_again_later_and_status_50(tmp_path):
-    missing = json.dumps({"cniVersion": "1.1.0", "name": "p",
-                          "socket": str(tmp_path / "none.sock")}).encode()
-    assert plugin.run(env("ADD", tmp_path), missing)[1]["code"] == spec.TRY_AGAIN_LATER
-    assert plugin.run(env("DEL", tmp_path), missing)[1]["code"] == spec.TRY_AGAIN_LATER
-    assert plugin.run({"CNI_COMMAND": "STATUS"}, missing)[1]["code"] == \
-        spec.PLUGIN_NOT_AVAILABLE
+def test_garbage_from_the_socket_is_999(agent, transport):
+    kind, exe = transport
+    agent.answer = b"SSH-2.0-OpenSSH\r\n\r\n"
+    rc, out = call(kind, {"CNI_COMMAND": "ADD"}, conf(agent), exe)
+    assert (rc, out["code"]) == (1, spec.FAILURE)
 
 
-def test_del_check_status_gc_requests(agent, tmp_path):
-    agent.answers[("DELETE", "/v1/endpoint/container/abc")] = (200, {"deleted": None})
-    assert plugin.run(env("DEL", tmp_path), conf(agent)) == (0, None)
-    assert agent.requests[-1][:2] == ("DELETE", "/v1/endpoint/container/abc?ifname=net1")
-    prev = spec.add_result("1.0.0", EP, env("ADD", tmp_path)["CNI_NETNS"], {})
-    agent.answers[("GET", "/v1/endpoint/container/abc/check")] = (
-        200, {"endpoint": EP, "problems": []})
-    assert plugin.run(env("CHECK", tmp_path), conf(agent, prevResult=prev)) == (0, None)
-    agent.answers[("GET", "/v1/endpoint/container/abc/check")] = (
-        200, {"endpoint": EP, "problems": ["net1 lacks 10.200.1.7/32"]})
-    rc, out = plugin.run(env("CHECK", tmp_path), conf(agent, prevResult=prev))
-    assert rc == 1 and "lacks" in out["details"]
-    agent.answers[("GET", "/v1/status")] = (200, {"components": ["endpoint"]})
-    assert plugin.run({"CNI_COMMAND": "STATUS"}, conf(agent, "1.1.0")) == (0, None)
-    agent.answers[("GET", "/v1/status")] = (200, {"components": ["policy"]})
-    assert plugin.run({"CNI_COMMAND": "STATUS"}, conf(agent, "1.1.0"))[1]["code"] == 50
-    agent.answers[("POST", "/v1/endpoint-gc")] = (200, {"deleted": [], "released": []})
-    gc = conf(agent, "1.1.0", **{"cni.dev/valid-attachments": [{"containerID": "abc",
-                                                                "ifname": "net1"}]})
-    assert plugin.run({"CNI_COMMAND": "GC", "CNI_PATH": "/opt/cni/bin"}, gc) == (0, None)
-    assert agent.requests[-1] == ("POST", "/v1/endpoint-gc",
-                                  {"valid": [{"container_id": "abc", "ifname": "net1"}]})
+def test_an_agent_closing_without_answering_is_try_again_later(agent, transport):
+    kind, exe = transport
+    agent.answer = b""
+    rc, out = call(kind, {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "abc", "CNI_IFNAME": "eth0",
+                          "CNI_PATH": "/opt/cni/bin"}, conf(agent), exe)
+    assert (rc, out["code"]) == (1, spec.TRY_AGAIN_LATER) and "closed" in out["details"]
+    rc, out = call(kind, {"CNI_COMMAND": "STATUS"}, conf(agent), exe)
+    assert (rc, out["code"]) == (1, spec.PLUGIN_NOT_AVAILABLE)
 
 
-def test_version_and_error_version_follow_the_config():
-    assert plugin.run({"CNI_COMMAND": "VERSION"}, b"") == (
-        0, {"cniVersion": "1.1.0", "supportedVersions": list(spec.SUPPORTED_VERSIONS)})
-    assert plugin.run({"CNI_COMMAND": "VERSION"}, b'{"cniVersion":"0.3.1"}')[1][
-        "cniVersion"] == "0.3.1"
-    rc, out = plugin.run({"CNI_COMMAND": "ADD"}, b'{"cniVersion":"0.4.0","name":"p"}')
-    assert (rc, out["cniVersion"], out["code"]) == (1, "0.4.0", 4)
-    rc, out = plugin.run({"CNI_COMMAND": "CHECK", "CNI_CONTAINERID": "a", "CNI_NETNS": "/x",
-                          "CNI_IFNAME": "eth0", "CNI_PATH": "/p"},
-                         b'{"cniVersion":"0.3.1","name":"p"}')
-    assert (rc, out["code"], out["msg"]) == (1, 1, "config version does not allow CHECK")
+def test_no_agent_is_try_again_later_and_status_50(tmp_path, transport):
+    kind, exe = transport
+    missing = conf(str(tmp_path / "none.sock"), "0.4.0")
+    environ = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "abc",
+               "CNI_NETNS": "/proc/self/ns/net", "CNI_IFNAME": "eth0",
+               "CNI_PATH": "/opt/cni/bin"}
+    for verb in ("ADD", "DEL"):
+        rc, out = call(kind, {**environ, "CNI_COMMAND": verb}, missing, exe)
+        assert (rc, out["code"], out["cniVersion"]) == (1, spec.TRY_AGAIN_LATER, "0.4.0")
+        assert "agent is not running" in out["msg"] and "none.sock" in out["details"]
+    rc, out = call(kind, {"CNI_COMMAND": "STATUS"}, missing, exe)
+    assert (rc, out["code"]) == (1, spec.PLUGIN_NOT_AVAILABLE)
 
 
-def test_a_bug_is_still_an_error_object(monkeypatch, tmp_path):
-    def boom(*_args):
-        raise RuntimeError("unexpected")
+@pytest.mark.parametrize("stdin, version", [
+    (b"", "1.1.0"), (b'{"cniVersion": "0.3.1"}', "0.3.1"), (b'{"cniVersion": "9.9"}', "1.1.0"),
+])
+def test_version_is_answered_without_an_agent(transport, stdin, version):
+    kind, exe = transport
+    assert call(kind, {"CNI_COMMAND": "VERSION"}, stdin, exe) == (
+        0, {"cniVersion": version, "supportedVersions": list(spec.SUPPORTED_VERSIONS)})
 
-    monkeypatch.setattr(plugin, "cmd_add", boom)
-    rc, out = plugin.run(env("ADD", tmp_path), b'{"cniVersion":"1.0.0","name":"p"}')
-    assert rc == 1 and out["code"] == 999 and "RuntimeError: unexpected" in out["details"]
+
+def test_a_config_without_a_usable_socket_goes_to_the_default_one(native_exe, monkeypatch):
+    """The default agent socket then says what is wrong with the config (the native
+    transport here was built with a default socket of the test's)."""
+    server = FakeAgent(str(native_exe.with_name("dflt.sock")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(handler, "DEFAULT_SOCKET", server.server_address)
+    try:
+        server.reply(body=b'{"code": 6}\n', exit_code="1")
+        for stdin in (b"{not json", b'{"socket": "relative.sock"}', b"[1]", b"\xff\xfe"):
+            for kind in ("python", "native"):
+                assert call(kind, {"CNI_COMMAND": "ADD"}, stdin, native_exe) == (
+                    1, {"code": 6}), (kind, stdin)
+            assert [r[2] for r in server.requests[-2:]] == [stdin, stdin]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_python_transport_without_an_agent_still_reports_bad_configs_precisely(tmp_path):
+    """With no agent to ask, the Python transport runs the agent's handler locally."""
+    missing = str(tmp_path / "none.sock")
+    assert plugin.run({"CNI_COMMAND": "ADD"}, conf(missing))[1]["code"] == 4
+    assert plugin.run({"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "a", "CNI_NETNS": "/x",
+                       "CNI_IFNAME": "eth0", "CNI_PATH": "/p"},
+                      conf(missing, ipam={"type": "host-local"}))[1]["code"] == 2
 
 
 def test_main_writes_one_json_line_and_the_exit_code():

@@ -234,6 +234,22 @@ def test_restore_adopts_live_endpoints_and_drops_gone_ones(tmp_path, links):
     assert c.id != a.id and c.ipv4 != a.ipv4
 
 
+def test_ids_of_unreadable_state_files_are_never_reused(tmp_path, links):
+    (tmp_path / "endpoints").mkdir()
+    (tmp_path / "endpoints" / "2.json").write_text("{not json")
+    mgr, _ = make(tmp_path)
+    assert run(mgr.restore()) == {"adopted": [], "dropped": []}
+
+    async def go():
+        return [await mgr.create(n, "default", {}, f"pod-{n}") for n in "abc"]
+
+    a, b, c = run(go())
+    assert [a.id, b.id, c.id] == [1, 3, 4]
+    run(mgr.delete(a.id))
+    assert run(mgr.create("d", "default", {}, "pod-d")).id == 1  # a's id is free again
+    assert (tmp_path / "endpoints" / "2.json").read_text() == "{not json"
+
+
 def test_without_datapath_endpoints_are_wired_but_carry_no_policy(tmp_path, links):
     mgr, _ = make(tmp_path, datapath=None, policy=None)
     ep = run(mgr.create("a", "default", {}, "pod-a"))

@@ -234,3 +234,36 @@ def test_a_label_set_the_node_already_holds_needs_no_store(tmp_path):
         await manager.release(web)
         assert manager.references() == {web.id: 1}
     run(go())
+
+
+def test_allocating_a_held_label_set_again_reads_the_index_and_writes_nothing(tmp_path):
+    """A node that already references and fenced a number for these labels only checks the
+    index (one read): no second reference write, no fence; the identity is unchanged, and a
+    held number the index names for *other* labels still takes the full path (covered by
+    the stale-index test above)."""
+    async def go():
+        (store,) = await _stores(tmp_path, 1)
+        try:
+            node = IdentityAllocator(store, "node-a")
+            labels = LabelSet.parse("app=web")
+            first = await node.allocate(labels)
+            calls = []
+            for name in ("get", "put", "create", "compare_and_swap", "list", "delete"):
+                original = getattr(store, name)
+
+                def counted(*args, _name=name, _original=original, **kwargs):
+                    calls.append(_name)
+                    return _original(*args, **kwargs)
+                setattr(store, name, counted)
+            again = await node.allocate(labels)
+            assert again == first
+            assert calls == ["get"]
+            # released, the next allocation references and fences again
+            await node.release(first)
+            calls.clear()
+            assert await node.allocate(labels) == first
+            assert "put" in calls and "compare_and_swap" in calls
+            assert await node.references(first.id) == ["node-a"]
+        finally:
+            await store.close()
+    run(go())

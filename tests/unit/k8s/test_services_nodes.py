@@ -11,7 +11,13 @@ import pytest
 from pylium.errors import UserError
 from pylium.lb.model import Service
 from pylium_orchestrator_k8s.nodes import SOURCE, NodeSync, node_info
-from pylium_orchestrator_k8s.services import ServiceSync, owner_of, slice_backends, translate
+from pylium_orchestrator_k8s.services import (
+    ServiceSync,
+    external_ips,
+    owner_of,
+    slice_backends,
+    translate,
+)
 
 
 def _svc(name="web", ns="shop", kind="ClusterIP", ip="10.96.0.10", ports=None, **spec):
@@ -75,6 +81,76 @@ def test_services_without_a_frontend_are_left_out():
     # a LoadBalancer service is a NodePort one here; no ready endpoint: no backend
     out = translate(_svc(kind="LoadBalancer", ports=[{"port": 443, "nodePort": 31443}]), [])
     assert out["shop/web"]["type"] == "NodePort" and out["shop/web"]["backends"] == []
+
+
+def test_external_ips_and_load_balancer_ingress_are_extra_frontends():
+    svc = _svc(kind="LoadBalancer", ports=[
+        {"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080},
+        {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}],
+        externalIPs=["192.0.2.10", "fd00::1", "10.96.0.10", "192.0.2.10"],
+        externalTrafficPolicy="Local", sessionAffinity="ClientIP",
+        sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}})
+    svc["status"] = {"loadBalancer": {"ingress": [
+        {"ip": "198.51.100.7"}, {"hostname": "lb.example.com"}, {"ip": "192.0.2.10"}]}}
+    assert external_ips(svc) == [("external", "192.0.2.10"), ("lb", "198.51.100.7")]
+    slices = [_slice(ports=[{"name": "http", "port": 8080, "protocol": "TCP"},
+                            {"name": "dns", "port": 5353, "protocol": "UDP"}],
+                     endpoints=[("10.0.0.5", None), ("10.0.0.6", None)])]
+    out = translate(svc, slices)
+    assert sorted(out) == [
+        "shop/web.dns", "shop/web.dns.external.192.0.2.10", "shop/web.dns.lb.198.51.100.7",
+        "shop/web.http", "shop/web.http.external.192.0.2.10",
+        "shop/web.http.lb.198.51.100.7"]
+    assert out["shop/web.http.external.192.0.2.10"] == {
+        "frontend": "192.0.2.10:80/TCP", "backends": ["10.0.0.5:8080", "10.0.0.6:8080"],
+        "type": "ExternalIPs", "affinity_timeout": 60, "traffic_policy": "Cluster"}
+    assert out["shop/web.dns.lb.198.51.100.7"]["frontend"] == "198.51.100.7:53/UDP"
+    assert out["shop/web.dns.lb.198.51.100.7"]["type"] == "LoadBalancer"
+    # the core accepts both types (served like a ClusterIP frontend)
+    for key in ("shop/web.http.external.192.0.2.10", "shop/web.dns.lb.198.51.100.7"):
+        assert Service.from_json(key, out[key]).type == out[key]["type"]
+    assert out["shop/web.dns.lb.198.51.100.7"]["backends"] == ["10.0.0.5:5353",
+                                                                "10.0.0.6:5353"]
+    # the node port stays with the ClusterIP frontend, with its Local policy
+    assert out["shop/web.http"]["node_port"] == 30080
+    assert out["shop/web.http"]["traffic_policy"] == "Local"
+    for name, body in out.items():
+        Service.from_json(name, body)  # what the agent's service API takes
+        assert owner_of(name) == ("shop", "web")
+    # one port: the external frontend's name has one part before the kind
+    one = translate(_svc(externalIPs=["192.0.2.10"]), [])
+    assert sorted(one) == ["shop/web", "shop/web.external.192.0.2.10"]
+    assert one["shop/web.external.192.0.2.10"]["frontend"] == "192.0.2.10:80/TCP"
+    # nothing to add: no ingress yet, an IPv6-only one, junk
+    assert external_ips(_svc()) == []
+    bad = _svc(externalIPs=["not-an-ip", None])
+    bad["status"] = {"loadBalancer": {"ingress": [{"ip": "fd00::7"}, "junk"]}}
+    assert external_ips(bad) == [] and sorted(translate(bad, [])) == ["shop/web"]
+    # a headless Service gets no external frontend either
+    assert translate(_svc(ip="None", externalIPs=["192.0.2.10"]), []) == {}
+
+
+def test_sync_adds_and_removes_external_frontends(tmp_path):
+    api = FakeServiceAPI()
+    sync = ServiceSync(api, tmp_path)
+    slices = [_slice(endpoints=[("10.0.0.1", None)])]
+    with_ip = _svc(externalIPs=["192.0.2.10"])
+
+    async def run():
+        await sync.resync(translate(_svc(), slices))
+        assert sorted(api.stored) == ["shop/web"]
+        await sync.sync("shop", "web", with_ip, slices)   # externalIPs added
+        assert sorted(api.stored) == ["shop/web", "shop/web.external.192.0.2.10"]
+        assert str(api.stored["shop/web.external.192.0.2.10"].frontend) == "192.0.2.10:80/TCP"
+        await sync.sync("shop", "web", with_ip, [])       # no ready backend left
+        assert api.stored["shop/web.external.192.0.2.10"].backends == ()
+        await sync.sync("shop", "web", _svc(), slices)    # externalIPs removed
+        assert sorted(api.stored) == ["shop/web"]
+        await sync.sync("shop", "web", with_ip, slices)
+        await sync.sync("shop", "web", None, [])          # the Service deleted: all of it
+        assert api.stored == {}
+
+    asyncio.run(run())
 
 
 def test_slice_ports_are_matched_by_name_and_protocol():

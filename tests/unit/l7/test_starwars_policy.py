@@ -48,22 +48,24 @@ def test_rule1_from_yaml_to_the_proxys_verdicts(example_policies):
 
 def test_metrics_follow_the_flow_records():
     registry = CollectorRegistry()
-    metrics = HttpMetrics.of(registry)
-    assert HttpMetrics.of(registry) is metrics  # registered once per registry
+    node = NodeInfo("n", "10.0.0.1", "10.0.0.0/24")
+    backend = L7Http.from_context(L7Context(name="http", node=node, metrics=registry))
+    assert HttpMetrics.of(registry) is backend.metrics  # registered once per registry
     http = {"method": "GET", "protocol": "HTTP/1.1"}
-    metrics.observe({"direction": 0, "verdict": "FORWARDED", "l7": {"type": "REQUEST",
-                                                                    "http": http}})
-    metrics.observe({"direction": 0, "verdict": "DROPPED", "l7": {"type": "REQUEST", "http": {
-        **http, "code": 403}}})
-    metrics.observe({"direction": 1, "verdict": "DROPPED", "error": "bad",
-                     "l7": {"type": "REQUEST", "http": {"code": 400}}})
-    metrics.observe({"direction": 0, "verdict": "FORWARDED", "is_reply": True, "l7": {
-        "type": "RESPONSE", "latency_ns": 2_000_000, "http": {**http, "code": 200}}})
+    for record in (
+            {"direction": 0, "verdict": "FORWARDED", "l7": {"type": "REQUEST", "http": http}},
+            {"direction": 0, "verdict": "DROPPED", "l7": {"type": "REQUEST", "http": {
+                **http, "code": 403}}},
+            {"direction": 1, "verdict": "DROPPED", "error": "bad",
+             "l7": {"type": "REQUEST", "http": {"code": 400}}},
+            {"direction": 0, "verdict": "FORWARDED", "is_reply": True, "l7": {
+                "type": "RESPONSE", "latency_ns": 2_000_000, "http": {**http, "code": 200}}}):
+        backend._flow(record)  # what the proxy's flow records go through
     get = registry.get_sample_value
-    assert get("pylium_policy_l7_total", {"rule": "received"}) == 3
-    assert get("pylium_policy_l7_total", {"rule": "forwarded"}) == 1
-    assert get("pylium_policy_l7_total", {"rule": "denied"}) == 1
-    assert get("pylium_policy_l7_total", {"rule": "parse_errors"}) == 1
+    assert get("pylium_policy_l7_total", {"rule": "received", "protocol": "http"}) == 3
+    assert get("pylium_policy_l7_total", {"rule": "forwarded", "protocol": "http"}) == 1
+    assert get("pylium_policy_l7_total", {"rule": "denied", "protocol": "http"}) == 1
+    assert get("pylium_policy_l7_total", {"rule": "parse_errors", "protocol": "http"}) == 1
     assert get("hubble_http_requests_total", {"method": "GET", "protocol": "HTTP/1.1",
                                               "status": "403", "reporter": "server"}) == 1
     assert get("hubble_http_requests_total", {"method": "GET", "protocol": "HTTP/1.1",

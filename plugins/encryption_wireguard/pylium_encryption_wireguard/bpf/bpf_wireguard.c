@@ -73,12 +73,15 @@ static __always_inline int event(struct __sk_buff *skb, __u8 type, __u8 reason, 
 	return 0;
 }
 
+/* from_container counted the packet forwarded before it tail-called this program: a drop
+ * here takes it back off that counter and counts it dropped instead. */
 static __always_inline int drop_unencrypted(struct __sk_buff *skb)
 {
-	__u32 len = 0;
+	__u32 len = skb->len; /* from_container's count used the same length */
 
-	if (event(skb, EVENT_DROP, DROP_UNENCRYPTED, 0, &len) == 0)
-		metrics_count(DROP_UNENCRYPTED, DIR_EGRESS, len);
+	metrics_uncount_forward(DIR_EGRESS, len);
+	metrics_count(DROP_UNENCRYPTED, DIR_EGRESS, len);
+	event(skb, EVENT_DROP, DROP_UNENCRYPTED, 0, &len);
 	return TC_ACT_SHOT;
 }
 

@@ -1,0 +1,92 @@
+"""The L7 proxy metrics are the core's (`ProxiedParser`), one family for every parser with
+its protocol as a label: two parser plugins on one registry count side by side, and the
+redirected keys pushed to each proxy show under its protocol."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from pylium.api.context import L7Context
+from pylium.api.node import NodeInfo
+from pylium.l7.backend import ProxiedParser, ProxyMetrics
+from pylium.policy.mapstate import PROTO_TCP, Direction, PolicyKey
+from pylium.policy.resolve import L7Grant
+from pylium_l7_http.backend import L7Http
+from pylium_l7_kafka.backend import L7Kafka
+
+NODE = NodeInfo("n", "10.0.0.1", "10.0.0.0/24")
+
+
+class _Policy:
+    """The L7 policy snapshot of one endpoint with `keys` redirected keys."""
+
+    def __init__(self, protocol: str, keys: int):
+        self.protocol, self.keys = protocol, keys
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [{"ep_id": 9, "ipv4": "10.0.0.9", "identity": 300, "entries": [
+            (PolicyKey(301, Direction.INGRESS, PROTO_TCP, 80 + i, 16),
+             (L7Grant(rule="r", kind=self.protocol, allow_all=True),))
+            for i in range(self.keys)]}]
+
+
+class _Proxy:
+    """Stands in for the proxy process (its policy push is all these tests need; the
+    privileged tests run the real one)."""
+
+    how = "spawned"
+    info: dict[str, Any] = {}
+
+    def __init__(self) -> None:
+        self.pushed: list[dict[str, Any]] = []
+
+    async def push(self, message: dict[str, Any]) -> dict[str, Any]:
+        self.pushed.append(message)
+        return {"op": "ack"}
+
+
+def _backend(cls: type[ProxiedParser], registry: CollectorRegistry,
+             policy: _Policy | None = None) -> ProxiedParser:
+    return cls.from_context(L7Context(name=cls.name, node=NODE, metrics=registry,
+                                      policy=policy))
+
+
+def test_every_parser_counts_requests_under_its_protocol():
+    registry = CollectorRegistry()
+    http, kafka = _backend(L7Http, registry), _backend(L7Kafka, registry)
+    assert http.proxy_metrics is kafka.proxy_metrics is ProxyMetrics.of(registry)
+    http._flow({"verdict": "FORWARDED", "l7": {"type": "REQUEST", "http": {"method": "GET"}}})
+    kafka._flow({"verdict": "DROPPED", "l7": {"type": "REQUEST", "kafka": {
+        "api_key": 0, "error_code": 29, "topic": "t"}}})
+    kafka._flow({"verdict": "DROPPED", "is_reply": True, "l7": {"type": "RESPONSE", "kafka": {
+        "api_key": 0, "error_code": 29, "topic": "t"}}})
+    kafka._flow({"verdict": "DROPPED", "error": "malformed frame", "l7": {
+        "type": "REQUEST", "kafka": {"error_code": -1}}})
+    get = registry.get_sample_value
+
+    def l7(rule: str, protocol: str) -> float | None:
+        return get("pylium_policy_l7_total", {"rule": rule, "protocol": protocol})
+
+    assert (l7("received", "http"), l7("forwarded", "http")) == (1, 1)
+    assert l7("denied", "http") is None
+    assert (l7("received", "kafka"), l7("denied", "kafka"), l7("parse_errors", "kafka")) \
+        == (2, 1, 1)
+    assert get("hubble_kafka_requests_total", {"topic": "t", "api_key": "produce",
+                                               "error_code": "29", "reporter": "client"}) == 1
+    names = {m.name for m in registry.collect()}
+    assert "pylium_kafka_proxy_redirects" not in names  # one family, labelled by protocol
+
+
+def test_redirected_keys_per_protocol():
+    registry = CollectorRegistry()
+    http = _backend(L7Http, registry, _Policy("http", 2))
+    kafka = _backend(L7Kafka, registry, _Policy("kafka", 3))
+    for backend in (http, kafka):
+        backend.supervisor = _Proxy()
+        asyncio.run(backend.push_policy())
+        assert backend.supervisor.pushed, "the policy went to the proxy"
+    get = registry.get_sample_value
+    assert get("pylium_proxy_redirects", {"protocol": "http"}) == 2
+    assert get("pylium_proxy_redirects", {"protocol": "kafka"}) == 3
