@@ -3,27 +3,47 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import platform
+import subprocess
+import sys
 
 import pytest
 from pylium import heap
 
+#: runs in a fresh interpreter: the allocator state of a process that ran other tests
+#: (thresholds glibc moved, arenas of other threads) would decide what free() keeps
+_PROBE = """
+import json
+from pylium import heap
+
+def rss():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+before = rss()
+blocks, pins = [], []
+for _ in range(400):  # ~25 MiB touched, each block followed by a small live one
+    blocks.append(bytearray(64 * 1024))
+    pins.append(bytearray(600))  # keeps free() from shrinking the heap by itself
+grown = rss()
+del blocks
+freed = rss()
+trimmed = heap.release_free_heap()
+print(json.dumps({"before": before, "grown": grown, "freed": freed, "after": rss(),
+                  "trimmed": trimmed, "pins": len(pins)}))
+"""
+
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
 def test_release_free_heap_returns_pages_on_glibc():
-    rss = _rss_kib()
-    blocks, pins = [], []
-    for _ in range(400):  # ~25 MiB touched, each block followed by a small live one
-        blocks.append(bytearray(64 * 1024))
-        pins.append(bytearray(600))  # keeps free() from shrinking the heap by itself
-    grown = _rss_kib()
-    del blocks
-    freed = _rss_kib()
-    assert heap.release_free_heap() is True
-    assert grown - rss > 20_000
-    assert freed > grown - 5_000  # free() kept the pages...
-    assert _rss_kib() < grown - 20_000  # ...the trim handed them back
-    assert len(pins) == 400
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
+                         check=True, timeout=60)
+    rss = json.loads(out.stdout)
+    assert rss["trimmed"] is True
+    assert rss["grown"] - rss["before"] > 20_000
+    assert rss["freed"] > rss["grown"] - 5_000  # free() kept the pages...
+    assert rss["after"] < rss["grown"] - 20_000  # ...the trim handed them back
 
 
 def test_trimmer_runs_once_after_the_burst():
@@ -56,10 +76,3 @@ def test_trimmer_survives_a_closed_executor():
 
     asyncio.run(main())
 
-
-def _rss_kib() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
