@@ -80,6 +80,8 @@ CT_MAX_DEFAULT, CT_MAX_MIN, CT_MAX_MAX = 65536, 1024, 1 << 24
 CT_DIRECTIONS = {0: "ingress", 1: "egress", 2: "service", 3: "nodeport", 4: "nodeport-snat"}
 MAX_IDENTITY = 0xFFFFFFFE
 ENDPOINT_IDENTITY_LIMIT = 1 << 24
+#: locks guarding the policy outer map's slots (see `Datapath._policy_locks`)
+POLICY_LOCK_STRIPES = 256
 
 
 @attrs.frozen
@@ -140,12 +142,14 @@ class Datapath:
         self.cache_dir = cache_dir
         self._obj: LoadedObject | None = None
         self._lock = threading.RLock()
-        #: endpoint id → the lock of its slot in the policy outer map: installs and
-        #: deletes of one endpoint's policy run one at a time, other endpoints' side by
-        #: side. Each waits for an RCU grace period in the kernel (map-in-map updates do,
-        #: so no program still runs with the old inner map), tens of ms on a busy node:
-        #: under `_lock` that wait would stall every other pod's attach and ipcache write
-        self._policy_locks: dict[int, threading.Lock] = {}
+        #: locks of the slots in the policy outer map (endpoint id modulo their number):
+        #: installs and deletes of one endpoint's policy run one at a time, other endpoints'
+        #: side by side. Each waits for an RCU grace period in the kernel (map-in-map
+        #: updates do, so no program still runs with the old inner map), tens of ms on a
+        #: busy node: under `_lock` that wait would stall every other pod's attach and
+        #: ipcache write. A fixed set, not one per endpoint: nothing to keep per pod, and
+        #: ids are handed out lowest first, so endpoints regenerated together rarely share one
+        self._policy_locks = [threading.Lock() for _ in range(POLICY_LOCK_STRIPES)]
         self.prog_fds: dict[str, int] = {}
         self.object_path: Path | None = None
         self._proxy_routing = False  # installed in this netns by this object
@@ -153,9 +157,10 @@ class Datapath:
         #: endpoint manager's restore attaches the endpoints `open()` just re-attached, and
         #: attaching them again would replace each filter a second time for nothing
         self._attached: dict[int, str] = {}
-        #: endpoint id → its key in the endpoints map (built by one scan on first use, kept by
-        #: attach/detach): finding an endpoint must not cost a walk of every endpoint
-        self._ep_index: dict[int, EndpointKey] | None = None
+        #: endpoint id → its IPv4, the key in the endpoints map (built by one scan on first
+        #: use, kept by attach/detach): finding an endpoint must not cost a walk of every
+        #: endpoint. The address string is the endpoint record's own, not a per-pod copy
+        self._ep_index: dict[int, str] | None = None
         #: conntrack max_entries and the entries the last `ct_gc` left
         self.ct_capacity: int | None = None
         self.ct_entries = 0
@@ -367,16 +372,17 @@ class Datapath:
         the index is trusted; an indexed key that no longer names the endpoint (written
         behind our back) makes it scan and rebuild instead."""
         if self._ep_index is not None:
-            key = self._ep_index.get(ep_id)
-            if key is None:
+            ip = self._ep_index.get(ep_id)
+            if ip is None:
                 return None
+            key = EndpointKey.of(ip)
             value = self.endpoints.lookup(key)
             if value is not None and value.ep_id == ep_id:
                 return key, value
         self._ep_index = {}
         found = None
         for key, value in self.endpoints.items():
-            self._ep_index[value.ep_id] = key
+            self._ep_index[value.ep_id] = key.ip
             if value.ep_id == ep_id:
                 found = key, value
         return found
@@ -415,7 +421,7 @@ class Datapath:
                     self._detach_programs(old[1].ifindex)
             self.endpoints.update(key, value)
             if self._ep_index is not None:
-                self._ep_index[ep.ep_id] = key
+                self._ep_index[ep.ep_id] = ep.ipv4
             self._ensure_proxy_routing()
         if self._attached.get(ep.ifindex) != found_mac:
             self._attach_programs(ep.ifindex, found_mac)
@@ -445,7 +451,7 @@ class Datapath:
     # -- policy ---------------------------------------------------------------------
 
     def _policy_slot(self, ep_id: int) -> threading.Lock:
-        return self._policy_locks.setdefault(ep_id, threading.Lock())
+        return self._policy_locks[ep_id % POLICY_LOCK_STRIPES]
 
     def _policy_inner_fd(self, ep_id: int) -> int | None:
         inner_id = self.policy.lookup(U32Key(ep_id))

@@ -229,6 +229,7 @@ def ipr() -> Iterator[IPRoute]:
         return
     ip = getattr(_thread, "ip", None) or IPRoute(groups=0)
     _thread.ip, _thread.lent = None, True
+    _drop_stale(ip)
     keep = False
     try:
         yield ip
@@ -242,6 +243,20 @@ def ipr() -> Iterator[IPRoute]:
             _thread.ip = ip
         else:  # interrupted half way through a request: its answers may still come
             ip.close()
+
+
+def _drop_stale(ip: IPRoute) -> None:
+    """Empty a kept socket's queue of answers nobody read: pyroute2 stops reading a `get`
+    (link get, link_lookup) at the reply and leaves the kernel's ACK after it queued, so a
+    kept socket would hold every such ACK for good (three per endpoint create and delete).
+    The socket is idle when lent (one thread, one request at a time), so whatever is queued
+    then is stale."""
+    queue = getattr(getattr(getattr(ip, "asyncore", None), "msg_queue", None), "root", None)
+    if queue is None:
+        return
+    while not queue.empty():
+        queue.get_nowait()
+        queue.task_done()
 
 
 def write_sysctl(netns: str | None, key: str, value: str) -> None:

@@ -55,6 +55,7 @@ from pylium.endpoint.model import (
     validate_name,
 )
 from pylium.errors import Conflict, PyliumError, UserError
+from pylium.heap import Trimmer
 from pylium.ipam import PodCIDRAllocator
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,9 @@ class EndpointManager:
         #: veth work runs on threads that keep their netlink socket between pods
         self._netlink = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pylium-ep-netlink",
                                            initializer=plumbing.reuse_netlink_socket)
+        #: once creates and deletes pause, the pages they freed go back to the system (on
+        #: the state thread, off the event loop)
+        self._trimmer = Trimmer(self._io.submit)
         #: the policy each endpoint's datapath map holds (as last loaded by this agent)
         self._installed: dict[int, Any] = {}
         #: set by an orchestrator that knows pods' labels (Kubernetes): called as
@@ -205,10 +209,10 @@ class EndpointManager:
             self._stray_ids = {int(p.stem) for p in self.dir.glob("*.json")
                                if p.stem.isdigit()} - set(self._endpoints) - set(
                 self._creating) - set(self._deleting)
-        used = set(self._endpoints) | set(self._creating) | set(self._deleting) | \
-            self._stray_ids
         for candidate in range(MIN_ENDPOINT_ID, MAX_ENDPOINT_ID + 1):
-            if candidate not in used:
+            # membership tests, not a union: no set of every id built per create
+            if candidate not in self._endpoints and candidate not in self._creating and \
+                    candidate not in self._deleting and candidate not in self._stray_ids:
                 return candidate
         raise PyliumError(f"no free endpoint id (all {MAX_ENDPOINT_ID} in use)")
 
@@ -284,6 +288,7 @@ class EndpointManager:
                 self.on_deleted(old)
         if self.on_created is not None:
             self.on_created(ep)
+        self._trimmer.touch()
         return ep, True
 
     @contextlib.asynccontextmanager
@@ -497,6 +502,7 @@ class EndpointManager:
         await self.regenerate_changed(set(), f"endpoint {ep.id} deleted")
         if self.on_deleted is not None:
             self.on_deleted(ep)
+        self._trimmer.touch()
 
     async def gc(self, valid: set[tuple[str, str]]) -> dict[str, list]:
         """CNI GC: delete the endpoints of containers whose (container id, ifname) is not in
@@ -703,5 +709,6 @@ class EndpointManager:
     async def close(self) -> None:
         """Endpoints outlive the agent (that is the point of restore): only the state
         thread stops, once the writes asked of it are done."""
+        self._trimmer.cancel()
         await asyncio.to_thread(self._io.shutdown, True)
         self._netlink.shutdown(wait=False)

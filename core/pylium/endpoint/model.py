@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 import time
+import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -29,13 +32,39 @@ _LABEL_KEY = re.compile(r"^([a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?/)?[a-zA-Z0-
 _LABEL_VALUE = re.compile(r"^([a-zA-Z0-9]([-a-zA-Z0-9_.]{0,61}[a-zA-Z0-9])?)?$")
 
 
+class _SharedLabels(dict):
+    """A label mapping that endpoints with the same labels share (never mutated)."""
+
+    __slots__ = ("__weakref__",)
+
+
+#: label items → the one mapping every endpoint with those labels holds: the pods of a
+#: deployment carry the same labels, so a node keeps one copy per label set, not per pod
+_LABEL_SETS: weakref.WeakValueDictionary[tuple[tuple[str, str], ...], _SharedLabels] = \
+    weakref.WeakValueDictionary()
+
+
+def shared_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """The shared mapping equal to `labels` (keys and values interned)."""
+    items = tuple((sys.intern(k), sys.intern(v)) for k, v in labels.items())
+    found = _LABEL_SETS.get(items)
+    if found is None:
+        found = _LABEL_SETS.setdefault(items, _SharedLabels(items))
+    return found
+
+
+def _intern(value: str) -> str:
+    return sys.intern(value) if type(value) is str else value
+
+
 @attrs.frozen(kw_only=True)
 class Endpoint:
     id: int
     name: str
-    namespace: str
-    #: the pod's own labels, without source prefix ({"org": "empire"})
-    labels: dict[str, str]
+    namespace: str = attrs.field(converter=_intern)
+    #: the pod's own labels, without source prefix ({"org": "empire"}); endpoints with the
+    #: same labels share one mapping (`shared_labels`): never change it in place
+    labels: dict[str, str] = attrs.field(converter=shared_labels)
     #: netns name (under /run/netns) or absolute path of the pod's network namespace
     netns: str
     ipv4: str
@@ -47,7 +76,7 @@ class Endpoint:
     #: the runtime's container id when a CNI ADD made the endpoint ("" for the lab's API
     #: calls), and the pod-side interface name (CNI_IFNAME)
     container_id: str = ""
-    pod_ifname: str = "eth0"
+    pod_ifname: str = attrs.field(default="eth0", converter=_intern)
     identity: int = 0
     state: str = WAITING_FOR_IDENTITY
     #: why the endpoint is not ready, "" when it is

@@ -35,6 +35,9 @@ class PodCIDRAllocator:
         self.state_file = Path(state_file)
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        #: the file's text as this object last read or wrote it, and the state it holds
+        self._text: str | None = None
+        self._state: dict = {}
         with self._locked() as state:
             if state.get("cidr") not in (None, str(self.network)):
                 raise IPAMError(f"IPAM state {self.state_file} belongs to pod CIDR "
@@ -49,20 +52,33 @@ class PodCIDRAllocator:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 try:
-                    state = json.loads(self.state_file.read_text())
+                    text = self.state_file.read_text()
                 except FileNotFoundError:
-                    state = {}
-                state.setdefault("cidr", str(self.network))
-                state.setdefault("allocated", {})
-                state.setdefault("last", str(self.gateway))
-                before = json.dumps(state, sort_keys=True)
+                    text = None
+                if text is not None and text == self._text:
+                    # the file holds what this object last read or wrote: no parse (which
+                    # costs a few objects per address on every pod start)
+                    state = self._copy(self._state)
+                else:
+                    state = json.loads(text) if text is not None else {}
+                    state.setdefault("cidr", str(self.network))
+                    state.setdefault("allocated", {})
+                    state.setdefault("last", str(self.gateway))
+                    self._text, self._state = text, self._copy(state)
                 yield state
-                if json.dumps(state, sort_keys=True) != before or not self.state_file.exists():
+                if state != self._state or text is None:
+                    new_text = json.dumps(state, indent=1, sort_keys=True)
                     tmp = self.state_file.with_suffix(f".tmp{os.getpid()}")
-                    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+                    tmp.write_text(new_text)
                     os.replace(tmp, self.state_file)
+                    self._text, self._state = new_text, self._copy(state)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _copy(state: dict) -> dict:
+        """A copy the caller may change (the values besides `allocated` are strings)."""
+        return {**state, "allocated": dict(state["allocated"])}
 
     # queries ------------------------------------------------------------------------------
     def reserved(self) -> set[ipaddress.IPv4Address]:
