@@ -493,26 +493,33 @@ def wire_endpoint(host_ifname: str, pod_netns: str, ip_address: str, gateway: st
     Host side (this namespace): `/32` route to the pod through the host-side veth and a
     static neighbour for the pod. Undone on any failure.
 
-    The pod's end is born in its namespace under its final name (no move between
-    namespaces: a move waits for RCU grace periods, ~100 ms on a busy node) and each side
-    is configured over one netlink socket — this runs once per pod start (CNI ADD)."""
-    with ipr() as ip:
+    This runs once per pod start (CNI ADD), so it keeps netlink round trips few: the pod's
+    end is born in its namespace under its final name with a MAC chosen here (no move
+    between namespaces: a move waits for RCU grace periods, ~100 ms on a busy node; no
+    asking for its MAC), the host end is born up (no carrier, hence no IPv6 traffic, until
+    the pod end comes up after its sysctls are set), and the pod side is configured over a
+    socket the calling thread opens inside the pod's namespace and then steps back out of
+    (no extra thread per pod)."""
+    pod_mac = _random_mac()
+    with ipr() as ip, _socket_in(pod_netns) as pod_ip:
         fd = os.open(netns_path(pod_netns), os.O_RDONLY)
         try:
-            ip.link("add", ifname=host_ifname, kind="veth", mtu=mtu,
-                    peer={"ifname": pod_ifname, "net_ns_fd": fd, "mtu": mtu})
+            ip.link("add", ifname=host_ifname, kind="veth", mtu=mtu, state="up",
+                    peer={"ifname": pod_ifname, "net_ns_fd": fd, "mtu": mtu,
+                          "address": pod_mac})
         finally:
             os.close(fd)
         try:
+            host = _link_info(ip, host_ifname)
+            if host is None:
+                raise LookupError(f"no link {host_ifname!r} right after creating it")
             # IPv4-only pods: no IPv6 router/neighbour solicitations for the datapath to drop
             _disable_ipv6(host_ifname, whole_namespace=False)
-            index = _index(ip, host_ifname)
-            ip.link("set", index=index, state="up")
-            host = _link_info(ip, host_ifname)
-            assert host is not None
-            pod = _wire_pod_side(pod_ifname, ip_address, gateway, host.mac, netns=pod_netns)
-            ip.route("replace", dst=f"{ip_address}/32", oif=index, scope=253)
-            ip.neigh("replace", dst=ip_address, lladdr=pod.mac, ifindex=index, state=0x80)
+            pod = _configure_pod_side(pod_ip, pod_ifname, pod_mac, ip_address, gateway,
+                                      host.mac)
+            ip.route("replace", dst=f"{ip_address}/32", oif=host.ifindex, scope=253)
+            ip.neigh("replace", dst=ip_address, lladdr=pod_mac, ifindex=host.ifindex,
+                     state=0x80)
         except BaseException:
             try:
                 ip.link("del", ifname=host_ifname)
@@ -522,28 +529,63 @@ def wire_endpoint(host_ifname: str, pod_netns: str, ip_address: str, gateway: st
     return EndpointLinks(host=host, pod=pod)
 
 
+def _random_mac() -> str:
+    """A random locally administered unicast MAC (what the kernel gives a veth anyway)."""
+    raw = bytearray(os.urandom(6))
+    raw[0] = (raw[0] & 0xFE) | 0x02
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+@contextmanager
+def _socket_in(netns: str) -> Iterator[IPRoute]:
+    """An `IPRoute` socket of `netns` for the calling thread, which enters `netns` only to
+    open it (and to make IPv6 off the default there: a pod is IPv4-only, and links made
+    later inherit it) and goes straight back: a netlink socket stays bound to the namespace
+    it was opened in."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        fd = os.open(netns_path(netns), os.O_RDONLY)
+        try:
+            _check(_libc().setns(fd, CLONE_NEWNET), f"setns({netns})")
+        finally:
+            os.close(fd)
+        try:
+            _disable_ipv6("", whole_namespace=True)
+            ip = IPRoute(groups=0)
+        finally:
+            if _libc().setns(home, CLONE_NEWNET) != 0:
+                # a thread stuck in a pod's namespace would wire the next pods wrongly:
+                # stop rather than go on (cannot happen short of a kernel bug)
+                os.write(2, b"pylium: cannot return a netlink thread to the agent's netns\n")
+                os.abort()
+    finally:
+        os.close(home)
+    try:
+        yield ip
+    finally:
+        ip.close()
+
+
+def _configure_pod_side(ip: IPRoute, ifname: str, mac: str, ip_address: str, gateway: str,
+                        host_mac: str) -> LinkInfo:
+    """Inside the pod (over `ip`, a socket of its namespace): the veth end up with `ip/32`,
+    the gateway as a static neighbour at the host-side MAC, the default route via it
+    `onlink`."""
+    info = _link_info(ip, ifname)
+    if info is None:
+        raise LookupError(f"no link {ifname!r} in the pod right after creating it")
+    ip.link("set", index=info.ifindex, state="up")
+    ip.addr("add", index=info.ifindex, address=ip_address, prefixlen=32)
+    ip.neigh("replace", dst=gateway, lladdr=host_mac, ifindex=info.ifindex, state=0x80)
+    ip.route("replace", dst="0.0.0.0/0", gateway=gateway, oif=info.ifindex, flags=4)  # ONLINK
+    return LinkInfo(ifname=ifname, ifindex=info.ifindex, mac=mac, up=True)
+
+
 def _disable_ipv6(ifname: str, whole_namespace: bool = True) -> None:
     """`disable_ipv6` on `ifname` in the calling thread's namespace, and with
     `whole_namespace` (a pod's) on every link there and every link made later."""
-    for scope in (("default", "all") if whole_namespace else ()) + (ifname,):
+    for scope in (("default", "all") if whole_namespace else ()) + ((ifname,) if ifname else ()):
         (Path("/proc/sys/net/ipv6/conf") / scope / "disable_ipv6").write_text("1\n")
-
-
-@_netlink
-def _wire_pod_side(ifname: str, ip_address: str, gateway: str, host_mac: str,
-                   netns: str | None = None) -> LinkInfo:
-    """Inside the pod: the veth end up with `ip/32`, the gateway as a static neighbour at
-    the host-side MAC, and the default route via it `onlink`."""
-    _disable_ipv6(ifname)
-    with ipr() as ip:
-        index = _index(ip, ifname)
-        ip.link("set", index=index, state="up")
-        ip.addr("add", index=index, address=ip_address, prefixlen=32)
-        ip.neigh("replace", dst=gateway, lladdr=host_mac, ifindex=index, state=0x80)
-        ip.route("replace", dst="0.0.0.0/0", gateway=gateway, oif=index, flags=4)  # ONLINK
-        info = _link_info(ip, ifname)
-    assert info is not None
-    return info
 
 
 def unwire_endpoint(host_ifname: str, ip_address: str | None = None) -> bool:
