@@ -600,8 +600,9 @@ def _configure_pod_side(sock: socket.socket, ifname: str, mac: str, ip_address: 
 
 
 def _route(dst_len: int, scope: int, flags: int) -> bytes:
-    """An rtmsg of the main table, protocol boot, unicast."""
-    return struct.pack("=BBBBBBBBI", socket.AF_INET, dst_len, 0, 0, 254, 3, scope, 1, flags)
+    """An rtmsg of the main table, protocol static (as pyroute2 adds routes, so
+    `delete_route` finds them), unicast."""
+    return struct.pack("=BBBBBBBBI", socket.AF_INET, dst_len, 0, 0, 254, 4, scope, 1, flags)
 
 
 def _neigh(index: int, address: str, mac: str) -> bytes:
@@ -616,7 +617,7 @@ def _neigh(index: int, address: str, mac: str) -> bytes:
 # (the kernel handles the messages of one send in order), ~20 times cheaper.
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _RTM_NEWLINK, _RTM_DELLINK, _RTM_GETLINK, _RTM_SETLINK = 16, 17, 18, 19
-_RTM_NEWADDR, _RTM_NEWROUTE, _RTM_NEWNEIGH = 20, 24, 28
+_RTM_NEWADDR, _RTM_NEWROUTE, _RTM_DELROUTE, _RTM_NEWNEIGH = 20, 24, 25, 28
 _F_REQUEST, _F_ACK, _F_REPLACE, _F_EXCL, _F_CREATE = 0x1, 0x4, 0x100, 0x200, 0x400
 _IFF_UP = 0x1
 _IFLA_ADDRESS, _IFLA_IFNAME, _IFLA_MTU, _IFLA_LINKINFO, _IFLA_NET_NS_FD = 1, 3, 4, 18, 28
@@ -650,6 +651,16 @@ def _rtnl(sock: socket.socket, *requests: tuple[int, int, bytes]) -> list[bytes]
     """Send `(type, flags, body)` requests in one batch, each with an ACK asked for; the
     payloads of the answers that are not ACKs come back in order. The first refusal
     raises `NetlinkError` (after every answer is read: the socket stays usable)."""
+    replies: list[bytes] = []
+    for code in _rtnl_each(sock, *requests, replies=replies):
+        if code:
+            raise NetlinkError(code, os.strerror(code))
+    return replies
+
+
+def _rtnl_each(sock: socket.socket, *requests: tuple[int, int, bytes],
+               replies: list[bytes] | None = None) -> list[int]:
+    """`_rtnl` without raising: the error code of each request (0: done), in order."""
     seqs, out = [], []
     for kind, flags, body in requests:
         seq = next(_SEQ) & 0xFFFFFFFF
@@ -657,7 +668,7 @@ def _rtnl(sock: socket.socket, *requests: tuple[int, int, bytes]) -> list[bytes]
         out.append(_NLMSG.pack(_NLMSG.size + len(body), kind, flags | _F_REQUEST | _F_ACK,
                                seq, 0) + body)
     sock.send(b"".join(out))
-    pending, replies, error = set(seqs), [], None
+    pending, codes = set(seqs), dict.fromkeys(seqs, 0)
     while pending:
         data = sock.recv(65536)
         offset = 0
@@ -669,16 +680,12 @@ def _rtnl(sock: socket.socket, *requests: tuple[int, int, bytes]) -> list[bytes]
                 continue
             if kind == _NLMSG_ERROR:
                 pending.discard(seq)
-                code = -struct.unpack_from("=i", payload)[0]
-                if code and error is None:
-                    error = NetlinkError(code, os.strerror(code))
-            elif kind != _NLMSG_DONE:
+                codes[seq] = -struct.unpack_from("=i", payload)[0]
+            elif kind != _NLMSG_DONE and replies is not None:
                 replies.append(payload)
             if length < _NLMSG.size:
                 break
-    if error is not None:
-        raise error
-    return replies
+    return [codes[seq] for seq in seqs]
 
 
 def _attrs(payload: bytes, offset: int) -> dict[int, bytes]:
@@ -728,11 +735,26 @@ def _disable_ipv6(ifname: str, whole_namespace: bool = True) -> None:
 
 
 def unwire_endpoint(host_ifname: str, ip_address: str | None = None) -> bool:
-    """Remove the host-side veth (its pod end and the /32 route go with it)."""
-    gone = delete_link(host_ifname)
+    """Remove the host-side veth (its pod end and the /32 route go with it; the route is
+    asked to go too, in case the veth was gone already); False if the veth was not there.
+    Hand-packed like `wire_endpoint`: one send per pod stop."""
+    requests = [(_RTM_DELLINK, 0, _ifinfo() + _name(host_ifname))]
     if ip_address:
-        delete_route(f"{ip_address}/32")
-    return gone
+        requests.append((_RTM_DELROUTE, 0, struct.pack(
+            "=BBBBBBBBI", socket.AF_INET, 32, 0, 0, 254, 0, 255, 0, 0)  # any scope/proto
+            + _attr(_RTA_DST, socket.inet_aton(ip_address))))
+    sock = _host_socket()
+    try:
+        errors = _rtnl_each(sock, *requests)
+    finally:
+        if not getattr(_thread, "reuse", False):
+            sock.close()
+    link_error = errors[0]
+    if link_error not in (0, errno.ENODEV):
+        raise NetlinkError(link_error, os.strerror(link_error))
+    if len(errors) > 1 and errors[1] not in (0, errno.ESRCH, errno.ENOENT):
+        raise NetlinkError(errors[1], os.strerror(errors[1]))
+    return link_error == 0
 
 
 # routing modes ----------------------------------------------------------------------------
