@@ -3,7 +3,10 @@
 Besides the BPF loader this is the only module that speaks netlink. Every function takes a
 `netns` argument: None means the calling process's own namespace (the agent runs inside its
 node's namespace), otherwise a name under /run/netns or an absolute path to a netns file.
-Deleting things is idempotent: removing what is already gone is not an error."""
+Deleting things is idempotent: removing what is already gone is not an error. The
+requests of a pod start and stop (`wire_endpoint`, `unwire_endpoint`), which run for every
+CNI ADD and DEL, are packed by hand and batched instead (`_rtnl`): pyroute2 costs ~0.3 ms
+of CPU a request."""
 
 from __future__ import annotations
 
