@@ -537,14 +537,7 @@ def wire_endpoint(host_ifname: str, pod_netns: str, ip_address: str, gateway: st
         with _socket_in(pod_netns) as pod_sock:
             fd = os.open(netns_path(pod_netns), os.O_RDONLY)
             try:
-                peer = {"attrs": [("IFLA_IFNAME", pod_ifname), ("IFLA_MTU", mtu),
-                                  ("IFLA_NET_NS_FD", fd), ("IFLA_ADDRESS", pod_mac)]}
-                info = {"attrs": [("IFLA_INFO_KIND", "veth"),
-                                  ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", peer)]})]}
-                _rtnl(host_sock, _request(
-                    ifinfmsg, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
-                    {"flags": IFF_UP, "change": IFF_UP},
-                    [("IFLA_IFNAME", host_ifname), ("IFLA_MTU", mtu), ("IFLA_LINKINFO", info)]))
+                _rtnl(host_sock, _new_veth(host_ifname, pod_ifname, fd, pod_mac, mtu))
             finally:
                 os.close(fd)
             try:
@@ -624,6 +617,19 @@ def _configure_pod_side(sock: socket.socket, ifname: str, mac: str, ip_address: 
           _route(0, rt_scope["universe"], RTNH_F_ONLINK,
                  [("RTA_GATEWAY", gateway), ("RTA_OIF", index)]))
     return LinkInfo(ifname=ifname, ifindex=index, mac=mac, up=True)
+
+
+def _new_veth(host_ifname: str, pod_ifname: str, pod_netns_fd: int, pod_mac: str,
+              mtu: int) -> nlmsg:
+    """RTM_NEWLINK of a veth pair: `host_ifname` up here, its peer born as `pod_ifname`
+    with `pod_mac` in the namespace of `pod_netns_fd` (no move afterwards)."""
+    peer = {"attrs": [("IFLA_IFNAME", pod_ifname), ("IFLA_MTU", mtu),
+                      ("IFLA_NET_NS_FD", pod_netns_fd), ("IFLA_ADDRESS", pod_mac)]}
+    info = {"attrs": [("IFLA_INFO_KIND", "veth"),
+                      ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", peer)]})]}
+    return _request(ifinfmsg, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
+                    {"flags": IFF_UP, "change": IFF_UP},
+                    [("IFLA_IFNAME", host_ifname), ("IFLA_MTU", mtu), ("IFLA_LINKINFO", info)])
 
 
 def _route(dst_len: int, scope: int, flags: int, attrs: list) -> nlmsg:
