@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pylium.endpoint.manager import EndpointManager
@@ -79,6 +80,12 @@ class DatapathAdapter:
 
     def __init__(self, datapath: Any):
         self.datapath = datapath
+        #: policy swaps sleep through an RCU grace period in the kernel (every update of a
+        #: map-in-map slot does): on threads of their own, so the pods of a node starting
+        #: together wait out one period side by side instead of queueing for the default
+        #: pool's few threads (and holding up the work queued there)
+        self._policy_threads = ThreadPoolExecutor(max_workers=32,
+                                                  thread_name_prefix="pylium-ep-policy")
 
     async def attach(self, ep: Endpoint) -> None:
         from pylium.datapath import EndpointInfo
@@ -100,7 +107,8 @@ class DatapathAdapter:
         await asyncio.to_thread(detach)
 
     async def update_policy(self, ep: Endpoint, policy: Any) -> None:
-        await asyncio.to_thread(self.datapath.update_policy, ep.id, policy)
+        await asyncio.get_running_loop().run_in_executor(
+            self._policy_threads, self.datapath.update_policy, ep.id, policy)
 
 
 async def start(daemon) -> EndpointManager:

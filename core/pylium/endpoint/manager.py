@@ -371,13 +371,14 @@ class EndpointManager:
         step fails."""
         owner = (container_owner(container_id) if container_id
                  else f"endpoint:{namespace}/{name}")
-        address = await asyncio.to_thread(self.ipam.allocate, owner)
         ifname = host_ifname(namespace, name, container_id)
-        undo: list[Callable[[], Any]] = [lambda: self.ipam.release(address)]
+        # the address and the veth in one job of a netlink thread: no hop through the
+        # default thread pool (where policy swaps sit out RCU grace periods) in between
+        address, links = await asyncio.get_running_loop().run_in_executor(
+            self._netlink, self._allocate_plumb, owner, ifname, netns, pod_ifname)
+        undo: list[Callable[[], Any]] = [lambda: self.ipam.release(address),
+                                         lambda: plumbing.unwire_endpoint(ifname, address)]
         try:
-            links = await asyncio.get_running_loop().run_in_executor(
-                self._netlink, self._plumb, ifname, netns, address, pod_ifname)
-            undo.append(lambda: plumbing.unwire_endpoint(ifname, address))
             ep = Endpoint(id=ep_id, name=name, namespace=namespace, labels=labels,
                           netns=netns, ipv4=address, ifname=ifname,
                           ifindex=links.host.ifindex, mac=links.host.mac,
@@ -404,6 +405,17 @@ class EndpointManager:
                  address, ifname, ep.identity,
                  f", container {container_id}" if container_id else "")
         return ep
+
+    def _allocate_plumb(self, owner: str, ifname: str, netns: str,
+                        pod_ifname: str) -> tuple[str, plumbing.EndpointLinks]:
+        """An address for `owner` and the veth with it (a thread's work); the address goes
+        back if the veth cannot be made."""
+        address = self.ipam.allocate(owner)
+        try:
+            return address, self._plumb(ifname, netns, address, pod_ifname)
+        except BaseException:
+            self.ipam.release(address)
+            raise
 
     def _plumb(self, ifname: str, netns: str, address: str,
                pod_ifname: str) -> plumbing.EndpointLinks:
