@@ -192,11 +192,7 @@ def _on_thread(func: Callable[[], T], netns: str | None = None) -> T:
     def body() -> None:
         try:
             if netns is not None:
-                fd = os.open(netns_path(netns), os.O_RDONLY)
-                try:
-                    _check(_libc().setns(fd, CLONE_NEWNET), f"setns({netns})")
-                finally:
-                    os.close(fd)
+                _enter(netns)
             result["value"] = func()
         except BaseException as exc:  # handed back to the caller's thread
             result["error"] = exc
@@ -207,6 +203,15 @@ def _on_thread(func: Callable[[], T], netns: str | None = None) -> T:
     if "error" in result:
         raise result["error"]
     return result["value"]
+
+
+def _enter(netns: str) -> None:
+    """`setns(2)` the calling thread into `netns`."""
+    fd = os.open(netns_path(netns), os.O_RDONLY)
+    try:
+        _check(_libc().setns(fd, CLONE_NEWNET), f"setns({netns})")
+    finally:
+        os.close(fd)
 
 
 def run_in_netns(netns: str, func: Callable[[], T]) -> T:
@@ -532,35 +537,30 @@ def wire_endpoint(host_ifname: str, pod_netns: str, ip_address: str, gateway: st
     both are set); the pod side goes over a socket the calling thread opens inside the
     pod's namespace and then steps back out of (no extra thread per pod)."""
     pod_mac = _random_mac()
-    host_sock = _host_socket()
-    try:
-        with _socket_in(pod_netns) as pod_sock:
-            fd = os.open(netns_path(pod_netns), os.O_RDONLY)
+    with _host_socket() as host_sock, _socket_in(pod_netns) as pod_sock:
+        fd = os.open(netns_path(pod_netns), os.O_RDONLY)
+        try:
+            _rtnl(host_sock, _new_veth(host_ifname, pod_ifname, fd, pod_mac, mtu))
+        finally:
+            os.close(fd)
+        try:
+            host = _get_link(host_sock, host_ifname)
+            # IPv4-only pods: no IPv6 router/neighbour solicitations for the datapath
+            # to drop
+            _disable_ipv6(host_ifname, whole_namespace=False)
+            pod = _configure_pod_side(pod_sock, pod_ifname, pod_mac, ip_address, gateway,
+                                      host.mac)
+            _rtnl(host_sock,
+                  _route(32, rt_scope["link"], 0,
+                         [("RTA_DST", ip_address), ("RTA_OIF", host.ifindex)]),
+                  _neigh(host.ifindex, ip_address, pod_mac))
+        except BaseException:
             try:
-                _rtnl(host_sock, _new_veth(host_ifname, pod_ifname, fd, pod_mac, mtu))
-            finally:
-                os.close(fd)
-            try:
-                host = _get_link(host_sock, host_ifname)
-                # IPv4-only pods: no IPv6 router/neighbour solicitations for the datapath
-                # to drop
-                _disable_ipv6(host_ifname, whole_namespace=False)
-                pod = _configure_pod_side(pod_sock, pod_ifname, pod_mac, ip_address, gateway,
-                                          host.mac)
-                _rtnl(host_sock,
-                      _route(32, rt_scope["link"], 0,
-                             [("RTA_DST", ip_address), ("RTA_OIF", host.ifindex)]),
-                      _neigh(host.ifindex, ip_address, pod_mac))
-            except BaseException:
-                try:
-                    _rtnl(host_sock, _request(ifinfmsg, RTM_DELLINK, 0, {},
-                                              [("IFLA_IFNAME", host_ifname)]))
-                except NetlinkError:
-                    pass
-                raise
-    finally:
-        if not getattr(_thread, "reuse", False):
-            host_sock.close()
+                _rtnl(host_sock, _request(ifinfmsg, RTM_DELLINK, 0, {},
+                                          [("IFLA_IFNAME", host_ifname)]))
+            except NetlinkError:
+                pass
+            raise
     return EndpointLinks(host=host, pod=pod)
 
 
@@ -579,11 +579,7 @@ def _socket_in(netns: str) -> Iterator[socket.socket]:
     it was opened in."""
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
-        fd = os.open(netns_path(netns), os.O_RDONLY)
-        try:
-            _check(_libc().setns(fd, CLONE_NEWNET), f"setns({netns})")
-        finally:
-            os.close(fd)
+        _enter(netns)
         try:
             _disable_ipv6("", whole_namespace=True)
             sock = _route_socket()
@@ -723,15 +719,22 @@ def _route_socket() -> socket.socket:
     return sock
 
 
-def _host_socket() -> socket.socket:
-    """The calling thread's raw rtnetlink socket in its namespace (kept while the thread
-    keeps pyroute2 sockets: `reuse_netlink_socket`)."""
-    if not getattr(_thread, "reuse", False):
-        return _route_socket()
-    sock = getattr(_thread, "raw", None)
-    if sock is None:
-        sock = _thread.raw = _route_socket()
-    return sock
+@contextmanager
+def _host_socket() -> Iterator[socket.socket]:
+    """A raw rtnetlink socket in the calling thread's namespace: the thread's kept one
+    while it keeps pyroute2 sockets (`reuse_netlink_socket`), else a fresh one closed
+    after use."""
+    if getattr(_thread, "reuse", False):
+        sock = getattr(_thread, "raw", None)
+        if sock is None:
+            sock = _thread.raw = _route_socket()
+        yield sock
+        return
+    sock = _route_socket()
+    try:
+        yield sock
+    finally:
+        sock.close()
 
 
 def _disable_ipv6(ifname: str, whole_namespace: bool = True) -> None:
@@ -751,12 +754,8 @@ def unwire_endpoint(host_ifname: str, ip_address: str | None = None) -> bool:
                                  {"family": socket.AF_INET, "dst_len": 32,
                                   "table": _RT_TABLE_MAIN, "scope": rt_scope["nowhere"]},
                                  [("RTA_DST", ip_address)]))
-    sock = _host_socket()
-    try:
+    with _host_socket() as sock:
         errors = _rtnl_each(sock, *requests)
-    finally:
-        if not getattr(_thread, "reuse", False):
-            sock.close()
     link_error = errors[0]
     if link_error not in (0, errno.ENODEV):
         raise NetlinkError(link_error, os.strerror(link_error))
