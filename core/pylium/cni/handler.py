@@ -130,9 +130,13 @@ async def cmd_gc(conf: Mapping[str, Any], agent: AgentPort) -> None:
     await _call("garbage collection", agent.gc(spec.valid_attachments(conf)))
 
 
+def _spoken(asked: Any) -> str:
+    """The version to answer in: the one asked for when we speak it, else the latest."""
+    return asked if asked in spec.SUPPORTED_VERSIONS else spec.LATEST
+
+
 def version_answer(conf: Mapping[str, Any]) -> dict[str, Any]:
-    asked = conf.get("cniVersion")
-    return {"cniVersion": asked if asked in spec.SUPPORTED_VERSIONS else spec.LATEST,
+    return {"cniVersion": _spoken(conf.get("cniVersion")),
             "supportedVersions": list(spec.SUPPORTED_VERSIONS)}
 
 
@@ -181,10 +185,9 @@ def run_now(coro: Coroutine[Any, Any, T]) -> T:
 def reported_version(stdin: bytes) -> str:
     """The cniVersion error objects carry: the config's, when it is one we speak."""
     try:
-        asked = spec.decode_config(stdin).get("cniVersion")
+        return _spoken(spec.decode_config(stdin).get("cniVersion"))
     except CNIError:
         return spec.LATEST
-    return asked if asked in spec.SUPPORTED_VERSIONS else spec.LATEST
 
 
 def socket_of(stdin: bytes) -> str:
