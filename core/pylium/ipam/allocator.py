@@ -109,9 +109,10 @@ class PodCIDRAllocator:
             first = int(self.network.network_address)
             size = self.network.num_addresses
             start = int(ipaddress.IPv4Address(state["last"])) - first
+            reserved = self.reserved()
             for step in range(1, size + 1):
                 candidate = ipaddress.IPv4Address(first + (start + step) % size)
-                if candidate in self.reserved() or str(candidate) in taken:
+                if candidate in reserved or str(candidate) in taken:
                     continue
                 taken[str(candidate)] = owner
                 state["last"] = str(candidate)
