@@ -115,6 +115,11 @@ class RunningCapability:
                 "status": status}
 
 
+def plugin_states(daemon) -> Path:
+    """Where capabilities keep their state: `<kind>-<name>` directories (`state_dir`)."""
+    return Path(daemon.config.state_dir) / "plugins"
+
+
 class KindDriver:
     """How one capability kind is built, started and stopped. `context()` returns the
     kind's context; `start()` runs after the backend is built; `stop()` at agent stop."""
@@ -129,7 +134,7 @@ class KindDriver:
         return {}
 
     def state_dir(self, daemon, record: Capability) -> Path:
-        return Path(daemon.config.state_dir) / "plugins" / f"{self.kind}-{record.name}"
+        return plugin_states(daemon) / f"{self.kind}-{record.name}"
 
     async def start(self, daemon, running: RunningCapability) -> None: ...
 
@@ -183,7 +188,7 @@ class CapabilityLifecycle:
     def _ran_before_the_record(self) -> dict[str, list[str]]:
         """No record yet (a node upgraded from a version that kept none): a capability that
         has a state directory has run here (`KindDriver.state_dir`)."""
-        plugins = Path(self.daemon.config.state_dir) / "plugins"
+        plugins = plugin_states(self.daemon)
         found: dict[str, list[str]] = {}
         for kind, driver in self.drivers.items():
             if not driver.leaves_state or not plugins.is_dir():
