@@ -11,6 +11,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class DeathstarHandler(BaseHTTPRequestHandler):
     server_version = "deathstar/1.0"
+    #: keep-alive, as Cilium's demo app (a Go server) answers: http.server's default,
+    #: HTTP/1.0, closes after every answer, so a client at load reconnects per request
+    protocol_version = "HTTP/1.1"
+    #: the headers and the body go out in two writes: with Nagle on, a kept-alive client
+    #: waits for its delayed ACK (40 ms) before the body
+    disable_nagle_algorithm = True
 
     def _answer(self, status: int, body: str) -> None:
         data = body.encode()
@@ -48,13 +54,20 @@ class DeathstarHandler(BaseHTTPRequestHandler):
         pass  # quiet: the lab keeps no per-request logs
 
 
+class DeathstarServer(ThreadingHTTPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+    #: socketserver's default backlog is 5: a few clients reconnecting at once overflowed it,
+    #: and the kernel's dropped SYNs came back as 1 s (or, twice, 3 s) stalls
+    request_queue_size = 128
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=80)
     parser.add_argument("--address", default="0.0.0.0")
     args = parser.parse_args()
-    ThreadingHTTPServer.allow_reuse_address = True
-    ThreadingHTTPServer((args.address, args.port), DeathstarHandler).serve_forever()
+    DeathstarServer((args.address, args.port), DeathstarHandler).serve_forever()
 
 
 if __name__ == "__main__":
