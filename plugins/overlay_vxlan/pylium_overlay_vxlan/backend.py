@@ -75,6 +75,8 @@ class OverlayVxlan(TunnelRouting):
                      self.port)
             return
         mtu = self.context.underlay_mtu - self.mtu_overhead
+        # node routes the other encapsulation left would carry host traffic unwrapped
+        self.delete_node_routes()
         self._remember_device()
         link = plumbing.create_vxlan_external(self.device, self.port, mtu)
         plumbing.write_sysctl(None, f"net.ipv6.conf.{self.device}.disable_ipv6", "1")

@@ -1,8 +1,8 @@
 """Switching routing modes (a config change plus an agent restart) leaves only the new
 mode's state: the capability lifecycle builds the mode the previous run recorded and tears
 it down before the new one starts. A real two-node lab (node namespaces, an underlay bridge,
-one agent each) goes vxlan through the kernel's device -> geneve -> native -> vxlan in BPF,
-checking at each step that the previous mode's device, programs on the underlay link and
+one agent each) goes vxlan through the kernel's device -> geneve -> native -> vxlan in BPF
+(-> the device again, an option change within one mode), checking at each step that the previous mode's device, programs on the underlay link and
 node routes are gone, the new mode's are there, and pods on the two nodes reach each
 other."""
 
@@ -148,5 +148,14 @@ def test_switching_modes_leaves_only_the_new_modes_state():
             assert mode_programs(node) == {"vxlan_ingress", "vxlan_egress"}
             assert node_routes(netns[node]) == {pod_cidr[other]}
             assert not has_link(netns[node], DEVICE)
+
+        # the same mode, the other encapsulation (no teardown: still selected): the device
+        # mode drops the node routes and programs the BPF one left
+        restart(lab, "vxlan", {"vxlan": {"encapsulation": "device"}})
+        check_mode(lab, "vxlan")
+        for node in NODES:
+            assert has_link(netns[node], DEVICE)
+            assert mode_programs(node) == set()
+            assert node_routes(netns[node]) == set()
     finally:
         lab.down()
