@@ -9,8 +9,9 @@ backend is built, or on the backend's `context.load_bpf()` when the record decla
 defines), one line naming the plugin when a selected backend cannot start, and the state
 each capability reports (`running`, `failed: <reason>`, `not selected`).
 
-Some kinds leave state on the node that outlives the agent (encryption: a device and its
-daemon, a steering program; an L7 parser: its proxy process). Which of those ran is recorded in the state directory
+Some kinds leave state on the node that outlives the agent (a routing mode: its devices,
+programs on the underlay link, node routes; encryption: a device and its daemon, a steering
+program; an L7 parser: its proxy process). Which of those ran is recorded in the state directory
 (`capabilities.json`); when a later start no longer selects one, the core builds its backend
 once more, asks it to `teardown()` what it left, and forgets it."""
 
@@ -437,6 +438,7 @@ class KVStoreDriver(KindDriver):
 class RoutingDriver(KindDriver):
     kind = "routing"
     context_type = RoutingContext
+    leaves_state = True  # devices, programs on the underlay link and node routes stay
 
     def extra_context(self, daemon, record: Capability) -> dict[str, Any]:
         from pylium.routing.component import underlay_of

@@ -460,9 +460,13 @@ def addresses(ifname: str | None = None, netns: str | None = None) -> list[str]:
 
 @_netlink
 def add_route(dst: str, netns: str | None = None, gateway: str | None = None,
-              ifname: str | None = None, onlink: bool = False) -> None:
-    """Add (or replace) a route; `dst` is a CIDR or "default"."""
+              ifname: str | None = None, onlink: bool = False,
+              proto: int | None = None) -> None:
+    """Add (or replace) a route; `dst` is a CIDR or "default". `proto` marks who owns it
+    (rtm_protocol, pyroute2's default `static` without one): `delete_routes` finds them."""
     spec: dict[str, Any] = {"dst": "0.0.0.0/0" if dst == "default" else dst}
+    if proto is not None:
+        spec["proto"] = proto
     with ipr() as ip:
         if ifname is not None:
             spec["oif"] = _index(ip, ifname)
@@ -489,14 +493,40 @@ def delete_route(dst: str, netns: str | None = None) -> bool:
 
 @_netlink
 def routes(netns: str | None = None) -> list[dict[str, Any]]:
-    """IPv4 main-table routes as `{"dst", "gateway", "oif"}` dicts."""
+    """IPv4 main-table routes as `{"dst", "gateway", "oif", "proto"}` dicts."""
     with ipr() as ip:
         out = []
         for m in ip.get_routes(family=2, table=254):
             dst = m.get_attr("RTA_DST")
             out.append({"dst": f"{dst}/{m['dst_len']}" if dst else "default",
-                        "gateway": m.get_attr("RTA_GATEWAY"), "oif": m.get_attr("RTA_OIF")})
+                        "gateway": m.get_attr("RTA_GATEWAY"), "oif": m.get_attr("RTA_OIF"),
+                        "proto": m["proto"]})
         return out
+
+
+@_netlink
+def delete_routes(proto: int, netns: str | None = None) -> list[str]:
+    """Delete every IPv4 main-table route marked `proto` (see `add_route`); their
+    destinations. `proto` must be one only pylium uses: nothing else is looked at."""
+    if proto in (rt_proto["unspec"], rt_proto["kernel"], rt_proto["boot"],
+                 rt_proto["static"]):
+        raise ValueError(f"route protocol {proto} is shared: refusing to delete by it")
+    deleted = []
+    with ipr() as ip:
+        for m in ip.get_routes(family=2, table=254):
+            if m["proto"] != proto:
+                continue
+            dst = m.get_attr("RTA_DST")
+            spec = {"dst": f"{dst}/{m['dst_len']}" if dst else "0.0.0.0/0", "proto": proto,
+                    "table": 254}
+            try:
+                ip.route("del", **spec)
+            except NetlinkError as exc:
+                if exc.code not in (errno.ESRCH, errno.ENOENT):
+                    raise
+                continue
+            deleted.append(spec["dst"])
+    return deleted
 
 
 @_netlink

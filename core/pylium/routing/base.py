@@ -15,6 +15,11 @@ from pylium.errors import UserError
 
 log = logging.getLogger(__name__)
 
+#: the route protocol (rtm_protocol) node routes carry: a mode torn down after a restart has
+#: no list of the nodes it programmed, so it finds its routes by this mark (an unused
+#: number in iproute2's rt_protos)
+NODE_ROUTE_PROTO = 176
+
 
 def option_int(options: dict[str, Any], key: str, default: int, low: int, high: int,
                plugin: str) -> int:
@@ -65,12 +70,19 @@ class RoutedNodes(RoutingMode):
 
     def add_node_route(self, node: NodeInfo) -> None:
         plumbing.add_route(str(node.pod_cidr), None, gateway=str(node.ipv4),
-                           ifname=self.context.underlay_ifname)
+                           ifname=self.context.underlay_ifname, proto=NODE_ROUTE_PROTO)
 
     def delete_node_route(self, node: NodeInfo) -> None:
         for route in plumbing.routes():
             if route["dst"] == str(node.pod_cidr) and route["gateway"] == str(node.ipv4):
                 plumbing.delete_route(str(node.pod_cidr))
+
+    def delete_node_routes(self) -> None:
+        """Every node route a routing mode left (`NODE_ROUTE_PROTO`), also those of nodes
+        this backend never heard of: teardown of a mode a previous run selected."""
+        gone = plumbing.delete_routes(NODE_ROUTE_PROTO)
+        if gone:
+            log.info("%s: deleted node routes %s", self.name, ", ".join(gone))
 
     def check_remote(self, node: NodeInfo) -> None:
         local = self.context.node

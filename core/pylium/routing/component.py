@@ -3,9 +3,11 @@ started by the capability lifecycle, `pylium.agent.capabilities`), holding the n
 taking node join/leave events (from the cluster's node registry or the API) to it. The pod MTU the endpoint manager wires veths with
 is the underlay MTU minus the mode's overhead.
 
-Switching modes is a config change plus an agent restart: at start the component empties
-the routing slot and removes pylium's programs from the underlay link, so what the previous
-mode left cannot carry traffic; the new mode then sets up its own."""
+Switching modes is a config change plus an agent restart: at start the capability lifecycle
+builds the mode the previous run recorded (`capabilities.json`) and calls its `teardown()`,
+which removes its devices, programs and node routes; the component then empties the routing
+slot and removes pylium's programs from the underlay link anyway (a node upgraded from a
+version that kept no record), and the new mode sets up its own."""
 
 from __future__ import annotations
 

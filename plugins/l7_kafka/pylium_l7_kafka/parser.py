@@ -2,8 +2,10 @@
 
 Requests: a whole frame is read (size-prefixed, at most `codec.MAX_FRAME`), its header and
 body decoded strictly from the protocol tables, and judged. Allowed -> passed unchanged;
-denied -> dropped and answered in the broker's place (`responses.denial`); a frame that
-does not decode -> the connection is closed (it never reaches the broker).
+denied -> dropped and answered in the broker's place (`responses.denial`), or, for a request
+no answer is known for, dropped and the connection closed (still a denial in the records);
+a frame that does not decode -> the connection is closed (it never reaches the broker), the
+only request record that carries an `error` (the core counts those under `parse_errors`).
 
 Responses come back in request order; the proxy keeps that order: a local answer waits
 until the responses of the requests before it have been passed. Responses are streamed
@@ -168,9 +170,9 @@ class KafkaConnection(ConnectionParser):
                 self.pending.append(pending)
             return [PASS(head.size)]
         if not responses.can_answer(head.api_key, head.api_version):
-            self.emit({"verdict": "DROPPED", "error": "denied; no answer known for api key "
-                       f"{head.api_key} v{head.api_version}: closing",
-                       "l7": flow_l7(pending, "REQUEST")})
+            # judged and denied (a denial, not a parse error: no "error" key); no answer in
+            # the broker's place is known for it, so the connection is closed instead
+            self.emit({"verdict": "DROPPED", "l7": flow_l7(pending, "REQUEST")})
             self.closed = True
             return [DROP(len(data)), CLOSE]
         local, code = responses.denial(head.api_key, head.api_version, head.correlation_id,

@@ -32,3 +32,9 @@ class NativeRouting(RoutedNodes):
 
     def unprogram_node(self, node: NodeInfo) -> None:
         self.delete_node_route(node)
+
+    def teardown(self) -> None:
+        """The node routes go (`net.ipv4.ip_forward` stays: what it was before is unknown
+        and other forwarding on the node may need it)."""
+        super().teardown()
+        self.delete_node_routes()

@@ -56,9 +56,12 @@ class OverlayGeneve(TunnelRouting):
         self.delete_node_route(node)
 
     def teardown_tunnel(self) -> None:
+        """The programs leave the underlay link and every node route goes (also those of
+        a run before: a backend built to tear down a deselected geneve knows no nodes)."""
         index = socket.if_nametoindex(self.context.underlay_ifname)
         for point in (tc.EGRESS, tc.INGRESS):
             tc.detach(index, point)
+        self.delete_node_routes()
 
     def status(self) -> dict[str, Any]:
         return {**super().status(), "device": self.context.underlay_ifname,

@@ -75,6 +75,9 @@ class OverlayVxlan(TunnelRouting):
                      self.port)
             return
         mtu = self.context.underlay_mtu - self.mtu_overhead
+        # node routes the other encapsulation left would carry host traffic unwrapped
+        self.delete_node_routes()
+        self._remember_device()
         link = plumbing.create_vxlan_external(self.device, self.port, mtu)
         plumbing.write_sysctl(None, f"net.ipv6.conf.{self.device}.disable_ipv6", "1")
         bpf = self.context.load_bpf(VXLAN_IFINDEX=link.ifindex, VXLAN_PORT=self.port,
@@ -96,14 +99,44 @@ class OverlayVxlan(TunnelRouting):
             self.delete_node_route(node)
 
     def teardown_tunnel(self) -> None:
-        if self.in_bpf:
-            index = socket.if_nametoindex(self.context.underlay_ifname)
-            for point in (tc.EGRESS, tc.INGRESS):
-                tc.detach(index, point)
-            return
+        """Both encapsulations' state, whichever ran: a backend built to tear down a
+        deselected vxlan has today's options, not those of the run that left the state.
+        The underlay programs, the endpoint program's remote slot, the device (every name
+        a run used) and every node route go."""
+        index = socket.if_nametoindex(self.context.underlay_ifname)
+        for point in (tc.EGRESS, tc.INGRESS):
+            tc.detach(index, point)
         if self.context.datapath is not None:
             self.context.datapath.set_routing_slot(0, None)
-        plumbing.delete_link(self.device)
+        for device in sorted({self.device, *self._remembered_devices()}):
+            if plumbing.delete_link(device):
+                log.info("vxlan: device %s deleted", device)
+        self._forget_devices()
+        self.delete_node_routes()
+
+    # the device names runs used (option `device`), in the state dir: teardown finds them
+    # even when the option changed or is gone since
+    def _devices_file(self) -> Path | None:
+        state_dir = self.context.state_dir
+        return Path(state_dir) / "devices" if state_dir is not None else None
+
+    def _remembered_devices(self) -> set[str]:
+        path = self._devices_file()
+        try:
+            return set(path.read_text().split()) if path is not None else set()
+        except FileNotFoundError:
+            return set()
+
+    def _remember_device(self) -> None:
+        path = self._devices_file()
+        names = self._remembered_devices()
+        if path is not None and self.device not in names:
+            path.write_text("".join(f"{n}\n" for n in sorted(names | {self.device})))
+
+    def _forget_devices(self) -> None:
+        path = self._devices_file()
+        if path is not None:
+            path.unlink(missing_ok=True)
 
     def status(self) -> dict[str, Any]:
         device = self.context.underlay_ifname if self.in_bpf else self.device

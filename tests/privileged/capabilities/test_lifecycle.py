@@ -259,12 +259,14 @@ def test_deselected_encryption_is_torn_down_at_the_next_start(world):
         return [e for e in events(recording) if e["event"] == "teardown"]
 
     run({**selection, "encryption": "recording-encryption"})
-    assert json.loads(ran_file.read_text()) == {"encryption": ["recording-encryption"]}
+    # the routing mode leaves state too (devices, programs, routes): recorded as well
+    assert json.loads(ran_file.read_text()) == {"encryption": ["recording-encryption"],
+                                                "routing": ["recording-routing"]}
     assert teardowns() == []  # an agent stop leaves it in place
 
     status = run(selection)
     assert teardowns() == [{"event": "teardown", "kind": "encryption"}]
-    assert json.loads(ran_file.read_text()) == {}
+    assert json.loads(ran_file.read_text()) == {"routing": ["recording-routing"]}
     (enc,) = [c for c in status["capabilities"] if c["name"] == "recording-encryption"]
     assert enc["state"] == "not selected"
 
@@ -276,9 +278,17 @@ def test_deselected_encryption_is_torn_down_at_the_next_start(world):
     ran_file.unlink()
     run(selection)
     assert len(teardowns()) == 2
-    assert json.loads(ran_file.read_text()) == {}
+    assert json.loads(ran_file.read_text()) == {"routing": ["recording-routing"]}
 
     ran_file.write_text(json.dumps({"encryption": ["gone-encryption"]}))
     run(selection)
     assert "'gone-encryption' ran on this node before" in log_path.read_text()
-    assert json.loads(ran_file.read_text()) == {"encryption": ["gone-encryption"]}
+    assert json.loads(ran_file.read_text()) == {"encryption": ["gone-encryption"], "routing": ["recording-routing"]}
+
+    # another routing mode: the one that ran is built once more and torn down, once
+    run({**selection, "routing_mode": "local"})
+    assert teardowns()[2:] == [{"event": "teardown", "kind": "routing"}]
+    assert json.loads(ran_file.read_text()) == {"encryption": ["gone-encryption"],
+                                                "routing": ["local"]}
+    run({**selection, "routing_mode": "local"})
+    assert len(teardowns()) == 3

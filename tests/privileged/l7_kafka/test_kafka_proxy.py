@@ -134,3 +134,54 @@ def test_produce_frame_larger_than_the_read_ahead(kafka_netns, agent):
     [out] = kafka_netns.client("confluent-big", kafka_netns.bootstrap, DENIED, "3000000",
                                timeout=150)
     assert out["results"] == ["TOPIC_AUTHORIZATION_FAILED"], out
+
+
+RAW_CLIENT = """
+import socket, sys
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)), timeout=20)
+s.sendall(bytes.fromhex(sys.argv[2]))
+print("closed" if s.recv(4096) == b"" else "answered")
+"""
+
+
+def test_denied_request_with_no_answer_is_a_denial_and_a_bad_frame_a_parse_error(
+        kafka_netns, agent):
+    """A request the proxy denies but cannot answer (ConsumerGroupHeartbeat, api key 68) is
+    counted `denied`; a frame that does not decode, `parse_errors`; both close the
+    connection, and `received` stays the sum of forwarded, denied and parse errors."""
+    import struct
+    import sys
+    import time
+
+    from pylium_l7_kafka import codec
+
+    agent.apply(*produce_only(ALLOWED))
+    agent.flows.clear()
+
+    def counts() -> dict[str, float]:
+        return {rule: agent.metric("pylium_policy_l7_total",
+                                   {"rule": rule, "protocol": "kafka"})
+                for rule in ("received", "forwarded", "denied", "parse_errors")}
+
+    def send(frame: bytes, expect: dict[str, float]) -> None:
+        before = counts()
+        out = kafka_netns.run(sys.executable, "-c", RAW_CLIENT, kafka_netns.bootstrap,
+                              frame.hex())
+        assert out.stdout.strip() == "closed", out
+        deadline = time.monotonic() + 20
+        while True:  # flow records reach the agent in batches
+            delta = {k: v - before[k] for k, v in counts().items()}
+            if delta == expect or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert delta == expect, delta
+
+    send(codec.request_frame(68, 0, 5, "raw", b"\x00"),
+         {"received": 1, "forwarded": 0, "denied": 1, "parse_errors": 0})
+    [record] = [f for f in agent.flows.kafka() if f["l7"]["kafka"].get("api_key") == 68]
+    assert record["verdict"] == "DROPPED" and not record["is_reply"]
+    send(struct.pack(">i", 3) + b"abc",
+         {"received": 1, "forwarded": 0, "denied": 0, "parse_errors": 1})
+    total = counts()
+    assert total["received"] == total["forwarded"] + total["denied"] + total["parse_errors"]

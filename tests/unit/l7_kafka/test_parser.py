@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import struct
 
+from prometheus_client import CollectorRegistry
+from pylium.l7.backend import ProxyMetrics
 from pylium.policy.kafka import PortRuleKafka
 from pylium_l7_kafka import codec
 from pylium_l7_kafka.parser import KafkaParserFactory, max_version
@@ -186,6 +188,52 @@ def test_unknown_api_key_needs_a_rule_without_topic():
     e = Engine(allow_all=True)
     e.feed(False, frame)
     assert bytes(e.to_broker) == frame
+
+
+def _policy_l7(flows: list[dict]) -> dict[str, float]:
+    """The records as the core's proxy metrics count them (`pylium_policy_l7_total`)."""
+    registry = CollectorRegistry()
+    metrics = ProxyMetrics(registry)
+    for flow in flows:
+        metrics.observe("kafka", flow)
+    return {rule: registry.get_sample_value("pylium_policy_l7_total",
+                                            {"rule": rule, "protocol": "kafka"}) or 0
+            for rule in ("received", "forwarded", "denied", "parse_errors")}
+
+
+def test_denied_without_a_known_answer_counts_as_denied_not_as_a_parse_error():
+    frame = codec.request_frame(68, 0, 1, "c", b"\x00")  # ConsumerGroupHeartbeat
+    e = Engine(PortRuleKafka(role="consume", topic="a"))
+    e.feed(False, frame)
+    assert e.closed and not e.to_broker and not e.to_client
+    [record] = e.flows
+    assert record["verdict"] == "DROPPED" and "error" not in record
+    assert record["l7"]["type"] == "REQUEST" and record["l7"]["kafka"]["api_key"] == 68
+    assert _policy_l7(e.flows) == {"received": 1, "forwarded": 0, "denied": 1,
+                                   "parse_errors": 0}
+
+
+def test_every_request_outcome_counts_once():
+    """received = forwarded + denied + parse_errors over each way a request can end:
+    allowed, denied and answered, denied with acks=0 (no answer owed), denied with no
+    answer known (closed), and a frame that does not decode (a parse error, closed)."""
+    flows: list[dict] = []
+    e = Engine(PortRuleKafka(role="produce", topic="a"))
+    e.request(0, 9, 1, produce("a"))
+    e.request(0, 9, 2, produce("b"))
+    e.request(0, 9, 3, produce("b", acks=0))
+    flows += e.flows
+    e = Engine(PortRuleKafka(role="produce", topic="a"))
+    e.feed(False, codec.request_frame(68, 0, 4, "c", b"\x00"))
+    flows += e.flows
+    e = Engine(allow_all=True)
+    e.feed(False, struct.pack(">i", 3) + b"abc")
+    assert e.closed and e.flows[-1]["error"]
+    flows += e.flows
+    counts = _policy_l7(flows)
+    assert counts == {"received": 5, "forwarded": 1, "denied": 3, "parse_errors": 1}
+    assert counts["received"] == counts["forwarded"] + counts["denied"] \
+        + counts["parse_errors"]
 
 
 def test_response_out_of_order_closes():
