@@ -60,7 +60,8 @@ def test_wire_and_unwire_both_sides(lab):
     assert plumbing.neighbours("net7", pod) == {"10.96.3.1": host.mac}
     assert plumbing.neighbours("lxcni3a", node) == {"10.96.3.7": peer.mac}
     assert "default via 10.96.3.1 dev net7" in _ip(pod, "route") and "onlink" in _ip(pod, "route")
-    assert {"dst": "10.96.3.7/32", "gateway": None, "oif": host.ifindex} in plumbing.routes(node)
+    assert {"dst": "10.96.3.7/32", "gateway": None, "oif": host.ifindex, "proto": 4} \
+        in plumbing.routes(node)  # proto 4: static (what `ip route add` makes)
     assert "PERMANENT" in _ip(node, "neigh", "show", "dev", "lxcni3a")
     # traffic: the host side reaches the pod over the /32 route
     subprocess.run(["ip", "-n", node, "addr", "add", "10.96.3.1/32", "dev", "lxcni3a"],
