@@ -91,15 +91,21 @@ static __always_inline __u64 ct_lifetime(const struct pkt *p, __u8 flags)
 static __always_inline void ct_refresh(struct ct_entry *ct, const struct pkt *p, __u64 now,
 				       int reply)
 {
-	__u8 flags = ct->flags;
+	__u8 flags = ct->flags, add = 0;
 
 	if (reply)
-		flags |= CT_F_SEEN_REPLY;
+		add |= CT_F_SEEN_REPLY;
 	if (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
-		flags |= CT_F_CLOSING;
-	ct->flags = flags;
-	ct->tcp_flags_seen |= p->tcp_flags;
-	ct->expires_ns = now + ct_lifetime(p, flags);
+		add |= CT_F_CLOSING;
+	/* Flags are only ever added, and written only by the packet that adds one: packets of
+	 * one flow run on several CPUs at once, and a data packet writing back the flags it
+	 * read before a FIN was seen on another CPU would undo that FIN (the entry then
+	 * outlived the connection by hours). */
+	if ((flags | add) != flags)
+		ct->flags = flags | add;
+	if ((ct->tcp_flags_seen | p->tcp_flags) != ct->tcp_flags_seen)
+		ct->tcp_flags_seen |= p->tcp_flags;
+	ct->expires_ns = now + ct_lifetime(p, ct->flags);
 	__sync_fetch_and_add(&ct->packets, 1);
 	__sync_fetch_and_add(&ct->bytes, p->len);
 }

@@ -274,14 +274,22 @@ static __always_inline struct lb4_backend *lb4_pick_backend(const struct pkt *p,
 	struct ct_key key;
 	__u32 backend_id = 0;
 	__u64 now = bpf_ktime_get_ns();
+	/* a SYN opens a new connection: it takes active backends only, and on the tuple of
+	 * a flow that closed (the port reused) it picks afresh (Cilium's lb4_local alike) */
+	int syn = p->protocol == IPPROTO_TCP &&
+		  (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 
 	ct_key_forward(&key, p, CT_DIR_SERVICE);
 	ct = bpf_map_lookup_elem(&conntrack, &key);
-	if (ct && ct->expires_ns > now) {
-		be = lb4_usable_backend(ct->backend_id, 0);
+	if (ct && ct->expires_ns > now && !(syn && (ct->flags & CT_F_CLOSING))) {
+		be = lb4_usable_backend(ct->backend_id, syn);
 		if (be) {
+			/* replies never pass here: a TCP packet acknowledging something is the
+			 * sign the backend answered (else an established flow kept the SYN
+			 * lifetime and, idle for a minute, was sent to another backend) */
 			if (!dry_run)
-				ct_refresh(ct, p, now, 0);
+				ct_refresh(ct, p, now, p->protocol == IPPROTO_TCP &&
+					   (p->tcp_flags & TCP_FLAG_ACK));
 			return be;
 		}
 	}

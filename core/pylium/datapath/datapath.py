@@ -26,7 +26,13 @@ from pylium.datapath.hwaddr import interface_mac
 from pylium.datapath.libbpf import DatapathError, lib
 from pylium.datapath.loader import LoadedObject, load_object
 from pylium.datapath.maps.base import BpfMap
-from pylium.datapath.maps.conntrack import CT_F_CLOSING, CT_F_SEEN_REPLY, CtEntry, CtKey
+from pylium.datapath.maps.conntrack import (
+    CT_DIR_SERVICE,
+    CT_F_CLOSING,
+    CT_F_SEEN_REPLY,
+    CtEntry,
+    CtKey,
+)
 from pylium.datapath.maps.endpoints import (
     EndpointInfoValue,
     EndpointKey,
@@ -696,6 +702,22 @@ class Datapath:
         #: entries left after the last collection (the GC loop adapts its interval to it)
         self.ct_entries = seen - removed
         return removed
+
+    def ct_service_peers(self) -> set[tuple[str, int, int]]:
+        """(address, port, protocol) of every backend a live service flow's endpoint-side
+        conntrack entry goes to: the flows a removed backend must go on serving before
+        its lb4_backends entry may go. The endpoint-side entries see both directions (a
+        reset from the server included); the service-scope ones see only the client's."""
+        peers: set[tuple[str, int, int]] = set()
+        with self._lock:
+            self._require_open()
+            now = time.monotonic_ns()
+            for key, value in self.conntrack.items_batched():
+                if (value.rev_nat_index and key.direction != CT_DIR_SERVICE
+                        and value.expires_ns > now):
+                    peers.add((str(ipaddress.IPv4Address(bytes(key.daddr))),
+                               int.from_bytes(bytes(key.dport), "big"), key.protocol))
+        return peers
 
     # -- trace ----------------------------------------------------------------------
 

@@ -47,6 +47,8 @@ OPTIONS: dict[str, Any] = {"algorithm": "random",
                            "maglev_mode": maglev.DEFAULT_MODE,
                            "socket_lb_cgroup": "", "acceleration": "disabled"}
 APPLY_WAIT_S = 10.0
+#: how often a backend no service names any more is checked for flows still using it
+DRAIN_CHECK_S = 2.0
 #: a NodePort frontend's rev-NAT index: the service id plus this (ids stay below it)
 NODEPORT_INDEX_OFFSET = 0x8000
 
@@ -124,6 +126,11 @@ class LoadBalancer:
         #: (ip, port, proto number) -> backend id in lb4_backends
         self.backend_ids: dict[tuple[str, int, int], int] = {}
         self._last_backend_id = 0
+        #: backends no service names any more, kept in lb4_backends as terminating while
+        #: conntrack entries of their established flows name them (kube-proxy's conntrack
+        #: keeps such flows too): (ip, port, proto number) -> backend id
+        self.draining: dict[tuple[str, int, int], int] = {}
+        self._drain_task: asyncio.Task | None = None
         self.events = {"add": 0, "update": 0, "delete": 0, "errors": 0}
         self.mirror = PrefixMirror(daemon.kvstore, SVC_PREFIX, self._changed,
                                    on_synced=self._synced)
@@ -195,6 +202,9 @@ class LoadBalancer:
             self.socket_lb.close()  # stays attached, like the tc programs
         if self.xdp is not None:
             self.xdp.close()
+        if self._drain_task is not None:
+            self._drain_task.cancel()  # the next agent finds them terminating and drains them
+            await asyncio.gather(self._drain_task, return_exceptions=True)
         if self.maps is not None:
             self.maps.close()  # the maps stay pinned: translation goes on without us
 
@@ -231,10 +241,13 @@ class LoadBalancer:
     def _backend_id(self, ip: str, port: int, proto: int) -> int:
         key = (ip, port, proto)
         if key not in self.backend_ids:
+            if key in self.draining:  # back before its flows ended: the same id
+                self.backend_ids[key] = self.draining.pop(key)
+                return self.backend_ids[key]
             # never the id of a backend just removed: its flows' conntrack entries still
             # name it and must find it gone (and pick again), not find a stranger
-            self._last_backend_id = max(self._last_backend_id,
-                                        *self.backend_ids.values(), 0) + 1
+            self._last_backend_id = max(self._last_backend_id, *self.backend_ids.values(),
+                                        *self.draining.values(), 0) + 1
             self.backend_ids[key] = self._last_backend_id
         return self.backend_ids[key]
 
@@ -246,9 +259,13 @@ class LoadBalancer:
             if old is not None and (old.frontend != fe or old.id != svc.id):
                 self.maps.delete_service(old.id, old.frontend.ip, old.frontend.port,
                                          old.frontend.proto_number)
+            # make before break: the active backends are written before the slots that
+            # name them, a backend turning terminating only after the slots stopped naming
+            # it (else a new flow picks it in between, finds it unusable and is refused)
             for b in svc.backends:
-                self.maps.upsert_backend(self._backend_id(b.ip, b.port, proto), b.ip, b.port,
-                                         proto, b.state)
+                if b.state == "active":
+                    self.maps.upsert_backend(self._backend_id(b.ip, b.port, proto), b.ip,
+                                             b.port, proto, b.state)
             active = [b for b in svc.backends if b.state == "active"]
             ids = [self._backend_id(b.ip, b.port, proto) for b in active]
             algorithm = svc.algorithm or self.options["algorithm"]
@@ -264,6 +281,10 @@ class LoadBalancer:
                                      nodeport=svc.type == "NodePort",
                                      local=svc.traffic_policy == "Local")
             self._apply_nodeport(svc, old)
+            for b in svc.backends:
+                if b.state != "active":
+                    self.maps.upsert_backend(self._backend_id(b.ip, b.port, proto), b.ip,
+                                             b.port, proto, b.state)
             if old is not None and self.socket_lb is not None and fe.protocol == "UDP":
                 self._reset_udp_sockets(old, svc)
         self.applied[svc.name] = svc
@@ -386,8 +407,10 @@ class LoadBalancer:
         log.info("lb: service %s (id %d) removed", name, old.id)
 
     def _collect_backends(self) -> None:
-        """Forget backends no applied service names (after the slots that named them).
-        Not before the first full list: services not yet applied still use theirs."""
+        """Backends no applied service names (after the slots that named them) turn
+        terminating: their established flows go on, new ones cannot pick them; they leave
+        lb4_backends once no live conntrack entry names them (`_drain`). Not before the
+        first full list: services not yet applied still use theirs."""
         if not self.mirror.synced.is_set():
             return
         wanted = {(b.ip, b.port, s.frontend.proto_number)
@@ -395,7 +418,26 @@ class LoadBalancer:
         for key in [k for k in self.backend_ids if k not in wanted]:
             backend_id = self.backend_ids.pop(key)
             if self.maps is not None:
-                self.maps.delete_backend(backend_id)
+                self.maps.upsert_backend(backend_id, *key, "terminating")
+                self.draining[key] = backend_id
+        if self.draining and (self._drain_task is None or self._drain_task.done()):
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        """Remove draining backends whose flows ended (their conntrack entries expired or
+        were collected); a backend added back meanwhile left `draining` with its id."""
+        while self.draining:
+            await asyncio.sleep(DRAIN_CHECK_S)
+            try:
+                in_use = await asyncio.to_thread(self.datapath.ct_service_peers)
+            except Exception as exc:  # the datapath closing under us: try again later
+                log.warning("lb: draining backends: %s", exc)
+                continue
+            for key, backend_id in list(self.draining.items()):
+                if key not in in_use and self.draining.get(key) == backend_id:
+                    del self.draining[key]
+                    self.maps.delete_backend(backend_id)
+                    log.info("lb: backend %s:%d removed (no flow uses it)", key[0], key[1])
 
     # API -------------------------------------------------------------------------------
     async def upsert(self, svc: Service) -> Service:
@@ -451,6 +493,7 @@ class LoadBalancer:
 
     def status(self) -> dict[str, Any]:
         return {"services": len(self.applied), "backends": len(self.backend_ids),
+                "draining_backends": sorted(f"{ip}:{port}" for ip, port, _ in self.draining),
                 "algorithm": self.options["algorithm"],
                 "maglev_table_size": self.options["maglev_table_size"],
                 "maglev_mode": self.options["maglev_mode"],

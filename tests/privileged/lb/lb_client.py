@@ -33,7 +33,8 @@ def once(proto: str, ip: str, port: int, sport: int = 0) -> str:
                 return f"ERR peer {peer}"
             return data.decode().strip() or "ERR empty"
         except OSError as exc:
-            return f"ERR {type(exc).__name__}"
+            detail = f" errno {exc.errno}" if type(exc) is OSError else ""  # which one
+            return f"ERR {type(exc).__name__}{detail}"
 
 
 def main() -> None:

@@ -63,6 +63,48 @@ def test_clusterip_tcp_spreads_over_backends_and_replies_come_from_the_vip(node,
         maps.close()
 
 
+HOLD_SERVER = """
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 9090)); s.listen(); print("ready", flush=True)
+conn, _ = s.accept(); time.sleep(60)
+"""
+HOLD_CLIENT = """
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+print("connected", flush=True); time.sleep(60)
+"""
+
+
+def test_an_idle_established_flow_keeps_its_backend_beyond_the_syn_lifetime(node, servers):
+    """The service-scope entry of an established TCP flow lives as long as an established
+    flow, not a SYN's minute: replies never refresh it, so the client's ACK is the sign.
+    (Before, a flow idle for a minute was sent to a freshly picked backend: reset.)"""
+    n, maps = setup(node, servers)
+    procs = []
+    try:
+        maps.upsert_backend(4, PODS["b"][0], 9090, TCP)
+        maps.upsert_service(16, VIP, 89, TCP, [4], algorithm=LB_ALG_RANDOM, lut=None)
+        for ns, script, args in ((n.pods["b"]["ns"], HOLD_SERVER, []),
+                                 (n.pods["a"]["ns"], HOLD_CLIENT, [VIP, "89"])):
+            proc = subprocess.Popen(nsenter(ns, sys.executable, "-c", script, *args),
+                                    stdout=subprocess.PIPE, text=True)
+            procs.append(proc)
+            assert proc.stdout.readline().strip() in ("ready", "connected")
+        time.sleep(0.3)
+        entries = [e for e in n.dp.dump_ct() if e["direction"] == "service"
+                   and e["dport"] == 89]
+        assert len(entries) == 1, entries
+        entry = entries[0]
+        assert entry["seen_reply"] and not entry["closing"], entry
+        assert entry["expires_in_s"] > 120, entry  # the SYN lifetime is 60 s
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        maps.close()
+
+
 def test_udp_service_and_backend_removal(node, servers):
     n, maps = setup(node, servers)
     try:
@@ -161,6 +203,23 @@ def test_a_reused_tuple_that_no_longer_goes_through_the_service_is_not_rewritten
         time.sleep(0.2)
         assert client(a_ns, "tcp", PODS["b"][0], 8080, sport=41000) == [f"b {a_ip}"]
         assert client(a_ns, "tcp", VIP, 85, sport=41000) == [f"b {a_ip}"]
+    finally:
+        maps.close()
+
+
+def test_a_new_connection_on_a_closed_flows_tuple_takes_an_active_backend(node, servers):
+    """A client reuses a source port while its closed flow's service entry still lives
+    (10 s): the new SYN picks afresh among the active backends, never the terminating one
+    the old flow went to (it kept the old backend, so a draining backend took new flows)."""
+    n, maps = setup(node, servers)
+    try:
+        maps.upsert_service(17, VIP, 90, TCP, [1], algorithm=LB_ALG_RANDOM, lut=None)
+        a_ns, a_ip = n.pods["a"]["ns"], PODS["a"][0]
+        assert client(a_ns, "tcp", VIP, 90, sport=41010) == [f"b {a_ip}"]
+        maps.upsert_service(17, VIP, 90, TCP, [2], algorithm=LB_ALG_RANDOM, lut=None)
+        maps.upsert_backend(1, PODS["b"][0], 8080, TCP, "terminating")
+        time.sleep(0.2)
+        assert client(a_ns, "tcp", VIP, 90, sport=41010) == [f"c {a_ip}"]
     finally:
         maps.close()
 
