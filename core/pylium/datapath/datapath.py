@@ -150,6 +150,9 @@ class Datapath:
         #: ipcache write. A fixed set, not one per endpoint: nothing to keep per pod, and
         #: ids are handed out lowest first, so endpoints regenerated together rarely share one
         self._policy_locks = [threading.Lock() for _ in range(POLICY_LOCK_STRIPES)]
+        #: endpoint id → fd of the empty policy map `prepare_policy` put in its slot, until
+        #: its first policy fills that map in place (see `prepare_policy`)
+        self._fresh_policy: dict[int, int] = {}
         self.prog_fds: dict[str, int] = {}
         self.object_path: Path | None = None
         self._proxy_routing = False  # installed in this netns by this object
@@ -289,6 +292,8 @@ class Datapath:
             self._obj = None
             self.prog_fds.clear()
             self._attached.clear()  # the next open loads new programs: all attach again
+            for ep_id in list(self._fresh_policy):
+                libbpf.close(self._fresh_policy.pop(ep_id, None))
 
     def destroy(self) -> None:
         """Detach every endpoint's programs and remove every pin (lab down, tests)."""
@@ -439,8 +444,7 @@ class Datapath:
                 self.endpoints.delete(found[0])
                 if self._ep_index is not None:
                     self._ep_index.pop(ep_id, None)
-        with self._policy_slot(ep_id):  # an RCU grace period: not under `_lock`
-            self.policy.delete(U32Key(ep_id))
+        self.release_policy(ep_id)
         # the conntrack walk needs no lock either (the kernel map is safe to walk and
         # delete from concurrently; no other thread writes this endpoint's entries now)
         for key, value in self.conntrack.items_batched():
@@ -452,6 +456,35 @@ class Datapath:
 
     def _policy_slot(self, ep_id: int) -> threading.Lock:
         return self._policy_locks[ep_id % POLICY_LOCK_STRIPES]
+
+    def prepare_policy(self, ep_id: int) -> bool:
+        """Give a new endpoint an empty policy map before its first policy is known: one
+        without the meta entry, so its programs drop every packet (DROP_NO_CONFIG) until
+        then. Putting a map into the outer slot waits for an RCU grace period (every
+        map-in-map update does, tens of ms on a busy node); done here, alongside the
+        endpoint's veth, that wait is off the path of its first regeneration, which then
+        fills this map in place with the meta entry written last (`update_policy`): the
+        programs see no policy, then the whole one. False when the slot is already taken
+        (a restored endpoint's policy stays as it is)."""
+        _check_ep_id(ep_id)
+        with self._policy_slot(ep_id):
+            self._require_open()
+            if ep_id in self._fresh_policy or self.policy.lookup(U32Key(ep_id)) is not None:
+                return False
+            fd = self._new_inner(ep_id, "pol")
+            try:
+                self.policy.update(U32Key(ep_id), U32Key(fd), libbpf.BPF_NOEXIST)
+            except DatapathError:
+                libbpf.close(fd)
+                raise
+            self._fresh_policy[ep_id] = fd
+            return True
+
+    def release_policy(self, ep_id: int) -> bool:
+        """Remove the endpoint's policy map (prepared or filled); False if it had none."""
+        with self._policy_slot(ep_id):  # an RCU grace period: not under `_lock`
+            libbpf.close(self._fresh_policy.pop(ep_id, None))
+            return self.policy.delete(U32Key(ep_id))
 
     def _policy_inner_fd(self, ep_id: int) -> int | None:
         inner_id = self.policy.lookup(U32Key(ep_id))
@@ -486,22 +519,45 @@ class Datapath:
                                  f"({self.policy_capacity}); the previous policy stays in force")
         with self._policy_slot(ep_id):
             self._require_open()
-            old_rev = self._current_revision(ep_id)
+            old_rev = 0 if ep_id in self._fresh_policy else self._current_revision(ep_id)
             revision = policy.revision if policy.revision > old_rev else old_rev + 1
             revision &= 0xFFFFFFFF
             meta = encode_meta(policy)
             meta.revision = revision
             entries = [(PolicyMapKey.of(k), encode_entry(k, e)) for k, e in policy.entries.items()]
-            self._install_inner(ep_id, self.policy, libbpf.BPF_MAP_TYPE_LPM_TRIE, "pol",
-                                entries, meta)
+            fresh = self._fresh_policy.pop(ep_id, None)
+            if fresh is not None:
+                self._fill_fresh(ep_id, fresh, entries, meta)
+            else:
+                self._install_inner(ep_id, self.policy, "pol", entries, meta)
             return revision
 
-    def _install_inner(self, ep_id: int, outer: BpfMap, map_type: int, prefix: str,
-                       entries: list, meta: PolicyMapEntry) -> None:
+    def _new_inner(self, ep_id: int, prefix: str) -> int:
+        return libbpf.map_create(libbpf.BPF_MAP_TYPE_LPM_TRIE, f"{prefix}_{ep_id}",
+                                 ctypes.sizeof(PolicyMapKey), ctypes.sizeof(PolicyMapEntry),
+                                 self.policy_capacity, flags=libbpf.BPF_F_NO_PREALLOC)
+
+    def _fill_fresh(self, ep_id: int, inner_fd: int, entries: list,
+                    meta: PolicyMapEntry) -> None:
+        """The first policy of a prepared endpoint, written into the map already in its
+        slot: the entries, then the meta entry (until that lands the programs drop every
+        packet, so they never act on part of the policy). A map this fails to fill keeps
+        no meta entry (still dropping everything) and later policies are swapped in."""
+        try:
+            inner = BpfMap(inner_fd, f"policy of endpoint {ep_id}", PolicyMapKey, PolicyMapEntry)
+            for key, value in entries:
+                inner.update(key, value)
+            inner.update(PolicyMapKey.meta(), meta)
+        except DatapathError as exc:
+            raise DatapathError(f"first policy of endpoint {ep_id} NOT installed (its "
+                                f"traffic stays dropped): {exc}") from exc
+        finally:
+            libbpf.close(inner_fd)
+
+    def _install_inner(self, ep_id: int, outer: BpfMap, prefix: str, entries: list,
+                       meta: PolicyMapEntry) -> None:
         """Fill a new inner map completely, then swap it into `outer` in one update."""
-        inner_fd = libbpf.map_create(map_type, f"{prefix}_{ep_id}", ctypes.sizeof(PolicyMapKey),
-                                     ctypes.sizeof(PolicyMapEntry), self.policy_capacity,
-                                     flags=libbpf.BPF_F_NO_PREALLOC)
+        inner_fd = self._new_inner(ep_id, prefix)
         try:
             inner = BpfMap(inner_fd, f"policy of endpoint {ep_id}", PolicyMapKey, PolicyMapEntry)
             for key, value in entries:

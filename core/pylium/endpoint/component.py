@@ -110,6 +110,14 @@ class DatapathAdapter:
         await asyncio.get_running_loop().run_in_executor(
             self._policy_threads, self.datapath.update_policy, ep.id, policy)
 
+    async def prepare_policy(self, ep_id: int) -> bool:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._policy_threads, self.datapath.prepare_policy, ep_id)
+
+    async def release_policy(self, ep_id: int) -> bool:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._policy_threads, self.datapath.release_policy, ep_id)
+
 
 async def start(daemon) -> EndpointManager:
     cfg = daemon.config

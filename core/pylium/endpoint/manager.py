@@ -49,6 +49,7 @@ from pylium.endpoint.model import (
     endpoint_from_json,
     endpoint_to_json,
     host_ifname,
+    identity_labels,
     validate_container_id,
     validate_ifname,
     validate_labels,
@@ -77,6 +78,9 @@ class PolicyPort(Protocol):
 
 
 class DatapathPort(Protocol):
+    """Optional besides these: `prepare_policy(ep_id)` / `release_policy(ep_id)`, an empty
+    policy map put in a new endpoint's slot while its veth is made (`Datapath.prepare_policy`)."""
+
     async def attach(self, endpoint: Endpoint) -> None: ...
 
     async def detach(self, endpoint: Endpoint) -> None: ...
@@ -146,6 +150,10 @@ class EndpointManager:
         self._trimmer = Trimmer(self._io.submit)
         #: the policy each endpoint's datapath map holds (as last loaded by this agent)
         self._installed: dict[int, Any] = {}
+        #: endpoint id → the last state file write asked for it and not done yet, and the
+        #: state that write holds
+        self._writes: dict[int, asyncio.Future] = {}
+        self._filed: dict[int, Endpoint] = {}
         #: set by an orchestrator that knows pods' labels (Kubernetes): called as
         #: `await label_resolver(namespace, name)` before a new endpoint gets its identity, so
         #: a pod never runs under a label-less identity that policies do not select
@@ -184,6 +192,11 @@ class EndpointManager:
     async def _save(self, ep: Endpoint) -> None:
         """Make `ep` the endpoint's current state (at once) and its state file (on the
         state thread; returns once written)."""
+        await self._save_soon(ep)
+
+    def _save_soon(self, ep: Endpoint) -> asyncio.Future:
+        """`_save` without the wait: `ep` is current at once, its state file is written on
+        the state thread in the order asked; the future is done once it is (`_written`)."""
         self._endpoints[ep.id] = ep
         path = self.dir / f"{ep.id}.json"
         text = json.dumps(endpoint_to_json(ep), indent=1, sort_keys=True)
@@ -193,10 +206,32 @@ class EndpointManager:
             tmp.write_text(text)
             os.replace(tmp, path)
 
-        await asyncio.get_running_loop().run_in_executor(self._io, write)
+        future = asyncio.get_running_loop().run_in_executor(self._io, write)
+        self._writes[ep.id] = future
+        self._filed[ep.id] = ep
+        future.add_done_callback(lambda done: self._write_done(ep.id, done))
+        return future
+
+    def _write_done(self, ep_id: int, done: asyncio.Future) -> None:
+        if self._writes.get(ep_id) is done:
+            del self._writes[ep_id]
+        if not done.cancelled() and done.exception() is not None:
+            self._filed.pop(ep_id, None)
+            log.error("writing the state of endpoint %d failed: %s", ep_id, done.exception())
+
+    async def _written(self, ep: Endpoint) -> None:
+        """Wait until the endpoint's state file holds `ep` (written now if it was not asked
+        for yet; writes land in the order asked, so the last one asked is the one to wait
+        for)."""
+        if self._filed.get(ep.id) is not ep:
+            self._save_soon(ep)
+        pending = self._writes.get(ep.id)
+        if pending is not None:
+            await pending
 
     async def _forget(self, ep: Endpoint) -> None:
         self._endpoints.pop(ep.id, None)
+        self._filed.pop(ep.id, None)
         self._netns_keys.pop(ep.id, None)
         self._installed.pop(ep.id, None)
         await asyncio.get_running_loop().run_in_executor(
@@ -275,6 +310,9 @@ class EndpointManager:
                 # that is new (the policy side queued those in pending_identities)
                 await self.regenerate_changed({ep.id}, f"endpoint {ep.id} created")
                 current = self._endpoints.get(ep.id)
+                if current is not None:
+                    await self._written(current)  # restorable before the answer
+                    current = self._endpoints.get(ep.id)
                 if current is None or self._deletes_waiting.get(container_id) or \
                         (current.created_at, current.name) != (ep.created_at, ep.name):
                     # a DEL of this container came in meanwhile: it goes next and removes
@@ -366,32 +404,50 @@ class EndpointManager:
 
     async def _wire(self, ep_id: int, name: str, namespace: str, labels: dict[str, str],
                     netns: str, container_id: str, pod_ifname: str) -> Endpoint:
-        """veth, address, identity, state file and datapath for a new endpoint (outside the
-        lock, with `ep_id`, the name and the netns claimed); everything done is undone if a
-        step fails."""
+        """veth, address, identity and datapath for a new endpoint (outside the lock, with
+        `ep_id`, the name and the netns claimed); everything done is undone if a step
+        fails. The veth and address (a netlink thread), the identity (the KV store) and an
+        empty policy map in the endpoint's slot (its RCU grace period; the first
+        regeneration fills the map in place) are made side by side. The endpoint is
+        current once wired; its state file is written after its first regeneration."""
         owner = (container_owner(container_id) if container_id
                  else f"endpoint:{namespace}/{name}")
         ifname = host_ifname(namespace, name, container_id)
         # the address and the veth in one job of a netlink thread: no hop through the
         # default thread pool (where policy swaps sit out RCU grace periods) in between
-        address, links = await asyncio.get_running_loop().run_in_executor(
-            self._netlink, self._allocate_plumb, owner, ifname, netns, pod_ifname)
-        undo: list[Callable[[], Any]] = [lambda: self.ipam.release(address),
-                                         lambda: plumbing.unwire_endpoint(ifname, address)]
+        jobs: dict[str, Any] = {"links": asyncio.get_running_loop().run_in_executor(
+            self._netlink, self._allocate_plumb, owner, ifname, netns, pod_ifname)}
+        if self.identities is not None:
+            jobs["identity"] = asyncio.ensure_future(
+                self._allocate_identity(namespace, name, labels))
+        prepare = getattr(self.datapath, "prepare_policy", None)
+        if prepare is not None:
+            jobs["prepared"] = asyncio.ensure_future(prepare(ep_id))
+        done = dict(zip(jobs, await asyncio.gather(*jobs.values(), return_exceptions=True),
+                        strict=True))
+        undo: list[Callable[[], Any]] = []
+        if not isinstance(done["links"], BaseException):
+            address, links = done["links"]
+            undo += [lambda: self.ipam.release(address),
+                     lambda: plumbing.unwire_endpoint(ifname, address)]
+        if "identity" in done and not isinstance(done["identity"], BaseException):
+            undo.append(lambda: self.identities.release(done["identity"]))
+        if done.get("prepared") is True:
+            undo.append(lambda: self.datapath.release_policy(ep_id))
         try:
+            for outcome in done.values():
+                if isinstance(outcome, BaseException):
+                    raise outcome
             ep = Endpoint(id=ep_id, name=name, namespace=namespace, labels=labels,
                           netns=netns, ipv4=address, ifname=ifname,
                           ifindex=links.host.ifindex, mac=links.host.mac,
                           pod_mac=links.pod.mac, container_id=container_id,
-                          pod_ifname=pod_ifname)
-            ep = await self._resolve_identity(ep)
-            if self.identities is not None:
-                undo.append(lambda: self.identities.release(ep.identity))
+                          pod_ifname=pod_ifname, identity=done.get("identity", 0))
             if self.datapath is not None:
                 await self.datapath.attach(ep)
                 undo.append(lambda: self.datapath.detach(ep))
             undo.append(lambda: self._forget(ep))
-            await self._save(ep)
+            self._endpoints[ep.id] = ep
         except BaseException:
             for step in reversed(undo):
                 try:
@@ -583,13 +639,19 @@ class EndpointManager:
     async def _resolve_identity(self, ep: Endpoint) -> Endpoint:
         if self.identities is None:
             return ep
+        return attrs.evolve(ep, identity=await self._allocate_identity(ep.namespace, ep.name,
+                                                                       ep.labels))
+
+    async def _allocate_identity(self, namespace: str, name: str,
+                                 labels: dict[str, str]) -> int:
+        """The identity of an endpoint with these labels (one reference more to it)."""
         try:
-            identity = await self.identities.allocate(ep.identity_labels)
+            identity = await self.identities.allocate(identity_labels(namespace, labels))
         except KVStoreUnavailable as exc:
             # only a label set no endpoint here has needs the store: say so, not just "down"
-            raise KVStoreUnavailable(f"endpoint {ep.namespace}/{ep.name} not created: its "
+            raise KVStoreUnavailable(f"endpoint {namespace}/{name} not created: its "
                                      f"labels need a new identity and {exc}") from None
-        return attrs.evolve(ep, identity=int(identity))
+        return int(identity)
 
     # regeneration -------------------------------------------------------------------------
     async def regenerate_all(self, reason: str) -> dict[str, Any]:
@@ -646,7 +708,7 @@ class EndpointManager:
     async def _regenerate(self, ep: Endpoint) -> str:
         if self.policy is None or self.datapath is None:
             if ep.state != READY:
-                await self._save(attrs.evolve(ep, state=READY, error=""))
+                self._save_soon(attrs.evolve(ep, state=READY, error=""))
             return ""
         self._endpoints[ep.id] = attrs.evolve(ep, state=REGENERATING)
         try:
@@ -662,7 +724,7 @@ class EndpointManager:
         except Exception as exc:
             error = f"policy regeneration failed, previous policy kept: {exc}"
             log.error("endpoint %d %s/%s: %s", ep.id, ep.namespace, ep.name, error)
-            await self._save(attrs.evolve(ep, state=NOT_READY, error=error))
+            self._save_soon(attrs.evolve(ep, state=NOT_READY, error=error))
             return error
         done = attrs.evolve(
             ep, state=READY, error="",
@@ -672,7 +734,8 @@ class EndpointManager:
         if done == ep:
             self._endpoints[ep.id] = ep  # unchanged: no state file to rewrite
         else:
-            await self._save(done)
+            # written on the state thread after the pass (a create waits for its own)
+            self._save_soon(done)
         return ""
 
     # restore ------------------------------------------------------------------------------
