@@ -433,6 +433,13 @@ class Datapath:
 
     def detach_endpoint(self, ep_id: int) -> bool:
         """Detach the programs, forget the endpoint, its policy and its conntrack entries."""
+        found = self.unpublish_endpoint(ep_id)
+        self.forget_endpoint(ep_id)
+        return found
+
+    def unpublish_endpoint(self, ep_id: int) -> bool:
+        """`detach_endpoint`'s first half: the programs off the veth, the endpoint out of
+        the endpoints map (its packets now drop); False if it was not there."""
         with self._lock:
             self._require_open()
             found = self._find_endpoint(ep_id)
@@ -444,13 +451,17 @@ class Datapath:
                 self.endpoints.delete(found[0])
                 if self._ep_index is not None:
                     self._ep_index.pop(ep_id, None)
+        return found is not None
+
+    def forget_endpoint(self, ep_id: int) -> None:
+        """`detach_endpoint`'s second half, once the endpoint is unpublished: its policy map
+        (an RCU grace period) and its conntrack entries."""
         self.release_policy(ep_id)
         # the conntrack walk needs no lock either (the kernel map is safe to walk and
         # delete from concurrently; no other thread writes this endpoint's entries now)
         for key, value in self.conntrack.items_batched():
             if value.ep_id == ep_id:
                 self.conntrack.delete(key)
-        return found is not None
 
     # -- policy ---------------------------------------------------------------------
 

@@ -106,6 +106,19 @@ class DatapathAdapter:
 
         await asyncio.to_thread(detach)
 
+    async def unpublish(self, ep: Endpoint) -> None:
+        """`detach` in two halves (`forget` the other), so the second half's RCU grace
+        period can overlap the veth's removal."""
+        def unpublish() -> None:
+            self.datapath.unpublish_endpoint(ep.id)
+            self.datapath.delete_ipcache(f"{ep.ipv4}/32")
+
+        await asyncio.to_thread(unpublish)
+
+    async def forget(self, ep: Endpoint) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            self._policy_threads, self.datapath.forget_endpoint, ep.id)
+
     async def update_policy(self, ep: Endpoint, policy: Any) -> None:
         await asyncio.get_running_loop().run_in_executor(
             self._policy_threads, self.datapath.update_policy, ep.id, policy)

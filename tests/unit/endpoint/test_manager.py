@@ -205,6 +205,50 @@ class PreparingDatapath(Datapath):
         self.slots.pop(ep.id, None)
 
 
+class SplitDatapath(PreparingDatapath):
+    """Detaches in two halves; records the order of the steps around the veth's removal."""
+
+    def __init__(self, links, ipam_of):
+        super().__init__()
+        self.steps: list[str] = []
+        self.links, self.ipam_of = links, ipam_of
+
+    async def detach(self, ep):
+        raise AssertionError("a manager that can split the detach must not call it whole")
+
+    async def unpublish(self, ep):
+        assert ep.ifname in self.links.links, "the programs go before the veth"
+        self.steps.append("unpublish")
+        self.attached.pop(ep.id, None)
+
+    async def forget(self, ep):
+        self.steps.append("forget")
+        await asyncio.sleep(0.05)  # an RCU grace period
+        assert ep.ipv4 in self.ipam_of().allocated(), "the address outlives the datapath state"
+        self.policies.pop(ep.id, None)
+        self.slots.pop(ep.id, None)
+        self.steps.append("forgotten")
+
+
+def test_a_delete_forgets_the_datapath_state_while_the_veth_goes(tmp_path, links):
+    holder = {}
+    datapath = SplitDatapath(links, lambda: holder["mgr"].ipam)
+    mgr, parts = make(tmp_path, datapath=datapath)
+    holder["mgr"] = mgr
+
+    async def go():
+        ep = await mgr.create("a", "default", {"app": "x"}, "pod-a", container_id="c" * 12)
+        assert await mgr.delete_container("c" * 12) is not None
+        return ep
+
+    ep = run(go())
+    assert datapath.steps == ["unpublish", "forget", "forgotten"]
+    assert datapath.slots == {} and datapath.attached == {} and datapath.policies == {}
+    assert links.links == {} and mgr.ipam.allocated() == {} and mgr.list() == []
+    assert parts["identities"].released == [ep.identity]
+    assert list((tmp_path / "endpoints").glob("*.json")) == []
+
+
 def test_a_create_prepares_the_policy_slot_and_files_the_endpoint_before_answering(
         tmp_path, links):
     datapath = PreparingDatapath()
