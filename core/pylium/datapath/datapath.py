@@ -355,6 +355,14 @@ class Datapath:
             install_proxy_routing()
             self._proxy_routing = True
 
+    def attach_programs(self, ifindex: int, host_mac: str) -> None:
+        """Both programs on a new endpoint's host-side veth, before its pod end comes up
+        and before the endpoint is published (`attach_endpoint` then leaves them as they
+        are): until then they drop the pod's packets (no endpoint for its address), so a
+        pod never sends past them; one thread hop fewer per pod start."""
+        self._require_open()
+        self._attach_programs(ifindex, host_mac)
+
     def _attach_programs(self, ifindex: int, host_mac: str) -> None:
         """tc filters on one veth: needs no lock (the kernel serialises each link's
         qdiscs; the endpoint manager never attaches and detaches one endpoint at once)."""

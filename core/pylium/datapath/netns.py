@@ -523,7 +523,8 @@ class EndpointLinks:
 
 
 def wire_endpoint(host_ifname: str, pod_netns: str, ip_address: str, gateway: str,
-                  pod_ifname: str = "eth0", mtu: int = 1500) -> EndpointLinks:
+                  pod_ifname: str = "eth0", mtu: int = 1500,
+                  on_host_link: Callable[[LinkInfo], None] | None = None) -> EndpointLinks:
     """Cilium-style endpoint plumbing. Pod side: `ip/32` on `pod_ifname`, a static neighbour
     for the gateway pointing at the host-side MAC, default route via the gateway `onlink`.
     Host side (this namespace): `/32` route to the pod through the host-side veth and a
@@ -535,7 +536,10 @@ def wire_endpoint(host_ifname: str, pod_netns: str, ip_address: str, gateway: st
     grace periods, ~100 ms on a busy node; no asking for its MAC); the host end is born up
     (no carrier, hence no IPv6 traffic, until the pod end comes up after the sysctls of
     both are set); the pod side goes over a socket the calling thread opens inside the
-    pod's namespace and then steps back out of (no extra thread per pod)."""
+    pod's namespace and then steps back out of (no extra thread per pod).
+
+    `on_host_link` is called with the host end before the pod end comes up (the datapath
+    puts its programs there: the pod's first packet already meets them)."""
     host_mac, pod_mac = _random_mac(), _random_mac()
     with _host_socket() as host_sock, _socket_in(pod_netns) as pod_sock:
         fd = os.open(netns_path(pod_netns), os.O_RDONLY)
@@ -557,6 +561,8 @@ def wire_endpoint(host_ifname: str, pod_netns: str, ip_address: str, gateway: st
             # IPv4-only pods: no IPv6 router/neighbour solicitations for the datapath
             # to drop
             _disable_ipv6(host_ifname, whole_namespace=False)
+            if on_host_link is not None:
+                on_host_link(host)
             pod = _configure_pod_side(pod_sock, pod_ifname, pod_mac, ip_address, gateway,
                                       host.mac)
             _rtnl(host_sock,

@@ -99,6 +99,11 @@ class DatapathAdapter:
 
         await asyncio.to_thread(attach)
 
+    def attach_programs(self, host: Any) -> None:
+        """The programs on a new veth's host end (a netlink thread's call, see
+        `Datapath.attach_programs`)."""
+        self.datapath.attach_programs(host.ifindex, host.mac)
+
     async def detach(self, ep: Endpoint) -> None:
         def detach() -> None:
             self.datapath.detach_endpoint(ep.id)

@@ -81,7 +81,9 @@ class DatapathPort(Protocol):
     """Optional besides these: `prepare_policy(ep_id)` / `release_policy(ep_id)`, an empty
     policy map put in a new endpoint's slot while its veth is made (`Datapath.prepare_policy`);
     `unpublish(ep)` / `forget(ep)`, `detach` in two halves (the endpoint's packets stop,
-    then its policy map and conntrack entries go while its veth is removed)."""
+    then its policy map and conntrack entries go while its veth is removed);
+    `attach_programs(host_link)`, called on a netlink thread before the pod end of a new
+    veth comes up (`Datapath.attach_programs`)."""
 
     async def attach(self, endpoint: Endpoint) -> None: ...
 
@@ -488,8 +490,11 @@ class EndpointManager:
         if plumbing.link_info(ifname) is not None:
             log.warning("removing stale %s left by an unfinished create", ifname)
             plumbing.unwire_endpoint(ifname)
+        # the datapath's programs go on the host end before the pod end comes up
+        hook = getattr(self.datapath, "attach_programs", None)
         return plumbing.wire_endpoint(ifname, netns, address, str(self.ipam.gateway),
-                                      pod_ifname=pod_ifname, mtu=self.mtu)
+                                      pod_ifname=pod_ifname, mtu=self.mtu,
+                                      **({"on_host_link": hook} if hook is not None else {}))
 
     async def delete(self, ref: str | int) -> Endpoint:
         async with self._lock:
