@@ -483,16 +483,20 @@ class Datapath:
         map-in-map update does, tens of ms on a busy node); done here, alongside the
         endpoint's veth, that wait is off the path of its first regeneration, which then
         fills this map in place with the meta entry written last (`update_policy`): the
-        programs see no policy, then the whole one. False when the slot is already taken
-        (a restored endpoint's policy stays as it is)."""
+        programs see no policy, then the whole one. Only for an id no endpoint holds: a
+        map already in the slot is a dead endpoint's (an agent that died before removing
+        it) and is replaced, never inherited. False when the slot is prepared already."""
         _check_ep_id(ep_id)
         with self._policy_slot(ep_id):
             self._require_open()
-            if ep_id in self._fresh_policy or self.policy.lookup(U32Key(ep_id)) is not None:
+            if ep_id in self._fresh_policy:
                 return False
+            if self.policy.lookup(U32Key(ep_id)) is not None:
+                log.warning("endpoint id %d: replacing the policy map a removed endpoint "
+                            "left in its slot", ep_id)
             fd = self._new_inner(ep_id, "pol")
             try:
-                self.policy.update(U32Key(ep_id), U32Key(fd), libbpf.BPF_NOEXIST)
+                self.policy.update(U32Key(ep_id), U32Key(fd))
             except DatapathError:
                 libbpf.close(fd)
                 raise

@@ -31,7 +31,7 @@ def test_a_prepared_map_drops_until_its_first_policy_is_filled_in_place(small_no
     assert n.worker.run(n.dp.prepare_policy, b) is True
     prepared = _slot(n, b)
     assert prepared is not None
-    assert n.worker.run(n.dp.prepare_policy, b) is False  # taken: left as it is
+    assert n.worker.run(n.dp.prepare_policy, b) is False  # prepared already: left as it is
     assert n.worker.run(n.dp.dump_policy, b)["entries"] == []
     assert trace(80)["action"] == "dropped" and trace(90)["action"] == "dropped"
     assert trace(80)["drop_reason_desc"] == NO_CONFIG
@@ -58,3 +58,20 @@ def test_a_prepared_map_goes_with_its_endpoint(small_node):  # noqa: F811
     assert n.worker.run(n.dp.detach_endpoint, b) is True
     assert _slot(n, b) is None
     assert n.dp._fresh_policy == {}  # no fd kept for either
+
+
+def test_preparing_replaces_a_dead_endpoints_policy_left_in_the_slot(small_node):  # noqa: F811
+    """An id handed to a new endpoint whose slot still holds a map (an agent died before
+    removing it): the new endpoint never runs under that old policy."""
+    n = small_node
+    b = n.eps["b"].ep_id
+    trace = lambda port: n.worker.run(n.dp.trace, b, "ingress", A[0], B[0], 40000, port,  # noqa: E731
+                                      PROTO_TCP)
+    n.worker.run(n.dp.update_policy, b, _ports([80], 1))
+    old = _slot(n, b)
+    assert trace(80)["verdict"] == "allowed"
+    assert n.worker.run(n.dp.prepare_policy, b) is True
+    assert _slot(n, b) not in (None, old)
+    assert trace(80)["drop_reason_desc"] == NO_CONFIG
+    n.worker.run(n.dp.update_policy, b, _ports([90], 2))
+    assert trace(90)["verdict"] == "allowed" and trace(80)["action"] == "dropped"
