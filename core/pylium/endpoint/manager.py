@@ -591,7 +591,8 @@ class EndpointManager:
                     await datapath_done
                 except Exception:
                     log.exception("forgetting endpoint %d in the datapath failed", ep.id)
-        await loop.run_in_executor(self._netlink, self._release_address, ep)
+        # (not behind the pods being wired on the netlink thread)
+        await loop.run_in_executor(self._unwiring, self._release_address, ep)
         await self._forget(ep)
         if self.identities is not None and ep.identity:
             try:
