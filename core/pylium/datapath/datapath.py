@@ -10,6 +10,7 @@ import ctypes
 import errno
 import ipaddress
 import logging
+import os
 import re
 import threading
 import time
@@ -153,6 +154,8 @@ class Datapath:
         #: endpoint id → fd of the empty policy map `prepare_policy` put in its slot, until
         #: its first policy fills that map in place (see `prepare_policy`)
         self._fresh_policy: dict[int, int] = {}
+        #: endpoint id → the id of the map `prepare_policy` put (or is putting) in its slot
+        self._fresh_ids: dict[int, int] = {}
         self.prog_fds: dict[str, int] = {}
         self.object_path: Path | None = None
         self._proxy_routing = False  # installed in this netns by this object
@@ -294,6 +297,7 @@ class Datapath:
             self._attached.clear()  # the next open loads new programs: all attach again
             for ep_id in list(self._fresh_policy):
                 libbpf.close(self._fresh_policy.pop(ep_id, None))
+            self._fresh_ids.clear()
 
     def destroy(self) -> None:
         """Detach every endpoint's programs and remove every pin (lab down, tests)."""
@@ -496,17 +500,33 @@ class Datapath:
                             "left in its slot", ep_id)
             fd = self._new_inner(ep_id, "pol")
             try:
+                # the first policy may be filled in from now on, before or after the map
+                # lands in the slot (either way the programs see no policy, then all of
+                # it): through its own fd, as this one is closed after the update
+                self._fresh_ids[ep_id] = libbpf.map_info(fd).id
+                self._fresh_policy[ep_id] = os.dup(fd)
+                # visible to the programs at once; the call then sleeps through the grace
+                # period (`policy_in_place` tells the waiting create sooner)
                 self.policy.update(U32Key(ep_id), U32Key(fd))
-            except DatapathError:
-                libbpf.close(fd)
+            except (DatapathError, OSError):
+                libbpf.close(self._fresh_policy.pop(ep_id, None))
+                self._fresh_ids.pop(ep_id, None)
                 raise
-            self._fresh_policy[ep_id] = fd
+            finally:
+                libbpf.close(fd)
             return True
+
+    def policy_in_place(self, ep_id: int) -> bool:
+        """Does the endpoint's slot hold the map `prepare_policy` made for it (true as soon
+        as the update lands, while `prepare_policy` still sleeps through its grace period)?"""
+        found = self.policy.lookup(U32Key(ep_id))
+        return found is not None and found.value == self._fresh_ids.get(ep_id)
 
     def release_policy(self, ep_id: int) -> bool:
         """Remove the endpoint's policy map (prepared or filled); False if it had none."""
         with self._policy_slot(ep_id):  # an RCU grace period: not under `_lock`
             libbpf.close(self._fresh_policy.pop(ep_id, None))
+            self._fresh_ids.pop(ep_id, None)
             return self.policy.delete(U32Key(ep_id))
 
     def _policy_inner_fd(self, ep_id: int) -> int | None:
@@ -540,19 +560,23 @@ class Datapath:
             self._full("policy", f"policy of endpoint {ep_id} NOT updated: it needs {needed} "
                                  f"policy map entries, more than the map holds "
                                  f"({self.policy_capacity}); the previous policy stays in force")
+        self._require_open()
+        entries = [(PolicyMapKey.of(k), encode_entry(k, e)) for k, e in policy.entries.items()]
+        meta = encode_meta(policy)
+        # a prepared map is filled without the slot's lock, which `prepare_policy` holds
+        # while it sleeps through its grace period (the map is this call's alone once taken)
+        fresh = self._fresh_policy.pop(ep_id, None)
+        if fresh is not None:
+            meta.revision = revision = (policy.revision or 1) & 0xFFFFFFFF
+            self._fill_fresh(ep_id, fresh, entries, meta)
+            return revision
         with self._policy_slot(ep_id):
             self._require_open()
-            old_rev = 0 if ep_id in self._fresh_policy else self._current_revision(ep_id)
+            old_rev = self._current_revision(ep_id)
             revision = policy.revision if policy.revision > old_rev else old_rev + 1
             revision &= 0xFFFFFFFF
-            meta = encode_meta(policy)
             meta.revision = revision
-            entries = [(PolicyMapKey.of(k), encode_entry(k, e)) for k, e in policy.entries.items()]
-            fresh = self._fresh_policy.pop(ep_id, None)
-            if fresh is not None:
-                self._fill_fresh(ep_id, fresh, entries, meta)
-            else:
-                self._install_inner(ep_id, self.policy, "pol", entries, meta)
+            self._install_inner(ep_id, self.policy, "pol", entries, meta)
             return revision
 
     def _new_inner(self, ep_id: int, prefix: str) -> int:

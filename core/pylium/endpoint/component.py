@@ -132,6 +132,10 @@ class DatapathAdapter:
         return await asyncio.get_running_loop().run_in_executor(
             self._policy_threads, self.datapath.prepare_policy, ep_id)
 
+    def policy_in_place(self, ep_id: int) -> bool:
+        """One map lookup: cheap enough for the event loop."""
+        return self.datapath.policy_in_place(ep_id)
+
     async def release_policy(self, ep_id: int) -> bool:
         return await asyncio.get_running_loop().run_in_executor(
             self._policy_threads, self.datapath.release_policy, ep_id)

@@ -438,8 +438,7 @@ class EndpointManager:
             jobs["identity"] = asyncio.ensure_future(
                 self._allocate_identity(namespace, name, labels))
         prepare = getattr(self.datapath, "prepare_policy", None)
-        if prepare is not None:
-            jobs["prepared"] = asyncio.ensure_future(prepare(ep_id))
+        prepared = asyncio.ensure_future(prepare(ep_id)) if prepare is not None else None
         done = dict(zip(jobs, await asyncio.gather(*jobs.values(), return_exceptions=True),
                         strict=True))
         undo: list[Callable[[], Any]] = []
@@ -449,12 +448,14 @@ class EndpointManager:
                      lambda: plumbing.unwire_endpoint(ifname, address)]
         if "identity" in done and not isinstance(done["identity"], BaseException):
             undo.append(lambda: self.identities.release(done["identity"]))
-        if done.get("prepared") is True:
-            undo.append(lambda: self.datapath.release_policy(ep_id))
+        if prepared is not None:
+            undo.append(lambda: self._unprepare_policy(ep_id, prepared))
         try:
             for outcome in done.values():
                 if isinstance(outcome, BaseException):
                     raise outcome
+            if prepared is not None:
+                await self._policy_slot_ready(ep_id, prepared)
             ep = Endpoint(id=ep_id, name=name, namespace=namespace, labels=labels,
                           netns=netns, ipv4=address, ifname=ifname,
                           ifindex=links.host.ifindex, mac=links.host.mac,
@@ -478,6 +479,27 @@ class EndpointManager:
                  address, ifname, ep.identity,
                  f", container {container_id}" if container_id else "")
         return ep
+
+    async def _policy_slot_ready(self, ep_id: int, prepared: asyncio.Future) -> None:
+        """Until the prepared policy map is in the endpoint's slot: the update lands at
+        once, then sleeps through an RCU grace period that nothing here needs to wait for
+        (the slot was empty or held a dead endpoint's map), so the slot is looked at
+        instead; a failed prepare raises."""
+        in_place = getattr(self.datapath, "policy_in_place", None)
+        while not prepared.done():
+            if in_place is not None and in_place(ep_id):
+                return
+            await asyncio.sleep(0.0005)
+        prepared.result()
+
+    async def _unprepare_policy(self, ep_id: int, prepared: asyncio.Future) -> None:
+        """Take back the policy map `prepare_policy` put in a failed create's slot."""
+        try:
+            made = await prepared
+        except Exception:
+            return  # it made nothing
+        if made:
+            await self.datapath.release_policy(ep_id)
 
     def _allocate_plumb(self, owner: str, ifname: str, netns: str,
                         pod_ifname: str) -> tuple[str, plumbing.EndpointLinks]:

@@ -75,3 +75,19 @@ def test_preparing_replaces_a_dead_endpoints_policy_left_in_the_slot(small_node)
     assert trace(80)["drop_reason_desc"] == NO_CONFIG
     n.worker.run(n.dp.update_policy, b, _ports([90], 2))
     assert trace(90)["verdict"] == "allowed" and trace(80)["action"] == "dropped"
+
+
+def test_policy_in_place_names_the_prepared_map_only(small_node):  # noqa: F811
+    """What a create polls while `prepare_policy` sleeps through its grace period: true once
+    the prepared map is in the slot, false for an empty slot or another map."""
+    n = small_node
+    b = n.eps["b"].ep_id
+    assert n.worker.run(n.dp.policy_in_place, b) is False  # empty slot
+    n.worker.run(n.dp.update_policy, b, _ports([80], 1))
+    assert n.worker.run(n.dp.policy_in_place, b) is False  # a map, not a prepared one
+    n.worker.run(n.dp.prepare_policy, b)
+    assert n.worker.run(n.dp.policy_in_place, b) is True
+    n.worker.run(n.dp.update_policy, b, _ports([90], 2))  # filled in place: still it
+    assert n.worker.run(n.dp.policy_in_place, b) is True
+    n.worker.run(n.dp.release_policy, b)
+    assert n.worker.run(n.dp.policy_in_place, b) is False
