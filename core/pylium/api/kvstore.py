@@ -135,6 +135,14 @@ class KVStore(abc.ABC):
     async def delete(self, key: str) -> bool:
         """Delete one key; True if it existed."""
 
+    async def delete_many(self, keys: list[str]) -> int:
+        """Delete several keys; returns how many existed. A backend that can delete them in
+        one transaction does, so a watcher gets them in one event batch."""
+        deleted = 0
+        for key in keys:
+            deleted += bool(await self.delete(key))
+        return deleted
+
     @abc.abstractmethod
     async def delete_prefix(self, prefix: str) -> int:
         """Delete every key under `prefix`; returns how many were deleted."""

@@ -228,9 +228,11 @@ class IPCacheSync:
         self._dirty.clear()
         lease = self.session.lease
         try:
-            for ip in [ip for ip in self.published if ip not in self.local_entries]:
-                await self.kvstore.delete(ip_key(ip))
-                del self.published[ip]
+            gone = [ip for ip in self.published if ip not in self.local_entries]
+            if gone:  # one transaction, like the writes below
+                await self.kvstore.delete_many([ip_key(ip) for ip in gone])
+                for ip in gone:
+                    del self.published[ip]
             changed = [(ip, value) for ip, value in list(self.local_entries.items())
                        if self.published.get(ip) != value]
             if changed:  # one transaction (one revision, one watch event batch) per chunk

@@ -10,6 +10,7 @@ import ctypes
 import errno
 import ipaddress
 import logging
+import os
 import re
 import threading
 import time
@@ -156,6 +157,11 @@ class Datapath:
         #: ipcache write. A fixed set, not one per endpoint: nothing to keep per pod, and
         #: ids are handed out lowest first, so endpoints regenerated together rarely share one
         self._policy_locks = [threading.Lock() for _ in range(POLICY_LOCK_STRIPES)]
+        #: endpoint id → fd of the empty policy map `prepare_policy` put in its slot, until
+        #: its first policy fills that map in place (see `prepare_policy`)
+        self._fresh_policy: dict[int, int] = {}
+        #: endpoint id → the id of the map `prepare_policy` put (or is putting) in its slot
+        self._fresh_ids: dict[int, int] = {}
         self.prog_fds: dict[str, int] = {}
         self.object_path: Path | None = None
         self._proxy_routing = False  # installed in this netns by this object
@@ -295,6 +301,9 @@ class Datapath:
             self._obj = None
             self.prog_fds.clear()
             self._attached.clear()  # the next open loads new programs: all attach again
+            for ep_id in list(self._fresh_policy):
+                libbpf.close(self._fresh_policy.pop(ep_id, None))
+            self._fresh_ids.clear()
 
     def destroy(self) -> None:
         """Detach every endpoint's programs and remove every pin (lab down, tests)."""
@@ -355,6 +364,14 @@ class Datapath:
         if not self._proxy_routing:
             install_proxy_routing()
             self._proxy_routing = True
+
+    def attach_programs(self, ifindex: int, host_mac: str) -> None:
+        """Both programs on a new endpoint's host-side veth, before its pod end comes up
+        and before the endpoint is published (`attach_endpoint` then leaves them as they
+        are): until then they drop the pod's packets (no endpoint for its address), so a
+        pod never sends past them; one thread hop fewer per pod start."""
+        self._require_open()
+        self._attach_programs(ifindex, host_mac)
 
     def _attach_programs(self, ifindex: int, host_mac: str) -> None:
         """tc filters on one veth: needs no lock (the kernel serialises each link's
@@ -434,6 +451,13 @@ class Datapath:
 
     def detach_endpoint(self, ep_id: int) -> bool:
         """Detach the programs, forget the endpoint, its policy and its conntrack entries."""
+        found = self.unpublish_endpoint(ep_id)
+        self.forget_endpoint(ep_id)
+        return found
+
+    def unpublish_endpoint(self, ep_id: int) -> bool:
+        """`detach_endpoint`'s first half: the programs off the veth, the endpoint out of
+        the endpoints map (its packets now drop); False if it was not there."""
         with self._lock:
             self._require_open()
             found = self._find_endpoint(ep_id)
@@ -445,19 +469,71 @@ class Datapath:
                 self.endpoints.delete(found[0])
                 if self._ep_index is not None:
                     self._ep_index.pop(ep_id, None)
-        with self._policy_slot(ep_id):  # an RCU grace period: not under `_lock`
-            self.policy.delete(U32Key(ep_id))
+        return found is not None
+
+    def forget_endpoint(self, ep_id: int) -> None:
+        """`detach_endpoint`'s second half, once the endpoint is unpublished: its policy map
+        (an RCU grace period) and its conntrack entries."""
+        self.release_policy(ep_id)
         # the conntrack walk needs no lock either (the kernel map is safe to walk and
         # delete from concurrently; no other thread writes this endpoint's entries now)
         for key, value in self.conntrack.items_batched():
             if value.ep_id == ep_id:
                 self.conntrack.delete(key)
-        return found is not None
 
     # -- policy ---------------------------------------------------------------------
 
     def _policy_slot(self, ep_id: int) -> threading.Lock:
         return self._policy_locks[ep_id % POLICY_LOCK_STRIPES]
+
+    def prepare_policy(self, ep_id: int) -> bool:
+        """Give a new endpoint an empty policy map before its first policy is known: one
+        without the meta entry, so its programs drop every packet (DROP_NO_CONFIG) until
+        then. Putting a map into the outer slot waits for an RCU grace period (every
+        map-in-map update does, tens of ms on a busy node); done here, alongside the
+        endpoint's veth, that wait is off the path of its first regeneration, which then
+        fills this map in place with the meta entry written last (`update_policy`): the
+        programs see no policy, then the whole one. Only for an id no endpoint holds: a
+        map already in the slot is a dead endpoint's (an agent that died before removing
+        it) and is replaced, never inherited. False when the slot is prepared already."""
+        _check_ep_id(ep_id)
+        with self._policy_slot(ep_id):
+            self._require_open()
+            if ep_id in self._fresh_policy:
+                return False
+            if self.policy.lookup(U32Key(ep_id)) is not None:
+                log.warning("endpoint id %d: replacing the policy map a removed endpoint "
+                            "left in its slot", ep_id)
+            fd = self._new_inner(ep_id, "pol")
+            try:
+                # the first policy may be filled in from now on, before or after the map
+                # lands in the slot (either way the programs see no policy, then all of
+                # it): through its own fd, as this one is closed after the update
+                self._fresh_ids[ep_id] = libbpf.map_info(fd).id
+                self._fresh_policy[ep_id] = os.dup(fd)
+                # visible to the programs at once; the call then sleeps through the grace
+                # period (`policy_in_place` tells the waiting create sooner)
+                self.policy.update(U32Key(ep_id), U32Key(fd))
+            except (DatapathError, OSError):
+                libbpf.close(self._fresh_policy.pop(ep_id, None))
+                self._fresh_ids.pop(ep_id, None)
+                raise
+            finally:
+                libbpf.close(fd)
+            return True
+
+    def policy_in_place(self, ep_id: int) -> bool:
+        """Does the endpoint's slot hold the map `prepare_policy` made for it (true as soon
+        as the update lands, while `prepare_policy` still sleeps through its grace period)?"""
+        found = self.policy.lookup(U32Key(ep_id))
+        return found is not None and found.value == self._fresh_ids.get(ep_id)
+
+    def release_policy(self, ep_id: int) -> bool:
+        """Remove the endpoint's policy map (prepared or filled); False if it had none."""
+        with self._policy_slot(ep_id):  # an RCU grace period: not under `_lock`
+            libbpf.close(self._fresh_policy.pop(ep_id, None))
+            self._fresh_ids.pop(ep_id, None)
+            return self.policy.delete(U32Key(ep_id))
 
     def _policy_inner_fd(self, ep_id: int) -> int | None:
         inner_id = self.policy.lookup(U32Key(ep_id))
@@ -490,24 +566,51 @@ class Datapath:
             self._full("policy", f"policy of endpoint {ep_id} NOT updated: it needs {needed} "
                                  f"policy map entries, more than the map holds "
                                  f"({self.policy_capacity}); the previous policy stays in force")
+        self._require_open()
+        entries = [(PolicyMapKey.of(k), encode_entry(k, e)) for k, e in policy.entries.items()]
+        meta = encode_meta(policy)
+        # a prepared map is filled without the slot's lock, which `prepare_policy` holds
+        # while it sleeps through its grace period (the map is this call's alone once taken)
+        fresh = self._fresh_policy.pop(ep_id, None)
+        if fresh is not None:
+            meta.revision = revision = (policy.revision or 1) & 0xFFFFFFFF
+            self._fill_fresh(ep_id, fresh, entries, meta)
+            return revision
         with self._policy_slot(ep_id):
             self._require_open()
             old_rev = self._current_revision(ep_id)
             revision = policy.revision if policy.revision > old_rev else old_rev + 1
             revision &= 0xFFFFFFFF
-            meta = encode_meta(policy)
             meta.revision = revision
-            entries = [(PolicyMapKey.of(k), encode_entry(k, e)) for k, e in policy.entries.items()]
-            self._install_inner(ep_id, self.policy, libbpf.BPF_MAP_TYPE_LPM_TRIE, "pol",
-                                entries, meta)
+            self._install_inner(ep_id, self.policy, "pol", entries, meta)
             return revision
 
-    def _install_inner(self, ep_id: int, outer: BpfMap, map_type: int, prefix: str,
-                       entries: list, meta: PolicyMapEntry) -> None:
+    def _new_inner(self, ep_id: int, prefix: str) -> int:
+        return libbpf.map_create(libbpf.BPF_MAP_TYPE_LPM_TRIE, f"{prefix}_{ep_id}",
+                                 ctypes.sizeof(PolicyMapKey), ctypes.sizeof(PolicyMapEntry),
+                                 self.policy_capacity, flags=libbpf.BPF_F_NO_PREALLOC)
+
+    def _fill_fresh(self, ep_id: int, inner_fd: int, entries: list,
+                    meta: PolicyMapEntry) -> None:
+        """The first policy of a prepared endpoint, written into the map already in its
+        slot: the entries, then the meta entry (until that lands the programs drop every
+        packet, so they never act on part of the policy). A map this fails to fill keeps
+        no meta entry (still dropping everything) and later policies are swapped in."""
+        try:
+            inner = BpfMap(inner_fd, f"policy of endpoint {ep_id}", PolicyMapKey, PolicyMapEntry)
+            for key, value in entries:
+                inner.update(key, value)
+            inner.update(PolicyMapKey.meta(), meta)
+        except DatapathError as exc:
+            raise DatapathError(f"first policy of endpoint {ep_id} NOT installed (its "
+                                f"traffic stays dropped): {exc}") from exc
+        finally:
+            libbpf.close(inner_fd)
+
+    def _install_inner(self, ep_id: int, outer: BpfMap, prefix: str, entries: list,
+                       meta: PolicyMapEntry) -> None:
         """Fill a new inner map completely, then swap it into `outer` in one update."""
-        inner_fd = libbpf.map_create(map_type, f"{prefix}_{ep_id}", ctypes.sizeof(PolicyMapKey),
-                                     ctypes.sizeof(PolicyMapEntry), self.policy_capacity,
-                                     flags=libbpf.BPF_F_NO_PREALLOC)
+        inner_fd = self._new_inner(ep_id, prefix)
         try:
             inner = BpfMap(inner_fd, f"policy of endpoint {ep_id}", PolicyMapKey, PolicyMapEntry)
             for key, value in entries:

@@ -19,6 +19,7 @@ import itertools
 import os
 import socket
 import stat
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,7 +53,6 @@ from pyroute2.netlink.rtnl import (
 )
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
-from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 from pyroute2.netlink.rtnl.ndmsg import NUD_PERMANENT, ndmsg
 from pyroute2.netlink.rtnl.rtmsg import RTNH_F_ONLINK, rtmsg
 
@@ -553,7 +553,8 @@ class EndpointLinks:
 
 
 def wire_endpoint(host_ifname: str, pod_netns: str, ip_address: str, gateway: str,
-                  pod_ifname: str = "eth0", mtu: int = 1500) -> EndpointLinks:
+                  pod_ifname: str = "eth0", mtu: int = 1500,
+                  on_host_link: Callable[[LinkInfo], None] | None = None) -> EndpointLinks:
     """Cilium-style endpoint plumbing. Pod side: `ip/32` on `pod_ifname`, a static neighbour
     for the gateway pointing at the host-side MAC, default route via the gateway `onlink`.
     Host side (this namespace): `/32` route to the pod through the host-side veth and a
@@ -565,19 +566,33 @@ def wire_endpoint(host_ifname: str, pod_netns: str, ip_address: str, gateway: st
     grace periods, ~100 ms on a busy node; no asking for its MAC); the host end is born up
     (no carrier, hence no IPv6 traffic, until the pod end comes up after the sysctls of
     both are set); the pod side goes over a socket the calling thread opens inside the
-    pod's namespace and then steps back out of (no extra thread per pod)."""
-    pod_mac = _random_mac()
+    pod's namespace and then steps back out of (no extra thread per pod).
+
+    `on_host_link` is called with the host end before the pod end comes up (the datapath
+    puts its programs there: the pod's first packet already meets them)."""
+    host_mac, pod_mac = _random_mac(), _random_mac()
     with _host_socket() as host_sock, _socket_in(pod_netns) as pod_sock:
         fd = os.open(netns_path(pod_netns), os.O_RDONLY)
+        replies: list[bytes] = []
         try:
-            _rtnl(host_sock, _new_veth(host_ifname, pod_ifname, fd, pod_mac, mtu))
+            # the pair and the host end's index in one send
+            made, found = _rtnl_each(
+                host_sock, _new_veth(host_ifname, host_mac, pod_ifname, fd, pod_mac, mtu),
+                _request(ifinfmsg, RTM_GETLINK, 0, {}, [("IFLA_IFNAME", host_ifname)]),
+                replies=replies)
         finally:
             os.close(fd)
+        if made:  # nothing made (a link of that name is someone else's): nothing to undo
+            raise NetlinkError(made, os.strerror(made))
         try:
-            host = _get_link(host_sock, host_ifname)
+            if found:
+                raise NetlinkError(found, os.strerror(found))
+            host = _link_of(replies[0], host_ifname, host_mac)
             # IPv4-only pods: no IPv6 router/neighbour solicitations for the datapath
             # to drop
             _disable_ipv6(host_ifname, whole_namespace=False)
+            if on_host_link is not None:
+                on_host_link(host)
             pod = _configure_pod_side(pod_sock, pod_ifname, pod_mac, ip_address, gateway,
                                       host.mac)
             _rtnl(host_sock,
@@ -632,7 +647,7 @@ def _configure_pod_side(sock: socket.socket, ifname: str, mac: str, ip_address: 
     """Inside the pod (over `sock`, a socket of its namespace): the veth end up with
     `ip/32`, the gateway as a static neighbour at the host-side MAC, the default route via
     it `onlink` — one batch once the end's index is known."""
-    index = _get_link(sock, ifname).ifindex
+    index = _get_link(sock, ifname, mac).ifindex
     _rtnl(sock,
           _request(ifinfmsg, RTM_SETLINK, 0, {"index": index, "flags": IFF_UP, "change": IFF_UP},
                    []),
@@ -645,17 +660,19 @@ def _configure_pod_side(sock: socket.socket, ifname: str, mac: str, ip_address: 
     return LinkInfo(ifname=ifname, ifindex=index, mac=mac, up=True)
 
 
-def _new_veth(host_ifname: str, pod_ifname: str, pod_netns_fd: int, pod_mac: str,
-              mtu: int) -> nlmsg:
-    """RTM_NEWLINK of a veth pair: `host_ifname` up here, its peer born as `pod_ifname`
-    with `pod_mac` in the namespace of `pod_netns_fd` (no move afterwards)."""
+def _new_veth(host_ifname: str, host_mac: str, pod_ifname: str, pod_netns_fd: int,
+              pod_mac: str, mtu: int) -> nlmsg:
+    """RTM_NEWLINK of a veth pair: `host_ifname` up here with `host_mac`, its peer born as
+    `pod_ifname` with `pod_mac` in the namespace of `pod_netns_fd` (no move afterwards;
+    both MACs chosen here, so nothing needs asking back)."""
     peer = {"attrs": [("IFLA_IFNAME", pod_ifname), ("IFLA_MTU", mtu),
                       ("IFLA_NET_NS_FD", pod_netns_fd), ("IFLA_ADDRESS", pod_mac)]}
     info = {"attrs": [("IFLA_INFO_KIND", "veth"),
                       ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", peer)]})]}
     return _request(ifinfmsg, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
                     {"flags": IFF_UP, "change": IFF_UP},
-                    [("IFLA_IFNAME", host_ifname), ("IFLA_MTU", mtu), ("IFLA_LINKINFO", info)])
+                    [("IFLA_IFNAME", host_ifname), ("IFLA_MTU", mtu),
+                     ("IFLA_ADDRESS", host_mac), ("IFLA_LINKINFO", info)])
 
 
 def _route(dst_len: int, scope: int, flags: int, attrs: list) -> nlmsg:
@@ -677,11 +694,14 @@ def _neigh(index: int, address: str, mac: str) -> nlmsg:
 # batched rtnetlink: the requests of one pod start and stop --------------------------------
 # pyroute2's IPRoute spends most of an endpoint create's CPU on its event loop, a request at
 # a time (about 0.3 ms each). These few requests are built as pyroute2 messages but sent in
-# batches on a kept raw socket (the kernel handles the messages of one send in order), and
-# the answers read back with pyroute2's parser.
+# batches on a kept raw socket (the kernel handles the messages of one send in order); the
+# answers are read by their fixed headers alone (an ACK's error code, a link's index and
+# flags): decoding whole messages cost more CPU than the requests themselves.
 _RT_TABLE_MAIN = 254
 _SEQ = itertools.count(1)
-_MARSHAL = MarshalRtnl()
+_NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
+_NLMSGERR = struct.Struct("=i")  # after the header: the error code (0 is an ACK)
+_IFINFOMSG = struct.Struct("=BxHiII")  # after the header: family, type, index, flags, change
 
 
 def _request(cls: type[nlmsg], kind: int, flags: int, fields: dict[str, int],
@@ -697,11 +717,11 @@ def _request(cls: type[nlmsg], kind: int, flags: int, fields: dict[str, int],
     return msg
 
 
-def _rtnl(sock: socket.socket, *requests: nlmsg) -> list[nlmsg]:
+def _rtnl(sock: socket.socket, *requests: nlmsg) -> list[bytes]:
     """Send `requests` in one batch, each with an ACK asked for; the answers that are not
-    ACKs (parsed) come back in order. The first refusal raises `NetlinkError` (after every
-    answer is read: the socket stays usable)."""
-    replies: list[nlmsg] = []
+    ACKs (whole messages, raw) come back in order. The first refusal raises `NetlinkError`
+    (after every answer is read: the socket stays usable)."""
+    replies: list[bytes] = []
     for code in _rtnl_each(sock, *requests, replies=replies):
         if code:
             raise NetlinkError(code, os.strerror(code))
@@ -709,7 +729,7 @@ def _rtnl(sock: socket.socket, *requests: nlmsg) -> list[nlmsg]:
 
 
 def _rtnl_each(sock: socket.socket, *requests: nlmsg,
-               replies: list[nlmsg] | None = None) -> list[int]:
+               replies: list[bytes] | None = None) -> list[int]:
     """`_rtnl` without raising: the error code of each request (0: done), in order."""
     seqs, out = [], []
     for msg in requests:
@@ -721,24 +741,32 @@ def _rtnl_each(sock: socket.socket, *requests: nlmsg,
     sock.send(b"".join(out))
     pending, codes = set(seqs), dict.fromkeys(seqs, 0)
     while pending:
-        for msg in _MARSHAL.parse(sock.recv(65536)):
-            header = msg["header"]
-            seq = header["sequence_number"]
-            if seq not in pending:
-                continue
-            if header["type"] == NLMSG_ERROR:
-                pending.discard(seq)
-                codes[seq] = abs(msg["error"])
-            elif header["type"] != NLMSG_DONE and replies is not None:
-                replies.append(msg)
+        data = sock.recv(65536)
+        offset = 0
+        while offset + _NLMSGHDR.size <= len(data):
+            length, kind, _flags, seq, _port = _NLMSGHDR.unpack_from(data, offset)
+            if length < _NLMSGHDR.size:
+                break  # malformed: nothing more to read in this datagram
+            if seq in pending:
+                if kind == NLMSG_ERROR:
+                    pending.discard(seq)
+                    codes[seq] = abs(_NLMSGERR.unpack_from(data, offset + _NLMSGHDR.size)[0])
+                elif kind != NLMSG_DONE and replies is not None:
+                    replies.append(data[offset:offset + length])
+            offset += (length + 3) & ~3
     return [codes[seq] for seq in seqs]
 
 
-def _get_link(sock: socket.socket, ifname: str) -> LinkInfo:
-    """One RTM_GETLINK by name (ENODEV if there is none)."""
+def _link_of(reply: bytes, ifname: str, mac: str) -> LinkInfo:
+    """The link an RTM_NEWLINK answer describes (its index and flags; the MAC is ours)."""
+    _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(reply, _NLMSGHDR.size)
+    return LinkInfo(ifname=ifname, ifindex=index, mac=mac, up=bool(flags & IFF_UP))
+
+
+def _get_link(sock: socket.socket, ifname: str, mac: str) -> LinkInfo:
+    """One RTM_GETLINK by name (ENODEV if there is none) of a link whose MAC we chose."""
     reply = _rtnl(sock, _request(ifinfmsg, RTM_GETLINK, 0, {}, [("IFLA_IFNAME", ifname)]))[0]
-    return LinkInfo(ifname=ifname, ifindex=reply["index"],
-                    mac=reply.get_attr("IFLA_ADDRESS") or "", up=bool(reply["flags"] & IFF_UP))
+    return _link_of(reply, ifname, mac)
 
 
 def _route_socket() -> socket.socket:

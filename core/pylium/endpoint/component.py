@@ -99,6 +99,11 @@ class DatapathAdapter:
 
         await asyncio.to_thread(attach)
 
+    def attach_programs(self, host: Any) -> None:
+        """The programs on a new veth's host end (a netlink thread's call, see
+        `Datapath.attach_programs`)."""
+        self.datapath.attach_programs(host.ifindex, host.mac)
+
     async def detach(self, ep: Endpoint) -> None:
         def detach() -> None:
             self.datapath.detach_endpoint(ep.id)
@@ -106,9 +111,34 @@ class DatapathAdapter:
 
         await asyncio.to_thread(detach)
 
+    async def unpublish(self, ep: Endpoint) -> None:
+        """`detach` in two halves (`forget` the other), so the second half's RCU grace
+        period can overlap the veth's removal."""
+        def unpublish() -> None:
+            self.datapath.unpublish_endpoint(ep.id)
+            self.datapath.delete_ipcache(f"{ep.ipv4}/32")
+
+        await asyncio.to_thread(unpublish)
+
+    async def forget(self, ep: Endpoint) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            self._policy_threads, self.datapath.forget_endpoint, ep.id)
+
     async def update_policy(self, ep: Endpoint, policy: Any) -> None:
         await asyncio.get_running_loop().run_in_executor(
             self._policy_threads, self.datapath.update_policy, ep.id, policy)
+
+    async def prepare_policy(self, ep_id: int) -> bool:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._policy_threads, self.datapath.prepare_policy, ep_id)
+
+    def policy_in_place(self, ep_id: int) -> bool:
+        """One map lookup: cheap enough for the event loop."""
+        return self.datapath.policy_in_place(ep_id)
+
+    async def release_policy(self, ep_id: int) -> bool:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._policy_threads, self.datapath.release_policy, ep_id)
 
 
 async def start(daemon) -> EndpointManager:

@@ -95,11 +95,7 @@ class Endpoint:
 
     @property
     def identity_labels(self) -> dict[str, str]:
-        """Labels with their source, as identities and selectors see them (Cilium's pod
-        labels plus the namespace label)."""
-        out = {f"{LABEL_SOURCE}:{k}": v for k, v in sorted(self.labels.items())}
-        out[f"{LABEL_SOURCE}:{NAMESPACE_LABEL}"] = self.namespace
-        return dict(sorted(out.items()))
+        return identity_labels(self.namespace, self.labels)
 
     def to_api(self) -> dict[str, Any]:
         data = CONVERTER.unstructure(self)
@@ -108,6 +104,14 @@ class Endpoint:
 
 
 CONVERTER = cattrs.Converter(forbid_extra_keys=True)
+
+
+def identity_labels(namespace: str, labels: Mapping[str, str]) -> dict[str, str]:
+    """Labels with their source, as identities and selectors see them (Cilium's pod
+    labels plus the namespace label)."""
+    out = {f"{LABEL_SOURCE}:{k}": v for k, v in sorted(labels.items())}
+    out[f"{LABEL_SOURCE}:{NAMESPACE_LABEL}"] = namespace
+    return dict(sorted(out.items()))
 
 
 def endpoint_from_json(data: dict[str, Any]) -> Endpoint:

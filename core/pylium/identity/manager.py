@@ -30,6 +30,8 @@ class IdentityManager:
                                            known=lambda: {i.id for i in self.cache})
         #: identity number → how many local users (endpoints) hold it
         self._local_refs: dict[int, int] = {}
+        #: label set → the allocation in the store under way for it
+        self._allocating: dict[LabelSet, asyncio.Future] = {}
         self._watch_task: asyncio.Task | None = None
         #: numbers whose release failed because the store was down
         self.pending_releases: set[int] = set()
@@ -47,18 +49,44 @@ class IdentityManager:
 
     async def allocate(self, labels: LabelSet | Iterable) -> Identity:
         labels = LabelSet(labels)
-        held = self.cache.by_labels(labels)
-        if held is not None and self._local_refs.get(held.id, 0) > 0:
-            # this node already references it (its key is on the node's lease and comes
-            # back with the lease after an outage): no round trip, and a pod whose labels
-            # an endpoint here already has is wired even while the KV store is down
-            self._local_refs[held.id] += 1
-            return held
-        identity = await self.allocator.allocate(labels)
+        while True:
+            held = self.cache.by_labels(labels)
+            if held is not None and self._local_refs.get(held.id, 0) > 0:
+                # this node already references it (its key is on the node's lease and
+                # comes back with the lease after an outage): no round trip, and a pod
+                # whose labels an endpoint here already has is wired even while the KV
+                # store is down
+                self._local_refs[held.id] += 1
+                return held
+            pending = self._allocating.get(labels)
+            if pending is None:
+                break
+            # the pods of one workload starting together: one allocation in the store for
+            # all of them (each racing the others' fence writes would retry over and
+            # over); its error is theirs too
+            try:
+                await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise
+        future = asyncio.get_running_loop().create_future()
+        self._allocating[labels] = future
+        try:
+            identity = await self.allocator.allocate(labels)
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                future.set_exception(exc)
+                future.exception()  # retrieved: no "never retrieved" warning without waiters
+            else:
+                future.cancel()
+            raise
+        finally:
+            del self._allocating[labels]
         if identity.id not in self.cache:
             self.cache.add(identity)
         if not identity.reserved:
             self._local_refs[identity.id] = self._local_refs.get(identity.id, 0) + 1
+        future.set_result(identity)
         return identity
 
     async def release(self, identity: Identity | int) -> None:

@@ -417,6 +417,28 @@ class KVStoreConformance:
                 assert await kv.list(ns + "m/") == []
         run(body())
 
+    def test_delete_many_deletes_every_key_given_and_watchers_see_each(self, store_factory,
+                                                                       ns):
+        """Keys that exist go (counted), missing ones are no error, others stay; a watcher
+        (of a backend that keeps history) gets one delete event per key that existed."""
+        async def body():
+            async with store_factory() as kv:
+                await kv.put_many([(f"{ns}d/{i:03d}", b"x") for i in range(600)])
+                await kv.put(ns + "keep", b"y")
+                start = await kv.revision()
+                gone = [f"{ns}d/{i:03d}" for i in range(600)] + [ns + "d/missing"]
+                assert await kv.delete_many(gone) == 600
+                if self.watch_history:
+                    watch = kv.watch(ns + "d/", after_revision=start)
+                    events = await next_events(watch, 600)
+                    await watch.aclose()
+                    assert sorted(e.key for e in events) == sorted(gone[:-1])
+                    assert all(e.type == "delete" for e in events)
+                assert await kv.list(ns + "d/") == []
+                assert (await kv.get(ns + "keep")).value == b"y"
+                assert await kv.delete_many([]) == 0
+        run(body())
+
     def test_watch_batches_deliver_the_same_events_as_watch(self, store_factory, ns):
         """`watch_batches` yields non-empty lists holding exactly `watch`'s events in order
         (history, a multi-key transaction, a prefix delete), and resumes the same way."""

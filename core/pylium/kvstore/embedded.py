@@ -83,6 +83,9 @@ CREATE INDEX IF NOT EXISTS leases_by_expiry ON leases (expires_at);
 WATCH_BATCH = 1000
 #: compact the event log every this many revisions
 COMPACT_EVERY = 1000
+#: keys per DELETE statement of `delete_many` (SQLite's bound-parameter limit is 999 on
+#: older builds)
+DELETE_CHUNK = 500
 
 #: open stores per database file in this process, so a write wakes the watchers of every
 #: store on that file at once (other processes are noticed by polling)
@@ -385,6 +388,36 @@ class EmbeddedKVStore(KVStore):
             existing = txn.conn.execute(
                 "SELECT create_revision FROM kv WHERE key = ?", (raw_key,)).fetchone()
             return self._upsert(txn, raw_key, value, lease_id, existing)
+        return await self._mutate(write)
+
+    async def put_many(self, items: list[tuple[str, bytes]], lease: Lease | None = None) -> int:
+        """One transaction (one revision, one wake-up of the watchers) for all of them."""
+        if not items:
+            return 0
+        encoded = [(key.encode(), bytes(value)) for key, value in items]
+
+        def write(txn: _Txn) -> int:
+            lease_id = self._check_lease(txn, lease)
+            revision = 0
+            for raw_key, value in encoded:
+                existing = txn.conn.execute(
+                    "SELECT create_revision FROM kv WHERE key = ?", (raw_key,)).fetchone()
+                revision = self._upsert(txn, raw_key, value, lease_id, existing)
+            return revision
+        return await self._mutate(write)
+
+    async def delete_many(self, keys: list[str]) -> int:
+        """One transaction for all of them (see `put_many`)."""
+        if not keys:
+            return 0
+        raw_keys = [key.encode() for key in keys]
+
+        def write(txn: _Txn) -> int:
+            deleted = 0
+            for i in range(0, len(raw_keys), DELETE_CHUNK):
+                chunk = tuple(raw_keys[i:i + DELETE_CHUNK])
+                deleted += txn.delete_keys(f"key IN ({','.join('?' * len(chunk))})", chunk)
+            return deleted
         return await self._mutate(write)
 
     async def delete(self, key: str) -> bool:

@@ -312,6 +312,25 @@ class EtcdKVStore(KVStore):
     async def delete(self, key: str) -> bool:
         return await self._delete_range(key.encode(), None) > 0
 
+    async def delete_many(self, keys: list[str]) -> int:
+        """Deletes in transactions of at most `TXN_OPS`, like `put_many` (each key once: etcd
+        refuses a transaction naming a key twice)."""
+        keys = list(dict.fromkeys(keys))
+        deleted = 0
+        client = self.client
+        for at in range(0, len(keys), TXN_OPS):
+            chunk = keys[at:at + TXN_OPS]
+            if len(chunk) == 1:
+                deleted += await self.delete(chunk[0])
+                continue
+            request = rpc.TxnRequest(compare=[], success=[
+                rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key.encode()))
+                for key in chunk], failure=[])
+            response = await self._call(client.kvstub.Txn(request, timeout=self.timeout,
+                                                          metadata=client.metadata))
+            deleted += sum(r.response_delete_range.deleted for r in response.responses)
+        return deleted
+
     async def delete_prefix(self, prefix: str) -> int:
         start, end = prefix_range(prefix)
         return await self._delete_range(start or b"\0", end or b"\0")

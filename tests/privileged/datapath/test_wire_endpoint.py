@@ -104,3 +104,32 @@ def test_failed_wire_leaves_no_host_link(lab):
             "lxcni3c", pod, "10.96.5.9", "10.96.5.1", pod_ifname="eth9"))
     assert plumbing.link_info("lxcni3c", node) is not None
     assert plumbing.link_info("eth9", pod) is None
+
+
+def test_the_host_link_hook_runs_before_the_pod_end_comes_up(lab):
+    """`on_host_link` (where the agent puts the datapath's programs) sees the host end made
+    and the pod end still down with no address: the pod cannot send before it ran. A hook
+    that fails leaves nothing behind."""
+    node, pod = lab
+    seen = {}
+
+    def hook(host):
+        seen["host"] = host
+        seen["pod"] = plumbing.link_info("eth0", pod)
+        seen["addresses"] = plumbing.addresses("eth0", pod)
+
+    links = plumbing.run_in_netns(node, lambda: plumbing.wire_endpoint(
+        "lxcni3h", pod, "10.96.3.9", "10.96.3.1", on_host_link=hook))
+    assert seen["host"] == links.host
+    assert seen["pod"] is not None and not seen["pod"].up and seen["addresses"] == []
+    assert plumbing.link_info("eth0", pod).up
+    plumbing.run_in_netns(node, lambda: plumbing.unwire_endpoint("lxcni3h", "10.96.3.9"))
+
+    def broken(_host):
+        raise RuntimeError("no programs")
+
+    with pytest.raises(RuntimeError, match="no programs"):
+        plumbing.run_in_netns(node, lambda: plumbing.wire_endpoint(
+            "lxcni3h", pod, "10.96.3.9", "10.96.3.1", on_host_link=broken))
+    assert plumbing.link_info("lxcni3h", node) is None
+    assert plumbing.link_info("eth0", pod) is None

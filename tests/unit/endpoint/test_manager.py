@@ -175,6 +175,118 @@ def test_failed_create_is_rolled_back(tmp_path, links):
     assert parts["identities"].released == [256]
 
 
+class PreparingDatapath(Datapath):
+    """A datapath that takes `prepare_policy`: a slot per endpoint id, filled by the first
+    policy."""
+
+    def __init__(self):
+        super().__init__()
+        self.slots: dict[int, str] = {}
+        self.fail_prepare = False
+
+    async def prepare_policy(self, ep_id):
+        if self.fail_prepare:
+            raise RuntimeError("prepare exploded")
+        if ep_id in self.slots:
+            return False
+        self.slots[ep_id] = "prepared"
+        return True
+
+    async def release_policy(self, ep_id):
+        return self.slots.pop(ep_id, None) is not None
+
+    async def update_policy(self, ep, policy):
+        assert self.slots.get(ep.id) in ("prepared", "filled"), "policy before its slot"
+        await super().update_policy(ep, policy)
+        self.slots[ep.id] = "filled"
+
+    async def detach(self, ep):
+        await super().detach(ep)
+        self.slots.pop(ep.id, None)
+
+
+class SplitDatapath(PreparingDatapath):
+    """Detaches in two halves; records the order of the steps around the veth's removal."""
+
+    def __init__(self, links, ipam_of):
+        super().__init__()
+        self.steps: list[str] = []
+        self.links, self.ipam_of = links, ipam_of
+
+    async def detach(self, ep):
+        raise AssertionError("a manager that can split the detach must not call it whole")
+
+    async def unpublish(self, ep):
+        assert ep.ifname in self.links.links, "the programs go before the veth"
+        self.steps.append("unpublish")
+        self.attached.pop(ep.id, None)
+
+    async def forget(self, ep):
+        self.steps.append("forget")
+        await asyncio.sleep(0.05)  # an RCU grace period
+        assert ep.ipv4 in self.ipam_of().allocated(), "the address outlives the datapath state"
+        self.policies.pop(ep.id, None)
+        self.slots.pop(ep.id, None)
+        self.steps.append("forgotten")
+
+
+def test_a_delete_forgets_the_datapath_state_while_the_veth_goes(tmp_path, links):
+    holder = {}
+    datapath = SplitDatapath(links, lambda: holder["mgr"].ipam)
+    mgr, parts = make(tmp_path, datapath=datapath)
+    holder["mgr"] = mgr
+
+    async def go():
+        ep = await mgr.create("a", "default", {"app": "x"}, "pod-a", container_id="c" * 12)
+        assert await mgr.delete_container("c" * 12) is not None
+        return ep
+
+    ep = run(go())
+    assert datapath.steps == ["unpublish", "forget", "forgotten"]
+    assert datapath.slots == {} and datapath.attached == {} and datapath.policies == {}
+    assert links.links == {} and mgr.ipam.allocated() == {} and mgr.list() == []
+    assert parts["identities"].released == [ep.identity]
+    assert list((tmp_path / "endpoints").glob("*.json")) == []
+
+
+def test_a_create_prepares_the_policy_slot_and_files_the_endpoint_before_answering(
+        tmp_path, links):
+    datapath = PreparingDatapath()
+    mgr, _ = make(tmp_path, datapath=datapath)
+
+    async def go():
+        eps = await asyncio.gather(*(mgr.create(n, "default", {"app": "x"}, f"pod-{n}")
+                                     for n in "abc"))
+        # each answer comes once its state file holds the ready endpoint (restorable)
+        for ep in eps:
+            on_disk = (tmp_path / "endpoints" / f"{ep.id}.json").read_text()
+            assert '"state": "ready"' in on_disk
+        await mgr.delete("b")
+        return eps
+
+    eps = run(go())
+    assert datapath.slots == {1: "filled", 3: "filled"}
+    assert sorted(datapath.policies) == [1, 3] and [e.id for e in eps] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("failing", ["attach", "prepare", "wire"])
+def test_a_failed_create_gives_back_its_prepared_slot(tmp_path, links, failing, monkeypatch):
+    datapath = PreparingDatapath()
+    datapath.fail_attach = failing == "attach"
+    datapath.fail_prepare = failing == "prepare"
+    if failing == "wire":
+        def broken(*_args, **_kw):
+            raise RuntimeError("wire exploded")
+        monkeypatch.setattr(manager_mod.plumbing, "wire_endpoint", broken)
+    mgr, parts = make(tmp_path, datapath=datapath)
+    with pytest.raises(RuntimeError, match=f"{failing} exploded"):
+        run(mgr.create("a", "default", {"app": "x"}, "pod-a"))
+    assert datapath.slots == {} and datapath.attached == {}
+    assert links.links == {} and mgr.ipam.allocated() == {} and mgr.list() == []
+    assert list((tmp_path / "endpoints").glob("*.json")) == []
+    assert parts["identities"].released == [256]
+
+
 def test_bad_input_is_refused_before_anything_is_made(tmp_path, links):
     mgr, _ = make(tmp_path)
     for args, field in [(("A_b", "default", {}, "pod"), "name"),

@@ -148,9 +148,10 @@ def test_regeneration_skips_maps_that_would_not_change(tmp_path, links):  # noqa
 def test_pods_are_wired_side_by_side_and_in_flight_claims_are_respected(tmp_path, links,  # noqa: F811
                                                                        monkeypatch):
     """Two ADDs wire their veths at the same time (the fake's barrier needs both inside
-    at once, or it breaks); while they are under way, a third create for one of their
-    names or netns is a 409, and neither id nor address is handed out twice."""
-    mgr, _ = make(tmp_path)
+    at once, or it breaks: the manager's lock does not serialise them; the agent wires on
+    one netlink thread, here two); while they are under way, a third create for one of
+    their names or netns is a 409, and neither id nor address is handed out twice."""
+    mgr, _ = make(tmp_path, netlink_threads=2)
     barrier = threading.Barrier(2, timeout=10)
     wire = links.wire
 

@@ -267,3 +267,46 @@ def test_allocating_a_held_label_set_again_reads_the_index_and_writes_nothing(tm
         finally:
             await store.close()
     run(go())
+
+
+def test_concurrent_allocations_of_one_label_set_share_one_store_allocation(tmp_path):
+    """The pods of one workload starting on a node at once: one allocation in the store for
+    all of them (not twenty racing each other's fence writes), every one of them counted
+    as a local user; a failing allocation fails its waiters with the same error."""
+    from pylium.api.kvstore import KVStoreUnavailable
+
+    async def go():
+        (store,) = await _stores(tmp_path, 1)
+        try:
+            manager = IdentityManager(store, "node-a")
+            calls = []
+            original = manager.allocator.allocate
+
+            async def counted(labels):
+                calls.append(labels)
+                await asyncio.sleep(0.05)  # still under way when the others ask
+                return await original(labels)
+            manager.allocator.allocate = counted
+            labels = LabelSet.parse("app=web")
+            got = await asyncio.gather(*(manager.allocate(labels) for _ in range(20)))
+            assert len(calls) == 1 and len(set(got)) == 1
+            assert manager.references() == {got[0].id: 20}
+            for identity in got:
+                await manager.release(identity)
+            assert manager.references() == {}
+            assert await manager.allocator.references(got[0].id) == []
+
+            async def down(labels):
+                calls.append(labels)
+                await asyncio.sleep(0.05)
+                raise KVStoreUnavailable("the store is down")
+            manager.allocator.allocate = down
+            calls.clear()
+            failed = await asyncio.gather(*(manager.allocate(LabelSet.parse("app=db"))
+                                            for _ in range(5)), return_exceptions=True)
+            assert len(calls) == 1
+            assert all(isinstance(e, KVStoreUnavailable) for e in failed)
+            assert manager.references() == {}
+        finally:
+            await store.close()
+    run(go())
