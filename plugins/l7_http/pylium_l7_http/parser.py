@@ -11,10 +11,11 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import httptools
+import orjson
 from pylium.l7.parser import (
     CLOSE,
     DROP,
@@ -25,10 +26,12 @@ from pylium.l7.parser import (
     ConnectionInfo,
     ConnectionParser,
     Emit,
+    FastPath,
     Grant,
     GrantsNow,
     Op,
     ParserFactory,
+    Record,
 )
 from pylium.policy.http import SUPPORTED_MISMATCH, HeaderMatch, PortRuleHTTP
 
@@ -379,10 +382,9 @@ class ChunkedBody:
 
 # one connection -----------------------------------------------------------------------------
 
-@attrs.define
-class Pending:
+class Pending(NamedTuple):
     """A response the client is owed, in request order: from the upstream (`local` None)
-    or answered by the proxy (`local` = the bytes)."""
+    or answered by the proxy (`local` = the bytes). A tuple: one is made per request."""
 
     method: str = ""
     url: str = ""
@@ -390,6 +392,12 @@ class Pending:
     started_ns: int = 0
     local: bytes | None = None
     close_after: bool = False
+    #: the response record's fields up to its code, encoded, when the response may take
+    #: the fast path (not for HEAD or CONNECT, whose framing llhttp cannot know)
+    response_fields: bytes | None = None
+
+
+_pending = tuple.__new__  # Pending(...) runs NamedTuple's Python __new__: one per request
 
 
 def local_reply(status: int, reason: str, body: bytes, version: str = "1.1",
@@ -399,6 +407,43 @@ def local_reply(status: int, reason: str, body: bytes, version: str = "1.1",
     if close:
         head += "connection: close\r\n"
     return head.encode() + b"\r\n" + body
+
+
+#: the bytes a head's headers may consist of to be copied into a flow record's JSON as they
+#: are (llhttp has refused a lone CR or LF, and whitespace before a header's colon): none
+#: that JSON escapes (quote, backslash, control characters, tab among them), none beyond
+#: ASCII (the general path decodes them as latin-1)
+_PLAIN = bytes(b for b in range(32, 127) if b not in b'"\\') + b"\r\n"
+_HEADER = b'{"key":"%s","value":"%s"}'
+_EMPTY: dict[str, str] = {}
+#: verdicts cached per connection at most (a client that never repeats a request gains
+#: nothing from them)
+VERDICT_CACHE = 1024
+_now = time.monotonic_ns
+_NO_GRANTS_YET = object()
+
+
+def _headers_json(raw: list[tuple[bytes, bytes]], data: bytes, end: int) -> bytes:
+    """A head's headers as the members of the flow record's `headers` array, encoded:
+    copied as they are when `_NOT_PLAIN` finds nothing in the head (the usual head), else
+    decoded, trimmed and redacted like `flow_headers` does."""
+    head = data[:end]
+    if not head.translate(None, _PLAIN) and b" \r\n" not in head:  # no value to trim
+        lowered = head.lower()  # a REDACTED header's name ends in one of these
+        if b"cookie:" not in lowered and b"authorization:" not in lowered:
+            return b",".join([_HEADER % header for header in raw])
+    headers = [{"key": name.decode("latin-1"),
+                "value": "[redacted]" if name.lower().decode("latin-1") in REDACTED
+                else value.decode("latin-1").strip(" \t")} for name, value in raw]
+    return orjson.dumps(headers)[1:-1]
+
+
+def _response_fields(method: str, url: str) -> bytes | None:
+    """The response record's fields up to its code (`Pending.response_fields`)."""
+    if method in ("HEAD", "CONNECT"):
+        return None
+    return (b'"verdict":"FORWARDED","l7":{"type":"RESPONSE","http":'
+            + orjson.dumps({"method": method, "url": url})[:-1] + b",")
 
 
 def flow_headers(head: Head) -> list[dict[str, str]]:
@@ -428,6 +473,123 @@ class HttpConnection(ConnectionParser):
         #: persistent parsers of each direction while it moves in whole messages
         self.req_stream: StreamParser | None = None
         self.resp_stream: StreamParser | None = None
+        self.record: Record | None = None
+        #: (request line, host) -> what the fast path needs of an allowed request (its
+        #: record's fields up to the headers, method, URL, `response_fields`, version), or
+        #: False (not allowed: the general path answers); valid for `_verdicts_for` only
+        self._verdicts: dict[tuple[bytes, bytes], Any] = {}
+        self._verdicts_for: Any = _NO_GRANTS_YET
+        self._header_rules = False
+
+    # the fast paths: one whole message per read ---------------------------------------------
+    def fast_paths(self, record: Record) -> tuple[FastPath, FastPath]:
+        self.record = record
+        return self._fast_request, self._fast_response
+
+    def _fast_request(self, data: bytes) -> bool:
+        """One whole request without chunks, upgrade or absolute URL, allowed by rules
+        without header conditions: forwarded as read, its record made from cached parts."""
+        if self.req_state != "head" or self.upgrade_pending:
+            return False
+        grants = self.grants()
+        if grants is not self._verdicts_for:  # a policy push: every verdict again
+            self._verdicts = {}
+            self._verdicts_for = grants
+            self._header_rules = any(rule.headers or rule.header_matches
+                                     for grant in grants or () for rule in grant.rules)
+        if self._header_rules:
+            return False
+        stream = self.req_stream
+        if stream is None:
+            stream = self.req_stream = StreamParser(False)
+        c = stream.collector
+        begun = c.begun
+        parser = stream.parser
+        try:
+            parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self.req_stream = None
+            return False
+        url = c.url
+        if c.begun != begun + 1 or c.ended != c.begun or c.chunked or url[:1] != b"/" \
+                or parser.should_upgrade():
+            self.req_stream = None  # the general path parses it again
+            return False
+        raw = c.raw
+        host = b""
+        for name, value in raw:
+            if len(name) == 4 and name.lower() == b"host":
+                host = value.strip(b" \t")
+                break
+        # the request line (method, URL, version: llhttp checked its form) and the host
+        key = (data[:data.find(b"\r\n")], host)
+        found = self._verdicts.get(key)
+        if found is None:
+            found = self._decide(key, grants, parser.get_method(), url)
+        if found is False:
+            self.req_stream = None
+            return False
+        self.record(False, b"%b%b]}}" % (
+            found[0], _headers_json(raw, data, data.find(b"\r\n\r\n", 0, MAX_HEAD + 4))))
+        self.pending.append(_pending(Pending, (found[1], found[2], found[4], _now(), None,
+                                               False, found[3])))
+        return True
+
+    def _decide(self, key: tuple[bytes, bytes], grants: Any, method_raw: bytes,
+                url_raw: bytes) -> Any:
+        """Judge a request not seen since the last policy push; remember the answer."""
+        verdicts = self._verdicts
+        if len(verdicts) >= VERDICT_CACHE:
+            verdicts.clear()
+        method = method_raw.decode("ascii", "replace")
+        path = url_raw.decode("latin-1")
+        host = key[1].decode("latin-1")
+        version = key[0][-3:].decode("ascii")  # the line ends in HTTP/x.y
+        verdict = judge(grants, method, path, host, _EMPTY)
+        if not verdict.allowed:
+            verdicts[key] = False
+            return False
+        url = f"http://{host}{path}" if host else path
+        http = orjson.dumps({"method": method, "url": url, "protocol": f"HTTP/{version}"})
+        found = verdicts[key] = (
+            b'"verdict":"FORWARDED","rule":' + orjson.dumps(verdict.rule)
+            + b',"l7":{"type":"REQUEST","http":' + http[:-1] + b',"headers":[',
+            method, url, _response_fields(method, url), version)
+        return found
+
+    def _fast_response(self, data: bytes) -> bool:
+        """The whole final response to the one request outstanding (not to HEAD or
+        CONNECT), without chunks: forwarded as read."""
+        pending = self.pending
+        if len(pending) != 1 or self.resp_state != "head" or self.upgrade_pending:
+            return False
+        request = pending[0]
+        fields = request.response_fields
+        if fields is None:
+            return False
+        stream = self.resp_stream
+        if stream is None:
+            stream = self.resp_stream = StreamParser(True)
+        c = stream.collector
+        begun = c.begun
+        parser = stream.parser
+        try:
+            parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self.resp_stream = None
+            return False
+        status = parser.get_status_code()
+        if c.begun != begun + 1 or c.ended != c.begun or c.chunked or status < 200 \
+                or parser.should_upgrade():
+            self.resp_stream = None
+            return False
+        end = data.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+        # the status line starts with HTTP/x.y (llhttp checked its form)
+        self.record(True, b'%b"code":%d,"protocol":"HTTP/%b","headers":[%b]},"latency_ns":%d}'
+                    % (fields, status, data[5:8], _headers_json(c.raw, data, end),
+                       _now() - request.started_ns))
+        pending.popleft()
+        return True
 
     # requests -----------------------------------------------------------------------------
     def on_data(self, reply: bool, data: bytes | memoryview, end_stream: bool) -> list[Op]:
@@ -492,7 +654,9 @@ class HttpConnection(ConnectionParser):
                                           "value": ",".join(verdict.logged)})
         if verdict.allowed:
             self.emit({"verdict": "FORWARDED", "l7": l7, "rule": verdict.rule})
-            self.pending.append(Pending(head.method, l7["http"]["url"], head.version, now))
+            url = l7["http"]["url"]
+            self.pending.append(Pending(head.method, url, head.version, now,
+                                        response_fields=_response_fields(head.method, url)))
             if head.upgrade or head.method == "CONNECT":
                 self.upgrade_pending = True
             if kind == "length" or kind == "none":  # head and body in one PASS
