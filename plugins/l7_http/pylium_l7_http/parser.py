@@ -237,11 +237,14 @@ class _Stream(_Collector):
         self.begun = self.ended = 0
         self.chunked = False
 
+    #: a message that ended had its head complete: no callback for that (httptools calls
+    #: only the callbacks a protocol has)
+    on_headers_complete = None
+
     def on_message_begin(self) -> None:
         self.begun += 1
         self.url = b""
         self.raw = []
-        self.complete = False
         self.chunked = False
 
     def on_chunk_header(self) -> None:
@@ -272,7 +275,7 @@ class StreamParser:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             return None
-        if c.begun != begun + 1 or c.ended != c.begun or c.chunked or not c.complete:
+        if c.begun != begun + 1 or c.ended != c.begun or c.chunked:
             return None
         parser = self.parser
         if parser.should_upgrade():
@@ -409,33 +412,38 @@ def local_reply(status: int, reason: str, body: bytes, version: str = "1.1",
     return head.encode() + b"\r\n" + body
 
 
-#: the bytes a head's headers may consist of to be copied into a flow record's JSON as they
-#: are (llhttp has refused a lone CR or LF, and whitespace before a header's colon): none
-#: that JSON escapes (quote, backslash, control characters, tab among them), none beyond
-#: ASCII (the general path decodes them as latin-1)
-_PLAIN = bytes(b for b in range(32, 127) if b not in b'"\\') + b"\r\n"
-_HEADER = b'{"key":"%s","value":"%s"}'
 _EMPTY: dict[str, str] = {}
 #: verdicts cached per connection at most (a client that never repeats a request gains
 #: nothing from them)
 VERDICT_CACHE = 1024
+#: header fragments cached at most (values that change per message, e.g. Date, come and go)
+FRAGMENT_CACHE = 4096
 _now = time.monotonic_ns
 _NO_GRANTS_YET = object()
+#: (name, value) as httptools gave them -> the header as a member of a flow record's
+#: `headers` array, encoded: most headers repeat from message to message (Host, Server,
+#: Content-Type, ...), so a head's part of its record is mostly dictionary lookups
+_FRAGMENTS: dict[tuple[bytes, bytes], bytes] = {}
 
 
-def _headers_json(raw: list[tuple[bytes, bytes]], data: bytes, end: int) -> bytes:
-    """A head's headers as the members of the flow record's `headers` array, encoded:
-    copied as they are when `_NOT_PLAIN` finds nothing in the head (the usual head), else
-    decoded, trimmed and redacted like `flow_headers` does."""
-    head = data[:end]
-    if not head.translate(None, _PLAIN) and b" \r\n" not in head:  # no value to trim
-        lowered = head.lower()  # a REDACTED header's name ends in one of these
-        if b"cookie:" not in lowered and b"authorization:" not in lowered:
-            return b",".join([_HEADER % header for header in raw])
-    headers = [{"key": name.decode("latin-1"),
-                "value": "[redacted]" if name.lower().decode("latin-1") in REDACTED
-                else value.decode("latin-1").strip(" \t")} for name, value in raw]
-    return orjson.dumps(headers)[1:-1]
+def _fragment(header: tuple[bytes, bytes]) -> bytes:
+    """One header's fragment, as `flow_headers` has it (value trimmed, or redacted);
+    cached unless redacted (a secret is not kept)."""
+    name, value = header
+    key = name.decode("latin-1")
+    if key.lower() in REDACTED:
+        return orjson.dumps({"key": key, "value": "[redacted]"})
+    if len(_FRAGMENTS) >= FRAGMENT_CACHE:
+        _FRAGMENTS.clear()
+    fragment = _FRAGMENTS[header] = orjson.dumps(
+        {"key": key, "value": value.decode("latin-1").strip(" \t")})
+    return fragment
+
+
+def _headers_json(raw: list[tuple[bytes, bytes]]) -> bytes:
+    """A head's headers as the members of its flow record's `headers` array, encoded."""
+    get = _FRAGMENTS.get
+    return b",".join([get(header) or _fragment(header) for header in raw])
 
 
 def _response_fields(method: str, url: str) -> bytes | None:
@@ -529,8 +537,7 @@ class HttpConnection(ConnectionParser):
         if found is False:
             self.req_stream = None
             return False
-        self.record(False, b"%b%b]}}" % (
-            found[0], _headers_json(raw, data, data.find(b"\r\n\r\n", 0, MAX_HEAD + 4))))
+        self.record(False, b"%b%b]}}" % (found[0], _headers_json(raw)))
         self.pending.append(_pending(Pending, (found[1], found[2], found[4], _now(), None,
                                                False, found[3])))
         return True
@@ -583,10 +590,9 @@ class HttpConnection(ConnectionParser):
                 or parser.should_upgrade():
             self.resp_stream = None
             return False
-        end = data.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
         # the status line starts with HTTP/x.y (llhttp checked its form)
         self.record(True, b'%b"code":%d,"protocol":"HTTP/%b","headers":[%b]},"latency_ns":%d}'
-                    % (fields, status, data[5:8], _headers_json(c.raw, data, end),
+                    % (fields, status, data[5:8], _headers_json(c.raw),
                        _now() - request.started_ns))
         pending.popleft()
         return True
