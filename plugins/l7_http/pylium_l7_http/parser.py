@@ -440,12 +440,6 @@ def _fragment(header: tuple[bytes, bytes]) -> bytes:
     return fragment
 
 
-def _headers_json(raw: list[tuple[bytes, bytes]]) -> bytes:
-    """A head's headers as the members of its flow record's `headers` array, encoded."""
-    get = _FRAGMENTS.get
-    return b",".join([get(header) or _fragment(header) for header in raw])
-
-
 def _response_fields(method: str, url: str) -> bytes | None:
     """The response record's fields up to its code (`Pending.response_fields`)."""
     if method in ("HEAD", "CONNECT"):
@@ -537,7 +531,9 @@ class HttpConnection(ConnectionParser):
         if found is False:
             self.req_stream = None
             return False
-        self.record(False, b"%b%b]}}" % (found[0], _headers_json(raw)))
+        get = _FRAGMENTS.get  # the headers array's members, one lookup per header
+        self.record(False, b"%b%b]}}" % (found[0], b",".join(
+            [get(header) or _fragment(header) for header in raw])))
         self.pending.append(_pending(Pending, (found[1], found[2], found[4], _now(), None,
                                                False, found[3])))
         return True
@@ -586,13 +582,15 @@ class HttpConnection(ConnectionParser):
             self.resp_stream = None
             return False
         status = parser.get_status_code()
-        if c.begun != begun + 1 or c.ended != c.begun or c.chunked or status < 200 \
-                or parser.should_upgrade():
+        # (an upgrade is a 101, or a 2xx to CONNECT, which has no response_fields)
+        if c.begun != begun + 1 or c.ended != c.begun or c.chunked or status < 200:
             self.resp_stream = None
             return False
+        get = _FRAGMENTS.get
         # the status line starts with HTTP/x.y (llhttp checked its form)
         self.record(True, b'%b"code":%d,"protocol":"HTTP/%b","headers":[%b]},"latency_ns":%d}'
-                    % (fields, status, data[5:8], _headers_json(c.raw),
+                    % (fields, status, data[5:8],
+                       b",".join([get(header) or _fragment(header) for header in c.raw]),
                        _now() - request.started_ns))
         pending.popleft()
         return True
