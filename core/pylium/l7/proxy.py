@@ -380,7 +380,10 @@ class Connection:
                     self.down.write(data)
                     other = self.request
                 else:
-                    self._write_upstream(data)
+                    if self.up_state == "open":
+                        self.up.write(data)
+                    else:
+                        self._write_upstream(data)
                     other = self.reply
                 if other.buf and not (other.pass_left or other.drop_left or other.queue):
                     other.need_call = True  # a decision here may unblock the other side
