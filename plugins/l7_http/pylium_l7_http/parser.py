@@ -413,13 +413,34 @@ def local_reply(status: int, reason: str, body: bytes, version: str = "1.1",
 
 
 _EMPTY: dict[str, str] = {}
-#: verdicts cached per connection at most (a client that never repeats a request gains
-#: nothing from them)
-VERDICT_CACHE = 1024
-#: header fragments cached at most (values that change per message, e.g. Date, come and go)
+#: verdicts cached per set of grants at most (a client that never repeats a request gains
+#: nothing from them), sets of grants with cached verdicts at most, and the longest
+#: request line + host cached (a longer one is judged every time)
+VERDICT_CACHE = 4096
+VERDICT_GRANT_SETS = 64
+VERDICT_KEY_MAX = 1024
+#: header fragments cached at most (values that change per message, e.g. Date, come and
+#: go), and the longest value cached
 FRAGMENT_CACHE = 4096
+FRAGMENT_VALUE_MAX = 256
 _now = time.monotonic_ns
 _NO_GRANTS_YET = object()
+#: id(grants) -> (grants, {(request line, host): verdict}, whether a rule looks at headers):
+#: one cache per policy key's grants, shared by the connections it covers (new connections
+#: start warm). The grants object is held, so its id is not reused while the entry lives;
+#: a policy push makes new grants objects, so a push reaches the next request.
+_VERDICTS: dict[int, tuple[Any, dict[tuple[bytes, bytes], Any], bool]] = {}
+
+
+def _verdicts_of(grants: Any) -> tuple[Any, dict[tuple[bytes, bytes], Any], bool]:
+    entry = _VERDICTS.get(id(grants))
+    if entry is None or entry[0] is not grants:
+        if len(_VERDICTS) >= VERDICT_GRANT_SETS:
+            _VERDICTS.clear()
+        entry = _VERDICTS[id(grants)] = (grants, {}, any(
+            rule.headers or rule.header_matches for grant in grants or ()
+            for rule in grant.rules))
+    return entry
 #: (name, value) as httptools gave them -> the header as a member of a flow record's
 #: `headers` array, encoded: most headers repeat from message to message (Host, Server,
 #: Content-Type, ...), so a head's part of its record is mostly dictionary lookups
@@ -433,10 +454,11 @@ def _fragment(header: tuple[bytes, bytes]) -> bytes:
     key = name.decode("latin-1")
     if key.lower() in REDACTED:
         return orjson.dumps({"key": key, "value": "[redacted]"})
-    if len(_FRAGMENTS) >= FRAGMENT_CACHE:
-        _FRAGMENTS.clear()
-    fragment = _FRAGMENTS[header] = orjson.dumps(
-        {"key": key, "value": value.decode("latin-1").strip(" \t")})
+    fragment = orjson.dumps({"key": key, "value": value.decode("latin-1").strip(" \t")})
+    if len(value) <= FRAGMENT_VALUE_MAX:
+        if len(_FRAGMENTS) >= FRAGMENT_CACHE:
+            _FRAGMENTS.clear()
+        _FRAGMENTS[header] = fragment
     return fragment
 
 
@@ -478,7 +500,8 @@ class HttpConnection(ConnectionParser):
         self.record: Record | None = None
         #: (request line, host) -> what the fast path needs of an allowed request (its
         #: record's fields up to the headers, method, URL, `response_fields`, version), or
-        #: False (not allowed: the general path answers); valid for `_verdicts_for` only
+        #: False (not allowed: the general path answers); for `_verdicts_for` only
+        #: (`_VERDICTS`)
         self._verdicts: dict[tuple[bytes, bytes], Any] = {}
         self._verdicts_for: Any = _NO_GRANTS_YET
         self._header_rules = False
@@ -494,11 +517,8 @@ class HttpConnection(ConnectionParser):
         if self.req_state != "head" or self.upgrade_pending:
             return False
         grants = self.grants()
-        if grants is not self._verdicts_for:  # a policy push: every verdict again
-            self._verdicts = {}
-            self._verdicts_for = grants
-            self._header_rules = any(rule.headers or rule.header_matches
-                                     for grant in grants or () for rule in grant.rules)
+        if grants is not self._verdicts_for:  # a policy push: the new grants' verdicts
+            self._verdicts_for, self._verdicts, self._header_rules = _verdicts_of(grants)
         if self._header_rules:
             return False
         stream = self.req_stream
@@ -544,6 +564,8 @@ class HttpConnection(ConnectionParser):
         verdicts = self._verdicts
         if len(verdicts) >= VERDICT_CACHE:
             verdicts.clear()
+        if len(key[0]) + len(key[1]) > VERDICT_KEY_MAX:
+            verdicts = {}  # judged, not kept
         method = method_raw.decode("ascii", "replace")
         path = url_raw.decode("latin-1")
         host = key[1].decode("latin-1")

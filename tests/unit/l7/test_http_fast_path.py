@@ -211,3 +211,34 @@ def test_the_proxy_forwards_fast_messages_and_records_them_like_the_general_path
         stats = p.describe()["stats"]
         assert (stats["requests"], stats["forwarded"], stats["denied"]) == (2, 1, 1)
     asyncio.run(run())
+
+
+def test_verdicts_are_shared_per_grants_and_the_caches_stay_bounded(monkeypatch):
+    from pylium_l7_http import parser as http_parser
+
+    grants = (Grant(rule="r", rules=(PortRuleHTTP(path="/.*"),)),)
+    first, second = Fast(grants), Fast(grants)
+    assert first.request(REQUEST) is True
+    assert second.conn._verdicts_for is not grants
+    assert second.request(REQUEST) is True
+    assert second.conn._verdicts is first.conn._verdicts  # one cache per policy key's grants
+    assert list(first.conn._verdicts) == [(b"GET /x HTTP/1.1", b"svc:80")]
+    # a long request line is judged, not kept; so is a long header value's fragment
+    long_path = b"/" + b"a" * http_parser.VERDICT_KEY_MAX
+    long_value = b"v" * (http_parser.FRAGMENT_VALUE_MAX + 1)
+    first.conn.pending.clear()
+    assert first.request(b"GET %s HTTP/1.1\r\nHost: svc\r\nX-Long: %s\r\n\r\n"
+                         % (long_path, long_value)) is True
+    assert len(first.conn._verdicts) == 1
+    assert (b"X-Long", long_value) not in http_parser._FRAGMENTS
+    assert first.records[-1]["l7"]["http"]["headers"][-1]["value"] == long_value.decode()
+    # the caches are emptied when full, never grow past their bounds
+    monkeypatch.setattr(http_parser, "VERDICT_CACHE", 2)
+    for n in range(5):
+        first.conn.pending.clear()
+        assert first.request(b"GET /%d HTTP/1.1\r\nHost: svc\r\n\r\n" % n) is True
+        assert len(first.conn._verdicts) <= 2
+    monkeypatch.setattr(http_parser, "VERDICT_GRANT_SETS", 2)
+    for _ in range(5):
+        Fast((Grant(rule="r", rules=(PortRuleHTTP(path="/.*"),)),)).request(REQUEST)
+        assert len(http_parser._VERDICTS) <= 2
