@@ -414,9 +414,9 @@ def local_reply(status: int, reason: str, body: bytes, version: str = "1.1",
 
 _EMPTY: dict[str, str] = {}
 #: verdicts cached per set of grants at most (a client that never repeats a request gains
-#: nothing from them), sets of grants with cached verdicts at most, and the longest
-#: request line + host cached (a longer one is judged every time)
-VERDICT_CACHE = 4096
+#: nothing from them; one is ~0.4 KB), sets of grants with cached verdicts at most, and the
+#: longest request line + host cached (a longer one is judged every time)
+VERDICT_CACHE = 1024
 VERDICT_GRANT_SETS = 64
 VERDICT_KEY_MAX = 1024
 #: header fragments cached at most (values that change per message, e.g. Date, come and
