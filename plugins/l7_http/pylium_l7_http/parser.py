@@ -433,6 +433,7 @@ _VERDICTS: dict[int, tuple[Any, dict[tuple[bytes, bytes], Any], bool]] = {}
 
 
 def _verdicts_of(grants: Any) -> tuple[Any, dict[tuple[bytes, bytes], Any], bool]:
+    """The `_VERDICTS` entry of these grants (made empty when they are new)."""
     entry = _VERDICTS.get(id(grants))
     if entry is None or entry[0] is not grants:
         if len(_VERDICTS) >= VERDICT_GRANT_SETS:
@@ -441,6 +442,8 @@ def _verdicts_of(grants: Any) -> tuple[Any, dict[tuple[bytes, bytes], Any], bool
             rule.headers or rule.header_matches for grant in grants or ()
             for rule in grant.rules))
     return entry
+
+
 #: (name, value) as httptools gave them -> the header as a member of a flow record's
 #: `headers` array, encoded: most headers repeat from message to message (Host, Server,
 #: Content-Type, ...), so a head's part of its record is mostly dictionary lookups
