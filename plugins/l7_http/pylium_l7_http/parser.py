@@ -515,15 +515,14 @@ class HttpConnection(ConnectionParser):
         return self._fast_request, self._fast_response
 
     def _fast_request(self, data: bytes) -> bool:
-        """One whole request without chunks, upgrade or absolute URL, allowed by rules
-        without header conditions: forwarded as read, its record made from cached parts."""
+        """One whole allowed request without chunks, upgrade or absolute URL: forwarded as
+        read, its record made from parts cached per (request line, host) while no rule
+        looks at headers (judged with the headers every time otherwise)."""
         if self.req_state != "head" or self.upgrade_pending:
             return False
         grants = self.grants()
         if grants is not self._verdicts_for:  # a policy push: the new grants' verdicts
             self._verdicts_for, self._verdicts, self._header_rules = _verdicts_of(grants)
-        if self._header_rules:
-            return False
         stream = self.req_stream
         if stream is None:
             stream = self.req_stream = StreamParser(False)
@@ -548,41 +547,54 @@ class HttpConnection(ConnectionParser):
                 break
         # the request line (method, URL, version: llhttp checked its form) and the host
         key = (data[:data.find(b"\r\n")], host)
-        found = self._verdicts.get(key)
+        found = None if self._header_rules else self._verdicts.get(key)
         if found is None:
-            found = self._decide(key, grants, parser.get_method(), url)
+            found = self._decide(key, grants, parser.get_method(), url,
+                                 raw if self._header_rules else None)
         if found is False:
             self.req_stream = None
             return False
         get = _FRAGMENTS.get  # the headers array's members, one lookup per header
-        self.record(False, b"%b%b]}}" % (found[0], b",".join(
-            [get(header) or _fragment(header) for header in raw])))
+        self.record(False, b"%b%b%b]}}" % (found[0], b",".join(
+            [get(header) or _fragment(header) for header in raw]), found[5]))
         self.pending.append(_pending(Pending, (found[1], found[2], found[4], _now(), None,
                                                False, found[3])))
         return True
 
     def _decide(self, key: tuple[bytes, bytes], grants: Any, method_raw: bytes,
-                url_raw: bytes) -> Any:
-        """Judge a request not seen since the last policy push; remember the answer."""
+                url_raw: bytes, raw: list[tuple[bytes, bytes]] | None = None) -> Any:
+        """Judge a request not seen since the last policy push and remember the answer;
+        with `raw` (the head's headers: a rule looks at them), judge it with them and
+        remember nothing."""
         verdicts = self._verdicts
         if len(verdicts) >= VERDICT_CACHE:
             verdicts.clear()
-        if len(key[0]) + len(key[1]) > VERDICT_KEY_MAX:
+        if raw is not None or len(key[0]) + len(key[1]) > VERDICT_KEY_MAX:
             verdicts = {}  # judged, not kept
         method = method_raw.decode("ascii", "replace")
         path = url_raw.decode("latin-1")
         host = key[1].decode("latin-1")
         version = key[0][-3:].decode("ascii")  # the line ends in HTTP/x.y
-        verdict = judge(grants, method, path, host, _EMPTY)
+        headers = _EMPTY
+        if raw is not None:  # first value per name, as `_FirstValues` has them
+            headers = {}
+            for name, value in raw:
+                headers.setdefault(name.decode("latin-1").lower(),
+                                   value.decode("latin-1").strip(" \t"))
+        verdict = judge(grants, method, path, host, headers)
         if not verdict.allowed:
             verdicts[key] = False
             return False
         url = f"http://{host}{path}" if host else path
         http = orjson.dumps({"method": method, "url": url, "protocol": f"HTTP/{version}"})
+        mismatch = b""  # after the headers, as the general path reports it
+        if verdict.logged:
+            mismatch = (b"," if raw else b"") + orjson.dumps(
+                {"key": "x-pylium-header-mismatch", "value": ",".join(verdict.logged)})
         found = verdicts[key] = (
             b'"verdict":"FORWARDED","rule":' + orjson.dumps(verdict.rule)
             + b',"l7":{"type":"REQUEST","http":' + http[:-1] + b',"headers":[',
-            method, url, _response_fields(method, url), version)
+            method, url, _response_fields(method, url), version, mismatch)
         return found
 
     def _fast_response(self, data: bytes) -> bool:

@@ -117,12 +117,31 @@ def test_the_verdict_cache_tells_requests_apart_by_line_and_host():
     assert f.request(b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n") is True
 
 
-def test_rules_with_header_conditions_are_left_to_the_general_path():
-    for rule in (PortRuleHTTP(headers=("X-Token",)),
-                 PortRuleHTTP(header_matches=(HeaderMatch("X-A", "1", "LOG"),))):
-        f = Fast((Grant(rule="r", rules=(rule,)),))
-        assert f.request(b"GET / HTTP/1.1\r\nHost: h\r\nX-Token: 1\r\n\r\n") is False
-        assert f.records == [] and not f.conn.pending
+@pytest.mark.parametrize("rule", [
+    PortRuleHTTP(headers=("X-Token",)),
+    PortRuleHTTP(headers=("X-Token: 1",)),
+    PortRuleHTTP(header_matches=(HeaderMatch("X-A", "1"),)),
+    PortRuleHTTP(header_matches=(HeaderMatch("X-A", "1", "LOG"),)),
+])
+@pytest.mark.parametrize("request_", [
+    b"GET / HTTP/1.1\r\nHost: h\r\nX-Token: 1\r\nX-A: 1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\r\nx-token: 2\r\nX-A: 2\r\nX-A: 1\r\n\r\n",  # first value
+    b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
+])
+def test_rules_with_header_conditions_judge_every_request_like_the_general_path(rule,
+                                                                                request_):
+    grants = (Grant(rule="r", rules=(rule,)),)
+    f = Fast(grants)
+    for _ in range(2):  # nothing is cached: the same answer twice
+        if not f.request(request_):  # not allowed: the general path answers
+            assert f.conn.on_data(False, request_, False)[0].type.name == "DROP"
+        f.conn.pending.clear()
+    g = Drive(grants)
+    for _ in range(2):
+        g.feed(False, request_)
+        g.conn.pending.clear()
+    general = [{"reply": bool(r.pop("is_reply", False)), **r} for r in g.records]
+    assert f.records == general and len(general) == 2
 
 
 @pytest.mark.parametrize("data", [
