@@ -4,10 +4,12 @@ response in turn (allowed by an HTTP rule, both flow records made). What is left
 kernel, uvloop and the other processes are taken away: the number to cut when making the
 proxy cheaper (`bench_l7_http.py` measures the real thing).
 
-    .venv/bin/python bench/l7_proxy_cpu.py [--requests N] [--profile]
+    .venv/bin/python bench/l7_proxy_cpu.py [--requests N] [--profile] [--floor]
 
 Prints the best of 7 runs in microseconds of process CPU per request+response; with
-`--profile`, one cProfile'd run (function-call overhead inflates it) sorted by own time.
+`--profile`, one cProfile'd run (function-call overhead inflates it) sorted by own time;
+with `--floor`, the same for the bench's floor proxy (`l7_floor_proxy.py`: httptools on
+every message, no policy, flows or metrics) measured alike, as the reference.
 Compare two trees: `PYTHONPATH=OTHER/core:OTHER/plugins/l7_http .venv/bin/python ...`."""
 
 from __future__ import annotations
@@ -108,12 +110,35 @@ async def measure(requests: int, profile: bool) -> None:
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 
+def measure_floor(requests: int) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import l7_floor_proxy as floor
+
+    down = floor.Downstream()
+    down.transport, down.up = FakeTransport(), FakeTransport()
+    up = floor.Upstream(down)
+    best = float("inf")
+    for _ in range(7):
+        started = time.process_time()
+        for _ in range(requests):
+            down.data_received(REQUEST)
+            up.data_received(RESPONSE)
+        best = min(best, time.process_time() - started)
+    print(f"{best / requests * 1e6:.2f} us CPU per request+response (floor proxy)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--floor", action="store_true",
+                        help="also the floor proxy's cost, measured alike")
     args = parser.parse_args()
     asyncio.run(measure(args.requests, args.profile))
+    if args.floor:
+        measure_floor(args.requests)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,12 @@ metrics (Hubble's `hubble_http_*`, `hubble_kafka_*`) and the protocol work."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import math
 import time
 import weakref
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,6 +30,81 @@ RESYNC_INTERVAL = 1.0
 ADOPT_GRACE = 30.0
 FLOW_FIELDS = ("src_ip", "dst_ip", "sport", "dport", "src_identity", "dst_identity",
                "verdict", "l7", "ep_id", "direction", "is_reply", "proxy_port")
+
+
+class LocalCounter:
+    """A counter family counted in a plain dict (label values -> count) and read when the
+    registry is collected: a flow costs a dictionary update, not a prometheus-client call
+    (a label lookup and a lock per increment). One writer (the agent's loop); a scrape
+    from another thread copies the dict in one step, so it shows exact counts."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 registry: Any):
+        self.name, self.documentation = name, documentation
+        self.labelnames = tuple(labelnames)
+        self.counts: dict[tuple[str, ...], int] = {}
+        registry.register(self)
+
+    def inc(self, labels: tuple[str, ...], amount: int = 1) -> None:
+        counts = self.counts
+        counts[labels] = counts.get(labels, 0) + amount
+
+    def describe(self) -> list[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        return [CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, value in list(self.counts.items()):
+            family.add_metric(labels, value)
+        yield family
+
+
+class LocalHistogram:
+    """A histogram family kept like `LocalCounter`: per label values, the count of each
+    bucket (`le`, as Prometheus's) and the sum, updated by one bisect and two additions."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 registry: Any, buckets: Sequence[float] | None = None):
+        from prometheus_client import Histogram
+
+        self.name, self.documentation = name, documentation
+        self.labelnames = tuple(labelnames)
+        self.bounds = tuple(float(b) for b in (buckets or Histogram.DEFAULT_BUCKETS)
+                            if not math.isinf(b))
+        #: label values -> [count of each bucket, then of +Inf, then the sum]
+        self.data: dict[tuple[str, ...], list[float]] = {}
+        registry.register(self)
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        entry = self.data.get(labels)
+        if entry is None:
+            entry = self.data[labels] = [0] * (len(self.bounds) + 1) + [0.0]
+        entry[bisect.bisect_left(self.bounds, value)] += 1
+        entry[-1] += value
+
+    def describe(self) -> list[Any]:
+        from prometheus_client.core import HistogramMetricFamily
+
+        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import HistogramMetricFamily
+        from prometheus_client.utils import floatToGoString
+
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        names = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        for labels, entry in list(self.data.items()):
+            entry = list(entry)
+            cumulative, buckets = 0, []
+            for name, count in zip(names, entry[:-1], strict=True):
+                cumulative += count
+                buckets.append((name, cumulative))
+            family.add_metric(labels, buckets, entry[-1])
+        yield family
 
 
 class RegistryMetrics:
@@ -56,27 +134,29 @@ class ProxyMetrics(RegistryMetrics):
     `cilium_proxy_redirects` and `cilium_policy_l7_total`)."""
 
     def __init__(self, registry: Any):
-        from prometheus_client import Counter, Gauge
+        from prometheus_client import Gauge
 
         self.redirects = Gauge("pylium_proxy_redirects",
                                "Policy keys redirected to an L7 proxy, by protocol",
                                ["protocol"], registry=registry)
-        self.l7_total = Counter("pylium_policy_l7", "L7 requests by what the proxy did",
-                                ["rule", "protocol"], registry=registry)
+        #: counted per flow record: a plain dict (`LocalCounter`), read when scraped
+        self.l7_total = LocalCounter("pylium_policy_l7", "L7 requests by what the proxy did",
+                                     ["rule", "protocol"], registry)
 
     def observe(self, protocol: str, flow: dict[str, Any]) -> None:
         """One proxy flow record: a request is `received`, then `parse_errors` (the proxy
         could not judge it), `denied` or `forwarded`; responses are not counted."""
         if flow.get("l7", {}).get("type") != "REQUEST":
             return
-        self.l7_total.labels("received", protocol).inc()
         if "error" in flow:
             rule = "parse_errors"
         elif flow.get("verdict") == "DROPPED":
             rule = "denied"
         else:
             rule = "forwarded"
-        self.l7_total.labels(rule, protocol).inc()
+        inc = self.l7_total.inc
+        inc(("received", protocol))
+        inc((rule, protocol))
 
 
 class ProxiedParser(L7Parser):

@@ -20,6 +20,13 @@ The contract, per call of `ConnectionParser.on_data(reply, data, end_stream)`:
   can emit what waited for that point (e.g. a queued local reply after a response ends).
   A call that consumes nothing and does not ask for MORE is a parser bug: the proxy closes
   the connection rather than spin.
+
+Optionally, a parser offers the proxy a fast path per direction (`fast_paths`): a function
+given one read while nothing of that direction is outstanding, answering True when the read
+is exactly one whole message it decided to forward as is (its records made through
+`Record`, pre-encoded). The proxy then writes the read on and never calls `on_data` for it;
+False leaves everything to `on_data`, as if the fast path had not been asked. This is how a
+keep-alive request and its response cost one parser call each and no op at all.
 """
 
 from __future__ import annotations
@@ -107,6 +114,12 @@ class Grant:
 #: "l7": {...Hubble Layer7 JSON...}}
 Emit = Callable[[dict[str, Any]], None]
 GrantsNow = Callable[[], "tuple[Grant, ...] | None"]
+#: a fast path's record: (is_reply, the parser's fields as the members of a JSON object,
+#: without braces, e.g. b'"verdict":"FORWARDED","l7":{...}'); always a FORWARDED record
+#: without error (a request so recorded counts as received and forwarded)
+Record = Callable[[bool, bytes], None]
+#: a fast path: one read of a direction -> True if it was one whole message, forwarded as is
+FastPath = Callable[[bytes], bool]
 
 
 class ConnectionParser(abc.ABC):
@@ -121,6 +134,12 @@ class ConnectionParser(abc.ABC):
     @abc.abstractmethod
     def on_data(self, reply: bool, data: bytes | memoryview, end_stream: bool) -> list[Op]:
         """See the module docstring."""
+
+    def fast_paths(self, record: Record) -> tuple[FastPath, FastPath] | None:
+        """Optional (see the module docstring): the (request, response) fast paths, given
+        the proxy's pre-encoded `record`; None = every read goes through `on_data`. A fast
+        path that answers False must leave the parser as `on_data` expects to find it."""
+        return None
 
     def on_upstream_failure(self, reason: str) -> list[Op]:
         """The original destination refused or could not be reached (`reason`, e.g.

@@ -12,7 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from pylium.api import L7Request, L7Verdict
-from pylium.l7.backend import ProxiedParser, RegistryMetrics
+from pylium.l7.backend import LocalCounter, LocalHistogram, ProxiedParser, RegistryMetrics
 from pylium.l7.parser import Grant
 
 from pylium_l7_http.parser import judge
@@ -30,18 +30,16 @@ def _version() -> str:
 class HttpMetrics(RegistryMetrics):
     """Hubble's HTTP metric families, once per registry (an agent restarted in one process,
     or tests, register again on the same registry); the proxy metrics are the core's
-    (`pylium.l7.backend.ProxyMetrics`)."""
+    (`pylium.l7.backend.ProxyMetrics`). Counted in plain dicts per flow record
+    (`LocalCounter`, `LocalHistogram`) and read when scraped."""
 
     def __init__(self, registry: Any):
-        from prometheus_client import Counter, Histogram
-
-        kw = {"registry": registry}
-        self.requests = Counter("hubble_http_requests",
-                                "HTTP requests by method, protocol, status and reporter",
-                                ["method", "protocol", "status", "reporter"], **kw)
-        self.duration = Histogram("hubble_http_request_duration_seconds",
-                                  "HTTP request latency (first response byte)",
-                                  ["method", "reporter"], **kw)
+        self.requests = LocalCounter("hubble_http_requests",
+                                     "HTTP requests by method, protocol, status and reporter",
+                                     ["method", "protocol", "status", "reporter"], registry)
+        self.duration = LocalHistogram("hubble_http_request_duration_seconds",
+                                       "HTTP request latency (first response byte)",
+                                       ["method", "reporter"], registry)
 
     def observe(self, flow: dict[str, Any]) -> None:
         l7 = flow.get("l7", {})
@@ -49,14 +47,13 @@ class HttpMetrics(RegistryMetrics):
         reporter = "server" if flow.get("direction") == 0 else "client"
         if l7.get("type") == "REQUEST":
             if "error" not in flow and flow.get("verdict") == "DROPPED":
-                self.requests.labels(http.get("method", ""), http.get("protocol", ""),
-                                     "403", reporter).inc()
+                self.requests.inc((http.get("method", ""), http.get("protocol", ""), "403",
+                                   reporter))
         elif l7.get("type") == "RESPONSE" and http.get("code"):
-            self.requests.labels(http.get("method", ""), http.get("protocol", ""),
-                                 str(http["code"]), reporter).inc()
+            method = http.get("method", "")
+            self.requests.inc((method, http.get("protocol", ""), str(http["code"]), reporter))
             if l7.get("latency_ns"):
-                self.duration.labels(http.get("method", ""), reporter).observe(
-                    l7["latency_ns"] / 1e9)
+                self.duration.observe((method, reporter), l7["latency_ns"] / 1e9)
 
 
 class L7Http(ProxiedParser):

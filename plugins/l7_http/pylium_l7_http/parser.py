@@ -11,10 +11,11 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import httptools
+import orjson
 from pylium.l7.parser import (
     CLOSE,
     DROP,
@@ -25,10 +26,12 @@ from pylium.l7.parser import (
     ConnectionInfo,
     ConnectionParser,
     Emit,
+    FastPath,
     Grant,
     GrantsNow,
     Op,
     ParserFactory,
+    Record,
 )
 from pylium.policy.http import SUPPORTED_MISMATCH, HeaderMatch, PortRuleHTTP
 
@@ -234,11 +237,14 @@ class _Stream(_Collector):
         self.begun = self.ended = 0
         self.chunked = False
 
+    #: a message that ended had its head complete: no callback for that (httptools calls
+    #: only the callbacks a protocol has)
+    on_headers_complete = None
+
     def on_message_begin(self) -> None:
         self.begun += 1
         self.url = b""
         self.raw = []
-        self.complete = False
         self.chunked = False
 
     def on_chunk_header(self) -> None:
@@ -269,7 +275,7 @@ class StreamParser:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             return None
-        if c.begun != begun + 1 or c.ended != c.begun or c.chunked or not c.complete:
+        if c.begun != begun + 1 or c.ended != c.begun or c.chunked:
             return None
         parser = self.parser
         if parser.should_upgrade():
@@ -379,10 +385,9 @@ class ChunkedBody:
 
 # one connection -----------------------------------------------------------------------------
 
-@attrs.define
-class Pending:
+class Pending(NamedTuple):
     """A response the client is owed, in request order: from the upstream (`local` None)
-    or answered by the proxy (`local` = the bytes)."""
+    or answered by the proxy (`local` = the bytes). A tuple: one is made per request."""
 
     method: str = ""
     url: str = ""
@@ -390,6 +395,12 @@ class Pending:
     started_ns: int = 0
     local: bytes | None = None
     close_after: bool = False
+    #: the response record's fields up to its code, encoded, when the response may take
+    #: the fast path (not for HEAD or CONNECT, whose framing llhttp cannot know)
+    response_fields: bytes | None = None
+
+
+_pending = tuple.__new__  # Pending(...) runs NamedTuple's Python __new__: one per request
 
 
 def local_reply(status: int, reason: str, body: bytes, version: str = "1.1",
@@ -399,6 +410,67 @@ def local_reply(status: int, reason: str, body: bytes, version: str = "1.1",
     if close:
         head += "connection: close\r\n"
     return head.encode() + b"\r\n" + body
+
+
+_EMPTY: dict[str, str] = {}
+#: verdicts cached per set of grants at most (a client that never repeats a request gains
+#: nothing from them; one is ~0.4 KB), sets of grants with cached verdicts at most, and the
+#: longest request line + host cached (a longer one is judged every time)
+VERDICT_CACHE = 1024
+VERDICT_GRANT_SETS = 64
+VERDICT_KEY_MAX = 1024
+#: header fragments cached at most (values that change per message, e.g. Date, come and
+#: go), and the longest value cached
+FRAGMENT_CACHE = 4096
+FRAGMENT_VALUE_MAX = 256
+_now = time.monotonic_ns
+_NO_GRANTS_YET = object()
+#: id(grants) -> (grants, {(request line, host): verdict}, whether a rule looks at headers):
+#: one cache per policy key's grants, shared by the connections it covers (new connections
+#: start warm). The grants object is held, so its id is not reused while the entry lives;
+#: a policy push makes new grants objects, so a push reaches the next request.
+_VERDICTS: dict[int, tuple[Any, dict[tuple[bytes, bytes], Any], bool]] = {}
+
+
+def _verdicts_of(grants: Any) -> tuple[Any, dict[tuple[bytes, bytes], Any], bool]:
+    """The `_VERDICTS` entry of these grants (made empty when they are new)."""
+    entry = _VERDICTS.get(id(grants))
+    if entry is None or entry[0] is not grants:
+        if len(_VERDICTS) >= VERDICT_GRANT_SETS:
+            _VERDICTS.clear()
+        entry = _VERDICTS[id(grants)] = (grants, {}, any(
+            rule.headers or rule.header_matches for grant in grants or ()
+            for rule in grant.rules))
+    return entry
+
+
+#: (name, value) as httptools gave them -> the header as a member of a flow record's
+#: `headers` array, encoded: most headers repeat from message to message (Host, Server,
+#: Content-Type, ...), so a head's part of its record is mostly dictionary lookups
+_FRAGMENTS: dict[tuple[bytes, bytes], bytes] = {}
+
+
+def _fragment(header: tuple[bytes, bytes]) -> bytes:
+    """One header's fragment, as `flow_headers` has it (value trimmed, or redacted);
+    cached unless redacted (a secret is not kept)."""
+    name, value = header
+    key = name.decode("latin-1")
+    if key.lower() in REDACTED:
+        return orjson.dumps({"key": key, "value": "[redacted]"})
+    fragment = orjson.dumps({"key": key, "value": value.decode("latin-1").strip(" \t")})
+    if len(value) <= FRAGMENT_VALUE_MAX:
+        if len(_FRAGMENTS) >= FRAGMENT_CACHE:
+            _FRAGMENTS.clear()
+        _FRAGMENTS[header] = fragment
+    return fragment
+
+
+def _response_fields(method: str, url: str) -> bytes | None:
+    """The response record's fields up to its code (`Pending.response_fields`)."""
+    if method in ("HEAD", "CONNECT"):
+        return None
+    return (b'"verdict":"FORWARDED","l7":{"type":"RESPONSE","http":'
+            + orjson.dumps({"method": method, "url": url})[:-1] + b",")
 
 
 def flow_headers(head: Head) -> list[dict[str, str]]:
@@ -428,6 +500,137 @@ class HttpConnection(ConnectionParser):
         #: persistent parsers of each direction while it moves in whole messages
         self.req_stream: StreamParser | None = None
         self.resp_stream: StreamParser | None = None
+        self.record: Record | None = None
+        #: (request line, host) -> what the fast path needs of an allowed request (its
+        #: record's fields up to the headers, method, URL, `response_fields`, version), or
+        #: False (not allowed: the general path answers); for `_verdicts_for` only
+        #: (`_VERDICTS`)
+        self._verdicts: dict[tuple[bytes, bytes], Any] = {}
+        self._verdicts_for: Any = _NO_GRANTS_YET
+        self._header_rules = False
+
+    # the fast paths: one whole message per read ---------------------------------------------
+    def fast_paths(self, record: Record) -> tuple[FastPath, FastPath]:
+        self.record = record
+        return self._fast_request, self._fast_response
+
+    def _fast_request(self, data: bytes) -> bool:
+        """One whole allowed request without chunks, upgrade or absolute URL: forwarded as
+        read, its record made from parts cached per (request line, host) while no rule
+        looks at headers (judged with the headers every time otherwise)."""
+        if self.req_state != "head" or self.upgrade_pending:
+            return False
+        grants = self.grants()
+        if grants is not self._verdicts_for:  # a policy push: the new grants' verdicts
+            self._verdicts_for, self._verdicts, self._header_rules = _verdicts_of(grants)
+        stream = self.req_stream
+        if stream is None:
+            stream = self.req_stream = StreamParser(False)
+        c = stream.collector
+        begun = c.begun
+        parser = stream.parser
+        try:
+            parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self.req_stream = None
+            return False
+        url = c.url
+        if c.begun != begun + 1 or c.ended != c.begun or c.chunked or url[:1] != b"/" \
+                or parser.should_upgrade():
+            self.req_stream = None  # the general path parses it again
+            return False
+        raw = c.raw
+        host = b""
+        for name, value in raw:
+            if len(name) == 4 and name.lower() == b"host":
+                host = value.strip(b" \t")
+                break
+        # the request line (method, URL, version: llhttp checked its form) and the host
+        key = (data[:data.find(b"\r\n")], host)
+        found = None if self._header_rules else self._verdicts.get(key)
+        if found is None:
+            found = self._decide(key, grants, parser.get_method(), url,
+                                 raw if self._header_rules else None)
+        if found is False:
+            self.req_stream = None
+            return False
+        get = _FRAGMENTS.get  # the headers array's members, one lookup per header
+        self.record(False, b"%b%b%b]}}" % (found[0], b",".join(
+            [get(header) or _fragment(header) for header in raw]), found[5]))
+        self.pending.append(_pending(Pending, (found[1], found[2], found[4], _now(), None,
+                                               False, found[3])))
+        return True
+
+    def _decide(self, key: tuple[bytes, bytes], grants: Any, method_raw: bytes,
+                url_raw: bytes, raw: list[tuple[bytes, bytes]] | None = None) -> Any:
+        """Judge a request not seen since the last policy push and remember the answer;
+        with `raw` (the head's headers: a rule looks at them), judge it with them and
+        remember nothing."""
+        verdicts = self._verdicts
+        if len(verdicts) >= VERDICT_CACHE:
+            verdicts.clear()
+        if raw is not None or len(key[0]) + len(key[1]) > VERDICT_KEY_MAX:
+            verdicts = {}  # judged, not kept
+        method = method_raw.decode("ascii", "replace")
+        path = url_raw.decode("latin-1")
+        host = key[1].decode("latin-1")
+        version = key[0][-3:].decode("ascii")  # the line ends in HTTP/x.y
+        headers = _EMPTY
+        if raw is not None:  # first value per name, as `_FirstValues` has them
+            headers = {}
+            for name, value in raw:
+                headers.setdefault(name.decode("latin-1").lower(),
+                                   value.decode("latin-1").strip(" \t"))
+        verdict = judge(grants, method, path, host, headers)
+        if not verdict.allowed:
+            verdicts[key] = False
+            return False
+        url = f"http://{host}{path}" if host else path
+        http = orjson.dumps({"method": method, "url": url, "protocol": f"HTTP/{version}"})
+        mismatch = b""  # after the headers, as the general path reports it
+        if verdict.logged:
+            mismatch = (b"," if raw else b"") + orjson.dumps(
+                {"key": "x-pylium-header-mismatch", "value": ",".join(verdict.logged)})
+        found = verdicts[key] = (
+            b'"verdict":"FORWARDED","rule":' + orjson.dumps(verdict.rule)
+            + b',"l7":{"type":"REQUEST","http":' + http[:-1] + b',"headers":[',
+            method, url, _response_fields(method, url), version, mismatch)
+        return found
+
+    def _fast_response(self, data: bytes) -> bool:
+        """The whole final response to the one request outstanding (not to HEAD or
+        CONNECT), without chunks: forwarded as read."""
+        pending = self.pending
+        if len(pending) != 1 or self.resp_state != "head" or self.upgrade_pending:
+            return False
+        request = pending[0]
+        fields = request.response_fields
+        if fields is None:
+            return False
+        stream = self.resp_stream
+        if stream is None:
+            stream = self.resp_stream = StreamParser(True)
+        c = stream.collector
+        begun = c.begun
+        parser = stream.parser
+        try:
+            parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self.resp_stream = None
+            return False
+        status = parser.get_status_code()
+        # (an upgrade is a 101, or a 2xx to CONNECT, which has no response_fields)
+        if c.begun != begun + 1 or c.ended != c.begun or c.chunked or status < 200:
+            self.resp_stream = None
+            return False
+        get = _FRAGMENTS.get
+        # the status line starts with HTTP/x.y (llhttp checked its form)
+        self.record(True, b'%b"code":%d,"protocol":"HTTP/%b","headers":[%b]},"latency_ns":%d}'
+                    % (fields, status, data[5:8],
+                       b",".join([get(header) or _fragment(header) for header in c.raw]),
+                       _now() - request.started_ns))
+        pending.popleft()
+        return True
 
     # requests -----------------------------------------------------------------------------
     def on_data(self, reply: bool, data: bytes | memoryview, end_stream: bool) -> list[Op]:
@@ -492,7 +695,9 @@ class HttpConnection(ConnectionParser):
                                           "value": ",".join(verdict.logged)})
         if verdict.allowed:
             self.emit({"verdict": "FORWARDED", "l7": l7, "rule": verdict.rule})
-            self.pending.append(Pending(head.method, l7["http"]["url"], head.version, now))
+            url = l7["http"]["url"]
+            self.pending.append(Pending(head.method, url, head.version, now,
+                                        response_fields=_response_fields(head.method, url)))
             if head.upgrade or head.method == "CONNECT":
                 self.upgrade_pending = True
             if kind == "length" or kind == "none":  # head and body in one PASS

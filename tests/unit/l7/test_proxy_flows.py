@@ -37,6 +37,20 @@ class _Writer:
     def is_closing(self) -> bool:
         return False
 
+    async def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Reader:
+    def __init__(self, lines: list[bytes]):
+        self.lines = list(lines)
+
+    async def readline(self) -> bytes:
+        return self.lines.pop(0) if self.lines else b""
+
 
 def _proxy(tmp_path) -> Proxy:
     return Proxy(tmp_path, HttpParserFactory(), {"ingress": 10080}, "test")
@@ -49,7 +63,7 @@ def test_a_record_is_the_connection_part_and_the_parsers_fields(tmp_path):
     p.flow(orjson.dumps(base)[:-1], {"verdict": "FORWARDED", "l7": l7, "rule": "r"})
     p.flow(orjson.dumps(_flow_base(SERVER, CLIENT, INFO, True))[:-1],
            {"verdict": "DROPPED", "is_reply": True, "error": "bad", "l7": {"type": "RESPONSE"}})
-    (seq1, first), (seq2, second) = p.flows
+    (seq1, first), (seq2, second) = p.unacknowledged()
     assert (seq1, seq2) == (1, 2)
     assert json.loads(first) == {**base, "verdict": "FORWARDED", "l7": l7, "rule": "r",
                                  "seq": 1}
@@ -75,19 +89,30 @@ def test_batches_are_one_json_line_and_acks_drop_records(tmp_path):
         assert batch["op"] == "flows"
         assert [f["l7"]["n"] for f in batch["flows"]] == [0, 1, 2]
         assert [f["seq"] for f in batch["flows"]] == [1, 2, 3]
-        p._acked(2)
-        assert [seq for seq, _ in p.flows] == [3]
+        p._acked(2)  # part of a batch
+        assert [seq for seq, _ in p.unacknowledged()] == [3]
+        assert p.describe()["buffered_flows"] == 1
+        # the next agent gets what is unacknowledged again, then new records in new batches
+        p.flow(base, {"verdict": "FORWARDED", "l7": {"type": "REQUEST", "n": 3}})
+        other = _Writer()
+        await p._control(_Reader([b'{"op":"hello"}\n']), other)
+        assert [f["seq"] for line in other.lines[1:] for f in json.loads(line)["flows"]] == \
+            [3, 4]
+        p._acked(4)
+        assert p.unacknowledged() == [] and p.describe()["buffered_flows"] == 0
     asyncio.run(run())
 
 
-def test_the_buffer_bound_drops_the_oldest_and_counts_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch", [1, 2, 1000])
+def test_the_buffer_bound_drops_the_oldest_and_counts_it(tmp_path, monkeypatch, batch):
     monkeypatch.setattr(proxy_module, "FLOW_BUFFER", 2)
+    monkeypatch.setattr(proxy_module, "FLOW_BATCH", batch)
     p = _proxy(tmp_path)
-    p.flows = proxy_module.collections.deque(maxlen=2)
     base = orjson.dumps(_flow_base(CLIENT, SERVER, INFO, False))[:-1]
     for _ in range(3):
         p.flow(base, {"verdict": "FORWARDED", "l7": {"type": "REQUEST"}})
-    assert [seq for seq, _ in p.flows] == [2, 3]
+    p._flush_flows()  # the bound holds from every flush on (a batch may exceed it until)
+    assert [seq for seq, _ in p.unacknowledged()] == [2, 3]
     assert p.stats["flows_lost"] == 1
 
 

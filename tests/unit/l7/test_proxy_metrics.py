@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 from pylium.api.context import L7Context
 from pylium.api.node import NodeInfo
@@ -90,3 +91,36 @@ def test_redirected_keys_per_protocol():
     get = registry.get_sample_value
     assert get("pylium_proxy_redirects", {"protocol": "http"}) == 2
     assert get("pylium_proxy_redirects", {"protocol": "kafka"}) == 3
+
+
+def test_local_families_scrape_exactly_as_prometheus_clients_own():
+    """`LocalCounter`/`LocalHistogram` (plain dicts per flow, read when scraped) give the
+    samples a prometheus-client Counter/Histogram fed the same values gives."""
+    from prometheus_client import Counter, Histogram, generate_latest
+    from pylium.l7.backend import LocalCounter, LocalHistogram
+
+    local, reference = CollectorRegistry(), CollectorRegistry()
+    counter = LocalCounter("t_requests", "doc", ["method", "code"], local)
+    ref_counter = Counter("t_requests", "doc", ["method", "code"], registry=reference)
+    histogram = LocalHistogram("t_seconds", "doc", ["method"], local)
+    ref_histogram = Histogram("t_seconds", "doc", ["method"], registry=reference)
+    values = [0.0001, 0.005, 0.0050001, 0.1, 2.5, 10.0, 11.0, 1e9]
+    for i, value in enumerate(values):
+        labels = ("GET" if i % 3 else "POST", str(200 + i % 2))
+        counter.inc(labels)
+        ref_counter.labels(*labels).inc()
+        histogram.observe(labels[:1], value)
+        ref_histogram.labels(*labels[:1]).observe(value)
+
+    def samples(registry):
+        return sorted((s.name, tuple(sorted(s.labels.items())), s.value)
+                      for m in registry.collect() for s in m.samples
+                      if not s.name.endswith("_created"))
+
+    assert samples(local) == samples(reference)
+    assert samples(local)  # not two empty lists
+    text = generate_latest(local).decode()
+    assert 't_requests_total{code="200",method="POST"} 2.0' in text
+    assert 't_seconds_bucket{le="0.005",method="GET"} 1.0' in text
+    with pytest.raises(ValueError):  # a second family of the name is refused, as before
+        LocalCounter("t_requests", "doc", ["method"], local)

@@ -1,0 +1,263 @@
+"""The HTTP parser's fast paths (one whole message per read, records pre-encoded, verdicts
+cached per connection): what they record must equal what the general path (`on_data`)
+records for the same bytes, a policy change must reach the next request, and whatever they
+do not handle must be left to the general path untouched."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+from pylium.l7 import proxy as proxy_module
+from pylium.l7.parser import ConnectionInfo, Grant
+from pylium.policy.http import HeaderMatch, PortRuleHTTP
+from pylium_l7_http.parser import HttpConnection, HttpParserFactory
+
+from tests.unit.l7.test_http_parser import FORBIDDEN, Drive
+
+INFO = ConnectionInfo(direction="ingress", src_ip="10.0.0.1", src_port=40000,
+                      dst_ip="10.0.0.2", dst_port=80, src_identity=2000, dst_identity=1000)
+ALLOW_X = (Grant(rule="r", rules=(PortRuleHTTP(method="GET|POST|HEAD", path="/x"),)),)
+REQUEST = b"GET /x HTTP/1.1\r\nHost: svc:80\r\nUser-Agent: wrk\r\n\r\n"
+RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Wed, 02 Dec 2026 05:00:00 GMT\r\n"
+            b"Content-Length: 3\r\n\r\nok\n")
+
+
+class Fast:
+    """One HttpConnection with its fast paths, its records decoded as the proxy's would be
+    (fields of the fast path; dict records of the general path, `is_reply` aside)."""
+
+    def __init__(self, grants):
+        self.grants = grants
+        self.records: list[dict] = []
+        self.conn = HttpConnection(INFO, lambda: self.grants, self._general)
+        self.request, self.response = self.conn.fast_paths(self._fast)
+
+    def _fast(self, reply: bool, fields: bytes) -> None:
+        self.records.append({"reply": reply, **orjson.loads(b"{" + fields + b"}")})
+
+    def _general(self, record: dict) -> None:
+        record = dict(record)
+        self.records.append({"reply": bool(record.pop("is_reply", False)), **record})
+
+
+def _general_records(grants, exchanges) -> list[dict]:
+    """The same exchanges through `on_data` only (the general path)."""
+    d = Drive(grants)
+    for request, response in exchanges:
+        d.conn.req_stream = d.conn.resp_stream = None  # no stream parser: the head parser
+        d.feed(False, request)
+        d.feed(True, response)
+    return [{"reply": bool(r.pop("is_reply", False)), **r} for r in d.records]
+
+
+def _without_latency(records: list[dict]) -> list[dict]:
+    out = []
+    for r in records:
+        r = dict(r, l7=dict(r["l7"]))
+        assert r["l7"].pop("latency_ns", 1) >= 0
+        out.append(r)
+    return out
+
+
+@pytest.mark.parametrize("request_, response", [
+    (REQUEST, RESPONSE),
+    # every header the fast path cannot copy as it is: quote, backslash, tab, latin-1,
+    # a value with trailing spaces, redacted ones (either case)
+    (b'GET /x HTTP/1.1\r\nHost: svc\r\nX-Q: a"b\\\\c\r\nX-T: a\tb\r\nX-L: caf\xe9\r\n'
+     b"X-S: v  \r\nCookie: secret\r\nAUTHORIZATION: Basic x\r\n\r\n",
+     b"HTTP/1.1 200 OK\r\nSet-Cookie: s=1\r\nContent-Length: 0\r\n\r\n"),
+    (b"POST /x HTTP/1.0\r\nHost: svc\r\nConnection: keep-alive\r\nContent-Length: 4\r\n\r\n"
+     b"body",
+     b"HTTP/1.0 201 Created\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nhi"),
+    (b"GET /x HTTP/1.1\r\n\r\n", b"HTTP/1.1 204 No Content\r\n\r\n"),  # no host
+])
+def test_fast_records_equal_the_general_paths(request_, response):
+    f = Fast(ALLOW_X)
+    for _ in range(2):  # the second from the verdict cache
+        assert f.request(request_) is True
+        assert f.response(response) is True
+    assert not f.conn.pending
+    general = _general_records(ALLOW_X, [(request_, response)] * 2)
+    assert _without_latency(f.records) == _without_latency(general)
+    assert len(f.records) == 4 and all(r["l7"].get("latency_ns", 0) > 0
+                                       for r in f.records if r["reply"])
+    headers = {h["key"]: h["value"] for h in f.records[0]["l7"]["http"]["headers"]}
+    if "Cookie" in headers:
+        assert headers["Cookie"] == headers["AUTHORIZATION"] == "[redacted]"
+        assert headers["X-S"] == "v" and headers["X-L"] == "caf\xe9"
+
+
+def test_a_policy_change_between_two_keep_alive_requests_applies_to_the_second():
+    f = Fast(ALLOW_X)
+    assert f.request(REQUEST) and f.response(RESPONSE)
+    f.grants = (Grant(rule="other", rules=(PortRuleHTTP(path="/y"),)),)  # a push
+    assert f.request(REQUEST) is False  # no longer allowed: the general path answers
+    ops = f.conn.on_data(False, REQUEST, False)
+    assert ops[-1].data == FORBIDDEN or any(op.data == FORBIDDEN for op in ops)
+    assert f.records[-1]["verdict"] == "DROPPED"
+    f.grants = ALLOW_X  # and back
+    assert f.request(REQUEST) is True
+    assert f.records[-1]["verdict"] == "FORWARDED" and f.records[-1]["rule"] == "r"
+    f.grants = None  # no policy key covers the connection: nothing is allowed
+    assert f.request(REQUEST) is False
+
+
+def test_the_verdict_cache_tells_requests_apart_by_line_and_host():
+    grants = (Grant(rule="h", rules=(PortRuleHTTP(method="GET", path="/x", host="svc"),)),)
+    f = Fast(grants)
+    assert f.request(b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n") is True
+    assert f.request(b"GET /x HTTP/1.1\r\nHost: evil\r\n\r\n") is False
+    f.conn.req_stream = None
+    assert f.request(b"GET /x?a HTTP/1.1\r\nHost: svc\r\n\r\n") is False
+    f.conn.req_stream = None
+    assert f.request(b"PUT /x HTTP/1.1\r\nHost: svc\r\nContent-Length: 0\r\n\r\n") is False
+    f.conn.req_stream = None
+    assert f.request(b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n") is True
+
+
+@pytest.mark.parametrize("rule", [
+    PortRuleHTTP(headers=("X-Token",)),
+    PortRuleHTTP(headers=("X-Token: 1",)),
+    PortRuleHTTP(header_matches=(HeaderMatch("X-A", "1"),)),
+    PortRuleHTTP(header_matches=(HeaderMatch("X-A", "1", "LOG"),)),
+])
+@pytest.mark.parametrize("request_", [
+    b"GET / HTTP/1.1\r\nHost: h\r\nX-Token: 1\r\nX-A: 1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\r\nx-token: 2\r\nX-A: 2\r\nX-A: 1\r\n\r\n",  # first value
+    b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
+])
+def test_rules_with_header_conditions_judge_every_request_like_the_general_path(rule,
+                                                                                request_):
+    grants = (Grant(rule="r", rules=(rule,)),)
+    f = Fast(grants)
+    for _ in range(2):  # nothing is cached: the same answer twice
+        if not f.request(request_):  # not allowed: the general path answers
+            assert f.conn.on_data(False, request_, False)[0].type.name == "DROP"
+        f.conn.pending.clear()
+    g = Drive(grants)
+    for _ in range(2):
+        g.feed(False, request_)
+        g.conn.pending.clear()
+    general = [{"reply": bool(r.pop("is_reply", False)), **r} for r in g.records]
+    assert f.records == general and len(general) == 2
+
+
+@pytest.mark.parametrize("data", [
+    REQUEST + REQUEST,                                                   # pipelined
+    REQUEST[:-2],                                                        # a part
+    b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc",        # body follows
+    b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    b"GET http://h/x HTTP/1.1\r\nHost: h\r\n\r\n",                           # absolute form
+    b"GET /x HTTP/1.1\r\nBad Header\r\n\r\n",                                # malformed
+])
+def test_what_the_fast_path_declines_the_general_path_handles_as_before(data):
+    f = Fast(ALLOW_X)
+    assert f.request(data) is False
+    assert f.records == [] and not f.conn.pending and f.conn.req_stream is None
+    # the general path on a fresh connection and after the declined fast path: the same
+    g = Drive(ALLOW_X)
+    g.feed(False, data)
+    d = Drive(ALLOW_X)
+    d.conn.fast_paths(lambda reply, fields: None)
+    assert d.conn._fast_request(data) is False
+    d.feed(False, data)
+    assert (d.upstream, d.client, d.closed) == (g.upstream, g.client, g.closed)
+    assert d.records == g.records
+
+
+def test_responses_the_fast_path_leaves_to_the_general_path():
+    f = Fast(ALLOW_X)
+    assert f.request(b"HEAD /x HTTP/1.1\r\nHost: h\r\n\r\n") is True
+    assert f.response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n") is False  # no body
+    f.conn.pending.clear()
+    assert f.request(REQUEST) is True
+    assert f.response(b"HTTP/1.1 100 Continue\r\n\r\n") is False  # interim
+    assert f.response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n") \
+        is False
+    assert f.response(RESPONSE[:-1]) is False  # a part
+    assert f.request(REQUEST) is True
+    assert f.response(RESPONSE) is False  # two outstanding: in order by the general path
+    assert len(f.conn.pending) == 2
+
+
+def test_the_proxy_forwards_fast_messages_and_records_them_like_the_general_path(tmp_path):
+    """Through `pylium.l7.proxy.Connection`: records decode to the connection's part and
+    the parser's fields, the fast path's requests count in the stats."""
+    class Transport:
+        def __init__(self):
+            self.data = b""
+
+        def get_extra_info(self, name):
+            return Sock()
+
+        def write(self, data):
+            self.data += data
+
+    class Sock:
+        def setsockopt(self, *a):
+            pass
+
+        def getsockname(self):
+            return ("10.0.0.2", 80)
+
+        def getpeername(self):
+            return ("10.0.0.1", 40000)
+
+    async def run():
+        p = proxy_module.Proxy(tmp_path, HttpParserFactory(), {"ingress": 1}, "0")
+        grant = {"rule": "r", "kind": "http", "rules": [{"method": "GET", "path": "/x"}]}
+        p.policy.load({"endpoints": [{"ipv4": "10.0.0.2", "ep_id": 1, "identity": 1000,
+                                      "entries": [{"identity": 0, "direction": "ingress",
+                                                   "port": 80, "port_prefix_len": 16,
+                                                   "grants": [grant]}]}]})
+        conn = proxy_module.Connection(p, "ingress", 1, Transport())
+        conn.up, conn.up_state = Transport(), "open"
+        conn.received(conn.request, REQUEST)
+        conn.received(conn.reply, RESPONSE)
+        conn.received(conn.request, b"GET /no HTTP/1.1\r\nHost: svc:80\r\n\r\n")
+        assert conn.up.data == REQUEST and conn.down.data == RESPONSE + FORBIDDEN
+        records = [orjson.loads(r) for _seq, r in p.unacknowledged()]
+        assert [r["seq"] for r in records] == [1, 2, 3]
+        assert [(r["l7"]["type"], r["verdict"], r["is_reply"]) for r in records] == [
+            ("REQUEST", "FORWARDED", False), ("RESPONSE", "FORWARDED", True),
+            ("REQUEST", "DROPPED", False)]
+        assert records[0]["src_ip"] == "10.0.0.1" and records[1]["src_ip"] == "10.0.0.2"
+        assert records[0]["l7"]["http"]["url"] == "http://svc:80/x"
+        assert records[1]["l7"]["http"]["code"] == 200 and records[1]["l7"]["latency_ns"] > 0
+        stats = p.describe()["stats"]
+        assert (stats["requests"], stats["forwarded"], stats["denied"]) == (2, 1, 1)
+    asyncio.run(run())
+
+
+def test_verdicts_are_shared_per_grants_and_the_caches_stay_bounded(monkeypatch):
+    from pylium_l7_http import parser as http_parser
+
+    grants = (Grant(rule="r", rules=(PortRuleHTTP(path="/.*"),)),)
+    first, second = Fast(grants), Fast(grants)
+    assert first.request(REQUEST) is True
+    assert second.conn._verdicts_for is not grants
+    assert second.request(REQUEST) is True
+    assert second.conn._verdicts is first.conn._verdicts  # one cache per policy key's grants
+    assert list(first.conn._verdicts) == [(b"GET /x HTTP/1.1", b"svc:80")]
+    # a long request line is judged, not kept; so is a long header value's fragment
+    long_path = b"/" + b"a" * http_parser.VERDICT_KEY_MAX
+    long_value = b"v" * (http_parser.FRAGMENT_VALUE_MAX + 1)
+    first.conn.pending.clear()
+    assert first.request(b"GET %s HTTP/1.1\r\nHost: svc\r\nX-Long: %s\r\n\r\n"
+                         % (long_path, long_value)) is True
+    assert len(first.conn._verdicts) == 1
+    assert (b"X-Long", long_value) not in http_parser._FRAGMENTS
+    assert first.records[-1]["l7"]["http"]["headers"][-1]["value"] == long_value.decode()
+    # the caches are emptied when full, never grow past their bounds
+    monkeypatch.setattr(http_parser, "VERDICT_CACHE", 2)
+    for n in range(5):
+        first.conn.pending.clear()
+        assert first.request(b"GET /%d HTTP/1.1\r\nHost: svc\r\n\r\n" % n) is True
+        assert len(first.conn._verdicts) <= 2
+    monkeypatch.setattr(http_parser, "VERDICT_GRANT_SETS", 2)
+    for _ in range(5):
+        Fast((Grant(rule="r", rules=(PortRuleHTTP(path="/.*"),)),)).request(REQUEST)
+        assert len(http_parser._VERDICTS) <= 2
