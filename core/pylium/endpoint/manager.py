@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
+from pyroute2 import NetlinkError
 
 from pylium.api.kvstore import KVStoreUnavailable
 from pylium.datapath import netns as plumbing
@@ -162,6 +164,13 @@ class EndpointManager:
         self._unwiring = ThreadPoolExecutor(max_workers=32,
                                             thread_name_prefix="pylium-ep-unwire",
                                             initializer=plumbing.reuse_netlink_socket)
+        #: addresses are handed out on a thread of their own, off the netlink thread that
+        #: wires pods one at a time (an allocation reads and writes the IPAM state file:
+        #: ~2 ms on a busy disk, which the next pod's veth no longer waits behind); the
+        #: creates asking while one batch is being written share the next batch's write
+        self._ipam_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pylium-ep-ipam")
+        self._wanted_addresses: list[tuple[str, asyncio.Future]] = []
+        self._allocating = False
         #: once creates and deletes pause, the pages they freed go back to the system (on
         #: the state thread, off the event loop)
         self._trimmer = Trimmer(self._io.submit)
@@ -430,10 +439,8 @@ class EndpointManager:
         owner = (container_owner(container_id) if container_id
                  else f"endpoint:{namespace}/{name}")
         ifname = host_ifname(namespace, name, container_id)
-        # the address and the veth in one job of a netlink thread: no hop through the
-        # default thread pool (where policy swaps sit out RCU grace periods) in between
-        jobs: dict[str, Any] = {"links": asyncio.get_running_loop().run_in_executor(
-            self._netlink, self._allocate_plumb, owner, ifname, netns, pod_ifname)}
+        jobs: dict[str, Any] = {"links": asyncio.ensure_future(
+            self._address_and_links(owner, ifname, netns, pod_ifname))}
         if self.identities is not None:
             jobs["identity"] = asyncio.ensure_future(
                 self._allocate_identity(namespace, name, labels))
@@ -501,29 +508,75 @@ class EndpointManager:
         if made:
             await self.datapath.release_policy(ep_id)
 
-    def _allocate_plumb(self, owner: str, ifname: str, netns: str,
-                        pod_ifname: str) -> tuple[str, plumbing.EndpointLinks]:
-        """An address for `owner` and the veth with it (a thread's work); the address goes
-        back if the veth cannot be made."""
-        address = self.ipam.allocate(owner)
+    async def _address_and_links(self, owner: str, ifname: str, netns: str,
+                                 pod_ifname: str) -> tuple[str, plumbing.EndpointLinks]:
+        """An address for `owner` (the IPAM thread), then the veth with it (a netlink
+        thread); the address goes back if the veth cannot be made."""
+        address = await self._address_for(owner)
         try:
-            return address, self._plumb(ifname, netns, address, pod_ifname)
-        except BaseException:
+            links = await asyncio.get_running_loop().run_in_executor(
+                self._netlink, self._plumb, ifname, netns, address, pod_ifname)
+        except Exception:  # (cancelled: the thread may still make the veth, with it)
             self.ipam.release(address)
             raise
+        return address, links
+
+    def _address_for(self, owner: str) -> asyncio.Future:
+        """`owner`'s address, allocated with those of the other creates asking meanwhile
+        (one state file write for all of them)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._wanted_addresses.append((owner, future))
+        if not self._allocating:
+            self._allocating = True
+            loop.call_soon(self._allocate_wanted)
+        return future
+
+    def _allocate_wanted(self) -> None:
+        """Allocate every address asked for so far in one job of the IPAM thread; asks
+        arriving meanwhile wait for the next job, started once this one is done."""
+        batch, self._wanted_addresses = self._wanted_addresses, []
+        if not batch:
+            self._allocating = False
+            return
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self._ipam_thread, self.ipam.allocate_many,
+                                   [owner for owner, _future in batch])
+
+        def done(job: asyncio.Future) -> None:
+            failed = job.exception()
+            results = [failed] * len(batch) if failed is not None else job.result()
+            for (_owner, future), result in zip(batch, results, strict=True):
+                if future.cancelled():
+                    if isinstance(result, str):  # nobody will use it: give it back
+                        self._ipam_thread.submit(self.ipam.release, result)
+                elif isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+            self._allocate_wanted()
+
+        job.add_done_callback(done)
 
     def _plumb(self, ifname: str, netns: str, address: str,
                pod_ifname: str) -> plumbing.EndpointLinks:
         """The veth pair (a thread's work): a stale host veth of this endpoint's name, left
         by an agent that died half way through creating it, is removed first."""
-        if plumbing.link_info(ifname) is not None:
-            log.warning("removing stale %s left by an unfinished create", ifname)
-            plumbing.unwire_endpoint(ifname)
         # the datapath's programs go on the host end before the pod end comes up
         hook = getattr(self.datapath, "attach_programs", None)
-        return plumbing.wire_endpoint(ifname, netns, address, str(self.ipam.gateway),
-                                      pod_ifname=pod_ifname, mtu=self.mtu,
-                                      **({"on_host_link": hook} if hook is not None else {}))
+        options = {"pod_ifname": pod_ifname, "mtu": self.mtu,
+                   **({"on_host_link": hook} if hook is not None else {})}
+        gateway = str(self.ipam.gateway)
+        try:
+            return plumbing.wire_endpoint(ifname, netns, address, gateway, **options)
+        except NetlinkError as exc:
+            # the name is taken (the kernel says so; no look before every create): a host
+            # veth of this endpoint's name can only be one left behind
+            if exc.code != errno.EEXIST or plumbing.link_info(ifname) is None:
+                raise
+        log.warning("removing stale %s left by an unfinished create", ifname)
+        plumbing.unwire_endpoint(ifname)
+        return plumbing.wire_endpoint(ifname, netns, address, gateway, **options)
 
     async def delete(self, ref: str | int) -> Endpoint:
         async with self._lock:
@@ -850,3 +903,4 @@ class EndpointManager:
         await asyncio.to_thread(self._io.shutdown, True)
         self._netlink.shutdown(wait=False)
         self._unwiring.shutdown(wait=False)
+        self._ipam_thread.shutdown(wait=False)

@@ -96,28 +96,40 @@ class PodCIDRAllocator:
     # changes ------------------------------------------------------------------------------
     def allocate(self, owner: str) -> str:
         """A free address for `owner`; the same one again if `owner` already holds one."""
-        if not owner:
-            raise IPAMError("an IP allocation needs an owner")
+        result = self.allocate_many([owner])[0]
+        if isinstance(result, IPAMError):
+            raise result
+        return result
+
+    def allocate_many(self, owners: list[str]) -> list[str | IPAMError]:
+        """`allocate` for several owners with one read and one write of the state file
+        (the pods of a node starting together): each owner's address, or the error that
+        owner got (the others still get theirs)."""
         with self._locked() as state:
-            taken: dict[str, str] = state["allocated"]
-            for address, holder in taken.items():
-                if holder == owner:
-                    return address
-            if len(taken) >= self.capacity:
-                raise IPAMError(f"pod CIDR {self.network} is exhausted "
-                                f"({self.capacity} addresses in use)")
-            first = int(self.network.network_address)
-            size = self.network.num_addresses
-            start = int(ipaddress.IPv4Address(state["last"])) - first
-            reserved = self.reserved()
-            for step in range(1, size + 1):
-                candidate = ipaddress.IPv4Address(first + (start + step) % size)
-                if candidate in reserved or str(candidate) in taken:
-                    continue
-                taken[str(candidate)] = owner
-                state["last"] = str(candidate)
-                return str(candidate)
-        raise IPAMError(f"pod CIDR {self.network} is exhausted")  # pragma: no cover
+            return [self._take(state, owner) for owner in owners]
+
+    def _take(self, state: dict, owner: str) -> str | IPAMError:
+        if not owner:
+            return IPAMError("an IP allocation needs an owner")
+        taken: dict[str, str] = state["allocated"]
+        for address, holder in taken.items():
+            if holder == owner:
+                return address
+        if len(taken) >= self.capacity:
+            return IPAMError(f"pod CIDR {self.network} is exhausted "
+                             f"({self.capacity} addresses in use)")
+        first = int(self.network.network_address)
+        size = self.network.num_addresses
+        start = int(ipaddress.IPv4Address(state["last"])) - first
+        reserved = self.reserved()
+        for step in range(1, size + 1):
+            candidate = ipaddress.IPv4Address(first + (start + step) % size)
+            if candidate in reserved or str(candidate) in taken:
+                continue
+            taken[str(candidate)] = owner
+            state["last"] = str(candidate)
+            return str(candidate)
+        return IPAMError(f"pod CIDR {self.network} is exhausted")  # pragma: no cover
 
     def allocate_specific(self, address: str, owner: str) -> str:
         """Claim `address` for `owner` (restore after a restart); fine if `owner` has it."""

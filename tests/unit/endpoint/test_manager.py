@@ -5,6 +5,7 @@ empty or partial policy."""
 from __future__ import annotations
 
 import asyncio
+import errno
 from types import SimpleNamespace
 
 import pytest
@@ -22,6 +23,7 @@ from pylium.policy.engine import PolicyEngine
 from pylium.policy.load import load_text
 from pylium.policy.mapstate import Direction, EndpointPolicy, PolicyEntry, PolicyKey
 from pylium.policy.repository import PolicyRepository
+from pyroute2 import NetlinkError
 
 
 class FakeLinks:
@@ -32,6 +34,8 @@ class FakeLinks:
         self.next_index = 10
 
     def wire(self, ifname, netns, ip, gateway, pod_ifname="eth0", mtu=1500):
+        if ifname in self.links:  # as the kernel answers a veth of a taken name
+            raise NetlinkError(errno.EEXIST, "File exists")
         self.next_index += 1
         host = plumbing.LinkInfo(ifname, self.next_index, f"02:00:00:00:00:{self.next_index:02x}", True)
         self.links[ifname] = host

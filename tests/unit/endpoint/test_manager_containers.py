@@ -183,3 +183,35 @@ def test_pods_are_wired_side_by_side_and_in_flight_claims_are_respected(tmp_path
     assert sorted(e.id for e in run(delete_both())) == sorted([a.id, b.id])
     assert mgr.list() == [] and mgr.ipam.allocated() == {} and not mgr._deleting
     assert sorted(p.name for p in (tmp_path / "endpoints").iterdir()) == []
+
+
+def test_pods_started_together_share_address_allocations(tmp_path, links,  # noqa: F811
+                                                         monkeypatch):
+    """Addresses are allocated off the netlink thread, the creates asking meanwhile in one
+    batch (one IPAM state write); a pod whose veth cannot be made gives its address back."""
+    mgr, _ = make(tmp_path)
+    batches = []
+    many = mgr.ipam.allocate_many
+    monkeypatch.setattr(mgr.ipam, "allocate_many",
+                        lambda owners: (batches.append(list(owners)), many(owners))[1])
+    wire = links.wire
+
+    def wire_or_fail(ifname, netns, *args, **kwargs):
+        if netns == "pod-bad":
+            raise OSError("no veth for you")
+        return wire(ifname, netns, *args, **kwargs)
+
+    monkeypatch.setattr(manager_mod.plumbing, "wire_endpoint", wire_or_fail)
+
+    async def go():
+        return await asyncio.gather(*(mgr.create(f"p{i}", "default", {}, f"pod-{i}",
+                                                 container_id=f"b{i}") for i in range(6)),
+                                    mgr.create("bad", "default", {}, "pod-bad",
+                                               container_id="bbad"),
+                                    return_exceptions=True)
+
+    made = run(go())
+    assert isinstance(made[-1], OSError) and all(not isinstance(e, BaseException)
+                                                  for e in made[:-1])
+    assert sum(len(b) for b in batches) == 7 and len(batches) < 7
+    assert mgr.ipam.allocated() == {e.ipv4: f"container:b{i}" for i, e in enumerate(made[:-1])}

@@ -97,3 +97,25 @@ def test_concurrent_processes_never_share_an_address(tmp_path):
     flat = [a for r in results for a in r]
     assert len(flat) == len(set(flat)) == 160
     assert len(PodCIDRAllocator("10.9.0.0/24", path).allocated()) == 160
+
+
+def test_allocate_many_writes_once_and_reports_each_owner(tmp_path, monkeypatch):
+    """Several owners in one read and write of the state file: distinct addresses, an
+    owner asking again gets its own, the ones the pool cannot serve get their error while
+    the others keep theirs, and all of it is on disk."""
+    alloc = PodCIDRAllocator("10.9.0.0/29", tmp_path / "ipam.json")  # 5 usable
+    held = alloc.allocate("old")
+    writes = []
+    real = type(tmp_path).write_text
+    monkeypatch.setattr(type(tmp_path), "write_text",
+                        lambda self, *a, **k: (writes.append(self), real(self, *a, **k))[1])
+    got = alloc.allocate_many(["a", "old", "b", "", "c", "d", "e"])
+    assert len(writes) == 1
+    addresses = [g for g in got if isinstance(g, str)]
+    assert got[1] == held and len(set(addresses)) == len(addresses) == 5
+    assert isinstance(got[3], IPAMError) and "owner" in str(got[3])
+    assert isinstance(got[6], IPAMError) and "exhausted" in str(got[6])
+    reopened = PodCIDRAllocator("10.9.0.0/29", tmp_path / "ipam.json")
+    owners = ["a", "old", "b", "", "c", "d", "e"]
+    assert reopened.allocated() == {a: o for a, o in zip(got, owners, strict=True)
+                                    if isinstance(a, str)}
