@@ -196,6 +196,8 @@ def main() -> None:
 
         load = {"loadavg_before": load_before, "loadavg_after": loadavg(),
                 "plugin": f"{plugin} ({'native' if native.is_native(Path(plugin)) else 'python'})",
+                # both sides: exec'd straight from a thread in the node netns, no nsenter
+                "launch": "direct exec from the node netns (setns per thread; no nsenter)",
                 # CPU per ADD+DEL pair: pylium's plugin execs and agent; the reference's execs
                 "cpu_ms_per_pair": {
                     "pylium_plugin": round(cpu.plugin["ours"] / pairs, 2),
