@@ -540,11 +540,19 @@ class EndpointManager:
             self._allocating = False
             return
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self._ipam_thread, self.ipam.allocate_many,
-                                   [owner for owner, _future in batch])
+        try:
+            job = loop.run_in_executor(self._ipam_thread, self.ipam.allocate_many,
+                                       [owner for owner, _future in batch])
+        except RuntimeError as exc:  # the manager is closing: no thread to do it
+            for _owner, future in batch:
+                if not future.done():
+                    future.set_exception(PyliumError(f"no address allocated: {exc}"))
+            self._allocating = False
+            return
 
         def done(job: asyncio.Future) -> None:
-            failed = job.exception()
+            failed = (PyliumError("address allocation was cancelled") if job.cancelled()
+                      else job.exception())
             results = [failed] * len(batch) if failed is not None else job.result()
             for (_owner, future), result in zip(batch, results, strict=True):
                 if future.cancelled():
