@@ -30,6 +30,9 @@ SPAWN_TIMEOUT = 30.0
 REQUEST_TIMEOUT = 10.0
 WATCH_INTERVAL = 1.0
 ACK_DELAY = 0.05
+#: control protocols of proxies this agent talks to: 3 (connections announced once) and 2
+#: (every record whole), so a proxy an older agent left running is adopted, not cut
+CONTROL_PROTOCOLS = (2, proxy_process.CONTROL_PROTOCOL)
 
 
 def policy_message(snapshot: Iterable[Mapping[str, Any]], protocol: str,
@@ -54,6 +57,34 @@ def policy_message(snapshot: Iterable[Mapping[str, Any]], protocol: str,
                           "identity": int(ep["identity"]), "entries": entries})
     return {"op": "policy", "revision": revision, "endpoints": endpoints,
             "ipcache": [[cidr, int(identity)] for cidr, identity in ipcache]}
+
+
+def expand_flows(conns: dict[int, tuple[dict[str, Any], dict[str, Any]]],
+                 message: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+    """A batch line's records as the whole flow records protocol 2 sent, and how many
+    named a connection never announced (dropped): `conns` (id -> request and reply base)
+    first learns the line's announced connections, each `"c": ID*2+is_reply` becomes that
+    connection's base plus the record's fields, then the connections the proxy says are
+    gone leave `conns`. A protocol 2 record (no `c`) is whole already."""
+    for cid, bases in (message.get("conns") or {}).items():
+        conns[int(cid)] = (bases[0], bases[1])
+    out = []
+    unknown = 0
+    for record in message.get("flows") or ():
+        c = record.pop("c", None)
+        if c is None:
+            out.append(record)
+            continue
+        bases = conns.get(c >> 1)
+        if bases is None:
+            unknown += 1
+            continue
+        flow = bases[c & 1].copy()
+        flow.update(record)
+        out.append(flow)
+    for cid in message.get("gone") or ():
+        conns.pop(cid, None)
+    return out, unknown
 
 
 class ProxySupervisor:
@@ -89,6 +120,11 @@ class ProxySupervisor:
         self._wake = asyncio.Event()
         self.acked_upto = 0
         self._ack_pending = False
+        #: connection id -> (request base, reply base) as the proxy announced them
+        #: (protocol 3); a new control connection starts empty (the proxy announces again)
+        self.conns: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
+        #: records naming a connection never announced (none, unless the proxy is wrong)
+        self.unknown_conns = 0
 
     # lifecycle ----------------------------------------------------------------------------
     async def start(self) -> str:
@@ -125,7 +161,7 @@ class ProxySupervisor:
 
     def _compatible(self, hello: dict[str, Any]) -> bool:
         return (hello.get("version") == self.version
-                and hello.get("control_protocol") == proxy_process.CONTROL_PROTOCOL
+                and hello.get("control_protocol") in CONTROL_PROTOCOLS
                 and bool(hello.get("reuseport")) == self.reuseport
                 and {k: int(v) for k, v in (hello.get("ports") or {}).items()} == self.listen)
 
@@ -161,6 +197,7 @@ class ProxySupervisor:
         self.reader, self.writer = reader, writer
         self.replies = asyncio.Queue()
         self.acked_upto = 0  # sequence numbers are the proxy process's own
+        self.conns = {}
         self._read_task = asyncio.get_running_loop().create_task(self._read(reader))
         hello = await self._request({"op": "hello", "version": self.version})
         self.info = hello
@@ -203,10 +240,11 @@ class ProxySupervisor:
                     break
                 message = orjson.loads(line)
                 if message.get("op") == "flows":
-                    flows = message.get("flows") or ()
+                    flows = self.expand(message)
+                    on_flow = self.on_flow
                     for flow in flows:
                         try:
-                            self.on_flow(flow)
+                            on_flow(flow)
                         except Exception:  # a flow we cannot record must not stop the reader
                             self.log.exception("recording an L7 flow failed")
                     if flows:
@@ -218,6 +256,12 @@ class ProxySupervisor:
         finally:
             self.replies.put_nowait({"op": "closed"})
             self._wake.set()  # the proxy may be gone: the watchdog looks now
+
+    def expand(self, message: dict[str, Any]) -> list[dict[str, Any]]:
+        """A batch line's records as whole flow records (`expand_flows`)."""
+        flows, unknown = expand_flows(self.conns, message)
+        self.unknown_conns += unknown
+        return flows
 
     def _ack(self, seq: int) -> None:
         """Acknowledge recorded flows, at most every ACK_DELAY (the proxy keeps what is
