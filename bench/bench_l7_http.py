@@ -28,7 +28,7 @@ absolute numbers are noisy — the ratios are what to compare. Each line also ca
 processes spent per request, which that other load distorts least, and `flows_per_request`
 (2: the agent got a record of every request and response), and `<side>_usr_sys_us`: that
 CPU split into user and kernel time (medians). The feeding agent is this process running
-the HTTP backend's own flow path for every record (`L7Http._flow`: proxy and Hubble metrics,
+the HTTP backend's own flow path for every record (`L7Http._flows`: proxy and Hubble metrics,
 `record_l7` into a flow ring), as a real agent does; `agent_cpu_us_per_request_<side>` is
 its CPU per request during that side's runs (during nginx's: what it costs idle).
 
@@ -148,19 +148,23 @@ def bench_policy(port: int) -> dict:
                                                               "path": "/x"}]}]}]}]}
 
 
-def feeding_agent(counter: list[int]):
-    """`on_flow` doing what the agent does with each record (the HTTP backend's `_flow`:
-    proxy and Hubble HTTP metrics, then the flow layer's `record_l7` into a flow ring), and
-    counting it."""
+def feeding_agent(counter: list[int]) -> dict:
+    """`on_flow`/`on_flows` doing what the agent does with the records (the HTTP backend's
+    `_flow`/`_flows`: proxy and Hubble HTTP metrics, then the flow layer's `record_l7` into a
+    flow ring), and counting them."""
     backend = L7Http.from_context(L7Context(
         name="http", node=NodeInfo("bench", CLIENT_IP, "10.0.0.0/24"),
         metrics=CollectorRegistry(), flows=FlowObserver("bench")))
-    record = backend._flow
+    record, record_many = backend._flow, backend._flows
 
     def on_flow(message: dict) -> None:
         record(message)
         counter[0] += 1
-    return on_flow
+
+    def on_flows(messages: list) -> None:
+        record_many(messages)
+        counter[0] += len(messages)
+    return {"on_flow": on_flow, "on_flows": on_flows}
 
 
 def own_cpu() -> float:
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         supervisor = ProxyPool(
             tmp / "pylium", "pylium_l7_http.parser:HttpParserFactory",
             {"ingress": 10080, "egress": 10081}, "bench", workers=args.workers,
-            on_flow=feeding_agent(flows),
+            **feeding_agent(flows),
             launcher=["nsenter", f"--net=/run/netns/{topo.router}"])
         loop.run_until_complete(supervisor.start())
         loop.run_until_complete(supervisor.push(bench_policy(INGRESS_DPORT)))
@@ -238,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                 tmp / "pylium-ref", "pylium_l7_http.parser:HttpParserFactory",
                 {"ingress": REF_PROXY, "egress": REF_PROXY + 1}, "bench-ref",
                 workers=args.workers,
-                on_flow=feeding_agent(ref_flows),
+                # main's agent path: every record through `_flow` on its own
+                on_flow=feeding_agent(ref_flows)["on_flow"],
                 launcher=["nsenter", f"--net=/run/netns/{topo.router}", "env",
                           f"PYTHONPATH={ref / 'core'}:{ref / 'plugins' / 'l7_http'}"])
             loop.run_until_complete(ref_pool.start())

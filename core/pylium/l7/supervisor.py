@@ -92,6 +92,7 @@ class ProxySupervisor:
 
     def __init__(self, state_dir: Path, parser_spec: str, listen: Mapping[str, int],
                  version: str, *, on_flow: Callable[[dict[str, Any]], None],
+                 on_flows: Callable[[list[dict[str, Any]]], None] | None = None,
                  ipcache_pin: str | None = None, launcher: Iterable[str] = (),
                  logger: logging.Logger | None = None, reuseport: bool = False):
         self.state_dir = Path(state_dir)
@@ -101,6 +102,8 @@ class ProxySupervisor:
         self.listen = dict(listen)
         self.version = version
         self.on_flow = on_flow
+        #: if given, takes each batch line's records at once instead (`on_flow` each)
+        self.on_flows = on_flows
         self.ipcache_pin = ipcache_pin
         #: a command prefix for the spawn (e.g. `nsenter --net=...` in tests)
         self.launcher = list(launcher)
@@ -241,12 +244,18 @@ class ProxySupervisor:
                 message = orjson.loads(line)
                 if message.get("op") == "flows":
                     flows = self.expand(message)
-                    on_flow = self.on_flow
-                    for flow in flows:
+                    if self.on_flows is not None:
                         try:
-                            on_flow(flow)
-                        except Exception:  # a flow we cannot record must not stop the reader
-                            self.log.exception("recording an L7 flow failed")
+                            self.on_flows(flows)
+                        except Exception:  # flows we cannot record must not stop the reader
+                            self.log.exception("recording L7 flows failed")
+                    else:
+                        on_flow = self.on_flow
+                        for flow in flows:
+                            try:
+                                on_flow(flow)
+                            except Exception:  # nor one we cannot record
+                                self.log.exception("recording an L7 flow failed")
                     if flows:
                         self._ack(int(flows[-1].get("seq", 0)))
                 else:
@@ -370,6 +379,7 @@ class ProxyPool:
     def __init__(self, state_dir: Path, parser_spec: str, listen: Mapping[str, int],
                  version: str, *, workers: int = 1,
                  on_flow: Callable[[dict[str, Any]], None],
+                 on_flows: Callable[[list[dict[str, Any]]], None] | None = None,
                  ipcache_pin: str | None = None, launcher: Iterable[str] = (),
                  logger: logging.Logger | None = None):
         if workers < 1:
@@ -380,6 +390,7 @@ class ProxyPool:
         dirs = [self.state_dir] if workers == 1 else \
             [self.state_dir / WORKER_DIR.format(i) for i in range(workers)]
         self.members = [ProxySupervisor(d, parser_spec, listen, version, on_flow=on_flow,
+                                        on_flows=on_flows,
                                         ipcache_pin=ipcache_pin, launcher=launcher,
                                         logger=logger, reuseport=workers > 1)
                         for d in dirs]

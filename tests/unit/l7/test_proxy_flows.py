@@ -241,3 +241,23 @@ def test_a_running_proxy_of_protocol_2_or_3_is_adopted(tmp_path, control_protoco
     hello = {"version": "v", "control_protocol": control_protocol, "reuseport": False,
              "ports": {"ingress": 10080}}
     assert sup._compatible(hello) is adopted
+
+
+def test_the_supervisor_hands_each_batch_whole_to_on_flows(tmp_path):
+    """With `on_flows` the agent gets a batch line's expanded records in one call, and
+    acknowledges up to its last seq."""
+    async def run():
+        p = _proxy(tmp_path)
+        p.controller = writer = _Writer()
+        cid = p.new_flow_conn(_bases())
+        for n in range(3):
+            p.flow(cid * 2 + n % 2, {"verdict": "FORWARDED", "l7": {"type": "REQUEST", "n": n}})
+        p._flush_flows()
+        expected = _whole(p)
+        batches, single = [], []
+        sup = ProxySupervisor(tmp_path, "x:y", {}, "t", on_flow=single.append,
+                              on_flows=batches.append)
+        await sup._read(_Reader(writer.lines))
+        assert batches == [expected] and single == []
+        assert sup.acked_upto == 3
+    asyncio.run(run())
