@@ -30,7 +30,9 @@ processes spent per request, which that other load distorts least, and `flows_pe
 CPU split into user and kernel time (medians). The feeding agent is this process running
 the HTTP backend's own flow path for every record (`L7Http._flows`: proxy and Hubble metrics,
 `record_l7` into a flow ring), as a real agent does; `agent_cpu_us_per_request_<side>` is
-its CPU per request during that side's runs (during nginx's: what it costs idle).
+its CPU per request during that side's runs (during nginx's: what it costs idle), with the
+agent's own garbage-collector settings (`pylium.gcpolicy`: with CPython's defaults the full
+collections walking the flow ring cost more than the flows themselves).
 
 Goal (issue 11): pylium >= 0.5x nginx req/s and p99 <= 2x nginx's."""
 
@@ -53,6 +55,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from common import report_rounds, spread  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
+from pylium import gcpolicy  # noqa: E402
 from pylium.api.context import L7Context  # noqa: E402
 from pylium.api.node import NodeInfo  # noqa: E402
 from pylium.flow.component import FlowObserver  # noqa: E402
@@ -194,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("nginx") is None or shutil.which("wrk") is None:
         print("needs nginx and wrk (apt-get install nginx wrk)", file=sys.stderr)
         return 1
+    gcpolicy.tune()  # the feeding agent collects garbage as the agent does (`pylium agent`)
     tmp = Path(tempfile.mkdtemp(prefix="l7-proxy-bench-"))
     topo = TproxyTopology("l7-bench").up()
     # the floor proxy's own TPROXY rule, in the bench's router netns only
@@ -248,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"PYTHONPATH={ref / 'core'}:{ref / 'plugins' / 'l7_http'}"])
             loop.run_until_complete(ref_pool.start())
             loop.run_until_complete(ref_pool.push(bench_policy(REF_DPORT)))
+        gcpolicy.settle()  # as the agent after its start-up
         urls = {"direct": f"http://{SERVER_IP}:{DIRECT_PORT}/x",
                 "pylium": f"http://{SERVER_IP}:{INGRESS_DPORT}/x",
                 "nginx": f"http://{ROUTER_CLIENT_IP}:{NGINX_PROXY_PORT}/x",
