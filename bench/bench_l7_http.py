@@ -359,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
             stats = member.info.get("stats", {})
             print(f"# pylium worker pid {member.info.get('pid')}: "
                   f"{stats.get('connections', 0)} connections, {stats.get('requests', 0)} "
-                  "requests", file=sys.stderr)
+                  f"requests, {stats.get('flows_lost', 0)} flows lost, "
+                  f"{member.info.get('buffered_flows')} buffered, "
+                  f"{member.unknown_conns} naming no known connection", file=sys.stderr)
         loop.run_until_complete(supervisor.shutdown())
         if ref_pool is not None:
             loop.run_until_complete(ref_pool.shutdown())
