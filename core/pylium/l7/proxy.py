@@ -796,14 +796,18 @@ class Proxy:
         objects): its id, and its announcement queued for the agent."""
         self.next_cid = cid = self.next_cid + 1
         self.flow_conns[cid] = entry = b'"%d":[%b,%b]' % (cid, bases[0], bases[1])
-        self.announce.append(entry)
+        if self.controller is not None:  # else the next agent's hello announces it
+            self.announce.append(entry)
         return cid
 
     def flow_conn_closed(self, cid: int) -> None:
         """No record names `cid` after `seq`: the agent may drop it after this batch, we
         once every record up to `seq` is acknowledged (or lost)."""
-        self.gone.append(cid)
+        if self.controller is not None:
+            self.gone.append(cid)
         self.closed_conns.append((self.seq, cid))
+        # its records may all be acknowledged (or lost) already, or it made none
+        self._forget_conns((self.sent[0][0] if self.sent else self.batch_seq) - 1)
 
     def _forget_conns(self, upto: int) -> None:
         """Records up to `upto` will never be sent again: closed connections whose last

@@ -261,3 +261,17 @@ def test_the_supervisor_hands_each_batch_whole_to_on_flows(tmp_path):
         assert batches == [expected] and single == []
         assert sup.acked_upto == 3
     asyncio.run(run())
+
+
+def test_connections_without_an_agent_or_records_are_not_kept(tmp_path):
+    """A closed connection none of whose records waits for an agent is forgotten at once
+    (no agent for a long time must not grow the proxy); one with a waiting record stays."""
+    p = _proxy(tmp_path)
+    for _ in range(100):
+        p.flow_conn_closed(p.new_flow_conn(_bases()))
+    assert p.flow_conns == {} and p.announce == [] and p.gone == []
+    cid = p.new_flow_conn(_bases())
+    p.flow(cid * 2, {"verdict": "FORWARDED", "l7": {"type": "REQUEST"}})
+    p.flow_conn_closed(cid)
+    assert list(p.flow_conns) == [cid]  # its record waits for the next agent
+    assert _whole(p)[0]["src_ip"] == "10.0.0.1"
