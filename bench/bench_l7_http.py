@@ -27,7 +27,12 @@ absolute numbers are noisy — the ratios are what to compare. Each line also ca
 `pylium_cpu_us_per_request` / `nginx_cpu_us_per_request` (medians): the CPU the proxy's own
 processes spent per request, which that other load distorts least, and `flows_per_request`
 (2: the agent got a record of every request and response), and `<side>_usr_sys_us`: that
-CPU split into user and kernel time (medians).
+CPU split into user and kernel time (medians). The feeding agent is this process running
+the HTTP backend's own flow path for every record (`L7Http._flows`: proxy and Hubble metrics,
+`record_l7` into a flow ring), as a real agent does; `agent_cpu_us_per_request_<side>` is
+its CPU per request during that side's runs (during nginx's: what it costs idle), with the
+agent's own garbage-collector settings (`pylium.gcpolicy`: with CPython's defaults the full
+collections walking the flow ring cost more than the flows themselves).
 
 Goal (issue 11): pylium >= 0.5x nginx req/s and p99 <= 2x nginx's."""
 
@@ -49,7 +54,13 @@ sys.path.insert(0, str(REPO / "tests" / "privileged" / "l7"))
 sys.path.insert(0, str(REPO / "bench"))
 
 from common import report_rounds, spread  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
+from pylium import gcpolicy  # noqa: E402
+from pylium.api.context import L7Context  # noqa: E402
+from pylium.api.node import NodeInfo  # noqa: E402
+from pylium.flow.component import FlowObserver  # noqa: E402
 from pylium.l7.supervisor import ProxyPool  # noqa: E402
+from pylium_l7_http.backend import L7Http  # noqa: E402
 from topology import (  # noqa: E402
     CLIENT_IP,
     INGRESS_DPORT,
@@ -140,6 +151,31 @@ def bench_policy(port: int) -> dict:
                                                               "path": "/x"}]}]}]}]}
 
 
+def feeding_agent(counter: list[int]) -> dict:
+    """`on_flow`/`on_flows` doing what the agent does with the records (the HTTP backend's
+    `_flow`/`_flows`: proxy and Hubble HTTP metrics, then the flow layer's `record_l7` into a
+    flow ring), and counting them."""
+    backend = L7Http.from_context(L7Context(
+        name="http", node=NodeInfo("bench", CLIENT_IP, "10.0.0.0/24"),
+        metrics=CollectorRegistry(), flows=FlowObserver("bench")))
+    record, record_many = backend._flow, backend._flows
+
+    def on_flow(message: dict) -> None:
+        record(message)
+        counter[0] += 1
+
+    def on_flows(messages: list) -> None:
+        record_many(messages)
+        counter[0] += len(messages)
+    return {"on_flow": on_flow, "on_flows": on_flows}
+
+
+def own_cpu() -> float:
+    """CPU seconds of this process (the feeding agent) so far."""
+    user, system = cpu_split([os.getpid()])
+    return user + system
+
+
 def nginx_workers(master: int) -> list[int]:
     children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
     return [int(c) for c in children] or [master]
@@ -161,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("nginx") is None or shutil.which("wrk") is None:
         print("needs nginx and wrk (apt-get install nginx wrk)", file=sys.stderr)
         return 1
+    gcpolicy.tune()  # the feeding agent collects garbage as the agent does (`pylium agent`)
     tmp = Path(tempfile.mkdtemp(prefix="l7-proxy-bench-"))
     topo = TproxyTopology("l7-bench").up()
     # the floor proxy's own TPROXY rule, in the bench's router netns only
@@ -198,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         supervisor = ProxyPool(
             tmp / "pylium", "pylium_l7_http.parser:HttpParserFactory",
             {"ingress": 10080, "egress": 10081}, "bench", workers=args.workers,
-            on_flow=lambda _m: flows.__setitem__(0, flows[0] + 1),
+            **feeding_agent(flows),
             launcher=["nsenter", f"--net=/run/netns/{topo.router}"])
         loop.run_until_complete(supervisor.start())
         loop.run_until_complete(supervisor.push(bench_policy(INGRESS_DPORT)))
@@ -209,11 +246,13 @@ def main(argv: list[str] | None = None) -> int:
                 tmp / "pylium-ref", "pylium_l7_http.parser:HttpParserFactory",
                 {"ingress": REF_PROXY, "egress": REF_PROXY + 1}, "bench-ref",
                 workers=args.workers,
-                on_flow=lambda _m: ref_flows.__setitem__(0, ref_flows[0] + 1),
+                # main's agent path: every record through `_flow` on its own
+                on_flow=feeding_agent(ref_flows)["on_flow"],
                 launcher=["nsenter", f"--net=/run/netns/{topo.router}", "env",
                           f"PYTHONPATH={ref / 'core'}:{ref / 'plugins' / 'l7_http'}"])
             loop.run_until_complete(ref_pool.start())
             loop.run_until_complete(ref_pool.push(bench_policy(REF_DPORT)))
+        gcpolicy.settle()  # as the agent after its start-up
         urls = {"direct": f"http://{SERVER_IP}:{DIRECT_PORT}/x",
                 "pylium": f"http://{SERVER_IP}:{INGRESS_DPORT}/x",
                 "nginx": f"http://{ROUTER_CLIENT_IP}:{NGINX_PROXY_PORT}/x",
@@ -242,9 +281,14 @@ def main(argv: list[str] | None = None) -> int:
                     # let the agent side drain the flows of the previous run
                     loop.run_until_complete(asyncio.sleep(0.3))
                     user, system = cpu_split(proxy_pids[name])
+                    agent = own_cpu()
                     result = wrk(loop, topo, urls[name], connections, args.seconds)
+                    # the flows of the run's last moments (a flush delay, the agent's turn)
+                    loop.run_until_complete(asyncio.sleep(0.1))
+                    agent = own_cpu() - agent
                     user_after, system_after = cpu_split(proxy_pids[name])
                     per = 1e6 / max(1, result["requests"])
+                    result["agent_us"] = agent * per
                     result["usr_us"] = (user_after - user) * per
                     result["sys_us"] = (system_after - system) * per
                     result["cpu_us_per_request"] = result["usr_us"] + result["sys_us"]
@@ -267,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("pylium", "nginx"):
                 extra[f"{name}_cpu_us_per_request"] = spread(
                     [r["cpu_us_per_request"] for r in runs[name]])["median"]
+            for name in runs:  # the feeding agent's CPU (this process) during each side's runs
+                extra[f"agent_cpu_us_per_request_{name}"] = round(spread(
+                    [r["agent_us"] for r in runs[name]])["median"], 2)
             if "direct" in runs:
                 extra["direct_rps"] = spread([r["rps"] for r in runs["direct"]])["median"]
                 extra["direct_p99_ms"] = spread([r["p99_ms"] for r in runs["direct"]])["median"]
@@ -312,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
             stats = member.info.get("stats", {})
             print(f"# pylium worker pid {member.info.get('pid')}: "
                   f"{stats.get('connections', 0)} connections, {stats.get('requests', 0)} "
-                  "requests", file=sys.stderr)
+                  f"requests, {stats.get('flows_lost', 0)} flows lost, "
+                  f"{member.info.get('buffered_flows')} buffered, "
+                  f"{member.unknown_conns} naming no known connection", file=sys.stderr)
         loop.run_until_complete(supervisor.shutdown())
         if ref_pool is not None:
             loop.run_until_complete(ref_pool.shutdown())

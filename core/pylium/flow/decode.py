@@ -128,9 +128,9 @@ class Decoder:
             out[key] = out.get(key, 0) + n
         return out
 
-    def count(self, key: tuple[int, str, int, int]) -> None:
-        """Count one flow that did not come through `decode` (an L7 flow)."""
-        self._other_counts[key] = self._other_counts.get(key, 0) + 1
+    def count(self, key: tuple[int, str, int, int], n: int = 1) -> None:
+        """Count `n` flows that did not come through `decode` (L7 flows)."""
+        self._other_counts[key] = self._other_counts.get(key, 0) + n
 
     def peer(self, ip: str, identity: int, ep_id: int) -> Peer:
         """The enriched side of a flow (cached; see `Resolver`)."""

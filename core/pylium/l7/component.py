@@ -200,6 +200,14 @@ class LazyFlowRecorder:
             return None
         return flows.record_l7(**fields)
 
+    def record_l7_many(self, records: list[dict[str, Any]]) -> int:
+        """A proxy batch at once (`FlowObserver.record_l7_many`); without a flow layer
+        nothing is recorded (as `record_l7`)."""
+        flows = self.daemon.components.get("flow")
+        if flows is None:
+            return 0
+        return flows.record_l7_many(records)
+
 
 def l7_context_handles(daemon, record: Capability) -> dict[str, Any]:
     """The L7Context fields beyond the common ones."""

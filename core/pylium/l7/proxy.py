@@ -66,8 +66,11 @@ PIDFILE = "proxy.pid"
 CONTROL_SOCKET = "proxy.sock"
 LOGFILE = "proxy.log"
 #: control protocol version: bumped when the messages change incompatibly
-#: (2: flow records travel in batches, `{"op":"flows","flows":[...]}`)
-CONTROL_PROTOCOL = 2
+#: (2: flow records travel in batches, `{"op":"flows","flows":[...]}`; 3: a connection's
+#: constant part travels once, `"conns":{"ID":[request base, reply base]}`, and each
+#: record names it, `"c": ID*2+is_reply`; `"gone":[ID...]` once its records are all sent.
+#: `pylium.l7.supervisor` expands them to the records protocol 2 sent, and still reads 2)
+CONTROL_PROTOCOL = 3
 WORLD = 2
 PROTO_TCP = 6
 #: flow records kept until an agent acknowledges them (oldest dropped first, counted lost)
@@ -329,8 +332,11 @@ class Connection:
         server = {"ip": dst_ip, "port": dst_port, "identity": self.info.dst_identity}
         #: the connection's part of every flow record, per direction, encoded once: the
         #: JSON object without its closing brace (a record appends its own fields)
-        self.flow_bases = (orjson.dumps(_flow_base(client, server, self.info, False))[:-1],
-                           orjson.dumps(_flow_base(server, client, self.info, True))[:-1])
+        self.flow_bases = (orjson.dumps(_flow_base(client, server, self.info, False)),
+                           orjson.dumps(_flow_base(server, client, self.info, True)))
+        #: the connection's id in flow records (`"c": cid*2+is_reply`), its part announced
+        #: to the agent once (`Proxy.announce`)
+        self.cid = proxy.new_flow_conn(self.flow_bases)
         self._grants_cached: tuple[Grant, ...] | None = None
         self._grants_generation = -1
         self.parser: ConnectionParser = proxy.factory.new_connection(
@@ -355,16 +361,16 @@ class Connection:
         return self._grants_cached
 
     def _emit(self, record: dict[str, Any]) -> None:
-        self.proxy.flow(self.flow_bases[1 if record.get("is_reply") else 0], record)
+        self.proxy.flow(self.cid * 2 + (1 if record.get("is_reply") else 0), record)
 
     def _record(self, reply: bool, fields: bytes) -> None:
-        """A fast path's record (`pylium.l7.parser.Record`): the connection's part, the
+        """A fast path's record (`pylium.l7.parser.Record`): the connection's id, the
         parser's fields and the sequence number, in one formatting step."""
         proxy = self.proxy
         proxy.seq = seq = proxy.seq + 1
         if not reply:
             proxy.fast_requests += 1
-        encoded = b"%b,%b,\"seq\":%d}" % (self.flow_bases[reply], fields, seq)
+        encoded = b'{"c":%d,%b,"seq":%d}' % (self.cid * 2 + reply, fields, seq)
         batch = proxy.batch
         if batch and len(batch) < FLOW_BATCH - 1:  # what `Proxy.add_record` does then
             batch.append(encoded)
@@ -663,6 +669,7 @@ class Connection:
             self.flush()  # a local reply decided just before CLOSE still goes out
         self.closed = True
         self.proxy.active.discard(self)
+        self.proxy.flow_conn_closed(self.cid)
         for transport in (self.down, self.up):
             if transport is None:
                 continue
@@ -730,6 +737,17 @@ class Proxy:
         self.buffered = 0
         self.flush_timer: asyncio.TimerHandle | None = None
         self.seq = 0
+        #: connection id -> its part of flow records as announced (`"ID":[req,reply]`),
+        #: kept while a record that names it may still have to go to an agent
+        self.flow_conns: dict[int, bytes] = {}
+        self.next_cid = 0
+        #: announcements and ids of closed connections the listening agent has not got yet
+        #: (they go with the next batch written to it)
+        self.announce: list[bytes] = []
+        self.gone: list[int] = []
+        #: (seq when it closed, id) of closed connections, oldest first: forgotten once no
+        #: record up to that seq can be sent again
+        self.closed_conns: collections.deque[tuple[int, int]] = collections.deque()
         #: requests recorded by a parser's fast path (all received and forwarded)
         self.fast_requests = 0
         self.controller: asyncio.StreamWriter | None = None
@@ -773,9 +791,34 @@ class Proxy:
             pass
 
     # flows --------------------------------------------------------------------------------
-    def flow(self, base: bytes, record: dict[str, Any]) -> None:
-        """One parser record as a flow message: `base` is the connection's addresses and
-        identities in the record's direction, encoded (`Connection.flow_bases`)."""
+    def new_flow_conn(self, bases: tuple[bytes, bytes]) -> int:
+        """A connection's constant part of flow records (request base, reply base: JSON
+        objects): its id, and its announcement queued for the agent."""
+        self.next_cid = cid = self.next_cid + 1
+        self.flow_conns[cid] = entry = b'"%d":[%b,%b]' % (cid, bases[0], bases[1])
+        if self.controller is not None:  # else the next agent's hello announces it
+            self.announce.append(entry)
+        return cid
+
+    def flow_conn_closed(self, cid: int) -> None:
+        """No record names `cid` after `seq`: the agent may drop it after this batch, we
+        once every record up to `seq` is acknowledged (or lost)."""
+        if self.controller is not None:
+            self.gone.append(cid)
+        self.closed_conns.append((self.seq, cid))
+        # its records may all be acknowledged (or lost) already, or it made none
+        self._forget_conns((self.sent[0][0] if self.sent else self.batch_seq) - 1)
+
+    def _forget_conns(self, upto: int) -> None:
+        """Records up to `upto` will never be sent again: closed connections whose last
+        record is among them are forgotten."""
+        closed = self.closed_conns
+        while closed and closed[0][0] <= upto:
+            self.flow_conns.pop(closed.popleft()[1], None)
+
+    def flow(self, c: int, record: dict[str, Any]) -> None:
+        """One parser record as a flow message: `c` names the connection's part (its
+        addresses and identities) in the record's direction, `cid*2+is_reply`."""
         self.seq = seq = self.seq + 1
         verdict = record["verdict"]
         l7 = record["l7"]
@@ -789,7 +832,7 @@ class Proxy:
         if l7.get("type") == "REQUEST":
             stats["requests"] += 1
             stats["denied" if verdict == "DROPPED" else "forwarded"] += 1
-        self.add_record(base + b"," + orjson.dumps(fields)[1:])
+        self.add_record(b'{"c":%d,%b' % (c, orjson.dumps(fields)[1:]))
 
     def add_record(self, encoded: bytes) -> None:
         """A record (with the next seq) joins the batch: flushed FLOW_FLUSH_DELAY after the
@@ -832,13 +875,23 @@ class Proxy:
             self.buffered -= lost
             excess -= lost
             self.stats["flows_lost"] += lost
+            self._forget_conns((self.sent[0][0] if self.sent else self.batch_seq) - 1)
 
-    def _write_batch(self, batch: list[bytes]) -> None:
+    def _write_batch(self, batch: list[bytes], final: bool = True) -> None:
+        """One batch line to the agent, after the connections its records name; `final`:
+        no record of a closed connection follows (its id may go in `gone`)."""
         writer = self.controller
         if writer is not None and not writer.is_closing():
             if writer.transport.get_write_buffer_size() > CONTROL_BACKLOG:
                 return  # an agent that stalls gets them later (or they are lost by the bound)
-            writer.write(b'{"op":"flows","flows":[' + b",".join(batch) + b"]}\n")
+            head = b'{"op":"flows",'
+            if self.announce:  # the connections its records name, first
+                head += b'"conns":{%b},' % b",".join(self.announce)
+                self.announce = []
+            if self.gone and final:  # closed: the agent drops them after this batch
+                head += b'"gone":[%b],' % b",".join(b"%d" % c for c in self.gone)
+                self.gone = []
+            writer.write(head + b'"flows":[' + b",".join(batch) + b"]}\n")
 
     def _acked(self, seq: int) -> None:
         """The agent recorded every flow up to `seq`: they leave the buffer (records sent
@@ -855,6 +908,7 @@ class Proxy:
                     sent[0] = [seq + 1, records[done:]]
                     self.buffered -= done
                 break
+        self._forget_conns(seq)
 
     def unacknowledged(self) -> list[tuple[int, bytes]]:
         """(seq, record) of every record no agent acknowledged yet, oldest first."""
@@ -897,11 +951,16 @@ class Proxy:
                     if self.controller is not None and self.controller is not writer:
                         self.controller.close()  # the newest agent is the one that listens
                     self.controller = writer
+                    # a new agent knows no connection: every one a record may name
+                    self.announce = list(self.flow_conns.values())
+                    self.gone = [cid for _seq, cid in self.closed_conns]
                     self._send(writer, {"op": "hello", **self.describe()})
                     self._flush_flows(write=False)
-                    for _first, records in self.sent:  # unacknowledged ones, oldest first
-                        for start in range(0, len(records), FLOW_BATCH):
-                            self._write_batch(records[start:start + FLOW_BATCH])
+                    chunks = [records[start:start + FLOW_BATCH]  # unacknowledged, oldest first
+                              for _first, records in self.sent
+                              for start in range(0, len(records), FLOW_BATCH)]
+                    for i, chunk in enumerate(chunks):
+                        self._write_batch(chunk, final=i == len(chunks) - 1)
                 elif op == "ack_flows":  # no answer: the agent does not wait for one
                     self._acked(int(message.get("seq", 0)))
                     continue

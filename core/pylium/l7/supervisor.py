@@ -30,6 +30,9 @@ SPAWN_TIMEOUT = 30.0
 REQUEST_TIMEOUT = 10.0
 WATCH_INTERVAL = 1.0
 ACK_DELAY = 0.05
+#: control protocols of proxies this agent talks to: 3 (connections announced once) and 2
+#: (every record whole), so a proxy an older agent left running is adopted, not cut
+CONTROL_PROTOCOLS = (2, proxy_process.CONTROL_PROTOCOL)
 
 
 def policy_message(snapshot: Iterable[Mapping[str, Any]], protocol: str,
@@ -56,11 +59,40 @@ def policy_message(snapshot: Iterable[Mapping[str, Any]], protocol: str,
             "ipcache": [[cidr, int(identity)] for cidr, identity in ipcache]}
 
 
+def expand_flows(conns: dict[int, tuple[dict[str, Any], dict[str, Any]]],
+                 message: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+    """A batch line's records as the whole flow records protocol 2 sent, and how many
+    named a connection never announced (dropped): `conns` (id -> request and reply base)
+    first learns the line's announced connections, each `"c": ID*2+is_reply` becomes that
+    connection's base plus the record's fields, then the connections the proxy says are
+    gone leave `conns`. A protocol 2 record (no `c`) is whole already."""
+    for cid, bases in (message.get("conns") or {}).items():
+        conns[int(cid)] = (bases[0], bases[1])
+    out = []
+    unknown = 0
+    for record in message.get("flows") or ():
+        c = record.pop("c", None)
+        if c is None:
+            out.append(record)
+            continue
+        bases = conns.get(c >> 1)
+        if bases is None:
+            unknown += 1
+            continue
+        flow = bases[c & 1].copy()
+        flow.update(record)
+        out.append(flow)
+    for cid in message.get("gone") or ():
+        conns.pop(cid, None)
+    return out, unknown
+
+
 class ProxySupervisor:
     """One proxy process per L7 capability, identified by its state directory."""
 
     def __init__(self, state_dir: Path, parser_spec: str, listen: Mapping[str, int],
                  version: str, *, on_flow: Callable[[dict[str, Any]], None],
+                 on_flows: Callable[[list[dict[str, Any]]], None] | None = None,
                  ipcache_pin: str | None = None, launcher: Iterable[str] = (),
                  logger: logging.Logger | None = None, reuseport: bool = False):
         self.state_dir = Path(state_dir)
@@ -70,6 +102,8 @@ class ProxySupervisor:
         self.listen = dict(listen)
         self.version = version
         self.on_flow = on_flow
+        #: if given, takes each batch line's records at once instead (`on_flow` each)
+        self.on_flows = on_flows
         self.ipcache_pin = ipcache_pin
         #: a command prefix for the spawn (e.g. `nsenter --net=...` in tests)
         self.launcher = list(launcher)
@@ -89,6 +123,11 @@ class ProxySupervisor:
         self._wake = asyncio.Event()
         self.acked_upto = 0
         self._ack_pending = False
+        #: connection id -> (request base, reply base) as the proxy announced them
+        #: (protocol 3); a new control connection starts empty (the proxy announces again)
+        self.conns: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
+        #: records naming a connection never announced (none, unless the proxy is wrong)
+        self.unknown_conns = 0
 
     # lifecycle ----------------------------------------------------------------------------
     async def start(self) -> str:
@@ -125,7 +164,7 @@ class ProxySupervisor:
 
     def _compatible(self, hello: dict[str, Any]) -> bool:
         return (hello.get("version") == self.version
-                and hello.get("control_protocol") == proxy_process.CONTROL_PROTOCOL
+                and hello.get("control_protocol") in CONTROL_PROTOCOLS
                 and bool(hello.get("reuseport")) == self.reuseport
                 and {k: int(v) for k, v in (hello.get("ports") or {}).items()} == self.listen)
 
@@ -161,6 +200,7 @@ class ProxySupervisor:
         self.reader, self.writer = reader, writer
         self.replies = asyncio.Queue()
         self.acked_upto = 0  # sequence numbers are the proxy process's own
+        self.conns = {}
         self._read_task = asyncio.get_running_loop().create_task(self._read(reader))
         hello = await self._request({"op": "hello", "version": self.version})
         self.info = hello
@@ -203,12 +243,19 @@ class ProxySupervisor:
                     break
                 message = orjson.loads(line)
                 if message.get("op") == "flows":
-                    flows = message.get("flows") or ()
-                    for flow in flows:
+                    flows = self.expand(message)
+                    if self.on_flows is not None:
                         try:
-                            self.on_flow(flow)
-                        except Exception:  # a flow we cannot record must not stop the reader
-                            self.log.exception("recording an L7 flow failed")
+                            self.on_flows(flows)
+                        except Exception:  # flows we cannot record must not stop the reader
+                            self.log.exception("recording L7 flows failed")
+                    else:
+                        on_flow = self.on_flow
+                        for flow in flows:
+                            try:
+                                on_flow(flow)
+                            except Exception:  # nor one we cannot record
+                                self.log.exception("recording an L7 flow failed")
                     if flows:
                         self._ack(int(flows[-1].get("seq", 0)))
                 else:
@@ -218,6 +265,12 @@ class ProxySupervisor:
         finally:
             self.replies.put_nowait({"op": "closed"})
             self._wake.set()  # the proxy may be gone: the watchdog looks now
+
+    def expand(self, message: dict[str, Any]) -> list[dict[str, Any]]:
+        """A batch line's records as whole flow records (`expand_flows`)."""
+        flows, unknown = expand_flows(self.conns, message)
+        self.unknown_conns += unknown
+        return flows
 
     def _ack(self, seq: int) -> None:
         """Acknowledge recorded flows, at most every ACK_DELAY (the proxy keeps what is
@@ -326,6 +379,7 @@ class ProxyPool:
     def __init__(self, state_dir: Path, parser_spec: str, listen: Mapping[str, int],
                  version: str, *, workers: int = 1,
                  on_flow: Callable[[dict[str, Any]], None],
+                 on_flows: Callable[[list[dict[str, Any]]], None] | None = None,
                  ipcache_pin: str | None = None, launcher: Iterable[str] = (),
                  logger: logging.Logger | None = None):
         if workers < 1:
@@ -336,6 +390,7 @@ class ProxyPool:
         dirs = [self.state_dir] if workers == 1 else \
             [self.state_dir / WORKER_DIR.format(i) for i in range(workers)]
         self.members = [ProxySupervisor(d, parser_spec, listen, version, on_flow=on_flow,
+                                        on_flows=on_flows,
                                         ipcache_pin=ipcache_pin, launcher=launcher,
                                         logger=logger, reuseport=workers > 1)
                         for d in dirs]

@@ -174,6 +174,33 @@ def test_l7_flows_from_a_proxy_are_hubble_l7_and_filterable():
                       dst_identity=0, verdict="MAYBE", l7={})
 
 
+def test_l7_flows_recorded_at_once_equal_those_recorded_one_by_one():
+    """`record_l7_many` (a proxy batch) gives the flows and counts `record_l7` gives each,
+    and skips, counted, what `record_l7` refuses."""
+    records = [
+        {"src_ip": "10.200.0.11", "dst_ip": "10.200.0.10", "sport": 40000, "dport": 80,
+         "src_identity": 1002, "dst_identity": 1001, "ep_id": 11, "verdict": "DROPPED",
+         "direction": 0, "is_reply": False, "proxy_port": 10080,
+         "l7": {"type": "REQUEST", "http": {"method": "PUT", "url": "http://d/x"}}},
+        {"src_ip": "10.200.0.10", "dst_ip": "10.200.0.11", "sport": 80, "dport": 40001,
+         "src_identity": 1001, "dst_identity": 1002, "ep_id": 11, "verdict": "FORWARDED",
+         "direction": 1, "is_reply": True, "op": "flow", "seq": 7,
+         "l7": {"type": "RESPONSE", "http": {"code": 200}}}]
+    one, many = FlowObserver("n", starwars_resolver), FlowObserver("n", starwars_resolver)
+    fields = ("src_ip", "dst_ip", "sport", "dport", "src_identity", "dst_identity",
+              "verdict", "l7", "ep_id", "direction", "is_reply", "proxy_port")
+    for r in records:
+        one.record_l7(**{k: r[k] for k in fields if k in r})
+    bad = {**records[0], "verdict": "MAYBE"}
+    assert many.record_l7_many([records[0], bad, {"verdict": "FORWARDED"}, records[1]]) == 2
+
+    def comparable(flow):
+        return flow._replace(**{flow._fields[0]: 0})
+    assert [comparable(f) for f in many.ring.snapshot()] == \
+        [comparable(f) for f in one.ring.snapshot()]
+    assert many.decoder.counts == one.decoder.counts
+
+
 def test_component_without_a_datapath_says_why(tmp_path):
     import types
 

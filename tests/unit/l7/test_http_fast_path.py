@@ -11,6 +11,7 @@ import orjson
 import pytest
 from pylium.l7 import proxy as proxy_module
 from pylium.l7.parser import ConnectionInfo, Grant
+from pylium.l7.supervisor import expand_flows
 from pylium.policy.http import HeaderMatch, PortRuleHTTP
 from pylium_l7_http.parser import HttpConnection, HttpParserFactory
 
@@ -219,7 +220,10 @@ def test_the_proxy_forwards_fast_messages_and_records_them_like_the_general_path
         conn.received(conn.reply, RESPONSE)
         conn.received(conn.request, b"GET /no HTTP/1.1\r\nHost: svc:80\r\n\r\n")
         assert conn.up.data == REQUEST and conn.down.data == RESPONSE + FORBIDDEN
-        records = [orjson.loads(r) for _seq, r in p.unacknowledged()]
+        records, unknown = expand_flows({}, {  # as the agent gets them
+            "conns": orjson.loads(b"{%b}" % b",".join(p.flow_conns.values())),
+            "flows": [orjson.loads(r) for _seq, r in p.unacknowledged()]})
+        assert unknown == 0
         assert [r["seq"] for r in records] == [1, 2, 3]
         assert [(r["l7"]["type"], r["verdict"], r["is_reply"]) for r in records] == [
             ("REQUEST", "FORWARDED", False), ("RESPONSE", "FORWARDED", True),

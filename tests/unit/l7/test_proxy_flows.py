@@ -12,6 +12,7 @@ import pytest
 from pylium.l7 import proxy as proxy_module
 from pylium.l7.parser import ConnectionInfo
 from pylium.l7.proxy import Proxy, _flow_base
+from pylium.l7.supervisor import ProxySupervisor, expand_flows
 from pylium_l7_http.parser import HttpParserFactory
 
 INFO = ConnectionInfo(direction="ingress", src_ip="10.0.0.1", src_port=40000,
@@ -56,22 +57,127 @@ def _proxy(tmp_path) -> Proxy:
     return Proxy(tmp_path, HttpParserFactory(), {"ingress": 10080}, "test")
 
 
+def _bases() -> tuple[bytes, bytes]:
+    return (orjson.dumps(_flow_base(CLIENT, SERVER, INFO, False)),
+            orjson.dumps(_flow_base(SERVER, CLIENT, INFO, True)))
+
+
+def _whole(p: Proxy) -> list[dict]:
+    """The unacknowledged records as an agent gets them (`expand_flows`)."""
+    flows, unknown = expand_flows({}, {
+        "conns": orjson.loads(b"{%b}" % b",".join(p.flow_conns.values())),
+        "flows": [orjson.loads(r) for _seq, r in p.unacknowledged()]})
+    assert unknown == 0
+    return flows
+
+
 def test_a_record_is_the_connection_part_and_the_parsers_fields(tmp_path):
     p = _proxy(tmp_path)
+    cid = p.new_flow_conn(_bases())
     base = _flow_base(CLIENT, SERVER, INFO, False)
     l7 = {"type": "REQUEST", "http": {"method": "GET", "url": "http://h/x", "headers": []}}
-    p.flow(orjson.dumps(base)[:-1], {"verdict": "FORWARDED", "l7": l7, "rule": "r"})
-    p.flow(orjson.dumps(_flow_base(SERVER, CLIENT, INFO, True))[:-1],
+    p.flow(cid * 2, {"verdict": "FORWARDED", "l7": l7, "rule": "r"})
+    p.flow(cid * 2 + 1,
            {"verdict": "DROPPED", "is_reply": True, "error": "bad", "l7": {"type": "RESPONSE"}})
-    (seq1, first), (seq2, second) = p.unacknowledged()
-    assert (seq1, seq2) == (1, 2)
-    assert json.loads(first) == {**base, "verdict": "FORWARDED", "l7": l7, "rule": "r",
-                                 "seq": 1}
-    reply = json.loads(second)
+    assert [seq for seq, _ in p.unacknowledged()] == [1, 2]
+    first, reply = _whole(p)
+    assert first == {**base, "verdict": "FORWARDED", "l7": l7, "rule": "r", "seq": 1}
     assert reply["src_ip"] == "10.0.0.2" and reply["is_reply"] is True
     assert reply["error"] == "bad" and reply["seq"] == 2 and "rule" not in reply
     assert p.stats["requests"] == 1 and p.stats["forwarded"] == 1
     assert p.stats["parse_errors"] == 1
+
+
+def _protocol2_line(bases: tuple[bytes, bytes], records: list[tuple[int, bytes]]) -> bytes:
+    """What a protocol 2 proxy wrote for these records ((is_reply, fields) each)."""
+    return b'{"op":"flows","flows":[%b]}' % b",".join(
+        b"%b,%b,\"seq\":%d}" % (bases[reply][:-1], fields, n + 1)
+        for n, (reply, fields) in enumerate(records))
+
+
+def test_records_expanded_by_the_agent_equal_protocol_2s_whole_records(tmp_path):
+    """Protocol 3 sends a connection's part once; what the agent expands is exactly the
+    record protocol 2 sent whole (and a protocol 2 line still reads as before)."""
+    async def run():
+        p = _proxy(tmp_path)
+        writer = _Writer()
+        p.controller = writer
+        bases = _bases()
+        cid = p.new_flow_conn(bases)
+        fields = [(0, b'"verdict":"FORWARDED","l7":{"type":"REQUEST","http":{"method":"GET",'
+                      b'"url":"http://h/x","protocol":"HTTP/1.1","headers":[]}},"rule":"r"'),
+                  (1, b'"verdict":"FORWARDED","l7":{"type":"RESPONSE","http":{"code":200,'
+                      b'"protocol":"HTTP/1.1","headers":[]},"latency_ns":5}')]
+        for reply, f in fields:
+            p.seq += 1
+            p.add_record(b'{"c":%d,%b,"seq":%d}' % (cid * 2 + reply, f, p.seq))
+        p._flush_flows()
+        line = orjson.loads(writer.lines[0])
+        assert list(line["conns"]) == [str(cid)]
+        old = orjson.loads(_protocol2_line(bases, fields))
+        conns: dict = {}
+        assert expand_flows(conns, line) == (old["flows"], 0)
+        assert expand_flows({}, orjson.loads(_protocol2_line(bases, fields))) \
+            == (old["flows"], 0)
+        assert conns  # still open: the agent keeps its part
+        line3 = orjson.loads(b'{"op":"flows","conns":{},"flows":[%b]}' % b",".join(
+            b'{"c":%d,"verdict":"FORWARDED","l7":{},"seq":%d}' % (c, n)
+            for n, c in ((3, 99),)))
+        assert expand_flows(conns, line3) == ([], 1)  # a connection never announced
+    asyncio.run(run())
+
+
+def test_a_connection_is_announced_once_and_dropped_when_gone(tmp_path):
+    async def run():
+        p = _proxy(tmp_path)
+        writer = _Writer()
+        p.controller = writer
+        sup = ProxySupervisor(tmp_path, "x:y", {}, "t", on_flow=lambda f: None)
+        a, b = p.new_flow_conn(_bases()), p.new_flow_conn(_bases())
+        p.flow(a * 2, {"verdict": "FORWARDED", "l7": {"type": "REQUEST"}})
+        p._flush_flows()
+        p.flow(b * 2, {"verdict": "FORWARDED", "l7": {"type": "REQUEST"}})
+        p.flow_conn_closed(a)
+        p._flush_flows()
+        first, second = (orjson.loads(line) for line in writer.lines)
+        assert set(first["conns"]) == {str(a), str(b)} and "gone" not in first
+        assert "conns" not in second and second["gone"] == [a]
+        flows = sup.expand(first) + sup.expand(second)
+        assert [f["seq"] for f in flows] == [1, 2] and sup.unknown_conns == 0
+        assert set(sup.conns) == {b}  # the agent dropped the closed one
+        assert set(p.flow_conns) == {a, b}  # the proxy keeps it until acknowledged
+        p._acked(2)
+        assert set(p.flow_conns) == {b}
+    asyncio.run(run())
+
+
+def test_a_new_agent_gets_the_unacknowledged_records_whole(tmp_path, monkeypatch):
+    """An agent that dies before acknowledging: the next one gets every connection the
+    resent records name (a closed one too), then the records, in several batches."""
+    monkeypatch.setattr(proxy_module, "FLOW_BATCH", 2)
+
+    async def run():
+        p = _proxy(tmp_path)
+        p.controller = _Writer()
+        a, b = p.new_flow_conn(_bases()), p.new_flow_conn(_bases())
+        for n, c in enumerate((a * 2, b * 2, a * 2 + 1, b * 2 + 1, a * 2)):
+            p.flow(c, {"verdict": "FORWARDED", "l7": {"type": "REQUEST", "n": n}})
+        p.flow_conn_closed(a)
+        p._flush_flows()
+        expected = _whole(p)
+        sent_first = [orjson.loads(line) for line in p.controller.lines]
+        assert sent_first  # the first agent got them, and died without acknowledging
+        other = _Writer()
+        await p._control(_Reader([b'{"op":"hello"}\n']), other)
+        sup = ProxySupervisor(tmp_path, "x:y", {}, "t", on_flow=lambda f: None)
+        lines = [orjson.loads(line) for line in other.lines[1:]]
+        assert len(lines) == 3
+        got = [f for line in lines for f in sup.expand(line)]
+        assert got == expected and sup.unknown_conns == 0
+        assert [f["l7"]["n"] for f in got] == [0, 1, 2, 3, 4]
+        assert lines[-1]["gone"] == [a] and all("gone" not in ln for ln in lines[:-1])
+        assert set(sup.conns) == {b}
+    asyncio.run(run())
 
 
 def test_batches_are_one_json_line_and_acks_drop_records(tmp_path):
@@ -79,9 +185,9 @@ def test_batches_are_one_json_line_and_acks_drop_records(tmp_path):
         p = _proxy(tmp_path)
         writer = _Writer()
         p.controller = writer
-        base = orjson.dumps(_flow_base(CLIENT, SERVER, INFO, False))[:-1]
+        cid = p.new_flow_conn(_bases())
         for n in range(3):
-            p.flow(base, {"verdict": "FORWARDED", "l7": {"type": "REQUEST", "n": n}})
+            p.flow(cid * 2, {"verdict": "FORWARDED", "l7": {"type": "REQUEST", "n": n}})
         assert writer.lines == []  # waits for others to share its batch
         await asyncio.sleep(proxy_module.FLOW_FLUSH_DELAY * 3)
         assert len(writer.lines) == 1 and writer.lines[0].endswith(b"\n")
@@ -93,11 +199,12 @@ def test_batches_are_one_json_line_and_acks_drop_records(tmp_path):
         assert [seq for seq, _ in p.unacknowledged()] == [3]
         assert p.describe()["buffered_flows"] == 1
         # the next agent gets what is unacknowledged again, then new records in new batches
-        p.flow(base, {"verdict": "FORWARDED", "l7": {"type": "REQUEST", "n": 3}})
+        p.flow(cid * 2, {"verdict": "FORWARDED", "l7": {"type": "REQUEST", "n": 3}})
         other = _Writer()
         await p._control(_Reader([b'{"op":"hello"}\n']), other)
         assert [f["seq"] for line in other.lines[1:] for f in json.loads(line)["flows"]] == \
             [3, 4]
+        assert json.loads(other.lines[1])["conns"]  # the connection announced again
         p._acked(4)
         assert p.unacknowledged() == [] and p.describe()["buffered_flows"] == 0
     asyncio.run(run())
@@ -108,15 +215,63 @@ def test_the_buffer_bound_drops_the_oldest_and_counts_it(tmp_path, monkeypatch, 
     monkeypatch.setattr(proxy_module, "FLOW_BUFFER", 2)
     monkeypatch.setattr(proxy_module, "FLOW_BATCH", batch)
     p = _proxy(tmp_path)
-    base = orjson.dumps(_flow_base(CLIENT, SERVER, INFO, False))[:-1]
-    for _ in range(3):
-        p.flow(base, {"verdict": "FORWARDED", "l7": {"type": "REQUEST"}})
+    a, b = p.new_flow_conn(_bases()), p.new_flow_conn(_bases())
+    p.flow(a * 2, {"verdict": "FORWARDED", "l7": {"type": "REQUEST"}})
+    p.flow_conn_closed(a)
+    for _ in range(2):
+        p.flow(b * 2, {"verdict": "FORWARDED", "l7": {"type": "REQUEST"}})
     p._flush_flows()  # the bound holds from every flush on (a batch may exceed it until)
     assert [seq for seq, _ in p.unacknowledged()] == [2, 3]
     assert p.stats["flows_lost"] == 1
+    assert set(p.flow_conns) == {b}  # no record left names the closed one
 
 
 @pytest.mark.parametrize("reply", [False, True])
-def test_a_base_is_a_json_object_prefix(reply):
-    base = orjson.dumps(_flow_base(CLIENT, SERVER, INFO, reply))[:-1]
-    assert json.loads(base + b"}")["is_reply"] is reply
+def test_a_base_is_a_json_object(reply):
+    assert json.loads(_bases()[reply])["is_reply"] is reply
+
+
+@pytest.mark.parametrize(("control_protocol", "adopted"),
+                         [(2, True), (proxy_module.CONTROL_PROTOCOL, True), (1, False),
+                          (proxy_module.CONTROL_PROTOCOL + 1, False), (None, False)])
+def test_a_running_proxy_of_protocol_2_or_3_is_adopted(tmp_path, control_protocol, adopted):
+    """A proxy an older agent left running (protocol 2) keeps serving under the new agent;
+    one it cannot read is replaced."""
+    sup = ProxySupervisor(tmp_path, "x:y", {"ingress": 10080}, "v", on_flow=lambda f: None)
+    hello = {"version": "v", "control_protocol": control_protocol, "reuseport": False,
+             "ports": {"ingress": 10080}}
+    assert sup._compatible(hello) is adopted
+
+
+def test_the_supervisor_hands_each_batch_whole_to_on_flows(tmp_path):
+    """With `on_flows` the agent gets a batch line's expanded records in one call, and
+    acknowledges up to its last seq."""
+    async def run():
+        p = _proxy(tmp_path)
+        p.controller = writer = _Writer()
+        cid = p.new_flow_conn(_bases())
+        for n in range(3):
+            p.flow(cid * 2 + n % 2, {"verdict": "FORWARDED", "l7": {"type": "REQUEST", "n": n}})
+        p._flush_flows()
+        expected = _whole(p)
+        batches, single = [], []
+        sup = ProxySupervisor(tmp_path, "x:y", {}, "t", on_flow=single.append,
+                              on_flows=batches.append)
+        await sup._read(_Reader(writer.lines))
+        assert batches == [expected] and single == []
+        assert sup.acked_upto == 3
+    asyncio.run(run())
+
+
+def test_connections_without_an_agent_or_records_are_not_kept(tmp_path):
+    """A closed connection none of whose records waits for an agent is forgotten at once
+    (no agent for a long time must not grow the proxy); one with a waiting record stays."""
+    p = _proxy(tmp_path)
+    for _ in range(100):
+        p.flow_conn_closed(p.new_flow_conn(_bases()))
+    assert p.flow_conns == {} and p.announce == [] and p.gone == []
+    cid = p.new_flow_conn(_bases())
+    p.flow(cid * 2, {"verdict": "FORWARDED", "l7": {"type": "REQUEST"}})
+    p.flow_conn_closed(cid)
+    assert list(p.flow_conns) == [cid]  # its record waits for the next agent
+    assert _whole(p)[0]["src_ip"] == "10.0.0.1"

@@ -124,3 +124,43 @@ def test_local_families_scrape_exactly_as_prometheus_clients_own():
     assert 't_seconds_bucket{le="0.005",method="GET"} 1.0' in text
     with pytest.raises(ValueError):  # a second family of the name is refused, as before
         LocalCounter("t_requests", "doc", ["method"], local)
+
+
+def test_a_batch_counts_and_records_exactly_what_its_records_do_one_by_one():
+    """The agent takes a proxy batch at once (`_flows`: metrics per record, then one
+    `record_l7_many`): the same metrics and flows as `_flow` on each record."""
+    from pylium.flow.component import FlowObserver
+
+    base = {"src_ip": "10.0.0.1", "dst_ip": "10.0.0.2", "sport": 4000, "dport": 80,
+            "src_identity": 2001, "dst_identity": 1001, "ep_id": 3, "direction": 0,
+            "proxy_port": 10080, "op": "flow"}
+    messages = [
+        {**base, "verdict": "FORWARDED", "is_reply": False, "seq": 1,
+         "l7": {"type": "REQUEST", "http": {"method": "GET", "protocol": "HTTP/1.1"}}},
+        {**base, "verdict": "FORWARDED", "is_reply": True, "seq": 2,
+         "l7": {"type": "RESPONSE", "latency_ns": 2000000,
+                "http": {"method": "GET", "code": 200, "protocol": "HTTP/1.1"}}},
+        {**base, "verdict": "DROPPED", "is_reply": False, "seq": 3,
+         "l7": {"type": "REQUEST", "http": {"method": "PUT", "protocol": "HTTP/1.1"}}},
+        {**base, "verdict": "DROPPED", "is_reply": False, "seq": 4, "error": "bad",
+         "l7": {"type": "REQUEST", "http": {}}}]
+    sides = []
+    for batched in (False, True):
+        registry, flows = CollectorRegistry(), FlowObserver("n")
+        http = L7Http.from_context(L7Context(name="http", node=NODE, metrics=registry,
+                                             flows=flows))
+        if batched:
+            http._flows([dict(m) for m in messages])
+        else:
+            for m in messages:
+                http._flow(dict(m))
+        samples = sorted((s.name, tuple(sorted(s.labels.items())), s.value)
+                         for family in registry.collect() for s in family.samples
+                         if not s.name.endswith("_created"))
+        ring = [f._replace(time_ns=0) for f in flows.ring.snapshot()]
+        sides.append((samples, ring, http.flows_recorded))
+    assert sides[0] == sides[1]
+    samples, ring, recorded = sides[1]
+    assert recorded == 4 and len(ring) == 4
+    assert ("pylium_policy_l7_total", (("protocol", "http"), ("rule", "received")), 3.0) \
+        in samples
