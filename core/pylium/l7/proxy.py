@@ -394,11 +394,7 @@ class Connection:
                     else:
                         self._write_upstream(data)
                     other = self.reply
-                if other.buf and not (other.pass_left or other.drop_left or other.queue):
-                    other.need_call = True  # a decision here may unblock the other side
-                    self._kick(other)
-                    self.flush()
-                    self._resume_drained()
+                self._unblock(other)
                 return
             self._whole(side, data)
             return
@@ -420,6 +416,15 @@ class Connection:
         if len(side.buf) > self.read_limit:
             self.pause_reading_of(side)
         self._resume_drained()
+
+    def _unblock(self, other: Side) -> None:
+        """After a whole message went straight through: the other direction's buffered
+        bytes may have waited for this decision (a response for its request)."""
+        if other.buf and not (other.pass_left or other.drop_left or other.queue):
+            other.need_call = True
+            self._kick(other)
+            self.flush()
+            self._resume_drained()
 
     def _resume_drained(self) -> None:
         for each in (self.request, self.reply):
@@ -445,12 +450,7 @@ class Connection:
                     # a PASS that reached zero: the parser is called with no bytes (contract)
                     ops = parser.on_data(side.reply, b"", False)
                 if count == 2 or (len(ops) == 1 and ops[0].type is OpType.MORE):
-                    other = self.reply if side is self.request else self.request
-                    if other.buf and not (other.pass_left or other.drop_left or other.queue):
-                        other.need_call = True  # a decision here may unblock the other side
-                        self._kick(other)
-                        self.flush()
-                        self._resume_drained()
+                    self._unblock(self.reply if side is self.request else self.request)
                     return
             else:
                 side.buf = data

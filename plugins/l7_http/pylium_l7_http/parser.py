@@ -268,15 +268,21 @@ class StreamParser:
         self.parser = (httptools.HttpResponseParser if response else
                        httptools.HttpRequestParser)(self.collector)
 
-    def whole(self, data: bytes) -> Head | None:
+    def one(self, data: bytes) -> bool:
+        """Parse `data`: True if it held exactly one complete message without chunks
+        (else the caller drops this parser: it no longer stands at a boundary)."""
         c = self.collector
         begun = c.begun
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return False
+        return c.begun == begun + 1 and c.ended == c.begun and not c.chunked
+
+    def whole(self, data: bytes) -> Head | None:
+        if not self.one(data):
             return None
-        if c.begun != begun + 1 or c.ended != c.begun or c.chunked:
-            return None
+        c = self.collector
         parser = self.parser
         if parser.should_upgrade():
             return None
@@ -527,18 +533,11 @@ class HttpConnection(ConnectionParser):
         if stream is None:
             stream = self.req_stream = StreamParser(False)
         c = stream.collector
-        begun = c.begun
         parser = stream.parser
-        try:
-            parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            self.req_stream = None
-            return False
-        url = c.url
-        if c.begun != begun + 1 or c.ended != c.begun or c.chunked or url[:1] != b"/" \
-                or parser.should_upgrade():
+        if not stream.one(data) or c.url[:1] != b"/" or parser.should_upgrade():
             self.req_stream = None  # the general path parses it again
             return False
+        url = c.url
         raw = c.raw
         host = b""
         for name, value in raw:
@@ -611,16 +610,8 @@ class HttpConnection(ConnectionParser):
         if stream is None:
             stream = self.resp_stream = StreamParser(True)
         c = stream.collector
-        begun = c.begun
-        parser = stream.parser
-        try:
-            parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            self.resp_stream = None
-            return False
-        status = parser.get_status_code()
         # (an upgrade is a 101, or a 2xx to CONNECT, which has no response_fields)
-        if c.begun != begun + 1 or c.ended != c.begun or c.chunked or status < 200:
+        if not stream.one(data) or (status := stream.parser.get_status_code()) < 200:
             self.resp_stream = None
             return False
         get = _FRAGMENTS.get
