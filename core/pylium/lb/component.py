@@ -262,11 +262,8 @@ class LoadBalancer:
             # make before break: the active backends are written before the slots that
             # name them, a backend turning terminating only after the slots stopped naming
             # it (else a new flow picks it in between, finds it unusable and is refused)
-            for b in svc.backends:
-                if b.state == "active":
-                    self.maps.upsert_backend(self._backend_id(b.ip, b.port, proto), b.ip,
-                                             b.port, proto, b.state)
             active = [b for b in svc.backends if b.state == "active"]
+            self._upsert_backends(active, proto)
             ids = [self._backend_id(b.ip, b.port, proto) for b in active]
             algorithm = svc.algorithm or self.options["algorithm"]
             lut = None
@@ -281,16 +278,18 @@ class LoadBalancer:
                                      nodeport=svc.type == "NodePort",
                                      local=svc.traffic_policy == "Local")
             self._apply_nodeport(svc, old)
-            for b in svc.backends:
-                if b.state != "active":
-                    self.maps.upsert_backend(self._backend_id(b.ip, b.port, proto), b.ip,
-                                             b.port, proto, b.state)
+            self._upsert_backends([b for b in svc.backends if b.state != "active"], proto)
             if old is not None and self.socket_lb is not None and fe.protocol == "UDP":
                 self._reset_udp_sockets(old, svc)
         self.applied[svc.name] = svc
         self._collect_backends()
         log.info("lb: service %s (id %d) %s -> %d backend(s)", svc.name, svc.id, fe,
                  len(svc.backends))
+
+    def _upsert_backends(self, backends, proto: int) -> None:
+        for b in backends:
+            self.maps.upsert_backend(self._backend_id(b.ip, b.port, proto), b.ip, b.port,
+                                     proto, b.state)
 
     def _local_ips(self) -> set[str]:
         manager = self.daemon.components.get("endpoint")
@@ -425,7 +424,8 @@ class LoadBalancer:
 
     async def _drain(self) -> None:
         """Remove draining backends whose flows ended (their conntrack entries expired or
-        were collected); a backend added back meanwhile left `draining` with its id."""
+        were collected); a backend added back while the table was read has left
+        `draining` with its id (the loop below reads `draining` after that)."""
         while self.draining:
             await asyncio.sleep(DRAIN_CHECK_S)
             try:
@@ -434,7 +434,7 @@ class LoadBalancer:
                 log.warning("lb: draining backends: %s", exc)
                 continue
             for key, backend_id in list(self.draining.items()):
-                if key not in in_use and self.draining.get(key) == backend_id:
+                if key not in in_use:
                     del self.draining[key]
                     self.maps.delete_backend(backend_id)
                     log.info("lb: backend %s:%d removed (no flow uses it)", key[0], key[1])
