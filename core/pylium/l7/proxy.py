@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import gc
 import ipaddress
 import json
 import logging
@@ -40,6 +39,7 @@ from typing import Any
 
 import orjson
 
+from pylium import gcpolicy
 from pylium.datapath.marks import (
     MARK_MAGIC_IDENTITY,
     MARK_MAGIC_PROXY_EGRESS,
@@ -332,11 +332,11 @@ class Connection:
         server = {"ip": dst_ip, "port": dst_port, "identity": self.info.dst_identity}
         #: the connection's part of every flow record, per direction, encoded once: the
         #: JSON object without its closing brace (a record appends its own fields)
-        self.flow_bases = (orjson.dumps(_flow_base(client, server, self.info, False)),
-                           orjson.dumps(_flow_base(server, client, self.info, True)))
         #: the connection's id in flow records (`"c": cid*2+is_reply`), its part announced
         #: to the agent once (`Proxy.announce`)
-        self.cid = proxy.new_flow_conn(self.flow_bases)
+        self.cid = proxy.new_flow_conn(
+            (orjson.dumps(_flow_base(client, server, self.info, False)),
+             orjson.dumps(_flow_base(server, client, self.info, True))))
         self._grants_cached: tuple[Grant, ...] | None = None
         self._grants_generation = -1
         self.parser: ConnectionParser = proxy.factory.new_connection(
@@ -807,7 +807,11 @@ class Proxy:
             self.gone.append(cid)
         self.closed_conns.append((self.seq, cid))
         # its records may all be acknowledged (or lost) already, or it made none
-        self._forget_conns((self.sent[0][0] if self.sent else self.batch_seq) - 1)
+        self._forget_conns(self._first_unacknowledged() - 1)
+
+    def _first_unacknowledged(self) -> int:
+        """The seq of the oldest record an agent may still be sent."""
+        return self.sent[0][0] if self.sent else self.batch_seq
 
     def _forget_conns(self, upto: int) -> None:
         """Records up to `upto` will never be sent again: closed connections whose last
@@ -875,7 +879,7 @@ class Proxy:
             self.buffered -= lost
             excess -= lost
             self.stats["flows_lost"] += lost
-            self._forget_conns((self.sent[0][0] if self.sent else self.batch_seq) - 1)
+            self._forget_conns(self._first_unacknowledged() - 1)
 
     def _write_batch(self, batch: list[bytes], final: bool = True) -> None:
         """One batch line to the agent, after the connections its records name; `final`:
@@ -1016,7 +1020,7 @@ async def _serve(args: argparse.Namespace, ready_fd: int | None) -> int:
         os.close(ready_fd)
     # what startup made (modules, the factory, ~40k objects) stays out of collections: a
     # full one over it is ~10-20 ms, a stall of every connection the proxy carries
-    gc.freeze()
+    gcpolicy.settle()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, proxy.stopping.set)
