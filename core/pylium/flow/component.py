@@ -103,19 +103,27 @@ class FlowObserver:
         `{"type": "REQUEST"|"RESPONSE", "http": {"code", "method", "url"}}`."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict: {verdict!r} is not one of {', '.join(VERDICTS)}")
-        dec = self.decoder
-        # the local endpoint sends egress requests and ingress responses
-        local_is_src = (direction == 1) != bool(is_reply)
-        src = dec.peer(src_ip, src_identity, ep_id if local_is_src else 0)
-        dst = dec.peer(dst_ip, dst_identity, 0 if local_is_src else ep_id)
-        flow = Flow(time.time_ns(), self.node_name, EVENT_L7, 0, verdict,
-                    DROP_POLICY_DENIED if verdict == "DROPPED" else 0, direction, is_reply,
-                    ep_id, proxy_port, src_identity, dst_identity, src_ip, dst_ip, sport, dport,
-                    protocol, 0, 0, 0, src, dst, dict(l7))
+        flow = self._l7_flow(time.time_ns(), verdict, direction, is_reply, ep_id, proxy_port,
+                             src_ip, dst_ip, src_identity, dst_identity, sport, dport,
+                             protocol, l7)
         with self._ingest_lock:
-            dec.count((EVENT_L7, verdict, flow.drop_reason, direction))
+            self.decoder.count((EVENT_L7, verdict, flow.drop_reason, direction))
             self.ring.extend([flow])
         return flow
+
+    def _l7_flow(self, now: int, verdict: str, direction: int, is_reply: bool, ep_id: int,
+                 proxy_port: int, src_ip: str, dst_ip: str, src_identity: int,
+                 dst_identity: int, sport: int, dport: int, protocol: int,
+                 l7: dict[str, Any]) -> Flow:
+        """One L7 flow (`record_l7`, `record_l7_many`): the local endpoint's side named."""
+        peer = self.decoder.peer
+        # the local endpoint sends egress requests and ingress responses
+        local_is_src = (direction == 1) != bool(is_reply)
+        return Flow(now, self.node_name, EVENT_L7, 0, verdict,
+                    DROP_POLICY_DENIED if verdict == "DROPPED" else 0, direction, is_reply,
+                    ep_id, proxy_port, src_identity, dst_identity, src_ip, dst_ip, sport, dport,
+                    protocol, 0, 0, 0, peer(src_ip, src_identity, ep_id if local_is_src else 0),
+                    peer(dst_ip, dst_identity, 0 if local_is_src else ep_id), dict(l7))
 
     def record_l7_many(self, records: list[dict[str, Any]]) -> int:
         """Many L7 flows at once (a proxy's batch): each record has `record_l7`'s keyword
@@ -123,9 +131,8 @@ class FlowObserver:
         `record_l7` would refuse (unknown verdict, a missing field) is skipped; returns
         how many were."""
         dec = self.decoder
-        peer = dec.peer
+        build = self._l7_flow
         clock = time.time_ns
-        node = self.node_name
         flows = []
         counts: dict[tuple[int, str, int, int], int] = {}
         skipped = 0
@@ -135,23 +142,15 @@ class FlowObserver:
                 if verdict not in VERDICTS:
                     raise ValueError(verdict)
                 direction = r.get("direction", 0)
-                is_reply = r.get("is_reply", False)
-                ep_id = r.get("ep_id", 0)
-                src_ip, dst_ip = r["src_ip"], r["dst_ip"]
-                src_identity, dst_identity = r["src_identity"], r["dst_identity"]
-                # the local endpoint sends egress requests and ingress responses
-                local_is_src = (direction == 1) != bool(is_reply)
-                drop = DROP_POLICY_DENIED if verdict == "DROPPED" else 0
-                flows.append(Flow(
-                    clock(), node, EVENT_L7, 0, verdict, drop, direction, is_reply, ep_id,
-                    r.get("proxy_port", 0), src_identity, dst_identity, src_ip, dst_ip,
-                    r["sport"], r["dport"], r.get("protocol", 6), 0, 0, 0,
-                    peer(src_ip, src_identity, ep_id if local_is_src else 0),
-                    peer(dst_ip, dst_identity, 0 if local_is_src else ep_id), dict(r["l7"])))
+                flow = build(clock(), verdict, direction, r.get("is_reply", False),
+                             r.get("ep_id", 0), r.get("proxy_port", 0), r["src_ip"],
+                             r["dst_ip"], r["src_identity"], r["dst_identity"], r["sport"],
+                             r["dport"], r.get("protocol", 6), r["l7"])
             except (KeyError, ValueError, TypeError):
                 skipped += 1
                 continue
-            key = (EVENT_L7, verdict, drop, direction)
+            flows.append(flow)
+            key = (EVENT_L7, verdict, flow.drop_reason, direction)
             counts[key] = counts.get(key, 0) + 1
         if flows:
             with self._ingest_lock:
