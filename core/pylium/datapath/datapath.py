@@ -822,6 +822,19 @@ class Datapath:
                                int.from_bytes(bytes(key.dport), "big"), key.protocol))
         return peers
 
+    def ct_backend_ids(self) -> set[int]:
+        """Backend ids the live service-scope conntrack entries name (the backend each
+        flow through a service goes to)."""
+        ids: set[int] = set()
+        with self._lock:
+            self._require_open()
+            now = time.monotonic_ns()
+            for key, value in self.conntrack.items_batched():
+                if key.direction == CT_DIR_SERVICE and value.backend_id and \
+                        value.expires_ns > now:
+                    ids.add(value.backend_id)
+        return ids
+
     # -- trace ----------------------------------------------------------------------
 
     def run_program(self, name: str, packet: bytes, ifindex: int, mark: int = 0,

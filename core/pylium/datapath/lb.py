@@ -25,6 +25,8 @@ from pylium.datapath.maps.lb import (
     SVC_F_AFFINITY,
     SVC_F_LOCAL,
     SVC_F_NODEPORT,
+    Lb4AffinityKey,
+    Lb4AffinityVal,
     Lb4Backend,
     Lb4Key,
     Lb4ReverseNat,
@@ -57,14 +59,12 @@ class LbMaps:
         self.reverse_nat = BpfMap(fds["lb4_reverse_nat"], "lb4_reverse_nat", U16Key,
                                   Lb4ReverseNat)
         self.maglev = BpfMap(fds["lb4_maglev"], "lb4_maglev", U32Key, U32Key)
-        self.affinity_fd = fds["lb4_affinity"]
+        self.affinity = BpfMap(fds["lb4_affinity"], "lb4_affinity", Lb4AffinityKey,
+                               Lb4AffinityVal)
 
     def close(self) -> None:
-        for m in (self.services, self.backends, self.reverse_nat, self.maglev):
+        for m in (self.services, self.backends, self.reverse_nat, self.maglev, self.affinity):
             m.close()
-        if self.affinity_fd >= 0:
-            libbpf.close(self.affinity_fd)
-            self.affinity_fd = -1
 
     # backends ------------------------------------------------------------------------
     def upsert_backend(self, backend_id: int, ip: str, port: int, proto: int,
@@ -165,6 +165,12 @@ class LbMaps:
                               "address": f"{v.ip}:{v.port_value}",
                               "state": _STATE_NAMES.get(v.flags, str(v.flags))}
                     for k, v in self.backends.items()}
+
+    def affinity_backend_ids(self) -> set[int]:
+        """Backend ids the session-affinity entries name (a client's next connection to
+        the service goes to that backend if it is still usable)."""
+        with self._lock:
+            return {v.backend_id for _k, v in self.affinity.items_batched()}
 
     def dump_maglev(self, svc_ids: Iterable[int] | None = None) -> dict[int, list[int]]:
         """The lookup table of each Maglev service (`pylium bpf lb maglev list`)."""

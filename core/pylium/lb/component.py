@@ -141,6 +141,12 @@ class LoadBalancer:
         if self.maps is not None:
             for backend_id, info in self.maps.dump_backends().items():
                 self.backend_ids[(info["ip"], info["port"], info["proto"])] = backend_id
+            # ids of backends removed before a restart may still be named by a flow's
+            # conntrack entry or a client's affinity entry: new backends start above them,
+            # so those find their backend gone (and pick again), never a stranger
+            named = await asyncio.to_thread(self._ids_named_by_flows)
+            self._last_backend_id = max(self.backend_ids.values(), default=0)
+            self._last_backend_id = max(self._last_backend_id, *named, 0)
             self._pinned_luts = await asyncio.to_thread(self.maps.dump_maglev)
         if self.maps is not None:
             await asyncio.to_thread(self._attach_nodeport)  # netlink: off the event loop
@@ -237,6 +243,9 @@ class LoadBalancer:
                 self.maps.delete_service(row["id"], ip, int(port), PROTOCOLS[proto])
                 log.info("lb: removed stale frontend %s (id %d)", row["frontend"], row["id"])
         self._collect_backends()
+
+    def _ids_named_by_flows(self) -> set[int]:
+        return self.datapath.ct_backend_ids() | self.maps.affinity_backend_ids()
 
     def _backend_id(self, ip: str, port: int, proto: int) -> int:
         key = (ip, port, proto)

@@ -253,6 +253,49 @@ def test_a_removed_backend_finishes_its_established_flow_then_leaves_the_map(lab
         cli(lab, "service", "delete", "default/moving", check=False)
 
 
+def _backend_id_of(lab: Lab, address: str) -> int:
+    ids = {b["backend_id"] for r in json.loads(cli(lab, "bpf", "lb", "list", "-o", "json").stdout)
+           for b in r["backends"] if b["address"] == address}
+    assert len(ids) == 1, (address, ids)
+    return ids.pop()
+
+
+def test_after_a_restart_no_new_backend_takes_an_id_a_client_affinity_names(lab):
+    """A backend removed (drained, gone from lb4_backends) while a client's session
+    affinity entry still names its id; the agent restarts; a new backend of another
+    service must not get that id, or the client's next connection to the first service
+    would go to the other service's backend. New ids start above every id a conntrack or
+    affinity entry names."""
+    w1, w2 = ip(lab, "web1"), ip(lab, "web2")
+    serve(lab, "web2", 8091)
+    serve(lab, "web2", 8092)
+    # w1:8080 has its id before the backend that will leave, so that one is the highest
+    cli(lab, "service", "add", "--name", "default/aff-keep", "--frontend", f"{VIP}:97",
+        "--backend", f"{w1}:8080")
+    cli(lab, "service", "add", "--name", "default/aff", "--frontend", f"{VIP}:95",
+        "--backend", f"{w2}:8091", "--affinity", "600")
+    try:
+        assert served_by(answers(lab, "client", "tcp", VIP, 95)) == {"web2": 1}
+        gone = _backend_id_of(lab, f"{w2}:8091")
+        cli(lab, "service", "add", "--name", "default/aff", "--frontend", f"{VIP}:95",
+            "--backend", f"{w1}:8080", "--affinity", "600")
+        deadline = time.monotonic() + 40  # the closed flow's conntrack entry expires (10 s)
+        while f"{w2}:8091" in lab.client().get("/v1/lb")["draining_backends"]:
+            assert time.monotonic() < deadline, "the removed backend never left the map"
+            time.sleep(0.5)
+        os.kill(lab.node()["agent_pid"], signal.SIGKILL)
+        lab.start_agent(lab.node())
+        cli(lab, "service", "add", "--name", "default/aff-other", "--frontend", f"{VIP}:96",
+            "--backend", f"{w2}:8092")
+        assert _backend_id_of(lab, f"{w2}:8092") > gone
+        # the affinity entry names a backend that is gone: the client is served by the
+        # service's own backend, never by the other service's
+        assert served_by(answers(lab, "client", "tcp", VIP, 95, 3)) == {"web1": 3}
+    finally:
+        for name in ("aff", "aff-keep", "aff-other"):
+            cli(lab, "service", "delete", f"default/{name}", check=False)
+
+
 def test_terminating_backend_takes_no_new_flows(lab):
     w1, w2 = ip(lab, "web1"), ip(lab, "web2")
     lab.client().put("/v1/service/default/drain", {
