@@ -394,7 +394,8 @@ class Connection:
                     else:
                         self._write_upstream(data)
                     other = self.reply
-                self._unblock(other)
+                if other.buf:  # (rarely: the other direction waits with bytes)
+                    self._unblock(other)
                 return
             self._whole(side, data)
             return
