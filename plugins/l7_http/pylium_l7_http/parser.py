@@ -160,12 +160,15 @@ class _Collector:
     """httptools callbacks: keep the pieces of one head (decoded afterwards, all at once:
     a Python callback per header is the hot path's cost)."""
 
-    __slots__ = ("url", "raw", "complete")
+    __slots__ = ("url", "raw", "complete", "keep_alive", "parser")
 
     def __init__(self):
         self.url = b""
         self.raw: list[tuple[bytes, bytes]] = []
         self.complete = False
+        self.keep_alive = True
+        #: the parser calling back (set by its maker)
+        self.parser: Any = None
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -174,7 +177,10 @@ class _Collector:
         self.raw.append((name, value))
 
     def on_headers_complete(self) -> None:
+        # asked now: once the message is complete llhttp has reset what it says
+        # (`Connection: close` on a request without body read as keep-alive)
         self.complete = True
+        self.keep_alive = self.parser.should_keep_alive()
 
     def decoded(self) -> tuple[list[dict[str, str]], dict[str, list[str]]]:
         """(headers in order, as flow records carry them: {"key", "value"};
@@ -200,8 +206,8 @@ def find_head_end(data: bytes | memoryview) -> int:
 def parse_head(data: bytes, response: bool) -> Head:
     """Parse exactly one head (`data` ends with its blank line); BadMessage if invalid."""
     collector = _Collector()
-    parser = (httptools.HttpResponseParser if response else httptools.HttpRequestParser)(
-        collector)
+    parser = collector.parser = (httptools.HttpResponseParser if response else
+                                 httptools.HttpRequestParser)(collector)
     try:
         parser.feed_data(data)
     except httptools.HttpParserUpgrade:
@@ -210,6 +216,8 @@ def parse_head(data: bytes, response: bool) -> Head:
         # llhttp pauses after the head of a 101 / CONNECT answer: the head itself is fine
         if not (collector.complete and "upgrade" in str(exc).lower()):
             raise BadMessage(str(exc) or type(exc).__name__) from None
+    finally:
+        collector.parser = None  # no reference cycle left for the collector
     if not collector.complete:
         raise BadMessage("incomplete head")
     headers, by_name = collector.decoded()
@@ -219,10 +227,10 @@ def parse_head(data: bytes, response: bool) -> Head:
         except ValueError:
             raise BadMessage("bad status code") from None
         return Head(len(data), parser.get_http_version(), "", "", status, headers,
-                    parser.should_keep_alive(), parser.should_upgrade(), by_name)
+                    collector.keep_alive, parser.should_upgrade(), by_name)
     return Head(len(data), parser.get_http_version(),
                 parser.get_method().decode("ascii", "replace"),
-                collector.url.decode("latin-1"), 0, headers, parser.should_keep_alive(),
+                collector.url.decode("latin-1"), 0, headers, collector.keep_alive,
                 parser.should_upgrade(), by_name)
 
 
@@ -236,10 +244,6 @@ class _Stream(_Collector):
         super().__init__()
         self.begun = self.ended = 0
         self.chunked = False
-
-    #: a message that ended had its head complete: no callback for that (httptools calls
-    #: only the callbacks a protocol has)
-    on_headers_complete = None
 
     def on_message_begin(self) -> None:
         self.begun += 1
@@ -265,8 +269,10 @@ class StreamParser:
     def __init__(self, response: bool):
         self.response = response
         self.collector = _Stream()
-        self.parser = (httptools.HttpResponseParser if response else
-                       httptools.HttpRequestParser)(self.collector)
+        # (a reference cycle, collector <-> parser, as long as the connection lives; the
+        # stream parser is made only for heads not cached)
+        self.parser = self.collector.parser = (httptools.HttpResponseParser if response else
+                                               httptools.HttpRequestParser)(self.collector)
 
     def one(self, data: bytes) -> bool:
         """Parse `data`: True if it held exactly one complete message without chunks
@@ -296,11 +302,10 @@ class StreamParser:
             except ValueError:
                 return None
             return Head(end + 4, parser.get_http_version(), "", "", status, headers,
-                        parser.should_keep_alive(), False, by_name)
+                        c.keep_alive, False, by_name)
         return Head(end + 4, parser.get_http_version(),
                     parser.get_method().decode("ascii", "replace"),
-                    c.url.decode("latin-1"), 0, headers, parser.should_keep_alive(), False,
-                    by_name)
+                    c.url.decode("latin-1"), 0, headers, c.keep_alive, False, by_name)
 
 
 def body_framing(head: Head, response: bool, request_method: str = "") -> tuple[str, int]:

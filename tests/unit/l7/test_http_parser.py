@@ -322,3 +322,25 @@ def test_stream_path_refuses_what_the_general_path_refuses():
            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
     d.feed(False, bad)
     assert d.upstream == b"" and d.client.startswith(b"HTTP/1.1 400 ")
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /denied HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    b"GET /denied HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, Close\r\n\r\n",
+    b"GET /denied HTTP/1.0\r\nHost: h\r\n\r\n",
+])
+@pytest.mark.parametrize("pipelined", [b"", b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n"])
+def test_a_denied_request_that_ends_its_connection_is_answered_and_closed(raw, pipelined):
+    """llhttp forgets `Connection: close` once a message without body is complete: the
+    head's keep-alive is taken when its headers are (one message: by the stream parser;
+    pipelined: by the head parser). What follows it is not forwarded."""
+    d = Drive((Grant(rule="r", rules=(PortRuleHTTP(path="/x"),)),))
+    d.feed(False, raw + pipelined)
+    assert d.upstream == b"" and b" 403 Forbidden\r\n" in d.client
+    assert b"connection: close" in d.client and d.closed
+
+
+def test_a_denied_keep_alive_request_keeps_its_connection():
+    d = Drive((Grant(rule="r", rules=(PortRuleHTTP(path="/x"),)),))
+    d.feed(False, b"GET /denied HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert d.client == FORBIDDEN and not d.closed
