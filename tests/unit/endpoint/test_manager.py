@@ -36,6 +36,8 @@ class FakeLinks:
     def wire(self, ifname, netns, ip, gateway, pod_ifname="eth0", mtu=1500):
         if ifname in self.links:  # as the kernel answers a veth of a taken name
             raise NetlinkError(errno.EEXIST, "File exists")
+        if callable(ip):  # as wire_endpoint does once the veth is made: wait for it
+            ip = ip()
         self.next_index += 1
         host = plumbing.LinkInfo(ifname, self.next_index, f"02:00:00:00:00:{self.next_index:02x}", True)
         self.links[ifname] = host
