@@ -533,12 +533,21 @@ class EndpointManager:
         allocation.add_done_callback(relay)
 
         def address() -> str:  # on the netlink thread, once the veth is made
-            return handoff.result(timeout=ADDRESS_WAIT_S)
+            try:
+                return handoff.result(timeout=ADDRESS_WAIT_S)
+            except TimeoutError:
+                raise PyliumError(f"no address for {owner} within {ADDRESS_WAIT_S:.0f} s "
+                                  "(IPAM busy)") from None
 
         try:
             links = await asyncio.get_running_loop().run_in_executor(
                 self._netlink, self._plumb, ifname, netns, address, pod_ifname)
-        except Exception:  # (cancelled: the thread may still make the veth, with it)
+        except asyncio.CancelledError:
+            # a thread still waiting for the address then removes its veth (one past that
+            # point still makes the veth, with its address)
+            allocation.cancel()
+            raise
+        except Exception:
             with contextlib.suppress(Exception):  # (an allocation that failed: none)
                 self.ipam.release(await allocation)
             raise

@@ -37,11 +37,15 @@ class FakeLinks:
     def wire(self, ifname, netns, ip, gateway, pod_ifname="eth0", mtu=1500):
         if ifname in self.links:  # as the kernel answers a veth of a taken name
             raise NetlinkError(errno.EEXIST, "File exists")
-        if callable(ip):  # as wire_endpoint does once the veth is made: wait for it
-            ip = ip()
         self.next_index += 1
         host = plumbing.LinkInfo(ifname, self.next_index, f"02:00:00:00:00:{self.next_index:02x}", True)
         self.links[ifname] = host
+        if callable(ip):  # as wire_endpoint does once the veth is made: wait for it (and
+            try:  # remove the veth if that fails)
+                ip = ip()
+            except BaseException:
+                del self.links[ifname]
+                raise
         return plumbing.EndpointLinks(host=host, pod=plumbing.LinkInfo(pod_ifname, 2, "02:aa:00:00:00:01", True))
 
     def unwire(self, ifname, ip=None):
@@ -295,6 +299,42 @@ def test_the_veth_is_made_while_the_address_is_allocated(tmp_path, links, monkey
     monkeypatch.setattr(manager_mod.plumbing, "wire_endpoint", wire)
     ep = run(mgr.create("a", "default", {"app": "x"}, "pod-a"))
     assert mgr.ipam.allocated() == {ep.ipv4: "endpoint:default/a"}
+
+
+def test_a_create_cancelled_while_its_address_is_allocated_leaves_nothing(tmp_path, links,
+                                                                          monkeypatch):
+    """The agent stopping (its creates cancelled) while a veth waits for its address: the
+    veth goes and the address, once allocated, is given back."""
+    mgr, _parts = make(tmp_path)
+    wiring, go_on = threading.Event(), threading.Event()
+    allocate_many = mgr.ipam.allocate_many
+
+    def held(owners):
+        assert go_on.wait(10)
+        return allocate_many(owners)
+
+    def wire(*args, **kwargs):
+        wiring.set()
+        return links.wire(*args, **kwargs)
+
+    monkeypatch.setattr(mgr.ipam, "allocate_many", held)
+    monkeypatch.setattr(manager_mod.plumbing, "wire_endpoint", wire)
+
+    async def go():
+        create = asyncio.create_task(mgr.create("a", "default", {"app": "x"}, "pod-a"))
+        while not wiring.is_set():
+            await asyncio.sleep(0.001)
+        create.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await create
+        go_on.set()
+        for _ in range(2000):  # the netlink thread removes the veth, the address goes back
+            if not links.links and not mgr.ipam.allocated():
+                break
+            await asyncio.sleep(0.005)
+
+    run(go())
+    assert links.links == {} and mgr.ipam.allocated() == {}
 
 
 def test_an_exhausted_pool_fails_the_create_and_leaves_nothing(tmp_path, links):
