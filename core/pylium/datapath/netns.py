@@ -571,41 +571,44 @@ def wire_endpoint(host_ifname: str, pod_netns: str, ip_address: str | Callable[[
     be a callable that waits for the address: the veth and its programs, which need none,
     are made meanwhile (a create's address comes from another thread)."""
     host_mac, pod_mac = _random_mac(), _random_mac()
-    with _host_socket() as host_sock, _socket_in(pod_netns) as pod_sock:
-        fd = os.open(netns_path(pod_netns), os.O_RDONLY)
-        replies: list[bytes] = []
-        try:
-            # the pair and the host end's index in one send
+    fd = os.open(netns_path(pod_netns), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with _host_socket() as host_sock, _socket_in(fd, pod_netns) as pod_sock:
+            # the pair and the host end (its index, and its peer's in the pod) in one send
+            replies: list[bytes] = []
             made, found = _rtnl_each(
                 host_sock, _new_veth(host_ifname, host_mac, pod_ifname, fd, pod_mac, mtu),
                 _link_request(RTM_GETLINK, 0, host_ifname),
                 replies=replies)
-        finally:
             os.close(fd)
-        if made:  # nothing made (a link of that name is someone else's): nothing to undo
-            raise NetlinkError(made, os.strerror(made))
-        try:
-            if found:
-                raise NetlinkError(found, os.strerror(found))
-            host = _link_of(replies[0], host_ifname, host_mac)
-            # IPv4-only pods: no IPv6 router/neighbour solicitations for the datapath
-            # to drop
-            _disable_ipv6(host_ifname, whole_namespace=False)
-            if on_host_link is not None:
-                on_host_link(host)
-            if callable(ip_address):
-                ip_address = ip_address()
-            pod = _configure_pod_side(pod_sock, pod_ifname, pod_mac, ip_address, gateway,
-                                      host.mac)
-            _rtnl(host_sock,
-                  _route(32, rt_scope["link"], 0, host.ifindex, dst=ip_address),
-                  _neigh(host.ifindex, ip_address, pod_mac))
-        except BaseException:
+            fd = -1
+            if made:  # nothing made (a link of that name is someone else's): nothing to undo
+                raise NetlinkError(made, os.strerror(made))
             try:
-                _rtnl(host_sock, _link_request(RTM_DELLINK, 0, host_ifname))
-            except NetlinkError:
-                pass
-            raise
+                if found:
+                    raise NetlinkError(found, os.strerror(found))
+                host = _link_of(replies[0], host_ifname, host_mac)
+                # IPv4-only pods: no IPv6 router/neighbour solicitations for the datapath
+                # to drop
+                _disable_ipv6(host_ifname, whole_namespace=False)
+                if on_host_link is not None:
+                    on_host_link(host)
+                if callable(ip_address):
+                    ip_address = ip_address()
+                pod = _configure_pod_side(pod_sock, pod_ifname, pod_mac, ip_address, gateway,
+                                          host.mac, _u32_attr(replies[0], _IFLA_LINK))
+                _rtnl(host_sock,
+                      _route(32, rt_scope["link"], 0, host.ifindex, dst=ip_address),
+                      _neigh(host.ifindex, ip_address, pod_mac))
+            except BaseException:
+                try:
+                    _rtnl(host_sock, _link_request(RTM_DELLINK, 0, host_ifname))
+                except NetlinkError:
+                    pass
+                raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
     return EndpointLinks(host=host, pod=pod)
 
 
@@ -617,14 +620,19 @@ def _random_mac() -> str:
 
 
 @contextmanager
-def _socket_in(netns: str) -> Iterator[socket.socket]:
-    """A raw rtnetlink socket of `netns` for the calling thread, which enters `netns` only
-    to open it (and to turn IPv6 off by default there: a pod is IPv4-only, and links made
-    later inherit it) and goes straight back: a netlink socket stays bound to the namespace
-    it was opened in."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+def _socket_in(netns_fd: int, netns: str) -> Iterator[socket.socket]:
+    """A raw rtnetlink socket of the namespace `netns_fd` (`netns`) for the calling thread,
+    which enters it only to open it (and to turn IPv6 off by default there: a pod is
+    IPv4-only, and links made later inherit it) and goes straight back: a netlink socket
+    stays bound to the namespace it was opened in. A thread that keeps its sockets
+    (`reuse_netlink_socket`: it never leaves its namespace for good) keeps the fd of its
+    own namespace too."""
+    home = getattr(_thread, "home", -1) if getattr(_thread, "reuse", False) else -1
+    owned = home < 0
+    if owned:
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _enter(netns)
+        _check(_libc().setns(netns_fd, CLONE_NEWNET), f"setns({netns})")
         try:
             _disable_ipv6("", whole_namespace=True)
             sock = _route_socket()
@@ -635,7 +643,10 @@ def _socket_in(netns: str) -> Iterator[socket.socket]:
                 os.write(2, b"pylium: cannot return a netlink thread to the agent's netns\n")
                 os.abort()
     finally:
-        os.close(home)
+        if owned and getattr(_thread, "reuse", False):
+            _thread.home = home
+        elif owned:
+            os.close(home)
     try:
         yield sock
     finally:
@@ -643,11 +654,13 @@ def _socket_in(netns: str) -> Iterator[socket.socket]:
 
 
 def _configure_pod_side(sock: socket.socket, ifname: str, mac: str, ip_address: str,
-                        gateway: str, host_mac: str) -> LinkInfo:
+                        gateway: str, host_mac: str, index: int | None = None) -> LinkInfo:
     """Inside the pod (over `sock`, a socket of its namespace): the veth end up with
     `ip/32`, the gateway as a static neighbour at the host-side MAC, the default route via
-    it `onlink` — one batch once the end's index is known."""
-    index = _get_link(sock, ifname, mac).ifindex
+    it `onlink` — one batch once the end's index is known (`index`: the host end's
+    IFLA_LINK, else asked for)."""
+    if not index:
+        index = _get_link(sock, ifname, mac).ifindex
     address = socket.inet_aton(ip_address)
     _rtnl(sock,
           _link_request(RTM_SETLINK, 0, index=index, flags=IFF_UP, change=IFF_UP),
@@ -713,7 +726,8 @@ _NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst/src len, tos, table, proto, scope, type, flags
 _RTA = struct.Struct("=HH")  # attribute length, type
 _U32 = struct.Struct("=I")
-_IFLA_ADDRESS, _IFLA_IFNAME, _IFLA_MTU, _IFLA_LINKINFO, _IFLA_NET_NS_FD = 1, 3, 4, 18, 28
+_IFLA_ADDRESS, _IFLA_IFNAME, _IFLA_MTU, _IFLA_LINK, _IFLA_LINKINFO = 1, 3, 4, 5, 18
+_IFLA_NET_NS_FD = 28
 _IFLA_INFO_KIND, _IFLA_INFO_DATA, _VETH_INFO_PEER = 1, 2, 1
 _IFA_ADDRESS, _IFA_LOCAL = 1, 2
 _NDA_DST, _NDA_LLADDR = 1, 2
@@ -792,6 +806,21 @@ def _link_of(reply: bytes, ifname: str, mac: str) -> LinkInfo:
     """The link an RTM_NEWLINK answer describes (its index and flags; the MAC is ours)."""
     _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(reply, _NLMSGHDR.size)
     return LinkInfo(ifname=ifname, ifindex=index, mac=mac, up=bool(flags & IFF_UP))
+
+
+def _u32_attr(reply: bytes, kind: int) -> int | None:
+    """A u32 attribute of an RTM_NEWLINK answer (e.g. a veth's IFLA_LINK: its peer's index
+    in the peer's namespace), or None."""
+    offset = _NLMSGHDR.size + _IFINFOMSG.size
+    end = min(len(reply), _NLMSGHDR.unpack_from(reply)[0])
+    while offset + _RTA.size <= end:
+        size, found = _RTA.unpack_from(reply, offset)
+        if size < _RTA.size or offset + size > end:
+            return None  # malformed or cut short
+        if found & 0x3FFF == kind and size >= _RTA.size + 4:
+            return _U32.unpack_from(reply, offset + _RTA.size)[0]
+        offset += (size + 3) & ~3
+    return None
 
 
 def _get_link(sock: socket.socket, ifname: str, mac: str) -> LinkInfo:

@@ -163,3 +163,19 @@ def test_the_address_is_waited_for_after_the_veth_and_its_hook(lab):
             "lxcni3w", pod, exhausted, "10.96.6.1"))
     assert plumbing.link_info("lxcni3w", node) is None
     assert plumbing.link_info("eth0", pod) is None
+
+
+def test_the_pod_end_index_comes_from_the_host_end(lab, monkeypatch):
+    """The host end's answer names its peer's index in the pod (IFLA_LINK): the pod side is
+    configured without asking the pod's namespace for it (one round trip fewer per pod)."""
+    node, pod = lab
+
+    def asked(*_args):
+        raise AssertionError("the pod end's index was asked for")
+
+    monkeypatch.setattr(plumbing, "_get_link", asked)
+    links = plumbing.run_in_netns(node, lambda: plumbing.wire_endpoint(
+        "lxcni3i", pod, "10.96.7.7", "10.96.7.1"))
+    assert plumbing.link_info("eth0", pod) == links.pod and links.pod.up
+    assert plumbing.addresses("eth0", pod) == ["10.96.7.7/32"]
+    plumbing.run_in_netns(node, lambda: plumbing.unwire_endpoint("lxcni3i", "10.96.7.7"))

@@ -134,6 +134,16 @@ def test_neighbour_is_permanent():
     assert back.get_attr("NDA_LLADDR") == "02:01:02:03:04:05"
 
 
+def test_a_links_u32_attribute_is_found_among_the_others():
+    attrs = (netns._attr(3, b"lxcabc\0") + netns._attr(4, struct.pack("=I", 1500))
+             + netns._attr(5, struct.pack("=I", 42)))
+    reply = _answer(16, 1, struct.pack("=BxHiII", 0, 1, 7, 1, 0) + attrs)
+    assert netns._u32_attr(reply, 5) == 42
+    assert netns._u32_attr(reply, 4) == 1500
+    assert netns._u32_attr(reply, 10) is None
+    assert netns._u32_attr(reply[:-4], 5) is None  # cut short: not read past the end
+
+
 class _Kernel:
     """A socket whose answers are given datagrams (what `_rtnl_each` sends is kept)."""
 

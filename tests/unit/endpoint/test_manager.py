@@ -306,12 +306,15 @@ def test_a_create_cancelled_while_its_address_is_allocated_leaves_nothing(tmp_pa
     """The agent stopping (its creates cancelled) while a veth waits for its address: the
     veth goes and the address, once allocated, is given back."""
     mgr, _parts = make(tmp_path)
-    wiring, go_on = threading.Event(), threading.Event()
+    wiring, go_on, allocated = threading.Event(), threading.Event(), threading.Event()
     allocate_many = mgr.ipam.allocate_many
 
     def held(owners):
         assert go_on.wait(10)
-        return allocate_many(owners)
+        try:
+            return allocate_many(owners)
+        finally:
+            allocated.set()
 
     def wire(*args, **kwargs):
         wiring.set()
@@ -329,7 +332,7 @@ def test_a_create_cancelled_while_its_address_is_allocated_leaves_nothing(tmp_pa
             await create
         go_on.set()
         for _ in range(2000):  # the netlink thread removes the veth, the address goes back
-            if not links.links and not mgr.ipam.allocated():
+            if allocated.is_set() and not links.links and not mgr.ipam.allocated():
                 break
             await asyncio.sleep(0.005)
 
