@@ -5,7 +5,7 @@ Besides the BPF loader this is the only module that speaks netlink. Every functi
 node's namespace), otherwise a name under /run/netns or an absolute path to a netns file.
 Deleting things is idempotent: removing what is already gone is not an error. The
 requests of a pod start and stop (`wire_endpoint`, `unwire_endpoint`), which run for every
-CNI ADD and DEL, are pyroute2 messages sent in batches on a kept socket instead (`_rtnl`):
+CNI ADD and DEL, are packed by hand and sent in batches on a kept socket instead (`_rtnl`):
 an `IPRoute` request costs ~0.3 ms of CPU."""
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from pyroute2.netlink import (
     NLM_F_REQUEST,
     NLMSG_DONE,
     NLMSG_ERROR,
-    nlmsg,
 )
 from pyroute2.netlink.rtnl import (
     RTM_DELLINK,
@@ -51,10 +50,9 @@ from pyroute2.netlink.rtnl import (
     rt_scope,
     rt_type,
 )
-from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
-from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
-from pyroute2.netlink.rtnl.ndmsg import NUD_PERMANENT, ndmsg
-from pyroute2.netlink.rtnl.rtmsg import RTNH_F_ONLINK, rtmsg
+from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP
+from pyroute2.netlink.rtnl.ndmsg import NUD_PERMANENT
+from pyroute2.netlink.rtnl.rtmsg import RTNH_F_ONLINK
 
 NETNS_RUN_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
@@ -297,10 +295,10 @@ def _drop_stale(ip: IPRoute) -> None:
 
 def write_sysctl(netns: str | None, key: str, value: str) -> None:
     """Set `net.*` sysctl `key` (dotted) inside `netns` (never call with the root ns)."""
-    path = Path("/proc/sys") / key.replace(".", "/")
+    path = "/proc/sys/" + key.replace(".", "/")
 
     def write() -> None:
-        path.write_text(f"{value}\n")
+        _write_proc(path, f"{value}\n".encode())
 
     write() if netns is None else _on_thread(write, netns)
 
@@ -552,8 +550,8 @@ class EndpointLinks:
     pod: LinkInfo
 
 
-def wire_endpoint(host_ifname: str, pod_netns: str, ip_address: str, gateway: str,
-                  pod_ifname: str = "eth0", mtu: int = 1500,
+def wire_endpoint(host_ifname: str, pod_netns: str, ip_address: str | Callable[[], str],
+                  gateway: str, pod_ifname: str = "eth0", mtu: int = 1500,
                   on_host_link: Callable[[LinkInfo], None] | None = None) -> EndpointLinks:
     """Cilium-style endpoint plumbing. Pod side: `ip/32` on `pod_ifname`, a static neighbour
     for the gateway pointing at the host-side MAC, default route via the gateway `onlink`.
@@ -569,43 +567,48 @@ def wire_endpoint(host_ifname: str, pod_netns: str, ip_address: str, gateway: st
     pod's namespace and then steps back out of (no extra thread per pod).
 
     `on_host_link` is called with the host end before the pod end comes up (the datapath
-    puts its programs there: the pod's first packet already meets them)."""
+    puts its programs there: the pod's first packet already meets them). `ip_address` may
+    be a callable that waits for the address: the veth and its programs, which need none,
+    are made meanwhile (a create's address comes from another thread)."""
     host_mac, pod_mac = _random_mac(), _random_mac()
-    with _host_socket() as host_sock, _socket_in(pod_netns) as pod_sock:
-        fd = os.open(netns_path(pod_netns), os.O_RDONLY)
-        replies: list[bytes] = []
-        try:
-            # the pair and the host end's index in one send
+    fd = os.open(netns_path(pod_netns), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with _host_socket() as host_sock, _socket_in(fd, pod_netns) as pod_sock:
+            # the pair and the host end (its index, and its peer's in the pod) in one send
+            replies: list[bytes] = []
             made, found = _rtnl_each(
                 host_sock, _new_veth(host_ifname, host_mac, pod_ifname, fd, pod_mac, mtu),
-                _request(ifinfmsg, RTM_GETLINK, 0, {}, [("IFLA_IFNAME", host_ifname)]),
+                _link_request(RTM_GETLINK, 0, host_ifname),
                 replies=replies)
-        finally:
             os.close(fd)
-        if made:  # nothing made (a link of that name is someone else's): nothing to undo
-            raise NetlinkError(made, os.strerror(made))
-        try:
-            if found:
-                raise NetlinkError(found, os.strerror(found))
-            host = _link_of(replies[0], host_ifname, host_mac)
-            # IPv4-only pods: no IPv6 router/neighbour solicitations for the datapath
-            # to drop
-            _disable_ipv6(host_ifname, whole_namespace=False)
-            if on_host_link is not None:
-                on_host_link(host)
-            pod = _configure_pod_side(pod_sock, pod_ifname, pod_mac, ip_address, gateway,
-                                      host.mac)
-            _rtnl(host_sock,
-                  _route(32, rt_scope["link"], 0,
-                         [("RTA_DST", ip_address), ("RTA_OIF", host.ifindex)]),
-                  _neigh(host.ifindex, ip_address, pod_mac))
-        except BaseException:
+            fd = -1
+            if made:  # nothing made (a link of that name is someone else's): nothing to undo
+                raise NetlinkError(made, os.strerror(made))
             try:
-                _rtnl(host_sock, _request(ifinfmsg, RTM_DELLINK, 0, {},
-                                          [("IFLA_IFNAME", host_ifname)]))
-            except NetlinkError:
-                pass
-            raise
+                if found:
+                    raise NetlinkError(found, os.strerror(found))
+                host = _link_of(replies[0], host_ifname, host_mac)
+                # IPv4-only pods: no IPv6 router/neighbour solicitations for the datapath
+                # to drop
+                _disable_ipv6(host_ifname, whole_namespace=False)
+                if on_host_link is not None:
+                    on_host_link(host)
+                if callable(ip_address):
+                    ip_address = ip_address()
+                pod = _configure_pod_side(pod_sock, pod_ifname, pod_mac, ip_address, gateway,
+                                          host.mac, _u32_attr(replies[0], _IFLA_LINK))
+                _rtnl(host_sock,
+                      _route(32, rt_scope["link"], 0, host.ifindex, dst=ip_address),
+                      _neigh(host.ifindex, ip_address, pod_mac))
+            except BaseException:
+                try:
+                    _rtnl(host_sock, _link_request(RTM_DELLINK, 0, host_ifname))
+                except NetlinkError:
+                    pass
+                raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
     return EndpointLinks(host=host, pod=pod)
 
 
@@ -617,14 +620,19 @@ def _random_mac() -> str:
 
 
 @contextmanager
-def _socket_in(netns: str) -> Iterator[socket.socket]:
-    """A raw rtnetlink socket of `netns` for the calling thread, which enters `netns` only
-    to open it (and to turn IPv6 off by default there: a pod is IPv4-only, and links made
-    later inherit it) and goes straight back: a netlink socket stays bound to the namespace
-    it was opened in."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+def _socket_in(netns_fd: int, netns: str) -> Iterator[socket.socket]:
+    """A raw rtnetlink socket of the namespace `netns_fd` (`netns`) for the calling thread,
+    which enters it only to open it (and to turn IPv6 off by default there: a pod is
+    IPv4-only, and links made later inherit it) and goes straight back: a netlink socket
+    stays bound to the namespace it was opened in. A thread that keeps its sockets
+    (`reuse_netlink_socket`: it never leaves its namespace for good) keeps the fd of its
+    own namespace too."""
+    home = getattr(_thread, "home", -1) if getattr(_thread, "reuse", False) else -1
+    owned = home < 0
+    if owned:
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _enter(netns)
+        _check(_libc().setns(netns_fd, CLONE_NEWNET), f"setns({netns})")
         try:
             _disable_ipv6("", whole_namespace=True)
             sock = _route_socket()
@@ -635,7 +643,10 @@ def _socket_in(netns: str) -> Iterator[socket.socket]:
                 os.write(2, b"pylium: cannot return a netlink thread to the agent's netns\n")
                 os.abort()
     finally:
-        os.close(home)
+        if owned and getattr(_thread, "reuse", False):
+            _thread.home = home
+        elif owned:
+            os.close(home)
     try:
         yield sock
     finally:
@@ -643,81 +654,120 @@ def _socket_in(netns: str) -> Iterator[socket.socket]:
 
 
 def _configure_pod_side(sock: socket.socket, ifname: str, mac: str, ip_address: str,
-                        gateway: str, host_mac: str) -> LinkInfo:
+                        gateway: str, host_mac: str, index: int | None = None) -> LinkInfo:
     """Inside the pod (over `sock`, a socket of its namespace): the veth end up with
     `ip/32`, the gateway as a static neighbour at the host-side MAC, the default route via
-    it `onlink` — one batch once the end's index is known."""
-    index = _get_link(sock, ifname, mac).ifindex
+    it `onlink` — one batch once the end's index is known (`index`: the host end's
+    IFLA_LINK, else asked for)."""
+    if not index:
+        index = _get_link(sock, ifname, mac).ifindex
+    address = socket.inet_aton(ip_address)
     _rtnl(sock,
-          _request(ifinfmsg, RTM_SETLINK, 0, {"index": index, "flags": IFF_UP, "change": IFF_UP},
-                   []),
-          _request(ifaddrmsg, RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL,
-                   {"family": socket.AF_INET, "prefixlen": 32, "index": index},
-                   [("IFA_LOCAL", ip_address), ("IFA_ADDRESS", ip_address)]),
+          _link_request(RTM_SETLINK, 0, index=index, flags=IFF_UP, change=IFF_UP),
+          (RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL,
+           _IFADDRMSG.pack(socket.AF_INET, 32, 0, 0, index)
+           + _attr(_IFA_LOCAL, address) + _attr(_IFA_ADDRESS, address)),
           _neigh(index, gateway, host_mac),
-          _route(0, rt_scope["universe"], RTNH_F_ONLINK,
-                 [("RTA_GATEWAY", gateway), ("RTA_OIF", index)]))
+          _route(0, rt_scope["universe"], RTNH_F_ONLINK, index, gateway=gateway))
     return LinkInfo(ifname=ifname, ifindex=index, mac=mac, up=True)
 
 
 def _new_veth(host_ifname: str, host_mac: str, pod_ifname: str, pod_netns_fd: int,
-              pod_mac: str, mtu: int) -> nlmsg:
+              pod_mac: str, mtu: int) -> _Request:
     """RTM_NEWLINK of a veth pair: `host_ifname` up here with `host_mac`, its peer born as
     `pod_ifname` with `pod_mac` in the namespace of `pod_netns_fd` (no move afterwards;
     both MACs chosen here, so nothing needs asking back)."""
-    peer = {"attrs": [("IFLA_IFNAME", pod_ifname), ("IFLA_MTU", mtu),
-                      ("IFLA_NET_NS_FD", pod_netns_fd), ("IFLA_ADDRESS", pod_mac)]}
-    info = {"attrs": [("IFLA_INFO_KIND", "veth"),
-                      ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", peer)]})]}
-    return _request(ifinfmsg, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
-                    {"flags": IFF_UP, "change": IFF_UP},
-                    [("IFLA_IFNAME", host_ifname), ("IFLA_MTU", mtu),
-                     ("IFLA_ADDRESS", host_mac), ("IFLA_LINKINFO", info)])
+    peer = (_IFINFOMSG.pack(0, 0, 0, 0, 0) + _attr(_IFLA_IFNAME, _name(pod_ifname))
+            + _attr(_IFLA_MTU, _U32.pack(mtu)) + _attr(_IFLA_NET_NS_FD, _U32.pack(pod_netns_fd))
+            + _attr(_IFLA_ADDRESS, _mac(pod_mac)))
+    info = (_attr(_IFLA_INFO_KIND, b"veth\0")
+            + _attr(_IFLA_INFO_DATA, _attr(_VETH_INFO_PEER, peer)))
+    return _link_request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, host_ifname, flags=IFF_UP,
+                         change=IFF_UP, attrs=_attr(_IFLA_MTU, _U32.pack(mtu))
+                         + _attr(_IFLA_ADDRESS, _mac(host_mac)) + _attr(_IFLA_LINKINFO, info))
 
 
-def _route(dst_len: int, scope: int, flags: int, attrs: list) -> nlmsg:
+def _route(dst_len: int, scope: int, flags: int, oif: int, dst: str | None = None,
+           gateway: str | None = None) -> _Request:
     """RTM_NEWROUTE (replace) of a unicast IPv4 route in the main table, protocol static
-    (as pyroute2 adds routes, so `delete_route` finds them)."""
-    return _request(rtmsg, RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE,
-                    {"family": socket.AF_INET, "dst_len": dst_len, "table": _RT_TABLE_MAIN,
-                     "proto": rt_proto["static"], "scope": scope, "type": rt_type["unicast"],
-                     "flags": flags}, attrs)
+    (as pyroute2 adds routes, so `delete_route` finds them), out of `oif`."""
+    attrs = _attr(_RTA_DST, socket.inet_aton(dst)) if dst is not None else b""
+    if gateway is not None:
+        attrs += _attr(_RTA_GATEWAY, socket.inet_aton(gateway))
+    return (RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE,
+            _RTMSG.pack(socket.AF_INET, dst_len, 0, 0, _RT_TABLE_MAIN, rt_proto["static"],
+                        scope, rt_type["unicast"], flags)
+            + attrs + _attr(_RTA_OIF, _U32.pack(oif)))
 
 
-def _neigh(index: int, address: str, mac: str) -> nlmsg:
+def _neigh(index: int, address: str, mac: str) -> _Request:
     """RTM_NEWNEIGH (replace): a permanent IPv4 neighbour."""
-    return _request(ndmsg, RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE,
-                    {"family": socket.AF_INET, "ifindex": index, "state": NUD_PERMANENT},
-                    [("NDA_DST", address), ("NDA_LLADDR", mac)])
+    return (RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE,
+            _NDMSG.pack(socket.AF_INET, index, NUD_PERMANENT, 0, 0)
+            + _attr(_NDA_DST, socket.inet_aton(address)) + _attr(_NDA_LLADDR, _mac(mac)))
 
 
 # batched rtnetlink: the requests of one pod start and stop --------------------------------
 # pyroute2's IPRoute spends most of an endpoint create's CPU on its event loop, a request at
-# a time (about 0.3 ms each). These few requests are built as pyroute2 messages but sent in
-# batches on a kept raw socket (the kernel handles the messages of one send in order); the
-# answers are read by their fixed headers alone (an ACK's error code, a link's index and
-# flags): decoding whole messages cost more CPU than the requests themselves.
+# a time (about 0.3 ms each), and even its message classes cost more CPU to encode these few
+# requests than the kernel takes to act on them. So they are packed here with `struct` (a
+# request is its type, its flags and its body: the fixed header and the attributes) and
+# sent in batches on a kept raw socket (the kernel handles the messages of one send in
+# order); the answers are read by their fixed headers alone (an ACK's error code, a link's
+# index and flags). tests/unit/datapath/test_rtnl_pack.py checks the bytes against
+# pyroute2's encoding of the same requests.
 _RT_TABLE_MAIN = 254
 _SEQ = itertools.count(1)
 _NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 _NLMSGERR = struct.Struct("=i")  # after the header: the error code (0 is an ACK)
-_IFINFOMSG = struct.Struct("=BxHiII")  # after the header: family, type, index, flags, change
+_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, index
+_NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
+_RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst/src len, tos, table, proto, scope, type, flags
+_RTA = struct.Struct("=HH")  # attribute length, type
+_U32 = struct.Struct("=I")
+_IFLA_ADDRESS, _IFLA_IFNAME, _IFLA_MTU, _IFLA_LINK, _IFLA_LINKINFO = 1, 3, 4, 5, 18
+_IFLA_NET_NS_FD = 28
+_IFLA_INFO_KIND, _IFLA_INFO_DATA, _VETH_INFO_PEER = 1, 2, 1
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+_NDA_DST, _NDA_LLADDR = 1, 2
+_RTA_DST, _RTA_OIF, _RTA_GATEWAY = 1, 4, 5
+#: one request: message type, flags (request and ACK are added when sent), body
+_Request = tuple[int, int, bytes]
 
 
-def _request(cls: type[nlmsg], kind: int, flags: int, fields: dict[str, int],
-             attrs: list) -> nlmsg:
-    """A request message of class `cls` (ifinfmsg, rtmsg, ...): header type and flags,
-    the fixed `fields`, the `attrs` as pyroute2 names them. Encoded when sent."""
-    msg = cls()
-    msg["header"]["type"] = kind
-    msg["header"]["flags"] = flags | NLM_F_REQUEST | NLM_F_ACK
-    for key, value in fields.items():
-        msg[key] = value
-    msg["attrs"] = attrs
-    return msg
+def _attr(kind: int, payload: bytes) -> bytes:
+    """One netlink attribute, padded to 4 bytes."""
+    size = _RTA.size + len(payload)
+    return _RTA.pack(size, kind) + payload + b"\0" * (-size % 4)
 
 
-def _rtnl(sock: socket.socket, *requests: nlmsg) -> list[bytes]:
+def _name(ifname: str) -> bytes:
+    return ifname.encode() + b"\0"
+
+
+def _mac(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def _link_request(kind: int, nl_flags: int, ifname: str | None = None, index: int = 0,
+                  flags: int = 0, change: int = 0, attrs: bytes = b"") -> _Request:
+    """An ifinfomsg request (RTM_NEWLINK/SETLINK/GETLINK/DELLINK) naming a link by name or
+    index."""
+    body = _IFINFOMSG.pack(0, 0, index, flags, change)
+    if ifname is not None:
+        body += _attr(_IFLA_IFNAME, _name(ifname))
+    return kind, nl_flags, body + attrs
+
+
+def _packed(request: _Request, seq: int) -> bytes:
+    """The whole message of `request` with sequence number `seq` (an ACK asked for)."""
+    kind, flags, body = request
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags | NLM_F_REQUEST | NLM_F_ACK,
+                          seq, 0) + body
+
+
+def _rtnl(sock: socket.socket, *requests: _Request) -> list[bytes]:
     """Send `requests` in one batch, each with an ACK asked for; the answers that are not
     ACKs (whole messages, raw) come back in order. The first refusal raises `NetlinkError`
     (after every answer is read: the socket stays usable)."""
@@ -728,16 +778,11 @@ def _rtnl(sock: socket.socket, *requests: nlmsg) -> list[bytes]:
     return replies
 
 
-def _rtnl_each(sock: socket.socket, *requests: nlmsg,
+def _rtnl_each(sock: socket.socket, *requests: _Request,
                replies: list[bytes] | None = None) -> list[int]:
     """`_rtnl` without raising: the error code of each request (0: done), in order."""
-    seqs, out = [], []
-    for msg in requests:
-        seq = next(_SEQ) & 0xFFFFFFFF
-        seqs.append(seq)
-        msg["header"]["sequence_number"] = seq
-        msg.encode()
-        out.append(msg.data)
+    seqs = [next(_SEQ) & 0xFFFFFFFF for _ in requests]
+    out = [_packed(request, seq) for request, seq in zip(requests, seqs, strict=True)]
     sock.send(b"".join(out))
     pending, codes = set(seqs), dict.fromkeys(seqs, 0)
     while pending:
@@ -763,9 +808,24 @@ def _link_of(reply: bytes, ifname: str, mac: str) -> LinkInfo:
     return LinkInfo(ifname=ifname, ifindex=index, mac=mac, up=bool(flags & IFF_UP))
 
 
+def _u32_attr(reply: bytes, kind: int) -> int | None:
+    """A u32 attribute of an RTM_NEWLINK answer (e.g. a veth's IFLA_LINK: its peer's index
+    in the peer's namespace), or None."""
+    offset = _NLMSGHDR.size + _IFINFOMSG.size
+    end = min(len(reply), _NLMSGHDR.unpack_from(reply)[0])
+    while offset + _RTA.size <= end:
+        size, found = _RTA.unpack_from(reply, offset)
+        if size < _RTA.size or offset + size > end:
+            return None  # malformed or cut short
+        if found & 0x3FFF == kind and size >= _RTA.size + 4:
+            return _U32.unpack_from(reply, offset + _RTA.size)[0]
+        offset += (size + 3) & ~3
+    return None
+
+
 def _get_link(sock: socket.socket, ifname: str, mac: str) -> LinkInfo:
     """One RTM_GETLINK by name (ENODEV if there is none) of a link whose MAC we chose."""
-    reply = _rtnl(sock, _request(ifinfmsg, RTM_GETLINK, 0, {}, [("IFLA_IFNAME", ifname)]))[0]
+    reply = _rtnl(sock, _link_request(RTM_GETLINK, 0, ifname))[0]
     return _link_of(reply, ifname, mac)
 
 
@@ -799,19 +859,27 @@ def _disable_ipv6(ifname: str, whole_namespace: bool = True) -> None:
     """`disable_ipv6` on `ifname` in the calling thread's namespace, and with
     `whole_namespace` (a pod's) on every link there and every link made later."""
     for scope in (("default", "all") if whole_namespace else ()) + ((ifname,) if ifname else ()):
-        (Path("/proc/sys/net/ipv6/conf") / scope / "disable_ipv6").write_text("1\n")
+        _write_proc(f"/proc/sys/net/ipv6/conf/{scope}/disable_ipv6", b"1\n")
+
+
+def _write_proc(path: str, data: bytes) -> None:
+    """Write a /proc file in three plain syscalls (a pod start writes several sysctls)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def unwire_endpoint(host_ifname: str, ip_address: str | None = None) -> bool:
     """Remove the host-side veth (its pod end and the /32 route go with it; the route is
     asked to go too, in case the veth was gone already); False if the veth was not there.
     Batched like `wire_endpoint`: one send per pod stop."""
-    requests = [_request(ifinfmsg, RTM_DELLINK, 0, {}, [("IFLA_IFNAME", host_ifname)])]
+    requests = [_link_request(RTM_DELLINK, 0, host_ifname)]
     if ip_address:  # any scope and protocol
-        requests.append(_request(rtmsg, RTM_DELROUTE, 0,
-                                 {"family": socket.AF_INET, "dst_len": 32,
-                                  "table": _RT_TABLE_MAIN, "scope": rt_scope["nowhere"]},
-                                 [("RTA_DST", ip_address)]))
+        requests.append((RTM_DELROUTE, 0, _RTMSG.pack(
+            socket.AF_INET, 32, 0, 0, _RT_TABLE_MAIN, 0, rt_scope["nowhere"], 0, 0)
+            + _attr(_RTA_DST, socket.inet_aton(ip_address))))
     with _host_socket() as sock:
         errors = _rtnl_each(sock, *requests)
     link_error = errors[0]

@@ -25,6 +25,7 @@ ones whose pod went away while the agent was down."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import json
@@ -62,6 +63,9 @@ from pylium.heap import Trimmer
 from pylium.ipam import PodCIDRAllocator
 
 log = logging.getLogger(__name__)
+#: how long a netlink thread waits for a create's address once its veth is made (the IPAM
+#: thread answers in milliseconds; a create that waits longer fails and its veth goes)
+ADDRESS_WAIT_S = 30.0
 
 
 class EndpointNotFound(UserError):
@@ -510,16 +514,44 @@ class EndpointManager:
 
     async def _address_and_links(self, owner: str, ifname: str, netns: str,
                                  pod_ifname: str) -> tuple[str, plumbing.EndpointLinks]:
-        """An address for `owner` (the IPAM thread), then the veth with it (a netlink
-        thread); the address goes back if the veth cannot be made."""
-        address = await self._address_for(owner)
+        """An address for `owner` (the IPAM thread) and the veth with it (a netlink
+        thread), side by side: the veth and its programs need no address, so the netlink
+        thread makes them while the address is being allocated and waits for it only to
+        configure the pod's end (at a burst's start that wait was ~15-30 ms the serial
+        netlink thread sat idle). The address goes back if the veth cannot be made."""
+        allocation = self._address_for(owner)
+        handoff: concurrent.futures.Future = concurrent.futures.Future()
+
+        def relay(done: asyncio.Future) -> None:  # on the loop, to the netlink thread
+            if done.cancelled():
+                handoff.cancel()
+            elif done.exception() is not None:
+                handoff.set_exception(done.exception())
+            else:
+                handoff.set_result(done.result())
+
+        allocation.add_done_callback(relay)
+
+        def address() -> str:  # on the netlink thread, once the veth is made
+            try:
+                return handoff.result(timeout=ADDRESS_WAIT_S)
+            except TimeoutError:
+                raise PyliumError(f"no address for {owner} within {ADDRESS_WAIT_S:.0f} s "
+                                  "(IPAM busy)") from None
+
         try:
             links = await asyncio.get_running_loop().run_in_executor(
                 self._netlink, self._plumb, ifname, netns, address, pod_ifname)
-        except Exception:  # (cancelled: the thread may still make the veth, with it)
-            self.ipam.release(address)
+        except asyncio.CancelledError:
+            # a thread still waiting for the address then removes its veth (one past that
+            # point still makes the veth, with its address)
+            allocation.cancel()
             raise
-        return address, links
+        except Exception:
+            with contextlib.suppress(Exception):  # (an allocation that failed: none)
+                self.ipam.release(await allocation)
+            raise
+        return await allocation, links
 
     def _address_for(self, owner: str) -> asyncio.Future:
         """`owner`'s address, allocated with those of the other creates asking meanwhile
@@ -566,7 +598,7 @@ class EndpointManager:
 
         job.add_done_callback(done)
 
-    def _plumb(self, ifname: str, netns: str, address: str,
+    def _plumb(self, ifname: str, netns: str, address: Callable[[], str],
                pod_ifname: str) -> plumbing.EndpointLinks:
         """The veth pair (a thread's work): a stale host veth of this endpoint's name, left
         by an agent that died half way through creating it, is removed first."""

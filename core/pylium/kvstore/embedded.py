@@ -112,6 +112,8 @@ class _Txn:
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
         self._revision = 0
+        #: the keys this transaction changed (which watchers to wake)
+        self.keys: list[bytes] = []
 
     @property
     def revision(self) -> int:
@@ -126,6 +128,7 @@ class _Txn:
         return bool(self._revision)
 
     def event(self, kind: str, key: bytes, value: bytes) -> None:
+        self.keys.append(key)
         self.conn.execute(
             "INSERT INTO events (revision, type, key, value) VALUES (?, ?, ?, ?)",
             (self.revision, kind, key, value),
@@ -167,7 +170,8 @@ class EmbeddedKVStore(KVStore):
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self._background: asyncio.Task | None = None
-        self._wakeup = asyncio.Event()
+        #: each running watch: its key range and the event that wakes it
+        self._watchers: dict[object, tuple[bytes, bytes | None, asyncio.Event]] = {}
         self._closed = True
         self._loop: asyncio.AbstractEventLoop | None = None
         self._active_watches = 0
@@ -183,14 +187,20 @@ class EmbeddedKVStore(KVStore):
             # "database is locked" past the busy timeout, disk full, closed meanwhile...
             raise KVStoreUnavailable(f"embedded kvstore {self.path}: {exc}") from None
 
-    def _wake_watchers(self) -> None:
-        event, self._wakeup = self._wakeup, asyncio.Event()
-        event.set()
+    def _wake_watchers(self, keys: list[bytes] | None = None) -> None:
+        """Wake the watches whose prefix holds one of `keys` (None: every watch). A pod
+        start changes a key or two: the watches of other prefixes (nodes, services...)
+        stay asleep instead of each querying the log for nothing."""
+        for start, end, event in self._watchers.values():
+            if keys is None or any(start <= key and (end is None or key < end)
+                                   for key in keys):
+                event.set()
 
-    def _changed(self) -> None:
-        """This store committed a change: wake its watchers and those of every other store
-        open on the same file in this process (they may run on other threads' loops)."""
-        self._wake_watchers()
+    def _changed(self, keys: list[bytes]) -> None:
+        """This store committed a change of `keys`: wake its watchers of them and those of
+        every other store open on the same file in this process (they may run on other
+        threads' loops). Other processes' changes wake every watch (`data_version`)."""
+        self._wake_watchers(keys)
         with _OPEN_STORES_LOCK:
             peers = [s for s in _OPEN_STORES.get(self._key, ()) if s is not self]
         for peer in peers:
@@ -198,7 +208,7 @@ class EmbeddedKVStore(KVStore):
             if peer._closed or loop is None or loop.is_closed():
                 continue
             try:
-                loop.call_soon_threadsafe(peer._wake_watchers)
+                loop.call_soon_threadsafe(peer._wake_watchers, keys)
             except RuntimeError:  # that loop closed meanwhile
                 pass
 
@@ -221,9 +231,9 @@ class EmbeddedKVStore(KVStore):
             raise
         self._conn = conn
 
-    def _write(self, fn: Callable[[_Txn], T]) -> tuple[T, bool]:
+    def _write(self, fn: Callable[[_Txn], T]) -> tuple[T, list[bytes]]:
         """Run `fn` in one IMMEDIATE transaction after reaping expired leases.
-        Returns fn's result and whether anything changed."""
+        Returns fn's result and the keys it changed (none: nothing changed)."""
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -236,11 +246,11 @@ class EmbeddedKVStore(KVStore):
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return result, txn.changed
+        return result, txn.keys
 
-    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> tuple[T, bool]:
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> tuple[T, list[bytes]]:
         """Reap expired leases first (so a read never sees a dead lease's keys), then read."""
-        changed = False
+        changed: list[bytes] = []
         if self._conn.execute("SELECT 1 FROM leases WHERE expires_at < ? LIMIT 1",
                               (time.time(),)).fetchone():
             _, changed = self._write(lambda txn: None)
@@ -281,13 +291,13 @@ class EmbeddedKVStore(KVStore):
     async def _mutate(self, fn: Callable[[_Txn], T]) -> T:
         result, changed = await self._run(lambda: self._write(fn))
         if changed:
-            self._changed()
+            self._changed(changed)
         return result
 
     async def _query(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         result, changed = await self._run(lambda: self._read(fn))
         if changed:
-            self._changed()
+            self._changed(changed)
         return result
 
     # lifecycle ---------------------------------------------------------------------------
@@ -495,9 +505,11 @@ class EmbeddedKVStore(KVStore):
 
         last_seq, _ = await self._query(first_seq)
         self._active_watches += 1
+        wakeup, token = asyncio.Event(), object()
+        self._watchers[token] = (start, end, wakeup)
         try:
             while True:
-                wakeup = self._wakeup
+                wakeup.clear()  # (a change committed from here on is fetched next round)
                 if self._closed:
                     raise KVStoreUnavailable(f"embedded kvstore {self.path} was closed")
                 rows, end_seq = await self._query(
@@ -517,6 +529,7 @@ class EmbeddedKVStore(KVStore):
                 except TimeoutError:
                     pass
         finally:
+            del self._watchers[token]
             self._active_watches -= 1
 
     # leases ------------------------------------------------------------------------------

@@ -133,3 +133,49 @@ def test_the_host_link_hook_runs_before_the_pod_end_comes_up(lab):
             "lxcni3h", pod, "10.96.3.9", "10.96.3.1", on_host_link=broken))
     assert plumbing.link_info("lxcni3h", node) is None
     assert plumbing.link_info("eth0", pod) is None
+
+
+def test_the_address_is_waited_for_after_the_veth_and_its_hook(lab):
+    """An address given as a callable (the agent allocates it on another thread meanwhile)
+    is asked for once the veth is made and the hook ran, before the pod end comes up; an
+    allocation that fails leaves nothing behind."""
+    node, pod = lab
+    order = []
+
+    def hook(host):
+        order.append(("hook", plumbing.link_info("lxcni3w", None) == host))
+
+    def address():
+        order.append(("address", plumbing.link_info("eth0", pod).up))
+        return "10.96.6.7"
+
+    links = plumbing.run_in_netns(node, lambda: plumbing.wire_endpoint(
+        "lxcni3w", pod, address, "10.96.6.1", on_host_link=hook))
+    assert order == [("hook", True), ("address", False)]
+    assert links.pod.up and plumbing.addresses("eth0", pod) == ["10.96.6.7/32"]
+    plumbing.run_in_netns(node, lambda: plumbing.unwire_endpoint("lxcni3w", "10.96.6.7"))
+
+    def exhausted():
+        raise RuntimeError("pool exhausted")
+
+    with pytest.raises(RuntimeError, match="pool exhausted"):
+        plumbing.run_in_netns(node, lambda: plumbing.wire_endpoint(
+            "lxcni3w", pod, exhausted, "10.96.6.1"))
+    assert plumbing.link_info("lxcni3w", node) is None
+    assert plumbing.link_info("eth0", pod) is None
+
+
+def test_the_pod_end_index_comes_from_the_host_end(lab, monkeypatch):
+    """The host end's answer names its peer's index in the pod (IFLA_LINK): the pod side is
+    configured without asking the pod's namespace for it (one round trip fewer per pod)."""
+    node, pod = lab
+
+    def asked(*_args):
+        raise AssertionError("the pod end's index was asked for")
+
+    monkeypatch.setattr(plumbing, "_get_link", asked)
+    links = plumbing.run_in_netns(node, lambda: plumbing.wire_endpoint(
+        "lxcni3i", pod, "10.96.7.7", "10.96.7.1"))
+    assert plumbing.link_info("eth0", pod) == links.pod and links.pod.up
+    assert plumbing.addresses("eth0", pod) == ["10.96.7.7/32"]
+    plumbing.run_in_netns(node, lambda: plumbing.unwire_endpoint("lxcni3i", "10.96.7.7"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -39,6 +40,12 @@ class FakeLinks:
         self.next_index += 1
         host = plumbing.LinkInfo(ifname, self.next_index, f"02:00:00:00:00:{self.next_index:02x}", True)
         self.links[ifname] = host
+        if callable(ip):  # as wire_endpoint does once the veth is made: wait for it (and
+            try:  # remove the veth if that fails)
+                ip = ip()
+            except BaseException:
+                del self.links[ifname]
+                raise
         return plumbing.EndpointLinks(host=host, pod=plumbing.LinkInfo(pod_ifname, 2, "02:aa:00:00:00:01", True))
 
     def unwire(self, ifname, ip=None):
@@ -271,6 +278,79 @@ def test_a_create_prepares_the_policy_slot_and_files_the_endpoint_before_answeri
     eps = run(go())
     assert datapath.slots == {1: "filled", 3: "filled"}
     assert sorted(datapath.policies) == [1, 3] and [e.id for e in eps] == [1, 2, 3]
+
+
+def test_the_veth_is_made_while_the_address_is_allocated(tmp_path, links, monkeypatch):
+    """The netlink thread starts on the veth before the IPAM thread hands out the address
+    (it waits for it only to configure the pod's end)."""
+    mgr, _parts = make(tmp_path)
+    wiring = threading.Event()
+    allocate_many = mgr.ipam.allocate_many
+
+    def after_the_wire_began(owners):
+        assert wiring.wait(10), "the veth waited for the address"
+        return allocate_many(owners)
+
+    def wire(ifname, netns, ip, *args, **kwargs):
+        wiring.set()
+        return links.wire(ifname, netns, ip, *args, **kwargs)
+
+    monkeypatch.setattr(mgr.ipam, "allocate_many", after_the_wire_began)
+    monkeypatch.setattr(manager_mod.plumbing, "wire_endpoint", wire)
+    ep = run(mgr.create("a", "default", {"app": "x"}, "pod-a"))
+    assert mgr.ipam.allocated() == {ep.ipv4: "endpoint:default/a"}
+
+
+def test_a_create_cancelled_while_its_address_is_allocated_leaves_nothing(tmp_path, links,
+                                                                          monkeypatch):
+    """The agent stopping (its creates cancelled) while a veth waits for its address: the
+    veth goes and the address, once allocated, is given back."""
+    mgr, _parts = make(tmp_path)
+    wiring, go_on, allocated = threading.Event(), threading.Event(), threading.Event()
+    allocate_many = mgr.ipam.allocate_many
+
+    def held(owners):
+        assert go_on.wait(10)
+        try:
+            return allocate_many(owners)
+        finally:
+            allocated.set()
+
+    def wire(*args, **kwargs):
+        wiring.set()
+        return links.wire(*args, **kwargs)
+
+    monkeypatch.setattr(mgr.ipam, "allocate_many", held)
+    monkeypatch.setattr(manager_mod.plumbing, "wire_endpoint", wire)
+
+    async def go():
+        create = asyncio.create_task(mgr.create("a", "default", {"app": "x"}, "pod-a"))
+        while not wiring.is_set():
+            await asyncio.sleep(0.001)
+        create.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await create
+        go_on.set()
+        for _ in range(2000):  # the netlink thread removes the veth, the address goes back
+            if allocated.is_set() and not links.links and not mgr.ipam.allocated():
+                break
+            await asyncio.sleep(0.005)
+
+    run(go())
+    assert links.links == {} and mgr.ipam.allocated() == {}
+
+
+def test_an_exhausted_pool_fails_the_create_and_leaves_nothing(tmp_path, links):
+    parts = {"identities": Identities(), "policy": Policy(), "datapath": PreparingDatapath()}
+    mgr = EndpointManager(tmp_path, PodCIDRAllocator("10.77.0.0/30", tmp_path / "ipam.json"),
+                          **parts)  # one address
+    first = run(mgr.create("a", "default", {"app": "x"}, "pod-a"))
+    with pytest.raises(UserError, match="exhausted"):
+        run(mgr.create("b", "default", {"app": "x"}, "pod-b"))
+    assert list(links.links) == [first.ifname] and [e.id for e in mgr.list()] == [first.id]
+    assert mgr.ipam.allocated() == {first.ipv4: "endpoint:default/a"}
+    assert parts["datapath"].slots == {first.id: "filled"}
+    assert parts["identities"].released == [first.identity]  # b's reference, given back
 
 
 @pytest.mark.parametrize("failing", ["attach", "prepare", "wire"])

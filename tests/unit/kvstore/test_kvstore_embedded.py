@@ -152,6 +152,43 @@ def test_watch_ends_with_an_error_when_the_store_closes(tmp_path):
     run(body())
 
 
+def test_a_commit_wakes_only_the_watches_of_its_keys(tmp_path):
+    """A change under one prefix wakes the watches of that prefix (at once, not at their
+    1 s timeout) and leaves the others asleep: they query the log only when it holds
+    something for them, also when the change comes from another store on the file in this
+    process."""
+    quiet = {"poll_interval": 60, "sweep_interval": 60}  # no polling: only wake-ups
+
+    async def body():
+        async with EmbeddedKVStore(quiet, tmp_path) as kv, \
+                EmbeddedKVStore(quiet, tmp_path) as peer:
+            fetches = []
+            query = kv._query
+
+            async def counting(fn):  # the watch's log reads are partials of its `fetch`
+                if getattr(getattr(fn, "func", None), "__name__", "") == "fetch":
+                    fetches.append(fn)
+                return await query(fn)
+
+            kv._query = counting
+            watch = kv.watch("a/", after_revision=await kv.revision())
+            first = asyncio.ensure_future(anext(watch))
+            await asyncio.sleep(0.1)  # asleep now, after its first fetch
+            asleep = len(fetches)
+            assert asleep >= 1
+            for i in range(10):
+                await kv.put(f"b/{i}", b"x")
+                await peer.put(f"c/{i}", b"x")
+            await asyncio.sleep(0.1)
+            assert len(fetches) == asleep  # twenty changes elsewhere: not woken
+            await peer.put("a/1", b"y")  # another store on the file, in this process
+            assert (await asyncio.wait_for(first, 0.5)).key == "a/1"
+            await kv.put("a/2", b"z")
+            assert (await next_events(watch, 1, timeout=0.5))[0].key == "a/2"
+            await watch.aclose()
+    run(body())
+
+
 def test_state_dir_is_created_and_status_names_the_file(tmp_path):
     async def body():
         state = tmp_path / "deep" / "state"
