@@ -69,8 +69,15 @@ LOGFILE = "proxy.log"
 #: (2: flow records travel in batches, `{"op":"flows","flows":[...]}`; 3: a connection's
 #: constant part travels once, `"conns":{"ID":[request base, reply base]}`, and each
 #: record names it, `"c": ID*2+is_reply`; `"gone":[ID...]` once its records are all sent.
-#: `pylium.l7.supervisor` expands them to the records protocol 2 sent, and still reads 2)
-CONTROL_PROTOCOL = 3
+#: 4: a batch line is its head, `{"op":"flows","seq":FIRST,"conns":..,"gone":..}`, then
+#: each record after a RECORD_SEP: `C FIELDS` (a parser's fast path: FORWARDED, no error)
+#: or `gC FIELDS` (any other), C = ID*2+is_reply, FIELDS the members of the record's JSON
+#: object without braces, its seq FIRST + its place; no JSON array to decode, so the
+#: agent keeps a record as it came until someone reads it.
+#: `pylium.l7.supervisor` reads 4, and 2 and 3 of a proxy an older agent left running)
+CONTROL_PROTOCOL = 4
+#: separates a protocol 4 batch line's records (JSON never holds a raw control character)
+RECORD_SEP = b"\x1e"
 WORLD = 2
 PROTO_TCP = 6
 #: flow records kept until an agent acknowledges them (oldest dropped first, counted lost)
@@ -364,13 +371,13 @@ class Connection:
         self.proxy.flow(self.cid * 2 + (1 if record.get("is_reply") else 0), record)
 
     def _record(self, reply: bool, fields: bytes) -> None:
-        """A fast path's record (`pylium.l7.parser.Record`): the connection's id, the
-        parser's fields and the sequence number, in one formatting step."""
+        """A fast path's record (`pylium.l7.parser.Record`): the connection's id and the
+        parser's fields, in one formatting step (`CONTROL_PROTOCOL`)."""
         proxy = self.proxy
-        proxy.seq = seq = proxy.seq + 1
+        proxy.seq += 1
         if not reply:
             proxy.fast_requests += 1
-        encoded = b'{"c":%d,%b,"seq":%d}' % (self.cid * 2 + reply, fields, seq)
+        encoded = b"%d %b" % (self.cid * 2 + reply, fields)
         batch = proxy.batch
         if batch and len(batch) < FLOW_BATCH - 1:  # what `Proxy.add_record` does then
             batch.append(encoded)
@@ -823,10 +830,10 @@ class Proxy:
     def flow(self, c: int, record: dict[str, Any]) -> None:
         """One parser record as a flow message: `c` names the connection's part (its
         addresses and identities) in the record's direction, `cid*2+is_reply`."""
-        self.seq = seq = self.seq + 1
+        self.seq += 1
         verdict = record["verdict"]
         l7 = record["l7"]
-        fields = {"verdict": verdict, "l7": l7, "seq": seq}
+        fields = {"verdict": verdict, "l7": l7}
         stats = self.stats
         if "rule" in record:
             fields["rule"] = record["rule"]
@@ -836,7 +843,7 @@ class Proxy:
         if l7.get("type") == "REQUEST":
             stats["requests"] += 1
             stats["denied" if verdict == "DROPPED" else "forwarded"] += 1
-        self.add_record(b'{"c":%d,%b' % (c, orjson.dumps(fields)[1:]))
+        self.add_record(b"g%d %b" % (c, orjson.dumps(fields)[1:-1]))
 
     def add_record(self, encoded: bytes) -> None:
         """A record (with the next seq) joins the batch: flushed FLOW_FLUSH_DELAY after the
@@ -862,10 +869,10 @@ class Proxy:
             return
         self.batch = []
         self.sent.append([self.batch_seq, batch])
+        if write:
+            self._write_batch(batch, self.batch_seq)
         self.batch_seq += len(batch)
         self.buffered += len(batch)
-        if write:
-            self._write_batch(batch)
         excess = self.buffered - FLOW_BUFFER
         while excess > 0:
             oldest = self.sent[0]
@@ -881,21 +888,22 @@ class Proxy:
             self.stats["flows_lost"] += lost
             self._forget_conns(self._first_unacknowledged() - 1)
 
-    def _write_batch(self, batch: list[bytes], final: bool = True) -> None:
-        """One batch line to the agent, after the connections its records name; `final`:
-        no record of a closed connection follows (its id may go in `gone`)."""
+    def _write_batch(self, batch: list[bytes], seq: int, final: bool = True) -> None:
+        """One batch line to the agent (its first record's `seq`), after the connections
+        its records name; `final`: no record of a closed connection follows (its id may
+        go in `gone`)."""
         writer = self.controller
         if writer is not None and not writer.is_closing():
             if writer.transport.get_write_buffer_size() > CONTROL_BACKLOG:
                 return  # an agent that stalls gets them later (or they are lost by the bound)
-            head = b'{"op":"flows",'
+            head = b'{"op":"flows","seq":%d' % seq
             if self.announce:  # the connections its records name, first
-                head += b'"conns":{%b},' % b",".join(self.announce)
+                head += b',"conns":{%b}' % b",".join(self.announce)
                 self.announce = []
             if self.gone and final:  # closed: the agent drops them after this batch
-                head += b'"gone":[%b],' % b",".join(b"%d" % c for c in self.gone)
+                head += b',"gone":[%b]' % b",".join(b"%d" % c for c in self.gone)
                 self.gone = []
-            writer.write(head + b'"flows":[' + b",".join(batch) + b"]}\n")
+            writer.write(b"%b}%b%b\n" % (head, RECORD_SEP, RECORD_SEP.join(batch)))
 
     def _acked(self, seq: int) -> None:
         """The agent recorded every flow up to `seq`: they leave the buffer (records sent
@@ -960,11 +968,11 @@ class Proxy:
                     self.gone = [cid for _seq, cid in self.closed_conns]
                     self._send(writer, {"op": "hello", **self.describe()})
                     self._flush_flows(write=False)
-                    chunks = [records[start:start + FLOW_BATCH]  # unacknowledged, oldest first
-                              for _first, records in self.sent
+                    chunks = [(first + start, records[start:start + FLOW_BATCH])
+                              for first, records in self.sent  # unacknowledged, oldest first
                               for start in range(0, len(records), FLOW_BATCH)]
-                    for i, chunk in enumerate(chunks):
-                        self._write_batch(chunk, final=i == len(chunks) - 1)
+                    for i, (seq, chunk) in enumerate(chunks):
+                        self._write_batch(chunk, seq, final=i == len(chunks) - 1)
                 elif op == "ack_flows":  # no answer: the agent does not wait for one
                     self._acked(int(message.get("seq", 0)))
                     continue
