@@ -101,13 +101,17 @@ class HttpMetrics(RegistryMetrics):
     def _learn(self, part: bytes) -> tuple | bool:
         """The labels a fast-path response's part before its headers gives
         ((method, protocol, status), method), () for no status, False if that part is not
-        `"verdict":"FORWARDED","l7":{"type":"RESPONSE","http":{...`."""
+        `"verdict":"FORWARDED","l7":{"type":"RESPONSE","http":{...` with the method,
+        protocol and code."""
         try:
             record = orjson.loads(b"{%b}}}" % part)
             l7 = record["l7"]
             http = l7["http"]
+            # what `observe` reads must all be before the headers (after them it could
+            # differ from record to record)
             ok = (record.get("verdict") == "FORWARDED" and l7.get("type") == "RESPONSE"
-                  and isinstance(http, dict) and len(l7) == 2 and "error" not in record)
+                  and len(l7) == 2 and "error" not in record
+                  and {"method", "protocol", "code"} <= http.keys())
         except (ValueError, KeyError, TypeError):
             ok = False
         if not ok:
