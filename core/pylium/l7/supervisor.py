@@ -100,7 +100,7 @@ class ConnSide:
     def __init__(self, base: dict[str, Any]):
         self.base = base
         self.reply = bool(base.get("is_reply"))
-        self.direction = base.get("direction", 0)
+        self.direction = base.get("direction")
         self.head: tuple = ()
         self.gen: Any = None
 

@@ -9,6 +9,8 @@ The proxy process outlives the agent (a `kill -9` of the agent cuts no proxied c
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from itertools import compress
+from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -22,6 +24,9 @@ PARSER_SPEC = "pylium_l7_http.parser:HttpParserFactory"
 #: distinct response parts before the headers remembered (method, URL, code: a client
 #: that never repeats a URL gains nothing; the memory stays bounded)
 LABELS_CACHE = 4096
+#: Hubble's reporter label by whether the record's direction is not ingress
+REPORTERS = ("server", "client")
+_REPLY = attrgetter("reply")
 
 
 def _version() -> str:
@@ -67,42 +72,42 @@ class HttpMetrics(RegistryMetrics):
     def observe_fast(self, sides: list[Any], members: list[bytes]) -> None:
         """`observe` of fast-path records (`ProxiedParser.observe_fast`) without decoding
         them: a forwarded request counts nothing; a response's labels are decoded once
-        per distinct part before its headers (`_labels`), its latency read off its end.
+        per distinct part before its headers (`_learn`), its latency read off its end.
         A record not laid out as this plugin's fast path lays it out is decoded whole."""
         counts = self.requests.counts
         labels_of = self._labels
         duration = self.duration.observe
-        for side, fields in zip(sides, members, strict=True):
-            if not side.reply:
-                continue
+        for side, fields in compress(zip(sides, members, strict=True), map(_REPLY, sides)):
             end = fields.find(b',"headers":[')
-            labels = labels_of.get(fields[:end]) if end > 0 else None
-            if labels is None:
-                labels = self._learn(fields[:end]) if end > 0 else False
-            at = fields.rfind(b',"latency_ns":')
-            try:
-                latency = int(fields[at + 14:-1]) if at > end > 0 and fields[-1:] == b"}" \
-                    else None
-            except ValueError:
-                latency = None
-            if labels is False or latency is None:  # not the fast path's layout
-                flow = side.base.copy()
-                flow.update(orjson.loads(b"{%b}" % fields))
-                self.observe(flow)
+            part = fields[:end]
+            keys = labels_of.get(part)
+            if keys is None:
+                keys = self._learn(part) if end > 0 else False
+            if keys:
+                at = fields.rfind(b',"latency_ns":', end)
+                try:
+                    latency = int(fields[at + 14:-1]) if at > 0 and fields[-1] == 125 \
+                        else None  # 125: "}", the end of l7 and of the record
+                except ValueError:
+                    latency = None
+                if latency is not None:
+                    client = side.direction != 0  # reporter "server" for ingress
+                    key = keys[0][client]
+                    counts[key] = counts.get(key, 0) + 1
+                    if latency:
+                        duration(keys[1][client], latency / 1e9)
+                    continue
+            elif keys == ():  # no status code: not counted (as `observe`)
                 continue
-            if not labels:  # no status code: not counted (as `observe`)
-                continue
-            reporter = "server" if side.direction == 0 else "client"
-            key = labels[0] + (reporter,)
-            counts[key] = counts.get(key, 0) + 1
-            if latency:
-                duration((labels[1], reporter), latency / 1e9)
+            flow = side.base.copy()  # not the fast path's layout
+            flow.update(orjson.loads(b"{%b}" % fields))
+            self.observe(flow)
 
     def _learn(self, part: bytes) -> tuple | bool:
-        """The labels a fast-path response's part before its headers gives
-        ((method, protocol, status), method), () for no status, False if that part is not
-        `"verdict":"FORWARDED","l7":{"type":"RESPONSE","http":{...` with the method,
-        protocol and code."""
+        """What a fast-path response's part before its headers gives: the keys of its
+        count and of its latency, each per reporter (server, client); () for no status;
+        False if that part is not `"verdict":"FORWARDED","l7":{"type":"RESPONSE","http":
+        {...` with the method, protocol and code."""
         try:
             record = orjson.loads(b"{%b}}}" % part)
             l7 = record["l7"]
@@ -112,19 +117,20 @@ class HttpMetrics(RegistryMetrics):
             ok = (record.get("verdict") == "FORWARDED" and l7.get("type") == "RESPONSE"
                   and len(l7) == 2 and "error" not in record
                   and {"method", "protocol", "code"} <= http.keys())
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             ok = False
         if not ok:
-            labels: tuple | bool = False
-        elif not http.get("code"):
-            labels = ()
+            keys: tuple | bool = False
+        elif not http["code"]:
+            keys = ()
         else:
-            method = http.get("method", "")
-            labels = ((method, http.get("protocol", ""), str(http["code"])), method)
+            method, protocol, code = http["method"], http["protocol"], str(http["code"])
+            keys = (tuple((method, protocol, code, reporter) for reporter in REPORTERS),
+                    tuple((method, reporter) for reporter in REPORTERS))
         if len(self._labels) >= LABELS_CACHE:
             self._labels.clear()
-        self._labels[part] = labels
-        return labels
+        self._labels[part] = keys
+        return keys
 
 
 class L7Http(ProxiedParser):
