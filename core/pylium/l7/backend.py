@@ -334,34 +334,45 @@ class ProxiedParser(L7Parser):
         if flows is None or not hasattr(flows, "record_l7_raw"):
             self._flows(batch.expand())
             return
-        gen = flows.l7_generation
-        make_head = flows.l7_head
-        sides = batch.sides
+        sides = list(map(batch.sides.get, batch.cs))
+        if None not in sides and self._heads(flows, set(sides)):  # all fast: no per-record
+            self._fast(flows, sides, batch.records)                # Python code
+            return
+        self._heads(flows, {side for side in sides if side is not None})
         run_sides: list[ConnSide] = []
         run: list[bytes] = []
-        for i, record in enumerate(batch.records):
-            c, _, fields = record.partition(b" ")
-            side = sides.get(c)
-            if side is None:  # not a fast-path record (`gC`), or an unknown connection
-                if run:
+        for i, (side, c, fields) in enumerate(zip(sides, batch.cs, batch.records)):
+            if side is None or side.head is None:  # not a fast path's record (or unknown),
+                if run:                              # or its connection's part is bad
                     self._fast(flows, run_sides, run)
                     run_sides, run = [], []
-                whole = batch.whole(record, batch.seq + i)
-                if whole is not None:
-                    self._flows([whole])
+                if side is None:
+                    whole = batch.whole(c, fields, batch.seq + i)
+                    if whole is not None:
+                        self._flows([whole])
                 continue
-            if side.gen != gen:
-                try:
-                    side.head = make_head(side.base)
-                except ValueError as exc:  # as `record_l7_many` skips what it refuses
-                    self.context.log.error("an L7 flow record of the %s proxy not "
-                                           "recorded: %s", self.protocol, exc)
-                    continue
-                side.gen = gen
             run_sides.append(side)
             run.append(fields)
         if run:
             self._fast(flows, run_sides, run)
+
+    def _heads(self, flows: Any, sides: Any) -> bool:
+        """Each side's flow head made for the flow layer's current enrichment; False if
+        one cannot be (its connection's part is not a flow's: logged once, its records
+        not recorded, as `record_l7_many` skips what it refuses)."""
+        gen = flows.l7_generation
+        ok = True
+        for side in sides:
+            if side.gen != gen:
+                side.gen = gen
+                try:
+                    side.head = flows.l7_head(side.base)
+                except ValueError as exc:
+                    side.head = None
+                    self.context.log.error("the L7 flow records of a %s proxy connection "
+                                           "are not recorded: %s", self.protocol, exc)
+            ok = ok and side.head is not None
+        return ok
 
     def _fast(self, flows: Any, sides: list[ConnSide], members: list[bytes]) -> None:
         """Fast-path records: requests count as received and forwarded, the protocol's

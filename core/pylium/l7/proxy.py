@@ -69,11 +69,12 @@ LOGFILE = "proxy.log"
 #: (2: flow records travel in batches, `{"op":"flows","flows":[...]}`; 3: a connection's
 #: constant part travels once, `"conns":{"ID":[request base, reply base]}`, and each
 #: record names it, `"c": ID*2+is_reply`; `"gone":[ID...]` once its records are all sent.
-#: 4: a batch line is its head, `{"op":"flows","seq":FIRST,"conns":..,"gone":..}`, then
-#: each record after a RECORD_SEP: `C FIELDS` (a parser's fast path: FORWARDED, no error)
-#: or `gC FIELDS` (any other), C = ID*2+is_reply, FIELDS the members of the record's JSON
-#: object without braces, its seq FIRST + its place; no JSON array to decode, so the
-#: agent keeps a record as it came until someone reads it.
+#: 4: a batch line is its head, `{"op":"flows","seq":FIRST,"c":[C...],"conns":..,
+#: "gone":..}`, then each record's FIELDS after a RECORD_SEP: the members of its JSON
+#: object without braces, as the parser made them; its seq is FIRST + its place, its C in
+#: the head ID*2+is_reply for a parser's fast path (FORWARDED, no error), -(ID*2+is_reply)
+#: for any other. No record is decoded to be taken: the agent keeps it as it came until
+#: someone reads it.
 #: `pylium.l7.supervisor` reads 4, and 2 and 3 of a proxy an older agent left running)
 CONTROL_PROTOCOL = 4
 #: separates a protocol 4 batch line's records (JSON never holds a raw control character)
@@ -377,12 +378,12 @@ class Connection:
         proxy.seq += 1
         if not reply:
             proxy.fast_requests += 1
-        encoded = b"%d %b" % (self.cid * 2 + reply, fields)
         batch = proxy.batch
         if batch and len(batch) < FLOW_BATCH - 1:  # what `Proxy.add_record` does then
-            batch.append(encoded)
+            batch.append(fields)
+            proxy.batch_c.append(self.cid * 2 + reply)
         else:
-            proxy.add_record(encoded)
+            proxy.add_record(self.cid * 2 + reply, fields)
 
     # the op engine ------------------------------------------------------------------------
     def received(self, side: Side, data: bytes) -> None:
@@ -736,9 +737,11 @@ class Proxy:
         self.servers: list[asyncio.AbstractServer] = []
         #: flow records not yet acknowledged by an agent, oldest first, each encoded once
         #: when made (nothing of a record stays alive as Python objects while it waits):
-        #: `batch` = the newest, not flushed yet (its first seq `batch_seq`); `sent` = the
-        #: flushed batches, [first seq, records] each (written to the agent listening then)
+        #: `batch` = the newest, not flushed yet (its first seq `batch_seq`, the records'
+        #: connection sides `batch_c`, `CONTROL_PROTOCOL`'s C); `sent` = the flushed
+        #: batches, [first seq, records, their C] each (written to the agent listening then)
         self.batch: list[bytes] = []
+        self.batch_c: list[int] = []
         self.batch_seq = 1
         self.sent: collections.deque[list] = collections.deque()
         self.buffered = 0
@@ -843,14 +846,16 @@ class Proxy:
         if l7.get("type") == "REQUEST":
             stats["requests"] += 1
             stats["denied" if verdict == "DROPPED" else "forwarded"] += 1
-        self.add_record(b"g%d %b" % (c, orjson.dumps(fields)[1:-1]))
+        self.add_record(-c, orjson.dumps(fields)[1:-1])
 
-    def add_record(self, encoded: bytes) -> None:
-        """A record (with the next seq) joins the batch: flushed FLOW_FLUSH_DELAY after the
-        first of it while an agent listens (one write and one wake-up of the agent per
-        batch), or once it holds FLOW_BATCH."""
+    def add_record(self, c: int, encoded: bytes) -> None:
+        """A record (with the next seq; `c` its connection side, negative if not a fast
+        path's) joins the batch: flushed FLOW_FLUSH_DELAY after the first of it while an
+        agent listens (one write and one wake-up of the agent per batch), or once it holds
+        FLOW_BATCH."""
         batch = self.batch
         batch.append(encoded)
+        self.batch_c.append(c)
         if len(batch) == 1:
             if self.controller is not None and self.flush_timer is None:
                 self.flush_timer = asyncio.get_running_loop().call_later(
@@ -864,13 +869,13 @@ class Proxy:
         if self.flush_timer is not None:
             self.flush_timer.cancel()
             self.flush_timer = None
-        batch = self.batch
+        batch, cs = self.batch, self.batch_c
         if not batch:
             return
-        self.batch = []
-        self.sent.append([self.batch_seq, batch])
+        self.batch, self.batch_c = [], []
+        self.sent.append([self.batch_seq, batch, cs])
         if write:
-            self._write_batch(batch, self.batch_seq)
+            self._write_batch(batch, cs, self.batch_seq)
         self.batch_seq += len(batch)
         self.buffered += len(batch)
         excess = self.buffered - FLOW_BUFFER
@@ -883,20 +888,22 @@ class Proxy:
                 lost = excess
                 oldest[0] += lost
                 oldest[1] = oldest[1][lost:]
+                oldest[2] = oldest[2][lost:]
             self.buffered -= lost
             excess -= lost
             self.stats["flows_lost"] += lost
             self._forget_conns(self._first_unacknowledged() - 1)
 
-    def _write_batch(self, batch: list[bytes], seq: int, final: bool = True) -> None:
-        """One batch line to the agent (its first record's `seq`), after the connections
-        its records name; `final`: no record of a closed connection follows (its id may
-        go in `gone`)."""
+    def _write_batch(self, batch: list[bytes], cs: list[int], seq: int,
+                     final: bool = True) -> None:
+        """One batch line to the agent (its first record's `seq`, the records' `cs`), after
+        the connections its records name; `final`: no record of a closed connection
+        follows (its id may go in `gone`)."""
         writer = self.controller
         if writer is not None and not writer.is_closing():
             if writer.transport.get_write_buffer_size() > CONTROL_BACKLOG:
                 return  # an agent that stalls gets them later (or they are lost by the bound)
-            head = b'{"op":"flows","seq":%d' % seq
+            head = b'{"op":"flows","seq":%d,"c":%b' % (seq, orjson.dumps(cs))
             if self.announce:  # the connections its records name, first
                 head += b',"conns":{%b}' % b",".join(self.announce)
                 self.announce = []
@@ -910,22 +917,25 @@ class Proxy:
         to an agent that died before acknowledging are sent again to the next one)."""
         sent = self.sent
         while sent:
-            first, records = sent[0]
+            first, records, cs = sent[0]
             if first + len(records) - 1 <= seq:
                 sent.popleft()
                 self.buffered -= len(records)
             else:
                 if first <= seq:
                     done = seq - first + 1
-                    sent[0] = [seq + 1, records[done:]]
+                    sent[0] = [seq + 1, records[done:], cs[done:]]
                     self.buffered -= done
                 break
         self._forget_conns(seq)
 
-    def unacknowledged(self) -> list[tuple[int, bytes]]:
-        """(seq, record) of every record no agent acknowledged yet, oldest first."""
-        out = [(first + i, r) for first, records in self.sent for i, r in enumerate(records)]
-        return out + [(self.batch_seq + i, r) for i, r in enumerate(self.batch)]
+    def unacknowledged(self) -> list[tuple[int, int, bytes]]:
+        """(seq, connection side, record) of every record no agent acknowledged yet,
+        oldest first."""
+        out = [(first + i, c, r) for first, records, cs in self.sent
+               for i, (c, r) in enumerate(zip(cs, records))]
+        return out + [(self.batch_seq + i, c, r)
+                      for i, (c, r) in enumerate(zip(self.batch_c, self.batch))]
 
     # control ------------------------------------------------------------------------------
     def _send(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
@@ -968,11 +978,12 @@ class Proxy:
                     self.gone = [cid for _seq, cid in self.closed_conns]
                     self._send(writer, {"op": "hello", **self.describe()})
                     self._flush_flows(write=False)
-                    chunks = [(first + start, records[start:start + FLOW_BATCH])
-                              for first, records in self.sent  # unacknowledged, oldest first
+                    chunks = [(first + start, records[start:start + FLOW_BATCH],
+                               cs[start:start + FLOW_BATCH])
+                              for first, records, cs in self.sent  # unacknowledged, oldest first
                               for start in range(0, len(records), FLOW_BATCH)]
-                    for i, (seq, chunk) in enumerate(chunks):
-                        self._write_batch(chunk, seq, final=i == len(chunks) - 1)
+                    for i, (seq, chunk, chunk_c) in enumerate(chunks):
+                        self._write_batch(chunk, chunk_c, seq, final=i == len(chunks) - 1)
                 elif op == "ack_flows":  # no answer: the agent does not wait for one
                     self._acked(int(message.get("seq", 0)))
                     continue

@@ -101,27 +101,29 @@ class ConnSide:
         self.base = base
         self.reply = bool(base.get("is_reply"))
         self.direction = base.get("direction")
-        self.head: tuple = ()
+        #: None: its part is not a flow's (its records are not recorded)
+        self.head: tuple | None = ()
         self.gen: Any = None
 
 
 class FlowBatch:
     """One protocol 4 batch line: `records` (seq `seq`, `seq + 1`, ...) as the proxy sent
-    them, `C FIELDS` from a parser's fast path (FORWARDED, no error) or `gC FIELDS`, and
-    the connection sides they name (`sides[C]`, C = ID*2+is_reply as the record spells
-    it). A consumer takes fast records as they are and `whole()` the others."""
+    them (the members of each one's JSON object), the connection side of each (`cs`:
+    ID*2+is_reply for a parser's fast path's, FORWARDED without error; its negative for
+    any other) and the sides announced so far (`sides[C]`). A consumer takes a fast
+    record as it is and `whole()` the others."""
 
-    __slots__ = ("seq", "records", "sides", "owner")
+    __slots__ = ("seq", "cs", "records", "sides", "owner")
 
-    def __init__(self, seq: int, records: list[bytes], sides: dict[bytes, ConnSide],
-                 owner: ProxySupervisor):
-        self.seq, self.records, self.sides, self.owner = seq, records, sides, owner
+    def __init__(self, seq: int, cs: list[int], records: list[bytes],
+                 sides: dict[int, ConnSide], owner: ProxySupervisor):
+        self.seq, self.cs, self.records, self.sides = seq, cs, records, sides
+        self.owner = owner
 
-    def whole(self, record: bytes, seq: int) -> dict[str, Any] | None:
+    def whole(self, c: int, fields: bytes, seq: int) -> dict[str, Any] | None:
         """The record as protocol 2 sent it (its connection's part, its fields, `seq`);
         None if it names no announced connection or does not decode (counted)."""
-        c, _, fields = record.partition(b" ")
-        side = self.sides.get(c[1:] if c[:1] == b"g" else c)
+        side = self.sides.get(abs(c))
         if side is None:
             self.owner.unknown_conns += 1
             return None
@@ -138,8 +140,8 @@ class FlowBatch:
     def expand(self) -> list[dict[str, Any]]:
         """Every record `whole()` (what an `on_flows` consumer gets)."""
         out = []
-        for i, record in enumerate(self.records):
-            flow = self.whole(record, self.seq + i)
+        for i, (c, record) in enumerate(zip(self.cs, self.records)):
+            flow = self.whole(c, record, self.seq + i)
             if flow is not None:
                 out.append(flow)
         return out
@@ -187,8 +189,8 @@ class ProxySupervisor:
         #: connection id -> (request base, reply base) as the proxy announced them
         #: (protocol 3); a new control connection starts empty (the proxy announces again)
         self.conns: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
-        #: the same as protocol 4 names them: `ID*2+is_reply` spelled as in a record
-        self.sides: dict[bytes, ConnSide] = {}
+        #: the same as protocol 4 names them: `ID*2+is_reply`
+        self.sides: dict[int, ConnSide] = {}
         #: records naming a connection never announced (none, unless the proxy is wrong)
         self.unknown_conns = 0
         #: protocol 4 records whose fields did not decode (none, unless the proxy is wrong)
@@ -342,9 +344,13 @@ class ProxySupervisor:
         for cid, bases in (message.get("conns") or {}).items():
             cid = int(cid)
             self.conns[cid] = (bases[0], bases[1])
-            sides[b"%d" % (cid * 2)] = ConnSide(bases[0])
-            sides[b"%d" % (cid * 2 + 1)] = ConnSide(bases[1])
-        batch = FlowBatch(int(message["seq"]), records.split(RECORD_SEP), sides, self)
+            sides[cid * 2] = ConnSide(bases[0])
+            sides[cid * 2 + 1] = ConnSide(bases[1])
+        records = records.split(RECORD_SEP)
+        cs = message["c"]
+        if type(cs) is not list or len(cs) != len(records):
+            raise ValueError(f"a batch of {len(records)} records names {cs!r}")
+        batch = FlowBatch(int(message["seq"]), cs, records, sides, self)
         if self.on_batch is not None:
             try:
                 self.on_batch(batch)
@@ -354,8 +360,8 @@ class ProxySupervisor:
             self._deliver(batch.expand())
         for cid in message.get("gone") or ():
             self.conns.pop(cid, None)
-            sides.pop(b"%d" % (cid * 2), None)
-            sides.pop(b"%d" % (cid * 2 + 1), None)
+            sides.pop(cid * 2, None)
+            sides.pop(cid * 2 + 1, None)
         self._ack(batch.seq + len(batch.records) - 1)
 
     def _deliver(self, flows: list[dict[str, Any]]) -> None:

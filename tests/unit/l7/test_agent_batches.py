@@ -255,7 +255,7 @@ def test_a_fast_record_laid_out_otherwise_counts_as_decoded(tmp_path, fields):
             "proxy_port": 1, "direction": 0, "is_reply": True}
     import orjson
 
-    line = (b'{"op":"flows","seq":1,"conns":{"1":[%b,%b]}}\x1e3 %b\n'
+    line = (b'{"op":"flows","seq":1,"c":[3],"conns":{"1":[%b,%b]}}\x1e%b\n'
             % (orjson.dumps({**base, "is_reply": False}), orjson.dumps(base), fields))
     old_backend, old, _ = _agent([line], batches=False)
     new_backend, new, _ = _agent([line], batches=True)
@@ -264,13 +264,14 @@ def test_a_fast_record_laid_out_otherwise_counts_as_decoded(tmp_path, fields):
 
 
 def test_unknown_connections_and_undecodable_records_are_counted_not_recorded():
-    line = (b'{"op":"flows","seq":1}\x1e9 "verdict":"FORWARDED","l7":{}'
-            b'\x1eg9 "verdict":"DROPPED","l7":{}\n')
+    line = (b'{"op":"flows","seq":1,"c":[9,-9]}\x1e"verdict":"FORWARDED","l7":{}'
+            b'\x1e"verdict":"DROPPED","l7":{}\n')
     backend, flows, sup = _agent([line], batches=True)
     assert flows.ring.snapshot() == [] and sup.unknown_conns == 2
     assert sup.acked_upto == 2  # taken (and never sent again)
     base = (b'{"src_ip":"1.1.1.1","dst_ip":"2.2.2.2","sport":1,"dport":2,'
             b'"src_identity":0,"dst_identity":0}')
-    bad = (b'{"op":"flows","seq":3,"conns":{"1":[%b,%b]}}\x1eg2 {not json\n' % (base, base))
+    bad = (b'{"op":"flows","seq":3,"c":[-2],"conns":{"1":[%b,%b]}}\x1e{not json\n'
+           % (base, base))
     backend, flows, sup = _agent([bad], batches=True)
     assert flows.ring.snapshot() == [] and sup.malformed_records == 1

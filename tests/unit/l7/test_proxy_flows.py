@@ -76,7 +76,8 @@ def agent_records(p: Proxy) -> tuple[list[dict], ProxySupervisor]:
     try:
         records = p.unacknowledged()
         if records:
-            p._write_batch([r for _seq, r in records], records[0][0])
+            p._write_batch([r for _seq, _c, r in records], [c for _seq, c, _r in records],
+                           records[0][0])
     finally:
         p.controller, p.announce, p.gone = saved
     for line in writer.lines:
@@ -92,10 +93,12 @@ def _whole(p: Proxy) -> list[dict]:
 
 
 def _line(line: bytes) -> tuple[dict, list[bytes]]:
-    """A protocol 4 batch line: its head and its records."""
+    """A protocol 4 batch line: its head and its records (one connection side each)."""
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     head, *records = line[:-1].split(proxy_module.RECORD_SEP)
-    return orjson.loads(head), records
+    head = orjson.loads(head)
+    assert len(head["c"]) == len(records)
+    return head, records
 
 
 def test_a_record_is_the_connection_part_and_the_parsers_fields(tmp_path):
@@ -106,7 +109,7 @@ def test_a_record_is_the_connection_part_and_the_parsers_fields(tmp_path):
     p.flow(cid * 2, {"verdict": "FORWARDED", "l7": l7, "rule": "r"})
     p.flow(cid * 2 + 1,
            {"verdict": "DROPPED", "is_reply": True, "error": "bad", "l7": {"type": "RESPONSE"}})
-    assert [seq for seq, _ in p.unacknowledged()] == [1, 2]
+    assert [seq for seq, _c, _r in p.unacknowledged()] == [1, 2]
     first, reply = _whole(p)
     assert first == {**base, "verdict": "FORWARDED", "l7": l7, "rule": "r", "seq": 1}
     assert reply["src_ip"] == "10.0.0.2" and reply["is_reply"] is True
@@ -138,11 +141,11 @@ def test_records_expanded_by_the_agent_equal_protocol_2s_whole_records(tmp_path)
                       b'"protocol":"HTTP/1.1","headers":[]},"latency_ns":5}')]
         for reply, f in fields:
             p.seq += 1
-            p.add_record(b"%d %b" % (cid * 2 + reply, f))
+            p.add_record(cid * 2 + reply, f)
         p._flush_flows()
         head, records = _line(writer.lines[0])
         assert list(head["conns"]) == [str(cid)] and head["seq"] == 1
-        assert records == [b"%d %b" % (cid * 2 + reply, f) for reply, f in fields]
+        assert head["c"] == [cid * 2, cid * 2 + 1] and records == [f for _reply, f in fields]
         old = orjson.loads(_protocol2_line(bases, fields))
         got: list = []
         sup = ProxySupervisor(tmp_path, "x:y", {}, "t", on_flow=got.append)
@@ -161,9 +164,12 @@ def test_records_expanded_by_the_agent_equal_protocol_2s_whole_records(tmp_path)
         assert sup3.take(line3_bytes) is None
         assert sup3.take(_protocol2_line(bases, fields) + b"\n") is None
         assert got == old["flows"] * 2
-        unknown = b'{"op":"flows","seq":3}\x1e99 "verdict":"FORWARDED","l7":{}\n'
+        unknown = b'{"op":"flows","seq":3,"c":[99,-99]}\x1e"verdict":"FORWARDED","l7":{}' \
+                  b'\x1e"verdict":"DROPPED","l7":{}\n'
         got.clear()
-        assert sup.take(unknown) is None and got == [] and sup.unknown_conns == 1
+        assert sup.take(unknown) is None and got == [] and sup.unknown_conns == 2
+        with pytest.raises(ValueError):  # not the protocol: the control connection ends
+            sup.take(b'{"op":"flows","seq":5,"c":[3]}\x1e"l7":{}\x1e"l7":{}\n')
     asyncio.run(run())
 
 
@@ -188,7 +194,7 @@ def test_a_connection_is_announced_once_and_dropped_when_gone(tmp_path):
             sup.take(line)
         assert [f["seq"] for f in flows] == [1, 2] and sup.unknown_conns == 0
         assert set(sup.conns) == {b}  # the agent dropped the closed one
-        assert set(sup.sides) == {b"%d" % (b * 2), b"%d" % (b * 2 + 1)}
+        assert set(sup.sides) == {b * 2, b * 2 + 1}
         assert set(p.flow_conns) == {a, b}  # the proxy keeps it until acknowledged
         p._acked(2)
         assert set(p.flow_conns) == {b}
@@ -238,10 +244,10 @@ def test_batches_are_one_json_line_and_acks_drop_records(tmp_path):
         assert len(writer.lines) == 1 and writer.lines[0].endswith(b"\n")
         head, records = _line(writer.lines[0])
         assert head["op"] == "flows" and head["seq"] == 1
-        assert [orjson.loads(b"{%b}" % r.partition(b" ")[2])["l7"]["n"] for r in records] \
+        assert [orjson.loads(b"{%b}" % r)["l7"]["n"] for r in records] \
             == [0, 1, 2]
         p._acked(2)  # part of a batch
-        assert [seq for seq, _ in p.unacknowledged()] == [3]
+        assert [seq for seq, _c, _r in p.unacknowledged()] == [3]
         assert p.describe()["buffered_flows"] == 1
         # the next agent gets what is unacknowledged again, then new records in new batches
         p.flow(cid * 2, {"verdict": "FORWARDED", "l7": {"type": "REQUEST", "n": 3}})
@@ -266,7 +272,7 @@ def test_the_buffer_bound_drops_the_oldest_and_counts_it(tmp_path, monkeypatch, 
     for _ in range(2):
         p.flow(b * 2, {"verdict": "FORWARDED", "l7": {"type": "REQUEST"}})
     p._flush_flows()  # the bound holds from every flush on (a batch may exceed it until)
-    assert [seq for seq, _ in p.unacknowledged()] == [2, 3]
+    assert [seq for seq, _c, _r in p.unacknowledged()] == [2, 3]
     assert p.stats["flows_lost"] == 1
     assert set(p.flow_conns) == {b}  # no record left names the closed one
 
@@ -309,10 +315,11 @@ def test_the_supervisor_hands_each_batch_as_it_came_to_on_batch(tmp_path):
         assert whole == [] and len(batches) == 1 and sup.acked_upto == 3
         batch = batches[0]
         assert batch.seq == 1 and len(batch.records) == 3
-        assert [batch.whole(r, batch.seq + i) for i, r in enumerate(batch.records)] \
+        assert [batch.whole(c, r, batch.seq + i)
+                for i, (c, r) in enumerate(zip(batch.cs, batch.records))] \
             == batch.expand() == expected
-        assert batch.records[1].startswith(b"g%d " % (cid * 2 + 1))  # not a fast path's
-        assert batch.sides[b"%d" % (cid * 2 + 1)].reply is True
+        assert batch.cs == [-cid * 2, -cid * 2 - 1, -cid * 2]  # not a fast path's
+        assert batch.sides[cid * 2 + 1].reply is True
     asyncio.run(run())
 
 
