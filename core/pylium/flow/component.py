@@ -171,7 +171,9 @@ class FlowObserver:
         now = (time.time_ns(),)
         flows = list(map(_new_tuple, repeat(L7Flow), map(
             add, map(add, repeat(now), heads), zip(members, repeat(False), repeat(None)))))
-        counts = Counter(map(_COUNT_KEY, heads))
+        keys = list(map(_COUNT_KEY, heads))
+        # mostly one key (a connection's request and reply sides share theirs)
+        counts = {keys[0]: len(keys)} if keys.count(keys[0]) == len(keys) else Counter(keys)
         dec = self.decoder
         with self._ingest_lock:
             for (verdict, drop, direction), n in counts.items():

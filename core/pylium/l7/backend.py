@@ -84,11 +84,18 @@ class LocalHistogram:
         registry.register(self)
 
     def observe(self, labels: tuple[str, ...], value: float) -> None:
+        entry = self.entry(labels)
+        entry[bisect.bisect_left(self.bounds, value)] += 1
+        entry[-1] += value
+
+    def entry(self, labels: tuple[str, ...]) -> list[float]:
+        """The live counts of these label values (as `observe` adds to them: bucket
+        `bisect_left(bounds, value)`, then the sum last), for a caller that observes many
+        values itself; made empty if new."""
         entry = self.data.get(labels)
         if entry is None:
             entry = self.data[labels] = [0] * (len(self.bounds) + 1) + [0.0]
-        entry[bisect.bisect_left(self.bounds, value)] += 1
-        entry[-1] += value
+        return entry
 
     def describe(self) -> list[Any]:
         from prometheus_client.core import HistogramMetricFamily

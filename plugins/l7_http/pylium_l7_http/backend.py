@@ -8,6 +8,7 @@ The proxy process outlives the agent (a `kill -9` of the agent cuts no proxied c
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from importlib.metadata import PackageNotFoundError, version
 from itertools import compress
 from operator import attrgetter
@@ -76,7 +77,7 @@ class HttpMetrics(RegistryMetrics):
         A record not laid out as this plugin's fast path lays it out is decoded whole."""
         counts = self.requests.counts
         labels_of = self._labels
-        duration = self.duration.observe
+        bounds, entries, entry_of = self.duration.bounds, self.duration.data, self.duration.entry
         for side, fields in compress(zip(sides, members, strict=True), map(_REPLY, sides)):
             end = fields.find(b',"headers":[')
             part = fields[:end]
@@ -94,8 +95,11 @@ class HttpMetrics(RegistryMetrics):
                     client = side.direction != 0  # reporter "server" for ingress
                     key = keys[0][client]
                     counts[key] = counts.get(key, 0) + 1
-                    if latency:
-                        duration(keys[1][client], latency / 1e9)
+                    if latency:  # `LocalHistogram.observe`, inline
+                        seconds = latency / 1e9
+                        entry = entries.get(keys[1][client]) or entry_of(keys[1][client])
+                        entry[bisect_left(bounds, seconds)] += 1
+                        entry[-1] += seconds
                     continue
             elif keys == ():  # no status code: not counted (as `observe`)
                 continue
