@@ -346,22 +346,30 @@ class ProxiedParser(L7Parser):
             self._fast(flows, sides, batch.records)                # Python code
             return
         self._heads(flows, {side for side in sides if side is not None})
+        # runs of fast records and of whole ones, each taken at once, in order
         run_sides: list[ConnSide] = []
         run: list[bytes] = []
+        wholes: list[dict[str, Any]] = []
         for i, (side, c, fields) in enumerate(zip(sides, batch.cs, batch.records)):
-            if side is None or side.head is None:  # not a fast path's record (or unknown),
-                if run:                              # or its connection's part is bad
-                    self._fast(flows, run_sides, run)
-                    run_sides, run = [], []
-                if side is None:
-                    whole = batch.whole(c, fields, batch.seq + i)
-                    if whole is not None:
-                        self._flows([whole])
+            if side is not None and side.head is not None:
+                if wholes:
+                    self._flows(wholes)
+                    wholes = []
+                run_sides.append(side)
+                run.append(fields)
                 continue
-            run_sides.append(side)
-            run.append(fields)
+            if run:
+                self._fast(flows, run_sides, run)
+                run_sides, run = [], []
+            if side is None:  # not a fast path's record (or an unknown connection's)
+                whole = batch.whole(c, fields, batch.seq + i)
+                if whole is not None:
+                    wholes.append(whole)
+            # else its connection's part is not a flow's: not recorded (`_heads`)
         if run:
             self._fast(flows, run_sides, run)
+        if wholes:
+            self._flows(wholes)
 
     def _heads(self, flows: Any, sides: Any) -> bool:
         """Each side's flow head made for the flow layer's current enrichment; False if
