@@ -189,6 +189,9 @@ class ProxiedParser(L7Parser):
         self._hold_until = 0.0
         self.flows_recorded = 0
         self.proxy_metrics = ProxyMetrics.of(getattr(context, "metrics", None))
+        #: per proxy (`ProxySupervisor`): its connection sides, the enrichment generation
+        #: their flow heads are made for, and how many could not be (`_heads`)
+        self._made_heads: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # what a plugin provides ---------------------------------------------------------------
     def version(self) -> str:
@@ -342,10 +345,9 @@ class ProxiedParser(L7Parser):
             self._flows(batch.expand())
             return
         sides = list(map(batch.sides.get, batch.cs))
-        if None not in sides and self._heads(flows, set(sides)):  # all fast: no per-record
-            self._fast(flows, sides, batch.records)                # Python code
+        if self._heads(flows, batch) and None not in sides:  # all fast: no Python code
+            self._fast(flows, sides, batch.records)          # per record
             return
-        self._heads(flows, {side for side in sides if side is not None})
         # runs of fast records and of whole ones, each taken at once, in order
         run_sides: list[ConnSide] = []
         run: list[bytes] = []
@@ -371,23 +373,30 @@ class ProxiedParser(L7Parser):
         if wholes:
             self._flows(wholes)
 
-    def _heads(self, flows: Any, sides: Any) -> bool:
-        """Each side's flow head made for the flow layer's current enrichment; False if
-        one cannot be (its connection's part is not a flow's: logged once, its records
-        not recorded, as `record_l7_many` skips what it refuses)."""
+    def _heads(self, flows: Any, batch: FlowBatch) -> bool:
+        """Every connection side the batch's proxy announced has its flow head for the
+        flow layer's current enrichment (`ConnSide.head`): all made again when that
+        changed (or the proxy's connections are new), else only those the batch
+        announced. False if one cannot be made (its connection's part is not a flow's:
+        logged once, its records not recorded, as `record_l7_many` skips what it
+        refuses)."""
         gen = flows.l7_generation
-        ok = True
-        for side in sides:
-            if side.gen != gen:
-                side.gen = gen
-                try:
-                    side.head = flows.l7_head(side.base)
-                except ValueError as exc:
-                    side.head = None
-                    self.context.log.error("the L7 flow records of a %s proxy connection "
-                                           "are not recorded: %s", self.protocol, exc)
-            ok = ok and side.head is not None
-        return ok
+        # taken out until all are made: an exception leaves the next batch to make all
+        made = self._made_heads.pop(batch.owner, None)
+        if made is not None and made[0] is batch.sides and made[1] == gen:
+            todo, bad = batch.fresh, made[2]
+        else:
+            todo, bad = list(batch.sides.values()), 0
+        for side in todo:
+            try:
+                side.head = flows.l7_head(side.base)
+            except ValueError as exc:
+                side.head = None
+                bad += 1
+                self.context.log.error("the L7 flow records of a %s proxy connection "
+                                       "are not recorded: %s", self.protocol, exc)
+        self._made_heads[batch.owner] = (batch.sides, gen, bad)
+        return not bad
 
     def _fast(self, flows: Any, sides: list[ConnSide], members: list[bytes]) -> None:
         """Fast-path records: requests count as received and forwarded, the protocol's

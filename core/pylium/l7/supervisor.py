@@ -92,10 +92,9 @@ def expand_flows(conns: dict[int, tuple[dict[str, Any], dict[str, Any]]],
 class ConnSide:
     """One direction of a proxied connection as a protocol 4 proxy announced it: its part
     of every record (`base`: `record_l7`'s fields but `l7`), and what the agent derives
-    from it once rather than per record (`head`, the flow layer's `l7_head`, made for
-    enrichment generation `gen`)."""
+    from it once rather than per record (`head`, the flow layer's `l7_head`)."""
 
-    __slots__ = ("base", "reply", "direction", "head", "gen")
+    __slots__ = ("base", "reply", "direction", "head")
 
     def __init__(self, base: dict[str, Any]):
         self.base = base
@@ -103,7 +102,6 @@ class ConnSide:
         self.direction = base.get("direction")
         #: None: its part is not a flow's (its records are not recorded)
         self.head: tuple | None = ()
-        self.gen: Any = None
 
 
 class FlowBatch:
@@ -113,11 +111,14 @@ class FlowBatch:
     any other) and the sides announced so far (`sides[C]`). A consumer takes a fast
     record as it is and `whole()` the others."""
 
-    __slots__ = ("seq", "cs", "records", "sides", "owner")
+    __slots__ = ("seq", "cs", "records", "sides", "fresh", "owner")
 
     def __init__(self, seq: int, cs: list[int], records: list[bytes],
-                 sides: dict[int, ConnSide], owner: ProxySupervisor):
+                 sides: dict[int, ConnSide], owner: ProxySupervisor,
+                 fresh: list[ConnSide] | None = None):
         self.seq, self.cs, self.records, self.sides = seq, cs, records, sides
+        #: the sides this line announced (`sides` has them already)
+        self.fresh = fresh or []
         self.owner = owner
 
     def whole(self, c: int, fields: bytes, seq: int) -> dict[str, Any] | None:
@@ -341,16 +342,17 @@ class ProxySupervisor:
         (or whole to `on_flows` / `on_flow`), the connections gone forgotten, then
         acknowledged."""
         sides = self.sides
+        fresh = []
         for cid, bases in (message.get("conns") or {}).items():
             cid = int(cid)
             self.conns[cid] = (bases[0], bases[1])
-            sides[cid * 2] = ConnSide(bases[0])
-            sides[cid * 2 + 1] = ConnSide(bases[1])
+            fresh += (ConnSide(bases[0]), ConnSide(bases[1]))
+            sides[cid * 2], sides[cid * 2 + 1] = fresh[-2:]
         records = records.split(RECORD_SEP)
         cs = message["c"]
         if type(cs) is not list or len(cs) != len(records):
             raise ValueError(f"a batch of {len(records)} records names {cs!r}")
-        batch = FlowBatch(int(message["seq"]), cs, records, sides, self)
+        batch = FlowBatch(int(message["seq"]), cs, records, sides, self, fresh)
         if self.on_batch is not None:
             try:
                 self.on_batch(batch)

@@ -275,3 +275,36 @@ def test_unknown_connections_and_undecodable_records_are_counted_not_recorded():
            % (base, base))
     backend, flows, sup = _agent([bad], batches=True)
     assert flows.ring.snapshot() == [] and sup.malformed_records == 1
+
+
+def test_flow_heads_follow_the_enrichment_and_new_connections(tmp_path):
+    """A connection side's flow head is made once, again when the flow layer's
+    enrichment is forgotten (a pod's labels changed): later flows name the new peer, as
+    the whole-record path does."""
+    lines = _proxy_lines(tmp_path)
+    names = {"pod": "before"}
+
+    def resolver(ip: str, identity: int, ep_id: int) -> Peer | None:
+        return Peer(ID=ep_id, identity=identity, pod_name=names["pod"]) if ep_id else None
+
+    agents = []
+    for batches in (False, True):
+        flows = FlowObserver("n", resolver)
+        backend = L7Http.from_context(L7Context(name="http", node=NODE,
+                                                metrics=CollectorRegistry(), flows=flows))
+        sup = ProxySupervisor(Path("/nonexistent"), "x:y", {}, "t", on_flow=backend._flow,
+                              on_flows=backend._flows,
+                              on_batch=backend._batch if batches else None)
+        agents.append((flows, sup))
+    for i, line in enumerate(lines):
+        if i == 1:
+            names["pod"] = "after"
+            for flows, _ in agents:
+                flows.decoder.invalidate()
+        for _, sup in agents:
+            sup.take(line)
+    (old, _), (new, _) = agents
+    pods = [{f.source.pod_name, f.destination.pod_name} - {""} for f in new.ring.snapshot()]
+    assert pods == [{f.source.pod_name, f.destination.pod_name} - {""}
+                    for f in old.ring.snapshot()]
+    assert pods[0] == {"before"} and pods[-1] == {"after"}
