@@ -92,9 +92,10 @@ def expand_flows(conns: dict[int, tuple[dict[str, Any], dict[str, Any]]],
 class ConnSide:
     """One direction of a proxied connection as a protocol 4 proxy announced it: its part
     of every record (`base`: `record_l7`'s fields but `l7`), and what the agent derives
-    from it once rather than per record (`head`, the flow layer's `l7_head`)."""
+    from it once rather than per record (`head`, the flow layer's `l7_head`; `memo`, a
+    protocol plugin's own)."""
 
-    __slots__ = ("base", "reply", "direction", "head")
+    __slots__ = ("base", "reply", "direction", "head", "memo")
 
     def __init__(self, base: dict[str, Any]):
         self.base = base
@@ -102,6 +103,7 @@ class ConnSide:
         self.direction = base.get("direction")
         #: None: its part is not a flow's (its records are not recorded)
         self.head: tuple | None = ()
+        self.memo: Any = None
 
 
 class FlowBatch:
@@ -324,9 +326,11 @@ class ProxySupervisor:
         """One line from the proxy: flow records are taken (and acknowledged); anything
         else is returned (an answer). Raises ValueError (KeyError, TypeError) for a line
         that is not the protocol."""
-        head, sep, records = line.partition(RECORD_SEP)
-        if sep:  # protocol 4: a batch's head, then its records as they are
-            self._batch(orjson.loads(head), records.removesuffix(b"\n"))
+        if RECORD_SEP in line:  # protocol 4: a batch's head, then its records as they are
+            records = line.split(RECORD_SEP)
+            if records[-1].endswith(b"\n"):
+                records[-1] = records[-1][:-1]
+            self._batch(orjson.loads(records[0]), records[1:])
             return None
         message = orjson.loads(line)
         if message.get("op") != "flows":
@@ -337,7 +341,7 @@ class ProxySupervisor:
             self._ack(int(flows[-1].get("seq", 0)))
         return None
 
-    def _batch(self, message: dict[str, Any], records: bytes) -> None:
+    def _batch(self, message: dict[str, Any], records: list[bytes]) -> None:
         """A protocol 4 batch line: its connections learnt, its records to `on_batch`
         (or whole to `on_flows` / `on_flow`), the connections gone forgotten, then
         acknowledged."""
@@ -348,7 +352,6 @@ class ProxySupervisor:
             self.conns[cid] = (bases[0], bases[1])
             fresh += (ConnSide(bases[0]), ConnSide(bases[1]))
             sides[cid * 2], sides[cid * 2 + 1] = fresh[-2:]
-        records = records.split(RECORD_SEP)
         cs = message["c"]
         if type(cs) is not list or len(cs) != len(records):
             raise ValueError(f"a batch of {len(records)} records names {cs!r}")

@@ -25,6 +25,8 @@ PARSER_SPEC = "pylium_l7_http.parser:HttpParserFactory"
 #: distinct response parts before the headers remembered (method, URL, code: a client
 #: that never repeats a URL gains nothing; the memory stays bounded)
 LABELS_CACHE = 4096
+#: where a fast-path record's headers begin (what `_learn` reads lies before)
+HEADERS = b',"headers":['
 #: Hubble's reporter label by whether the record's direction is not ingress
 REPORTERS = ("server", "client")
 _REPLY = attrgetter("reply")
@@ -79,11 +81,17 @@ class HttpMetrics(RegistryMetrics):
         labels_of = self._labels
         bounds, entries, entry_of = self.duration.bounds, self.duration.data, self.duration.entry
         for side, fields in compress(zip(sides, members, strict=True), map(_REPLY, sides)):
-            end = fields.find(b',"headers":[')
-            part = fields[:end]
-            keys = labels_of.get(part)
-            if keys is None:
-                keys = self._learn(part) if end > 0 else False
+            memo = side.memo  # the side's last response: mostly the same up to its headers
+            if memo is not None and fields.startswith(memo[0]):
+                end, keys = memo[1], memo[2]
+            else:
+                end = fields.find(HEADERS)
+                part = fields[:end]
+                keys = labels_of.get(part)
+                if keys is None:
+                    keys = self._learn(part) if end > 0 else False
+                if keys:
+                    side.memo = (fields[:end + len(HEADERS)], end, keys)
             if keys:
                 at = fields.rfind(b',"latency_ns":', end)
                 try:
