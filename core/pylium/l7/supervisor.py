@@ -189,10 +189,10 @@ class ProxySupervisor:
         self._wake = asyncio.Event()
         self.acked_upto = 0
         self._ack_pending = False
-        #: connection id -> (request base, reply base) as the proxy announced them
-        #: (protocol 3); a new control connection starts empty (the proxy announces again)
+        #: connection id -> (request base, reply base) as a protocol 3 proxy announced them;
+        #: a new control connection starts empty (the proxy announces again)
         self.conns: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
-        #: the same as protocol 4 names them: `ID*2+is_reply`
+        #: the sides of the connections a protocol 4 proxy announced, by `ID*2+is_reply`
         self.sides: dict[int, ConnSide] = {}
         #: records naming a connection never announced (none, unless the proxy is wrong)
         self.unknown_conns = 0
@@ -349,7 +349,6 @@ class ProxySupervisor:
         fresh = []
         for cid, bases in (message.get("conns") or {}).items():
             cid = int(cid)
-            self.conns[cid] = (bases[0], bases[1])
             fresh += (ConnSide(bases[0]), ConnSide(bases[1]))
             sides[cid * 2], sides[cid * 2 + 1] = fresh[-2:]
         cs = message["c"]
@@ -364,7 +363,6 @@ class ProxySupervisor:
         else:
             self._deliver(batch.expand())
         for cid in message.get("gone") or ():
-            self.conns.pop(cid, None)
             sides.pop(cid * 2, None)
             sides.pop(cid * 2 + 1, None)
         self._ack(batch.seq + len(batch.records) - 1)
