@@ -40,9 +40,9 @@ from pylium.flow.decode import (
 from pylium.flow.model import (
     DROP_POLICY_DENIED,
     EVENT_L7,
+    L7_INDEX,
     LOST_AGENT,
     LOST_KERNEL,
-    L7_INDEX,
     VERDICTS,
     Flow,
     L7Flow,

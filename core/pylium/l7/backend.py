@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import orjson
+
 from pylium.api import L7Parser
 from pylium.errors import PluginError
 from pylium.l7.supervisor import ConnSide, FlowBatch, ProxyPool, policy_message
@@ -352,7 +353,7 @@ class ProxiedParser(L7Parser):
         run_sides: list[ConnSide] = []
         run: list[bytes] = []
         wholes: list[dict[str, Any]] = []
-        for i, (side, c, fields) in enumerate(zip(sides, batch.cs, batch.records)):
+        for i, (side, c, fields) in enumerate(zip(sides, batch.cs, batch.records, strict=True)):
             if side is not None and side.head is not None:
                 if wholes:
                     self._flows(wholes)

@@ -936,9 +936,9 @@ class Proxy:
         """(seq, connection side, record) of every record no agent acknowledged yet,
         oldest first."""
         out = [(first + i, c, r) for first, records, cs in self.sent
-               for i, (c, r) in enumerate(zip(cs, records))]
+               for i, (c, r) in enumerate(zip(cs, records, strict=True))]
         return out + [(self.batch_seq + i, c, r)
-                      for i, (c, r) in enumerate(zip(self.batch_c, self.batch))]
+                      for i, (c, r) in enumerate(zip(self.batch_c, self.batch, strict=True))]
 
     # control ------------------------------------------------------------------------------
     def _send(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:

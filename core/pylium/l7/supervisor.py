@@ -143,7 +143,7 @@ class FlowBatch:
     def expand(self) -> list[dict[str, Any]]:
         """Every record `whole()` (what an `on_flows` consumer gets)."""
         out = []
-        for i, (c, record) in enumerate(zip(self.cs, self.records)):
+        for i, (c, record) in enumerate(zip(self.cs, self.records, strict=True)):
             flow = self.whole(c, record, self.seq + i)
             if flow is not None:
                 out.append(flow)

@@ -16,7 +16,7 @@ from pylium.api.context import L7Context
 from pylium.api.node import NodeInfo
 from pylium.flow.component import FlowObserver
 from pylium.flow.filters import parse_query
-from pylium.flow.model import L7Flow, Peer, compact_line, to_hubble, to_response
+from pylium.flow.model import L7Flow, Peer, compact_line, to_response
 from pylium.l7 import proxy as proxy_module
 from pylium.l7.supervisor import ProxySupervisor
 from pylium_l7_http.backend import L7Http

@@ -315,7 +315,7 @@ def test_the_supervisor_hands_each_batch_as_it_came_to_on_batch(tmp_path):
         batch = batches[0]
         assert batch.seq == 1 and len(batch.records) == 3
         assert [batch.whole(c, r, batch.seq + i)
-                for i, (c, r) in enumerate(zip(batch.cs, batch.records))] \
+                for i, (c, r) in enumerate(zip(batch.cs, batch.records, strict=True))] \
             == batch.expand() == expected
         assert batch.cs == [-cid * 2, -cid * 2 - 1, -cid * 2]  # not a fast path's
         assert batch.sides[cid * 2 + 1].reply is True
