@@ -81,39 +81,44 @@ class HttpMetrics(RegistryMetrics):
         labels_of = self._labels
         bounds, entries, entry_of = self.duration.bounds, self.duration.data, self.duration.entry
         for side, fields in compress(zip(sides, members, strict=True), map(_REPLY, sides)):
-            memo = side.memo  # the side's last response: mostly the same up to its headers
-            if memo is not None and fields.startswith(memo[0]):
-                end, keys = memo[1], memo[2]
-            else:
+            # the side's last response: mostly the same up to its headers. Its part up to
+            # them, where they start, and its count's and latency's keys for this side
+            memo = side.memo
+            if memo is None or not fields.startswith(memo[0]):
                 end = fields.find(HEADERS)
                 part = fields[:end]
                 keys = labels_of.get(part)
                 if keys is None:
                     keys = self._learn(part) if end > 0 else False
-                if keys:
-                    side.memo = (fields[:end + len(HEADERS)], end, keys)
-            if keys:
-                at = fields.rfind(b',"latency_ns":', end)
-                try:
-                    latency = int(fields[at + 14:-1]) if at > 0 and fields[-1] == 125 \
-                        else None  # 125: "}", the end of l7 and of the record
-                except ValueError:
-                    latency = None
-                if latency is not None:
-                    client = side.direction != 0  # reporter "server" for ingress
-                    key = keys[0][client]
-                    counts[key] = counts.get(key, 0) + 1
-                    if latency:  # `LocalHistogram.observe`, inline
-                        seconds = latency / 1e9
-                        entry = entries.get(keys[1][client]) or entry_of(keys[1][client])
-                        entry[bisect_left(bounds, seconds)] += 1
-                        entry[-1] += seconds
+                if not keys:
+                    if keys == ():  # no status code: not counted (as `observe`)
+                        continue
+                    self._observe_whole(side, fields)  # not the fast path's layout
                     continue
-            elif keys == ():  # no status code: not counted (as `observe`)
+                client = side.direction != 0  # reporter "server" for ingress
+                memo = side.memo = (fields[:end + len(HEADERS)], end, keys[0][client],
+                                    keys[1][client])
+            at = fields.rfind(b',"latency_ns":', memo[1])
+            try:
+                latency = int(fields[at + 14:-1]) if at > 0 and fields[-1] == 125 else None
+            except ValueError:  # (125: "}", the end of l7 and of the record)
+                latency = None
+            if latency is None:
+                self._observe_whole(side, fields)
                 continue
-            flow = side.base.copy()  # not the fast path's layout
-            flow.update(orjson.loads(b"{%b}" % fields))
-            self.observe(flow)
+            key = memo[2]
+            counts[key] = counts.get(key, 0) + 1
+            if latency:  # `LocalHistogram.observe`, inline
+                seconds = latency / 1e9
+                entry = entries.get(memo[3]) or entry_of(memo[3])
+                entry[bisect_left(bounds, seconds)] += 1
+                entry[-1] += seconds
+
+    def _observe_whole(self, side: Any, fields: bytes) -> None:
+        """`observe` of a record decoded whole."""
+        flow = side.base.copy()
+        flow.update(orjson.loads(b"{%b}" % fields))
+        self.observe(flow)
 
     def _learn(self, part: bytes) -> tuple | bool:
         """What a fast-path response's part before its headers gives: the keys of its
