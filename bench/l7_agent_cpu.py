@@ -1,16 +1,22 @@
 """Python CPU the AGENT spends per proxied HTTP request, without sockets: the control lines
 a real proxy (`pylium.l7.proxy.Proxy`, fake transports, the HTTP parser's fast paths) makes
 for wrk-like requests and nginx-like responses over several connections are captured, then
-fed through the agent's own path (`ProxySupervisor._read` on a StreamReader: decode, the
-HTTP backend's `_flows` — proxy and Hubble metrics —, the flow layer into a flow ring of
-the agent's default size), with the agent's garbage-collector settings. Enough requests
-to fill the ring several times: the collector's walks over it count, as in the agent.
+fed through the agent's own path (`ProxySupervisor._read` on a StreamReader, then the
+HTTP backend's `_batch` — `_flows` for a tree without it —: proxy and Hubble metrics, the
+flow layer into a flow ring of the agent's default size), with the agent's
+garbage-collector settings. Enough requests to fill the ring: overwriting (freeing) old
+flows counts, as in the agent.
 
-    .venv/bin/python bench/l7_agent_cpu.py [--requests N] [--batch N] [--profile]
+    .venv/bin/python bench/l7_agent_cpu.py [--requests N] [--connections N] [--batch N]
+                                           [--profile]
 
-Prints the best of `--runs` in microseconds of process CPU per request (2 flow records).
-Compare two trees: `PYTHONPATH=OTHER/core:OTHER/plugins/l7_http .venv/bin/python ...`
-(the proxy that makes the records is that tree's too)."""
+Prints each run and the best of `--runs` in microseconds of process CPU per request (2 flow
+records); with `--profile`, a cProfile of a run with the ring full (function-call overhead
+inflates it) sorted by own time. Compare two trees:
+`PYTHONPATH=OTHER/core:OTHER/plugins/l7_http .venv/bin/python COPY_OF_THIS_FILE ...`
+(the proxy that makes the records is that tree's too; the copy needs `l7_proxy_cpu.py`
+beside it). What it leaves out: the socket, the event loop's wake-ups, and the caches the
+other processes leave cold (`bench_l7_http.py` measures those too)."""
 
 from __future__ import annotations
 
