@@ -28,8 +28,9 @@ absolute numbers are noisy — the ratios are what to compare. Each line also ca
 processes spent per request, which that other load distorts least, and `flows_per_request`
 (2: the agent got a record of every request and response), and `<side>_usr_sys_us`: that
 CPU split into user and kernel time (medians). The feeding agent is this process running
-the HTTP backend's own flow path for every record (`L7Http._flows`: proxy and Hubble metrics,
-`record_l7` into a flow ring), as a real agent does; `agent_cpu_us_per_request_<side>` is
+the HTTP backend's own flow path for every record (`L7Http._batch` for a protocol 4 proxy,
+`L7Http._flows` for whole records: proxy and Hubble metrics, then the flow ring), as a real
+agent does; `agent_cpu_us_per_request_<side>` is
 its CPU per request during that side's runs (during nginx's: what it costs idle), with the
 agent's own garbage-collector settings (`pylium.gcpolicy`: with CPython's defaults the full
 collections walking the flow ring cost more than the flows themselves).
@@ -167,7 +168,13 @@ def feeding_agent(counter: list[int]) -> dict:
     def on_flows(messages: list) -> None:
         record_many(messages)
         counter[0] += len(messages)
-    return {"on_flow": on_flow, "on_flows": on_flows}
+    out = {"on_flow": on_flow, "on_flows": on_flows}
+    if hasattr(backend, "_batch"):  # a protocol 4 proxy's batches, as the agent takes them
+        def on_batch(batch) -> None:
+            backend._batch(batch)
+            counter[0] += len(batch.records)
+        out["on_batch"] = on_batch
+    return out
 
 
 def own_cpu() -> float:
@@ -242,12 +249,14 @@ def main(argv: list[str] | None = None) -> int:
         ref_pool, ref_flows = None, [0]
         if args.ref_tree:  # the reference tree's modules first on its proxies' path
             ref = args.ref_tree.resolve()
+            ref_agent = feeding_agent(ref_flows)
             ref_pool = ProxyPool(
                 tmp / "pylium-ref", "pylium_l7_http.parser:HttpParserFactory",
                 {"ingress": REF_PROXY, "egress": REF_PROXY + 1}, "bench-ref",
                 workers=args.workers,
-                # main's agent path: every record through `_flow` on its own
-                on_flow=feeding_agent(ref_flows)["on_flow"],
+                # the older tree's proxy speaks protocol 3: its records reach the agent
+                # whole (`_flows`), as that tree's agent takes them
+                on_flow=ref_agent["on_flow"], on_flows=ref_agent["on_flows"],
                 launcher=["nsenter", f"--net=/run/netns/{topo.router}", "env",
                           f"PYTHONPATH={ref / 'core'}:{ref / 'plugins' / 'l7_http'}"])
             loop.run_until_complete(ref_pool.start())

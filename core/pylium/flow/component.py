@@ -15,6 +15,9 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
+from itertools import repeat
+from operator import add, itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +40,22 @@ from pylium.flow.decode import (
 from pylium.flow.model import (
     DROP_POLICY_DENIED,
     EVENT_L7,
+    L7_INDEX,
     LOST_AGENT,
     LOST_KERNEL,
     VERDICTS,
     Flow,
+    L7Flow,
     Peer,
     ServiceRef,
 )
 from pylium.flow.ring import FlowRing
+
+#: an `l7_head`'s (verdict, drop reason, direction): the decoder's count of its flows (a
+#: head is a flow's fields from `node_name` on)
+_COUNT_KEY = itemgetter(*(Flow._fields.index(name) - 1
+                          for name in ("verdict", "drop_reason", "direction")))
+_new_tuple = tuple.__new__
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +135,50 @@ class FlowObserver:
                     ep_id, proxy_port, src_identity, dst_identity, src_ip, dst_ip, sport, dport,
                     protocol, 0, 0, 0, peer(src_ip, src_identity, ep_id if local_is_src else 0),
                     peer(dst_ip, dst_identity, 0 if local_is_src else ep_id), dict(l7))
+
+    @property
+    def l7_generation(self) -> int:
+        """Changes when heads made by `l7_head` are out of date (their peers)."""
+        return self.decoder.generation
+
+    def l7_head(self, base: dict[str, Any], verdict: str = "FORWARDED") -> tuple:
+        """What every L7 flow of one side of a proxied connection shares (`Flow`'s fields
+        after `time_ns` and before `l7`): made once per connection side and enrichment
+        `l7_generation`, not per record. `base` has `record_l7`'s keyword arguments but
+        `l7` (others are ignored); one `record_l7` would refuse raises ValueError."""
+        try:
+            direction = int(base.get("direction", 0))
+            is_reply = bool(base.get("is_reply", False))
+            ep_id = int(base.get("ep_id", 0))
+            src_ip, dst_ip = str(base["src_ip"]), str(base["dst_ip"])
+            src_identity, dst_identity = int(base["src_identity"]), int(base["dst_identity"])
+            sport, dport = int(base["sport"]), int(base["dport"])
+            proxy_port, protocol = int(base.get("proxy_port", 0)), int(base.get("protocol", 6))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not an L7 flow's connection: {exc!r}") from None
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict: {verdict!r} is not one of {', '.join(VERDICTS)}")
+        flow = self._l7_flow(0, verdict, direction, is_reply, ep_id, proxy_port, src_ip,
+                             dst_ip, src_identity, dst_identity, sport, dport, protocol, {})
+        return tuple(flow[1:L7_INDEX])
+
+    def record_l7_raw(self, heads: list[tuple], members: list[bytes]) -> None:
+        """L7 flows of `l7_head`s (one per record) and records as a proxy sent them, `l7`
+        decoded only when read (`L7Flow`): one clock reading (they arrived together), one
+        lock and one ring append for all, and no Python code per record."""
+        if not heads:
+            return
+        now = (time.time_ns(),)
+        flows = list(map(_new_tuple, repeat(L7Flow), map(
+            add, map(add, repeat(now), heads), zip(members, repeat(False), repeat(None)))))
+        keys = list(map(_COUNT_KEY, heads))
+        # mostly one key (a connection's request and reply sides share theirs)
+        counts = {keys[0]: len(keys)} if keys.count(keys[0]) == len(keys) else Counter(keys)
+        dec = self.decoder
+        with self._ingest_lock:
+            for (verdict, drop, direction), n in counts.items():
+                dec.count((EVENT_L7, verdict, drop, direction), n)
+            self.ring.extend(flows, flows_only=True)
 
     def record_l7_many(self, records: list[dict[str, Any]]) -> int:
         """Many L7 flows at once (a proxy's batch): each record has `record_l7`'s keyword

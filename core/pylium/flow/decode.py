@@ -6,6 +6,7 @@ parts (address text, peer enrichment) — those repeat across a pod's flows."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 import struct
 import time
@@ -87,6 +88,9 @@ Resolver = Callable[[str, int, int], "Peer | None"]
 ServiceResolver = Callable[[int], "ServiceRef | None"]
 
 
+_GENERATIONS = itertools.count(1)
+
+
 def monotonic_to_wall_offset() -> int:
     """Add to a CLOCK_MONOTONIC timestamp (bpf_ktime_get_ns) to get UNIX epoch ns."""
     return time.time_ns() - time.monotonic_ns()
@@ -117,6 +121,10 @@ class Decoder:
         self._other_counts: dict[tuple[int, str, int, int], int] = {}
         self.decoded = 0
         self.resolver_errors = 0
+        #: changes whenever cached enrichment is forgotten (`invalidate`): who keeps peers
+        #: of their own (an L7 connection's flow head) takes them again then; unique
+        #: across decoders, so a head made by another decoder is never taken for current
+        self.generation = next(_GENERATIONS)
 
     @property
     def counts(self) -> dict[tuple[int, str, int, int], int]:
@@ -169,6 +177,7 @@ class Decoder:
         """Forget cached enrichment (labels or pods changed)."""
         self._peers.clear()
         self._peers_at = time.monotonic()
+        self.generation = next(_GENERATIONS)
 
     def decode(self, buf: Any, wall_offset_ns: int | None = None,
                framed: bool = False) -> list[Flow]:

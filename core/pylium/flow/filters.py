@@ -162,7 +162,8 @@ def http_status_matcher(specs: Sequence[str]) -> Callable[[Flow], bool]:
             exact.add(int(spec))
 
     def match(f: Flow) -> bool:
-        code = (f.l7 or {}).get("http", {}).get("code") if f.l7 else None
+        l7 = f.l7  # read once: an `L7Flow` decodes it per read
+        code = l7.get("http", {}).get("code") if l7 else None
         if not code:
             return False
         return int(code) in exact or any(str(code).startswith(p) for p in prefixes)
@@ -311,12 +312,12 @@ def parse_query(params: Mapping[str, Sequence[str]], default_last: int | None = 
                 l7s.add(low)
             else:
                 raise UserError(f"protocol: {v!r} is not one of tcp, udp, icmp, http, kafka, dns")
-        preds.append(lambda f: f.protocol in l4s or bool(f.l7 and l7s & set(f.l7)))
+        preds.append(lambda f: f.protocol in l4s or bool((l7 := f.l7) and l7s & set(l7)))
 
     if vals("http_method"):
         methods = {v.upper() for v in vals("http_method")}
-        preds.append(lambda f: bool(f.l7 and f.l7.get("http", {}).get("method", "").upper()
-                                    in methods))
+        preds.append(lambda f: bool((l7 := f.l7) and l7.get("http", {}).get("method", "")
+                                    .upper() in methods))
     if vals("http_path"):
         try:
             paths = [re.compile(v) for v in vals("http_path")]
@@ -324,9 +325,10 @@ def parse_query(params: Mapping[str, Sequence[str]], default_last: int | None = 
             raise UserError(f"http_path: not a valid regular expression: {exc}") from None
 
         def path_ok(f: Flow) -> bool:
-            if not f.l7 or "http" not in f.l7:
+            l7 = f.l7
+            if not l7 or "http" not in l7:
                 return False
-            url = f.l7["http"].get("url", "")
+            url = l7["http"].get("url", "")
             path = re.sub(r"^[a-z]+://[^/]*", "", url)
             return any(p.search(path) for p in paths)
 

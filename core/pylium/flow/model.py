@@ -11,6 +11,7 @@ import time
 from typing import Any, NamedTuple
 
 import attrs
+import orjson
 
 from pylium.datapath.maps.metrics import REASONS
 
@@ -174,6 +175,28 @@ class Flow(NamedTuple):
     service: ServiceRef | None = None  # service flow: the service its rev-NAT index names
 
 
+class L7Flow(Flow):
+    """An L7 flow whose `l7` stays as a proxy sent it until someone reads it: the members
+    of its record's JSON object (`"verdict":...,"l7":{...}`, without braces). Taking a
+    proxy's record then costs no decoding, and the ring holds one bytes object per flow
+    instead of a tree of dicts (which the collector walks and every overwrite frees).
+    Reading `l7` decodes it each time (hold on to the value to use it twice); a record
+    that does not decode reads as `{}`."""
+
+    __slots__ = ()
+
+    @property
+    def l7(self) -> dict | None:  # type: ignore[override]
+        try:
+            return orjson.loads(b"{%b}" % tuple.__getitem__(self, L7_INDEX))["l7"]
+        except (ValueError, KeyError, TypeError):
+            return {}
+
+
+#: where `Flow.l7` lies in the tuple (`L7Flow` keeps its raw record there)
+L7_INDEX = Flow._fields.index("l7")
+
+
 class LostEvent(NamedTuple):
     """Hubble's `LostEvent`: `num_events_lost` events were lost at `source`."""
 
@@ -218,14 +241,17 @@ def is_non_ipv4(flow: Flow) -> bool:
     return flow.protocol == 0 and flow.src_ip == "0.0.0.0" and flow.dst_ip == "0.0.0.0"
 
 
-def summary(flow: Flow) -> str:
+def summary(flow: Flow, l7: dict | None = None) -> str:
+    """`l7`: the flow's, if the caller read it already (an `L7Flow` decodes it per read)."""
     if is_non_ipv4(flow):
         return "non-IPv4 packet"
-    if flow.l7 and flow.l7.get("http"):
-        http = flow.l7["http"]
+    if l7 is None:
+        l7 = flow.l7
+    if l7 and l7.get("http"):
+        http = l7["http"]
         return f"HTTP/1.1 {http.get('method', '')} {http.get('url', '')}".strip()
-    if flow.l7 and flow.l7.get("kafka"):
-        return kafka_summary(flow.l7)
+    if l7 and l7.get("kafka"):
+        return kafka_summary(l7)
     if flow.protocol == PROTO_TCP:
         return "TCP Flags: " + ", ".join(tcp_flag_names(flow.tcp_flags))
     if flow.protocol == PROTO_UDP:
@@ -281,10 +307,11 @@ def to_hubble(flow: Flow) -> dict[str, Any]:
         out[side] = flow.service.to_json()
         if flow.service.frontend:
             out["service_frontend"] = flow.service.frontend
-    out["Type"] = "L7" if flow.l7 else "L3_L4"
+    l7 = flow.l7
+    out["Type"] = "L7" if l7 else "L3_L4"
     out["node_name"] = flow.node_name
-    if flow.l7:
-        out["l7"] = flow.l7
+    if l7:
+        out["l7"] = l7
     out["event_type"] = {"type": CILIUM_MESSAGE_TYPE.get(flow.kind, 0)}
     if flow.kind == EVENT_DROP:
         out["event_type"]["sub_type"] = flow.reason
@@ -298,7 +325,7 @@ def to_hubble(flow: Flow) -> dict[str, Any]:
         out["proxy_port"] = flow.proxy_port
     if flow.ifindex:
         out["interface"] = {"index": flow.ifindex}
-    out["Summary"] = summary(flow)
+    out["Summary"] = summary(flow, l7)
     return out
 
 

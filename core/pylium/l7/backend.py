@@ -15,12 +15,15 @@ import math
 import time
 import weakref
 from collections.abc import Iterator, Sequence
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, ClassVar
 
+import orjson
+
 from pylium.api import L7Parser
 from pylium.errors import PluginError
-from pylium.l7.supervisor import ProxyPool, policy_message
+from pylium.l7.supervisor import ConnSide, FlowBatch, ProxyPool, policy_message
 
 #: how often the snapshot is compared with what the proxy has (endpoints come and go
 #: without policy changes)
@@ -28,6 +31,8 @@ RESYNC_INTERVAL = 1.0
 #: how long an agent that adopted a proxy waits for its endpoints before it may push an
 #: empty policy over the one the proxy enforces
 ADOPT_GRACE = 30.0
+_REPLY = attrgetter("reply")
+_HEAD = attrgetter("head")
 FLOW_FIELDS = ("src_ip", "dst_ip", "sport", "dport", "src_identity", "dst_identity",
                "verdict", "l7", "ep_id", "direction", "is_reply", "proxy_port")
 
@@ -80,11 +85,18 @@ class LocalHistogram:
         registry.register(self)
 
     def observe(self, labels: tuple[str, ...], value: float) -> None:
+        entry = self.entry(labels)
+        entry[bisect.bisect_left(self.bounds, value)] += 1
+        entry[-1] += value
+
+    def entry(self, labels: tuple[str, ...]) -> list[float]:
+        """The live counts of these label values (as `observe` adds to them: bucket
+        `bisect_left(bounds, value)`, then the sum last), for a caller that observes many
+        values itself; made empty if new."""
         entry = self.data.get(labels)
         if entry is None:
             entry = self.data[labels] = [0] * (len(self.bounds) + 1) + [0.0]
-        entry[bisect.bisect_left(self.bounds, value)] += 1
-        entry[-1] += value
+        return entry
 
     def describe(self) -> list[Any]:
         from prometheus_client.core import HistogramMetricFamily
@@ -178,6 +190,9 @@ class ProxiedParser(L7Parser):
         self._hold_until = 0.0
         self.flows_recorded = 0
         self.proxy_metrics = ProxyMetrics.of(getattr(context, "metrics", None))
+        #: per proxy (`ProxySupervisor`): its connection sides, the enrichment generation
+        #: their flow heads are made for, and how many could not be (`_heads`)
+        self._made_heads: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # what a plugin provides ---------------------------------------------------------------
     def version(self) -> str:
@@ -187,6 +202,16 @@ class ProxiedParser(L7Parser):
     def observe(self, flow: dict[str, Any]) -> None:
         """The protocol's own metrics of one flow record (before it goes to the flow
         layer; the proxy metrics are counted already)."""
+
+    def observe_fast(self, sides: list[ConnSide], members: list[bytes]) -> None:
+        """`observe` of a batch's fast-path records (FORWARDED, no error), as the proxy
+        sent them: the connection side and the members of its JSON object each. This
+        decodes each whole; a protocol whose metrics need less overrides it."""
+        observe = self.observe
+        for side, fields in zip(sides, members, strict=True):
+            flow = side.base.copy()
+            flow.update(orjson.loads(b"{%b}" % fields))
+            observe(flow)
 
     # lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -204,7 +229,8 @@ class ProxiedParser(L7Parser):
                               f"{self.options.get('workers')!r}") from None
         self.supervisor = ProxyPool(
             Path(ctx.state_dir) / "proxy", self.parser_spec, ports, self.version(),
-            workers=workers, on_flow=self._flow, on_flows=self._flows, ipcache_pin=str(Path(pin) / "ipcache") if pin else None,
+            workers=workers, on_flow=self._flow, on_flows=self._flows, on_batch=self._batch,
+            ipcache_pin=str(Path(pin) / "ipcache") if pin else None,
             launcher=self.options.get("launcher") or (), logger=ctx.log)
         how = await self.supervisor.start()
         ctx.log.info("%s L7 proxy %s (pid %s, ports %s)", self.protocol, how,
@@ -309,6 +335,81 @@ class ProxiedParser(L7Parser):
             self.context.log.error("%d L7 flow records of the %s proxy not recorded "
                                    "(malformed)", skipped, protocol)
         self.flows_recorded += len(messages) - skipped
+
+    def _batch(self, batch: FlowBatch) -> None:
+        """A protocol 4 batch (`FlowBatch`): its fast-path records counted and recorded
+        as they came — the connection side's flow head made once (`l7_head`), the
+        record's JSON decoded only when someone reads the flow (`record_l7_raw`) —, any
+        other decoded and taken as `_flows` takes it, in order."""
+        flows = self.context.flows
+        if flows is None or not hasattr(flows, "record_l7_raw"):
+            self._flows(batch.expand())
+            return
+        sides = list(map(batch.sides.get, batch.cs))
+        if self._heads(flows, batch) and None not in sides:  # all fast: no Python code
+            self._fast(flows, sides, batch.records)          # per record
+            return
+        # runs of fast records and of whole ones, each taken at once, in order
+        run_sides: list[ConnSide] = []
+        run: list[bytes] = []
+        wholes: list[dict[str, Any]] = []
+        for i, (side, c, fields) in enumerate(zip(sides, batch.cs, batch.records, strict=True)):
+            if side is not None and side.head is not None:
+                if wholes:
+                    self._flows(wholes)
+                    wholes = []
+                run_sides.append(side)
+                run.append(fields)
+                continue
+            if run:
+                self._fast(flows, run_sides, run)
+                run_sides, run = [], []
+            if side is None:  # not a fast path's record (or an unknown connection's)
+                whole = batch.whole(c, fields, batch.seq + i)
+                if whole is not None:
+                    wholes.append(whole)
+            # else its connection's part is not a flow's: not recorded (`_heads`)
+        if run:
+            self._fast(flows, run_sides, run)
+        if wholes:
+            self._flows(wholes)
+
+    def _heads(self, flows: Any, batch: FlowBatch) -> bool:
+        """Every connection side the batch's proxy announced has its flow head for the
+        flow layer's current enrichment (`ConnSide.head`): all made again when that
+        changed (or the proxy's connections are new), else only those the batch
+        announced. False if one cannot be made (its connection's part is not a flow's:
+        logged once, its records not recorded, as `record_l7_many` skips what it
+        refuses)."""
+        gen = flows.l7_generation
+        # taken out until all are made: an exception leaves the next batch to make all
+        made = self._made_heads.pop(batch.owner, None)
+        if made is not None and made[0] is batch.sides and made[1] == gen:
+            todo, bad = batch.fresh, made[2]
+        else:
+            todo, bad = list(batch.sides.values()), 0
+        for side in todo:
+            try:
+                side.head = flows.l7_head(side.base)
+            except ValueError as exc:
+                side.head = None
+                bad += 1
+                self.context.log.error("the L7 flow records of a %s proxy connection "
+                                       "are not recorded: %s", self.protocol, exc)
+        self._made_heads[batch.owner] = (batch.sides, gen, bad)
+        return not bad
+
+    def _fast(self, flows: Any, sides: list[ConnSide], members: list[bytes]) -> None:
+        """Fast-path records: requests count as received and forwarded, the protocol's
+        metrics, then the flows."""
+        requests = len(sides) - sum(map(_REPLY, sides))
+        if requests and self.proxy_metrics is not None:
+            inc = self.proxy_metrics.l7_total.inc
+            inc(("received", self.protocol), requests)
+            inc(("forwarded", self.protocol), requests)
+        self.observe_fast(sides, members)
+        flows.record_l7_raw(list(map(_HEAD, sides)), members)
+        self.flows_recorded += len(members)
 
     def teardown(self) -> None:
         """Deselected: the proxy an earlier run left (it outlives agents) stops for good."""

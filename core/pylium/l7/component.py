@@ -208,6 +208,22 @@ class LazyFlowRecorder:
             return 0
         return flows.record_l7_many(records)
 
+    @property
+    def l7_generation(self) -> Any:
+        """`FlowObserver.l7_generation` (None without a flow layer: nothing is recorded)."""
+        flows = self.daemon.components.get("flow")
+        return None if flows is None else flows.l7_generation
+
+    def l7_head(self, base: dict[str, Any], verdict: str = "FORWARDED") -> tuple:
+        flows = self.daemon.components.get("flow")
+        return () if flows is None else flows.l7_head(base, verdict)
+
+    def record_l7_raw(self, heads: list[tuple], members: list[bytes]) -> None:
+        """A proxy's records as it sent them (`FlowObserver.record_l7_raw`)."""
+        flows = self.daemon.components.get("flow")
+        if flows is not None:
+            flows.record_l7_raw(heads, members)
+
 
 def l7_context_handles(daemon, record: Capability) -> dict[str, Any]:
     """The L7Context fields beyond the common ones."""

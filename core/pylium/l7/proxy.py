@@ -69,8 +69,16 @@ LOGFILE = "proxy.log"
 #: (2: flow records travel in batches, `{"op":"flows","flows":[...]}`; 3: a connection's
 #: constant part travels once, `"conns":{"ID":[request base, reply base]}`, and each
 #: record names it, `"c": ID*2+is_reply`; `"gone":[ID...]` once its records are all sent.
-#: `pylium.l7.supervisor` expands them to the records protocol 2 sent, and still reads 2)
-CONTROL_PROTOCOL = 3
+#: 4: a batch line is its head, `{"op":"flows","seq":FIRST,"c":[C...],"conns":..,
+#: "gone":..}`, then each record's FIELDS after a RECORD_SEP: the members of its JSON
+#: object without braces, as the parser made them; its seq is FIRST + its place, its C in
+#: the head ID*2+is_reply for a parser's fast path (FORWARDED, no error), -(ID*2+is_reply)
+#: for any other. No record is decoded to be taken: the agent keeps it as it came until
+#: someone reads it.
+#: `pylium.l7.supervisor` reads 4, and 2 and 3 of a proxy an older agent left running)
+CONTROL_PROTOCOL = 4
+#: separates a protocol 4 batch line's records (JSON never holds a raw control character)
+RECORD_SEP = b"\x1e"
 WORLD = 2
 PROTO_TCP = 6
 #: flow records kept until an agent acknowledges them (oldest dropped first, counted lost)
@@ -79,10 +87,13 @@ FLOW_BUFFER = 20000
 CONTROL_BACKLOG = 16 << 20
 #: flow records per batch line at most (a re-sent backlog goes in several)
 FLOW_BATCH = 1000
-#: how long a flow record may wait for others to share its batch (seconds): short, so the
-#: agent's work on a batch comes in small pieces (a 10 ms batch under load is ~1 ms of
-#: agent CPU at once on a small machine, a stall for whatever it displaces)
-FLOW_FLUSH_DELAY = 0.002
+#: how long a flow record may wait for others to share its batch (seconds). Every batch
+#: is a write here and a wake-up of the agent there, whose fixed cost (the event loop,
+#: the syscalls, the caches the other processes left cold) outweighs a few records' own
+#: under protocol 4 (~1-2 us each): a longer wait costs both processes less. Short enough
+#: that the agent's work comes in small pieces (a 10 ms batch at 10,000 requests/s is
+#: ~0.3 ms of agent CPU at once) and flows show at once to a person watching.
+FLOW_FLUSH_DELAY = 0.01
 CONNECT_TIMEOUT = 5.0
 #: per-direction bytes read ahead of the other side before reading pauses
 HIGH_WATER = 1 << 20
@@ -364,18 +375,18 @@ class Connection:
         self.proxy.flow(self.cid * 2 + (1 if record.get("is_reply") else 0), record)
 
     def _record(self, reply: bool, fields: bytes) -> None:
-        """A fast path's record (`pylium.l7.parser.Record`): the connection's id, the
-        parser's fields and the sequence number, in one formatting step."""
+        """A fast path's record (`pylium.l7.parser.Record`): the connection's id and the
+        parser's fields, in one formatting step (`CONTROL_PROTOCOL`)."""
         proxy = self.proxy
-        proxy.seq = seq = proxy.seq + 1
+        proxy.seq += 1
         if not reply:
             proxy.fast_requests += 1
-        encoded = b'{"c":%d,%b,"seq":%d}' % (self.cid * 2 + reply, fields, seq)
         batch = proxy.batch
         if batch and len(batch) < FLOW_BATCH - 1:  # what `Proxy.add_record` does then
-            batch.append(encoded)
+            batch.append(fields)
+            proxy.batch_c.append(self.cid * 2 + reply)
         else:
-            proxy.add_record(encoded)
+            proxy.add_record(self.cid * 2 + reply, fields)
 
     # the op engine ------------------------------------------------------------------------
     def received(self, side: Side, data: bytes) -> None:
@@ -730,9 +741,11 @@ class Proxy:
         self.servers: list[asyncio.AbstractServer] = []
         #: flow records not yet acknowledged by an agent, oldest first, each encoded once
         #: when made (nothing of a record stays alive as Python objects while it waits):
-        #: `batch` = the newest, not flushed yet (its first seq `batch_seq`); `sent` = the
-        #: flushed batches, [first seq, records] each (written to the agent listening then)
+        #: `batch` = the newest, not flushed yet (its first seq `batch_seq`, the records'
+        #: connection sides `batch_c`, `CONTROL_PROTOCOL`'s C); `sent` = the flushed
+        #: batches, [first seq, records, their C] each (written to the agent listening then)
         self.batch: list[bytes] = []
+        self.batch_c: list[int] = []
         self.batch_seq = 1
         self.sent: collections.deque[list] = collections.deque()
         self.buffered = 0
@@ -824,10 +837,10 @@ class Proxy:
     def flow(self, c: int, record: dict[str, Any]) -> None:
         """One parser record as a flow message: `c` names the connection's part (its
         addresses and identities) in the record's direction, `cid*2+is_reply`."""
-        self.seq = seq = self.seq + 1
+        self.seq += 1
         verdict = record["verdict"]
         l7 = record["l7"]
-        fields = {"verdict": verdict, "l7": l7, "seq": seq}
+        fields = {"verdict": verdict, "l7": l7}
         stats = self.stats
         if "rule" in record:
             fields["rule"] = record["rule"]
@@ -837,14 +850,16 @@ class Proxy:
         if l7.get("type") == "REQUEST":
             stats["requests"] += 1
             stats["denied" if verdict == "DROPPED" else "forwarded"] += 1
-        self.add_record(b'{"c":%d,%b' % (c, orjson.dumps(fields)[1:]))
+        self.add_record(-c, orjson.dumps(fields)[1:-1])
 
-    def add_record(self, encoded: bytes) -> None:
-        """A record (with the next seq) joins the batch: flushed FLOW_FLUSH_DELAY after the
-        first of it while an agent listens (one write and one wake-up of the agent per
-        batch), or once it holds FLOW_BATCH."""
+    def add_record(self, c: int, encoded: bytes) -> None:
+        """A record (with the next seq; `c` its connection side, negative if not a fast
+        path's) joins the batch: flushed FLOW_FLUSH_DELAY after the first of it while an
+        agent listens (one write and one wake-up of the agent per batch), or once it holds
+        FLOW_BATCH."""
         batch = self.batch
         batch.append(encoded)
+        self.batch_c.append(c)
         if len(batch) == 1:
             if self.controller is not None and self.flush_timer is None:
                 self.flush_timer = asyncio.get_running_loop().call_later(
@@ -858,15 +873,15 @@ class Proxy:
         if self.flush_timer is not None:
             self.flush_timer.cancel()
             self.flush_timer = None
-        batch = self.batch
+        batch, cs = self.batch, self.batch_c
         if not batch:
             return
-        self.batch = []
-        self.sent.append([self.batch_seq, batch])
+        self.batch, self.batch_c = [], []
+        self.sent.append([self.batch_seq, batch, cs])
+        if write:
+            self._write_batch(batch, cs, self.batch_seq)
         self.batch_seq += len(batch)
         self.buffered += len(batch)
-        if write:
-            self._write_batch(batch)
         excess = self.buffered - FLOW_BUFFER
         while excess > 0:
             oldest = self.sent[0]
@@ -877,48 +892,54 @@ class Proxy:
                 lost = excess
                 oldest[0] += lost
                 oldest[1] = oldest[1][lost:]
+                oldest[2] = oldest[2][lost:]
             self.buffered -= lost
             excess -= lost
             self.stats["flows_lost"] += lost
             self._forget_conns(self._first_unacknowledged() - 1)
 
-    def _write_batch(self, batch: list[bytes], final: bool = True) -> None:
-        """One batch line to the agent, after the connections its records name; `final`:
-        no record of a closed connection follows (its id may go in `gone`)."""
+    def _write_batch(self, batch: list[bytes], cs: list[int], seq: int,
+                     final: bool = True) -> None:
+        """One batch line to the agent (its first record's `seq`, the records' `cs`), after
+        the connections its records name; `final`: no record of a closed connection
+        follows (its id may go in `gone`)."""
         writer = self.controller
         if writer is not None and not writer.is_closing():
             if writer.transport.get_write_buffer_size() > CONTROL_BACKLOG:
                 return  # an agent that stalls gets them later (or they are lost by the bound)
-            head = b'{"op":"flows",'
+            head = b'{"op":"flows","seq":%d,"c":%b' % (seq, orjson.dumps(cs))
             if self.announce:  # the connections its records name, first
-                head += b'"conns":{%b},' % b",".join(self.announce)
+                head += b',"conns":{%b}' % b",".join(self.announce)
                 self.announce = []
             if self.gone and final:  # closed: the agent drops them after this batch
-                head += b'"gone":[%b],' % b",".join(b"%d" % c for c in self.gone)
+                head += b',"gone":[%b]' % b",".join(b"%d" % c for c in self.gone)
                 self.gone = []
-            writer.write(head + b'"flows":[' + b",".join(batch) + b"]}\n")
+            writer.write(b"%b}%b%b\n" % (head, RECORD_SEP, RECORD_SEP.join(batch)))
 
     def _acked(self, seq: int) -> None:
         """The agent recorded every flow up to `seq`: they leave the buffer (records sent
         to an agent that died before acknowledging are sent again to the next one)."""
         sent = self.sent
         while sent:
-            first, records = sent[0]
+            first, records, cs = sent[0]
             if first + len(records) - 1 <= seq:
                 sent.popleft()
                 self.buffered -= len(records)
             else:
                 if first <= seq:
                     done = seq - first + 1
-                    sent[0] = [seq + 1, records[done:]]
+                    sent[0] = [seq + 1, records[done:], cs[done:]]
                     self.buffered -= done
                 break
         self._forget_conns(seq)
 
-    def unacknowledged(self) -> list[tuple[int, bytes]]:
-        """(seq, record) of every record no agent acknowledged yet, oldest first."""
-        out = [(first + i, r) for first, records in self.sent for i, r in enumerate(records)]
-        return out + [(self.batch_seq + i, r) for i, r in enumerate(self.batch)]
+    def unacknowledged(self) -> list[tuple[int, int, bytes]]:
+        """(seq, connection side, record) of every record no agent acknowledged yet,
+        oldest first."""
+        out = [(first + i, c, r) for first, records, cs in self.sent
+               for i, (c, r) in enumerate(zip(cs, records, strict=True))]
+        return out + [(self.batch_seq + i, c, r)
+                      for i, (c, r) in enumerate(zip(self.batch_c, self.batch, strict=True))]
 
     # control ------------------------------------------------------------------------------
     def _send(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
@@ -961,11 +982,12 @@ class Proxy:
                     self.gone = [cid for _seq, cid in self.closed_conns]
                     self._send(writer, {"op": "hello", **self.describe()})
                     self._flush_flows(write=False)
-                    chunks = [records[start:start + FLOW_BATCH]  # unacknowledged, oldest first
-                              for _first, records in self.sent
+                    chunks = [(first + start, records[start:start + FLOW_BATCH],
+                               cs[start:start + FLOW_BATCH])
+                              for first, records, cs in self.sent  # unacknowledged, oldest first
                               for start in range(0, len(records), FLOW_BATCH)]
-                    for i, chunk in enumerate(chunks):
-                        self._write_batch(chunk, final=i == len(chunks) - 1)
+                    for i, (seq, chunk, chunk_c) in enumerate(chunks):
+                        self._write_batch(chunk, chunk_c, seq, final=i == len(chunks) - 1)
                 elif op == "ack_flows":  # no answer: the agent does not wait for one
                     self._acked(int(message.get("seq", 0)))
                     continue

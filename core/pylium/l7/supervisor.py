@@ -30,9 +30,11 @@ SPAWN_TIMEOUT = 30.0
 REQUEST_TIMEOUT = 10.0
 WATCH_INTERVAL = 1.0
 ACK_DELAY = 0.05
-#: control protocols of proxies this agent talks to: 3 (connections announced once) and 2
-#: (every record whole), so a proxy an older agent left running is adopted, not cut
-CONTROL_PROTOCOLS = (2, proxy_process.CONTROL_PROTOCOL)
+#: control protocols of proxies this agent talks to: 4 (records as the parser made them,
+#: `FlowBatch`), 3 (JSON records naming connections announced once) and 2 (every record
+#: whole), so a proxy an older agent left running is adopted, not cut
+CONTROL_PROTOCOLS = (2, 3, proxy_process.CONTROL_PROTOCOL)
+RECORD_SEP = proxy_process.RECORD_SEP
 
 
 def policy_message(snapshot: Iterable[Mapping[str, Any]], protocol: str,
@@ -87,12 +89,74 @@ def expand_flows(conns: dict[int, tuple[dict[str, Any], dict[str, Any]]],
     return out, unknown
 
 
+class ConnSide:
+    """One direction of a proxied connection as a protocol 4 proxy announced it: its part
+    of every record (`base`: `record_l7`'s fields but `l7`), and what the agent derives
+    from it once rather than per record (`head`, the flow layer's `l7_head`; `memo`, a
+    protocol plugin's own)."""
+
+    __slots__ = ("base", "reply", "direction", "head", "memo")
+
+    def __init__(self, base: dict[str, Any]):
+        self.base = base
+        self.reply = bool(base.get("is_reply"))
+        self.direction = base.get("direction")
+        #: None: its part is not a flow's (its records are not recorded)
+        self.head: tuple | None = ()
+        self.memo: Any = None
+
+
+class FlowBatch:
+    """One protocol 4 batch line: `records` (seq `seq`, `seq + 1`, ...) as the proxy sent
+    them (the members of each one's JSON object), the connection side of each (`cs`:
+    ID*2+is_reply for a parser's fast path's, FORWARDED without error; its negative for
+    any other) and the sides announced so far (`sides[C]`). A consumer takes a fast
+    record as it is and `whole()` the others."""
+
+    __slots__ = ("seq", "cs", "records", "sides", "fresh", "owner")
+
+    def __init__(self, seq: int, cs: list[int], records: list[bytes],
+                 sides: dict[int, ConnSide], owner: ProxySupervisor,
+                 fresh: list[ConnSide] | None = None):
+        self.seq, self.cs, self.records, self.sides = seq, cs, records, sides
+        #: the sides this line announced (`sides` has them already)
+        self.fresh = fresh or []
+        self.owner = owner
+
+    def whole(self, c: int, fields: bytes, seq: int) -> dict[str, Any] | None:
+        """The record as protocol 2 sent it (its connection's part, its fields, `seq`);
+        None if it names no announced connection or does not decode (counted)."""
+        side = self.sides.get(abs(c))
+        if side is None:
+            self.owner.unknown_conns += 1
+            return None
+        try:
+            decoded = orjson.loads(b"{%b}" % fields)
+        except ValueError:
+            self.owner.malformed_records += 1
+            return None
+        flow = side.base.copy()
+        flow.update(decoded)
+        flow["seq"] = seq
+        return flow
+
+    def expand(self) -> list[dict[str, Any]]:
+        """Every record `whole()` (what an `on_flows` consumer gets)."""
+        out = []
+        for i, (c, record) in enumerate(zip(self.cs, self.records, strict=True)):
+            flow = self.whole(c, record, self.seq + i)
+            if flow is not None:
+                out.append(flow)
+        return out
+
+
 class ProxySupervisor:
     """One proxy process per L7 capability, identified by its state directory."""
 
     def __init__(self, state_dir: Path, parser_spec: str, listen: Mapping[str, int],
                  version: str, *, on_flow: Callable[[dict[str, Any]], None],
                  on_flows: Callable[[list[dict[str, Any]]], None] | None = None,
+                 on_batch: Callable[[FlowBatch], None] | None = None,
                  ipcache_pin: str | None = None, launcher: Iterable[str] = (),
                  logger: logging.Logger | None = None, reuseport: bool = False):
         self.state_dir = Path(state_dir)
@@ -104,6 +168,8 @@ class ProxySupervisor:
         self.on_flow = on_flow
         #: if given, takes each batch line's records at once instead (`on_flow` each)
         self.on_flows = on_flows
+        #: if given, takes a protocol 4 batch as it came (`FlowBatch`) instead of either
+        self.on_batch = on_batch
         self.ipcache_pin = ipcache_pin
         #: a command prefix for the spawn (e.g. `nsenter --net=...` in tests)
         self.launcher = list(launcher)
@@ -123,11 +189,15 @@ class ProxySupervisor:
         self._wake = asyncio.Event()
         self.acked_upto = 0
         self._ack_pending = False
-        #: connection id -> (request base, reply base) as the proxy announced them
-        #: (protocol 3); a new control connection starts empty (the proxy announces again)
+        #: connection id -> (request base, reply base) as a protocol 3 proxy announced them;
+        #: a new control connection starts empty (the proxy announces again)
         self.conns: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
+        #: the sides of the connections a protocol 4 proxy announced, by `ID*2+is_reply`
+        self.sides: dict[int, ConnSide] = {}
         #: records naming a connection never announced (none, unless the proxy is wrong)
         self.unknown_conns = 0
+        #: protocol 4 records whose fields did not decode (none, unless the proxy is wrong)
+        self.malformed_records = 0
 
     # lifecycle ----------------------------------------------------------------------------
     async def start(self) -> str:
@@ -201,6 +271,7 @@ class ProxySupervisor:
         self.replies = asyncio.Queue()
         self.acked_upto = 0  # sequence numbers are the proxy process's own
         self.conns = {}
+        self.sides = {}
         self._read_task = asyncio.get_running_loop().create_task(self._read(reader))
         hello = await self._request({"op": "hello", "version": self.version})
         self.info = hello
@@ -241,30 +312,75 @@ class ProxySupervisor:
                 line = await reader.readline()
                 if not line:
                     break
-                message = orjson.loads(line)
-                if message.get("op") == "flows":
-                    flows = self.expand(message)
-                    if self.on_flows is not None:
-                        try:
-                            self.on_flows(flows)
-                        except Exception:  # flows we cannot record must not stop the reader
-                            self.log.exception("recording L7 flows failed")
-                    else:
-                        on_flow = self.on_flow
-                        for flow in flows:
-                            try:
-                                on_flow(flow)
-                            except Exception:  # nor one we cannot record
-                                self.log.exception("recording an L7 flow failed")
-                    if flows:
-                        self._ack(int(flows[-1].get("seq", 0)))
-                else:
+                message = self.take(line)
+                if message is not None:
                     self.replies.put_nowait(message)
-        except (ConnectionError, ValueError, asyncio.IncompleteReadError) as exc:  # orjson: ValueError
+        except (ConnectionError, ValueError, KeyError, TypeError,  # orjson: ValueError
+                asyncio.IncompleteReadError) as exc:
             self.error = f"control socket: {exc}"
         finally:
             self.replies.put_nowait({"op": "closed"})
             self._wake.set()  # the proxy may be gone: the watchdog looks now
+
+    def take(self, line: bytes) -> dict[str, Any] | None:
+        """One line from the proxy: flow records are taken (and acknowledged); anything
+        else is returned (an answer). Raises ValueError (KeyError, TypeError) for a line
+        that is not the protocol."""
+        if RECORD_SEP in line:  # protocol 4: a batch's head, then its records as they are
+            records = line.split(RECORD_SEP)
+            if records[-1].endswith(b"\n"):
+                records[-1] = records[-1][:-1]
+            self._batch(orjson.loads(records[0]), records[1:])
+            return None
+        message = orjson.loads(line)
+        if message.get("op") != "flows":
+            return message
+        flows = self.expand(message)  # protocols 2 and 3
+        self._deliver(flows)
+        if flows:
+            self._ack(int(flows[-1].get("seq", 0)))
+        return None
+
+    def _batch(self, message: dict[str, Any], records: list[bytes]) -> None:
+        """A protocol 4 batch line: its connections learnt, its records to `on_batch`
+        (or whole to `on_flows` / `on_flow`), the connections gone forgotten, then
+        acknowledged."""
+        sides = self.sides
+        fresh = []
+        for cid, bases in (message.get("conns") or {}).items():
+            cid = int(cid)
+            fresh += (ConnSide(bases[0]), ConnSide(bases[1]))
+            sides[cid * 2], sides[cid * 2 + 1] = fresh[-2:]
+        cs = message["c"]
+        if type(cs) is not list or len(cs) != len(records):
+            raise ValueError(f"a batch of {len(records)} records names {cs!r}")
+        batch = FlowBatch(int(message["seq"]), cs, records, sides, self, fresh)
+        if self.on_batch is not None:
+            try:
+                self.on_batch(batch)
+            except Exception:  # flows we cannot record must not stop the reader
+                self.log.exception("recording L7 flows failed")
+        else:
+            self._deliver(batch.expand())
+        for cid in message.get("gone") or ():
+            sides.pop(cid * 2, None)
+            sides.pop(cid * 2 + 1, None)
+        self._ack(batch.seq + len(batch.records) - 1)
+
+    def _deliver(self, flows: list[dict[str, Any]]) -> None:
+        """Whole records to `on_flows`, else to `on_flow` each."""
+        if self.on_flows is not None:
+            try:
+                self.on_flows(flows)
+            except Exception:  # flows we cannot record must not stop the reader
+                self.log.exception("recording L7 flows failed")
+        else:
+            on_flow = self.on_flow
+            for flow in flows:
+                try:
+                    on_flow(flow)
+                except Exception:  # nor one we cannot record
+                    self.log.exception("recording an L7 flow failed")
 
     def expand(self, message: dict[str, Any]) -> list[dict[str, Any]]:
         """A batch line's records as whole flow records (`expand_flows`)."""
@@ -276,7 +392,7 @@ class ProxySupervisor:
         """Acknowledge recorded flows, at most every ACK_DELAY (the proxy keeps what is
         not acknowledged and sends it again to the next agent)."""
         self.acked_upto = max(self.acked_upto, seq)
-        if not self._ack_pending:
+        if not self._ack_pending and self.writer is not None:
             self._ack_pending = True
             asyncio.get_running_loop().call_later(ACK_DELAY, self._send_ack)
 
@@ -380,6 +496,7 @@ class ProxyPool:
                  version: str, *, workers: int = 1,
                  on_flow: Callable[[dict[str, Any]], None],
                  on_flows: Callable[[list[dict[str, Any]]], None] | None = None,
+                 on_batch: Callable[[FlowBatch], None] | None = None,
                  ipcache_pin: str | None = None, launcher: Iterable[str] = (),
                  logger: logging.Logger | None = None):
         if workers < 1:
@@ -390,7 +507,7 @@ class ProxyPool:
         dirs = [self.state_dir] if workers == 1 else \
             [self.state_dir / WORKER_DIR.format(i) for i in range(workers)]
         self.members = [ProxySupervisor(d, parser_spec, listen, version, on_flow=on_flow,
-                                        on_flows=on_flows,
+                                        on_flows=on_flows, on_batch=on_batch,
                                         ipcache_pin=ipcache_pin, launcher=launcher,
                                         logger=logger, reuseport=workers > 1)
                         for d in dirs]

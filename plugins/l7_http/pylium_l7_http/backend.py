@@ -8,9 +8,13 @@ The proxy process outlives the agent (a `kill -9` of the agent cuts no proxied c
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from importlib.metadata import PackageNotFoundError, version
+from itertools import compress
+from operator import attrgetter
 from typing import Any
 
+import orjson
 from pylium.api import L7Request, L7Verdict
 from pylium.l7.backend import LocalCounter, LocalHistogram, ProxiedParser, RegistryMetrics
 from pylium.l7.parser import Grant
@@ -18,6 +22,14 @@ from pylium.l7.parser import Grant
 from pylium_l7_http.parser import judge
 
 PARSER_SPEC = "pylium_l7_http.parser:HttpParserFactory"
+#: distinct response parts before the headers remembered (method, URL, code: a client
+#: that never repeats a URL gains nothing; the memory stays bounded)
+LABELS_CACHE = 4096
+#: where a fast-path record's headers begin (what `_learn` reads lies before)
+HEADERS = b',"headers":['
+#: Hubble's reporter label by whether the record's direction is not ingress
+REPORTERS = ("server", "client")
+_REPLY = attrgetter("reply")
 
 
 def _version() -> str:
@@ -40,8 +52,12 @@ class HttpMetrics(RegistryMetrics):
         self.duration = LocalHistogram("hubble_http_request_duration_seconds",
                                        "HTTP request latency (first response byte)",
                                        ["method", "reporter"], registry)
+        #: a fast-path response's part before its headers -> its labels (`_learn`)
+        self._labels: dict[bytes, tuple | bool] = {}
 
     def observe(self, flow: dict[str, Any]) -> None:
+        """One flow record: a denied request counts as a 403, a response by its code
+        and its latency."""
         l7 = flow.get("l7", {})
         http = l7.get("http", {})
         reporter = "server" if flow.get("direction") == 0 else "client"
@@ -54,6 +70,84 @@ class HttpMetrics(RegistryMetrics):
             self.requests.inc((method, http.get("protocol", ""), str(http["code"]), reporter))
             if l7.get("latency_ns"):
                 self.duration.observe((method, reporter), l7["latency_ns"] / 1e9)
+
+
+    def observe_fast(self, sides: list[Any], members: list[bytes]) -> None:
+        """`observe` of fast-path records (`ProxiedParser.observe_fast`) without decoding
+        them: a forwarded request counts nothing; a response's labels are decoded once
+        per distinct part before its headers (`_learn`), its latency read off its end.
+        A record not laid out as this plugin's fast path lays it out is decoded whole."""
+        counts = self.requests.counts
+        labels_of = self._labels
+        bounds, entries, entry_of = self.duration.bounds, self.duration.data, self.duration.entry
+        for side, fields in compress(zip(sides, members, strict=True), map(_REPLY, sides)):
+            # the side's last response: mostly the same up to its headers. Its part up to
+            # them, where they start, and its count's and latency's keys for this side
+            memo = side.memo
+            if memo is None or not fields.startswith(memo[0]):
+                end = fields.find(HEADERS)
+                part = fields[:end]
+                keys = labels_of.get(part)
+                if keys is None:
+                    keys = self._learn(part) if end > 0 else False
+                if not keys:
+                    if keys == ():  # no status code: not counted (as `observe`)
+                        continue
+                    self._observe_whole(side, fields)  # not the fast path's layout
+                    continue
+                client = side.direction != 0  # reporter "server" for ingress
+                memo = side.memo = (fields[:end + len(HEADERS)], end, keys[0][client],
+                                    keys[1][client])
+            at = fields.rfind(b',"latency_ns":', memo[1])
+            try:
+                latency = int(fields[at + 14:-1]) if at > 0 and fields[-1] == 125 else None
+            except ValueError:  # (125: "}", the end of l7 and of the record)
+                latency = None
+            if latency is None:
+                self._observe_whole(side, fields)
+                continue
+            key = memo[2]
+            counts[key] = counts.get(key, 0) + 1
+            if latency:  # `LocalHistogram.observe`, inline
+                seconds = latency / 1e9
+                entry = entries.get(memo[3]) or entry_of(memo[3])
+                entry[bisect_left(bounds, seconds)] += 1
+                entry[-1] += seconds
+
+    def _observe_whole(self, side: Any, fields: bytes) -> None:
+        """`observe` of a record decoded whole."""
+        flow = side.base.copy()
+        flow.update(orjson.loads(b"{%b}" % fields))
+        self.observe(flow)
+
+    def _learn(self, part: bytes) -> tuple | bool:
+        """What a fast-path response's part before its headers gives: the keys of its
+        count and of its latency, each per reporter (server, client); () for no status;
+        False if that part is not `"verdict":"FORWARDED","l7":{"type":"RESPONSE","http":
+        {...` with the method, protocol and code."""
+        try:
+            record = orjson.loads(b"{%b}}}" % part)
+            l7 = record["l7"]
+            http = l7["http"]
+            # what `observe` reads must all be before the headers (after them it could
+            # differ from record to record)
+            ok = (record.get("verdict") == "FORWARDED" and l7.get("type") == "RESPONSE"
+                  and len(l7) == 2 and "error" not in record
+                  and {"method", "protocol", "code"} <= http.keys())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            ok = False
+        if not ok:
+            keys: tuple | bool = False
+        elif not http["code"]:
+            keys = ()
+        else:
+            method, protocol, code = http["method"], http["protocol"], str(http["code"])
+            keys = (tuple((method, protocol, code, reporter) for reporter in REPORTERS),
+                    tuple((method, reporter) for reporter in REPORTERS))
+        if len(self._labels) >= LABELS_CACHE:
+            self._labels.clear()
+        self._labels[part] = keys
+        return keys
 
 
 class L7Http(ProxiedParser):
@@ -76,6 +170,10 @@ class L7Http(ProxiedParser):
     def observe(self, flow: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.observe(flow)
+
+    def observe_fast(self, sides: list[Any], members: list[bytes]) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_fast(sides, members)
 
     # policy trace ------------------------------------------------------------------------
     def judge(self, rules: list[Any], request: L7Request) -> L7Verdict:

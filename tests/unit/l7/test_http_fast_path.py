@@ -11,11 +11,11 @@ import orjson
 import pytest
 from pylium.l7 import proxy as proxy_module
 from pylium.l7.parser import ConnectionInfo, Grant
-from pylium.l7.supervisor import expand_flows
 from pylium.policy.http import HeaderMatch, PortRuleHTTP
 from pylium_l7_http.parser import HttpConnection, HttpParserFactory
 
 from tests.unit.l7.test_http_parser import FORBIDDEN, Drive
+from tests.unit.l7.test_proxy_flows import agent_records
 
 INFO = ConnectionInfo(direction="ingress", src_ip="10.0.0.1", src_port=40000,
                       dst_ip="10.0.0.2", dst_port=80, src_identity=2000, dst_identity=1000)
@@ -220,10 +220,8 @@ def test_the_proxy_forwards_fast_messages_and_records_them_like_the_general_path
         conn.received(conn.reply, RESPONSE)
         conn.received(conn.request, b"GET /no HTTP/1.1\r\nHost: svc:80\r\n\r\n")
         assert conn.up.data == REQUEST and conn.down.data == RESPONSE + FORBIDDEN
-        records, unknown = expand_flows({}, {  # as the agent gets them
-            "conns": orjson.loads(b"{%b}" % b",".join(p.flow_conns.values())),
-            "flows": [orjson.loads(r) for _seq, r in p.unacknowledged()]})
-        assert unknown == 0
+        records, sup = agent_records(p)  # as the agent gets them
+        assert sup.unknown_conns == 0
         assert [r["seq"] for r in records] == [1, 2, 3]
         assert [(r["l7"]["type"], r["verdict"], r["is_reply"]) for r in records] == [
             ("REQUEST", "FORWARDED", False), ("RESPONSE", "FORWARDED", True),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import orjson
 import pytest
@@ -62,13 +63,42 @@ def _bases() -> tuple[bytes, bytes]:
             orjson.dumps(_flow_base(SERVER, CLIENT, INFO, True)))
 
 
+def agent_records(p: Proxy) -> tuple[list[dict], ProxySupervisor]:
+    """The unacknowledged records as a new agent gets them: the batch line the proxy
+    writes it (every connection announced), read by the agent's supervisor into whole
+    records (`on_flows`). The proxy is left as it was."""
+    got: list[dict] = []
+    sup = ProxySupervisor(Path("/nonexistent"), "x:y", {}, "t", on_flow=got.append,
+                          on_flows=got.extend)
+    writer = _Writer()
+    saved = p.controller, p.announce, p.gone
+    p.controller, p.announce, p.gone = writer, list(p.flow_conns.values()), []
+    try:
+        records = p.unacknowledged()
+        if records:
+            p._write_batch([r for _seq, _c, r in records], [c for _seq, c, _r in records],
+                           records[0][0])
+    finally:
+        p.controller, p.announce, p.gone = saved
+    for line in writer.lines:
+        assert sup.take(line) is None
+    return got, sup
+
+
 def _whole(p: Proxy) -> list[dict]:
-    """The unacknowledged records as an agent gets them (`expand_flows`)."""
-    flows, unknown = expand_flows({}, {
-        "conns": orjson.loads(b"{%b}" % b",".join(p.flow_conns.values())),
-        "flows": [orjson.loads(r) for _seq, r in p.unacknowledged()]})
-    assert unknown == 0
+    """The unacknowledged records as an agent gets them (`agent_records`)."""
+    flows, sup = agent_records(p)
+    assert sup.unknown_conns == 0 and sup.malformed_records == 0
     return flows
+
+
+def _line(line: bytes) -> tuple[dict, list[bytes]]:
+    """A protocol 4 batch line: its head and its records (one connection side each)."""
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    head, *records = line[:-1].split(proxy_module.RECORD_SEP)
+    head = orjson.loads(head)
+    assert len(head["c"]) == len(records)
+    return head, records
 
 
 def test_a_record_is_the_connection_part_and_the_parsers_fields(tmp_path):
@@ -79,7 +109,7 @@ def test_a_record_is_the_connection_part_and_the_parsers_fields(tmp_path):
     p.flow(cid * 2, {"verdict": "FORWARDED", "l7": l7, "rule": "r"})
     p.flow(cid * 2 + 1,
            {"verdict": "DROPPED", "is_reply": True, "error": "bad", "l7": {"type": "RESPONSE"}})
-    assert [seq for seq, _ in p.unacknowledged()] == [1, 2]
+    assert [seq for seq, _c, _r in p.unacknowledged()] == [1, 2]
     first, reply = _whole(p)
     assert first == {**base, "verdict": "FORWARDED", "l7": l7, "rule": "r", "seq": 1}
     assert reply["src_ip"] == "10.0.0.2" and reply["is_reply"] is True
@@ -96,8 +126,9 @@ def _protocol2_line(bases: tuple[bytes, bytes], records: list[tuple[int, bytes]]
 
 
 def test_records_expanded_by_the_agent_equal_protocol_2s_whole_records(tmp_path):
-    """Protocol 3 sends a connection's part once; what the agent expands is exactly the
-    record protocol 2 sent whole (and a protocol 2 line still reads as before)."""
+    """Protocol 4 sends a connection's part once and a record as the parser made it; what
+    the agent expands is exactly the record protocol 2 sent whole, and protocol 2 and 3
+    lines (a proxy an older agent left running) still read as before."""
     async def run():
         p = _proxy(tmp_path)
         writer = _Writer()
@@ -110,20 +141,35 @@ def test_records_expanded_by_the_agent_equal_protocol_2s_whole_records(tmp_path)
                       b'"protocol":"HTTP/1.1","headers":[]},"latency_ns":5}')]
         for reply, f in fields:
             p.seq += 1
-            p.add_record(b'{"c":%d,%b,"seq":%d}' % (cid * 2 + reply, f, p.seq))
+            p.add_record(cid * 2 + reply, f)
         p._flush_flows()
-        line = orjson.loads(writer.lines[0])
-        assert list(line["conns"]) == [str(cid)]
+        head, records = _line(writer.lines[0])
+        assert list(head["conns"]) == [str(cid)] and head["seq"] == 1
+        assert head["c"] == [cid * 2, cid * 2 + 1] and records == [f for _reply, f in fields]
         old = orjson.loads(_protocol2_line(bases, fields))
-        conns: dict = {}
-        assert expand_flows(conns, line) == (old["flows"], 0)
-        assert expand_flows({}, orjson.loads(_protocol2_line(bases, fields))) \
-            == (old["flows"], 0)
-        assert conns  # still open: the agent keeps its part
-        line3 = orjson.loads(b'{"op":"flows","conns":{},"flows":[%b]}' % b",".join(
-            b'{"c":%d,"verdict":"FORWARDED","l7":{},"seq":%d}' % (c, n)
-            for n, c in ((3, 99),)))
-        assert expand_flows(conns, line3) == ([], 1)  # a connection never announced
+        got: list = []
+        sup = ProxySupervisor(tmp_path, "x:y", {}, "t", on_flow=got.append)
+        assert sup.take(writer.lines[0]) is None
+        assert got == old["flows"] and sup.unknown_conns == 0
+        assert sup.sides  # still open: the agent keeps its part
+        # protocol 2 and 3 lines
+        assert expand_flows({}, old) == (old["flows"], 0)
+        line3 = {"op": "flows", "conns": {str(cid): [orjson.loads(b) for b in bases]},
+                 "flows": [{"c": cid * 2 + reply, **orjson.loads(b"{%b}" % f), "seq": n + 1}
+                           for n, (reply, f) in enumerate(fields)]}
+        line3_bytes = orjson.dumps(line3) + b"\n"
+        assert expand_flows({}, line3) == (old["flows"], 0)
+        got.clear()
+        sup3 = ProxySupervisor(tmp_path, "x:y", {}, "t", on_flow=got.append)
+        assert sup3.take(line3_bytes) is None
+        assert sup3.take(_protocol2_line(bases, fields) + b"\n") is None
+        assert got == old["flows"] * 2
+        unknown = b'{"op":"flows","seq":3,"c":[99,-99]}\x1e"verdict":"FORWARDED","l7":{}' \
+                  b'\x1e"verdict":"DROPPED","l7":{}\n'
+        got.clear()
+        assert sup.take(unknown) is None and got == [] and sup.unknown_conns == 2
+        with pytest.raises(ValueError):  # not the protocol: the control connection ends
+            sup.take(b'{"op":"flows","seq":5,"c":[3]}\x1e"l7":{}\x1e"l7":{}\n')
     asyncio.run(run())
 
 
@@ -139,12 +185,15 @@ def test_a_connection_is_announced_once_and_dropped_when_gone(tmp_path):
         p.flow(b * 2, {"verdict": "FORWARDED", "l7": {"type": "REQUEST"}})
         p.flow_conn_closed(a)
         p._flush_flows()
-        first, second = (orjson.loads(line) for line in writer.lines)
+        (first, _), (second, _) = (_line(line) for line in writer.lines)
         assert set(first["conns"]) == {str(a), str(b)} and "gone" not in first
         assert "conns" not in second and second["gone"] == [a]
-        flows = sup.expand(first) + sup.expand(second)
+        flows: list = []
+        sup.on_flows = flows.extend
+        for line in writer.lines:
+            sup.take(line)
         assert [f["seq"] for f in flows] == [1, 2] and sup.unknown_conns == 0
-        assert set(sup.conns) == {b}  # the agent dropped the closed one
+        assert set(sup.sides) == {b * 2, b * 2 + 1}
         assert set(p.flow_conns) == {a, b}  # the proxy keeps it until acknowledged
         p._acked(2)
         assert set(p.flow_conns) == {b}
@@ -165,18 +214,19 @@ def test_a_new_agent_gets_the_unacknowledged_records_whole(tmp_path, monkeypatch
         p.flow_conn_closed(a)
         p._flush_flows()
         expected = _whole(p)
-        sent_first = [orjson.loads(line) for line in p.controller.lines]
-        assert sent_first  # the first agent got them, and died without acknowledging
+        assert p.controller.lines  # the first agent got them, and died without acknowledging
         other = _Writer()
         await p._control(_Reader([b'{"op":"hello"}\n']), other)
-        sup = ProxySupervisor(tmp_path, "x:y", {}, "t", on_flow=lambda f: None)
-        lines = [orjson.loads(line) for line in other.lines[1:]]
-        assert len(lines) == 3
-        got = [f for line in lines for f in sup.expand(line)]
+        got: list = []
+        sup = ProxySupervisor(tmp_path, "x:y", {}, "t", on_flow=got.append)
+        heads = [_line(line)[0] for line in other.lines[1:]]
+        assert len(heads) == 3 and [h["seq"] for h in heads] == [1, 3, 5]
+        for line in other.lines[1:]:
+            sup.take(line)
         assert got == expected and sup.unknown_conns == 0
         assert [f["l7"]["n"] for f in got] == [0, 1, 2, 3, 4]
-        assert lines[-1]["gone"] == [a] and all("gone" not in ln for ln in lines[:-1])
-        assert set(sup.conns) == {b}
+        assert heads[-1]["gone"] == [a] and all("gone" not in h for h in heads[:-1])
+        assert set(sup.sides) == {b * 2, b * 2 + 1}
     asyncio.run(run())
 
 
@@ -191,20 +241,20 @@ def test_batches_are_one_json_line_and_acks_drop_records(tmp_path):
         assert writer.lines == []  # waits for others to share its batch
         await asyncio.sleep(proxy_module.FLOW_FLUSH_DELAY * 3)
         assert len(writer.lines) == 1 and writer.lines[0].endswith(b"\n")
-        batch = json.loads(writer.lines[0])
-        assert batch["op"] == "flows"
-        assert [f["l7"]["n"] for f in batch["flows"]] == [0, 1, 2]
-        assert [f["seq"] for f in batch["flows"]] == [1, 2, 3]
+        head, records = _line(writer.lines[0])
+        assert head["op"] == "flows" and head["seq"] == 1
+        assert [orjson.loads(b"{%b}" % r)["l7"]["n"] for r in records] \
+            == [0, 1, 2]
         p._acked(2)  # part of a batch
-        assert [seq for seq, _ in p.unacknowledged()] == [3]
+        assert [seq for seq, _c, _r in p.unacknowledged()] == [3]
         assert p.describe()["buffered_flows"] == 1
         # the next agent gets what is unacknowledged again, then new records in new batches
         p.flow(cid * 2, {"verdict": "FORWARDED", "l7": {"type": "REQUEST", "n": 3}})
         other = _Writer()
         await p._control(_Reader([b'{"op":"hello"}\n']), other)
-        assert [f["seq"] for line in other.lines[1:] for f in json.loads(line)["flows"]] == \
-            [3, 4]
-        assert json.loads(other.lines[1])["conns"]  # the connection announced again
+        assert [(_line(line)[0]["seq"], len(_line(line)[1])) for line in other.lines[1:]] \
+            == [(3, 1), (4, 1)]
+        assert _line(other.lines[1])[0]["conns"]  # the connection announced again
         p._acked(4)
         assert p.unacknowledged() == [] and p.describe()["buffered_flows"] == 0
     asyncio.run(run())
@@ -221,7 +271,7 @@ def test_the_buffer_bound_drops_the_oldest_and_counts_it(tmp_path, monkeypatch, 
     for _ in range(2):
         p.flow(b * 2, {"verdict": "FORWARDED", "l7": {"type": "REQUEST"}})
     p._flush_flows()  # the bound holds from every flush on (a batch may exceed it until)
-    assert [seq for seq, _ in p.unacknowledged()] == [2, 3]
+    assert [seq for seq, _c, _r in p.unacknowledged()] == [2, 3]
     assert p.stats["flows_lost"] == 1
     assert set(p.flow_conns) == {b}  # no record left names the closed one
 
@@ -232,15 +282,44 @@ def test_a_base_is_a_json_object(reply):
 
 
 @pytest.mark.parametrize(("control_protocol", "adopted"),
-                         [(2, True), (proxy_module.CONTROL_PROTOCOL, True), (1, False),
+                         [(2, True), (3, True), (proxy_module.CONTROL_PROTOCOL, True),
+                          (1, False),
                           (proxy_module.CONTROL_PROTOCOL + 1, False), (None, False)])
 def test_a_running_proxy_of_protocol_2_or_3_is_adopted(tmp_path, control_protocol, adopted):
-    """A proxy an older agent left running (protocol 2) keeps serving under the new agent;
+    """A proxy an older agent left running (protocol 2 or 3) keeps serving under the new
+    agent;
     one it cannot read is replaced."""
     sup = ProxySupervisor(tmp_path, "x:y", {"ingress": 10080}, "v", on_flow=lambda f: None)
     hello = {"version": "v", "control_protocol": control_protocol, "reuseport": False,
              "ports": {"ingress": 10080}}
     assert sup._compatible(hello) is adopted
+
+
+def test_the_supervisor_hands_each_batch_as_it_came_to_on_batch(tmp_path):
+    """With `on_batch` the agent gets a batch's records unexpanded (`FlowBatch`: a record
+    names its connection side; `whole()` of one is what `on_flows` gets), and
+    acknowledges up to its last seq."""
+    async def run():
+        p = _proxy(tmp_path)
+        p.controller = writer = _Writer()
+        cid = p.new_flow_conn(_bases())
+        for n in range(3):
+            p.flow(cid * 2 + n % 2, {"verdict": "FORWARDED", "l7": {"type": "REQUEST", "n": n}})
+        p._flush_flows()
+        expected = _whole(p)
+        batches, whole = [], []
+        sup = ProxySupervisor(tmp_path, "x:y", {}, "t", on_flow=whole.append,
+                              on_flows=whole.extend, on_batch=batches.append)
+        await sup._read(_Reader(writer.lines))
+        assert whole == [] and len(batches) == 1 and sup.acked_upto == 3
+        batch = batches[0]
+        assert batch.seq == 1 and len(batch.records) == 3
+        assert [batch.whole(c, r, batch.seq + i)
+                for i, (c, r) in enumerate(zip(batch.cs, batch.records, strict=True))] \
+            == batch.expand() == expected
+        assert batch.cs == [-cid * 2, -cid * 2 - 1, -cid * 2]  # not a fast path's
+        assert batch.sides[cid * 2 + 1].reply is True
+    asyncio.run(run())
 
 
 def test_the_supervisor_hands_each_batch_whole_to_on_flows(tmp_path):
