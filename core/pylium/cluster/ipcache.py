@@ -202,6 +202,7 @@ class IPCacheSync:
         self.publish_errors = 0
         session.on_new_lease(self.republish)
         session.on_resync(self.resync)
+        session.on_wipe_noticed(self.mirror.store_wiped)
         if nodes is not None:
             nodes.subscribe(self._node_joined, self._node_left)
 

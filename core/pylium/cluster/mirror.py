@@ -83,6 +83,14 @@ class PrefixMirror:
                 log.exception("following %s failed; listing again", self.prefix)
             await asyncio.sleep(self.retry_interval)
 
+    def store_wiped(self) -> None:
+        """The store lost its data (the cluster session noticed): the next list keeps what
+        it misses for `reset_grace`. The watch's own check (a revision gone back) misses a
+        wipe when the nodes writing back took the new store's revision past ours first."""
+        if not self._reset:
+            self._reset = True
+            self.resets += 1
+
     async def resync(self, wait: float | None = 10.0) -> None:
         """List the prefix again now; waits (up to `wait` s) until the new list is applied."""
         self._listed.clear()

@@ -116,6 +116,7 @@ class NodeRegistry:
                                    reset_grace=session.reset_grace)
         session.on_new_lease(self.publish)
         session.on_resync(self.resync)
+        session.on_wipe_noticed(self.mirror.store_wiped)
         session.size_from(lambda: len(self.nodes) + 1)
 
     def subscribe(self, on_joined: NodeCallback | None = None,

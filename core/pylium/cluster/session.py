@@ -66,6 +66,7 @@ class ClusterSession:
         self.incarnation = ""
         self._republishers: list[Republisher] = []
         self._rewriters: list[Rewriter] = []
+        self._wipe_noticers: list[Callable[[], None]] = []
         self._resyncers: list[Resyncer] = []
         self._task: asyncio.Task | None = None
         #: probes in a row that got no answer in time (a store that refuses connections
@@ -91,6 +92,13 @@ class ClusterSession:
         """`rewrite()` writes back the caller's state that is on no lease (create-if-absent:
         another node may have written it back first) after the store lost its data."""
         self._rewriters.append(rewrite)
+
+    def on_wipe_noticed(self, notice: Callable[[], None]) -> None:
+        """`notice()` runs as soon as this session finds the store lost its data, before
+        anything is written back: a follower's next list must keep the keys it misses
+        (`PrefixMirror.store_wiped`), even when the nodes writing back have already taken
+        the new store's revision past the one it had seen."""
+        self._wipe_noticers.append(notice)
 
     def size_from(self, cluster_size: Callable[[], int]) -> None:
         """`cluster_size()` is the number of nodes: a large cluster probes less often."""
@@ -151,6 +159,8 @@ class ClusterSession:
             return False
         previous, self.incarnation = self.incarnation, await self._incarnation()
         self.wipes += 1
+        for notice in list(self._wipe_noticers):
+            notice()
         log.warning("the kvstore lost its data (incarnation %s, now %s): writing back this "
                     "node's identities, node, endpoints and services", previous or "-",
                     self.incarnation)

@@ -161,6 +161,7 @@ class LoadBalancer:
         if cluster is not None:
             # services live on no lease: after the store lost its data, write them back
             cluster.session.on_wipe(self.restore_to_store)
+            cluster.session.on_wipe_noticed(self.mirror.store_wiped)
             cluster.session.on_resync(self.mirror.resync)
         self.mirror.start()
         try:
