@@ -356,10 +356,7 @@ class ProxySupervisor:
             raise ValueError(f"a batch of {len(records)} records names {cs!r}")
         batch = FlowBatch(int(message["seq"]), cs, records, sides, self, fresh)
         if self.on_batch is not None:
-            try:
-                self.on_batch(batch)
-            except Exception:  # flows we cannot record must not stop the reader
-                self.log.exception("recording L7 flows failed")
+            self._record(self.on_batch, batch)
         else:
             self._deliver(batch.expand())
         for cid in message.get("gone") or ():
@@ -367,13 +364,18 @@ class ProxySupervisor:
             sides.pop(cid * 2 + 1, None)
         self._ack(batch.seq + len(batch.records) - 1)
 
+    def _record(self, take: Any, flows: Any) -> None:
+        """Hand a batch of flows to the agent's callback: flows we cannot record must not
+        stop the reader."""
+        try:
+            take(flows)
+        except Exception:
+            self.log.exception("recording L7 flows failed")
+
     def _deliver(self, flows: list[dict[str, Any]]) -> None:
         """Whole records to `on_flows`, else to `on_flow` each."""
         if self.on_flows is not None:
-            try:
-                self.on_flows(flows)
-            except Exception:  # flows we cannot record must not stop the reader
-                self.log.exception("recording L7 flows failed")
+            self._record(self.on_flows, flows)
         else:
             on_flow = self.on_flow
             for flow in flows:
