@@ -54,8 +54,7 @@ def one_round(host_ns: str, pods: list[str], prog: int, tag: str) -> dict[str, l
         from pylium.datapath.proxy import prepare_endpoint_veth
 
         prepare_endpoint_veth(link.ifindex)
-        tc.attach(link.ifindex, tc.INGRESS, prog)
-        tc.attach(link.ifindex, tc.EGRESS, prog)
+        tc.attach_both(link.ifindex, prog, prog)
         out["tc"].append((time.perf_counter() - t) * 1000)
 
     def body() -> None:
@@ -74,7 +73,22 @@ def one_round(host_ns: str, pods: list[str], prog: int, tag: str) -> dict[str, l
     return out
 
 
+def busy(stop: threading.Event) -> None:
+    """FLOOR_BUSY=1: a thread that keeps the GIL busy the way the agent's event loop does
+    in a burst (Python work in short stretches between short syscalls), to show what the
+    GIL hand-offs cost the wiring thread."""
+    import select
+
+    poller = select.epoll()
+    while not stop.is_set():
+        sum(i * i for i in range(300))  # ~20-40 us of bytecode
+        poller.poll(0)
+
+
 def main() -> None:
+    stop = threading.Event()
+    if os.environ.get("FLOOR_BUSY"):
+        threading.Thread(target=busy, args=(stop,), daemon=True).start()
     suffix = secrets.token_hex(3)
     host = f"fl{suffix}-host"
     pods = [f"fl{suffix}-p{i}" for i in range(PODS)]
@@ -101,6 +115,7 @@ def main() -> None:
             "tc_and_sysctls_ms_median": round(statistics.median(tcs), 3),
             "loadavg": Path("/proc/loadavg").read_text().split()[:3]}))
     finally:
+        stop.set()
         for name in made:
             plumbing.remove_netns(name)
         os.close(prog)
