@@ -378,8 +378,7 @@ class Datapath:
         qdiscs; the endpoint manager never attaches and detaches one endpoint at once)."""
         self._attached.pop(ifindex, None)
         prepare_endpoint_veth(ifindex)
-        tc.attach(ifindex, tc.INGRESS, self.prog_fds["from_container"])
-        tc.attach(ifindex, tc.EGRESS, self.prog_fds["to_container"])
+        tc.attach_both(ifindex, self.prog_fds["from_container"], self.prog_fds["to_container"])
         self._attached[ifindex] = host_mac
 
     def _detach_programs(self, ifindex: int) -> None:

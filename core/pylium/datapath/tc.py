@@ -22,14 +22,33 @@ def _hook(ifindex: int, point: int) -> BpfTcHook:
 
 def attach(ifindex: int, point: int, prog_fd: int) -> None:
     """Attach (or replace) pylium's direct-action filter on `ifindex`'s clsact hook."""
-    hook = _hook(ifindex, point)
-    rc = lib.bpf_tc_hook_create(ctypes.byref(hook))
+    _create_clsact(ifindex)
+    _attach(_hook(ifindex, point), prog_fd)
+
+
+def attach_both(ifindex: int, ingress_fd: int, egress_fd: int) -> None:
+    """`attach` on both hooks of `ifindex` with one clsact qdisc create: an endpoint's two
+    programs on its new veth (a pod start). Asking for the qdisc again for the second hook
+    cost a netlink round trip and a kernel refusal that libbpf logs ("Exclusivity flag
+    on"): one per pod start, which crowded the verifier's messages out of `log_tail`."""
+    _create_clsact(ifindex)
+    _attach(_hook(ifindex, INGRESS), ingress_fd)
+    _attach(_hook(ifindex, EGRESS), egress_fd)
+
+
+def _create_clsact(ifindex: int) -> None:
+    """The clsact qdisc both hooks hang off (there already: fine)."""
+    rc = lib.bpf_tc_hook_create(ctypes.byref(_hook(ifindex, INGRESS)))
     if rc < 0 and libbpf.errno_of(rc) != errno.EEXIST:
         libbpf.check(rc, f"creating clsact qdisc on ifindex {ifindex}")
+
+
+def _attach(hook: BpfTcHook, prog_fd: int) -> None:
     opts = BpfTcOpts(sz=ctypes.sizeof(BpfTcOpts), prog_fd=prog_fd, flags=libbpf.BPF_TC_F_REPLACE,
                      handle=HANDLE, priority=PRIORITY)
     libbpf.check(lib.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts)),
-                 f"attaching tc {'ingress' if point == INGRESS else 'egress'} program on ifindex {ifindex}")
+                 f"attaching tc {'ingress' if hook.attach_point == INGRESS else 'egress'} "
+                 f"program on ifindex {hook.ifindex}")
 
 
 def query(ifindex: int, point: int) -> int | None:

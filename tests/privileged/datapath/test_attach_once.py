@@ -12,14 +12,20 @@ PODS = {"a": ("10.219.0.10", 4001), "b": ("10.219.0.11", 4002)}
 
 
 def _count_attaches(monkeypatch) -> list[tuple[int, int]]:
+    """Every hook a program is attached to, through `tc.attach` or `tc.attach_both`."""
     calls: list[tuple[int, int]] = []
-    real = tc.attach
+    real, real_both = tc.attach, tc.attach_both
 
     def counting(ifindex: int, point: int, prog_fd: int) -> None:
         calls.append((ifindex, point))
         real(ifindex, point, prog_fd)
 
+    def counting_both(ifindex: int, ingress_fd: int, egress_fd: int) -> None:
+        calls.extend([(ifindex, tc.INGRESS), (ifindex, tc.EGRESS)])
+        real_both(ifindex, ingress_fd, egress_fd)
+
     monkeypatch.setattr(tc, "attach", counting)
+    monkeypatch.setattr(tc, "attach_both", counting_both)
     return calls
 
 
@@ -54,3 +60,19 @@ def test_agent_start_attaches_each_endpoint_once(node, monkeypatch):
         assert _attached_ids(n.worker, ep.ifindex) == new_ids
     finally:
         restarted.close()
+
+
+def test_an_endpoint_attach_asks_for_the_clsact_qdisc_once(node):
+    """Both programs go on a new veth with one qdisc create: a second create for the egress
+    hook was refused by the kernel on every pod start, and libbpf's log of that refusal
+    crowded the verifier's messages out of `log_tail`."""
+    libbpf.clear_log()
+    n = node("tidy-attach2", PODS)
+    for ep in n.eps.values():
+        ingress, egress = _attached_ids(n.worker, ep.ifindex)
+        assert ingress is not None and egress is not None
+    refusals = [line for line in libbpf.log_tail(LOG_LINES) if "Kernel error" in line]
+    assert refusals == [], refusals
+
+
+LOG_LINES = libbpf.LOG_KEEP

@@ -576,3 +576,33 @@ def test_a_new_identity_regenerates_exactly_the_endpoints_that_select_it(tmp_pat
         assert any(k.identity == c1.identity and k.port == 80
                    for k in installed.entries), installed.entries
     assert d1.id not in datapath.updates
+
+
+def test_a_netns_named_two_ways_is_one_netns_and_a_create_compares_files_once(
+        tmp_path, links, monkeypatch):
+    """`pod-a` and `/run/netns/pod-a` name one netns (compared by the file that names it
+    when there is no inode to compare); and a create works out each endpoint's file once,
+    not once per later create (a node with many pods paid it on every pod start)."""
+    mgr, _ = make(tmp_path)
+    made = []
+    real = plumbing.netns_path
+
+    def counting(netns):
+        made.append(netns)
+        return real(netns)
+
+    monkeypatch.setattr(manager_mod.plumbing, "netns_path", counting)
+
+    async def go():
+        for i in range(8):
+            await mgr.create(f"p{i}", "default", {"app": "x"}, f"pod-{i}")
+        with pytest.raises(UserError, match="already belongs"):
+            await mgr.create("other", "default", {"app": "x"}, "/run/netns/pod-3")
+        made.clear()
+        await mgr.create("p8", "default", {"app": "x"}, "pod-8")
+        await mgr.create("p9", "default", {"app": "x"}, "pod-9")
+
+    run(go())
+    # the new pods' own files (each create: its stat, its file, and the file of the pod
+    # before it, worked out for the comparison), not two per endpoint already there (~40)
+    assert len(made) <= 8, made
