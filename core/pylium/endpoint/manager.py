@@ -450,7 +450,8 @@ class EndpointManager:
         fails. The veth and address (a netlink thread), the identity (the KV store) and an
         empty policy map in the endpoint's slot (its RCU grace period; the first
         regeneration fills the map in place) are made side by side. The endpoint is
-        current once wired; its state file is written after its first regeneration."""
+        current once wired and published (`_publish`: with its first policy and its state
+        file, in one thread job, when the datapath can)."""
         owner = (container_owner(container_id) if container_id
                  else f"endpoint:{namespace}/{name}")
         ifname = host_ifname(namespace, name, container_id)
