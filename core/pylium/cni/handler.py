@@ -143,11 +143,21 @@ def version_answer(conf: Mapping[str, Any]) -> dict[str, Any]:
 # one invocation -----------------------------------------------------------------------------
 async def run(environ: Mapping[str, str], stdin: bytes, agent: AgentPort) -> tuple[int, Any]:
     """One invocation: (exit code, JSON object for stdout or None)."""
-    version = reported_version(stdin)
+    # the config is decoded once (it was twice: for the error objects' version, then for
+    # the command); a config that does not decode is reported after the environment
+    try:
+        decoded: dict[str, Any] | CNIError = spec.decode_config(stdin)
+        version = _spoken(decoded.get("cniVersion"))
+    except CNIError as exc:
+        decoded, version = exc, spec.LATEST
     try:
         env = spec.parse_env(environ)
-        conf = spec.decode_config(stdin) if (stdin.strip() or env["command"] != "VERSION") \
-            else {}
+        if not (stdin.strip() or env["command"] != "VERSION"):
+            conf: dict[str, Any] = {}
+        elif isinstance(decoded, CNIError):
+            raise decoded
+        else:
+            conf = decoded
         if env["command"] == "VERSION":
             return 0, version_answer(conf)
         version = spec.config_version(conf)

@@ -99,6 +99,33 @@ class DatapathAdapter:
 
         await asyncio.to_thread(attach)
 
+    async def publish(self, ep: Endpoint, policy: Any,
+                      then: Any = None) -> BaseException | None:
+        """A new endpoint's whole datapath start in one job of a policy thread: published
+        (endpoints map, ipcache), its prepared policy map filled with `policy` (None: left
+        empty), then `then(filled)` (the manager's state file write). A pod start paid one
+        thread hop for each before. A publish that fails raises; a fill that fails is
+        returned (the endpoint stays published, its policy is regenerated)."""
+        from pylium.datapath import EndpointInfo
+
+        info = EndpointInfo(ep_id=ep.id, ipv4=ep.ipv4, ifindex=ep.ifindex, ep_mac=ep.pod_mac,
+                            host_mac=ep.mac, identity=ep.identity)
+
+        def job() -> BaseException | None:
+            self.datapath.attach_endpoint(info)
+            self.datapath.upsert_ipcache(f"{ep.ipv4}/32", ep.identity)
+            failed = None
+            if policy is not None:
+                try:
+                    self.datapath.update_policy(ep.id, policy)
+                except Exception as exc:
+                    failed = exc
+            if then is not None:
+                then(failed is None)
+            return failed
+
+        return await asyncio.get_running_loop().run_in_executor(self._policy_threads, job)
+
     def attach_programs(self, host: Any) -> None:
         """The programs on a new veth's host end (a netlink thread's call, see
         `Datapath.attach_programs`)."""

@@ -237,15 +237,7 @@ class EndpointManager:
         """`_save` without the wait: `ep` is current at once, its state file is written on
         the state thread in the order asked; the future is done once it is (`_written`)."""
         self._endpoints[ep.id] = ep
-        path = self.dir / f"{ep.id}.json"
-        text = json.dumps(endpoint_to_json(ep), indent=1, sort_keys=True)
-
-        def write() -> None:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
-
-        future = asyncio.get_running_loop().run_in_executor(self._io, write)
+        future = asyncio.get_running_loop().run_in_executor(self._io, self._state_writer(ep))
         self._writes[ep.id] = future
         self._filed[ep.id] = ep
         future.add_done_callback(lambda done: self._write_done(ep.id, done))
@@ -458,7 +450,8 @@ class EndpointManager:
         fails. The veth and address (a netlink thread), the identity (the KV store) and an
         empty policy map in the endpoint's slot (its RCU grace period; the first
         regeneration fills the map in place) are made side by side. The endpoint is
-        current once wired; its state file is written after its first regeneration."""
+        current once wired and published (`_publish`: with its first policy and its state
+        file, in one thread job, when the datapath can)."""
         owner = (container_owner(container_id) if container_id
                  else f"endpoint:{namespace}/{name}")
         ifname = host_ifname(namespace, name, container_id)
@@ -491,11 +484,15 @@ class EndpointManager:
                           ifindex=links.host.ifindex, mac=links.host.mac,
                           pod_mac=links.pod.mac, container_id=container_id,
                           pod_ifname=pod_ifname, identity=done.get("identity", 0))
-            if self.datapath is not None:
-                await self.datapath.attach(ep)
-                undo.append(lambda: self.datapath.detach(ep))
-            undo.append(lambda: self._forget(ep))
-            self._endpoints[ep.id] = ep
+            publish = getattr(self.datapath, "publish", None)
+            if publish is not None:
+                ep = await self._publish(ep, publish, undo)
+            else:
+                if self.datapath is not None:
+                    await self.datapath.attach(ep)
+                    undo.append(lambda: self.datapath.detach(ep))
+                undo.append(lambda: self._forget(ep))
+                self._endpoints[ep.id] = ep
         except BaseException:
             for step in reversed(undo):
                 try:
@@ -509,6 +506,60 @@ class EndpointManager:
                  address, ifname, ep.identity,
                  f", container {container_id}" if container_id else "")
         return ep
+
+    async def _publish(self, ep: Endpoint, publish: Callable[..., Any],
+                       undo: list[Callable[[], Any]]) -> Endpoint:
+        """Publish a wired endpoint, fill its first policy and write its state file in one
+        job of a datapath thread (`DatapathAdapter.publish`): one thread hop per pod start
+        where there were three (publish, first policy, state file), each a scheduling
+        delay on a node starting many pods. The state file exists before the create
+        answers (restore needs only what the veth and address are; it regenerates every
+        endpoint's policy itself). The create's regeneration pass then finds the policy
+        loaded and the file current, unless the policy changed meanwhile."""
+        policy = None
+        if self.policy is not None:
+            try:
+                policy = await self.policy.compute(ep)
+            except Exception:
+                policy = None  # the regeneration pass computes it again and reports why
+        ready = ep if policy is None else attrs.evolve(
+            ep, state=READY, error="",
+            ingress_enforced=bool(getattr(policy, "ingress_enforced", False)),
+            egress_enforced=bool(getattr(policy, "egress_enforced", False)),
+            policy_revision=int(getattr(policy, "revision", 0)))
+        filed: list[Endpoint] = []
+
+        def then(filled: bool) -> None:  # on the datapath thread
+            self._state_writer(ready if filled else ep)()
+            filed.append(ready if filled else ep)
+
+        undo.append(lambda: self.datapath.detach(ep))
+        undo.append(lambda: self._forget(ep))
+        failed = await publish(ep, policy, then)
+        current = filed[0]
+        if policy is not None and failed is None:
+            self._installed[ep.id] = policy
+        elif failed is not None:
+            log.warning("endpoint %d: its first policy did not load (%s); regenerating",
+                        ep.id, failed)
+        self._endpoints[ep.id] = current
+        self._filed[ep.id] = current
+        return current
+
+    def _state_writer(self, ep: Endpoint) -> Callable[[], None]:
+        """A function that writes `ep`'s state file (atomically: temp file, rename), for
+        the thread that writes it: the encoding happens there too, not on the event loop
+        (`ep` is immutable), and by the C encoder (no `indent`: an indented dump takes
+        json's pure-Python path, ~10x the CPU)."""
+        path = self.dir / f"{ep.id}.json"
+
+        def write() -> None:
+            text = json.dumps(endpoint_to_json(ep), sort_keys=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+
+        return write
 
     async def _policy_slot_ready(self, ep_id: int, prepared: asyncio.Future) -> None:
         """Until the prepared policy map is in the endpoint's slot: the update lands at
