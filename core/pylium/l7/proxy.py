@@ -849,6 +849,7 @@ class Proxy:
         """The round's waiting messages go out, one send per connection side; whether the
         next rounds wait too depends on how many connections this one had."""
         conns, self.in_round = self.in_round, []
+        self.stats["write_rounds"] += 1
         for conn in conns:
             if conn.in_round:  # (else flushed already: a general-path event, a close)
                 conn.flush()

@@ -84,6 +84,7 @@ def test_a_busy_round_writes_at_its_end_and_a_quiet_one_switches_back(tmp_path):
         assert log == [f"up{i}" for i in range(len(conns))]
         assert all(conn.up.data.endswith(REQUEST) for conn in conns)
         assert p.round_writes is True and not p.in_round
+        assert p.describe()["stats"]["write_rounds"] == 1  # (counted in the proxy stats)
         for conn in conns:  # the responses, and a second request on one connection
             conn.received(conn.reply, RESPONSE)
         conns[1].received(conns[1].request, REQUEST)
