@@ -254,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                 tmp / "pylium-ref", "pylium_l7_http.parser:HttpParserFactory",
                 {"ingress": REF_PROXY, "egress": REF_PROXY + 1}, "bench-ref",
                 workers=args.workers,
-                # the older tree's proxy speaks protocol 3: its records reach the agent
-                # whole (`_flows`), as that tree's agent takes them
-                on_flow=ref_agent["on_flow"], on_flows=ref_agent["on_flows"],
+                # this agent's own path: a protocol 4 proxy's batches to `on_batch`,
+                # an older tree's (protocol 2, 3) records whole to `on_flows`
+                **ref_agent,
                 launcher=["nsenter", f"--net=/run/netns/{topo.router}", "env",
                           f"PYTHONPATH={ref / 'core'}:{ref / 'plugins' / 'l7_http'}"])
             loop.run_until_complete(ref_pool.start())

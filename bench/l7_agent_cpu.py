@@ -106,6 +106,8 @@ def capture(requests: int, connections: int, batch: int) -> list[bytes]:
                 conn = conns[n % connections]
                 conn.received(conn.request, REQUEST)
                 conn.received(conn.reply, RESPONSE)
+                if proxy.in_round:  # the loop's round ends
+                    proxy.write_round()
                 if len(proxy.batch) >= batch:
                     proxy._flush_flows()
             proxy._flush_flows()

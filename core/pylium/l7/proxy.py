@@ -97,6 +97,17 @@ FLOW_FLUSH_DELAY = 0.01
 CONNECT_TIMEOUT = 5.0
 #: per-direction bytes read ahead of the other side before reading pauses
 HIGH_WATER = 1 << 20
+#: connections with a whole message in one event-loop round from which the fast path's
+#: writes wait for the round's end (`Proxy.write_round`): with many connections busy at
+#: once, the writes that wake the processes at the other ends then go out together, and
+#: each wakes once per round for all of them instead of once per message (a proxy at
+#: 100 busy connections: ~60 per round, ~1/5 less CPU per request in the kernel). With
+#: few (one client: one message per round) each write goes out at once: the wait would
+#: only add the loop's scheduling (~1 us per message)
+ROUND_BATCH = 16
+#: fast-path messages written at once between two rounds that look again whether rounds
+#: carry ROUND_BATCH connections (one round's writes are deferred to count them)
+ROUND_PROBE = 256
 
 
 # policy -------------------------------------------------------------------------------------
@@ -322,6 +333,8 @@ class Connection:
         #: bytes decided during one event, written with one send per side at its end
         self.out_client: list[bytes] = []
         self.out_up: list[bytes] = []
+        #: listed in `Proxy.in_round`: fast-path messages wait in out_* for the round's end
+        self.in_round = False
         sock = transport.get_extra_info("socket")
         # asyncio sets TCP_NODELAY only on sockets made with proto=IPPROTO_TCP: a head and
         # a body written separately must not wait for the client's delayed ACK
@@ -396,6 +409,18 @@ class Connection:
                 or side.paused):
             fast = side.fast
             if fast is not None and fast(data):  # one whole message, forwarded as read
+                proxy = self.proxy
+                if proxy.round_writes:  # at the round's end, with the other connections'
+                    (self.out_client if side.reply else self.out_up).append(data)
+                    if not self.in_round:
+                        self.in_round = True
+                        proxy.round_add(self)
+                    if (self.request if side.reply else self.reply).buf:
+                        self._unblock(self.request if side.reply else self.reply)
+                    return
+                proxy.until_probe -= 1
+                if not proxy.until_probe:  # the next round's writes wait and are counted
+                    proxy.round_writes = True
                 if side.reply:
                     self.down.write(data)
                     other = self.request
@@ -577,7 +602,9 @@ class Connection:
             (self.out_client if to_client else self.out_up).append(data)
 
     def flush(self) -> None:
-        """Write what this event decided: one send per side, not one per op."""
+        """Write what this event decided (and fast-path messages of this round still
+        waiting, first): one send per side, not one per op."""
+        self.in_round = False
         if self.out_client:
             data = b"".join(self.out_client) if len(self.out_client) > 1 else self.out_client[0]
             self.out_client = []
@@ -738,6 +765,12 @@ class Proxy:
                 log.warning("pinned ipcache %s not opened (%s): using the pushed table",
                             ipcache, exc)
         self.active: set[Connection] = set()
+        #: whether the fast path's writes wait for the end of the event-loop round
+        #: (ROUND_BATCH), the connections whose writes wait, and how many fast-path
+        #: messages are written at once before a round is counted again (ROUND_PROBE)
+        self.round_writes = False
+        self.in_round: list[Connection] = []
+        self.until_probe = ROUND_PROBE
         self.servers: list[asyncio.AbstractServer] = []
         #: flow records not yet acknowledged by an agent, oldest first, each encoded once
         #: when made (nothing of a record stays alive as Python objects while it waits):
@@ -803,6 +836,25 @@ class Proxy:
                 pidfile.unlink()
         except OSError:
             pass
+
+    # writes -------------------------------------------------------------------------------
+    def round_add(self, conn: Connection) -> None:
+        """`conn` has fast-path messages waiting: written when the loop has run every
+        callback of this round (the first of a round schedules `write_round`)."""
+        if not self.in_round:
+            asyncio.get_running_loop().call_soon(self.write_round)
+        self.in_round.append(conn)
+
+    def write_round(self) -> None:
+        """The round's waiting messages go out, one send per connection side; whether the
+        next rounds wait too depends on how many connections this one had."""
+        conns, self.in_round = self.in_round, []
+        self.stats["write_rounds"] += 1
+        for conn in conns:
+            if conn.in_round:  # (else flushed already: a general-path event, a close)
+                conn.flush()
+        self.round_writes = len(conns) >= ROUND_BATCH
+        self.until_probe = ROUND_PROBE
 
     # flows --------------------------------------------------------------------------------
     def new_flow_conn(self, bases: tuple[bytes, bytes]) -> int:

@@ -455,25 +455,31 @@ def _verdicts_of(grants: Any) -> tuple[Any, dict[tuple[bytes, bytes], Any], bool
     return entry
 
 
-#: (name, value) as httptools gave them -> the header as a member of a flow record's
-#: `headers` array, encoded: most headers repeat from message to message (Host, Server,
-#: Content-Type, ...), so a head's part of its record is mostly dictionary lookups
-_FRAGMENTS: dict[tuple[bytes, bytes], bytes] = {}
+class _Fragments(dict):
+    """(name, value) as httptools gave them -> the header as a member of a flow record's
+    `headers` array, encoded: most headers repeat from message to message (Host, Server,
+    Content-Type, ...), so a head's part of its record is mostly dictionary lookups. A
+    missing one is made by `__missing__`, so a head's fragments are one
+    `map(_FRAGMENT, raw)` in C (no Python frame per header, no comprehension's function
+    per message)."""
+
+    def __missing__(self, header: tuple[bytes, bytes]) -> bytes:
+        """One header's fragment, as `flow_headers` has it (value trimmed, or redacted);
+        cached unless redacted (a secret is not kept) or long."""
+        name, value = header
+        key = name.decode("latin-1")
+        if key.lower() in REDACTED:
+            return orjson.dumps({"key": key, "value": "[redacted]"})
+        fragment = orjson.dumps({"key": key, "value": value.decode("latin-1").strip(" \t")})
+        if len(value) <= FRAGMENT_VALUE_MAX:
+            if len(self) >= FRAGMENT_CACHE:
+                self.clear()
+            self[header] = fragment
+        return fragment
 
 
-def _fragment(header: tuple[bytes, bytes]) -> bytes:
-    """One header's fragment, as `flow_headers` has it (value trimmed, or redacted);
-    cached unless redacted (a secret is not kept)."""
-    name, value = header
-    key = name.decode("latin-1")
-    if key.lower() in REDACTED:
-        return orjson.dumps({"key": key, "value": "[redacted]"})
-    fragment = orjson.dumps({"key": key, "value": value.decode("latin-1").strip(" \t")})
-    if len(value) <= FRAGMENT_VALUE_MAX:
-        if len(_FRAGMENTS) >= FRAGMENT_CACHE:
-            _FRAGMENTS.clear()
-        _FRAGMENTS[header] = fragment
-    return fragment
+_FRAGMENTS = _Fragments()
+_FRAGMENT = _FRAGMENTS.__getitem__
 
 
 def _response_fields(method: str, url: str) -> bytes | None:
@@ -558,9 +564,8 @@ class HttpConnection(ConnectionParser):
         if found is False:
             self.req_stream = None
             return False
-        get = _FRAGMENTS.get  # the headers array's members, one lookup per header
-        self.record(False, b"%b%b%b]}}" % (found[0], b",".join(
-            [get(header) or _fragment(header) for header in raw]), found[5]))
+        self.record(False, b"%b%b%b]}}" % (found[0], b",".join(map(_FRAGMENT, raw)),
+                                            found[5]))
         self.pending.append(_pending(Pending, (found[1], found[2], found[4], _now(), None,
                                                False, found[3])))
         return True
@@ -619,11 +624,9 @@ class HttpConnection(ConnectionParser):
         if not stream.one(data) or (status := stream.parser.get_status_code()) < 200:
             self.resp_stream = None
             return False
-        get = _FRAGMENTS.get
         # the status line starts with HTTP/x.y (llhttp checked its form)
         self.record(True, b'%b"code":%d,"protocol":"HTTP/%b","headers":[%b]},"latency_ns":%d}'
-                    % (fields, status, data[5:8],
-                       b",".join([get(header) or _fragment(header) for header in c.raw]),
+                    % (fields, status, data[5:8], b",".join(map(_FRAGMENT, c.raw)),
                        _now() - request.started_ns))
         pending.popleft()
         return True

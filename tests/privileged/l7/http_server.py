@@ -90,6 +90,10 @@ class Handler(BaseHTTPRequestHandler):
 def main() -> None:
     Handler.log_path = sys.argv[1]
     ThreadingHTTPServer.daemon_threads = True
+    # a listen backlog for many connections opened at once (socketserver's default is 5:
+    # the proxy's upstream connects of a burst of clients overflowed it, and a connection
+    # the kernel dropped the handshake's ACK of waited seconds for retransmissions)
+    ThreadingHTTPServer.request_queue_size = 1024
     servers = [ThreadingHTTPServer(("0.0.0.0", int(port)), Handler) for port in sys.argv[2:]]
     for server in servers[1:]:
         threading.Thread(target=server.serve_forever, daemon=True).start()

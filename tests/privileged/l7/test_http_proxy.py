@@ -345,3 +345,45 @@ def test_large_response_to_a_slow_client_keeps_the_proxy_small(topo, server, age
     assert got > size
     print(f"proxy RSS {before} KiB before, {stalled} KiB with a stalled 64 MiB download")
     assert stalled - before < 16 * 1024
+
+
+def test_many_busy_connections_each_get_their_own_answers_in_order(topo, server, agent):
+    """128 keep-alive connections sending at once, round after round (the proxy's writes
+    may then wait for the end of its event-loop round, `ROUND_BATCH`): every connection
+    gets exactly its own responses, in order, denied ones included, and every request and
+    response is a flow."""
+    agent.apply(ingress={0: http_rules(PortRuleHTTP(method="GET", path="/c.*"))})
+    agent.flows.clear()
+    socks = [topo.connect() for _ in range(128)]
+    try:
+        readers = [Reader(sock) for sock in socks]
+        for round_ in range(10):
+            paths = [f"/c{i}-{round_}" if i % 4 else f"/d{i}-{round_}"
+                     for i in range(len(socks))]
+            for sock, path in zip(socks, paths, strict=True):
+                # a denied request with an allowed one pipelined behind it: both answered
+                sock.sendall(request("GET", path) if path.startswith("/c") else
+                             request("GET", path) + request("GET", f"/c{path[2:]}"))
+            for reader, path in zip(readers, paths, strict=True):
+                status, _, body = reader.response()
+                if path.startswith("/c"):
+                    assert (status, body) == (200, f"ok GET {path} 0\n".encode())
+                else:
+                    assert (status, body) == (403, FORBIDDEN_BODY)
+                    status, _, body = reader.response()
+                    assert (status, body) == (200, f"ok GET /c{path[2:]} 0\n".encode())
+    finally:
+        for sock in socks:
+            sock.close()
+    denied = 10 * 32
+    want = 10 * 128 + denied  # requests: every connection's, and the pipelined ones
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with agent.flows.lock:
+            kinds = [f["l7"]["type"] for f in agent.flows.items]
+        if kinds.count("REQUEST") >= want and kinds.count("RESPONSE") >= want - denied:
+            break
+        time.sleep(0.05)
+    assert kinds.count("REQUEST") == want
+    assert kinds.count("RESPONSE") == want - denied  # a denied request has no response record
+    assert not any(p.startswith("/d") for p in seen_paths(server))

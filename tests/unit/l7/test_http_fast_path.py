@@ -12,6 +12,7 @@ import pytest
 from pylium.l7 import proxy as proxy_module
 from pylium.l7.parser import ConnectionInfo, Grant
 from pylium.policy.http import HeaderMatch, PortRuleHTTP
+from pylium_l7_http import parser as http_parser
 from pylium_l7_http.parser import HttpConnection, HttpParserFactory
 
 from tests.unit.l7.test_http_parser import FORBIDDEN, Drive
@@ -88,6 +89,10 @@ def test_fast_records_equal_the_general_paths(request_, response):
     if "Cookie" in headers:
         assert headers["Cookie"] == headers["AUTHORIZATION"] == "[redacted]"
         assert headers["X-S"] == "v" and headers["X-L"] == "caf\xe9"
+        # a secret's fragment is made every time, never kept
+        assert not any(name.lower() in http_parser.REDACTED
+                       for name, _value in http_parser._FRAGMENTS)
+        assert (b"X-S", b"v  ") in http_parser._FRAGMENTS
 
 
 def test_a_policy_change_between_two_keep_alive_requests_applies_to_the_second():
@@ -235,8 +240,6 @@ def test_the_proxy_forwards_fast_messages_and_records_them_like_the_general_path
 
 
 def test_verdicts_are_shared_per_grants_and_the_caches_stay_bounded(monkeypatch):
-    from pylium_l7_http import parser as http_parser
-
     grants = (Grant(rule="r", rules=(PortRuleHTTP(path="/.*"),)),)
     first, second = Fast(grants), Fast(grants)
     assert first.request(REQUEST) is True
@@ -259,6 +262,13 @@ def test_verdicts_are_shared_per_grants_and_the_caches_stay_bounded(monkeypatch)
         first.conn.pending.clear()
         assert first.request(b"GET /%d HTTP/1.1\r\nHost: svc\r\n\r\n" % n) is True
         assert len(first.conn._verdicts) <= 2
+    monkeypatch.setattr(http_parser, "FRAGMENT_CACHE", 3)
+    for n in range(5):
+        first.conn.pending.clear()
+        assert first.request(b"GET /x HTTP/1.1\r\nHost: svc\r\nX-N: %d\r\n\r\n" % n)
+        assert len(http_parser._FRAGMENTS) <= 3
+        assert first.records[-1]["l7"]["http"]["headers"][-1] == {"key": "X-N",
+                                                                   "value": str(n)}
     monkeypatch.setattr(http_parser, "VERDICT_GRANT_SETS", 2)
     for _ in range(5):
         Fast((Grant(rule="r", rules=(PortRuleHTTP(path="/.*"),)),)).request(REQUEST)
