@@ -244,6 +244,56 @@ def test_writes_of_this_process_reach_its_watches_without_reading_the_log(tmp_pa
     run(body())
 
 
+def _hold_open(state_dir: str, opened, release) -> None:
+    async def body():
+        async with EmbeddedKVStore(FAST, Path(state_dir)):
+            opened.set()
+            await asyncio.to_thread(release.wait, 30)
+    asyncio.run(body())
+
+
+def test_data_version_is_polled_only_while_others_have_the_file_open(tmp_path):
+    """Alone on its file a store has nothing to poll for (nobody else can commit); another
+    store, of this process or another, makes it poll again, and the other process's write
+    reaches its watch."""
+    state = tmp_path / "state"
+
+    async def body():
+        async with EmbeddedKVStore(FAST, state) as kv:
+            polls = []
+            kv._conn.set_trace_callback(
+                lambda sql: polls.append(sql) if "data_version" in sql else None)
+            watch = kv.watch("x/", after_revision=await kv.revision())
+            first = asyncio.ensure_future(anext(watch))
+            await asyncio.sleep(0.1)  # (its first check reads the value to compare with)
+            before = len(polls)
+            await asyncio.sleep(0.3)
+            assert not kv._others_may_write() and len(polls) == before
+            async with EmbeddedKVStore(FAST, state) as peer:
+                assert kv._others_may_write() and peer._others_may_write()
+                await asyncio.sleep(0.2)
+                assert len(polls) >= before + 3
+            assert not kv._others_may_write()
+            ctx = multiprocessing.get_context("spawn")
+            opened, release = ctx.Event(), ctx.Event()
+            proc = ctx.Process(target=_hold_open, args=(str(state), opened, release))
+            proc.start()
+            try:
+                assert await asyncio.to_thread(opened.wait, 30)
+                assert kv._others_may_write()
+            finally:
+                release.set()
+                await asyncio.to_thread(proc.join, 30)
+            assert proc.exitcode == 0 and not kv._others_may_write()
+            proc = ctx.Process(target=_put_one, args=(str(state), "x/1"))
+            proc.start()
+            event = await asyncio.wait_for(first, 30)
+            await asyncio.to_thread(proc.join, 30)
+            assert (event.key, event.value) == ("x/1", b"other process")
+            await watch.aclose()
+    run(body())
+
+
 def test_state_dir_is_created_and_status_names_the_file(tmp_path):
     async def body():
         state = tmp_path / "deep" / "state"
