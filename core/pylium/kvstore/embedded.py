@@ -236,7 +236,8 @@ class EmbeddedKVStore(KVStore):
                 continue
             covers = watch.covers
             matching = [event for event in events if covers(event[3])]
-            if watch.caught_up and not watch.dirty and events[0][0] == watch.pos + 1:
+            if (watch.caught_up and not watch.dirty and events[0][0] == watch.pos + 1
+                    and len(watch.pending) < WATCH_BATCH):  # (a consumer that lags reads)
                 watch.pos = events[-1][0]
                 if matching:
                     watch.pending += matching
