@@ -409,12 +409,16 @@ class Datapath:
                 found = key, value
         return found
 
-    def attach_endpoint(self, ep: EndpointInfo) -> None:
+    def attach_endpoint(self, ep: EndpointInfo, mac_seen: str | None = None) -> None:
         """Publish the endpoint in the endpoints map and attach both programs to its
         host-side veth (idempotent: a re-attach replaces the entry; the filters are left as
         they are when this open already attached them to this very veth, else replaced).
         The lock covers the maps only: the tc work on the veth runs outside it, so the pods
-        of a node starting together get their programs side by side."""
+        of a node starting together get their programs side by side.
+
+        `mac_seen`: the MAC the kernel reported for `ep.ifindex` in this netns a moment
+        ago (the netlink answer that made the veth): checked instead of asking again (a
+        socket and an ioctl per pod start). None: asked."""
         _check_ep_id(ep.ep_id)
         if not 0 < ep.identity < ENDPOINT_IDENTITY_LIMIT:
             # it travels in 24 bits of skb->mark to a local destination (Cilium does the same)
@@ -428,7 +432,7 @@ class Datapath:
             raise UserError(f"endpoint {ep.ep_id}: {exc}") from None
         if ep.ifindex <= 0:
             raise UserError(f"endpoint {ep.ep_id}: ifindex {ep.ifindex} is not an interface")
-        found_mac = interface_mac(ep.ifindex)
+        found_mac = mac_seen.lower() if mac_seen is not None else interface_mac(ep.ifindex)
         if found_mac != mac_str(value.host_mac):
             raise UserError(
                 f"endpoint {ep.ep_id}: host_mac {ep.host_mac} is not the MAC of ifindex "

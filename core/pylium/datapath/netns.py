@@ -803,24 +803,35 @@ def _rtnl_each(sock: socket.socket, *requests: _Request,
 
 
 def _link_of(reply: bytes, ifname: str, mac: str) -> LinkInfo:
-    """The link an RTM_NEWLINK answer describes (its index and flags; the MAC is ours)."""
+    """The link an RTM_NEWLINK answer describes: its index, flags and the MAC the kernel
+    reports (`mac`, the one we chose, if the answer has none): the datapath takes it as
+    the veth's, asking no second time."""
     _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(reply, _NLMSGHDR.size)
+    address = _attr_bytes(reply, _IFLA_ADDRESS)
+    if address is not None and len(address) == 6:
+        mac = ":".join(f"{b:02x}" for b in address)
     return LinkInfo(ifname=ifname, ifindex=index, mac=mac, up=bool(flags & IFF_UP))
 
 
-def _u32_attr(reply: bytes, kind: int) -> int | None:
-    """A u32 attribute of an RTM_NEWLINK answer (e.g. a veth's IFLA_LINK: its peer's index
-    in the peer's namespace), or None."""
+def _attr_bytes(reply: bytes, kind: int) -> bytes | None:
+    """The payload of an attribute of an RTM_NEWLINK answer, or None."""
     offset = _NLMSGHDR.size + _IFINFOMSG.size
     end = min(len(reply), _NLMSGHDR.unpack_from(reply)[0])
     while offset + _RTA.size <= end:
         size, found = _RTA.unpack_from(reply, offset)
         if size < _RTA.size or offset + size > end:
             return None  # malformed or cut short
-        if found & 0x3FFF == kind and size >= _RTA.size + 4:
-            return _U32.unpack_from(reply, offset + _RTA.size)[0]
+        if found & 0x3FFF == kind:
+            return reply[offset + _RTA.size:offset + size]
         offset += (size + 3) & ~3
     return None
+
+
+def _u32_attr(reply: bytes, kind: int) -> int | None:
+    """A u32 attribute of an RTM_NEWLINK answer (e.g. a veth's IFLA_LINK: its peer's index
+    in the peer's namespace), or None."""
+    payload = _attr_bytes(reply, kind)
+    return _U32.unpack_from(payload)[0] if payload is not None and len(payload) >= 4 else None
 
 
 def _get_link(sock: socket.socket, ifname: str, mac: str) -> LinkInfo:

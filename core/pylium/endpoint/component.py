@@ -112,7 +112,8 @@ class DatapathAdapter:
                             host_mac=ep.mac, identity=ep.identity)
 
         def job() -> BaseException | None:
-            self.datapath.attach_endpoint(info)
+            # a new endpoint: `ep.mac` is what the kernel answered when the veth was made
+            self.datapath.attach_endpoint(info, mac_seen=ep.mac)
             self.datapath.upsert_ipcache(f"{ep.ipv4}/32", ep.identity)
             failed = None
             if policy is not None:

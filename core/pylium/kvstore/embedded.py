@@ -9,7 +9,11 @@ Safety: the database runs in WAL mode with a busy timeout, and every write is on
 compare-and-swap stay atomic even when several processes open the same file. Watchers in this
 process (of any store open on the same file) are woken right after each write; changes made
 by other processes are noticed by polling `PRAGMA data_version` every `poll_interval`
-seconds. Expired leases are reaped before
+seconds, as long as another process has the file open: each open store holds a lock on
+a byte of its own of `<path>.users` (an open-file-description lock at a random offset)
+from before it first touches the database, so a store that finds no lock but its own
+knows nobody else can have committed and skips the query (a thread hop and an SQLite call
+fifty times a second: the largest share of an idle agent's CPU). Expired leases are reaped before
 every operation and by a background sweeper, so watchers see the delete events even when
 nobody touches the store.
 
@@ -26,10 +30,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import fcntl
 import functools
 import logging
+import os
 import secrets
 import sqlite3
+import struct
 import threading
 import time
 import weakref
@@ -106,14 +113,34 @@ def prefix_range(prefix: str) -> tuple[bytes, bytes | None]:
     return start, bytes(end)
 
 
+class _Watch:
+    """One running watch: its key range, how far it has read the log, and the events a
+    write of this process handed it directly."""
+
+    __slots__ = ("start", "end", "wakeup", "pos", "pending", "dirty", "caught_up")
+
+    def __init__(self, start: bytes, end: bytes | None, pos: int):
+        self.start, self.end, self.pos = start, end, pos
+        self.wakeup = asyncio.Event()
+        #: (seq, revision, type, key, value) to yield without reading the log
+        self.pending: list[tuple[int, int, str, bytes, bytes]] = []
+        #: the log may hold events past `pos` it has not seen: read it
+        self.dirty = True
+        #: not reading the log: has seen (or holds in `pending`) every event up to `pos`
+        self.caught_up = False
+
+    def covers(self, key: bytes) -> bool:
+        return self.start <= key and (self.end is None or key < self.end)
+
+
 class _Txn:
     """One write transaction: bumps the store revision at most once, on the first change."""
 
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
         self._revision = 0
-        #: the keys this transaction changed (which watchers to wake)
-        self.keys: list[bytes] = []
+        #: its events as logged: (seq, revision, type, key, value), seq ascending
+        self.events: list[tuple[int, int, str, bytes, bytes]] = []
 
     @property
     def revision(self) -> int:
@@ -128,11 +155,12 @@ class _Txn:
         return bool(self._revision)
 
     def event(self, kind: str, key: bytes, value: bytes) -> None:
-        self.keys.append(key)
-        self.conn.execute(
+        revision = self.revision
+        seq = self.conn.execute(
             "INSERT INTO events (revision, type, key, value) VALUES (?, ?, ?, ?)",
-            (self.revision, kind, key, value),
-        )
+            (revision, kind, key, value),
+        ).lastrowid
+        self.events.append((seq, revision, kind, key, value))
 
     def delete_keys(self, where: str, params: tuple) -> int:
         rows = self.conn.execute(
@@ -170,12 +198,16 @@ class EmbeddedKVStore(KVStore):
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self._background: asyncio.Task | None = None
-        #: each running watch: its key range and the event that wakes it
-        self._watchers: dict[object, tuple[bytes, bytes | None, asyncio.Event]] = {}
+        #: each running watch
+        self._watchers: dict[object, _Watch] = {}
         self._closed = True
         self._loop: asyncio.AbstractEventLoop | None = None
         self._active_watches = 0
         self._key = self.path.absolute()
+        #: `<path>.users`, where this store holds a lock on byte `_users_slot` while open
+        #: (see the module docstring); -1: none
+        self._users_fd = -1
+        self._users_slot = secrets.randbelow(1 << 62) + 1
 
     # plumbing ----------------------------------------------------------------------------
     async def _run(self, fn: Callable[[], T]) -> T:
@@ -187,20 +219,38 @@ class EmbeddedKVStore(KVStore):
             # "database is locked" past the busy timeout, disk full, closed meanwhile...
             raise KVStoreUnavailable(f"embedded kvstore {self.path}: {exc}") from None
 
-    def _wake_watchers(self, keys: list[bytes] | None = None) -> None:
-        """Wake the watches whose prefix holds one of `keys` (None: every watch). A pod
+    def _wake_watchers(self, events: list[tuple] | None = None) -> None:
+        """Tell the watches whose prefix holds a key of `events` (one committed transaction
+        of this process, seq ascending; None: something changed, read the log). A pod
         start changes a key or two: the watches of other prefixes (nodes, services...)
-        stay asleep instead of each querying the log for nothing."""
-        for start, end, event in self._watchers.values():
-            if keys is None or any(start <= key and (end is None or key < end)
-                                   for key in keys):
-                event.set()
+        stay asleep instead of each querying the log for nothing.
 
-    def _changed(self, keys: list[bytes]) -> None:
-        """This store committed a change of `keys`: wake its watchers of them and those of
-        every other store open on the same file in this process (they may run on other
-        threads' loops). Other processes' changes wake every watch (`data_version`)."""
-        self._wake_watchers(keys)
+        A watch that is not reading the log, caught up to the event just before this transaction's first,
+        is handed the events as they were written: nothing can be between, so it need not
+        read them back from the log (a thread hop and a query per write). Any other watch
+        of those keys reads the log as before."""
+        for watch in self._watchers.values():
+            if events is None:
+                watch.dirty = True
+                watch.wakeup.set()
+                continue
+            covers = watch.covers
+            matching = [event for event in events if covers(event[3])]
+            if (watch.caught_up and not watch.dirty and events[0][0] == watch.pos + 1
+                    and len(watch.pending) < WATCH_BATCH):  # (a consumer that lags reads)
+                watch.pos = events[-1][0]
+                if matching:
+                    watch.pending += matching
+                    watch.wakeup.set()
+            elif matching:
+                watch.dirty = True
+                watch.wakeup.set()
+
+    def _changed(self, events: list[tuple]) -> None:
+        """This store committed `events`: hand them to its watchers of their keys and to
+        those of every other store open on the same file in this process (they may run on
+        other threads' loops). Other processes' changes wake every watch (`data_version`)."""
+        self._wake_watchers(events)
         with _OPEN_STORES_LOCK:
             peers = [s for s in _OPEN_STORES.get(self._key, ()) if s is not self]
         for peer in peers:
@@ -208,12 +258,17 @@ class EmbeddedKVStore(KVStore):
             if peer._closed or loop is None or loop.is_closed():
                 continue
             try:
-                loop.call_soon_threadsafe(peer._wake_watchers, keys)
+                loop.call_soon_threadsafe(peer._wake_watchers, events)
             except RuntimeError:  # that loop closed meanwhile
                 pass
 
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # announce this process before it can commit anything (see `_others_may_write`)
+        self._users_fd = os.open(f"{self.path}.users", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                 0o600)
+        fcntl.fcntl(self._users_fd, fcntl.F_OFD_SETLK,
+                    _flock(fcntl.F_RDLCK, self._users_slot, 1))
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
@@ -231,9 +286,9 @@ class EmbeddedKVStore(KVStore):
             raise
         self._conn = conn
 
-    def _write(self, fn: Callable[[_Txn], T]) -> tuple[T, list[bytes]]:
+    def _write(self, fn: Callable[[_Txn], T]) -> tuple[T, list[tuple]]:
         """Run `fn` in one IMMEDIATE transaction after reaping expired leases.
-        Returns fn's result and the keys it changed (none: nothing changed)."""
+        Returns fn's result and the events it logged (none: nothing changed)."""
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -246,11 +301,11 @@ class EmbeddedKVStore(KVStore):
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return result, txn.keys
+        return result, txn.events
 
-    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> tuple[T, list[bytes]]:
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> tuple[T, list[tuple]]:
         """Reap expired leases first (so a read never sees a dead lease's keys), then read."""
-        changed: list[bytes] = []
+        changed: list[tuple] = []
         if self._conn.execute("SELECT 1 FROM leases WHERE expires_at < ? LIMIT 1",
                               (time.time(),)).fetchone():
             _, changed = self._write(lambda txn: None)
@@ -339,6 +394,21 @@ class EmbeddedKVStore(KVStore):
             conn, self._conn = self._conn, None
             await asyncio.get_running_loop().run_in_executor(executor, conn.close)
         executor.shutdown(wait=True)
+        if self._users_fd >= 0:
+            os.close(self._users_fd)  # (and its lock)
+            self._users_fd = -1
+
+    def _others_may_write(self) -> bool:
+        """Whether another store (of this or another process) has the file open: a lock on
+        `<path>.users` outside this store's byte. Two queries, no lock taken or dropped."""
+        fd, slot = self._users_fd, self._users_slot
+        if fd < 0:
+            return True
+        for start, length in ((0, slot), (slot + 1, 0)):  # length 0: to the end of offsets
+            found = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, start, length))
+            if struct.unpack(_FLOCK, found)[0] != fcntl.F_UNLCK:
+                return True
+        return False
 
     async def _watch_for_changes(self) -> None:
         """Wake watchers when another process commits; reap expired leases."""
@@ -346,11 +416,15 @@ class EmbeddedKVStore(KVStore):
         next_sweep = 0.0
         while True:
             try:
-                version = await self._run(
-                    lambda: self._conn.execute("PRAGMA data_version").fetchone()[0])
-                if data_version is not None and version != data_version:
-                    self._wake_watchers()
-                data_version = version
+                # alone on the file: nobody else committed, `data_version` is unchanged
+                # (it counts other connections' commits only); the value kept is compared
+                # once others are there, so their commits since then are not missed
+                if data_version is None or self._others_may_write():
+                    version = await self._run(
+                        lambda: self._conn.execute("PRAGMA data_version").fetchone()[0])
+                    if data_version is not None and version != data_version:
+                        self._wake_watchers()
+                    data_version = version
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + self.sweep_interval
                     await self._query(lambda conn: None)
@@ -505,29 +579,41 @@ class EmbeddedKVStore(KVStore):
 
         last_seq, _ = await self._query(first_seq)
         self._active_watches += 1
-        wakeup, token = asyncio.Event(), object()
-        self._watchers[token] = (start, end, wakeup)
+        token = object()
+        watch = self._watchers[token] = _Watch(start, end, last_seq)
         try:
             while True:
-                wakeup.clear()  # (a change committed from here on is fetched next round)
                 if self._closed:
                     raise KVStoreUnavailable(f"embedded kvstore {self.path} was closed")
-                rows, end_seq = await self._query(
-                    functools.partial(fetch, after_seq=last_seq))
-                for seq, revision, kind, key, value in rows:
-                    last_seq = seq
-                    yield KVEvent(type=kind, key=key.decode(), value=bytes(value),
-                                  revision=revision)
-                if len(rows) == WATCH_BATCH:
-                    continue
-                last_seq = max(last_seq, end_seq)
-                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
-                # that races with the wake-up, leaving the consumer's task looping forever
-                try:
-                    async with asyncio.timeout(1.0):
-                        await wakeup.wait()
-                except TimeoutError:
-                    pass
+                if watch.dirty:
+                    # (a change committed from here on sets `dirty` again: read next round)
+                    watch.dirty = watch.caught_up = False
+                    rows, end_seq = await self._query(
+                        functools.partial(fetch, after_seq=watch.pos))
+                    for seq, revision, kind, key, value in rows:
+                        watch.pos = seq
+                        yield KVEvent(type=kind, key=key.decode(), value=bytes(value),
+                                      revision=revision)
+                    if len(rows) == WATCH_BATCH:
+                        watch.dirty = True
+                        continue
+                    watch.pos = max(watch.pos, end_seq)
+                    watch.caught_up = True
+                if not watch.dirty and not watch.pending:
+                    watch.wakeup.clear()
+                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a
+                    # cancellation that races with the wake-up, leaving the consumer's
+                    # task looping forever
+                    try:
+                        async with asyncio.timeout(1.0):
+                            await watch.wakeup.wait()
+                    except TimeoutError:
+                        watch.dirty = True
+                if watch.pending:  # handed over by a write of this process
+                    pending, watch.pending = watch.pending, []
+                    for _seq, revision, kind, key, value in pending:
+                        yield KVEvent(type=kind, key=key.decode(), value=value,
+                                      revision=revision)
         finally:
             del self._watchers[token]
             self._active_watches -= 1
@@ -571,6 +657,14 @@ class EmbeddedKVStore(KVStore):
         return {"backend": self.name, "healthy": True, "revision": revision,
                 "detail": f"sqlite {self.path} ({keys} keys, {leases} leases)",
                 "keys": keys, "leases": leases}
+
+
+#: struct flock (l_type, l_whence, l_start, l_len, l_pid) as Linux lays it out
+_FLOCK = "@hhqqi4x"
+
+
+def _flock(kind: int, start: int, length: int) -> bytes:
+    return struct.pack(_FLOCK, kind, os.SEEK_SET, start, length, 0)
 
 
 def _current_revision(conn: sqlite3.Connection) -> int:

@@ -38,7 +38,8 @@ class LabKVStore:
                 and "kvstore_options" not in settings):
             # one cluster: identities, nodes and endpoint IPs shared by every agent
             shared = STATE_ROOT / f"{self.name}-kvstore.sqlite3"
-            state["paths"] += [str(shared), f"{shared}-wal", f"{shared}-shm"]
+            state["paths"] += [str(shared), f"{shared}-wal", f"{shared}-shm",
+                               f"{shared}.users"]
             self.store.save(state)
             return {"kvstore_options": {"path": str(shared)}}
         return {}

@@ -144,6 +144,17 @@ def test_a_links_u32_attribute_is_found_among_the_others():
     assert netns._u32_attr(reply[:-4], 5) is None  # cut short: not read past the end
 
 
+def test_a_links_mac_is_the_one_the_kernel_answered():
+    """The datapath takes the veth's MAC from the answer that made it (no ioctl later):
+    the kernel's word, not the one we asked for; ours only when the answer has none."""
+    header = struct.pack("=BxHiII", 0, 1, 9, 1, 0)
+    asked = "02:00:00:00:00:01"
+    reply = _answer(16, 1, header + netns._attr(3, b"lxcabc\0")
+                    + netns._attr(1, bytes.fromhex("0a1b2c3d4e5f")))
+    assert netns._link_of(reply, "lxcabc", asked).mac == "0a:1b:2c:3d:4e:5f"
+    assert netns._link_of(_answer(16, 1, header), "lxcabc", asked).mac == asked
+
+
 class _Kernel:
     """A socket whose answers are given datagrams (what `_rtnl_each` sends is kept)."""
 

@@ -44,6 +44,7 @@ class SyncDatapath:
         self.endpoints: dict[int, object] = {}
         self.fail_fill = 0  # how many fills fail from now on
         self.fail_attach = False
+        self.macs_seen: dict[int, str | None] = {}
         self.lock = threading.Lock()
 
     def _record(self, what: str, ep_id: int) -> None:
@@ -65,8 +66,9 @@ class SyncDatapath:
         self._record("release", ep_id)
         return self.slots.pop(ep_id, None) is not None
 
-    def attach_endpoint(self, info):
+    def attach_endpoint(self, info, mac_seen=None):
         self._record("attach", info.ep_id)
+        self.macs_seen[info.ep_id] = mac_seen
         if self.fail_attach:
             raise RuntimeError("endpoints map full")
         self.endpoints[info.ep_id] = info
@@ -141,6 +143,8 @@ def test_publish_fill_and_state_file_are_one_job_before_the_answer(tmp_path, lin
         threads = {t for what, eid, t in fake.calls if eid == ep.id and what != "prepare"}
         assert len(threads) == 1 and threads != {threading.main_thread().name}
         assert fake.slots[ep.id] == "filled" and f"{ep.ipv4}/32" in fake.ipcache
+        # the veth's MAC as the netlink answer gave it: the datapath does not ask again
+        assert fake.macs_seen[ep.id] == ep.mac
     # one state file write per create, on the datapath threads (none on the event loop)
     assert len(written_on) == 3
     assert threading.main_thread().name not in written_on

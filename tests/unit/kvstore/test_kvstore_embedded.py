@@ -189,6 +189,111 @@ def test_a_commit_wakes_only_the_watches_of_its_keys(tmp_path):
     run(body())
 
 
+def _put_one(state_dir: str, key: str) -> None:
+    async def body():
+        async with EmbeddedKVStore(FAST, Path(state_dir)) as kv:
+            await kv.put(key, b"other process")
+    asyncio.run(body())
+
+
+def test_writes_of_this_process_reach_its_watches_without_reading_the_log(tmp_path):
+    """A watch caught up with the log is handed this process's writes as committed (no
+    thread hop and query per write, e.g. an agent's own ipcache records); a commit of
+    another process in between makes it read the log again, in order, nothing lost."""
+    state = tmp_path / "state"
+
+    async def body():
+        # no polling of `data_version` (it would read the log after the peer's write):
+        # the other process's commit is found because the next write does not follow on
+        quiet = {"poll_interval": 60, "sweep_interval": 60}
+        async with EmbeddedKVStore(quiet, state) as kv, EmbeddedKVStore(FAST, state) as peer:
+            fetches = []
+            query = kv._query
+
+            async def counting(fn):
+                if getattr(getattr(fn, "func", None), "__name__", "") == "fetch":
+                    fetches.append(fn)
+                return await query(fn)
+
+            kv._query = counting
+            watch = kv.watch("a/", after_revision=await kv.revision())
+            first = asyncio.ensure_future(anext(watch))
+            await asyncio.sleep(0.1)  # asleep now, after its first fetch
+            asleep = len(fetches)
+            await kv.put("a/1", b"1")
+            await kv.put_many([("a/2", b"2"), ("b/x", b"-"), ("a/3", b"3")])
+            await peer.delete("a/1")  # another store on the file, in this process
+            events = [await asyncio.wait_for(first, 0.5)] + await next_events(watch, 3, 0.5)
+            assert [(e.type, e.key, e.value) for e in events] == [
+                ("put", "a/1", b"1"), ("put", "a/2", b"2"), ("put", "a/3", b"3"),
+                ("delete", "a/1", b"")]
+            assert [e.revision for e in events] == sorted(e.revision for e in events)
+            assert len(fetches) == asleep  # none of them read back from the log
+
+            proc = multiprocessing.get_context("spawn").Process(
+                target=_put_one, args=(str(state), "a/p"))
+            proc.start()
+            await asyncio.to_thread(proc.join, 30)
+            assert proc.exitcode == 0
+            await kv.put("a/4", b"4")  # right after the other process's commit
+            events = await next_events(watch, 2, timeout=5)
+            assert [(e.key, e.value) for e in events] == [("a/p", b"other process"),
+                                                          ("a/4", b"4")]
+            assert len(fetches) > asleep  # the log was read for the other process's
+            await watch.aclose()
+    run(body())
+
+
+def _hold_open(state_dir: str, opened, release) -> None:
+    async def body():
+        async with EmbeddedKVStore(FAST, Path(state_dir)):
+            opened.set()
+            await asyncio.to_thread(release.wait, 30)
+    asyncio.run(body())
+
+
+def test_data_version_is_polled_only_while_others_have_the_file_open(tmp_path):
+    """Alone on its file a store has nothing to poll for (nobody else can commit); another
+    store, of this process or another, makes it poll again, and the other process's write
+    reaches its watch."""
+    state = tmp_path / "state"
+
+    async def body():
+        async with EmbeddedKVStore(FAST, state) as kv:
+            polls = []
+            kv._conn.set_trace_callback(
+                lambda sql: polls.append(sql) if "data_version" in sql else None)
+            watch = kv.watch("x/", after_revision=await kv.revision())
+            first = asyncio.ensure_future(anext(watch))
+            await asyncio.sleep(0.1)  # (its first check reads the value to compare with)
+            before = len(polls)
+            await asyncio.sleep(0.3)
+            assert not kv._others_may_write() and len(polls) == before
+            async with EmbeddedKVStore(FAST, state) as peer:
+                assert kv._others_may_write() and peer._others_may_write()
+                await asyncio.sleep(0.2)
+                assert len(polls) >= before + 3
+            assert not kv._others_may_write()
+            ctx = multiprocessing.get_context("spawn")
+            opened, release = ctx.Event(), ctx.Event()
+            proc = ctx.Process(target=_hold_open, args=(str(state), opened, release))
+            proc.start()
+            try:
+                assert await asyncio.to_thread(opened.wait, 30)
+                assert kv._others_may_write()
+            finally:
+                release.set()
+                await asyncio.to_thread(proc.join, 30)
+            assert proc.exitcode == 0 and not kv._others_may_write()
+            proc = ctx.Process(target=_put_one, args=(str(state), "x/1"))
+            proc.start()
+            event = await asyncio.wait_for(first, 30)
+            await asyncio.to_thread(proc.join, 30)
+            assert (event.key, event.value) == ("x/1", b"other process")
+            await watch.aclose()
+    run(body())
+
+
 def test_state_dir_is_created_and_status_names_the_file(tmp_path):
     async def body():
         state = tmp_path / "deep" / "state"
