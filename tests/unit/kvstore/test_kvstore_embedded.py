@@ -162,15 +162,7 @@ def test_a_commit_wakes_only_the_watches_of_its_keys(tmp_path):
     async def body():
         async with EmbeddedKVStore(quiet, tmp_path) as kv, \
                 EmbeddedKVStore(quiet, tmp_path) as peer:
-            fetches = []
-            query = kv._query
-
-            async def counting(fn):  # the watch's log reads are partials of its `fetch`
-                if getattr(getattr(fn, "func", None), "__name__", "") == "fetch":
-                    fetches.append(fn)
-                return await query(fn)
-
-            kv._query = counting
+            fetches = _count_log_reads(kv)
             watch = kv.watch("a/", after_revision=await kv.revision())
             first = asyncio.ensure_future(anext(watch))
             await asyncio.sleep(0.1)  # asleep now, after its first fetch
@@ -187,6 +179,21 @@ def test_a_commit_wakes_only_the_watches_of_its_keys(tmp_path):
             assert (await next_events(watch, 1, timeout=0.5))[0].key == "a/2"
             await watch.aclose()
     run(body())
+
+
+def _count_log_reads(kv: EmbeddedKVStore) -> list:
+    """The log reads of `kv`'s watches from now on (each a partial of the watch's
+    `fetch`), listed as they run."""
+    fetches: list = []
+    query = kv._query
+
+    async def counting(fn):
+        if getattr(getattr(fn, "func", None), "__name__", "") == "fetch":
+            fetches.append(fn)
+        return await query(fn)
+
+    kv._query = counting
+    return fetches
 
 
 def _put_one(state_dir: str, key: str) -> None:
@@ -207,15 +214,7 @@ def test_writes_of_this_process_reach_its_watches_without_reading_the_log(tmp_pa
         # the other process's commit is found because the next write does not follow on
         quiet = {"poll_interval": 60, "sweep_interval": 60}
         async with EmbeddedKVStore(quiet, state) as kv, EmbeddedKVStore(FAST, state) as peer:
-            fetches = []
-            query = kv._query
-
-            async def counting(fn):
-                if getattr(getattr(fn, "func", None), "__name__", "") == "fetch":
-                    fetches.append(fn)
-                return await query(fn)
-
-            kv._query = counting
+            fetches = _count_log_reads(kv)
             watch = kv.watch("a/", after_revision=await kv.revision())
             first = asyncio.ensure_future(anext(watch))
             await asyncio.sleep(0.1)  # asleep now, after its first fetch
