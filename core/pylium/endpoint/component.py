@@ -73,6 +73,14 @@ class NoRulesPolicy:
         return EndpointPolicy(ingress_enforced=self.enforce, egress_enforced=self.enforce)
 
 
+def _endpoint_info(ep: Endpoint) -> Any:
+    """What the datapath's endpoints map holds of `ep`."""
+    from pylium.datapath import EndpointInfo
+
+    return EndpointInfo(ep_id=ep.id, ipv4=ep.ipv4, ifindex=ep.ifindex, ep_mac=ep.pod_mac,
+                        host_mac=ep.mac, identity=ep.identity)
+
+
 class DatapathAdapter:
     """`pylium.datapath.Datapath`: the endpoints map + programs on the host-side veth, the
     endpoint's /32 in the ipcache (Cilium keeps local endpoints there too), and the
@@ -88,10 +96,7 @@ class DatapathAdapter:
                                                   thread_name_prefix="pylium-ep-policy")
 
     async def attach(self, ep: Endpoint) -> None:
-        from pylium.datapath import EndpointInfo
-
-        info = EndpointInfo(ep_id=ep.id, ipv4=ep.ipv4, ifindex=ep.ifindex, ep_mac=ep.pod_mac,
-                            host_mac=ep.mac, identity=ep.identity)
+        info = _endpoint_info(ep)
 
         def attach() -> None:  # one thread hop: each costs a scheduling delay on a busy node
             self.datapath.attach_endpoint(info)
@@ -106,10 +111,7 @@ class DatapathAdapter:
         empty), then `then(filled)` (the manager's state file write). A pod start paid one
         thread hop for each before. A publish that fails raises; a fill that fails is
         returned (the endpoint stays published, its policy is regenerated)."""
-        from pylium.datapath import EndpointInfo
-
-        info = EndpointInfo(ep_id=ep.id, ipv4=ep.ipv4, ifindex=ep.ifindex, ep_mac=ep.pod_mac,
-                            host_mac=ep.mac, identity=ep.identity)
+        info = _endpoint_info(ep)
 
         def job() -> BaseException | None:
             # a new endpoint: `ep.mac` is what the kernel answered when the veth was made

@@ -73,6 +73,15 @@ def _netns_file(netns: str) -> str:
     return str(plumbing.netns_path(netns))
 
 
+def _ready_under(ep: Endpoint, policy: Any) -> Endpoint:
+    """`ep` once `policy` is loaded for it: ready, with what the policy enforces."""
+    return attrs.evolve(
+        ep, state=READY, error="",
+        ingress_enforced=bool(getattr(policy, "ingress_enforced", False)),
+        egress_enforced=bool(getattr(policy, "egress_enforced", False)),
+        policy_revision=int(getattr(policy, "revision", 0)))
+
+
 class EndpointNotFound(UserError):
     """No endpoint with that id or name (HTTP 404)."""
 
@@ -522,11 +531,7 @@ class EndpointManager:
                 policy = await self.policy.compute(ep)
             except Exception:
                 policy = None  # the regeneration pass computes it again and reports why
-        ready = ep if policy is None else attrs.evolve(
-            ep, state=READY, error="",
-            ingress_enforced=bool(getattr(policy, "ingress_enforced", False)),
-            egress_enforced=bool(getattr(policy, "egress_enforced", False)),
-            policy_revision=int(getattr(policy, "revision", 0)))
+        ready = ep if policy is None else _ready_under(ep, policy)
         filed: list[Endpoint] = []
 
         def then(filled: bool) -> None:  # on the datapath thread
@@ -951,11 +956,7 @@ class EndpointManager:
             log.error("endpoint %d %s/%s: %s", ep.id, ep.namespace, ep.name, error)
             self._save_soon(attrs.evolve(ep, state=NOT_READY, error=error))
             return error
-        done = attrs.evolve(
-            ep, state=READY, error="",
-            ingress_enforced=bool(getattr(policy, "ingress_enforced", False)),
-            egress_enforced=bool(getattr(policy, "egress_enforced", False)),
-            policy_revision=int(getattr(policy, "revision", 0)))
+        done = _ready_under(ep, policy)
         if done == ep:
             self._endpoints[ep.id] = ep  # unchanged: no state file to rewrite
         else:

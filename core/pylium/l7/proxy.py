@@ -415,21 +415,17 @@ class Connection:
                     if not self.in_round:
                         self.in_round = True
                         proxy.round_add(self)
-                    if (self.request if side.reply else self.reply).buf:
-                        self._unblock(self.request if side.reply else self.reply)
-                    return
-                proxy.until_probe -= 1
-                if not proxy.until_probe:  # the next round's writes wait and are counted
-                    proxy.round_writes = True
-                if side.reply:
-                    self.down.write(data)
-                    other = self.request
                 else:
-                    if self.up_state == "open":
+                    proxy.until_probe -= 1
+                    if not proxy.until_probe:  # the next round's writes wait, counted
+                        proxy.round_writes = True
+                    if side.reply:
+                        self.down.write(data)
+                    elif self.up_state == "open":
                         self.up.write(data)
                     else:
                         self._write_upstream(data)
-                    other = self.reply
+                other = self.request if side.reply else self.reply
                 if other.buf:  # (rarely: the other direction waits with bytes)
                     self._unblock(other)
                 return
