@@ -8,7 +8,8 @@ surprises on a real Consul cluster.
 Mapping (Consul has no revision history, so some etcd semantics degrade):
 - revision  → Consul's KV index (`X-Consul-Index`); `mod_revision`/`create_revision` →
   `ModifyIndex`/`CreateIndex`. Every write is one `/v1/txn` so it is atomic and reports the
-  index it was applied at.
+  index it was applied at; `put_many`/`delete_many` use one per 64 operations (Consul's
+  maximum), like etcd's backend per 128.
 - create / compare-and-swap → a transaction `check-not-exists` / `check-index` + write.
 - lease → a Consul session with `Behavior=delete` and `LockDelay=0s`; keys are attached by
   acquiring them (`lock` verb) with the session; keepalive → session renew; revoke → destroy.
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 OPTIONS = {"address", "token", "timeout", "wait", "min_session_ttl", "retry_interval"}
 #: a key that never exists: reading it answers the KV index (the store's revision)
 REVISION_PROBE = "pylium-revision-probe/never-written"
+#: operations Consul accepts in one `/v1/txn` (its documented maximum)
+TXN_OPS = 64
 
 
 def parse_address(value: Any) -> tuple[str, int]:
@@ -226,6 +229,37 @@ class ConsulKVStore(KVStore):
         except TxnFailed as exc:
             raise self._write_failed(exc, lease) from None
         return results[0]["KV"]["ModifyIndex"]
+
+    async def put_many(self, items: list[tuple[str, bytes]], lease: Lease | None = None) -> int:
+        """Puts in transactions of at most `TXN_OPS`: one index, so one answer to a
+        blocking watch, per transaction instead of per key."""
+        index = 0
+        for at in range(0, len(items), TXN_OPS):
+            ops = [self._write_op(key, value, lease) for key, value in items[at:at + TXN_OPS]]
+            try:
+                results = await self._txn(ops)
+            except TxnFailed as exc:
+                raise self._write_failed(exc, lease) from None
+            index = results[-1]["KV"]["ModifyIndex"]
+        return index
+
+    async def delete_many(self, keys: list[str]) -> int:
+        """Deletes in transactions of `TXN_OPS` operations: per key a `get-tree` (which,
+        unlike `get`, does not fail the transaction when the key is missing; its answer is
+        counted only for keys asked for) and a `delete`, so what existed is counted in the
+        same transaction that deletes it."""
+        keys = list(dict.fromkeys(keys))
+        deleted = 0
+        per_txn = TXN_OPS // 2
+        for at in range(0, len(keys), per_txn):
+            chunk = keys[at:at + per_txn]
+            ops = [op for key in chunk for op in ({"KV": {"Verb": "get-tree", "Key": key}},
+                                                  {"KV": {"Verb": "delete", "Key": key}})]
+            results = await self._txn(ops)
+            # distinct keys: `get-tree a/1` also finds a later `a/10`, seen again by its own
+            found = {(r.get("KV") or {}).get("Key") for r in results}
+            deleted += len(found.intersection(chunk))
+        return deleted
 
     async def delete(self, key: str) -> bool:
         try:

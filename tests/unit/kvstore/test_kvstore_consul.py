@@ -17,7 +17,7 @@ from pylium.errors import ConfigError
 from pylium.kvstore.conformance import KVStoreConformance, run
 from pylium.kvstore.testing import free_port
 from pylium.plugins import make_plugin_manager
-from pylium_kvstore_consul.backend import ConsulKVStore, parse_address
+from pylium_kvstore_consul.backend import TXN_OPS, ConsulKVStore, parse_address
 
 from tests.support.consul_emulator import ConsulEmulator, parse_duration
 
@@ -81,6 +81,30 @@ def test_sessions_below_consuls_minimum_ttl_are_rounded_up(tmp_path):
             await kv.revoke_lease(lease)
     with ConsulEmulator() as server:
         run(body(server))
+
+
+def test_many_keys_go_in_transactions_of_consuls_maximum(emulator, tmp_path):
+    """`put_many`/`delete_many` write at most TXN_OPS operations per `/v1/txn` (one index each,
+    so a blocking watch answers once per transaction, not per key), and `delete_many` counts
+    only the keys asked for even when one is a prefix of another (`n/1` and `n/10`)."""
+    async def body():
+        async with ConsulKVStore(options(emulator), tmp_path) as kv:
+            before = await kv.revision()
+            items = [(f"many/n/{i}", b"x") for i in range(150)]
+            revision = await kv.put_many(items)
+            assert revision - before == -(-150 // TXN_OPS) == 3
+            assert len(await kv.list("many/")) == 150
+            await kv.put("many/keep/1", b"y")
+            before = await kv.revision()
+            doomed = ["many/n/1", "many/n/10", "many/n/missing"] + \
+                [f"many/n/{i}" for i in range(100, 150)]
+            assert await kv.delete_many(doomed) == 52
+            assert await kv.revision() - before == -(-len(doomed) // (TXN_OPS // 2)) == 2
+            left = {i.key for i in await kv.list("many/n/")}
+            assert left == {f"many/n/{i}" for i in range(100)} - {"many/n/1", "many/n/10"}
+            assert await kv.delete_many(["many/n/1"]) == 0
+            await kv.delete_prefix("many/")
+    run(body())
 
 
 def test_emulator_speaks_consuls_kv_api_to_the_real_client(emulator):
