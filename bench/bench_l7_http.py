@@ -127,7 +127,7 @@ def wrk(loop: asyncio.AbstractEventLoop, topo: TproxyTopology, url: str, connect
 
     def ms(pattern: str) -> float:
         value, unit = re.search(pattern + r"\s+([\d.]+)(us|ms|s)\b", out).groups()
-        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+        return round(float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit], 3)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sockets = re.search(r"Socket errors: (.*)", out)
     requests = int(re.search(r"(\d+) requests in", out).group(1))
