@@ -36,12 +36,13 @@ agent's own garbage-collector settings (`pylium.gcpolicy`: with CPython's defaul
 collections walking the flow ring cost more than the flows themselves).
 
 The tail: `<side>_runq_ms_per_s` is how long that side's proxy processes waited for a CPU
-(ms per second of a run, /proc/PID/schedstat; median and max of the runs) and
-`<side>_max_ms` wrk's worst latency. A per-request log of a session's runs found the p99
-of a slow run made of moments when all 100 requests in flight waited together, at the
-proxy, the server or wrk, each a process waiting for a CPU: a run whose proxy waited
-~200+ ms/s had a p99 of 10-60 ms, one that waited ~20 ms/s had ~3 ms. Each run's figures
-go to stderr as it ends.
+(ms per second of a run, /proc/PID/schedstat; median and max of the runs),
+`<side>_server_runq_ms_per_s` the same for the server's nginx, and `<side>_max_ms` wrk's
+worst latency. A per-request log of a session's c100 runs found the p99 of a slow run made
+of moments when all 100 requests in flight waited together at one process of the chain
+(proxy, server or wrk) while it waited for a CPU: runs whose proxy waited 200-550 ms/s
+had a p99 of 15-65 ms; of two whose proxy waited 20-25 ms/s, one had 3.3 ms and the
+other 25 ms (its server waited 175 ms/s). Each run's figures go to stderr as it ends.
 
 Goal (issue 11): pylium >= 0.5x nginx req/s and p99 <= 2x nginx's."""
 
@@ -300,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                       "nginx": nginx_workers(procs[1].pid), "direct": [],
                       "floor": [p.pid for p in floor],
                       "ref": [m.info["pid"] for m in ref_pool.members] if ref_pool else []}
+        server_pids = nginx_workers(procs[0].pid)
         for name, url in urls.items():  # warm up (connections, caches)
             got = topo.ns(topo.client, "curl", "-s", url).stdout
             assert got == "ok\n", (name, got)
@@ -317,11 +319,14 @@ def main(argv: list[str] | None = None) -> int:
                     loop.run_until_complete(asyncio.sleep(0.3))
                     user, system = cpu_split(proxy_pids[name])
                     waited = runqueue_wait(proxy_pids[name])
+                    server_waited = runqueue_wait(server_pids)
                     agent = own_cpu()
                     result = wrk(loop, topo, urls[name], connections, args.seconds)
                     # ms per second of the run the proxy waited for a CPU
                     result["runq_ms_per_s"] = (runqueue_wait(proxy_pids[name]) - waited) \
                         * 1e3 / args.seconds
+                    result["server_runq_ms_per_s"] = (runqueue_wait(server_pids)
+                                                      - server_waited) * 1e3 / args.seconds
                     # the flows of the run's last moments (a flush delay, the agent's turn)
                     loop.run_until_complete(asyncio.sleep(0.1))
                     agent = own_cpu() - agent
@@ -335,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"# c={connections} {name} round {round_}: {result['rps']:.0f} req/s,"
                           f" p50 {result['p50_ms']} p99 {result['p99_ms']} max "
                           f"{result['max_ms']} ms, proxy waited for a CPU "
-                          f"{result['runq_ms_per_s']:.0f} ms/s, load "
+                          f"{result['runq_ms_per_s']:.0f} ms/s (the server "
+                          f"{result['server_runq_ms_per_s']:.0f}), load "
                           f"{os.getloadavg()[0]:.2f}", file=sys.stderr)
             if "pylium" not in runs or "nginx" not in runs:
                 for name, samples in runs.items():
@@ -355,9 +361,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("pylium", "nginx"):
                 extra[f"{name}_cpu_us_per_request"] = spread(
                     [r["cpu_us_per_request"] for r in runs[name]])["median"]
-                # how noisy the runs were for this side: its proxy's wait for a CPU
-                # (median, max) and the worst latency wrk saw (median, max)
-                for field in ("runq_ms_per_s", "max_ms"):
+                # how noisy the runs were for this side: its proxy's and the server's
+                # wait for a CPU and the worst latency wrk saw (median, max of the runs)
+                for field in ("runq_ms_per_s", "server_runq_ms_per_s", "max_ms"):
                     values = spread([r[field] for r in runs[name]])
                     extra[f"{name}_{field}"] = [round(values["median"], 1),
                                                 round(values["max"], 1)]
