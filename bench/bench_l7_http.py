@@ -35,6 +35,15 @@ its CPU per request during that side's runs (during nginx's: what it costs idle)
 agent's own garbage-collector settings (`pylium.gcpolicy`: with CPython's defaults the full
 collections walking the flow ring cost more than the flows themselves).
 
+The tail: `<side>_runq_ms_per_s` is how long that side's proxy processes waited for a CPU
+(ms per second of a run, /proc/PID/schedstat; median and max of the runs),
+`<side>_server_runq_ms_per_s` the same for the server's nginx, and `<side>_max_ms` wrk's
+worst latency. A per-request log of a session's c100 runs found the p99 of a slow run made
+of moments when all 100 requests in flight waited together at one process of the chain
+(proxy, server or wrk) while it waited for a CPU: runs whose proxy waited 200-550 ms/s
+had a p99 of 15-65 ms; of two whose proxy waited 20-25 ms/s, one had 3.3 ms and the
+other 25 ms (its server waited 175 ms/s). Each run's figures go to stderr as it ends.
+
 Goal (issue 11): pylium >= 0.5x nginx req/s and p99 <= 2x nginx's."""
 
 from __future__ import annotations
@@ -116,12 +125,16 @@ def wrk(loop: asyncio.AbstractEventLoop, topo: TproxyTopology, url: str, connect
         return out.decode()
     out = loop.run_until_complete(run())
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
-    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[p99.group(2)]
+
+    def ms(pattern: str) -> float:
+        value, unit = re.search(pattern + r"\s+([\d.]+)(us|ms|s)\b", out).groups()
+        return round(float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit], 3)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sockets = re.search(r"Socket errors: (.*)", out)
     requests = int(re.search(r"(\d+) requests in", out).group(1))
-    return {"rps": rps, "requests": requests, "p99_ms": float(p99.group(1)) * scale,
+    return {"rps": rps, "requests": requests, "p50_ms": ms(r"50%"), "p99_ms": ms(r"99%"),
+            # wrk's "Latency  avg  stdev  max" line: the third figure
+            "max_ms": ms(r"Latency\s+[\d.]+\w+\s+[\d.]+\w+"),
             "errors": int(errors.group(1)) if errors else 0,
             "socket_errors": sockets.group(1) if sockets else ""}
 
@@ -138,6 +151,20 @@ def cpu_split(pids: list[int]) -> tuple[float, float]:
         system += int(fields[12])  # stime
     tick = os.sysconf("SC_CLK_TCK")
     return user / tick, system / tick
+
+
+def runqueue_wait(pids: list[int]) -> float:
+    """Seconds these processes spent runnable but waiting for a CPU so far (the second
+    figure of /proc/PID/schedstat; a process gone counts 0). The tail of a run on this
+    shared machine follows it: every process of the chain (wrk, proxy, server) waiting
+    for a CPU holds all requests in flight through it."""
+    waited = 0
+    for pid in pids:
+        try:
+            waited += int(Path(f"/proc/{pid}/schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return waited / 1e9
 
 
 def bench_policy(port: int) -> dict:
@@ -274,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                       "nginx": nginx_workers(procs[1].pid), "direct": [],
                       "floor": [p.pid for p in floor],
                       "ref": [m.info["pid"] for m in ref_pool.members] if ref_pool else []}
+        server_pids = nginx_workers(procs[0].pid)
         for name, url in urls.items():  # warm up (connections, caches)
             got = topo.ns(topo.client, "curl", "-s", url).stdout
             assert got == "ok\n", (name, got)
@@ -290,8 +318,15 @@ def main(argv: list[str] | None = None) -> int:
                     # let the agent side drain the flows of the previous run
                     loop.run_until_complete(asyncio.sleep(0.3))
                     user, system = cpu_split(proxy_pids[name])
+                    waited = runqueue_wait(proxy_pids[name])
+                    server_waited = runqueue_wait(server_pids)
                     agent = own_cpu()
                     result = wrk(loop, topo, urls[name], connections, args.seconds)
+                    # ms per second of the run the proxy waited for a CPU
+                    result["runq_ms_per_s"] = (runqueue_wait(proxy_pids[name]) - waited) \
+                        * 1e3 / args.seconds
+                    result["server_runq_ms_per_s"] = (runqueue_wait(server_pids)
+                                                      - server_waited) * 1e3 / args.seconds
                     # the flows of the run's last moments (a flush delay, the agent's turn)
                     loop.run_until_complete(asyncio.sleep(0.1))
                     agent = own_cpu() - agent
@@ -302,6 +337,12 @@ def main(argv: list[str] | None = None) -> int:
                     result["sys_us"] = (system_after - system) * per
                     result["cpu_us_per_request"] = result["usr_us"] + result["sys_us"]
                     runs[name].append(result)
+                    print(f"# c={connections} {name} round {round_}: {result['rps']:.0f} req/s,"
+                          f" p50 {result['p50_ms']} p99 {result['p99_ms']} max "
+                          f"{result['max_ms']} ms, proxy waited for a CPU "
+                          f"{result['runq_ms_per_s']:.0f} ms/s (the server "
+                          f"{result['server_runq_ms_per_s']:.0f}), load "
+                          f"{os.getloadavg()[0]:.2f}", file=sys.stderr)
             if "pylium" not in runs or "nginx" not in runs:
                 for name, samples in runs.items():
                     print(f"# c={connections} {name}: rps "
@@ -320,6 +361,12 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("pylium", "nginx"):
                 extra[f"{name}_cpu_us_per_request"] = spread(
                     [r["cpu_us_per_request"] for r in runs[name]])["median"]
+                # how noisy the runs were for this side: its proxy's and the server's
+                # wait for a CPU and the worst latency wrk saw (median, max of the runs)
+                for field in ("runq_ms_per_s", "server_runq_ms_per_s", "max_ms"):
+                    values = spread([r[field] for r in runs[name]])
+                    extra[f"{name}_{field}"] = [round(values["median"], 1),
+                                                round(values["max"], 1)]
             for name in runs:  # the feeding agent's CPU (this process) during each side's runs
                 extra[f"agent_cpu_us_per_request_{name}"] = round(spread(
                     [r["agent_us"] for r in runs[name]])["median"], 2)
