@@ -115,11 +115,11 @@ def test_the_verdict_cache_tells_requests_apart_by_line_and_host():
     f = Fast(grants)
     assert f.request(b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n") is True
     assert f.request(b"GET /x HTTP/1.1\r\nHost: evil\r\n\r\n") is False
-    f.conn.req_stream = None
+    f.conn.req_messages = None
     assert f.request(b"GET /x?a HTTP/1.1\r\nHost: svc\r\n\r\n") is False
-    f.conn.req_stream = None
+    f.conn.req_messages = None
     assert f.request(b"PUT /x HTTP/1.1\r\nHost: svc\r\nContent-Length: 0\r\n\r\n") is False
-    f.conn.req_stream = None
+    f.conn.req_messages = None
     assert f.request(b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n") is True
 
 
@@ -162,7 +162,7 @@ def test_rules_with_header_conditions_judge_every_request_like_the_general_path(
 def test_what_the_fast_path_declines_the_general_path_handles_as_before(data):
     f = Fast(ALLOW_X)
     assert f.request(data) is False
-    assert f.records == [] and not f.conn.pending and f.conn.req_stream is None
+    assert f.records == [] and not f.conn.pending and f.conn.req_messages is None
     # the general path on a fresh connection and after the declined fast path: the same
     g = Drive(ALLOW_X)
     g.feed(False, data)
