@@ -599,7 +599,8 @@ class HttpConnection(ConnectionParser):
         self.record: Record | None = None
         #: (request line, host) -> what the fast path needs of an allowed request (its
         #: record's fields up to the headers, method, URL, `response_fields`, version), or
-        #: False (not allowed: the general path answers); for `_verdicts_for` only
+        #: False (not allowed, or not a line for the fast path: the general path answers);
+        #: for `_verdicts_for` only
         #: (`_VERDICTS`)
         self._verdicts: dict[tuple[bytes, bytes], Any] = {}
         self._verdicts_for: Any = _NO_GRANTS_YET
@@ -634,6 +635,9 @@ class HttpConnection(ConnectionParser):
             self.req_messages = None  # the general path parses it again
             return False
         line_end = data.find(b"\r\n")
+        if not line_end:  # empty lines before the request line (llhttp skips them)
+            self.req_messages = None
+            return False
         fragments, host, raw = _HEAD_BLOCK(data[line_end + 2:data.find(b"\r\n\r\n",
                                                                      line_end) + 2])
         # the request line (method, URL, version: llhttp checked its form) and the host
@@ -662,10 +666,12 @@ class HttpConnection(ConnectionParser):
         if raw is not None or len(key[0]) + len(key[1]) > VERDICT_KEY_MAX:
             verdicts = {}  # judged, not kept
         line = key[0]
-        # llhttp took the URL as the line between the spaces after the method and those
+        # the key is the line's bytes: it must be the whole request line, method first;
+        # llhttp took the URL as what lies between the spaces after the method and those
         # before the version (it has no space in it)
-        url_raw = line[line.find(b" "):-9].strip(b" ")
-        if line[-9:-3] != b" HTTP/" or url_raw[:1] != b"/":
+        url_raw = line[len(method_raw):-9].strip(b" ")
+        if not line.startswith(method_raw + b" ") or line[-9:-3] != b" HTTP/" or \
+                url_raw[:1] != b"/":
             verdicts[key] = False
             return False
         method = method_raw.decode("ascii", "replace")
@@ -703,6 +709,8 @@ class HttpConnection(ConnectionParser):
         request = pending[0]
         fields = request.response_fields
         if fields is None:
+            return False
+        if data[:5] != b"HTTP/":  # (llhttp also takes RTSP/, ICE/, empty lines first)
             return False
         messages = self.resp_messages
         if messages is None:

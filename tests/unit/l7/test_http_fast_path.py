@@ -323,3 +323,28 @@ def test_request_lines_the_fast_path_leaves_even_when_everything_is_allowed(data
     d.feed(False, data)
     assert (d.upstream, d.client, d.closed, d.records) == (g.upstream, g.client, g.closed,
                                                            g.records)
+
+
+def test_requests_after_empty_lines_never_share_a_cached_verdict():
+    """llhttp skips empty lines before a request line: the bytes before the first CRLF
+    are then no request line, and must not key a verdict another request would find."""
+    f = Fast(ALLOW_X)
+    for data in (b"\r\nGET /x HTTP/1.1\r\nHost: h\r\n\r\n",
+                 b"\r\nDELETE /secret HTTP/1.1\r\nHost: h\r\n\r\n"):
+        assert f.request(data) is False  # the general path judges it
+        ops = f.conn.on_data(False, data, False)
+        f.conn.pending.clear()
+    assert f.records[-1]["verdict"] == "DROPPED"
+    assert f.records[-1]["l7"]["http"]["method"] == "DELETE"
+    assert ops[0].type.name == "DROP" and any(op.data == FORBIDDEN for op in ops)
+
+
+@pytest.mark.parametrize("response", [
+    b"\r\n" + RESPONSE,                                       # an empty line first
+    b"RTSP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n",     # not HTTP
+])
+def test_status_lines_the_fast_path_leaves_to_the_general_path(response):
+    f = Fast(ALLOW_X)
+    assert f.request(REQUEST) is True
+    assert f.response(response) is False
+    assert len(f.records) == 1 and len(f.conn.pending) == 1
