@@ -625,7 +625,7 @@ class HttpConnection(ConnectionParser):
         if messages is None:
             messages = self.req_messages = MessageParser(False)
         parser = messages.parser
-        events = messages.events  # (`MessageParser.one`, inline: a frame less per message)
+        events = messages.events  # (fed here, not in a method: a frame less per message)
         events.clear()
         try:
             parser.feed_data(data)
@@ -716,7 +716,7 @@ class HttpConnection(ConnectionParser):
         if messages is None:
             messages = self.resp_messages = MessageParser(True)
         parser = messages.parser
-        events = messages.events  # (`MessageParser.one`, inline)
+        events = messages.events
         events.clear()
         try:
             parser.feed_data(data)
