@@ -9,6 +9,7 @@ to a pipelined request waits in `pending` until the responses before it have end
 from __future__ import annotations
 
 import collections
+import functools
 import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -308,6 +309,40 @@ class StreamParser:
                     c.url.decode("latin-1"), 0, headers, c.keep_alive, False, by_name)
 
 
+_BEGIN, _END, _CHUNK = 1, 2, 3
+_ONE_MESSAGE = [_BEGIN, _END]
+
+
+class _EventProtocol:
+    """httptools callbacks of a `MessageParser`: partials of `list.append`, called from C
+    (httptools calls back only what its protocol object has: nothing per header, and no
+    Python frame per message)."""
+
+    __slots__ = ("on_message_begin", "on_message_complete", "on_chunk_header")
+
+    def __init__(self, events: list[int]):
+        self.on_message_begin = functools.partial(events.append, _BEGIN)
+        self.on_message_complete = functools.partial(events.append, _END)
+        self.on_chunk_header = functools.partial(events.append, _CHUNK)
+
+
+class MessageParser:
+    """One direction's persistent httptools parser for the fast paths: fed a read, it
+    validates it (llhttp, strict) and its `events` say whether the read was exactly one
+    whole message without chunks (`_ONE_MESSAGE`); nothing is called back per header (a
+    fast path takes the head's headers from `_HEAD_BLOCKS` by the header block's bytes).
+    Used only while it stands at a message boundary: after a read it declines, the caller
+    drops it."""
+
+    __slots__ = ("events", "parser")
+
+    def __init__(self, response: bool):
+        #: what the last feed saw (`_BEGIN`, `_END`, `_CHUNK` in order)
+        self.events: list[int] = []
+        self.parser = (httptools.HttpResponseParser if response else
+                       httptools.HttpRequestParser)(_EventProtocol(self.events))
+
+
 def body_framing(head: Head, response: bool, request_method: str = "") -> tuple[str, int]:
     """("none"|"length"|"chunked"|"close", length) as RFC 9112 section 6.3 says; refuses
     what a smuggling attack needs (Transfer-Encoding with Content-Length, a non-chunked
@@ -482,6 +517,47 @@ _FRAGMENTS = _Fragments()
 _FRAGMENT = _FRAGMENTS.__getitem__
 
 
+#: header blocks cached at most (a block with a Date header changes once a second), and
+#: the longest block cached
+HEAD_BLOCK_CACHE = 4096
+HEAD_BLOCK_MAX = 1024
+_REDACTED_NAMES = frozenset(name.encode() for name in REDACTED)
+
+
+class _HeadBlocks(dict):
+    """A head's header block (the bytes after its first line, up to and without the blank
+    line), as a `MessageParser` accepted it -> (the headers' part of the flow record's
+    `headers` array, encoded; the first Host value, trimmed; the headers as httptools would
+    call them back: (name, value without leading whitespace), for rules that look at
+    headers). Most heads repeat their block byte for byte (a client's, a server's but for
+    Date once a second), so a fast path's headers are one lookup. llhttp accepted the block
+    strictly (CRLF line ends, no folding, a token and a colon starting every line), so
+    bytes methods split it as llhttp did. Not kept: a block with a secret (the key would
+    keep it) or a long one."""
+
+    def __missing__(self, block: bytes) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]]:
+        raw = []
+        host = None
+        secret = False
+        for line in block.split(b"\r\n")[:-1]:  # (the block ends with CRLF, or is empty)
+            name, _, value = line.partition(b":")
+            raw.append((name, value.lstrip(b" \t")))
+            lower = name.lower()
+            if host is None and lower == b"host":
+                host = value.strip(b" \t")
+            secret = secret or lower in _REDACTED_NAMES
+        entry = (b",".join(map(_FRAGMENT, raw)), host or b"", raw)
+        if not secret and len(block) <= HEAD_BLOCK_MAX:
+            if len(self) >= HEAD_BLOCK_CACHE:
+                self.clear()
+            self[block] = entry
+        return entry
+
+
+_HEAD_BLOCKS = _HeadBlocks()
+_HEAD_BLOCK = _HEAD_BLOCKS.__getitem__
+
+
 def _response_fields(method: str, url: str) -> bytes | None:
     """The response record's fields up to its code (`Pending.response_fields`)."""
     if method in ("HEAD", "CONNECT"):
@@ -517,10 +593,14 @@ class HttpConnection(ConnectionParser):
         #: persistent parsers of each direction while it moves in whole messages
         self.req_stream: StreamParser | None = None
         self.resp_stream: StreamParser | None = None
+        #: the fast paths' parsers of each direction (no callback per header)
+        self.req_messages: MessageParser | None = None
+        self.resp_messages: MessageParser | None = None
         self.record: Record | None = None
         #: (request line, host) -> what the fast path needs of an allowed request (its
         #: record's fields up to the headers, method, URL, `response_fields`, version), or
-        #: False (not allowed: the general path answers); for `_verdicts_for` only
+        #: False (not allowed, or not a line for the fast path: the general path answers);
+        #: for `_verdicts_for` only
         #: (`_VERDICTS`)
         self._verdicts: dict[tuple[bytes, bytes], Any] = {}
         self._verdicts_for: Any = _NO_GRANTS_YET
@@ -534,56 +614,70 @@ class HttpConnection(ConnectionParser):
     def _fast_request(self, data: bytes) -> bool:
         """One whole allowed request without chunks, upgrade or absolute URL: forwarded as
         read, its record made from parts cached per (request line, host) while no rule
-        looks at headers (judged with the headers every time otherwise)."""
+        looks at headers (judged with the headers every time otherwise) and per header
+        block (`_HeadBlocks`)."""
         if self.req_state != "head" or self.upgrade_pending:
             return False
         grants = self.grants()
         if grants is not self._verdicts_for:  # a policy push: the new grants' verdicts
             self._verdicts_for, self._verdicts, self._header_rules = _verdicts_of(grants)
-        stream = self.req_stream
-        if stream is None:
-            stream = self.req_stream = StreamParser(False)
-        c = stream.collector
-        parser = stream.parser
-        if not stream.one(data) or c.url[:1] != b"/" or parser.should_upgrade():
-            self.req_stream = None  # the general path parses it again
+        messages = self.req_messages
+        if messages is None:
+            messages = self.req_messages = MessageParser(False)
+        parser = messages.parser
+        events = messages.events  # (fed here, not in a method: a frame less per message)
+        events.clear()
+        try:
+            parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            events.clear()
+        if events != _ONE_MESSAGE or parser.should_upgrade():
+            self.req_messages = None  # the general path parses it again
             return False
-        url = c.url
-        raw = c.raw
-        host = b""
-        for name, value in raw:
-            if len(name) == 4 and name.lower() == b"host":
-                host = value.strip(b" \t")
-                break
+        line_end = data.find(b"\r\n")
+        if not line_end:  # empty lines before the request line (llhttp skips them)
+            self.req_messages = None
+            return False
+        fragments, host, raw = _HEAD_BLOCK(data[line_end + 2:data.find(b"\r\n\r\n",
+                                                                     line_end) + 2])
         # the request line (method, URL, version: llhttp checked its form) and the host
-        key = (data[:data.find(b"\r\n")], host)
+        key = (data[:line_end], host)
         found = None if self._header_rules else self._verdicts.get(key)
         if found is None:
-            found = self._decide(key, grants, parser.get_method(), url,
+            found = self._decide(key, grants, parser.get_method(),
                                  raw if self._header_rules else None)
         if found is False:
-            self.req_stream = None
+            self.req_messages = None
             return False
-        self.record(False, b"%b%b%b]}}" % (found[0], b",".join(map(_FRAGMENT, raw)),
-                                            found[5]))
+        self.record(False, b"%b%b%b]}}" % (found[0], fragments, found[5]))
         self.pending.append(_pending(Pending, (found[1], found[2], found[4], _now(), None,
                                                False, found[3])))
         return True
 
     def _decide(self, key: tuple[bytes, bytes], grants: Any, method_raw: bytes,
-                url_raw: bytes, raw: list[tuple[bytes, bytes]] | None = None) -> Any:
+                raw: list[tuple[bytes, bytes]] | None = None) -> Any:
         """Judge a request not seen since the last policy push and remember the answer;
         with `raw` (the head's headers: a rule looks at them), judge it with them and
-        remember nothing."""
+        remember nothing. False also for what the fast path leaves to the general one: an
+        absolute or asterisk URL, a line not ending in HTTP/x.y (HTTP/0.9)."""
         verdicts = self._verdicts
         if len(verdicts) >= VERDICT_CACHE:
             verdicts.clear()
         if raw is not None or len(key[0]) + len(key[1]) > VERDICT_KEY_MAX:
             verdicts = {}  # judged, not kept
+        line = key[0]
+        # the key is the line's bytes: it must be the whole request line, method first;
+        # llhttp took the URL as what lies between the spaces after the method and those
+        # before the version (it has no space in it)
+        url_raw = line[len(method_raw):-9].strip(b" ")
+        if not line.startswith(method_raw + b" ") or line[-9:-3] != b" HTTP/" or \
+                url_raw[:1] != b"/":
+            verdicts[key] = False
+            return False
         method = method_raw.decode("ascii", "replace")
         path = url_raw.decode("latin-1")
         host = key[1].decode("latin-1")
-        version = key[0][-3:].decode("ascii")  # the line ends in HTTP/x.y
+        version = line[-3:].decode("ascii")
         headers = _EMPTY
         if raw is not None:  # first value per name, as `_FirstValues` has them
             headers = {}
@@ -616,18 +710,27 @@ class HttpConnection(ConnectionParser):
         fields = request.response_fields
         if fields is None:
             return False
-        stream = self.resp_stream
-        if stream is None:
-            stream = self.resp_stream = StreamParser(True)
-        c = stream.collector
-        # (an upgrade is a 101, or a 2xx to CONNECT, which has no response_fields)
-        if not stream.one(data) or (status := stream.parser.get_status_code()) < 200:
-            self.resp_stream = None
+        if data[:5] != b"HTTP/":  # (llhttp also takes RTSP/, ICE/, empty lines first)
             return False
+        messages = self.resp_messages
+        if messages is None:
+            messages = self.resp_messages = MessageParser(True)
+        parser = messages.parser
+        events = messages.events
+        events.clear()
+        try:
+            parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            events.clear()
+        # (an upgrade is a 101, or a 2xx to CONNECT, which has no response_fields)
+        if events != _ONE_MESSAGE or (status := parser.get_status_code()) < 200:
+            self.resp_messages = None
+            return False
+        line_end = data.find(b"\r\n")
+        fragments = _HEAD_BLOCK(data[line_end + 2:data.find(b"\r\n\r\n", line_end) + 2])[0]
         # the status line starts with HTTP/x.y (llhttp checked its form)
         self.record(True, b'%b"code":%d,"protocol":"HTTP/%b","headers":[%b]},"latency_ns":%d}'
-                    % (fields, status, data[5:8], b",".join(map(_FRAGMENT, c.raw)),
-                       _now() - request.started_ns))
+                    % (fields, status, data[5:8], fragments, _now() - request.started_ns))
         pending.popleft()
         return True
 

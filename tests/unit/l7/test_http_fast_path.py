@@ -74,6 +74,10 @@ def _without_latency(records: list[dict]) -> list[dict]:
      b"body",
      b"HTTP/1.0 201 Created\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nhi"),
     (b"GET /x HTTP/1.1\r\n\r\n", b"HTTP/1.1 204 No Content\r\n\r\n"),  # no host
+    # empty and blank values, a repeated name, a Host not first, spaces llhttp allows
+    # around the URL (the fast path takes the URL from the line)
+    (b"GET  /x  HTTP/1.1\r\nX-E:\r\nX-B: \t \r\nX-R: 1\r\nhOST:  svc \r\nX-R: 2\r\n\r\n",
+     b"HTTP/1.1 200 OK\r\nX-E:\r\nContent-Length: 1\r\nX-R:a\r\nX-R: b\r\n\r\n!"),
 ])
 def test_fast_records_equal_the_general_paths(request_, response):
     f = Fast(ALLOW_X)
@@ -115,11 +119,11 @@ def test_the_verdict_cache_tells_requests_apart_by_line_and_host():
     f = Fast(grants)
     assert f.request(b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n") is True
     assert f.request(b"GET /x HTTP/1.1\r\nHost: evil\r\n\r\n") is False
-    f.conn.req_stream = None
+    f.conn.req_messages = None
     assert f.request(b"GET /x?a HTTP/1.1\r\nHost: svc\r\n\r\n") is False
-    f.conn.req_stream = None
+    f.conn.req_messages = None
     assert f.request(b"PUT /x HTTP/1.1\r\nHost: svc\r\nContent-Length: 0\r\n\r\n") is False
-    f.conn.req_stream = None
+    f.conn.req_messages = None
     assert f.request(b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n") is True
 
 
@@ -162,7 +166,7 @@ def test_rules_with_header_conditions_judge_every_request_like_the_general_path(
 def test_what_the_fast_path_declines_the_general_path_handles_as_before(data):
     f = Fast(ALLOW_X)
     assert f.request(data) is False
-    assert f.records == [] and not f.conn.pending and f.conn.req_stream is None
+    assert f.records == [] and not f.conn.pending and f.conn.req_messages is None
     # the general path on a fresh connection and after the declined fast path: the same
     g = Drive(ALLOW_X)
     g.feed(False, data)
@@ -273,3 +277,74 @@ def test_verdicts_are_shared_per_grants_and_the_caches_stay_bounded(monkeypatch)
     for _ in range(5):
         Fast((Grant(rule="r", rules=(PortRuleHTTP(path="/.*"),)),)).request(REQUEST)
         assert len(http_parser._VERDICTS) <= 2
+
+
+def test_header_blocks_are_kept_without_secrets_and_bounded(monkeypatch):
+    """A head's header block is looked up by its bytes: kept when it repeats, never when
+    it carries a secret (the key would keep it), never past its bounds."""
+    f = Fast(ALLOW_X)
+    assert f.request(REQUEST) and f.response(RESPONSE)
+    assert b"Host: svc:80\r\nUser-Agent: wrk\r\n" in http_parser._HEAD_BLOCKS
+    secret = b"GET /x HTTP/1.1\r\nHost: svc\r\nAuthorization: Bearer s3cret\r\n\r\n"
+    for _ in range(2):
+        assert f.request(secret) is True
+        assert f.records[-1]["l7"]["http"]["headers"][-1] == {"key": "Authorization",
+                                                              "value": "[redacted]"}
+        f.conn.pending.clear()
+    assert not any(b"s3cret" in block for block in http_parser._HEAD_BLOCKS)
+    long_block = b"X-Long: %s\r\n" % (b"v" * http_parser.HEAD_BLOCK_MAX)
+    assert f.request(b"GET /x HTTP/1.1\r\n%b\r\n" % long_block) is True
+    assert long_block not in http_parser._HEAD_BLOCKS
+    f.conn.pending.clear()
+    monkeypatch.setattr(http_parser, "HEAD_BLOCK_CACHE", 3)
+    for n in range(6):
+        assert f.request(b"GET /x HTTP/1.1\r\nHost: svc\r\nX-N: %d\r\n\r\n" % n)
+        assert f.response(b"HTTP/1.1 200 OK\r\nX-M: %d\r\nContent-Length: 0\r\n\r\n" % n)
+        assert len(http_parser._HEAD_BLOCKS) <= 3
+        assert f.records[-2]["l7"]["http"]["headers"][-1] == {"key": "X-N", "value": str(n)}
+        assert f.records[-1]["l7"]["http"]["headers"][0] == {"key": "X-M", "value": str(n)}
+
+
+@pytest.mark.parametrize("data", [
+    b"GET * HTTP/1.1\r\nHost: h\r\n\r\n",                  # asterisk form
+    b"GET http://h/x HTTP/1.1\r\nHost: h\r\n\r\n",         # absolute form
+    b"GET /x\r\nHost: h\r\n\r\n",                          # no version (HTTP/0.9)
+])
+def test_request_lines_the_fast_path_leaves_even_when_everything_is_allowed(data):
+    f = Fast((Grant(rule="r", allow_all=True),))
+    for _ in range(2):  # the second from the verdict cache
+        assert f.request(data) is False
+        assert f.records == [] and not f.conn.pending and f.conn.req_messages is None
+    g = Drive((Grant(rule="r", allow_all=True),))
+    d = Drive((Grant(rule="r", allow_all=True),))
+    d.conn.fast_paths(lambda reply, fields: None)
+    assert d.conn._fast_request(data) is False
+    g.feed(False, data)
+    d.feed(False, data)
+    assert (d.upstream, d.client, d.closed, d.records) == (g.upstream, g.client, g.closed,
+                                                           g.records)
+
+
+def test_requests_after_empty_lines_never_share_a_cached_verdict():
+    """llhttp skips empty lines before a request line: the bytes before the first CRLF
+    are then no request line, and must not key a verdict another request would find."""
+    f = Fast(ALLOW_X)
+    for data in (b"\r\nGET /x HTTP/1.1\r\nHost: h\r\n\r\n",
+                 b"\r\nDELETE /secret HTTP/1.1\r\nHost: h\r\n\r\n"):
+        assert f.request(data) is False  # the general path judges it
+        ops = f.conn.on_data(False, data, False)
+        f.conn.pending.clear()
+    assert f.records[-1]["verdict"] == "DROPPED"
+    assert f.records[-1]["l7"]["http"]["method"] == "DELETE"
+    assert ops[0].type.name == "DROP" and any(op.data == FORBIDDEN for op in ops)
+
+
+@pytest.mark.parametrize("response", [
+    b"\r\n" + RESPONSE,                                       # an empty line first
+    b"RTSP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n",     # not HTTP
+])
+def test_status_lines_the_fast_path_leaves_to_the_general_path(response):
+    f = Fast(ALLOW_X)
+    assert f.request(REQUEST) is True
+    assert f.response(response) is False
+    assert len(f.records) == 1 and len(f.conn.pending) == 1
