@@ -26,6 +26,9 @@ from pylium.documents import RecordError
 log = logging.getLogger(__name__)
 
 IP_PREFIX = "pylium/state/ip/v1/"
+#: the least time between two writes of this node's endpoints to the store: a burst of pod
+#: starts is published in a transaction per 10 ms, a lone pod start at once
+PUBLISH_INTERVAL_S = 0.01
 
 
 class IPCacheSink(Protocol):
@@ -175,7 +178,8 @@ def _cidr(ip: str) -> str:
 
 class IPCacheSync:
     def __init__(self, kvstore: KVStore, session: ClusterSession, local: NodeInfo,
-                 sink: IPCacheSink, nodes: Any | None = None, retry_interval: float = 0.5):
+                 sink: IPCacheSink, nodes: Any | None = None, retry_interval: float = 0.5,
+                 publish_interval: float = PUBLISH_INTERVAL_S):
         self.kvstore = kvstore
         self.session = session
         self.local = local
@@ -183,6 +187,8 @@ class IPCacheSync:
         #: the `NodeRegistry` (None: install every remote entry, whatever its node)
         self.nodes = nodes
         self.retry_interval = retry_interval
+        #: the least time between two writes of local changes (`_publish_loop`)
+        self.publish_interval = publish_interval
         #: local endpoints: ip → encoded record we want in the store, and what is there
         self.local_entries: dict[str, bytes] = {}
         self.published: dict[str, bytes] = {}
@@ -257,6 +263,11 @@ class IPCacheSync:
                 self.publish_errors += 1
                 log.exception("publishing local endpoints failed")
                 await asyncio.sleep(self.retry_interval)
+            else:
+                # a lone change goes out at once; the pods of a node starting together go
+                # out in a few transactions (one store write, one revision and one watch
+                # answer on every node each) instead of one per pod
+                await asyncio.sleep(self.publish_interval)
 
     async def republish(self, lease: Lease) -> None:
         """The lease was replaced: every local key is gone or on the dead lease; rewrite."""
@@ -326,6 +337,7 @@ class IPCacheSync:
         applied once, the nodes' addresses looked up once per batch."""
         remote, by_node, installed, sink = self.remote, self.by_node, self.installed, self.sink
         local, start = self.local.name, len(IP_PREFIX)
+        own, published = self.local_entries, self.published
         node_ips: dict[str, str | None] = {}
         for key, _old, new in changes:
             ip = key[start:]
@@ -334,7 +346,10 @@ class IPCacheSync:
                 if previous is not None:
                     by_node.get(previous[1], set()).discard(ip)
                 entry = None
-                if new is not None:
+                # this node's own record coming back (the bytes it encoded, naming itself):
+                # nothing to install, so not decoded (a pod start on this node used to
+                # decode its own JSON record once more here)
+                if new is not None and new != own.get(ip) and new != published.get(ip):
                     try:
                         entry = decode_entry(key, new)
                     except RecordError as exc:

@@ -269,14 +269,24 @@ class EndpointManager:
         if pending is not None:
             await pending
 
-    async def _forget(self, ep: Endpoint) -> None:
+    async def _forget(self, ep: Endpoint, release_address: bool = False) -> None:
+        """Drop `ep` from the books and its state file (on the state thread, after the
+        writes asked before). With `release_address` (a delete, once the veth and the
+        datapath entries are gone) its address goes back in the same job first: one
+        thread hop per pod stop where there were two."""
         self._endpoints.pop(ep.id, None)
         self._filed.pop(ep.id, None)
         self._netns_keys.pop(ep.id, None)
         self._netns_files.pop(ep.id, None)
         self._installed.pop(ep.id, None)
-        await asyncio.get_running_loop().run_in_executor(
-            self._io, (self.dir / f"{ep.id}.json").unlink, True)
+        state_file = self.dir / f"{ep.id}.json"
+
+        def forget() -> None:
+            if release_address:
+                self._release_address(ep)
+            state_file.unlink(missing_ok=True)
+
+        await asyncio.get_running_loop().run_in_executor(self._io, forget)
 
     def _free_id(self) -> int:
         if self._stray_ids is None:
@@ -781,9 +791,7 @@ class EndpointManager:
                     await datapath_done
                 except Exception:
                     log.exception("forgetting endpoint %d in the datapath failed", ep.id)
-        # (not behind the pods being wired on the netlink thread)
-        await loop.run_in_executor(self._unwiring, self._release_address, ep)
-        await self._forget(ep)
+        await self._forget(ep, release_address=True)
         if self.identities is not None and ep.identity:
             try:
                 await self.identities.release(ep.identity)
