@@ -45,10 +45,6 @@ def _count_put_many(store):
     return calls
 
 
-async def _published(store, count):
-    return len(await store.list(IP_PREFIX)) == count
-
-
 def test_a_burst_of_pod_starts_is_published_in_few_transactions(tmp_path):
     async def go():
         node = await _node(tmp_path, "pub1", 1)
