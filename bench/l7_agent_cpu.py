@@ -1,22 +1,23 @@
-"""Python CPU the AGENT spends per proxied HTTP request, without sockets: the control lines
-a real proxy (`pylium.l7.proxy.Proxy`, fake transports, the HTTP parser's fast paths) makes
-for wrk-like requests and nginx-like responses over several connections are captured, then
-fed through the agent's own path (`ProxySupervisor._read` on a StreamReader, then the
-HTTP backend's `_batch` — `_flows` for a tree without it —: proxy and Hubble metrics, the
-flow layer into a flow ring of the agent's default size), with the agent's
-garbage-collector settings. Enough requests to fill the ring: overwriting (freeing) old
-flows counts, as in the agent.
+"""Python CPU the AGENT spends per proxied HTTP request, without the proxy's sockets: the
+control lines a real proxy (`pylium.l7.proxy.Proxy`, fake transports, the HTTP parser's
+fast paths) makes for wrk-like requests and nginx-like responses over several connections
+are captured, then sent from a thread over a unix socket to the agent's own path
+(`ProxySupervisor._connect`: its reader, its acknowledgements; then the HTTP backend's
+`_batch` — `_flows` for a tree without it —: proxy and Hubble metrics, the flow layer into
+a flow ring of the agent's default size), with the agent's garbage-collector settings.
+Enough requests to fill the ring: overwriting (freeing) old flows counts, as in the agent.
 
     .venv/bin/python bench/l7_agent_cpu.py [--requests N] [--connections N] [--batch N]
                                            [--profile]
 
-Prints each run and the best of `--runs` in microseconds of process CPU per request (2 flow
-records); with `--profile`, a cProfile of a run with the ring full (function-call overhead
-inflates it) sorted by own time. Compare two trees:
-`PYTHONPATH=OTHER/core:OTHER/plugins/l7_http .venv/bin/python COPY_OF_THIS_FILE ...`
+Prints each run and the best of `--runs` in microseconds of the agent thread's CPU per
+request (2 flow records; the sending thread's is not counted); with `--profile`, a
+cProfile of a run with the ring full (function-call overhead inflates it) sorted by own
+time. At 100 connections the proxy's lines hold ~1000 records (`--batch 1000`). Compare two
+trees: `PYTHONPATH=OTHER/core:OTHER/plugins/l7_http .venv/bin/python COPY_OF_THIS_FILE ...`
 (the proxy that makes the records is that tree's too; the copy needs `l7_proxy_cpu.py`
-beside it). What it leaves out: the socket, the event loop's wake-ups, and the caches the
-other processes leave cold (`bench_l7_http.py` measures those too)."""
+beside it). What it leaves out: the other processes' share of the CPUs and the caches they
+leave cold (`bench_l7_http.py` measures those too)."""
 
 from __future__ import annotations
 
