@@ -1,22 +1,23 @@
-"""Python CPU the AGENT spends per proxied HTTP request, without sockets: the control lines
-a real proxy (`pylium.l7.proxy.Proxy`, fake transports, the HTTP parser's fast paths) makes
-for wrk-like requests and nginx-like responses over several connections are captured, then
-fed through the agent's own path (`ProxySupervisor._read` on a StreamReader, then the
-HTTP backend's `_batch` — `_flows` for a tree without it —: proxy and Hubble metrics, the
-flow layer into a flow ring of the agent's default size), with the agent's
-garbage-collector settings. Enough requests to fill the ring: overwriting (freeing) old
-flows counts, as in the agent.
+"""Python CPU the AGENT spends per proxied HTTP request, without the proxy's sockets: the
+control lines a real proxy (`pylium.l7.proxy.Proxy`, fake transports, the HTTP parser's
+fast paths) makes for wrk-like requests and nginx-like responses over several connections
+are captured, then sent from a thread over a unix socket to the agent's own path
+(`ProxySupervisor._connect`: its reader, its acknowledgements; then the HTTP backend's
+`_batch` — `_flows` for a tree without it —: proxy and Hubble metrics, the flow layer into
+a flow ring of the agent's default size), with the agent's garbage-collector settings.
+Enough requests to fill the ring: overwriting (freeing) old flows counts, as in the agent.
 
     .venv/bin/python bench/l7_agent_cpu.py [--requests N] [--connections N] [--batch N]
                                            [--profile]
 
-Prints each run and the best of `--runs` in microseconds of process CPU per request (2 flow
-records); with `--profile`, a cProfile of a run with the ring full (function-call overhead
-inflates it) sorted by own time. Compare two trees:
-`PYTHONPATH=OTHER/core:OTHER/plugins/l7_http .venv/bin/python COPY_OF_THIS_FILE ...`
+Prints each run and the best of `--runs` in microseconds of the agent thread's CPU per
+request (2 flow records; the sending thread's is not counted); with `--profile`, a
+cProfile of a run with the ring full (function-call overhead inflates it) sorted by own
+time. At 100 connections the proxy's lines hold ~1000 records (`--batch 1000`). Compare two
+trees: `PYTHONPATH=OTHER/core:OTHER/plugins/l7_http .venv/bin/python COPY_OF_THIS_FILE ...`
 (the proxy that makes the records is that tree's too; the copy needs `l7_proxy_cpu.py`
-beside it). What it leaves out: the socket, the event loop's wake-ups, and the caches the
-other processes leave cold (`bench_l7_http.py` measures those too)."""
+beside it). What it leaves out: the other processes' share of the CPUs and the caches they
+leave cold (`bench_l7_http.py` measures those too)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ import asyncio
 import cProfile
 import gc
 import pstats
+import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -136,15 +139,46 @@ def agent() -> tuple[ProxySupervisor, list[int]]:
     return sup, got
 
 
-def feed(sup: ProxySupervisor, lines: list[bytes]) -> None:
-    async def run() -> None:
-        reader = asyncio.StreamReader(limit=1 << 24)
-        sup._ack = lambda seq: None  # no control socket: nothing to acknowledge to
-        for line in lines:
-            reader.feed_data(line)
-        reader.feed_eof()
-        await sup._read(reader)
-    asyncio.run(run())
+def serve(path: str, lines: list[bytes], listening: threading.Event) -> None:
+    """A proxy's control socket, in a thread: answers the agent's hello, sends the lines
+    as fast as the agent takes them, ends, and drops the acknowledgements."""
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(path)
+        server.listen(1)
+        listening.set()
+        conn, _ = server.accept()
+        with conn:
+            hello = b""
+            while not hello.endswith(b"\n"):
+                hello += conn.recv(4096)
+            conn.sendall(b'{"op":"hello"}\n')
+            for line in lines:
+                conn.sendall(line)
+            conn.shutdown(socket.SHUT_WR)
+            while conn.recv(1 << 16):
+                pass
+
+
+def feed(sup: ProxySupervisor, lines: list[bytes]) -> float:
+    """The lines through the supervisor's own control connection (a unix socket, its
+    reader, its acknowledgements); returns the CPU seconds of the agent's thread (the
+    sending thread's are not counted)."""
+    async def run() -> float:
+        with tempfile.TemporaryDirectory(prefix="l7-agent-cpu-") as state:
+            sup.state_dir = Path(state)
+            listening = threading.Event()
+            sender = threading.Thread(target=serve, args=(
+                str(sup.state_dir / proxy_module.CONTROL_SOCKET), lines, listening))
+            sender.start()
+            listening.wait()
+            started = time.thread_time()
+            await sup._connect()
+            await sup._read_task
+            spent = time.thread_time() - started
+            await sup._disconnect()
+            sender.join()
+            return spent
+    return asyncio.run(run())
 
 
 def main() -> None:
@@ -167,13 +201,11 @@ def main() -> None:
         before = got[0]
         profiling = profiler is not None and run == 1  # the ring full: the steady state
         collections = sum(s["collections"] for s in gc.get_stats())
-        started = time.process_time()
         if profiling:
             profiler.enable()
-        feed(sup, lines)
+        spent = feed(sup, lines)
         if profiling:
             profiler.disable()
-        spent = time.process_time() - started
         assert got[0] - before == 2 * args.requests, (got[0] - before, "flows missing")
         best = min(best, spent)
         print(f"# run: {spent / args.requests * 1e6:.2f} us/request, "

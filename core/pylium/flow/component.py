@@ -51,10 +51,10 @@ from pylium.flow.model import (
 )
 from pylium.flow.ring import FlowRing
 
-#: an `l7_head`'s (verdict, drop reason, direction): the decoder's count of its flows (a
-#: head is a flow's fields from `node_name` on)
-_COUNT_KEY = itemgetter(*(Flow._fields.index(name) - 1
-                          for name in ("verdict", "drop_reason", "direction")))
+#: an `l7_head`'s verdict, drop reason and direction, each: the decoder's count of its
+#: flows (a head is a flow's fields from `node_name` on)
+_COUNT_FIELDS = tuple(itemgetter(Flow._fields.index(name) - 1)
+                      for name in ("verdict", "drop_reason", "direction"))
 _new_tuple = tuple.__new__
 
 log = logging.getLogger(__name__)
@@ -171,9 +171,13 @@ class FlowObserver:
         now = (time.time_ns(),)
         flows = list(map(_new_tuple, repeat(L7Flow), map(
             add, map(add, repeat(now), heads), zip(members, repeat(False), repeat(None)))))
-        keys = list(map(_COUNT_KEY, heads))
-        # mostly one key (a connection's request and reply sides share theirs)
-        counts = {keys[0]: len(keys)} if keys.count(keys[0]) == len(keys) else Counter(keys)
+        # mostly one key (a connection's request and reply sides share theirs): each
+        # field's values, not a tuple per record, unless they differ
+        fields = [list(map(field, heads)) for field in _COUNT_FIELDS]
+        if all(values.count(values[0]) == len(values) for values in fields):
+            counts = {(fields[0][0], fields[1][0], fields[2][0]): len(heads)}
+        else:
+            counts = Counter(zip(*fields, strict=True))
         dec = self.decoder
         with self._ingest_lock:
             for (verdict, drop, direction), n in counts.items():

@@ -35,6 +35,8 @@ ACK_DELAY = 0.05
 #: whole), so a proxy an older agent left running is adopted, not cut
 CONTROL_PROTOCOLS = (2, 3, proxy_process.CONTROL_PROTOCOL)
 RECORD_SEP = proxy_process.RECORD_SEP
+#: the longest control line taken (a batch line is ~200 KB)
+LINE_LIMIT = 1 << 24
 
 
 def policy_message(snapshot: Iterable[Mapping[str, Any]], protocol: str,
@@ -150,6 +152,66 @@ class FlowBatch:
         return out
 
 
+class LineReader(asyncio.StreamReader):
+    """The agent's reading end of a proxy's control socket: each line goes to `on_line`
+    as soon as the socket gave all of it (a ~200 KB batch line is not copied into a
+    buffer, out of it and into bytes again, and no reading task wakes for each chunk).
+    `readline()` then only returns b"" at the end, or raises what a line raised (a line
+    longer than `limit` raises ValueError, as StreamReader's does); after that, or
+    `stop()`, no more lines are taken. A last line without its newline is taken at the
+    end, as `readline()` returned it."""
+
+    def __init__(self, on_line: Callable[[bytes], None], limit: int,
+                 loop: asyncio.AbstractEventLoop):
+        super().__init__(limit=limit, loop=loop)
+        self.on_line: Callable[[bytes], None] | None = on_line
+        self.limit = limit
+        #: the chunks of the line not yet whole, and their length
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+
+    def stop(self) -> None:
+        """Take no more lines (the supervisor is letting the connection go)."""
+        self.on_line = None
+
+    def feed_data(self, data: bytes) -> None:
+        on_line = self.on_line
+        if on_line is None or self.exception() is not None or not data:
+            return
+        start, end = 0, data.find(b"\n")
+        try:
+            while end >= 0:
+                if self.pending_size + end - start > self.limit:  # (as readline)
+                    raise ValueError("Separator is found, but chunk is longer than limit")
+                if self.pending:
+                    self.pending.append(data[start:end + 1])
+                    line = b"".join(self.pending)
+                    self.pending, self.pending_size = [], 0
+                else:
+                    line = data[start:end + 1]  # all of data: not copied
+                on_line(line)
+                start, end = end + 1, data.find(b"\n", end + 1)
+            if start < len(data):
+                self.pending.append(data[start:])
+                self.pending_size += len(data) - start
+                if self.pending_size > self.limit:
+                    raise ValueError("Separator is not found, and chunk exceed the limit")
+        except Exception as exc:  # (BaseException: goes to the loop, as it would)
+            self.pending, self.pending_size = [], 0
+            self.set_exception(exc)
+
+    def feed_eof(self) -> None:
+        on_line = self.on_line
+        if self.pending and on_line is not None and self.exception() is None:
+            line = b"".join(self.pending)
+            self.pending, self.pending_size = [], 0
+            try:
+                on_line(line)
+            except Exception as exc:
+                self.set_exception(exc)
+        super().feed_eof()
+
+
 class ProxySupervisor:
     """One proxy process per L7 capability, identified by its state directory."""
 
@@ -174,7 +236,7 @@ class ProxySupervisor:
         #: a command prefix for the spawn (e.g. `nsenter --net=...` in tests)
         self.launcher = list(launcher)
         self.log = logger or log
-        self.reader: asyncio.StreamReader | None = None
+        self.reader: LineReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.info: dict[str, Any] = {}
@@ -265,8 +327,11 @@ class ProxySupervisor:
 
     async def _connect(self) -> dict[str, Any]:
         path = str(self.state_dir / proxy_process.CONTROL_SOCKET)
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(path, limit=1 << 24), REQUEST_TIMEOUT)
+        loop = asyncio.get_running_loop()
+        reader = LineReader(self._take_line, limit=LINE_LIMIT, loop=loop)
+        transport, protocol = await asyncio.wait_for(loop.create_unix_connection(
+            lambda: asyncio.StreamReaderProtocol(reader, loop=loop), path), REQUEST_TIMEOUT)
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         self.reader, self.writer = reader, writer
         self.replies = asyncio.Queue()
         self.acked_upto = 0  # sequence numbers are the proxy process's own
@@ -279,6 +344,8 @@ class ProxySupervisor:
         return hello
 
     async def _disconnect(self) -> None:
+        if self.reader is not None:  # lines that still come are not taken (nor acked)
+            self.reader.stop()
         if self._read_task is not None:
             self._read_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -307,20 +374,25 @@ class ProxySupervisor:
 
     # talking ------------------------------------------------------------------------------
     async def _read(self, reader: asyncio.StreamReader) -> None:
+        """Take the proxy's lines until the socket ends (a `LineReader` takes them as
+        they arrive: then this only waits for the end, or for what a line raised)."""
         try:
             while True:
                 line = await reader.readline()
                 if not line:
                     break
-                message = self.take(line)
-                if message is not None:
-                    self.replies.put_nowait(message)
+                self._take_line(line)
         except (ConnectionError, ValueError, KeyError, TypeError,  # orjson: ValueError
                 asyncio.IncompleteReadError) as exc:
             self.error = f"control socket: {exc}"
         finally:
             self.replies.put_nowait({"op": "closed"})
             self._wake.set()  # the proxy may be gone: the watchdog looks now
+
+    def _take_line(self, line: bytes) -> None:
+        message = self.take(line)
+        if message is not None:
+            self.replies.put_nowait(message)
 
     def take(self, line: bytes) -> dict[str, Any] | None:
         """One line from the proxy: flow records are taken (and acknowledged); anything

@@ -8,10 +8,13 @@ The proxy process outlives the agent (a `kill -9` of the agent cuts no proxied c
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_left
+from collections import Counter
+from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
-from itertools import compress
-from operator import attrgetter
+from itertools import compress, repeat
+from operator import attrgetter, eq, getitem, itemgetter, truediv
 from typing import Any
 
 import orjson
@@ -27,9 +30,29 @@ PARSER_SPEC = "pylium_l7_http.parser:HttpParserFactory"
 LABELS_CACHE = 4096
 #: where a fast-path record's headers begin (what `_learn` reads lies before)
 HEADERS = b',"headers":['
+#: what precedes a fast-path response's latency (the last member of its l7)
+LATENCY = b',"latency_ns":'
+#: a fast-path response's end, its latency's digits (`_observe_run`: records joined by
+#: RECORD_END, each's last ENDS bytes, so up to 15 digits; longer ones go one by one)
+RECORD_END = b"\x1e"
+ENDS = slice(-30, None)
+LATENCY_AT_END = re.compile(re.escape(LATENCY) + rb"([0-9]+)\}" + RECORD_END)
 #: Hubble's reporter label by whether the record's direction is not ingress
 REPORTERS = ("server", "client")
+#: the fewest responses taken a run at once (a run costs a few microseconds more, once)
+RUN_MIN = 16
+#: the memo of a side that has none yet: no record begins with no prefix
+NO_MEMO = ((), 0, None, None)
 _REPLY = attrgetter("reply")
+_MEMO = attrgetter("memo")
+_PREFIX, _END, _COUNT_KEY, _DURATION_KEY = map(itemgetter, range(4))
+
+
+def _tally(keys: list) -> Iterable[tuple[Any, int]]:
+    """How often each key occurs, in the order they first occur (mostly one key)."""
+    if keys.count(keys[0]) == len(keys):
+        return ((keys[0], len(keys)),)
+    return Counter(keys).items()
 
 
 def _version() -> str:
@@ -76,13 +99,76 @@ class HttpMetrics(RegistryMetrics):
         """`observe` of fast-path records (`ProxiedParser.observe_fast`) without decoding
         them: a forwarded request counts nothing; a response's labels are decoded once
         per distinct part before its headers (`_learn`), its latency read off its end.
-        A record not laid out as this plugin's fast path lays it out is decoded whole."""
+        The responses whose side's last response had the same part (`ConnSide.memo`, the
+        steady state of a connection) are counted a run at once, with no Python code per
+        record (`_observe_run`); the others one by one (`_observe_each`), in order."""
+        replies = list(map(_REPLY, sides))
+        responses = list(compress(members, replies))
+        if not responses:
+            return
+        sides = list(compress(sides, replies))
+        if len(responses) < RUN_MIN:
+            self._observe_each(sides, responses)
+            return
+        memos = list(map(_MEMO, sides))
+        if None in memos:  # sides not seen yet: none of theirs matches
+            memos = [NO_MEMO if memo is None else memo for memo in memos]
+        matches = list(map(bytes.startswith, responses, map(_PREFIX, memos)))
+        start, n = 0, len(responses)
+        while start < n:
+            try:
+                end = matches.index(False, start)
+            except ValueError:
+                end = n
+            if end - start >= RUN_MIN:
+                self._observe_run(sides[start:end], responses[start:end], memos[start:end])
+            elif end > start:
+                self._observe_each(sides[start:end], responses[start:end])
+            if end < n:
+                self._observe_each(sides[end:end + 1], responses[end:end + 1])
+            start = end + 1
+
+    def _observe_run(self, sides: list[Any], responses: list[bytes],
+                     memos: list[tuple]) -> None:
+        """Responses that each begin with their side's memo's part (so have its labels),
+        counted as `_observe_each` counts them, with no Python code per record: each
+        one's latency found by one regex over their ends, counts and histograms added
+        per key (`LocalHistogram.observe_many`: the same buckets and sum). If a latency
+        is not where and how the fast path writes it, the run is taken one by one."""
+        # a match ends a record: `RECORD_END` ends each, and no record holds it
+        digits = LATENCY_AT_END.findall(RECORD_END.join(map(getitem, responses,
+                                                            repeat(ENDS))) + RECORD_END)
+        if len(digits) != len(responses):
+            self._observe_each(sides, responses)
+            return
+        try:  # ints all at once (JSON: without leading zeros)
+            latencies = orjson.loads(b"[%b]" % b",".join(digits))
+        except ValueError:
+            latencies = list(map(int, digits))
+        counts = self.requests.counts
+        for key, n in _tally(list(map(_COUNT_KEY, memos))):
+            counts[key] = counts.get(key, 0) + n
+        if 0 in latencies:  # counted, not observed (as `observe`)
+            keys = list(compress(map(_DURATION_KEY, memos), latencies))
+            latencies = list(compress(latencies, latencies))
+            if not latencies:
+                return
+        else:
+            keys = list(map(_DURATION_KEY, memos))
+        seconds = list(map(truediv, latencies, repeat(1e9)))
+        observe_many = self.duration.observe_many
+        for key, n in _tally(keys):
+            observe_many(key, seconds if n == len(keys)
+                         else list(compress(seconds, map(eq, keys, repeat(key)))))
+
+    def _observe_each(self, sides: list[Any], responses: list[bytes]) -> None:
+        """`observe_fast` of responses one by one: the side's memo (its last response's
+        part up to its headers, where they start, its count's and latency's keys) made
+        again when the response's part differs."""
         counts = self.requests.counts
         labels_of = self._labels
         bounds, entries, entry_of = self.duration.bounds, self.duration.data, self.duration.entry
-        for side, fields in compress(zip(sides, members, strict=True), map(_REPLY, sides)):
-            # the side's last response: mostly the same up to its headers. Its part up to
-            # them, where they start, and its count's and latency's keys for this side
+        for side, fields in zip(sides, responses, strict=True):
             memo = side.memo
             if memo is None or not fields.startswith(memo[0]):
                 end = fields.find(HEADERS)
@@ -98,7 +184,7 @@ class HttpMetrics(RegistryMetrics):
                 client = side.direction != 0  # reporter "server" for ingress
                 memo = side.memo = (fields[:end + len(HEADERS)], end, keys[0][client],
                                     keys[1][client])
-            at = fields.rfind(b',"latency_ns":', memo[1])
+            at = fields.rfind(LATENCY, memo[1])
             try:
                 latency = int(fields[at + 14:-1]) if at > 0 and fields[-1] == 125 else None
             except ValueError:  # (125: "}", the end of l7 and of the record)
