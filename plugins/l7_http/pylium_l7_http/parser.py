@@ -28,11 +28,11 @@ from pylium.l7.parser import (
     ConnectionParser,
     Emit,
     FastPath,
+    FastRecord,
     Grant,
     GrantsNow,
     Op,
     ParserFactory,
-    Record,
 )
 from pylium.policy.http import SUPPORTED_MISMATCH, HeaderMatch, PortRuleHTTP
 
@@ -596,7 +596,6 @@ class HttpConnection(ConnectionParser):
         #: the fast paths' parsers of each direction (no callback per header)
         self.req_messages: MessageParser | None = None
         self.resp_messages: MessageParser | None = None
-        self.record: Record | None = None
         #: (request line, host) -> what the fast path needs of an allowed request (its
         #: record's fields up to the headers, method, URL, `response_fields`, version), or
         #: False (not allowed, or not a line for the fast path: the general path answers);
@@ -607,17 +606,16 @@ class HttpConnection(ConnectionParser):
         self._header_rules = False
 
     # the fast paths: one whole message per read ---------------------------------------------
-    def fast_paths(self, record: Record) -> tuple[FastPath, FastPath]:
-        self.record = record
+    def fast_paths(self) -> tuple[FastPath, FastPath]:
         return self._fast_request, self._fast_response
 
-    def _fast_request(self, data: bytes) -> bool:
+    def _fast_request(self, data: bytes) -> FastRecord | None:
         """One whole allowed request without chunks, upgrade or absolute URL: forwarded as
         read, its record made from parts cached per (request line, host) while no rule
         looks at headers (judged with the headers every time otherwise) and per header
         block (`_HeadBlocks`)."""
         if self.req_state != "head" or self.upgrade_pending:
-            return False
+            return None
         grants = self.grants()
         if grants is not self._verdicts_for:  # a policy push: the new grants' verdicts
             self._verdicts_for, self._verdicts, self._header_rules = _verdicts_of(grants)
@@ -633,11 +631,11 @@ class HttpConnection(ConnectionParser):
             events.clear()
         if events != _ONE_MESSAGE or parser.should_upgrade():
             self.req_messages = None  # the general path parses it again
-            return False
+            return None
         line_end = data.find(b"\r\n")
         if not line_end:  # empty lines before the request line (llhttp skips them)
             self.req_messages = None
-            return False
+            return None
         fragments, host, raw = _HEAD_BLOCK(data[line_end + 2:data.find(b"\r\n\r\n",
                                                                      line_end) + 2])
         # the request line (method, URL, version: llhttp checked its form) and the host
@@ -648,11 +646,10 @@ class HttpConnection(ConnectionParser):
                                  raw if self._header_rules else None)
         if found is False:
             self.req_messages = None
-            return False
-        self.record(False, b"%b%b%b]}}" % (found[0], fragments, found[5]))
+            return None
         self.pending.append(_pending(Pending, (found[1], found[2], found[4], _now(), None,
                                                False, found[3])))
-        return True
+        return b"%b%b%b]}}" % (found[0], fragments, found[5])
 
     def _decide(self, key: tuple[bytes, bytes], grants: Any, method_raw: bytes,
                 raw: list[tuple[bytes, bytes]] | None = None) -> Any:
@@ -700,18 +697,18 @@ class HttpConnection(ConnectionParser):
             method, url, _response_fields(method, url), version, mismatch)
         return found
 
-    def _fast_response(self, data: bytes) -> bool:
+    def _fast_response(self, data: bytes) -> FastRecord | None:
         """The whole final response to the one request outstanding (not to HEAD or
         CONNECT), without chunks: forwarded as read."""
         pending = self.pending
         if len(pending) != 1 or self.resp_state != "head" or self.upgrade_pending:
-            return False
+            return None
         request = pending[0]
         fields = request.response_fields
         if fields is None:
-            return False
+            return None
         if data[:5] != b"HTTP/":  # (llhttp also takes RTSP/, ICE/, empty lines first)
-            return False
+            return None
         messages = self.resp_messages
         if messages is None:
             messages = self.resp_messages = MessageParser(True)
@@ -725,14 +722,13 @@ class HttpConnection(ConnectionParser):
         # (an upgrade is a 101, or a 2xx to CONNECT, which has no response_fields)
         if events != _ONE_MESSAGE or (status := parser.get_status_code()) < 200:
             self.resp_messages = None
-            return False
+            return None
         line_end = data.find(b"\r\n")
         fragments = _HEAD_BLOCK(data[line_end + 2:data.find(b"\r\n\r\n", line_end) + 2])[0]
         # the status line starts with HTTP/x.y (llhttp checked its form)
-        self.record(True, b'%b"code":%d,"protocol":"HTTP/%b","headers":[%b]},"latency_ns":%d}'
-                    % (fields, status, data[5:8], fragments, _now() - request.started_ns))
         pending.popleft()
-        return True
+        return (b'%b"code":%d,"protocol":"HTTP/%b","headers":[%b]},"latency_ns":%d}'
+                % (fields, status, data[5:8], fragments, _now() - request.started_ns))
 
     # requests -----------------------------------------------------------------------------
     def on_data(self, reply: bool, data: bytes | memoryview, end_stream: bool) -> list[Op]:

@@ -28,16 +28,27 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Wed, 02 Dec 2026 05:00:0
 
 class Fast:
     """One HttpConnection with its fast paths, its records decoded as the proxy's would be
-    (fields of the fast path; dict records of the general path, `is_reply` aside)."""
+    (fields of the fast path; dict records of the general path, `is_reply` aside).
+    `request(data)` / `response(data)`: whether that fast path took the read."""
 
     def __init__(self, grants):
         self.grants = grants
         self.records: list[dict] = []
         self.conn = HttpConnection(INFO, lambda: self.grants, self._general)
-        self.request, self.response = self.conn.fast_paths(self._fast)
+        self._request, self._response = self.conn.fast_paths()
 
-    def _fast(self, reply: bool, fields: bytes) -> None:
+    def request(self, data: bytes) -> bool:
+        return self._fast(False, self._request(data))
+
+    def response(self, data: bytes) -> bool:
+        return self._fast(True, self._response(data))
+
+    def _fast(self, reply: bool, fields: bytes | None) -> bool:
+        if fields is None:
+            return False
+        assert type(fields) is bytes
         self.records.append({"reply": reply, **orjson.loads(b"{" + fields + b"}")})
+        return True
 
     def _general(self, record: dict) -> None:
         record = dict(record)
@@ -171,8 +182,7 @@ def test_what_the_fast_path_declines_the_general_path_handles_as_before(data):
     g = Drive(ALLOW_X)
     g.feed(False, data)
     d = Drive(ALLOW_X)
-    d.conn.fast_paths(lambda reply, fields: None)
-    assert d.conn._fast_request(data) is False
+    assert d.conn.fast_paths()[0](data) is None
     d.feed(False, data)
     assert (d.upstream, d.client, d.closed) == (g.upstream, g.client, g.closed)
     assert d.records == g.records
@@ -240,6 +250,58 @@ def test_the_proxy_forwards_fast_messages_and_records_them_like_the_general_path
         assert records[1]["l7"]["http"]["code"] == 200 and records[1]["l7"]["latency_ns"] > 0
         stats = p.describe()["stats"]
         assert (stats["requests"], stats["forwarded"], stats["denied"]) == (2, 1, 1)
+    asyncio.run(run())
+
+
+def test_the_protocols_hand_reads_to_the_connection_without_a_frame_of_their_own(tmp_path):
+    """What a transport calls with each read is the protocol's `data_received` as found
+    when the protocol was set: after `connection_made` the client's is set again, so the
+    event loop calls `Connection.received` for that side directly."""
+    class Transport:
+        def __init__(self):
+            self.data, self.protocol = b"", None
+
+        def get_extra_info(self, name):
+            return Sock()
+
+        def set_protocol(self, protocol):
+            self.protocol = protocol
+            self.data_received = protocol.data_received  # (uvloop keeps this one)
+
+        def write(self, data):
+            self.data += data
+
+    class Sock:
+        def setsockopt(self, *a):
+            pass
+
+        def getsockname(self):
+            return ("10.0.0.2", 80)
+
+        def getpeername(self):
+            return ("10.0.0.1", 40000)
+
+    async def run():
+        p = proxy_module.Proxy(tmp_path, HttpParserFactory(), {"ingress": 1}, "0")
+        p.policy.load({"endpoints": [{"ipv4": "10.0.0.2", "ep_id": 1, "identity": 1000,
+                                      "entries": [{"identity": 0, "direction": "ingress",
+                                                   "port": 80, "port_prefix_len": 16,
+                                                   "grants": [{"rule": "r",
+                                                               "allow_all": True}]}]}]})
+        down = Transport()
+        protocol = proxy_module._Downstream(p, "ingress", 1)
+        protocol.connection_made(down)
+        conn = protocol.conn
+        assert down.protocol is protocol
+        assert down.data_received.func == conn.received
+        assert down.data_received.args == (conn.request,)
+        conn.up, conn.up_state = Transport(), "open"
+        upstream = proxy_module._Upstream(conn)
+        assert upstream.data_received.args == (conn.reply,)
+        down.data_received(REQUEST)
+        upstream.data_received(RESPONSE)
+        assert conn.up.data == REQUEST and down.data == RESPONSE
+        assert len(p.batch) == 2 and p.describe()["stats"]["requests"] == 1
     asyncio.run(run())
 
 
@@ -317,8 +379,7 @@ def test_request_lines_the_fast_path_leaves_even_when_everything_is_allowed(data
         assert f.records == [] and not f.conn.pending and f.conn.req_messages is None
     g = Drive((Grant(rule="r", allow_all=True),))
     d = Drive((Grant(rule="r", allow_all=True),))
-    d.conn.fast_paths(lambda reply, fields: None)
-    assert d.conn._fast_request(data) is False
+    assert d.conn.fast_paths()[0](data) is None
     g.feed(False, data)
     d.feed(False, data)
     assert (d.upstream, d.client, d.closed, d.records) == (g.upstream, g.client, g.closed,
