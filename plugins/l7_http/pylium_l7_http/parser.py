@@ -472,6 +472,8 @@ FRAGMENT_CACHE = 4096
 FRAGMENT_VALUE_MAX = 256
 _now = time.monotonic_ns
 _NO_GRANTS_YET = object()
+#: no head found yet (no read starts with a NUL byte and has a body of length -1)
+_NO_HEAD = (b"\0", (b"", -1, None, None, None, -1))
 #: id(grants) -> (grants, {(request line, host): verdict}, whether a rule looks at headers,
 #: {request head: what the fast path needs of it}): one cache per policy key's grants,
 #: shared by the connections it covers (new connections start warm). The grants object is
@@ -642,6 +644,12 @@ class HttpConnection(ConnectionParser):
         #: the fast paths' parsers of each direction (no callback per header)
         self.req_messages: MessageParser | None = None
         self.resp_messages: MessageParser | None = None
+        #: the head the fast path last found in `_heads` / `_RESPONSE_HEADS` and its entry:
+        #: a keep-alive connection mostly repeats its messages, and a read starting with
+        #: that head (it ends with the head's only blank line: its head is that head) is
+        #: found by comparing its first bytes
+        self._last_request: tuple[bytes, Any] = _NO_HEAD
+        self._last_response: tuple[bytes, Any] = _NO_HEAD
         #: for `_verdicts_for` only (`_VERDICTS`): the head of a request the fast path
         #: took -> what it needs of that request again (its record's fields, method, URL,
         #: version, `response_fields`, its body's length)
@@ -660,23 +668,32 @@ class HttpConnection(ConnectionParser):
 
     def _fast_request(self, data: bytes) -> FastRecord | None:
         """One whole allowed request without chunks, upgrade or absolute URL: forwarded as
-        read. Its head's bytes find it judged under these grants (`_heads`): its record,
-        what its response needs, and its body's length (llhttp frames a request by its head
-        alone: that head and a body of that length are one whole request, read as before).
-        Any other read is parsed and judged first (`_judge_request`)."""
+        read. Its head's bytes find it judged under these grants (`_heads`; the head this
+        connection last found there, first): its record, what its response needs, and its
+        body's length (llhttp frames a request by its head alone: that head and a body of
+        that length are one whole request, read as before). Any other read is parsed and
+        judged first (`_judge_request`)."""
         if self.req_state != "head" or self.upgrade_pending:
             return None
         grants = self.grants()
         if grants is not self._verdicts_for:  # a policy push: the new grants' verdicts
             (self._verdicts_for, self._verdicts, self._header_rules,
              self._heads) = _verdicts_of(grants)
-        # the head: up to the first blank line (llhttp accepts CRLF line ends only)
-        end = data.find(b"\r\n\r\n", 0, MAX_HEAD + 4) + 4
-        found = self._heads.get(data if end == len(data) else data[:end])
-        if found is None or found[5] != len(data) - end:
-            found = self._judge_request(data, end, grants)
-            if found is None:
-                return None
+            self._last_request = _NO_HEAD
+        last = self._last_request
+        if data.startswith(last[0]) and len(data) - len(last[0]) == last[1][5]:
+            found = last[1]
+        else:
+            # the head: up to the first blank line (llhttp accepts CRLF line ends only)
+            end = data.find(b"\r\n\r\n", 0, MAX_HEAD + 4) + 4
+            head = data if end == len(data) else data[:end]
+            found = self._heads.get(head)
+            if found is not None and found[5] == len(data) - end:
+                self._last_request = (head, found)
+            else:
+                found = self._judge_request(data, end, grants)
+                if found is None:
+                    return None
         self.pending.append(_pending(Pending, (found[1], found[2], found[3], _now(), None,
                                                False, found[4])))
         return found[0]
@@ -776,8 +793,9 @@ class HttpConnection(ConnectionParser):
     def _fast_response(self, data: bytes) -> FastRecord | None:
         """The whole final response to the one request outstanding (not to HEAD or
         CONNECT), without chunks: forwarded as read. Its head's bytes find its record's
-        part from the code on, and its body's length (`_RESPONSE_HEADS`); any other read is
-        parsed first (`_parse_response`)."""
+        part from the code on, and its body's length (`_RESPONSE_HEADS`; the head this
+        connection last found there, first); any other read is parsed first
+        (`_parse_response`)."""
         pending = self.pending
         if len(pending) != 1 or self.resp_state != "head" or self.upgrade_pending:
             return None
@@ -785,12 +803,19 @@ class HttpConnection(ConnectionParser):
         fields = request.response_fields
         if fields is None:
             return None
-        end = data.find(b"\r\n\r\n", 0, MAX_HEAD + 4) + 4
-        found = _RESPONSE_HEADS.get(data if end == len(data) else data[:end])
-        if found is None or found[1] != len(data) - end:
-            found = self._parse_response(data, end)
-            if found is None:
-                return None
+        last = self._last_response
+        if data.startswith(last[0]) and len(data) - len(last[0]) == last[1][1]:
+            found = last[1]
+        else:
+            end = data.find(b"\r\n\r\n", 0, MAX_HEAD + 4) + 4
+            head = data if end == len(data) else data[:end]
+            found = _RESPONSE_HEADS.get(head)
+            if found is not None and found[1] == len(data) - end:
+                self._last_response = (head, found)
+            else:
+                found = self._parse_response(data, end)
+                if found is None:
+                    return None
         pending.popleft()
         return b"%b%b%d}" % (fields, found[0], _now() - request.started_ns)
 

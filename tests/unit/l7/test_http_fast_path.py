@@ -93,13 +93,13 @@ def _without_latency(records: list[dict]) -> list[dict]:
 ])
 def test_fast_records_equal_the_general_paths(request_, response):
     f = Fast(ALLOW_X)
-    for _ in range(2):  # the second from the verdict cache
+    for _ in range(3):  # then from the head caches, then from the connection's last heads
         assert f.request(request_) is True
         assert f.response(response) is True
     assert not f.conn.pending
-    general = _general_records(ALLOW_X, [(request_, response)] * 2)
+    general = _general_records(ALLOW_X, [(request_, response)] * 3)
     assert _without_latency(f.records) == _without_latency(general)
-    assert len(f.records) == 4 and all(r["l7"].get("latency_ns", 0) > 0
+    assert len(f.records) == 6 and all(r["l7"].get("latency_ns", 0) > 0
                                        for r in f.records if r["reply"])
     headers = {h["key"]: h["value"] for h in f.records[0]["l7"]["http"]["headers"]}
     if "Cookie" in headers:
@@ -464,6 +464,7 @@ def test_heads_with_secrets_are_never_kept_and_the_head_caches_stay_bounded(monk
         assert f.request(secret) and f.response(set_cookie)
     assert not any(b"s3cret" in head for head in f.conn._heads)
     assert not any(b"s3cret" in head for head in http_parser._RESPONSE_HEADS)
+    assert b"s3cret" not in f.conn._last_request[0] + f.conn._last_response[0]
     assert [h["value"] for r in f.records for h in r["l7"]["http"]["headers"]
             if h["key"].lower() in ("cookie", "set-cookie")] == ["[redacted]"] * 4
     long_head = b"GET /x HTTP/1.1\r\nHost: svc\r\nX-L: %b\r\n\r\n" % (
@@ -577,3 +578,31 @@ def test_what_the_fast_paths_take_the_general_path_forwards_alike():
         assert _without_latency(f.records) == _without_latency(general[:len(f.records)])
         assert len(f.records) == 1 + took_response
     assert min(taken) > 300  # (the fast paths took many, mutated ones among them)
+
+
+def test_a_connection_finds_the_heads_it_repeats_by_their_first_bytes_until_a_push():
+    """The heads a connection's fast paths last found are compared first: a repeated
+    message costs no lookup, a different one (or the same head with another body length)
+    is looked up as before, and a policy push forgets the request's."""
+    grants = (Grant(rule="r", rules=(PortRuleHTTP(method="GET|POST", path="/x"),)),)
+    f = Fast(grants)
+    post = b"POST /x HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\n\r\n"
+    for _ in range(3):
+        assert f.request(REQUEST) and f.response(RESPONSE)
+    assert f.conn._last_request[0] == REQUEST
+    assert f.conn._last_response[0] == RESPONSE[:RESPONSE.index(b"\r\n\r\n") + 4]
+    assert f.request(REQUEST + REQUEST) is False  # the head, then more than its body
+    assert f.conn.req_messages is None and not f.conn.pending
+    for _ in range(3):
+        assert f.request(post + b"ab") is True
+        f.conn.pending.clear()
+    assert f.conn._last_request[0] == post
+    assert f.request(post + b"a") is False and f.request(post + b"abc") is False
+    assert f.request(REQUEST) is True
+    assert f.response(RESPONSE + b"!") is False and len(f.conn.pending) == 1
+    f.conn.pending.clear()
+    requests = [r for r in f.records if not r["reply"]]
+    assert [r["l7"]["http"]["method"] for r in requests] == ["GET"] * 3 + ["POST"] * 3 + ["GET"]
+    f.grants = (Grant(rule="other", rules=(PortRuleHTTP(path="/y"),)),)  # a push
+    assert f.request(REQUEST) is False
+    assert f.conn._last_request is http_parser._NO_HEAD
