@@ -352,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"{spread([r['rps'] for r in samples])} p99_ms "
                           f"{spread([r['p99_ms'] for r in samples])} cpu_us_per_request "
                           f"{spread([r['cpu_us_per_request'] for r in samples])} "
-                          f"usr_sys_us {usr_sys}", file=sys.stderr)
+                          f"usr_sys_us {usr_sys} agent_cpu_us_per_request "
+                          f"{spread([r['agent_us'] for r in samples])['median']:.2f}",
+                          file=sys.stderr)
                 continue
             loop.run_until_complete(asyncio.sleep(1.0))
             extra = {"connections": connections, "workers": args.workers,
