@@ -339,15 +339,22 @@ def main(argv: list[str] | None = None) -> int:
                     runs[name].append(result)
                     print(f"# c={connections} {name} round {round_}: {result['rps']:.0f} req/s,"
                           f" p50 {result['p50_ms']} p99 {result['p99_ms']} max "
-                          f"{result['max_ms']} ms, proxy waited for a CPU "
+                          f"{result['max_ms']} ms, proxy CPU {result['cpu_us_per_request']:.2f}"
+                          f" us/request (user {result['usr_us']:.2f}), waited for a CPU "
                           f"{result['runq_ms_per_s']:.0f} ms/s (the server "
                           f"{result['server_runq_ms_per_s']:.0f}), load "
                           f"{os.getloadavg()[0]:.2f}", file=sys.stderr)
             if "pylium" not in runs or "nginx" not in runs:
                 for name, samples in runs.items():
+                    usr_sys = [round(spread([r[part] for r in samples])["median"], 2)
+                               for part in ("usr_us", "sys_us")]
                     print(f"# c={connections} {name}: rps "
                           f"{spread([r['rps'] for r in samples])} p99_ms "
-                          f"{spread([r['p99_ms'] for r in samples])}", file=sys.stderr)
+                          f"{spread([r['p99_ms'] for r in samples])} cpu_us_per_request "
+                          f"{spread([r['cpu_us_per_request'] for r in samples])} "
+                          f"usr_sys_us {usr_sys} agent_cpu_us_per_request "
+                          f"{spread([r['agent_us'] for r in samples])['median']:.2f}",
+                          file=sys.stderr)
                 continue
             loop.run_until_complete(asyncio.sleep(1.0))
             extra = {"connections": connections, "workers": args.workers,

@@ -4,8 +4,13 @@ response in turn (allowed by an HTTP rule, both flow records made). What is left
 kernel, uvloop and the other processes are taken away: the number to cut when making the
 proxy cheaper (`bench_l7_http.py` measures the real thing).
 
-    .venv/bin/python bench/l7_proxy_cpu.py [--requests N] [--profile] [--floor]
+    .venv/bin/python bench/l7_proxy_cpu.py [--requests N] [--connections N] [--profile] [--floor]
 
+The bytes reach the proxy as the event loop hands them over: through each protocol's
+`data_received` as looked up after `connection_made`. With `--connections N` (default 1)
+they come in event-loop rounds as under load: a request on each of N connections, the
+round's end, a response on each, the round's end (at 100: the round writes of
+`pylium.l7.proxy.ROUND_BATCH`, as `bench_l7_http.py --connections 100` has them).
 Prints the best of 7 runs in microseconds of process CPU per request+response; with
 `--profile`, one cProfile'd run (function-call overhead inflates it) sorted by own time;
 with `--floor`, the same for the bench's floor proxy (`l7_floor_proxy.py`: httptools on
@@ -35,6 +40,9 @@ POLICY = {"endpoints": [{"ipv4": "10.0.0.2", "ep_id": 1, "identity": 1000, "entr
 
 
 class FakeSocket:
+    def __init__(self, port: int = 40000) -> None:
+        self.port = port
+
     def setsockopt(self, *args: object) -> None:
         pass
 
@@ -42,17 +50,21 @@ class FakeSocket:
         return ("10.0.0.2", 80)
 
     def getpeername(self) -> tuple[str, int]:
-        return ("10.0.0.1", 40000)
+        return ("10.0.0.1", self.port)
 
 
 class FakeTransport:
     """What `Connection` calls of an asyncio transport; writes are counted, not sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 40000) -> None:
         self.written = 0
+        self.port = port
 
     def get_extra_info(self, name: str) -> FakeSocket:
-        return FakeSocket()
+        return FakeSocket(self.port)
+
+    def set_protocol(self, protocol: object) -> None:
+        pass
 
     def write(self, data: bytes) -> None:
         self.written += len(data)
@@ -82,34 +94,45 @@ class FakeTransport:
         pass
 
 
-async def measure(requests: int, profile: bool) -> None:
+async def measure(requests: int, connections: int, profile: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="l7-proxy-cpu-") as state:
         proxy = proxy_module.Proxy(Path(state), HttpParserFactory(), {"ingress": 1}, "0")
         proxy.policy.load(POLICY)
-        conn = proxy_module.Connection(proxy, "ingress", 1, FakeTransport())
-        conn.up, conn.up_state = FakeTransport(), "open"
-        for _ in range(100):  # warm up (and the upstream is open)
-            conn.received(conn.request, REQUEST)
-            conn.received(conn.reply, RESPONSE)
-            if proxy.in_round:  # the loop's round ends (one client: a round per message)
-                proxy.write_round()
+        sides = []  # per connection: (the client's data_received, the upstream's)
+        for i in range(connections):
+            down = proxy_module._Downstream(proxy, "ingress", 1)
+            down.connection_made(FakeTransport(40000 + i))
+            conn = down.conn
+            conn.up, conn.up_state = FakeTransport(), "open"
+            sides.append((down.data_received, proxy_module._Upstream(conn).data_received))
+        rounds = max(1, requests // connections)
+
+        def run(rounds: int) -> None:
+            for _ in range(rounds):
+                for request, _response in sides:
+                    request(REQUEST)
+                if proxy.in_round:  # the loop's round ends
+                    proxy.write_round()
+                for _request, response in sides:
+                    response(RESPONSE)
+                if proxy.in_round:
+                    proxy.write_round()
+        run(max(1, 100 // connections))  # warm up (and the upstream is open)
+        warm = proxy.seq
         profiler = cProfile.Profile() if profile else None
         best = float("inf")
         for _ in range(1 if profile else 7):
             started = time.process_time()
             if profiler:
                 profiler.enable()
-            for _ in range(requests):
-                conn.received(conn.request, REQUEST)
-                conn.received(conn.reply, RESPONSE)
-                if proxy.in_round:
-                    proxy.write_round()
+            run(rounds)
             if profiler:
                 profiler.disable()
             best = min(best, time.process_time() - started)
-        assert proxy.seq == 2 * (100 + requests * (1 if profile else 7)), "a flow is missing"
-        print(f"{best / requests * 1e6:.2f} us CPU per request+response "
-              f"({proxy.seq} flow records)")
+        done = rounds * connections
+        assert proxy.seq - warm == 2 * done * (1 if profile else 7), "a flow is missing"
+        print(f"{best / done * 1e6:.2f} us CPU per request+response "
+              f"({connections} connection(s), {proxy.seq} flow records)")
         if profiler:
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
@@ -136,11 +159,13 @@ def measure_floor(requests: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--connections", type=int, default=1,
+                        help="connections taking turns in event-loop rounds")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--floor", action="store_true",
                         help="also the floor proxy's cost, measured alike")
     args = parser.parse_args()
-    asyncio.run(measure(args.requests, args.profile))
+    asyncio.run(measure(args.requests, args.connections, args.profile))
     if args.floor:
         measure_floor(args.requests)
 

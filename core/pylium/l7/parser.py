@@ -22,11 +22,12 @@ The contract, per call of `ConnectionParser.on_data(reply, data, end_stream)`:
   the connection rather than spin.
 
 Optionally, a parser offers the proxy a fast path per direction (`fast_paths`): a function
-given one read while nothing of that direction is outstanding, answering True when the read
-is exactly one whole message it decided to forward as is (its records made through
-`Record`, pre-encoded). The proxy then writes the read on and never calls `on_data` for it;
-False leaves everything to `on_data`, as if the fast path had not been asked. This is how a
-keep-alive request and its response cost one parser call each and no op at all.
+given one read while nothing of that direction is outstanding, answering with the message's
+flow record (pre-encoded, `FastRecord`) when the read is exactly one whole message it decided
+to forward as is. The proxy then writes the read on, records the record and never calls
+`on_data` for it; None leaves everything to `on_data`, as if the fast path had not been
+asked. This is how a keep-alive request and its response cost one parser call each and no op
+at all.
 """
 
 from __future__ import annotations
@@ -114,12 +115,14 @@ class Grant:
 #: "l7": {...Hubble Layer7 JSON...}}
 Emit = Callable[[dict[str, Any]], None]
 GrantsNow = Callable[[], "tuple[Grant, ...] | None"]
-#: a fast path's record: (is_reply, the parser's fields as the members of a JSON object,
-#: without braces, e.g. b'"verdict":"FORWARDED","l7":{...}'); always a FORWARDED record
-#: without error (a request so recorded counts as received and forwarded)
-Record = Callable[[bool, bytes], None]
-#: a fast path: one read of a direction -> True if it was one whole message, forwarded as is
-FastPath = Callable[[bytes], bool]
+#: a fast path's record of one message: the parser's fields as the members of a JSON object,
+#: without braces, e.g. b'"verdict":"FORWARDED","l7":{...}'; always a FORWARDED record
+#: without error, of the direction the fast path serves (a request so recorded counts as
+#: received and forwarded)
+FastRecord = bytes
+#: a fast path: one read of a direction -> its record if it was one whole message, forwarded
+#: as is; None if not (the read goes to `on_data`)
+FastPath = Callable[[bytes], "FastRecord | None"]
 
 
 class ConnectionParser(abc.ABC):
@@ -135,10 +138,10 @@ class ConnectionParser(abc.ABC):
     def on_data(self, reply: bool, data: bytes | memoryview, end_stream: bool) -> list[Op]:
         """See the module docstring."""
 
-    def fast_paths(self, record: Record) -> tuple[FastPath, FastPath] | None:
-        """Optional (see the module docstring): the (request, response) fast paths, given
-        the proxy's pre-encoded `record`; None = every read goes through `on_data`. A fast
-        path that answers False must leave the parser as `on_data` expects to find it."""
+    def fast_paths(self) -> tuple[FastPath, FastPath] | None:
+        """Optional (see the module docstring): the (request, response) fast paths; None =
+        every read goes through `on_data`. A fast path that answers None must leave the
+        parser as `on_data` expects to find it."""
         return None
 
     def on_upstream_failure(self, reason: str) -> list[Op]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import functools
 import ipaddress
 import json
 import logging
@@ -91,9 +92,12 @@ FLOW_BATCH = 1000
 #: is a write here and a wake-up of the agent there, whose fixed cost (the event loop,
 #: the syscalls, the caches the other processes left cold) outweighs a few records' own
 #: under protocol 4 (~1-2 us each): a longer wait costs both processes less. Short enough
-#: that the agent's work comes in small pieces (a 10 ms batch at 10,000 requests/s is
-#: ~0.3 ms of agent CPU at once) and flows show at once to a person watching.
-FLOW_FLUSH_DELAY = 0.01
+#: that the agent's work comes in small pieces: while it runs, the requests in flight wait
+#: for the machine's other CPUs (bench_l7_http at 10 connections, ~60,000 requests/s on 2
+#: cores: 10 ms batches, ~1.5 ms of agent CPU each, made a p99 of 1.4 ms; 5 ms ones 1.05
+#: ms, the agent's CPU per record within its noise); and flows show at once to a person
+#: watching.
+FLOW_FLUSH_DELAY = 0.005
 CONNECT_TIMEOUT = 5.0
 #: per-direction bytes read ahead of the other side before reading pauses
 HIGH_WATER = 1 << 20
@@ -223,7 +227,7 @@ class Side:
     """Bytes of one direction not yet decided on, and the decision still running."""
 
     __slots__ = ("reply", "buf", "pass_left", "drop_left", "queue", "need_call", "eof",
-                 "paused", "fast")
+                 "paused", "fast", "c")
 
     def __init__(self, reply: bool):
         self.reply = reply
@@ -238,6 +242,8 @@ class Side:
         self.paused = False
         #: the parser's fast path of this direction (`ConnectionParser.fast_paths`), if any
         self.fast: FastPath | None = None
+        #: this direction's records' C (`CONTROL_PROTOCOL`: connection id * 2 + is_reply)
+        self.c = 0
 
 
 def _append(side: Side, data: bytes) -> None:
@@ -275,10 +281,12 @@ class _Downstream(asyncio.Protocol):
         self.conn: Connection | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:
-        self.conn = Connection(self.proxy, self.direction, self.port, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.conn.received(self.conn.request, data)
+        self.conn = conn = Connection(self.proxy, self.direction, self.port, transport)
+        # reads go straight to the connection (`_receiver`); the transport looks its
+        # protocol's data_received up again when the protocol is set (uvloop keeps the one
+        # it found then)
+        self.data_received = _receiver(conn, conn.request)
+        transport.set_protocol(self)
 
     def eof_received(self) -> bool:
         self.conn.eof(self.conn.request)
@@ -295,12 +303,16 @@ class _Downstream(asyncio.Protocol):
             self.conn.lost(downstream=True, exc=exc)
 
 
+def _receiver(conn: Connection, side: Side) -> Any:
+    """A protocol's `data_received`: `conn.received(side, data)` for each read of `side`,
+    without a Python frame of its own (a C partial: the hot path is one frame shorter)."""
+    return functools.partial(conn.received, side)
+
+
 class _Upstream(asyncio.Protocol):
     def __init__(self, conn: Connection):
         self.conn = conn
-
-    def data_received(self, data: bytes) -> None:
-        self.conn.received(self.conn.reply, data)
+        self.data_received = _receiver(conn, conn.reply)  # before the transport exists
 
     def eof_received(self) -> bool:
         self.conn.eof(self.conn.reply)
@@ -361,11 +373,12 @@ class Connection:
         self.cid = proxy.new_flow_conn(
             (orjson.dumps(_flow_base(client, server, self.info, False)),
              orjson.dumps(_flow_base(server, client, self.info, True))))
+        self.request.c, self.reply.c = self.cid * 2, self.cid * 2 + 1
         self._grants_cached: tuple[Grant, ...] | None = None
         self._grants_generation = -1
         self.parser: ConnectionParser = proxy.factory.new_connection(
             self.info, self._grants, self._emit)
-        fast = self.parser.fast_paths(self._record)
+        fast = self.parser.fast_paths()
         if fast is not None:
             self.request.fast, self.reply.fast = fast
         #: bytes buffered before reading pauses: a parser that decides on whole frames
@@ -387,20 +400,6 @@ class Connection:
     def _emit(self, record: dict[str, Any]) -> None:
         self.proxy.flow(self.cid * 2 + (1 if record.get("is_reply") else 0), record)
 
-    def _record(self, reply: bool, fields: bytes) -> None:
-        """A fast path's record (`pylium.l7.parser.Record`): the connection's id and the
-        parser's fields, in one formatting step (`CONTROL_PROTOCOL`)."""
-        proxy = self.proxy
-        proxy.seq += 1
-        if not reply:
-            proxy.fast_requests += 1
-        batch = proxy.batch
-        if batch and len(batch) < FLOW_BATCH - 1:  # what `Proxy.add_record` does then
-            batch.append(fields)
-            proxy.batch_c.append(self.cid * 2 + reply)
-        else:
-            proxy.add_record(self.cid * 2 + reply, fields)
-
     # the op engine ------------------------------------------------------------------------
     def received(self, side: Side, data: bytes) -> None:
         if self.closed:
@@ -408,13 +407,27 @@ class Connection:
         if not (side.buf or side.pass_left or side.drop_left or side.queue or side.eof
                 or side.paused):
             fast = side.fast
-            if fast is not None and fast(data):  # one whole message, forwarded as read
+            # one whole message, forwarded as read: its record first (`Proxy.add_record`,
+            # inline but for a batch's first and last)
+            if fast is not None and (fields := fast(data)) is not None:
                 proxy = self.proxy
+                proxy.seq += 1
+                batch = proxy.batch
+                if batch and len(batch) < FLOW_BATCH - 1:
+                    batch.append(fields)
+                    proxy.batch_c.append(side.c)
+                else:
+                    proxy.add_record(side.c, fields)
+                if not side.reply:
+                    proxy.fast_requests += 1
                 if proxy.round_writes:  # at the round's end, with the other connections'
                     (self.out_client if side.reply else self.out_up).append(data)
                     if not self.in_round:
                         self.in_round = True
-                        proxy.round_add(self)
+                        in_round = proxy.in_round
+                        if not in_round:  # the round's first: its end is scheduled
+                            asyncio.get_running_loop().call_soon(proxy.write_round)
+                        in_round.append(self)
                 else:
                     proxy.until_probe -= 1
                     if not proxy.until_probe:  # the next round's writes wait, counted
@@ -601,15 +614,21 @@ class Connection:
         """Write what this event decided (and fast-path messages of this round still
         waiting, first): one send per side, not one per op."""
         self.in_round = False
-        if self.out_client:
-            data = b"".join(self.out_client) if len(self.out_client) > 1 else self.out_client[0]
-            self.out_client = []
+        out = self.out_client
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
             if not self.closed:
                 self.down.write(data)
-        if self.out_up:
-            data = b"".join(self.out_up) if len(self.out_up) > 1 else self.out_up[0]
-            self.out_up = []
-            if not self.closed:
+        out = self.out_up
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            if self.closed:
+                pass
+            elif self.up_state == "open":  # (`_write_upstream`, inline: once a message)
+                self.up.write(data)
+            else:
                 self._write_upstream(data)
 
     def _write_upstream(self, data: bytes) -> None:
@@ -834,16 +853,10 @@ class Proxy:
             pass
 
     # writes -------------------------------------------------------------------------------
-    def round_add(self, conn: Connection) -> None:
-        """`conn` has fast-path messages waiting: written when the loop has run every
-        callback of this round (the first of a round schedules `write_round`)."""
-        if not self.in_round:
-            asyncio.get_running_loop().call_soon(self.write_round)
-        self.in_round.append(conn)
-
     def write_round(self) -> None:
-        """The round's waiting messages go out, one send per connection side; whether the
-        next rounds wait too depends on how many connections this one had."""
+        """The round's waiting messages go out, one send per connection side (the round's
+        first such connection scheduled this call, `Connection.received`); whether the next
+        rounds wait too depends on how many connections this one had."""
         conns, self.in_round = self.in_round, []
         self.stats["write_rounds"] += 1
         for conn in conns:

@@ -28,11 +28,11 @@ from pylium.l7.parser import (
     ConnectionParser,
     Emit,
     FastPath,
+    FastRecord,
     Grant,
     GrantsNow,
     Op,
     ParserFactory,
-    Record,
 )
 from pylium.policy.http import SUPPORTED_MISMATCH, HeaderMatch, PortRuleHTTP
 
@@ -459,9 +459,10 @@ def local_reply(status: int, reason: str, body: bytes, version: str = "1.1",
 
 
 _EMPTY: dict[str, str] = {}
-#: verdicts cached per set of grants at most (a client that never repeats a request gains
-#: nothing from them; one is ~0.4 KB), sets of grants with cached verdicts at most, and the
-#: longest request line + host cached (a longer one is judged every time)
+#: verdicts cached per set of grants at most, by request head and by (request line, host)
+#: each (a client that never repeats a request gains nothing from them; one is ~0.4 KB),
+#: sets of grants with cached verdicts at most, and the longest request line + host cached
+#: (a longer one is judged every time)
 VERDICT_CACHE = 1024
 VERDICT_GRANT_SETS = 64
 VERDICT_KEY_MAX = 1024
@@ -471,14 +472,18 @@ FRAGMENT_CACHE = 4096
 FRAGMENT_VALUE_MAX = 256
 _now = time.monotonic_ns
 _NO_GRANTS_YET = object()
-#: id(grants) -> (grants, {(request line, host): verdict}, whether a rule looks at headers):
-#: one cache per policy key's grants, shared by the connections it covers (new connections
-#: start warm). The grants object is held, so its id is not reused while the entry lives;
-#: a policy push makes new grants objects, so a push reaches the next request.
-_VERDICTS: dict[int, tuple[Any, dict[tuple[bytes, bytes], Any], bool]] = {}
+#: no head found yet (no read starts with a NUL byte and has a body of length -1)
+_NO_HEAD = (b"\0", (b"", -1, None, None, None, -1))
+#: id(grants) -> (grants, {(request line, host): verdict}, whether a rule looks at headers,
+#: {request head: what the fast path needs of it}): one cache per policy key's grants,
+#: shared by the connections it covers (new connections start warm). The grants object is
+#: held, so its id is not reused while the entry lives; a policy push makes new grants
+#: objects, so a push reaches the next request.
+_VERDICTS: dict[int, tuple[Any, dict[tuple[bytes, bytes], Any], bool, dict[bytes, Any]]] = {}
 
 
-def _verdicts_of(grants: Any) -> tuple[Any, dict[tuple[bytes, bytes], Any], bool]:
+def _verdicts_of(grants: Any) -> tuple[Any, dict[tuple[bytes, bytes], Any], bool,
+                                       dict[bytes, Any]]:
     """The `_VERDICTS` entry of these grants (made empty when they are new)."""
     entry = _VERDICTS.get(id(grants))
     if entry is None or entry[0] is not grants:
@@ -486,7 +491,7 @@ def _verdicts_of(grants: Any) -> tuple[Any, dict[tuple[bytes, bytes], Any], bool
             _VERDICTS.clear()
         entry = _VERDICTS[id(grants)] = (grants, {}, any(
             rule.headers or rule.header_matches for grant in grants or ()
-            for rule in grant.rules))
+            for rule in grant.rules), {})
     return entry
 
 
@@ -556,6 +561,49 @@ class _HeadBlocks(dict):
 
 _HEAD_BLOCKS = _HeadBlocks()
 _HEAD_BLOCK = _HEAD_BLOCKS.__getitem__
+#: a final response's head (status line to blank line) as a `MessageParser` accepted it with
+#: its whole body -> (its record's fields from the code to the latency's value, encoded:
+#: b'"code":200,"protocol":"HTTP/1.1","headers":[...]},"latency_ns":'; that body's length).
+#: Most responses repeat their head byte for byte (but for Date, once a second). llhttp
+#: frames a response by its head alone, so a read of a head found here and a body of that
+#: length is one whole response, read as before. Kept like `_HEAD_BLOCKS` (never with a
+#: secret, at most HEAD_BLOCK_CACHE, none over HEAD_BLOCK_MAX).
+_RESPONSE_HEADS: dict[bytes, tuple[bytes, int]] = {}
+
+
+def _content_length(raw: list[tuple[bytes, bytes]]) -> int:
+    """The body length of a head llhttp accepted as a message without chunks or upgrade:
+    its Content-Length (llhttp refuses several, or one not a number), else none; -1 for a
+    value Python reads otherwise (the read is left to the general path)."""
+    for name, value in raw:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return -1
+    return 0
+
+
+def _response_entry(head: bytes, status: int, body: int) -> tuple[bytes, int] | None:
+    """The `_RESPONSE_HEADS` entry of a head llhttp accepted with `status` as one whole
+    response of `body` bytes after the head, made (and kept if it may be); None for a read
+    the fast path leaves to the general one: an interim response (1xx, a 101 included), a
+    status line not laid out as `HTTP/x.y NNN` with llhttp's status, or bytes after the
+    body its head frames (empty lines llhttp skips before a next message)."""
+    if status < 200 or head[8:9] != b" " or head[9:12] != b"%03d" % status:
+        return None
+    line_end = head.find(b"\r\n")
+    block = head[line_end + 2:-2]
+    fragments, _host, raw = _HEAD_BLOCK(block)
+    if body != (0 if status in (204, 304) else _content_length(raw)):
+        return None
+    entry = (b'"code":%d,"protocol":"HTTP/%b","headers":[%b]},"latency_ns":'
+             % (status, head[5:8], fragments), body)
+    if block in _HEAD_BLOCKS and len(head) <= HEAD_BLOCK_MAX:  # no secret, not long
+        if len(_RESPONSE_HEADS) >= HEAD_BLOCK_CACHE:
+            _RESPONSE_HEADS.clear()
+        _RESPONSE_HEADS[head] = entry
+    return entry
 
 
 def _response_fields(method: str, url: str) -> bytes | None:
@@ -596,63 +644,105 @@ class HttpConnection(ConnectionParser):
         #: the fast paths' parsers of each direction (no callback per header)
         self.req_messages: MessageParser | None = None
         self.resp_messages: MessageParser | None = None
-        self.record: Record | None = None
-        #: (request line, host) -> what the fast path needs of an allowed request (its
-        #: record's fields up to the headers, method, URL, `response_fields`, version), or
-        #: False (not allowed, or not a line for the fast path: the general path answers);
-        #: for `_verdicts_for` only
-        #: (`_VERDICTS`)
+        #: the head the fast path last found in `_heads` / `_RESPONSE_HEADS` and its entry:
+        #: a keep-alive connection mostly repeats its messages, and a read starting with
+        #: that head (it ends with the head's only blank line: its head is that head) is
+        #: found by comparing its first bytes
+        self._last_request: tuple[bytes, Any] = _NO_HEAD
+        self._last_response: tuple[bytes, Any] = _NO_HEAD
+        #: for `_verdicts_for` only (`_VERDICTS`): the head of a request the fast path
+        #: took -> what it needs of that request again (its record's fields, method, URL,
+        #: version, `response_fields`, its body's length)
+        self._heads: dict[bytes, Any] = {}
+        #: (request line, host) -> what the fast path needs of an allowed request whose
+        #: head is not kept (its record's fields up to the headers, method, URL,
+        #: `response_fields`, version, what follows the headers), or False; while no rule
+        #: looks at headers
         self._verdicts: dict[tuple[bytes, bytes], Any] = {}
         self._verdicts_for: Any = _NO_GRANTS_YET
         self._header_rules = False
 
     # the fast paths: one whole message per read ---------------------------------------------
-    def fast_paths(self, record: Record) -> tuple[FastPath, FastPath]:
-        self.record = record
+    def fast_paths(self) -> tuple[FastPath, FastPath]:
         return self._fast_request, self._fast_response
 
-    def _fast_request(self, data: bytes) -> bool:
+    def _fast_request(self, data: bytes) -> FastRecord | None:
         """One whole allowed request without chunks, upgrade or absolute URL: forwarded as
-        read, its record made from parts cached per (request line, host) while no rule
-        looks at headers (judged with the headers every time otherwise) and per header
-        block (`_HeadBlocks`)."""
+        read. Its head's bytes find it judged under these grants (`_heads`; the head this
+        connection last found there, first): its record, what its response needs, and its
+        body's length (llhttp frames a request by its head alone: that head and a body of
+        that length are one whole request, read as before). Any other read is parsed and
+        judged first (`_judge_request`)."""
         if self.req_state != "head" or self.upgrade_pending:
-            return False
+            return None
         grants = self.grants()
         if grants is not self._verdicts_for:  # a policy push: the new grants' verdicts
-            self._verdicts_for, self._verdicts, self._header_rules = _verdicts_of(grants)
+            (self._verdicts_for, self._verdicts, self._header_rules,
+             self._heads) = _verdicts_of(grants)
+            self._last_request = _NO_HEAD
+        last = self._last_request
+        if data.startswith(last[0]) and len(data) - len(last[0]) == last[1][5]:
+            found = last[1]
+        else:
+            # the head: up to the first blank line (llhttp accepts CRLF line ends only)
+            end = data.find(b"\r\n\r\n", 0, MAX_HEAD + 4) + 4
+            head = data if end == len(data) else data[:end]
+            found = self._heads.get(head)
+            if found is not None and found[5] == len(data) - end:
+                self._last_request = (head, found)
+            else:
+                found = self._judge_request(data, end, grants)
+                if found is None:
+                    return None
+        self.pending.append(_pending(Pending, (found[1], found[2], found[3], _now(), None,
+                                               False, found[4])))
+        return found[0]
+
+    def _judge_request(self, data: bytes, end: int, grants: Any) -> Any:
+        """`_fast_request` of a read whose head it did not find (with that body's length):
+        llhttp validates the read (`MessageParser`), the head is judged (`_decide`) and its
+        `_heads` entry made, from the head's bytes alone (the key); kept unless its header
+        block is not (a secret, or long: `_HeadBlocks`) or the head is long. None: the
+        general path takes the read."""
         messages = self.req_messages
         if messages is None:
             messages = self.req_messages = MessageParser(False)
         parser = messages.parser
-        events = messages.events  # (fed here, not in a method: a frame less per message)
+        events = messages.events
         events.clear()
         try:
             parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             events.clear()
-        if events != _ONE_MESSAGE or parser.should_upgrade():
+        head = data[:end]
+        line_end = head.find(b"\r\n")
+        # not one whole message; empty lines before the request line (llhttp skips them:
+        # the bytes before the first CRLF are then no request line); an upgrade (CONNECT)
+        if events != _ONE_MESSAGE or end < 4 or line_end <= 0 or parser.should_upgrade():
             self.req_messages = None  # the general path parses it again
-            return False
-        line_end = data.find(b"\r\n")
-        if not line_end:  # empty lines before the request line (llhttp skips them)
+            return None
+        block = head[line_end + 2:-2]
+        fragments, host, raw = _HEAD_BLOCK(block)
+        if len(data) - end != _content_length(raw):  # empty lines after it (llhttp skips)
             self.req_messages = None
-            return False
-        fragments, host, raw = _HEAD_BLOCK(data[line_end + 2:data.find(b"\r\n\r\n",
-                                                                     line_end) + 2])
+            return None
         # the request line (method, URL, version: llhttp checked its form) and the host
-        key = (data[:line_end], host)
+        key = (head[:line_end], host)
         found = None if self._header_rules else self._verdicts.get(key)
         if found is None:
             found = self._decide(key, grants, parser.get_method(),
                                  raw if self._header_rules else None)
         if found is False:
             self.req_messages = None
-            return False
-        self.record(False, b"%b%b%b]}}" % (found[0], fragments, found[5]))
-        self.pending.append(_pending(Pending, (found[1], found[2], found[4], _now(), None,
-                                               False, found[3])))
-        return True
+            return None
+        found = (b"%b%b%b]}}" % (found[0], fragments, found[5]), found[1], found[2],
+                 found[4], found[3], len(data) - end)
+        if block in _HEAD_BLOCKS and len(head) <= HEAD_BLOCK_MAX:
+            heads = self._heads
+            if len(heads) >= VERDICT_CACHE:
+                heads.clear()
+            heads[head] = found
+        return found
 
     def _decide(self, key: tuple[bytes, bytes], grants: Any, method_raw: bytes,
                 raw: list[tuple[bytes, bytes]] | None = None) -> Any:
@@ -700,18 +790,41 @@ class HttpConnection(ConnectionParser):
             method, url, _response_fields(method, url), version, mismatch)
         return found
 
-    def _fast_response(self, data: bytes) -> bool:
+    def _fast_response(self, data: bytes) -> FastRecord | None:
         """The whole final response to the one request outstanding (not to HEAD or
-        CONNECT), without chunks: forwarded as read."""
+        CONNECT), without chunks: forwarded as read. Its head's bytes find its record's
+        part from the code on, and its body's length (`_RESPONSE_HEADS`; the head this
+        connection last found there, first); any other read is parsed first
+        (`_parse_response`)."""
         pending = self.pending
         if len(pending) != 1 or self.resp_state != "head" or self.upgrade_pending:
-            return False
+            return None
         request = pending[0]
         fields = request.response_fields
         if fields is None:
-            return False
+            return None
+        last = self._last_response
+        if data.startswith(last[0]) and len(data) - len(last[0]) == last[1][1]:
+            found = last[1]
+        else:
+            end = data.find(b"\r\n\r\n", 0, MAX_HEAD + 4) + 4
+            head = data if end == len(data) else data[:end]
+            found = _RESPONSE_HEADS.get(head)
+            if found is not None and found[1] == len(data) - end:
+                self._last_response = (head, found)
+            else:
+                found = self._parse_response(data, end)
+                if found is None:
+                    return None
+        pending.popleft()
+        return b"%b%b%d}" % (fields, found[0], _now() - request.started_ns)
+
+    def _parse_response(self, data: bytes, end: int) -> tuple[bytes, int] | None:
+        """`_fast_response` of a read whose head it did not find (with that body's
+        length): llhttp validates it (`MessageParser`), then its `_RESPONSE_HEADS` entry;
+        None: the general path takes the read."""
         if data[:5] != b"HTTP/":  # (llhttp also takes RTSP/, ICE/, empty lines first)
-            return False
+            return None
         messages = self.resp_messages
         if messages is None:
             messages = self.resp_messages = MessageParser(True)
@@ -723,16 +836,11 @@ class HttpConnection(ConnectionParser):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             events.clear()
         # (an upgrade is a 101, or a 2xx to CONNECT, which has no response_fields)
-        if events != _ONE_MESSAGE or (status := parser.get_status_code()) < 200:
+        if events != _ONE_MESSAGE or end < 4 or (found := _response_entry(
+                data[:end], parser.get_status_code(), len(data) - end)) is None:
             self.resp_messages = None
-            return False
-        line_end = data.find(b"\r\n")
-        fragments = _HEAD_BLOCK(data[line_end + 2:data.find(b"\r\n\r\n", line_end) + 2])[0]
-        # the status line starts with HTTP/x.y (llhttp checked its form)
-        self.record(True, b'%b"code":%d,"protocol":"HTTP/%b","headers":[%b]},"latency_ns":%d}'
-                    % (fields, status, data[5:8], fragments, _now() - request.started_ns))
-        pending.popleft()
-        return True
+            return None
+        return found
 
     # requests -----------------------------------------------------------------------------
     def on_data(self, reply: bool, data: bytes | memoryview, end_stream: bool) -> list[Op]:

@@ -6,6 +6,7 @@ do not handle must be left to the general path untouched."""
 from __future__ import annotations
 
 import asyncio
+import random
 
 import orjson
 import pytest
@@ -28,16 +29,27 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Wed, 02 Dec 2026 05:00:0
 
 class Fast:
     """One HttpConnection with its fast paths, its records decoded as the proxy's would be
-    (fields of the fast path; dict records of the general path, `is_reply` aside)."""
+    (fields of the fast path; dict records of the general path, `is_reply` aside).
+    `request(data)` / `response(data)`: whether that fast path took the read."""
 
     def __init__(self, grants):
         self.grants = grants
         self.records: list[dict] = []
         self.conn = HttpConnection(INFO, lambda: self.grants, self._general)
-        self.request, self.response = self.conn.fast_paths(self._fast)
+        self._request, self._response = self.conn.fast_paths()
 
-    def _fast(self, reply: bool, fields: bytes) -> None:
+    def request(self, data: bytes) -> bool:
+        return self._fast(False, self._request(data))
+
+    def response(self, data: bytes) -> bool:
+        return self._fast(True, self._response(data))
+
+    def _fast(self, reply: bool, fields: bytes | None) -> bool:
+        if fields is None:
+            return False
+        assert type(fields) is bytes
         self.records.append({"reply": reply, **orjson.loads(b"{" + fields + b"}")})
+        return True
 
     def _general(self, record: dict) -> None:
         record = dict(record)
@@ -81,13 +93,13 @@ def _without_latency(records: list[dict]) -> list[dict]:
 ])
 def test_fast_records_equal_the_general_paths(request_, response):
     f = Fast(ALLOW_X)
-    for _ in range(2):  # the second from the verdict cache
+    for _ in range(3):  # then from the head caches, then from the connection's last heads
         assert f.request(request_) is True
         assert f.response(response) is True
     assert not f.conn.pending
-    general = _general_records(ALLOW_X, [(request_, response)] * 2)
+    general = _general_records(ALLOW_X, [(request_, response)] * 3)
     assert _without_latency(f.records) == _without_latency(general)
-    assert len(f.records) == 4 and all(r["l7"].get("latency_ns", 0) > 0
+    assert len(f.records) == 6 and all(r["l7"].get("latency_ns", 0) > 0
                                        for r in f.records if r["reply"])
     headers = {h["key"]: h["value"] for h in f.records[0]["l7"]["http"]["headers"]}
     if "Cookie" in headers:
@@ -142,7 +154,7 @@ def test_rules_with_header_conditions_judge_every_request_like_the_general_path(
                                                                                 request_):
     grants = (Grant(rule="r", rules=(rule,)),)
     f = Fast(grants)
-    for _ in range(2):  # nothing is cached: the same answer twice
+    for _ in range(2):  # the second from the head's verdict: the same answer
         if not f.request(request_):  # not allowed: the general path answers
             assert f.conn.on_data(False, request_, False)[0].type.name == "DROP"
         f.conn.pending.clear()
@@ -171,8 +183,7 @@ def test_what_the_fast_path_declines_the_general_path_handles_as_before(data):
     g = Drive(ALLOW_X)
     g.feed(False, data)
     d = Drive(ALLOW_X)
-    d.conn.fast_paths(lambda reply, fields: None)
-    assert d.conn._fast_request(data) is False
+    assert d.conn.fast_paths()[0](data) is None
     d.feed(False, data)
     assert (d.upstream, d.client, d.closed) == (g.upstream, g.client, g.closed)
     assert d.records == g.records
@@ -240,6 +251,58 @@ def test_the_proxy_forwards_fast_messages_and_records_them_like_the_general_path
         assert records[1]["l7"]["http"]["code"] == 200 and records[1]["l7"]["latency_ns"] > 0
         stats = p.describe()["stats"]
         assert (stats["requests"], stats["forwarded"], stats["denied"]) == (2, 1, 1)
+    asyncio.run(run())
+
+
+def test_the_protocols_hand_reads_to_the_connection_without_a_frame_of_their_own(tmp_path):
+    """What a transport calls with each read is the protocol's `data_received` as found
+    when the protocol was set: after `connection_made` the client's is set again, so the
+    event loop calls `Connection.received` for that side directly."""
+    class Transport:
+        def __init__(self):
+            self.data, self.protocol = b"", None
+
+        def get_extra_info(self, name):
+            return Sock()
+
+        def set_protocol(self, protocol):
+            self.protocol = protocol
+            self.data_received = protocol.data_received  # (uvloop keeps this one)
+
+        def write(self, data):
+            self.data += data
+
+    class Sock:
+        def setsockopt(self, *a):
+            pass
+
+        def getsockname(self):
+            return ("10.0.0.2", 80)
+
+        def getpeername(self):
+            return ("10.0.0.1", 40000)
+
+    async def run():
+        p = proxy_module.Proxy(tmp_path, HttpParserFactory(), {"ingress": 1}, "0")
+        p.policy.load({"endpoints": [{"ipv4": "10.0.0.2", "ep_id": 1, "identity": 1000,
+                                      "entries": [{"identity": 0, "direction": "ingress",
+                                                   "port": 80, "port_prefix_len": 16,
+                                                   "grants": [{"rule": "r",
+                                                               "allow_all": True}]}]}]})
+        down = Transport()
+        protocol = proxy_module._Downstream(p, "ingress", 1)
+        protocol.connection_made(down)
+        conn = protocol.conn
+        assert down.protocol is protocol
+        assert down.data_received.func == conn.received
+        assert down.data_received.args == (conn.request,)
+        conn.up, conn.up_state = Transport(), "open"
+        upstream = proxy_module._Upstream(conn)
+        assert upstream.data_received.args == (conn.reply,)
+        down.data_received(REQUEST)
+        upstream.data_received(RESPONSE)
+        assert conn.up.data == REQUEST and down.data == RESPONSE
+        assert len(p.batch) == 2 and p.describe()["stats"]["requests"] == 1
     asyncio.run(run())
 
 
@@ -317,8 +380,7 @@ def test_request_lines_the_fast_path_leaves_even_when_everything_is_allowed(data
         assert f.records == [] and not f.conn.pending and f.conn.req_messages is None
     g = Drive((Grant(rule="r", allow_all=True),))
     d = Drive((Grant(rule="r", allow_all=True),))
-    d.conn.fast_paths(lambda reply, fields: None)
-    assert d.conn._fast_request(data) is False
+    assert d.conn.fast_paths()[0](data) is None
     g.feed(False, data)
     d.feed(False, data)
     assert (d.upstream, d.client, d.closed, d.records) == (g.upstream, g.client, g.closed,
@@ -348,3 +410,199 @@ def test_status_lines_the_fast_path_leaves_to_the_general_path(response):
     assert f.request(REQUEST) is True
     assert f.response(response) is False
     assert len(f.records) == 1 and len(f.conn.pending) == 1
+
+
+def test_a_head_found_again_is_taken_only_with_the_body_length_it_had():
+    """A head judged once is found by its bytes, and with a body of the length llhttp
+    framed the first time it is one whole message; a read of that head with less or more
+    than that body is parsed, declined, and the general path handles it as before."""
+    post = b"POST /x HTTP/1.1\r\nHost: svc\r\nContent-Length: 4\r\n\r\n"
+    response = b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: 3\r\n\r\n"
+    f = Fast(ALLOW_X)
+    assert f.request(post + b"body") and f.response(response + b"ok\n")
+    assert post in f.conn._heads and response in http_parser._RESPONSE_HEADS
+    assert f.request(post + b"BODY") and f.response(response + b"OK\n")  # found again
+    for data in (post + b"bo", post + b"body" + post + b"body", post, post + b"body!"):
+        assert f.request(data) is False
+        assert not f.conn.pending and f.conn.req_messages is None
+        g, d = Drive(ALLOW_X), Drive(ALLOW_X)
+        d.conn.fast_paths()[0](post + b"body")  # the head is found again: the same
+        d.conn.pending.clear()
+        d.records.clear()
+        g.feed(False, data)
+        d.feed(False, data)
+        assert (d.upstream, d.client, d.closed, d.records) == (g.upstream, g.client,
+                                                               g.closed, g.records)
+    for data in (response + b"ok", response + b"ok\n" + response, response):
+        assert f.request(REQUEST) is True
+        assert f.response(data) is False
+        assert len(f.conn.pending) == 1 and f.conn.resp_messages is None
+        f.conn.pending.clear()
+    records = [r for r in f.records if r["reply"]]
+    assert len(records) == 2 and _without_latency(records[:1]) == _without_latency(records[1:])
+
+
+def test_a_head_without_a_body_is_found_again_whatever_came_before():
+    """A 204 / 304 has no body whatever its Content-Length says, and llhttp frames it so:
+    the head is kept with the body length it had (none), not the one it names."""
+    not_modified = b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"
+    f = Fast(ALLOW_X)
+    for _ in range(2):
+        assert f.request(REQUEST) is True
+        assert f.response(not_modified) is True
+    assert http_parser._RESPONSE_HEADS[not_modified][1] == 0
+    assert f.request(REQUEST) is True
+    assert f.response(not_modified + b"0123456789") is False  # not one whole response
+    assert [r["l7"]["http"]["code"] for r in f.records if r["reply"]] == [304, 304]
+
+
+def test_heads_with_secrets_are_never_kept_and_the_head_caches_stay_bounded(monkeypatch):
+    f = Fast((Grant(rule="r", rules=(PortRuleHTTP(path="/x"),)),))  # its own head cache
+    secret = b"GET /x HTTP/1.1\r\nHost: svc\r\nCookie: s3cret\r\n\r\n"
+    set_cookie = b"HTTP/1.1 200 OK\r\nSet-Cookie: s3cret\r\nContent-Length: 0\r\n\r\n"
+    for _ in range(2):  # judged and recorded each time, never kept
+        assert f.request(secret) and f.response(set_cookie)
+    assert not any(b"s3cret" in head for head in f.conn._heads)
+    assert not any(b"s3cret" in head for head in http_parser._RESPONSE_HEADS)
+    assert b"s3cret" not in f.conn._last_request[0] + f.conn._last_response[0]
+    assert [h["value"] for r in f.records for h in r["l7"]["http"]["headers"]
+            if h["key"].lower() in ("cookie", "set-cookie")] == ["[redacted]"] * 4
+    long_head = b"GET /x HTTP/1.1\r\nHost: svc\r\nX-L: %b\r\n\r\n" % (
+        b"v" * http_parser.HEAD_BLOCK_MAX)
+    assert f.request(long_head) and long_head not in f.conn._heads
+    f.conn.pending.clear()
+    monkeypatch.setattr(http_parser, "VERDICT_CACHE", 2)
+    monkeypatch.setattr(http_parser, "HEAD_BLOCK_CACHE", 2)
+    for n in range(5):  # (heads no other test made)
+        assert f.request(b"GET /x HTTP/1.1\r\nHost: svc\r\nX-B: %d\r\n\r\n" % n)
+        assert f.response(b"HTTP/1.1 200 OK\r\nX-B: %d\r\nContent-Length: 0\r\n\r\n" % n)
+        assert len(f.conn._heads) <= 2 and len(http_parser._RESPONSE_HEADS) <= 2
+        assert f.records[-2]["l7"]["http"]["headers"][-1]["value"] == str(n)
+        assert f.records[-1]["l7"]["http"]["headers"][0]["value"] == str(n)
+
+
+def test_a_denied_head_is_never_taken_after_an_allowed_one_with_the_same_line():
+    """The head is the key: another Host, another header a rule looks at, is another
+    request, judged on its own."""
+    grants = (Grant(rule="h", rules=(PortRuleHTTP(path="/x", host="svc",
+                                                  headers=("X-Token: 1",)),)),)
+    f = Fast(grants)
+    allowed = b"GET /x HTTP/1.1\r\nHost: svc\r\nX-Token: 1\r\n\r\n"
+    assert f.request(allowed) is True
+    f.conn.pending.clear()
+    for denied in (b"GET /x HTTP/1.1\r\nHost: svc\r\nX-Token: 2\r\n\r\n",
+                   b"GET /x HTTP/1.1\r\nHost: evil\r\nX-Token: 1\r\n\r\n",
+                   b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n"):
+        for _ in range(2):
+            assert f.request(denied) is False
+            assert not f.conn.pending
+    assert f.request(allowed) is True
+
+
+@pytest.mark.parametrize("extra", [b"\r\n", b"\n", b"\r\n\r\n"])
+def test_empty_lines_after_a_whole_message_are_left_to_the_general_path(extra):
+    """llhttp skips empty lines before a next message, so a read of one whole message and
+    then empty lines is one message to it: the fast path leaves that read to the general
+    path (which forwards the message and keeps the rest), and never takes those bytes for
+    the body a head found again would have."""
+    post = b"POST /x HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\n\r\nab"
+    f = Fast(ALLOW_X)
+    for request in (REQUEST, post):
+        assert f.request(request) is True  # (the head kept)
+        f.conn.pending.clear()
+        assert f.request(request + extra) is False
+        assert not f.conn.pending
+        g, d = Drive(ALLOW_X), Drive(ALLOW_X)
+        assert d.conn.fast_paths()[0](request + extra) is None
+        g.feed(False, request + extra)
+        d.feed(False, request + extra)
+        assert d.upstream == g.upstream == request
+        assert (d.client, d.closed, d.records) == (g.client, g.closed, g.records)
+    assert f.request(REQUEST) is True
+    assert f.response(RESPONSE) is True  # (the head kept)
+    assert f.request(REQUEST) is True
+    assert f.response(RESPONSE + extra) is False
+    assert len(f.conn.pending) == 1
+
+
+def test_what_the_fast_paths_take_the_general_path_forwards_alike():
+    """Mutated requests and responses (seeded), through one connection's fast paths with
+    their caches warm: every read a fast path takes, the general path on a fresh
+    connection forwards whole, with the same records (latency aside)."""
+    rnd = random.Random(11)
+    requests = [REQUEST, b"POST /x HTTP/1.1\r\nHost: svc\r\nContent-Length: 4\r\n\r\nbody",
+                b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+                b"HEAD /x HTTP/1.1\r\nHost: svc\r\n\r\n", b"GET /y HTTP/1.1\r\n\r\n"]
+    responses = [RESPONSE, b"HTTP/1.1 204 No Content\r\n\r\n",
+                 b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+                 b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n"]
+    pieces = [b"\r", b"\n", b" ", b":", b"0", b"9", b"a", b"\t", b"\r\n", b"\r\n\r\n", b"/",
+              b"Content-Length: 2\r\n", b"Transfer-Encoding: chunked\r\n"]
+
+    def mutated(data: bytes) -> bytes:
+        out = bytearray(data)
+        for _ in range(rnd.randint(1, 3)):
+            at = rnd.randrange(len(out))
+            choice = rnd.randrange(3)
+            if choice == 0:
+                del out[at]
+            elif choice == 1:
+                out[at:at] = rnd.choice(pieces)
+            else:
+                out += rnd.choice(pieces)
+        return bytes(out)
+
+    f = Fast(ALLOW_X)
+    taken = [0, 0]
+    for _ in range(3000):
+        request, response = rnd.choice(requests), rnd.choice(responses)
+        if rnd.random() < 0.5:
+            request = mutated(request)
+        if rnd.random() < 0.5:
+            response = mutated(response)
+        f.records.clear()
+        f.conn.pending.clear()
+        if not f.request(request):
+            continue
+        took_response = f.response(response)
+        taken[0] += 1
+        taken[1] += took_response
+        g = Drive(ALLOW_X)
+        g.conn.req_stream = g.conn.resp_stream = None  # no stream parser: the head parser
+        g.feed(False, request)
+        assert (g.upstream, g.client, g.closed) == (request, b"", False), request
+        if took_response:
+            g.feed(True, response)
+            assert (g.client, g.closed) == (response, False), (request, response)
+        general = [{"reply": bool(r.pop("is_reply", False)), **r} for r in g.records]
+        assert _without_latency(f.records) == _without_latency(general[:len(f.records)])
+        assert len(f.records) == 1 + took_response
+    assert min(taken) > 300  # (the fast paths took many, mutated ones among them)
+
+
+def test_a_connection_finds_the_heads_it_repeats_by_their_first_bytes_until_a_push():
+    """The heads a connection's fast paths last found are compared first: a repeated
+    message costs no lookup, a different one (or the same head with another body length)
+    is looked up as before, and a policy push forgets the request's."""
+    grants = (Grant(rule="r", rules=(PortRuleHTTP(method="GET|POST", path="/x"),)),)
+    f = Fast(grants)
+    post = b"POST /x HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\n\r\n"
+    for _ in range(3):
+        assert f.request(REQUEST) and f.response(RESPONSE)
+    assert f.conn._last_request[0] == REQUEST
+    assert f.conn._last_response[0] == RESPONSE[:RESPONSE.index(b"\r\n\r\n") + 4]
+    assert f.request(REQUEST + REQUEST) is False  # the head, then more than its body
+    assert f.conn.req_messages is None and not f.conn.pending
+    for _ in range(3):
+        assert f.request(post + b"ab") is True
+        f.conn.pending.clear()
+    assert f.conn._last_request[0] == post
+    assert f.request(post + b"a") is False and f.request(post + b"abc") is False
+    assert f.request(REQUEST) is True
+    assert f.response(RESPONSE + b"!") is False and len(f.conn.pending) == 1
+    f.conn.pending.clear()
+    requests = [r for r in f.records if not r["reply"]]
+    assert [r["l7"]["http"]["method"] for r in requests] == ["GET"] * 3 + ["POST"] * 3 + ["GET"]
+    f.grants = (Grant(rule="other", rules=(PortRuleHTTP(path="/y"),)),)  # a push
+    assert f.request(REQUEST) is False
+    assert f.conn._last_request is http_parser._NO_HEAD
