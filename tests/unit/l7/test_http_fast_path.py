@@ -27,6 +27,32 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Wed, 02 Dec 2026 05:00:0
             b"Content-Length: 3\r\n\r\nok\n")
 
 
+class _FakeSock:
+    """The accepted socket a `Connection` asks for its addresses."""
+
+    def setsockopt(self, *a):
+        pass
+
+    def getsockname(self):
+        return ("10.0.0.2", 80)
+
+    def getpeername(self):
+        return ("10.0.0.1", 40000)
+
+
+class _FakeTransport:
+    """A transport that keeps what is written to it."""
+
+    def __init__(self):
+        self.data = b""
+
+    def get_extra_info(self, name):
+        return _FakeSock()
+
+    def write(self, data):
+        self.data += data
+
+
 class Fast:
     """One HttpConnection with its fast paths, its records decoded as the proxy's would be
     (fields of the fast path; dict records of the general path, `is_reply` aside).
@@ -207,25 +233,7 @@ def test_responses_the_fast_path_leaves_to_the_general_path():
 def test_the_proxy_forwards_fast_messages_and_records_them_like_the_general_path(tmp_path):
     """Through `pylium.l7.proxy.Connection`: records decode to the connection's part and
     the parser's fields, the fast path's requests count in the stats."""
-    class Transport:
-        def __init__(self):
-            self.data = b""
-
-        def get_extra_info(self, name):
-            return Sock()
-
-        def write(self, data):
-            self.data += data
-
-    class Sock:
-        def setsockopt(self, *a):
-            pass
-
-        def getsockname(self):
-            return ("10.0.0.2", 80)
-
-        def getpeername(self):
-            return ("10.0.0.1", 40000)
+    Transport = _FakeTransport
 
     async def run():
         p = proxy_module.Proxy(tmp_path, HttpParserFactory(), {"ingress": 1}, "0")
@@ -258,29 +266,14 @@ def test_the_protocols_hand_reads_to_the_connection_without_a_frame_of_their_own
     """What a transport calls with each read is the protocol's `data_received` as found
     when the protocol was set: after `connection_made` the client's is set again, so the
     event loop calls `Connection.received` for that side directly."""
-    class Transport:
+    class Transport(_FakeTransport):
         def __init__(self):
-            self.data, self.protocol = b"", None
-
-        def get_extra_info(self, name):
-            return Sock()
+            super().__init__()
+            self.protocol = None
 
         def set_protocol(self, protocol):
             self.protocol = protocol
             self.data_received = protocol.data_received  # (uvloop keeps this one)
-
-        def write(self, data):
-            self.data += data
-
-    class Sock:
-        def setsockopt(self, *a):
-            pass
-
-        def getsockname(self):
-            return ("10.0.0.2", 80)
-
-        def getpeername(self):
-            return ("10.0.0.1", 40000)
 
     async def run():
         p = proxy_module.Proxy(tmp_path, HttpParserFactory(), {"ingress": 1}, "0")
