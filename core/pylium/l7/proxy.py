@@ -624,12 +624,11 @@ class Connection:
         if out:
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
-            if self.closed:
-                pass
-            elif self.up_state == "open":  # (`_write_upstream`, inline: once a message)
-                self.up.write(data)
-            else:
-                self._write_upstream(data)
+            if not self.closed:
+                if self.up_state == "open":  # (`_write_upstream`, inline: once a message)
+                    self.up.write(data)
+                else:
+                    self._write_upstream(data)
 
     def _write_upstream(self, data: bytes) -> None:
         if self.up_state == "open":

@@ -21,6 +21,7 @@ import orjson
 from pylium.api import L7Request, L7Verdict
 from pylium.l7.backend import LocalCounter, LocalHistogram, ProxiedParser, RegistryMetrics
 from pylium.l7.parser import Grant
+from pylium.l7.supervisor import RECORD_SEP
 
 from pylium_l7_http.parser import judge
 
@@ -33,8 +34,9 @@ HEADERS = b',"headers":['
 #: what precedes a fast-path response's latency (the last member of its l7)
 LATENCY = b',"latency_ns":'
 #: a fast-path response's end, its latency's digits (`_observe_run`: records joined by
-#: RECORD_END, each's last ENDS bytes, so up to 15 digits; longer ones go one by one)
-RECORD_END = b"\x1e"
+#: RECORD_END, each's last ENDS bytes, so up to 15 digits; longer ones go one by one).
+#: RECORD_END is the control protocol's record separator, which no record holds
+RECORD_END = RECORD_SEP
 ENDS = slice(-30, None)
 LATENCY_AT_END = re.compile(re.escape(LATENCY) + rb"([0-9]+)\}" + RECORD_END)
 #: Hubble's reporter label by whether the record's direction is not ingress
