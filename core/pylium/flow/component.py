@@ -16,8 +16,7 @@ import os
 import threading
 import time
 from collections import Counter
-from itertools import repeat
-from operator import add, itemgetter
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,6 @@ from pylium.flow.model import (
     LOST_KERNEL,
     VERDICTS,
     Flow,
-    L7Flow,
     Peer,
     ServiceRef,
 )
@@ -55,7 +53,6 @@ from pylium.flow.ring import FlowRing
 #: flows (a head is a flow's fields from `node_name` on)
 _COUNT_FIELDS = tuple(itemgetter(Flow._fields.index(name) - 1)
                       for name in ("verdict", "drop_reason", "direction"))
-_new_tuple = tuple.__new__
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +160,15 @@ class FlowObserver:
         return tuple(flow[1:L7_INDEX])
 
     def record_l7_raw(self, heads: list[tuple], members: list[bytes]) -> None:
-        """L7 flows of `l7_head`s (one per record) and records as a proxy sent them, `l7`
-        decoded only when read (`L7Flow`): one clock reading (they arrived together), one
-        lock and one ring append for all, and no Python code per record."""
+        """L7 flows of `l7_head`s (one per record) and records as a proxy sent them, kept
+        as those parts until read (`FlowRing.extend_l7`; `l7` decoded only when read,
+        `L7Flow`): one clock reading (they arrived together), one lock and one ring append
+        for all, and no Python code or tuple per record."""
         if not heads:
             return
-        now = (time.time_ns(),)
-        flows = list(map(_new_tuple, repeat(L7Flow), map(
-            add, map(add, repeat(now), heads), zip(members, repeat(False), repeat(None)))))
+        if len(heads) != len(members):
+            raise ValueError(f"{len(members)} L7 records with {len(heads)} heads")
+        now = time.time_ns()
         # mostly one key (a connection's request and reply sides share theirs): each
         # field's values, not a tuple per record, unless they differ
         fields = [list(map(field, heads)) for field in _COUNT_FIELDS]
@@ -182,7 +180,7 @@ class FlowObserver:
         with self._ingest_lock:
             for (verdict, drop, direction), n in counts.items():
                 dec.count((EVENT_L7, verdict, drop, direction), n)
-            self.ring.extend(flows, flows_only=True)
+            self.ring.extend_l7(now, heads, members)
 
     def record_l7_many(self, records: list[dict[str, Any]]) -> int:
         """Many L7 flows at once (a proxy's batch): each record has `record_l7`'s keyword

@@ -195,6 +195,15 @@ class L7Flow(Flow):
 
 #: where `Flow.l7` lies in the tuple (`L7Flow` keeps its raw record there)
 L7_INDEX = Flow._fields.index("l7")
+#: an `L7Flow`'s fields after its raw record (`encrypted`, `service`): a proxy's flows are
+#: never encrypted on the wire it saw, and name no service
+_L7_TAIL = (False, None)
+
+
+def l7_flow(time_ns: int, head: tuple, raw: bytes) -> L7Flow:
+    """The `L7Flow` of a proxy's record `raw` at `time_ns`; `head` is what the flows of its
+    connection side share: `Flow`'s fields after `time_ns` and before `l7`."""
+    return tuple.__new__(L7Flow, (time_ns, *head, raw, *_L7_TAIL))
 
 
 class LostEvent(NamedTuple):

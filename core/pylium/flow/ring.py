@@ -4,7 +4,12 @@ Writers (the ring-buffer reader thread) append batches under a lock; every recor
 sequence number. Readers remember the next sequence they want: when the ring has already
 overwritten it, the reader is told exactly how many records it missed (a `LostEvent` with
 source HUBBLE_RING_BUFFER), which is how a slow `observe --follow` client is accounted for.
-Asyncio followers are woken once per appended batch, thread-safely."""
+Asyncio followers are woken once per appended batch, thread-safely.
+
+A proxy's L7 flows are kept as their parts (`extend_l7`: the raw record, its connection
+side's head, the batch's time, each in a slot list of its own) and become `L7Flow`s only
+when read: taking them allocates nothing per flow, and overwriting them frees only the raw
+record. A proxy sends two flows per request, all the time, and most are never read."""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from pylium.flow.model import LOST_FOLLOWER, Flow, LostEvent
+from pylium.flow.model import LOST_FOLLOWER, Flow, LostEvent, l7_flow
 
 Record = Flow | LostEvent
 
@@ -25,7 +30,12 @@ class FlowRing:
             raise ValueError("flow ring capacity must be positive")
         self.capacity = capacity
         self.node_name = node_name
-        self._slots: list[Record | None] = [None] * capacity
+        #: per slot: its record, or (where `_heads` has a head) a lazy L7 flow's raw record
+        self._slots: list[Record | bytes | None] = [None] * capacity
+        #: per slot: None, or the head of the lazy L7 flow it holds (`extend_l7`)
+        self._heads: list[tuple | None] = [None] * capacity
+        #: per slot with a head: its flow's time
+        self._times: list[int] = [0] * capacity
         #: sequence number the next appended record gets (= records ever appended)
         self.head = 0
         self._lock = threading.Lock()
@@ -45,21 +55,35 @@ class FlowRing:
     def extend(self, records: Iterable[Record], flows_only: bool = False) -> None:
         """Append in order; `flows_only` (the decoder's batches) skips the LostEvent scan."""
         records = records if type(records) is list else list(records)
-        if not records:
-            return
+        if records:
+            lost = () if flows_only else [r for r in records if type(r) is LostEvent]
+            self._store(records, None, None, lost)
+
+    def extend_l7(self, time_ns: int, heads: list[tuple], raws: list[bytes]) -> None:
+        """Append the L7 flows of a proxy's records `raws` at `time_ns`, each with its
+        connection side's head (`l7_flow`), kept as those parts until read."""
+        if len(heads) != len(raws):
+            raise ValueError(f"{len(raws)} L7 records with {len(heads)} heads")
+        if raws:
+            self._store(raws, heads, [time_ns] * len(raws), ())
+
+    def _store(self, records: list, heads: list | None, times: list | None,
+               lost: Iterable[LostEvent]) -> None:
         cap = self.capacity
         total = len(records)
-        lost = [] if flows_only else [r for r in records if type(r) is LostEvent]
-        if total > cap:
-            records = records[-cap:]  # only the newest fit; readers see the rest as missed
+        if total > cap:  # only the newest fit; readers see the rest as missed
+            records = records[-cap:]
+            heads = None if heads is None else heads[-cap:]
+            times = None if times is None else times[-cap:]
+        n = len(records)
         with self._lock:
-            start = self.head + (total - len(records))
+            start = self.head + (total - n)
             pos = start % cap
-            first = min(len(records), cap - pos)
-            self._slots[pos:pos + first] = records[:first]
-            if first < len(records):
-                self._slots[0:len(records) - first] = records[first:]
-            self.head = start + len(records)
+            self._put(self._slots, pos, records)
+            self._put(self._heads, pos, [None] * n if heads is None else heads)
+            if times is not None:
+                self._put(self._times, pos, times)
+            self.head = start + n
             for rec in lost:
                 self.lost_by_source[rec.source] = (
                     self.lost_by_source.get(rec.source, 0) + rec.num_events_lost)
@@ -69,6 +93,15 @@ class FlowRing:
                 loop.call_soon_threadsafe(event.set)
             except RuntimeError:  # that loop is closed
                 self._waiters.discard((loop, event))
+
+    def _put(self, slots: list, pos: int, values: list) -> None:
+        """`values` (at most `capacity`) into `slots` from `pos` on, wrapping round."""
+        first = self.capacity - pos
+        if len(values) <= first:
+            slots[pos:pos + len(values)] = values
+        else:
+            slots[pos:] = values[:first]
+            slots[:len(values) - first] = values[first:]
 
     def append_lost(self, source: str, count: int, cpu: int | None = None) -> None:
         if count > 0:
@@ -81,21 +114,32 @@ class FlowRing:
             head, oldest = self.head, max(0, self.head - self.capacity)
             missed = max(0, oldest - start)
             start = max(start, oldest)
-            out = self._copy(start, head)
-        return out, missed, head
+            parts = self._copy(start, head)
+        return self._records(*parts), missed, head
 
-    def _copy(self, start: int, end: int) -> list[Record]:
+    def _copy(self, start: int, end: int) -> tuple[list, list, list]:
+        """The slots, heads and times from sequence `start` to `end` (under the lock)."""
         if end <= start:
-            return []
+            return [], [], []
         cap = self.capacity
         a, b = start % cap, end % cap
         if a < b:
-            return self._slots[a:b]  # type: ignore[return-value]
-        return self._slots[a:] + self._slots[:b]  # type: ignore[operator]
+            return self._slots[a:b], self._heads[a:b], self._times[a:b]
+        return (self._slots[a:] + self._slots[:b], self._heads[a:] + self._heads[:b],
+                self._times[a:] + self._times[:b])
+
+    @staticmethod
+    def _records(slots: list, heads: list, times: list) -> list[Record]:
+        """Copied slots as records: the lazy L7 flows among them built (outside the lock)."""
+        if heads.count(None) == len(heads):
+            return slots
+        return [raw if head is None else l7_flow(time_ns, head, raw)
+                for raw, head, time_ns in zip(slots, heads, times, strict=True)]
 
     def snapshot(self) -> list[Record]:
         with self._lock:
-            return self._copy(self.oldest, self.head)
+            parts = self._copy(self.oldest, self.head)
+        return self._records(*parts)
 
     async def follow(self, start: int | None = None, stop: asyncio.Event | None = None):
         """Async iterator over batches from `start` (default: now) forever; a batch begins
