@@ -308,3 +308,26 @@ def test_flow_heads_follow_the_enrichment_and_new_connections(tmp_path):
     assert pods == [{f.source.pod_name, f.destination.pod_name} - {""}
                     for f in old.ring.snapshot()]
     assert pods[0] == {"before"} and pods[-1] == {"after"}
+
+
+@pytest.mark.parametrize("slice_size", [1, 2, 3, 5])
+def test_a_batch_taken_in_slices_gives_what_it_gives_whole(tmp_path, monkeypatch, slice_size):
+    """The agent takes a batch INTAKE_SLICE records at a time and offers its CPU between
+    slices: wherever the cuts fall (through runs of fast records, between a fast record
+    and a whole one), the flows, metrics and counts are those of the batch taken at once."""
+    from pylium.l7 import backend as backend_module
+
+    lines = _proxy_lines(tmp_path)
+    whole_backend, whole, _ = _agent(lines, batches=True)
+    yields = []
+    monkeypatch.setattr(backend_module, "INTAKE_SLICE", slice_size)
+    monkeypatch.setattr(backend_module, "yield_cpu", lambda: yields.append(1))
+    sliced_backend, sliced, _ = _agent(lines, batches=True)
+    sizes = [line.count(b"\x1e") for line in lines if b"\x1e" in line]
+    assert len(yields) == sum((n - 1) // slice_size for n in sizes) > 0
+    assert ([_without_time(to_response(f)) for f in sliced.ring.snapshot()]
+            == [_without_time(to_response(f)) for f in whole.ring.snapshot()])
+    assert len(sliced.ring.snapshot()) == 16
+    assert _metrics(sliced_backend) == _metrics(whole_backend)
+    assert sliced.decoder.counts == whole.decoder.counts
+    assert sliced_backend.flows_recorded == whole_backend.flows_recorded == 16
