@@ -159,14 +159,16 @@ class FlowObserver:
                              dst_ip, src_identity, dst_identity, sport, dport, protocol, {})
         return tuple(flow[1:L7_INDEX])
 
-    def record_l7_raw(self, heads: list[tuple], members: list[bytes]) -> None:
-        """L7 flows of `l7_head`s (one per record) and records as a proxy sent them, kept
-        as those parts until read (`FlowRing.extend_l7`; `l7` decoded only when read,
-        `L7Flow`): one clock reading (they arrived together), one lock and one ring append
-        for all, and no Python code or tuple per record."""
+    def record_l7_raw(self, heads: list[tuple], members: list[bytes],
+                      prefixes: list[bytes] | None = None) -> None:
+        """L7 flows of `l7_head`s (one per record) and records as a proxy sent them (each
+        `prefixes`' entry + its `members`' one, if given), kept as those parts until read
+        (`FlowRing.extend_l7`; `l7` decoded only when read, `L7Flow`): one clock reading
+        (they arrived together), one lock and one ring append for all, and no Python code
+        or tuple per record."""
         if not heads:
             return
-        if len(heads) != len(members):
+        if len(heads) != len(members) or prefixes is not None and len(prefixes) != len(heads):
             raise ValueError(f"{len(members)} L7 records with {len(heads)} heads")
         now = time.time_ns()
         # mostly one key (a connection's request and reply sides share theirs): each
@@ -180,7 +182,7 @@ class FlowObserver:
         with self._ingest_lock:
             for (verdict, drop, direction), n in counts.items():
                 dec.count((EVENT_L7, verdict, drop, direction), n)
-            self.ring.extend_l7(now, heads, members)
+            self.ring.extend_l7(now, heads, members, prefixes)
 
     def record_l7_many(self, records: list[dict[str, Any]]) -> int:
         """Many L7 flows at once (a proxy's batch): each record has `record_l7`'s keyword

@@ -7,7 +7,7 @@ source HUBBLE_RING_BUFFER), which is how a slow `observe --follow` client is acc
 Asyncio followers are woken once per appended batch, thread-safely.
 
 A proxy's L7 flows are kept as their parts (`extend_l7`: the raw record, its connection
-side's head, the batch's time, each in a slot list of its own) and become `L7Flow`s only
+side's head, the batch's time, the record's recurring prefix, each in a slot list of its own) and become `L7Flow`s only
 when read: taking them allocates nothing per flow, and overwriting them frees only the raw
 record. A proxy sends two flows per request, all the time, and most are never read."""
 
@@ -34,8 +34,10 @@ class FlowRing:
         self._slots: list[Record | bytes | None] = [None] * capacity
         #: per slot: None, or the head of the lazy L7 flow it holds (`extend_l7`)
         self._heads: list[tuple | None] = [None] * capacity
-        #: per slot with a head: its flow's time
+        #: per slot with a head: its flow's time, and the prefix of its raw record (b"":
+        #: none; a proxy sends a recurring one once, `pylium.l7.parser.FastRecord`)
         self._times: list[int] = [0] * capacity
+        self._prefixes: list[bytes] = [b""] * capacity
         #: sequence number the next appended record gets (= records ever appended)
         self.head = 0
         self._lock = threading.Lock()
@@ -59,22 +61,27 @@ class FlowRing:
             lost = () if flows_only else [r for r in records if type(r) is LostEvent]
             self._store(records, None, None, lost)
 
-    def extend_l7(self, time_ns: int, heads: list[tuple], raws: list[bytes]) -> None:
+    def extend_l7(self, time_ns: int, heads: list[tuple], raws: list[bytes],
+                  prefixes: list[bytes] | None = None) -> None:
         """Append the L7 flows of a proxy's records `raws` at `time_ns`, each with its
-        connection side's head (`l7_flow`), kept as those parts until read."""
-        if len(heads) != len(raws):
-            raise ValueError(f"{len(raws)} L7 records with {len(heads)} heads")
+        connection side's head and the prefix of its record if `prefixes` (`l7_flow` of
+        head, prefix + raw), kept as those parts until read."""
+        if len(heads) != len(raws) or prefixes is not None and len(prefixes) != len(raws):
+            raise ValueError(f"{len(raws)} L7 records with {len(heads)} heads"
+                             + ("" if prefixes is None else f", {len(prefixes)} prefixes"))
         if raws:
-            self._store(raws, heads, [time_ns] * len(raws), ())
+            self._store(raws, heads, [time_ns] * len(raws), (),
+                        [b""] * len(raws) if prefixes is None else prefixes)
 
     def _store(self, records: list, heads: list | None, times: list | None,
-               lost: Iterable[LostEvent]) -> None:
+               lost: Iterable[LostEvent], prefixes: list | None = None) -> None:
         cap = self.capacity
         total = len(records)
         if total > cap:  # only the newest fit; readers see the rest as missed
             records = records[-cap:]
             heads = None if heads is None else heads[-cap:]
             times = None if times is None else times[-cap:]
+            prefixes = None if prefixes is None else prefixes[-cap:]
         n = len(records)
         with self._lock:
             start = self.head + (total - n)
@@ -83,6 +90,8 @@ class FlowRing:
             self._put(self._heads, pos, [None] * n if heads is None else heads)
             if times is not None:
                 self._put(self._times, pos, times)
+            if prefixes is not None:
+                self._put(self._prefixes, pos, prefixes)
             self.head = start + n
             for rec in lost:
                 self.lost_by_source[rec.source] = (
@@ -117,24 +126,26 @@ class FlowRing:
             parts = self._copy(start, head)
         return self._records(*parts), missed, head
 
-    def _copy(self, start: int, end: int) -> tuple[list, list, list]:
-        """The slots, heads and times from sequence `start` to `end` (under the lock)."""
+    def _copy(self, start: int, end: int) -> tuple[list, ...]:
+        """The slots, heads, times and prefixes from sequence `start` to `end` (under the
+        lock)."""
         if end <= start:
-            return [], [], []
+            return [], [], [], []
         cap = self.capacity
         a, b = start % cap, end % cap
+        lists = (self._slots, self._heads, self._times, self._prefixes)
         if a < b:
-            return self._slots[a:b], self._heads[a:b], self._times[a:b]
-        return (self._slots[a:] + self._slots[:b], self._heads[a:] + self._heads[:b],
-                self._times[a:] + self._times[:b])
+            return tuple(values[a:b] for values in lists)
+        return tuple(values[a:] + values[:b] for values in lists)
 
     @staticmethod
-    def _records(slots: list, heads: list, times: list) -> list[Record]:
+    def _records(slots: list, heads: list, times: list, prefixes: list) -> list[Record]:
         """Copied slots as records: the lazy L7 flows among them built (outside the lock)."""
         if heads.count(None) == len(heads):
             return slots
-        return [raw if head is None else l7_flow(time_ns, head, raw)
-                for raw, head, time_ns in zip(slots, heads, times, strict=True)]
+        return [raw if head is None else l7_flow(time_ns, head, prefix + raw)
+                for raw, head, time_ns, prefix in zip(slots, heads, times, prefixes,
+                                                      strict=True)]
 
     def snapshot(self) -> list[Record]:
         with self._lock:

@@ -235,11 +235,15 @@ class ProxiedParser(L7Parser):
         """The protocol's own metrics of one flow record (before it goes to the flow
         layer; the proxy metrics are counted already)."""
 
-    def observe_fast(self, sides: list[ConnSide], members: list[bytes]) -> None:
+    def observe_fast(self, sides: list[ConnSide], members: list[bytes],
+                     prefixes: list[bytes] | None = None) -> None:
         """`observe` of a batch's fast-path records (FORWARDED, no error), as the proxy
-        sent them: the connection side and the members of its JSON object each. This
-        decodes each whole; a protocol whose metrics need less overrides it."""
+        sent them: the connection side and the members of its JSON object each (after its
+        `prefixes` entry, if given: `pylium.l7.parser.FastRecord`). This decodes each
+        whole; a protocol whose metrics need less overrides it."""
         observe = self.observe
+        if prefixes is not None:
+            members = list(map(operator.add, prefixes, members))
         for side, fields in zip(sides, members, strict=True):
             flow = side.base.copy()
             flow.update(orjson.loads(b"{%b}" % fields))
@@ -393,10 +397,13 @@ class ProxiedParser(L7Parser):
         """The batch's records from `lo` on, one per side of `sides` (None: not a fast
         path's, or an unknown connection's)."""
         hi = lo + len(sides)
-        records = batch.records if hi - lo == len(batch.records) else batch.records[lo:hi]
         if heads_made and None not in sides:  # all fast: no Python code per record
-            self._fast(flows, sides, records)
+            whole = hi - lo == len(batch.records)
+            prefixes = batch.prefixes
+            self._fast(flows, sides, batch.records if whole else batch.records[lo:hi],
+                       prefixes if whole or prefixes is None else prefixes[lo:hi])
             return
+        records = batch.wholes(lo, hi)
         # runs of fast records and of whole ones, each taken at once, in order
         run_sides: list[ConnSide] = []
         run: list[bytes] = []
@@ -448,16 +455,18 @@ class ProxiedParser(L7Parser):
         self._made_heads[batch.owner] = (batch.sides, gen, bad)
         return not bad
 
-    def _fast(self, flows: Any, sides: list[ConnSide], members: list[bytes]) -> None:
-        """Fast-path records: requests count as received and forwarded, the protocol's
-        metrics, then the flows."""
+    def _fast(self, flows: Any, sides: list[ConnSide], members: list[bytes],
+              prefixes: list[bytes] | None = None) -> None:
+        """Fast-path records (each `prefixes`' entry + its `members`' one, if given):
+        requests count as received and forwarded, the protocol's metrics, then the
+        flows."""
         requests = len(sides) - sum(map(_REPLY, sides))
         if requests and self.proxy_metrics is not None:
             inc = self.proxy_metrics.l7_total.inc
             inc(("received", self.protocol), requests)
             inc(("forwarded", self.protocol), requests)
-        self.observe_fast(sides, members)
-        flows.record_l7_raw(list(map(_HEAD, sides)), members)
+        self.observe_fast(sides, members, prefixes)
+        flows.record_l7_raw(list(map(_HEAD, sides)), members, prefixes)
         self.flows_recorded += len(members)
 
     def teardown(self) -> None:

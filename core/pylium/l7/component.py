@@ -218,11 +218,12 @@ class LazyFlowRecorder:
         flows = self.daemon.components.get("flow")
         return () if flows is None else flows.l7_head(base, verdict)
 
-    def record_l7_raw(self, heads: list[tuple], members: list[bytes]) -> None:
+    def record_l7_raw(self, heads: list[tuple], members: list[bytes],
+                      prefixes: list[bytes] | None = None) -> None:
         """A proxy's records as it sent them (`FlowObserver.record_l7_raw`)."""
         flows = self.daemon.components.get("flow")
         if flows is not None:
-            flows.record_l7_raw(heads, members)
+            flows.record_l7_raw(heads, members, prefixes)
 
 
 def l7_context_handles(daemon, record: Capability) -> dict[str, Any]:

@@ -118,8 +118,13 @@ GrantsNow = Callable[[], "tuple[Grant, ...] | None"]
 #: a fast path's record of one message: the parser's fields as the members of a JSON object,
 #: without braces, e.g. b'"verdict":"FORWARDED","l7":{...}'; always a FORWARDED record
 #: without error, of the direction the fast path serves (a request so recorded counts as
-#: received and forwarded)
-FastRecord = bytes
+#: received and forwarded). Or the record in two parts, (prefix, rest): a prefix that
+#: recurs (a response's fields up to its latency; a repeated request's whole record, with
+#: an empty rest) is sent to the agent once per agent connection and named by a number
+#: after that, so only the rest travels (`pylium.l7.proxy.CONTROL_PROTOCOL` 5). Hand back
+#: the same prefix object while it recurs: the proxy finds its number by its hash, which
+#: bytes compute once.
+FastRecord = bytes | tuple[bytes, bytes]
 #: a fast path: one read of a direction -> its record if it was one whole message, forwarded
 #: as is; None if not (the read goes to `on_data`)
 FastPath = Callable[[bytes], "FastRecord | None"]

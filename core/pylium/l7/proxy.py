@@ -30,6 +30,7 @@ import functools
 import ipaddress
 import json
 import logging
+import operator
 import os
 import signal
 import socket
@@ -76,10 +77,17 @@ LOGFILE = "proxy.log"
 #: the head ID*2+is_reply for a parser's fast path (FORWARDED, no error), -(ID*2+is_reply)
 #: for any other. No record is decoded to be taken: the agent keeps it as it came until
 #: someone reads it.
-#: `pylium.l7.supervisor` reads 4, and 2 and 3 of a proxy an older agent left running)
-CONTROL_PROTOCOL = 4
+#: 5: a record a fast path made in two parts (`pylium.l7.parser.FastRecord`) travels as
+#: its rest only; the head's `"p":[P...]` names each record's prefix (-1: none, the record
+#: is whole), and a prefix new to the agent travels once, after the head and before the
+#: records, its number in the head's `"prefixes":[P...]` (`"prefixes_reset":true` first:
+#: the agent forgets the ones it had; numbers are per agent connection).
+#: `pylium.l7.supervisor` reads 5, and 2-4 of a proxy an older agent left running)
+CONTROL_PROTOCOL = 5
 #: separates a protocol 4 batch line's records (JSON never holds a raw control character)
 RECORD_SEP = b"\x1e"
+#: record prefixes numbered for one agent connection at most (then numbered afresh)
+PREFIXES_MAX = 4096
 WORLD = 2
 PROTO_TCP = 6
 #: flow records kept until an agent acknowledges them (oldest dropped first, counted lost)
@@ -244,6 +252,14 @@ class Side:
         self.fast: FastPath | None = None
         #: this direction's records' C (`CONTROL_PROTOCOL`: connection id * 2 + is_reply)
         self.c = 0
+
+
+_PREFIX, _REST = operator.itemgetter(0), operator.itemgetter(1)
+
+
+def _whole(record: bytes | tuple[bytes, bytes]) -> bytes:
+    """A record as one bytes (a fast path may make it in two parts)."""
+    return b"".join(record) if type(record) is tuple else record
 
 
 def _append(side: Side, data: bytes) -> None:
@@ -791,8 +807,10 @@ class Proxy:
         #: `batch` = the newest, not flushed yet (its first seq `batch_seq`, the records'
         #: connection sides `batch_c`, `CONTROL_PROTOCOL`'s C); `sent` = the flushed
         #: batches, [first seq, records, their C] each (written to the agent listening then)
-        self.batch: list[bytes] = []
+        self.batch: list[bytes | tuple[bytes, bytes]] = []  # (a fast path's `FastRecord`)
         self.batch_c: list[int] = []
+        #: the numbers of the record prefixes the listening agent has (b"": none)
+        self.prefix_ids: dict[bytes, int] = {b"": -1}
         self.batch_seq = 1
         self.sent: collections.deque[list] = collections.deque()
         self.buffered = 0
@@ -974,7 +992,59 @@ class Proxy:
             if self.gone and final:  # closed: the agent drops them after this batch
                 head += b',"gone":[%b]' % b",".join(b"%d" % c for c in self.gone)
                 self.gone = []
+            kinds = list(map(type, batch))
+            if tuple in kinds:  # records in two parts: their prefixes by number
+                if bytes in kinds:
+                    batch = [r if type(r) is tuple else (b"", r) for r in batch]
+                ids, announce, new = self._prefix_ids(list(map(_PREFIX, batch)))
+                head += b',"p":%b%b' % (orjson.dumps(ids), announce)
+                batch = [*new, *map(_REST, batch)]  # the new prefixes first
             writer.write(b"%b}%b%b\n" % (head, RECORD_SEP, RECORD_SEP.join(batch)))
+
+    def _prefix_ids(self, prefixes: list[bytes]) -> tuple[list[int], bytes, list[bytes]]:
+        """The numbers of these record prefixes for the listening agent; for those it does
+        not have yet, the head's `"prefixes"` (after `"prefixes_reset":true` when the
+        numbering starts again) and the prefixes themselves, to send before the records."""
+        known = self.prefix_ids
+        ids = list(map(known.get, prefixes))
+        if None not in ids:
+            return ids, b"", []
+        announce = b""
+        if len(known) > PREFIXES_MAX:  # bounded: numbered afresh (the agent forgets too)
+            known = self.prefix_ids = {b"": -1}
+            ids = list(map(known.get, prefixes))
+            announce = b',"prefixes_reset":true'
+        new: list[bytes] = []
+        i = ids.index(None)
+        while True:
+            prefix = prefixes[i]
+            number = known.get(prefix)
+            if number is None:
+                number = known[prefix] = len(known) - 1
+                new.append(prefix)
+            ids[i] = number
+            try:
+                i = ids.index(None, i + 1)
+            except ValueError:
+                break
+        announce += b',"prefixes":%b' % orjson.dumps(list(map(known.__getitem__, new)))
+        return ids, announce, new
+
+    def listen_to(self, writer: Any) -> None:
+        """A new agent listens (it said hello on `writer`): it knows no connection a
+        record may name, nor any record prefix; every record not acknowledged yet goes to
+        it, oldest first."""
+        self.controller = writer
+        self.announce = list(self.flow_conns.values())
+        self.gone = [cid for _seq, cid in self.closed_conns]
+        self.prefix_ids = {b"": -1}
+        self._flush_flows(write=False)
+        chunks = [(first + start, records[start:start + FLOW_BATCH],
+                   cs[start:start + FLOW_BATCH])
+                  for first, records, cs in self.sent  # unacknowledged, oldest first
+                  for start in range(0, len(records), FLOW_BATCH)]
+        for i, (seq, chunk, chunk_c) in enumerate(chunks):
+            self._write_batch(chunk, chunk_c, seq, final=i == len(chunks) - 1)
 
     def _acked(self, seq: int) -> None:
         """The agent recorded every flow up to `seq`: they leave the buffer (records sent
@@ -996,9 +1066,9 @@ class Proxy:
     def unacknowledged(self) -> list[tuple[int, int, bytes]]:
         """(seq, connection side, record) of every record no agent acknowledged yet,
         oldest first."""
-        out = [(first + i, c, r) for first, records, cs in self.sent
+        out = [(first + i, c, _whole(r)) for first, records, cs in self.sent
                for i, (c, r) in enumerate(zip(cs, records, strict=True))]
-        return out + [(self.batch_seq + i, c, r)
+        return out + [(self.batch_seq + i, c, _whole(r))
                       for i, (c, r) in enumerate(zip(self.batch_c, self.batch, strict=True))]
 
     # control ------------------------------------------------------------------------------
@@ -1036,18 +1106,8 @@ class Proxy:
                 if op == "hello":
                     if self.controller is not None and self.controller is not writer:
                         self.controller.close()  # the newest agent is the one that listens
-                    self.controller = writer
-                    # a new agent knows no connection: every one a record may name
-                    self.announce = list(self.flow_conns.values())
-                    self.gone = [cid for _seq, cid in self.closed_conns]
                     self._send(writer, {"op": "hello", **self.describe()})
-                    self._flush_flows(write=False)
-                    chunks = [(first + start, records[start:start + FLOW_BATCH],
-                               cs[start:start + FLOW_BATCH])
-                              for first, records, cs in self.sent  # unacknowledged, oldest first
-                              for start in range(0, len(records), FLOW_BATCH)]
-                    for i, (seq, chunk, chunk_c) in enumerate(chunks):
-                        self._write_batch(chunk, chunk_c, seq, final=i == len(chunks) - 1)
+                    self.listen_to(writer)
                 elif op == "ack_flows":  # no answer: the agent does not wait for one
                     self._acked(int(message.get("seq", 0)))
                     continue

@@ -12,6 +12,7 @@ import collections
 import contextlib
 import json
 import logging
+import operator
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -30,10 +31,11 @@ SPAWN_TIMEOUT = 30.0
 REQUEST_TIMEOUT = 10.0
 WATCH_INTERVAL = 1.0
 ACK_DELAY = 0.05
-#: control protocols of proxies this agent talks to: 4 (records as the parser made them,
-#: `FlowBatch`), 3 (JSON records naming connections announced once) and 2 (every record
-#: whole), so a proxy an older agent left running is adopted, not cut
-CONTROL_PROTOCOLS = (2, 3, proxy_process.CONTROL_PROTOCOL)
+#: control protocols of proxies this agent talks to: 5 (4, and records in two parts, a
+#: recurring prefix sent once), 4 (records as the parser made them, `FlowBatch`), 3 (JSON
+#: records naming connections announced once) and 2 (every record whole), so a proxy an
+#: older agent left running is adopted, not cut
+CONTROL_PROTOCOLS = (2, 3, 4, proxy_process.CONTROL_PROTOCOL)
 RECORD_SEP = proxy_process.RECORD_SEP
 #: the longest control line taken (a batch line is ~200 KB)
 LINE_LIMIT = 1 << 24
@@ -109,21 +111,31 @@ class ConnSide:
 
 
 class FlowBatch:
-    """One protocol 4 batch line: `records` (seq `seq`, `seq + 1`, ...) as the proxy sent
-    them (the members of each one's JSON object), the connection side of each (`cs`:
-    ID*2+is_reply for a parser's fast path's, FORWARDED without error; its negative for
-    any other) and the sides announced so far (`sides[C]`). A consumer takes a fast
-    record as it is and `whole()` the others."""
+    """One protocol 4 or 5 batch line: `records` (seq `seq`, `seq + 1`, ...) as the proxy
+    sent them (the members of each one's JSON object; under 5, after its `prefixes`
+    entry), the connection side of each (`cs`: ID*2+is_reply for a parser's fast path's,
+    FORWARDED without error; its negative for any other) and the sides announced so far
+    (`sides[C]`). A consumer takes a fast record as it is and `whole()` the others."""
 
-    __slots__ = ("seq", "cs", "records", "sides", "fresh", "owner")
+    __slots__ = ("seq", "cs", "records", "sides", "fresh", "owner", "prefixes")
 
     def __init__(self, seq: int, cs: list[int], records: list[bytes],
                  sides: dict[int, ConnSide], owner: ProxySupervisor,
-                 fresh: list[ConnSide] | None = None):
+                 fresh: list[ConnSide] | None = None, prefixes: list[bytes] | None = None):
         self.seq, self.cs, self.records, self.sides = seq, cs, records, sides
         #: the sides this line announced (`sides` has them already)
         self.fresh = fresh or []
         self.owner = owner
+        #: protocol 5: each record's prefix (b"": none; a record is its prefix + its entry
+        #: in `records`); None: every record is whole
+        self.prefixes = prefixes
+
+    def wholes(self, lo: int = 0, hi: int | None = None) -> list[bytes]:
+        """Records lo..hi whole (their prefixes joined on)."""
+        records = self.records[lo:hi]
+        if self.prefixes is None:
+            return records
+        return list(map(operator.add, self.prefixes[lo:hi], records))
 
     def whole(self, c: int, fields: bytes, seq: int) -> dict[str, Any] | None:
         """The record as protocol 2 sent it (its connection's part, its fields, `seq`);
@@ -145,7 +157,7 @@ class FlowBatch:
     def expand(self) -> list[dict[str, Any]]:
         """Every record `whole()` (what an `on_flows` consumer gets)."""
         out = []
-        for i, (c, record) in enumerate(zip(self.cs, self.records, strict=True)):
+        for i, (c, record) in enumerate(zip(self.cs, self.wholes(), strict=True)):
             flow = self.whole(c, record, self.seq + i)
             if flow is not None:
                 out.append(flow)
@@ -256,6 +268,8 @@ class ProxySupervisor:
         self.conns: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
         #: the sides of the connections a protocol 4 proxy announced, by `ID*2+is_reply`
         self.sides: dict[int, ConnSide] = {}
+        #: record prefixes a protocol 5 proxy sent, by number (-1: none); per connection
+        self.prefixes: dict[int, bytes] = {-1: b""}
         #: records naming a connection never announced (none, unless the proxy is wrong)
         self.unknown_conns = 0
         #: protocol 4 records whose fields did not decode (none, unless the proxy is wrong)
@@ -337,6 +351,7 @@ class ProxySupervisor:
         self.acked_upto = 0  # sequence numbers are the proxy process's own
         self.conns = {}
         self.sides = {}
+        self.prefixes = {-1: b""}
         self._read_task = asyncio.get_running_loop().create_task(self._read(reader))
         hello = await self._request({"op": "hello", "version": self.version})
         self.info = hello
@@ -423,10 +438,13 @@ class ProxySupervisor:
             cid = int(cid)
             fresh += (ConnSide(bases[0]), ConnSide(bases[1]))
             sides[cid * 2], sides[cid * 2 + 1] = fresh[-2:]
+        prefixes = None
+        if "p" in message:  # protocol 5: records in two parts
+            records, prefixes = self._prefixed(message, records)
         cs = message["c"]
         if type(cs) is not list or len(cs) != len(records):
             raise ValueError(f"a batch of {len(records)} records names {cs!r}")
-        batch = FlowBatch(int(message["seq"]), cs, records, sides, self, fresh)
+        batch = FlowBatch(int(message["seq"]), cs, records, sides, self, fresh, prefixes)
         if self.on_batch is not None:
             self._record(self.on_batch, batch)
         else:
@@ -435,6 +453,29 @@ class ProxySupervisor:
             sides.pop(cid * 2, None)
             sides.pop(cid * 2 + 1, None)
         self._ack(batch.seq + len(batch.records) - 1)
+
+    def _prefixed(self, message: dict[str, Any],
+                  members: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+        """A protocol 5 batch's records (their rests) and each one's prefix, after the new
+        prefixes the line carries first are learnt. A number never sent names no prefix:
+        counted (`malformed_records`), its record taken as its rest alone."""
+        if message.get("prefixes_reset"):
+            self.prefixes = {-1: b""}
+        known = self.prefixes
+        new = message.get("prefixes") or []
+        numbers = message["p"]
+        if type(new) is not list or type(numbers) is not list or len(new) > len(members):
+            raise ValueError(f"a batch of {len(members)} members announces {new!r}")
+        if new:
+            known.update(zip(new, members[:len(new)], strict=True))
+            members = members[len(new):]
+        if len(numbers) != len(members):
+            raise ValueError(f"a batch of {len(members)} records names prefixes {numbers!r}")
+        prefixes = list(map(known.get, numbers))
+        if None in prefixes:
+            self.malformed_records += prefixes.count(None)
+            prefixes = [b"" if p is None else p for p in prefixes]
+        return members, prefixes
 
     def _record(self, take: Any, flows: Any) -> None:
         """Hand a batch of flows to the agent's callback: flows we cannot record must not

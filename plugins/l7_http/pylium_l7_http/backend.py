@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from itertools import compress, repeat
-from operator import attrgetter, eq, getitem, itemgetter, truediv
+from operator import add, attrgetter, eq, getitem, is_, itemgetter, ne, truediv
 from typing import Any
 
 import orjson
@@ -47,7 +47,11 @@ RUN_MIN = 16
 NO_MEMO = ((), 0, None, None)
 _REPLY = attrgetter("reply")
 _MEMO = attrgetter("memo")
+_DIRECTION = attrgetter("direction")
 _PREFIX, _END, _COUNT_KEY, _DURATION_KEY = map(itemgetter, range(4))
+#: a response's labels (`_learn`): its count's keys, its latency's keys (by reporter)
+_COUNT_KEYS, _DURATION_KEYS = itemgetter(0), itemgetter(1)
+DIGITS = b"0123456789"
 
 
 def _tally(keys: list) -> Iterable[tuple[Any, int]]:
@@ -79,6 +83,9 @@ class HttpMetrics(RegistryMetrics):
                                        ["method", "reporter"], registry)
         #: a fast-path response's part before its headers -> its labels (`_learn`)
         self._labels: dict[bytes, tuple | bool] = {}
+        #: a fast-path response's prefix (up to its latency) -> its labels, False if it is
+        #: not laid out so (`_learn_prefix`)
+        self._prefix_keys: dict[bytes, tuple | bool] = {}
 
     def observe(self, flow: dict[str, Any]) -> None:
         """One flow record: a denied request counts as a 403, a response by its code
@@ -97,18 +104,26 @@ class HttpMetrics(RegistryMetrics):
                 self.duration.observe((method, reporter), l7["latency_ns"] / 1e9)
 
 
-    def observe_fast(self, sides: list[Any], members: list[bytes]) -> None:
+    def observe_fast(self, sides: list[Any], members: list[bytes],
+                     prefixes: list[bytes] | None = None) -> None:
         """`observe` of fast-path records (`ProxiedParser.observe_fast`) without decoding
         them: a forwarded request counts nothing; a response's labels are decoded once
         per distinct part before its headers (`_learn`), its latency read off its end.
-        The responses whose side's last response had the same part (`ConnSide.memo`, the
-        steady state of a connection) are counted a run at once, with no Python code per
-        record (`_observe_run`); the others one by one (`_observe_each`), in order."""
+        Responses in two parts (`prefixes`: the parser's response prefix, then the
+        latency) are counted by their prefix's labels, all at once (`_observe_prefixed`).
+        Otherwise those whose side's last response had the same part (`ConnSide.memo`,
+        the steady state of a connection) are counted a run at once, with no Python code
+        per record (`_observe_run`); the others one by one (`_observe_each`), in order."""
         replies = list(map(_REPLY, sides))
         responses = list(compress(members, replies))
         if not responses:
             return
         sides = list(compress(sides, replies))
+        if prefixes is not None:
+            prefixes = list(compress(prefixes, replies))
+            if self._observe_prefixed(sides, prefixes, responses):
+                return
+            responses = list(map(add, prefixes, responses))  # as they would have come
         if len(responses) < RUN_MIN:
             self._observe_each(sides, responses)
             return
@@ -147,16 +162,61 @@ class HttpMetrics(RegistryMetrics):
             latencies = orjson.loads(b"[%b]" % b",".join(digits))
         except ValueError:
             latencies = list(map(int, digits))
+        self._count(list(map(_COUNT_KEY, memos)), list(map(_DURATION_KEY, memos)),
+                    latencies)
+
+    def _observe_prefixed(self, sides: list[Any], prefixes: list[bytes],
+                          rests: list[bytes]) -> bool:
+        """Responses in two parts, counted as `_observe_each` counts them: each prefix's
+        labels learnt once (`_prefix_keys`), the latencies (each rest is one, then "}")
+        read at once. False, nothing counted, if a prefix is not the fast path's response
+        up to its latency, has no status code, or a rest is not a latency."""
+        entries = list(map(self._prefix_keys.get, prefixes))
+        if None in entries:
+            for prefix in set(compress(prefixes, map(is_, entries, repeat(None)))):
+                self._learn_prefix(prefix)
+            entries = list(map(self._prefix_keys.get, prefixes))
+        if False in entries or () in entries:
+            return False
+        joined = b",".join(rests)
+        if joined.translate(None, DIGITS) != b"},".join(repeat(b"", len(rests))) + b"}":
+            return False
+        try:  # ints all at once (JSON: no empty value, no leading zeros)
+            latencies = orjson.loads(b"[%b]" % joined.replace(b"}", b""))
+        except ValueError:
+            return False
+        # reporter "server" for ingress (as `_observe_each`: direction != 0 is a client)
+        clients = list(map(ne, map(_DIRECTION, sides), repeat(0)))
+        self._count(list(map(getitem, map(_COUNT_KEYS, entries), clients)),
+                    list(map(getitem, map(_DURATION_KEYS, entries), clients)), latencies)
+        return True
+
+    def _learn_prefix(self, prefix: bytes) -> None:
+        """`_prefix_keys` of a response prefix: its part before the headers' labels
+        (`_learn`), if it ends where the latency starts; else False."""
+        end = prefix.find(HEADERS)
+        keys: tuple | bool = False
+        if end > 0 and prefix.endswith(LATENCY):
+            part = prefix[:end]
+            keys = self._labels[part] if part in self._labels else self._learn(part)
+        if len(self._prefix_keys) >= LABELS_CACHE:
+            self._prefix_keys.clear()
+        self._prefix_keys[prefix] = keys
+
+    def _count(self, count_keys: list[tuple], duration_keys: list[tuple],
+               latencies: list[int]) -> None:
+        """Responses counted by their count keys, their latencies (ns; 0: not observed,
+        as `observe`) added to the histogram by their duration keys, in order."""
         counts = self.requests.counts
-        for key, n in _tally(list(map(_COUNT_KEY, memos))):
+        for key, n in _tally(count_keys):
             counts[key] = counts.get(key, 0) + n
         if 0 in latencies:  # counted, not observed (as `observe`)
-            keys = list(compress(map(_DURATION_KEY, memos), latencies))
+            keys = list(compress(duration_keys, latencies))
             latencies = list(compress(latencies, latencies))
             if not latencies:
                 return
         else:
-            keys = list(map(_DURATION_KEY, memos))
+            keys = duration_keys
         seconds = list(map(truediv, latencies, repeat(1e9)))
         observe_many = self.duration.observe_many
         for key, n in _tally(keys):
@@ -259,9 +319,10 @@ class L7Http(ProxiedParser):
         if self.metrics is not None:
             self.metrics.observe(flow)
 
-    def observe_fast(self, sides: list[Any], members: list[bytes]) -> None:
+    def observe_fast(self, sides: list[Any], members: list[bytes],
+                     prefixes: list[bytes] | None = None) -> None:
         if self.metrics is not None:
-            self.metrics.observe_fast(sides, members)
+            self.metrics.observe_fast(sides, members, prefixes)
 
     # policy trace ------------------------------------------------------------------------
     def judge(self, rules: list[Any], request: L7Request) -> L7Verdict:

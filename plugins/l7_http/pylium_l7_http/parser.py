@@ -650,6 +650,9 @@ class HttpConnection(ConnectionParser):
         #: found by comparing its first bytes
         self._last_request: tuple[bytes, Any] = _NO_HEAD
         self._last_response: tuple[bytes, Any] = _NO_HEAD
+        #: the last fast response's record prefix (its request's part, its head's part,
+        #: the two joined: the same object while they recur, `FastRecord`)
+        self._response_prefix: tuple[bytes, bytes, bytes] = (b"", b"", b"")
         #: for `_verdicts_for` only (`_VERDICTS`): the head of a request the fast path
         #: took -> what it needs of that request again (its record's fields, method, URL,
         #: version, `response_fields`, its body's length)
@@ -696,7 +699,7 @@ class HttpConnection(ConnectionParser):
                     return None
         self.pending.append(_pending(Pending, (found[1], found[2], found[3], _now(), None,
                                                False, found[4])))
-        return found[0]
+        return found[0], b""  # the whole record recurs
 
     def _judge_request(self, data: bytes, end: int, grants: Any) -> Any:
         """`_fast_request` of a read whose head it did not find (with that body's length):
@@ -817,7 +820,10 @@ class HttpConnection(ConnectionParser):
                 if found is None:
                     return None
         pending.popleft()
-        return b"%b%b%d}" % (fields, found[0], _now() - request.started_ns)
+        prefix = self._response_prefix
+        if prefix[0] is not fields or prefix[1] is not found[0]:
+            prefix = self._response_prefix = (fields, found[0], fields + found[0])
+        return prefix[2], b"%d}" % (_now() - request.started_ns)
 
     def _parse_response(self, data: bytes, end: int) -> tuple[bytes, int] | None:
         """`_fast_response` of a read whose head it did not find (with that body's

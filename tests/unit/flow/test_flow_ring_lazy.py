@@ -53,6 +53,8 @@ def test_heads_and_records_must_pair_up():
         ring.extend_l7(1, _heads()[:1], [_raw(1), _raw(2)])
     with pytest.raises(ValueError, match="1 L7 records with 2 heads"):
         FlowObserver("n").record_l7_raw(_heads()[:2], [_raw(1)])
+    with pytest.raises(ValueError, match="1 L7 records with 1 heads, 2 prefixes"):
+        ring.extend_l7(1, _heads()[:1], [_raw(1)], [b"", b""])
     assert ring.head == 0 and ring.snapshot() == []
 
 
@@ -71,8 +73,13 @@ def test_any_mix_of_batches_reads_as_an_eager_ring(seed):
         if kind == 0:
             hs = [rng.choice(heads) for _ in range(n)]
             raws = [_raw(rng.randrange(10_000)) for _ in range(n)]
-            ring.extend_l7(step, hs, raws)
             everything += [l7_flow(step, h, r) for h, r in zip(hs, raws, strict=True)]
+            if rng.random() < 0.5:  # records in two parts (a proxy's recurring prefix)
+                cuts = [rng.randrange(len(r) + 1) for r in raws]
+                ring.extend_l7(step, hs, [r[c:] for r, c in zip(raws, cuts, strict=True)],
+                               [r[:c] for r, c in zip(raws, cuts, strict=True)])
+            else:
+                ring.extend_l7(step, hs, raws)
         elif kind == 1:
             flows = _kernel_flows(rng, n)
             ring.extend(flows, flows_only=True)

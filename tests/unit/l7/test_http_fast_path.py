@@ -70,10 +70,11 @@ class Fast:
     def response(self, data: bytes) -> bool:
         return self._fast(True, self._response(data))
 
-    def _fast(self, reply: bool, fields: bytes | None) -> bool:
+    def _fast(self, reply: bool, fields: tuple[bytes, bytes] | None) -> bool:
         if fields is None:
             return False
-        assert type(fields) is bytes
+        assert type(fields) is tuple and len(fields) == 2  # (prefix, rest): `FastRecord`
+        fields = b"".join(fields)
         self.records.append({"reply": reply, **orjson.loads(b"{" + fields + b"}")})
         return True
 
