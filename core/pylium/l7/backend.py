@@ -377,7 +377,9 @@ class ProxiedParser(L7Parser):
         as they came — the connection side's flow head made once (`l7_head`), the
         record's JSON decoded only when someone reads the flow (`record_l7_raw`) —, any
         other decoded and taken as `_flows` takes it, in order; INTAKE_SLICE records at a
-        time, the CPU offered to other processes between slices (`yield_cpu`)."""
+        time, the CPU offered to other processes between slices (`yield_cpu`) unless more
+        of the proxy's lines wait (`ProxySupervisor.backlogged`: on a busy machine a
+        yielding agent falls behind, and the proxy's buffer has a bound)."""
         flows = self.context.flows
         if flows is None or not hasattr(flows, "record_l7_raw"):
             self._flows(batch.expand())
@@ -387,8 +389,9 @@ class ProxiedParser(L7Parser):
         if len(sides) <= INTAKE_SLICE:
             self._take(flows, batch, sides, 0, heads_made)
             return
+        backlogged = batch.owner.backlogged
         for lo in range(0, len(sides), INTAKE_SLICE):
-            if lo:
+            if lo and not backlogged():  # (behind the proxy: its buffer must not fill)
                 yield_cpu()
             self._take(flows, batch, sides[lo:lo + INTAKE_SLICE], lo, heads_made)
 

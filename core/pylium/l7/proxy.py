@@ -994,7 +994,7 @@ class Proxy:
                 self.gone = []
             kinds = list(map(type, batch))
             if tuple in kinds:  # records in two parts: their prefixes by number
-                if bytes in kinds:
+                if kinds.count(tuple) != len(kinds):  # (count: by identity, mostly)
                     batch = [r if type(r) is tuple else (b"", r) for r in batch]
                 ids, announce, new = self._prefix_ids(list(map(_PREFIX, batch)))
                 head += b',"p":%b%b' % (orjson.dumps(ids), announce)

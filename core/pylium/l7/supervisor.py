@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import json
 import logging
 import operator
 import os
 import sys
+import termios
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,8 @@ CONTROL_PROTOCOLS = (2, 3, 4, proxy_process.CONTROL_PROTOCOL)
 RECORD_SEP = proxy_process.RECORD_SEP
 #: the longest control line taken (a batch line is ~200 KB)
 LINE_LIMIT = 1 << 24
+#: FIONREAD's answer for a socket with nothing unread
+NO_BYTES = bytes(4)
 
 
 def policy_message(snapshot: Iterable[Mapping[str, Any]], protocol: str,
@@ -181,6 +185,8 @@ class LineReader(asyncio.StreamReader):
         #: the chunks of the line not yet whole, and their length
         self.pending: list[bytes] = []
         self.pending_size = 0
+        #: while a line is taken: how many bytes the socket gave after it (more lines)
+        self.after = 0
 
     def stop(self) -> None:
         """Take no more lines (the supervisor is letting the connection go)."""
@@ -201,8 +207,10 @@ class LineReader(asyncio.StreamReader):
                     self.pending, self.pending_size = [], 0
                 else:
                     line = data[start:end + 1]  # all of data: not copied
+                self.after = len(data) - end - 1
                 on_line(line)
                 start, end = end + 1, data.find(b"\n", end + 1)
+            self.after = 0
             if start < len(data):
                 self.pending.append(data[start:])
                 self.pending_size += len(data) - start
@@ -403,6 +411,24 @@ class ProxySupervisor:
         finally:
             self.replies.put_nowait({"op": "closed"})
             self._wake.set()  # the proxy may be gone: the watchdog looks now
+
+    def backlogged(self) -> bool:
+        """Whether more of the proxy's lines wait to be taken: bytes the socket gave after
+        the line being taken, or bytes it holds unread (the agent is behind: the proxy's
+        buffer of unacknowledged records fills, and past its bound records are lost)."""
+        reader = self.reader
+        if reader is None:
+            return False
+        if getattr(reader, "after", 0) or getattr(reader, "pending_size", 0):
+            return True
+        sock = self.writer.get_extra_info("socket") if self.writer is not None else None
+        if sock is None:
+            return False
+        try:
+            unread = fcntl.ioctl(sock.fileno(), termios.FIONREAD, NO_BYTES)
+        except (OSError, ValueError):  # (closed)
+            return False
+        return unread != NO_BYTES
 
     def _take_line(self, line: bytes) -> None:
         message = self.take(line)

@@ -654,8 +654,8 @@ class HttpConnection(ConnectionParser):
         #: the two joined: the same object while they recur, `FastRecord`)
         self._response_prefix: tuple[bytes, bytes, bytes] = (b"", b"", b"")
         #: for `_verdicts_for` only (`_VERDICTS`): the head of a request the fast path
-        #: took -> what it needs of that request again (its record's fields, method, URL,
-        #: version, `response_fields`, its body's length)
+        #: took -> what it needs of that request again (its record, as the `FastRecord`
+        #: `(record, b"")`, method, URL, version, `response_fields`, its body's length)
         self._heads: dict[bytes, Any] = {}
         #: (request line, host) -> what the fast path needs of an allowed request whose
         #: head is not kept (its record's fields up to the headers, method, URL,
@@ -699,7 +699,7 @@ class HttpConnection(ConnectionParser):
                     return None
         self.pending.append(_pending(Pending, (found[1], found[2], found[3], _now(), None,
                                                False, found[4])))
-        return found[0], b""  # the whole record recurs
+        return found[0]  # (its record, b""): the whole record recurs
 
     def _judge_request(self, data: bytes, end: int, grants: Any) -> Any:
         """`_fast_request` of a read whose head it did not find (with that body's length):
@@ -738,8 +738,8 @@ class HttpConnection(ConnectionParser):
         if found is False:
             self.req_messages = None
             return None
-        found = (b"%b%b%b]}}" % (found[0], fragments, found[5]), found[1], found[2],
-                 found[4], found[3], len(data) - end)
+        found = ((b"%b%b%b]}}" % (found[0], fragments, found[5]), b""), found[1], found[2],
+                 found[4], found[3], len(data) - end)  # (a `FastRecord` made once)
         if block in _HEAD_BLOCKS and len(head) <= HEAD_BLOCK_MAX:
             heads = self._heads
             if len(heads) >= VERDICT_CACHE:

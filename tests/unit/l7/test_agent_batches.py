@@ -332,3 +332,17 @@ def test_a_batch_taken_in_slices_gives_what_it_gives_whole(tmp_path, monkeypatch
     assert _metrics(sliced_backend) == _metrics(whole_backend)
     assert sliced.decoder.counts == whole.decoder.counts
     assert sliced_backend.flows_recorded == whole_backend.flows_recorded == 16
+
+
+def test_an_agent_behind_its_proxy_takes_the_batch_without_yielding(tmp_path, monkeypatch):
+    """More of the proxy's lines waiting (`ProxySupervisor.backlogged`): no CPU offered
+    between slices, the same flows."""
+    from pylium.l7 import backend as backend_module
+
+    lines = _proxy_lines(tmp_path)
+    yields = []
+    monkeypatch.setattr(backend_module, "INTAKE_SLICE", 2)
+    monkeypatch.setattr(backend_module, "yield_cpu", lambda: yields.append(1))
+    monkeypatch.setattr(ProxySupervisor, "backlogged", lambda self: True)
+    _backend, flows, _ = _agent(lines, batches=True)
+    assert yields == [] and len(flows.ring.snapshot()) == 16

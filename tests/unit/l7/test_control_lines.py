@@ -84,3 +84,48 @@ def test_a_line_that_raises_ends_the_reading_and_no_more_is_taken():
         assert await _read_all(stopped, [b"ve\nsix\n"]) == []
     asyncio.run(run())
     assert taken == [b"one\n", b"four\n"]
+
+
+def test_the_agent_knows_when_more_of_the_proxys_lines_wait():
+    """`ProxySupervisor.backlogged`: more lines after the one being taken, in the same
+    chunk or still unread in the socket, tell the agent it is behind (it then stops
+    offering its CPU between slices of a batch: the proxy's buffer has a bound)."""
+    import socket
+    from pathlib import Path
+
+    from pylium.l7.supervisor import ProxySupervisor
+
+    async def run():
+        sup = ProxySupervisor(Path("/nonexistent"), "x:y", {}, "t", on_flow=lambda f: None)
+        seen = []
+        loop = asyncio.get_running_loop()
+        proxy_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        reader = LineReader(lambda line: seen.append((line, sup.backlogged())), 1 << 20,
+                            loop)
+        transport, protocol = await loop.create_unix_connection(
+            lambda: asyncio.StreamReaderProtocol(reader, loop=loop), sock=agent_end)
+        sup.reader = reader
+        sup.writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        assert not sup.backlogged()
+        proxy_end.sendall(b"one\ntwo\nthr")  # two lines and part of a third in one chunk
+        while len(seen) < 2:
+            await asyncio.sleep(0.01)
+        proxy_end.sendall(b"ee\n")
+        while len(seen) < 3:
+            await asyncio.sleep(0.01)
+        transport.pause_reading()  # a line the agent has not read yet (in the socket)
+        proxy_end.sendall(b"four\n")
+        await asyncio.sleep(0.05)
+        waiting = sup.backlogged()
+        transport.resume_reading()
+        while len(seen) < 4:
+            await asyncio.sleep(0.01)
+        after = sup.backlogged()
+        transport.close()
+        proxy_end.close()
+        return seen, waiting, after
+
+    seen, waiting, after = asyncio.run(run())
+    assert seen == [(b"one\n", True), (b"two\n", True), (b"three\n", False),
+                    (b"four\n", False)]
+    assert waiting and not after
