@@ -373,7 +373,7 @@ class ProxiedParser(L7Parser):
         self.flows_recorded += len(messages) - skipped
 
     def _batch(self, batch: FlowBatch) -> None:
-        """A protocol 4 batch (`FlowBatch`): its fast-path records counted and recorded
+        """A protocol 4 or 5 batch (`FlowBatch`): its fast-path records counted and recorded
         as they came — the connection side's flow head made once (`l7_head`), the
         record's JSON decoded only when someone reads the flow (`record_l7_raw`) —, any
         other decoded and taken as `_flows` takes it, in order; INTAKE_SLICE records at a

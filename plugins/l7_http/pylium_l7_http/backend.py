@@ -176,8 +176,8 @@ class HttpMetrics(RegistryMetrics):
             for prefix in set(compress(prefixes, map(is_, entries, repeat(None)))):
                 self._learn_prefix(prefix)
             entries = list(map(self._prefix_keys.get, prefixes))
-        if False in entries or () in entries:
-            return False
+        if None in entries or False in entries or () in entries:  # (None: the cache was
+            return False                                           # cleared meanwhile)
         joined = b",".join(rests)
         if joined.translate(None, DIGITS) != b"},".join(repeat(b"", len(rests))) + b"}":
             return False

@@ -193,3 +193,20 @@ def test_the_agents_recorder_hands_the_prefixes_to_the_flow_layer():
     head = recorder.l7_head({**BASE, "is_reply": True})
     recorder.record_l7_raw([head, head], [b"5}", b"7}"], [RECORD, RECORD])
     assert [f.l7["latency_ns"] for f in observer.ring.snapshot()] == [5, 7]
+
+
+def test_a_prefix_cache_cleared_while_learning_counts_as_whole(monkeypatch):
+    """More new prefixes in one batch than the labels cache keeps: those it forgot while
+    learning are counted as before (joined), none lost or miscounted."""
+    from pylium_l7_http import backend as http_backend
+
+    monkeypatch.setattr(http_backend, "LABELS_CACHE", 1)
+    other = RECORD.replace(b'"code":200', b'"code":404')
+    line = _line([RECORD, other], [0, 1, 0, 1], [b"5}", b"6}", b"7}", b"8}"])
+    whole = _line([], [-1] * 4, [RECORD + b"5}", other + b"6}", RECORD + b"7}",
+                                 other + b"8}"])
+    new_backend, _, _ = _agent([line], batches=True)
+    old_backend, _, _ = _agent([whole], batches=False)
+    assert _metrics(new_backend) == _metrics(old_backend)
+    assert sum(v for (name, _l), v in _metrics(new_backend).items()
+               if name == "hubble_http_requests_total") == 4
