@@ -168,8 +168,6 @@ class FlowObserver:
         or tuple per record."""
         if not heads:
             return
-        if len(heads) != len(members) or prefixes is not None and len(prefixes) != len(heads):
-            raise ValueError(f"{len(members)} L7 records with {len(heads)} heads")
         now = time.time_ns()
         # mostly one key (a connection's request and reply sides share theirs): each
         # field's values, not a tuple per record, unless they differ
@@ -180,9 +178,11 @@ class FlowObserver:
             counts = Counter(zip(*fields, strict=True))
         dec = self.decoder
         with self._ingest_lock:
+            # first: it refuses records and heads (and prefixes) that do not pair up,
+            # before anything is counted
+            self.ring.extend_l7(now, heads, members, prefixes)
             for (verdict, drop, direction), n in counts.items():
                 dec.count((EVENT_L7, verdict, drop, direction), n)
-            self.ring.extend_l7(now, heads, members, prefixes)
 
     def record_l7_many(self, records: list[dict[str, Any]]) -> int:
         """Many L7 flows at once (a proxy's batch): each record has `record_l7`'s keyword

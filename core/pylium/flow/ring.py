@@ -9,7 +9,8 @@ Asyncio followers are woken once per appended batch, thread-safely.
 A proxy's L7 flows are kept as their parts (`extend_l7`: the raw record, its connection
 side's head, the batch's time, the record's recurring prefix, each in a slot list of its
 own) and become `L7Flow`s only when read: taking them allocates nothing per flow, and
-overwriting them frees only the raw record. A proxy sends two flows per request, all the time, and most are never read."""
+overwriting them frees only the raw record. A proxy sends two flows per request, all the
+time, and most are never read."""
 
 from __future__ import annotations
 

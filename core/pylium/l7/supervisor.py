@@ -419,7 +419,7 @@ class ProxySupervisor:
         reader = self.reader
         if reader is None:
             return False
-        if getattr(reader, "after", 0) or getattr(reader, "pending_size", 0):
+        if reader.after or reader.pending_size:
             return True
         sock = self.writer.get_extra_info("socket") if self.writer is not None else None
         if sock is None:

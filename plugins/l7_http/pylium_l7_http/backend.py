@@ -198,7 +198,9 @@ class HttpMetrics(RegistryMetrics):
         keys: tuple | bool = False
         if end > 0 and prefix.endswith(LATENCY):
             part = prefix[:end]
-            keys = self._labels[part] if part in self._labels else self._learn(part)
+            keys = self._labels.get(part)  # (as `_observe_each` finds a part's labels)
+            if keys is None:
+                keys = self._learn(part)
         if len(self._prefix_keys) >= LABELS_CACHE:
             self._prefix_keys.clear()
         self._prefix_keys[prefix] = keys
